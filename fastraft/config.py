@@ -1,0 +1,50 @@
+"""``Config``: every tunable of a node, validated when built."""
+from __future__ import annotations
+
+import msgspec
+
+from fastraft.errors import ConfigError
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True):
+    """Timing, batching and back-pressure settings. Times are in seconds.
+
+    The election timeout is drawn uniformly from ``[election_timeout_min,
+    election_timeout_max)`` each time the timer is armed (§5.2); the heartbeat interval
+    must be well below the minimum so a healthy leader is never suspected (§5.6).
+    """
+
+    election_timeout_min: float = 0.150
+    election_timeout_max: float = 0.300
+    heartbeat_interval: float = 0.050
+    #: Most entries, and most payload bytes, in one AppendEntries.
+    max_entries_per_message: int = 4096
+    max_bytes_per_message: int = 1 << 20
+    #: Pipelined AppendEntries a follower may have unacknowledged (§5.3 "replicate" state).
+    max_inflight_messages: int = 64
+    #: Proposals accepted but not yet applied; beyond this ``propose`` waits (or raises
+    #: ``Overloaded`` when ``overload_wait`` is 0).
+    max_pending_proposals: int = 65536
+    overload_wait: float = 5.0
+    #: Thesis §9.6: a candidate first asks whether it could win, without raising terms.
+    pre_vote: bool = True
+    #: Thesis §6.2: a leader that has not heard from a quorum for an election timeout steps
+    #: down, so proposals to a partitioned leader fail instead of hanging.
+    check_quorum: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.election_timeout_min < self.election_timeout_max:
+            raise ConfigError(
+                "need 0 < election_timeout_min < election_timeout_max, got "
+                f"{self.election_timeout_min} and {self.election_timeout_max}")
+        if not 0 < self.heartbeat_interval < self.election_timeout_min:
+            raise ConfigError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be positive and below "
+                f"election_timeout_min ({self.election_timeout_min}), or followers will time "
+                "out while the leader is healthy")
+        for name in ("max_entries_per_message", "max_bytes_per_message",
+                     "max_inflight_messages", "max_pending_proposals"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.overload_wait < 0:
+            raise ConfigError(f"overload_wait must be >= 0, got {self.overload_wait}")

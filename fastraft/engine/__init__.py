@@ -1,0 +1,26 @@
+"""The deterministic Raft engine and the commands it emits."""
+from fastraft.engine.commands import (
+    AppendLog,
+    Apply,
+    CancelTimer,
+    Command,
+    PersistHardState,
+    ReadFailed,
+    ReadReady,
+    Role,
+    RoleChanged,
+    Send,
+    SetTimer,
+    Timer,
+    TruncateLog,
+    requires_durability,
+)
+from fastraft.engine.core import Engine, InitialState, MembershipChangeInProgress
+from fastraft.engine.progress import Progress, ProgressState
+
+__all__ = [
+    "Engine", "InitialState", "MembershipChangeInProgress", "Progress", "ProgressState",
+    "AppendLog", "Apply", "CancelTimer", "Command", "PersistHardState", "ReadFailed",
+    "ReadReady", "Role", "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog",
+    "requires_durability",
+]

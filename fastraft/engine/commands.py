@@ -1,0 +1,109 @@
+"""What the engine asks its driver to do. Plain values; the driver runs them in order.
+
+Ordering contract: every persistence command (``PersistHardState``, ``TruncateLog``,
+``AppendLog``) is applied in order. A ``Send`` whose message ``requires_durability`` is
+released only after every persistence command emitted before it is durable (votes and
+acknowledgements promise what is on disk, Figure 2); other sends go out at once (a leader
+may replicate before its own append is durable, thesis §10.2.1).
+"""
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from fastraft.messages import (
+    AppendEntriesResponse,
+    Entry,
+    HardState,
+    InstallSnapshotResponse,
+    RequestVote,
+    RequestVoteResponse,
+)
+
+
+class Timer(enum.IntEnum):
+    ELECTION = 0
+    HEARTBEAT = 1
+
+
+class Role(enum.IntEnum):
+    FOLLOWER = 0
+    CANDIDATE = 1
+    LEADER = 2
+    PRE_CANDIDATE = 3
+
+
+class PersistHardState(msgspec.Struct, gc=False):
+    hard_state: HardState
+
+
+class TruncateLog(msgspec.Struct, gc=False):
+    """Delete log entries from ``index`` on (a conflicting suffix, §5.3)."""
+
+    index: int
+
+
+class AppendLog(msgspec.Struct):
+    """Append ``entries`` (consecutive, following the current last entry) to the log.
+    The driver reports durability with ``Engine.log_persisted``."""
+
+    entries: list[Entry]
+
+
+class Send(msgspec.Struct, gc=False):
+    to: int
+    message: object
+
+
+class Apply(msgspec.Struct):
+    """Committed entries, in order, to hand to the state machine."""
+
+    entries: list[Entry]
+
+
+class SetTimer(msgspec.Struct, gc=False):
+    """(Re)arm ``timer`` to fire ``delay`` seconds from now; replaces any earlier arming."""
+
+    timer: Timer
+    delay: float
+
+
+class CancelTimer(msgspec.Struct, gc=False):
+    timer: Timer
+
+
+class RoleChanged(msgspec.Struct, gc=False):
+    """Role, term or known leader changed. ``commit_index`` tells which pending proposals
+    may still complete when leadership is lost."""
+
+    role: Role
+    term: int
+    leader_id: int | None
+    commit_index: int
+
+
+class ReadReady(msgspec.Struct, gc=False):
+    """Read ``request_id`` is linearizable once the state machine has applied ``read_index``."""
+
+    request_id: int
+    read_index: int
+
+
+class ReadFailed(msgspec.Struct, gc=False):
+    """Read ``request_id`` could not be confirmed; retry on ``leader_id`` (if known)."""
+
+    request_id: int
+    leader_id: int | None
+
+
+Command = (PersistHardState | TruncateLog | AppendLog | Send | Apply | SetTimer | CancelTimer
+           | RoleChanged | ReadReady | ReadFailed)
+
+_DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
+                    InstallSnapshotResponse)
+
+
+def requires_durability(message: object) -> bool:
+    """True if ``message`` promises state that must be on disk before it leaves the node."""
+    return isinstance(message, _DURABLE_REPLIES)

@@ -1,0 +1,695 @@
+"""The Raft engine: a deterministic state machine from inputs to commands.
+
+Inputs are messages (``step``), proposals (``propose``), timer expirations
+(``on_timer``), read requests (``read_index``) and I/O completions (``log_persisted``).
+Each appends commands to an outbox that the driver drains with ``take_commands``; the
+drain is also where replication is flushed, so every proposal that arrived since the last
+drain travels in one AppendEntries per follower. No I/O, no clock, no global randomness:
+the random source is injected, so a seed replays a run exactly.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import msgspec
+
+from fastraft import kernels
+from fastraft.config import Config
+from fastraft.engine.commands import (
+    AppendLog,
+    Apply,
+    CancelTimer,
+    PersistHardState,
+    ReadFailed,
+    ReadReady,
+    Role,
+    RoleChanged,
+    Send,
+    SetTimer,
+    Timer,
+    TruncateLog,
+)
+from fastraft.engine.progress import Progress, ProgressState
+from fastraft.engine.raftlog import RaftLog
+from fastraft.errors import (
+    AlreadyInitialized,
+    MembershipChangeInProgress,
+    NotLeader,
+    SafetyViolation,
+)
+from fastraft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    HardState,
+    InstallSnapshot,
+    Membership,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    RequestVote,
+    RequestVoteResponse,
+    TimeoutNow,
+    decode_membership,
+    encode_membership,
+)
+
+_WON = kernels.VOTE_WON
+_LOST = kernels.VOTE_LOST
+
+
+class InitialState(msgspec.Struct, kw_only=True):
+    """What a node recovers from its storage at start-up."""
+
+    hard_state: HardState = msgspec.field(default_factory=HardState)
+    snapshot_index: int = 0
+    snapshot_term: int = 0
+    snapshot_membership: Membership = msgspec.field(default_factory=Membership)
+    #: Durable log entries after the snapshot, in order.
+    entries: list[Entry] = msgspec.field(default_factory=list)
+    #: Highest index the state machine already holds (>= snapshot_index when it says so).
+    applied_index: int = 0
+
+
+class _PendingRead(msgspec.Struct, array_like=True, gc=False):
+    seq: int
+    read_index: int
+    request_id: int
+    #: None for a read asked on this node, else the follower that forwarded it.
+    origin: int | None
+
+
+class Engine:
+    """One Raft node's logic (Figure 2 of the paper, plus thesis §6.4 reads and §9.6 pre-vote)."""
+
+    def __init__(self, node_id: int, config: Config | None = None,
+                 rng: random.Random | None = None, state: InitialState | None = None) -> None:
+        self.id = node_id
+        self.config = config or Config()
+        self.rng = rng or random.Random(node_id)
+        state = state or InitialState()
+        hs = state.hard_state
+
+        # Persistent state (Figure 2), durable before any message that depends on it.
+        self.term: int = hs.current_term
+        self.voted_for: int | None = hs.voted_for
+        self.log = RaftLog(state.snapshot_index, state.snapshot_term, state.entries)
+
+        # Volatile state. Invariant: snapshot_index <= applied_index <= commit_index <=
+        # log.last_index, except transiently while a follower learns a commit index.
+        self.commit_index: int = max(min(hs.commit, self.log.last_index), state.snapshot_index)
+        #: Highest index handed to the driver in an Apply command.
+        self.applied_index: int = max(state.applied_index, state.snapshot_index)
+        #: Highest index known durable in the local log; the leader's own "match".
+        self.persisted_index: int = self.log.last_index
+        self.role = Role.FOLLOWER
+        self.leader_id: int | None = None
+
+        # Configurations in the log after the snapshot (§6: in force once appended).
+        self._configs: list[tuple[int, Membership]] = [
+            (state.snapshot_index, state.snapshot_membership)]
+        self._scan_configs(state.entries)
+        self.membership: Membership = self._configs[-1][1]
+        self._voters_in: tuple[int, ...] = ()
+        self._voters_out: tuple[int, ...] = ()
+        self._refresh_voters()
+
+        # Candidate state.
+        self._votes: dict[int, bool] = {}
+        # Leader state.
+        self.progress: dict[int, Progress] = {}
+        #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
+        self._seq = 0
+        self._reads: list[_PendingRead] = []
+        #: Reads that must wait until this leader commits an entry of its own term.
+        self._reads_before_commit: list[tuple[int, int | None]] = []
+        #: Read requests this follower forwarded to the leader.
+        self._forwarded_reads: set[int] = set()
+
+        self._out: list = []
+        self._broadcast = False
+        self._heartbeat_needed = False
+
+    # ------------------------------------------------------------------ driver API
+
+    def start(self) -> list:
+        """Commands to run once at start-up: re-apply committed entries, arm the timer."""
+        self._emit_apply()
+        self._arm_election_timer()
+        return self.take_commands()
+
+    def take_commands(self) -> list:
+        """Flush pending replication, then hand over every command emitted so far."""
+        if self.role == Role.LEADER:
+            if self._broadcast:
+                self._broadcast = False
+                for peer, pr in self.progress.items():
+                    self._replicate(peer, pr, commit_only=True)
+            if self._heartbeat_needed:
+                self._heartbeat_needed = False
+                for peer, pr in self.progress.items():
+                    if pr.acked_seq < self._seq:
+                        self._send_heartbeat(peer, pr)
+        out = self._out
+        self._out = []
+        return out
+
+    def bootstrap(self, membership: Membership) -> None:
+        """Form a new cluster: write ``membership`` as entry 1 of term 1.
+
+        Every founding node may be bootstrapped with the same membership (identical logs),
+        or just one, the others joining empty.
+        """
+        if self.log.last_index != 0 or self.term != 0 or self.log.snapshot_index != 0:
+            raise AlreadyInitialized(
+                f"node {self.id} already has state (term {self.term}, "
+                f"last index {self.log.last_index}); initialize only a fresh node")
+        self.term = 1
+        self._persist_hard_state()
+        self._append_own([Entry(1, 1, EntryKind.CONFIG, encode_membership(membership))])
+
+    def propose(self, datas: Sequence[bytes]) -> int:
+        """Append user commands to the leader's log; returns the index of the first."""
+        if self.role != Role.LEADER:
+            raise self.not_leader()
+        first = self.log.last_index + 1
+        term = self.term
+        entries = [Entry(term, i, EntryKind.NORMAL, d) for i, d in enumerate(datas, first)]
+        if entries:
+            self._append_own(entries)
+        return first
+
+    def propose_membership(self, voters: frozenset[int], learners: frozenset[int] = frozenset(),
+                           addresses: dict[int, str] | None = None) -> int:
+        """Start a change to ``voters``/``learners`` (§6). A change of voters goes through
+        the joint configuration C_old,new; the leader appends C_new once that commits.
+        Returns the index of the configuration entry."""
+        if self.role != Role.LEADER:
+            raise self.not_leader()
+        if self._configs[-1][0] > self.commit_index or self.membership.joint:
+            raise MembershipChangeInProgress(
+                "a membership change is still in progress; wait for it to commit")
+        if not voters:
+            raise ValueError("a configuration needs at least one voter")
+        old = self.membership
+        addrs = dict(old.addresses)
+        addrs.update(addresses or {})
+        members = voters | learners
+        addrs = {k: v for k, v in addrs.items() if k in members or k in old.voters}
+        outgoing = frozenset() if voters == old.voters else old.voters
+        new = Membership(voters=voters, learners=learners - voters, outgoing=outgoing,
+                         addresses=addrs)
+        index = self.log.last_index + 1
+        self._append_own([Entry(self.term, index, EntryKind.CONFIG, encode_membership(new))])
+        return index
+
+    def read_index(self, request_id: int) -> None:
+        """Ask for a linearizable read point (thesis §6.4). Answered by a ``ReadReady`` or
+        ``ReadFailed`` command; a follower forwards the request to its leader."""
+        if self.role == Role.LEADER:
+            self._leader_read(request_id, None)
+        elif self.leader_id is not None:
+            self._forwarded_reads.add(request_id)
+            self._send(self.leader_id, ReadIndexRequest(self.term, request_id))
+        else:
+            raise self.not_leader()
+
+    def log_persisted(self, index: int, term: int) -> None:
+        """The driver made the log durable up to ``index`` (whose entry has ``term``)."""
+        if index > self.persisted_index and self.log.term_at(index) == term:
+            self.persisted_index = index
+            if self.role == Role.LEADER:
+                self._maybe_commit()
+
+    def on_timer(self, timer: Timer) -> None:
+        if timer == Timer.ELECTION:
+            self._on_election_timeout()
+        elif timer == Timer.HEARTBEAT and self.role == Role.LEADER:
+            self._on_heartbeat_timeout()
+
+    def step(self, frm: int, m) -> None:
+        """Handle message ``m`` from node ``frm``. Terms first (§5.1), then by role."""
+        t = type(m)
+        if m.term > self.term:
+            if t is RequestVote and m.pre_vote:
+                pass  # a pre-vote never changes our term (thesis §9.6)
+            elif t is RequestVoteResponse and m.pre_vote and m.vote_granted:
+                pass  # a granted pre-vote echoes the term we would campaign in
+            else:
+                leader = m.leader_id if t in (AppendEntries, InstallSnapshot) else None
+                self._become_follower(m.term, leader)
+        elif m.term < self.term:
+            if t is AppendEntries:
+                # Tell the stale leader about the newer term so it steps down.
+                self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index))
+            elif t is RequestVote:
+                self._send(frm, RequestVoteResponse(self.term, False, m.pre_vote))
+            return
+        handler = _HANDLERS.get(t)
+        if handler is not None:
+            handler(self, frm, m)
+
+    def not_leader(self) -> NotLeader:
+        leader = self.leader_id
+        return NotLeader(leader, self.membership.addresses.get(leader) if leader is not None
+                         else None)
+
+    def status(self) -> dict:
+        return {
+            "id": self.id, "role": self.role.name.lower(), "term": self.term,
+            "leader_id": self.leader_id, "commit_index": self.commit_index,
+            "applied_index": self.applied_index, "last_index": self.log.last_index,
+            "persisted_index": self.persisted_index,
+            "membership": {"voters": sorted(self.membership.voters),
+                           "learners": sorted(self.membership.learners),
+                           "outgoing": sorted(self.membership.outgoing)},
+            "progress": {p: pr.as_dict() for p, pr in self.progress.items()},
+        }
+
+    # ------------------------------------------------------------------ elections (§5.2)
+
+    def _on_election_timeout(self) -> None:
+        if self.role == Role.LEADER:
+            if self.config.check_quorum:
+                self._check_quorum()
+            return
+        if not self.membership.is_voter(self.id):
+            return  # learners and removed nodes never campaign
+        if self.config.pre_vote:
+            self._campaign_pre_vote()
+        else:
+            self._campaign()
+
+    def _check_quorum(self) -> None:
+        """Step down unless a quorum answered during the last election timeout, so a
+        partitioned leader stops accepting proposals it cannot commit (thesis §6.2)."""
+        votes = {self.id: True}
+        for p, pr in self.progress.items():
+            if pr.recent_active:
+                votes[p] = True
+                pr.recent_active = False
+        if kernels.joint_vote_result(votes, self._voters_in, self._voters_out) != _WON:
+            self._become_follower(self.term, None)
+        else:
+            self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max))
+
+    def _campaign_pre_vote(self) -> None:
+        self._set_role(Role.PRE_CANDIDATE, None)
+        self._votes = {self.id: True}
+        self._arm_election_timer()
+        self._request_votes(self.term + 1, pre_vote=True)
+        if self._vote_result() == _WON:
+            self._campaign()
+
+    def _campaign(self) -> None:
+        self.term += 1
+        self.voted_for = self.id
+        self._set_role(Role.CANDIDATE, None)
+        self._votes = {self.id: True}
+        self._persist_hard_state()
+        self._arm_election_timer()
+        self._request_votes(self.term, pre_vote=False)
+        if self._vote_result() == _WON:
+            self._become_leader()
+
+    def _request_votes(self, term: int, pre_vote: bool) -> None:
+        msg = RequestVote(term, self.id, self.log.last_index, self.log.last_term, pre_vote)
+        for v in self._all_voters():
+            if v != self.id:
+                self._send(v, msg)
+
+    def _vote_result(self) -> int:
+        return kernels.joint_vote_result(self._votes, self._voters_in, self._voters_out)
+
+    def _on_request_vote(self, frm: int, m: RequestVote) -> None:
+        # §5.2 one vote per term; a known leader means no vote for anyone else this term.
+        can_vote = (self.voted_for == m.candidate_id
+                    or (self.voted_for is None and self.leader_id is None)
+                    or (m.pre_vote and m.term > self.term))
+        grant = can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term)
+        if m.pre_vote:
+            self._send(frm, RequestVoteResponse(m.term if grant else self.term, grant, True))
+            return
+        if grant:
+            self.voted_for = m.candidate_id
+            self._persist_hard_state()
+            self._arm_election_timer()
+        self._send(frm, RequestVoteResponse(self.term, grant, False))
+
+    def _on_vote_response(self, frm: int, m: RequestVoteResponse) -> None:
+        if m.pre_vote:
+            if self.role != Role.PRE_CANDIDATE:
+                return
+        elif self.role != Role.CANDIDATE or m.term != self.term:
+            return
+        self._votes[frm] = m.vote_granted
+        result = self._vote_result()
+        if result == _WON:
+            if self.role == Role.PRE_CANDIDATE:
+                self._campaign()
+            else:
+                self._become_leader()
+        elif result == _LOST:
+            self._become_follower(self.term, None)
+
+    def _on_timeout_now(self, frm: int, m: TimeoutNow) -> None:
+        if self.membership.is_voter(self.id):
+            self._campaign()  # the leader chose us: skip pre-vote (thesis §3.10)
+
+    # ------------------------------------------------------------------ role changes
+
+    def _set_role(self, role: Role, leader: int | None) -> None:
+        if role != self.role or leader != self.leader_id:
+            if leader != self.leader_id:
+                self._fail_forwarded_reads(leader)
+            self.role = role
+            self.leader_id = leader
+            self._out.append(RoleChanged(role, self.term, leader, self.commit_index))
+
+    def _become_follower(self, term: int, leader: int | None) -> None:
+        was_leader = self.role == Role.LEADER
+        if term > self.term:
+            self.term = term
+            self.voted_for = None
+            self._persist_hard_state()
+        if was_leader:
+            self.progress = {}
+            self._broadcast = self._heartbeat_needed = False
+            self._fail_leader_reads()
+            self._out.append(CancelTimer(Timer.HEARTBEAT))
+        self._set_role(Role.FOLLOWER, leader)
+        self._arm_election_timer()
+
+    def _become_leader(self) -> None:
+        self._set_role(Role.LEADER, self.id)
+        nxt = self.log.last_index + 1
+        self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
+        self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max)
+                         if self.config.check_quorum else CancelTimer(Timer.ELECTION))
+        self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
+        # §5.4.2 / §8: entries of earlier terms commit only beneath one of this term.
+        self._append_own([Entry(self.term, nxt, EntryKind.NOOP, b"")])
+
+    # ------------------------------------------------------------------ replication (§5.3)
+
+    def _append_own(self, entries: list[Entry]) -> None:
+        """Append entries created on this node and schedule their replication."""
+        self.log.append(entries)
+        out = self._out
+        if out and type(out[-1]) is AppendLog:
+            out[-1].entries.extend(entries)  # one storage write for the whole iteration
+        else:
+            out.append(AppendLog(list(entries)))
+        if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0:
+            self._scan_configs(entries)
+            self._membership_changed()
+        self._broadcast = True
+
+    def _replicate(self, peer: int, pr: Progress, commit_only: bool = False) -> None:
+        """Send ``peer`` what it lacks, up to its in-flight window. With ``commit_only``,
+        send an empty AppendEntries if it has nothing in flight and an old commit index."""
+        last = self.log.last_index
+        max_inflight = self.config.max_inflight_messages
+        sent = False
+        while pr.next_index <= last and not pr.is_paused(max_inflight):
+            self._send_append(peer, pr, last)
+            sent = True
+        if (commit_only and not sent and not pr.inflight and pr.state == ProgressState.REPLICATE
+                and pr.commit_sent < self.commit_index):
+            self._send_append(peer, pr, last)
+
+    def _send_append(self, peer: int, pr: Progress, last: int) -> None:
+        prev = pr.next_index - 1
+        cfg = self.config
+        hi = min(last, prev + cfg.max_entries_per_message)
+        entries = self.log.slice(prev + 1, hi + 1)
+        if len(entries) > 1:
+            n = kernels.count_within_bytes(entries, cfg.max_bytes_per_message)
+            if n < len(entries):
+                entries = entries[:n]
+        self._send(peer, AppendEntries(self.term, self.id, prev, self.log.term_at(prev),
+                                       entries, self.commit_index, self._seq))
+        pr.commit_sent = self.commit_index
+        if entries:
+            if pr.state == ProgressState.REPLICATE:
+                pr.next_index = entries[-1].index + 1
+                pr.inflight.append(entries[-1].index)
+            else:
+                pr.probe_sent = True
+
+    def _send_heartbeat(self, peer: int, pr: Progress) -> None:
+        # prev = match_index is in the follower's durable log, so the heartbeat is accepted
+        # and never rewinds a pipelined follower into probing.
+        match = pr.match_index
+        self._send(peer, AppendEntries(self.term, self.id, match, self.log.term_at(match), [],
+                                       min(self.commit_index, match), self._seq))
+
+    def _on_heartbeat_timeout(self) -> None:
+        last = self.log.last_index
+        for peer, pr in self.progress.items():
+            if pr.state == ProgressState.REPLICATE:
+                if pr.match_index < last and pr.match_index == pr.match_at_heartbeat:
+                    pr.become_probe()  # no progress for a whole interval: a message was lost
+            pr.match_at_heartbeat = pr.match_index
+            if pr.state == ProgressState.PROBE:
+                pr.probe_sent = False  # give up on an unanswered probe and send another
+                self._send_append(peer, pr, last)
+            else:
+                self._send_heartbeat(peer, pr)
+        self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
+
+    def _on_append_entries(self, frm: int, m: AppendEntries) -> None:
+        if self.role == Role.LEADER:
+            raise SafetyViolation(f"two leaders in term {self.term}: {self.id} and {frm}")
+        if self.role != Role.FOLLOWER or self.leader_id != m.leader_id:
+            self._become_follower(self.term, m.leader_id)
+        else:
+            self._arm_election_timer()
+        log = self.log
+        prev, prev_term, entries = m.prev_log_index, m.prev_log_term, m.entries
+        if prev < self.commit_index:
+            # Committed entries are the same on every log (§5.4.3): skip them.
+            entries = [e for e in entries if e.index > self.commit_index] if entries else entries
+            prev = self.commit_index
+            prev_term = log.term_at(prev)
+        if log.term_at(prev) != prev_term:
+            hint = log.terms.find_conflict_by_term(min(prev, log.last_index), prev_term)
+            self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index, hint,
+                                                  log.term_at(hint), m.seq))
+            return
+        last_new = prev
+        if entries:
+            last_new = prev + len(entries)
+            if entries[0].index != prev + 1 or entries[-1].index != last_new:
+                raise SafetyViolation(f"AppendEntries from {frm} has entries that do not "
+                                      f"follow prev_log_index {prev}")
+            if log.term_at(last_new) != entries[-1].term:  # else we hold them all (§5.3)
+                if prev == log.last_index:
+                    conflict = prev + 1
+                else:
+                    conflict = log.terms.find_conflict(prev + 1, [e.term for e in entries])
+                if conflict:
+                    # conflict > prev >= commit_index: committed entries are never cut.
+                    if conflict <= log.last_index:
+                        self._truncate(conflict)
+                    new = entries[conflict - prev - 1:]
+                    log.append(new)
+                    self._out.append(AppendLog(new))
+                    if kernels.index_of_kind(new, EntryKind.CONFIG) >= 0:
+                        self._scan_configs(new)
+                        self._membership_changed()
+        commit = min(m.leader_commit, last_new)
+        if commit > self.commit_index:
+            self.commit_index = commit
+            self._emit_apply()
+        self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq))
+
+    def _truncate(self, index: int) -> None:
+        self.log.truncate_from(index)
+        self._out.append(TruncateLog(index))
+        if self.persisted_index >= index:
+            self.persisted_index = index - 1
+        if self._configs[-1][0] >= index:
+            while self._configs[-1][0] >= index:
+                self._configs.pop()
+            self._membership_changed()
+
+    def _on_append_response(self, frm: int, m: AppendEntriesResponse) -> None:
+        pr = self.progress.get(frm)
+        if pr is None or self.role != Role.LEADER:
+            return
+        pr.recent_active = True
+        if m.seq > pr.acked_seq:
+            pr.acked_seq = m.seq
+            self._confirm_reads()
+        if m.success:
+            if pr.acknowledge(m.index):
+                if pr.state == ProgressState.PROBE:
+                    pr.become_replicate()
+                self._maybe_commit()
+                self._broadcast = True
+            elif pr.state == ProgressState.PROBE and pr.probe_sent and m.index == pr.match_index:
+                pass  # a heartbeat's answer; the probe itself is still outstanding
+            return
+        # Rejected. Ignore answers to messages we have since superseded.
+        if pr.state == ProgressState.REPLICATE:
+            if m.index <= pr.match_index:
+                return
+        elif m.index != pr.next_index - 1:
+            return
+        probe = self.log.terms.find_conflict_by_term(m.hint_index, m.hint_term)
+        pr.become_probe()
+        pr.next_index = max(pr.match_index + 1, min(probe + 1, self.log.last_index + 1))
+        self._send_append(frm, pr, self.log.last_index)
+
+    def _maybe_commit(self) -> None:
+        c = kernels.joint_committed_index(self._matches(self._voters_in),
+                                          self._matches(self._voters_out))
+        # §5.4.2: only an entry of the current term commits by counting replicas (Figure 8).
+        if c > self.commit_index and self.log.term_at(c) == self.term:
+            self.commit_index = c
+            self._emit_apply()
+            self._broadcast = True
+            if self._reads_before_commit:
+                waiting, self._reads_before_commit = self._reads_before_commit, []
+                for request_id, origin in waiting:
+                    self._leader_read(request_id, origin)
+            self._on_config_committed()
+
+    def _matches(self, voters: tuple[int, ...]) -> list[int]:
+        me, progress = self.id, self.progress
+        return [self.persisted_index if v == me else progress[v].match_index for v in voters]
+
+    def _emit_apply(self) -> None:
+        if self.commit_index > self.applied_index:
+            self._out.append(Apply(self.log.slice(self.applied_index + 1, self.commit_index + 1)))
+            self.applied_index = self.commit_index
+
+    # ------------------------------------------------------------------ membership (§6)
+
+    def _scan_configs(self, entries: Sequence[Entry]) -> None:
+        pos = kernels.index_of_kind(entries, EntryKind.CONFIG)
+        while pos >= 0:
+            e = entries[pos]
+            self._configs.append((e.index, decode_membership(e.data)))
+            nxt = kernels.index_of_kind(entries[pos + 1:], EntryKind.CONFIG)
+            pos = -1 if nxt < 0 else pos + 1 + nxt
+
+    def _refresh_voters(self) -> None:
+        self._voters_in = tuple(sorted(self.membership.voters))
+        self._voters_out = tuple(sorted(self.membership.outgoing))
+
+    def _all_voters(self) -> frozenset[int]:
+        return self.membership.voters | self.membership.outgoing
+
+    def _membership_changed(self) -> None:
+        self.membership = self._configs[-1][1]
+        self._refresh_voters()
+        if self.role == Role.LEADER:
+            members = self.membership.members
+            nxt = self.log.last_index + 1
+            for p in members:
+                if p != self.id and p not in self.progress:
+                    self.progress[p] = Progress(nxt)
+            for p in [p for p in self.progress if p not in members]:
+                del self.progress[p]
+            self._maybe_commit()
+
+    def _on_config_committed(self) -> None:
+        index, m = self._configs[-1]
+        if index > self.commit_index or self.role != Role.LEADER:
+            return
+        if m.joint:
+            # C_old,new is committed: move on to C_new (§6).
+            new = Membership(voters=m.voters, learners=m.learners, addresses=m.addresses)
+            self._append_own([Entry(self.term, self.log.last_index + 1, EntryKind.CONFIG,
+                                    encode_membership(new))])
+        elif self.id not in m.voters:
+            # A leader outside C_new steps down once C_new commits (§6).
+            self._become_follower(self.term, None)
+
+    # ------------------------------------------------------------------ reads (thesis §6.4)
+
+    def _leader_read(self, request_id: int, origin: int | None) -> None:
+        if self.log.term_at(self.commit_index) != self.term:
+            self._reads_before_commit.append((request_id, origin))
+            return
+        self._seq += 1
+        self._reads.append(_PendingRead(self._seq, self.commit_index, request_id, origin))
+        self._heartbeat_needed = True
+        self._confirm_reads()
+
+    def _confirm_reads(self) -> None:
+        if not self._reads:
+            return
+        confirmed = kernels.joint_committed_index(self._acked_seqs(self._voters_in),
+                                                  self._acked_seqs(self._voters_out))
+        reads = self._reads
+        done = 0
+        while done < len(reads) and reads[done].seq <= confirmed:
+            r = reads[done]
+            done += 1
+            if r.origin is None:
+                self._out.append(ReadReady(r.request_id, r.read_index))
+            else:
+                self._send(r.origin, ReadIndexResponse(self.term, r.request_id, r.read_index, True))
+        if done:
+            del reads[:done]
+
+    def _acked_seqs(self, voters: tuple[int, ...]) -> list[int]:
+        me, progress = self.id, self.progress
+        return [self._seq if v == me else progress[v].acked_seq for v in voters]
+
+    def _fail_leader_reads(self) -> None:
+        pending = [(r.request_id, r.origin) for r in self._reads] + self._reads_before_commit
+        self._reads = []
+        self._reads_before_commit = []
+        for request_id, origin in pending:
+            if origin is None:
+                self._out.append(ReadFailed(request_id, None))
+            else:
+                self._send(origin, ReadIndexResponse(self.term, request_id, 0, False))
+
+    def _fail_forwarded_reads(self, new_leader: int | None) -> None:
+        for request_id in self._forwarded_reads:
+            self._out.append(ReadFailed(request_id, new_leader))
+        self._forwarded_reads.clear()
+
+    def _on_read_request(self, frm: int, m: ReadIndexRequest) -> None:
+        if self.role == Role.LEADER:
+            self._leader_read(m.request_id, frm)
+        else:
+            self._send(frm, ReadIndexResponse(self.term, m.request_id, 0, False))
+
+    def _on_read_response(self, frm: int, m: ReadIndexResponse) -> None:
+        if m.request_id not in self._forwarded_reads:
+            return
+        self._forwarded_reads.discard(m.request_id)
+        if m.ok:
+            self._out.append(ReadReady(m.request_id, m.read_index))
+        else:
+            self._out.append(ReadFailed(m.request_id, self.leader_id))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _send(self, to: int, message) -> None:
+        self._out.append(Send(to, message))
+
+    def _persist_hard_state(self) -> None:
+        self._out.append(PersistHardState(HardState(self.term, self.voted_for, self.commit_index)))
+
+    def _arm_election_timer(self) -> None:
+        lo, hi = self.config.election_timeout_min, self.config.election_timeout_max
+        self._out.append(SetTimer(Timer.ELECTION, lo + (hi - lo) * self.rng.random()))
+
+
+_HANDLERS = {
+    AppendEntries: Engine._on_append_entries,
+    AppendEntriesResponse: Engine._on_append_response,
+    RequestVote: Engine._on_request_vote,
+    RequestVoteResponse: Engine._on_vote_response,
+    TimeoutNow: Engine._on_timeout_now,
+    ReadIndexRequest: Engine._on_read_request,
+    ReadIndexResponse: Engine._on_read_response,
+}

@@ -1,0 +1,73 @@
+"""The leader's view of each follower's log (§5.3; etcd's tracker.Progress)."""
+from __future__ import annotations
+
+from collections import deque
+from enum import IntEnum
+
+
+class ProgressState(IntEnum):
+    #: Next index unknown: one AppendEntries at a time until one succeeds.
+    PROBE = 0
+    #: Next index known: stream AppendEntries, up to the in-flight window.
+    REPLICATE = 1
+
+
+class Progress:
+    __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
+                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent")
+
+    def __init__(self, next_index: int) -> None:
+        #: Highest index known to be in the follower's log and durable there; only grows
+        #: while this node leads. Invariant: match_index < next_index.
+        self.match_index = 0
+        #: Index of the next entry to send (optimistic in REPLICATE).
+        self.next_index = next_index
+        self.state = ProgressState.PROBE
+        #: PROBE only: a probe is outstanding, send no other until it is answered or the
+        #: next heartbeat gives up on it.
+        self.probe_sent = False
+        #: REPLICATE only: last index of each unacknowledged AppendEntries, oldest first.
+        self.inflight: deque[int] = deque()
+        #: Highest heartbeat sequence number the follower has echoed (ReadIndex).
+        self.acked_seq = 0
+        #: match_index when the last heartbeat went out: no progress over a whole
+        #: heartbeat interval in REPLICATE means a message was lost, so probe again.
+        self.match_at_heartbeat = 0
+        #: Answered since the last check-quorum round.
+        self.recent_active = False
+        #: Highest leader_commit sent in an AppendEntries with a log check: when every
+        #: entry is acknowledged, an empty one still has to carry a newer commit index.
+        self.commit_sent = 0
+
+    def become_probe(self) -> None:
+        self.state = ProgressState.PROBE
+        self.next_index = self.match_index + 1
+        self.probe_sent = False
+        self.inflight.clear()
+
+    def become_replicate(self) -> None:
+        self.state = ProgressState.REPLICATE
+        self.next_index = self.match_index + 1
+        self.probe_sent = False
+        self.inflight.clear()
+
+    def is_paused(self, max_inflight: int) -> bool:
+        if self.state == ProgressState.PROBE:
+            return self.probe_sent
+        return len(self.inflight) >= max_inflight
+
+    def acknowledge(self, index: int) -> bool:
+        """Record that the follower holds entries up to ``index``; True if that is news."""
+        if index <= self.match_index:
+            return False
+        self.match_index = index
+        if self.next_index <= index:
+            self.next_index = index + 1
+        inflight = self.inflight
+        while inflight and inflight[0] <= index:
+            inflight.popleft()
+        return True
+
+    def as_dict(self) -> dict:
+        return {"match_index": self.match_index, "next_index": self.next_index,
+                "state": self.state.name.lower(), "inflight": len(self.inflight)}

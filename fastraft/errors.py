@@ -1,0 +1,57 @@
+"""Typed exceptions. Every error a user can see is one of these, with a message they can act on."""
+from __future__ import annotations
+
+
+class FastRaftError(Exception):
+    """Base class of every fastraft error."""
+
+
+class DecodeError(FastRaftError, ValueError):
+    """A buffer from the network or disk is truncated or malformed."""
+
+
+class ConfigError(FastRaftError, ValueError):
+    """A configuration value is out of range or inconsistent with another."""
+
+
+class NotLeader(FastRaftError):
+    """This node is not the leader; retry on ``leader_id`` (None when no leader is known)."""
+
+    def __init__(self, leader_id: int | None, leader_address: object | None = None):
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+        where = "no leader is known yet" if leader_id is None else (
+            f"the leader is node {leader_id} at {leader_address!r}")
+        super().__init__(f"this node is not the leader; {where}")
+
+
+class ProposalDropped(FastRaftError):
+    """Leadership was lost before the entry was known to be committed.
+
+    The entry MAY still be committed by a later leader, or may be lost: the outcome is
+    unknown. Retry only if the command is idempotent, or read back to find out.
+    """
+
+
+class NodeStopped(FastRaftError):
+    """The node was stopped (or never started); the operation did not complete."""
+
+
+class Overloaded(FastRaftError):
+    """Too many proposals are pending; back off and retry."""
+
+
+class StorageCorruption(FastRaftError):
+    """Data on disk failed a checksum or is inconsistent; names the file and offset."""
+
+
+class SafetyViolation(FastRaftError, AssertionError):
+    """A Raft invariant was about to be broken. This is a bug in fastraft or in a hook."""
+
+
+class AlreadyInitialized(FastRaftError):
+    """``initialize()`` was called on a node that already has state."""
+
+
+class MembershipChangeInProgress(FastRaftError):
+    """Another membership change has not committed yet; wait for it, then retry."""

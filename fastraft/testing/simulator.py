@@ -1,0 +1,483 @@
+"""A deterministic cluster simulator: N engines, a virtual clock, a hostile network.
+
+Everything random comes from one seed, so a failing run replays exactly::
+
+    from fastraft.testing import Simulator, Faults
+    Simulator(seed=42, nodes=5, faults=Faults()).run(4.0)
+
+The network drops, duplicates, delays (hence reorders) and partitions messages. Disks
+make writes durable only when a simulated fsync completes; a crash loses the rest. After
+every event the simulator checks Raft's safety properties (Figure 3 of the paper):
+election safety, log matching, leader completeness, state-machine safety, and that no
+write a client saw acknowledged is ever lost; reads must be linearizable. A violation
+raises ``InvariantViolation`` naming the seed. ``run`` ends by healing every fault and
+checking that the cluster converges (liveness).
+
+Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
+state machine: every replica must return the same result for the same index.
+"""
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from fastraft.config import Config
+from fastraft.engine import (
+    AppendLog,
+    Apply,
+    CancelTimer,
+    Engine,
+    InitialState,
+    PersistHardState,
+    ReadFailed,
+    ReadReady,
+    Role,
+    RoleChanged,
+    Send,
+    SetTimer,
+    Timer,
+    TruncateLog,
+    requires_durability,
+)
+from fastraft.errors import FastRaftError, NotLeader
+from fastraft.messages import Entry, EntryKind, HardState, Membership
+
+
+class InvariantViolation(AssertionError):
+    """A Raft safety or liveness property failed; the message names the seed."""
+
+
+class Faults(msgspec.Struct, kw_only=True, frozen=True):
+    """What the network and the nodes suffer. Probabilities are per message or per event."""
+
+    drop: float = 0.05
+    duplicate: float = 0.03
+    min_delay: float = 0.0005
+    max_delay: float = 0.015
+    #: Mean seconds between partitions, and how long one lasts (0 disables).
+    partition_every: float = 1.0
+    partition_for: float = 0.6
+    #: Mean seconds between crashes, and how long a node stays down (0 disables).
+    crash_every: float = 1.2
+    down_for: float = 0.4
+    #: Delay of a simulated fsync.
+    min_fsync: float = 0.0002
+    max_fsync: float = 0.004
+
+
+NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
+
+
+class _Disk:
+    """What survives a crash: only completed writes."""
+
+    __slots__ = ("hard_state", "entries")
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.entries: list[Entry] = []
+
+    def write(self, cmd) -> None:
+        if type(cmd) is AppendLog:
+            self.entries.extend(cmd.entries)
+        elif type(cmd) is TruncateLog:
+            del self.entries[cmd.index - 1:]
+        else:
+            self.hard_state = cmd.hard_state
+
+
+class _Node:
+    __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
+                 "applied", "applied_log")
+
+    def __init__(self, node_id: int) -> None:
+        self.id = node_id
+        self.engine: Engine | None = None
+        self.disk = _Disk()
+        self.alive = False
+        self.timer_tokens = {Timer.ELECTION: 0, Timer.HEARTBEAT: 0}
+        #: Writes in flight, oldest first: [writes, sends released when durable].
+        self.fsyncs: list[list] = []
+        self.state_machine: Any = None
+        self.applied = 0
+        self.applied_log: list[tuple] = []
+
+
+class Simulator:
+    """See the module docstring. ``nodes`` founding voters with ids 1..nodes."""
+
+    def __init__(self, seed: int, nodes: int = 3, faults: Faults = Faults(),
+                 config: Config | None = None,
+                 state_machine: Callable[[], Any] | None = None,
+                 propose_every: float = 0.004, read_every: float = 0.02) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.faults = faults
+        self.config = config or Config()
+        self.state_machine_factory = state_machine
+        self.propose_every = propose_every
+        self.read_every = read_every
+        self.now = 0.0
+        self._events: list = []
+        self._seq = 0
+        self._fsync_token = 0
+        self._fsync_at = 0.0
+        self.nodes = {i: _Node(i) for i in range(1, nodes + 1)}
+        self.membership = Membership(voters=frozenset(self.nodes),
+                                     addresses={i: f"sim:{i}" for i in self.nodes})
+        self._partition: dict[int, int] | None = None
+        self._faults_on = True
+        # Observations checked by the invariants.
+        self.leaders_by_term: dict[int, int] = {}
+        self._log_entries: dict[tuple[int, int], tuple] = {}
+        self._applied: dict[int, tuple] = {}
+        self._results: dict[int, Any] = {}
+        self.acked: dict[int, tuple[int, bytes]] = {}
+        self._max_acked = 0
+        self._proposals: dict[bytes, int] = {}
+        self._reads: dict[int, int] = {}
+        self._next_payload = 0
+        self._next_read = 0
+        self.stats = {"events": 0, "messages": 0, "dropped": 0, "elections": 0, "crashes": 0,
+                      "acked": 0, "reads": 0}
+        for node in self.nodes.values():
+            self._boot(node, bootstrap=True)
+        self._schedule(self.propose_every, "propose")
+        if self.read_every:
+            self._schedule(self.read_every, "read")
+        if faults.partition_every:
+            self._schedule(self._exp(faults.partition_every), "partition")
+        if faults.crash_every:
+            self._schedule(self._exp(faults.crash_every), "crash")
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, duration: float = 3.0, settle: float = 4.0) -> "Simulator":
+        """Run with faults for ``duration`` virtual seconds, then heal everything and
+        check that the cluster converges within ``settle`` seconds."""
+        self.run_until(self.now + duration)
+        self.heal()
+        self.check_converged(settle)
+        return self
+
+    def run_until(self, deadline: float, until: Callable[[], bool] | None = None) -> bool:
+        while self._events and self._events[0][0] <= deadline:
+            if until is not None and until():
+                return True
+            t, _, kind, args = heapq.heappop(self._events)
+            self.now = t
+            self.stats["events"] += 1
+            getattr(self, "_ev_" + kind)(*args)
+        self.now = max(self.now, deadline)
+        return until() if until is not None else True
+
+    def heal(self) -> None:
+        """End every fault: no more drops, partitions or crashes; restart crashed nodes."""
+        self._faults_on = False
+        self._partition = None
+        for node in self.nodes.values():
+            if not node.alive:
+                self._boot(node)
+
+    def check_converged(self, within: float) -> None:
+        """Liveness: a leader commits a fresh entry and every node applies all of the log."""
+        marker = f"converge:{self.seed}".encode()
+        deadline = self.now + within
+
+        def leader():
+            for n in self.nodes.values():
+                if n.alive and n.engine.role == Role.LEADER:
+                    return n
+            return None
+
+        # [index of the marker, (leader, term) it was proposed to]; like any client,
+        # propose again if that leader is deposed before acknowledging it.
+        proposed: list = [0, None]
+
+        def done() -> bool:
+            ldr = leader()
+            if ldr is None:
+                return False
+            acked = marker in self._acked_payloads()
+            if not acked and proposed[1] != (ldr.id, ldr.engine.term):
+                proposed[0] = ldr.engine.propose([marker])
+                proposed[1] = (ldr.id, ldr.engine.term)
+                self._proposals[marker] = ldr.id
+                self._execute(ldr, ldr.engine.take_commands())
+                return False
+            return acked and all(n.applied >= proposed[0] for n in self.nodes.values())
+
+        if not self.run_until(deadline, done):
+            raise self._violation(
+                "cluster did not converge after faults healed: "
+                + "; ".join(f"node {n.id}: {n.engine.role.name} term {n.engine.term} "
+                            f"commit {n.engine.commit_index} last {n.engine.log.last_index}"
+                            for n in self.nodes.values()))
+        for index, (term, data) in self.acked.items():
+            if index > proposed[0]:
+                continue  # acknowledged after the marker: not yet required everywhere
+            for n in self.nodes.values():
+                got = self._applied_on(n, index)
+                if got is None or got[0] != term or got[2] != data:
+                    raise self._violation(f"acknowledged entry {index} missing on node {n.id}")
+
+    # ------------------------------------------------------------------ nodes
+
+    def _boot(self, node: _Node, bootstrap: bool = False) -> None:
+        disk = node.disk
+        state = InitialState(hard_state=disk.hard_state, entries=list(disk.entries))
+        rng = random.Random(self.rng.random())
+        node.engine = Engine(node.id, self.config, rng, state)
+        node.alive = True
+        node.fsyncs = []
+        node.applied = 0
+        node.applied_log = []
+        node.state_machine = self.state_machine_factory() if self.state_machine_factory else None
+        if bootstrap:
+            node.engine.bootstrap(self.membership)
+        self._execute(node, node.engine.start())
+
+    def _crash(self, node: _Node) -> None:
+        node.alive = False
+        node.fsyncs = []  # unsynced writes and the replies waiting on them are lost
+        for t in node.timer_tokens:
+            node.timer_tokens[t] += 1
+        self.stats["crashes"] += 1
+
+    def _execute(self, node: _Node, commands: list) -> None:
+        """Run an engine's commands the way the real driver does."""
+        writes: list = []
+        held: list = []
+        for c in commands:
+            t = type(c)
+            if t is Send:
+                if requires_durability(c.message) and (writes or node.fsyncs):
+                    held.append(c)
+                else:
+                    self._transmit(node.id, c.to, c.message)
+            elif t is AppendLog or t is TruncateLog or t is PersistHardState:
+                writes.append(c)
+                if t is AppendLog:
+                    self._check_log_matching(node, c.entries)
+            elif t is Apply:
+                self._apply(node, c.entries)
+            elif t is SetTimer:
+                node.timer_tokens[c.timer] += 1
+                self._schedule(c.delay, "timer", node.id, c.timer, node.timer_tokens[c.timer])
+            elif t is CancelTimer:
+                node.timer_tokens[c.timer] += 1
+            elif t is RoleChanged:
+                self._on_role(node, c)
+            elif t is ReadReady:
+                self._read_done(node, c)
+            elif t is ReadFailed:
+                self._reads.pop(c.request_id, None)
+        if writes:
+            self._fsync_token += 1
+            node.fsyncs.append([writes, held, self._fsync_token])
+            # Writes to one disk become durable in order.
+            self._fsync_at = max(self._fsync_at,
+                                 self.now + self.rng.uniform(self.faults.min_fsync,
+                                                             self.faults.max_fsync))
+            self._schedule(self._fsync_at - self.now, "fsync", node.id, self._fsync_token)
+        elif held:
+            node.fsyncs[-1][1].extend(held)
+
+    def _transmit(self, frm: int, to: int, msg) -> None:
+        self.stats["messages"] += 1
+        f = self.faults
+        if self._faults_on:
+            if self.rng.random() < f.drop or not self._connected(frm, to):
+                self.stats["dropped"] += 1
+                return
+            if self.rng.random() < f.duplicate:
+                self._schedule(self.rng.uniform(f.min_delay, f.max_delay), "deliver", to, frm, msg)
+        self._schedule(self.rng.uniform(f.min_delay, f.max_delay), "deliver", to, frm, msg)
+
+    def _connected(self, a: int, b: int) -> bool:
+        p = self._partition
+        return p is None or p[a] == p[b]
+
+    # ------------------------------------------------------------------ events
+
+    def _schedule(self, delay: float, kind: str, *args) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + delay, self._seq, kind, args))
+
+    def _exp(self, mean: float) -> float:
+        return self.rng.expovariate(1.0 / mean)
+
+    def _ev_deliver(self, to: int, frm: int, msg) -> None:
+        node = self.nodes[to]
+        if not node.alive or (self._faults_on and not self._connected(frm, to)):
+            return
+        node.engine.step(frm, msg)
+        self._execute(node, node.engine.take_commands())
+
+    def _ev_timer(self, node_id: int, timer: Timer, token: int) -> None:
+        node = self.nodes[node_id]
+        if not node.alive or node.timer_tokens[timer] != token:
+            return
+        node.engine.on_timer(timer)
+        self._execute(node, node.engine.take_commands())
+
+    def _ev_fsync(self, node_id: int, token: int) -> None:
+        node = self.nodes[node_id]
+        if not node.alive or not node.fsyncs or node.fsyncs[0][2] != token:
+            return  # lost in a crash
+        writes, held, _ = node.fsyncs.pop(0)
+        for w in writes:
+            node.disk.write(w)
+        entries = node.disk.entries
+        if entries:
+            node.engine.log_persisted(entries[-1].index, entries[-1].term)
+        for s in held:
+            self._transmit(node.id, s.to, s.message)
+        self._execute(node, node.engine.take_commands())
+
+    def _ev_propose(self) -> None:
+        self._schedule(self.propose_every, "propose")
+        node = self.nodes[self.rng.choice(list(self.nodes))]
+        if not node.alive:
+            return
+        count = self.rng.choice((1, 1, 1, 3))
+        payloads = []
+        for _ in range(count):
+            self._next_payload += 1
+            payloads.append(f"{self.seed}:{self._next_payload}".encode())
+        try:
+            node.engine.propose(payloads)
+        except NotLeader:
+            return
+        for p in payloads:
+            self._proposals[p] = node.id
+        self._execute(node, node.engine.take_commands())
+
+    def _ev_read(self) -> None:
+        self._schedule(self.read_every, "read")
+        node = self.nodes[self.rng.choice(list(self.nodes))]
+        if not node.alive:
+            return
+        self._next_read += 1
+        try:
+            node.engine.read_index(self._next_read)
+        except FastRaftError:
+            return
+        # Linearizability: the read must see every write acknowledged before it began.
+        self._reads[self._next_read] = self._max_acked
+        self._execute(node, node.engine.take_commands())
+
+    def _ev_partition(self) -> None:
+        if not self._faults_on:
+            return
+        ids = list(self.nodes)
+        self.rng.shuffle(ids)
+        cut = self.rng.randint(1, len(ids) - 1)
+        self._partition = {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
+        self._schedule(self.faults.partition_for, "unpartition")
+
+    def _ev_unpartition(self) -> None:
+        self._partition = None
+        if self._faults_on:
+            self._schedule(self._exp(self.faults.partition_every), "partition")
+
+    def _ev_crash(self) -> None:
+        if not self._faults_on:
+            return
+        alive = [n for n in self.nodes.values() if n.alive]
+        if alive:
+            node = self.rng.choice(alive)
+            self._crash(node)
+            self._schedule(self.faults.down_for, "restart", node.id)
+        self._schedule(self._exp(self.faults.crash_every), "crash")
+
+    def _ev_restart(self, node_id: int) -> None:
+        node = self.nodes[node_id]
+        if not node.alive:
+            self._boot(node)
+
+    # ------------------------------------------------------------------ invariants
+
+    def _violation(self, what: str) -> InvariantViolation:
+        return InvariantViolation(
+            f"seed={self.seed} t={self.now:.4f}: {what} "
+            f"(replay: Simulator(seed={self.seed}, nodes={len(self.nodes)}, faults=...).run())")
+
+    def _on_role(self, node: _Node, c: RoleChanged) -> None:
+        if c.role != Role.LEADER:
+            return
+        self.stats["elections"] += 1
+        # Election safety: at most one leader per term (§5.2).
+        other = self.leaders_by_term.setdefault(c.term, node.id)
+        if other != node.id:
+            raise self._violation(f"two leaders in term {c.term}: {other} and {node.id}")
+        # Leader completeness: the new leader holds every acknowledged entry (§5.4).
+        log = node.engine.log
+        for index, (term, data) in self.acked.items():
+            if log.term_at(index) != term:
+                raise self._violation(
+                    f"leader {node.id} of term {c.term} lacks acknowledged entry {index}")
+
+    def _check_log_matching(self, node: _Node, entries: list[Entry]) -> None:
+        """Log matching (§5.3): one (index, term) names one entry, with one predecessor term."""
+        log = node.engine.log
+        seen = self._log_entries
+        for e in entries:
+            key = (e.index, e.term)
+            value = (e.kind, bytes(e.data), log.term_at(e.index - 1))
+            old = seen.setdefault(key, value)
+            if old != value:
+                raise self._violation(
+                    f"log matching: node {node.id} holds a different entry at index {e.index} "
+                    f"term {e.term}")
+
+    def _applied_on(self, node: _Node, index: int):
+        return node.applied_log[index - 1] if index <= len(node.applied_log) else None
+
+    def _apply(self, node: _Node, entries: list[Entry]) -> None:
+        if entries[0].index != node.applied + 1:
+            raise self._violation(f"node {node.id} applies {entries[0].index} after {node.applied}")
+        user = []
+        for e in entries:
+            value = (e.term, e.kind, bytes(e.data))
+            # State-machine safety: no two nodes apply different entries at one index.
+            first = self._applied.setdefault(e.index, value)
+            if first != value:
+                raise self._violation(f"node {node.id} applies a different entry at {e.index}")
+            node.applied_log.append(value)
+            if e.kind == EntryKind.NORMAL:
+                user.append(e)
+                if self._proposals.get(value[2]) == node.id and node.engine.role == Role.LEADER:
+                    self._ack(e.index, e.term, value[2])
+        node.applied = entries[-1].index
+        if node.state_machine is not None and user:
+            results = node.state_machine.apply(user)
+            for e, r in zip(user, results):
+                first = self._results.setdefault(e.index, r)
+                if first != r:
+                    raise self._violation(
+                        f"state machine on node {node.id} returned {r!r} for entry {e.index}, "
+                        f"another replica returned {first!r}")
+
+    def _ack(self, index: int, term: int, data: bytes) -> None:
+        self.acked[index] = (term, data)
+        self.stats["acked"] += 1
+        if index > self._max_acked:
+            self._max_acked = index
+
+    def _acked_payloads(self) -> set[bytes]:
+        return {d for _, d in self.acked.values()}
+
+    def _read_done(self, node: _Node, c: ReadReady) -> None:
+        need = self._reads.pop(c.request_id, None)
+        if need is None:
+            return
+        self.stats["reads"] += 1
+        if c.read_index < need:
+            raise self._violation(
+                f"read {c.request_id} on node {node.id} got read index {c.read_index} but "
+                f"entry {need} was acknowledged before it started")

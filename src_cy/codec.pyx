@@ -1,0 +1,106 @@
+# Batch codec: one contiguous frame, payloads decoded as slices. Twin: fastraft/_py/codec.py
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from endian cimport get_u32 as _get_u32, get_u64 as _get_u64, put_u32 as _put_u32, put_u64 as _put_u64
+
+from fastraft.errors import DecodeError
+from fastraft.messages import Entry
+
+DEF HEAD_SIZE = 21
+DEF MAX_KIND = 2
+DEF MAX_I64 = 0x7FFFFFFFFFFFFFFF
+
+
+def encode_entries(entries):
+    """Encode ``entries`` (objects with term, index, kind, data) into one frame."""
+    cdef Py_ssize_t n = len(entries)
+    cdef Py_ssize_t total = 4
+    cdef Py_buffer view
+    datas = []
+    for e in entries:
+        d = e.data
+        datas.append(d)
+        total += HEAD_SIZE + len(d)
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* p = PyBytes_AS_STRING(out)
+    _put_u32(p, <uint32_t>n)
+    p += 4
+    cdef Py_ssize_t i = 0
+    for e in entries:
+        d = datas[i]
+        i += 1
+        PyObject_GetBuffer(d, &view, PyBUF_SIMPLE)
+        try:
+            _put_u64(p, <uint64_t>e.term)
+            _put_u64(p + 8, <uint64_t>e.index)
+            p[16] = <char><uint8_t>e.kind
+            _put_u32(p + 17, <uint32_t>view.len)
+            memcpy(p + HEAD_SIZE, view.buf, view.len)
+            p += HEAD_SIZE + view.len
+        finally:
+            PyBuffer_Release(&view)
+    return out
+
+
+def decode_entries(buf):
+    """Decode a frame; each payload is a memoryview slice of ``buf`` (no copy)."""
+    mv = memoryview(buf).cast("B")
+    cdef const uint8_t[::1] data = mv
+    cdef Py_ssize_t size = data.shape[0]
+    cdef const uint8_t* base
+    cdef uint32_t count, length, i
+    cdef uint64_t term, index
+    cdef uint8_t kind
+    cdef Py_ssize_t pos, end
+    if size < 4:
+        raise DecodeError(f"entry batch truncated: {size} bytes, need at least 4")
+    base = &data[0]
+    count = _get_u32(base)
+    if count > (size - 4) // HEAD_SIZE:
+        raise DecodeError(f"entry batch claims {count} entries but holds only {size} bytes")
+    pos = 4
+    out = []
+    for i in range(count):
+        if pos + HEAD_SIZE > size:
+            raise DecodeError(f"entry batch truncated at offset {pos}")
+        term = _get_u64(base + pos)
+        index = _get_u64(base + pos + 8)
+        kind = base[pos + 16]
+        length = _get_u32(base + pos + 17)
+        if kind > MAX_KIND:
+            raise DecodeError(f"entry batch has unknown entry kind {kind} at offset {pos}")
+        if term > MAX_I64 or index > MAX_I64:
+            raise DecodeError(f"entry batch has an out-of-range term or index at offset {pos}")
+        pos += HEAD_SIZE
+        end = pos + length
+        if end > size:
+            raise DecodeError(f"entry payload at offset {pos} runs past the end of the batch")
+        out.append(Entry(term, index, kind, mv[pos:end]))
+        pos = end
+    if pos != size:
+        raise DecodeError(f"entry batch has {size - pos} trailing bytes")
+    return out
+
+
+def index_of_kind(entries, long kind):
+    """Position of the first entry of ``kind`` in ``entries``, or -1."""
+    cdef Py_ssize_t pos = 0
+    for e in entries:
+        if e.kind == kind:
+            return pos
+        pos += 1
+    return -1
+
+
+def count_within_bytes(entries, Py_ssize_t budget):
+    """How many leading entries fit in ``budget`` payload bytes (at least 1 if any)."""
+    cdef Py_ssize_t total = 0, n = 0
+    for e in entries:
+        total += len(e.data)
+        if total > budget and n:
+            break
+        n += 1
+    return n

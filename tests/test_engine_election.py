@@ -1,0 +1,213 @@
+"""Elections: §5.1 terms, §5.2 leader election, §5.4.1 election restriction, thesis §9.6
+pre-vote and §6.2 check-quorum. Each test asserts the exact commands emitted."""
+import random
+
+import pytest
+
+from fastraft.config import Config
+from fastraft.engine import (
+    AppendLog,
+    CancelTimer,
+    PersistHardState,
+    Role,
+    RoleChanged,
+    Send,
+    SetTimer,
+    Timer,
+)
+from fastraft.errors import AlreadyInitialized, NotLeader
+from fastraft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    RequestVote,
+    RequestVoteResponse,
+)
+
+from engine_helpers import CFG, Harness, make, sends, without_timers
+
+
+def test_election_timeout_starts_campaign_vote_persisted_before_requests():
+    e = make(1, term=3, terms=[1, 3])
+    e.on_timer(Timer.ELECTION)
+    cmds = e.take_commands()
+    assert without_timers(cmds) == [
+        RoleChanged(Role.CANDIDATE, 4, None, 0),
+        PersistHardState(HardState(4, 1, 0)),
+        Send(2, RequestVote(4, 1, 2, 3, False)),
+        Send(3, RequestVote(4, 1, 2, 3, False)),
+    ]
+    # the driver releases RequestVote only after the hard state is durable (commands.py)
+    timers = [c for c in cmds if type(c) is SetTimer]
+    assert len(timers) == 1 and timers[0].timer == Timer.ELECTION
+
+
+def test_election_timeouts_are_randomized_in_range():
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.05)
+    e = make(1, config=cfg)
+    delays = set()
+    for _ in range(200):
+        e.step(2, AppendEntries(e.term, 2, 0, 0, [], 0))
+        delays.update(c.delay for c in e.take_commands() if type(c) is SetTimer)
+    assert all(0.1 <= d < 0.2 for d in delays)
+    assert len(delays) > 150  # really random, not one value
+
+
+def test_candidate_with_majority_becomes_leader_and_appends_noop():
+    e = make(1, term=1, terms=[1])
+    e.on_timer(Timer.ELECTION)
+    e.take_commands()
+    e.step(2, RequestVoteResponse(2, True))
+    cmds = e.take_commands()
+    noop = Entry(2, 2, EntryKind.NOOP, b"")
+    assert cmds == [
+        RoleChanged(Role.LEADER, 2, 1, 0),
+        CancelTimer(Timer.ELECTION),
+        SetTimer(Timer.HEARTBEAT, CFG.heartbeat_interval),
+        AppendLog([noop]),
+        Send(2, AppendEntries(2, 1, 1, 1, [noop], 0, 0)),
+        Send(3, AppendEntries(2, 1, 1, 1, [noop], 0, 0)),
+    ]
+    assert e.role == Role.LEADER
+
+
+def test_candidate_rejected_by_majority_becomes_follower():
+    e = make(1, term=1)
+    e.on_timer(Timer.ELECTION)
+    e.take_commands()
+    e.step(2, RequestVoteResponse(2, False))
+    assert e.role == Role.CANDIDATE  # 1 yes, 1 no, 1 pending: not decided
+    e.step(3, RequestVoteResponse(2, False))
+    assert e.role == Role.FOLLOWER and e.term == 2
+
+
+def test_one_vote_per_term():
+    e = make(1, term=1)
+    e.step(2, RequestVote(2, 2, 0, 0))
+    cmds = e.take_commands()
+    assert without_timers(cmds) == [PersistHardState(HardState(2, None, 0)),
+                                     PersistHardState(HardState(2, 2, 0)),
+                                     Send(2, RequestVoteResponse(2, True, False))]
+    e.step(3, RequestVote(2, 3, 0, 0))
+    assert without_timers(e.take_commands()) == [Send(3, RequestVoteResponse(2, False, False))]
+    # asking again is idempotent
+    e.step(2, RequestVote(2, 2, 0, 0))
+    assert sends(e.take_commands()) == [(2, RequestVoteResponse(2, True, False))]
+
+
+@pytest.mark.parametrize("cand_last_index, cand_last_term, granted", [
+    (3, 2, False),   # same last index, older last term
+    (2, 3, False),   # same last term, shorter log
+    (3, 3, True),    # identical
+    (1, 4, True),    # newer last term wins even when shorter
+    (9, 3, True),    # same term, longer
+])
+def test_election_restriction(cand_last_index, cand_last_term, granted):
+    e = make(1, term=3, terms=[1, 2, 3])
+    e.step(2, RequestVote(4, 2, cand_last_index, cand_last_term))
+    assert sends(e.take_commands(), RequestVoteResponse) == [
+        (2, RequestVoteResponse(4, granted, False))]
+
+
+def test_stale_term_messages_rejected():
+    e = make(1, term=5)
+    e.step(2, AppendEntries(3, 2, 0, 0, [], 0))
+    e.step(3, RequestVote(4, 3, 10, 4))
+    assert e.take_commands() == [Send(2, AppendEntriesResponse(5, False, 0)),
+                                 Send(3, RequestVoteResponse(5, False, False))]
+    assert e.term == 5 and e.voted_for is None
+
+
+def test_leader_steps_down_on_higher_term():
+    h = Harness([make(i, terms=[1]) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    assert leader.role == Role.LEADER
+    leader.step(3, AppendEntriesResponse(leader.term + 5, False, 0))
+    cmds = leader.take_commands()
+    assert cmds[:3] == [PersistHardState(HardState(leader.term, None, leader.commit_index)),
+                        CancelTimer(Timer.HEARTBEAT),
+                        RoleChanged(Role.FOLLOWER, leader.term, None, leader.commit_index)]
+    assert leader.role == Role.FOLLOWER
+
+
+def test_single_node_elects_itself_and_commits_after_persist():
+    e = make(1, voters=(1,))
+    e.on_timer(Timer.ELECTION)
+    e.take_commands()
+    assert e.role == Role.LEADER and e.commit_index == 0
+    e.log_persisted(1, 1)
+    assert e.commit_index == 1
+
+
+def test_pre_vote_does_not_raise_terms():
+    cfg = Config(pre_vote=True, check_quorum=False)
+    e = make(1, term=3, terms=[3], config=cfg)
+    e.on_timer(Timer.ELECTION)
+    cmds = e.take_commands()
+    assert e.term == 3 and e.role == Role.PRE_CANDIDATE
+    assert not [c for c in cmds if type(c) is PersistHardState]
+    assert sends(cmds) == [(2, RequestVote(4, 1, 1, 3, True)), (3, RequestVote(4, 1, 1, 3, True))]
+    # a follower answering a pre-vote keeps its term and vote
+    f = make(2, term=3, terms=[3], config=cfg)
+    f.step(1, RequestVote(4, 1, 1, 3, True))
+    assert f.take_commands() == [Send(1, RequestVoteResponse(4, True, True))]
+    assert f.term == 3 and f.voted_for is None
+    # with a quorum of pre-votes, the real campaign starts
+    e.step(2, RequestVoteResponse(4, True, True))
+    assert e.role == Role.CANDIDATE and e.term == 4
+
+
+def test_pre_vote_refused_to_a_stale_log():
+    cfg = Config(pre_vote=True)
+    f = make(2, term=3, terms=[1, 3], config=cfg)
+    f.step(1, RequestVote(4, 1, 1, 1, True))
+    assert f.take_commands() == [Send(1, RequestVoteResponse(3, False, True))]
+
+
+def test_check_quorum_leader_steps_down_without_answers():
+    cfg = Config(pre_vote=False, check_quorum=True)
+    h = Harness([make(i, terms=[1], config=cfg) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    leader.on_timer(Timer.ELECTION)  # everyone answered during this period
+    leader.take_commands()
+    assert leader.role == Role.LEADER
+    leader.on_timer(Timer.ELECTION)  # nobody answered since
+    assert leader.role == Role.FOLLOWER
+
+
+def test_learners_and_removed_nodes_never_campaign():
+    learner = make(4, voters=(1, 2, 3), learners=(4,))
+    learner.on_timer(Timer.ELECTION)
+    assert learner.take_commands() == [] and learner.role == Role.FOLLOWER
+
+
+def test_bootstrap_once():
+    e = make(1, voters=())
+    e.bootstrap(Membership(voters=frozenset({1, 2, 3})))
+    assert e.take_commands()[:1] == [PersistHardState(HardState(1, None, 0))]
+    with pytest.raises(AlreadyInitialized):
+        e.bootstrap(Membership(voters=frozenset({1})))
+
+
+def test_propose_on_follower_names_the_leader():
+    e = make(1, voters=(1, 2, 3))
+    with pytest.raises(NotLeader) as info:
+        e.propose([b"x"])
+    assert info.value.leader_id is None
+    e.step(2, AppendEntries(1, 2, 0, 0, [], 0))
+    with pytest.raises(NotLeader) as info:
+        e.propose([b"x"])
+    assert info.value.leader_id == 2
+
+
+def test_harness_elects_exactly_one_leader():
+    h = Harness([make(i, terms=[1]) for i in (1, 2, 3)])
+    h.fire(2)
+    roles = sorted(e.role for e in h.engines.values())
+    assert roles == [Role.FOLLOWER, Role.FOLLOWER, Role.LEADER]
+    assert {e.leader_id for e in h.engines.values()} == {2}

@@ -1,0 +1,176 @@
+"""ReadIndex (thesis §6.4) and joint-consensus membership changes (§6)."""
+import pytest
+
+from fastraft.engine import ReadFailed, ReadReady, Role, Timer
+from fastraft.errors import MembershipChangeInProgress, NotLeader
+from fastraft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    EntryKind,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    Entry,
+    Membership,
+    RequestVoteResponse,
+    decode_membership,
+    encode_membership,
+)
+
+from engine_helpers import Harness, make, sends
+
+
+def elect(n=3, leader=1):
+    h = Harness([make(i, voters=range(1, n + 1), terms=[1]) for i in range(1, n + 1)])
+    h.fire(leader)
+    return h
+
+
+def reads_of(cmds):
+    return [c for c in cmds if type(c) in (ReadReady, ReadFailed)]
+
+
+def test_single_voter_read_is_ready_at_once():
+    e = make(1, voters=(1,))
+    e.on_timer(Timer.ELECTION)
+    e.log_persisted(1, 1)
+    e.take_commands()
+    e.read_index(7)
+    assert reads_of(e.take_commands()) == [ReadReady(7, 1)]
+
+
+def test_leader_read_needs_a_fresh_heartbeat_quorum():
+    h = elect()
+    leader = h.engines[1]
+    commit = leader.commit_index
+    leader.read_index(1)
+    cmds = leader.take_commands()
+    assert reads_of(cmds) == []
+    beats = sends(cmds, AppendEntries)
+    assert [to for to, _ in beats] == [2, 3] and all(m.seq == beats[0][1].seq for _, m in beats)
+    seq = beats[0][1].seq
+    # an answer to an older heartbeat proves nothing about now
+    leader.step(2, AppendEntriesResponse(leader.term, True, commit, 0, 0, seq - 1))
+    assert reads_of(leader.take_commands()) == []
+    leader.step(2, AppendEntriesResponse(leader.term, True, commit, 0, 0, seq))
+    assert reads_of(leader.take_commands()) == [ReadReady(1, commit)]
+
+
+def test_read_waits_for_the_leaders_first_commit():
+    e = make(1, voters=(1, 2, 3), term=1, terms=[1])
+    e.on_timer(Timer.ELECTION)
+    e.step(2, RequestVoteResponse(2, True))
+    e.take_commands()
+    e.read_index(5)
+    assert reads_of(e.take_commands()) == []  # the no-op of term 2 is not committed yet
+    e.log_persisted(2, 2)
+    e.step(2, AppendEntriesResponse(2, True, 2, 0, 0, 0))
+    cmds = e.take_commands()
+    seq = [m for _, m in sends(cmds, AppendEntries)][-1].seq
+    e.step(3, AppendEntriesResponse(2, True, 2, 0, 0, seq))
+    assert reads_of(e.take_commands()) == [ReadReady(5, 2)]
+
+
+def test_follower_forwards_read_to_leader():
+    h = elect()
+    f = h.engines[2]
+    f.read_index(9)
+    cmds = f.take_commands()
+    assert sends(cmds) == [(1, ReadIndexRequest(f.term, 9))]
+    f.step(1, ReadIndexResponse(f.term, 9, 4, True))
+    assert reads_of(f.take_commands()) == [ReadReady(9, 4)]
+    # an unknown or duplicated answer is ignored
+    f.step(1, ReadIndexResponse(f.term, 9, 4, True))
+    assert reads_of(f.take_commands()) == []
+
+
+def test_read_without_known_leader_raises():
+    e = make(1)
+    with pytest.raises(NotLeader):
+        e.read_index(1)
+
+
+def test_reads_fail_when_leadership_is_lost():
+    h = elect()
+    leader = h.engines[1]
+    leader.read_index(1)
+    leader.step(2, ReadIndexRequest(leader.term, 2))
+    leader.take_commands()
+    leader.step(3, AppendEntriesResponse(leader.term + 1, False, 0))
+    cmds = leader.take_commands()
+    assert reads_of(cmds) == [ReadFailed(1, None)]
+    assert sends(cmds, ReadIndexResponse) == [(2, ReadIndexResponse(leader.term, 2, 0, False))]
+
+
+def test_forwarded_reads_fail_when_the_leader_changes():
+    h = elect()
+    f = h.engines[2]
+    f.read_index(3)
+    f.take_commands()
+    f.step(3, AppendEntries(f.term + 1, 3, 0, 0, [], 0))
+    assert reads_of(f.take_commands()) == [ReadFailed(3, 3)]
+
+
+def configs(engine):
+    return [decode_membership(e.data) for e in engine.log.entries if e.kind == EntryKind.CONFIG]
+
+
+def test_joint_consensus_add_two_voters():
+    h = Harness([make(i, voters=(1, 2, 3), terms=[1]) for i in (1, 2, 3)]
+                + [make(i, voters=(), terms=[]) for i in (4, 5)])
+    h.fire(1)
+    leader = h.engines[1]
+    leader.propose_membership(frozenset({1, 2, 3, 4, 5}))
+    # C_old,new is in force as soon as it is appended (§6)
+    assert leader.membership.joint and leader.membership.outgoing == {1, 2, 3}
+    with pytest.raises(MembershipChangeInProgress):
+        leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    new = leader.membership
+    assert not new.joint and new.voters == {1, 2, 3, 4, 5}
+    assert [m.voters for m in configs(leader)][-2:] == [{1, 2, 3, 4, 5}] * 2
+    assert [m.outgoing for m in configs(leader)][-2:] == [{1, 2, 3}, frozenset()]
+    for e in h.engines.values():
+        assert e.membership == new and e.commit_index == leader.log.last_index
+
+
+def test_joint_commit_needs_both_majorities():
+    h = Harness([make(i, voters=(1, 2, 3), terms=[1]) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    h.engines.pop(2)
+    h.engines.pop(3)  # old voters unreachable: C_old has no majority
+    leader.propose_membership(frozenset({1, 4, 5}))
+    leader.take_commands()
+    index = leader.log.last_index
+    leader.log_persisted(index, leader.term)
+    leader.progress[4].acknowledge(index)
+    leader.progress[5].acknowledge(index)
+    leader._maybe_commit()
+    assert leader.commit_index < index  # C_new majority alone is not enough
+    leader.step(2, AppendEntriesResponse(leader.term, True, index))
+    assert leader.commit_index >= index
+
+
+def test_removed_leader_steps_down_after_c_new_commits():
+    h = Harness([make(i, voters=(1, 2, 3), terms=[1]) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    leader.propose_membership(frozenset({2, 3}))
+    h.run()
+    assert leader.role == Role.FOLLOWER
+    assert leader.membership.voters == {2, 3}
+    leader.on_timer(Timer.ELECTION)  # no longer a voter: never campaigns
+    assert leader.role == Role.FOLLOWER
+    h.fire(2)
+    assert h.engines[2].role == Role.LEADER
+
+
+def test_truncating_a_config_entry_reverts_the_membership():
+    f = make(2, voters=(1, 2, 3), term=1, terms=[1])
+    f.take_commands()
+    old = f.membership
+    cfg = Entry(2, 2, EntryKind.CONFIG, encode_membership(Membership(voters=frozenset({2}))))
+    f.step(1, AppendEntries(2, 1, 1, 1, [cfg], 0))
+    assert f.membership.voters == {2}
+    f.step(3, AppendEntries(3, 3, 1, 1, [Entry(3, 2, EntryKind.NOOP, b"")], 0))
+    assert f.membership == old

@@ -1,0 +1,275 @@
+"""The compiled kernels, their pure-Python twins and a naive reference agree exactly."""
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastraft import _py, kernels
+from fastraft.errors import DecodeError
+from fastraft.messages import Entry
+
+_cy = pytest.importorskip("fastraft._cy")
+
+IMPLS = [_py, _cy]
+idx = st.integers(min_value=0, max_value=10**12)
+
+
+# ---------------------------------------------------------------- naive references
+
+def naive_committed(matches):
+    if not matches:
+        return _py.MAX_INDEX
+    best = 0
+    for candidate in set(matches):
+        if sum(m >= candidate for m in matches) * 2 > len(matches):
+            best = max(best, candidate)
+    return best
+
+
+def naive_vote(votes, voters):
+    if not voters:
+        return _py.VOTE_WON
+    yes = sum(1 for v in voters if votes.get(v) is True)
+    no = sum(1 for v in voters if votes.get(v) is False)
+    if yes * 2 > len(voters):
+        return _py.VOTE_WON
+    if no * 2 >= len(voters):
+        return _py.VOTE_LOST
+    return _py.VOTE_PENDING
+
+
+def test_selected_implementation_matches_environment():
+    expect_py = bool(os.environ.get("FASTRAFT_NO_EXTENSIONS"))
+    assert kernels.COMPILED is (not expect_py)
+    assert kernels.LogIndex is (_py.LogIndex if expect_py else _cy.LogIndex)
+    for name in _py.__all__:
+        assert hasattr(_cy, name), name
+        assert hasattr(kernels, name), name
+
+
+@given(st.lists(idx, max_size=20))
+def test_committed_index(matches):
+    expected = naive_committed(matches)
+    for impl in IMPLS:
+        assert impl.committed_index(matches) == expected
+        assert impl.committed_index(tuple(matches)) == expected
+
+
+@given(st.lists(idx, max_size=9), st.lists(idx, max_size=9))
+def test_joint_committed_index_is_min_and_empty_half_is_neutral(a, b):
+    expected = min(naive_committed(a), naive_committed(b))
+    for impl in IMPLS:
+        assert impl.joint_committed_index(a, b) == expected
+        assert impl.joint_committed_index(a, []) == impl.committed_index(a)
+
+
+def test_committed_index_examples():
+    for impl in IMPLS:
+        assert impl.committed_index([5]) == 5
+        assert impl.committed_index([5, 3]) == 3
+        assert impl.committed_index([5, 3, 1]) == 3
+        assert impl.committed_index([9, 7, 5, 3, 1]) == 5
+        assert impl.committed_index([9, 7, 5, 3]) == 5
+
+
+votes_st = st.dictionaries(st.integers(0, 9), st.booleans(), max_size=10)
+voters_st = st.lists(st.integers(0, 9), unique=True, max_size=7)
+
+
+@given(votes_st, voters_st, voters_st)
+def test_vote_results(votes, a, b):
+    ra, rb = naive_vote(votes, a), naive_vote(votes, b)
+    if _py.VOTE_LOST in (ra, rb):
+        joint = _py.VOTE_LOST
+    elif ra == rb == _py.VOTE_WON:
+        joint = _py.VOTE_WON
+    else:
+        joint = _py.VOTE_PENDING
+    for impl in IMPLS:
+        assert impl.vote_result(votes, a) == ra
+        assert impl.joint_vote_result(votes, a, b) == joint
+        assert impl.joint_vote_result(votes, a, []) == ra
+
+
+# ---------------------------------------------------------------- LogIndex
+
+class NaiveLog:
+    """Terms in a plain list: the obviously-correct model."""
+
+    def __init__(self):
+        self.snap_index, self.snap_term, self.terms = 0, 0, []
+
+    @property
+    def last_index(self):
+        return self.snap_index + len(self.terms)
+
+    @property
+    def last_term(self):
+        return self.terms[-1] if self.terms else self.snap_term
+
+    def term_at(self, i):
+        if i == self.snap_index:
+            return self.snap_term
+        if i < self.snap_index or i > self.last_index:
+            return -1
+        return self.terms[i - self.snap_index - 1]
+
+    def find_conflict_by_term(self, index, term):
+        index = min(index, self.last_index)
+        while index > self.snap_index and self.term_at(index) > term:
+            index -= 1
+        return max(index, self.snap_index)
+
+    def first_index_of_term(self, term):
+        for k, t in enumerate(self.terms):
+            if t == term:
+                return self.snap_index + 1 + k
+        return 0
+
+    def find_conflict(self, first, terms):
+        for k, t in enumerate(terms):
+            i = first + k
+            if i > self.snap_index and self.term_at(i) != t:
+                return i
+        return 0
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(0, 3), st.integers(0, 5)),
+    st.tuples(st.just("truncate"), st.integers(0, 40), st.just(0)),
+    st.tuples(st.just("compact"), st.integers(0, 40), st.just(0)),
+    st.tuples(st.just("reset"), st.integers(0, 40), st.integers(0, 3)),
+), max_size=30)
+
+
+@given(ops, st.integers(0, 45), st.integers(0, 12))
+def test_logindex_matches_naive_model(operations, probe_index, probe_term):
+    model = NaiveLog()
+    logs = [impl.LogIndex() for impl in IMPLS]
+    for op, a, b in operations:
+        if op == "append":
+            term = model.last_term + a
+            model.terms.extend([term] * b)
+            for log in logs:
+                log.append(term, b)
+        elif op == "truncate":
+            if a <= model.snap_index:
+                for log in logs:
+                    with pytest.raises(ValueError):
+                        log.truncate_from(a)
+                continue
+            del model.terms[max(0, a - model.snap_index - 1):]
+            for log in logs:
+                log.truncate_from(a)
+        elif op == "compact":
+            if a > model.last_index:
+                for log in logs:
+                    with pytest.raises(ValueError):
+                        log.compact_to(a)
+                continue
+            if a > model.snap_index:
+                model.snap_term = model.term_at(a)
+                del model.terms[:a - model.snap_index]
+                model.snap_index = a
+            for log in logs:
+                log.compact_to(a)
+        else:
+            term = max(b, model.last_term)
+            model.snap_index, model.snap_term, model.terms = a, term, []
+            for log in logs:
+                log.reset(a, term)
+        for log in logs:
+            assert (log.snapshot_index, log.snapshot_term) == (model.snap_index, model.snap_term)
+            assert (log.last_index, log.last_term, len(log)) == (
+                model.last_index, model.last_term, len(model.terms))
+    for log in logs:
+        for i in range(model.snap_index - 1, model.last_index + 3):
+            assert log.term_at(i) == model.term_at(i), i
+        assert log.find_conflict_by_term(probe_index, probe_term) == \
+            model.find_conflict_by_term(probe_index, probe_term)
+        assert log.first_index_of_term(probe_term) == model.first_index_of_term(probe_term)
+        incoming = [model.term_at(i) if i <= model.last_index else model.last_term + 1
+                    for i in range(model.snap_index + 1, model.last_index + 3)]
+        if probe_index < len(incoming):
+            incoming[probe_index] += 1
+            incoming[probe_index + 1:] = [incoming[probe_index]] * len(incoming[probe_index + 1:])
+        assert log.find_conflict(model.snap_index + 1, incoming) == \
+            model.find_conflict(model.snap_index + 1, incoming)
+
+
+def test_logindex_rejects_decreasing_terms():
+    for impl in IMPLS:
+        log = impl.LogIndex(5, 3)
+        with pytest.raises(ValueError):
+            log.append(2)
+        log.append(3, 2)
+        assert log.term_at(5) == 3 and log.term_at(7) == 3 and log.term_at(8) == -1
+
+
+# ---------------------------------------------------------------- codec
+
+entries_st = st.lists(
+    st.builds(Entry, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2),
+              st.binary(max_size=300)),
+    max_size=30)
+
+
+@given(entries_st)
+def test_codec_round_trips_across_implementations(entries):
+    frames = [impl.encode_entries(entries) for impl in IMPLS]
+    assert frames[0] == frames[1]  # wire-identical
+    for impl in IMPLS:
+        decoded = impl.decode_entries(frames[0])
+        assert [(e.term, e.index, e.kind, bytes(e.data)) for e in decoded] == \
+            [(e.term, e.index, e.kind, bytes(e.data)) for e in entries]
+        # payloads are views into the frame, not copies
+        assert all(isinstance(e.data, memoryview) for e in decoded)
+    for impl in IMPLS:
+        assert impl.count_within_bytes(entries, 200) == _naive_count(entries, 200)
+        assert impl.index_of_kind(entries, 1) == next(
+            (k for k, e in enumerate(entries) if e.kind == 1), -1)
+
+
+def _naive_count(entries, budget):
+    n, total = 0, 0
+    for e in entries:
+        total += len(e.data)
+        if total > budget and n:
+            break
+        n += 1
+    return n
+
+
+@given(entries_st.filter(bool), st.data())
+def test_codec_rejects_truncation_and_trailing_bytes(entries, data):
+    frame = _py.encode_entries(entries)
+    cut = data.draw(st.integers(0, len(frame) - 1))
+    for impl in IMPLS:
+        with pytest.raises(DecodeError):
+            impl.decode_entries(frame[:cut])
+        with pytest.raises(DecodeError):
+            impl.decode_entries(frame + b"\0")
+
+
+@given(st.binary(max_size=200))
+def test_codec_never_crashes_on_garbage(garbage):
+    outcomes = []
+    for impl in IMPLS:
+        try:
+            outcomes.append([(e.term, e.index, e.kind, bytes(e.data))
+                             for e in impl.decode_entries(garbage)])
+        except DecodeError as exc:
+            outcomes.append(type(exc))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_codec_rejects_unknown_kind_and_huge_count():
+    frame = bytearray(_py.encode_entries([Entry(1, 1, 0, b"x")]))
+    frame[4 + 16] = 7
+    huge = (10**9).to_bytes(4, "little") + b"\0" * 30
+    for impl in IMPLS:
+        with pytest.raises(DecodeError, match="kind"):
+            impl.decode_entries(bytes(frame))
+        with pytest.raises(DecodeError, match="claims"):
+            impl.decode_entries(huge)

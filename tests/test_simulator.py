@@ -1,0 +1,135 @@
+"""Seeded fault-injection runs of whole clusters; every invariant checked after every event."""
+import os
+
+import pytest
+
+from fastraft.config import Config
+from fastraft.engine import Engine
+from fastraft.engine.core import _HANDLERS
+from fastraft.messages import RequestVote
+from fastraft.testing import NO_FAULTS, Faults, InvariantViolation, Simulator
+
+SEEDS = int(os.environ.get("FASTRAFT_SIM_SEEDS", "260"))
+
+PROFILES = {
+    "default": (Faults(), Config()),
+    "harsh": (Faults(drop=0.2, duplicate=0.1, partition_every=0.5, crash_every=0.4,
+                     down_for=0.3), Config()),
+    "no-prevote": (Faults(), Config(pre_vote=False, check_quorum=False)),
+    "small-windows": (Faults(drop=0.1), Config(max_entries_per_message=2,
+                                                max_inflight_messages=2)),
+}
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_seeded_runs_keep_every_invariant(profile, nodes):
+    faults, config = PROFILES[profile]
+    seeds = SEEDS // len(PROFILES) if profile != "default" else SEEDS
+    totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0}
+    for seed in range(seeds):
+        sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config)
+        sim.run(3.0, settle=8.0)
+        for k in totals:
+            totals[k] += sim.stats[k]
+    # the faults really happened and the cluster really worked through them
+    assert totals["acked"] > seeds * 20
+    assert totals["elections"] >= seeds
+    if faults.crash_every:
+        assert totals["crashes"] > seeds
+    if faults.drop:
+        assert totals["dropped"] > seeds
+    assert totals["reads"] > seeds
+
+
+def test_a_seed_replays_exactly():
+    a = Simulator(seed=1234, nodes=5).run(2.0)
+    b = Simulator(seed=1234, nodes=5).run(2.0)
+    assert a.stats == b.stats and a.acked == b.acked
+    c = Simulator(seed=1235, nodes=5).run(2.0)
+    assert c.stats != a.stats
+
+
+def test_fault_free_cluster_acknowledges_steadily():
+    sim = Simulator(seed=7, nodes=3, faults=NO_FAULTS).run(2.0)
+    assert sim.stats["elections"] == 1
+    assert sim.stats["acked"] > 100
+
+
+class Counter:
+    """A deterministic state machine: returns the running count per key."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def apply(self, entries):
+        out = []
+        for e in entries:
+            key = bytes(e.data).split(b":")[0]
+            self.counts[key] = self.counts.get(key, 0) + 1
+            out.append(self.counts[key])
+        return out
+
+
+class Nondeterministic(Counter):
+    instances = 0
+
+    def __init__(self):
+        super().__init__()
+        Nondeterministic.instances += 1
+        self.me = Nondeterministic.instances
+
+    def apply(self, entries):
+        return [self.me for _ in entries]
+
+
+def test_user_state_machine_replicas_agree():
+    Simulator(seed=3, nodes=3, state_machine=Counter).run(2.0)
+
+
+def test_nondeterministic_state_machine_is_caught():
+    with pytest.raises(InvariantViolation, match="state machine on node"):
+        Simulator(seed=3, nodes=3, state_machine=Nondeterministic).run(2.0)
+
+
+def _first_violation(seeds=60):
+    for seed in range(seeds):
+        try:
+            Simulator(seed=seed, nodes=3, config=Config(pre_vote=False)).run(2.0)
+        except InvariantViolation as exc:
+            return str(exc)
+    return None
+
+
+def test_planted_bug_double_vote_is_caught(monkeypatch):
+    original = Engine._on_request_vote
+
+    def vote_for_anyone(self, frm, m):
+        self.voted_for = None
+        self.leader_id = None
+        original(self, frm, m)
+
+    monkeypatch.setitem(_HANDLERS, RequestVote, vote_for_anyone)
+    found = _first_violation()
+    assert found and "seed=" in found
+
+
+def test_planted_bug_committing_old_terms_by_counting_is_caught(monkeypatch):
+    from fastraft import kernels
+
+    def commit_any_term(self):
+        c = kernels.joint_committed_index(self._matches(self._voters_in),
+                                          self._matches(self._voters_out))
+        if c > self.commit_index:
+            self.commit_index = c
+            self._emit_apply()
+            self._broadcast = True
+
+    def ignore_election_restriction(self, last_index, last_term):
+        return True
+
+    from fastraft.engine.raftlog import RaftLog
+    monkeypatch.setattr(RaftLog, "is_up_to_date", ignore_election_restriction)
+    monkeypatch.setattr(Engine, "_maybe_commit", commit_any_term)
+    found = _first_violation()
+    assert found and "seed=" in found

@@ -1,0 +1,669 @@
+"""``RaftNode``: runs the engine on an asyncio (uvloop) event loop.
+
+Events (messages, proposals, reads, timer expirations, completed writes) are fed to the
+engine as they happen; the engine's commands are drained once per loop iteration, so
+everything that arrived in one iteration shares one storage write and one message per
+peer. Timers are ``loop.call_at`` handles, re-armed lazily: resetting the election timer
+on every AppendEntries costs a float store, not a cancel and a new handle.
+
+Order of effects (Raft, Figure 2): writes run one batch at a time, in order; messages that
+promise durable state (votes, acknowledgements) leave only after every write issued before
+them completed. Replication messages from the leader leave at once, in parallel with its
+own write (thesis §10.2.1). Committed entries are applied by a separate task, so a slow
+state machine never delays replication or elections.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastraft import kernels
+from fastraft.config import Config
+from fastraft.engine import (
+    AppendLog,
+    Apply,
+    CancelTimer,
+    Engine,
+    InitialState,
+    PersistHardState,
+    ReadFailed,
+    ReadReady,
+    Role,
+    RoleChanged,
+    Send,
+    SetTimer,
+    Timer,
+    TruncateLog,
+    requires_durability,
+)
+from fastraft.errors import (
+    AlreadyInitialized,
+    NodeStopped,
+    NotLeader,
+    Overloaded,
+    ProposalDropped,
+)
+from fastraft.messages import Entry, EntryKind, Membership, decode_membership
+from fastraft.network import RaftNetwork
+from fastraft.statemachine import StateMachine
+from fastraft.storage import RaftStorage
+
+log = logging.getLogger("fastraft.node")
+
+_NORMAL = EntryKind.NORMAL
+
+
+def _maybe_async(fn):
+    """Call ``fn`` and await the result only if it is a coroutine function (decided once)."""
+    if inspect.iscoroutinefunction(fn):
+        return fn, True
+    return fn, False
+
+
+class _Proposal:
+    """Futures of proposals covering log indexes ``first .. last`` (in index order)."""
+
+    __slots__ = ("first", "last", "future", "batch", "results")
+
+    def __init__(self, first: int, last: int, future: asyncio.Future, batch: bool) -> None:
+        self.first = first
+        self.last = last
+        self.future = future
+        self.batch = batch
+        #: Results gathered so far, when the entries are applied in more than one batch.
+        self.results: list = []
+
+
+class RaftNode:
+    """One member of a Raft cluster. See the module docstring and ``docs/node.md``."""
+
+    def __init__(self, node_id: int, *, storage: RaftStorage, network: RaftNetwork,
+                 state_machine: StateMachine, config: Config | None = None,
+                 rng: random.Random | None = None) -> None:
+        if not isinstance(node_id, int) or node_id <= 0:
+            raise ValueError(f"node ids are positive ints, got {node_id!r}")
+        self.id = node_id
+        self.storage = storage
+        self.network = network
+        self.state_machine = state_machine
+        self.config = config or Config()
+        self._rng = rng or random.Random()
+        self.engine: Engine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._flush_scheduled = False
+
+        #: Armed loop handles and when they fire; the wanted deadline may be later (a
+        #: handle that fires early re-arms itself), never earlier.
+        self._timer_handles: dict[Timer, asyncio.TimerHandle | None] = {}
+        self._timer_fires_at: dict[Timer, float] = {}
+        self._timer_deadlines: dict[Timer, float | None] = {}
+
+        #: Write batches not yet durable, oldest first: [ops, sends held until durable].
+        self._writes: deque[list] = deque()
+        self._write_task: asyncio.Task | None = None
+
+        self._apply_queue: deque[list[Entry]] = deque()
+        self._apply_wakeup = asyncio.Event()
+        self._apply_task: asyncio.Task | None = None
+        #: Highest index the state machine has applied.
+        self.applied_index = 0
+        #: Highest index handed to the apply task (entries up to here are committed).
+        self._committed_index = 0
+        self._progress = asyncio.Condition()
+
+        self._proposals: deque[_Proposal] = deque()
+        self._pending_count = 0
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._buffered: list[bytes] = []
+        self._buffered_proposals: list[tuple[int, asyncio.Future, bool]] = []
+
+        self._reads: dict[int, asyncio.Future] = {}
+        self._read_waiters: list[tuple[int, asyncio.Future]] = []
+        self._next_read_id = 0
+        self._leader_known = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Recover from storage, rebuild the state machine, join the cluster."""
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        st = self.storage
+        self._append, self._append_async = _maybe_async(st.append_entries)
+        self._truncate, self._truncate_async = _maybe_async(st.truncate_suffix)
+        self._save_hs, self._save_hs_async = _maybe_async(st.save_hard_state)
+        self._sm_apply, self._sm_apply_async = _maybe_async(self.state_machine.apply)
+        state = await self._call(st.load_state)
+        snapshot_index = snapshot_term = 0
+        snapshot_membership = Membership()
+        applied = 0
+        if state.snapshot is not None:
+            meta = state.snapshot
+            snapshot_index, snapshot_term = meta.last_included_index, meta.last_included_term
+            snapshot_membership = meta.membership
+        durable_applied = getattr(self.state_machine, "last_applied", None)
+        if durable_applied is not None:
+            applied = await self._call(durable_applied)
+        if state.snapshot is not None and applied < snapshot_index:
+            loaded = await self._call(st.load_snapshot)
+            if loaded is not None:
+                await self._call(self.state_machine.restore, loaded[1])
+            applied = snapshot_index
+        entries = []
+        if state.last_index >= state.first_index:
+            entries = await self._call(st.read_entries, state.first_index, state.last_index + 1)
+        self.applied_index = self._committed_index = applied
+        self.engine = Engine(self.id, self.config, self._rng, InitialState(
+            hard_state=state.hard_state, snapshot_index=snapshot_index,
+            snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
+            entries=entries, applied_index=applied))
+        self._running = True
+        self._apply_task = self._loop.create_task(self._apply_loop())
+        self.network.set_peers(dict(self.engine.membership.addresses))
+        await self.network.start(self)
+        self._run(self.engine.start())
+
+    async def stop(self) -> None:
+        """Stop: pending operations fail with ``NodeStopped``. Storage is left open (a new
+        node on the same storage object is a restart)."""
+        if not self._running:
+            return
+        self._running = False
+        for handle in self._timer_handles.values():
+            if handle is not None:
+                handle.cancel()
+        self._timer_handles.clear()
+        await self.network.stop()
+        if self._write_task is not None:
+            try:
+                await self._write_task  # never leave a write half done
+            except Exception:  # already logged by the write loop
+                pass
+        if self._apply_task is not None:
+            self._apply_task.cancel()
+            try:
+                await self._apply_task
+            except asyncio.CancelledError:
+                pass
+        stopped = NodeStopped(f"node {self.id} stopped")
+        for p in self._proposals:
+            _fail(p.future, stopped)
+        for _, fut, _ in self._buffered_proposals:
+            _fail(fut, stopped)
+        for fut in self._reads.values():
+            _fail(fut, stopped)
+        for _, fut in self._read_waiters:
+            _fail(fut, stopped)
+        self._proposals.clear()
+        self._buffered_proposals.clear()
+        self._buffered.clear()
+        self._reads.clear()
+        self._read_waiters.clear()
+        self._capacity.set()
+        async with self._progress:
+            self._progress.notify_all()
+
+    async def __aenter__(self) -> RaftNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ client API
+
+    async def initialize(self, members: dict[int, str]) -> None:
+        """Form a new cluster of ``members`` (id → address) on a fresh node.
+
+        Idempotent: initializing again with the same members does nothing. Raises
+        ``AlreadyInitialized`` on a node that has other state.
+        """
+        self._check_running()
+        if not members or self.id not in members:
+            raise ValueError(f"members must include this node ({self.id}), got {members!r}")
+        membership = Membership(voters=frozenset(members), addresses=dict(members))
+        engine = self.engine
+        if engine.log.last_index or engine.term:
+            first = engine.log.slice(1, 2) if engine.log.snapshot_index == 0 else []
+            if first and first[0].kind == EntryKind.CONFIG and \
+                    decode_membership(first[0].data) == membership:
+                return
+            raise AlreadyInitialized(
+                f"node {self.id} already has state (term {engine.term}, last index "
+                f"{engine.log.last_index}); initialize only fresh nodes")
+        engine.bootstrap(membership)
+        self.network.set_peers(dict(members))
+        self._schedule_flush()
+        await self._wait_durable()
+
+    async def propose(self, data: bytes) -> Any:
+        """Replicate ``data`` and return the state machine's result for it.
+
+        Raises ``NotLeader`` (with the leader's id and address, when known) on a follower;
+        ``ProposalDropped`` if leadership was lost before the entry was known committed;
+        in that case the entry may or may not be committed by a later leader.
+        """
+        fut = await self._enqueue([data], batch=False)
+        return await fut
+
+    async def propose_batch(self, datas: Sequence[bytes]) -> list[Any]:
+        """Replicate several commands as consecutive entries; one result per command."""
+        if not datas:
+            return []
+        fut = await self._enqueue(list(datas), batch=True)
+        return await fut
+
+    async def read_index(self, timeout: float | None = None) -> int:
+        """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
+        state machine has applied it; reads of the state machine after that see every write
+        acknowledged before this call. On a follower the leader is asked."""
+        self._check_running()
+        engine = self.engine
+        self._next_read_id += 1
+        rid = self._next_read_id
+        fut = self._loop.create_future()
+        self._reads[rid] = fut
+        try:
+            engine.read_index(rid)
+        except NotLeader:
+            del self._reads[rid]
+            raise
+        self._schedule_flush()
+        if timeout is None:
+            timeout = self.config.election_timeout_max * 4
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise engine.not_leader() from None
+        finally:
+            self._reads.pop(rid, None)
+
+    async def wait_for_leader(self, timeout: float = 10.0) -> int:
+        """Wait until a leader is known; returns its id. Raises ``TimeoutError``."""
+        self._check_running()
+        async def known():
+            while self.engine.leader_id is None:
+                self._leader_known.clear()
+                await self._leader_known.wait()
+            return self.engine.leader_id
+        return await asyncio.wait_for(known(), timeout)
+
+    async def committed(self, start_index: int = 1) -> AsyncIterator[Entry]:
+        """Committed user entries from ``start_index`` on, following new commits live.
+        Ends when the node stops."""
+        nxt = start_index
+        while self._running:
+            engine = self.engine
+            if nxt <= self._committed_index:
+                if nxt <= engine.log.snapshot_index:
+                    raise ValueError(f"entries up to {engine.log.snapshot_index} were compacted "
+                                     "into a snapshot; start after it")
+                batch = engine.log.slice(nxt, self._committed_index + 1)
+                nxt = self._committed_index + 1
+                for e in batch:
+                    if e.kind == _NORMAL:
+                        yield e
+                continue
+            async with self._progress:
+                await self._progress.wait_for(
+                    lambda: not self._running or self._committed_index >= nxt)
+
+    def status(self) -> dict:
+        """Role, term, leader, commit/applied index, membership, per-peer progress."""
+        if self.engine is None:
+            return {"id": self.id, "role": "stopped"}
+        s = self.engine.status()
+        s["applied_index"] = self.applied_index
+        s["running"] = self._running
+        s["leader_address"] = self.engine.membership.addresses.get(s["leader_id"])
+        return s
+
+    @property
+    def is_leader(self) -> bool:
+        return self.engine is not None and self.engine.role == Role.LEADER
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive(self, from_id: int, messages: list) -> None:
+        """Deliver messages from node ``from_id`` (called by the network)."""
+        if not self._running:
+            return
+        step = self.engine.step
+        try:
+            for m in messages:
+                step(from_id, m)
+        except Exception:
+            # A garbled message (the engine validates before it changes any state) must
+            # not take the node down; the peer will retry.
+            log.exception("node %d: dropped a message from node %d", self.id, from_id)
+            for m in messages[messages.index(m) + 1:]:
+                self.receive(from_id, [m])
+        finally:
+            self._schedule_flush()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise NodeStopped(f"node {self.id} is not running")
+
+    async def _call(self, fn, *args):
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _enqueue(self, datas: list[bytes], batch: bool) -> asyncio.Future:
+        self._check_running()
+        if self.engine.role != Role.LEADER:
+            raise self.engine.not_leader()
+        while self._pending_count >= self.config.max_pending_proposals:
+            if not self.config.overload_wait:
+                raise Overloaded(f"{self._pending_count} proposals pending; retry later")
+            self._capacity.clear()
+            try:
+                await asyncio.wait_for(self._capacity.wait(), self.config.overload_wait)
+            except asyncio.TimeoutError:
+                raise Overloaded(
+                    f"{self._pending_count} proposals still pending after "
+                    f"{self.config.overload_wait}s; the cluster is not keeping up") from None
+            self._check_running()
+            if self.engine.role != Role.LEADER:
+                raise self.engine.not_leader()
+        fut = self._loop.create_future()
+        self._buffered.extend(datas)
+        self._buffered_proposals.append((len(datas), fut, batch))
+        self._pending_count += len(datas)
+        self._schedule_flush()
+        return fut
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._running:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._running:
+            return
+        if self._buffered:
+            datas, proposals = self._buffered, self._buffered_proposals
+            self._buffered, self._buffered_proposals = [], []
+            try:
+                index = self.engine.propose(datas)
+            except NotLeader as exc:
+                for n, fut, _ in proposals:
+                    self._pending_count -= n
+                    _fail(fut, exc)
+                self._capacity.set()
+            else:
+                for n, fut, batch in proposals:
+                    self._proposals.append(_Proposal(index, index + n - 1, fut, batch))
+                    index += n
+        self._run(self.engine.take_commands())
+
+    def _run(self, commands: list) -> None:
+        """Execute engine commands in order (see the module docstring)."""
+        ops: list = []
+        held: list = []
+        outbox: dict[int, list] = {}
+        for c in commands:
+            t = type(c)
+            if t is Send:
+                if requires_durability(c.message) and (ops or self._writes):
+                    held.append(c)
+                else:
+                    box = outbox.get(c.to)
+                    if box is None:
+                        outbox[c.to] = [c.message]
+                    else:
+                        box.append(c.message)
+            elif t is AppendLog or t is TruncateLog or t is PersistHardState:
+                ops.append(c)
+            elif t is Apply:
+                self._apply_queue.append(c.entries)
+                self._committed_index = c.entries[-1].index
+                self._apply_wakeup.set()
+            elif t is SetTimer:
+                self._set_timer(c.timer, c.delay)
+            elif t is CancelTimer:
+                self._timer_deadlines[c.timer] = None
+            elif t is RoleChanged:
+                self._on_role_changed(c)
+            elif t is ReadReady:
+                self._read_ready(c.request_id, c.read_index)
+            elif t is ReadFailed:
+                fut = self._reads.get(c.request_id)
+                if fut is not None:
+                    _fail(fut, NotLeader(c.leader_id,
+                                         self.engine.membership.addresses.get(c.leader_id)))
+        send = self.network.send
+        for to, msgs in outbox.items():
+            send(to, msgs)
+        if ops:
+            self._writes.append([ops, held])
+            if self._write_task is None:
+                self._write_task = self._loop.create_task(self._write_loop())
+        elif held:
+            self._writes[-1][1].extend(held)
+
+    async def _write_loop(self) -> None:
+        """Make write batches durable one at a time; batches that queue up behind a write
+        in progress are merged into the next one (group commit)."""
+        try:
+            while self._writes:
+                batch = self._writes[0]
+                while len(self._writes) > 1:
+                    ops, held = self._writes.pop()
+                    # merge the newest into the one in front, keeping order
+                    self._writes[-1][0].extend(ops)
+                    self._writes[-1][1].extend(held)
+                last = await self._execute_writes(batch[0])
+                self._writes.popleft()
+                if not self._running:
+                    return
+                if last is not None:
+                    self.engine.log_persisted(last.index, last.term)
+                by_peer: dict[int, list] = {}
+                for s in batch[1]:
+                    by_peer.setdefault(s.to, []).append(s.message)
+                for to, msgs in by_peer.items():
+                    self.network.send(to, msgs)
+                self._run(self.engine.take_commands())
+        except Exception:
+            log.exception("node %d: storage write failed; stopping the node", self.id)
+            self._loop.create_task(self.stop())
+        finally:
+            self._write_task = None
+
+    async def _execute_writes(self, ops: list) -> Entry | None:
+        """Run one batch of writes; returns the last entry appended, if any."""
+        pending: list[Entry] = []
+        last_entry = None
+        hard_state = None
+        for op in ops:
+            t = type(op)
+            if t is AppendLog:
+                pending.extend(op.entries)
+            elif t is TruncateLog:
+                if pending:
+                    await self._store_append(pending)
+                    pending = []
+                r = self._truncate(op.index)
+                if self._truncate_async:
+                    await r
+                last_entry = None
+            else:
+                hard_state = op.hard_state
+        if pending:
+            await self._store_append(pending)
+            last_entry = pending[-1]
+        if hard_state is not None:
+            r = self._save_hs(hard_state)
+            if self._save_hs_async:
+                await r
+        return last_entry
+
+    async def _store_append(self, entries: list[Entry]) -> None:
+        r = self._append(entries)
+        if self._append_async:
+            await r
+
+    async def _wait_durable(self) -> None:
+        while self._writes or self._flush_scheduled:
+            await asyncio.sleep(0)
+            if self._write_task is not None:
+                await asyncio.shield(self._write_task)
+
+    def _set_timer(self, timer: Timer, delay: float) -> None:
+        loop = self._loop
+        deadline = loop.time() + delay
+        self._timer_deadlines[timer] = deadline
+        handle = self._timer_handles.get(timer)
+        if handle is None or self._timer_fires_at[timer] > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timer_handles[timer] = loop.call_at(deadline, self._on_timer, timer)
+            self._timer_fires_at[timer] = deadline
+        # else the armed handle fires earlier and re-arms itself for the rest
+
+    def _on_timer(self, timer: Timer) -> None:
+        self._timer_handles[timer] = None
+        deadline = self._timer_deadlines.get(timer)
+        if deadline is None or not self._running:
+            return
+        loop = self._loop
+        if loop.time() < deadline:
+            self._timer_handles[timer] = loop.call_at(deadline, self._on_timer, timer)
+            self._timer_fires_at[timer] = deadline
+            return
+        self._timer_deadlines[timer] = None
+        self.engine.on_timer(timer)
+        self._schedule_flush()
+
+    def _on_role_changed(self, c: RoleChanged) -> None:
+        if c.leader_id is not None:
+            self._leader_known.set()
+        if c.role != Role.LEADER and self._proposals:
+            # Entries up to the commit index will still be applied and answered; the fate
+            # of the rest is unknown (a later leader may or may not commit them).
+            dropped = ProposalDropped(
+                f"node {self.id} lost leadership (term {c.term}) before the entry committed; "
+                "it may or may not be committed")
+            keep: deque[_Proposal] = deque()
+            for p in self._proposals:
+                if p.last <= c.commit_index:
+                    keep.append(p)
+                else:
+                    self._pending_count -= p.last - p.first + 1
+                    _fail(p.future, dropped)
+            self._proposals = keep
+            self._capacity.set()
+        if c.role != Role.LEADER and self._buffered_proposals:
+            exc = NotLeader(c.leader_id, self.engine.membership.addresses.get(c.leader_id))
+            for n, fut, _ in self._buffered_proposals:
+                self._pending_count -= n
+                _fail(fut, exc)
+            self._buffered, self._buffered_proposals = [], []
+            self._capacity.set()
+
+    def _read_ready(self, request_id: int, read_index: int) -> None:
+        fut = self._reads.get(request_id)
+        if fut is None or fut.done():
+            return
+        if self.applied_index >= read_index:
+            fut.set_result(read_index)
+        else:
+            self._read_waiters.append((read_index, fut))
+
+    async def _apply_loop(self) -> None:
+        queue = self._apply_queue
+        while True:
+            if not queue:
+                self._apply_wakeup.clear()
+                await self._apply_wakeup.wait()
+                continue
+            entries = queue.popleft()
+            while queue and len(entries) < 65536:
+                entries = entries + queue.popleft()
+            try:
+                await self._apply_batch(entries)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("node %d: state machine apply failed at entries %d..%d; "
+                              "stopping the node", self.id, entries[0].index, entries[-1].index)
+                self._loop.create_task(self.stop())
+                return
+
+    async def _apply_batch(self, entries: list[Entry]) -> None:
+        if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0 or \
+                kernels.index_of_kind(entries, EntryKind.NOOP) >= 0:
+            user = [e for e in entries if e.kind == _NORMAL]
+            for e in entries:
+                if e.kind == EntryKind.CONFIG:
+                    self.network.set_peers(dict(decode_membership(e.data).addresses))
+        else:
+            user = entries
+        results: Sequence[Any] = ()
+        if user:
+            results = self._sm_apply(user)
+            if self._sm_apply_async:
+                results = await results
+            if len(results) != len(user):
+                raise TypeError(f"state machine returned {len(results)} results for "
+                                f"{len(user)} entries")
+        self.applied_index = entries[-1].index
+        if self._proposals:
+            self._resolve(user, results)
+        if self._read_waiters:
+            ready = [w for w in self._read_waiters if w[0] <= self.applied_index]
+            self._read_waiters = [w for w in self._read_waiters if w[0] > self.applied_index]
+            for read_index, fut in ready:
+                if not fut.done():
+                    fut.set_result(read_index)
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _resolve(self, user: list[Entry], results: Sequence[Any]) -> None:
+        """Hand results to the proposals whose entries this batch applied, in order."""
+        applied = self.applied_index
+        proposals = self._proposals
+        if user and user[-1].index - user[0].index == len(user) - 1:
+            position = None  # contiguous: an entry's result is at index - base
+            base, top = user[0].index, user[-1].index
+        else:
+            position = {e.index: k for k, e in enumerate(user)}
+            base, top = 0, -1
+        freed = 0
+        while proposals and proposals[0].first <= applied:
+            p = proposals[0]
+            if position is None:
+                lo, hi = max(p.first, base), min(p.last, top)
+                if lo <= hi:
+                    p.results.extend(results[lo - base:hi - base + 1])
+            else:
+                p.results.extend(results[position[i]] for i in range(p.first, p.last + 1)
+                                 if i in position)
+            if p.last > applied:
+                break  # the rest of this proposal commits in a later batch
+            proposals.popleft()
+            freed += p.last - p.first + 1
+            if not p.future.done():
+                p.future.set_result(p.results if p.batch else p.results[0])
+        if freed:
+            self._pending_count -= freed
+            self._capacity.set()
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,130 @@
+"""The storage hook: where a node keeps its hard state, log and snapshots.
+
+Implement ``RaftStorage`` to put fastraft's log in your own storage engine. Every method
+may be a plain function or a coroutine; the node checks each once at start-up. A mutating
+method's effect must be durable when it returns (or its awaitable completes): the node
+sends votes and acknowledgements only after that (Raft, Figure 2). The node issues one
+``append_entries`` per event-loop iteration covering every entry that arrived in it, so
+one durable write serves many proposals (group commit).
+
+``MemoryStorage`` is the built-in for tests and benchmarks: nothing survives the process,
+but it survives ``RaftNode.stop()`` and a new node on the same object is a restart.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+from fastraft import kernels
+from fastraft.errors import StorageCorruption
+from fastraft.messages import Entry, HardState, Membership
+
+
+class SnapshotMeta(msgspec.Struct, frozen=True):
+    """What a snapshot covers: the log up to ``last_included_index`` (§7)."""
+
+    last_included_index: int
+    last_included_term: int
+    membership: Membership
+
+
+class StorageState(msgspec.Struct, kw_only=True):
+    """What ``RaftStorage.load_state`` returns. ``first_index .. last_index`` are the log
+    entries held (``last_index < first_index`` when there are none)."""
+
+    hard_state: HardState = msgspec.field(default_factory=HardState)
+    snapshot: SnapshotMeta | None = None
+    first_index: int = 1
+    last_index: int = 0
+
+
+@runtime_checkable
+class RaftStorage(Protocol):
+    def load_state(self) -> StorageState: ...
+
+    def append_entries(self, entries: list[Entry]) -> None:
+        """Append ``entries``; the first follows the current last entry."""
+
+    def truncate_suffix(self, index: int) -> None:
+        """Delete entries ``index`` and after (a conflicting suffix)."""
+
+    def compact_prefix(self, index: int) -> None:
+        """Delete entries up to ``index`` (covered by a snapshot)."""
+
+    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        """Entries ``lo .. hi - 1``, stopping early (after at least one) past ``max_bytes``."""
+
+    def save_hard_state(self, hard_state: HardState) -> None: ...
+
+    def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None: ...
+
+    def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None: ...
+
+
+class MemoryStorage:
+    """``RaftStorage`` in memory. Not durable across processes; for tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self._entries: list[Entry] = []
+        self._offset = 0  # index of the entry before _entries[0]
+        self._snapshot: tuple[SnapshotMeta, bytes] | None = None
+
+    def load_state(self) -> StorageState:
+        return StorageState(hard_state=self.hard_state,
+                            snapshot=self._snapshot[0] if self._snapshot else None,
+                            first_index=self._offset + 1,
+                            last_index=self._offset + len(self._entries))
+
+    def append_entries(self, entries: list[Entry]) -> None:
+        expected = self._offset + len(self._entries) + 1
+        if entries and entries[0].index != expected:
+            raise StorageCorruption(
+                f"append of entry {entries[0].index} to a log that ends at {expected - 1}")
+        self._entries.extend(entries)
+
+    def truncate_suffix(self, index: int) -> None:
+        del self._entries[max(0, index - self._offset - 1):]
+
+    def compact_prefix(self, index: int) -> None:
+        if index > self._offset:
+            del self._entries[:index - self._offset]
+            self._offset = index
+
+    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        out = self._entries[lo - self._offset - 1:hi - self._offset - 1]
+        if max_bytes is not None and len(out) > 1:
+            out = out[:kernels.count_within_bytes(out, max_bytes)]
+        return out
+
+    def save_hard_state(self, hard_state: HardState) -> None:
+        self.hard_state = hard_state
+
+    def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None:
+        self._snapshot = (meta, bytes(data))
+
+    def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
+        return self._snapshot
+
+
+class AsyncMemoryStorage(MemoryStorage):
+    """The same store behind coroutine methods: what an async storage engine looks like."""
+
+    async def append_entries(self, entries: list[Entry]) -> None:  # type: ignore[override]
+        MemoryStorage.append_entries(self, entries)
+
+    async def truncate_suffix(self, index: int) -> None:  # type: ignore[override]
+        MemoryStorage.truncate_suffix(self, index)
+
+    async def save_hard_state(self, hard_state: HardState) -> None:  # type: ignore[override]
+        MemoryStorage.save_hard_state(self, hard_state)
+
+    async def read_entries(self, lo: int, hi: int,  # type: ignore[override]
+                           max_bytes: int | None = None) -> list[Entry]:
+        return MemoryStorage.read_entries(self, lo, hi, max_bytes)
+
+    async def load_state(self) -> StorageState:  # type: ignore[override]
+        return MemoryStorage.load_state(self)
+
+

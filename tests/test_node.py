@@ -1,0 +1,245 @@
+"""RaftNode end to end, in one process over the in-memory network."""
+import asyncio
+
+import pytest
+
+from fastraft import kv
+from fastraft.config import Config
+from fastraft.errors import (
+    AlreadyInitialized,
+    ConfigError,
+    NodeStopped,
+    NotLeader,
+    Overloaded,
+    ProposalDropped,
+)
+from fastraft.node import RaftNode
+from fastraft.storage import AsyncMemoryStorage, MemoryStorage
+from fastraft.testing import LocalCluster, wait_until
+from fastraft.transport import MemoryHub
+
+from aio import run
+
+FAST = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01)
+
+
+class Recorder:
+    """State machine that records what it applied, in order."""
+
+    def __init__(self):
+        self.applied = []
+
+    def apply(self, entries):
+        self.applied.extend((e.index, bytes(e.data)) for e in entries)
+        return [e.index for e in entries]
+
+    def snapshot(self):
+        return b""
+
+    def restore(self, data):
+        self.applied = []
+
+
+class AsyncRecorder(Recorder):
+    async def apply(self, entries):
+        await asyncio.sleep(0)
+        return Recorder.apply(self, entries)
+
+
+@pytest.mark.parametrize("storage", [MemoryStorage, AsyncMemoryStorage])
+@pytest.mark.parametrize("sm", [Recorder, AsyncRecorder])
+@run
+async def test_replicates_to_every_node_sync_and_async_hooks(storage, sm):
+    async with LocalCluster(3, state_machine=sm, storage=storage, config=FAST) as c:
+        leader = await c.leader()
+        results = await asyncio.gather(*[leader.propose(b"w%d" % k) for k in range(200)])
+        assert results == sorted(results) and len(set(results)) == 200
+        batch = await leader.propose_batch([b"b1", b"b2", b"b3"])
+        assert batch == [results[-1] + 1, results[-1] + 2, results[-1] + 3]
+        await wait_until(lambda: all(n.applied_index >= batch[-1] for n in c.nodes.values()))
+        expected = [(i, b"w%d" % k) for k, i in enumerate(results)]
+        for sm_ in c.state_machines.values():
+            assert sm_.applied[:200] == expected
+            assert [d for _, d in sm_.applied[200:]] == [b"b1", b"b2", b"b3"]
+
+
+@run
+async def test_follower_redirects_with_leader_address():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        await wait_until(lambda: follower.engine.leader_id == leader.id)
+        with pytest.raises(NotLeader) as info:
+            await follower.propose(b"x")
+        assert info.value.leader_id == leader.id
+        assert info.value.leader_address == f"local:{leader.id}"
+
+
+@run
+async def test_failover_keeps_every_acknowledged_write():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        acked = {}
+        for k in range(50):
+            acked[f"k{k}"] = await leader.propose(kv.put(f"k{k}", b"v%d" % k))
+        old = leader.id
+        c.hub.isolate(old)
+        new = await c.leader(exclude={old})
+        assert new.id != old
+        for k in range(50, 100):
+            acked[f"k{k}"] = await new.propose(kv.put(f"k{k}", b"v%d" % k))
+        # the old leader, cut off, cannot commit anything: its proposals fail, never hang
+        with pytest.raises((ProposalDropped, NotLeader)):
+            await asyncio.wait_for(c.nodes[old].propose(kv.put("lost", b"x")), 5)
+        c.hub.heal()
+        await wait_until(lambda: c.nodes[old].applied_index >= new.applied_index)
+        for sm in c.state_machines.values():
+            for key, version in acked.items():
+                assert sm.versions[key] == version
+            assert "lost" not in sm.data
+
+
+@run
+async def test_restart_with_storage_rebuilds_state_machine():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        for k in range(30):
+            await leader.propose(kv.put(f"k{k}", b"v"))
+        follower_id = next(i for i in c.nodes if i != leader.id)
+        await wait_until(lambda: c.nodes[follower_id].applied_index >= leader.applied_index)
+        node = await c.restart(follower_id)
+        await wait_until(lambda: node.applied_index >= leader.applied_index)
+        assert c.state_machines[follower_id].data == c.state_machines[leader.id].data
+        # and it keeps up with new writes after the restart
+        v = await leader.propose(kv.put("after", b"restart"))
+        await wait_until(lambda: node.applied_index >= v)
+        assert c.state_machines[follower_id].get("after") == b"restart"
+
+
+@run
+async def test_restart_the_whole_cluster():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        last = 0
+        for k in range(20):
+            last = await leader.propose(kv.put(f"k{k}", b"v"))
+        for i in list(c.nodes):
+            await c.nodes[i].stop()
+        for i in list(c.nodes):
+            c.nodes[i] = c._make(i)
+            await c.nodes[i].start()
+        leader = await c.leader()
+        await wait_until(lambda: leader.applied_index >= last)
+        assert len(c.state_machines[leader.id].data) == 20
+
+
+@run
+async def test_read_index_is_linearizable_from_any_node():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        for node in c.nodes.values():
+            await wait_until(lambda: node.engine.leader_id == leader.id)
+        for k in range(20):
+            version = await leader.propose(kv.put("x", b"%d" % k))
+            for node in c.nodes.values():
+                # a read that starts after the write was acknowledged must see it
+                index = await node.read_index()
+                assert index >= version
+                assert node.applied_index >= version
+                assert c.state_machines[node.id].get("x") == b"%d" % k
+
+
+@run
+async def test_read_index_without_leader_raises_not_leader():
+    hub = MemoryHub()
+    node = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    with pytest.raises(NotLeader):
+        await node.read_index()
+    await node.stop()
+
+
+@run
+async def test_back_pressure_raises_overloaded_instead_of_growing():
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 max_pending_proposals=10, overload_wait=0.2, check_quorum=False)
+    async with LocalCluster(3, state_machine=Recorder, config=cfg) as c:
+        leader = await c.leader()
+        others = [n.id for n in c.nodes.values() if n is not leader]
+        c.hub.partition({leader.id}, set(others))  # nothing can commit
+        tasks = [asyncio.ensure_future(leader.propose(b"x")) for _ in range(10)]
+        await wait_until(lambda: leader._pending_count == 10)
+        with pytest.raises(Overloaded):
+            await leader.propose(b"one too many")
+        assert leader._pending_count == 10
+        c.hub.heal()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+
+
+@run
+async def test_stop_fails_everything_pending_and_nothing_hangs():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        c.hub.isolate(leader.id)
+        pending = [asyncio.ensure_future(leader.propose(b"x")) for _ in range(5)]
+        await asyncio.sleep(0)
+        await leader.stop()
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(r, (NodeStopped, ProposalDropped)) for r in results)
+        with pytest.raises(NodeStopped):
+            await leader.propose(b"y")
+
+
+@run
+async def test_initialize_is_idempotent_and_refuses_other_state():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        node = c.nodes[1]
+        await node.initialize(c.members)  # same members: nothing happens
+        with pytest.raises(AlreadyInitialized):
+            await node.initialize({1: "local:1"})
+
+
+@run
+async def test_single_node_cluster_and_status():
+    hub = MemoryHub()
+    node = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1"})
+    assert await node.wait_for_leader(5) == 1
+    await wait_until(lambda: node.is_leader)
+    assert await node.propose(b"solo") >= 2
+    st = node.status()
+    assert st["role"] == "leader" and st["leader_id"] == 1 and st["commit_index"] >= 3
+    assert st["membership"]["voters"] == [1]
+    await node.stop()
+
+
+@run
+async def test_committed_iterator_replays_and_follows():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        first = await leader.propose(b"a")
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        seen = []
+
+        async def consume():
+            async for e in follower.committed(first):
+                seen.append(bytes(e.data))
+                if len(seen) == 3:
+                    return
+        task = asyncio.ensure_future(consume())
+        await leader.propose(b"b")
+        await leader.propose(b"c")
+        await asyncio.wait_for(task, 10)
+        assert seen == [b"a", b"b", b"c"]
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="heartbeat"):
+        Config(heartbeat_interval=1.0)
+    with pytest.raises(ConfigError):
+        Config(election_timeout_min=0.3, election_timeout_max=0.2)
+    with pytest.raises(ConfigError):
+        Config(max_inflight_messages=0)

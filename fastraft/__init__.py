@@ -1,0 +1,28 @@
+"""fastraft: a fast Raft consensus engine for Python."""
+from fastraft.config import Config
+from fastraft.errors import (
+    AlreadyInitialized,
+    ConfigError,
+    DecodeError,
+    FastRaftError,
+    MembershipChangeInProgress,
+    NodeStopped,
+    NotLeader,
+    Overloaded,
+    ProposalDropped,
+    StorageCorruption,
+)
+from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.node import RaftNode
+from fastraft.statemachine import StateMachine
+from fastraft.storage import MemoryStorage, RaftStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "RaftNode", "RaftStorage", "MemoryStorage", "StateMachine",
+    "Entry", "EntryKind", "HardState", "Membership",
+    "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError",
+    "MembershipChangeInProgress", "NodeStopped", "NotLeader", "Overloaded",
+    "ProposalDropped", "StorageCorruption",
+]

@@ -1,0 +1,117 @@
+"""The ``fastraft`` command: ``demo``, ``node`` and ``status``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+from fastraft.errors import ConfigError
+
+
+def parse_cluster(spec: str) -> dict[int, str]:
+    """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}."""
+    members = {}
+    for part in spec.split(","):
+        node_id, sep, address = part.strip().partition("=")
+        if not sep or not node_id.isdigit() or ":" not in address:
+            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT")
+        members[int(node_id)] = address
+    return members
+
+
+def run_loop(coro):
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def serve_node(args) -> None:
+    from fastraft import kv
+    from fastraft.config import Config
+    from fastraft.kvservice import KVServer
+    from fastraft.node import RaftNode
+    from fastraft.storage import MemoryStorage
+    from fastraft.transport.tcp import TcpNetwork, parse_address
+
+    cluster = parse_cluster(args.cluster)
+    if args.id not in cluster:
+        raise ConfigError(f"--id {args.id} is not in --cluster")
+    if args.data_dir:
+        from fastraft.filestorage import FileStorage
+        storage = FileStorage(args.data_dir)
+    else:
+        storage = MemoryStorage()
+    store = kv.KVStore()
+    node = RaftNode(args.id, storage=storage, state_machine=store, config=Config(),
+                    network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id))
+    await node.start()
+    if args.init:
+        await node.initialize(cluster)
+    loop = asyncio.get_running_loop()
+    host, port = parse_address(args.client)
+    server = await loop.create_server(lambda: KVServer(node, store), host, port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"node {args.id} ready: raft {cluster[args.id]}, clients {args.client}", flush=True)
+    await stop.wait()
+    server.close()
+    await node.stop()
+    close = getattr(storage, "close", None)
+    if close is not None:
+        close()
+
+
+async def show_status(args) -> None:
+    from fastraft.kvservice import KVClient
+    client = await KVClient.connect(args.address)
+    status = await client.status()
+    client.close()
+    print(json.dumps(status, indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fastraft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run a local cluster, write, read, kill the leader")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--seconds", type=float, default=8.0,
+                      help="seconds of writes (half before, half after the leader is killed)")
+    demo.add_argument("--inflight", type=int, default=256, help="concurrent writes")
+    demo.add_argument("--data-dir", help="keep each node's log in DIR/node-N (FileStorage)")
+
+    node = sub.add_parser("node", help="run one KV node")
+    node.add_argument("--id", type=int, required=True)
+    node.add_argument("--cluster", required=True, help="1=HOST:PORT,2=HOST:PORT,...")
+    node.add_argument("--client", required=True, help="HOST:PORT for KV clients")
+    node.add_argument("--data-dir", help="durable storage directory (default: memory)")
+    node.add_argument("--cluster-id", default="fastraft")
+    node.add_argument("--init", action="store_true",
+                      help="form the cluster from --cluster if this node is fresh")
+    node.add_argument("--log-level", default="WARNING")
+
+    status = sub.add_parser("status", help="print a node's status")
+    status.add_argument("--address", required=True, help="the node's client HOST:PORT")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            from fastraft.demo import run_demo
+            sys.exit(run_demo(args))
+        elif args.command == "node":
+            logging.basicConfig(level=args.log_level.upper(),
+                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            run_loop(serve_node(args))
+        else:
+            run_loop(show_status(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except (ConnectionError, OSError) as exc:
+        print(f"fastraft: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,193 @@
+"""A client port for a KV node: what ``fastraft node`` serves and ``fastraft demo`` drives.
+
+Frames are ``u32 length | msgpack body``; a client pipelines many requests on one
+connection, each with an id echoed in its response. ``get`` is linearizable: it waits for
+``read_index`` (on a follower, the leader confirms) before reading the local state.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from typing import Any
+
+import msgspec
+
+from fastraft import kv
+from fastraft.errors import DecodeError, FastRaftError, NotLeader
+from fastraft.transport.tcp import parse_address
+
+log = logging.getLogger("fastraft.kvservice")
+_LEN = struct.Struct("<I")
+MAX_FRAME = 16 << 20
+
+
+class Request(msgspec.Struct, array_like=True):
+    id: int
+    op: str  # "put" | "get" | "status"
+    key: str = ""
+    value: bytes = b""
+
+
+class Response(msgspec.Struct, array_like=True):
+    id: int
+    ok: bool
+    value: bytes | None = None
+    version: int = 0
+    error: str = ""
+    leader: int | None = None
+    status: dict[str, Any] | None = None
+
+
+_req_dec = msgspec.msgpack.Decoder(list[Request])
+_resp_dec = msgspec.msgpack.Decoder(list[Response])
+_enc = msgspec.msgpack.Encoder()
+
+
+def _split_frames(buffer: bytes, data: bytes) -> tuple[list[memoryview], bytes]:
+    if buffer:
+        data = buffer + data
+    frames = []
+    pos, size = 0, len(data)
+    view = memoryview(data)
+    while size - pos >= 4:
+        (n,) = _LEN.unpack_from(data, pos)
+        if n > MAX_FRAME:
+            raise DecodeError(f"frame of {n} bytes exceeds {MAX_FRAME}")
+        if size - pos - 4 < n:
+            break
+        frames.append(view[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return frames, data[pos:]
+
+
+class _Writer:
+    """Coalesces responses (or requests) of one loop iteration into one frame."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.pending: list = []
+        self.scheduled = False
+
+    def push(self, item) -> None:
+        self.pending.append(item)
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.pending and not self.transport.is_closing():
+            body = _enc.encode(self.pending)
+            self.transport.writelines((_LEN.pack(len(body)), body))
+        self.pending = []
+
+
+class KVServer(asyncio.Protocol):
+    def __init__(self, node, store: kv.KVStore) -> None:
+        self.node = node
+        self.store = store
+        self.buffer = b""
+        self.writer: _Writer | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.writer = _Writer(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames, self.buffer = _split_frames(self.buffer, data)
+            for frame in frames:
+                for req in _req_dec.decode(frame):
+                    asyncio.ensure_future(self._handle(req))
+        except (DecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("closing client connection: %s", exc)
+            self.transport.close()
+
+    async def _handle(self, req: Request) -> None:
+        try:
+            if req.op == "put":
+                version = await self.node.propose(kv.put(req.key, req.value))
+                resp = Response(req.id, True, version=version)
+            elif req.op == "get":
+                await self.node.read_index()
+                resp = Response(req.id, True, self.store.get(req.key),
+                                self.store.versions.get(req.key, 0))
+            elif req.op == "status":
+                resp = Response(req.id, True, status=self.node.status())
+            else:
+                resp = Response(req.id, False, error=f"unknown op {req.op!r}")
+        except NotLeader as exc:
+            resp = Response(req.id, False, error="not_leader", leader=exc.leader_id)
+        except FastRaftError as exc:
+            resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")
+        self.writer.push(resp)
+
+
+class ClientError(Exception):
+    def __init__(self, error: str, leader: int | None = None):
+        super().__init__(error if leader is None else f"{error} (leader {leader})")
+        self.error = error
+        self.leader = leader
+
+
+class KVClient(asyncio.Protocol):
+    """Pipelined client of one node's client port."""
+
+    @classmethod
+    async def connect(cls, address: str, timeout: float = 5.0) -> KVClient:
+        host, port = parse_address(address)
+        loop = asyncio.get_running_loop()
+        _, client = await asyncio.wait_for(loop.create_connection(cls, host, port), timeout)
+        client.address = address
+        return client
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.buffer = b""
+        self.next_id = 0
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.writer = _Writer(transport)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        for fut in self.waiting.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"connection to {self.address} lost"))
+        self.waiting.clear()
+
+    def data_received(self, data: bytes) -> None:
+        frames, self.buffer = _split_frames(self.buffer, data)
+        for frame in frames:
+            for resp in _resp_dec.decode(frame):
+                fut = self.waiting.pop(resp.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+
+    async def request(self, op: str, key: str = "", value: bytes = b"") -> Response:
+        if self.closed:
+            raise ConnectionError(f"connection to {self.address} is closed")
+        self.next_id += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[self.next_id] = fut
+        self.writer.push(Request(self.next_id, op, key, value))
+        resp = await fut
+        if not resp.ok:
+            raise ClientError(resp.error, resp.leader)
+        return resp
+
+    async def put(self, key: str, value: bytes) -> int:
+        return (await self.request("put", key, value)).version
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.request("get", key)).value
+
+    async def status(self) -> dict:
+        return (await self.request("status")).status
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,75 @@
+"""``ProcessCluster``: ``fastraft node`` processes on 127.0.0.1, for demos and tests.
+
+Only processes it started are ever signalled, by their pid; ``stop_all`` ends them all.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class ProcessCluster:
+    def __init__(self, n: int, workdir: str, data_dir: str | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        ports = free_ports(2 * n)
+        self.ids = list(range(1, n + 1))
+        self.raft = {i: f"127.0.0.1:{ports[i - 1]}" for i in self.ids}
+        self.client = {i: f"127.0.0.1:{ports[n + i - 1]}" for i in self.ids}
+        self.workdir = workdir
+        self.data_dir = data_dir
+        self.extra_args = extra_args or []
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def start(self, i: int) -> None:
+        cmd = [sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
+               "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
+               "--client", self.client[i], *self.extra_args]
+        if self.data_dir:
+            cmd += ["--data-dir", os.path.join(self.data_dir, f"node-{i}")]
+        with open(os.path.join(self.workdir, f"node-{i}.log"), "ab") as logf:
+            self.procs[i] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
+
+    def start_all(self) -> None:
+        for i in self.ids:
+            self.start(i)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL node ``i`` (no chance to clean up), and reap it."""
+        proc = self.procs.pop(i, None)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def log(self, i: int) -> str:
+        with open(os.path.join(self.workdir, f"node-{i}.log"), errors="replace") as f:
+            return f.read()

@@ -1,0 +1,180 @@
+"""TcpNetwork on 127.0.0.1: delivery, coalescing, and hostile input closing only the bad
+connection while the node keeps serving."""
+import asyncio
+import logging
+import socket
+import struct
+
+import pytest
+
+from fastraft import kv
+from fastraft.config import Config
+from fastraft.messages import AppendEntries, Entry, RequestVote
+from fastraft.node import RaftNode
+from fastraft.storage import MemoryStorage
+from fastraft.testing import wait_until
+from fastraft.transport.tcp import Hello, TcpNetwork, _hello_encoder
+from fastraft.wire import encode_messages
+
+from aio import run
+
+FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+
+
+class Sink:
+    def __init__(self):
+        self.got = []
+
+    def receive(self, frm, messages):
+        self.got.extend((frm, m) for m in messages)
+
+
+async def pair(cluster_b="fastraft"):
+    a = TcpNetwork(1, "127.0.0.1:0")
+    b = TcpNetwork(2, "127.0.0.1:0", cluster_id=cluster_b)
+    sa, sb = Sink(), Sink()
+    await a.start(sa)
+    await b.start(sb)
+    a.set_peers({2: b.listen})
+    b.set_peers({1: a.listen})
+    return a, b, sa, sb
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body
+
+
+def hello(cluster="fastraft", node=9) -> bytes:
+    return frame(_hello_encoder.encode(Hello(cluster, node)))
+
+
+async def raw_connection(port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return reader, writer
+
+
+@run
+async def test_messages_arrive_coalesced_with_entries_as_views():
+    a, b, sa, sb = await pair()
+    msgs = [AppendEntries(1, 1, 0, 0, [Entry(1, 1, 0, b"x" * 100)], 0), RequestVote(1, 1, 0, 0)]
+    for _ in range(50):
+        a.send(2, msgs)
+    await wait_until(lambda: len(sb.got) == 100)
+    assert a.stats["frames_out"] <= 3  # everything queued in one loop turn: one frame
+    frm, first = sb.got[0]
+    assert frm == 1 and first == msgs[0] and isinstance(first.entries[0].data, memoryview)
+    await a.stop()
+    await b.stop()
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00\x00\x00\x05garbage-bytes-that-are-not-msgpack",
+    frame(b"\xc1\xc1\xc1"),
+    frame(struct.pack("<I", 3) + b"\x93\x01\x02" + struct.pack("<I", 99)),  # truncated blob
+    struct.pack("<I", 1 << 30),  # oversized
+])
+@run
+async def test_malformed_frames_close_only_that_connection(payload, caplog):
+    a, b, sa, sb = await pair()
+    _, writer = await raw_connection(b.port)
+    writer.write(hello() + payload)
+    await writer.drain()
+    with caplog.at_level(logging.WARNING, logger="fastraft.transport.tcp"):
+        await wait_until(lambda: b.stats["bad_frames"] == 1)
+    assert "closing connection" in caplog.text
+    # the node keeps serving its real peer
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: len(sb.got) == 1)
+    assert sb.got == [(1, RequestVote(1, 1, 0, 0))]
+    writer.close()
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_truncated_frame_then_disconnect_delivers_nothing():
+    a, b, sa, sb = await pair()
+    _, writer = await raw_connection(b.port)
+    body = encode_messages([RequestVote(1, 1, 0, 0)])
+    writer.write(hello() + struct.pack("<I", len(body)) + body[:-3])
+    await writer.drain()
+    writer.close()
+    a.send(2, [RequestVote(7, 1, 0, 0)])
+    await wait_until(lambda: len(sb.got) == 1)
+    assert sb.got == [(1, RequestVote(7, 1, 0, 0))]
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_peer_of_another_cluster_is_refused(caplog):
+    a, b, sa, sb = await pair(cluster_b="other")
+    with caplog.at_level(logging.WARNING, logger="fastraft.transport.tcp"):
+        a.send(2, [RequestVote(1, 1, 0, 0)])
+        await wait_until(lambda: b.stats["refused"] >= 1)
+    assert "cluster 'fastraft', not 'other'" in caplog.text
+    assert sb.got == []
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_reconnects_after_peer_restart():
+    a, b, sa, sb = await pair()
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: len(sb.got) == 1)
+    port = b.port
+    await b.stop()
+    b2 = TcpNetwork(2, f"127.0.0.1:{port}")
+    sb2 = Sink()
+    await b2.start(sb2)
+
+    async def keep_sending():
+        while not sb2.got:
+            a.send(2, [RequestVote(2, 1, 0, 0)])
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(keep_sending(), 20)
+    assert sb2.got[0] == (1, RequestVote(2, 1, 0, 0))
+    await a.stop()
+    await b2.stop()
+
+
+@run
+async def test_unreachable_peer_costs_only_a_bounded_queue():
+    a = TcpNetwork(1, "127.0.0.1:0", max_queue_messages=100)
+    await a.start(Sink())
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    a.set_peers({2: f"127.0.0.1:{dead}"})
+    for _ in range(1000):
+        a.send(2, [RequestVote(1, 1, 0, 0)])
+    assert len(a._peers[2].pending) == 100 and a.stats["dropped"] == 900
+    await a.stop()
+
+
+@run
+async def test_three_nodes_over_tcp_in_one_loop():
+    nets = {i: TcpNetwork(i, "127.0.0.1:0") for i in (1, 2, 3)}
+    for net in nets.values():
+        await net.start(None)
+    members = {i: net.listen for i, net in nets.items()}
+    for net in nets.values():
+        await net.stop()
+    stores = {i: kv.KVStore() for i in nets}
+    nodes = {i: RaftNode(i, storage=MemoryStorage(), state_machine=stores[i], config=FAST,
+                         network=TcpNetwork(i, members[i])) for i in nets}
+    for n in nodes.values():
+        await n.start()
+    for n in nodes.values():
+        await n.initialize(members)
+    lid = await nodes[1].wait_for_leader(10)
+    leader = nodes[lid]
+    await wait_until(lambda: leader.is_leader, 10)
+    versions = await asyncio.gather(*[leader.propose(kv.put(f"k{k}", b"v")) for k in range(500)])
+    for n in nodes.values():
+        await n.read_index()
+        assert stores[n.id].versions["k499"] == versions[-1]
+    for n in nodes.values():
+        await n.stop()

@@ -76,16 +76,23 @@ async def _demo(args, cluster: ProcessCluster) -> int:
     leader = await _find_leader(clients, 30)
     print(f"  leader elected: node {leader} after {time.monotonic() - t0:.2f}s "
           f"(pids {', '.join(str(p.pid) for p in cluster.procs.values())})")
+    found = (await _statuses({leader: clients[leader]}))[leader]
+    if found["kv_keys"]:
+        await clients[leader].request("get", "")  # a read barrier: the leader is caught up
+        found = (await _statuses({leader: clients[leader]}))[leader]
+        print(f"  recovered from {args.data_dir}: {found['kv_keys']:,} keys, "
+              f"commit index {found['commit_index']:,}")
 
     stats = _Stats()
     state = {"leader": leader, "phase": "before crash", "unavailable_since": None,
              "failover": None}
     stop_at = time.monotonic() + args.seconds
+    run_tag = f"{int(time.time() * 1000) % 10**9:09d}"  # keys of earlier runs stay apart
     counter = iter(range(10**9))
 
     async def writer() -> None:
         while time.monotonic() < stop_at:
-            key = f"k{next(counter)}"
+            key = f"{run_tag}-{next(counter)}"
             client = clients.get(state["leader"])
             if client is None or client.closed:
                 await asyncio.sleep(0.01)
@@ -140,7 +147,7 @@ async def _demo(args, cluster: ProcessCluster) -> int:
 
     async def chaos() -> None:
         await asyncio.sleep(args.seconds / 2)
-        victim = state["leader"]
+        victim = state["leader"] = await _find_leader(clients, 30)  # the leader right now
         state["phase"] = f"killed leader {victim}"
         clients.pop(victim).close()
         state["unavailable_since"] = time.monotonic()

@@ -114,7 +114,9 @@ class KVServer(asyncio.Protocol):
                 resp = Response(req.id, True, self.store.get(req.key),
                                 self.store.versions.get(req.key, 0))
             elif req.op == "status":
-                resp = Response(req.id, True, status=self.node.status())
+                status = self.node.status()
+                status["kv_keys"] = len(self.store.data)
+                resp = Response(req.id, True, status=status)
             else:
                 resp = Response(req.id, False, error=f"unknown op {req.op!r}")
         except NotLeader as exc:

@@ -4,6 +4,7 @@ Only processes it started are ever signalled, by their pid; ``stop_all`` ends th
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,10 +28,25 @@ def free_ports(n: int) -> list[int]:
 class ProcessCluster:
     def __init__(self, n: int, workdir: str, data_dir: str | None = None,
                  extra_args: list[str] | None = None) -> None:
-        ports = free_ports(2 * n)
         self.ids = list(range(1, n + 1))
-        self.raft = {i: f"127.0.0.1:{ports[i - 1]}" for i in self.ids}
-        self.client = {i: f"127.0.0.1:{ports[n + i - 1]}" for i in self.ids}
+        layout = os.path.join(data_dir, "cluster.json") if data_dir else None
+        if layout and os.path.exists(layout):
+            # a restart: the stored membership names these addresses
+            with open(layout) as f:
+                saved = json.load(f)
+            if len(saved["raft"]) != n:
+                raise ValueError(f"{data_dir} holds a cluster of {len(saved['raft'])} nodes, "
+                                 f"not {n}")
+            self.raft = {int(k): v for k, v in saved["raft"].items()}
+            self.client = {int(k): v for k, v in saved["client"].items()}
+        else:
+            ports = free_ports(2 * n)
+            self.raft = {i: f"127.0.0.1:{ports[i - 1]}" for i in self.ids}
+            self.client = {i: f"127.0.0.1:{ports[n + i - 1]}" for i in self.ids}
+            if layout:
+                os.makedirs(data_dir, exist_ok=True)
+                with open(layout, "w") as f:
+                    json.dump({"raft": self.raft, "client": self.client}, f)
         self.workdir = workdir
         self.data_dir = data_dir
         self.extra_args = extra_args or []

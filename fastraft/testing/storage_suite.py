@@ -1,0 +1,156 @@
+"""A conformance suite for ``RaftStorage`` implementations (yours and ours).
+
+Each check is a coroutine function ``check(factory)`` where ``factory`` is a
+``StorageFactory``: ``new()`` returns an empty store and ``reopen(store)`` returns the same
+data as a restarted process would see it (close and open again; for an in-memory store, the
+same object). Sync and async storage methods are both accepted. Run all of them::
+
+    import asyncio
+    from fastraft.testing import storage_suite
+
+    asyncio.run(storage_suite.run_all(MyFactory()))
+
+or one pytest test per check::
+
+    @pytest.mark.parametrize("check", storage_suite.CHECKS, ids=lambda c: c.__name__)
+    def test_storage(check):
+        asyncio.run(check(MyFactory()))
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Protocol
+
+from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.storage import SnapshotMeta
+
+
+class StorageFactory(Protocol):
+    def new(self) -> Any: ...
+
+    def reopen(self, store: Any) -> Any: ...
+
+
+async def _do(result):
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def _entries(first: int, last: int, term: int, size: int = 10) -> list[Entry]:
+    return [Entry(term, i, EntryKind.NORMAL, b"%d:" % i + b"x" * size)
+            for i in range(first, last + 1)]
+
+
+def _plain(entries) -> list[tuple]:
+    return [(e.term, e.index, int(e.kind), bytes(e.data)) for e in entries]
+
+
+async def _read_all(store) -> list[tuple]:
+    st = await _do(store.load_state())
+    return _plain(await _do(store.read_entries(st.first_index, st.last_index + 1)))
+
+
+async def check_empty_store(factory: StorageFactory) -> None:
+    store = factory.new()
+    st = await _do(store.load_state())
+    assert st.hard_state == HardState(), st.hard_state
+    assert st.snapshot is None
+    assert (st.first_index, st.last_index) == (1, 0), (st.first_index, st.last_index)
+    assert await _do(store.load_snapshot()) is None
+    assert await _do(store.read_entries(1, 1)) == []
+
+
+async def check_append_and_read_ranges(factory: StorageFactory) -> None:
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 5, 1)))
+    await _do(store.append_entries(_entries(6, 6, 2)))
+    await _do(store.append_entries(_entries(7, 20, 3)))
+    st = await _do(store.load_state())
+    assert (st.first_index, st.last_index) == (1, 20)
+    assert await _read_all(store) == _plain(_entries(1, 5, 1) + _entries(6, 6, 2)
+                                            + _entries(7, 20, 3))
+    middle = await _do(store.read_entries(4, 9))
+    assert [e.index for e in middle] == [4, 5, 6, 7, 8]
+    assert [e.term for e in middle] == [1, 1, 2, 3, 3]
+    # a byte budget returns a prefix, and always at least one entry
+    entry_bytes = len(_entries(1, 1, 1)[0].data)
+    some = await _do(store.read_entries(1, 21, entry_bytes * 3))
+    assert [e.index for e in some] == [1, 2, 3]
+    one = await _do(store.read_entries(1, 21, 1))
+    assert [e.index for e in one] == [1]
+
+
+async def check_truncate_and_reappend(factory: StorageFactory) -> None:
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    await _do(store.truncate_suffix(7))  # in the middle of a batch
+    st = await _do(store.load_state())
+    assert st.last_index == 6
+    await _do(store.append_entries(_entries(7, 8, 2)))
+    await _do(store.truncate_suffix(20))  # beyond the end: nothing happens
+    assert await _read_all(store) == _plain(_entries(1, 6, 1) + _entries(7, 8, 2))
+    await _do(store.truncate_suffix(1))
+    assert (await _do(store.load_state())).last_index == 0
+    await _do(store.append_entries(_entries(1, 2, 3)))
+    assert await _read_all(store) == _plain(_entries(1, 2, 3))
+    store = factory.reopen(store)
+    assert await _read_all(store) == _plain(_entries(1, 2, 3))
+
+
+async def check_hard_state_round_trip(factory: StorageFactory) -> None:
+    store = factory.new()
+    for hs in (HardState(1, None, 0), HardState(5, 3, 2), HardState(6, None, 9)):
+        await _do(store.save_hard_state(hs))
+        assert (await _do(store.load_state())).hard_state == hs
+    store = factory.reopen(store)
+    assert (await _do(store.load_state())).hard_state == HardState(6, None, 9)
+
+
+async def check_snapshot_and_compaction(factory: StorageFactory) -> None:
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    await _do(store.append_entries(_entries(11, 30, 2)))
+    membership = Membership(voters=frozenset({1, 2, 3}), addresses={1: "a:1"})
+    meta = SnapshotMeta(12, 2, membership)
+    data = b"state-machine-bytes" * 100
+    await _do(store.save_snapshot(meta, data))
+    await _do(store.compact_prefix(12))
+    st = await _do(store.load_state())
+    # the compacted boundary keeps its term through the snapshot metadata
+    assert st.snapshot == meta and st.snapshot.last_included_term == 2
+    assert (st.first_index, st.last_index) == (13, 30)
+    assert [e.index for e in await _do(store.read_entries(13, 16))] == [13, 14, 15]
+    assert await _do(store.load_snapshot()) == (meta, data)
+    await _do(store.append_entries(_entries(31, 31, 3)))
+    store = factory.reopen(store)
+    st = await _do(store.load_state())
+    assert (st.first_index, st.last_index) == (13, 31) and st.snapshot == meta
+    assert await _read_all(store) == _plain(_entries(13, 30, 2) + _entries(31, 31, 3))
+    assert await _do(store.load_snapshot()) == (meta, data)
+
+
+async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
+    store = factory.new()
+    await _do(store.save_hard_state(HardState(3, 2, 7)))
+    batches = [_entries(1, 1, 1), _entries(2, 50, 2, size=100), _entries(51, 51, 3)]
+    for b in batches:
+        await _do(store.append_entries(b))
+    store = factory.reopen(store)
+    st = await _do(store.load_state())
+    assert st.hard_state == HardState(3, 2, 7)
+    assert await _read_all(store) == _plain([e for b in batches for e in b])
+    # and it keeps working after the reopen
+    await _do(store.append_entries(_entries(52, 52, 3)))
+    store = factory.reopen(store)
+    assert (await _do(store.load_state())).last_index == 52
+
+
+CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
+          check_hard_state_round_trip, check_snapshot_and_compaction,
+          check_reopen_preserves_everything]
+
+
+async def run_all(factory: StorageFactory) -> None:
+    for check in CHECKS:
+        await check(factory)

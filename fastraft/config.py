@@ -32,6 +32,15 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: down, so proposals to a partitioned leader fail instead of hanging.
     check_quorum: bool = True
 
+    #: Take a snapshot once this many entries were applied since the last one (0: only on
+    #: demand), keep this many entries behind it for followers that lag a little (§7),
+    #: and send snapshots in chunks of this many bytes, one chunk in flight per follower.
+    snapshot_interval: int = 100_000
+    snapshot_trailing_entries: int = 10_000
+    snapshot_chunk_bytes: int = 1 << 20
+    #: A learner is promoted only once within this many entries of the leader's log.
+    max_learner_lag: int = 1000
+
     def __post_init__(self) -> None:
         if not 0 < self.election_timeout_min < self.election_timeout_max:
             raise ConfigError(
@@ -43,8 +52,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
                 f"election_timeout_min ({self.election_timeout_min}), or followers will time "
                 "out while the leader is healthy")
         for name in ("max_entries_per_message", "max_bytes_per_message",
-                     "max_inflight_messages", "max_pending_proposals"):
+                     "max_inflight_messages", "max_pending_proposals",
+                     "snapshot_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("snapshot_interval", "snapshot_trailing_entries", "max_learner_lag"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.overload_wait < 0:
             raise ConfigError(f"overload_wait must be >= 0, got {self.overload_wait}")

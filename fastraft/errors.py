@@ -55,3 +55,7 @@ class AlreadyInitialized(FastRaftError):
 
 class MembershipChangeInProgress(FastRaftError):
     """Another membership change has not committed yet; wait for it, then retry."""
+
+
+class CatchUpTimeout(FastRaftError, TimeoutError):
+    """A learner did not catch up with the leader in time, so it was not promoted."""

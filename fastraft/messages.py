@@ -62,14 +62,25 @@ class Membership(msgspec.Struct, array_like=True, frozen=True):
         return node_id in self.voters or node_id in self.outgoing
 
 
+class SnapshotMeta(msgspec.Struct, array_like=True, frozen=True):
+    """What a snapshot covers: the log up to ``last_included_index`` (§7)."""
+
+    last_included_index: int
+    last_included_term: int
+    membership: Membership
+
+
 class RequestVote(msgspec.Struct, tag=1, array_like=True, gc=False):
-    """§5.2; with ``pre_vote`` the recipient only says whether it would vote (thesis §9.6)."""
+    """§5.2; with ``pre_vote`` the recipient only says whether it would vote (thesis §9.6).
+    ``leadership_transfer`` marks an election the old leader asked for (thesis §3.10):
+    voters then answer even while they still hear from that leader."""
 
     term: int
     candidate_id: int
     last_log_index: int
     last_log_term: int
     pre_vote: bool = False
+    leadership_transfer: bool = False
 
 
 class RequestVoteResponse(msgspec.Struct, tag=2, array_like=True, gc=False):
@@ -105,23 +116,24 @@ class AppendEntriesResponse(msgspec.Struct, tag=4, array_like=True, gc=False):
 
 
 class InstallSnapshot(msgspec.Struct, tag=5, array_like=True, gc=False):
-    """§7: one chunk of a snapshot, starting at byte ``offset``."""
+    """§7: one chunk of a snapshot, starting at byte ``offset``; ``done`` on the last."""
 
     term: int
     leader_id: int
-    last_included_index: int
-    last_included_term: int
-    membership: Membership
+    meta: SnapshotMeta
     offset: int
     data: bytes
     done: bool
 
 
 class InstallSnapshotResponse(msgspec.Struct, tag=6, array_like=True, gc=False):
+    """The follower holds the first ``next_offset`` bytes of snapshot
+    ``last_included_index`` (all of it, and installed, when ``done``)."""
+
     term: int
     last_included_index: int
     next_offset: int
-    success: bool = True
+    done: bool = False
 
 
 class TimeoutNow(msgspec.Struct, tag=7, array_like=True, gc=False):

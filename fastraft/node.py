@@ -28,6 +28,7 @@ from fastraft.engine import (
     AppendLog,
     Apply,
     CancelTimer,
+    CompactLog,
     Engine,
     InitialState,
     PersistHardState,
@@ -36,19 +37,30 @@ from fastraft.engine import (
     Role,
     RoleChanged,
     Send,
+    SendSnapshotChunk,
     SetTimer,
+    StoreSnapshotChunk,
     Timer,
     TruncateLog,
     requires_durability,
 )
 from fastraft.errors import (
     AlreadyInitialized,
+    CatchUpTimeout,
     NodeStopped,
     NotLeader,
     Overloaded,
     ProposalDropped,
+    StorageCorruption,
 )
-from fastraft.messages import Entry, EntryKind, Membership, decode_membership
+from fastraft.messages import (
+    Entry,
+    EntryKind,
+    InstallSnapshot,
+    Membership,
+    SnapshotMeta,
+    decode_membership,
+)
 from fastraft.network import RaftNetwork
 from fastraft.statemachine import StateMachine
 from fastraft.storage import RaftStorage
@@ -77,6 +89,31 @@ class _Proposal:
         self.batch = batch
         #: Results gathered so far, when the entries are applied in more than one batch.
         self.results: list = []
+
+
+class _SaveSnapshot:
+    """A write op: make a snapshot durable, in order with the log writes around it."""
+
+    __slots__ = ("meta", "data", "installed", "durable")
+
+    def __init__(self, meta: SnapshotMeta, data: bytes, installed: bool,
+                 durable: asyncio.Future | None = None) -> None:
+        self.meta = meta
+        self.data = data
+        #: Received from the leader (the engine already knows) rather than taken here.
+        self.installed = installed
+        #: Resolved with the index once the snapshot is on disk.
+        self.durable = durable
+
+
+class _Restore:
+    """An apply-queue item: replace the state machine with a received snapshot."""
+
+    __slots__ = ("meta", "data")
+
+    def __init__(self, meta: SnapshotMeta, data: bytes) -> None:
+        self.meta = meta
+        self.data = data
 
 
 class RaftNode:
@@ -124,6 +161,14 @@ class RaftNode:
         self._buffered: list[bytes] = []
         self._buffered_proposals: list[tuple[int, asyncio.Future, bool]] = []
 
+        #: The newest durable snapshot, and the bytes of every snapshot the engine may
+        #: still stream to a follower (``Engine.snapshots_in_use``).
+        self._snapshot_index = 0
+        self._snapshots: dict[int, bytes] = {}
+        self._snapshot_lock = asyncio.Lock()
+        #: A snapshot being received from the leader: [last included index, bytes so far].
+        self._incoming: list | None = None
+
         self._reads: dict[int, asyncio.Future] = {}
         self._read_waiters: list[tuple[int, asyncio.Future]] = []
         self._next_read_id = 0
@@ -139,6 +184,8 @@ class RaftNode:
         st = self.storage
         self._append, self._append_async = _maybe_async(st.append_entries)
         self._truncate, self._truncate_async = _maybe_async(st.truncate_suffix)
+        self._compact, self._compact_async = _maybe_async(st.compact_prefix)
+        self._save_snap, self._save_snap_async = _maybe_async(st.save_snapshot)
         self._save_hs, self._save_hs_async = _maybe_async(st.save_hard_state)
         self._sm_apply, self._sm_apply_async = _maybe_async(self.state_machine.apply)
         state = await self._call(st.load_state)
@@ -152,21 +199,29 @@ class RaftNode:
         durable_applied = getattr(self.state_machine, "last_applied", None)
         if durable_applied is not None:
             applied = await self._call(durable_applied)
-        if state.snapshot is not None and applied < snapshot_index:
+        if state.snapshot is not None:
             loaded = await self._call(st.load_snapshot)
-            if loaded is not None:
+            if loaded is None:
+                raise StorageCorruption(f"storage reports a snapshot at {snapshot_index} "
+                                        "but load_snapshot() returned none")
+            self._snapshot_index = snapshot_index
+            self._snapshots = {snapshot_index: loaded[1]}
+            if applied < snapshot_index:
                 await self._call(self.state_machine.restore, loaded[1])
-            applied = snapshot_index
+                applied = snapshot_index
         entries = []
-        if state.last_index >= state.first_index:
-            entries = await self._call(st.read_entries, state.first_index, state.last_index + 1)
+        first = max(state.first_index, snapshot_index + 1)
+        if state.last_index >= first:
+            entries = await self._call(st.read_entries, first, state.last_index + 1)
         self.applied_index = self._committed_index = applied
         self.engine = Engine(self.id, self.config, self._rng, InitialState(
             hard_state=state.hard_state, snapshot_index=snapshot_index,
             snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
-            entries=entries, applied_index=applied))
+            snapshot_size=len(self._snapshots.get(snapshot_index, b"")), entries=entries,
+            applied_index=applied))
         self._running = True
         self._apply_task = self._loop.create_task(self._apply_loop())
+        self._peers_of = self.engine.membership
         self.network.set_peers(dict(self.engine.membership.addresses))
         await self.network.start(self)
         self._run(self.engine.start())
@@ -240,7 +295,6 @@ class RaftNode:
                 f"node {self.id} already has state (term {engine.term}, last index "
                 f"{engine.log.last_index}); initialize only fresh nodes")
         engine.bootstrap(membership)
-        self.network.set_peers(dict(members))
         self._schedule_flush()
         await self._wait_durable()
 
@@ -315,6 +369,98 @@ class RaftNode:
             async with self._progress:
                 await self._progress.wait_for(
                     lambda: not self._running or self._committed_index >= nxt)
+
+    async def snapshot(self) -> int:
+        """Snapshot the state machine now and compact the log behind it (§7); returns the
+        index the snapshot covers once it is durable. Also happens every
+        ``Config.snapshot_interval`` entries."""
+        self._check_running()
+        done = self._loop.create_future()
+        self._apply_queue.append(done)  # taken in the apply task, between two batches
+        self._apply_wakeup.set()
+        return await done
+
+    async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
+        """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
+        but neither votes nor counts for commit. Returns once the change is committed."""
+        engine = self._leader_engine()
+        m = engine.membership
+        if node_id in m.members:
+            raise ValueError(f"node {node_id} is already a member")
+        index = engine.propose_membership(m.voters, m.learners | {node_id}, {node_id: address})
+        self._schedule_flush()
+        await self._wait_config_committed(index, timeout)
+
+    async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
+        """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
+        C_new. New voters must be learners already (``add_learner``); they are promoted only
+        once within ``Config.max_learner_lag`` entries of the leader, else
+        ``CatchUpTimeout``. Voters left out are removed; a leader left out steps down once
+        C_new commits. Raises ``MembershipChangeInProgress`` if a change is under way."""
+        engine = self._leader_engine()
+        voters = frozenset(voters)
+        m = engine.membership
+        strangers = voters - m.voters - m.learners
+        if strangers:
+            raise ValueError(f"nodes {sorted(strangers)} are not members: add them with "
+                             "add_learner() first so they catch up before they vote")
+        newcomers = voters - m.voters
+        deadline = self._loop.time() + timeout
+
+        def caught_up() -> bool:
+            e = self.engine
+            if e.role != Role.LEADER:
+                raise e.not_leader()
+            last = e.log.last_index
+            return all(last - e.progress[n].match_index <= self.config.max_learner_lag
+                       for n in newcomers if n in e.progress)
+        while not caught_up():
+            if self._loop.time() > deadline:
+                lag = {n: self.engine.log.last_index - self.engine.progress[n].match_index
+                       for n in newcomers if n in self.engine.progress}
+                raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
+                                     f"behind: {lag}); not promoted")
+            async with self._progress:
+                try:
+                    await asyncio.wait_for(self._progress.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+        index = self._leader_engine().propose_membership(voters, m.learners - voters)
+        self._schedule_flush()
+        await self._wait_config_committed(index, timeout)
+
+    async def transfer_leadership(self, target: int, timeout: float | None = None) -> None:
+        """Make voter ``target`` the leader (thesis §3.10). Proposals are refused meanwhile
+        (``NotLeader`` naming the target). Raises ``TimeoutError`` if it did not happen."""
+        self._leader_engine().transfer_leadership(target)
+        self._schedule_flush()
+        limit = timeout if timeout is not None else self.config.election_timeout_max * 3
+        deadline = self._loop.time() + limit
+        while self.engine.leader_id != target:
+            if self._loop.time() > deadline:
+                raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
+            self._leader_known.clear()
+            try:
+                await asyncio.wait_for(self._leader_known.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    def _leader_engine(self) -> Engine:
+        self._check_running()
+        if self.engine.role != Role.LEADER:
+            raise self.engine.not_leader()
+        return self.engine
+
+    async def _wait_config_committed(self, index: int, timeout: float) -> None:
+        """Until the change proposed at ``index`` is complete: committed, and no longer
+        joint (the C_new that follows a C_old,new committed too)."""
+        def complete() -> bool:
+            e = self.engine
+            return (not self._running or self._committed_index >= index
+                    and not e.membership.joint and e._configs[-1][0] <= self._committed_index)
+        async with self._progress:
+            await asyncio.wait_for(self._progress.wait_for(complete), timeout)
+        self._check_running()
 
     def status(self) -> dict:
         """Role, term, leader, commit/applied index, membership, per-peer progress."""
@@ -426,8 +572,23 @@ class RaftNode:
                         outbox[c.to] = [c.message]
                     else:
                         box.append(c.message)
-            elif t is AppendLog or t is TruncateLog or t is PersistHardState:
+            elif (t is AppendLog or t is TruncateLog or t is PersistHardState or t is CompactLog
+                  or t is _SaveSnapshot):
                 ops.append(c)
+            elif t is SendSnapshotChunk:
+                m = c.message
+                data = self._snapshots.get(m.meta.last_included_index)
+                if data is not None:
+                    m.data = data[m.offset:m.offset + c.length]
+                    box = outbox.get(c.to)
+                    if box is None:
+                        outbox[c.to] = [m]
+                    else:
+                        box.append(m)
+            elif t is StoreSnapshotChunk:
+                save = self._store_chunk(c.frm, c.message)
+                if save is not None:
+                    ops.append(save)
             elif t is Apply:
                 self._apply_queue.append(c.entries)
                 self._committed_index = c.entries[-1].index
@@ -448,12 +609,49 @@ class RaftNode:
         send = self.network.send
         for to, msgs in outbox.items():
             send(to, msgs)
+        if self.engine.membership is not self._peers_of:
+            self._peers_of = self.engine.membership  # in force once appended (§6)
+            if self._peers_of.addresses:
+                self.network.set_peers(dict(self._peers_of.addresses))
+        more = self.engine.take_commands()
         if ops:
             self._writes.append([ops, held])
             if self._write_task is None:
                 self._write_task = self._loop.create_task(self._write_loop())
         elif held:
             self._writes[-1][1].extend(held)
+        if more:
+            self._run(more)  # what answering a snapshot chunk emitted, after these writes
+
+    def _store_chunk(self, frm: int, m: InstallSnapshot) -> _SaveSnapshot | None:
+        """Keep a snapshot chunk from the leader; on the last one, install the snapshot:
+        the state machine is restored in the apply task (after what is already queued),
+        and the snapshot is saved as a write, ahead of the log changes the engine makes."""
+        index = m.meta.last_included_index
+        if m.offset == 0:
+            self._incoming = [index, bytearray()]
+        inc = self._incoming
+        engine = self.engine
+        if inc is None or inc[0] != index:
+            engine.snapshot_chunk_stored(frm, m, 0)
+            return None
+        if m.offset != len(inc[1]):
+            engine.snapshot_chunk_stored(frm, m, len(inc[1]))  # resume where we are
+            return None
+        inc[1] += m.data
+        if not m.done:
+            engine.snapshot_chunk_stored(frm, m, len(inc[1]))
+            return None
+        data = bytes(inc[1])
+        self._incoming = None
+        if index <= engine.commit_index:
+            engine.snapshot_installed(frm, m.meta, len(data))
+            return None
+        self._apply_queue.append(_Restore(m.meta, data))
+        self._committed_index = index
+        self._apply_wakeup.set()
+        engine.snapshot_installed(frm, m.meta, len(data))
+        return _SaveSnapshot(m.meta, data, installed=True)
 
     async def _write_loop(self) -> None:
         """Make write batches durable one at a time; batches that queue up behind a write
@@ -472,6 +670,15 @@ class RaftNode:
                     return
                 if last is not None:
                     self.engine.log_persisted(last.index, last.term)
+                for op in batch[0]:
+                    if type(op) is _SaveSnapshot:
+                        if not op.installed:
+                            self.engine.snapshot_saved(op.meta, len(op.data))
+                        in_use = self.engine.snapshots_in_use()
+                        for index in [i for i in self._snapshots if i not in in_use]:
+                            del self._snapshots[index]
+                        if op.durable is not None and not op.durable.done():
+                            op.durable.set_result(op.meta.last_included_index)
                 by_peer: dict[int, list] = {}
                 for s in batch[1]:
                     by_peer.setdefault(s.to, []).append(s.message)
@@ -501,6 +708,22 @@ class RaftNode:
                 if self._truncate_async:
                     await r
                 last_entry = None
+            elif t is CompactLog:
+                if pending:
+                    await self._store_append(pending)
+                    last_entry = pending[-1]
+                    pending = []
+                r = self._compact(op.index)
+                if self._compact_async:
+                    await r
+            elif t is _SaveSnapshot:
+                index = op.meta.last_included_index
+                if index > self._snapshot_index:  # never replace a newer snapshot
+                    r = self._save_snap(op.meta, op.data)
+                    if self._save_snap_async:
+                        await r
+                    self._snapshot_index = index
+                    self._snapshots[index] = op.data
             else:
                 hard_state = op.hard_state
         if pending:
@@ -592,10 +815,16 @@ class RaftNode:
                 await self._apply_wakeup.wait()
                 continue
             entries = queue.popleft()
-            while queue and len(entries) < 65536:
+            if type(entries) is not list:
+                await self._apply_special(entries)
+                continue
+            while queue and type(queue[0]) is list and len(entries) < 65536:
                 entries = entries + queue.popleft()
             try:
                 await self._apply_batch(entries)
+                interval = self.config.snapshot_interval
+                if interval and self.applied_index - self._snapshot_index >= interval:
+                    await self._take_snapshot()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -604,13 +833,34 @@ class RaftNode:
                 self._loop.create_task(self.stop())
                 return
 
+    async def _apply_special(self, item) -> None:
+        if type(item) is _Restore:
+            if item.meta.last_included_index > self.applied_index:
+                await self._call(self.state_machine.restore, item.data)
+                self.applied_index = item.meta.last_included_index
+                await self._after_apply()
+        else:  # a future from snapshot(): answer it from this point of the apply order
+            try:
+                item.set_result(await self._take_snapshot())
+            except Exception as exc:
+                _fail(item, exc)
+
+    async def _take_snapshot(self) -> int:
+        """Snapshot the state machine at the applied index (we are in the apply task, so
+        nothing changes it meanwhile); the save joins the ordered write pipeline."""
+        index = self.applied_index
+        if index <= self._snapshot_index:
+            return self._snapshot_index
+        meta = self.engine.snapshot_meta(index)
+        data = await self._call(self.state_machine.snapshot)
+        durable = self._loop.create_future()
+        self._run([_SaveSnapshot(meta, bytes(data), installed=False, durable=durable)])
+        return await durable
+
     async def _apply_batch(self, entries: list[Entry]) -> None:
         if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0 or \
                 kernels.index_of_kind(entries, EntryKind.NOOP) >= 0:
             user = [e for e in entries if e.kind == _NORMAL]
-            for e in entries:
-                if e.kind == EntryKind.CONFIG:
-                    self.network.set_peers(dict(decode_membership(e.data).addresses))
         else:
             user = entries
         results: Sequence[Any] = ()
@@ -624,6 +874,9 @@ class RaftNode:
         self.applied_index = entries[-1].index
         if self._proposals:
             self._resolve(user, results)
+        await self._after_apply()
+
+    async def _after_apply(self) -> None:
         if self._read_waiters:
             ready = [w for w in self._read_waiters if w[0] <= self.applied_index]
             self._read_waiters = [w for w in self._read_waiters if w[0] > self.applied_index]

@@ -18,15 +18,11 @@ import msgspec
 
 from fastraft import kernels
 from fastraft.errors import StorageCorruption
-from fastraft.messages import Entry, HardState, Membership
+from fastraft.messages import Entry, HardState, SnapshotMeta
 
 
-class SnapshotMeta(msgspec.Struct, frozen=True):
-    """What a snapshot covers: the log up to ``last_included_index`` (§7)."""
-
-    last_included_index: int
-    last_included_term: int
-    membership: Membership
+__all__ = ["RaftStorage", "MemoryStorage", "AsyncMemoryStorage", "SnapshotMeta",
+           "StorageState"]
 
 
 class StorageState(msgspec.Struct, kw_only=True):

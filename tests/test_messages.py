@@ -15,6 +15,7 @@ from fastraft.messages import (
     ReadIndexResponse,
     RequestVote,
     RequestVoteResponse,
+    SnapshotMeta,
     TimeoutNow,
     decode_membership,
     encode_membership,
@@ -28,8 +29,9 @@ SAMPLES = [
     RequestVoteResponse(3, True, False),
     AppendEntries(3, 1, 9, 2, [Entry(3, 10, 0, b"x"), Entry(3, 11, 2, b"")], 8, 5),
     AppendEntriesResponse(3, False, 9, 4, 2, 5),
-    InstallSnapshot(3, 1, 100, 2, MEMBERSHIP, 0, b"chunk", False),
+    InstallSnapshot(3, 1, SnapshotMeta(100, 2, MEMBERSHIP), 0, b"chunk", False),
     InstallSnapshotResponse(3, 100, 5, True),
+    RequestVote(3, 1, 10, 2, False, True),
     TimeoutNow(3, 1),
     ReadIndexRequest(3, 77),
     ReadIndexResponse(3, 77, 12, True),
@@ -44,8 +46,8 @@ def test_round_trip_through_the_union(msg):
 
 
 def test_tags_are_unique():
-    tags = [type(m).__struct_config__.tag for m in SAMPLES]
-    assert len(set(tags)) == len(tags)
+    tags = {type(m): type(m).__struct_config__.tag for m in SAMPLES}
+    assert len(set(tags.values())) == len(tags)
 
 
 def test_membership_helpers():

@@ -11,6 +11,12 @@ from fastraft.testing import NO_FAULTS, Faults, InvariantViolation, Simulator
 
 SEEDS = int(os.environ.get("FASTRAFT_SIM_SEEDS", "260"))
 
+CHURN = dict(snapshot_every=40, spare_nodes=2, reconfigure_every=0.3)
+CHURN_HARSH = dict(snapshot_every=25, spare_nodes=2, reconfigure_every=0.2)
+SNAP_CFG = Config(snapshot_trailing_entries=5, snapshot_chunk_bytes=256)
+SNAP_CFG_HARSH = Config(snapshot_trailing_entries=0, snapshot_chunk_bytes=100)
+HARSH = Faults(drop=0.2, duplicate=0.1, partition_every=0.5, crash_every=0.4, down_for=0.3)
+
 PROFILES = {
     "default": (Faults(), Config()),
     "harsh": (Faults(drop=0.2, duplicate=0.1, partition_every=0.5, crash_every=0.4,
@@ -18,17 +24,22 @@ PROFILES = {
     "no-prevote": (Faults(), Config(pre_vote=False, check_quorum=False)),
     "small-windows": (Faults(drop=0.1), Config(max_entries_per_message=2,
                                                 max_inflight_messages=2)),
+    # membership churn (add/promote/remove/replace, the leader included) with snapshots
+    "churn-snapshots": (Faults(), SNAP_CFG, CHURN),
+    "churn-snapshots-harsh": (HARSH, SNAP_CFG_HARSH, CHURN_HARSH),
 }
 
 
 @pytest.mark.parametrize("nodes", [3, 5])
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_seeded_runs_keep_every_invariant(profile, nodes):
-    faults, config = PROFILES[profile]
+    faults, config, *extra = PROFILES[profile]
+    kw = extra[0] if extra else {}
     seeds = SEEDS // len(PROFILES) if profile != "default" else SEEDS
-    totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0}
+    totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0,
+              "snapshots": 0, "installs": 0, "reconfigurations": 0}
     for seed in range(seeds):
-        sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config)
+        sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
         for k in totals:
             totals[k] += sim.stats[k]
@@ -40,6 +51,31 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
     if faults.drop:
         assert totals["dropped"] > seeds
     assert totals["reads"] > seeds
+    if kw:
+        assert totals["snapshots"] > seeds and totals["installs"] > 0
+        assert totals["reconfigurations"] > seeds
+
+
+# Bugs the simulator found, kept as regression tests with their seeds.
+
+def test_regression_seed_7_probe_stuck_at_the_compaction_point():
+    """A follower whose log diverged below the leader's compaction point was probed at the
+    boundary forever instead of being sent a snapshot."""
+    Simulator(seed=7, nodes=3, config=SNAP_CFG, **CHURN).run(3.0, settle=8.0)
+
+
+def test_regression_seed_116_snapshot_transfer_livelock():
+    """Each new snapshot restarted the transfer in flight from offset 0; a leader that
+    snapshots faster than it can stream never caught the follower up."""
+    Simulator(seed=116, nodes=3, faults=HARSH, config=SNAP_CFG_HARSH,
+              **CHURN_HARSH).run(3.0, settle=8.0)
+
+
+def test_regression_seed_311_conflict_at_the_compaction_point():
+    """A follower holding a different entry exactly at the leader's compaction point was
+    probed there forever."""
+    Simulator(seed=311, nodes=5, faults=HARSH, config=SNAP_CFG_HARSH,
+              **CHURN_HARSH).run(3.0, settle=8.0)
 
 
 def test_a_seed_replays_exactly():

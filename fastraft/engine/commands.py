@@ -1,7 +1,7 @@
 """What the engine asks its driver to do. Plain values; the driver runs them in order.
 
 Ordering contract: every persistence command (``PersistHardState``, ``TruncateLog``,
-``AppendLog``) is applied in order. A ``Send`` whose message ``requires_durability`` is
+``AppendLog``, ``CompactLog``) is applied in order. A ``Send`` whose message ``requires_durability`` is
 released only after every persistence command emitted before it is durable (votes and
 acknowledgements promise what is on disk, Figure 2); other sends go out at once (a leader
 may replicate before its own append is durable, thesis §10.2.1).
@@ -16,6 +16,7 @@ from fastraft.messages import (
     AppendEntriesResponse,
     Entry,
     HardState,
+    InstallSnapshot,
     InstallSnapshotResponse,
     RequestVote,
     RequestVoteResponse,
@@ -25,6 +26,9 @@ from fastraft.messages import (
 class Timer(enum.IntEnum):
     ELECTION = 0
     HEARTBEAT = 1
+    #: Followers: ``election_timeout_min`` after the leader was last heard from. While it
+    #: runs, votes for other candidates are refused (thesis §4.2.3, with check-quorum).
+    LEASE = 2
 
 
 class Role(enum.IntEnum):
@@ -54,6 +58,32 @@ class AppendLog(msgspec.Struct):
 class Send(msgspec.Struct, gc=False):
     to: int
     message: object
+
+
+class CompactLog(msgspec.Struct, gc=False):
+    """Delete log entries up to ``index``: a durable snapshot covers them (§7)."""
+
+    index: int
+
+
+class SendSnapshotChunk(msgspec.Struct, gc=False):
+    """Fill ``message.data`` with ``length`` bytes of the snapshot
+    ``message.meta.last_included_index`` from ``message.offset`` and send it to ``to``.
+    Drop it if the driver's current snapshot is another one (the engine resends)."""
+
+    to: int
+    message: InstallSnapshot
+    length: int
+
+
+class StoreSnapshotChunk(msgspec.Struct, gc=False):
+    """A chunk arrived from leader ``frm``. Keep it if ``message.offset`` is where the
+    snapshot being received ends (0 starts over), then call
+    ``Engine.snapshot_chunk_stored``; on the last chunk first restore the state machine
+    from the whole snapshot, save it durably and call ``Engine.snapshot_installed``."""
+
+    frm: int
+    message: InstallSnapshot
 
 
 class Apply(msgspec.Struct):
@@ -97,8 +127,9 @@ class ReadFailed(msgspec.Struct, gc=False):
     leader_id: int | None
 
 
-Command = (PersistHardState | TruncateLog | AppendLog | Send | Apply | SetTimer | CancelTimer
-           | RoleChanged | ReadReady | ReadFailed)
+Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
+           | StoreSnapshotChunk | Apply | SetTimer | CancelTimer | RoleChanged | ReadReady
+           | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)

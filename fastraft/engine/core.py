@@ -20,13 +20,16 @@ from fastraft.engine.commands import (
     AppendLog,
     Apply,
     CancelTimer,
+    CompactLog,
     PersistHardState,
     ReadFailed,
     ReadReady,
     Role,
     RoleChanged,
     Send,
+    SendSnapshotChunk,
     SetTimer,
+    StoreSnapshotChunk,
     Timer,
     TruncateLog,
 )
@@ -45,11 +48,13 @@ from fastraft.messages import (
     EntryKind,
     HardState,
     InstallSnapshot,
+    InstallSnapshotResponse,
     Membership,
     ReadIndexRequest,
     ReadIndexResponse,
     RequestVote,
     RequestVoteResponse,
+    SnapshotMeta,
     TimeoutNow,
     decode_membership,
     encode_membership,
@@ -68,6 +73,8 @@ class InitialState(msgspec.Struct, kw_only=True):
     snapshot_membership: Membership = msgspec.field(default_factory=Membership)
     #: Durable log entries after the snapshot, in order.
     entries: list[Entry] = msgspec.field(default_factory=list)
+    #: Size in bytes of the snapshot at snapshot_index (0: no snapshot).
+    snapshot_size: int = 0
     #: Highest index the state machine already holds (>= snapshot_index when it says so).
     applied_index: int = 0
 
@@ -115,6 +122,17 @@ class Engine:
         self._voters_out: tuple[int, ...] = ()
         self._refresh_voters()
 
+        #: The newest durable snapshot, which the leader sends to followers that need
+        #: entries already compacted.
+        self._snapshot: SnapshotMeta | None = None
+        self._snapshot_size = 0
+        if state.snapshot_size:
+            self._snapshot = SnapshotMeta(state.snapshot_index, state.snapshot_term,
+                                          state.snapshot_membership)
+            self._snapshot_size = state.snapshot_size
+        #: Follower: a leader was heard from less than election_timeout_min ago.
+        self._in_lease = False
+
         # Candidate state.
         self._votes: dict[int, bool] = {}
         # Leader state.
@@ -126,6 +144,11 @@ class Engine:
         self._reads_before_commit: list[tuple[int, int | None]] = []
         #: Read requests this follower forwarded to the leader.
         self._forwarded_reads: set[int] = set()
+        #: Leadership transfer in progress (thesis §3.10): the target, and how many
+        #: election-timer rounds it has been going on.
+        self._transfer_target: int | None = None
+        self._transfer_rounds = 0
+        self._timeout_now_sent = False
 
         self._out: list = []
         self._broadcast = False
@@ -173,6 +196,10 @@ class Engine:
         """Append user commands to the leader's log; returns the index of the first."""
         if self.role != Role.LEADER:
             raise self.not_leader()
+        if self._transfer_target is not None:
+            # thesis §3.10: no new entries while handing over; the target will lead.
+            target = self._transfer_target
+            raise NotLeader(target, self.membership.addresses.get(target))
         first = self.log.last_index + 1
         term = self.term
         entries = [Entry(term, i, EntryKind.NORMAL, d) for i, d in enumerate(datas, first)]
@@ -204,6 +231,93 @@ class Engine:
         self._append_own([Entry(self.term, index, EntryKind.CONFIG, encode_membership(new))])
         return index
 
+    def transfer_leadership(self, target: int) -> None:
+        """Hand leadership to voter ``target`` (thesis §3.10): stop taking proposals, bring
+        it up to date, then tell it to campaign at once. Abandoned after an election
+        timeout; success shows as a ``RoleChanged`` to follower."""
+        if self.role != Role.LEADER:
+            raise self.not_leader()
+        if target == self.id:
+            return
+        if not self.membership.is_voter(target):
+            raise ValueError(f"node {target} is not a voter; only voters can lead")
+        self._transfer_target = target
+        self._transfer_rounds = 0
+        if not self.config.check_quorum:
+            self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max))
+        self._timeout_now_sent = False
+        if self.progress[target].match_index == self.log.last_index:
+            self._send_timeout_now(target)
+        else:
+            self._broadcast = True
+
+    def _send_timeout_now(self, target: int) -> None:
+        if not self._timeout_now_sent:
+            self._timeout_now_sent = True
+            self._send(target, TimeoutNow(self.term, self.id))
+
+    def snapshot_meta(self, index: int) -> SnapshotMeta:
+        """Metadata for a snapshot of the state machine at applied ``index``."""
+        if not self.log.snapshot_index <= index <= self.applied_index:
+            raise ValueError(f"cannot snapshot at {index}: the log holds "
+                             f"{self.log.snapshot_index}..{self.log.last_index}, applied "
+                             f"{self.applied_index}")
+        membership = self._configs[0][1]
+        for i, m in self._configs:
+            if i > index:
+                break
+            membership = m
+        return SnapshotMeta(index, self.log.term_at(index), membership)
+
+    def snapshot_saved(self, meta: SnapshotMeta, size: int) -> None:
+        """The driver made a snapshot durable: followers too far behind get it, and the log
+        is compacted behind it, keeping ``snapshot_trailing_entries`` (§7)."""
+        if self._snapshot is not None and \
+                meta.last_included_index <= self._snapshot.last_included_index:
+            return
+        self._snapshot = meta
+        self._snapshot_size = size
+        target = min(meta.last_included_index - self.config.snapshot_trailing_entries,
+                     self.persisted_index, self.applied_index)
+        if target > self.log.snapshot_index:
+            self._compact(target)
+
+    def snapshots_in_use(self) -> set[int]:
+        """Indexes of the snapshots the driver must still be able to read chunks of: the
+        newest, and any a follower is being sent."""
+        used = {p.snapshot_index for p in self.progress.values()
+                if p.state == ProgressState.SNAPSHOT}
+        if self._snapshot is not None:
+            used.add(self._snapshot.last_included_index)
+        return used
+
+    def snapshot_chunk_stored(self, frm: int, message: InstallSnapshot, next_offset: int) -> None:
+        """The driver kept the chunk (or not): tell the leader where to continue."""
+        self._send(frm, InstallSnapshotResponse(self.term, message.meta.last_included_index,
+                                                next_offset, False))
+
+    def snapshot_installed(self, frm: int, meta: SnapshotMeta, size: int) -> None:
+        """The driver restored the state machine from a received snapshot and saved it
+        durably: the log now continues after it (§7)."""
+        index, term = meta.last_included_index, meta.last_included_term
+        if index > self.commit_index:
+            if self.log.term_at(index) == term:
+                self._compact(index)  # §7: a matching entry keeps the entries after it
+            else:
+                if self.log.last_index > self.log.snapshot_index:
+                    self._out.append(TruncateLog(self.log.snapshot_index + 1))
+                self.log.reset(index, term)
+                self._configs = [(index, meta.membership)]
+                self._out.append(CompactLog(index))
+                self._membership_changed()
+            self.commit_index = index
+            self.applied_index = max(self.applied_index, index)
+            self.persisted_index = max(self.persisted_index, index)
+            if self._snapshot is None or index > self._snapshot.last_included_index:
+                self._snapshot = meta
+                self._snapshot_size = size
+        self._send(frm, InstallSnapshotResponse(self.term, index, size, True))
+
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read point (thesis §6.4). Answered by a ``ReadReady`` or
         ``ReadFailed`` command; a follower forwards the request to its leader."""
@@ -227,11 +341,18 @@ class Engine:
             self._on_election_timeout()
         elif timer == Timer.HEARTBEAT and self.role == Role.LEADER:
             self._on_heartbeat_timeout()
+        elif timer == Timer.LEASE:
+            self._in_lease = False
 
     def step(self, frm: int, m) -> None:
         """Handle message ``m`` from node ``frm``. Terms first (§5.1), then by role."""
         t = type(m)
         if m.term > self.term:
+            if t is RequestVote and not m.leadership_transfer and self.config.check_quorum \
+                    and (self._in_lease or self.role == Role.LEADER):
+                # A leader is alive (check-quorum would depose it otherwise): a node that
+                # merely lost contact must not disrupt the cluster (thesis §4.2.3).
+                return
             if t is RequestVote and m.pre_vote:
                 pass  # a pre-vote never changes our term (thesis §9.6)
             elif t is RequestVoteResponse and m.pre_vote and m.vote_granted:
@@ -271,6 +392,12 @@ class Engine:
 
     def _on_election_timeout(self) -> None:
         if self.role == Role.LEADER:
+            if self._transfer_target is not None:
+                self._transfer_rounds += 1
+                if self._transfer_rounds >= 2:  # a whole election timeout went by
+                    self._transfer_target = None
+                elif not self.config.check_quorum:
+                    self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max))
             if self.config.check_quorum:
                 self._check_quorum()
             return
@@ -302,19 +429,20 @@ class Engine:
         if self._vote_result() == _WON:
             self._campaign()
 
-    def _campaign(self) -> None:
+    def _campaign(self, transfer: bool = False) -> None:
         self.term += 1
         self.voted_for = self.id
         self._set_role(Role.CANDIDATE, None)
         self._votes = {self.id: True}
         self._persist_hard_state()
         self._arm_election_timer()
-        self._request_votes(self.term, pre_vote=False)
+        self._request_votes(self.term, pre_vote=False, transfer=transfer)
         if self._vote_result() == _WON:
             self._become_leader()
 
-    def _request_votes(self, term: int, pre_vote: bool) -> None:
-        msg = RequestVote(term, self.id, self.log.last_index, self.log.last_term, pre_vote)
+    def _request_votes(self, term: int, pre_vote: bool, transfer: bool = False) -> None:
+        msg = RequestVote(term, self.id, self.log.last_index, self.log.last_term, pre_vote,
+                          transfer)
         for v in self._all_voters():
             if v != self.id:
                 self._send(v, msg)
@@ -354,8 +482,8 @@ class Engine:
             self._become_follower(self.term, None)
 
     def _on_timeout_now(self, frm: int, m: TimeoutNow) -> None:
-        if self.membership.is_voter(self.id):
-            self._campaign()  # the leader chose us: skip pre-vote (thesis §3.10)
+        if self.membership.is_voter(self.id) and self.role != Role.LEADER:
+            self._campaign(transfer=True)  # the leader chose us: skip pre-vote (§3.10)
 
     # ------------------------------------------------------------------ role changes
 
@@ -375,6 +503,7 @@ class Engine:
             self._persist_hard_state()
         if was_leader:
             self.progress = {}
+            self._transfer_target = None
             self._broadcast = self._heartbeat_needed = False
             self._fail_leader_reads()
             self._out.append(CancelTimer(Timer.HEARTBEAT))
@@ -421,6 +550,11 @@ class Engine:
 
     def _send_append(self, peer: int, pr: Progress, last: int) -> None:
         prev = pr.next_index - 1
+        if prev < self.log.snapshot_index:
+            # The entries it needs are compacted: only a snapshot can catch it up (§7).
+            pr.become_snapshot(self._snapshot, self._snapshot_size)
+            self._send_snapshot_chunk(peer, pr)
+            return
         cfg = self.config
         hi = min(last, prev + cfg.max_entries_per_message)
         entries = self.log.slice(prev + 1, hi + 1)
@@ -437,6 +571,52 @@ class Engine:
                 pr.inflight.append(entries[-1].index)
             else:
                 pr.probe_sent = True
+
+    def _send_snapshot_chunk(self, peer: int, pr: Progress) -> None:
+        meta = pr.snapshot_meta
+        offset = pr.snapshot_offset
+        length = min(self.config.snapshot_chunk_bytes, pr.snapshot_size - offset)
+        done = offset + length >= pr.snapshot_size
+        pr.probe_sent = True
+        self._out.append(SendSnapshotChunk(
+            peer, InstallSnapshot(self.term, self.id, meta, offset, b"", done), length))
+
+    def _on_install_snapshot(self, frm: int, m: InstallSnapshot) -> None:
+        self._heard_from_leader(frm, m.leader_id)
+        if m.meta.last_included_index <= self.commit_index:
+            # Everything it covers is already committed here (§7: a stale snapshot).
+            self._send(frm, AppendEntriesResponse(self.term, True, self.commit_index))
+            return
+        self._out.append(StoreSnapshotChunk(frm, m))
+
+    def _on_snapshot_response(self, frm: int, m: InstallSnapshotResponse) -> None:
+        pr = self.progress.get(frm)
+        if pr is None or self.role != Role.LEADER:
+            return
+        pr.recent_active = True
+        if pr.state != ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
+            return  # an answer about a transfer we no longer run
+        if m.done:
+            pr.acknowledge(m.last_included_index)
+            pr.become_probe()
+            self._maybe_commit()
+            self._broadcast = True
+            return
+        pr.snapshot_offset = min(m.next_offset, pr.snapshot_size)
+        pr.probe_sent = False
+        self._send_snapshot_chunk(frm, pr)
+
+    def _compact(self, index: int) -> None:
+        """Drop log entries up to ``index`` here and in storage; the configuration in force
+        there becomes the base of the configuration history."""
+        base = self._configs[0][1]
+        for i, m in self._configs:
+            if i > index:
+                break
+            base = m
+        self._configs = [(index, base)] + [(i, m) for i, m in self._configs if i > index]
+        self.log.compact_to(index)
+        self._out.append(CompactLog(index))
 
     def _send_heartbeat(self, peer: int, pr: Progress) -> None:
         # prev = match_index is in the follower's durable log, so the heartbeat is accepted
@@ -457,15 +637,23 @@ class Engine:
                 self._send_append(peer, pr, last)
             else:
                 self._send_heartbeat(peer, pr)
+                if pr.state == ProgressState.SNAPSHOT and pr.probe_sent:
+                    self._send_snapshot_chunk(peer, pr)  # the last chunk went unanswered
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
 
-    def _on_append_entries(self, frm: int, m: AppendEntries) -> None:
+    def _heard_from_leader(self, frm: int, leader_id: int) -> None:
         if self.role == Role.LEADER:
             raise SafetyViolation(f"two leaders in term {self.term}: {self.id} and {frm}")
-        if self.role != Role.FOLLOWER or self.leader_id != m.leader_id:
-            self._become_follower(self.term, m.leader_id)
+        if self.role != Role.FOLLOWER or self.leader_id != leader_id:
+            self._become_follower(self.term, leader_id)
         else:
             self._arm_election_timer()
+        if self.config.check_quorum:
+            self._in_lease = True
+            self._out.append(SetTimer(Timer.LEASE, self.config.election_timeout_min))
+
+    def _on_append_entries(self, frm: int, m: AppendEntries) -> None:
+        self._heard_from_leader(frm, m.leader_id)
         log = self.log
         prev, prev_term, entries = m.prev_log_index, m.prev_log_term, m.entries
         if prev < self.commit_index:
@@ -527,18 +715,29 @@ class Engine:
             if pr.acknowledge(m.index):
                 if pr.state == ProgressState.PROBE:
                     pr.become_replicate()
+                elif pr.state == ProgressState.SNAPSHOT and pr.match_index >= pr.snapshot_index:
+                    pr.become_probe()  # it caught up some other way: no snapshot needed
                 self._maybe_commit()
                 self._broadcast = True
-            elif pr.state == ProgressState.PROBE and pr.probe_sent and m.index == pr.match_index:
-                pass  # a heartbeat's answer; the probe itself is still outstanding
+            if self._transfer_target == frm and pr.match_index == self.log.last_index:
+                self._send_timeout_now(frm)
             return
         # Rejected. Ignore answers to messages we have since superseded.
+        if pr.state == ProgressState.SNAPSHOT:
+            return
         if pr.state == ProgressState.REPLICATE:
             if m.index <= pr.match_index:
                 return
         elif m.index != pr.next_index - 1:
             return
-        probe = self.log.terms.find_conflict_by_term(m.hint_index, m.hint_term)
+        compacted = self.log.snapshot_index
+        if m.hint_index < compacted or (m.hint_index == compacted
+                                        and m.hint_term != self.log.term_at(compacted)):
+            # It lacks, or contradicts, entries we compacted: probing cannot go below the
+            # compaction point, so _send_append must send a snapshot.
+            probe = compacted - 1
+        else:
+            probe = self.log.terms.find_conflict_by_term(m.hint_index, m.hint_term)
         pr.become_probe()
         pr.next_index = max(pr.match_index + 1, min(probe + 1, self.log.last_index + 1))
         self._send_append(frm, pr, self.log.last_index)
@@ -686,6 +885,8 @@ class Engine:
 
 _HANDLERS = {
     AppendEntries: Engine._on_append_entries,
+    InstallSnapshot: Engine._on_install_snapshot,
+    InstallSnapshotResponse: Engine._on_snapshot_response,
     AppendEntriesResponse: Engine._on_append_response,
     RequestVote: Engine._on_request_vote,
     RequestVoteResponse: Engine._on_vote_response,

@@ -10,11 +10,14 @@ class ProgressState(IntEnum):
     PROBE = 0
     #: Next index known: stream AppendEntries, up to the in-flight window.
     REPLICATE = 1
+    #: The entries it needs were compacted: stream a snapshot, one chunk at a time (§7).
+    SNAPSHOT = 2
 
 
 class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
-                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent")
+                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent", "snapshot_index",
+                 "snapshot_offset", "snapshot_meta", "snapshot_size")
 
     def __init__(self, next_index: int) -> None:
         #: Highest index known to be in the follower's log and durable there; only grows
@@ -38,6 +41,12 @@ class Progress:
         #: Highest leader_commit sent in an AppendEntries with a log check: when every
         #: entry is acknowledged, an empty one still has to carry a newer commit index.
         self.commit_sent = 0
+        #: SNAPSHOT only: the snapshot being sent (a transfer finishes the snapshot it
+        #: started with, even if a newer one is taken meanwhile), and the next byte.
+        self.snapshot_index = 0
+        self.snapshot_offset = 0
+        self.snapshot_meta = None
+        self.snapshot_size = 0
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -51,9 +60,20 @@ class Progress:
         self.probe_sent = False
         self.inflight.clear()
 
+    def become_snapshot(self, meta, size: int) -> None:
+        self.state = ProgressState.SNAPSHOT
+        self.snapshot_meta = meta
+        self.snapshot_size = size
+        self.snapshot_index = meta.last_included_index
+        self.snapshot_offset = 0
+        self.probe_sent = False
+        self.inflight.clear()
+
     def is_paused(self, max_inflight: int) -> bool:
         if self.state == ProgressState.PROBE:
             return self.probe_sent
+        if self.state == ProgressState.SNAPSHOT:
+            return True
         return len(self.inflight) >= max_inflight
 
     def acknowledge(self, index: int) -> bool:

@@ -59,6 +59,16 @@ class RaftLog:
         del self.entries[index - self.terms.snapshot_index - 1:]
         self.terms.truncate_from(index)
 
+    def compact_to(self, index: int) -> None:
+        """Forget entries up to ``index`` (a snapshot covers them)."""
+        del self.entries[:index - self.terms.snapshot_index]
+        self.terms.compact_to(index)
+
+    def reset(self, index: int, term: int) -> None:
+        """Forget every entry: the log continues after a snapshot at ``index``."""
+        self.entries = []
+        self.terms.reset(index, term)
+
     def is_up_to_date(self, last_index: int, last_term: int) -> bool:
         """§5.4.1: a log is at least as up-to-date as ours (compare last term, then length)."""
         mine = self.terms.last_term

@@ -30,6 +30,7 @@ from fastraft.engine import (
     AppendLog,
     Apply,
     CancelTimer,
+    CompactLog,
     Engine,
     InitialState,
     PersistHardState,
@@ -38,13 +39,15 @@ from fastraft.engine import (
     Role,
     RoleChanged,
     Send,
+    SendSnapshotChunk,
     SetTimer,
+    StoreSnapshotChunk,
     Timer,
     TruncateLog,
     requires_durability,
 )
 from fastraft.errors import FastRaftError, NotLeader
-from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 
 
 class InvariantViolation(AssertionError):
@@ -72,39 +75,62 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
 
 
+class _SaveSnapshot(msgspec.Struct):
+    meta: SnapshotMeta
+    data: bytes
+
+
 class _Disk:
     """What survives a crash: only completed writes."""
 
-    __slots__ = ("hard_state", "entries")
+    __slots__ = ("hard_state", "entries", "offset", "snapshot")
 
     def __init__(self) -> None:
         self.hard_state = HardState()
         self.entries: list[Entry] = []
+        self.offset = 0  # index of the entry before entries[0]
+        self.snapshot: _SaveSnapshot | None = None
 
     def write(self, cmd) -> None:
-        if type(cmd) is AppendLog:
+        t = type(cmd)
+        if t is AppendLog:
             self.entries.extend(cmd.entries)
-        elif type(cmd) is TruncateLog:
-            del self.entries[cmd.index - 1:]
+        elif t is TruncateLog:
+            del self.entries[max(0, cmd.index - self.offset - 1):]
+        elif t is CompactLog:
+            if cmd.index > self.offset:
+                del self.entries[:cmd.index - self.offset]
+                self.offset = cmd.index
+        elif t is _SaveSnapshot:
+            self.snapshot = cmd
         else:
             self.hard_state = cmd.hard_state
 
 
+_snap_enc = msgspec.msgpack.Encoder()
+_snap_dec = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
+
+
 class _Node:
     __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
-                 "applied", "applied_log")
+                 "applied", "applied_log", "incoming", "snapshot_at", "snapshots")
 
     def __init__(self, node_id: int) -> None:
         self.id = node_id
         self.engine: Engine | None = None
         self.disk = _Disk()
         self.alive = False
-        self.timer_tokens = {Timer.ELECTION: 0, Timer.HEARTBEAT: 0}
+        self.timer_tokens = {t: 0 for t in Timer}
         #: Writes in flight, oldest first: [writes, sends released when durable].
         self.fsyncs: list[list] = []
         self.state_machine: Any = None
         self.applied = 0
         self.applied_log: list[tuple] = []
+        #: A snapshot being received: [last included index, bytes so far].
+        self.incoming: list | None = None
+        self.snapshot_at = 0
+        #: Bytes of the snapshots the engine may still stream (volatile, like a driver's).
+        self.snapshots: dict[int, bytes] = {}
 
 
 class Simulator:
@@ -113,7 +139,9 @@ class Simulator:
     def __init__(self, seed: int, nodes: int = 3, faults: Faults = Faults(),
                  config: Config | None = None,
                  state_machine: Callable[[], Any] | None = None,
-                 propose_every: float = 0.004, read_every: float = 0.02) -> None:
+                 propose_every: float = 0.004, read_every: float = 0.02,
+                 snapshot_every: int = 0, spare_nodes: int = 0,
+                 reconfigure_every: float = 0.0) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
@@ -121,14 +149,17 @@ class Simulator:
         self.state_machine_factory = state_machine
         self.propose_every = propose_every
         self.read_every = read_every
+        self.snapshot_every = snapshot_every
+        self.reconfigure_every = reconfigure_every
         self.now = 0.0
         self._events: list = []
         self._seq = 0
         self._fsync_token = 0
         self._fsync_at = 0.0
-        self.nodes = {i: _Node(i) for i in range(1, nodes + 1)}
-        self.membership = Membership(voters=frozenset(self.nodes),
-                                     addresses={i: f"sim:{i}" for i in self.nodes})
+        self.nodes = {i: _Node(i) for i in range(1, nodes + spare_nodes + 1)}
+        founders = frozenset(range(1, nodes + 1))
+        self.membership = Membership(voters=founders,
+                                     addresses={i: f"sim:{i}" for i in founders})
         self._partition: dict[int, int] | None = None
         self._faults_on = True
         # Observations checked by the invariants.
@@ -143,9 +174,12 @@ class Simulator:
         self._next_payload = 0
         self._next_read = 0
         self.stats = {"events": 0, "messages": 0, "dropped": 0, "elections": 0, "crashes": 0,
-                      "acked": 0, "reads": 0}
+                      "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
+                      "reconfigurations": 0}
         for node in self.nodes.values():
-            self._boot(node, bootstrap=True)
+            self._boot(node, bootstrap=node.id in founders)
+        if reconfigure_every:
+            self._schedule(reconfigure_every, "reconfigure")
         self._schedule(self.propose_every, "propose")
         if self.read_every:
             self._schedule(self.read_every, "read")
@@ -209,7 +243,7 @@ class Simulator:
                 self._proposals[marker] = ldr.id
                 self._execute(ldr, ldr.engine.take_commands())
                 return False
-            return acked and all(n.applied >= proposed[0] for n in self.nodes.values())
+            return acked and all(n.applied >= proposed[0] for n in self._members(ldr))
 
         if not self.run_until(deadline, done):
             raise self._violation(
@@ -220,7 +254,7 @@ class Simulator:
         for index, (term, data) in self.acked.items():
             if index > proposed[0]:
                 continue  # acknowledged after the marker: not yet required everywhere
-            for n in self.nodes.values():
+            for n in self._members(leader()):
                 got = self._applied_on(n, index)
                 if got is None or got[0] != term or got[2] != data:
                     raise self._violation(f"acknowledged entry {index} missing on node {n.id}")
@@ -229,17 +263,82 @@ class Simulator:
 
     def _boot(self, node: _Node, bootstrap: bool = False) -> None:
         disk = node.disk
-        state = InitialState(hard_state=disk.hard_state, entries=list(disk.entries))
+        snap = disk.snapshot
+        node.applied = 0
+        node.applied_log = []
+        node.incoming = None
+        node.snapshots = {}
+        if snap is None:
+            state = InitialState(hard_state=disk.hard_state, entries=list(disk.entries))
+        else:
+            index = snap.meta.last_included_index
+            state = InitialState(
+                hard_state=disk.hard_state, snapshot_index=index,
+                snapshot_term=snap.meta.last_included_term,
+                snapshot_membership=snap.meta.membership, snapshot_size=len(snap.data),
+                entries=[e for e in disk.entries if e.index > index], applied_index=index)
+            self._restore(node, index, snap.data)
+            node.snapshots[index] = snap.data
         rng = random.Random(self.rng.random())
         node.engine = Engine(node.id, self.config, rng, state)
         node.alive = True
         node.fsyncs = []
-        node.applied = 0
-        node.applied_log = []
         node.state_machine = self.state_machine_factory() if self.state_machine_factory else None
         if bootstrap:
             node.engine.bootstrap(self.membership)
         self._execute(node, node.engine.start())
+
+    def _members(self, leader: _Node | None) -> list[_Node]:
+        """Nodes of the leader's configuration; removed and spare nodes need not converge."""
+        if leader is None:
+            return list(self.nodes.values())
+        return [self.nodes[i] for i in leader.engine.membership.members]
+
+    def _ev_reconfigure(self) -> None:
+        """Membership churn: add a learner, promote one, remove a voter (maybe the
+        leader), or replace a voter — whatever the current configuration allows."""
+        self._schedule(self._exp(self.reconfigure_every), "reconfigure")
+        if not self._faults_on:
+            return
+        leaders = [n for n in self.nodes.values() if n.alive and n.engine.role == Role.LEADER]
+        if not leaders:
+            return
+        ldr = self.rng.choice(leaders)
+        m = ldr.engine.membership
+        voters, learners = set(m.voters), set(m.learners)
+        spares = [i for i in self.nodes if i not in m.members]
+        choices = []
+        if spares:
+            choices.append("add-learner")
+        if learners and len(voters) < 5:
+            choices.append("promote")
+        if len(voters) > 3:
+            choices.append("remove")
+        if learners and len(voters) >= 3:
+            choices.append("replace")
+        if not choices:
+            return
+        op = self.rng.choice(choices)
+        if op == "add-learner":
+            learners.add(self.rng.choice(spares))
+        elif op == "promote":
+            x = self.rng.choice(sorted(learners))
+            learners.discard(x)
+            voters.add(x)
+        elif op == "remove":
+            voters.discard(self.rng.choice(sorted(voters)))
+        else:
+            x = self.rng.choice(sorted(learners))
+            learners.discard(x)
+            voters.discard(self.rng.choice(sorted(voters)))
+            voters.add(x)
+        try:
+            ldr.engine.propose_membership(frozenset(voters), frozenset(learners),
+                                          {i: f"sim:{i}" for i in voters | learners})
+        except FastRaftError:
+            return  # a change is still in progress
+        self.stats["reconfigurations"] += 1
+        self._execute(ldr, ldr.engine.take_commands())
 
     def _crash(self, node: _Node) -> None:
         node.alive = False
@@ -259,12 +358,22 @@ class Simulator:
                     held.append(c)
                 else:
                     self._transmit(node.id, c.to, c.message)
-            elif t is AppendLog or t is TruncateLog or t is PersistHardState:
+            elif t is AppendLog or t is TruncateLog or t is PersistHardState or t is CompactLog:
                 writes.append(c)
                 if t is AppendLog:
                     self._check_log_matching(node, c.entries)
             elif t is Apply:
-                self._apply(node, c.entries)
+                self._apply(node, c.entries, writes)
+            elif t is SendSnapshotChunk:
+                m = c.message
+                data = node.snapshots.get(m.meta.last_included_index)
+                if data is None:
+                    raise self._violation(f"node {node.id} was asked for a chunk of snapshot "
+                                          f"{m.meta.last_included_index}, which it dropped")
+                m.data = data[m.offset:m.offset + c.length]
+                self._transmit(node.id, c.to, m)
+            elif t is StoreSnapshotChunk:
+                self._store_chunk(node, c.frm, c.message, writes)
             elif t is SetTimer:
                 node.timer_tokens[c.timer] += 1
                 self._schedule(c.delay, "timer", node.id, c.timer, node.timer_tokens[c.timer])
@@ -276,6 +385,18 @@ class Simulator:
                 self._read_done(node, c)
             elif t is ReadFailed:
                 self._reads.pop(c.request_id, None)
+        more = node.engine.take_commands()
+        if more:
+            # answers to chunks, and the effects of an installed snapshot, come after
+            # this batch's writes
+            if writes:
+                self._queue_writes(node, writes, held)
+                writes, held = [], []
+            self._execute(node, more)
+        if writes or held:
+            self._queue_writes(node, writes, held)
+
+    def _queue_writes(self, node: _Node, writes: list, held: list) -> None:
         if writes:
             self._fsync_token += 1
             node.fsyncs.append([writes, held, self._fsync_token])
@@ -332,6 +453,13 @@ class Simulator:
         writes, held, _ = node.fsyncs.pop(0)
         for w in writes:
             node.disk.write(w)
+        for w in writes:
+            if type(w) is _SaveSnapshot:
+                node.snapshots[w.meta.last_included_index] = w.data
+                node.engine.snapshot_saved(w.meta, len(w.data))
+                in_use = node.engine.snapshots_in_use()
+                for index in [i for i in node.snapshots if i not in in_use]:
+                    del node.snapshots[index]
         entries = node.disk.entries
         if entries:
             node.engine.log_persisted(entries[-1].index, entries[-1].term)
@@ -418,7 +546,12 @@ class Simulator:
         # Leader completeness: the new leader holds every acknowledged entry (§5.4).
         log = node.engine.log
         for index, (term, data) in self.acked.items():
-            if log.term_at(index) != term:
+            if index <= log.snapshot_index:
+                held = self._applied_on(node, index)
+                ok = held is not None and held[0] == term and held[2] == data
+            else:
+                ok = log.term_at(index) == term
+            if not ok:
                 raise self._violation(
                     f"leader {node.id} of term {c.term} lacks acknowledged entry {index}")
 
@@ -438,7 +571,49 @@ class Simulator:
     def _applied_on(self, node: _Node, index: int):
         return node.applied_log[index - 1] if index <= len(node.applied_log) else None
 
-    def _apply(self, node: _Node, entries: list[Entry]) -> None:
+    def _restore(self, node: _Node, index: int, data: bytes) -> None:
+        """Rebuild a node's applied state from a snapshot, checking it against what every
+        other node applied (state-machine safety holds across snapshots too)."""
+        log = [tuple(x) for x in _snap_dec.decode(data)]
+        if len(log) != index:
+            raise self._violation(f"snapshot at {index} holds {len(log)} entries")
+        for i, value in enumerate(log, 1):
+            first = self._applied.setdefault(i, value)
+            if first != value:
+                raise self._violation(f"node {node.id} restores a different entry at {i}")
+        node.applied_log = log
+        node.applied = index
+        node.snapshot_at = index
+        if node.state_machine is not None:
+            node.state_machine = self.state_machine_factory()
+            node.state_machine.apply([Entry(t, i, k, d) for i, (t, k, d) in enumerate(log, 1)
+                                      if k == EntryKind.NORMAL])
+
+    def _store_chunk(self, node: _Node, frm: int, m, writes: list) -> None:
+        """The driver's half of InstallSnapshot: keep chunks in order, install on the last."""
+        index = m.meta.last_included_index
+        if m.offset == 0:
+            node.incoming = [index, bytearray()]
+        inc = node.incoming
+        if inc is None or inc[0] != index:
+            node.engine.snapshot_chunk_stored(frm, m, 0)
+            return
+        if m.offset != len(inc[1]):
+            node.engine.snapshot_chunk_stored(frm, m, len(inc[1]))  # resume from there
+            return
+        inc[1] += m.data
+        if not m.done:
+            node.engine.snapshot_chunk_stored(frm, m, len(inc[1]))
+            return
+        data = bytes(inc[1])
+        node.incoming = None
+        if index > node.engine.commit_index:
+            self._restore(node, index, data)
+            writes.append(_SaveSnapshot(m.meta, data))
+            self.stats["installs"] += 1
+        node.engine.snapshot_installed(frm, m.meta, len(data))
+
+    def _apply(self, node: _Node, entries: list[Entry], writes: list) -> None:
         if entries[0].index != node.applied + 1:
             raise self._violation(f"node {node.id} applies {entries[0].index} after {node.applied}")
         user = []
@@ -454,6 +629,11 @@ class Simulator:
                 if self._proposals.get(value[2]) == node.id and node.engine.role == Role.LEADER:
                     self._ack(e.index, e.term, value[2])
         node.applied = entries[-1].index
+        if self.snapshot_every and node.applied - node.snapshot_at >= self.snapshot_every:
+            node.snapshot_at = node.applied
+            meta = node.engine.snapshot_meta(node.applied)
+            writes.append(_SaveSnapshot(meta, _snap_enc.encode(node.applied_log)))
+            self.stats["snapshots"] += 1
         if node.state_machine is not None and user:
             results = node.state_machine.apply(user)
             for e, r in zip(user, results):

@@ -34,6 +34,9 @@ class Hello(msgspec.Struct, array_like=True):
     cluster_id: str
     node_id: int
     version: int = PROTOCOL_VERSION
+    #: Where the dialer listens: lets a node that is not yet told the membership (a new
+    #: learner) answer the leader that contacted it.
+    address: str = ""
 
 
 _hello_decoder = msgspec.msgpack.Decoder(Hello)
@@ -66,6 +69,8 @@ class TcpNetwork:
         self.rng = rng or random.Random()
         self.node: Any = None
         self.addresses: dict[int, str] = {}
+        #: Addresses announced by peers that dialed us, used for nodes not in ``addresses``.
+        self.learned: dict[int, str] = {}
         self._peers: dict[int, _Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[_Inbound] = set()
@@ -94,17 +99,22 @@ class TcpNetwork:
 
     def set_peers(self, addresses: dict[int, str]) -> None:
         self.addresses = {i: a for i, a in addresses.items() if i != self.id}
-        for i in [i for i in self._peers if i not in self.addresses]:
+        for i in [i for i in self._peers if i not in self.addresses and i not in self.learned]:
             self._peers.pop(i).close()
         for i, peer in self._peers.items():
-            if peer.address != self.addresses[i]:
-                peer.address = self.addresses[i]
+            address = self.addresses.get(i) or self.learned[i]
+            if peer.address != address:
+                peer.address = address
                 peer.reconnect()
+
+    def receive_filter(self, frm: int) -> bool:
+        """Whether to deliver messages from node ``frm``; tests override it to partition."""
+        return True
 
     def send(self, target: int, messages: list) -> None:
         peer = self._peers.get(target)
         if peer is None:
-            address = self.addresses.get(target)
+            address = self.addresses.get(target) or self.learned.get(target)
             if address is None or self._loop is None:
                 self.stats["dropped"] += len(messages)
                 return
@@ -165,7 +175,8 @@ class _Peer:
                 log.debug("node %d: cannot reach node %d at %s: %s", net.id, self.id,
                           self.address, exc)
             else:
-                hello = _hello_encoder.encode(Hello(net.cluster_id, net.id))
+                hello = _hello_encoder.encode(Hello(net.cluster_id, net.id,
+                                                    address=net.listen))
                 transport.writelines((_LEN.pack(len(hello)), hello))
                 self.transport = transport
                 delay = net.backoff_min
@@ -269,6 +280,8 @@ class _Inbound(asyncio.Protocol):
                 self._reject(f"peer speaks protocol {hello.version}, not {PROTOCOL_VERSION}")
                 return False
             self.peer_id = hello.node_id
+            if hello.address and hello.node_id != net.id:
+                net.learned[hello.node_id] = hello.address
             return True
         try:
             messages = decode_messages(frame)
@@ -277,7 +290,7 @@ class _Inbound(asyncio.Protocol):
             return False
         net.stats["frames_in"] += 1
         node = net.node
-        if node is not None and messages:
+        if node is not None and messages and net.receive_filter(self.peer_id):
             try:
                 node.receive(self.peer_id, messages)
             except Exception as exc:  # a message the engine refuses must not kill the node

@@ -1,0 +1,182 @@
+"""§7 snapshots and compaction, thesis §3.10 leadership transfer and §4.2.3 vote
+stickiness: the exact commands the engine emits."""
+import pytest
+
+from fastraft.config import Config
+from fastraft.engine import (
+    CompactLog,
+    ProgressState,
+    Role,
+    SendSnapshotChunk,
+    StoreSnapshotChunk,
+    Timer,
+    TruncateLog,
+)
+from fastraft.errors import NotLeader
+from fastraft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    Membership,
+    RequestVote,
+    RequestVoteResponse,
+    SnapshotMeta,
+    TimeoutNow,
+)
+
+from engine_helpers import Harness, make, sends
+
+CFG = Config(pre_vote=False, check_quorum=False, snapshot_trailing_entries=2,
+             snapshot_chunk_bytes=10)
+MEMBERS = Membership(voters=frozenset({1, 2, 3}))
+
+
+def leader_with_log(n_entries=10, config=CFG):
+    h = Harness([make(i, terms=[1] * n_entries, commit=n_entries, config=config)
+                 for i in (1, 2, 3)])
+    h.fire(1)
+    return h, h.engines[1]
+
+
+def test_snapshot_saved_compacts_behind_a_trailing_window():
+    h, leader = leader_with_log()
+    meta = leader.snapshot_meta(8)
+    assert meta == SnapshotMeta(8, 1, MEMBERS)
+    leader.snapshot_saved(meta, 25)
+    assert leader.take_commands() == [CompactLog(6)]  # 8 - 2 trailing entries
+    assert leader.log.snapshot_index == 6 and leader.log.term_at(6) == 1
+    leader.snapshot_saved(SnapshotMeta(5, 1, MEMBERS), 10)  # older: ignored
+    assert leader.take_commands() == []
+
+
+def test_follower_behind_the_compaction_point_gets_chunks_one_at_a_time():
+    h, leader = leader_with_log()
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 25)
+    leader.take_commands()
+    pr = leader.progress[2]
+    pr.match_index, pr.next_index = 0, 1
+    pr.become_probe()
+    leader.on_timer(Timer.HEARTBEAT)
+    chunks = [c for c in leader.take_commands() if type(c) is SendSnapshotChunk and c.to == 2]
+    meta = leader._snapshot
+    assert chunks == [SendSnapshotChunk(2, InstallSnapshot(leader.term, 1, meta, 0, b"", False),
+                                        10)]
+    assert pr.state == ProgressState.SNAPSHOT
+    leader.step(2, InstallSnapshotResponse(leader.term, meta.last_included_index, 10))
+    assert [c.message.offset for c in leader.take_commands() if type(c) is SendSnapshotChunk] \
+        == [10]
+    leader.step(2, InstallSnapshotResponse(leader.term, meta.last_included_index, 20))
+    last = [c for c in leader.take_commands() if type(c) is SendSnapshotChunk]
+    assert [(c.message.offset, c.length, c.message.done) for c in last] == [(20, 5, True)]
+    leader.step(2, InstallSnapshotResponse(leader.term, meta.last_included_index, 25, True))
+    assert pr.match_index == meta.last_included_index and pr.state != ProgressState.SNAPSHOT
+
+
+def test_a_transfer_finishes_the_snapshot_it_started_with():
+    h, leader = leader_with_log(20)
+    leader.snapshot_saved(leader.snapshot_meta(12), 25)
+    leader.take_commands()
+    pr = leader.progress[2]
+    pr.match_index, pr.next_index = 0, 1
+    pr.become_probe()
+    leader.on_timer(Timer.HEARTBEAT)
+    leader.take_commands()
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 30)  # newer one
+    assert leader.snapshots_in_use() == {12, leader.applied_index}
+    leader.step(2, InstallSnapshotResponse(leader.term, 12, 10))
+    chunk = [c for c in leader.take_commands() if type(c) is SendSnapshotChunk][0]
+    assert chunk.message.meta.last_included_index == 12 and chunk.message.offset == 10
+
+
+def test_follower_asks_driver_to_store_chunks_and_answers_after_install():
+    f = make(2, terms=[1, 1, 2], term=2, config=CFG)
+    f.take_commands()
+    meta = SnapshotMeta(5, 2, MEMBERS)
+    chunk = InstallSnapshot(3, 1, meta, 0, b"0123456789", False)
+    f.step(1, chunk)
+    cmds = f.take_commands()
+    assert StoreSnapshotChunk(1, chunk) in cmds
+    f.snapshot_chunk_stored(1, chunk, 10)
+    assert sends(f.take_commands()) == [(1, InstallSnapshotResponse(3, 5, 10, False))]
+    f.snapshot_installed(1, meta, 25)
+    cmds = f.take_commands()
+    # its log (ending at 3) cannot hold entry 5: discard all, continue after the snapshot
+    assert [c for c in cmds if type(c) in (TruncateLog, CompactLog)] == [TruncateLog(1),
+                                                                       CompactLog(5)]
+    assert sends(cmds) == [(1, InstallSnapshotResponse(3, 5, 25, True))]
+    assert (f.commit_index, f.applied_index, f.log.last_index) == (5, 5, 5)
+
+
+def test_installing_a_snapshot_keeps_a_matching_suffix():
+    f = make(2, terms=[1, 1, 2, 2, 2, 2], term=2, config=CFG)
+    f.take_commands()
+    f.snapshot_installed(1, SnapshotMeta(4, 2, MEMBERS), 10)
+    cmds = f.take_commands()
+    assert [c for c in cmds if type(c) in (TruncateLog, CompactLog)] == [CompactLog(4)]
+    assert f.log.last_index == 6 and f.log.snapshot_index == 4  # §7: entries 5, 6 kept
+
+
+def test_stale_snapshot_is_answered_with_the_commit_index():
+    f = make(2, terms=[1] * 6, term=1, commit=6, config=CFG)
+    f.take_commands()
+    f.step(1, InstallSnapshot(1, 1, SnapshotMeta(4, 1, MEMBERS), 0, b"x", True))
+    assert sends(f.take_commands()) == [(1, AppendEntriesResponse(1, True, 6))]
+
+
+def test_leadership_transfer_sends_timeout_now_once_caught_up():
+    h, leader = leader_with_log(3)
+    h.run()
+    leader.transfer_leadership(2)
+    assert sends(leader.take_commands(), TimeoutNow) == [(2, TimeoutNow(leader.term, 1))]
+    with pytest.raises(NotLeader) as info:
+        leader.propose([b"refused while handing over"])
+    assert info.value.leader_id == 2
+    h.engines[2].step(1, TimeoutNow(leader.term, 1))  # deliver what the test took
+    h.run()
+    assert h.engines[2].role == Role.LEADER and leader.role == Role.FOLLOWER
+
+
+def test_leadership_transfer_catches_the_target_up_first():
+    h, leader = leader_with_log(3)
+    h.run()
+    h.engines.pop(2)
+    leader.propose([b"x", b"y"])
+    leader.take_commands()
+    leader.transfer_leadership(2)
+    assert sends(leader.take_commands(), TimeoutNow) == []
+    leader.step(2, AppendEntriesResponse(leader.term, True, leader.log.last_index))
+    assert sends(leader.take_commands(), TimeoutNow) == [(2, TimeoutNow(leader.term, 1))]
+
+
+def test_leadership_transfer_gives_up_after_an_election_timeout():
+    h, leader = leader_with_log(3)
+    h.engines.pop(2)
+    leader.transfer_leadership(2)
+    leader.on_timer(Timer.ELECTION)
+    with pytest.raises(NotLeader):
+        leader.propose([b"still handing over"])
+    leader.on_timer(Timer.ELECTION)
+    assert leader.propose([b"accepted again"]) > 0
+
+
+def test_votes_are_refused_while_the_leader_is_heard():
+    cfg = Config(check_quorum=True)
+    f = make(2, term=2, terms=[1], config=cfg)
+    f.step(1, AppendEntries(2, 1, 1, 1, [], 0))
+    f.take_commands()
+    f.step(3, RequestVote(3, 3, 5, 2))  # a node that lost contact wants an election
+    assert sends(f.take_commands()) == [] and f.term == 2
+    # the leader's own transfer request is answered
+    f.step(3, RequestVote(3, 3, 5, 2, False, True))
+    assert sends(f.take_commands()) == [(3, RequestVoteResponse(3, True, False))]
+
+
+def test_votes_are_answered_once_the_lease_expires():
+    cfg = Config(check_quorum=True)
+    f = make(2, term=2, terms=[1], config=cfg)
+    f.step(1, AppendEntries(2, 1, 1, 1, [], 0))
+    f.take_commands()
+    f.on_timer(Timer.LEASE)
+    f.step(3, RequestVote(3, 3, 5, 2, True))
+    assert sends(f.take_commands()) == [(3, RequestVoteResponse(3, True, True))]

@@ -1,0 +1,173 @@
+"""Dynamic membership, snapshots and leadership on real clusters over TCP (127.0.0.1)."""
+import asyncio
+
+import pytest
+
+from fastraft import kv
+from fastraft.config import Config
+from fastraft.errors import CatchUpTimeout, MembershipChangeInProgress, NotLeader
+from fastraft.testing import LocalCluster, wait_until
+
+from aio import run
+
+FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+
+
+async def write(leader, n, prefix="k"):
+    return await asyncio.gather(*[leader.propose(kv.put(f"{prefix}{k}", b"v%d" % k))
+                                  for k in range(n)])
+
+
+async def converged(c, ids, index):
+    await wait_until(lambda: all(c.nodes[i].applied_index >= index for i in ids), 20,
+                     f"nodes {sorted(ids)} applying {index}")
+    data = [c.state_machines[i].data for i in ids]
+    assert all(d == data[0] for d in data)
+
+
+@run
+async def test_grow_3_to_5_then_shrink_to_3():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp",
+                            spares=2) as c:
+        leader = await c.leader()
+        await write(leader, 100)
+        await leader.add_learner(4, c.addresses[4])
+        await leader.add_learner(5, c.addresses[5])
+        assert leader.engine.membership.learners == {4, 5}
+        await leader.change_membership({1, 2, 3, 4, 5})
+        assert c.voters() == {1, 2, 3, 4, 5} and not leader.engine.membership.joint
+        last = (await write(leader, 50, "g"))[-1]
+        await converged(c, range(1, 6), last)
+        leader = await c.leader()
+        keep = {leader.id} | set(sorted(set(range(1, 6)) - {leader.id})[:2])
+        await leader.change_membership(keep)
+        assert c.voters() == keep
+        last = (await write(leader, 20, "s"))[-1]
+        await converged(c, keep, last)
+
+
+@run
+async def test_replace_a_node_and_remove_the_leader():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp",
+                            spares=1) as c:
+        leader = await c.leader()
+        await write(leader, 50)
+        gone = next(i for i in (1, 2, 3) if i != leader.id)
+        await leader.add_learner(4, c.addresses[4])
+        await leader.change_membership({1, 2, 3, 4} - {gone})
+        assert c.voters() == {1, 2, 3, 4} - {gone}
+        # now remove the leader itself: it steps down once C_new commits
+        old = leader.id
+        await leader.change_membership(c.voters() - {old})
+        await wait_until(lambda: not c.nodes[old].is_leader)
+        new = await c.leader(exclude={old})
+        assert new.id != old and old not in new.engine.membership.members
+        last = (await write(new, 20, "after"))[-1]
+        await converged(c, new.engine.membership.voters, last)
+        # removed nodes never win an election in the new cluster
+        assert all(not c.nodes[i].is_leader for i in (old, gone))
+
+
+@run
+async def test_new_node_catches_up_from_a_snapshot_after_compaction():
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
+                 snapshot_interval=200, snapshot_trailing_entries=10,
+                 snapshot_chunk_bytes=4096)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp",
+                            spares=1) as c:
+        leader = await c.leader()
+        await write(leader, 1000)
+        await wait_until(lambda: leader.engine.log.snapshot_index > 0, 10, "compaction")
+        compacted = leader.engine.log.snapshot_index
+        await leader.add_learner(4, c.addresses[4])
+        newcomer = c.nodes[4]
+        await wait_until(lambda: newcomer.applied_index >= compacted, 20, "snapshot install")
+        # it got a snapshot (several chunks), not the compacted entries
+        assert newcomer.engine.log.snapshot_index >= compacted
+        assert newcomer._snapshot_index >= compacted
+        await leader.change_membership({1, 2, 3, 4})
+        last = (await write(leader, 10, "n"))[-1]
+        await converged(c, range(1, 5), last)
+        assert c.state_machines[4].data == c.state_machines[leader.id].data
+
+
+@run
+async def test_partitioned_node_rejoins_without_disrupting_the_leader():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp") as c:
+        leader = await c.leader()
+        await write(leader, 20)
+        term = leader.engine.term
+        loner = next(n for n in c.nodes.values() if n is not leader)
+        c.hub.isolate(loner.id)
+        # several election timeouts pass; pre-vote keeps its term from climbing
+        await asyncio.sleep(0)  # let the cut take effect before counting campaigns
+        await wait_until(lambda: loner.engine.leader_id is None, 5)
+        await write(leader, 20, "p")
+        c.hub.heal()
+        last = (await write(leader, 5, "h"))[-1]
+        await converged(c, (1, 2, 3), last)
+        assert leader.is_leader and leader.engine.term == term
+        assert loner.engine.term == term
+
+
+@run
+async def test_leadership_transfer_under_load():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp") as c:
+        leader = await c.leader()
+        target = next(i for i in (1, 2, 3) if i != leader.id)
+        acked, refused = [], []
+
+        async def load():
+            k = 0
+            while len(acked) < 400:
+                node = next((n for n in c.nodes.values() if n.is_leader), None)
+                if node is None:
+                    await asyncio.sleep(0.001)
+                    continue
+                try:
+                    acked.append(await node.propose(kv.put(f"t{k}", b"x")))
+                except NotLeader:
+                    refused.append(k)
+                    await asyncio.sleep(0.001)
+                k += 1
+        task = asyncio.ensure_future(load())
+        await wait_until(lambda: len(acked) > 50)
+        await leader.transfer_leadership(target)
+        assert c.nodes[target].is_leader
+        await asyncio.wait_for(task, 20)
+        await converged(c, (1, 2, 3), max(acked))
+        assert sorted(acked) == acked  # every acknowledged write kept its order
+
+
+@run
+async def test_membership_survives_restarts():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp",
+                            spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        await leader.change_membership({1, 2, 3, 4})
+        for i in (1, 2, 3, 4):
+            node = await c.restart(i)
+            assert node.engine.membership.voters == {1, 2, 3, 4}
+        leader = await c.leader()
+        await write(leader, 5)
+
+
+@run
+async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_caught_up():
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
+                 max_learner_lag=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp",
+                            spares=1) as c:
+        leader = await c.leader()
+        with pytest.raises(ValueError, match="add_learner"):
+            await leader.change_membership({1, 2, 3, 4})
+        c.hub.isolate(4)  # the learner can never catch up
+        await leader.add_learner(4, c.addresses[4])
+        await write(leader, 10)
+        with pytest.raises(CatchUpTimeout, match="not promoted"):
+            await leader.change_membership({1, 2, 3, 4}, timeout=0.5)
+        c.hub.heal()
+        leader.engine.propose_membership(frozenset({1, 2, 3, 4}))
+        with pytest.raises(MembershipChangeInProgress):
+            leader.engine.propose_membership(frozenset({1, 2, 3}))

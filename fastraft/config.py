@@ -41,6 +41,14 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: A learner is promoted only once within this many entries of the leader's log.
     max_learner_lag: int = 1000
 
+    #: Opt-in lease reads (thesis §6.4.1): a leader that confirmed its leadership with a
+    #: quorum at time t serves reads without a round trip until
+    #: t + election_timeout_min * (1 - max_clock_drift). Safe only if no node's clock runs
+    #: more than ``max_clock_drift`` (as a fraction) slower or faster than another's over
+    #: that span, and needs ``check_quorum`` (followers then refuse votes for that long).
+    lease_reads: bool = False
+    max_clock_drift: float = 0.1
+
     def __post_init__(self) -> None:
         if not 0 < self.election_timeout_min < self.election_timeout_max:
             raise ConfigError(
@@ -59,5 +67,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
         for name in ("snapshot_interval", "snapshot_trailing_entries", "max_learner_lag"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lease_reads and not self.check_quorum:
+            raise ConfigError("lease_reads needs check_quorum: without it followers may vote "
+                              "for a new leader while the old one still serves reads")
+        if not 0 <= self.max_clock_drift < 1:
+            raise ConfigError(f"max_clock_drift must be in [0, 1), got {self.max_clock_drift}")
         if self.overload_wait < 0:
             raise ConfigError(f"overload_wait must be >= 0, got {self.overload_wait}")

@@ -171,6 +171,9 @@ class RaftNode:
 
         self._reads: dict[int, asyncio.Future] = {}
         self._read_waiters: list[tuple[int, asyncio.Future]] = []
+        #: Lease reads: loop time until which this leader may read without a round trip.
+        self._lease_until = 0.0
+        self._lease_renewing = False
         self._next_read_id = 0
         self._leader_known = asyncio.Event()
 
@@ -321,6 +324,14 @@ class RaftNode:
         acknowledged before this call. On a follower the leader is asked."""
         self._check_running()
         engine = self.engine
+        if self.config.lease_reads and engine.role == Role.LEADER:
+            now = self._loop.time()
+            if now < self._lease_until and engine.log.term_at(engine.commit_index) == engine.term:
+                if self._lease_until - now < self._lease_span() / 2 and not self._lease_renewing:
+                    self._lease_renewing = True
+                    self._loop.create_task(self._renew_lease())
+                return await self._wait_applied(engine.commit_index)
+        issued = self._loop.time()
         self._next_read_id += 1
         rid = self._next_read_id
         fut = self._loop.create_future()
@@ -334,11 +345,34 @@ class RaftNode:
         if timeout is None:
             timeout = self.config.election_timeout_max * 4
         try:
-            return await asyncio.wait_for(fut, timeout)
+            index = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise engine.not_leader() from None
         finally:
             self._reads.pop(rid, None)
+        if self.config.lease_reads and engine.role == Role.LEADER:
+            # a quorum heard from us after `issued`; none of them votes for another
+            # candidate for election_timeout_min after that
+            self._lease_until = max(self._lease_until, issued + self._lease_span())
+        return index
+
+    def _lease_span(self) -> float:
+        return self.config.election_timeout_min * (1 - self.config.max_clock_drift)
+
+    async def _renew_lease(self) -> None:
+        try:
+            await self.read_index()
+        except Exception:  # lost leadership or stopped: the lease simply runs out
+            pass
+        finally:
+            self._lease_renewing = False
+
+    async def _wait_applied(self, index: int) -> int:
+        if self.applied_index >= index:
+            return index
+        fut = self._loop.create_future()
+        self._read_waiters.append((index, fut))
+        return await fut
 
     async def wait_for_leader(self, timeout: float = 10.0) -> int:
         """Wait until a leader is known; returns its id. Raises ``TimeoutError``."""
@@ -383,7 +417,7 @@ class RaftNode:
     async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
         """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
         but neither votes nor counts for commit. Returns once the change is committed."""
-        engine = self._leader_engine()
+        engine = await self._settled_leader(timeout)
         m = engine.membership
         if node_id in m.members:
             raise ValueError(f"node {node_id} is already a member")
@@ -397,7 +431,7 @@ class RaftNode:
         once within ``Config.max_learner_lag`` entries of the leader, else
         ``CatchUpTimeout``. Voters left out are removed; a leader left out steps down once
         C_new commits. Raises ``MembershipChangeInProgress`` if a change is under way."""
-        engine = self._leader_engine()
+        engine = await self._settled_leader(timeout)
         voters = frozenset(voters)
         m = engine.membership
         strangers = voters - m.voters - m.learners
@@ -444,6 +478,19 @@ class RaftNode:
                 await asyncio.wait_for(self._leader_known.wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
+
+    async def _settled_leader(self, timeout: float) -> Engine:
+        """The engine once this leader has committed an entry of its term: until then the
+        configuration it inherited may still be uncommitted, which is not a change in
+        progress that the caller should be told about."""
+        self._leader_engine()
+
+        def settled() -> bool:
+            e = self.engine
+            return e.role != Role.LEADER or e.log.term_at(e.commit_index) == e.term
+        async with self._progress:
+            await asyncio.wait_for(self._progress.wait_for(settled), timeout)
+        return self._leader_engine()
 
     def _leader_engine(self) -> Engine:
         self._check_running()
@@ -773,6 +820,8 @@ class RaftNode:
         self._schedule_flush()
 
     def _on_role_changed(self, c: RoleChanged) -> None:
+        if c.role != Role.LEADER:
+            self._lease_until = 0.0
         if c.leader_id is not None:
             self._leader_known.set()
         if c.role != Role.LEADER and self._proposals:
@@ -852,7 +901,13 @@ class RaftNode:
         if index <= self._snapshot_index:
             return self._snapshot_index
         meta = self.engine.snapshot_meta(index)
-        data = await self._call(self.state_machine.snapshot)
+        snapshot = self.state_machine.snapshot
+        if inspect.iscoroutinefunction(snapshot):
+            data = await snapshot()
+        else:
+            # The apply task waits here, so nothing changes the state meanwhile; a thread
+            # keeps replication and elections running while a large snapshot is taken.
+            data = await self._loop.run_in_executor(None, snapshot)
         durable = self._loop.create_future()
         self._run([_SaveSnapshot(meta, bytes(data), installed=False, durable=durable)])
         return await durable

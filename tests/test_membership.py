@@ -171,3 +171,31 @@ async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_ca
         leader.engine.propose_membership(frozenset({1, 2, 3, 4}))
         with pytest.raises(MembershipChangeInProgress):
             leader.engine.propose_membership(frozenset({1, 2, 3}))
+
+
+@run
+async def test_lease_reads_skip_the_round_trip_and_expire_when_cut_off():
+    cfg = Config(election_timeout_min=0.2, election_timeout_max=0.4, heartbeat_interval=0.02,
+                 lease_reads=True)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp") as c:
+        leader = await c.leader()
+        version = await leader.propose(kv.put("x", b"1"))
+        assert await leader.read_index() >= version  # a ReadIndex round: takes the lease
+        sent = sum(n.network.stats["frames_out"] for n in c.nodes.values())
+        for _ in range(50):
+            assert await leader.read_index() >= version
+        # fifty reads inside the lease cost no messages (heartbeats aside)
+        assert sum(n.network.stats["frames_out"] for n in c.nodes.values()) - sent < 20
+        c.hub.isolate(leader.id)
+        new = await c.leader(exclude={leader.id}, timeout=10)
+        # safety: no new leader exists while the old one could still read from its lease
+        assert asyncio.get_running_loop().time() >= leader._lease_until
+        await new.propose(kv.put("x", b"2"))
+        with pytest.raises(NotLeader):
+            await leader.read_index()
+
+
+def test_lease_reads_need_check_quorum():
+    from fastraft.errors import ConfigError
+    with pytest.raises(ConfigError, match="check_quorum"):
+        Config(lease_reads=True, check_quorum=False)

@@ -96,9 +96,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING")
 
+    sub.add_parser("bench", help="benchmarks (see fastraft bench --help)", add_help=False)
+
     status = sub.add_parser("status", help="print a node's status")
     status.add_argument("--address", required=True, help="the node's client HOST:PORT")
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from fastraft.benchmark import main as bench_main
+        sys.exit(bench_main(argv[1:]))
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":

@@ -62,6 +62,7 @@ from fastraft.messages import (
     decode_membership,
 )
 from fastraft.network import RaftNetwork
+from fastraft.proposals import ProposalTracker
 from fastraft.statemachine import StateMachine
 from fastraft.storage import RaftStorage
 
@@ -75,20 +76,6 @@ def _maybe_async(fn):
     if inspect.iscoroutinefunction(fn):
         return fn, True
     return fn, False
-
-
-class _Proposal:
-    """Futures of proposals covering log indexes ``first .. last`` (in index order)."""
-
-    __slots__ = ("first", "last", "future", "batch", "results")
-
-    def __init__(self, first: int, last: int, future: asyncio.Future, batch: bool) -> None:
-        self.first = first
-        self.last = last
-        self.future = future
-        self.batch = batch
-        #: Results gathered so far, when the entries are applied in more than one batch.
-        self.results: list = []
 
 
 class _SaveSnapshot:
@@ -154,12 +141,12 @@ class RaftNode:
         self._committed_index = 0
         self._progress = asyncio.Condition()
 
-        self._proposals: deque[_Proposal] = deque()
-        self._pending_count = 0
+        self._proposals = ProposalTracker()
+        #: Running and leading: propose() checks this one flag on its fast path.
+        self._accepting = False
+        self._max_pending = self.config.max_pending_proposals
         self._capacity = asyncio.Event()
         self._capacity.set()
-        self._buffered: list[bytes] = []
-        self._buffered_proposals: list[tuple[int, asyncio.Future, bool]] = []
 
         #: The newest durable snapshot, and the bytes of every snapshot the engine may
         #: still stream to a follower (``Engine.snapshots_in_use``).
@@ -190,6 +177,9 @@ class RaftNode:
         self._compact, self._compact_async = _maybe_async(st.compact_prefix)
         self._save_snap, self._save_snap_async = _maybe_async(st.save_snapshot)
         self._save_hs, self._save_hs_async = _maybe_async(st.save_hard_state)
+        self._sync_storage = not (self._append_async or self._truncate_async
+                                  or self._compact_async or self._save_snap_async
+                                  or self._save_hs_async)
         self._sm_apply, self._sm_apply_async = _maybe_async(self.state_machine.apply)
         state = await self._call(st.load_state)
         snapshot_index = snapshot_term = 0
@@ -235,6 +225,7 @@ class RaftNode:
         if not self._running:
             return
         self._running = False
+        self._accepting = False
         for handle in self._timer_handles.values():
             if handle is not None:
                 handle.cancel()
@@ -252,17 +243,11 @@ class RaftNode:
             except asyncio.CancelledError:
                 pass
         stopped = NodeStopped(f"node {self.id} stopped")
-        for p in self._proposals:
-            _fail(p.future, stopped)
-        for _, fut, _ in self._buffered_proposals:
-            _fail(fut, stopped)
+        self._proposals.fail_all(stopped)
         for fut in self._reads.values():
             _fail(fut, stopped)
         for _, fut in self._read_waiters:
             _fail(fut, stopped)
-        self._proposals.clear()
-        self._buffered_proposals.clear()
-        self._buffered.clear()
         self._reads.clear()
         self._read_waiters.clear()
         self._capacity.set()
@@ -308,14 +293,23 @@ class RaftNode:
         ``ProposalDropped`` if leadership was lost before the entry was known committed;
         in that case the entry may or may not be committed by a later leader.
         """
-        fut = await self._enqueue([data], batch=False)
+        if not self._accepting or self._proposals.pending >= self._max_pending:
+            await self._admit()
+        fut = self._loop.create_future()
+        self._proposals.add(data, fut)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         return await fut
 
     async def propose_batch(self, datas: Sequence[bytes]) -> list[Any]:
         """Replicate several commands as consecutive entries; one result per command."""
         if not datas:
             return []
-        fut = await self._enqueue(list(datas), batch=True)
+        await self._admit()
+        fut = self._loop.create_future()
+        self._proposals.add_batch(datas, fut)
+        self._schedule_flush()
         return await fut
 
     async def read_index(self, timeout: float | None = None) -> int:
@@ -554,29 +548,26 @@ class RaftNode:
             result = await result
         return result
 
-    async def _enqueue(self, datas: list[bytes], batch: bool) -> asyncio.Future:
+    async def _admit(self) -> None:
+        """Raise unless this node can take a proposal now; wait while too many are pending
+        (back-pressure), up to ``Config.overload_wait``."""
         self._check_running()
         if self.engine.role != Role.LEADER:
             raise self.engine.not_leader()
-        while self._pending_count >= self.config.max_pending_proposals:
+        while self._proposals.pending >= self.config.max_pending_proposals:
+            pending = self._proposals.pending
             if not self.config.overload_wait:
-                raise Overloaded(f"{self._pending_count} proposals pending; retry later")
+                raise Overloaded(f"{pending} proposals pending; retry later")
             self._capacity.clear()
             try:
                 await asyncio.wait_for(self._capacity.wait(), self.config.overload_wait)
             except asyncio.TimeoutError:
                 raise Overloaded(
-                    f"{self._pending_count} proposals still pending after "
-                    f"{self.config.overload_wait}s; the cluster is not keeping up") from None
+                    f"{pending} proposals still pending after {self.config.overload_wait}s; "
+                    "the cluster is not keeping up") from None
             self._check_running()
             if self.engine.role != Role.LEADER:
                 raise self.engine.not_leader()
-        fut = self._loop.create_future()
-        self._buffered.extend(datas)
-        self._buffered_proposals.append((len(datas), fut, batch))
-        self._pending_count += len(datas)
-        self._schedule_flush()
-        return fut
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._running:
@@ -587,20 +578,15 @@ class RaftNode:
         self._flush_scheduled = False
         if not self._running:
             return
-        if self._buffered:
-            datas, proposals = self._buffered, self._buffered_proposals
-            self._buffered, self._buffered_proposals = [], []
+        proposals = self._proposals
+        if proposals.buffered:
             try:
-                index = self.engine.propose(datas)
+                index = self.engine.propose(proposals.take())
             except NotLeader as exc:
-                for n, fut, _ in proposals:
-                    self._pending_count -= n
-                    _fail(fut, exc)
+                proposals.fail_buffered(exc)
                 self._capacity.set()
             else:
-                for n, fut, batch in proposals:
-                    self._proposals.append(_Proposal(index, index + n - 1, fut, batch))
-                    index += n
+                proposals.appended(index)
         self._run(self.engine.take_commands())
 
     def _run(self, commands: list) -> None:
@@ -662,9 +648,12 @@ class RaftNode:
                 self.network.set_peers(dict(self._peers_of.addresses))
         more = self.engine.take_commands()
         if ops:
-            self._writes.append([ops, held])
-            if self._write_task is None:
-                self._write_task = self._loop.create_task(self._write_loop())
+            if self._sync_storage and not self._writes:
+                self._write_now(ops, held)
+            else:
+                self._writes.append([ops, held])
+                if self._write_task is None:
+                    self._write_task = self._loop.create_task(self._write_loop())
         elif held:
             self._writes[-1][1].extend(held)
         if more:
@@ -711,35 +700,39 @@ class RaftNode:
                     # merge the newest into the one in front, keeping order
                     self._writes[-1][0].extend(ops)
                     self._writes[-1][1].extend(held)
-                last = await self._execute_writes(batch[0])
+                steps, last = self._plan_writes(batch[0])
+                for fn, is_async, args in steps:
+                    r = fn(*args)
+                    if is_async:
+                        await r
                 self._writes.popleft()
                 if not self._running:
                     return
-                if last is not None:
-                    self.engine.log_persisted(last.index, last.term)
-                for op in batch[0]:
-                    if type(op) is _SaveSnapshot:
-                        if not op.installed:
-                            self.engine.snapshot_saved(op.meta, len(op.data))
-                        in_use = self.engine.snapshots_in_use()
-                        for index in [i for i in self._snapshots if i not in in_use]:
-                            del self._snapshots[index]
-                        if op.durable is not None and not op.durable.done():
-                            op.durable.set_result(op.meta.last_included_index)
-                by_peer: dict[int, list] = {}
-                for s in batch[1]:
-                    by_peer.setdefault(s.to, []).append(s.message)
-                for to, msgs in by_peer.items():
-                    self.network.send(to, msgs)
-                self._run(self.engine.take_commands())
+                self._writes_done(batch, last)
         except Exception:
-            log.exception("node %d: storage write failed; stopping the node", self.id)
-            self._loop.create_task(self.stop())
+            self._storage_failed()
         finally:
             self._write_task = None
 
-    async def _execute_writes(self, ops: list) -> Entry | None:
-        """Run one batch of writes; returns the last entry appended, if any."""
+    def _write_now(self, ops: list, held: list) -> None:
+        """Synchronous storage with nothing queued: write in place, no task hop."""
+        try:
+            steps, last = self._plan_writes(ops)
+            for fn, _, args in steps:
+                fn(*args)
+        except Exception:
+            self._storage_failed()
+            return
+        self._writes_done((ops, held), last)
+
+    def _storage_failed(self) -> None:
+        log.exception("node %d: storage write failed; stopping the node", self.id)
+        self._loop.create_task(self.stop())
+
+    def _plan_writes(self, ops: list) -> tuple[list, Entry | None]:
+        """The storage calls for one batch, in order, as (method, is_async, args); and the
+        last entry the batch appends. Consecutive appends become one call."""
+        steps: list = []
         pending: list[Entry] = []
         last_entry = None
         hard_state = None
@@ -747,45 +740,53 @@ class RaftNode:
             t = type(op)
             if t is AppendLog:
                 pending.extend(op.entries)
-            elif t is TruncateLog:
-                if pending:
-                    await self._store_append(pending)
-                    pending = []
-                r = self._truncate(op.index)
-                if self._truncate_async:
-                    await r
+                continue
+            if pending:
+                steps.append((self._append, self._append_async, (pending,)))
+                last_entry = pending[-1]
+                pending = []
+            if t is TruncateLog:
+                steps.append((self._truncate, self._truncate_async, (op.index,)))
                 last_entry = None
             elif t is CompactLog:
-                if pending:
-                    await self._store_append(pending)
-                    last_entry = pending[-1]
-                    pending = []
-                r = self._compact(op.index)
-                if self._compact_async:
-                    await r
+                steps.append((self._compact, self._compact_async, (op.index,)))
             elif t is _SaveSnapshot:
                 index = op.meta.last_included_index
                 if index > self._snapshot_index:  # never replace a newer snapshot
-                    r = self._save_snap(op.meta, op.data)
-                    if self._save_snap_async:
-                        await r
+                    steps.append((self._save_snap, self._save_snap_async, (op.meta, op.data)))
                     self._snapshot_index = index
                     self._snapshots[index] = op.data
             else:
                 hard_state = op.hard_state
         if pending:
-            await self._store_append(pending)
+            steps.append((self._append, self._append_async, (pending,)))
             last_entry = pending[-1]
         if hard_state is not None:
-            r = self._save_hs(hard_state)
-            if self._save_hs_async:
-                await r
-        return last_entry
+            steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
+        return steps, last_entry
 
-    async def _store_append(self, entries: list[Entry]) -> None:
-        r = self._append(entries)
-        if self._append_async:
-            await r
+    def _writes_done(self, batch, last: Entry | None) -> None:
+        """A batch is durable: count it, release the replies that waited for it."""
+        ops, held = batch
+        engine = self.engine
+        if last is not None:
+            engine.log_persisted(last.index, last.term)
+        for op in ops:
+            if type(op) is _SaveSnapshot:
+                if not op.installed:
+                    engine.snapshot_saved(op.meta, len(op.data))
+                in_use = engine.snapshots_in_use()
+                for index in [i for i in self._snapshots if i not in in_use]:
+                    del self._snapshots[index]
+                if op.durable is not None and not op.durable.done():
+                    op.durable.set_result(op.meta.last_included_index)
+        if held:
+            by_peer: dict[int, list] = {}
+            for s in held:
+                by_peer.setdefault(s.to, []).append(s.message)
+            for to, msgs in by_peer.items():
+                self.network.send(to, msgs)
+        self._run(engine.take_commands())
 
     async def _wait_durable(self) -> None:
         while self._writes or self._flush_scheduled:
@@ -820,31 +821,19 @@ class RaftNode:
         self._schedule_flush()
 
     def _on_role_changed(self, c: RoleChanged) -> None:
+        self._accepting = self._running and c.role == Role.LEADER
         if c.role != Role.LEADER:
             self._lease_until = 0.0
         if c.leader_id is not None:
             self._leader_known.set()
-        if c.role != Role.LEADER and self._proposals:
+        if c.role != Role.LEADER and (self._proposals.waiting or self._proposals.buffered):
             # Entries up to the commit index will still be applied and answered; the fate
             # of the rest is unknown (a later leader may or may not commit them).
-            dropped = ProposalDropped(
+            self._proposals.fail_after(c.commit_index, ProposalDropped(
                 f"node {self.id} lost leadership (term {c.term}) before the entry committed; "
-                "it may or may not be committed")
-            keep: deque[_Proposal] = deque()
-            for p in self._proposals:
-                if p.last <= c.commit_index:
-                    keep.append(p)
-                else:
-                    self._pending_count -= p.last - p.first + 1
-                    _fail(p.future, dropped)
-            self._proposals = keep
-            self._capacity.set()
-        if c.role != Role.LEADER and self._buffered_proposals:
-            exc = NotLeader(c.leader_id, self.engine.membership.addresses.get(c.leader_id))
-            for n, fut, _ in self._buffered_proposals:
-                self._pending_count -= n
-                _fail(fut, exc)
-            self._buffered, self._buffered_proposals = [], []
+                "it may or may not be committed"))
+            self._proposals.fail_buffered(NotLeader(
+                c.leader_id, self.engine.membership.addresses.get(c.leader_id)))
             self._capacity.set()
 
     def _read_ready(self, request_id: int, read_index: int) -> None:
@@ -927,8 +916,9 @@ class RaftNode:
                 raise TypeError(f"state machine returned {len(results)} results for "
                                 f"{len(user)} entries")
         self.applied_index = entries[-1].index
-        if self._proposals:
-            self._resolve(user, results)
+        if self._proposals.waiting:
+            if self._proposals.resolve(self.applied_index, user, results):
+                self._capacity.set()
         await self._after_apply()
 
     async def _after_apply(self) -> None:
@@ -940,37 +930,6 @@ class RaftNode:
                     fut.set_result(read_index)
         async with self._progress:
             self._progress.notify_all()
-
-    def _resolve(self, user: list[Entry], results: Sequence[Any]) -> None:
-        """Hand results to the proposals whose entries this batch applied, in order."""
-        applied = self.applied_index
-        proposals = self._proposals
-        if user and user[-1].index - user[0].index == len(user) - 1:
-            position = None  # contiguous: an entry's result is at index - base
-            base, top = user[0].index, user[-1].index
-        else:
-            position = {e.index: k for k, e in enumerate(user)}
-            base, top = 0, -1
-        freed = 0
-        while proposals and proposals[0].first <= applied:
-            p = proposals[0]
-            if position is None:
-                lo, hi = max(p.first, base), min(p.last, top)
-                if lo <= hi:
-                    p.results.extend(results[lo - base:hi - base + 1])
-            else:
-                p.results.extend(results[position[i]] for i in range(p.first, p.last + 1)
-                                 if i in position)
-            if p.last > applied:
-                break  # the rest of this proposal commits in a later batch
-            proposals.popleft()
-            freed += p.last - p.first + 1
-            if not p.future.done():
-                p.future.set_result(p.results if p.batch else p.results[0])
-        if freed:
-            self._pending_count -= freed
-            self._capacity.set()
-
 
 def _fail(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():

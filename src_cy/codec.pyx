@@ -12,6 +12,7 @@ from fastraft.messages import Entry
 DEF HEAD_SIZE = 21
 DEF MAX_KIND = 2
 DEF MAX_I64 = 0x7FFFFFFFFFFFFFFF
+DEF VIEW_THRESHOLD = 512
 
 
 def encode_entries(entries):
@@ -46,7 +47,8 @@ def encode_entries(entries):
 
 
 def decode_entries(buf):
-    """Decode a frame; each payload is a memoryview slice of ``buf`` (no copy)."""
+    """Decode a frame; payloads of VIEW_THRESHOLD bytes or more are memoryview slices of
+    ``buf`` (no copy), smaller ones ``bytes`` (cheaper than a view)."""
     mv = memoryview(buf).cast("B")
     cdef const uint8_t[::1] data = mv
     cdef Py_ssize_t size = data.shape[0]
@@ -78,7 +80,11 @@ def decode_entries(buf):
         end = pos + length
         if end > size:
             raise DecodeError(f"entry payload at offset {pos} runs past the end of the batch")
-        out.append(Entry(term, index, kind, mv[pos:end]))
+        if length >= VIEW_THRESHOLD:
+            out.append(Entry(term, index, kind, mv[pos:end]))
+        else:
+            out.append(Entry(term, index, kind,
+                             PyBytes_FromStringAndSize(<const char*>(base + pos), length)))
         pos = end
     if pos != size:
         raise DecodeError(f"entry batch has {size - pos} trailing bytes")
@@ -104,3 +110,22 @@ def count_within_bytes(entries, Py_ssize_t budget):
             break
         n += 1
     return n
+
+
+def set_results(list futures, Py_ssize_t fstart, results, Py_ssize_t rstart, Py_ssize_t count):
+    """``futures[fstart + k].set_result(results[rstart + k])`` for k < count, skipping
+    futures already done (cancelled by their caller)."""
+    cdef Py_ssize_t k
+    for k in range(count):
+        f = futures[fstart + k]
+        if not f.done():
+            f.set_result(results[rstart + k])
+
+
+def make_entries(term, first_index, kind, datas):
+    """Entries ``first_index, first_index + 1, ...`` of ``term`` and ``kind``, one per data."""
+    cdef Py_ssize_t n = len(datas), k
+    out = [None] * n
+    for k in range(n):
+        out[k] = Entry(term, first_index + k, kind, datas[k])
+    return out

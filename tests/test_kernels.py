@@ -211,7 +211,7 @@ def test_logindex_rejects_decreasing_terms():
 
 entries_st = st.lists(
     st.builds(Entry, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2),
-              st.binary(max_size=300)),
+              st.one_of(st.binary(max_size=300), st.binary(min_size=500, max_size=700))),
     max_size=30)
 
 
@@ -223,9 +223,13 @@ def test_codec_round_trips_across_implementations(entries):
         decoded = impl.decode_entries(frames[0])
         assert [(e.term, e.index, e.kind, bytes(e.data)) for e in decoded] == \
             [(e.term, e.index, e.kind, bytes(e.data)) for e in entries]
-        # payloads are views into the frame, not copies
-        assert all(isinstance(e.data, memoryview) for e in decoded)
+        # large payloads are views into the frame, not copies; small ones are bytes
+        assert all(isinstance(e.data, memoryview if len(e.data) >= _py.codec.VIEW_THRESHOLD
+                              else bytes) for e in decoded)
     for impl in IMPLS:
+        made = impl.make_entries(7, 100, 2, [e.data for e in entries])
+        assert [(e.term, e.index, e.kind, e.data) for e in made] == \
+            [(7, 100 + k, 2, e.data) for k, e in enumerate(entries)]
         assert impl.count_within_bytes(entries, 200) == _naive_count(entries, 200)
         assert impl.index_of_kind(entries, 1) == next(
             (k for k, e in enumerate(entries) if e.kind == 1), -1)

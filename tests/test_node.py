@@ -169,10 +169,10 @@ async def test_back_pressure_raises_overloaded_instead_of_growing():
         others = [n.id for n in c.nodes.values() if n is not leader]
         c.hub.partition({leader.id}, set(others))  # nothing can commit
         tasks = [asyncio.ensure_future(leader.propose(b"x")) for _ in range(10)]
-        await wait_until(lambda: leader._pending_count == 10)
+        await wait_until(lambda: leader._proposals.pending == 10)
         with pytest.raises(Overloaded):
             await leader.propose(b"one too many")
-        assert leader._pending_count == 10
+        assert leader._proposals.pending == 10
         c.hub.heal()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
 

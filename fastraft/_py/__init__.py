@@ -3,7 +3,14 @@
 Same names, signatures and results as the compiled module, bit for bit. Used when
 ``FASTRAFT_NO_EXTENSIONS`` is set or the extension is not built.
 """
-from fastraft._py.codec import count_within_bytes, decode_entries, encode_entries, index_of_kind
+from fastraft._py.codec import (
+    count_within_bytes,
+    decode_entries,
+    encode_entries,
+    index_of_kind,
+    make_entries,
+    set_results,
+)
 from fastraft._py.logindex import LogIndex
 from fastraft._py.quorum import (
     MAX_INDEX,
@@ -20,5 +27,5 @@ __all__ = [
     "MAX_INDEX", "VOTE_LOST", "VOTE_PENDING", "VOTE_WON",
     "committed_index", "joint_committed_index", "vote_result", "joint_vote_result",
     "LogIndex", "encode_entries", "decode_entries", "index_of_kind",
-    "count_within_bytes",
+    "count_within_bytes", "set_results", "make_entries",
 ]

@@ -5,7 +5,9 @@ Frame layout, little-endian::
     u32 count
     count x ( u64 term | u64 index | u8 kind | u32 length | payload[length] )
 
-The compiled twin produces and accepts exactly the same bytes.
+The compiled twin produces and accepts exactly the same bytes. Decoded payloads of at
+least ``VIEW_THRESHOLD`` bytes are memoryview slices of the buffer (no copy); smaller
+ones are copied into ``bytes``, which is cheaper than creating a view.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ _COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<QQBI")
 _HEAD_SIZE = _HEAD.size  # 21
 _MAX_KIND = 2
+VIEW_THRESHOLD = 512
 
 
 def encode_entries(entries: Sequence[Entry]) -> bytes:
@@ -33,7 +36,8 @@ def encode_entries(entries: Sequence[Entry]) -> bytes:
 
 
 def decode_entries(buf) -> list[Entry]:
-    """Decode a frame; each payload is a memoryview slice of ``buf`` (no copy).
+    """Decode a frame; payloads of ``VIEW_THRESHOLD`` bytes or more are memoryview slices
+    of ``buf`` (no copy), smaller ones ``bytes``.
 
     Raises DecodeError on a truncated buffer, trailing bytes or an unknown kind.
     """
@@ -59,7 +63,8 @@ def decode_entries(buf) -> list[Entry]:
         end = pos + length
         if end > size:
             raise DecodeError(f"entry payload at offset {pos} runs past the end of the batch")
-        out.append(Entry(term, index, kind, view[pos:end]))
+        out.append(Entry(term, index, kind,
+                         view[pos:end] if length >= VIEW_THRESHOLD else bytes(view[pos:end])))
         pos = end
     if pos != size:
         raise DecodeError(f"entry batch has {size - pos} trailing bytes")
@@ -84,3 +89,17 @@ def count_within_bytes(entries: Sequence[Entry], budget: int) -> int:
             break
         n += 1
     return n
+
+
+def set_results(futures, fstart: int, results, rstart: int, count: int) -> None:
+    """``futures[fstart + k].set_result(results[rstart + k])`` for k < count, skipping
+    futures already done (cancelled by their caller)."""
+    for k in range(count):
+        f = futures[fstart + k]
+        if not f.done():
+            f.set_result(results[rstart + k])
+
+
+def make_entries(term: int, first_index: int, kind: int, datas: Sequence) -> list[Entry]:
+    """Entries ``first_index, first_index + 1, ...`` of ``term`` and ``kind``, one per data."""
+    return [Entry(term, i, kind, d) for i, d in enumerate(datas, first_index)]

@@ -201,10 +201,8 @@ class Engine:
             target = self._transfer_target
             raise NotLeader(target, self.membership.addresses.get(target))
         first = self.log.last_index + 1
-        term = self.term
-        entries = [Entry(term, i, EntryKind.NORMAL, d) for i, d in enumerate(datas, first)]
-        if entries:
-            self._append_own(entries)
+        if datas:
+            self._append_own(kernels.make_entries(self.term, first, EntryKind.NORMAL, datas))
         return first
 
     def propose_membership(self, voters: frozenset[int], learners: frozenset[int] = frozenset(),

@@ -1,0 +1,530 @@
+"""``fastraft bench``: throughput and latency, side by side with PySyncObj and the ceiling.
+
+Every cluster benchmark starts real processes on 127.0.0.1. Each process runs one node;
+the node that becomes leader generates the load in its own process (as the issue
+specifies), prints one JSON line with the result and exits; the orchestrator then stops
+every process it started, by pid. Each figure is the median of ``--repeat`` runs, with the
+spread reported. Nothing here is a test: tests check behaviour, this measures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from fastraft.cli import parse_cluster, run_loop
+from fastraft.testing.processes import free_ports
+
+# ----------------------------------------------------------------------------- load
+
+
+def _percentiles(lat: list[float]) -> dict:
+    if not lat:
+        return {"p50_ms": None, "p99_ms": None, "p999_ms": None}
+    lat.sort()
+    n = len(lat)
+    return {f"p{tag}_ms": lat[min(n - 1, int(q * n))] * 1000
+            for tag, q in (("50", 0.5), ("99", 0.99), ("999", 0.999))}
+
+
+async def run_load(node, in_flight: int, payload: int, seconds: float, batch: int = 1,
+                   warmup: float = 0.3) -> dict:
+    """``in_flight`` writers, each proposing ``payload``-byte commands back to back (or
+    batches of ``batch``) for ``seconds``; latency of every write, after a warm-up."""
+    data = os.urandom(payload)
+    clock = time.perf_counter
+    start = clock() + warmup
+    stop = start + seconds
+    lat: list[float] = []
+    record = lat.append
+
+    async def writer():
+        if batch == 1:
+            propose, arg = node.propose, data
+        else:
+            propose, arg = node.propose_batch, [data] * batch
+        t = clock()
+        while True:
+            await propose(arg)
+            now = clock()
+            if now >= stop:
+                return
+            if now >= start:
+                record(now - t)
+            t = now
+
+    await asyncio.gather(*[writer() for _ in range(in_flight)])
+    writes = len(lat) * batch
+    return {"writes": writes, "seconds": seconds, "writes_per_s": writes / seconds,
+            **_percentiles(lat)}
+
+
+class NullStateMachine:
+    """Applies nothing: the benchmark measures replication, not a storage engine."""
+
+    def apply(self, entries):
+        return [e.index for e in entries]
+
+    def snapshot(self):
+        return b""
+
+    def restore(self, data):
+        pass
+
+
+async def _bench_node(args) -> None:
+    from fastraft.config import Config
+    from fastraft.node import RaftNode
+    from fastraft.storage import MemoryStorage
+    from fastraft.transport.tcp import TcpNetwork
+
+    cluster = parse_cluster(args.cluster)
+    if args.storage == "memory":
+        storage = MemoryStorage()
+    else:
+        from fastraft.filestorage import FileStorage
+        storage = FileStorage(os.path.join(args.data_dir, f"node-{args.id}"),
+                              sync=args.storage == "file")
+    node = RaftNode(args.id, storage=storage, state_machine=NullStateMachine(),
+                    network=TcpNetwork(args.id, cluster[args.id]),
+                    config=Config(snapshot_interval=0, max_pending_proposals=1 << 20))
+    await node.start()
+    await node.initialize(cluster)
+    await node.wait_for_leader(30)
+    while node.engine.leader_id is None or (node.is_leader and
+                                            node.engine.log.term_at(node.engine.commit_index)
+                                            != node.engine.term):
+        await asyncio.sleep(0.01)
+    if node.is_leader:
+        spec = json.loads(args.load)
+        result = await run_load(node, **spec)
+        print(json.dumps(result), flush=True)
+        await node.stop()
+        return
+    await asyncio.Event().wait()  # followers serve until the orchestrator stops them
+
+
+def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
+             timeout: float = 120) -> dict:
+    """Start n processes of ``python -m fastraft.benchmark <module_args>``; return the one
+    JSON line the leader prints."""
+    ports = free_ports(n)
+    spec = ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
+    procs = []
+    try:
+        for i in range(1, n + 1):
+            cmd = [sys.executable, os.environ.get("FASTRAFT_BENCH_ENTRY", "-m"), *([] if os.environ.get("FASTRAFT_BENCH_ENTRY") else ["fastraft.benchmark"]), *module_args, "--id", str(i),
+                   "--cluster", spec, "--load", json.dumps(load), "--data-dir", workdir]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    out = p.stdout.read().strip().splitlines()
+                    if out:
+                        return json.loads(out[-1])
+            time.sleep(0.05)
+        raise TimeoutError("no leader reported a result")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+# ----------------------------------------------------------------------------- peer
+
+def _pysyncobj_node(args) -> None:
+    """A PySyncObj node with a replicated counter; the leader runs the same load."""
+    import threading
+
+    from pysyncobj import SyncObj, SyncObjConf, replicated
+
+    class Counter(SyncObj):
+        def __init__(self, me, partners, conf):
+            super().__init__(me, partners, conf)
+            self.count = 0
+
+        @replicated
+        def add(self, data):
+            self.count += 1
+            return self.count
+
+    cluster = parse_cluster(args.cluster)
+    me = cluster[args.id]
+    partners = [a for i, a in cluster.items() if i != args.id]
+    spec = json.loads(args.load)
+    conf = SyncObjConf()
+    if spec.pop("batching_off", False):
+        conf.appendEntriesUseBatch = False
+    obj = Counter(me, partners, conf)
+    while not obj._getLeader():
+        time.sleep(0.01)
+    time.sleep(0.5)
+    if not obj._isLeader():
+        while True:
+            time.sleep(1)
+    in_flight, seconds = spec["in_flight"], spec["seconds"]
+    data = os.urandom(spec["payload"])
+    sem = threading.Semaphore(in_flight)
+    lat: list[float] = []
+    done = [0]
+    lock = threading.Lock()
+    warm_until = time.perf_counter() + spec.get("warmup", 0.3)
+    stop_at = warm_until + seconds
+
+    def callback(t0):
+        def cb(result, error):
+            now = time.perf_counter()
+            with lock:
+                if warm_until <= now < stop_at:
+                    lat.append(now - t0)
+                    done[0] += 1
+            sem.release()
+        return cb
+
+    while time.perf_counter() < stop_at:
+        sem.acquire()
+        obj.add(data, callback=callback(time.perf_counter()))
+    for _ in range(in_flight):
+        sem.acquire(timeout=5)
+    print(json.dumps({"writes": done[0], "seconds": seconds,
+                      "writes_per_s": done[0] / seconds, **_percentiles(lat)}), flush=True)
+    os._exit(0)
+
+
+# ----------------------------------------------------------------------------- ceiling
+
+async def _pump_receiver(port: int, fsync: bool, workdir: str) -> None:
+    """Receive framed record batches; acknowledge each (after fdatasync when asked)."""
+    import struct
+    fd = os.open(os.path.join(workdir, f"pump-{port}.log"),
+                 os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if fsync else -1
+    hdr = struct.Struct("<IQ")  # body length, batch number
+
+    class Receiver(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data):
+            data = self.buffer + data if self.buffer else data
+            pos, acks = 0, []
+            while len(data) - pos >= hdr.size:
+                n, batch = hdr.unpack_from(data, pos)
+                if len(data) - pos - hdr.size < n:
+                    break
+                if fd >= 0:
+                    os.write(fd, data[pos + hdr.size:pos + hdr.size + n])
+                acks.append(batch)
+                pos += hdr.size + n
+            self.buffer = data[pos:]
+            if acks:
+                if fd >= 0:
+                    os.fdatasync(fd)
+                self.transport.write(struct.pack("<Q", acks[-1]))
+
+    server = await asyncio.get_running_loop().create_server(Receiver, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+async def _pump_sender(ports: list[int], in_flight: int, payload: int, seconds: float,
+                       batch: int = 256) -> dict:
+    """Send records to every receiver; a record counts once a majority (self plus half of
+    the receivers) acknowledged its batch. No consensus logic: the ceiling."""
+    import struct
+    loop = asyncio.get_running_loop()
+    hdr = struct.Struct("<IQ")
+    record = os.urandom(payload)
+    need = (1 + len(ports)) // 2  # a majority of the sender plus the receivers, minus self
+    acked = {p: 0 for p in ports}
+    sent_batches: dict[int, int] = {}
+    state = {"next": 1, "committed_batch": 0, "outstanding": 0, "committed": 0}
+    wake = asyncio.Event()
+
+    class Sender(asyncio.Protocol):
+        def __init__(self, port):
+            self.port = port
+            self.buffer = b""
+
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            data = self.buffer + data
+            k = len(data) // 8
+            if k:
+                acked[self.port] = struct.unpack_from("<Q", data, (k - 1) * 8)[0]
+                self.buffer = data[k * 8:]
+                quorum = sorted(acked.values(), reverse=True)[need - 1]
+                while state["committed_batch"] < quorum:
+                    state["committed_batch"] += 1
+                    n = sent_batches.pop(state["committed_batch"])
+                    state["outstanding"] -= n
+                    state["committed"] += n
+                wake.set()
+
+    conns = []
+    for p in ports:
+        _, proto = await loop.create_connection(lambda p=p: Sender(p), "127.0.0.1", p)
+        conns.append(proto)
+    t0 = loop.time()
+    stop = t0 + seconds
+    while loop.time() < stop:
+        room = in_flight - state["outstanding"]
+        if room <= 0:
+            wake.clear()
+            await wake.wait()
+            continue
+        n = min(room, batch)
+        b = state["next"]
+        state["next"] += 1
+        body = record * n
+        frame = hdr.pack(len(body), b) + body
+        sent_batches[b] = n
+        state["outstanding"] += n
+        for c in conns:
+            c.transport.write(frame)
+        await asyncio.sleep(0)
+    elapsed = loop.time() - t0
+    return {"writes": state["committed"], "seconds": elapsed,
+            "writes_per_s": state["committed"] / elapsed}
+
+
+def _pump(in_flight: int, payload: int, seconds: float, fsync: bool, workdir: str) -> dict:
+    ports = free_ports(2)
+    procs = [subprocess.Popen([sys.executable, "-m", "fastraft.benchmark", "pump-recv",
+                               "--port", str(p), "--data-dir", workdir]
+                              + (["--fsync"] if fsync else []),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p in ports]
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return run_loop(_pump_sender(ports, in_flight, payload, seconds))
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# ----------------------------------------------------------------------------- in-process
+
+async def _inprocess(writers: int, seconds: float) -> dict:
+    """openraft's "minimal" method: 3 nodes in one process, memory network and storage,
+    empty payloads."""
+    from fastraft.config import Config
+    from fastraft.testing import LocalCluster
+
+    cfg = Config(snapshot_interval=0, max_pending_proposals=1 << 20)
+    async with LocalCluster(3, state_machine=NullStateMachine, config=cfg) as c:
+        leader = await c.leader()
+        while leader.engine.log.term_at(leader.engine.commit_index) != leader.engine.term:
+            await asyncio.sleep(0.01)
+        return await run_load(leader, writers, 0, seconds)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _median(runs: list[dict]) -> dict:
+    rates = [r["writes_per_s"] for r in runs]
+    best = sorted(runs, key=lambda r: r["writes_per_s"])[len(runs) // 2]
+    out = dict(best)
+    out["writes_per_s"] = statistics.median(rates)
+    out["runs"] = rates
+    out["spread_pct"] = (max(rates) - min(rates)) / statistics.median(rates) * 100 \
+        if statistics.median(rates) else 0.0
+    return out
+
+
+def _fmt(v, unit="") -> str:
+    if v is None:
+        return "-"
+    if unit == "ms":
+        return f"{v:.3f}"
+    return f"{v:,.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastraft bench")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--json", default="fastraft-bench.json")
+    parser.add_argument("--png", default="fastraft-bench.png")
+    parser.add_argument("--no-peer", action="store_true", help="skip PySyncObj")
+    args = parser.parse_args(argv)
+
+    workdir = tempfile.mkdtemp(prefix="fastraft-bench-")
+    results: list[dict] = []
+
+    def measure(name: str, fn, **info) -> dict:
+        runs = []
+        for _ in range(args.repeat):
+            runs.append(fn())
+        r = {"name": name, **info, **_median(runs)}
+        results.append(r)
+        print(f"  {name:<58} {_fmt(r['writes_per_s']):>12}/s  p50 {_fmt(r.get('p50_ms'), 'ms')}"
+              f" ms  p99 {_fmt(r.get('p99_ms'), 'ms')} ms  (spread {r['spread_pct']:.0f}%)",
+              flush=True)
+        return r
+
+    def fr(n, storage, in_flight, payload, batch=1):
+        load = {"in_flight": in_flight, "payload": payload, "seconds": args.seconds,
+                "batch": batch}
+        sub = os.path.join(workdir, f"run-{time.monotonic_ns()}")
+        os.makedirs(sub)
+        try:
+            return _cluster(n, ["bench-node", "--storage", storage], load, sub)
+        finally:
+            shutil.rmtree(sub, ignore_errors=True)
+
+    try:
+        from fastraft import kernels
+        print(f"fastraft bench: kernels.COMPILED={kernels.COMPILED}, {os.cpu_count()} cores, "
+              f"{args.seconds}s per run, median of {args.repeat}")
+        in_flights = [1, 1024] if args.quick else [1, 16, 128, 1024]
+        for inf in in_flights:
+            measure(f"fastraft 3 procs memory 100B inflight={inf}",
+                    lambda inf=inf: fr(3, "memory", inf, 100), system="fastraft",
+                    storage="memory", in_flight=inf, payload=100, nodes=3)
+        for inf in (1, 1024):
+            measure(f"fastraft 3 procs FileStorage+fsync 100B inflight={inf}",
+                    lambda inf=inf: fr(3, "file", inf, 100), system="fastraft",
+                    storage="file", in_flight=inf, payload=100, nodes=3)
+        measure("fastraft 3 procs memory propose_batch(64) 100B inflight=16",
+                lambda: fr(3, "memory", 16, 100, batch=64), system="fastraft",
+                storage="memory", in_flight=16 * 64, payload=100, nodes=3, batch=64)
+        if not args.quick:
+            measure("fastraft 3 procs memory 10KiB inflight=1024",
+                    lambda: fr(3, "memory", 1024, 10240), system="fastraft",
+                    storage="memory", in_flight=1024, payload=10240, nodes=3)
+            measure("fastraft 5 procs memory 100B inflight=1024",
+                    lambda: fr(5, "memory", 1024, 100), system="fastraft",
+                    storage="memory", in_flight=1024, payload=100, nodes=5)
+            for w in (1, 64, 256):
+                measure(f"fastraft in-process 3 nodes, empty, writers={w}",
+                        lambda w=w: run_loop(_inprocess(w, args.seconds)),
+                        system="fastraft-inprocess", in_flight=w, payload=0, nodes=3)
+        if not args.no_peer:
+            try:
+                import pysyncobj  # noqa: F401
+            except ImportError:
+                print("  (PySyncObj not installed: pip install 'fastraft[bench]' to compare)")
+            else:
+                for inf in in_flights:
+                    load = {"in_flight": inf, "payload": 100, "seconds": args.seconds}
+                    measure(f"PySyncObj 3 procs defaults 100B inflight={inf}",
+                            lambda load=load: _cluster(3, ["pysyncobj-node"], load, workdir),
+                            system="pysyncobj", in_flight=inf, payload=100, nodes=3)
+                load = {"in_flight": 1, "payload": 100, "seconds": args.seconds,
+                        "batching_off": True}
+                measure("PySyncObj 3 procs batching off 100B inflight=1",
+                        lambda: _cluster(3, ["pysyncobj-node"], dict(load), workdir),
+                        system="pysyncobj-nobatch", in_flight=1, payload=100, nodes=3)
+        for fsync in (False, True):
+            measure(f"ceiling: raw uvloop pump 100B inflight=1024 fsync={fsync}",
+                    lambda fsync=fsync: _pump(1024, 100, args.seconds, fsync, workdir),
+                    system="pump-fsync" if fsync else "pump", in_flight=1024, payload=100,
+                    nodes=3)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    with open(args.json, "w") as f:
+        json.dump({"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+                   "results": results}, f, indent=2)
+    print(f"\nwrote {args.json}")
+    _summary(results)
+    _plot(results, args.png)
+    return 0
+
+
+def _summary(results: list[dict]) -> None:
+    by = {r["name"]: r for r in results}
+
+    def rate(prefix):
+        return next((r["writes_per_s"] for n, r in by.items() if n.startswith(prefix)), None)
+    fast = rate("fastraft 3 procs memory 100B inflight=1024")
+    peer_best = max((r["writes_per_s"] for r in results if r["system"] == "pysyncobj"),
+                    default=None)
+    pump = rate("ceiling: raw uvloop pump 100B inflight=1024 fsync=False")
+    fast_fsync = rate("fastraft 3 procs FileStorage+fsync 100B inflight=1024")
+    pump_fsync = rate("ceiling: raw uvloop pump 100B inflight=1024 fsync=True")
+    if fast and peer_best:
+        print(f"fastraft / PySyncObj's best (1,024 in flight, memory): {fast / peer_best:.1f}x")
+    if fast and pump:
+        print(f"fastraft / raw pump ceiling (memory): {fast / pump:.1%}")
+    if fast_fsync and pump_fsync:
+        print(f"fastraft / raw pump ceiling (fsync):  {fast_fsync / pump_fsync:.1%}")
+
+
+def _plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install 'fastraft[bench]')")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system, label in (("fastraft", "fastraft (memory, 100 B)"),
+                          ("pysyncobj", "PySyncObj 0.3.x defaults (100 B)")):
+        pts = sorted((r["in_flight"], r["writes_per_s"]) for r in results
+                     if r["system"] == system and r.get("storage", "memory") == "memory"
+                     and r.get("payload") == 100 and r.get("nodes") == 3
+                     and r.get("batch", 1) == 1)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("writes in flight")
+    ax.set_ylabel("committed writes / s")
+    ax.set_title("3 processes on 127.0.0.1")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def _module_main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastraft.benchmark")
+    sub = parser.add_subparsers(dest="role", required=True)
+    for role in ("bench-node", "pysyncobj-node"):
+        p = sub.add_parser(role)
+        p.add_argument("--id", type=int, required=True)
+        p.add_argument("--cluster", required=True)
+        p.add_argument("--load", required=True)
+        p.add_argument("--data-dir", required=True)
+        if role == "bench-node":
+            p.add_argument("--storage", choices=("memory", "file", "file-nosync"),
+                           default="memory")
+    p = sub.add_parser("pump-recv")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fsync", action="store_true")
+    p.add_argument("--data-dir", required=True)
+    args = parser.parse_args()
+    if args.role == "bench-node":
+        run_loop(_bench_node(args))
+    elif args.role == "pysyncobj-node":
+        _pysyncobj_node(args)
+    else:
+        run_loop(_pump_receiver(args.port, args.fsync, args.data_dir))
+
+
+if __name__ == "__main__":
+    _module_main()

@@ -1,0 +1,165 @@
+"""Proposals waiting for their results: the leader's per-write bookkeeping, kept per run.
+
+A client's ``propose`` buffers its command and a future until the node's next flush. The
+flush appends every buffered command at once and turns the buffer into *runs*: consecutive
+single proposals share one run (a list of futures, one per log index), each
+``propose_batch`` gets its own (one future for all its indexes). Results are handed out
+run by run as entries are applied, by a kernel loop, so the per-write Python work is one
+list append going in and one ``set_result`` coming out.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from fastraft import kernels
+
+
+class _Run:
+    __slots__ = ("first", "last", "futures", "batch", "results", "next")
+
+    def __init__(self, first: int, last: int, futures: list | None,
+                 batch: asyncio.Future | None) -> None:
+        self.first = first
+        self.last = last
+        self.futures = futures      # singles: futures[k] answers index first + k
+        self.batch = batch          # propose_batch: one future for first..last
+        self.results: list = []     # batch: results gathered so far
+        self.next = first           # first index not answered yet
+
+
+class ProposalTracker:
+    def __init__(self) -> None:
+        #: Entries buffered or in the log whose proposer still waits (back-pressure).
+        self.pending = 0
+        self._datas: list = []
+        self._segments: list[tuple[list | None, asyncio.Future | None, int]] = []
+        self._open: list | None = None
+        self._runs: deque[_Run] = deque()
+
+    @property
+    def buffered(self) -> bool:
+        return bool(self._datas)
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._runs)
+
+    def add(self, data, future: asyncio.Future) -> None:
+        self._datas.append(data)
+        open_ = self._open
+        if open_ is None:
+            open_ = self._open = []
+            self._segments.append((open_, None, 0))
+        open_.append(future)
+        self.pending += 1
+
+    def add_batch(self, datas: Sequence, future: asyncio.Future) -> None:
+        self._datas.extend(datas)
+        self._segments.append((None, future, len(datas)))
+        self._open = None
+        self.pending += len(datas)
+
+    def take(self) -> list:
+        """The buffered commands, to append to the log in this order."""
+        datas = self._datas
+        self._datas = []
+        return datas
+
+    def appended(self, first_index: int) -> None:
+        """The commands taken last were appended from ``first_index`` on."""
+        index = first_index
+        for futures, batch, n in self._segments:
+            if futures is not None:
+                n = len(futures)
+            self._runs.append(_Run(index, index + n - 1, futures, batch))
+            index += n
+        self._segments = []
+        self._open = None
+
+    def fail_buffered(self, exc: BaseException) -> int:
+        """The commands taken last could not be appended: fail their proposers."""
+        freed = 0
+        for futures, batch, n in self._segments:
+            for f in (futures if futures is not None else (batch,)):
+                _fail(f, exc)
+            freed += len(futures) if futures is not None else n
+        self._segments = []
+        self._open = None
+        self._datas = []
+        self.pending -= freed
+        return freed
+
+    def resolve(self, applied: int, user: Sequence, results: Sequence[Any]) -> int:
+        """Answer the proposals of entries up to ``applied``; ``results[k]`` is the state
+        machine's result for ``user[k]``. Returns how many entries were answered."""
+        runs = self._runs
+        if user and user[-1].index - user[0].index == len(user) - 1:
+            position = None  # contiguous: the result of index i is results[i - base]
+            base, top = user[0].index, user[-1].index
+        else:
+            position = {e.index: k for k, e in enumerate(user)}
+            base, top = 0, -1
+        freed = 0
+        while runs and runs[0].first <= applied:
+            run = runs[0]
+            lo, hi = run.next, min(run.last, applied)
+            if position is None:
+                a, b = max(lo, base), min(hi, top)
+                if a <= b:
+                    if run.futures is not None:
+                        kernels.set_results(run.futures, a - run.first, results, a - base,
+                                            b - a + 1)
+                    else:
+                        run.results.extend(results[a - base:b - base + 1])
+            else:
+                for i in range(lo, hi + 1):
+                    k = position.get(i)
+                    if k is None:
+                        continue
+                    if run.futures is not None:
+                        kernels.set_results(run.futures, i - run.first, results, k, 1)
+                    else:
+                        run.results.append(results[k])
+            freed += hi - lo + 1
+            run.next = hi + 1
+            if run.last > applied:
+                break  # the rest of this run commits in a later batch
+            runs.popleft()
+            if run.batch is not None and not run.batch.done():
+                run.batch.set_result(run.results)
+        self.pending -= freed
+        return freed
+
+    def fail_after(self, commit_index: int, exc: BaseException) -> int:
+        """Fail every proposal not known committed (index above ``commit_index``)."""
+        keep: deque[_Run] = deque()
+        freed = 0
+        for run in self._runs:
+            if run.last <= commit_index:
+                keep.append(run)
+                continue
+            start = max(run.next, commit_index + 1)
+            if run.futures is not None:
+                for f in run.futures[start - run.first:]:
+                    _fail(f, exc)
+            else:
+                _fail(run.batch, exc)
+            freed += run.last - start + 1
+            if start > run.next:
+                run.last = start - 1
+                keep.append(run)
+        self._runs = keep
+        self.pending -= freed
+        return freed
+
+    def fail_all(self, exc: BaseException) -> None:
+        self.fail_after(-1, exc)
+        self.fail_buffered(exc)
+
+
+def _fail(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

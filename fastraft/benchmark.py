@@ -25,25 +25,71 @@ from fastraft.testing.processes import free_ports
 # ----------------------------------------------------------------------------- load
 
 
-def _percentiles(lat: list[float]) -> dict:
-    if not lat:
+_CDF_POINTS = [k / 100 for k in range(1, 100)] + [0.995, 0.999]
+_MAX_US = 2_000_000
+
+
+class Latencies:
+    """A histogram of latencies in whole microseconds (up to 2 s): constant memory however
+    long the run, so the load generator does not distort the memory it is measuring."""
+
+    def __init__(self) -> None:
+        from array import array
+        self.counts = array("q", bytes(8 * (_MAX_US + 1)))
+        self.n = 0
+
+    def add(self, seconds: float) -> None:
+        us = int(seconds * 1e6)
+        self.counts[us if us < _MAX_US else _MAX_US] += 1
+        self.n += 1
+
+    def quantiles(self, qs: list[float]) -> list[float]:
+        """Latency (ms) at each quantile in ascending ``qs``."""
+        out, seen, k = [], 0, 0
+        targets = [max(1, int(q * self.n)) for q in qs]
+        for us, c in enumerate(self.counts):
+            seen += c
+            while k < len(targets) and seen >= targets[k]:
+                out.append(us / 1000)
+                k += 1
+            if k == len(targets):
+                break
+        return out
+
+
+def _percentiles(lat: Latencies | list[float]) -> dict:
+    if not isinstance(lat, Latencies):
+        hist = Latencies()
+        for x in lat:
+            hist.add(x)
+        lat = hist
+    if not lat.n:
         return {"p50_ms": None, "p99_ms": None, "p999_ms": None}
-    lat.sort()
-    n = len(lat)
-    return {f"p{tag}_ms": lat[min(n - 1, int(q * n))] * 1000
-            for tag, q in (("50", 0.5), ("99", 0.99), ("999", 0.999))}
+    p50, p99, p999 = lat.quantiles([0.5, 0.99, 0.999])
+    cdf = lat.quantiles(_CDF_POINTS)
+    return {"p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
+            "cdf_ms": [[q, v] for q, v in zip(_CDF_POINTS, cdf)]}
+
+
+def rss_mib() -> float | None:
+    """Resident memory of this process (Linux), in MiB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except OSError:
+        return None
 
 
 async def run_load(node, in_flight: int, payload: int, seconds: float, batch: int = 1,
-                   warmup: float = 0.3) -> dict:
+                   warmup: float = 0.3, snapshots: bool = False) -> dict:
     """``in_flight`` writers, each proposing ``payload``-byte commands back to back (or
     batches of ``batch``) for ``seconds``; latency of every write, after a warm-up."""
     data = os.urandom(payload)
     clock = time.perf_counter
     start = clock() + warmup
     stop = start + seconds
-    lat: list[float] = []
-    record = lat.append
+    lat = Latencies()
+    record = lat.add
 
     async def writer():
         if batch == 1:
@@ -60,10 +106,18 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
                 record(now - t)
             t = now
 
-    await asyncio.gather(*[writer() for _ in range(in_flight)])
-    writes = len(lat) * batch
+    rss: list = []
+
+    async def sample_rss():
+        await asyncio.sleep(warmup)
+        rss.append(rss_mib())
+        await asyncio.sleep(max(0.0, stop - clock() - 0.05))
+        rss.append(rss_mib())
+
+    await asyncio.gather(sample_rss(), *[writer() for _ in range(in_flight)])
+    writes = lat.n * batch
     return {"writes": writes, "seconds": seconds, "writes_per_s": writes / seconds,
-            **_percentiles(lat)}
+            "rss_start_mib": rss[0], "rss_end_mib": rss[-1], **_percentiles(lat)}
 
 
 class NullStateMachine:
@@ -92,9 +146,13 @@ async def _bench_node(args) -> None:
         from fastraft.filestorage import FileStorage
         storage = FileStorage(os.path.join(args.data_dir, f"node-{args.id}"),
                               sync=args.storage == "file")
+    spec = json.loads(args.load)
+    # Snapshots (and so compaction) only when asked: a sustained run needs them to keep
+    # memory flat; short runs measure replication alone.
+    interval = Config().snapshot_interval if spec.get("snapshots") else 0
     node = RaftNode(args.id, storage=storage, state_machine=NullStateMachine(),
                     network=TcpNetwork(args.id, cluster[args.id]),
-                    config=Config(snapshot_interval=0, max_pending_proposals=1 << 20))
+                    config=Config(snapshot_interval=interval, max_pending_proposals=1 << 20))
     await node.start()
     await node.initialize(cluster)
     await node.wait_for_leader(30)
@@ -103,7 +161,6 @@ async def _bench_node(args) -> None:
                                             != node.engine.term):
         await asyncio.sleep(0.01)
     if node.is_leader:
-        spec = json.loads(args.load)
         result = await run_load(node, **spec)
         print(json.dumps(result), flush=True)
         await node.stop()
@@ -367,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="fastraft-bench.json")
     parser.add_argument("--png", default="fastraft-bench.png")
     parser.add_argument("--no-peer", action="store_true", help="skip PySyncObj")
+    parser.add_argument("--sustained", type=float, default=0, metavar="SECONDS",
+                        help="also run 1,024 in flight for SECONDS, snapshots on, and "
+                             "report the leader's memory at start and end")
     args = parser.parse_args(argv)
 
     workdir = tempfile.mkdtemp(prefix="fastraft-bench-")
@@ -436,6 +496,19 @@ def main(argv: list[str] | None = None) -> int:
                 measure("PySyncObj 3 procs batching off 100B inflight=1",
                         lambda: _cluster(3, ["pysyncobj-node"], dict(load), workdir),
                         system="pysyncobj-nobatch", in_flight=1, payload=100, nodes=3)
+        if args.sustained:
+            load = {"in_flight": 1024, "payload": 100, "seconds": args.sustained,
+                    "snapshots": True}
+            sub = os.path.join(workdir, "sustained")
+            os.makedirs(sub)
+            r = _cluster(3, ["bench-node", "--storage", "memory"], load, sub,
+                         timeout=args.sustained + 120)
+            r.update(name=f"fastraft sustained {args.sustained:.0f}s memory 100B inflight=1024",
+                     system="fastraft-sustained", in_flight=1024, payload=100, nodes=3,
+                     runs=[r["writes_per_s"]], spread_pct=0.0)
+            results.append(r)
+            print(f"  {r['name']:<58} {_fmt(r['writes_per_s']):>12}/s  leader RSS "
+                  f"{r['rss_start_mib']:.0f} MiB -> {r['rss_end_mib']:.0f} MiB", flush=True)
         for fsync in (False, True):
             measure(f"ceiling: raw uvloop pump 100B inflight=1024 fsync={fsync}",
                     lambda fsync=fsync: _pump(1024, 100, args.seconds, fsync, workdir),
@@ -480,7 +553,7 @@ def _plot(results: list[dict], path: str) -> None:
     except ImportError:
         print("(matplotlib not installed: no plot; pip install 'fastraft[bench]')")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, cdf) = plt.subplots(1, 2, figsize=(13, 4.5))
     for system, label in (("fastraft", "fastraft (memory, 100 B)"),
                           ("pysyncobj", "PySyncObj 0.3.x defaults (100 B)")):
         pts = sorted((r["in_flight"], r["writes_per_s"]) for r in results
@@ -496,6 +569,16 @@ def _plot(results: list[dict], path: str) -> None:
     ax.set_title("3 processes on 127.0.0.1")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    for r in results:
+        if r.get("in_flight") == 1 and r.get("cdf_ms") and r.get("nodes") == 3:
+            cdf.plot([p[1] for p in r["cdf_ms"]], [p[0] for p in r["cdf_ms"]],
+                     label=r["name"].replace(" 100B inflight=1", ""))
+    cdf.set_xscale("log")
+    cdf.set_xlabel("write latency, ms (one write in flight)")
+    cdf.set_ylabel("fraction of writes")
+    cdf.set_title("latency CDF")
+    cdf.grid(True, which="both", alpha=0.3)
+    cdf.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -103,6 +103,9 @@ class _Restore:
         self.data = data
 
 
+_SNAPSHOT_DUE = object()  # apply-queue item: take a snapshot if the policy says so
+
+
 class RaftNode:
     """One member of a Raft cluster. See the module docstring and ``docs/node.md``."""
 
@@ -135,11 +138,15 @@ class RaftNode:
         self._apply_queue: deque[list[Entry]] = deque()
         self._apply_wakeup = asyncio.Event()
         self._apply_task: asyncio.Task | None = None
+        #: The apply task is working on an item (possibly awaiting): no inline apply now.
+        self._apply_busy = False
         #: Highest index the state machine has applied.
         self.applied_index = 0
         #: Highest index handed to the apply task (entries up to here are committed).
         self._committed_index = 0
-        self._progress = asyncio.Condition()
+        #: Replaced (and set) whenever the applied index moves or the node stops; waiters
+        #: re-check their condition (a Condition would need the lock to notify).
+        self._progress = asyncio.Event()
 
         self._proposals = ProposalTracker()
         #: Running and leading: propose() checks this one flag on its fast path.
@@ -251,8 +258,7 @@ class RaftNode:
         self._reads.clear()
         self._read_waiters.clear()
         self._capacity.set()
-        async with self._progress:
-            self._progress.notify_all()
+        self._notify_progress()
 
     async def __aenter__(self) -> RaftNode:
         await self.start()
@@ -296,10 +302,14 @@ class RaftNode:
         if not self._accepting or self._proposals.pending >= self._max_pending:
             await self._admit()
         fut = self._loop.create_future()
-        self._proposals.add(data, fut)
+        proposals = self._proposals
+        proposals.add(data, fut)
         if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            if proposals.pending == 1:
+                self._flush()  # nothing else in flight: send now rather than next turn
+            else:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
         return await fut
 
     async def propose_batch(self, datas: Sequence[bytes]) -> list[Any]:
@@ -394,9 +404,7 @@ class RaftNode:
                     if e.kind == _NORMAL:
                         yield e
                 continue
-            async with self._progress:
-                await self._progress.wait_for(
-                    lambda: not self._running or self._committed_index >= nxt)
+            await self._wait_progress(lambda: not self._running or self._committed_index >= nxt)
 
     async def snapshot(self) -> int:
         """Snapshot the state machine now and compact the log behind it (§7); returns the
@@ -448,11 +456,10 @@ class RaftNode:
                        for n in newcomers if n in self.engine.progress}
                 raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
                                      f"behind: {lag}); not promoted")
-            async with self._progress:
-                try:
-                    await asyncio.wait_for(self._progress.wait(), 0.05)
-                except asyncio.TimeoutError:
-                    pass
+            try:
+                await asyncio.wait_for(self._progress.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
         index = self._leader_engine().propose_membership(voters, m.learners - voters)
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
@@ -482,9 +489,16 @@ class RaftNode:
         def settled() -> bool:
             e = self.engine
             return e.role != Role.LEADER or e.log.term_at(e.commit_index) == e.term
-        async with self._progress:
-            await asyncio.wait_for(self._progress.wait_for(settled), timeout)
+        await asyncio.wait_for(self._wait_progress(settled), timeout)
         return self._leader_engine()
+
+    def _notify_progress(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+    async def _wait_progress(self, predicate) -> None:
+        while not predicate():
+            await self._progress.wait()
 
     def _leader_engine(self) -> Engine:
         self._check_running()
@@ -499,8 +513,7 @@ class RaftNode:
             e = self.engine
             return (not self._running or self._committed_index >= index
                     and not e.membership.joint and e._configs[-1][0] <= self._committed_index)
-        async with self._progress:
-            await asyncio.wait_for(self._progress.wait_for(complete), timeout)
+        await asyncio.wait_for(self._wait_progress(complete), timeout)
         self._check_running()
 
     def status(self) -> dict:
@@ -594,6 +607,7 @@ class RaftNode:
         ops: list = []
         held: list = []
         outbox: dict[int, list] = {}
+        apply_now: list | None = None
         for c in commands:
             t = type(c)
             if t is Send:
@@ -623,9 +637,14 @@ class RaftNode:
                 if save is not None:
                     ops.append(save)
             elif t is Apply:
-                self._apply_queue.append(c.entries)
                 self._committed_index = c.entries[-1].index
-                self._apply_wakeup.set()
+                if apply_now is None and self._can_apply_now():
+                    apply_now = c.entries
+                elif apply_now is not None:
+                    apply_now = apply_now + c.entries
+                else:
+                    self._apply_queue.append(c.entries)
+                    self._apply_wakeup.set()
             elif t is SetTimer:
                 self._set_timer(c.timer, c.delay)
             elif t is CancelTimer:
@@ -656,6 +675,8 @@ class RaftNode:
                     self._write_task = self._loop.create_task(self._write_loop())
         elif held:
             self._writes[-1][1].extend(held)
+        if apply_now is not None:
+            self._apply_now(apply_now)  # after this turn's messages and writes are out
         if more:
             self._run(more)  # what answering a snapshot chunk emitted, after these writes
 
@@ -853,35 +874,72 @@ class RaftNode:
                 await self._apply_wakeup.wait()
                 continue
             entries = queue.popleft()
-            if type(entries) is not list:
-                await self._apply_special(entries)
-                continue
-            while queue and type(queue[0]) is list and len(entries) < 65536:
-                entries = entries + queue.popleft()
+            self._apply_busy = True
             try:
+                if type(entries) is not list:
+                    await self._apply_special(entries)
+                    continue
+                while queue and type(queue[0]) is list and len(entries) < 65536:
+                    entries = entries + queue.popleft()
                 await self._apply_batch(entries)
-                interval = self.config.snapshot_interval
-                if interval and self.applied_index - self._snapshot_index >= interval:
+                if self._snapshot_due():
                     await self._take_snapshot()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("node %d: state machine apply failed at entries %d..%d; "
-                              "stopping the node", self.id, entries[0].index, entries[-1].index)
-                self._loop.create_task(self.stop())
+                self._apply_failed(entries)
                 return
+            finally:
+                self._apply_busy = False
+
+    def _apply_failed(self, entries) -> None:
+        where = (f"entries {entries[0].index}..{entries[-1].index}"
+                 if type(entries) is list else type(entries).__name__)
+        log.exception("node %d: state machine failed at %s; stopping the node", self.id, where)
+        self._running = self._accepting = False
+        self._loop.create_task(self._stop_after_failure())
+
+    async def _stop_after_failure(self) -> None:
+        self._running = True  # let stop() run its full course
+        await self.stop()
+
+    def _snapshot_due(self) -> bool:
+        interval = self.config.snapshot_interval
+        return bool(interval) and self.applied_index - self._snapshot_index >= interval
 
     async def _apply_special(self, item) -> None:
         if type(item) is _Restore:
             if item.meta.last_included_index > self.applied_index:
                 await self._call(self.state_machine.restore, item.data)
                 self.applied_index = item.meta.last_included_index
-                await self._after_apply()
+                self._after_apply()
+        elif item is _SNAPSHOT_DUE:
+            if self._snapshot_due():
+                await self._take_snapshot()
         else:  # a future from snapshot(): answer it from this point of the apply order
             try:
                 item.set_result(await self._take_snapshot())
             except Exception as exc:
                 _fail(item, exc)
+
+    def _can_apply_now(self) -> bool:
+        """A synchronous state machine with nothing queued before: apply in place, which
+        saves the apply task's loop turn on every commit (latency)."""
+        return not self._sm_apply_async and not self._apply_queue and not self._apply_busy
+
+    def _apply_now(self, entries: list[Entry]) -> None:
+        self._apply_busy = True
+        try:
+            user = self._user_entries(entries)
+            self._applied(entries, user, self._sm_apply(user) if user else ())
+        except Exception:
+            self._apply_failed(entries)
+            return
+        finally:
+            self._apply_busy = False
+        if self._snapshot_due():
+            self._apply_queue.append(_SNAPSHOT_DUE)  # taken by the apply task (it awaits)
+            self._apply_wakeup.set()
 
     async def _take_snapshot(self) -> int:
         """Snapshot the state machine at the applied index (we are in the apply task, so
@@ -901,35 +959,40 @@ class RaftNode:
         self._run([_SaveSnapshot(meta, bytes(data), installed=False, durable=durable)])
         return await durable
 
-    async def _apply_batch(self, entries: list[Entry]) -> None:
+    @staticmethod
+    def _user_entries(entries: list[Entry]) -> list[Entry]:
         if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0 or \
                 kernels.index_of_kind(entries, EntryKind.NOOP) >= 0:
-            user = [e for e in entries if e.kind == _NORMAL]
-        else:
-            user = entries
+            return [e for e in entries if e.kind == _NORMAL]
+        return entries
+
+    async def _apply_batch(self, entries: list[Entry]) -> None:
+        user = self._user_entries(entries)
         results: Sequence[Any] = ()
         if user:
             results = self._sm_apply(user)
             if self._sm_apply_async:
                 results = await results
-            if len(results) != len(user):
-                raise TypeError(f"state machine returned {len(results)} results for "
-                                f"{len(user)} entries")
+        self._applied(entries, user, results)
+
+    def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
+        if len(results) != len(user):
+            raise TypeError(f"state machine returned {len(results)} results for "
+                            f"{len(user)} entries")
         self.applied_index = entries[-1].index
         if self._proposals.waiting:
             if self._proposals.resolve(self.applied_index, user, results):
                 self._capacity.set()
-        await self._after_apply()
+        self._after_apply()
 
-    async def _after_apply(self) -> None:
+    def _after_apply(self) -> None:
         if self._read_waiters:
             ready = [w for w in self._read_waiters if w[0] <= self.applied_index]
             self._read_waiters = [w for w in self._read_waiters if w[0] > self.applied_index]
             for read_index, fut in ready:
                 if not fut.done():
                     fut.set_result(read_index)
-        async with self._progress:
-            self._progress.notify_all()
+        self._notify_progress()
 
 def _fail(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():

@@ -5,7 +5,7 @@ from fastraft.config import Config
 from fastraft.engine import AppendLog, Engine, InitialState, Send, SetTimer, Timer, TruncateLog
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 
-CFG = Config(pre_vote=False, check_quorum=False)
+CFG = Config(pre_vote=False, check_quorum=False, commit_notify_delay=0)
 
 
 def make(node_id=1, voters=(1, 2, 3), term=0, voted_for=None, terms=(), commit=0,

@@ -12,6 +12,7 @@ from fastraft.engine import (
     Role,
     RoleChanged,
     Send,
+    SetTimer,
     Timer,
     TruncateLog,
 )
@@ -225,3 +226,26 @@ def test_cluster_replicates_and_applies_in_order_everywhere():
     for node_id, applied in h.applied.items():
         assert [e.data for e in applied if e.kind == EntryKind.NORMAL] == \
             [b"e1"] + [b"w%d" % k for k in range(10)], node_id
+
+
+def test_commit_index_reaches_caught_up_followers_after_a_short_delay():
+    cfg = Config(pre_vote=False, check_quorum=False, commit_notify_delay=0.001)
+    h = elect(config=cfg)
+    leader = h.engines[1]
+    leader.on_timer(Timer.COMMIT)  # the election's own commit armed it; let it fire
+    h.run()
+    index = leader.propose([b"x"])
+    leader.take_commands()
+    leader.log_persisted(index, leader.term)
+    leader.step(2, AppendEntriesResponse(leader.term, True, index))
+    cmds = leader.take_commands()
+    assert leader.commit_index == index
+    # no empty AppendEntries right away: the next one would carry the commit anyway
+    assert [m for _, m in sends(cmds, AppendEntries) if not m.entries] == []
+    assert SetTimer(Timer.COMMIT, 0.001) in cmds
+    leader.on_timer(Timer.COMMIT)
+    notify = [(to, m.leader_commit) for to, m in sends(leader.take_commands(), AppendEntries)]
+    assert (2, index) in notify
+    # once the commit went out, the timer sends nothing more
+    leader.on_timer(Timer.COMMIT)
+    assert [m for to, m in sends(leader.take_commands(), AppendEntries) if to == 2] == []

@@ -28,7 +28,7 @@ from fastraft.messages import (
 from engine_helpers import Harness, make, sends
 
 CFG = Config(pre_vote=False, check_quorum=False, snapshot_trailing_entries=2,
-             snapshot_chunk_bytes=10)
+             snapshot_chunk_bytes=10, commit_notify_delay=0)
 MEMBERS = Membership(voters=frozenset({1, 2, 3}))
 
 

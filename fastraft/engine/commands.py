@@ -29,6 +29,8 @@ class Timer(enum.IntEnum):
     #: Followers: ``election_timeout_min`` after the leader was last heard from. While it
     #: runs, votes for other candidates are refused (thesis §4.2.3, with check-quorum).
     LEASE = 2
+    #: Leader: tell caught-up followers a new commit index no AppendEntries carried yet.
+    COMMIT = 3
 
 
 class Role(enum.IntEnum):

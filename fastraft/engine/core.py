@@ -152,6 +152,7 @@ class Engine:
 
         self._out: list = []
         self._broadcast = False
+        self._commit_timer_armed = False
         self._heartbeat_needed = False
 
     # ------------------------------------------------------------------ driver API
@@ -167,8 +168,13 @@ class Engine:
         if self.role == Role.LEADER:
             if self._broadcast:
                 self._broadcast = False
+                immediate = not self.config.commit_notify_delay
                 for peer, pr in self.progress.items():
-                    self._replicate(peer, pr, commit_only=True)
+                    if self._replicate(peer, pr, commit_only=immediate) and \
+                            not self._commit_timer_armed:
+                        self._commit_timer_armed = True
+                        self._out.append(SetTimer(Timer.COMMIT,
+                                                  self.config.commit_notify_delay))
             if self._heartbeat_needed:
                 self._heartbeat_needed = False
                 for peer, pr in self.progress.items():
@@ -341,6 +347,11 @@ class Engine:
             self._on_heartbeat_timeout()
         elif timer == Timer.LEASE:
             self._in_lease = False
+        elif timer == Timer.COMMIT:
+            self._commit_timer_armed = False
+            if self.role == Role.LEADER:
+                for peer, pr in self.progress.items():
+                    self._replicate(peer, pr, commit_only=True)
 
     def step(self, frm: int, m) -> None:
         """Handle message ``m`` from node ``frm``. Terms first (§5.1), then by role."""
@@ -502,6 +513,7 @@ class Engine:
         if was_leader:
             self.progress = {}
             self._transfer_target = None
+            self._commit_timer_armed = False
             self._broadcast = self._heartbeat_needed = False
             self._fail_leader_reads()
             self._out.append(CancelTimer(Timer.HEARTBEAT))
@@ -533,18 +545,22 @@ class Engine:
             self._membership_changed()
         self._broadcast = True
 
-    def _replicate(self, peer: int, pr: Progress, commit_only: bool = False) -> None:
-        """Send ``peer`` what it lacks, up to its in-flight window. With ``commit_only``,
-        send an empty AppendEntries if it has nothing in flight and an old commit index."""
+    def _replicate(self, peer: int, pr: Progress, commit_only: bool = False) -> bool:
+        """Send ``peer`` what it lacks, up to its in-flight window. Returns whether it is
+        left with nothing in flight and an old commit index; with ``commit_only`` an empty
+        AppendEntries then tells it the commit index."""
         last = self.log.last_index
         max_inflight = self.config.max_inflight_messages
         sent = False
         while pr.next_index <= last and not pr.is_paused(max_inflight):
             self._send_append(peer, pr, last)
             sent = True
-        if (commit_only and not sent and not pr.inflight and pr.state == ProgressState.REPLICATE
-                and pr.commit_sent < self.commit_index):
+        stale = (not sent and not pr.inflight and pr.state == ProgressState.REPLICATE
+                 and pr.commit_sent < self.commit_index)
+        if stale and commit_only:
             self._send_append(peer, pr, last)
+            return False
+        return stale
 
     def _send_append(self, peer: int, pr: Progress, last: int) -> None:
         prev = pr.next_index - 1

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from fastraft.cli import parse_cluster, run_loop
+from fastraft.errors import FastRaftError
 from fastraft.testing.processes import free_ports
 
 # ----------------------------------------------------------------------------- load
@@ -91,6 +92,8 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
     lat = Latencies()
     record = lat.add
 
+    lost: list = []
+
     async def writer():
         if batch == 1:
             propose, arg = node.propose, data
@@ -98,7 +101,13 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
             propose, arg = node.propose_batch, [data] * batch
         t = clock()
         while True:
-            await propose(arg)
+            try:
+                await propose(arg)
+            except FastRaftError as exc:
+                # Overload can cost the leader its leadership (an election): report it
+                # with what was measured until then, rather than hang or crash.
+                lost.append(f"{type(exc).__name__}: {exc}")
+                return
             now = clock()
             if now >= stop:
                 return
@@ -111,13 +120,17 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
     async def sample_rss():
         await asyncio.sleep(warmup)
         rss.append(rss_mib())
-        await asyncio.sleep(max(0.0, stop - clock() - 0.05))
+        while clock() < stop - 0.05 and not lost:
+            await asyncio.sleep(0.05)
         rss.append(rss_mib())
 
     await asyncio.gather(sample_rss(), *[writer() for _ in range(in_flight)])
     writes = lat.n * batch
-    return {"writes": writes, "seconds": seconds, "writes_per_s": writes / seconds,
-            "rss_start_mib": rss[0], "rss_end_mib": rss[-1], **_percentiles(lat)}
+    out = {"writes": writes, "seconds": seconds, "writes_per_s": writes / seconds,
+           "rss_start_mib": rss[0], "rss_end_mib": rss[-1], **_percentiles(lat)}
+    if lost:
+        out["leadership_lost"] = lost[0]
+    return out
 
 
 class NullStateMachine:
@@ -168,6 +181,12 @@ async def _bench_node(args) -> None:
     await asyncio.Event().wait()  # followers serve until the orchestrator stops them
 
 
+# FASTRAFT_BENCH_ENTRY=wrapper.py runs every node through a wrapper script (one that turns
+# on cProfile, say) instead of ``python -m fastraft.benchmark``.
+_ENTRY = ([os.environ["FASTRAFT_BENCH_ENTRY"]] if os.environ.get("FASTRAFT_BENCH_ENTRY")
+          else ["-m", "fastraft.benchmark"])
+
+
 def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
              timeout: float = 120) -> dict:
     """Start n processes of ``python -m fastraft.benchmark <module_args>``; return the one
@@ -177,7 +196,7 @@ def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
     procs = []
     try:
         for i in range(1, n + 1):
-            cmd = [sys.executable, os.environ.get("FASTRAFT_BENCH_ENTRY", "-m"), *([] if os.environ.get("FASTRAFT_BENCH_ENTRY") else ["fastraft.benchmark"]), *module_args, "--id", str(i),
+            cmd = [sys.executable, *_ENTRY, *module_args, "--id", str(i),
                    "--cluster", spec, "--load", json.dumps(load), "--data-dir", workdir]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, text=True))
@@ -188,6 +207,8 @@ def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
                     out = p.stdout.read().strip().splitlines()
                     if out:
                         return json.loads(out[-1])
+            if all(p.poll() is not None for p in procs):
+                raise RuntimeError("every node exited without a result")
             time.sleep(0.05)
         raise TimeoutError("no leader reported a result")
     finally:
@@ -438,8 +459,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(fn())
         r = {"name": name, **info, **_median(runs)}
         results.append(r)
+        lost = sum(1 for x in runs if x.get("leadership_lost"))
         print(f"  {name:<58} {_fmt(r['writes_per_s']):>12}/s  p50 {_fmt(r.get('p50_ms'), 'ms')}"
-              f" ms  p99 {_fmt(r.get('p99_ms'), 'ms')} ms  (spread {r['spread_pct']:.0f}%)",
+              f" ms  p99 {_fmt(r.get('p99_ms'), 'ms')} ms  (spread {r['spread_pct']:.0f}%)"
+              + (f"  [leadership lost in {lost} of {len(runs)} runs]" if lost else ""),
               flush=True)
         return r
 

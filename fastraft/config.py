@@ -20,8 +20,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: Most entries, and most payload bytes, in one AppendEntries.
     max_entries_per_message: int = 4096
     max_bytes_per_message: int = 1 << 20
-    #: Pipelined AppendEntries a follower may have unacknowledged (§5.3 "replicate" state).
+    #: Pipelined AppendEntries a follower may have unacknowledged (§5.3 "replicate"
+    #: state), and their payload bytes: a follower is never sent more than it can take in
+    #: before its election timer would notice the leader again.
     max_inflight_messages: int = 64
+    max_inflight_bytes: int = 8 << 20
     #: Proposals accepted but not yet applied; beyond this ``propose`` waits (or raises
     #: ``Overloaded`` when ``overload_wait`` is 0).
     max_pending_proposals: int = 65536
@@ -65,7 +68,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
                 f"election_timeout_min ({self.election_timeout_min}), or followers will time "
                 "out while the leader is healthy")
         for name in ("max_entries_per_message", "max_bytes_per_message",
-                     "max_inflight_messages", "max_pending_proposals",
+                     "max_inflight_messages", "max_inflight_bytes", "max_pending_proposals",
                      "snapshot_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -129,3 +129,11 @@ def make_entries(term, first_index, kind, datas):
     for k in range(n):
         out[k] = Entry(term, first_index + k, kind, datas[k])
     return out
+
+
+def payload_bytes(entries):
+    """Total payload bytes of ``entries``."""
+    cdef Py_ssize_t total = 0
+    for e in entries:
+        total += len(e.data)
+    return total

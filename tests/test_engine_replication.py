@@ -249,3 +249,17 @@ def test_commit_index_reaches_caught_up_followers_after_a_short_delay():
     # once the commit went out, the timer sends nothing more
     leader.on_timer(Timer.COMMIT)
     assert [m for to, m in sends(leader.take_commands(), AppendEntries) if to == 2] == []
+
+
+def test_inflight_window_is_bounded_in_bytes_too():
+    cfg = Config(pre_vote=False, check_quorum=False, commit_notify_delay=0,
+                 max_bytes_per_message=1000, max_inflight_bytes=2500)
+    h = elect(config=cfg)
+    leader = h.engines[1]
+    leader.propose([b"x" * 500] * 20)  # 10 KB: ten messages of 1,000 bytes
+    to2 = [m for to, m in sends(leader.take_commands(), AppendEntries) if to == 2]
+    assert [len(m.entries) for m in to2] == [2, 2, 2]  # 3,000 bytes, then paused
+    assert leader.progress[2].inflight_total == 3000
+    leader.step(2, AppendEntriesResponse(leader.term, True, to2[0].entries[-1].index))
+    more = [m for to, m in sends(leader.take_commands(), AppendEntries) if to == 2]
+    assert len(more) == 1 and leader.progress[2].inflight_total == 3000

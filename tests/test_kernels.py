@@ -231,6 +231,7 @@ def test_codec_round_trips_across_implementations(entries):
         assert [(e.term, e.index, e.kind, e.data) for e in made] == \
             [(7, 100 + k, 2, e.data) for k, e in enumerate(entries)]
         assert impl.count_within_bytes(entries, 200) == _naive_count(entries, 200)
+        assert impl.payload_bytes(entries) == sum(len(e.data) for e in entries)
         assert impl.index_of_kind(entries, 1) == next(
             (k for k, e in enumerate(entries) if e.kind == 1), -1)
 

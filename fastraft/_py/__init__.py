@@ -9,6 +9,7 @@ from fastraft._py.codec import (
     encode_entries,
     index_of_kind,
     make_entries,
+    payload_bytes,
     set_results,
 )
 from fastraft._py.logindex import LogIndex
@@ -27,5 +28,5 @@ __all__ = [
     "MAX_INDEX", "VOTE_LOST", "VOTE_PENDING", "VOTE_WON",
     "committed_index", "joint_committed_index", "vote_result", "joint_vote_result",
     "LogIndex", "encode_entries", "decode_entries", "index_of_kind",
-    "count_within_bytes", "set_results", "make_entries",
+    "count_within_bytes", "set_results", "make_entries", "payload_bytes",
 ]

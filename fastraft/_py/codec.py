@@ -103,3 +103,8 @@ def set_results(futures, fstart: int, results, rstart: int, count: int) -> None:
 def make_entries(term: int, first_index: int, kind: int, datas: Sequence) -> list[Entry]:
     """Entries ``first_index, first_index + 1, ...`` of ``term`` and ``kind``, one per data."""
     return [Entry(term, i, kind, d) for i, d in enumerate(datas, first_index)]
+
+
+def payload_bytes(entries: Sequence[Entry]) -> int:
+    """Total payload bytes of ``entries``."""
+    return sum(len(e.data) for e in entries)

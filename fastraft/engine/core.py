@@ -551,8 +551,9 @@ class Engine:
         AppendEntries then tells it the commit index."""
         last = self.log.last_index
         max_inflight = self.config.max_inflight_messages
+        max_bytes = self.config.max_inflight_bytes
         sent = False
-        while pr.next_index <= last and not pr.is_paused(max_inflight):
+        while pr.next_index <= last and not pr.is_paused(max_inflight, max_bytes):
             self._send_append(peer, pr, last)
             sent = True
         stale = (not sent and not pr.inflight and pr.state == ProgressState.REPLICATE
@@ -582,7 +583,7 @@ class Engine:
         if entries:
             if pr.state == ProgressState.REPLICATE:
                 pr.next_index = entries[-1].index + 1
-                pr.inflight.append(entries[-1].index)
+                pr.sent(entries[-1].index, kernels.payload_bytes(entries))
             else:
                 pr.probe_sent = True
 

@@ -17,7 +17,8 @@ class ProgressState(IntEnum):
 class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
                  "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent", "snapshot_index",
-                 "snapshot_offset", "snapshot_meta", "snapshot_size")
+                 "snapshot_offset", "snapshot_meta", "snapshot_size",
+                 "inflight_bytes", "inflight_total")
 
     def __init__(self, next_index: int) -> None:
         #: Highest index known to be in the follower's log and durable there; only grows
@@ -31,6 +32,9 @@ class Progress:
         self.probe_sent = False
         #: REPLICATE only: last index of each unacknowledged AppendEntries, oldest first.
         self.inflight: deque[int] = deque()
+        #: Payload bytes of each of those messages, and their sum.
+        self.inflight_bytes: deque[int] = deque()
+        self.inflight_total = 0
         #: Highest heartbeat sequence number the follower has echoed (ReadIndex).
         self.acked_seq = 0
         #: match_index when the last heartbeat went out: no progress over a whole
@@ -52,13 +56,13 @@ class Progress:
         self.state = ProgressState.PROBE
         self.next_index = self.match_index + 1
         self.probe_sent = False
-        self.inflight.clear()
+        self._clear_inflight()
 
     def become_replicate(self) -> None:
         self.state = ProgressState.REPLICATE
         self.next_index = self.match_index + 1
         self.probe_sent = False
-        self.inflight.clear()
+        self._clear_inflight()
 
     def become_snapshot(self, meta, size: int) -> None:
         self.state = ProgressState.SNAPSHOT
@@ -67,14 +71,25 @@ class Progress:
         self.snapshot_index = meta.last_included_index
         self.snapshot_offset = 0
         self.probe_sent = False
-        self.inflight.clear()
+        self._clear_inflight()
 
-    def is_paused(self, max_inflight: int) -> bool:
+    def is_paused(self, max_inflight: int, max_bytes: int) -> bool:
         if self.state == ProgressState.PROBE:
             return self.probe_sent
         if self.state == ProgressState.SNAPSHOT:
             return True
-        return len(self.inflight) >= max_inflight
+        return len(self.inflight) >= max_inflight or self.inflight_total >= max_bytes
+
+    def sent(self, last_index: int, nbytes: int) -> None:
+        """An AppendEntries ending at ``last_index`` with ``nbytes`` of payload is in flight."""
+        self.inflight.append(last_index)
+        self.inflight_bytes.append(nbytes)
+        self.inflight_total += nbytes
+
+    def _clear_inflight(self) -> None:
+        self.inflight.clear()
+        self.inflight_bytes.clear()
+        self.inflight_total = 0
 
     def acknowledge(self, index: int) -> bool:
         """Record that the follower holds entries up to ``index``; True if that is news."""
@@ -86,6 +101,7 @@ class Progress:
         inflight = self.inflight
         while inflight and inflight[0] <= index:
             inflight.popleft()
+            self.inflight_total -= self.inflight_bytes.popleft()
         return True
 
     def as_dict(self) -> dict:

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from fastraft.cli import run_loop
-from fastraft.kvservice import ClientError, KVClient
+from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.testing.processes import ProcessCluster
 
 
@@ -28,16 +28,6 @@ class _Stats:
         self.errors = 0
 
 
-async def _connect(address: str, deadline: float) -> KVClient:
-    while True:
-        try:
-            return await KVClient.connect(address, timeout=1.0)
-        except (OSError, asyncio.TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def _statuses(clients: dict[int, KVClient]) -> dict[int, dict]:
     out = {}
     for i, c in list(clients.items()):
@@ -46,16 +36,6 @@ async def _statuses(clients: dict[int, KVClient]) -> dict[int, dict]:
         except (ConnectionError, ClientError, asyncio.TimeoutError):
             pass
     return out
-
-
-async def _find_leader(clients: dict[int, KVClient], timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for i, s in (await _statuses(clients)).items():
-            if s["role"] == "leader":
-                return i
-        await asyncio.sleep(0.02)
-    raise TimeoutError("no leader elected")
 
 
 def _bar(fraction: float, width: int = 24) -> str:
@@ -70,10 +50,9 @@ async def _demo(args, cluster: ProcessCluster) -> int:
     print(f"fastraft demo: {n} nodes on 127.0.0.1, {args.inflight} writes in flight, "
           f"{'FileStorage in ' + args.data_dir if args.data_dir else 'memory storage'}")
     cluster.start_all()
-    deadline = time.monotonic() + 30
-    clients = {i: await _connect(cluster.client[i], deadline) for i in cluster.ids}
+    clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
     t0 = time.monotonic()
-    leader = await _find_leader(clients, 30)
+    leader = await find_leader(clients, 30)
     print(f"  leader elected: node {leader} after {time.monotonic() - t0:.2f}s "
           f"(pids {', '.join(str(p.pid) for p in cluster.procs.values())})")
     found = (await _statuses({leader: clients[leader]}))[leader]
@@ -147,17 +126,17 @@ async def _demo(args, cluster: ProcessCluster) -> int:
 
     async def chaos() -> None:
         await asyncio.sleep(args.seconds / 2)
-        victim = state["leader"] = await _find_leader(clients, 30)  # the leader right now
+        victim = state["leader"] = await find_leader(clients, 30)  # the leader right now
         state["phase"] = f"killed leader {victim}"
         clients.pop(victim).close()
         state["unavailable_since"] = time.monotonic()
         cluster.kill(victim)
-        state["leader"] = await _find_leader(clients, 30)
+        state["leader"] = await find_leader(clients, 30)
         state["victim"] = victim
         await asyncio.sleep(max(0.0, (stop_at - time.monotonic()) / 3))
         state["phase"] = f"restarted node {victim}"
         cluster.start(victim)
-        clients[victim] = await _connect(cluster.client[victim], time.monotonic() + 30)
+        clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
 
     started = time.monotonic()
     await asyncio.gather(watcher(), chaos(), *[reader() for _ in range(4)],
@@ -167,7 +146,7 @@ async def _demo(args, cluster: ProcessCluster) -> int:
         print()
 
     # Every acknowledged write must be readable, linearizably, from the new leader.
-    leader = await _find_leader(clients, 30)
+    leader = await find_leader(clients, 30)
     client = clients[leader]
     keys = list(stats.acked)
     missing = 0
@@ -203,7 +182,7 @@ async def _demo(args, cluster: ProcessCluster) -> int:
           else "  leader failover     : writes did not resume")
     print(f"  linearizable reads  : {stats.reads:,} checked, {stats.stale_reads} stale")
     print(f"  acknowledged lost   : {missing} of {len(keys):,} (read back from the new leader)")
-    print(f"  restarted node      : " + (f"node {victim} caught up to index {caught_up}"
+    print("  restarted node      : " + (f"node {victim} caught up to index {caught_up}"
                                         if caught_up else "did not catch up"))
     ok = missing == 0 and stats.stale_reads == 0 and fo is not None and caught_up is not None
     print("  result              : " + ("OK: nothing acknowledged was lost" if ok else "FAILED"))

@@ -2,24 +2,23 @@
 
 Chosen once at import: ``FASTRAFT_NO_EXTENSIONS`` (any non-empty value) or a missing
 extension selects the pure-Python twin. ``COMPILED`` says which one is in use. The names
-re-exported are the same either way.
+re-exported are the same either way: the twin's ``__all__``.
 """
 from __future__ import annotations
 
 import os
 
+from fastraft._py import __all__  # noqa: F401  (re-exported: the kernel names)
+
 COMPILED: bool
 
 if os.environ.get("FASTRAFT_NO_EXTENSIONS"):
     from fastraft._py import *  # noqa: F401,F403
-    from fastraft._py import __all__
     COMPILED = False
 else:
     try:
         from fastraft._cy import *  # noqa: F401,F403
-        from fastraft._py import __all__
         COMPILED = True
     except ImportError:
         from fastraft._py import *  # noqa: F401,F403
-        from fastraft._py import __all__
         COMPILED = False

@@ -144,6 +144,18 @@ class KVClient(asyncio.Protocol):
         client.address = address
         return client
 
+    @classmethod
+    async def connect_retrying(cls, address: str, timeout: float = 30.0) -> KVClient:
+        """Connect, retrying while the node starts up, for at most ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                return await cls.connect(address, timeout=1.0)
+            except (OSError, asyncio.TimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     def __init__(self) -> None:
         self.address = ""
         self.buffer = b""
@@ -193,3 +205,21 @@ class KVClient(asyncio.Protocol):
 
     def close(self) -> None:
         self.transport.close()
+
+
+async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
+                      exclude: frozenset[int] = frozenset()) -> int:
+    """The id of the node whose status says it leads, polling every node's status."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        for i, c in list(clients.items()):
+            if i in exclude or c.closed:
+                continue
+            try:
+                if (await asyncio.wait_for(c.status(), 1.0))["role"] == "leader":
+                    return i
+            except (ClientError, ConnectionError, asyncio.TimeoutError):
+                pass
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"no leader among nodes {sorted(clients)} after {timeout}s")

@@ -6,40 +6,15 @@ issue records 20+ local rounds), each a few hundred writes and one SIGKILL.
 import asyncio
 import os
 import random
-import time
 
 import pytest
 
-from fastraft.kvservice import ClientError, KVClient
+from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.testing.processes import ProcessCluster
 
 from aio import run
 
 ROUNDS = int(os.environ.get("FASTRAFT_CRASH_ROUNDS", "3"))
-
-
-async def connect(address, timeout=30):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await KVClient.connect(address, timeout=1)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
-async def wait_leader(clients, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for i, c in clients.items():
-            try:
-                if (await asyncio.wait_for(c.status(), 1))["role"] == "leader":
-                    return i
-            except (ClientError, ConnectionError, asyncio.TimeoutError):
-                pass
-        await asyncio.sleep(0.02)
-    raise TimeoutError("no leader")
 
 
 async def write_until_killed(client, acked, sent, prefix, kill, inflight=32):
@@ -88,16 +63,16 @@ async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_):
     try:
         for life in range(2):
             cluster.start(1)
-            client = await connect(cluster.client[1])
-            await wait_leader({1: client})
+            client = await KVClient.connect_retrying(cluster.client[1])
+            await find_leader({1: client})
             await check_survivors(client, acked, sent)
             await write_until_killed(client, acked, sent, f"r{life}-",
                                      lambda: cluster.kill(1))
             client.close()
         assert len(acked) > 10
         cluster.start(1)
-        client = await connect(cluster.client[1])
-        await wait_leader({1: client})
+        client = await KVClient.connect_retrying(cluster.client[1])
+        await find_leader({1: client})
         await check_survivors(client, acked, sent)
         client.close()
     finally:
@@ -110,8 +85,8 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
     acked, sent = {}, []
     try:
         cluster.start_all()
-        clients = {i: await connect(cluster.client[i]) for i in cluster.ids}
-        leader = await wait_leader(clients)
+        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        leader = await find_leader(clients)
 
         def kill_all():
             for i in cluster.ids:
@@ -121,8 +96,8 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
             c.close()
         assert len(acked) > 10
         cluster.start_all()
-        clients = {i: await connect(cluster.client[i]) for i in cluster.ids}
-        leader = await wait_leader(clients)
+        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        leader = await find_leader(clients)
         await check_survivors(clients[leader], acked, sent)
         # followers serve the same data through linearizable reads
         follower = next(i for i in cluster.ids if i != leader)

@@ -1,6 +1,5 @@
 """Elections: §5.1 terms, §5.2 leader election, §5.4.1 election restriction, thesis §9.6
 pre-vote and §6.2 check-quorum. Each test asserts the exact commands emitted."""
-import random
 
 import pytest
 

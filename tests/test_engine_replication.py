@@ -1,8 +1,6 @@
 """Replication: §5.3 log consistency and fast backtracking, §5.4.2 commitment (Figure 8),
 §5.5 duplicated/reordered messages, batching and the in-flight window, durability order."""
-import random
 
-import pytest
 
 from fastraft.config import Config
 from fastraft.engine import (

@@ -2,11 +2,10 @@
 import asyncio
 import subprocess
 import sys
-import time
 
 import pytest
 
-from fastraft.kvservice import ClientError, KVClient
+from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.testing.processes import ProcessCluster
 
 from aio import run
@@ -21,46 +20,13 @@ def cluster(tmp_path):
 
 
 async def connect_all(cluster):
-    clients = {}
-    deadline = time.monotonic() + 30
-    for i in cluster.ids:
-        while True:
-            try:
-                clients[i] = await KVClient.connect(cluster.client[i], timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-    return clients
-
-
-async def leader_of(clients, exclude=()):
-    found = {}
-
-    async def probe():
-        for i, c in clients.items():
-            if i in exclude or c.closed:
-                continue
-            try:
-                s = await asyncio.wait_for(c.status(), 1)
-            except (ClientError, ConnectionError, asyncio.TimeoutError):
-                continue
-            if s["role"] == "leader":
-                found["id"] = i
-                return True
-        return False
-
-    deadline = time.monotonic() + 30
-    while not await probe():
-        assert time.monotonic() < deadline, "no leader elected"
-    return found["id"]
+    return {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
 
 
 @run
 async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     clients = await connect_all(cluster)
-    leader = await leader_of(clients)
+    leader = await find_leader(clients)
     acked = {}
     for k in range(200):
         acked[f"a{k}"] = await clients[leader].put(f"a{k}", b"A%d" % k)
@@ -72,7 +38,7 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
 
     cluster.kill(leader)
     clients.pop(leader).close()
-    new = await leader_of(clients)
+    new = await find_leader(clients)
     assert new != leader
     for k in range(200):
         acked[f"b{k}"] = await clients[new].put(f"b{k}", b"B%d" % k)
@@ -83,7 +49,7 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
             assert resp.version == acked[key] and resp.value[:1] == key[:1].upper().encode()
 
     cluster.start(leader)  # restart the crashed node: it catches up from the leader
-    clients.update({leader: (await connect_all_one(cluster, leader))})
+    clients[leader] = await KVClient.connect_retrying(cluster.client[leader])
     target = (await clients[new].status())["commit_index"]
 
     async def caught_up():
@@ -95,21 +61,10 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
         c.close()
 
 
-async def connect_all_one(cluster, i):
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await KVClient.connect(cluster.client[i], timeout=1)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 def test_status_command_prints_a_nodes_status(cluster):
     async def wait_leader():
         clients = await connect_all(cluster)
-        leader = await leader_of(clients)
+        leader = await find_leader(clients)
         for c in clients.values():
             c.close()
         return leader

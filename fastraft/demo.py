@@ -77,6 +77,7 @@ async def _demo(args, cluster: ProcessCluster) -> int:
                 await asyncio.sleep(0.01)
                 continue
             t = time.perf_counter()
+            issued = time.monotonic()
             try:
                 version = await asyncio.wait_for(client.put(key, b"v-" + key.encode()), 2.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
@@ -85,8 +86,10 @@ async def _demo(args, cluster: ProcessCluster) -> int:
                 continue
             stats.latencies.append(time.perf_counter() - t)
             stats.acked[key] = version
-            if state["unavailable_since"] is not None and state["failover"] is None:
-                state["failover"] = time.monotonic() - state["unavailable_since"]
+            down = state["unavailable_since"]
+            # only a write issued after the crash proves a new leader took over
+            if down is not None and issued > down and state["failover"] is None:
+                state["failover"] = time.monotonic() - down
 
     async def reader() -> None:
         # A linearizable read, from a random node, of a write already acknowledged.

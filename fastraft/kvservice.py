@@ -209,17 +209,22 @@ class KVClient(asyncio.Protocol):
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
                       exclude: frozenset[int] = frozenset()) -> int:
-    """The id of the node whose status says it leads, polling every node's status."""
+    """The id of the current leader: of the nodes whose status says they lead, the one
+    with the highest term (a deposed leader may not know it yet)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
+        leaders = []
         for i, c in list(clients.items()):
             if i in exclude or c.closed:
                 continue
             try:
-                if (await asyncio.wait_for(c.status(), 1.0))["role"] == "leader":
-                    return i
+                status = await asyncio.wait_for(c.status(), 1.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
-                pass
+                continue
+            if status["role"] == "leader":
+                leaders.append((status["term"], i))
+        if leaders:
+            return max(leaders)[1]
         await asyncio.sleep(0.02)
     raise TimeoutError(f"no leader among nodes {sorted(clients)} after {timeout}s")

@@ -58,12 +58,7 @@ class Latencies:
         return out
 
 
-def _percentiles(lat: Latencies | list[float]) -> dict:
-    if not isinstance(lat, Latencies):
-        hist = Latencies()
-        for x in lat:
-            hist.add(x)
-        lat = hist
+def _percentiles(lat: Latencies) -> dict:
     if not lat.n:
         return {"p50_ms": None, "p99_ms": None, "p999_ms": None}
     p50, p99, p999 = lat.quantiles([0.5, 0.99, 0.999])
@@ -253,8 +248,7 @@ def _pysyncobj_node(args) -> None:
     in_flight, seconds = spec["in_flight"], spec["seconds"]
     data = os.urandom(spec["payload"])
     sem = threading.Semaphore(in_flight)
-    lat: list[float] = []
-    done = [0]
+    lat = Latencies()
     lock = threading.Lock()
     warm_until = time.perf_counter() + spec.get("warmup", 0.3)
     stop_at = warm_until + seconds
@@ -264,8 +258,7 @@ def _pysyncobj_node(args) -> None:
             now = time.perf_counter()
             with lock:
                 if warm_until <= now < stop_at:
-                    lat.append(now - t0)
-                    done[0] += 1
+                    lat.add(now - t0)
             sem.release()
         return cb
 
@@ -274,8 +267,8 @@ def _pysyncobj_node(args) -> None:
         obj.add(data, callback=callback(time.perf_counter()))
     for _ in range(in_flight):
         sem.acquire(timeout=5)
-    print(json.dumps({"writes": done[0], "seconds": seconds,
-                      "writes_per_s": done[0] / seconds, **_percentiles(lat)}), flush=True)
+    print(json.dumps({"writes": lat.n, "seconds": seconds,
+                      "writes_per_s": lat.n / seconds, **_percentiles(lat)}), flush=True)
     os._exit(0)
 
 

@@ -14,8 +14,9 @@ from typing import Any
 import msgspec
 
 from fastraft import kv
-from fastraft.errors import DecodeError, FastRaftError, NotLeader
+from fastraft.errors import FastRaftError, NotLeader
 from fastraft.transport.tcp import parse_address
+from fastraft.wire import split_frames
 
 log = logging.getLogger("fastraft.kvservice")
 _LEN = struct.Struct("<I")
@@ -42,23 +43,6 @@ class Response(msgspec.Struct, array_like=True):
 _req_dec = msgspec.msgpack.Decoder(list[Request])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
-
-
-def _split_frames(buffer: bytes, data: bytes) -> tuple[list[memoryview], bytes]:
-    if buffer:
-        data = buffer + data
-    frames = []
-    pos, size = 0, len(data)
-    view = memoryview(data)
-    while size - pos >= 4:
-        (n,) = _LEN.unpack_from(data, pos)
-        if n > MAX_FRAME:
-            raise DecodeError(f"frame of {n} bytes exceeds {MAX_FRAME}")
-        if size - pos - 4 < n:
-            break
-        frames.append(view[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return frames, data[pos:]
 
 
 class _Writer:
@@ -95,13 +79,15 @@ class KVServer(asyncio.Protocol):
         self.writer = _Writer(transport)
 
     def data_received(self, data: bytes) -> None:
+        frames, self.buffer, error = split_frames(self.buffer, data, MAX_FRAME)
         try:
-            frames, self.buffer = _split_frames(self.buffer, data)
             for frame in frames:
                 for req in _req_dec.decode(frame):
                     asyncio.ensure_future(self._handle(req))
-        except (DecodeError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            log.warning("closing client connection: %s", exc)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            error = str(exc)
+        if error is not None:
+            log.warning("closing client connection: %s", error)
             self.transport.close()
 
     async def _handle(self, req: Request) -> None:
@@ -175,7 +161,10 @@ class KVClient(asyncio.Protocol):
         self.waiting.clear()
 
     def data_received(self, data: bytes) -> None:
-        frames, self.buffer = _split_frames(self.buffer, data)
+        frames, self.buffer, error = split_frames(self.buffer, data, MAX_FRAME)
+        if error is not None:
+            log.warning("closing connection to %s: %s", self.address, error)
+            self.transport.close()
         for frame in frames:
             for resp in _resp_dec.decode(frame):
                 fut = self.waiting.pop(resp.id, None)

@@ -731,7 +731,7 @@ class RaftNode:
                     return
                 self._writes_done(batch, last)
         except Exception:
-            self._storage_failed()
+            self._fail_node("storage write failed")
         finally:
             self._write_task = None
 
@@ -742,12 +742,15 @@ class RaftNode:
             for fn, _, args in steps:
                 fn(*args)
         except Exception:
-            self._storage_failed()
+            self._fail_node("storage write failed")
             return
         self._writes_done((ops, held), last)
 
-    def _storage_failed(self) -> None:
-        log.exception("node %d: storage write failed; stopping the node", self.id)
+    def _fail_node(self, what: str) -> None:
+        """A hook raised: take no more proposals and stop the node (from a task, as this
+        may run inside the apply task or a loop callback)."""
+        log.exception("node %d: %s; stopping the node", self.id, what)
+        self._accepting = False
         self._loop.create_task(self.stop())
 
     def _plan_writes(self, ops: list) -> tuple[list, Entry | None]:
@@ -895,13 +898,7 @@ class RaftNode:
     def _apply_failed(self, entries) -> None:
         where = (f"entries {entries[0].index}..{entries[-1].index}"
                  if type(entries) is list else type(entries).__name__)
-        log.exception("node %d: state machine failed at %s; stopping the node", self.id, where)
-        self._running = self._accepting = False
-        self._loop.create_task(self._stop_after_failure())
-
-    async def _stop_after_failure(self) -> None:
-        self._running = True  # let stop() run its full course
-        await self.stop()
+        self._fail_node(f"state machine failed at {where}")
 
     def _snapshot_due(self) -> bool:
         interval = self.config.snapshot_interval

@@ -22,6 +22,28 @@ _decoder = msgspec.msgpack.Decoder(Message)
 _EMPTY_LEN = _U32.pack(0)
 
 
+def split_frames(buffer: bytes, data: bytes,
+                 max_frame: int) -> tuple[list[memoryview], bytes, str | None]:
+    """Cut a byte stream of ``u32 length | body`` frames: the complete bodies (views of the
+    data), the incomplete rest to keep for the next read, and an error if a header
+    announces more than ``max_frame`` bytes (the frames before it are still returned)."""
+    if buffer:
+        data = buffer + data
+    frames = []
+    pos, size = 0, len(data)
+    view = memoryview(data)
+    unpack = _U32.unpack_from
+    while size - pos >= 4:
+        (n,) = unpack(data, pos)
+        if n > max_frame:
+            return frames, b"", f"frame of {n} bytes exceeds the limit of {max_frame}"
+        if size - pos - 4 < n:
+            break
+        frames.append(view[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return frames, data[pos:] if pos < size else b"", None
+
+
 def encode_messages(messages: Sequence) -> bytes:
     parts = []
     append = parts.append

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from fastraft.errors import ConfigError, DecodeError
-from fastraft.wire import decode_messages, encode_messages
+from fastraft.wire import decode_messages, encode_messages, split_frames
 
 log = logging.getLogger("fastraft.transport.tcp")
 
@@ -244,24 +244,12 @@ class _Inbound(asyncio.Protocol):
         self.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.buffer:
-            data = self.buffer + data
-        size = len(data)
-        pos = 0
-        view = memoryview(data)
-        max_frame = self.net.max_frame_bytes
-        while size - pos >= 4:
-            (n,) = _LEN.unpack_from(data, pos)
-            if n > max_frame:
-                self._reject(f"frame of {n} bytes exceeds the limit of {max_frame}")
-                return
-            if size - pos - 4 < n:
-                break
-            frame = view[pos + 4:pos + 4 + n]
-            pos += 4 + n
+        frames, self.buffer, error = split_frames(self.buffer, data, self.net.max_frame_bytes)
+        for frame in frames:
             if not self._frame(frame):
                 return
-        self.buffer = data[pos:] if pos < size else b""
+        if error is not None:
+            self._reject(error)
 
     def _frame(self, frame: memoryview) -> bool:
         net = self.net

@@ -4,7 +4,8 @@ Layout of the directory::
 
     LOCK                         flock()ed while open: one process per directory
     state                        hard state + compaction point, replaced atomically
-    snapshot                     the last snapshot (metadata + data), replaced atomically
+    snapshot                     the last snapshot's metadata, replaced atomically
+    snapshot-<index>-<crc>.data  its data, streamed in; the name is set by ``snapshot``
     log-<first index>.seg        the log, append-only segments rolled at ``segment_bytes``
 
 A segment is a sequence of records ``u32 length | u32 crc32(body) | body``, ``body`` being
@@ -31,12 +32,14 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 import msgspec
 
 from fastraft import kernels
 from fastraft.errors import DecodeError, FastRaftError, StorageCorruption
 from fastraft.messages import Entry, HardState
+from fastraft.snapshots import copy_stream
 from fastraft.storage import SnapshotMeta, StorageState
 
 log = logging.getLogger("fastraft.filestorage")
@@ -44,6 +47,7 @@ log = logging.getLogger("fastraft.filestorage")
 _HEAD = struct.Struct("<II")  # body length, crc32(body)
 _SNAP_HEAD = struct.Struct("<IIQI")  # meta length, crc(meta), data length, crc(data)
 _SEG_PREFIX, _SEG_SUFFIX = "log-", ".seg"
+_SNAP_DATA_PREFIX = "snapshot-"
 
 
 class StorageLocked(FastRaftError):
@@ -67,6 +71,10 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _discard(_: bytes) -> None:
+    pass
 
 
 def _write_atomically(directory: str, name: str, data: bytes) -> None:
@@ -120,6 +128,7 @@ class FileStorage:
         self._cache_records = cache_records
         self._state = _State(HardState())
         self._snapshot: SnapshotMeta | None = None
+        self._snapshot_path: str | None = None
         try:
             self._recover()
         except BaseException:
@@ -130,7 +139,9 @@ class FileStorage:
 
     def _recover(self) -> None:
         self._state = self._read_state()
-        self._snapshot = self._read_snapshot_meta()
+        found = self._read_snapshot()
+        if found is not None:
+            self._snapshot, self._snapshot_path = found
         names = sorted(n for n in os.listdir(self.directory)
                        if n.startswith(_SEG_PREFIX) and n.endswith(_SEG_SUFFIX))
         firsts = []
@@ -232,33 +243,51 @@ class FileStorage:
                                     f"{len(data)} bytes)")
         return msgspec.msgpack.decode(body, type=_State)
 
-    def _read_snapshot_meta(self) -> SnapshotMeta | None:
-        loaded = self._load_snapshot_file(meta_only=True)
-        return loaded[0] if loaded else None
-
-    def _load_snapshot_file(self, meta_only: bool = False):
+    def _read_snapshot(self) -> tuple[SnapshotMeta, str] | None:
+        """The snapshot's metadata and data file, both checked; stray data files left by a
+        crash in the middle of a save are deleted."""
         path = os.path.join(self.directory, "snapshot")
         try:
-            f = open(path, "rb")
+            with open(path, "rb") as f:
+                head = f.read(_SNAP_HEAD.size)
+                if len(head) < _SNAP_HEAD.size:
+                    raise StorageCorruption(f"{path}: truncated header (offset 0)")
+                meta_len, meta_crc, data_len, data_crc = _SNAP_HEAD.unpack(head)
+                meta = f.read(meta_len)
         except FileNotFoundError:
-            return None
-        with f:
-            head = f.read(_SNAP_HEAD.size)
-            if len(head) < _SNAP_HEAD.size:
-                raise StorageCorruption(f"{path}: truncated header (offset 0)")
-            meta_len, meta_crc, data_len, data_crc = _SNAP_HEAD.unpack(head)
-            meta = f.read(meta_len)
+            found = None
+        else:
             if len(meta) != meta_len or zlib.crc32(meta) != meta_crc:
                 raise StorageCorruption(f"{path}: metadata fails its checksum "
                                         f"(offset {_SNAP_HEAD.size})")
             snap_meta = msgspec.msgpack.decode(meta, type=SnapshotMeta)
-            if meta_only:
-                return snap_meta, b""
-            data = f.read(data_len)
-            if len(data) != data_len or zlib.crc32(data) != data_crc:
-                raise StorageCorruption(f"{path}: data fails its checksum "
-                                        f"(offset {_SNAP_HEAD.size + meta_len})")
-            return snap_meta, data
+            data_path = self._snapshot_data_path(snap_meta.last_included_index, data_crc)
+            self._check_snapshot_data(data_path, data_len, data_crc)
+            found = snap_meta, data_path
+        keep = os.path.basename(found[1]) if found else None
+        for name in os.listdir(self.directory):
+            if name.startswith(_SNAP_DATA_PREFIX) and name != keep:
+                os.unlink(os.path.join(self.directory, name))
+        return found
+
+    @staticmethod
+    def _check_snapshot_data(path: str, size: int, crc: int) -> None:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise StorageCorruption(f"{path}: missing; the snapshot metadata names it "
+                                    "(offset 0)") from None
+        with f:
+            copied, actual = copy_stream(f, _discard)
+        if copied != size:
+            raise StorageCorruption(f"{path}: {copied} bytes where the snapshot metadata says "
+                                    f"{size} (offset {min(copied, size)})")
+        if actual != crc:
+            raise StorageCorruption(f"{path}: fails its checksum (offset 0, {size} bytes)")
+
+    def _snapshot_data_path(self, index: int, crc: int) -> str:
+        # Named by content: saving the same snapshot twice rewrites the same bytes.
+        return os.path.join(self.directory, f"{_SNAP_DATA_PREFIX}{index}-{crc:08x}.data")
 
     # ------------------------------------------------------------------ the hook
 
@@ -286,11 +315,11 @@ class FileStorage:
     async def save_hard_state(self, hard_state: HardState) -> None:
         await self._run(self._save_state_sync, hard_state)
 
-    async def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None:
-        await self._run(self._save_snapshot_sync, meta, bytes(data))
+    async def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        await self._run(self._save_snapshot_sync, meta, data)
 
-    async def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
-        return await self._run(self._load_snapshot_file)
+    async def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        return await self._run(self._open_snapshot)
 
     def close(self) -> None:
         """Close files and release the directory lock. Not done by ``RaftNode.stop()``."""
@@ -476,8 +505,25 @@ class FileStorage:
                              self._state.compacted_term)
         self._write_state()
 
-    def _save_snapshot_sync(self, meta: SnapshotMeta, data: bytes) -> None:
+    def _save_snapshot_sync(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        """Stream the data into its own file, then switch the ``snapshot`` metadata to it
+        atomically; a crash in between leaves the old snapshot in force."""
+        tmp = os.path.join(self.directory, _SNAP_DATA_PREFIX + "tmp")
+        with open(tmp, "wb") as f:
+            size, crc = copy_stream(data, f.write)
+            f.flush()
+            os.fsync(f.fileno())
+        data_path = self._snapshot_data_path(meta.last_included_index, crc)
+        os.replace(tmp, data_path)
         m = msgspec.msgpack.encode(meta)
-        blob = _SNAP_HEAD.pack(len(m), zlib.crc32(m), len(data), zlib.crc32(data)) + m + data
-        _write_atomically(self.directory, "snapshot", blob)
-        self._snapshot = meta
+        _write_atomically(self.directory, "snapshot",
+                          _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m)
+        old = self._snapshot_path
+        self._snapshot, self._snapshot_path = meta, data_path
+        if old is not None and old != data_path:
+            os.unlink(old)
+
+    def _open_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        if self._snapshot is None or self._snapshot_path is None:
+            return None
+        return self._snapshot, open(self._snapshot_path, "rb")

@@ -7,6 +7,7 @@ command it could not decode (every replica refuses the same bytes the same way).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import msgspec
 
@@ -63,6 +64,6 @@ class KVStore:
     def snapshot(self) -> bytes:
         return _enc.encode((self.data, self.versions))
 
-    def restore(self, data: bytes) -> None:
+    def restore(self, data: BinaryIO) -> None:
         self.data, self.versions = msgspec.msgpack.decode(
-            data, type=tuple[dict[str, bytes], dict[str, int]])
+            data.read(), type=tuple[dict[str, bytes], dict[str, int]])

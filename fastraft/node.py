@@ -20,7 +20,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastraft import kernels
 from fastraft.config import Config
@@ -63,6 +63,7 @@ from fastraft.messages import (
 )
 from fastraft.network import RaftNetwork
 from fastraft.proposals import ProposalTracker
+from fastraft.snapshots import as_stream, spool, stream_size
 from fastraft.statemachine import StateMachine
 from fastraft.storage import RaftStorage
 
@@ -81,26 +82,33 @@ def _maybe_async(fn):
 class _SaveSnapshot:
     """A write op: make a snapshot durable, in order with the log writes around it."""
 
-    __slots__ = ("meta", "data", "installed", "durable")
+    __slots__ = ("meta", "source", "installed", "durable", "reader", "size")
 
-    def __init__(self, meta: SnapshotMeta, data: bytes, installed: bool,
-                 durable: asyncio.Future | None = None) -> None:
+    def __init__(self, meta: SnapshotMeta, source: BinaryIO, installed: bool,
+                 durable: asyncio.Future) -> None:
         self.meta = meta
-        self.data = data
+        #: The data to copy into storage: the state machine's stream, or the spool of a
+        #: snapshot received from the leader.
+        self.source = source
         #: Received from the leader (the engine already knows) rather than taken here.
         self.installed = installed
         #: Resolved with the index once the snapshot is on disk.
         self.durable = durable
+        #: Storage's copy, opened once saved: InstallSnapshot chunks are read from it.
+        self.reader: BinaryIO | None = None
+        self.size = 0
 
 
 class _Restore:
-    """An apply-queue item: replace the state machine with a received snapshot."""
+    """An apply-queue item: replace the state machine with a received snapshot, once it
+    is saved (the spool is read by the save first, then by the restore)."""
 
-    __slots__ = ("meta", "data")
+    __slots__ = ("meta", "spool", "saved")
 
-    def __init__(self, meta: SnapshotMeta, data: bytes) -> None:
+    def __init__(self, meta: SnapshotMeta, spool: BinaryIO, saved: asyncio.Future) -> None:
         self.meta = meta
-        self.data = data
+        self.spool = spool
+        self.saved = saved
 
 
 _SNAPSHOT_DUE = object()  # apply-queue item: take a snapshot if the policy says so
@@ -155,13 +163,13 @@ class RaftNode:
         self._capacity = asyncio.Event()
         self._capacity.set()
 
-        #: The newest durable snapshot, and the bytes of every snapshot the engine may
-        #: still stream to a follower (``Engine.snapshots_in_use``).
+        #: The newest durable snapshot, and a reader of storage's copy of every snapshot
+        #: the engine may still stream to a follower (``Engine.snapshots_in_use``).
         self._snapshot_index = 0
-        self._snapshots: dict[int, bytes] = {}
+        self._snapshots: dict[int, BinaryIO] = {}
         self._snapshot_lock = asyncio.Lock()
-        #: A snapshot being received from the leader: [last included index, bytes so far].
-        self._incoming: list | None = None
+        #: A snapshot being received from the leader: (last included index, spool file).
+        self._incoming: tuple[int, BinaryIO] | None = None
 
         self._reads: dict[int, asyncio.Future] = {}
         self._read_waiters: list[tuple[int, asyncio.Future]] = []
@@ -182,10 +190,11 @@ class RaftNode:
         self._append, self._append_async = _maybe_async(st.append_entries)
         self._truncate, self._truncate_async = _maybe_async(st.truncate_suffix)
         self._compact, self._compact_async = _maybe_async(st.compact_prefix)
-        self._save_snap, self._save_snap_async = _maybe_async(st.save_snapshot)
+        self._snapshot_io_async = (inspect.iscoroutinefunction(st.save_snapshot)
+                                   or inspect.iscoroutinefunction(st.load_snapshot))
         self._save_hs, self._save_hs_async = _maybe_async(st.save_hard_state)
         self._sync_storage = not (self._append_async or self._truncate_async
-                                  or self._compact_async or self._save_snap_async
+                                  or self._compact_async or self._snapshot_io_async
                                   or self._save_hs_async)
         self._sm_apply, self._sm_apply_async = _maybe_async(self.state_machine.apply)
         state = await self._call(st.load_state)
@@ -207,7 +216,8 @@ class RaftNode:
             self._snapshot_index = snapshot_index
             self._snapshots = {snapshot_index: loaded[1]}
             if applied < snapshot_index:
-                await self._call(self.state_machine.restore, loaded[1])
+                loaded[1].seek(0)
+                await self._restore(loaded[1])
                 applied = snapshot_index
         entries = []
         first = max(state.first_index, snapshot_index + 1)
@@ -217,7 +227,8 @@ class RaftNode:
         self.engine = Engine(self.id, self.config, self._rng, InitialState(
             hard_state=state.hard_state, snapshot_index=snapshot_index,
             snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
-            snapshot_size=len(self._snapshots.get(snapshot_index, b"")), entries=entries,
+            snapshot_size=stream_size(self._snapshots[snapshot_index]) if snapshot_index else 0,
+            entries=entries,
             applied_index=applied))
         self._running = True
         self._apply_task = self._loop.create_task(self._apply_loop())
@@ -257,6 +268,13 @@ class RaftNode:
             _fail(fut, stopped)
         self._reads.clear()
         self._read_waiters.clear()
+        self._drop_incoming()
+        for item in self._apply_queue:
+            if type(item) is _Restore:
+                item.spool.close()
+        for reader in self._snapshots.values():
+            reader.close()
+        self._snapshots.clear()
         self._capacity.set()
         self._notify_progress()
 
@@ -624,9 +642,11 @@ class RaftNode:
                 ops.append(c)
             elif t is SendSnapshotChunk:
                 m = c.message
-                data = self._snapshots.get(m.meta.last_included_index)
-                if data is not None:
-                    m.data = data[m.offset:m.offset + c.length]
+                reader = self._snapshots.get(m.meta.last_included_index)
+                if reader is not None:
+                    # A page-cache read of one chunk; chunks are sent one at a time.
+                    reader.seek(m.offset)
+                    m.data = reader.read(c.length)
                     box = outbox.get(c.to)
                     if box is None:
                         outbox[c.to] = [m]
@@ -686,29 +706,39 @@ class RaftNode:
         and the snapshot is saved as a write, ahead of the log changes the engine makes."""
         index = m.meta.last_included_index
         if m.offset == 0:
-            self._incoming = [index, bytearray()]
+            self._drop_incoming()
+            self._incoming = (index, spool())
         inc = self._incoming
         engine = self.engine
         if inc is None or inc[0] != index:
             engine.snapshot_chunk_stored(frm, m, 0)
             return None
-        if m.offset != len(inc[1]):
-            engine.snapshot_chunk_stored(frm, m, len(inc[1]))  # resume where we are
+        received = inc[1].tell()
+        if m.offset != received:
+            engine.snapshot_chunk_stored(frm, m, received)  # resume where we are
             return None
-        inc[1] += m.data
+        inc[1].write(m.data)
+        received += len(m.data)
         if not m.done:
-            engine.snapshot_chunk_stored(frm, m, len(inc[1]))
+            engine.snapshot_chunk_stored(frm, m, received)
             return None
-        data = bytes(inc[1])
         self._incoming = None
         if index <= engine.commit_index:
-            engine.snapshot_installed(frm, m.meta, len(data))
+            inc[1].close()
+            engine.snapshot_installed(frm, m.meta, received)
             return None
-        self._apply_queue.append(_Restore(m.meta, data))
+        inc[1].seek(0)
+        saved = self._loop.create_future()
+        self._apply_queue.append(_Restore(m.meta, inc[1], saved))
         self._committed_index = index
         self._apply_wakeup.set()
-        engine.snapshot_installed(frm, m.meta, len(data))
-        return _SaveSnapshot(m.meta, data, installed=True)
+        engine.snapshot_installed(frm, m.meta, received)
+        return _SaveSnapshot(m.meta, inc[1], installed=True, durable=saved)
+
+    def _drop_incoming(self) -> None:
+        if self._incoming is not None:
+            self._incoming[1].close()
+            self._incoming = None
 
     async def _write_loop(self) -> None:
         """Make write batches durable one at a time; batches that queue up behind a write
@@ -777,9 +807,13 @@ class RaftNode:
             elif t is _SaveSnapshot:
                 index = op.meta.last_included_index
                 if index > self._snapshot_index:  # never replace a newer snapshot
-                    steps.append((self._save_snap, self._save_snap_async, (op.meta, op.data)))
+                    if self._snapshot_io_async:
+                        steps.append((self._persist_snapshot_async, True, (op,)))
+                    else:
+                        steps.append((self._persist_snapshot, False, (op,)))
                     self._snapshot_index = index
-                    self._snapshots[index] = op.data
+                elif not op.installed:
+                    _close(op.source)
             else:
                 hard_state = op.hard_state
         if pending:
@@ -797,12 +831,14 @@ class RaftNode:
             engine.log_persisted(last.index, last.term)
         for op in ops:
             if type(op) is _SaveSnapshot:
-                if not op.installed:
-                    engine.snapshot_saved(op.meta, len(op.data))
+                if op.reader is not None:
+                    self._snapshots[op.meta.last_included_index] = op.reader
+                    if not op.installed:
+                        engine.snapshot_saved(op.meta, op.size)
                 in_use = engine.snapshots_in_use()
                 for index in [i for i in self._snapshots if i not in in_use]:
-                    del self._snapshots[index]
-                if op.durable is not None and not op.durable.done():
+                    self._snapshots.pop(index).close()
+                if not op.durable.done():
                     op.durable.set_result(op.meta.last_included_index)
         if held:
             by_peer: dict[int, list] = {}
@@ -811,6 +847,25 @@ class RaftNode:
             for to, msgs in by_peer.items():
                 self.network.send(to, msgs)
         self._run(engine.take_commands())
+
+    def _persist_snapshot(self, op: _SaveSnapshot) -> None:
+        self.storage.save_snapshot(op.meta, op.source)
+        self._snapshot_opened(op, self.storage.load_snapshot())
+
+    async def _persist_snapshot_async(self, op: _SaveSnapshot) -> None:
+        await self._call(self.storage.save_snapshot, op.meta, op.source)
+        self._snapshot_opened(op, await self._call(self.storage.load_snapshot))
+
+    def _snapshot_opened(self, op: _SaveSnapshot, loaded) -> None:
+        if not op.installed:
+            _close(op.source)  # the state machine's stream was read to its end
+        index = op.meta.last_included_index
+        if loaded is None or loaded[0].last_included_index != index:
+            found = None if loaded is None else loaded[0].last_included_index
+            raise StorageCorruption(f"storage saved the snapshot at {index} but "
+                                    f"load_snapshot() returned {found}")
+        op.reader = loaded[1]
+        op.size = stream_size(op.reader)
 
     async def _wait_durable(self) -> None:
         while self._writes or self._flush_scheduled:
@@ -906,10 +961,15 @@ class RaftNode:
 
     async def _apply_special(self, item) -> None:
         if type(item) is _Restore:
-            if item.meta.last_included_index > self.applied_index:
-                await self._call(self.state_machine.restore, item.data)
-                self.applied_index = item.meta.last_included_index
-                self._after_apply()
+            try:
+                await item.saved
+                if item.meta.last_included_index > self.applied_index:
+                    item.spool.seek(0)
+                    await self._restore(item.spool)
+                    self.applied_index = item.meta.last_included_index
+                    self._after_apply()
+            finally:
+                item.spool.close()
         elif item is _SNAPSHOT_DUE:
             if self._snapshot_due():
                 await self._take_snapshot()
@@ -953,8 +1013,17 @@ class RaftNode:
             # keeps replication and elections running while a large snapshot is taken.
             data = await self._loop.run_in_executor(None, snapshot)
         durable = self._loop.create_future()
-        self._run([_SaveSnapshot(meta, bytes(data), installed=False, durable=durable)])
+        # Nothing is applied until storage has read the stream to its end (a stream may
+        # read the live state lazily).
+        self._run([_SaveSnapshot(meta, as_stream(data), installed=False, durable=durable)])
         return await durable
+
+    async def _restore(self, data: BinaryIO) -> None:
+        restore = self.state_machine.restore
+        if inspect.iscoroutinefunction(restore):
+            await restore(data)
+        else:
+            await self._loop.run_in_executor(None, restore, data)
 
     @staticmethod
     def _user_entries(entries: list[Entry]) -> list[Entry]:
@@ -990,6 +1059,12 @@ class RaftNode:
                 if not fut.done():
                     fut.set_result(read_index)
         self._notify_progress()
+
+def _close(stream) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
+
 
 def _fail(fut: asyncio.Future, exc: BaseException) -> None:
     if not fut.done():

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 from fastraft.messages import Entry
+from fastraft.snapshots import SnapshotData
 
 
 @runtime_checkable
@@ -14,8 +15,9 @@ class StateMachine(Protocol):
     ``apply`` receives a batch (one call per batch of committed entries) and returns one
     result per entry; ``RaftNode.propose`` resolves with that entry's result. It must be
     deterministic: every replica applies the same entries and must reach the same state.
-    It may be a coroutine. ``entry.data`` is bytes or a memoryview of a received buffer;
-    copy it (``bytes(entry.data)``) to keep it beyond the call.
+    Any method may be a coroutine; synchronous ``snapshot`` and ``restore`` run in a
+    thread (the node applies nothing meanwhile). ``entry.data`` is bytes or a memoryview
+    of a received buffer; copy it (``bytes(entry.data)``) to keep it beyond the call.
 
     Optional: ``last_applied() -> int``, the highest index this state machine has
     made durable itself; a restarting node then skips re-applying up to it. Without it the
@@ -24,8 +26,12 @@ class StateMachine(Protocol):
 
     def apply(self, entries: Sequence[Entry]) -> Sequence[Any]: ...
 
-    def snapshot(self) -> bytes:
-        """The whole state as bytes (used for log compaction and InstallSnapshot)."""
+    def snapshot(self) -> SnapshotData:
+        """The whole state, for log compaction and InstallSnapshot (§7): bytes, or a
+        readable binary file object for state too large to hold twice in memory. The node
+        reads a stream to its end, then closes it; it applies nothing meanwhile, so a
+        stream may read the live state lazily."""
 
-    def restore(self, data: bytes) -> None:
-        """Replace the whole state with a snapshot's ``data``."""
+    def restore(self, data: BinaryIO) -> None:
+        """Replace the whole state with a snapshot's: ``data`` is a readable binary file
+        object at its start (``data.read()`` gives it all, ``data.read(n)`` streams it)."""

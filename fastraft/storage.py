@@ -12,13 +12,15 @@ but it survives ``RaftNode.stop()`` and a new node on the same object is a resta
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import io
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import msgspec
 
 from fastraft import kernels
 from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, HardState, SnapshotMeta
+from fastraft.snapshots import COPY_BYTES
 
 
 __all__ = ["RaftStorage", "MemoryStorage", "AsyncMemoryStorage", "SnapshotMeta",
@@ -53,9 +55,14 @@ class RaftStorage(Protocol):
 
     def save_hard_state(self, hard_state: HardState) -> None: ...
 
-    def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None: ...
+    def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        """Make the snapshot durable, replacing the previous one. ``data`` is a readable
+        binary stream: read it to its end in chunks (it may be larger than memory)."""
 
-    def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None: ...
+    def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        """The last saved snapshot, with a NEW readable, seekable binary file object for
+        its data on each call (the node reads chunks at offsets, and closes it). A reader
+        keeps reading its snapshot even after a newer one is saved."""
 
 
 class MemoryStorage:
@@ -97,11 +104,13 @@ class MemoryStorage:
     def save_hard_state(self, hard_state: HardState) -> None:
         self.hard_state = hard_state
 
-    def save_snapshot(self, meta: SnapshotMeta, data: bytes) -> None:
-        self._snapshot = (meta, bytes(data))
+    def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        self._snapshot = (meta, b"".join(iter(lambda: data.read(COPY_BYTES), b"")))
 
-    def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
-        return self._snapshot
+    def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        if self._snapshot is None:
+            return None
+        return self._snapshot[0], io.BytesIO(self._snapshot[1])
 
 
 class AsyncMemoryStorage(MemoryStorage):

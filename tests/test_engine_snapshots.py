@@ -50,14 +50,20 @@ def test_snapshot_saved_compacts_behind_a_trailing_window():
     assert leader.take_commands() == []
 
 
-def test_follower_behind_the_compaction_point_gets_chunks_one_at_a_time():
-    h, leader = leader_with_log()
-    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 25)
+def start_transfer(leader, index, size=25):
+    """Snapshot at ``index``, then find follower 2 behind it: the transfer starts."""
+    leader.snapshot_saved(leader.snapshot_meta(index), size)
     leader.take_commands()
     pr = leader.progress[2]
     pr.match_index, pr.next_index = 0, 1
     pr.become_probe()
     leader.on_timer(Timer.HEARTBEAT)
+    return pr
+
+
+def test_follower_behind_the_compaction_point_gets_chunks_one_at_a_time():
+    h, leader = leader_with_log()
+    pr = start_transfer(leader, leader.applied_index)
     chunks = [c for c in leader.take_commands() if type(c) is SendSnapshotChunk and c.to == 2]
     meta = leader._snapshot
     assert chunks == [SendSnapshotChunk(2, InstallSnapshot(leader.term, 1, meta, 0, b"", False),
@@ -73,14 +79,35 @@ def test_follower_behind_the_compaction_point_gets_chunks_one_at_a_time():
     assert pr.match_index == meta.last_included_index and pr.state != ProgressState.SNAPSHOT
 
 
+def snapshot_chunks(leader):
+    return [(c.message.offset, c.length) for c in leader.take_commands()
+            if type(c) is SendSnapshotChunk]
+
+
+def test_a_chunk_is_resent_only_after_an_interval_without_answers_and_duplicates_stop():
+    h, leader = leader_with_log()
+    start_transfer(leader, leader.applied_index)
+    index = leader._snapshot.last_included_index
+    assert snapshot_chunks(leader) == [(0, 10)]
+    leader.step(2, InstallSnapshotResponse(leader.term, index, 10))
+    assert snapshot_chunks(leader) == [(10, 10)]
+    leader.on_timer(Timer.HEARTBEAT)  # answered within this interval: nothing resent
+    assert snapshot_chunks(leader) == []
+    leader.on_timer(Timer.HEARTBEAT)  # a whole interval without an answer: lost, resend
+    assert snapshot_chunks(leader) == [(10, 10)]
+    leader.step(2, InstallSnapshotResponse(leader.term, index, 20))
+    assert snapshot_chunks(leader) == [(20, 5)]
+    # the answer to the duplicate of chunk 10 asks for the chunk already in flight
+    leader.step(2, InstallSnapshotResponse(leader.term, index, 20))
+    assert snapshot_chunks(leader) == []
+    # a follower that lost what it had (restart) starts over at once
+    leader.step(2, InstallSnapshotResponse(leader.term, index, 0))
+    assert snapshot_chunks(leader) == [(0, 10)]
+
+
 def test_a_transfer_finishes_the_snapshot_it_started_with():
     h, leader = leader_with_log(20)
-    leader.snapshot_saved(leader.snapshot_meta(12), 25)
-    leader.take_commands()
-    pr = leader.progress[2]
-    pr.match_index, pr.next_index = 0, 1
-    pr.become_probe()
-    leader.on_timer(Timer.HEARTBEAT)
+    start_transfer(leader, 12)
     leader.take_commands()
     leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 30)  # newer one
     assert leader.snapshots_in_use() == {12, leader.applied_index}

@@ -1,12 +1,15 @@
 """Dynamic membership, snapshots and leadership on real clusters over TCP (127.0.0.1)."""
 import asyncio
+import tracemalloc
 
 import pytest
 
 from fastraft import kv
 from fastraft.config import Config
 from fastraft.errors import CatchUpTimeout, MembershipChangeInProgress, NotLeader
+from fastraft.filestorage import FileStorage
 from fastraft.testing import LocalCluster, wait_until
+from fastraft.testing.filesm import FileStateMachine
 
 from aio import run
 
@@ -199,3 +202,54 @@ def test_lease_reads_need_check_quorum():
     from fastraft.errors import ConfigError
     with pytest.raises(ConfigError, match="check_quorum"):
         Config(lease_reads=True, check_quorum=False)
+
+
+def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_path):
+    """A 48 MiB snapshot from a file-backed state machine reaches a new learner over TCP,
+    with FileStorage on every node, while the process's Python heap never grows by even
+    half of it: the leader reads chunks from storage's file, the learner spools them to a
+    temp file and the state machine restores from that stream."""
+    mib = 48
+    counter = iter(range(1, 100))
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 snapshot_interval=0, snapshot_trailing_entries=0)
+
+    def state_machine():
+        return FileStateMachine(str(tmp_path / f"sm{next(counter)}"))
+
+    storages = []
+
+    def storage():
+        storages.append(FileStorage(str(tmp_path / f"store{len(storages) + 1}")))
+        return storages[-1]
+
+    @run
+    async def scenario():
+        async with LocalCluster(3, state_machine=state_machine, config=cfg, transport="tcp",
+                                spares=1, storage=storage) as c:
+            leader = await c.leader()
+            await leader.propose(b"grow %d" % mib)
+            await leader.propose(b"tail")
+            index = await leader.snapshot()
+            assert leader.engine.log.snapshot_index == index
+            tracemalloc.start()
+            try:
+                await leader.add_learner(4, c.addresses[4])
+                await wait_until(lambda: c.nodes[4].applied_index >= index, 50, "the install")
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert c.nodes[4].engine.log.snapshot_index == index
+            assert c.state_machines[4].digest() == c.state_machines[leader.id].digest()
+            assert c.state_machines[4].digest()[1] == (mib << 20) + 4
+            assert peak < (mib << 20) // 2, f"peak Python heap {peak / 2**20:.1f} MiB"
+            # the learner restarts from its own stored snapshot (streamed restore)
+            node = await c.restart(4)
+            assert node.applied_index >= index
+            assert c.state_machines[4].digest() == c.state_machines[leader.id].digest()
+
+    try:
+        scenario()
+    finally:
+        for s in storages:
+            s.close()

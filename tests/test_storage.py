@@ -1,13 +1,14 @@
 """The storage conformance suite against every built-in storage, and FileStorage's own
 recovery, corruption and locking behaviour."""
 import asyncio
+import io
 import os
 
 import pytest
 
 from fastraft.errors import StorageCorruption
 from fastraft.filestorage import FileStorage, StorageLocked
-from fastraft.messages import Entry, EntryKind, HardState
+from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import storage_suite
 
@@ -173,3 +174,70 @@ def test_segments_roll_and_reads_cross_them(tmp_path):
     st, got = reopen_all(tmp_path, segment_bytes=1000)
     assert [e.index for e in got] == list(range(1, 201))
     assert [bytes(e.data)[:6] for e in got] == [b"%06d" % i for i in range(1, 201)]
+
+
+SNAP_META = SnapshotMeta(3, 1, Membership(voters=frozenset({1})))
+
+
+def save_snapshot(path, data, meta=SNAP_META):
+    async def go():
+        s = FileStorage(str(path))
+        await s.append_entries(entries(1, 3))
+        await s.save_snapshot(meta, io.BytesIO(data))
+        s.close()
+    asyncio.run(go())
+
+
+def snapshot_data_file(path):
+    names = [n for n in os.listdir(path) if n.startswith("snapshot-")]
+    assert len(names) == 1, names
+    return os.path.join(path, names[0])
+
+
+def load_snapshot(path):
+    async def go():
+        s = FileStorage(str(path))
+        try:
+            meta, reader = await s.load_snapshot()
+            with reader:
+                return meta, reader.read()
+        finally:
+            s.close()
+    return asyncio.run(go())
+
+
+def test_snapshot_data_bit_flip_stops_start_up(tmp_path):
+    save_snapshot(tmp_path, b"s" * 5000)
+    data_file = snapshot_data_file(tmp_path)
+    with open(data_file, "r+b") as f:
+        f.seek(4000)
+        f.write(b"t")
+    with pytest.raises(StorageCorruption, match=r"snapshot-3-[0-9a-f]{8}\.data: fails its "
+                                                r"checksum \(offset 0, 5000 bytes\)"):
+        reopen_all(tmp_path)
+    assert os.path.exists(data_file)  # the evidence is kept
+
+
+def test_truncated_or_missing_snapshot_data_stops_start_up(tmp_path):
+    save_snapshot(tmp_path, b"s" * 5000)
+    data_file = snapshot_data_file(tmp_path)
+    with open(data_file, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(StorageCorruption, match=r"\.data: 4096 bytes where the snapshot "
+                                                r"metadata says 5000 \(offset 4096\)"):
+        reopen_all(tmp_path)
+    os.unlink(data_file)
+    with pytest.raises(StorageCorruption, match=r"\.data: missing"):
+        reopen_all(tmp_path)
+
+
+def test_a_crash_in_the_middle_of_a_snapshot_save_keeps_the_old_snapshot(tmp_path):
+    save_snapshot(tmp_path, b"old" * 100)
+    old_file = snapshot_data_file(tmp_path)
+    # a newer snapshot's data was being streamed (or was renamed into place) when the
+    # process died, before the metadata switched to it
+    for leftover in ("snapshot-tmp", "snapshot-9-0badc0de.data"):
+        with open(os.path.join(tmp_path, leftover), "wb") as f:
+            f.write(b"partial")
+    assert load_snapshot(tmp_path) == (SNAP_META, b"old" * 100)
+    assert snapshot_data_file(tmp_path) == old_file  # leftovers deleted at start-up

@@ -617,8 +617,13 @@ class Engine:
             self._maybe_commit()
             self._broadcast = True
             return
-        pr.snapshot_offset = min(m.next_offset, pr.snapshot_size)
-        pr.probe_sent = False
+        next_offset = min(m.next_offset, pr.snapshot_size)
+        if pr.probe_sent and next_offset == pr.snapshot_offset:
+            # It wants the chunk already in flight: this answers a duplicate. Resending
+            # would keep one more chunk in flight for every duplicate, for good.
+            return
+        pr.snapshot_offset = next_offset
+        pr.snapshot_progressed = True
         self._send_snapshot_chunk(frm, pr)
 
     def _compact(self, index: int) -> None:
@@ -652,8 +657,10 @@ class Engine:
                 self._send_append(peer, pr, last)
             else:
                 self._send_heartbeat(peer, pr)
-                if pr.state == ProgressState.SNAPSHOT and pr.probe_sent:
-                    self._send_snapshot_chunk(peer, pr)  # the last chunk went unanswered
+                if pr.state == ProgressState.SNAPSHOT:
+                    if pr.probe_sent and not pr.snapshot_progressed:
+                        self._send_snapshot_chunk(peer, pr)  # unanswered for an interval
+                    pr.snapshot_progressed = False
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
 
     def _heard_from_leader(self, frm: int, leader_id: int) -> None:

@@ -17,7 +17,7 @@ class ProgressState(IntEnum):
 class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
                  "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent", "snapshot_index",
-                 "snapshot_offset", "snapshot_meta", "snapshot_size",
+                 "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
                  "inflight_bytes", "inflight_total")
 
     def __init__(self, next_index: int) -> None:
@@ -46,11 +46,15 @@ class Progress:
         #: entry is acknowledged, an empty one still has to carry a newer commit index.
         self.commit_sent = 0
         #: SNAPSHOT only: the snapshot being sent (a transfer finishes the snapshot it
-        #: started with, even if a newer one is taken meanwhile), and the next byte.
+        #: started with, even if a newer one is taken meanwhile), and the offset of the
+        #: chunk in flight (probe_sent) or to send next.
         self.snapshot_index = 0
         self.snapshot_offset = 0
         self.snapshot_meta = None
         self.snapshot_size = 0
+        #: SNAPSHOT only: a chunk was answered since the last heartbeat; without that, the
+        #: chunk in flight is taken as lost and sent again.
+        self.snapshot_progressed = False
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -70,6 +74,7 @@ class Progress:
         self.snapshot_size = size
         self.snapshot_index = meta.last_included_index
         self.snapshot_offset = 0
+        self.snapshot_progressed = False
         self.probe_sent = False
         self._clear_inflight()
 

@@ -19,6 +19,7 @@ or one pytest test per check::
 from __future__ import annotations
 
 import inspect
+import io
 from typing import Any, Protocol
 
 from fastraft.messages import Entry, EntryKind, HardState, Membership
@@ -107,6 +108,36 @@ async def check_hard_state_round_trip(factory: StorageFactory) -> None:
     assert (await _do(store.load_state())).hard_state == HardState(6, None, 9)
 
 
+async def _snapshot_bytes(store) -> tuple[SnapshotMeta, bytes] | None:
+    loaded = await _do(store.load_snapshot())
+    if loaded is None:
+        return None
+    meta, reader = loaded
+    try:
+        return meta, reader.read()
+    finally:
+        reader.close()
+
+
+class _ChunkedSource(io.RawIOBase):
+    """A snapshot stream that refuses to be read whole: storage must copy it in chunks."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self.reads = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        assert size is not None and size >= 0, "storage read a snapshot stream whole"
+        self.reads += 1
+        chunk = bytes(self._data[self._pos:self._pos + size])
+        self._pos += len(chunk)
+        return chunk
+
+
 async def check_snapshot_and_compaction(factory: StorageFactory) -> None:
     store = factory.new()
     await _do(store.append_entries(_entries(1, 10, 1)))
@@ -114,20 +145,49 @@ async def check_snapshot_and_compaction(factory: StorageFactory) -> None:
     membership = Membership(voters=frozenset({1, 2, 3}), addresses={1: "a:1"})
     meta = SnapshotMeta(12, 2, membership)
     data = b"state-machine-bytes" * 100
-    await _do(store.save_snapshot(meta, data))
+    await _do(store.save_snapshot(meta, io.BytesIO(data)))
     await _do(store.compact_prefix(12))
     st = await _do(store.load_state())
     # the compacted boundary keeps its term through the snapshot metadata
     assert st.snapshot == meta and st.snapshot.last_included_term == 2
     assert (st.first_index, st.last_index) == (13, 30)
     assert [e.index for e in await _do(store.read_entries(13, 16))] == [13, 14, 15]
-    assert await _do(store.load_snapshot()) == (meta, data)
+    assert await _snapshot_bytes(store) == (meta, data)
     await _do(store.append_entries(_entries(31, 31, 3)))
     store = factory.reopen(store)
     st = await _do(store.load_state())
     assert (st.first_index, st.last_index) == (13, 31) and st.snapshot == meta
     assert await _read_all(store) == _plain(_entries(13, 30, 2) + _entries(31, 31, 3))
-    assert await _do(store.load_snapshot()) == (meta, data)
+    assert await _snapshot_bytes(store) == (meta, data)
+
+
+async def check_snapshot_streams(factory: StorageFactory) -> None:
+    """Snapshot data goes in as a stream read in chunks, and comes out as independent,
+    seekable readers; a reader opened before a newer snapshot is saved still reads the
+    old one to its end (the node may be sending it to a follower)."""
+    store = factory.new()
+    old_meta = SnapshotMeta(5, 1, Membership(voters=frozenset({1})))
+    old = bytes(range(256)) * 12289  # a little over 3 MiB
+    source = _ChunkedSource(old)
+    await _do(store.save_snapshot(old_meta, source))
+    assert source.reads > 1
+    meta, first = await _do(store.load_snapshot())
+    _, second = await _do(store.load_snapshot())
+    try:
+        assert meta == old_meta
+        assert first.read(1000) == old[:1000]
+        second.seek(len(old) - 10)
+        assert second.read() == old[-10:]
+        first.seek(2_000_000)
+        new_meta = SnapshotMeta(9, 2, Membership(voters=frozenset({1})))
+        await _do(store.save_snapshot(new_meta, io.BytesIO(b"newer")))
+        assert first.read() == old[2_000_000:]
+    finally:
+        first.close()
+        second.close()
+    assert await _snapshot_bytes(store) == (new_meta, b"newer")
+    store = factory.reopen(store)
+    assert await _snapshot_bytes(store) == (new_meta, b"newer")
 
 
 async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
@@ -147,7 +207,7 @@ async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
 
 
 CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
-          check_hard_state_round_trip, check_snapshot_and_compaction,
+          check_hard_state_round_trip, check_snapshot_and_compaction, check_snapshot_streams,
           check_reopen_preserves_everything]
 
 

@@ -3,6 +3,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 
 MAX_INDEX = 0x7FFFFFFFFFFFFFFF
+DEF MAX_INDEX_C = 0x7FFFFFFFFFFFFFFF
 VOTE_PENDING = 0
 VOTE_WON = 1
 VOTE_LOST = 2
@@ -85,3 +86,81 @@ cpdef int joint_vote_result(object votes, object a, object b) except -1:
     if ra == VOTE_LOST or rb == VOTE_LOST:
         return VOTE_LOST
     return VOTE_PENDING
+
+
+cdef inline int64_t _majority_value(const int64_t* values, const Py_ssize_t* slots,
+                                    Py_ssize_t n, int64_t* scratch) noexcept nogil:
+    cdef Py_ssize_t i
+    if n == 0:
+        return MAX_INDEX_C
+    for i in range(n):
+        scratch[i] = values[slots[i]]
+    _insertion_sort_desc(scratch, n)
+    return scratch[n // 2]
+
+
+cdef class QuorumTracker:
+    """One value per voter (a match index, or an acknowledged heartbeat sequence) of a
+    configuration that may be joint, kept in C arrays as answers arrive, so the largest
+    value a quorum has reached is one call without building lists (§5.3, §6)."""
+
+    cdef Py_ssize_t n, n_in, n_out
+    cdef int64_t* ids
+    cdef int64_t* values
+    cdef int64_t* scratch
+    cdef Py_ssize_t* slots_in
+    cdef Py_ssize_t* slots_out
+
+    def __cinit__(self, incoming, outgoing=()):
+        cdef list members = list(dict.fromkeys(list(incoming) + list(outgoing)))
+        cdef Py_ssize_t i, k = max(len(members), 1)
+        self.n = len(members)
+        self.n_in = len(incoming)
+        self.n_out = len(outgoing)
+        self.ids = <int64_t*>malloc(k * sizeof(int64_t))
+        self.values = <int64_t*>malloc(k * sizeof(int64_t))
+        self.scratch = <int64_t*>malloc(k * sizeof(int64_t))
+        self.slots_in = <Py_ssize_t*>malloc(max(self.n_in, 1) * sizeof(Py_ssize_t))
+        self.slots_out = <Py_ssize_t*>malloc(max(self.n_out, 1) * sizeof(Py_ssize_t))
+        if (self.ids == NULL or self.values == NULL or self.scratch == NULL
+                or self.slots_in == NULL or self.slots_out == NULL):
+            raise MemoryError()
+        for i in range(self.n):
+            self.ids[i] = members[i]
+            self.values[i] = 0
+        for i, v in enumerate(incoming):
+            self.slots_in[i] = members.index(v)
+        for i, v in enumerate(outgoing):
+            self.slots_out[i] = members.index(v)
+
+    def __dealloc__(self):
+        free(self.ids)
+        free(self.values)
+        free(self.scratch)
+        free(self.slots_in)
+        free(self.slots_out)
+
+    cdef Py_ssize_t _slot(self, int64_t node_id) noexcept:
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            if self.ids[i] == node_id:
+                return i
+        return -1
+
+    cpdef void set(self, int64_t node_id, int64_t value):
+        cdef Py_ssize_t i = self._slot(node_id)
+        if i >= 0:
+            self.values[i] = value
+
+    def get(self, int64_t node_id):
+        """The value of a voter (KeyError for a non-voter)."""
+        cdef Py_ssize_t i = self._slot(node_id)
+        if i < 0:
+            raise KeyError(node_id)
+        return self.values[i]
+
+    cpdef int64_t committed_index(self):
+        """The largest value a majority of each configuration has reached."""
+        cdef int64_t a = _majority_value(self.values, self.slots_in, self.n_in, self.scratch)
+        cdef int64_t b = _majority_value(self.values, self.slots_out, self.n_out, self.scratch)
+        return a if a < b else b

@@ -143,9 +143,8 @@ def test_joint_commit_needs_both_majorities():
     leader.take_commands()
     index = leader.log.last_index
     leader.log_persisted(index, leader.term)
-    leader.progress[4].acknowledge(index)
-    leader.progress[5].acknowledge(index)
-    leader._maybe_commit()
+    leader.step(4, AppendEntriesResponse(leader.term, True, index))
+    leader.step(5, AppendEntriesResponse(leader.term, True, index))
     assert leader.commit_index < index  # C_new majority alone is not enough
     leader.step(2, AppendEntriesResponse(leader.term, True, index))
     assert leader.commit_index >= index

@@ -64,6 +64,30 @@ def test_joint_committed_index_is_min_and_empty_half_is_neutral(a, b):
         assert impl.joint_committed_index(a, []) == impl.committed_index(a)
 
 
+node_ids = st.integers(min_value=1, max_value=12)
+
+
+@given(st.lists(node_ids, max_size=7, unique=True), st.lists(node_ids, max_size=7, unique=True),
+       st.lists(st.tuples(node_ids, idx), max_size=40))
+def test_quorum_tracker_answers_like_the_lists_it_replaces(incoming, outgoing, updates):
+    """A voter may sit in both halves (one value); updates to non-voters are ignored."""
+    trackers = [impl.QuorumTracker(incoming, outgoing) for impl in IMPLS]
+    values = dict.fromkeys(incoming + outgoing, 0)
+    for node_id, value in updates:
+        if node_id in values:
+            values[node_id] = value
+        for t in trackers:
+            t.set(node_id, value)
+        expected = min(naive_committed([values[v] for v in incoming]),
+                       naive_committed([values[v] for v in outgoing]))
+        assert [t.committed_index() for t in trackers] == [expected, expected]
+    for v in values:
+        assert [t.get(v) for t in trackers] == [values[v], values[v]]
+    for t in trackers:
+        with pytest.raises(KeyError):
+            t.get(13)
+
+
 def test_committed_index_examples():
     for impl in IMPLS:
         assert impl.committed_index([5]) == 5

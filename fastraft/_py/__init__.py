@@ -18,6 +18,7 @@ from fastraft._py.quorum import (
     VOTE_LOST,
     VOTE_PENDING,
     VOTE_WON,
+    QuorumTracker,
     committed_index,
     joint_committed_index,
     joint_vote_result,
@@ -27,6 +28,7 @@ from fastraft._py.quorum import (
 __all__ = [
     "MAX_INDEX", "VOTE_LOST", "VOTE_PENDING", "VOTE_WON",
     "committed_index", "joint_committed_index", "vote_result", "joint_vote_result",
+    "QuorumTracker",
     "LogIndex", "encode_entries", "decode_entries", "index_of_kind",
     "count_within_bytes", "set_results", "make_entries", "payload_bytes",
 ]

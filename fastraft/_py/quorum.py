@@ -65,3 +65,33 @@ def joint_vote_result(votes: Mapping[int, bool], a: Sequence[int], b: Sequence[i
     if ra == VOTE_LOST or rb == VOTE_LOST:
         return VOTE_LOST
     return VOTE_PENDING
+
+
+class QuorumTracker:
+    """One value per voter (a match index, or an acknowledged heartbeat sequence) of a
+    configuration that may be joint, kept up to date as answers arrive, so the largest
+    value a quorum has reached is one call (§5.3; both majorities while joint, §6).
+
+    Values of ids outside the configuration are ignored; every voter starts at 0.
+    """
+
+    __slots__ = ("_incoming", "_outgoing", "_values")
+
+    def __init__(self, incoming: Sequence[int], outgoing: Sequence[int] = ()) -> None:
+        self._incoming = tuple(incoming)
+        self._outgoing = tuple(outgoing)
+        self._values = dict.fromkeys(self._incoming + self._outgoing, 0)
+
+    def set(self, node_id: int, value: int) -> None:
+        if node_id in self._values:
+            self._values[node_id] = value
+
+    def get(self, node_id: int) -> int:
+        """The value of a voter (KeyError for a non-voter)."""
+        return self._values[node_id]
+
+    def committed_index(self) -> int:
+        """The largest value a majority of each configuration has reached."""
+        values = self._values
+        return joint_committed_index([values[v] for v in self._incoming],
+                                     [values[v] for v in self._outgoing])

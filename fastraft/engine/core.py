@@ -338,6 +338,7 @@ class Engine:
         if index > self.persisted_index and self.log.term_at(index) == term:
             self.persisted_index = index
             if self.role == Role.LEADER:
+                self._match.set(self.id, index)
                 self._maybe_commit()
 
     def on_timer(self, timer: Timer) -> None:
@@ -524,6 +525,7 @@ class Engine:
         self._set_role(Role.LEADER, self.id)
         nxt = self.log.last_index + 1
         self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
+        self._fill_trackers()
         self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max)
                          if self.config.check_quorum else CancelTimer(Timer.ELECTION))
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
@@ -612,7 +614,8 @@ class Engine:
         if pr.state != ProgressState.SNAPSHOT or m.last_included_index != pr.snapshot_index:
             return  # an answer about a transfer we no longer run
         if m.done:
-            pr.acknowledge(m.last_included_index)
+            if pr.acknowledge(m.last_included_index):
+                self._match.set(frm, m.last_included_index)
             pr.become_probe()
             self._maybe_commit()
             self._broadcast = True
@@ -732,9 +735,11 @@ class Engine:
         pr.recent_active = True
         if m.seq > pr.acked_seq:
             pr.acked_seq = m.seq
+            self._acked.set(frm, m.seq)
             self._confirm_reads()
         if m.success:
             if pr.acknowledge(m.index):
+                self._match.set(frm, m.index)
                 if pr.state == ProgressState.PROBE:
                     pr.become_replicate()
                 elif pr.state == ProgressState.SNAPSHOT and pr.match_index >= pr.snapshot_index:
@@ -765,8 +770,7 @@ class Engine:
         self._send_append(frm, pr, self.log.last_index)
 
     def _maybe_commit(self) -> None:
-        c = kernels.joint_committed_index(self._matches(self._voters_in),
-                                          self._matches(self._voters_out))
+        c = self._match.committed_index()
         # §5.4.2: only an entry of the current term commits by counting replicas (Figure 8).
         if c > self.commit_index and self.log.term_at(c) == self.term:
             self.commit_index = c
@@ -777,10 +781,6 @@ class Engine:
                 for request_id, origin in waiting:
                     self._leader_read(request_id, origin)
             self._on_config_committed()
-
-    def _matches(self, voters: tuple[int, ...]) -> list[int]:
-        me, progress = self.id, self.progress
-        return [self.persisted_index if v == me else progress[v].match_index for v in voters]
 
     def _emit_apply(self) -> None:
         if self.commit_index > self.applied_index:
@@ -800,6 +800,17 @@ class Engine:
     def _refresh_voters(self) -> None:
         self._voters_in = tuple(sorted(self.membership.voters))
         self._voters_out = tuple(sorted(self.membership.outgoing))
+        self._match = kernels.QuorumTracker(self._voters_in, self._voters_out)
+        self._acked = kernels.QuorumTracker(self._voters_in, self._voters_out)
+
+    def _fill_trackers(self) -> None:
+        """Leader: load every voter's match index and acknowledged sequence into the
+        quorum trackers (after an election or a membership change)."""
+        self._match.set(self.id, self.persisted_index)
+        self._acked.set(self.id, self._seq)
+        for peer, pr in self.progress.items():
+            self._match.set(peer, pr.match_index)
+            self._acked.set(peer, pr.acked_seq)
 
     def _all_voters(self) -> frozenset[int]:
         return self.membership.voters | self.membership.outgoing
@@ -815,6 +826,7 @@ class Engine:
                     self.progress[p] = Progress(nxt)
             for p in [p for p in self.progress if p not in members]:
                 del self.progress[p]
+            self._fill_trackers()
             self._maybe_commit()
 
     def _on_config_committed(self) -> None:
@@ -837,6 +849,7 @@ class Engine:
             self._reads_before_commit.append((request_id, origin))
             return
         self._seq += 1
+        self._acked.set(self.id, self._seq)
         self._reads.append(_PendingRead(self._seq, self.commit_index, request_id, origin))
         self._heartbeat_needed = True
         self._confirm_reads()
@@ -844,8 +857,7 @@ class Engine:
     def _confirm_reads(self) -> None:
         if not self._reads:
             return
-        confirmed = kernels.joint_committed_index(self._acked_seqs(self._voters_in),
-                                                  self._acked_seqs(self._voters_out))
+        confirmed = self._acked.committed_index()
         reads = self._reads
         done = 0
         while done < len(reads) and reads[done].seq <= confirmed:
@@ -857,10 +869,6 @@ class Engine:
                 self._send(r.origin, ReadIndexResponse(self.term, r.request_id, r.read_index, True))
         if done:
             del reads[:done]
-
-    def _acked_seqs(self, voters: tuple[int, ...]) -> list[int]:
-        me, progress = self.id, self.progress
-        return [self._seq if v == me else progress[v].acked_seq for v in voters]
 
     def _fail_leader_reads(self) -> None:
         pending = [(r.request_id, r.origin) for r in self._reads] + self._reads_before_commit

@@ -129,10 +129,11 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
 
 
 class NullStateMachine:
-    """Applies nothing: the benchmark measures replication, not a storage engine."""
+    """Applies nothing and answers None for every entry: the benchmark measures
+    replication, not a storage engine."""
 
     def apply(self, entries):
-        return [e.index for e in entries]
+        return [None] * len(entries)
 
     def snapshot(self):
         return b""

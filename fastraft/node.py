@@ -1027,8 +1027,7 @@ class RaftNode:
 
     @staticmethod
     def _user_entries(entries: list[Entry]) -> list[Entry]:
-        if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0 or \
-                kernels.index_of_kind(entries, EntryKind.NOOP) >= 0:
+        if kernels.index_not_of_kind(entries, _NORMAL) >= 0:
             return [e for e in entries if e.kind == _NORMAL]
         return entries
 

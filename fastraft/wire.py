@@ -44,7 +44,31 @@ def split_frames(buffer: bytes, data: bytes,
     return frames, data[pos:] if pos < size else b"", None
 
 
-def encode_messages(messages: Sequence) -> bytes:
+class BlobCache:
+    """Encoded entry batches of the last few AppendEntries, so the same entries sent to
+    several followers are encoded once. Keyed by the first and last (index, term): by the
+    Log Matching Property (§5.3) those fix every entry in between."""
+
+    __slots__ = ("_blobs",)
+
+    SIZE = 8
+
+    def __init__(self) -> None:
+        self._blobs: dict[tuple, bytes] = {}
+
+    def encode(self, entries: list) -> bytes:
+        first, last = entries[0], entries[-1]
+        key = (first.index, first.term, last.index, last.term)
+        blob = self._blobs.get(key)
+        if blob is None:
+            blob = kernels.encode_entries(entries)
+            if len(self._blobs) >= self.SIZE:
+                self._blobs.clear()
+            self._blobs[key] = blob
+        return blob
+
+
+def encode_messages(messages: Sequence, blobs: BlobCache | None = None) -> bytes:
     parts = []
     append = parts.append
     pack = _U32.pack
@@ -56,7 +80,8 @@ def encode_messages(messages: Sequence) -> bytes:
                 head = _encoder.encode(m)
             finally:
                 m.entries = entries
-            blob = kernels.encode_entries(entries)
+            blob = (kernels.encode_entries(entries) if blobs is None
+                    else blobs.encode(entries))
             append(pack(len(head)))
             append(head)
             append(pack(len(blob)))

@@ -101,6 +101,16 @@ def index_of_kind(entries, long kind):
     return -1
 
 
+def index_not_of_kind(entries, long kind):
+    """Position of the first entry NOT of ``kind`` in ``entries``, or -1."""
+    cdef Py_ssize_t pos = 0
+    for e in entries:
+        if e.kind != kind:
+            return pos
+        pos += 1
+    return -1
+
+
 def count_within_bytes(entries, Py_ssize_t budget):
     """How many leading entries fit in ``budget`` payload bytes (at least 1 if any)."""
     cdef Py_ssize_t total = 0, n = 0

@@ -258,6 +258,8 @@ def test_codec_round_trips_across_implementations(entries):
         assert impl.payload_bytes(entries) == sum(len(e.data) for e in entries)
         assert impl.index_of_kind(entries, 1) == next(
             (k for k, e in enumerate(entries) if e.kind == 1), -1)
+        assert impl.index_not_of_kind(entries, 0) == next(
+            (k for k, e in enumerate(entries) if e.kind != 0), -1)
 
 
 def _naive_count(entries, budget):

@@ -14,7 +14,7 @@ from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
 from fastraft.testing import wait_until
 from fastraft.transport.tcp import Hello, TcpNetwork, _hello_encoder
-from fastraft.wire import encode_messages
+from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 from aio import run
 
@@ -182,3 +182,21 @@ async def test_three_nodes_over_tcp_in_one_loop():
         assert stores[n.id].versions["k499"] == versions[-1]
     for n in nodes.values():
         await n.stop()
+
+
+def test_entries_sent_to_several_followers_are_encoded_once():
+    blobs = BlobCache()
+    entries = [Entry(2, i, 0, b"x%d" % i) for i in range(5, 9)]
+    to_a = AppendEntries(2, 1, 4, 2, entries, 3)
+    to_b = AppendEntries(2, 1, 4, 2, list(entries), 4)  # same entries, another follower
+    frame_a = encode_messages([to_a], blobs)
+    frame_b = encode_messages([to_b], blobs)
+    assert blobs.encode(entries) is blobs.encode(list(entries))  # one encoding, reused
+    assert decode_messages(frame_a) == [to_a] and decode_messages(frame_b) == [to_b]
+    # a different term at the same indexes is another log: never served from the cache
+    other = [Entry(3, e.index, 0, b"y") for e in entries]
+    assert decode_messages(encode_messages([AppendEntries(3, 1, 4, 2, other, 3)], blobs)) \
+        == [AppendEntries(3, 1, 4, 2, other, 3)]
+    for k in range(BlobCache.SIZE + 1):  # bounded
+        blobs.encode([Entry(4, 100 + k, 0, b"")])
+    assert len(blobs._blobs) <= BlobCache.SIZE

@@ -7,6 +7,7 @@ from fastraft._py.codec import (
     count_within_bytes,
     decode_entries,
     encode_entries,
+    index_not_of_kind,
     index_of_kind,
     make_entries,
     payload_bytes,
@@ -29,6 +30,6 @@ __all__ = [
     "MAX_INDEX", "VOTE_LOST", "VOTE_PENDING", "VOTE_WON",
     "committed_index", "joint_committed_index", "vote_result", "joint_vote_result",
     "QuorumTracker",
-    "LogIndex", "encode_entries", "decode_entries", "index_of_kind",
+    "LogIndex", "encode_entries", "decode_entries", "index_of_kind", "index_not_of_kind",
     "count_within_bytes", "set_results", "make_entries", "payload_bytes",
 ]

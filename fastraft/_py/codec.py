@@ -79,6 +79,14 @@ def index_of_kind(entries: Sequence[Entry], kind: int) -> int:
     return -1
 
 
+def index_not_of_kind(entries: Sequence[Entry], kind: int) -> int:
+    """Position of the first entry NOT of ``kind`` in ``entries``, or -1."""
+    for pos, e in enumerate(entries):
+        if e.kind != kind:
+            return pos
+    return -1
+
+
 def count_within_bytes(entries: Sequence[Entry], budget: int) -> int:
     """How many leading entries fit in ``budget`` payload bytes (at least 1 if any)."""
     total = 0

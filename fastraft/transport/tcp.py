@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from fastraft.errors import ConfigError, DecodeError
-from fastraft.wire import decode_messages, encode_messages, split_frames
+from fastraft.wire import BlobCache, decode_messages, encode_messages, split_frames
 
 log = logging.getLogger("fastraft.transport.tcp")
 
@@ -75,6 +75,8 @@ class TcpNetwork:
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[_Inbound] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Followers at the same point get the same entries: encode them once.
+        self.blobs = BlobCache()
         self.stats = {"frames_in": 0, "frames_out": 0, "dropped": 0, "refused": 0,
                       "bad_frames": 0}
 
@@ -156,7 +158,7 @@ class _Peer:
             self.net.stats["dropped"] += len(self.pending)
             self.pending = []  # the peer is not reading: drop rather than grow
             return
-        body = encode_messages(self.pending)
+        body = encode_messages(self.pending, self.net.blobs)
         self.pending = []
         transport.writelines((_LEN.pack(len(body)), body))
         self.net.stats["frames_out"] += 1

@@ -19,7 +19,7 @@ import inspect
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, BinaryIO
 
 from fastraft import kernels
@@ -310,15 +310,24 @@ class RaftNode:
         self._schedule_flush()
         await self._wait_durable()
 
-    async def propose(self, data: bytes) -> Any:
-        """Replicate ``data`` and return the state machine's result for it.
+    def propose(self, data: bytes) -> Awaitable[Any]:
+        """Replicate ``data``; ``await`` the result to get the state machine's result for it.
 
-        Raises ``NotLeader`` (with the leader's id and address, when known) on a follower;
-        ``ProposalDropped`` if leadership was lost before the entry was known committed;
-        in that case the entry may or may not be committed by a later leader.
+        The command is queued when ``propose`` is called (on the fast path the awaitable
+        is a plain future: no coroutine per write). Raises ``NotLeader`` (with the
+        leader's id and address, when known) on a follower; ``ProposalDropped`` if
+        leadership was lost before the entry was known committed; in that case the entry
+        may or may not be committed by a later leader.
         """
         if not self._accepting or self._proposals.pending >= self._max_pending:
-            await self._admit()
+            return self._propose_admitted(data)
+        return self._enqueue(data)
+
+    async def _propose_admitted(self, data: bytes) -> Any:
+        await self._admit()
+        return await self._enqueue(data)
+
+    def _enqueue(self, data: bytes) -> asyncio.Future:
         fut = self._loop.create_future()
         proposals = self._proposals
         proposals.add(data, fut)
@@ -328,7 +337,7 @@ class RaftNode:
             else:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
-        return await fut
+        return fut
 
     async def propose_batch(self, datas: Sequence[bytes]) -> list[Any]:
         """Replicate several commands as consecutive entries; one result per command."""

@@ -76,6 +76,19 @@ async def test_follower_redirects_with_leader_address():
 
 
 @run
+async def test_proposals_are_ordered_by_call_not_by_await():
+    """propose() queues the command when called; awaiting only collects the result."""
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        first = leader.propose(b"first")
+        second_index = await leader.propose(b"second")
+        first_index = await first
+        assert first_index < second_index
+        data = [d for _, d in c.state_machines[leader.id].applied]
+        assert data.index(b"first") < data.index(b"second")
+
+
+@run
 async def test_failover_keeps_every_acknowledged_write():
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
         leader = await c.leader()

@@ -339,15 +339,24 @@ class RaftNode:
                 self._loop.call_soon(self._flush)
         return fut
 
-    async def propose_batch(self, datas: Sequence[bytes]) -> list[Any]:
-        """Replicate several commands as consecutive entries; one result per command."""
+    def propose_batch(self, datas: Sequence[bytes]) -> Awaitable[list[Any]]:
+        """Replicate several commands as consecutive entries; ``await`` it for one result
+        per command. Queued when called, like ``propose``."""
+        if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
+            return self._propose_batch_admitted(datas)
+        return self._enqueue_batch(datas)
+
+    async def _propose_batch_admitted(self, datas: Sequence[bytes]) -> list[Any]:
         if not datas:
             return []
         await self._admit()
+        return await self._enqueue_batch(datas)
+
+    def _enqueue_batch(self, datas: Sequence[bytes]) -> asyncio.Future:
         fut = self._loop.create_future()
         self._proposals.add_batch(datas, fut)
         self._schedule_flush()
-        return await fut
+        return fut
 
     async def read_index(self, timeout: float | None = None) -> int:
         """Linearizable read barrier (thesis §6.4): returns a commit index once this node's

@@ -319,17 +319,10 @@ class RaftNode:
         leadership was lost before the entry was known committed; in that case the entry
         may or may not be committed by a later leader.
         """
-        if not self._accepting or self._proposals.pending >= self._max_pending:
-            return self._propose_admitted(data)
-        return self._enqueue(data)
-
-    async def _propose_admitted(self, data: bytes) -> Any:
-        await self._admit()
-        return await self._enqueue(data)
-
-    def _enqueue(self, data: bytes) -> asyncio.Future:
-        fut = self._loop.create_future()
         proposals = self._proposals
+        if not self._accepting or proposals.pending >= self._max_pending:
+            return self._propose_admitted(data)
+        fut = self._loop.create_future()
         proposals.add(data, fut)
         if not self._flush_scheduled:
             if proposals.pending == 1:
@@ -339,24 +332,25 @@ class RaftNode:
                 self._loop.call_soon(self._flush)
         return fut
 
+    async def _propose_admitted(self, data: bytes) -> Any:
+        await self._admit()
+        return await self.propose(data)  # admitted: takes the fast path
+
     def propose_batch(self, datas: Sequence[bytes]) -> Awaitable[list[Any]]:
         """Replicate several commands as consecutive entries; ``await`` it for one result
         per command. Queued when called, like ``propose``."""
         if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
             return self._propose_batch_admitted(datas)
-        return self._enqueue_batch(datas)
+        fut = self._loop.create_future()
+        self._proposals.add_batch(datas, fut)
+        self._schedule_flush()
+        return fut
 
     async def _propose_batch_admitted(self, datas: Sequence[bytes]) -> list[Any]:
         if not datas:
             return []
         await self._admit()
-        return await self._enqueue_batch(datas)
-
-    def _enqueue_batch(self, datas: Sequence[bytes]) -> asyncio.Future:
-        fut = self._loop.create_future()
-        self._proposals.add_batch(datas, fut)
-        self._schedule_flush()
-        return fut
+        return await self.propose_batch(datas)  # admitted: takes the fast path
 
     async def read_index(self, timeout: float | None = None) -> int:
         """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
@@ -599,10 +593,9 @@ class RaftNode:
 
     async def _admit(self) -> None:
         """Raise unless this node can take a proposal now; wait while too many are pending
-        (back-pressure), up to ``Config.overload_wait``."""
-        self._check_running()
-        if self.engine.role != Role.LEADER:
-            raise self.engine.not_leader()
+        (back-pressure), up to ``Config.overload_wait``. On return, ``propose`` takes its
+        fast path (nothing can run between this check and it)."""
+        self._check_accepting()
         while self._proposals.pending >= self.config.max_pending_proposals:
             pending = self._proposals.pending
             if not self.config.overload_wait:
@@ -614,9 +607,14 @@ class RaftNode:
                 raise Overloaded(
                     f"{pending} proposals still pending after {self.config.overload_wait}s; "
                     "the cluster is not keeping up") from None
-            self._check_running()
-            if self.engine.role != Role.LEADER:
-                raise self.engine.not_leader()
+            self._check_accepting()
+
+    def _check_accepting(self) -> None:
+        self._check_running()
+        if self.engine.role != Role.LEADER:
+            raise self.engine.not_leader()
+        if not self._accepting:
+            raise NodeStopped(f"node {self.id} is stopping after a failed hook")
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._running:

@@ -204,6 +204,29 @@ async def test_stop_fails_everything_pending_and_nothing_hangs():
             await leader.propose(b"y")
 
 
+class FailsOn(Recorder):
+    """Raises when it applies ``b"boom"``: a broken user state machine."""
+
+    def apply(self, entries):
+        if any(bytes(e.data) == b"boom" for e in entries):
+            raise RuntimeError("state machine bug")
+        return super().apply(entries)
+
+
+@run
+async def test_a_failing_state_machine_stops_the_node_and_proposals_fail_fast():
+    async with LocalCluster(3, state_machine=FailsOn, config=FAST) as c:
+        leader = await c.leader()
+        await leader.propose(b"fine")
+        with pytest.raises(NodeStopped):
+            await leader.propose(b"boom")  # failed by the stop the failure triggers
+        # until that stop has run, and after it, new proposals fail instead of queueing
+        with pytest.raises(NodeStopped):
+            await leader.propose(b"after")
+        await wait_until(lambda: not leader._running, 5, "the failed node to stop")
+        assert b"after" not in [d for _, d in c.state_machines[leader.id].applied]
+
+
 @run
 async def test_initialize_is_idempotent_and_refuses_other_state():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:

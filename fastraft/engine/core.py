@@ -208,7 +208,8 @@ class Engine:
             raise NotLeader(target, self.membership.addresses.get(target))
         first = self.log.last_index + 1
         if datas:
-            self._append_own(kernels.make_entries(self.term, first, EntryKind.NORMAL, datas))
+            self._append_own(kernels.make_entries(self.term, first, EntryKind.NORMAL, datas),
+                             user_commands=True)
         return first
 
     def propose_membership(self, voters: frozenset[int], learners: frozenset[int] = frozenset(),
@@ -534,15 +535,16 @@ class Engine:
 
     # ------------------------------------------------------------------ replication (§5.3)
 
-    def _append_own(self, entries: list[Entry]) -> None:
-        """Append entries created on this node and schedule their replication."""
+    def _append_own(self, entries: list[Entry], user_commands: bool = False) -> None:
+        """Append entries created on this node and schedule their replication
+        (``user_commands``: all NORMAL, none to scan for configurations)."""
         self.log.append(entries)
         out = self._out
         if out and type(out[-1]) is AppendLog:
             out[-1].entries.extend(entries)  # one storage write for the whole iteration
         else:
             out.append(AppendLog(list(entries)))
-        if kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0:
+        if not user_commands and kernels.index_of_kind(entries, EntryKind.CONFIG) >= 0:
             self._scan_configs(entries)
             self._membership_changed()
         self._broadcast = True

@@ -1,9 +1,10 @@
 """``RaftNode``: runs the engine on an asyncio (uvloop) event loop.
 
 Events (messages, proposals, reads, timer expirations, completed writes) are fed to the
-engine as they happen; the engine's commands are drained once per loop iteration, so
-everything that arrived in one iteration shares one storage write and one message per
-peer. Timers are ``loop.call_at`` handles, re-armed lazily: resetting the election timer
+engine as they happen. The first message or proposal of an idle loop iteration is acted
+on at once (latency); the engine's commands for everything else that arrives in that
+iteration are drained together once, so it shares one storage write and one message per
+peer (batching). Timers are ``loop.call_at`` handles, re-armed lazily: resetting the election timer
 on every AppendEntries costs a float store, not a cancel and a new handle.
 
 Order of effects (Raft, Figure 2): writes run one batch at a time, in order; messages that
@@ -577,7 +578,13 @@ class RaftNode:
             for m in messages[messages.index(m) + 1:]:
                 self.receive(from_id, [m])
         finally:
-            self._schedule_flush()
+            if self._flush_scheduled:
+                pass  # more arrived in this loop iteration: handled together by that flush
+            else:
+                # The first message of an iteration is handled at once (latency); what
+                # follows in the same iteration waits for one flush (batching).
+                self._flush()
+                self._schedule_flush()
 
     # ------------------------------------------------------------------ internals
 
@@ -638,6 +645,8 @@ class RaftNode:
 
     def _run(self, commands: list) -> None:
         """Execute engine commands in order (see the module docstring)."""
+        if not commands:
+            return  # the caller just took them: nothing can have been emitted since
         ops: list = []
         held: list = []
         outbox: dict[int, list] = {}

@@ -156,6 +156,7 @@ class RaftNode:
         #: Replaced (and set) whenever the applied index moves or the node stops; waiters
         #: re-check their condition (a Condition would need the lock to notify).
         self._progress = asyncio.Event()
+        self._progress_waiters = 0
 
         self._proposals = ProposalTracker()
         #: Running and leading: propose() checks this one flag on its fast path.
@@ -488,7 +489,7 @@ class RaftNode:
                 raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
                                      f"behind: {lag}); not promoted")
             try:
-                await asyncio.wait_for(self._progress.wait(), 0.05)
+                await asyncio.wait_for(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
         index = self._leader_engine().propose_membership(voters, m.learners - voters)
@@ -524,12 +525,21 @@ class RaftNode:
         return self._leader_engine()
 
     def _notify_progress(self) -> None:
-        event, self._progress = self._progress, asyncio.Event()
-        event.set()
+        if self._progress_waiters:  # an Event per apply would cost more than the apply
+            event, self._progress = self._progress, asyncio.Event()
+            event.set()
+
+    async def _progress_wait(self) -> None:
+        """Until the next progress (apply, commit, stop)."""
+        self._progress_waiters += 1
+        try:
+            await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1
 
     async def _wait_progress(self, predicate) -> None:
         while not predicate():
-            await self._progress.wait()
+            await self._progress_wait()
 
     def _leader_engine(self) -> Engine:
         self._check_running()

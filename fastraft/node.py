@@ -4,8 +4,8 @@ Events (messages, proposals, reads, timer expirations, completed writes) are fed
 engine as they happen. The first message or proposal of an idle loop iteration is acted
 on at once (latency); the engine's commands for everything else that arrives in that
 iteration are drained together once, so it shares one storage write and one message per
-peer (batching). Timers are ``loop.call_at`` handles, re-armed lazily: resetting the election timer
-on every AppendEntries costs a float store, not a cancel and a new handle.
+peer (batching). Timers are ``loop.call_at`` handles, re-armed lazily: resetting the
+election timer on every AppendEntries costs a float store, not a cancel and a new handle.
 
 Order of effects (Raft, Figure 2): writes run one batch at a time, in order; messages that
 promise durable state (votes, acknowledgements) leave only after every write issued before

@@ -169,7 +169,6 @@ class RaftNode:
         #: the engine may still stream to a follower (``Engine.snapshots_in_use``).
         self._snapshot_index = 0
         self._snapshots: dict[int, BinaryIO] = {}
-        self._snapshot_lock = asyncio.Lock()
         #: A snapshot being received from the leader: (last included index, spool file).
         self._incoming: tuple[int, BinaryIO] | None = None
 

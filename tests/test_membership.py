@@ -8,6 +8,7 @@ from fastraft import kv
 from fastraft.config import Config
 from fastraft.errors import CatchUpTimeout, MembershipChangeInProgress, NotLeader
 from fastraft.filestorage import FileStorage
+from fastraft.messages import InstallSnapshot
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.testing.filesm import FileStateMachine
 
@@ -253,3 +254,59 @@ def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_pat
     finally:
         for s in storages:
             s.close()
+
+
+def test_an_interrupted_snapshot_transfer_resumes_or_restarts(tmp_path):
+    """A learner cut off in the middle of a multi-chunk InstallSnapshot resumes where it
+    was once healed; restarted in the middle of one, it starts over from offset 0; either
+    way it ends with the leader's state."""
+    counter = iter(range(1, 100))
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 snapshot_interval=0, snapshot_trailing_entries=0,
+                 snapshot_chunk_bytes=64 << 10)
+
+    def state_machine():
+        return FileStateMachine(str(tmp_path / f"sm{next(counter)}"))
+
+    def received(node):
+        return node._incoming[1].tell() if node._incoming is not None else 0
+
+    @run
+    async def scenario():
+        async with LocalCluster(3, state_machine=state_machine, config=cfg, transport="tcp",
+                                spares=1) as c:
+            leader = await c.leader()
+            await leader.propose(b"grow 16")
+            index = await leader.snapshot()
+            await leader.add_learner(4, c.addresses[4])
+            await wait_until(lambda: received(c.nodes[4]) > 2 << 20, 20, "a partial transfer")
+            lost = []
+            send = leader.network.send
+
+            def counting_send(target, messages):
+                if target == 4 and (leader.id, 4) in c.hub._cut:
+                    lost.extend(m for m in messages if isinstance(m, InstallSnapshot))
+                send(target, messages)
+
+            leader.network.send = counting_send
+            c.hub.isolate(4)
+            held = received(c.nodes[4])
+            await wait_until(lambda: len(lost) >= 2, 10, "chunks lost to the partition")
+            assert 0 < received(c.nodes[4]) == held
+            c.hub.heal()
+            lowest = held
+
+            def resumed():
+                nonlocal lowest
+                now = received(c.nodes[4])
+                lowest = min(lowest, now)
+                return now > held + (1 << 20)
+
+            await wait_until(resumed, 20, "the transfer to resume")
+            assert lowest == held  # it went on from there, never back to offset 0
+            node = await c.restart(4)
+            assert received(node) == 0
+            await wait_until(lambda: node.applied_index >= index, 30, "the install")
+            assert c.state_machines[4].digest() == c.state_machines[leader.id].digest()
+
+    scenario()

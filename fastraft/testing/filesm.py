@@ -33,5 +33,9 @@ class FileStateMachine:
             shutil.copyfileobj(data, f, 1 << 20)
 
     def digest(self):
+        """(sha256 of the state, its size)."""
+        h = hashlib.sha256()
         with open(self.path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest(), os.path.getsize(self.path)
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest(), os.path.getsize(self.path)

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from fastraft.errors import ConfigError
+from fastraft.errors import AlreadyInitialized, ConfigError
 
 
 def parse_cluster(spec: str) -> dict[int, str]:
@@ -47,11 +47,21 @@ async def serve_node(args) -> None:
     else:
         storage = MemoryStorage()
     store = kv.KVStore()
-    node = RaftNode(args.id, storage=storage, state_machine=store, config=Config(),
+    config = Config() if args.snapshot_interval is None else \
+        Config(snapshot_interval=args.snapshot_interval,
+               snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
+                                             args.snapshot_interval))
+    node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
                     network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id))
     await node.start()
     if args.init:
-        await node.initialize(cluster)
+        try:
+            await node.initialize(cluster)
+        except AlreadyInitialized:
+            # A restart of a node whose cluster has changed since it was formed: its data
+            # says what the cluster is (like etcd ignoring --initial-cluster then).
+            logging.getLogger("fastraft.cli").info(
+                "node %d has state from an earlier run; --init ignored", args.id)
     loop = asyncio.get_running_loop()
     host, port = parse_address(args.client)
     server = await loop.create_server(lambda: KVServer(node, store), host, port)
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--client", required=True, help="HOST:PORT for KV clients")
     node.add_argument("--data-dir", help="durable storage directory (default: memory)")
     node.add_argument("--cluster-id", default="fastraft")
+    node.add_argument("--snapshot-interval", type=int, metavar="N",
+                      help="snapshot every N applied entries (default: Config's)")
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING")

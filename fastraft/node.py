@@ -291,7 +291,8 @@ class RaftNode:
     async def initialize(self, members: dict[int, str]) -> None:
         """Form a new cluster of ``members`` (id → address) on a fresh node.
 
-        Idempotent: initializing again with the same members does nothing. Raises
+        Idempotent: initializing again with the same members does nothing (once the log's
+        start is compacted away, "the same" means the configuration now in force). Raises
         ``AlreadyInitialized`` on a node that has other state.
         """
         self._check_running()
@@ -300,9 +301,15 @@ class RaftNode:
         membership = Membership(voters=frozenset(members), addresses=dict(members))
         engine = self.engine
         if engine.log.last_index or engine.term:
-            first = engine.log.slice(1, 2) if engine.log.snapshot_index == 0 else []
-            if first and first[0].kind == EntryKind.CONFIG and \
-                    decode_membership(first[0].data) == membership:
+            if engine.log.snapshot_index == 0:
+                first = engine.log.slice(1, 2)
+                formed = bool(first) and first[0].kind == EntryKind.CONFIG and \
+                    decode_membership(first[0].data) == membership
+            else:
+                # Entry 1 was compacted into a snapshot: compare with the configuration
+                # in force, which is the founding one unless membership changed since.
+                formed = engine.membership == membership
+            if formed:
                 return
             raise AlreadyInitialized(
                 f"node {self.id} already has state (term {engine.term}, last index "

@@ -54,11 +54,16 @@ async def check_survivors(client, acked, sent):
     assert versions == sorted(versions)
 
 
+@pytest.mark.parametrize("snapshots", [False, True], ids=["log", "snapshotting"])
 @pytest.mark.parametrize("round_", range(ROUNDS))
 @run
-async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_):
+async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_, snapshots):
+    """With ``snapshotting``, a snapshot is streamed to disk every 50 entries, so the kill
+    lands in the middle of snapshot saves and compactions too."""
     random.seed(round_)
-    cluster = ProcessCluster(1, str(tmp_path), data_dir=str(tmp_path / "data"))
+    extra = ["--snapshot-interval", "50"] if snapshots else []
+    cluster = ProcessCluster(1, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=extra)
     acked, sent = {}, []
     try:
         for life in range(2):

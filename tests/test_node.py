@@ -237,6 +237,20 @@ async def test_initialize_is_idempotent_and_refuses_other_state():
 
 
 @run
+async def test_initialize_stays_idempotent_after_the_founding_entry_is_compacted():
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
+                 snapshot_interval=20, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg) as c:
+        leader = await c.leader()
+        await asyncio.gather(*[leader.propose(kv.put(f"k{i}", b"v")) for i in range(100)])
+        node = await c.restart(1)
+        await wait_until(lambda: node.engine.log.snapshot_index > 1, 10, "compaction")
+        await node.initialize(c.members)  # a restart with the founding members: no-op
+        with pytest.raises(AlreadyInitialized):
+            await node.initialize({1: "local:1"})
+
+
+@run
 async def test_single_node_cluster_and_status():
     hub = MemoryHub()
     node = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),

@@ -359,13 +359,24 @@ class FileStorage:
             fd = self._fds[seg] = os.open(self._path(seg), os.O_RDWR | os.O_CREAT, 0o644)
         return fd
 
+    def _delete_segment(self, seg: int) -> None:
+        fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        os.unlink(self._path(seg))
+
     def _open_tail(self, seg: int) -> None:
         self._tail_fd = self._fd(seg)
         self._tail_size = os.fstat(self._tail_fd).st_size
 
     def _append_sync(self, entries: list[Entry]) -> None:
         first, last = entries[0].index, entries[-1].index
-        expected = self._rec_last[-1] + 1 if self._rec_last else self.load_state().first_index
+        floor = self.load_state().first_index
+        if self._rec_last and self._rec_last[-1] + 1 < floor:
+            # Every record is covered by a snapshot saved after them (a crash came between
+            # saving it and compacting): compact them away, or the log would have a gap.
+            self._compact_sync(floor - 1)
+        expected = self._rec_last[-1] + 1 if self._rec_last else floor
         if first != expected:
             raise StorageCorruption(
                 f"{self.directory}: append of entry {first} to a log that ends at "
@@ -389,22 +400,26 @@ class FileStorage:
         self._push_record(first, last, self._segments[-1], off, len(record))
 
     def _truncate_sync(self, index: int) -> None:
+        if index <= self._state.compacted_index:
+            raise StorageCorruption(f"cannot truncate from {index}: compacted up to "
+                                    f"{self._state.compacted_index}")
+        # Records a newer snapshot covers are not part of the log any more (a snapshot
+        # installed over a conflicting log truncates from below it): they are compacted
+        # later, only what follows the snapshot is cut here.
+        floor = self.load_state().first_index
+        index = max(index, floor)
         if not self._rec_last or index > self._rec_last[-1]:
             return
-        if index <= self.load_state().first_index - 1:
-            raise StorageCorruption(f"cannot truncate from {index}: compacted")
         k = bisect_right(self._rec_first, index) - 1
         keep: list[Entry] = []
         if k >= 0 and self._rec_first[k] < index:
-            keep = self._record_entries(k)[:index - self._rec_first[k]]
+            first = self._rec_first[k]
+            keep = self._record_entries(k)[max(floor - first, 0):index - first]
         k = max(k, 0)
         seg, off = self._rec_seg[k], self._rec_off[k]
-        for s in [s for s in self._segments if s > seg]:
-            fd = self._fds.pop(s, None)
-            if fd is not None:
-                os.close(fd)
-            os.unlink(self._path(s))
-            self._segments.remove(s)
+        for later in [s for s in self._segments if s > seg]:
+            self._delete_segment(later)
+            self._segments.remove(later)
         self._drop_records_from(k)
         self._open_tail(seg)
         os.ftruncate(self._tail_fd, off)
@@ -417,21 +432,19 @@ class FileStorage:
             _fsync_dir(self.directory)
 
     def _compact_sync(self, index: int) -> None:
-        if index <= self._state.compacted_index:
+        covered = bool(self._rec_first) and self._rec_first[0] <= index
+        if index <= self._state.compacted_index and not covered:
             return
-        term = 0
-        if self._rec_first and self._rec_first[0] <= index <= self._rec_last[-1]:
-            term = self._entry_term(index)
-        elif self._snapshot is not None and self._snapshot.last_included_index == index:
-            term = self._snapshot.last_included_term
-        self._state = _State(self._state.hard_state, index, term)
-        self._write_state()
+        if index > self._state.compacted_index:
+            term = 0
+            if covered and index <= self._rec_last[-1]:
+                term = self._entry_term(index)
+            elif self._snapshot is not None and self._snapshot.last_included_index == index:
+                term = self._snapshot.last_included_term
+            self._state = _State(self._state.hard_state, index, term)
+            self._write_state()
         while len(self._segments) > 1 and self._segments[1] <= index + 1:
-            seg = self._segments.pop(0)
-            fd = self._fds.pop(seg, None)
-            if fd is not None:
-                os.close(fd)
-            os.unlink(self._path(seg))
+            self._delete_segment(self._segments.pop(0))
         k = 0
         while k < len(self._rec_last) and self._rec_last[k] <= index:
             k += 1
@@ -439,6 +452,15 @@ class FileStorage:
                     self._rec_len):
             del arr[:k]
         self._cache.clear()
+        if not self._rec_first and self._segments:
+            # Compacted past the end of the log (a snapshot beyond it): the log goes on
+            # after ``index`` in a new segment, so no segment ever holds a gap.
+            for seg in self._segments:
+                self._delete_segment(seg)
+            self._segments = []
+            self._tail_fd, self._tail_size = -1, 0
+            if self.sync:
+                _fsync_dir(self.directory)
 
     def _entry_term(self, index: int) -> int:
         k = bisect_right(self._rec_first, index) - 1

@@ -74,13 +74,22 @@ class MemoryStorage:
         self._offset = 0  # index of the entry before _entries[0]
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
 
+    def _floor(self) -> int:
+        """The last index compacted or covered by the snapshot."""
+        covered = self._snapshot[0].last_included_index if self._snapshot else 0
+        return max(self._offset, covered)
+
     def load_state(self) -> StorageState:
+        floor = self._floor()
         return StorageState(hard_state=self.hard_state,
                             snapshot=self._snapshot[0] if self._snapshot else None,
-                            first_index=self._offset + 1,
-                            last_index=self._offset + len(self._entries))
+                            first_index=floor + 1,
+                            last_index=max(self._offset + len(self._entries), floor))
 
     def append_entries(self, entries: list[Entry]) -> None:
+        floor = self._floor()
+        if self._offset + len(self._entries) < floor:
+            self.compact_prefix(floor)  # entries a newer snapshot covers are not the log
         expected = self._offset + len(self._entries) + 1
         if entries and entries[0].index != expected:
             raise StorageCorruption(

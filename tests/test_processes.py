@@ -61,6 +61,42 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
         c.close()
 
 
+@run
+async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_path):
+    """FileStorage everywhere and a snapshot every 50 entries: a follower killed for a
+    while comes back behind the leader's compaction point and is sent a snapshot."""
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--snapshot-interval", "50"])
+    try:
+        cluster.start_all()
+        clients = await connect_all(cluster)
+        leader = await find_leader(clients)
+        for k in range(100):
+            await clients[leader].put(f"a{k}", b"A")
+        follower = next(i for i in cluster.ids if i != leader)
+        behind = (await clients[follower].status())["last_index"]
+        cluster.kill(follower)
+        clients.pop(follower).close()
+        last = None
+        for k in range(400):
+            last = await clients[leader].put(f"b{k}", b"B%d" % k)
+        assert (await clients[leader].status())["snapshot_index"] > behind
+        cluster.start(follower)
+        clients[follower] = await KVClient.connect_retrying(cluster.client[follower])
+
+        async def caught_up():
+            while (await clients[follower].status())["applied_index"] < last:
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(caught_up(), 30)
+        status = await clients[follower].status()
+        assert status["snapshot_index"] > behind  # it got a snapshot, not the entries
+        assert (await clients[follower].request("get", "b399")).version == last
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
+
+
 def test_status_command_prints_a_nodes_status(cluster):
     async def wait_leader():
         clients = await connect_all(cluster)

@@ -393,6 +393,7 @@ class Engine:
             "leader_id": self.leader_id, "commit_index": self.commit_index,
             "applied_index": self.applied_index, "last_index": self.log.last_index,
             "persisted_index": self.persisted_index,
+            "snapshot_index": self.log.snapshot_index,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},

@@ -190,6 +190,38 @@ async def check_snapshot_streams(factory: StorageFactory) -> None:
     assert await _snapshot_bytes(store) == (new_meta, b"newer")
 
 
+async def check_snapshot_past_the_end_of_the_log(factory: StorageFactory) -> None:
+    """A snapshot from the leader that reaches past this log: what the node does (save it,
+    cut the conflicting log, compact), and what a crash right after the save leaves (the
+    snapshot and the old records): either way the log goes on right after the snapshot."""
+    meta = SnapshotMeta(20, 2, Membership(voters=frozenset({1, 2, 3})))
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    await _do(store.save_snapshot(meta, io.BytesIO(b"state at 20")))
+    await _do(store.truncate_suffix(1))
+    await _do(store.compact_prefix(20))
+    await _do(store.append_entries(_entries(21, 25, 2)))
+    st = await _do(store.load_state())
+    assert (st.first_index, st.last_index) == (21, 25), (st.first_index, st.last_index)
+    assert await _read_all(store) == _plain(_entries(21, 25, 2))
+    store = factory.reopen(store)
+    assert await _read_all(store) == _plain(_entries(21, 25, 2))
+
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    await _do(store.save_snapshot(meta, io.BytesIO(b"state at 20")))
+    store = factory.reopen(store)  # the crash: nothing after the save happened
+    st = await _do(store.load_state())
+    assert st.snapshot == meta and (st.first_index, st.last_index) == (21, 20)
+    await _do(store.append_entries(_entries(21, 25, 2)))
+    store = factory.reopen(store)
+    assert await _read_all(store) == _plain(_entries(21, 25, 2))
+    await _do(store.truncate_suffix(23))
+    await _do(store.append_entries(_entries(23, 24, 3)))
+    store = factory.reopen(store)
+    assert await _read_all(store) == _plain(_entries(21, 22, 2) + _entries(23, 24, 3))
+
+
 async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
     store = factory.new()
     await _do(store.save_hard_state(HardState(3, 2, 7)))
@@ -208,7 +240,7 @@ async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
 
 CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
           check_hard_state_round_trip, check_snapshot_and_compaction, check_snapshot_streams,
-          check_reopen_preserves_everything]
+          check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything]
 
 
 async def run_all(factory: StorageFactory) -> None:

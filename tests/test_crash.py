@@ -18,11 +18,13 @@ ROUNDS = int(os.environ.get("FASTRAFT_CRASH_ROUNDS", "3"))
 
 
 async def write_until_killed(client, acked, sent, prefix, kill, inflight=32):
-    """Writers put prefix-N keys in order; ``kill`` fires at a random moment."""
+    """Writers put prefix-N keys in order; ``kill`` fires at a random moment, and the
+    writers stop then (at once if it cut their connection)."""
     counter = iter(range(10**9))
+    killed = False
 
     async def writer():
-        while True:
+        while not killed:
             n = next(counter)
             key = f"{prefix}{n:08d}"
             sent.append(key)
@@ -34,6 +36,7 @@ async def write_until_killed(client, acked, sent, prefix, kill, inflight=32):
     tasks = [asyncio.ensure_future(writer()) for _ in range(inflight)]
     await asyncio.sleep(random.uniform(0.05, 0.4))
     kill()
+    killed = True
     await asyncio.gather(*tasks)
 
 
@@ -111,4 +114,61 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
         for c in clients.values():
             c.close()
     finally:
+        cluster.stop_all()
+
+
+async def put_retrying(clients, key):
+    """Put ``key`` through whoever leads; an election in between (ProposalDropped, not
+    leader, a closed connection) means it may or may not be in: write it again."""
+    while True:
+        leader = await find_leader(clients)
+        try:
+            return await clients[leader].put(key, key.encode())
+        except (ClientError, ConnectionError):
+            continue
+
+
+@run
+async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_write(tmp_path):
+    """Three FileStorage nodes snapshotting every 50 entries; each round kills a random
+    node (the leader or not) while writes are in flight, keeps writing to whoever leads,
+    then restarts it. Bounded: ROUNDS rounds. At the end every acknowledged write is on
+    the leader, and every node has applied the same prefix and serves the same data."""
+    rng = random.Random(7)
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--snapshot-interval", "50"])
+    acked, sent = {}, []
+    clients = {}
+    try:
+        cluster.start_all()
+        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        for round_ in range(ROUNDS):
+            leader = await find_leader(clients)
+            victim = rng.choice(sorted(cluster.ids))
+            await write_until_killed(clients[leader], acked, sent, f"k{round_}-",
+                                     lambda: cluster.kill(victim))
+            clients.pop(victim).close()
+            for n in range(100):  # written while the victim is down: it falls behind
+                key = f"d{round_}-{n}"
+                sent.append(key)
+                acked[key] = await put_retrying(clients, key)
+            cluster.start(victim)
+            clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
+        leader = await find_leader(clients)
+        await check_survivors(clients[leader], acked, sent)
+        target = (await clients[leader].status())["commit_index"]
+
+        async def converged():
+            while True:
+                states = [await c.status() for c in clients.values()]
+                if all(s["applied_index"] >= target for s in states):
+                    return
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(converged(), 30)
+        last = max(acked, key=acked.get)
+        for i, c in clients.items():
+            assert (await c.request("get", last)).version == acked[last], f"node {i}"
+    finally:
+        for c in clients.values():
+            c.close()
         cluster.stop_all()

@@ -87,9 +87,12 @@ async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_, sn
         cluster.stop_all()
 
 
+@pytest.mark.parametrize("snapshots", [False, True], ids=["log", "snapshotting"])
 @run
-async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path):
-    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"))
+async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path, snapshots):
+    extra = ["--snapshot-interval", "50"] if snapshots else []
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=extra)
     acked, sent = {}, []
     try:
         cluster.start_all()

@@ -310,3 +310,46 @@ def test_an_interrupted_snapshot_transfer_resumes_or_restarts(tmp_path):
             assert c.state_machines[4].digest() == c.state_machines[leader.id].digest()
 
     scenario()
+
+
+def test_grow_shrink_and_restart_on_file_storage_with_compaction(tmp_path):
+    """The membership chapter on durable storage: learners join through snapshots, the
+    cluster grows to 5 and shrinks to 3 while compacting, then every member restarts
+    from its FileStorage (configuration from the snapshot metadata and the log)."""
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
+                 snapshot_interval=30, snapshot_trailing_entries=0)
+    storages = []
+
+    def storage():
+        storages.append(FileStorage(str(tmp_path / f"store{len(storages) + 1}")))
+        return storages[-1]
+
+    @run
+    async def scenario():
+        async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp",
+                                spares=2, storage=storage) as c:
+            leader = await c.leader()
+            await write(leader, 100)
+            await wait_until(lambda: leader.engine.log.snapshot_index > 0, 10, "compaction")
+            await leader.add_learner(4, c.addresses[4])
+            await leader.add_learner(5, c.addresses[5])
+            await leader.change_membership({1, 2, 3, 4, 5})
+            await write(leader, 50, "g")
+            leader = await c.leader()
+            keep = {leader.id} | set(sorted(set(range(1, 6)) - {leader.id})[:2])
+            await leader.change_membership(keep)
+            last = (await write(leader, 50, "s"))[-1]
+            await converged(c, keep, last)
+            for i in sorted(keep):
+                node = await c.restart(i)
+                assert node.engine.membership.voters == keep
+            leader = await c.leader()
+            last = (await write(leader, 10, "r"))[-1]
+            await converged(c, keep, last)
+            assert all(c.nodes[i].engine.log.snapshot_index > 0 for i in keep)
+
+    try:
+        scenario()
+    finally:
+        for s in storages:
+            s.close()

@@ -17,6 +17,20 @@ from aio import run
 FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
 
 
+@pytest.fixture
+def file_storage(tmp_path):
+    """A factory of FileStorage directories under tmp_path, all closed at teardown."""
+    opened = []
+
+    def make():
+        opened.append(FileStorage(str(tmp_path / f"store{len(opened) + 1}")))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
 async def write(leader, n, prefix="k"):
     return await asyncio.gather(*[leader.propose(kv.put(f"{prefix}{k}", b"v%d" % k))
                                   for k in range(n)])
@@ -205,7 +219,8 @@ def test_lease_reads_need_check_quorum():
         Config(lease_reads=True, check_quorum=False)
 
 
-def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_path):
+def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_path,
+                                                                         file_storage):
     """A 48 MiB snapshot from a file-backed state machine reaches a new learner over TCP,
     with FileStorage on every node, while the process's Python heap never grows by even
     half of it: the leader reads chunks from storage's file, the learner spools them to a
@@ -218,16 +233,10 @@ def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_pat
     def state_machine():
         return FileStateMachine(str(tmp_path / f"sm{next(counter)}"))
 
-    storages = []
-
-    def storage():
-        storages.append(FileStorage(str(tmp_path / f"store{len(storages) + 1}")))
-        return storages[-1]
-
     @run
     async def scenario():
         async with LocalCluster(3, state_machine=state_machine, config=cfg, transport="tcp",
-                                spares=1, storage=storage) as c:
+                                spares=1, storage=file_storage) as c:
             leader = await c.leader()
             await leader.propose(b"grow %d" % mib)
             await leader.propose(b"tail")
@@ -249,11 +258,7 @@ def test_snapshots_stream_from_and_to_files_without_being_held_in_memory(tmp_pat
             assert node.applied_index >= index
             assert c.state_machines[4].digest() == c.state_machines[leader.id].digest()
 
-    try:
-        scenario()
-    finally:
-        for s in storages:
-            s.close()
+    scenario()
 
 
 def test_an_interrupted_snapshot_transfer_resumes_or_restarts(tmp_path):
@@ -312,22 +317,16 @@ def test_an_interrupted_snapshot_transfer_resumes_or_restarts(tmp_path):
     scenario()
 
 
-def test_grow_shrink_and_restart_on_file_storage_with_compaction(tmp_path):
+def test_grow_shrink_and_restart_on_file_storage_with_compaction(file_storage):
     """The membership chapter on durable storage: learners join through snapshots, the
     cluster grows to 5 and shrinks to 3 while compacting, then every member restarts
     from its FileStorage (configuration from the snapshot metadata and the log)."""
     cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
                  snapshot_interval=30, snapshot_trailing_entries=0)
-    storages = []
-
-    def storage():
-        storages.append(FileStorage(str(tmp_path / f"store{len(storages) + 1}")))
-        return storages[-1]
-
     @run
     async def scenario():
         async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp",
-                                spares=2, storage=storage) as c:
+                                spares=2, storage=file_storage) as c:
             leader = await c.leader()
             await write(leader, 100)
             await wait_until(lambda: leader.engine.log.snapshot_index > 0, 10, "compaction")
@@ -348,8 +347,4 @@ def test_grow_shrink_and_restart_on_file_storage_with_compaction(tmp_path):
             await converged(c, keep, last)
             assert all(c.nodes[i].engine.log.snapshot_index > 0 for i in keep)
 
-    try:
-        scenario()
-    finally:
-        for s in storages:
-            s.close()
+    scenario()

@@ -19,6 +19,7 @@ state machine: every replica must return the same result for the same index.
 from __future__ import annotations
 
 import heapq
+import io
 import random
 from collections.abc import Callable
 from typing import Any
@@ -46,8 +47,9 @@ from fastraft.engine import (
     TruncateLog,
     requires_durability,
 )
-from fastraft.errors import FastRaftError, NotLeader
-from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
+from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
+from fastraft.messages import Entry, EntryKind, Membership, SnapshotMeta
+from fastraft.storage import MemoryStorage
 
 
 class InvariantViolation(AssertionError):
@@ -81,30 +83,34 @@ class _SaveSnapshot(msgspec.Struct):
 
 
 class _Disk:
-    """What survives a crash: only completed writes."""
+    """What survives a crash: only completed writes. They go to a ``MemoryStorage``, so
+    every write the engine asks for also passes the storage contract (one it refuses is
+    reported as a violation), and a restart reads the log back the way a node does."""
 
-    __slots__ = ("hard_state", "entries", "offset", "snapshot")
+    __slots__ = ("store",)
 
     def __init__(self) -> None:
-        self.hard_state = HardState()
-        self.entries: list[Entry] = []
-        self.offset = 0  # index of the entry before entries[0]
-        self.snapshot: _SaveSnapshot | None = None
+        self.store = MemoryStorage()
 
     def write(self, cmd) -> None:
         t = type(cmd)
+        store = self.store
         if t is AppendLog:
-            self.entries.extend(cmd.entries)
+            store.append_entries(cmd.entries)
         elif t is TruncateLog:
-            del self.entries[max(0, cmd.index - self.offset - 1):]
+            store.truncate_suffix(cmd.index)
         elif t is CompactLog:
-            if cmd.index > self.offset:
-                del self.entries[:cmd.index - self.offset]
-                self.offset = cmd.index
+            store.compact_prefix(cmd.index)
         elif t is _SaveSnapshot:
-            self.snapshot = cmd
+            store.save_snapshot(cmd.meta, io.BytesIO(cmd.data))
         else:
-            self.hard_state = cmd.hard_state
+            store.save_hard_state(cmd.hard_state)
+
+    def last_entry(self) -> Entry | None:
+        st = self.store.load_state()
+        if st.last_index < st.first_index:
+            return None
+        return self.store.read_entries(st.last_index, st.last_index + 1)[0]
 
 
 _snap_enc = msgspec.msgpack.Encoder()
@@ -262,23 +268,28 @@ class Simulator:
     # ------------------------------------------------------------------ nodes
 
     def _boot(self, node: _Node, bootstrap: bool = False) -> None:
-        disk = node.disk
-        snap = disk.snapshot
+        store = node.disk.store
+        stored = store.load_state()
+        loaded = store.load_snapshot()
         node.applied = 0
         node.applied_log = []
         node.incoming = None
         node.snapshots = {}
-        if snap is None:
-            state = InitialState(hard_state=disk.hard_state, entries=list(disk.entries))
+        entries = []
+        if stored.last_index >= stored.first_index:
+            entries = store.read_entries(stored.first_index, stored.last_index + 1)
+        if loaded is None:
+            state = InitialState(hard_state=stored.hard_state, entries=entries)
         else:
-            index = snap.meta.last_included_index
+            meta, data = loaded[0], loaded[1].read()
+            index = meta.last_included_index
             state = InitialState(
-                hard_state=disk.hard_state, snapshot_index=index,
-                snapshot_term=snap.meta.last_included_term,
-                snapshot_membership=snap.meta.membership, snapshot_size=len(snap.data),
-                entries=[e for e in disk.entries if e.index > index], applied_index=index)
-            self._restore(node, index, snap.data)
-            node.snapshots[index] = snap.data
+                hard_state=stored.hard_state, snapshot_index=index,
+                snapshot_term=meta.last_included_term, snapshot_membership=meta.membership,
+                snapshot_size=len(data), entries=[e for e in entries if e.index > index],
+                applied_index=index)
+            self._restore(node, index, data)
+            node.snapshots[index] = data
         rng = random.Random(self.rng.random())
         node.engine = Engine(node.id, self.config, rng, state)
         node.alive = True
@@ -452,7 +463,11 @@ class Simulator:
             return  # lost in a crash
         writes, held, _ = node.fsyncs.pop(0)
         for w in writes:
-            node.disk.write(w)
+            try:
+                node.disk.write(w)
+            except StorageCorruption as exc:
+                raise self._violation(f"node {node.id}: storage refused {w!r}: {exc}") \
+                    from None
         for w in writes:
             if type(w) is _SaveSnapshot:
                 node.snapshots[w.meta.last_included_index] = w.data
@@ -460,9 +475,9 @@ class Simulator:
                 in_use = node.engine.snapshots_in_use()
                 for index in [i for i in node.snapshots if i not in in_use]:
                     del node.snapshots[index]
-        entries = node.disk.entries
-        if entries:
-            node.engine.log_persisted(entries[-1].index, entries[-1].term)
+        last = node.disk.last_entry()
+        if last is not None:
+            node.engine.log_persisted(last.index, last.term)
         for s in held:
             self._transmit(node.id, s.to, s.message)
         self._execute(node, node.engine.take_commands())

@@ -14,12 +14,15 @@ raises ``InvariantViolation`` naming the seed. ``run`` ends by healing every fau
 checking that the cluster converges (liveness).
 
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
-state machine: every replica must return the same result for the same index.
+state machine: every replica must return the same result for the same index. Disks are
+``MemoryStorage``; with ``disk_directory`` they are ``FileStorage`` directories under it,
+closed by a crash and recovered by the restart (call ``close()`` after the run).
 """
 from __future__ import annotations
 
 import heapq
 import io
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +52,7 @@ from fastraft.engine import (
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
 from fastraft.messages import Entry, EntryKind, Membership, SnapshotMeta
+from fastraft.filestorage import FileStorage
 from fastraft.storage import MemoryStorage
 
 
@@ -87,30 +91,91 @@ class _Disk:
     every write the engine asks for also passes the storage contract (one it refuses is
     reported as a violation), and a restart reads the log back the way a node does."""
 
-    __slots__ = ("store",)
+    __slots__ = ("store", "_ops")
 
     def __init__(self) -> None:
         self.store = MemoryStorage()
+        self._bind()
+
+    def _bind(self) -> None:
+        st = self.store
+        #: append, truncate, compact, save snapshot, save hard state, read, open snapshot
+        self._ops = (st.append_entries, st.truncate_suffix, st.compact_prefix,
+                     st.save_snapshot, st.save_hard_state, st.read_entries, st.load_snapshot)
 
     def write(self, cmd) -> None:
+        append, truncate, compact, save_snapshot, save_hard_state = self._ops[:5]
         t = type(cmd)
-        store = self.store
         if t is AppendLog:
-            store.append_entries(cmd.entries)
+            append(cmd.entries)
         elif t is TruncateLog:
-            store.truncate_suffix(cmd.index)
+            truncate(cmd.index)
         elif t is CompactLog:
-            store.compact_prefix(cmd.index)
+            compact(cmd.index)
         elif t is _SaveSnapshot:
-            store.save_snapshot(cmd.meta, io.BytesIO(cmd.data))
+            save_snapshot(cmd.meta, io.BytesIO(cmd.data))
         else:
-            store.save_hard_state(cmd.hard_state)
+            save_hard_state(cmd.hard_state)
+
+    def read(self, lo: int, hi: int) -> list[Entry]:
+        return self._ops[5](lo, hi)
+
+    def snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
+        loaded = self._ops[6]()
+        if loaded is None:
+            return None
+        with loaded[1] as reader:
+            return loaded[0], reader.read()
 
     def last_entry(self) -> Entry | None:
         st = self.store.load_state()
         if st.last_index < st.first_index:
             return None
-        return self.store.read_entries(st.last_index, st.last_index + 1)[0]
+        return self.read(st.last_index, st.last_index + 1)[0]
+
+    def crash(self) -> None:
+        """The process died: what was written stays."""
+
+    def reopen(self) -> None:
+        """The process starts again."""
+
+    def close(self) -> None:
+        """The run is over."""
+
+
+class _FileDisk(_Disk):
+    """The same on a ``FileStorage`` in ``path``. Its own fsync is off: the simulated
+    fsync is the durability point, and nothing unsynced ever reaches it. A crash closes
+    the storage; a restart opens the directory again, through its recovery. The
+    storage's synchronous internals are called directly (the simulator has no loop)."""
+
+    __slots__ = ("path", "closed")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.closed = False
+        self.store = FileStorage(path, sync=False)
+        self._bind()
+
+    def _bind(self) -> None:
+        st = self.store
+        self._ops = (st._append_sync, st._truncate_sync, st._compact_sync,
+                     st._save_snapshot_sync, st._save_state_sync,
+                     lambda lo, hi: st._read_sync(lo, hi, None), st._open_snapshot)
+
+    def crash(self) -> None:
+        self.store.close()
+        self.closed = True
+
+    def reopen(self) -> None:
+        if self.closed:
+            self.store = FileStorage(self.path, sync=False)
+            self.closed = False
+            self._bind()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.crash()
 
 
 _snap_enc = msgspec.msgpack.Encoder()
@@ -121,10 +186,10 @@ class _Node:
     __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
                  "applied", "applied_log", "incoming", "snapshot_at", "snapshots")
 
-    def __init__(self, node_id: int) -> None:
+    def __init__(self, node_id: int, disk: _Disk) -> None:
         self.id = node_id
         self.engine: Engine | None = None
-        self.disk = _Disk()
+        self.disk = disk
         self.alive = False
         self.timer_tokens = {t: 0 for t in Timer}
         #: Writes in flight, oldest first: [writes, sends released when durable].
@@ -147,7 +212,7 @@ class Simulator:
                  state_machine: Callable[[], Any] | None = None,
                  propose_every: float = 0.004, read_every: float = 0.02,
                  snapshot_every: int = 0, spare_nodes: int = 0,
-                 reconfigure_every: float = 0.0) -> None:
+                 reconfigure_every: float = 0.0, disk_directory: str | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
@@ -162,7 +227,12 @@ class Simulator:
         self._seq = 0
         self._fsync_token = 0
         self._fsync_at = 0.0
-        self.nodes = {i: _Node(i) for i in range(1, nodes + spare_nodes + 1)}
+        def disk(i: int) -> _Disk:
+            if disk_directory is None:
+                return _Disk()
+            return _FileDisk(os.path.join(disk_directory, f"node-{i}"))
+
+        self.nodes = {i: _Node(i, disk(i)) for i in range(1, nodes + spare_nodes + 1)}
         founders = frozenset(range(1, nodes + 1))
         self.membership = Membership(voters=founders,
                                      addresses={i: f"sim:{i}" for i in founders})
@@ -214,6 +284,11 @@ class Simulator:
             getattr(self, "_ev_" + kind)(*args)
         self.now = max(self.now, deadline)
         return until() if until is not None else True
+
+    def close(self) -> None:
+        """Release the disks (FileStorage directories stay for inspection)."""
+        for node in self.nodes.values():
+            node.disk.close()
 
     def heal(self) -> None:
         """End every fault: no more drops, partitions or crashes; restart crashed nodes."""
@@ -268,20 +343,20 @@ class Simulator:
     # ------------------------------------------------------------------ nodes
 
     def _boot(self, node: _Node, bootstrap: bool = False) -> None:
-        store = node.disk.store
-        stored = store.load_state()
-        loaded = store.load_snapshot()
+        node.disk.reopen()
+        stored = node.disk.store.load_state()
+        loaded = node.disk.snapshot()
         node.applied = 0
         node.applied_log = []
         node.incoming = None
         node.snapshots = {}
         entries = []
         if stored.last_index >= stored.first_index:
-            entries = store.read_entries(stored.first_index, stored.last_index + 1)
+            entries = node.disk.read(stored.first_index, stored.last_index + 1)
         if loaded is None:
             state = InitialState(hard_state=stored.hard_state, entries=entries)
         else:
-            meta, data = loaded[0], loaded[1].read()
+            meta, data = loaded
             index = meta.last_included_index
             state = InitialState(
                 hard_state=stored.hard_state, snapshot_index=index,
@@ -353,6 +428,7 @@ class Simulator:
 
     def _crash(self, node: _Node) -> None:
         node.alive = False
+        node.disk.crash()
         node.fsyncs = []  # unsynced writes and the replies waiting on them are lost
         for t in node.timer_tokens:
             node.timer_tokens[t] += 1

@@ -292,12 +292,15 @@ class FileStorage:
     # ------------------------------------------------------------------ the hook
 
     def load_state(self) -> StorageState:
-        compacted = self._state.compacted_index
-        if self._snapshot is not None:
-            compacted = max(compacted, self._snapshot.last_included_index)
-        last = self._rec_last[-1] if self._rec_last else compacted
+        floor = self._floor()
+        last = self._rec_last[-1] if self._rec_last else floor
         return StorageState(hard_state=self._state.hard_state, snapshot=self._snapshot,
-                            first_index=compacted + 1, last_index=max(last, compacted))
+                            first_index=floor + 1, last_index=max(last, floor))
+
+    def _floor(self) -> int:
+        """The last index compacted or covered by the snapshot: the log starts after it."""
+        covered = self._snapshot.last_included_index if self._snapshot is not None else 0
+        return max(self._state.compacted_index, covered)
 
     async def append_entries(self, entries: list[Entry]) -> None:
         if entries:
@@ -371,12 +374,12 @@ class FileStorage:
 
     def _append_sync(self, entries: list[Entry]) -> None:
         first, last = entries[0].index, entries[-1].index
-        floor = self.load_state().first_index
-        if self._rec_last and self._rec_last[-1] + 1 < floor:
+        floor = self._floor()
+        if self._rec_last and self._rec_last[-1] < floor:
             # Every record is covered by a snapshot saved after them (a crash came between
             # saving it and compacting): compact them away, or the log would have a gap.
-            self._compact_sync(floor - 1)
-        expected = self._rec_last[-1] + 1 if self._rec_last else floor
+            self._compact_sync(floor)
+        expected = self._rec_last[-1] + 1 if self._rec_last else floor + 1
         if first != expected:
             raise StorageCorruption(
                 f"{self.directory}: append of entry {first} to a log that ends at "
@@ -406,15 +409,15 @@ class FileStorage:
         # Records a newer snapshot covers are not part of the log any more (a snapshot
         # installed over a conflicting log truncates from below it): they are compacted
         # later, only what follows the snapshot is cut here.
-        floor = self.load_state().first_index
-        index = max(index, floor)
+        first_live = self._floor() + 1
+        index = max(index, first_live)
         if not self._rec_last or index > self._rec_last[-1]:
             return
         k = bisect_right(self._rec_first, index) - 1
         keep: list[Entry] = []
         if k >= 0 and self._rec_first[k] < index:
             first = self._rec_first[k]
-            keep = self._record_entries(k)[max(floor - first, 0):index - first]
+            keep = self._record_entries(k)[max(first_live - first, 0):index - first]
         k = max(k, 0)
         seg, off = self._rec_seg[k], self._rec_off[k]
         for later in [s for s in self._segments if s > seg]:
@@ -467,7 +470,7 @@ class FileStorage:
         return self._record_entries(k)[index - self._rec_first[k]].term
 
     def _read_sync(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
-        lo = max(lo, self.load_state().first_index)
+        lo = max(lo, self._floor() + 1)
         out: list[Entry] = []
         if not self._rec_first or lo >= hi:
             return out

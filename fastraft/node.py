@@ -594,11 +594,9 @@ class RaftNode:
             for m in messages[messages.index(m) + 1:]:
                 self.receive(from_id, [m])
         finally:
-            if self._flush_scheduled:
-                pass  # more arrived in this loop iteration: handled together by that flush
-            else:
-                # The first message of an iteration is handled at once (latency); what
-                # follows in the same iteration waits for one flush (batching).
+            # The first message of an iteration is handled at once (latency); what follows
+            # in the same iteration waits for the flush scheduled here (batching).
+            if not self._flush_scheduled:
                 self._flush()
                 self._schedule_flush()
 

@@ -17,3 +17,15 @@ def run(coro_fn):
             return uvloop.run(bounded())
         return asyncio.run(bounded())
     return wrapper
+
+
+async def until_applied(clients, index: int, timeout: float = 30.0) -> None:
+    """Poll the ``status`` of every KV client's node until each has applied ``index``;
+    ``TimeoutError`` after ``timeout`` seconds."""
+    async def behind():
+        return [c for c in clients if (await c.status())["applied_index"] < index]
+
+    async def poll():
+        while await behind():
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(poll(), timeout)

@@ -12,7 +12,7 @@ import pytest
 from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.testing.processes import ProcessCluster
 
-from aio import run
+from aio import run, until_applied
 
 ROUNDS = int(os.environ.get("FASTRAFT_CRASH_ROUNDS", "3"))
 
@@ -160,14 +160,7 @@ async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_wr
         leader = await find_leader(clients)
         await check_survivors(clients[leader], acked, sent)
         target = (await clients[leader].status())["commit_index"]
-
-        async def converged():
-            while True:
-                states = [await c.status() for c in clients.values()]
-                if all(s["applied_index"] >= target for s in states):
-                    return
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(converged(), 30)
+        await until_applied(list(clients.values()), target)
         last = max(acked, key=acked.get)
         for i, c in clients.items():
             assert (await c.request("get", last)).version == acked[last], f"node {i}"

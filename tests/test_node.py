@@ -162,12 +162,17 @@ async def test_read_index_is_linearizable_from_any_node():
                 assert c.state_machines[node.id].get("x") == b"%d" % k
 
 
-@run
-async def test_read_index_without_leader_raises_not_leader():
-    hub = MemoryHub()
-    node = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),
+async def lone_node() -> RaftNode:
+    """A started node with fresh memory storage, alone on its own hub."""
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
                     state_machine=Recorder(), config=FAST)
     await node.start()
+    return node
+
+
+@run
+async def test_read_index_without_leader_raises_not_leader():
+    node = await lone_node()
     with pytest.raises(NotLeader):
         await node.read_index()
     await node.stop()
@@ -252,10 +257,7 @@ async def test_initialize_stays_idempotent_after_the_founding_entry_is_compacted
 
 @run
 async def test_single_node_cluster_and_status():
-    hub = MemoryHub()
-    node = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),
-                    state_machine=Recorder(), config=FAST)
-    await node.start()
+    node = await lone_node()
     await node.initialize({1: "local:1"})
     assert await node.wait_for_leader(5) == 1
     await wait_until(lambda: node.is_leader)

@@ -8,7 +8,7 @@ import pytest
 from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.testing.processes import ProcessCluster
 
-from aio import run
+from aio import run, until_applied
 
 
 @pytest.fixture
@@ -52,10 +52,7 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     clients[leader] = await KVClient.connect_retrying(cluster.client[leader])
     target = (await clients[new].status())["commit_index"]
 
-    async def caught_up():
-        while (await clients[leader].status())["applied_index"] < target:
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(caught_up(), 30)
+    await until_applied([clients[leader]], target)
     assert (await clients[leader].request("get", "b199")).version == acked["b199"]
     for c in clients.values():
         c.close()
@@ -83,11 +80,7 @@ async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_p
         assert (await clients[leader].status())["snapshot_index"] > behind
         cluster.start(follower)
         clients[follower] = await KVClient.connect_retrying(cluster.client[follower])
-
-        async def caught_up():
-            while (await clients[follower].status())["applied_index"] < last:
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(caught_up(), 30)
+        await until_applied([clients[follower]], last)
         status = await clients[follower].status()
         assert status["snapshot_index"] > behind  # it got a snapshot, not the entries
         assert (await clients[follower].request("get", "b399")).version == last

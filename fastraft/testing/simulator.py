@@ -91,37 +91,27 @@ class _Disk:
     every write the engine asks for also passes the storage contract (one it refuses is
     reported as a violation), and a restart reads the log back the way a node does."""
 
-    __slots__ = ("store", "_ops")
+    __slots__ = ("store",)
 
     def __init__(self) -> None:
-        self.store = MemoryStorage()
-        self._bind()
-
-    def _bind(self) -> None:
-        st = self.store
-        #: append, truncate, compact, save snapshot, save hard state, read, open snapshot
-        self._ops = (st.append_entries, st.truncate_suffix, st.compact_prefix,
-                     st.save_snapshot, st.save_hard_state, st.read_entries, st.load_snapshot)
+        self.store: Any = MemoryStorage()
 
     def write(self, cmd) -> None:
-        append, truncate, compact, save_snapshot, save_hard_state = self._ops[:5]
         t = type(cmd)
+        store = self.store
         if t is AppendLog:
-            append(cmd.entries)
+            store.append_entries(cmd.entries)
         elif t is TruncateLog:
-            truncate(cmd.index)
+            store.truncate_suffix(cmd.index)
         elif t is CompactLog:
-            compact(cmd.index)
+            store.compact_prefix(cmd.index)
         elif t is _SaveSnapshot:
-            save_snapshot(cmd.meta, io.BytesIO(cmd.data))
+            store.save_snapshot(cmd.meta, io.BytesIO(cmd.data))
         else:
-            save_hard_state(cmd.hard_state)
-
-    def read(self, lo: int, hi: int) -> list[Entry]:
-        return self._ops[5](lo, hi)
+            store.save_hard_state(cmd.hard_state)
 
     def snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
-        loaded = self._ops[6]()
+        loaded = self.store.load_snapshot()
         if loaded is None:
             return None
         with loaded[1] as reader:
@@ -131,7 +121,7 @@ class _Disk:
         st = self.store.load_state()
         if st.last_index < st.first_index:
             return None
-        return self.read(st.last_index, st.last_index + 1)[0]
+        return self.store.read_entries(st.last_index, st.last_index + 1)[0]
 
     def crash(self) -> None:
         """The process died: what was written stays."""
@@ -143,35 +133,44 @@ class _Disk:
         """The run is over."""
 
 
+class _SyncFileStorage:
+    """A ``FileStorage`` under the ``RaftStorage`` method names, calling its synchronous
+    internals directly (the simulator has no event loop). Its own fsync is off: the
+    simulated fsync is the durability point, and nothing unsynced ever reaches it."""
+
+    def __init__(self, path: str) -> None:
+        self.storage = st = FileStorage(path, sync=False)
+        self.load_state = st.load_state
+        self.append_entries = st._append_sync
+        self.truncate_suffix = st._truncate_sync
+        self.compact_prefix = st._compact_sync
+        self.save_snapshot = st._save_snapshot_sync
+        self.save_hard_state = st._save_state_sync
+        self.load_snapshot = st._open_snapshot
+
+    def read_entries(self, lo: int, hi: int) -> list[Entry]:
+        return self.storage._read_sync(lo, hi, None)
+
+
 class _FileDisk(_Disk):
-    """The same on a ``FileStorage`` in ``path``. Its own fsync is off: the simulated
-    fsync is the durability point, and nothing unsynced ever reaches it. A crash closes
-    the storage; a restart opens the directory again, through its recovery. The
-    storage's synchronous internals are called directly (the simulator has no loop)."""
+    """The same on a ``FileStorage`` directory: a crash closes it, a restart opens it
+    again through its recovery."""
 
     __slots__ = ("path", "closed")
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.closed = False
-        self.store = FileStorage(path, sync=False)
-        self._bind()
-
-    def _bind(self) -> None:
-        st = self.store
-        self._ops = (st._append_sync, st._truncate_sync, st._compact_sync,
-                     st._save_snapshot_sync, st._save_state_sync,
-                     lambda lo, hi: st._read_sync(lo, hi, None), st._open_snapshot)
+        self.store = _SyncFileStorage(path)
 
     def crash(self) -> None:
-        self.store.close()
+        self.store.storage.close()
         self.closed = True
 
     def reopen(self) -> None:
         if self.closed:
-            self.store = FileStorage(self.path, sync=False)
+            self.store = _SyncFileStorage(self.path)
             self.closed = False
-            self._bind()
 
     def close(self) -> None:
         if not self.closed:
@@ -352,7 +351,7 @@ class Simulator:
         node.snapshots = {}
         entries = []
         if stored.last_index >= stored.first_index:
-            entries = node.disk.read(stored.first_index, stored.last_index + 1)
+            entries = node.disk.store.read_entries(stored.first_index, stored.last_index + 1)
         if loaded is None:
             state = InitialState(hard_state=stored.hard_state, entries=entries)
         else:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastraft import kernels
+from fastraft.asyncutil import fail_future
 
 
 class _Run:
@@ -84,7 +85,7 @@ class ProposalTracker:
         freed = 0
         for futures, batch, n in self._segments:
             for f in (futures if futures is not None else (batch,)):
-                _fail(f, exc)
+                fail_future(f, exc)
             freed += len(futures) if futures is not None else n
         self._segments = []
         self._open = None
@@ -144,9 +145,9 @@ class ProposalTracker:
             start = max(run.next, commit_index + 1)
             if run.futures is not None:
                 for f in run.futures[start - run.first:]:
-                    _fail(f, exc)
+                    fail_future(f, exc)
             else:
-                _fail(run.batch, exc)
+                fail_future(run.batch, exc)
             freed += run.last - start + 1
             if start > run.next:
                 run.last = start - 1
@@ -158,8 +159,3 @@ class ProposalTracker:
     def fail_all(self, exc: BaseException) -> None:
         self.fail_after(-1, exc)
         self.fail_buffered(exc)
-
-
-def _fail(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)

@@ -15,7 +15,7 @@ import zlib
 from typing import BinaryIO, Union
 
 __all__ = ["SnapshotData", "COPY_BYTES", "SPOOL_BYTES", "as_stream", "stream_size",
-           "copy_stream", "spool"]
+           "copy_stream", "close_stream", "spool"]
 
 #: What ``StateMachine.snapshot()`` may return.
 SnapshotData = Union[bytes, bytearray, memoryview, BinaryIO]
@@ -52,6 +52,13 @@ def copy_stream(src: BinaryIO, write) -> tuple[int, int]:
         write(chunk)
         size += len(chunk)
         crc = zlib.crc32(chunk, crc)
+
+
+def close_stream(stream) -> None:
+    """Close ``stream`` if it can be closed (a snapshot may be any readable object)."""
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()
 
 
 def spool() -> BinaryIO:

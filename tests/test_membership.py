@@ -102,7 +102,7 @@ async def test_new_node_catches_up_from_a_snapshot_after_compaction():
         await wait_until(lambda: newcomer.applied_index >= compacted, 20, "snapshot install")
         # it got a snapshot (several chunks), not the compacted entries
         assert newcomer.engine.log.snapshot_index >= compacted
-        assert newcomer._snapshot_index >= compacted
+        assert newcomer._writer.snapshot_index >= compacted
         await leader.change_membership({1, 2, 3, 4})
         last = (await write(leader, 10, "n"))[-1]
         await converged(c, range(1, 5), last)
@@ -207,7 +207,7 @@ async def test_lease_reads_skip_the_round_trip_and_expire_when_cut_off():
         c.hub.isolate(leader.id)
         new = await c.leader(exclude={leader.id}, timeout=10)
         # safety: no new leader exists while the old one could still read from its lease
-        assert asyncio.get_running_loop().time() >= leader._lease_until
+        assert asyncio.get_running_loop().time() >= leader._reads.lease_until
         await new.propose(kv.put("x", b"2"))
         with pytest.raises(NotLeader):
             await leader.read_index()
@@ -274,7 +274,7 @@ def test_an_interrupted_snapshot_transfer_resumes_or_restarts(tmp_path):
         return FileStateMachine(str(tmp_path / f"sm{next(counter)}"))
 
     def received(node):
-        return node._incoming[1].tell() if node._incoming is not None else 0
+        return node._transfer.incoming[1].tell() if node._transfer.incoming is not None else 0
 
     @run
     async def scenario():

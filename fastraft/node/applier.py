@@ -1,0 +1,216 @@
+"""The applier: hands committed entries to the state machine, in log order.
+
+Committed entries queue for a task of their own, so a slow state machine never delays
+replication or elections. A synchronous state machine with nothing queued is applied in
+place instead, which saves the task's loop turn on every commit (latency). The same queue
+orders the other work that must see a stable state: snapshots of the state machine
+(taken every ``Config.snapshot_interval`` entries, or on demand) and restores from a
+snapshot received from the leader.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from fastraft import kernels
+from fastraft.asyncutil import fail_future
+from fastraft.messages import Entry, EntryKind, SnapshotMeta
+from fastraft.node.writer import SaveSnapshot
+from fastraft.snapshots import as_stream
+
+if TYPE_CHECKING:
+    from fastraft.node.raftnode import RaftNode
+
+_NORMAL = EntryKind.NORMAL
+#: Most entries handed to the state machine in one call.
+MAX_APPLY_BATCH = 65536
+
+
+class Restore:
+    """A queue item: replace the state machine with a received snapshot, once it is saved
+    (the spool is read by the save first, then by the restore)."""
+
+    __slots__ = ("meta", "spool", "saved")
+
+    def __init__(self, meta: SnapshotMeta, spool: BinaryIO, saved: asyncio.Future) -> None:
+        self.meta = meta
+        self.spool = spool
+        self.saved = saved
+
+
+_SNAPSHOT_DUE = object()  # queue item: take a snapshot if the policy says so
+
+
+class Applier:
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        self.queue: deque = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        #: Working on an item (possibly awaiting): no inline apply now.
+        self._busy = False
+        #: Highest index the state machine has applied.
+        self.applied_index = 0
+        #: Highest index handed to the applier (entries up to here are committed).
+        self.committed_index = 0
+
+    def start(self, applied_index: int) -> None:
+        node = self.node
+        self.applied_index = self.committed_index = applied_index
+        sm_apply = node.state_machine.apply
+        self._sm_apply, self._sm_apply_async = sm_apply, inspect.iscoroutinefunction(sm_apply)
+        self._task = node._loop.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for item in self.queue:
+            if type(item) is Restore:
+                item.spool.close()
+
+    def enqueue(self, item) -> None:
+        """Committed entries (a list), a ``Restore``, or a future to answer with a
+        snapshot taken at this point of the apply order."""
+        self.queue.append(item)
+        self._wakeup.set()
+
+    def can_apply_now(self) -> bool:
+        return not self._sm_apply_async and not self.queue and not self._busy
+
+    def apply_now(self, entries: list[Entry]) -> None:
+        self._busy = True
+        try:
+            user = self._user_entries(entries)
+            self._applied(entries, user, self._sm_apply(user) if user else ())
+        except Exception:
+            self._failed(entries)
+            return
+        finally:
+            self._busy = False
+        if self._snapshot_due():
+            self.enqueue(_SNAPSHOT_DUE)  # taken by the task (it awaits)
+
+    async def _loop(self) -> None:
+        queue = self.queue
+        while True:
+            if not queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            entries = queue.popleft()
+            self._busy = True
+            try:
+                if type(entries) is not list:
+                    await self._special(entries)
+                    continue
+                while queue and type(queue[0]) is list and len(entries) < MAX_APPLY_BATCH:
+                    entries = entries + queue.popleft()
+                await self._apply_batch(entries)
+                if self._snapshot_due():
+                    await self._take_snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._failed(entries)
+                return
+            finally:
+                self._busy = False
+
+    def _failed(self, entries) -> None:
+        where = (f"entries {entries[0].index}..{entries[-1].index}"
+                 if type(entries) is list else type(entries).__name__)
+        self.node._fail_node(f"state machine failed at {where}")
+
+    def _snapshot_due(self) -> bool:
+        interval = self.node.config.snapshot_interval
+        return bool(interval) and \
+            self.applied_index - self.node._writer.snapshot_index >= interval
+
+    async def _special(self, item) -> None:
+        if type(item) is Restore:
+            try:
+                await item.saved
+                if item.meta.last_included_index > self.applied_index:
+                    item.spool.seek(0)
+                    await self.restore(item.spool)
+                    self.applied_index = item.meta.last_included_index
+                    self._after_apply()
+            finally:
+                item.spool.close()
+        elif item is _SNAPSHOT_DUE:
+            if self._snapshot_due():
+                await self._take_snapshot()
+        else:  # a future from snapshot(): answer it from this point of the apply order
+            try:
+                item.set_result(await self._take_snapshot())
+            except Exception as exc:
+                fail_future(item, exc)
+
+    async def _take_snapshot(self) -> int:
+        """Snapshot the state machine at the applied index (we are in the task, so
+        nothing changes it meanwhile); the save joins the ordered write pipeline."""
+        node = self.node
+        index = self.applied_index
+        if index <= node._writer.snapshot_index:
+            return node._writer.snapshot_index
+        meta = node.engine.snapshot_meta(index)
+        snapshot = node.state_machine.snapshot
+        if inspect.iscoroutinefunction(snapshot):
+            data = await snapshot()
+        else:
+            # The task waits here, so nothing changes the state meanwhile; a thread keeps
+            # replication and elections running while a large snapshot is taken.
+            data = await node._loop.run_in_executor(None, snapshot)
+        durable = node._loop.create_future()
+        # Nothing is applied until storage has read the stream to its end (a stream may
+        # read the live state lazily).
+        node._runner.run([SaveSnapshot(meta, as_stream(data), installed=False,
+                                       durable=durable)])
+        return await durable
+
+    async def restore(self, data: BinaryIO) -> None:
+        node = self.node
+        restore = node.state_machine.restore
+        if inspect.iscoroutinefunction(restore):
+            await restore(data)
+        else:
+            await node._loop.run_in_executor(None, restore, data)
+
+    @staticmethod
+    def _user_entries(entries: list[Entry]) -> list[Entry]:
+        if kernels.index_not_of_kind(entries, _NORMAL) >= 0:
+            return [e for e in entries if e.kind == _NORMAL]
+        return entries
+
+    async def _apply_batch(self, entries: list[Entry]) -> None:
+        user = self._user_entries(entries)
+        results: Sequence[Any] = ()
+        if user:
+            results = self._sm_apply(user)
+            if self._sm_apply_async:
+                results = await results
+        self._applied(entries, user, results)
+
+    def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
+        if len(results) != len(user):
+            raise TypeError(f"state machine returned {len(results)} results for "
+                            f"{len(user)} entries")
+        self.applied_index = entries[-1].index
+        node = self.node
+        proposals = node._proposals
+        if proposals.waiting:
+            if proposals.resolve(self.applied_index, user, results):
+                node._capacity.set()
+        self._after_apply()
+
+    def _after_apply(self) -> None:
+        node = self.node
+        node._reads.applied(self.applied_index)
+        node._notify_progress()

@@ -1,0 +1,507 @@
+"""The public ``RaftNode``: lifecycle, the client API, and inbound messages."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any
+
+from fastraft.asyncutil import call_hook
+from fastraft.config import Config
+from fastraft.engine import Engine, InitialState, Role, RoleChanged
+from fastraft.errors import (
+    AlreadyInitialized,
+    CatchUpTimeout,
+    NodeStopped,
+    NotLeader,
+    Overloaded,
+    ProposalDropped,
+    StorageCorruption,
+)
+from fastraft.messages import Entry, EntryKind, Membership, decode_membership
+from fastraft.network import RaftNetwork
+from fastraft.node.applier import Applier
+from fastraft.node.reads import Reads
+from fastraft.node.runner import CommandRunner, Timers
+from fastraft.node.transfer import SnapshotTransfer
+from fastraft.node.writer import LogWriter
+from fastraft.proposals import ProposalTracker
+from fastraft.snapshots import stream_size
+from fastraft.statemachine import StateMachine
+from fastraft.storage import RaftStorage
+
+log = logging.getLogger("fastraft.node")
+
+_NORMAL = EntryKind.NORMAL
+
+
+class RaftNode:
+    """One member of a Raft cluster. See the package docstring and ``docs/node.md``."""
+
+    def __init__(self, node_id: int, *, storage: RaftStorage, network: RaftNetwork,
+                 state_machine: StateMachine, config: Config | None = None,
+                 rng: random.Random | None = None) -> None:
+        if not isinstance(node_id, int) or node_id <= 0:
+            raise ValueError(f"node ids are positive ints, got {node_id!r}")
+        self.id = node_id
+        self.storage = storage
+        self.network = network
+        self.state_machine = state_machine
+        self.config = config or Config()
+        self._rng = rng or random.Random()
+        self.engine: Engine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._flush_scheduled = False
+
+        self._timers = Timers(self)
+        self._runner = CommandRunner(self)
+        self._writer = LogWriter(self)
+        self._applier = Applier(self)
+        self._transfer = SnapshotTransfer(self)
+        self._reads = Reads(self)
+
+        #: Replaced (and set) whenever the applied index moves or the node stops; waiters
+        #: re-check their condition (a Condition would need the lock to notify).
+        self._progress = asyncio.Event()
+        self._progress_waiters = 0
+
+        self._proposals = ProposalTracker()
+        #: Running and leading: propose() checks this one flag on its fast path.
+        self._accepting = False
+        self._max_pending = self.config.max_pending_proposals
+        self._capacity = asyncio.Event()
+        self._capacity.set()
+        self._leader_known = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Recover from storage, rebuild the state machine, join the cluster."""
+        if self._running:
+            return
+        self._loop = asyncio.get_running_loop()
+        st = self.storage
+        self._writer.bind(st)
+        state = await call_hook(st.load_state)
+        snapshot_index = snapshot_term = 0
+        snapshot_membership = Membership()
+        applied = 0
+        if state.snapshot is not None:
+            meta = state.snapshot
+            snapshot_index, snapshot_term = meta.last_included_index, meta.last_included_term
+            snapshot_membership = meta.membership
+        durable_applied = getattr(self.state_machine, "last_applied", None)
+        if durable_applied is not None:
+            applied = await call_hook(durable_applied)
+        snapshot_size = 0
+        if state.snapshot is not None:
+            loaded = await call_hook(st.load_snapshot)
+            if loaded is None:
+                raise StorageCorruption(f"storage reports a snapshot at {snapshot_index} "
+                                        "but load_snapshot() returned none")
+            self._writer.snapshot_index = snapshot_index
+            self._transfer.readers = {snapshot_index: loaded[1]}
+            snapshot_size = stream_size(loaded[1])
+            if applied < snapshot_index:
+                loaded[1].seek(0)
+                await self._applier.restore(loaded[1])
+                applied = snapshot_index
+        entries = []
+        first = max(state.first_index, snapshot_index + 1)
+        if state.last_index >= first:
+            entries = await call_hook(st.read_entries, first, state.last_index + 1)
+        self.engine = Engine(self.id, self.config, self._rng, InitialState(
+            hard_state=state.hard_state, snapshot_index=snapshot_index,
+            snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
+            snapshot_size=snapshot_size, entries=entries, applied_index=applied))
+        self._running = True
+        self._applier.start(applied)
+        self._peers_of = self.engine.membership
+        self.network.set_peers(dict(self.engine.membership.addresses))
+        await self.network.start(self)
+        self._runner.run(self.engine.start())
+
+    async def stop(self) -> None:
+        """Stop: pending operations fail with ``NodeStopped``. Storage is left open (a new
+        node on the same storage object is a restart)."""
+        if not self._running:
+            return
+        self._running = False
+        self._accepting = False
+        self._timers.cancel_all()
+        await self.network.stop()
+        await self._writer.stop()
+        await self._applier.stop()
+        stopped = NodeStopped(f"node {self.id} stopped")
+        self._proposals.fail_all(stopped)
+        self._reads.fail_all(stopped)
+        self._transfer.close()
+        self._capacity.set()
+        self._notify_progress()
+
+    async def __aenter__(self) -> RaftNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def applied_index(self) -> int:
+        """Highest index the state machine has applied."""
+        return self._applier.applied_index
+
+    # ------------------------------------------------------------------ client API
+
+    async def initialize(self, members: dict[int, str]) -> None:
+        """Form a new cluster of ``members`` (id → address) on a fresh node.
+
+        Idempotent: initializing again with the same members does nothing (once the log's
+        start is compacted away, "the same" means the configuration now in force). Raises
+        ``AlreadyInitialized`` on a node that has other state.
+        """
+        self._check_running()
+        if not members or self.id not in members:
+            raise ValueError(f"members must include this node ({self.id}), got {members!r}")
+        membership = Membership(voters=frozenset(members), addresses=dict(members))
+        engine = self.engine
+        if engine.log.last_index or engine.term:
+            if engine.log.snapshot_index == 0:
+                first = engine.log.slice(1, 2)
+                formed = bool(first) and first[0].kind == EntryKind.CONFIG and \
+                    decode_membership(first[0].data) == membership
+            else:
+                # Entry 1 was compacted into a snapshot: compare with the configuration
+                # in force, which is the founding one unless membership changed since.
+                formed = engine.membership == membership
+            if formed:
+                return
+            raise AlreadyInitialized(
+                f"node {self.id} already has state (term {engine.term}, last index "
+                f"{engine.log.last_index}); initialize only fresh nodes")
+        engine.bootstrap(membership)
+        self._schedule_flush()
+        await self._writer.drain()
+
+    def propose(self, data: bytes) -> Awaitable[Any]:
+        """Replicate ``data``; ``await`` the result to get the state machine's result for it.
+
+        The command is queued when ``propose`` is called (on the fast path the awaitable
+        is a plain future: no coroutine per write). Raises ``NotLeader`` (with the
+        leader's id and address, when known) on a follower; ``ProposalDropped`` if
+        leadership was lost before the entry was known committed; in that case the entry
+        may or may not be committed by a later leader.
+        """
+        proposals = self._proposals
+        if not self._accepting or proposals.pending >= self._max_pending:
+            return self._propose_admitted(data)
+        fut = self._loop.create_future()
+        proposals.add(data, fut)
+        if not self._flush_scheduled:
+            if proposals.pending == 1:
+                self._flush()  # nothing else in flight: send now rather than next turn
+            else:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+        return fut
+
+    async def _propose_admitted(self, data: bytes) -> Any:
+        await self._admit()
+        return await self.propose(data)  # admitted: takes the fast path
+
+    def propose_batch(self, datas: Sequence[bytes]) -> Awaitable[list[Any]]:
+        """Replicate several commands as consecutive entries; ``await`` it for one result
+        per command. Queued when called, like ``propose``."""
+        if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
+            return self._propose_batch_admitted(datas)
+        fut = self._loop.create_future()
+        self._proposals.add_batch(datas, fut)
+        self._schedule_flush()
+        return fut
+
+    async def _propose_batch_admitted(self, datas: Sequence[bytes]) -> list[Any]:
+        if not datas:
+            return []
+        await self._admit()
+        return await self.propose_batch(datas)  # admitted: takes the fast path
+
+    async def read_index(self, timeout: float | None = None) -> int:
+        """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
+        state machine has applied it; reads of the state machine after that see every write
+        acknowledged before this call. On a follower the leader is asked."""
+        self._check_running()
+        return await self._reads.read_index(timeout)
+
+    async def wait_for_leader(self, timeout: float = 10.0) -> int:
+        """Wait until a leader is known; returns its id. Raises ``TimeoutError``."""
+        self._check_running()
+
+        async def known():
+            while self.engine.leader_id is None:
+                self._leader_known.clear()
+                await self._leader_known.wait()
+            return self.engine.leader_id
+        return await asyncio.wait_for(known(), timeout)
+
+    async def committed(self, start_index: int = 1) -> AsyncIterator[Entry]:
+        """Committed user entries from ``start_index`` on, following new commits live.
+        Ends when the node stops."""
+        nxt = start_index
+        applier = self._applier
+        while self._running:
+            engine = self.engine
+            if nxt <= applier.committed_index:
+                if nxt <= engine.log.snapshot_index:
+                    raise ValueError(f"entries up to {engine.log.snapshot_index} were compacted "
+                                     "into a snapshot; start after it")
+                batch = engine.log.slice(nxt, applier.committed_index + 1)
+                nxt = applier.committed_index + 1
+                for e in batch:
+                    if e.kind == _NORMAL:
+                        yield e
+                continue
+            await self._wait_progress(
+                lambda: not self._running or applier.committed_index >= nxt)
+
+    async def snapshot(self) -> int:
+        """Snapshot the state machine now and compact the log behind it (§7); returns the
+        index the snapshot covers once it is durable. Also happens every
+        ``Config.snapshot_interval`` entries."""
+        self._check_running()
+        done = self._loop.create_future()
+        self._applier.enqueue(done)  # taken in the apply task, between two batches
+        return await done
+
+    async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
+        """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
+        but neither votes nor counts for commit. Returns once the change is committed."""
+        engine = await self._settled_leader(timeout)
+        m = engine.membership
+        if node_id in m.members:
+            raise ValueError(f"node {node_id} is already a member")
+        index = engine.propose_membership(m.voters, m.learners | {node_id}, {node_id: address})
+        self._schedule_flush()
+        await self._wait_config_committed(index, timeout)
+
+    async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
+        """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
+        C_new. New voters must be learners already (``add_learner``); they are promoted only
+        once within ``Config.max_learner_lag`` entries of the leader, else
+        ``CatchUpTimeout``. Voters left out are removed; a leader left out steps down once
+        C_new commits. Raises ``MembershipChangeInProgress`` if a change is under way."""
+        engine = await self._settled_leader(timeout)
+        voters = frozenset(voters)
+        m = engine.membership
+        strangers = voters - m.voters - m.learners
+        if strangers:
+            raise ValueError(f"nodes {sorted(strangers)} are not members: add them with "
+                             "add_learner() first so they catch up before they vote")
+        newcomers = voters - m.voters
+        deadline = self._loop.time() + timeout
+
+        def caught_up() -> bool:
+            e = self.engine
+            if e.role != Role.LEADER:
+                raise e.not_leader()
+            last = e.log.last_index
+            return all(last - e.progress[n].match_index <= self.config.max_learner_lag
+                       for n in newcomers if n in e.progress)
+        while not caught_up():
+            if self._loop.time() > deadline:
+                lag = {n: self.engine.log.last_index - self.engine.progress[n].match_index
+                       for n in newcomers if n in self.engine.progress}
+                raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
+                                     f"behind: {lag}); not promoted")
+            try:
+                await asyncio.wait_for(self._progress_wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+        index = self._leader_engine().propose_membership(voters, m.learners - voters)
+        self._schedule_flush()
+        await self._wait_config_committed(index, timeout)
+
+    async def transfer_leadership(self, target: int, timeout: float | None = None) -> None:
+        """Make voter ``target`` the leader (thesis §3.10). Proposals are refused meanwhile
+        (``NotLeader`` naming the target). Raises ``TimeoutError`` if it did not happen."""
+        self._leader_engine().transfer_leadership(target)
+        self._schedule_flush()
+        limit = timeout if timeout is not None else self.config.election_timeout_max * 3
+        deadline = self._loop.time() + limit
+        while self.engine.leader_id != target:
+            if self._loop.time() > deadline:
+                raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
+            self._leader_known.clear()
+            try:
+                await asyncio.wait_for(self._leader_known.wait(), 0.05)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _settled_leader(self, timeout: float) -> Engine:
+        """The engine once this leader has committed an entry of its term: until then the
+        configuration it inherited may still be uncommitted, which is not a change in
+        progress that the caller should be told about."""
+        self._leader_engine()
+
+        def settled() -> bool:
+            e = self.engine
+            return e.role != Role.LEADER or e.log.term_at(e.commit_index) == e.term
+        await asyncio.wait_for(self._wait_progress(settled), timeout)
+        return self._leader_engine()
+
+    def _notify_progress(self) -> None:
+        if self._progress_waiters:  # an Event per apply would cost more than the apply
+            event, self._progress = self._progress, asyncio.Event()
+            event.set()
+
+    async def _progress_wait(self) -> None:
+        """Until the next progress (apply, commit, stop)."""
+        self._progress_waiters += 1
+        try:
+            await self._progress.wait()
+        finally:
+            self._progress_waiters -= 1
+
+    async def _wait_progress(self, predicate) -> None:
+        while not predicate():
+            await self._progress_wait()
+
+    def _leader_engine(self) -> Engine:
+        self._check_running()
+        if self.engine.role != Role.LEADER:
+            raise self.engine.not_leader()
+        return self.engine
+
+    async def _wait_config_committed(self, index: int, timeout: float) -> None:
+        """Until the change proposed at ``index`` is complete: committed, and no longer
+        joint (the C_new that follows a C_old,new committed too)."""
+        applier = self._applier
+
+        def complete() -> bool:
+            e = self.engine
+            return (not self._running or applier.committed_index >= index
+                    and not e.membership.joint
+                    and e._configs[-1][0] <= applier.committed_index)
+        await asyncio.wait_for(self._wait_progress(complete), timeout)
+        self._check_running()
+
+    def status(self) -> dict:
+        """Role, term, leader, commit/applied index, membership, per-peer progress."""
+        if self.engine is None:
+            return {"id": self.id, "role": "stopped"}
+        s = self.engine.status()
+        s["applied_index"] = self.applied_index
+        s["running"] = self._running
+        s["leader_address"] = self.engine.membership.addresses.get(s["leader_id"])
+        return s
+
+    @property
+    def is_leader(self) -> bool:
+        return self.engine is not None and self.engine.role == Role.LEADER
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive(self, from_id: int, messages: list) -> None:
+        """Deliver messages from node ``from_id`` (called by the network)."""
+        if not self._running:
+            return
+        step = self.engine.step
+        try:
+            for m in messages:
+                step(from_id, m)
+        except Exception:
+            # A garbled message (the engine validates before it changes any state) must
+            # not take the node down; the peer will retry.
+            log.exception("node %d: dropped a message from node %d", self.id, from_id)
+            for m in messages[messages.index(m) + 1:]:
+                self.receive(from_id, [m])
+        finally:
+            # The first message of an iteration is handled at once (latency); what follows
+            # in the same iteration waits for the flush scheduled here (batching).
+            if not self._flush_scheduled:
+                self._flush()
+                self._schedule_flush()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise NodeStopped(f"node {self.id} is not running")
+
+    async def _admit(self) -> None:
+        """Raise unless this node can take a proposal now; wait while too many are pending
+        (back-pressure), up to ``Config.overload_wait``. On return, ``propose`` takes its
+        fast path (nothing can run between this check and it)."""
+        self._check_accepting()
+        while self._proposals.pending >= self.config.max_pending_proposals:
+            pending = self._proposals.pending
+            if not self.config.overload_wait:
+                raise Overloaded(f"{pending} proposals pending; retry later")
+            self._capacity.clear()
+            try:
+                await asyncio.wait_for(self._capacity.wait(), self.config.overload_wait)
+            except asyncio.TimeoutError:
+                raise Overloaded(
+                    f"{pending} proposals still pending after {self.config.overload_wait}s; "
+                    "the cluster is not keeping up") from None
+            self._check_accepting()
+
+    def _check_accepting(self) -> None:
+        self._check_running()
+        if self.engine.role != Role.LEADER:
+            raise self.engine.not_leader()
+        if not self._accepting:
+            raise NodeStopped(f"node {self.id} is stopping after a failed hook")
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._running:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._running:
+            return
+        proposals = self._proposals
+        if proposals.buffered:
+            try:
+                index = self.engine.propose(proposals.take())
+            except NotLeader as exc:
+                proposals.fail_buffered(exc)
+                self._capacity.set()
+            else:
+                proposals.appended(index)
+        self._runner.run(self.engine.take_commands())
+
+    def _fail_node(self, what: str) -> None:
+        """A hook raised: take no more proposals and stop the node (from a task, as this
+        may run inside the apply task or a loop callback)."""
+        log.exception("node %d: %s; stopping the node", self.id, what)
+        self._accepting = False
+        self._loop.create_task(self.stop())
+
+    def _membership_seen(self) -> None:
+        """Tell the network the members' addresses once a configuration is in force (§6:
+        on append, not on commit)."""
+        membership = self.engine.membership
+        if membership is not self._peers_of:
+            self._peers_of = membership
+            if membership.addresses:
+                self.network.set_peers(dict(membership.addresses))
+
+    def _on_role_changed(self, c: RoleChanged) -> None:
+        self._accepting = self._running and c.role == Role.LEADER
+        if c.role != Role.LEADER:
+            self._reads.lost_leadership()
+        if c.leader_id is not None:
+            self._leader_known.set()
+        if c.role != Role.LEADER and (self._proposals.waiting or self._proposals.buffered):
+            # Entries up to the commit index will still be applied and answered; the fate
+            # of the rest is unknown (a later leader may or may not commit them).
+            self._proposals.fail_after(c.commit_index, ProposalDropped(
+                f"node {self.id} lost leadership (term {c.term}) before the entry committed; "
+                "it may or may not be committed"))
+            self._proposals.fail_buffered(NotLeader(
+                c.leader_id, self.engine.membership.addresses.get(c.leader_id)))
+            self._capacity.set()

@@ -1,0 +1,126 @@
+"""Linearizable reads (thesis §6.4): ReadIndex round trips, and opt-in leases (§6.4.1).
+
+``read_index`` asks the engine for a read point (on a follower the engine asks the
+leader) and answers once this node's state machine has applied it. With
+``Config.lease_reads`` a leader that confirmed its leadership with a quorum at time t
+answers without a round trip until t + election_timeout_min * (1 - max_clock_drift),
+renewing the lease in the background when half of it is used.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from fastraft.asyncutil import fail_future
+from fastraft.engine import Role
+from fastraft.errors import NotLeader
+
+if TYPE_CHECKING:
+    from fastraft.node.raftnode import RaftNode
+
+
+class Reads:
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        #: Read requests the engine has not answered yet, by request id.
+        self.pending: dict[int, asyncio.Future] = {}
+        #: Confirmed reads waiting for the state machine to apply their index.
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._next_id = 0
+        #: Lease reads: loop time until which this leader may read without a round trip.
+        self.lease_until = 0.0
+        self._lease_renewing = False
+
+    async def read_index(self, timeout: float | None) -> int:
+        node = self.node
+        engine = node.engine
+        config = node.config
+        loop = node._loop
+        if config.lease_reads and engine.role == Role.LEADER:
+            now = loop.time()
+            if now < self.lease_until and \
+                    engine.log.term_at(engine.commit_index) == engine.term:
+                if self.lease_until - now < self._lease_span() / 2 and \
+                        not self._lease_renewing:
+                    self._lease_renewing = True
+                    loop.create_task(self._renew_lease())
+                return await self._wait_applied(engine.commit_index)
+        issued = loop.time()
+        self._next_id += 1
+        rid = self._next_id
+        fut = loop.create_future()
+        self.pending[rid] = fut
+        try:
+            engine.read_index(rid)
+        except NotLeader:
+            del self.pending[rid]
+            raise
+        node._schedule_flush()
+        if timeout is None:
+            timeout = config.election_timeout_max * 4
+        try:
+            index = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise engine.not_leader() from None
+        finally:
+            self.pending.pop(rid, None)
+        if config.lease_reads and engine.role == Role.LEADER:
+            # a quorum heard from us after `issued`; none of them votes for another
+            # candidate for election_timeout_min after that
+            self.lease_until = max(self.lease_until, issued + self._lease_span())
+        return index
+
+    def _lease_span(self) -> float:
+        config = self.node.config
+        return config.election_timeout_min * (1 - config.max_clock_drift)
+
+    async def _renew_lease(self) -> None:
+        try:
+            await self.node.read_index()
+        except Exception:  # lost leadership or stopped: the lease simply runs out
+            pass
+        finally:
+            self._lease_renewing = False
+
+    def lost_leadership(self) -> None:
+        self.lease_until = 0.0
+
+    async def _wait_applied(self, index: int) -> int:
+        if self.node._applier.applied_index >= index:
+            return index
+        fut = self.node._loop.create_future()
+        self._waiters.append((index, fut))
+        return await fut
+
+    def ready(self, request_id: int, read_index: int) -> None:
+        """The engine confirmed read ``request_id`` at ``read_index``."""
+        fut = self.pending.get(request_id)
+        if fut is None or fut.done():
+            return
+        if self.node._applier.applied_index >= read_index:
+            fut.set_result(read_index)
+        else:
+            self._waiters.append((read_index, fut))
+
+    def failed(self, request_id: int, leader_id: int | None) -> None:
+        fut = self.pending.get(request_id)
+        if fut is not None:
+            addresses = self.node.engine.membership.addresses
+            fail_future(fut, NotLeader(leader_id, addresses.get(leader_id)))
+
+    def applied(self, applied_index: int) -> None:
+        """The state machine reached ``applied_index``: answer the reads waiting for it."""
+        if self._waiters:
+            ready = [w for w in self._waiters if w[0] <= applied_index]
+            self._waiters = [w for w in self._waiters if w[0] > applied_index]
+            for read_index, fut in ready:
+                if not fut.done():
+                    fut.set_result(read_index)
+
+    def fail_all(self, exc: BaseException) -> None:
+        for fut in self.pending.values():
+            fail_future(fut, exc)
+        for _, fut in self._waiters:
+            fail_future(fut, exc)
+        self.pending.clear()
+        self._waiters.clear()

@@ -1,0 +1,159 @@
+"""The command runner: executes the engine's commands in order, and its timers.
+
+One call of ``run`` takes every command the engine emitted for what happened since the
+last drain: messages are grouped into one batch per peer, persistence commands into one
+write batch (``LogWriter``), committed entries go to the ``Applier``. Messages that
+promise durable state (votes, acknowledgements) are held until every write issued before
+them is durable (Raft, Figure 2); the leader's replication messages leave at once, in
+parallel with its own write (thesis §10.2.1).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from fastraft.engine import (
+    AppendLog,
+    Apply,
+    CancelTimer,
+    CompactLog,
+    PersistHardState,
+    ReadFailed,
+    ReadReady,
+    RoleChanged,
+    Send,
+    SendSnapshotChunk,
+    SetTimer,
+    StoreSnapshotChunk,
+    Timer,
+    TruncateLog,
+    requires_durability,
+)
+from fastraft.node.writer import SaveSnapshot
+
+if TYPE_CHECKING:
+    from fastraft.node.raftnode import RaftNode
+
+_WRITES = (AppendLog, TruncateLog, PersistHardState, CompactLog, SaveSnapshot)
+
+
+class Timers:
+    """The engine's timers as ``loop.call_at`` handles, re-armed lazily: resetting the
+    election timer on every AppendEntries costs a float store, not a cancel and a new
+    handle. A handle that fires before its (moved) deadline re-arms itself."""
+
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
+        self._fires_at: dict[Timer, float] = {}
+        self._deadlines: dict[Timer, float | None] = {}
+
+    def set(self, timer: Timer, delay: float) -> None:
+        loop = self.node._loop
+        deadline = loop.time() + delay
+        self._deadlines[timer] = deadline
+        handle = self._handles.get(timer)
+        if handle is None or self._fires_at[timer] > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._handles[timer] = loop.call_at(deadline, self._fire, timer)
+            self._fires_at[timer] = deadline
+        # else the armed handle fires earlier and re-arms itself for the rest
+
+    def cancel(self, timer: Timer) -> None:
+        self._deadlines[timer] = None
+
+    def cancel_all(self) -> None:
+        for handle in self._handles.values():
+            if handle is not None:
+                handle.cancel()
+        self._handles.clear()
+
+    def _fire(self, timer: Timer) -> None:
+        self._handles[timer] = None
+        deadline = self._deadlines.get(timer)
+        node = self.node
+        if deadline is None or not node._running:
+            return
+        loop = node._loop
+        if loop.time() < deadline:
+            self._handles[timer] = loop.call_at(deadline, self._fire, timer)
+            self._fires_at[timer] = deadline
+            return
+        self._deadlines[timer] = None
+        node.engine.on_timer(timer)
+        node._schedule_flush()
+
+
+class CommandRunner:
+    """Runs engine commands (see the module docstring)."""
+
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+
+    def run(self, commands: list) -> None:
+        if not commands:
+            return  # the caller just took them: nothing can have been emitted since
+        node = self.node
+        writer = node._writer
+        applier = node._applier
+        ops: list = []
+        held: list = []
+        outbox: dict[int, list] = {}
+        apply_now: list | None = None
+        for c in commands:
+            t = type(c)
+            if t is Send:
+                if requires_durability(c.message) and (ops or writer.writes):
+                    held.append(c)
+                else:
+                    box = outbox.get(c.to)
+                    if box is None:
+                        outbox[c.to] = [c.message]
+                    else:
+                        box.append(c.message)
+            elif t in _WRITES:
+                ops.append(c)
+            elif t is SendSnapshotChunk:
+                m = node._transfer.fill_chunk(c)
+                if m is not None:
+                    box = outbox.get(c.to)
+                    if box is None:
+                        outbox[c.to] = [m]
+                    else:
+                        box.append(m)
+            elif t is StoreSnapshotChunk:
+                save = node._transfer.store_chunk(c.frm, c.message)
+                if save is not None:
+                    ops.append(save)
+            elif t is Apply:
+                applier.committed_index = c.entries[-1].index
+                if apply_now is None and applier.can_apply_now():
+                    apply_now = c.entries
+                elif apply_now is not None:
+                    apply_now = apply_now + c.entries
+                else:
+                    applier.enqueue(c.entries)
+            elif t is SetTimer:
+                node._timers.set(c.timer, c.delay)
+            elif t is CancelTimer:
+                node._timers.cancel(c.timer)
+            elif t is RoleChanged:
+                node._on_role_changed(c)
+            elif t is ReadReady:
+                node._reads.ready(c.request_id, c.read_index)
+            elif t is ReadFailed:
+                node._reads.failed(c.request_id, c.leader_id)
+        send = node.network.send
+        for to, msgs in outbox.items():
+            send(to, msgs)
+        node._membership_seen()
+        more = node.engine.take_commands()
+        if ops:
+            writer.submit(ops, held)
+        elif held:
+            writer.hold(held)
+        if apply_now is not None:
+            applier.apply_now(apply_now)  # after this turn's messages and writes are out
+        if more:
+            self.run(more)  # what answering a snapshot chunk emitted, after these writes

@@ -1,0 +1,213 @@
+"""The log writer: makes the engine's persistence commands durable, in order.
+
+Write batches run one at a time; batches that queue behind a write in progress are merged
+into the next one (group commit), so one storage append and one fsync serve everything
+that arrived meanwhile. With synchronous storage and nothing queued a batch is written in
+place, saving a task hop. When a batch is durable the writer reports it to the engine and
+releases the messages that waited for it.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections import deque
+from typing import TYPE_CHECKING, BinaryIO
+
+from fastraft.asyncutil import call_hook
+from fastraft.engine import AppendLog, CompactLog, TruncateLog
+from fastraft.errors import StorageCorruption
+from fastraft.messages import Entry, SnapshotMeta
+from fastraft.snapshots import close_stream, stream_size
+
+if TYPE_CHECKING:
+    from fastraft.node.raftnode import RaftNode
+
+
+class SaveSnapshot:
+    """A write op: make a snapshot durable, in order with the log writes around it."""
+
+    __slots__ = ("meta", "source", "installed", "durable", "reader", "size")
+
+    def __init__(self, meta: SnapshotMeta, source: BinaryIO, installed: bool,
+                 durable: asyncio.Future) -> None:
+        self.meta = meta
+        #: The data to copy into storage: the state machine's stream, or the spool of a
+        #: snapshot received from the leader.
+        self.source = source
+        #: Received from the leader (the engine already knows) rather than taken here.
+        self.installed = installed
+        #: Resolved with the index once the snapshot is on disk.
+        self.durable = durable
+        #: Storage's copy, opened once saved: InstallSnapshot chunks are read from it.
+        self.reader: BinaryIO | None = None
+        self.size = 0
+
+
+def _is_async(fn) -> bool:
+    return inspect.iscoroutinefunction(fn)
+
+
+class LogWriter:
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        #: Write batches not yet durable, oldest first: [ops, sends held until durable].
+        self.writes: deque[list] = deque()
+        self.task: asyncio.Task | None = None
+        #: The newest snapshot saved (or being saved, in order) by this writer.
+        self.snapshot_index = 0
+
+    def bind(self, storage) -> None:
+        """Decide once, per storage method, whether it is a coroutine."""
+        self.storage = storage
+        self._append, self._append_async = storage.append_entries, \
+            _is_async(storage.append_entries)
+        self._truncate, self._truncate_async = storage.truncate_suffix, \
+            _is_async(storage.truncate_suffix)
+        self._compact, self._compact_async = storage.compact_prefix, \
+            _is_async(storage.compact_prefix)
+        self._save_hs, self._save_hs_async = storage.save_hard_state, \
+            _is_async(storage.save_hard_state)
+        self._snapshot_io_async = (_is_async(storage.save_snapshot)
+                                   or _is_async(storage.load_snapshot))
+        self.sync = not (self._append_async or self._truncate_async or self._compact_async
+                         or self._snapshot_io_async or self._save_hs_async)
+
+    def submit(self, ops: list, held: list) -> None:
+        """Make ``ops`` durable after every batch before them, then send ``held``."""
+        if self.sync and not self.writes:
+            self._write_now(ops, held)
+            return
+        self.writes.append([ops, held])
+        if self.task is None:
+            self.task = self.node._loop.create_task(self._write_loop())
+
+    def hold(self, held: list) -> None:
+        """Send ``held`` once the newest batch in progress is durable."""
+        self.writes[-1][1].extend(held)
+
+    async def drain(self) -> None:
+        """Until every batch submitted (or about to be, by a scheduled flush) is durable."""
+        node = self.node
+        while self.writes or node._flush_scheduled:
+            await asyncio.sleep(0)
+            if self.task is not None:
+                await asyncio.shield(self.task)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            try:
+                await self.task  # never leave a write half done
+            except Exception:  # already logged by the write loop
+                pass
+
+    async def _write_loop(self) -> None:
+        writes = self.writes
+        try:
+            while writes:
+                batch = writes[0]
+                while len(writes) > 1:
+                    ops, held = writes.pop()
+                    # merge the newest into the one in front, keeping order
+                    writes[-1][0].extend(ops)
+                    writes[-1][1].extend(held)
+                steps, last = self._plan(batch[0])
+                for fn, is_async, args in steps:
+                    r = fn(*args)
+                    if is_async:
+                        await r
+                writes.popleft()
+                if not self.node._running:
+                    return
+                self._done(batch, last)
+        except Exception:
+            self.node._fail_node("storage write failed")
+        finally:
+            self.task = None
+
+    def _write_now(self, ops: list, held: list) -> None:
+        try:
+            steps, last = self._plan(ops)
+            for fn, _, args in steps:
+                fn(*args)
+        except Exception:
+            self.node._fail_node("storage write failed")
+            return
+        self._done((ops, held), last)
+
+    def _plan(self, ops: list) -> tuple[list, Entry | None]:
+        """The storage calls for one batch, in order, as (method, is_async, args); and the
+        last entry the batch appends. Consecutive appends become one call."""
+        steps: list = []
+        pending: list[Entry] = []
+        last_entry = None
+        hard_state = None
+        for op in ops:
+            t = type(op)
+            if t is AppendLog:
+                pending.extend(op.entries)
+                continue
+            if pending:
+                steps.append((self._append, self._append_async, (pending,)))
+                last_entry = pending[-1]
+                pending = []
+            if t is TruncateLog:
+                steps.append((self._truncate, self._truncate_async, (op.index,)))
+                last_entry = None
+            elif t is CompactLog:
+                steps.append((self._compact, self._compact_async, (op.index,)))
+            elif t is SaveSnapshot:
+                index = op.meta.last_included_index
+                if index > self.snapshot_index:  # never replace a newer snapshot
+                    if self._snapshot_io_async:
+                        steps.append((self._persist_snapshot_async, True, (op,)))
+                    else:
+                        steps.append((self._persist_snapshot, False, (op,)))
+                    self.snapshot_index = index
+                elif not op.installed:
+                    close_stream(op.source)
+            else:
+                hard_state = op.hard_state
+        if pending:
+            steps.append((self._append, self._append_async, (pending,)))
+            last_entry = pending[-1]
+        if hard_state is not None:
+            steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
+        return steps, last_entry
+
+    def _done(self, batch, last: Entry | None) -> None:
+        """A batch is durable: tell the engine, release the replies that waited for it."""
+        ops, held = batch
+        node = self.node
+        engine = node.engine
+        if last is not None:
+            engine.log_persisted(last.index, last.term)
+        for op in ops:
+            if type(op) is SaveSnapshot:
+                node._transfer.snapshot_saved(op)
+        if held:
+            by_peer: dict[int, list] = {}
+            for s in held:
+                by_peer.setdefault(s.to, []).append(s.message)
+            for to, msgs in by_peer.items():
+                node.network.send(to, msgs)
+        node._runner.run(engine.take_commands())
+
+    def _persist_snapshot(self, op: SaveSnapshot) -> None:
+        self.storage.save_snapshot(op.meta, op.source)
+        self._snapshot_opened(op, self.storage.load_snapshot())
+
+    async def _persist_snapshot_async(self, op: SaveSnapshot) -> None:
+        await call_hook(self.storage.save_snapshot, op.meta, op.source)
+        self._snapshot_opened(op, await call_hook(self.storage.load_snapshot))
+
+    @staticmethod
+    def _snapshot_opened(op: SaveSnapshot, loaded) -> None:
+        if not op.installed:
+            close_stream(op.source)  # the state machine's stream was read to its end
+        index = op.meta.last_included_index
+        if loaded is None or loaded[0].last_included_index != index:
+            found = None if loaded is None else loaded[0].last_included_index
+            raise StorageCorruption(f"storage saved the snapshot at {index} but "
+                                    f"load_snapshot() returned {found}")
+        op.reader = loaded[1]
+        op.size = stream_size(op.reader)

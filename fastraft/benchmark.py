@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 
-from fastraft.cli import parse_cluster, run_loop
+from fastraft.addresses import parse_cluster
+from fastraft.asyncutil import run_loop
 from fastraft.errors import FastRaftError
-from fastraft.testing.processes import free_ports
+from fastraft.processes import free_ports
 
 # ----------------------------------------------------------------------------- load
 
@@ -405,14 +406,28 @@ async def _inprocess(writers: int, seconds: float) -> dict:
     """openraft's "minimal" method: 3 nodes in one process, memory network and storage,
     empty payloads."""
     from fastraft.config import Config
-    from fastraft.testing import LocalCluster
+    from fastraft.node import RaftNode
+    from fastraft.storage import MemoryStorage
+    from fastraft.transport.memory import MemoryHub
 
     cfg = Config(max_pending_proposals=1 << 20)
-    async with LocalCluster(3, state_machine=NullStateMachine, config=cfg) as c:
-        leader = await c.leader()
-        while leader.engine.log.term_at(leader.engine.commit_index) != leader.engine.term:
+    hub = MemoryHub()
+    members = {i: f"local:{i}" for i in (1, 2, 3)}
+    nodes = [RaftNode(i, storage=MemoryStorage(), network=hub.network(i),
+                      state_machine=NullStateMachine(), config=cfg) for i in members]
+    try:
+        for node in nodes:
+            await node.start()
+        for node in nodes:
+            await node.initialize(members)
+        while not any(n.is_leader and n.engine.log.term_at(n.engine.commit_index)
+                      == n.engine.term for n in nodes):
             await asyncio.sleep(0.01)
+        leader = next(n for n in nodes if n.is_leader)
         return await run_load(leader, writers, 0, seconds)
+    finally:
+        for node in nodes:
+            await node.stop()
 
 
 # ----------------------------------------------------------------------------- report

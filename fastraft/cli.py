@@ -8,26 +8,9 @@ import logging
 import signal
 import sys
 
+from fastraft.addresses import parse_address, parse_cluster
+from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError
-
-
-def parse_cluster(spec: str) -> dict[int, str]:
-    """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}."""
-    members = {}
-    for part in spec.split(","):
-        node_id, sep, address = part.strip().partition("=")
-        if not sep or not node_id.isdigit() or ":" not in address:
-            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT")
-        members[int(node_id)] = address
-    return members
-
-
-def run_loop(coro):
-    try:
-        import uvloop
-    except ImportError:  # Windows
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 async def serve_node(args) -> None:
@@ -36,7 +19,7 @@ async def serve_node(args) -> None:
     from fastraft.kvservice import KVServer
     from fastraft.node import RaftNode
     from fastraft.storage import MemoryStorage
-    from fastraft.transport.tcp import TcpNetwork, parse_address
+    from fastraft.transport.tcp import TcpNetwork
 
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:

@@ -14,9 +14,9 @@ import sys
 import tempfile
 import time
 
-from fastraft.cli import run_loop
+from fastraft.asyncutil import run_loop
 from fastraft.kvservice import ClientError, KVClient, find_leader
-from fastraft.testing.processes import ProcessCluster
+from fastraft.processes import ProcessCluster
 
 
 class _Stats:

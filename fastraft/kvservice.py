@@ -14,8 +14,8 @@ from typing import Any
 import msgspec
 
 from fastraft import kv
+from fastraft.addresses import parse_address
 from fastraft.errors import FastRaftError, NotLeader
-from fastraft.transport.tcp import parse_address
 from fastraft.wire import split_frames
 
 log = logging.getLogger("fastraft.kvservice")

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from fastraft.kvservice import ClientError, KVClient, find_leader
-from fastraft.testing.processes import ProcessCluster
+from fastraft.processes import ProcessCluster
 
 from aio import run, until_applied
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fastraft.kvservice import ClientError, KVClient, find_leader
-from fastraft.testing.processes import ProcessCluster
+from fastraft.processes import ProcessCluster
 
 from aio import run, until_applied
 

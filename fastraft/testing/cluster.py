@@ -19,7 +19,7 @@ from typing import Any
 from fastraft.config import Config
 from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
-from fastraft.testing.processes import free_ports
+from fastraft.processes import free_ports
 from fastraft.transport.memory import MemoryHub
 from fastraft.transport.tcp import TcpNetwork
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from fastraft.errors import ConfigError, DecodeError
+from fastraft.addresses import parse_address
+from fastraft.errors import DecodeError
 from fastraft.wire import BlobCache, decode_messages, encode_messages, split_frames
 
 log = logging.getLogger("fastraft.transport.tcp")
@@ -41,13 +42,6 @@ class Hello(msgspec.Struct, array_like=True):
 
 _hello_decoder = msgspec.msgpack.Decoder(Hello)
 _hello_encoder = msgspec.msgpack.Encoder()
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"address {address!r} is not HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class TcpNetwork:

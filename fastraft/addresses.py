@@ -1,0 +1,23 @@
+"""Address formats: ``HOST:PORT`` and cluster specs ``ID=HOST:PORT,...``."""
+from __future__ import annotations
+
+from fastraft.errors import ConfigError
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); an empty host is 127.0.0.1."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_cluster(spec: str) -> dict[int, str]:
+    """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}."""
+    members = {}
+    for part in spec.split(","):
+        node_id, sep, address = part.strip().partition("=")
+        if not sep or not node_id.isdigit() or ":" not in address:
+            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT")
+        members[int(node_id)] = address
+    return members

@@ -29,6 +29,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: ``Overloaded`` when ``overload_wait`` is 0).
     max_pending_proposals: int = 65536
     overload_wait: float = 5.0
+    #: Linearizable reads waiting for confirmation, on this node and (leader) forwarded
+    #: by followers; beyond this a read fails at once (``Overloaded``; a follower's
+    #: forwarded read is refused and retried there).
+    max_pending_reads: int = 65536
     #: Thesis §9.6: a candidate first asks whether it could win, without raising terms.
     pre_vote: bool = True
     #: Thesis §6.2: a leader that has not heard from a quorum for an election timeout steps
@@ -69,7 +73,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
                 "out while the leader is healthy")
         for name in ("max_entries_per_message", "max_bytes_per_message",
                      "max_inflight_messages", "max_inflight_bytes", "max_pending_proposals",
-                     "snapshot_chunk_bytes"):
+                     "max_pending_reads", "snapshot_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("snapshot_interval", "snapshot_trailing_entries", "max_learner_lag"):

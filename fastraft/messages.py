@@ -7,9 +7,27 @@ paper names them. ``Message`` is the tagged union the transports decode.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
+
+#: The largest term or log index a node accepts from anyone, or reaches itself. Far
+#: beyond any real cluster's reach, and far enough below the wire and kernel limits
+#: (u64, int64) that a node at this term can still campaign: a peer announcing a larger
+#: number is malformed, never adopted.
+MAX_TERM = MAX_LOG_INDEX = 1 << 62
+
+# Bounded integers for what arrives from the network. msgspec checks them while
+# decoding (at no cost when a Struct is built locally).
+Term = Annotated[int, msgspec.Meta(ge=0, le=MAX_TERM)]
+Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOG_INDEX)]
+#: The term of the entry at some index: -1 when the sender no longer holds that entry
+#: (compacted into a snapshot) or never had it (``LogIndex.term_at``).
+LogTerm = Annotated[int, msgspec.Meta(ge=-1, le=MAX_TERM)]
+NodeId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
+Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
+Kind = Annotated[int, msgspec.Meta(ge=0, le=2)]
+Address = Annotated[str, msgspec.Meta(max_length=1024)]
 
 
 class EntryKind(IntEnum):
@@ -21,10 +39,18 @@ class EntryKind(IntEnum):
 class Entry(msgspec.Struct, array_like=True, gc=False):
     """One log entry. ``data`` is bytes, or a memoryview slice of a received buffer."""
 
-    term: int
-    index: int
-    kind: int
+    term: Term
+    index: Index
+    kind: Kind
     data: bytes
+
+
+class EntryBatch(list):
+    """Entries as the batch codec decodes them: it has checked that their indexes are
+    consecutive, their terms never decrease and their kinds are known, so a receiver
+    need only check the batch's ends against the message that carried it."""
+
+    __slots__ = ()
 
 
 class HardState(msgspec.Struct, array_like=True, gc=False):
@@ -44,10 +70,10 @@ class Membership(msgspec.Struct, array_like=True, frozen=True):
     looks inside them.
     """
 
-    voters: frozenset[int] = frozenset()
-    learners: frozenset[int] = frozenset()
-    outgoing: frozenset[int] = frozenset()
-    addresses: dict[int, str] = {}
+    voters: frozenset[NodeId] = frozenset()
+    learners: frozenset[NodeId] = frozenset()
+    outgoing: frozenset[NodeId] = frozenset()
+    addresses: dict[NodeId, Address] = {}
 
     @property
     def joint(self) -> bool:
@@ -65,8 +91,8 @@ class Membership(msgspec.Struct, array_like=True, frozen=True):
 class SnapshotMeta(msgspec.Struct, array_like=True, frozen=True):
     """What a snapshot covers: the log up to ``last_included_index`` (§7)."""
 
-    last_included_index: int
-    last_included_term: int
+    last_included_index: Index
+    last_included_term: Term
     membership: Membership
 
 
@@ -75,16 +101,16 @@ class RequestVote(msgspec.Struct, tag=1, array_like=True, gc=False):
     ``leadership_transfer`` marks an election the old leader asked for (thesis §3.10):
     voters then answer even while they still hear from that leader."""
 
-    term: int
-    candidate_id: int
-    last_log_index: int
-    last_log_term: int
+    term: Term
+    candidate_id: NodeId
+    last_log_index: Index
+    last_log_term: Term
     pre_vote: bool = False
     leadership_transfer: bool = False
 
 
 class RequestVoteResponse(msgspec.Struct, tag=2, array_like=True, gc=False):
-    term: int
+    term: Term
     vote_granted: bool
     pre_vote: bool = False
 
@@ -93,13 +119,13 @@ class AppendEntries(msgspec.Struct, tag=3, array_like=True):
     """§5.3. ``seq`` is a leader-local counter echoed back; a quorum of echoes of a ``seq``
     proves the sender was still leader when it sent it (ReadIndex, thesis §6.4)."""
 
-    term: int
-    leader_id: int
-    prev_log_index: int
-    prev_log_term: int
+    term: Term
+    leader_id: NodeId
+    prev_log_index: Index
+    prev_log_term: LogTerm
     entries: list[Entry]
-    leader_commit: int
-    seq: int = 0
+    leader_commit: Index
+    seq: Counter = 0
 
 
 class AppendEntriesResponse(msgspec.Struct, tag=4, array_like=True, gc=False):
@@ -107,21 +133,21 @@ class AppendEntriesResponse(msgspec.Struct, tag=4, array_like=True, gc=False):
     reject it is the rejected ``prev_log_index`` and ``hint_index``/``hint_term`` say where
     the leader should probe next (fast backtracking)."""
 
-    term: int
+    term: Term
     success: bool
-    index: int
-    hint_index: int = 0
-    hint_term: int = 0
-    seq: int = 0
+    index: Index
+    hint_index: Index = 0
+    hint_term: LogTerm = 0
+    seq: Counter = 0
 
 
 class InstallSnapshot(msgspec.Struct, tag=5, array_like=True, gc=False):
     """§7: one chunk of a snapshot, starting at byte ``offset``; ``done`` on the last."""
 
-    term: int
-    leader_id: int
+    term: Term
+    leader_id: NodeId
     meta: SnapshotMeta
-    offset: int
+    offset: Counter
     data: bytes
     done: bool
 
@@ -130,32 +156,32 @@ class InstallSnapshotResponse(msgspec.Struct, tag=6, array_like=True, gc=False):
     """The follower holds the first ``next_offset`` bytes of snapshot
     ``last_included_index`` (all of it, and installed, when ``done``)."""
 
-    term: int
-    last_included_index: int
-    next_offset: int
+    term: Term
+    last_included_index: Index
+    next_offset: Counter
     done: bool = False
 
 
 class TimeoutNow(msgspec.Struct, tag=7, array_like=True, gc=False):
     """Leadership transfer: start an election now, skipping pre-vote (thesis §3.10)."""
 
-    term: int
-    leader_id: int
+    term: Term
+    leader_id: NodeId
 
 
 class ReadIndexRequest(msgspec.Struct, tag=8, array_like=True, gc=False):
     """A follower asks the leader for a read index on behalf of its client."""
 
-    term: int
-    request_id: int
+    term: Term
+    request_id: Counter
 
 
 class ReadIndexResponse(msgspec.Struct, tag=9, array_like=True, gc=False):
     """``read_index`` is valid only when ``ok``; otherwise the leader could not serve it."""
 
-    term: int
-    request_id: int
-    read_index: int
+    term: Term
+    request_id: Counter
+    read_index: Index
     ok: bool
 
 

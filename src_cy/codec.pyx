@@ -7,11 +7,11 @@ from libc.string cimport memcpy
 from endian cimport get_u32 as _get_u32, get_u64 as _get_u64, put_u32 as _put_u32, put_u64 as _put_u64
 
 from fastraft.errors import DecodeError
-from fastraft.messages import Entry
+from fastraft.messages import Entry, EntryBatch
 
 DEF HEAD_SIZE = 21
 DEF MAX_KIND = 2
-DEF MAX_I64 = 0x7FFFFFFFFFFFFFFF
+DEF MAX_TERM = 0x4000000000000000  # fastraft.messages.MAX_TERM == MAX_LOG_INDEX
 DEF VIEW_THRESHOLD = 512
 
 
@@ -47,8 +47,9 @@ def encode_entries(entries):
 
 
 def decode_entries(buf):
-    """Decode a frame; payloads of VIEW_THRESHOLD bytes or more are memoryview slices of
-    ``buf`` (no copy), smaller ones ``bytes`` (cheaper than a view)."""
+    """Decode a frame into an ``EntryBatch`` (consecutive indexes, non-decreasing terms,
+    known kinds: checked here); payloads of VIEW_THRESHOLD bytes or more are memoryview
+    slices of ``buf`` (no copy), smaller ones ``bytes`` (cheaper than a view)."""
     mv = memoryview(buf).cast("B")
     cdef const uint8_t[::1] data = mv
     cdef Py_ssize_t size = data.shape[0]
@@ -65,6 +66,7 @@ def decode_entries(buf):
         raise DecodeError(f"entry batch claims {count} entries but holds only {size} bytes")
     pos = 4
     out = []
+    cdef uint64_t last_term = 0, next_index = 0
     for i in range(count):
         if pos + HEAD_SIZE > size:
             raise DecodeError(f"entry batch truncated at offset {pos}")
@@ -74,8 +76,12 @@ def decode_entries(buf):
         length = _get_u32(base + pos + 17)
         if kind > MAX_KIND:
             raise DecodeError(f"entry batch has unknown entry kind {kind} at offset {pos}")
-        if term > MAX_I64 or index > MAX_I64:
+        if term > MAX_TERM or index > MAX_TERM:
             raise DecodeError(f"entry batch has an out-of-range term or index at offset {pos}")
+        if i and (index != next_index or term < last_term):
+            raise DecodeError(f"entry batch is not consecutive at offset {pos}")
+        last_term = term
+        next_index = index + 1
         pos += HEAD_SIZE
         end = pos + length
         if end > size:
@@ -88,7 +94,7 @@ def decode_entries(buf):
         pos = end
     if pos != size:
         raise DecodeError(f"entry batch has {size - pos} trailing bytes")
-    return out
+    return EntryBatch(out)
 
 
 def index_of_kind(entries, long kind):
@@ -130,6 +136,28 @@ def set_results(list futures, Py_ssize_t fstart, results, Py_ssize_t rstart, Py_
         f = futures[fstart + k]
         if not f.done():
             f.set_result(results[rstart + k])
+
+
+def entries_follow(entries, prev_index, prev_term, max_term):
+    """Position of the first entry that breaks the shape of an AppendEntries batch, or
+    -1: entry k must have index ``prev_index + 1 + k``, a term not below the one before it
+    (``prev_term`` for the first) and not above ``max_term``, and a known kind."""
+    cdef long long expected = prev_index + 1, last = prev_term, top = max_term
+    cdef long long t, idx, kind
+    cdef Py_ssize_t pos = 0
+    for e in entries:
+        try:
+            t = e.term
+            idx = e.index
+            kind = e.kind
+        except OverflowError:  # beyond int64: certainly out of range
+            return pos
+        if idx != expected or t < last or t > top or kind < 0 or kind > MAX_KIND:
+            return pos
+        last = t
+        expected += 1
+        pos += 1
+    return -1
 
 
 def make_entries(term, first_index, kind, datas):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fastraft import _py, kernels
 from fastraft.errors import DecodeError
-from fastraft.messages import Entry
+from fastraft.messages import MAX_TERM, Entry
 
 _cy = pytest.importorskip("fastraft._cy")
 
@@ -234,12 +234,22 @@ def test_logindex_rejects_decreasing_terms():
 # ---------------------------------------------------------------- codec
 
 entries_st = st.lists(
-    st.builds(Entry, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2),
+    st.builds(Entry, st.integers(0, MAX_TERM), st.integers(0, MAX_TERM), st.integers(0, 2),
               st.one_of(st.binary(max_size=300), st.binary(min_size=500, max_size=700))),
     max_size=30)
 
 
-@given(entries_st)
+@st.composite
+def batches_st(draw):
+    """Entries as a log holds them: consecutive indexes from anywhere, terms that never
+    decrease, each within MAX_TERM."""
+    raw = draw(entries_st)
+    first = draw(st.integers(0, MAX_TERM - len(raw)))
+    terms = sorted(e.term for e in raw)
+    return [Entry(t, first + k, e.kind, e.data) for k, (t, e) in enumerate(zip(terms, raw))]
+
+
+@given(batches_st())
 def test_codec_round_trips_across_implementations(entries):
     frames = [impl.encode_entries(entries) for impl in IMPLS]
     assert frames[0] == frames[1]  # wire-identical
@@ -260,6 +270,43 @@ def test_codec_round_trips_across_implementations(entries):
             (k for k, e in enumerate(entries) if e.kind == 1), -1)
         assert impl.index_not_of_kind(entries, 0) == next(
             (k for k, e in enumerate(entries) if e.kind != 0), -1)
+
+
+@pytest.mark.parametrize("entries", [
+    [Entry(1, 5, 0, b""), Entry(1, 7, 0, b"")], [Entry(1, 5, 0, b""), Entry(1, 5, 0, b"")],
+    [Entry(2, 5, 0, b""), Entry(1, 6, 0, b"")]], ids=["gap", "repeat", "term-decreases"])
+def test_codec_refuses_batches_that_no_log_holds(entries):
+    frame = _py.encode_entries(entries)
+    for impl in IMPLS:
+        with pytest.raises(DecodeError, match="not consecutive"):
+            impl.decode_entries(frame)
+
+
+@pytest.mark.parametrize("term, index", [(MAX_TERM + 1, 1), (1, MAX_TERM + 1),
+                                          (2**64 - 1, 1), (1, 2**63)])
+def test_codec_refuses_terms_and_indexes_beyond_max_term(term, index):
+    """A peer cannot smuggle in a term or index a node could not increment."""
+    frame = _py.encode_entries([Entry(1, 1, 0, b"x")])
+    forged = frame[:4] + term.to_bytes(8, "little") + index.to_bytes(8, "little") + frame[20:]
+    for impl in IMPLS:
+        with pytest.raises(DecodeError, match="out-of-range"):
+            impl.decode_entries(forged)
+
+
+@given(entries_st, st.integers(0, 40), st.integers(0, 3), st.data())
+def test_entries_follow_matches_a_naive_check(entries, prev, prev_term, data):
+    entries = [Entry(min(e.term, 5), e.index, e.kind, e.data) for e in entries]
+    if entries and data.draw(st.booleans()):  # mostly well-formed batches
+        entries = [Entry(max(prev_term, e.term), prev + 1 + k, e.kind, b"")
+                   for k, e in enumerate(sorted(entries, key=lambda e: e.term))]
+    expected, last = -1, prev_term
+    for k, e in enumerate(entries):
+        if e.index != prev + 1 + k or e.term < last or e.term > 4 or e.kind > 2:
+            expected = k
+            break
+        last = e.term
+    for impl in IMPLS:
+        assert impl.entries_follow(entries, prev, prev_term, 4) == expected
 
 
 def _naive_count(entries, budget):

@@ -7,6 +7,7 @@ from fastraft._py.codec import (
     count_within_bytes,
     decode_entries,
     encode_entries,
+    entries_follow,
     index_not_of_kind,
     index_of_kind,
     make_entries,
@@ -31,5 +32,5 @@ __all__ = [
     "committed_index", "joint_committed_index", "vote_result", "joint_vote_result",
     "QuorumTracker",
     "LogIndex", "encode_entries", "decode_entries", "index_of_kind", "index_not_of_kind",
-    "count_within_bytes", "set_results", "make_entries", "payload_bytes",
+    "count_within_bytes", "entries_follow", "set_results", "make_entries", "payload_bytes",
 ]

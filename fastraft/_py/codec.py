@@ -15,12 +15,13 @@ import struct
 from collections.abc import Sequence
 
 from fastraft.errors import DecodeError
-from fastraft.messages import Entry
+from fastraft.messages import Entry, EntryBatch
 
 _COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<QQBI")
 _HEAD_SIZE = _HEAD.size  # 21
 _MAX_KIND = 2
+_MAX_TERM = 1 << 62  # fastraft.messages.MAX_TERM == MAX_LOG_INDEX
 VIEW_THRESHOLD = 512
 
 
@@ -35,11 +36,12 @@ def encode_entries(entries: Sequence[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode_entries(buf) -> list[Entry]:
+def decode_entries(buf) -> EntryBatch:
     """Decode a frame; payloads of ``VIEW_THRESHOLD`` bytes or more are memoryview slices
     of ``buf`` (no copy), smaller ones ``bytes``.
 
-    Raises DecodeError on a truncated buffer, trailing bytes or an unknown kind.
+    Raises DecodeError on a truncated buffer, trailing bytes, an unknown kind, or entries
+    whose indexes are not consecutive or whose terms decrease.
     """
     view = memoryview(buf).cast("B")
     size = len(view)
@@ -51,15 +53,19 @@ def decode_entries(buf) -> list[Entry]:
     pos = 4
     out = []
     unpack = _HEAD.unpack_from
-    for _ in range(count):
+    last_term = next_index = 0
+    for i in range(count):
         if pos + _HEAD_SIZE > size:
             raise DecodeError(f"entry batch truncated at offset {pos}")
         term, index, kind, length = unpack(view, pos)
         pos += _HEAD_SIZE
         if kind > _MAX_KIND:
             raise DecodeError(f"entry batch has unknown entry kind {kind} at offset {pos - _HEAD_SIZE}")
-        if term > 0x7FFFFFFFFFFFFFFF or index > 0x7FFFFFFFFFFFFFFF:
+        if term > _MAX_TERM or index > _MAX_TERM:
             raise DecodeError(f"entry batch has an out-of-range term or index at offset {pos - _HEAD_SIZE}")
+        if i and (index != next_index or term < last_term):
+            raise DecodeError(f"entry batch is not consecutive at offset {pos - _HEAD_SIZE}")
+        last_term, next_index = term, index + 1
         end = pos + length
         if end > size:
             raise DecodeError(f"entry payload at offset {pos} runs past the end of the batch")
@@ -68,7 +74,7 @@ def decode_entries(buf) -> list[Entry]:
         pos = end
     if pos != size:
         raise DecodeError(f"entry batch has {size - pos} trailing bytes")
-    return out
+    return EntryBatch(out)
 
 
 def index_of_kind(entries: Sequence[Entry], kind: int) -> int:
@@ -106,6 +112,21 @@ def set_results(futures, fstart: int, results, rstart: int, count: int) -> None:
         f = futures[fstart + k]
         if not f.done():
             f.set_result(results[rstart + k])
+
+
+def entries_follow(entries: Sequence[Entry], prev_index: int, prev_term: int,
+                   max_term: int) -> int:
+    """Position of the first entry that breaks the shape of an AppendEntries batch, or
+    -1: entry k must have index ``prev_index + 1 + k``, a term not below the one before it
+    (``prev_term`` for the first) and not above ``max_term``, and a known kind."""
+    expected, last = prev_index + 1, prev_term
+    for pos, e in enumerate(entries):
+        t = e.term
+        if e.index != expected or t < last or t > max_term or not 0 <= e.kind <= _MAX_KIND:
+            return pos
+        last = t
+        expected += 1
+    return -1
 
 
 def make_entries(term: int, first_index: int, kind: int, datas: Sequence) -> list[Entry]:

@@ -16,6 +16,7 @@ import msgspec
 
 from fastraft import kernels
 from fastraft.config import Config
+from fastraft.engine.checks import refusal
 from fastraft.engine.commands import (
     AppendLog,
     Apply,
@@ -42,6 +43,7 @@ from fastraft.errors import (
     SafetyViolation,
 )
 from fastraft.messages import (
+    MAX_TERM,
     AppendEntries,
     AppendEntriesResponse,
     Entry,
@@ -120,7 +122,12 @@ class Engine:
         self.membership: Membership = self._configs[-1][1]
         self._voters_in: tuple[int, ...] = ()
         self._voters_out: tuple[int, ...] = ()
+        #: Every node of every configuration in the log (and the snapshot's): messages
+        #: from anyone else are refused (``checks.refusal``). Empty: no configuration yet.
+        self.known_ids: frozenset[int] = frozenset()
         self._refresh_voters()
+        #: Messages refused, by kind ("stranger", "malformed").
+        self.refused: dict[str, int] = {"stranger": 0, "malformed": 0}
 
         #: The newest durable snapshot, which the leader sends to followers that need
         #: entries already compacted.
@@ -131,7 +138,7 @@ class Engine:
                                           state.snapshot_membership)
             self._snapshot_size = state.snapshot_size
         #: Follower: a leader was heard from less than election_timeout_min ago.
-        self._in_lease = False
+        self.leader_alive = False
 
         # Candidate state.
         self._votes: dict[int, bool] = {}
@@ -348,19 +355,24 @@ class Engine:
         elif timer == Timer.HEARTBEAT and self.role == Role.LEADER:
             self._on_heartbeat_timeout()
         elif timer == Timer.LEASE:
-            self._in_lease = False
+            self.leader_alive = False
         elif timer == Timer.COMMIT:
             self._commit_timer_armed = False
             if self.role == Role.LEADER:
                 for peer, pr in self.progress.items():
                     self._replicate(peer, pr, commit_only=True)
 
-    def step(self, frm: int, m) -> None:
-        """Handle message ``m`` from node ``frm``. Terms first (§5.1), then by role."""
+    def step(self, frm: int, m) -> str | None:
+        """Handle message ``m`` from node ``frm``: checks first (``checks.refusal``),
+        then terms (§5.1), then by role. Returns why ``m`` was refused, or None."""
+        refused = refusal(self, frm, m)
+        if refused is not None:
+            self.refused[refused[0]] += 1
+            return refused[1]
         t = type(m)
         if m.term > self.term:
             if t is RequestVote and not m.leadership_transfer and self.config.check_quorum \
-                    and (self._in_lease or self.role == Role.LEADER):
+                    and (self.leader_alive or self.role == Role.LEADER):
                 # A leader is alive (check-quorum would depose it otherwise): a node that
                 # merely lost contact must not disrupt the cluster (thesis §4.2.3).
                 return
@@ -381,6 +393,7 @@ class Engine:
         handler = _HANDLERS.get(t)
         if handler is not None:
             handler(self, frm, m)
+        return None
 
     def not_leader(self) -> NotLeader:
         leader = self.leader_id
@@ -415,6 +428,8 @@ class Engine:
             return
         if not self.membership.is_voter(self.id):
             return  # learners and removed nodes never campaign
+        if self.term >= MAX_TERM:
+            return  # a higher term would be refused by every peer (checks.refusal)
         if self.config.pre_vote:
             self._campaign_pre_vote()
         else:
@@ -494,8 +509,11 @@ class Engine:
             self._become_follower(self.term, None)
 
     def _on_timeout_now(self, frm: int, m: TimeoutNow) -> None:
-        if self.membership.is_voter(self.id) and self.role != Role.LEADER:
-            self._campaign(transfer=True)  # the leader chose us: skip pre-vote (§3.10)
+        # Only the leader we follow, in its term, may hand us leadership (§3.10); the
+        # transfer then skips pre-vote and leader stickiness.
+        if frm == self.leader_id and m.term == self.term and self.role == Role.FOLLOWER \
+                and self.membership.is_voter(self.id) and self.term < MAX_TERM:
+            self._campaign(transfer=True)
 
     # ------------------------------------------------------------------ role changes
 
@@ -641,6 +659,7 @@ class Engine:
                 break
             base = m
         self._configs = [(index, base)] + [(i, m) for i, m in self._configs if i > index]
+        self._refresh_known()
         self.log.compact_to(index)
         self._out.append(CompactLog(index))
 
@@ -676,9 +695,10 @@ class Engine:
             self._become_follower(self.term, leader_id)
         else:
             self._arm_election_timer()
-        if self.config.check_quorum:
-            self._in_lease = True
-            self._out.append(SetTimer(Timer.LEASE, self.config.election_timeout_min))
+        # A live leader is known until election_timeout_min passes without hearing from
+        # it: votes (with check-quorum) and unknown leaders are refused meanwhile.
+        self.leader_alive = True
+        self._out.append(SetTimer(Timer.LEASE, self.config.election_timeout_min))
 
     def _on_append_entries(self, frm: int, m: AppendEntries) -> None:
         self._heard_from_leader(frm, m.leader_id)
@@ -696,10 +716,7 @@ class Engine:
             return
         last_new = prev
         if entries:
-            last_new = prev + len(entries)
-            if entries[0].index != prev + 1 or entries[-1].index != last_new:
-                raise SafetyViolation(f"AppendEntries from {frm} has entries that do not "
-                                      f"follow prev_log_index {prev}")
+            last_new = prev + len(entries)  # consecutive: checks.refusal saw to it
             if log.term_at(last_new) != entries[-1].term:  # else we hold them all (§5.3)
                 if prev == log.last_index:
                     conflict = prev + 1
@@ -800,7 +817,14 @@ class Engine:
             nxt = kernels.index_of_kind(entries[pos + 1:], EntryKind.CONFIG)
             pos = -1 if nxt < 0 else pos + 1 + nxt
 
+    def _refresh_known(self) -> None:
+        known: frozenset[int] = frozenset()
+        for _, m in self._configs:
+            known = known | m.members
+        self.known_ids = known
+
     def _refresh_voters(self) -> None:
+        self._refresh_known()
         self._voters_in = tuple(sorted(self.membership.voters))
         self._voters_out = tuple(sorted(self.membership.outgoing))
         self._match = kernels.QuorumTracker(self._voters_in, self._voters_out)
@@ -847,7 +871,19 @@ class Engine:
 
     # ------------------------------------------------------------------ reads (thesis §6.4)
 
+    @property
+    def reads_pending(self) -> int:
+        """Reads this leader is confirming (its own and forwarded ones)."""
+        return len(self._reads) + len(self._reads_before_commit)
+
     def _leader_read(self, request_id: int, origin: int | None) -> None:
+        if self.reads_pending >= self.config.max_pending_reads:
+            # Bounded: refuse rather than queue without end (a follower's client retries).
+            if origin is None:
+                self._out.append(ReadFailed(request_id, self.id))
+            else:
+                self._send(origin, ReadIndexResponse(self.term, request_id, 0, False))
+            return
         if self.log.term_at(self.commit_index) != self.term:
             self._reads_before_commit.append((request_id, origin))
             return

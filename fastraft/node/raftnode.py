@@ -19,6 +19,7 @@ from fastraft.errors import (
     ProposalDropped,
     StorageCorruption,
 )
+from fastraft.logutil import Throttle
 from fastraft.messages import Entry, EntryKind, Membership, decode_membership
 from fastraft.network import RaftNetwork
 from fastraft.node.applier import Applier
@@ -32,6 +33,7 @@ from fastraft.statemachine import StateMachine
 from fastraft.storage import RaftStorage
 
 log = logging.getLogger("fastraft.node")
+_refusals = Throttle(log)
 
 _NORMAL = EntryKind.NORMAL
 
@@ -393,6 +395,7 @@ class RaftNode:
         s = self.engine.status()
         s["applied_index"] = self.applied_index
         s["running"] = self._running
+        s["refused"] = dict(self.engine.refused)
         s["leader_address"] = self.engine.membership.addresses.get(s["leader_id"])
         return s
 
@@ -403,19 +406,23 @@ class RaftNode:
     # ------------------------------------------------------------------ inbound
 
     def receive(self, from_id: int, messages: list) -> None:
-        """Deliver messages from node ``from_id`` (called by the network)."""
+        """Deliver messages from node ``from_id`` (called by the network). A message the
+        engine refuses (a stranger's, or malformed: ``engine.checks``) is dropped, counted
+        in ``status()["refused"]`` and logged in one line; the others are handled."""
         if not self._running:
             return
         step = self.engine.step
         try:
             for m in messages:
-                step(from_id, m)
-        except Exception:
-            # A garbled message (the engine validates before it changes any state) must
-            # not take the node down; the peer will retry.
-            log.exception("node %d: dropped a message from node %d", self.id, from_id)
-            for m in messages[messages.index(m) + 1:]:
-                self.receive(from_id, [m])
+                try:
+                    refused = step(from_id, m)
+                except Exception:  # a bug, not bad input (that is refused): say where
+                    log.exception("node %d: handling a %s from node %d failed", self.id,
+                                  type(m).__name__, from_id)
+                    continue
+                if refused is not None:
+                    _refusals.warning(from_id, "node %d: dropped a %s from node %d: %s",
+                                      self.id, type(m).__name__, from_id, refused)
         finally:
             # The first message of an iteration is handled at once (latency); what follows
             # in the same iteration waits for the flush scheduled here (batching).

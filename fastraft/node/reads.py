@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from fastraft.asyncutil import fail_future
 from fastraft.engine import Role
-from fastraft.errors import NotLeader
+from fastraft.errors import NotLeader, Overloaded
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
@@ -45,6 +45,9 @@ class Reads:
                     self._lease_renewing = True
                     loop.create_task(self._renew_lease())
                 return await self._wait_applied(engine.commit_index)
+        pending = max(len(self.pending), engine.reads_pending)
+        if pending >= config.max_pending_reads:
+            raise Overloaded(f"{pending} reads pending; retry later")
         issued = loop.time()
         self._next_id += 1
         rid = self._next_id

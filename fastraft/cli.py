@@ -8,9 +8,40 @@ import logging
 import signal
 import sys
 
-from fastraft.addresses import parse_address, parse_cluster
+from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError
+
+
+def add_security_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("authentication (docs/security.md)")
+    g.add_argument("--secret-file", metavar="FILE",
+                   help="cluster secret (at least 16 bytes): peers and clients must hold it")
+    g.add_argument("--tls-cert", metavar="FILE", help="this node's certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    g.add_argument("--tls-ca", metavar="FILE", help="the CA that signs every member (PEM)")
+    g.add_argument("--tls-node-names", action="store_true",
+                   help="a peer's certificate must name its node id (node-<id>)")
+
+
+def security_options(args) -> dict:
+    """``secret`` and ``tls`` keyword arguments for TcpNetwork, KVServer and KVClient."""
+    from fastraft.transport.link import TlsConfig
+
+    out: dict = {"secret": None, "tls": None}
+    if args.secret_file:
+        try:
+            with open(args.secret_file, "rb") as f:
+                out["secret"] = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--secret-file: {exc}") from None
+    tls = (args.tls_cert, args.tls_key, args.tls_ca)
+    if any(tls):
+        if not all(tls):
+            raise ConfigError("--tls-cert, --tls-key and --tls-ca go together")
+        out["tls"] = TlsConfig(certfile=args.tls_cert, keyfile=args.tls_key,
+                               cafile=args.tls_ca, node_names=args.tls_node_names)
+    return out
 
 
 async def serve_node(args) -> None:
@@ -24,6 +55,7 @@ async def serve_node(args) -> None:
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:
         raise ConfigError(f"--id {args.id} is not in --cluster")
+    security = security_options(args)
     if args.data_dir:
         from fastraft.filestorage import FileStorage
         storage = FileStorage(args.data_dir)
@@ -35,7 +67,8 @@ async def serve_node(args) -> None:
                snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
                                              args.snapshot_interval))
     node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
-                    network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id))
+                    network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id,
+                                       **security))
     await node.start()
     if args.init:
         try:
@@ -45,9 +78,9 @@ async def serve_node(args) -> None:
             # says what the cluster is (like etcd ignoring --initial-cluster then).
             logging.getLogger("fastraft.cli").info(
                 "node %d has state from an earlier run; --init ignored", args.id)
+    server = KVServer(node, store, args.client, cluster_id=args.cluster_id, **security)
+    await server.start()
     loop = asyncio.get_running_loop()
-    host, port = parse_address(args.client)
-    server = await loop.create_server(lambda: KVServer(node, store), host, port)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -62,7 +95,8 @@ async def serve_node(args) -> None:
 
 async def show_status(args) -> None:
     from fastraft.kvservice import KVClient
-    client = await KVClient.connect(args.address)
+    client = await KVClient.connect(args.address, cluster_id=args.cluster_id,
+                                    **security_options(args))
     status = await client.status()
     client.close()
     print(json.dumps(status, indent=2, sort_keys=True))
@@ -90,11 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING")
+    add_security_options(node)
 
     sub.add_parser("bench", help="benchmarks (see fastraft bench --help)", add_help=False)
 
     status = sub.add_parser("status", help="print a node's status")
     status.add_argument("--address", required=True, help="the node's client HOST:PORT")
+    status.add_argument("--cluster-id", default="fastraft")
+    add_security_options(status)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:

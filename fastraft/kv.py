@@ -1,8 +1,9 @@
 """A small replicated key-value state machine: the demo's, and an example to copy.
 
 Commands are msgspec Structs (``Put``, ``Delete``) encoded as msgpack. ``apply`` returns,
-per entry, the log index that wrote it (a version a client can compare), or None for a
-command it could not decode (every replica refuses the same bytes the same way).
+per entry, the log index that wrote it (a version a client can compare), or ``Refused``
+for a command it could not decode (every replica refuses the same bytes the same way).
+It never raises on data it did not write: an exception from ``apply`` stops the node.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ class Put(msgspec.Struct, tag="put", array_like=True):
 
 class Delete(msgspec.Struct, tag="del", array_like=True):
     key: str
+
+
+class Refused(msgspec.Struct, frozen=True):
+    """The result for a committed command the store could not decode."""
+
+    reason: str
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -39,15 +46,15 @@ class KVStore:
         self.versions: dict[str, int] = {}
         self.bad_commands = 0
 
-    def apply(self, entries: Sequence) -> list[int | None]:
+    def apply(self, entries: Sequence) -> list[int | Refused]:
         data, versions = self.data, self.versions
-        out: list[int | None] = []
+        out: list[int | Refused] = []
         for e in entries:
             try:
                 cmd = _dec.decode(e.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: bad UTF-8
                 self.bad_commands += 1
-                out.append(None)
+                out.append(Refused(f"entry {e.index} is not a KV command: {exc}"))
                 continue
             if type(cmd) is Put:
                 data[cmd.key] = cmd.value

@@ -1,14 +1,22 @@
 """A client port for a KV node: what ``fastraft node`` serves and ``fastraft demo`` drives.
 
-Frames are ``u32 length | msgpack body``; a client pipelines many requests on one
-connection, each with an id echoed in its response. ``get`` is linearizable: it waits for
-``read_index`` (on a follower, the leader confirms) before reading the local state.
+The connection starts with the handshake of ``fastraft.transport.link`` (the same secret
+and TLS options as the Raft port; clients dial as node 0). Then frames are ``u32 length |
+msgpack body``, each body a list of requests (or responses); a client pipelines many
+requests on one connection, each with an id echoed in its response. ``get`` is
+linearizable: it waits for ``read_index`` (on a follower, the leader confirms) before
+reading the local state.
+
+Back-pressure: a connection has at most ``max_in_progress`` requests being served; past
+that the server stops reading from it (TCP pushes back on the client) until half are
+answered. A proposal the node cannot take in time is answered ``Overloaded``, never
+dropped. A reply ``not_leader`` names the leader's id and address when known.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import struct
+from collections import deque
 from typing import Any
 
 import msgspec
@@ -16,16 +24,16 @@ import msgspec
 from fastraft import kv
 from fastraft.addresses import parse_address
 from fastraft.errors import FastRaftError, NotLeader
-from fastraft.wire import split_frames
+from fastraft.logutil import Throttle
+from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
 
 log = logging.getLogger("fastraft.kvservice")
-_LEN = struct.Struct("<I")
 MAX_FRAME = 16 << 20
 
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    op: str  # "put" | "get" | "status"
+    op: str  # "put" | "get" | "del" | "status"
     key: str = ""
     value: bytes = b""
 
@@ -38,6 +46,7 @@ class Response(msgspec.Struct, array_like=True):
     error: str = ""
     leader: int | None = None
     status: dict[str, Any] | None = None
+    leader_address: str | None = None
 
 
 _req_dec = msgspec.msgpack.Decoder(list[Request])
@@ -45,11 +54,11 @@ _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 
 
-class _Writer:
+class _Batcher:
     """Coalesces responses (or requests) of one loop iteration into one frame."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
+    def __init__(self, link: Link) -> None:
+        self.link = link
         self.pending: list = []
         self.scheduled = False
 
@@ -61,139 +70,226 @@ class _Writer:
 
     def flush(self) -> None:
         self.scheduled = False
-        if self.pending and not self.transport.is_closing():
-            body = _enc.encode(self.pending)
-            self.transport.writelines((_LEN.pack(len(body)), body))
+        transport = self.link.transport
+        if self.pending and transport is not None and not transport.is_closing():
+            self.link._write(_enc.encode(self.pending))
         self.pending = []
 
 
-class KVServer(asyncio.Protocol):
-    def __init__(self, node, store: kv.KVStore) -> None:
+class KVServer:
+    """The client port of one node serving a ``kv.KVStore``."""
+
+    def __init__(self, node, store: kv.KVStore, listen: str, *, cluster_id: str = "fastraft",
+                 secret: bytes | None = None, tls: TlsConfig | None = None,
+                 limits: ConnectionLimits | None = None, max_in_progress: int = 1024) -> None:
         self.node = node
         self.store = store
-        self.buffer = b""
-        self.writer: _Writer | None = None
+        self.listen = listen
+        self.credentials = Credentials(cluster_id, "kv", secret, tls)
+        self.limits = limits or ConnectionLimits()
+        self.max_in_progress = max_in_progress
+        self.stats: dict = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
+        self.gate = Gate(self.limits, self.stats)
+        self.throttle = Throttle(log)
+        self._server: asyncio.AbstractServer | None = None
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.writer = _Writer(transport)
+    async def start(self) -> None:
+        host, port = parse_address(self.listen)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ClientConnection(self), host, port)
 
-    def data_received(self, data: bytes) -> None:
-        frames, self.buffer, error = split_frames(self.buffer, data, MAX_FRAME)
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+class _ClientConnection(Link):
+    def __init__(self, server: KVServer) -> None:
+        super().__init__(server.credentials, server.node.id, server.listen, acceptor=True,
+                         max_frame=MAX_FRAME, stats=server.stats, gate=server.gate,
+                         handshake_timeout=server.limits.handshake_timeout,
+                         throttle=server.throttle)
+        self.server = server
+        self.node = server.node
+        self.out = _Batcher(self)
+        #: Requests read but not started (the rest of a frame when the limit was hit).
+        self.backlog: deque[Request] = deque()
+        self.in_progress = 0
+        self.paused = False
+
+    def frame(self, frame) -> bool:
         try:
-            for frame in frames:
-                for req in _req_dec.decode(frame):
-                    asyncio.ensure_future(self._handle(req))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            error = str(exc)
-        if error is not None:
-            log.warning("closing client connection: %s", error)
-            self.transport.close()
+            requests = _req_dec.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            self.stats["bad_frames"] += 1
+            return self.refuse(f"malformed request: {exc}")
+        self.backlog.extend(requests)
+        self._pump()
+        return True
 
-    async def _handle(self, req: Request) -> None:
-        try:
-            if req.op == "put":
-                version = await self.node.propose(kv.put(req.key, req.value))
-                resp = Response(req.id, True, version=version)
-            elif req.op == "get":
-                await self.node.read_index()
-                resp = Response(req.id, True, self.store.get(req.key),
-                                self.store.versions.get(req.key, 0))
-            elif req.op == "status":
-                status = self.node.status()
-                status["kv_keys"] = len(self.store.data)
-                resp = Response(req.id, True, status=status)
-            else:
-                resp = Response(req.id, False, error=f"unknown op {req.op!r}")
-        except NotLeader as exc:
-            resp = Response(req.id, False, error="not_leader", leader=exc.leader_id)
-        except FastRaftError as exc:
+    def _pump(self) -> None:
+        """Start backlog requests while fewer than the limit are in progress; stop
+        reading while any wait, read again once half of the limit is free."""
+        limit = self.server.max_in_progress
+        backlog = self.backlog
+        while backlog and self.in_progress < limit:
+            self._start(backlog.popleft())
+        if backlog or self.in_progress >= limit:
+            if not self.paused and self.transport is not None:
+                self.paused = True
+                self.transport.pause_reading()
+        elif self.paused and self.in_progress <= limit // 2 and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _start(self, req: Request) -> None:
+        op = req.op
+        if op == "put" or op == "del":
+            data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
+            self._track(req, asyncio.ensure_future(self.node.propose(data)), self._written)
+        elif op == "get":
+            self._track(req, asyncio.ensure_future(self.node.read_index()), self._read)
+        elif op == "status":
+            status = self.node.status()
+            status["kv_keys"] = len(self.server.store.data)
+            self.out.push(Response(req.id, True, status=status))
+        else:
+            self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
+
+    def _track(self, req: Request, fut: asyncio.Future, answer) -> None:
+        self.in_progress += 1
+        fut.add_done_callback(lambda f: self._done(req, f, answer))
+
+    def _done(self, req: Request, fut: asyncio.Future, answer) -> None:
+        self.in_progress -= 1
+        exc = fut.exception()
+        if exc is None:
+            resp = answer(req, fut.result())
+        elif isinstance(exc, NotLeader):
+            resp = Response(req.id, False, error="not_leader", leader=exc.leader_id,
+                            leader_address=exc.leader_address)
+        elif isinstance(exc, FastRaftError):
             resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")
-        self.writer.push(resp)
+        else:
+            resp = Response(req.id, False, error=f"internal error: {type(exc).__name__}")
+            log.error("client request %s failed: %r", req.op, exc)
+        self.out.push(resp)
+        if not self.closed:
+            self._pump()
+
+    @staticmethod
+    def _written(req: Request, result) -> Response:
+        if isinstance(result, kv.Refused):
+            return Response(req.id, False, error=f"refused: {result.reason}")
+        return Response(req.id, True, version=result or 0)
+
+    def _read(self, req: Request, _index: int) -> Response:
+        store = self.server.store
+        return Response(req.id, True, store.get(req.key), store.versions.get(req.key, 0))
+
+    def lost(self) -> None:
+        self.backlog.clear()
 
 
 class ClientError(Exception):
-    def __init__(self, error: str, leader: int | None = None):
-        super().__init__(error if leader is None else f"{error} (leader {leader})")
+    def __init__(self, error: str, leader: int | None = None,
+                 leader_address: str | None = None):
+        where = "" if leader is None else f" (leader {leader} at {leader_address})"
+        super().__init__(error + where)
         self.error = error
         self.leader = leader
+        self.leader_address = leader_address
 
 
-class KVClient(asyncio.Protocol):
+class KVClient(Link):
     """Pipelined client of one node's client port."""
 
     @classmethod
-    async def connect(cls, address: str, timeout: float = 5.0) -> KVClient:
+    async def connect(cls, address: str, timeout: float = 5.0, *,
+                      cluster_id: str = "fastraft", secret: bytes | None = None,
+                      tls: TlsConfig | None = None) -> KVClient:
+        """Connect and complete the handshake; ``ConnectionError`` if the node refuses."""
         host, port = parse_address(address)
         loop = asyncio.get_running_loop()
-        _, client = await asyncio.wait_for(loop.create_connection(cls, host, port), timeout)
-        client.address = address
+        ready = loop.create_future()
+        creds = Credentials(cluster_id, "kv", secret, tls)
+        _, client = await asyncio.wait_for(loop.create_connection(
+            lambda: cls(address, creds, ready, timeout), host, port), timeout)
+        await asyncio.wait_for(asyncio.shield(ready), timeout)
         return client
 
     @classmethod
-    async def connect_retrying(cls, address: str, timeout: float = 30.0) -> KVClient:
+    async def connect_retrying(cls, address: str, timeout: float = 30.0,
+                               **kwargs) -> KVClient:
         """Connect, retrying while the node starts up, for at most ``timeout`` seconds."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             try:
-                return await cls.connect(address, timeout=1.0)
+                return await cls.connect(address, timeout=1.0, **kwargs)
             except (OSError, asyncio.TimeoutError):
                 if asyncio.get_running_loop().time() > deadline:
                     raise
                 await asyncio.sleep(0.05)
 
-    def __init__(self) -> None:
-        self.address = ""
-        self.buffer = b""
+    def __init__(self, address: str, credentials: Credentials, ready: asyncio.Future,
+                 timeout: float) -> None:
+        super().__init__(credentials, 0, "", acceptor=False, max_frame=MAX_FRAME,
+                         stats={}, handshake_timeout=timeout)
+        self.server_address = address
+        self.ready = ready
         self.next_id = 0
         self.waiting: dict[int, asyncio.Future] = {}
-        self.closed = False
+        self.out = _Batcher(self)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.writer = _Writer(transport)
+    def authenticated(self, peer_id: int, address: str) -> bool:
+        if not self.ready.done():
+            self.ready.set_result(None)
+        return True
 
-    def connection_lost(self, exc) -> None:
-        self.closed = True
+    def lost(self) -> None:
+        err = ConnectionError(f"connection to {self.server_address} lost")
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(
+                f"{self.server_address} refused the connection (see its log)"))
         for fut in self.waiting.values():
             if not fut.done():
-                fut.set_exception(ConnectionError(f"connection to {self.address} lost"))
+                fut.set_exception(err)
         self.waiting.clear()
 
-    def data_received(self, data: bytes) -> None:
-        frames, self.buffer, error = split_frames(self.buffer, data, MAX_FRAME)
-        if error is not None:
-            log.warning("closing connection to %s: %s", self.address, error)
-            self.transport.close()
-        for frame in frames:
-            for resp in _resp_dec.decode(frame):
-                fut = self.waiting.pop(resp.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(resp)
+    def frame(self, frame) -> bool:
+        try:
+            responses = _resp_dec.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            return self.refuse(f"malformed response: {exc}")
+        for resp in responses:
+            fut = self.waiting.pop(resp.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(resp)
+        return True
 
     async def request(self, op: str, key: str = "", value: bytes = b"") -> Response:
         if self.closed:
-            raise ConnectionError(f"connection to {self.address} is closed")
+            raise ConnectionError(f"connection to {self.server_address} is closed")
         self.next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut
-        self.writer.push(Request(self.next_id, op, key, value))
+        self.out.push(Request(self.next_id, op, key, value))
         resp = await fut
         if not resp.ok:
-            raise ClientError(resp.error, resp.leader)
+            raise ClientError(resp.error, resp.leader, resp.leader_address)
         return resp
 
     async def put(self, key: str, value: bytes) -> int:
         return (await self.request("put", key, value)).version
+
+    async def delete(self, key: str) -> int:
+        return (await self.request("del", key)).version
 
     async def get(self, key: str) -> bytes | None:
         return (await self.request("get", key)).value
 
     async def status(self) -> dict:
         return (await self.request("status")).status
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,

@@ -3,7 +3,9 @@
 A batch is a sequence of records ``u32 head_len | head | u32 blob_len | blob``: ``head``
 is the msgspec (msgpack) encoding of one message; for an ``AppendEntries`` its entries
 travel in ``blob``, encoded by the batch-codec kernel, and are decoded as slices of the
-received buffer. Any malformed input raises ``DecodeError``.
+received buffer (entries inside the head are refused). Terms, indexes and kinds are
+range-checked while decoding. Any malformed input raises ``DecodeError``; batches travel
+in frames cut by ``FrameReader``.
 """
 from __future__ import annotations
 
@@ -22,26 +24,82 @@ _decoder = msgspec.msgpack.Decoder(Message)
 _EMPTY_LEN = _U32.pack(0)
 
 
-def split_frames(buffer: bytes, data: bytes,
-                 max_frame: int) -> tuple[list[memoryview], bytes, str | None]:
-    """Cut a byte stream of ``u32 length | body`` frames: the complete bodies (views of the
-    data), the incomplete rest to keep for the next read, and an error if a header
-    announces more than ``max_frame`` bytes (the frames before it are still returned)."""
-    if buffer:
-        data = buffer + data
-    frames = []
-    pos, size = 0, len(data)
-    view = memoryview(data)
-    unpack = _U32.unpack_from
-    while size - pos >= 4:
-        (n,) = unpack(data, pos)
-        if n > max_frame:
-            return frames, b"", f"frame of {n} bytes exceeds the limit of {max_frame}"
-        if size - pos - 4 < n:
-            break
-        frames.append(view[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return frames, data[pos:] if pos < size else b"", None
+class FrameTooLarge(DecodeError):
+    """A frame header announces more bytes than the connection may hold."""
+
+
+class FrameReader:
+    """Cuts a byte stream of ``u32 length | body`` frames.
+
+    Linear in the bytes received: complete frames inside one read are views of that read
+    (no copy); a frame split across reads is gathered once into its own buffer. A header
+    announcing more than ``max_frame`` bytes raises ``FrameTooLarge`` before anything of
+    that frame is buffered, so a connection never holds more than ``max_frame + 4`` bytes.
+    ``max_frame`` may change between reads (raised once a peer is authenticated).
+    """
+
+    __slots__ = ("max_frame", "_head", "_body", "_need")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._head = b""  # a header cut short by the end of a read
+        self._body: bytearray | None = None  # a frame gathered across reads
+        self._need = 0  # bytes still missing from _body
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for frames not yet complete."""
+        return len(self._head) + (len(self._body) if self._body is not None else 0)
+
+    def feed(self, data) -> list:
+        """The frames completed by ``data``, in order (bytes-like objects)."""
+        frames: list = []
+        view = memoryview(data)
+        size = len(view)
+        pos = 0
+        if self._head:
+            take = 4 - len(self._head)
+            self._head += bytes(view[:take])
+            pos = take
+            if len(self._head) < 4:
+                return frames
+            (n,) = _U32.unpack(self._head)
+            self._head = b""
+            self._start(n)
+        if self._body is not None:
+            take = min(self._need, size - pos)
+            self._body += view[pos:pos + take]
+            self._need -= take
+            pos += take
+            if self._need:
+                return frames
+            frames.append(memoryview(self._body))
+            self._body = None
+        unpack = _U32.unpack_from
+        while size - pos >= 4:
+            (n,) = unpack(view, pos)
+            pos += 4
+            if size - pos >= n:
+                self._check(n)
+                frames.append(view[pos:pos + n])
+                pos += n
+            else:
+                self._start(n)
+                self._body += view[pos:]
+                self._need -= size - pos
+                return frames
+        if pos < size:
+            self._head = bytes(view[pos:])
+        return frames
+
+    def _check(self, n: int) -> None:
+        if n > self.max_frame:
+            raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {self.max_frame}")
+
+    def _start(self, n: int) -> None:
+        self._check(n)
+        self._body = bytearray()
+        self._need = n
 
 
 class BlobCache:
@@ -109,6 +167,9 @@ def decode_messages(buf) -> list:
             if pos + n + 4 > size:
                 raise DecodeError(f"message at offset {pos} runs past the end of the batch")
             m = _decoder.decode(view[pos:pos + n])
+            if type(m) is AppendEntries and m.entries:
+                raise DecodeError(f"entries inside a message head at offset {pos}: "
+                                  "they travel in the entry blob")
             pos += n
             (blob_len,) = unpack(view, pos)
             pos += 4
@@ -118,6 +179,6 @@ def decode_messages(buf) -> list:
                 m.entries = kernels.decode_entries(view[pos:pos + blob_len])
                 pos += blob_len
             out.append(m)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise DecodeError(f"malformed message at offset {pos}: {exc}") from None
     return out

@@ -13,10 +13,11 @@ from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
 from fastraft.testing import wait_until
-from fastraft.transport.tcp import Hello, TcpNetwork, _hello_encoder
+from fastraft.transport.tcp import TcpNetwork
 from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 from aio import run
+from rawpeer import connect, frame
 
 FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
 
@@ -38,19 +39,6 @@ async def pair(cluster_b="fastraft"):
     a.set_peers({2: b.listen})
     b.set_peers({1: a.listen})
     return a, b, sa, sb
-
-
-def frame(body: bytes) -> bytes:
-    return struct.pack("<I", len(body)) + body
-
-
-def hello(cluster="fastraft", node=9) -> bytes:
-    return frame(_hello_encoder.encode(Hello(cluster, node)))
-
-
-async def raw_connection(port):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    return reader, writer
 
 
 @run
@@ -80,10 +68,10 @@ async def test_messages_arrive_coalesced_with_entries_as_views():
 @run
 async def test_malformed_frames_close_only_that_connection(payload, caplog):
     a, b, sa, sb = await pair()
-    _, writer = await raw_connection(b.port)
-    writer.write(hello() + payload)
+    _, writer, _ = await connect(b.port, 9)
+    writer.write(payload)
     await writer.drain()
-    with caplog.at_level(logging.WARNING, logger="fastraft.transport.tcp"):
+    with caplog.at_level(logging.WARNING, logger="fastraft.transport"):
         await wait_until(lambda: b.stats["bad_frames"] == 1)
     assert "closing connection" in caplog.text
     # the node keeps serving its real peer
@@ -98,9 +86,9 @@ async def test_malformed_frames_close_only_that_connection(payload, caplog):
 @run
 async def test_truncated_frame_then_disconnect_delivers_nothing():
     a, b, sa, sb = await pair()
-    _, writer = await raw_connection(b.port)
+    _, writer, _ = await connect(b.port, 9)
     body = encode_messages([RequestVote(1, 1, 0, 0)])
-    writer.write(hello() + struct.pack("<I", len(body)) + body[:-3])
+    writer.write(struct.pack("<I", len(body)) + body[:-3])
     await writer.drain()
     writer.close()
     a.send(2, [RequestVote(7, 1, 0, 0)])
@@ -113,7 +101,7 @@ async def test_truncated_frame_then_disconnect_delivers_nothing():
 @run
 async def test_peer_of_another_cluster_is_refused(caplog):
     a, b, sa, sb = await pair(cluster_b="other")
-    with caplog.at_level(logging.WARNING, logger="fastraft.transport.tcp"):
+    with caplog.at_level(logging.WARNING, logger="fastraft.transport"):
         a.send(2, [RequestVote(1, 1, 0, 0)])
         await wait_until(lambda: b.stats["refused"] >= 1)
     assert "cluster 'fastraft', not 'other'" in caplog.text

@@ -40,8 +40,8 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
 class _CuttableTcp(TcpNetwork):
     """TcpNetwork whose links the hub can cut: real sockets, test-made partitions."""
 
-    def __init__(self, hub: MemoryHub, node_id: int, listen: str) -> None:
-        super().__init__(node_id, listen)
+    def __init__(self, hub: MemoryHub, node_id: int, listen: str, **options) -> None:
+        super().__init__(node_id, listen, **options)
         self.hub = hub
 
     def send(self, target: int, messages: list) -> None:
@@ -54,12 +54,14 @@ class _CuttableTcp(TcpNetwork):
 
 class LocalCluster:
     """``nodes`` founding voters (ids 1..nodes) plus ``spares`` started nodes outside the
-    membership, to add later. ``transport`` is "memory" or "tcp" (127.0.0.1)."""
+    membership, to add later. ``transport`` is "memory" or "tcp" (127.0.0.1);
+    ``tcp_options`` go to every ``TcpNetwork`` (``secret``, ``tls``, ``limits``, ...)."""
 
     def __init__(self, nodes: int = 3, *, state_machine: Callable[[], Any],
                  config: Config | None = None,
                  storage: Callable[[], Any] = MemoryStorage, seed: int = 0,
-                 transport: str = "memory", spares: int = 0) -> None:
+                 transport: str = "memory", spares: int = 0,
+                 tcp_options: dict | None = None) -> None:
         if transport not in ("memory", "tcp"):
             raise ValueError(f"transport must be 'memory' or 'tcp', not {transport!r}")
         self.size = nodes
@@ -67,6 +69,7 @@ class LocalCluster:
         self.config = config or Config()
         self.storage_factory = storage
         self.transport = transport
+        self.tcp_options = tcp_options or {}
         self.rng = random.Random(seed)
         self.hub = MemoryHub()
         ids = range(1, nodes + spares + 1)
@@ -83,7 +86,8 @@ class LocalCluster:
     def _make(self, node_id: int) -> RaftNode:
         sm = self.state_machines[node_id] = self.state_machine_factory()
         if self.transport == "tcp":
-            network = _CuttableTcp(self.hub, node_id, self.addresses[node_id])
+            network = _CuttableTcp(self.hub, node_id, self.addresses[node_id],
+                                   **self.tcp_options)
         else:
             network = self.hub.network(node_id)
         return RaftNode(node_id, storage=self.storages[node_id], network=network,

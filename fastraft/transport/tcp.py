@@ -1,12 +1,13 @@
 """``TcpNetwork``: Raft messages over TCP, built on asyncio Protocols (fast on uvloop).
 
 Each node dials every peer and sends on that connection only; it receives on the
-connections its peers dialed. A connection starts with a handshake frame naming the
-cluster and the dialing node; a peer from another cluster is refused and logged. Then
-each frame (``u32 length | body``) carries a batch of messages (``fastraft.wire``).
-Everything queued for a peer during one loop iteration leaves in one frame and one write.
+connections its peers dialed. A connection starts with the handshake of
+``fastraft.transport.link``: peers are authenticated by a cluster secret and/or mutual
+TLS, and refused (logged, counted) before any Raft message is decoded. Then each frame
+(``u32 length | body``) carries a batch of messages (``fastraft.wire``). Everything queued
+for a peer during one loop iteration leaves in one frame and one write.
 
-A malformed, truncated or oversized frame closes that connection (and is logged); the node
+A malformed, truncated or oversized frame closes that connection (one log line); the node
 keeps serving. A slow or unreachable peer costs only its own bounded queue: past the bound
 the oldest messages are dropped, which Raft tolerates. Reconnects back off exponentially
 with jitter.
@@ -17,37 +18,32 @@ import asyncio
 import logging
 import random
 import struct
+from collections import OrderedDict
 from typing import Any
-
-import msgspec
 
 from fastraft.addresses import parse_address
 from fastraft.errors import DecodeError
-from fastraft.wire import BlobCache, decode_messages, encode_messages, split_frames
+from fastraft.logutil import Throttle
+from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
+from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 log = logging.getLogger("fastraft.transport.tcp")
 
 _LEN = struct.Struct("<I")
-PROTOCOL_VERSION = 1
-
-
-class Hello(msgspec.Struct, array_like=True):
-    cluster_id: str
-    node_id: int
-    version: int = PROTOCOL_VERSION
-    #: Where the dialer listens: lets a node that is not yet told the membership (a new
-    #: learner) answer the leader that contacted it.
-    address: str = ""
-
-
-_hello_decoder = msgspec.msgpack.Decoder(Hello)
-_hello_encoder = msgspec.msgpack.Encoder()
+#: Addresses learned from peers that dialed us, kept for at most this many ids.
+MAX_LEARNED = 1024
 
 
 class TcpNetwork:
-    """See the module docstring. ``listen`` is this node's ``HOST:PORT``."""
+    """See the module docstring. ``listen`` is this node's ``HOST:PORT``.
+
+    ``secret`` (at least 16 bytes) and ``tls`` authenticate peers; without either anyone
+    who reaches the port takes part (a warning says so at start; docs/security.md).
+    """
 
     def __init__(self, node_id: int, listen: str, *, cluster_id: str = "fastraft",
+                 secret: bytes | None = None, tls: TlsConfig | None = None,
+                 limits: ConnectionLimits | None = None,
                  max_frame_bytes: int = 64 << 20, max_queue_messages: int = 65536,
                  max_buffer_bytes: int = 32 << 20, backoff_min: float = 0.02,
                  backoff_max: float = 1.0, rng: random.Random | None = None) -> None:
@@ -55,6 +51,8 @@ class TcpNetwork:
         self.listen = listen
         self.host, self.port = parse_address(listen)
         self.cluster_id = cluster_id
+        self.credentials = Credentials(cluster_id, "raft", secret, tls)
+        self.limits = limits or ConnectionLimits()
         self.max_frame_bytes = max_frame_bytes
         self.max_queue_messages = max_queue_messages
         self.max_buffer_bytes = max_buffer_bytes
@@ -63,8 +61,9 @@ class TcpNetwork:
         self.rng = rng or random.Random()
         self.node: Any = None
         self.addresses: dict[int, str] = {}
-        #: Addresses announced by peers that dialed us, used for nodes not in ``addresses``.
-        self.learned: dict[int, str] = {}
+        #: Addresses announced by authenticated peers that dialed us, used for nodes not
+        #: in ``addresses`` (a new learner answering the leader that contacted it).
+        self.learned: OrderedDict[int, str] = OrderedDict()
         self._peers: dict[int, _Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[_Inbound] = set()
@@ -72,7 +71,9 @@ class TcpNetwork:
         #: Followers at the same point get the same entries: encode them once.
         self.blobs = BlobCache()
         self.stats = {"frames_in": 0, "frames_out": 0, "dropped": 0, "refused": 0,
-                      "bad_frames": 0}
+                      "bad_frames": 0, "evicted": 0, "timeouts": 0}
+        self.gate = Gate(self.limits, self.stats)
+        self.throttle = Throttle(logging.getLogger("fastraft.transport"))
 
     async def start(self, node: Any) -> None:
         self.node = node
@@ -82,6 +83,10 @@ class TcpNetwork:
         if self.port == 0:
             self.port = self._server.sockets[0].getsockname()[1]
             self.listen = f"{self.host}:{self.port}"
+        if not self.credentials.authenticated:
+            log.warning("node %d: Raft port %s accepts unauthenticated peers (no secret, no "
+                        "TLS): anyone who can reach it can take part in the cluster; see "
+                        "docs/security.md", self.id, self.listen)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -117,6 +122,12 @@ class TcpNetwork:
             peer = self._peers[target] = _Peer(self, target, address)
         peer.enqueue(messages)
 
+    def _learn(self, node_id: int, address: str) -> None:
+        self.learned[node_id] = address
+        self.learned.move_to_end(node_id)
+        if len(self.learned) > MAX_LEARNED:
+            self.learned.popitem(last=False)
+
 
 class _Peer:
     """The outbound side towards one peer: a queue, a connection, a reconnect loop."""
@@ -129,7 +140,6 @@ class _Peer:
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.closed = False
-        self.paused = False
         self.connect_task = net._loop.create_task(self._connect_loop())
 
     def enqueue(self, messages: list) -> None:
@@ -165,24 +175,22 @@ class _Peer:
             host, port = parse_address(self.address)
             lost = loop.create_future()
             try:
-                transport, _ = await loop.create_connection(
-                    lambda: _Outbound(self, lost), host, port)
+                await loop.create_connection(lambda: _Outbound(self, lost), host, port)
             except (OSError, asyncio.TimeoutError) as exc:
                 log.debug("node %d: cannot reach node %d at %s: %s", net.id, self.id,
                           self.address, exc)
             else:
-                hello = _hello_encoder.encode(Hello(net.cluster_id, net.id,
-                                                    address=net.listen))
-                transport.writelines((_LEN.pack(len(hello)), hello))
-                self.transport = transport
-                delay = net.backoff_min
-                self.flush()
                 await lost
                 self.transport = None
                 if self.closed:
                     return
-            await asyncio.sleep(delay * (0.5 + self.net.rng.random()))
+            await asyncio.sleep(delay * (0.5 + net.rng.random()))
             delay = min(delay * 2, net.backoff_max)
+
+    def connected(self, link: _Outbound) -> None:
+        """The handshake with the peer succeeded: send what is queued, from now on."""
+        self.transport = link.transport
+        self.flush()
 
     def reconnect(self) -> None:
         if self.transport is not None:
@@ -196,89 +204,62 @@ class _Peer:
             self.transport = None
 
 
-class _Outbound(asyncio.Protocol):
-    """Dialed connection: we only write. Anything the peer sends back is ignored."""
+class _Outbound(Link):
+    """Dialed connection: after the handshake we only write; a peer that sends anything
+    more is not speaking this protocol and is dropped."""
 
     def __init__(self, peer: _Peer, lost: asyncio.Future) -> None:
+        net = peer.net
+        super().__init__(net.credentials, net.id, net.listen, acceptor=False,
+                         max_frame=0, stats=net.stats, expected_peer=peer.id,
+                         handshake_timeout=net.limits.handshake_timeout,
+                         throttle=net.throttle)
         self.peer = peer
-        self.lost = lost
+        self.lost_future = lost
 
-    def connection_lost(self, exc) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
+    def authenticated(self, peer_id: int, address: str) -> bool:
+        self.peer.connected(self)
+        return True
 
-    def data_received(self, data: bytes) -> None:
-        pass
+    def frame(self, frame) -> bool:
+        return self.refuse("sent data on a connection it did not dial")
+
+    def lost(self) -> None:
+        if not self.lost_future.done():
+            self.lost_future.set_result(None)
 
 
-class _Inbound(asyncio.Protocol):
-    """Accepted connection: parse frames, check the handshake, hand messages to the node."""
+class _Inbound(Link):
+    """Accepted connection: the handshake, then frames of messages for the node."""
 
     def __init__(self, net: TcpNetwork) -> None:
+        super().__init__(net.credentials, net.id, net.listen, acceptor=True,
+                         max_frame=net.max_frame_bytes, stats=net.stats, gate=net.gate,
+                         handshake_timeout=net.limits.handshake_timeout,
+                         throttle=net.throttle)
         self.net = net
-        self.buffer = b""
-        self.peer_id: int | None = None
-        self.transport: asyncio.Transport | None = None
+        net._inbound.add(self)
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.net._inbound.add(self)
+    def authenticated(self, peer_id: int, address: str) -> bool:
+        net = self.net
+        if peer_id == net.id or peer_id == 0:
+            return self.refuse(f"peer claims node id {peer_id}")
+        if address:
+            net._learn(peer_id, address)
+        return True
 
-    def connection_lost(self, exc) -> None:
+    def lost(self) -> None:
         self.net._inbound.discard(self)
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def _reject(self, why: str) -> None:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        log.warning("node %d: closing connection from %s (node %s): %s", self.net.id, peer,
-                    self.peer_id, why)
-        self.net.stats["bad_frames"] += 1
-        self.buffer = b""
-        self.close()
-
-    def data_received(self, data: bytes) -> None:
-        frames, self.buffer, error = split_frames(self.buffer, data, self.net.max_frame_bytes)
-        for frame in frames:
-            if not self._frame(frame):
-                return
-        if error is not None:
-            self._reject(error)
-
-    def _frame(self, frame: memoryview) -> bool:
+    def frame(self, frame) -> bool:
         net = self.net
-        if self.peer_id is None:
-            try:
-                hello = _hello_decoder.decode(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._reject(f"bad handshake: {exc}")
-                return False
-            if hello.cluster_id != net.cluster_id:
-                net.stats["refused"] += 1
-                self._reject(f"peer belongs to cluster {hello.cluster_id!r}, "
-                             f"not {net.cluster_id!r}")
-                return False
-            if hello.version != PROTOCOL_VERSION:
-                self._reject(f"peer speaks protocol {hello.version}, not {PROTOCOL_VERSION}")
-                return False
-            self.peer_id = hello.node_id
-            if hello.address and hello.node_id != net.id:
-                net.learned[hello.node_id] = hello.address
-            return True
         try:
             messages = decode_messages(frame)
         except DecodeError as exc:
-            self._reject(str(exc))
-            return False
+            net.stats["bad_frames"] += 1
+            return self.refuse(str(exc))
         net.stats["frames_in"] += 1
         node = net.node
         if node is not None and messages and net.receive_filter(self.peer_id):
-            try:
-                node.receive(self.peer_id, messages)
-            except Exception as exc:  # a message the engine refuses must not kill the node
-                log.exception("node %d: message from node %s rejected", net.id, self.peer_id)
-                self._reject(f"message rejected: {exc!r}")
-                return False
+            node.receive(self.peer_id, messages)
         return True

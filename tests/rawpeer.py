@@ -1,0 +1,64 @@
+"""A raw TCP peer for attacking a node's port: the handshake done by hand (or not at all),
+then whatever frames a test wants to send."""
+import asyncio
+import os
+import struct
+
+import msgspec
+
+from fastraft.transport.link import (PROTOCOL_VERSION, ClientHello, Credentials,
+                                     ServerHello, Welcome, decode_hello)
+from fastraft.wire import encode_messages
+
+_enc = msgspec.msgpack.Encoder()
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("<I", len(body)) + body
+
+
+async def read_frame(reader) -> bytes:
+    (n,) = struct.unpack("<I", await reader.readexactly(4))
+    return await reader.readexactly(n)
+
+
+async def connect(port: int, node_id: int = 99, *, cluster_id: str = "fastraft",
+                  secret: bytes | None = None, purpose: str = "raft", handshake: bool = True,
+                  address: str = ""):
+    """Open a connection to 127.0.0.1:``port`` as ``node_id``; with ``handshake`` complete
+    it (proving ``secret`` if given). Returns (reader, writer, welcome or None)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    welcome = None
+    if handshake:
+        hello = decode_hello(await read_frame(reader))
+        assert type(hello) is ServerHello
+        creds = Credentials(cluster_id, purpose, secret)
+        nonce = os.urandom(16)
+        writer.write(frame(_enc.encode(ClientHello(
+            cluster_id, node_id, PROTOCOL_VERSION, address, nonce,
+            creds.proof("dial", node_id, address, hello.nonce, nonce)))))
+        try:
+            welcome = decode_hello(await asyncio.wait_for(read_frame(reader), 5))
+            assert type(welcome) is Welcome
+        except (asyncio.IncompleteReadError, ConnectionError):
+            welcome = None  # refused
+    return reader, writer, welcome
+
+
+async def send_messages(port: int, node_id: int, messages: list, **kw) -> None:
+    """One connection as ``node_id``: handshake, one frame of ``messages``, close once
+    the node has read it."""
+    reader, writer, _ = await connect(port, node_id, **kw)
+    writer.write(frame(encode_messages(messages)))
+    await writer.drain()
+    writer.write_eof()
+    try:
+        await asyncio.wait_for(reader.read(), 5)  # the node closes or we time out
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    writer.close()
+
+
+def no_tracebacks(caplog) -> bool:
+    """fastraft logged its refusals without a traceback (one line each)."""
+    return not any(r.exc_info for r in caplog.records if r.name.startswith("fastraft"))

@@ -271,7 +271,7 @@ async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_
             rng = random.Random(5)
             for k in range(n):
                 try:
-                    _, w = await asyncio.open_connection("127.0.0.1", ports[k % 3])
+                    _, w = await asyncio.open_connection("127.0.0.1", ports[k % 6])
                 except OSError:
                     continue
                 if k % 2:

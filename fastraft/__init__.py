@@ -6,11 +6,13 @@ from fastraft.errors import (
     DecodeError,
     FastRaftError,
     MembershipChangeInProgress,
+    NodeFailed,
     NodeStopped,
     NotLeader,
     Overloaded,
     ProposalDropped,
     StorageCorruption,
+    StorageOwnedElsewhere,
 )
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.node import RaftNode
@@ -23,6 +25,6 @@ __all__ = [
     "Config", "RaftNode", "RaftStorage", "MemoryStorage", "StateMachine",
     "Entry", "EntryKind", "HardState", "Membership",
     "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError",
-    "MembershipChangeInProgress", "NodeStopped", "NotLeader", "Overloaded",
-    "ProposalDropped", "StorageCorruption",
+    "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "Overloaded",
+    "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere",
 ]

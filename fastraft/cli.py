@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -10,7 +11,7 @@ import sys
 
 from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
-from fastraft.errors import AlreadyInitialized, ConfigError
+from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
 
 
 def add_security_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +45,22 @@ def security_options(args) -> dict:
     return out
 
 
-async def serve_node(args) -> None:
+def load_factory(spec: str):
+    """``MODULE:NAME`` → the object ``NAME`` of module ``MODULE``."""
+    import importlib
+
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"--state-machine {spec!r}: expected MODULE:NAME")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--state-machine {spec!r}: {exc}") from None
+
+
+async def serve_node(args) -> int:
+    """Run the node until SIGTERM/SIGINT (0), or until it stops itself because a hook
+    failed (3: a supervisor restarts it, and the log says which entry)."""
     from fastraft import kv
     from fastraft.config import Config
     from fastraft.kvservice import KVServer
@@ -58,18 +74,25 @@ async def serve_node(args) -> None:
     security = security_options(args)
     if args.data_dir:
         from fastraft.filestorage import FileStorage
-        storage = FileStorage(args.data_dir)
+        storage = FileStorage(args.data_dir, repair=args.repair)
+    elif args.repair:
+        raise ConfigError("--repair needs --data-dir")
     else:
         storage = MemoryStorage()
-    store = kv.KVStore()
+    store = load_factory(args.state_machine)() if args.state_machine else kv.KVStore()
     config = Config() if args.snapshot_interval is None else \
         Config(snapshot_interval=args.snapshot_interval,
                snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
                                              args.snapshot_interval))
     node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
+                    cluster_id=args.cluster_id,
                     network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id,
                                        **security))
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        _close(storage)
+        raise
     if args.init:
         try:
             await node.initialize(cluster)
@@ -84,10 +107,26 @@ async def serve_node(args) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Everything allocated so far (modules, functions, types: most of what the collector
+    # tracks) lives as long as the process: keep full collections from walking it again,
+    # which shortens their pauses under load (docs/node.md, "Pauses").
+    gc.freeze()
     print(f"node {args.id} ready: raft {cluster[args.id]}, clients {args.client}", flush=True)
-    await stop.wait()
+    stopped = asyncio.ensure_future(node.wait_stopped())
+    signalled = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
     server.close()
     await node.stop()
+    _close(storage)
+    signalled.cancel()
+    if node.failure is not None:
+        stopped.exception()  # retrieved: it is reported below
+        print(f"fastraft node: {node.failure}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+def _close(storage) -> None:
     close = getattr(storage, "close", None)
     if close is not None:
         close()
@@ -124,6 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING")
+    node.add_argument("--repair", action="store_true",
+                      help="open a damaged --data-dir keeping its intact log; the node then "
+                           "rejoins without voting until caught up (docs/storage.md)")
+    node.add_argument("--state-machine", metavar="MODULE:NAME",
+                      help="a KV state machine factory for the client port "
+                           "(default: fastraft.kv:KVStore)")
     add_security_options(node)
 
     sub.add_parser("bench", help="benchmarks (see fastraft bench --help)", add_help=False)
@@ -145,11 +190,12 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "node":
             logging.basicConfig(level=args.log_level.upper(),
                                 format="%(asctime)s %(name)s %(levelname)s %(message)s")
-            run_loop(serve_node(args))
+            sys.exit(run_loop(serve_node(args)))
         else:
             run_loop(show_status(args))
-    except ConfigError as exc:
-        parser.error(str(exc))
+    except FastRaftError as exc:  # refused to start: corrupt or foreign storage, config
+        print(f"fastraft {args.command}: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (ConnectionError, OSError) as exc:
-        print(f"fastraft: {exc}", file=sys.stderr)
+        print(f"fastraft {args.command}: {exc}", file=sys.stderr)
         sys.exit(2)

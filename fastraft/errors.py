@@ -45,6 +45,17 @@ class StorageCorruption(FastRaftError):
     """Data on disk failed a checksum or is inconsistent; names the file and offset."""
 
 
+class StorageOwnedElsewhere(FastRaftError):
+    """The storage belongs to another node id or cluster id than the node opening it."""
+
+
+class NodeFailed(NodeStopped):
+    """The node stopped itself because a hook failed: the state machine raised on a
+    committed entry (a bug: ``apply`` must be deterministic and accept every entry), or
+    storage could not write. ``RaftNode.failure`` says which; the node stays stopped, and
+    a restart meets the same entry again until the state machine is fixed."""
+
+
 class SafetyViolation(FastRaftError, AssertionError):
     """A Raft invariant was about to be broken. This is a bug in fastraft or in a hook."""
 

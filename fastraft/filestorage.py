@@ -3,22 +3,36 @@
 Layout of the directory::
 
     LOCK                         flock()ed while open: one process per directory
-    state                        hard state + compaction point, replaced atomically
+    identity                     node id and cluster id, written once (``save_identity``)
+    state                        hard state (term, vote, commit mark, recovering) and the
+                                 compaction point, replaced atomically; exists from creation
     snapshot                     the last snapshot's metadata, replaced atomically
     snapshot-<index>-<crc>.data  its data, streamed in; the name is set by ``snapshot``
     log-<first index>.seg        the log, append-only segments rolled at ``segment_bytes``
 
-A segment is a sequence of records ``u32 length | u32 crc32(body) | body``, ``body`` being
-one batch of consecutive entries in the batch-codec format. Each ``append_entries`` call
-writes one record with one ``write`` and makes it durable with one ``fdatasync`` (the node
-calls it once per event-loop iteration: group commit). All file work runs on one dedicated
-thread, so the event loop keeps serving while the disk syncs.
+A segment is a sequence of records, each one batch of consecutive entries (batch-codec
+``body``) behind a 24-byte header::
 
-Start-up scans the segments and checks every record. A torn or zero-filled record at the
-very end of the last segment is what a crash mid-write leaves: it is truncated and logged.
-A bad record anywhere else, a gap between segments, or an unreadable state or snapshot file
-is corruption of acknowledged data: start-up stops with ``StorageCorruption`` naming the
-file and offset, and nothing is truncated.
+    u32 magic | u32 len(body) | u64 commit mark | u32 crc32(body) | u32 crc32(header[:20])
+
+Each ``append_entries`` call writes one record with one ``write`` and makes it durable
+with one ``fdatasync`` before the next is written (the node calls it once per event-loop
+iteration: group commit). All file work runs on one dedicated thread. The commit mark is
+the commit index the node knew when it wrote the record (``commit_advanced``): every entry
+up to it was committed, so recovery may never lose it.
+
+Recovery (etcd's WAL rules; see docs/storage.md): every record is checked. Only the last
+write can have been interrupted — each record is fsynced before the next is written — so
+only bytes at the very end of the last segment may be dropped, and only when they look
+like an interrupted write: a header cut short, zeros to the end of the file, a body cut
+short by the end of the file, or a record whose bad checksum is explained by a 512-byte
+sector that never reached the disk (all zeros) with nothing written after it. No valid
+record may follow, and no entry up to the commit mark may be lost. Anything else —
+a bad length or checksum anywhere else, a missing segment, a missing or damaged ``state``
+or snapshot file, a log shorter than its commit mark — stops start-up with
+``StorageCorruption`` naming the file, the offset and what was expected; nothing is
+changed on disk. ``FileStorage(..., repair=True)`` instead keeps the log up to the last
+intact record and marks the node ``recovering`` (docs/storage.md, "Repairing a node").
 """
 from __future__ import annotations
 
@@ -44,10 +58,15 @@ from fastraft.storage import SnapshotMeta, StorageState
 
 log = logging.getLogger("fastraft.filestorage")
 
-_HEAD = struct.Struct("<II")  # body length, crc32(body)
+_MAGIC = 0x32575246  # b"FRW2", little-endian: where a record starts
+_HEAD = struct.Struct("<IIQII")  # magic, body length, commit mark, crc(body), crc(head)
+_HEAD_CHECKED = 20  # the header bytes its own crc covers
+_FILE_HEAD = struct.Struct("<II")  # body length, crc32(body): the state and identity files
 _SNAP_HEAD = struct.Struct("<IIQI")  # meta length, crc(meta), data length, crc(data)
 _SEG_PREFIX, _SEG_SUFFIX = "log-", ".seg"
 _SNAP_DATA_PREFIX = "snapshot-"
+_SECTOR = 512
+_MAGIC_BYTES = struct.pack("<I", _MAGIC)
 
 
 class StorageLocked(FastRaftError):
@@ -59,6 +78,22 @@ class _State(msgspec.Struct, array_like=True):
     #: Entries up to here were compacted away (covered by a snapshot).
     compacted_index: int = 0
     compacted_term: int = 0
+
+
+class _Identity(msgspec.Struct, array_like=True):
+    node_id: int
+    cluster_id: str
+
+
+class _Damage(Exception):
+    """A record that is not intact, at ``pos`` of a segment: ``what`` was found, and
+    whether it is shaped like an interrupted write (``torn``)."""
+
+    def __init__(self, pos: int, what: str, torn: bool) -> None:
+        super().__init__(what)
+        self.pos = pos
+        self.what = what
+        self.torn = torn
 
 
 def _seg_name(first_index: int) -> str:
@@ -77,7 +112,7 @@ def _discard(_: bytes) -> None:
     pass
 
 
-def _write_atomically(directory: str, name: str, data: bytes) -> None:
+def _write_atomically(directory: str, name: str, data: bytes, sync: bool = True) -> None:
     """Replace ``name`` with ``data``: temp file, fsync, rename, fsync the directory."""
     tmp = os.path.join(directory, name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -85,11 +120,52 @@ def _write_atomically(directory: str, name: str, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, os.path.join(directory, name))
-    _fsync_dir(directory)
+    if sync:
+        _fsync_dir(directory)
+
+
+def _read_checked(path: str, struct_type):
+    """A small file written by ``_write_checked``; None if missing, StorageCorruption if
+    damaged."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if len(data) < _FILE_HEAD.size:
+        raise StorageCorruption(f"{path}: truncated at {len(data)} bytes (offset 0)")
+    length, crc = _FILE_HEAD.unpack_from(data)
+    body = data[_FILE_HEAD.size:]
+    if len(body) != length or zlib.crc32(body) != crc:
+        raise StorageCorruption(f"{path}: truncated or fails its checksum (offset 0, "
+                                f"{len(data)} bytes, expected {length + _FILE_HEAD.size})")
+    try:
+        return msgspec.msgpack.decode(body, type=struct_type)
+    except (msgspec.MsgspecError, ValueError) as exc:
+        raise StorageCorruption(f"{path}: unreadable (offset {_FILE_HEAD.size}): {exc}") \
+            from None
+
+
+def _checked(value) -> bytes:
+    body = msgspec.msgpack.encode(value)
+    return _FILE_HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+def _zero_sector_within(data: bytes, lo: int, hi: int) -> bool:
+    """Whether some 512-byte-aligned sector overlapping ``[lo, hi)`` holds only zeros
+    (as far as the file goes): the mark of a write that did not reach the disk whole."""
+    start = lo - lo % _SECTOR
+    while start < hi and start < len(data):
+        chunk = data[start:min(start + _SECTOR, len(data))]
+        if chunk.count(0) == len(chunk):
+            return True
+        start += _SECTOR
+    return False
 
 
 class FileStorage:
@@ -97,13 +173,16 @@ class FileStorage:
 
     ``sync=False`` skips every fsync. UNSAFE: a crash of the machine (not just the process)
     can then lose acknowledged writes and break Raft's guarantees. For benchmarks only.
+    ``repair=True`` opens a damaged directory by keeping what is intact (see the module
+    docstring); use it only as docs/storage.md says.
     """
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
-                 cache_records: int = 512) -> None:
+                 cache_records: int = 512, repair: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.segment_bytes = segment_bytes
         self.sync = sync
+        self.repair = repair
         os.makedirs(self.directory, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.directory, "LOCK"), os.O_RDWR | os.O_CREAT,
                                 0o644)
@@ -127,23 +206,48 @@ class FileStorage:
         self._cache: OrderedDict[int, list[Entry]] = OrderedDict()
         self._cache_records = cache_records
         self._state = _State(HardState())
+        self._identity: _Identity | None = None
         self._snapshot: SnapshotMeta | None = None
         self._snapshot_path: str | None = None
+        #: The commit index to stamp on the next record (``commit_advanced``), and the
+        #: highest one that is durable (stamped on a record, or in ``state``).
+        self._mark_wanted = 0
+        self._mark_durable = 0
+        self._recovered = False
         try:
             self._recover()
         except BaseException:
             self.close()
             raise
+        self._recovered = True
 
     # ------------------------------------------------------------------ recovery
 
     def _recover(self) -> None:
-        self._state = self._read_state()
-        found = self._read_snapshot()
-        if found is not None:
-            self._snapshot, self._snapshot_path = found
         names = sorted(n for n in os.listdir(self.directory)
                        if n.startswith(_SEG_PREFIX) and n.endswith(_SEG_SUFFIX))
+        state_path = os.path.join(self.directory, "state")
+        state = _read_checked(state_path, _State)
+        snapshot_exists = os.path.exists(os.path.join(self.directory, "snapshot"))
+        if state is None:
+            if names or snapshot_exists:
+                raise StorageCorruption(
+                    f"{state_path}: missing next to a non-empty log; the term and vote it "
+                    "held are lost (this node must not vote: see docs/storage.md, "
+                    "\"Repairing a node\")")
+            state = _State(HardState())
+            _write_atomically(self.directory, "state", _checked(state), self.sync)
+        self._state = state
+        self._mark_durable = self._mark_wanted = state.hard_state.commit
+        self._identity = _read_checked(os.path.join(self.directory, "identity"), _Identity)
+        try:
+            found = self._read_snapshot()
+        except StorageCorruption:
+            if not self.repair:
+                raise
+            found = self._drop_damaged_snapshot()
+        if found is not None:
+            self._snapshot, self._snapshot_path = found
         firsts = []
         for n in names:
             try:
@@ -155,93 +259,155 @@ class FileStorage:
         # Segments wholly below the compaction point may survive a crash during compaction.
         while len(firsts) > 1 and firsts[1] <= compacted + 1:
             os.unlink(self._path(firsts.pop(0)))
+        cut = None  # (segment, offset, why) to drop, once every check passed
         expected = None
         for k, first in enumerate(firsts):
             if expected is not None and first != expected:
+                if self.repair:
+                    cut = (first, 0, f"segment starts at {first}, expected {expected}")
+                    break
                 raise StorageCorruption(
                     f"{self._path(first)}: segment starts at index {first} but the previous "
                     f"one ends at {expected - 1}: a segment is missing")
-            expected = self._scan_segment(first, last_segment=(k == len(firsts) - 1))
+            expected, damage = self._scan_segment(first)
             self._segments.append(first)
-        if self._segments:
-            self._open_tail(self._segments[-1])
+            if damage is not None:
+                last = k == len(firsts) - 1
+                if not (last and damage.torn) and not self.repair:
+                    where = "" if last else " in a segment that is not the last"
+                    raise StorageCorruption(
+                        f"{self._path(first)}: {damage.what} at offset {damage.pos}{where}; "
+                        "expected an intact record (restore this node from a replica, or "
+                        "see docs/storage.md, \"Repairing a node\")")
+                cut = (first, damage.pos, damage.what, damage.torn)
+                break
         if self._rec_first and self._rec_first[0] > compacted + 1:
             raise StorageCorruption(
                 f"{self._path(self._segments[0])}: the log starts at index "
                 f"{self._rec_first[0]} but entries after {compacted} were never compacted")
+        self._check_commit_mark(cut)
+        if cut is not None:
+            self._cut(cut, firsts)
+        if self._segments:
+            self._open_tail(self._segments[-1])
 
-    def _scan_segment(self, first: int, last_segment: bool) -> int:
-        """Index the records of one segment; returns the index after its last entry."""
+    def _check_commit_mark(self, cut) -> None:
+        last = self._rec_last[-1] if self._rec_last else self._floor()
+        mark = self._mark_durable
+        if mark <= max(last, self._floor()) or self.repair:
+            return
+        where = (f"{self._path(cut[0])} offset {cut[1]} ({cut[2]})" if cut is not None
+                 else f"{self._path(self._segments[-1])}" if self._segments
+                 else self.directory)
+        raise StorageCorruption(
+            f"{where}: the log ends at index {max(last, self._floor())} but entries up to "
+            f"{mark} were committed: acknowledged entries are missing (restore this node "
+            "from a replica, or see docs/storage.md, \"Repairing a node\")")
+
+    def _cut(self, cut, firsts: list[int]) -> None:
+        """Drop what follows the last intact record: a torn write, or (repair) damage."""
+        seg, pos, what = cut[0], cut[1], cut[2]
+        torn = len(cut) > 3 and cut[3]
+        path = self._path(seg)
+        if torn and seg == firsts[-1]:
+            log.warning("%s: truncating %s at offset %d: a write torn by a crash, never "
+                        "acknowledged", path, what, pos)
+        else:
+            log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
+                      "segment; this node may have lost entries it acknowledged and will "
+                      "not vote until a leader has caught it up", path, pos, what)
+            self._state = _State(HardState(self._state.hard_state.current_term,
+                                           self._state.hard_state.voted_for,
+                                           min(self._state.hard_state.commit,
+                                               self._rec_last[-1] if self._rec_last
+                                               else self._floor()), True),
+                                 self._state.compacted_index, self._state.compacted_term)
+            self._mark_durable = self._mark_wanted = self._state.hard_state.commit
+            self._write_state()
+        for later in [s for s in firsts if s > seg]:
+            if os.path.exists(self._path(later)):
+                os.unlink(self._path(later))
+            if later in self._segments:
+                self._segments.remove(later)
+        if pos == 0:  # nothing of this segment is kept
+            if os.path.exists(path):
+                os.unlink(path)
+            if seg in self._segments:
+                self._segments.remove(seg)
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+        if self.sync:
+            _fsync_dir(self.directory)
+
+    def _scan_segment(self, first: int) -> tuple[int, _Damage | None]:
+        """Index the intact records of one segment; returns the index after its last
+        entry, and the damage that stopped the scan (None: the whole file is intact)."""
         path = self._path(first)
         with open(path, "rb") as f:
             data = f.read()
-        size = len(data)
         pos = 0
         expected = first
-        while pos < size:
-            torn = None
-            if size - pos < _HEAD.size:
-                torn = "a partial record header"
-            else:
-                length, crc = _HEAD.unpack_from(data, pos)
-                end = pos + _HEAD.size + length
-                if length == 0 and not any(data[pos:]):
-                    torn = "zero-filled bytes"
-                elif end > size:
-                    torn = f"a record of {length} bytes cut short at {size - pos - _HEAD.size}"
-                elif zlib.crc32(data[pos + _HEAD.size:end]) != crc:
-                    if end == size:
-                        torn = "a last record with a bad checksum"
-                    else:
-                        raise StorageCorruption(
-                            f"{path}: record at offset {pos} fails its checksum; the log is "
-                            "corrupt before its tail (restore this node from a replica)")
-            if torn is not None:
-                if not last_segment:
-                    raise StorageCorruption(
-                        f"{path}: {torn} at offset {pos} in a segment that is not the last")
-                log.warning("%s: truncating %s at offset %d (%d bytes): a write that was "
-                            "torn by a crash, never acknowledged", path, torn, pos, size - pos)
-                with open(path, "r+b") as f:
-                    f.truncate(pos)
-                    os.fsync(f.fileno())
-                break
-            body = memoryview(data)[pos + _HEAD.size:end]
-            count, rec_first = self._batch_bounds(body, path, pos)
-            if rec_first != expected:
-                raise StorageCorruption(
-                    f"{path}: record at offset {pos} starts at index {rec_first}, "
-                    f"expected {expected}")
+        while pos < len(data):
+            try:
+                end, body, mark = self._record_at(data, pos)
+                count, rec_first = self._batch_bounds(body, pos)
+                if rec_first != expected:
+                    raise _Damage(pos, f"a record of index {rec_first} where {expected} "
+                                       "was expected", False)
+            except _Damage as damage:
+                if damage.torn and self._valid_record_after(data, pos + 1):
+                    damage.torn = False  # something was written after it: it was synced
+                    damage.what += " followed by intact records"
+                return expected, damage
             self._push_record(rec_first, rec_first + count - 1, first, pos, end - pos)
+            self._mark_durable = max(self._mark_durable, mark)
             expected = rec_first + count
             pos = end
-        return expected
+        return expected, None
 
     @staticmethod
-    def _batch_bounds(body: memoryview, path: str, pos: int) -> tuple[int, int]:
-        if len(body) < 4 + 21:
-            raise StorageCorruption(f"{path}: record at offset {pos} holds no entries")
-        count = int.from_bytes(body[:4], "little")
-        rec_first = int.from_bytes(body[12:20], "little")
-        if count == 0:
-            raise StorageCorruption(f"{path}: record at offset {pos} holds no entries")
-        return count, rec_first
+    def _record_at(data: bytes, pos: int) -> tuple[int, memoryview, int]:
+        """The record at ``pos``: (end, body, commit mark), or ``_Damage``."""
+        size = len(data)
+        if size - pos < _HEAD.size:
+            raise _Damage(pos, f"a record header cut short ({size - pos} bytes)", True)
+        magic, length, mark, crc, head_crc = _HEAD.unpack_from(data, pos)
+        if zlib.crc32(data[pos:pos + _HEAD_CHECKED]) != head_crc or magic != _MAGIC:
+            if data.count(0, pos) == size - pos:
+                raise _Damage(pos, f"zero-filled bytes to the end of the file ({size - pos} bytes)", True)
+            torn = _zero_sector_within(data, pos, pos + _HEAD.size)
+            raise _Damage(pos, "a record header that fails its checksum", torn)
+        end = pos + _HEAD.size + length
+        if end > size:
+            raise _Damage(pos, f"a record of {length} bytes cut short at "
+                               f"{size - pos - _HEAD.size}", True)
+        body = memoryview(data)[pos + _HEAD.size:end]
+        if zlib.crc32(body) != crc:
+            torn = (_zero_sector_within(data, pos + _HEAD.size, end)
+                    and data.count(0, end) == size - end)
+            raise _Damage(pos, "a record that fails its checksum", torn)
+        return end, body, mark
 
-    def _read_state(self) -> _State:
-        path = os.path.join(self.directory, "state")
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return _State(HardState())
-        if len(data) < _HEAD.size:
-            raise StorageCorruption(f"{path}: truncated at {len(data)} bytes (offset 0)")
-        length, crc = _HEAD.unpack_from(data)
-        body = data[_HEAD.size:]
-        if len(body) != length or zlib.crc32(body) != crc:
-            raise StorageCorruption(f"{path}: truncated or fails its checksum (offset 0, "
-                                    f"{len(data)} bytes)")
-        return msgspec.msgpack.decode(body, type=_State)
+    @classmethod
+    def _valid_record_after(cls, data: bytes, start: int) -> bool:
+        """Whether an intact record starts anywhere at or after ``start``."""
+        pos = data.find(_MAGIC_BYTES, start)
+        while pos >= 0:
+            try:
+                cls._record_at(data, pos)
+                return True
+            except _Damage:
+                pos = data.find(_MAGIC_BYTES, pos + 1)
+        return False
+
+    @staticmethod
+    def _batch_bounds(body: memoryview, pos: int) -> tuple[int, int]:
+        count = int.from_bytes(body[:4], "little") if len(body) >= 4 + 21 else 0
+        if count == 0:
+            raise _Damage(pos, "a record that holds no entries", False)
+        return count, int.from_bytes(body[12:20], "little")
 
     def _read_snapshot(self) -> tuple[SnapshotMeta, str] | None:
         """The snapshot's metadata and data file, both checked; stray data files left by a
@@ -260,7 +426,11 @@ class FileStorage:
             if len(meta) != meta_len or zlib.crc32(meta) != meta_crc:
                 raise StorageCorruption(f"{path}: metadata fails its checksum "
                                         f"(offset {_SNAP_HEAD.size})")
-            snap_meta = msgspec.msgpack.decode(meta, type=SnapshotMeta)
+            try:
+                snap_meta = msgspec.msgpack.decode(meta, type=SnapshotMeta)
+            except (msgspec.MsgspecError, ValueError) as exc:
+                raise StorageCorruption(f"{path}: unreadable metadata (offset "
+                                        f"{_SNAP_HEAD.size}): {exc}") from None
             data_path = self._snapshot_data_path(snap_meta.last_included_index, data_crc)
             self._check_snapshot_data(data_path, data_len, data_crc)
             found = snap_meta, data_path
@@ -269,6 +439,20 @@ class FileStorage:
             if name.startswith(_SNAP_DATA_PREFIX) and name != keep:
                 os.unlink(os.path.join(self.directory, name))
         return found
+
+    def _drop_damaged_snapshot(self) -> None:
+        """Repair: a damaged snapshot cannot be kept, and the log behind it was compacted
+        away, so nothing of the log is kept either; the leader sends a new snapshot."""
+        log.error("%s: REPAIR: the snapshot is damaged; dropping it and the whole log",
+                  self.directory)
+        for name in os.listdir(self.directory):
+            if name == "snapshot" or name.startswith((_SNAP_DATA_PREFIX, _SEG_PREFIX)):
+                os.unlink(os.path.join(self.directory, name))
+        hs = self._state.hard_state
+        self._state = _State(HardState(hs.current_term, hs.voted_for, 0, True))
+        self._mark_durable = self._mark_wanted = 0
+        self._write_state()
+        return None
 
     @staticmethod
     def _check_snapshot_data(path: str, size: int, crc: int) -> None:
@@ -294,17 +478,33 @@ class FileStorage:
     def load_state(self) -> StorageState:
         floor = self._floor()
         last = self._rec_last[-1] if self._rec_last else floor
-        return StorageState(hard_state=self._state.hard_state, snapshot=self._snapshot,
-                            first_index=floor + 1, last_index=max(last, floor))
+        ident = self._identity
+        hs = self._state.hard_state
+        if self._mark_durable > hs.commit:  # the records know a later commit index
+            hs = HardState(hs.current_term, hs.voted_for, self._mark_durable, hs.recovering)
+        return StorageState(hard_state=hs, snapshot=self._snapshot,
+                            first_index=floor + 1, last_index=max(last, floor),
+                            node_id=ident.node_id if ident else 0,
+                            cluster_id=ident.cluster_id if ident else "")
 
     def _floor(self) -> int:
         """The last index compacted or covered by the snapshot: the log starts after it."""
         covered = self._snapshot.last_included_index if self._snapshot is not None else 0
         return max(self._state.compacted_index, covered)
 
+    def save_identity(self, node_id: int, cluster_id: str) -> None:
+        """Record whose directory this is (once; the node checks it at every start)."""
+        self._identity = _Identity(node_id, cluster_id)
+        _write_atomically(self.directory, "identity", _checked(self._identity), self.sync)
+
+    def commit_advanced(self, index: int) -> None:
+        """The commit index reached ``index``: stamped on the next record written."""
+        if index > self._mark_wanted:
+            self._mark_wanted = index
+
     async def append_entries(self, entries: list[Entry]) -> None:
         if entries:
-            await self._run(self._append_sync, entries)
+            await self._run(self._append_sync, entries, self._mark_wanted)
 
     async def truncate_suffix(self, index: int) -> None:
         await self._run(self._truncate_sync, index)
@@ -325,8 +525,21 @@ class FileStorage:
         return await self._run(self._open_snapshot)
 
     def close(self) -> None:
-        """Close files and release the directory lock. Not done by ``RaftNode.stop()``."""
+        """Record the commit mark, close files and release the directory lock. Not done
+        by ``RaftNode.stop()``."""
         self._executor.shutdown(wait=True)
+        # A clean stop: the commit mark goes to ``state`` too, so a log later cut at a
+        # record boundary (which the records alone cannot tell) is refused. Every record
+        # written is durable now, so a mark announced for them holds.
+        last = self._rec_last[-1] if self._rec_last else 0
+        self._mark_durable = max(self._mark_durable, min(self._mark_wanted, last))
+        if self._recovered and self._lock_fd >= 0 \
+                and self._mark_durable > self._state.hard_state.commit:
+            try:
+                self._save_state_sync(self._state.hard_state)
+            except OSError:
+                log.exception("%s: could not record the commit mark at close",
+                              self.directory)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -372,7 +585,7 @@ class FileStorage:
         self._tail_fd = self._fd(seg)
         self._tail_size = os.fstat(self._tail_fd).st_size
 
-    def _append_sync(self, entries: list[Entry]) -> None:
+    def _append_sync(self, entries: list[Entry], mark: int | None = None) -> None:
         first, last = entries[0].index, entries[-1].index
         floor = self._floor()
         if self._rec_last and self._rec_last[-1] < floor:
@@ -384,8 +597,12 @@ class FileStorage:
             raise StorageCorruption(
                 f"{self.directory}: append of entry {first} to a log that ends at "
                 f"{expected - 1}")
+        # The mark never names an entry this record does not make durable.
+        mark = min(self._mark_wanted if mark is None else mark, last)
         body = kernels.encode_entries(entries)
-        record = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        head = bytearray(_HEAD.pack(_MAGIC, len(body), mark, zlib.crc32(body), 0))
+        struct.pack_into("<I", head, _HEAD_CHECKED, zlib.crc32(head[:_HEAD_CHECKED]))
+        record = bytes(head) + body
         new_segment = not self._segments or (
             self._tail_size > 0 and self._tail_size + len(record) > self.segment_bytes)
         if new_segment:
@@ -401,6 +618,8 @@ class FileStorage:
             os.fdatasync(self._tail_fd)
         self._tail_size += len(record)
         self._push_record(first, last, self._segments[-1], off, len(record))
+        if mark > self._mark_durable:
+            self._mark_durable = mark
 
     def _truncate_sync(self, index: int) -> None:
         if index <= self._state.compacted_index:
@@ -413,6 +632,9 @@ class FileStorage:
         index = max(index, first_live)
         if not self._rec_last or index > self._rec_last[-1]:
             return
+        if index <= self._mark_durable:
+            raise StorageCorruption(f"{self.directory}: truncation from {index} would cut "
+                                    f"entries up to {self._mark_durable}, which were committed")
         k = bisect_right(self._rec_first, index) - 1
         keep: list[Entry] = []
         if k >= 0 and self._rec_first[k] < index:
@@ -444,7 +666,11 @@ class FileStorage:
                 term = self._entry_term(index)
             elif self._snapshot is not None and self._snapshot.last_included_index == index:
                 term = self._snapshot.last_included_term
-            self._state = _State(self._state.hard_state, index, term)
+            hs = self._state.hard_state
+            # The records that held the commit mark may go: ``state`` keeps it.
+            self._state = _State(HardState(hs.current_term, hs.voted_for,
+                                           max(hs.commit, self._mark_durable), hs.recovering),
+                                 index, term)
             self._write_state()
         while len(self._segments) > 1 and self._segments[1] <= index + 1:
             self._delete_segment(self._segments.pop(0))
@@ -501,13 +727,12 @@ class FileStorage:
         data = os.pread(self._fd(seg), length, off)
         if len(data) != length:
             raise StorageCorruption(f"{self._path(seg)}: record at offset {off} is short")
-        body_len, crc = _HEAD.unpack_from(data)
-        body = memoryview(data)[_HEAD.size:]
-        if body_len != len(body) or zlib.crc32(body) != crc:
-            raise StorageCorruption(f"{self._path(seg)}: record at offset {off} fails its "
-                                    "checksum")
         try:
+            _, body, _ = self._record_at(data, 0)
             entries = kernels.decode_entries(body)
+        except _Damage as damage:
+            raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: "
+                                    f"{damage.what}") from None
         except DecodeError as exc:
             raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: {exc}") \
                 from None
@@ -517,18 +742,15 @@ class FileStorage:
         return entries
 
     def _write_state(self) -> None:
-        body = msgspec.msgpack.encode(self._state)
-        data = _HEAD.pack(len(body), zlib.crc32(body)) + body
-        if self.sync:
-            _write_atomically(self.directory, "state", data)
-        else:
-            with open(os.path.join(self.directory, "state"), "wb") as f:
-                f.write(data)
+        _write_atomically(self.directory, "state", _checked(self._state), self.sync)
 
     def _save_state_sync(self, hard_state: HardState) -> None:
-        self._state = _State(hard_state, self._state.compacted_index,
-                             self._state.compacted_term)
+        mark = max(hard_state.commit, self._mark_durable)
+        self._state = _State(HardState(hard_state.current_term, hard_state.voted_for, mark,
+                                       hard_state.recovering),
+                             self._state.compacted_index, self._state.compacted_term)
         self._write_state()
+        self._mark_durable = mark
 
     def _save_snapshot_sync(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         """Stream the data into its own file, then switch the ``snapshot`` metadata to it
@@ -537,12 +759,13 @@ class FileStorage:
         with open(tmp, "wb") as f:
             size, crc = copy_stream(data, f.write)
             f.flush()
-            os.fsync(f.fileno())
+            if self.sync:
+                os.fsync(f.fileno())
         data_path = self._snapshot_data_path(meta.last_included_index, crc)
         os.replace(tmp, data_path)
         m = msgspec.msgpack.encode(meta)
         _write_atomically(self.directory, "snapshot",
-                          _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m)
+                          _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m, self.sync)
         old = self._snapshot_path
         self._snapshot, self._snapshot_path = meta, data_path
         if old is not None and old != data_path:

@@ -7,7 +7,10 @@ It never raises on data it did not write: an exception from ``apply`` stops the 
 """
 from __future__ import annotations
 
+import io
+import struct
 from collections.abc import Sequence
+from itertools import islice
 from typing import BinaryIO
 
 import msgspec
@@ -40,6 +43,12 @@ def delete(key: str) -> bytes:
     return _enc.encode(Delete(key))
 
 
+def decode(data) -> Put | Delete:
+    """The command in an entry's data; ``msgspec.MsgspecError`` or ``ValueError`` (bad
+    UTF-8) for anything that is not one."""
+    return _dec.decode(data)
+
+
 class KVStore:
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -51,7 +60,7 @@ class KVStore:
         out: list[int | Refused] = []
         for e in entries:
             try:
-                cmd = _dec.decode(e.data)
+                cmd = decode(e.data)
             except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: bad UTF-8
                 self.bad_commands += 1
                 out.append(Refused(f"entry {e.index} is not a KV command: {exc}"))
@@ -68,9 +77,48 @@ class KVStore:
     def get(self, key: str) -> bytes | None:
         return self.data.get(key)
 
-    def snapshot(self) -> bytes:
-        return _enc.encode((self.data, self.versions))
+    def snapshot(self) -> BinaryIO:
+        """The store as a stream of chunks, encoded as it is read: no copy of the whole
+        store is ever held, and no single step holds the GIL for long (the node reads
+        it in a thread while replication goes on)."""
+        return _SnapshotStream(self)
 
     def restore(self, data: BinaryIO) -> None:
-        self.data, self.versions = msgspec.msgpack.decode(
-            data.read(), type=tuple[dict[str, bytes], dict[str, int]])
+        store, versions = {}, {}
+        while head := data.read(_LEN.size):
+            (n,) = _LEN.unpack(head)
+            for key, value, version in _chunk_dec.decode(data.read(n)):
+                store[key] = value
+                versions[key] = version
+        self.data, self.versions = store, versions
+
+
+_LEN = struct.Struct("<I")
+_chunk_dec = msgspec.msgpack.Decoder(list[tuple[str, bytes, int]])
+#: Keys per snapshot chunk: a millisecond or so of encoding.
+CHUNK_KEYS = 4096
+
+
+class _SnapshotStream(io.RawIOBase):
+    """``u32 length | msgpack [[key, value, version], ...]`` chunks, made on demand."""
+
+    def __init__(self, store: KVStore) -> None:
+        self._items = iter(store.data.items())
+        self._versions = store.versions
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._pending:
+            chunk = list(islice(self._items, CHUNK_KEYS))
+            if not chunk:
+                return 0
+            versions = self._versions
+            body = _enc.encode([(k, v, versions[k]) for k, v in chunk])
+            self._pending = memoryview(_LEN.pack(len(body)) + body)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n

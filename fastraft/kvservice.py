@@ -7,10 +7,13 @@ requests on one connection, each with an id echoed in its response. ``get`` is
 linearizable: it waits for ``read_index`` (on a follower, the leader confirms) before
 reading the local state.
 
-Back-pressure: a connection has at most ``max_in_progress`` requests being served; past
-that the server stops reading from it (TCP pushes back on the client) until half are
-answered. A proposal the node cannot take in time is answered ``Overloaded``, never
-dropped. A reply ``not_leader`` names the leader's id and address when known.
+Back-pressure, so that load never starves the node's heartbeats and votes: a connection
+has at most ``max_in_progress`` requests being served, the whole port at most
+``max_in_progress_total``; past either the server stops reading (TCP pushes back on the
+client) until half are answered. A frame is split into requests lazily (each is decoded
+when started), so a frame of a million requests costs no long loop turn. A proposal the
+node cannot take in time is answered ``Overloaded``, never dropped. A reply
+``not_leader`` names the leader's id and address when known.
 """
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ class Response(msgspec.Struct, array_like=True):
     leader_address: str | None = None
 
 
-_req_dec = msgspec.msgpack.Decoder(list[Request])
+_raw_list_dec = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_req_dec = msgspec.msgpack.Decoder(Request)
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 
@@ -81,13 +85,19 @@ class KVServer:
 
     def __init__(self, node, store: kv.KVStore, listen: str, *, cluster_id: str = "fastraft",
                  secret: bytes | None = None, tls: TlsConfig | None = None,
-                 limits: ConnectionLimits | None = None, max_in_progress: int = 1024) -> None:
+                 limits: ConnectionLimits | None = None, max_in_progress: int = 1024,
+                 max_in_progress_total: int = 1024) -> None:
         self.node = node
         self.store = store
         self.listen = listen
         self.credentials = Credentials(cluster_id, "kv", secret, tls)
         self.limits = limits or ConnectionLimits()
         self.max_in_progress = max_in_progress
+        self.max_in_progress_total = max_in_progress_total
+        #: Requests being served on all connections, and the connections waiting for
+        #: the port's limit to allow more.
+        self.in_progress = 0
+        self.waiting: set[_ClientConnection] = set()
         self.stats: dict = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
@@ -119,22 +129,34 @@ class _ClientConnection(Link):
 
     def frame(self, frame) -> bool:
         try:
-            requests = _req_dec.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            self.stats["bad_frames"] += 1
-            return self.refuse(f"malformed request: {exc}")
+            requests = _raw_list_dec.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return self._malformed(exc)
         self.backlog.extend(requests)
         self._pump()
         return True
 
+    def _malformed(self, exc) -> bool:
+        self.stats["bad_frames"] += 1
+        return self.refuse(f"malformed request: {exc}")
+
     def _pump(self) -> None:
-        """Start backlog requests while fewer than the limit are in progress; stop
-        reading while any wait, read again once half of the limit is free."""
-        limit = self.server.max_in_progress
+        """Start backlog requests while the connection and the port are under their
+        limits; stop reading while any wait, read again once half of the limits are
+        free."""
+        server = self.server
+        limit, total = server.max_in_progress, server.max_in_progress_total
         backlog = self.backlog
-        while backlog and self.in_progress < limit:
-            self._start(backlog.popleft())
+        while backlog and self.in_progress < limit and server.in_progress < total:
+            try:
+                req = _req_dec.decode(backlog.popleft())
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+                self._malformed(exc)
+                return
+            self._start(req)
         if backlog or self.in_progress >= limit:
+            if backlog and server.in_progress >= total:
+                server.waiting.add(self)
             if not self.paused and self.transport is not None:
                 self.paused = True
                 self.transport.pause_reading()
@@ -158,10 +180,18 @@ class _ClientConnection(Link):
 
     def _track(self, req: Request, fut: asyncio.Future, answer) -> None:
         self.in_progress += 1
+        self.server.in_progress += 1
         fut.add_done_callback(lambda f: self._done(req, f, answer))
 
     def _done(self, req: Request, fut: asyncio.Future, answer) -> None:
         self.in_progress -= 1
+        server = self.server
+        server.in_progress -= 1
+        if server.waiting and server.in_progress <= server.max_in_progress_total // 2:
+            waiting, server.waiting = server.waiting, set()
+            for conn in waiting:
+                if conn is not self and not conn.closed:
+                    conn._pump()
         exc = fut.exception()
         if exc is None:
             resp = answer(req, fut.result())
@@ -189,6 +219,7 @@ class _ClientConnection(Link):
 
     def lost(self) -> None:
         self.backlog.clear()
+        self.server.waiting.discard(self)
 
 
 class ClientError(Exception):

@@ -54,11 +54,19 @@ class EntryBatch(list):
 
 
 class HardState(msgspec.Struct, array_like=True, gc=False):
-    """State that must be durable before any message depending on it is sent (Figure 2)."""
+    """State that must be durable before any message depending on it is sent (Figure 2).
+
+    ``commit`` is a lower bound of the commit index, which recovery uses to tell a torn
+    tail (never acknowledged) from damaged records (committed: never cut away).
+    ``recovering``: this node's storage was repaired after damage and may have lost
+    entries it acknowledged and votes it cast; it neither votes nor campaigns until a
+    leader has caught it up (docs/storage.md, "Repairing a node").
+    """
 
     current_term: int = 0
     voted_for: int | None = None
     commit: int = 0
+    recovering: bool = False
 
 
 class Membership(msgspec.Struct, array_like=True, frozen=True):
@@ -139,6 +147,9 @@ class AppendEntriesResponse(msgspec.Struct, tag=4, array_like=True, gc=False):
     hint_index: Index = 0
     hint_term: LogTerm = 0
     seq: Counter = 0
+    #: The follower's storage was repaired and may lack entries it acknowledged before:
+    #: the leader forgets what it knew of this follower's log (HardState.recovering).
+    recovering: bool = False
 
 
 class InstallSnapshot(msgspec.Struct, tag=5, array_like=True, gc=False):

@@ -52,10 +52,10 @@ class ProcessCluster:
         self.extra_args = extra_args or []
         self.procs: dict[int, subprocess.Popen] = {}
 
-    def start(self, i: int) -> None:
+    def start(self, i: int, extra_args: list[str] | tuple = ()) -> None:
         cmd = [sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
                "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
-               "--client", self.client[i], *self.extra_args]
+               "--client", self.client[i], *self.extra_args, *extra_args]
         if self.data_dir:
             cmd += ["--data-dir", os.path.join(self.data_dir, f"node-{i}")]
         with open(os.path.join(self.workdir, f"node-{i}.log"), "ab") as logf:

@@ -15,6 +15,11 @@ class StateMachine(Protocol):
     ``apply`` receives a batch (one call per batch of committed entries) and returns one
     result per entry; ``RaftNode.propose`` resolves with that entry's result. It must be
     deterministic: every replica applies the same entries and must reach the same state.
+    It must also accept every committed entry: answer bad input with a result (as
+    ``fastraft.kv.KVStore`` answers ``Refused``), never an exception. An exception is a
+    bug that stops the node: pending operations fail with ``NodeFailed`` naming the entry,
+    ``RaftNode.wait_stopped()`` raises it, ``fastraft node`` exits with status 3. Every
+    replica meets the same entry, so fix the state machine, then restart.
     Any method may be a coroutine; synchronous ``snapshot`` and ``restore`` run in a
     thread (the node applies nothing meanwhile). ``entry.data`` is bytes or a memoryview
     of a received buffer; copy it (``bytes(entry.data)``) to keep it beyond the call.
@@ -29,8 +34,9 @@ class StateMachine(Protocol):
     def snapshot(self) -> SnapshotData:
         """The whole state, for log compaction and InstallSnapshot (§7): bytes, or a
         readable binary file object for state too large to hold twice in memory. The node
-        reads a stream to its end, then closes it; it applies nothing meanwhile, so a
-        stream may read the live state lazily."""
+        reads a stream to its end, one ``read`` per event-loop turn, then closes it; it
+        applies nothing meanwhile, so a stream may read the live state lazily. Each
+        ``read`` should take at most a few milliseconds (heartbeats wait for it)."""
 
     def restore(self, data: BinaryIO) -> None:
         """Replace the whole state with a snapshot's: ``data`` is a readable binary file

@@ -29,12 +29,15 @@ __all__ = ["RaftStorage", "MemoryStorage", "AsyncMemoryStorage", "SnapshotMeta",
 
 class StorageState(msgspec.Struct, kw_only=True):
     """What ``RaftStorage.load_state`` returns. ``first_index .. last_index`` are the log
-    entries held (``last_index < first_index`` when there are none)."""
+    entries held (``last_index < first_index`` when there are none). ``node_id`` and
+    ``cluster_id`` are the owner recorded by ``save_identity`` (0 and "" until then)."""
 
     hard_state: HardState = msgspec.field(default_factory=HardState)
     snapshot: SnapshotMeta | None = None
     first_index: int = 1
     last_index: int = 0
+    node_id: int = 0
+    cluster_id: str = ""
 
 
 @runtime_checkable
@@ -53,7 +56,14 @@ class RaftStorage(Protocol):
     def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
         """Entries ``lo .. hi - 1``, stopping early (after at least one) past ``max_bytes``."""
 
-    def save_hard_state(self, hard_state: HardState) -> None: ...
+    def save_hard_state(self, hard_state: HardState) -> None:
+        """Make the term, vote and ``recovering`` flag durable. ``hard_state.commit`` may
+        be kept lazily (it only helps recovery tell torn from damaged)."""
+
+    def save_identity(self, node_id: int, cluster_id: str) -> None:
+        """Record, durably, which node of which cluster owns this storage. Called once, on
+        a storage whose ``load_state`` reports no owner; the node refuses to start on a
+        storage owned by another node or cluster."""
 
     def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         """Make the snapshot durable, replacing the previous one. ``data`` is a readable
@@ -64,12 +74,18 @@ class RaftStorage(Protocol):
         its data on each call (the node reads chunks at offsets, and closes it). A reader
         keeps reading its snapshot even after a newer one is saved."""
 
+    # Optional: ``commit_advanced(index)`` (a plain function, never a coroutine) is told
+    # the commit index before each write batch that appends entries; a storage may record
+    # it with the next append so its recovery never drops committed entries (FileStorage
+    # stamps it on each record).
+
 
 class MemoryStorage:
     """``RaftStorage`` in memory. Not durable across processes; for tests and benchmarks."""
 
     def __init__(self) -> None:
         self.hard_state = HardState()
+        self.identity = (0, "")
         self._entries: list[Entry] = []
         self._offset = 0  # index of the entry before _entries[0]
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
@@ -84,7 +100,11 @@ class MemoryStorage:
         return StorageState(hard_state=self.hard_state,
                             snapshot=self._snapshot[0] if self._snapshot else None,
                             first_index=floor + 1,
-                            last_index=max(self._offset + len(self._entries), floor))
+                            last_index=max(self._offset + len(self._entries), floor),
+                            node_id=self.identity[0], cluster_id=self.identity[1])
+
+    def save_identity(self, node_id: int, cluster_id: str) -> None:
+        self.identity = (node_id, cluster_id)
 
     def append_entries(self, entries: list[Entry]) -> None:
         floor = self._floor()
@@ -140,5 +160,8 @@ class AsyncMemoryStorage(MemoryStorage):
 
     async def load_state(self) -> StorageState:  # type: ignore[override]
         return MemoryStorage.load_state(self)
+
+    async def save_identity(self, node_id: int, cluster_id: str) -> None:  # type: ignore[override]
+        MemoryStorage.save_identity(self, node_id, cluster_id)
 
 

@@ -46,6 +46,11 @@ class FileFactory:
         self.open.append(new)
         return new
 
+    def lose_hard_state(self, store):
+        store.close()
+        os.unlink(os.path.join(store.directory, "state"))
+        return self.reopen(store)
+
     def close_all(self):
         for s in self.open:
             s.close()
@@ -133,7 +138,8 @@ def test_bit_flip_in_a_middle_record_stops_start_up(tmp_path):
         b = f.read(1)
         f.seek(60)
         f.write(bytes([b[0] ^ 0x10]))
-    with pytest.raises(StorageCorruption, match=r"log-0+1\.seg: record at offset 0 fails"):
+    with pytest.raises(StorageCorruption,
+                       match=r"log-0+1\.seg: a record that fails its checksum at offset 0"):
         reopen_all(tmp_path)
     # nothing was truncated: the evidence is still there
     assert os.path.getsize(seg) > 60

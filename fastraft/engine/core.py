@@ -103,6 +103,10 @@ class Engine:
         # Persistent state (Figure 2), durable before any message that depends on it.
         self.term: int = hs.current_term
         self.voted_for: int | None = hs.voted_for
+        #: Repaired storage (HardState.recovering): no votes, no campaigns until caught up
+        #: to the commit index of the first leader heard from (thesis §11.7 on disk loss).
+        self.recovering: bool = hs.recovering
+        self._recover_until: int | None = None
         self.log = RaftLog(state.snapshot_index, state.snapshot_term, state.entries)
 
         # Volatile state. Invariant: snapshot_index <= applied_index <= commit_index <=
@@ -348,6 +352,17 @@ class Engine:
             if self.role == Role.LEADER:
                 self._match.set(self.id, index)
                 self._maybe_commit()
+            elif self.recovering:
+                self._check_recovered()
+
+    def _check_recovered(self) -> None:
+        """A repaired node holds, durably, every entry its leader had committed when it
+        first heard from it: among them every entry it had acknowledged before the damage
+        (they were committed, or they are in no leader's log): it may vote again."""
+        until = self._recover_until
+        if until is not None and self.commit_index >= until and self.persisted_index >= until:
+            self.recovering = False
+            self._persist_hard_state()
 
     def on_timer(self, timer: Timer) -> None:
         if timer == Timer.ELECTION:
@@ -407,6 +422,7 @@ class Engine:
             "applied_index": self.applied_index, "last_index": self.log.last_index,
             "persisted_index": self.persisted_index,
             "snapshot_index": self.log.snapshot_index,
+            "recovering": self.recovering,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},
@@ -426,8 +442,8 @@ class Engine:
             if self.config.check_quorum:
                 self._check_quorum()
             return
-        if not self.membership.is_voter(self.id):
-            return  # learners and removed nodes never campaign
+        if not self.membership.is_voter(self.id) or self.recovering:
+            return  # learners, removed nodes and repaired ones never campaign
         if self.term >= MAX_TERM:
             return  # a higher term would be refused by every peer (checks.refusal)
         if self.config.pre_vote:
@@ -482,7 +498,9 @@ class Engine:
         can_vote = (self.voted_for == m.candidate_id
                     or (self.voted_for is None and self.leader_id is None)
                     or (m.pre_vote and m.term > self.term))
-        grant = can_vote and self.log.is_up_to_date(m.last_log_index, m.last_log_term)
+        # A repaired node may have forgotten votes and entries: it votes for no one.
+        grant = can_vote and not self.recovering and \
+            self.log.is_up_to_date(m.last_log_index, m.last_log_term)
         if m.pre_vote:
             self._send(frm, RequestVoteResponse(m.term if grant else self.term, grant, True))
             return
@@ -512,7 +530,8 @@ class Engine:
         # Only the leader we follow, in its term, may hand us leadership (§3.10); the
         # transfer then skips pre-vote and leader stickiness.
         if frm == self.leader_id and m.term == self.term and self.role == Role.FOLLOWER \
-                and self.membership.is_voter(self.id) and self.term < MAX_TERM:
+                and self.membership.is_voter(self.id) and self.term < MAX_TERM \
+                and not self.recovering:
             self._campaign(transfer=True)
 
     # ------------------------------------------------------------------ role changes
@@ -712,7 +731,7 @@ class Engine:
         if log.term_at(prev) != prev_term:
             hint = log.terms.find_conflict_by_term(min(prev, log.last_index), prev_term)
             self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index, hint,
-                                                  log.term_at(hint), m.seq))
+                                                  log.term_at(hint), m.seq, self.recovering))
             return
         last_new = prev
         if entries:
@@ -736,7 +755,12 @@ class Engine:
         if commit > self.commit_index:
             self.commit_index = commit
             self._emit_apply()
-        self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq))
+        if self.recovering:
+            if self._recover_until is None:
+                self._recover_until = m.leader_commit
+            self._check_recovered()
+        self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq,
+                                              self.recovering))
 
     def _truncate(self, index: int) -> None:
         self.log.truncate_from(index)
@@ -753,6 +777,13 @@ class Engine:
         if pr is None or self.role != Role.LEADER:
             return
         pr.recent_active = True
+        if m.recovering and not m.success and m.index <= pr.match_index:
+            # Its storage was repaired: it lacks entries it had acknowledged. Forget what
+            # it acknowledged (commit never moves back) and probe from here.
+            pr.match_index = 0
+            self._match.set(frm, 0)
+            pr.become_probe()
+            pr.next_index = m.index + 1
         if m.seq > pr.acked_seq:
             pr.acked_seq = m.seq
             self._acked.set(frm, m.seq)
@@ -945,7 +976,8 @@ class Engine:
         self._out.append(Send(to, message))
 
     def _persist_hard_state(self) -> None:
-        self._out.append(PersistHardState(HardState(self.term, self.voted_for, self.commit_index)))
+        self._out.append(PersistHardState(HardState(self.term, self.voted_for, self.commit_index,
+                                                    self.recovering)))
 
     def _arm_election_timer(self) -> None:
         lo, hi = self.config.election_timeout_min, self.config.election_timeout_max

@@ -19,14 +19,15 @@ from fastraft import kernels
 from fastraft.asyncutil import fail_future
 from fastraft.messages import Entry, EntryKind, SnapshotMeta
 from fastraft.node.writer import SaveSnapshot
-from fastraft.snapshots import as_stream
+from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
 
 _NORMAL = EntryKind.NORMAL
-#: Most entries handed to the state machine in one call.
-MAX_APPLY_BATCH = 65536
+#: Most entries handed to the state machine in one call; the task yields to the event
+#: loop between calls, so a backlog never holds off heartbeats and votes for long.
+MAX_APPLY_BATCH = 4096
 
 
 class Restore:
@@ -85,6 +86,9 @@ class Applier:
         return not self._sm_apply_async and not self.queue and not self._busy
 
     def apply_now(self, entries: list[Entry]) -> None:
+        if len(entries) > MAX_APPLY_BATCH:
+            self.enqueue(entries)  # a backlog: the task applies it in slices
+            return
         self._busy = True
         try:
             user = self._user_entries(entries)
@@ -112,9 +116,14 @@ class Applier:
                     continue
                 while queue and type(queue[0]) is list and len(entries) < MAX_APPLY_BATCH:
                     entries = entries + queue.popleft()
+                if len(entries) > MAX_APPLY_BATCH:
+                    queue.appendleft(entries[MAX_APPLY_BATCH:])
+                    entries = entries[:MAX_APPLY_BATCH]
                 await self._apply_batch(entries)
                 if self._snapshot_due():
                     await self._take_snapshot()
+                if queue:
+                    await asyncio.sleep(0)  # let the loop read and send between batches
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -124,9 +133,14 @@ class Applier:
                 self._busy = False
 
     def _failed(self, entries) -> None:
-        where = (f"entries {entries[0].index}..{entries[-1].index}"
-                 if type(entries) is list else type(entries).__name__)
-        self.node._fail_node(f"state machine failed at {where}")
+        user = self._user_entries(entries) if type(entries) is list else []
+        if type(entries) is not list:
+            where = f"a {type(entries).__name__}"
+        elif len(user) == 1:
+            where = f"entry {user[0].index}"
+        else:
+            where = f"one of entries {user[0].index}..{user[-1].index}"
+        self.node._fail_node(f"the state machine failed applying {where}")
 
     def _snapshot_due(self) -> bool:
         interval = self.node.config.snapshot_interval
@@ -169,11 +183,29 @@ class Applier:
             # replication and elections running while a large snapshot is taken.
             data = await node._loop.run_in_executor(None, snapshot)
         durable = node._loop.create_future()
-        # Nothing is applied until storage has read the stream to its end (a stream may
-        # read the live state lazily).
-        node._runner.run([SaveSnapshot(meta, as_stream(data), installed=False,
-                                       durable=durable)])
+        # Nothing is applied until the stream is read to its end (it may read the live
+        # state lazily): a chunk per loop turn, here on the loop, so that encoding the
+        # state never competes with the loop for the GIL from another thread.
+        copied = await self._drain(as_stream(data))
+        node._runner.run([SaveSnapshot(meta, copied, installed=False, durable=durable)])
         return await durable
+
+    @staticmethod
+    async def _drain(source: BinaryIO) -> BinaryIO:
+        """The stream's content in a spool (memory, then a temporary file), read one
+        chunk per loop turn."""
+        out = spool()
+        try:
+            while chunk := source.read(COPY_BYTES):
+                out.write(chunk)
+                await asyncio.sleep(0)
+        except BaseException:
+            out.close()
+            raise
+        finally:
+            close_stream(source)
+        out.seek(0)
+        return out
 
     async def restore(self, data: BinaryIO) -> None:
         node = self.node

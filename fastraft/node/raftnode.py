@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any
 
@@ -13,11 +14,13 @@ from fastraft.engine import Engine, InitialState, Role, RoleChanged
 from fastraft.errors import (
     AlreadyInitialized,
     CatchUpTimeout,
+    NodeFailed,
     NodeStopped,
     NotLeader,
     Overloaded,
     ProposalDropped,
     StorageCorruption,
+    StorageOwnedElsewhere,
 )
 from fastraft.logutil import Throttle
 from fastraft.messages import Entry, EntryKind, Membership, decode_membership
@@ -43,10 +46,12 @@ class RaftNode:
 
     def __init__(self, node_id: int, *, storage: RaftStorage, network: RaftNetwork,
                  state_machine: StateMachine, config: Config | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, cluster_id: str = "fastraft") -> None:
         if not isinstance(node_id, int) or node_id <= 0:
             raise ValueError(f"node ids are positive ints, got {node_id!r}")
         self.id = node_id
+        #: Recorded in storage on first start; a storage of another cluster is refused.
+        self.cluster_id = cluster_id
         self.storage = storage
         self.network = network
         self.state_machine = state_machine
@@ -56,6 +61,9 @@ class RaftNode:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._flush_scheduled = False
+        #: Why the node stopped itself (a hook failed), or None.
+        self.failure: NodeFailed | None = None
+        self._stopped: asyncio.Event | None = None
 
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
@@ -86,7 +94,9 @@ class RaftNode:
         self._loop = asyncio.get_running_loop()
         st = self.storage
         self._writer.bind(st)
+        self._stopped = asyncio.Event()
         state = await call_hook(st.load_state)
+        await self._check_owner(st, state)
         snapshot_index = snapshot_term = 0
         snapshot_membership = Membership()
         applied = 0
@@ -125,9 +135,19 @@ class RaftNode:
         await self.network.start(self)
         self._runner.run(self.engine.start())
 
+    async def _check_owner(self, storage, state) -> None:
+        if state.node_id == 0:
+            await call_hook(storage.save_identity, self.id, self.cluster_id)
+        elif (state.node_id, state.cluster_id) != (self.id, self.cluster_id):
+            where = getattr(storage, "directory", type(storage).__name__)
+            raise StorageOwnedElsewhere(
+                f"{where} belongs to node {state.node_id} of cluster {state.cluster_id!r}, "
+                f"not node {self.id} of cluster {self.cluster_id!r}")
+
     async def stop(self) -> None:
-        """Stop: pending operations fail with ``NodeStopped``. Storage is left open (a new
-        node on the same storage object is a restart)."""
+        """Stop: pending operations fail with ``NodeStopped`` (``NodeFailed`` when the node
+        stops itself after a hook failed). Storage is left open (a new node on the same
+        storage object is a restart)."""
         if not self._running:
             return
         self._running = False
@@ -136,12 +156,22 @@ class RaftNode:
         await self.network.stop()
         await self._writer.stop()
         await self._applier.stop()
-        stopped = NodeStopped(f"node {self.id} stopped")
+        stopped = self.failure or NodeStopped(f"node {self.id} stopped")
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
         self._transfer.close()
         self._capacity.set()
         self._notify_progress()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook
+        failed (what a supervisor, or ``fastraft node``, waits on)."""
+        if self._stopped is None:
+            raise NodeStopped(f"node {self.id} was never started")
+        await self._stopped.wait()
+        if self.failure is not None:
+            raise self.failure
 
     async def __aenter__(self) -> RaftNode:
         await self.start()
@@ -483,8 +513,12 @@ class RaftNode:
 
     def _fail_node(self, what: str) -> None:
         """A hook raised: take no more proposals and stop the node (from a task, as this
-        may run inside the apply task or a loop callback)."""
+        may run inside the apply task or a loop callback); pending operations and
+        ``wait_stopped`` fail with ``NodeFailed`` saying what."""
+        exc = sys.exc_info()[1]
         log.exception("node %d: %s; stopping the node", self.id, what)
+        if self.failure is None:
+            self.failure = NodeFailed(f"node {self.id} stopped: {what}: {exc!r}")
         self._accepting = False
         self._loop.create_task(self.stop())
 

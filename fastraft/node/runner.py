@@ -37,21 +37,39 @@ if TYPE_CHECKING:
 _WRITES = (AppendLog, TruncateLog, PersistHardState, CompactLog, SaveSnapshot)
 
 
+#: Timers that decide whether the leader is gone. One that fires this late (seconds) was
+#: held up by a stalled loop (a long turn, a GC pause, a starved CPU) while the leader's
+#: messages may be waiting unread: the event loop runs due timers before it polls
+#: sockets. Such a timer waits for one poll first (``Timers.POLL_DELAY``).
+_LEADER_TIMERS = frozenset({Timer.ELECTION, Timer.LEASE})
+OVERDUE = 0.005
+
+
 class Timers:
     """The engine's timers as ``loop.call_at`` handles, re-armed lazily: resetting the
     election timer on every AppendEntries costs a float store, not a cancel and a new
-    handle. A handle that fires before its (moved) deadline re-arms itself."""
+    handle. A handle that fires before its (moved) deadline re-arms itself.
+
+    Load never costs leadership through a stall of the follower's own loop: an election
+    or lease timer that fires more than ``OVERDUE`` late lets the loop read what arrived
+    meanwhile (a heartbeat moves the deadline) before it acts."""
+
+    #: How long an overdue timer waits: enough for the loop to poll its sockets once.
+    POLL_DELAY = 0.001
 
     def __init__(self, node: RaftNode) -> None:
         self.node = node
         self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
         self._fires_at: dict[Timer, float] = {}
         self._deadlines: dict[Timer, float | None] = {}
+        #: Overdue timers already given their poll.
+        self._polled: set[Timer] = set()
 
     def set(self, timer: Timer, delay: float) -> None:
         loop = self.node._loop
         deadline = loop.time() + delay
         self._deadlines[timer] = deadline
+        self._polled.discard(timer)  # a new deadline gets its own poll when overdue
         handle = self._handles.get(timer)
         if handle is None or self._fires_at[timer] > deadline:
             if handle is not None:
@@ -80,6 +98,14 @@ class Timers:
             self._handles[timer] = loop.call_at(deadline, self._fire, timer)
             self._fires_at[timer] = deadline
             return
+        if timer in _LEADER_TIMERS and loop.time() - deadline > OVERDUE \
+                and timer not in self._polled:
+            self._polled.add(timer)
+            self._handles[timer] = loop.call_at(loop.time() + self.POLL_DELAY, self._fire,
+                                                timer)
+            self._fires_at[timer] = loop.time() + self.POLL_DELAY
+            return
+        self._polled.discard(timer)
         self._deadlines[timer] = None
         node.engine.on_timer(timer)
         node._schedule_flush()

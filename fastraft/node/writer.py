@@ -67,6 +67,9 @@ class LogWriter:
             _is_async(storage.compact_prefix)
         self._save_hs, self._save_hs_async = storage.save_hard_state, \
             _is_async(storage.save_hard_state)
+        #: Optional: told the commit index before a batch that appends (the storage may
+        #: record it so recovery never drops committed entries).
+        self._commit_advanced = getattr(storage, "commit_advanced", None)
         self._snapshot_io_async = (_is_async(storage.save_snapshot)
                                    or _is_async(storage.load_snapshot))
         self.sync = not (self._append_async or self._truncate_async or self._compact_async
@@ -74,7 +77,7 @@ class LogWriter:
 
     def submit(self, ops: list, held: list) -> None:
         """Make ``ops`` durable after every batch before them, then send ``held``."""
-        if self.sync and not self.writes:
+        if self.sync and not self.writes and not any(type(op) is SaveSnapshot for op in ops):
             self._write_now(ops, held)
             return
         self.writes.append([ops, held])
@@ -99,6 +102,10 @@ class LogWriter:
                 await self.task  # never leave a write half done
             except Exception:  # already logged by the write loop
                 pass
+        if self._commit_advanced is not None and not self.writes:
+            # Everything is durable: the storage may record the final commit index (a
+            # FileStorage keeps it in ``state`` when closed).
+            self._commit_advanced(self.node.engine.commit_index)
 
     async def _write_loop(self) -> None:
         writes = self.writes
@@ -158,10 +165,9 @@ class LogWriter:
             elif t is SaveSnapshot:
                 index = op.meta.last_included_index
                 if index > self.snapshot_index:  # never replace a newer snapshot
-                    if self._snapshot_io_async:
-                        steps.append((self._persist_snapshot_async, True, (op,)))
-                    else:
-                        steps.append((self._persist_snapshot, False, (op,)))
+                    # Synchronous storage copies a snapshot in a thread: it may be large.
+                    steps.append((self._persist_snapshot_async if self._snapshot_io_async
+                                  else self._persist_snapshot_in_thread, True, (op,)))
                     self.snapshot_index = index
                 elif not op.installed:
                     close_stream(op.source)
@@ -170,6 +176,9 @@ class LogWriter:
         if pending:
             steps.append((self._append, self._append_async, (pending,)))
             last_entry = pending[-1]
+        if last_entry is not None and self._commit_advanced is not None:
+            # Every entry up to the commit index is in this batch or an earlier one.
+            steps.insert(0, (self._commit_advanced, False, (self.node.engine.commit_index,)))
         if hard_state is not None:
             steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
         return steps, last_entry
@@ -195,6 +204,9 @@ class LogWriter:
     def _persist_snapshot(self, op: SaveSnapshot) -> None:
         self.storage.save_snapshot(op.meta, op.source)
         self._snapshot_opened(op, self.storage.load_snapshot())
+
+    async def _persist_snapshot_in_thread(self, op: SaveSnapshot) -> None:
+        await self.node._loop.run_in_executor(None, self._persist_snapshot, op)
 
     async def _persist_snapshot_async(self, op: SaveSnapshot) -> None:
         await call_hook(self.storage.save_snapshot, op.meta, op.source)

@@ -3,7 +3,11 @@
 Each check is a coroutine function ``check(factory)`` where ``factory`` is a
 ``StorageFactory``: ``new()`` returns an empty store and ``reopen(store)`` returns the same
 data as a restarted process would see it (close and open again; for an in-memory store, the
-same object). Sync and async storage methods are both accepted. Run all of them::
+same object). Optionally ``lose_hard_state(store)`` destroys the durable hard state the way
+a failing disk would (for a file-based store, delete the file) and returns the store as a
+restart would open it, or raises: losing the hard state under a non-empty log must be
+``StorageCorruption``, never a silent term 0. Sync and async storage methods are both
+accepted. Run all of them::
 
     import asyncio
     from fastraft.testing import storage_suite
@@ -22,6 +26,7 @@ import inspect
 import io
 from typing import Any, Protocol
 
+from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.storage import SnapshotMeta
 
@@ -101,11 +106,47 @@ async def check_truncate_and_reappend(factory: StorageFactory) -> None:
 
 async def check_hard_state_round_trip(factory: StorageFactory) -> None:
     store = factory.new()
-    for hs in (HardState(1, None, 0), HardState(5, 3, 2), HardState(6, None, 9)):
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    for hs in (HardState(1, None, 0), HardState(5, 3, 2), HardState(6, None, 9),
+               HardState(6, 2, 9, True)):
         await _do(store.save_hard_state(hs))
         assert (await _do(store.load_state())).hard_state == hs
     store = factory.reopen(store)
-    assert (await _do(store.load_state())).hard_state == HardState(6, None, 9)
+    assert (await _do(store.load_state())).hard_state == HardState(6, 2, 9, True)
+
+
+async def check_hard_state_never_older_than_the_log(factory: StorageFactory) -> None:
+    """The term and vote survive a reopen whatever was appended after them; a store that
+    lost them refuses to open (a term 0 under a log of term 3 would allow a second vote
+    in a term, §5.2)."""
+    store = factory.new()
+    await _do(store.save_hard_state(HardState(3, 2, 0)))
+    await _do(store.append_entries(_entries(1, 5, 3)))
+    store = factory.reopen(store)
+    st = await _do(store.load_state())
+    assert (st.hard_state.current_term, st.hard_state.voted_for) == (3, 2), st.hard_state
+    lose = getattr(factory, "lose_hard_state", None)
+    if lose is not None:
+        try:
+            store = lose(store)
+        except StorageCorruption:
+            return
+        st = await _do(store.load_state())
+        raise AssertionError(f"a store that lost its hard state opened at term "
+                             f"{st.hard_state.current_term} over a log of term 3")
+
+
+async def check_identity(factory: StorageFactory) -> None:
+    """The owner is recorded once and survives a reopen (the node refuses a storage
+    owned by another node or cluster)."""
+    store = factory.new()
+    st = await _do(store.load_state())
+    assert (st.node_id, st.cluster_id) == (0, ""), (st.node_id, st.cluster_id)
+    await _do(store.save_identity(3, "beta"))
+    await _do(store.append_entries(_entries(1, 2, 1)))
+    store = factory.reopen(store)
+    st = await _do(store.load_state())
+    assert (st.node_id, st.cluster_id) == (3, "beta"), (st.node_id, st.cluster_id)
 
 
 async def _snapshot_bytes(store) -> tuple[SnapshotMeta, bytes] | None:
@@ -239,7 +280,8 @@ async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
 
 
 CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
-          check_hard_state_round_trip, check_snapshot_and_compaction, check_snapshot_streams,
+          check_hard_state_round_trip, check_hard_state_never_older_than_the_log,
+          check_identity, check_snapshot_and_compaction, check_snapshot_streams,
           check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything]
 
 

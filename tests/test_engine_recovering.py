@@ -1,0 +1,88 @@
+"""A node whose storage was repaired (HardState.recovering): it may have lost entries it
+acknowledged and votes it cast, so it neither votes nor campaigns until a leader has
+caught it up; the leader forgets what it knew of that node's log (thesis §11.7)."""
+import random
+
+from fastraft.config import Config
+from fastraft.engine import Engine, InitialState, PersistHardState, Role, Timer
+from fastraft.messages import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    RequestVote,
+    RequestVoteResponse,
+    TimeoutNow,
+)
+
+from engine_helpers import Harness, make, sends
+
+CFG = Config(commit_notify_delay=0)
+MEMBERS = Membership(voters=frozenset({1, 2, 3}))
+
+
+def repaired(term=3, entries=2):
+    """Node 3 after a repair kept ``entries`` entries of term 1."""
+    state = InitialState(
+        hard_state=HardState(term, None, 0, recovering=True), snapshot_membership=MEMBERS,
+        entries=[Entry(1, i, EntryKind.NORMAL, b"") for i in range(1, entries + 1)])
+    e = Engine(3, CFG, random.Random(3), state)
+    e.start()
+    return e
+
+
+def test_it_votes_for_no_one_and_never_campaigns():
+    e = repaired()
+    for pre in (True, False):
+        e.step(1, RequestVote(9, 1, 50, 8, pre_vote=pre))
+        assert sends(e.take_commands(), RequestVoteResponse)[-1][1].vote_granted is False
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []
+
+
+def test_it_tells_the_leader_and_leaves_recovery_once_caught_up():
+    e = repaired()
+    e.step(1, AppendEntries(9, 1, 5, 9, [], 5))  # it lacks 3..5
+    (to, reply), = sends(e.take_commands(), AppendEntriesResponse)
+    assert to == 1 and not reply.success and reply.recovering
+    e.on_timer(Timer.ELECTION)
+    e.step(1, TimeoutNow(9, 1))  # not even a transfer makes it campaign
+    assert e.role == Role.FOLLOWER
+    catch_up = [Entry(1, 3, 0, b""), Entry(9, 4, 0, b""), Entry(9, 5, 0, b"")]
+    e.step(1, AppendEntries(9, 1, 2, 1, catch_up, 5))
+    cmds = e.take_commands()
+    assert e.recovering  # caught up in memory, not yet durable
+    assert sends(cmds, AppendEntriesResponse)[-1][1].recovering
+    e.log_persisted(5, 9)
+    assert not e.recovering
+    assert PersistHardState(HardState(9, None, 5, False)) in e.take_commands()
+    e.on_timer(Timer.LEASE)  # leader 1 went silent: votes are possible again
+    e.step(2, RequestVote(10, 2, 5, 9))
+    assert sends(e.take_commands(), RequestVoteResponse)[-1][1].vote_granted
+
+
+def test_the_leader_forgets_what_a_recovering_follower_had_acknowledged():
+    """Without that, the leader ignores the rejection (below match_index, so 'stale') and
+    probes above the follower's log for ever."""
+    h = Harness([make(i, voters=(1, 2, 3), config=CFG) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    for k in range(5):
+        leader.propose([b"x%d" % k])
+    h.run()
+    last = leader.log.last_index
+    assert leader.progress[3].match_index == last
+    leader.step(3, AppendEntriesResponse(leader.term, False, last, 2, 1, 0, True))
+    assert leader.progress[3].match_index == 0
+    (to, probe), = sends(leader.take_commands(), AppendEntries)
+    assert to == 3 and probe.prev_log_index == 2
+    # an ordinary stale rejection below match_index is still ignored
+    h2 = Harness([make(i, voters=(1, 2, 3), config=CFG) for i in (1, 2, 3)])
+    h2.fire(1)
+    l2 = h2.engines[1]
+    l2.propose([b"y"])
+    h2.run()
+    l2.step(3, AppendEntriesResponse(l2.term, False, 1, 0, 0))
+    assert l2.progress[3].match_index == l2.log.last_index

@@ -1,0 +1,394 @@
+"""Nothing acknowledged is ever lost: FileStorage recovery either returns every
+acknowledged record or refuses with StorageCorruption, never fewer records silently."""
+import asyncio
+import glob
+import io
+import os
+import random
+import shutil
+import struct
+
+import pytest
+
+from fastraft import kv
+from fastraft.errors import StorageCorruption, StorageOwnedElsewhere
+from fastraft.filestorage import FileStorage
+from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
+from fastraft.node import RaftNode
+from fastraft.transport import MemoryHub
+
+from aio import run
+
+HEAD = 24  # magic, length, commit mark, body crc, header crc
+
+
+async def one_node(directory, **kw):
+    store = kv.KVStore()
+    node = RaftNode(1, storage=FileStorage(directory), network=MemoryHub().network(1),
+                    state_machine=store, **kw)
+    await node.start()
+    return node, store
+
+
+async def stop(node):
+    await node.stop()
+    node.storage.close()
+
+
+async def write_puts(directory, n=100):
+    """A one-node cluster acknowledges ``n`` puts, one record each, and stops cleanly."""
+    node, _ = await one_node(directory)
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader()
+    for k in range(n):
+        await node.propose(kv.put(f"k{k}", b"v%d" % k))
+    await stop(node)
+
+
+async def acknowledged_keys(directory):
+    """How many of the 100 keys a restarted node serves (raises StorageCorruption)."""
+    node, store = await one_node(directory)
+    try:
+        await node.wait_for_leader(5)
+        await node.read_index()
+        return sum(1 for k in range(100) if store.data.get(f"k{k}") == b"v%d" % k)
+    finally:
+        await stop(node)
+
+
+def segment(directory):
+    return sorted(glob.glob(os.path.join(directory, "log-*.seg")))[-1]
+
+
+def record_offsets(path):
+    data = open(path, "rb").read()
+    out, pos = [], 0
+    while pos < len(data):
+        out.append(pos)
+        pos += HEAD + struct.unpack_from("<I", data, pos + 4)[0]
+    return out
+
+
+def flip_length_bit(d):
+    path = segment(d)
+    off = record_offsets(path)[50] + 4 + 3
+    data = bytearray(open(path, "rb").read())
+    data[off] ^= 0x01
+    open(path, "wb").write(data)
+
+
+def truncate_middle(d):
+    path = segment(d)
+    os.truncate(path, record_offsets(path)[50] + 3)
+
+
+def zeros_over_last_20(d):
+    path = segment(d)
+    start = record_offsets(path)[-20]
+    data = bytearray(open(path, "rb").read())
+    data[start:] = bytes(len(data) - start)
+    open(path, "wb").write(data)
+
+
+def flip_last_record_byte(d):
+    path = segment(d)
+    data = bytearray(open(path, "rb").read())
+    data[-2] ^= 0xFF
+    open(path, "wb").write(data)
+
+
+def delete_state(d):
+    os.unlink(os.path.join(d, "state"))
+
+
+@pytest.mark.parametrize("damage", [flip_length_bit, truncate_middle, zeros_over_last_20,
+                                    flip_last_record_byte, delete_state],
+                         ids=lambda f: f.__name__)
+@run
+async def test_each_damage_of_the_issue_is_refused_never_silently_shortened(damage, tmp_path):
+    d = str(tmp_path)
+    await write_puts(d)
+    assert await acknowledged_keys(d) == 100
+    damage(d)
+    with pytest.raises(StorageCorruption) as info:
+        await acknowledged_keys(d)
+    assert str(tmp_path) in str(info.value)
+
+
+@run
+async def test_a_directory_of_another_node_or_cluster_is_refused(tmp_path):
+    d = str(tmp_path)
+    await write_puts(d, 3)
+    for node_id, cluster in ((2, "fastraft"), (1, "beta")):
+        store = FileStorage(d)
+        node = RaftNode(node_id, storage=store, network=MemoryHub().network(node_id),
+                        state_machine=kv.KVStore(), cluster_id=cluster)
+        with pytest.raises(StorageOwnedElsewhere, match="belongs to node 1 of cluster "
+                           f"'fastraft', not node {node_id} of cluster '{cluster}'"):
+            await node.start()
+        store.close()
+    assert await acknowledged_keys(d) == 3
+
+
+# ---------------------------------------------------------------- crash points
+
+def _records(directory, batches, mark_last=True):
+    """A directory whose log holds ``batches`` (one record each); the commit mark is
+    advanced before every append, as the node does."""
+    st = FileStorage(directory)
+    index = 0
+    for size in batches:
+        st.commit_advanced(index)
+        entries = [Entry(1, index + k + 1, EntryKind.NORMAL, bytes([7 + (index + k) % 200]) * 40)
+                   for k in range(size)]
+        st._append_sync(entries)
+        index += size
+    if mark_last:
+        st.commit_advanced(index)
+    return st, index
+
+
+def _indexes(directory):
+    st = FileStorage(directory)
+    try:
+        s = st.load_state()
+        return [e.index for e in st._read_sync(s.first_index, s.last_index + 1, None)]
+    finally:
+        st.close()
+
+
+def _copy_with(src, dst, name, data):
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("LOCK"))
+    with open(os.path.join(dst, name), "wb") as f:
+        f.write(data)
+
+
+def test_a_crash_at_every_byte_of_the_last_write_keeps_every_acknowledged_record(tmp_path):
+    """The last record was being written when the process (or machine) died: whatever
+    prefix of it reached the disk, recovery returns every earlier record (acknowledged:
+    each was fsynced before the next was written) or refuses."""
+    src = str(tmp_path / "src")
+    st, last = _records(src, [3, 5, 1, 4, 9], mark_last=False)
+    st.close()  # the commit mark in ``state`` covers only what was acknowledged
+    path = segment(src)
+    name = os.path.basename(path)
+    data = open(path, "rb").read()
+    start = record_offsets(path)[-1]
+    acknowledged = list(range(1, last - 9 + 1))
+    outcomes = set()
+    for cut in range(start, len(data)):
+        _copy_with(src, str(tmp_path / "t"), name, data[:cut])
+        try:
+            got = _indexes(str(tmp_path / "t"))
+        except StorageCorruption:
+            outcomes.add("refused")
+            continue
+        assert got == acknowledged, (cut, got)
+        outcomes.add("recovered")
+    # sectors of the last record that never reached the disk (zeros) but its size did
+    for sector in range(start // 512 * 512, len(data), 512):
+        damaged = bytearray(data)
+        damaged[sector:sector + 512] = bytes(len(damaged[sector:sector + 512]))
+        _copy_with(src, str(tmp_path / "t"), name, bytes(damaged))
+        try:
+            got = _indexes(str(tmp_path / "t"))
+        except StorageCorruption:
+            continue
+        assert got == acknowledged, (sector, got)
+    assert outcomes == {"recovered"}  # a torn tail is recognised as such
+
+
+def test_damage_in_any_field_of_any_sampled_record_is_refused(tmp_path):
+    """One bit flipped in the magic, length, commit mark, checksums or payload of a
+    record (a seeded sample) stops start-up: every record was acknowledged."""
+    src = str(tmp_path / "src")
+    st, _ = _records(src, [2, 3, 1, 6, 2, 5, 3, 1, 4, 2])
+    st.close()
+    path = segment(src)
+    name = os.path.basename(path)
+    data = open(path, "rb").read()
+    offsets = record_offsets(path)
+    fields = {"magic": (0, 4), "length": (4, 8), "mark": (8, 16), "body crc": (16, 20),
+              "head crc": (20, 24)}
+    rng = random.Random(15)
+    for start in [offsets[0], offsets[-1]] + rng.sample(offsets[1:-1], 3):
+        end = start + HEAD + struct.unpack_from("<I", data, start + 4)[0]
+        for field, (lo, hi) in list(fields.items()) + [("payload", (HEAD, end - start))]:
+            for _ in range(3):
+                at = start + rng.randrange(lo, hi)
+                damaged = bytearray(data)
+                damaged[at] ^= 1 << rng.randrange(8)
+                _copy_with(src, str(tmp_path / "t"), name, bytes(damaged))
+                with pytest.raises(StorageCorruption):
+                    _indexes(str(tmp_path / "t"))
+
+
+def test_a_log_cut_at_any_record_boundary_is_refused_after_a_clean_stop(tmp_path):
+    src = str(tmp_path / "src")
+    st, _ = _records(src, [1] * 12)
+    st.close()
+    path = segment(src)
+    name = os.path.basename(path)
+    data = open(path, "rb").read()
+    for boundary in record_offsets(path):
+        _copy_with(src, str(tmp_path / "t"), name, data[:boundary])
+        with pytest.raises(StorageCorruption, match="were committed"):
+            _indexes(str(tmp_path / "t"))
+
+
+@pytest.mark.parametrize("name", ["state", "snapshot", "identity"])
+def test_every_cut_or_flipped_byte_of_a_small_file_is_refused(name, tmp_path):
+    src = str(tmp_path / "src")
+    st, _ = _records(src, [2, 2])
+    st.save_identity(1, "fastraft")
+    st._save_state_sync(HardState(3, 1, 2))
+    st._save_snapshot_sync(SnapshotMeta(2, 1, Membership(voters=frozenset({1}))),
+                           io.BytesIO(b"snapshot data"))
+    st.close()
+    data = open(os.path.join(src, name), "rb").read()
+    for k in range(len(data)):
+        for damaged in (data[:k], data[:k] + bytes([data[k] ^ 0x20]) + data[k + 1:]):
+            _copy_with(src, str(tmp_path / "t"), name, damaged)
+            with pytest.raises(StorageCorruption):
+                _indexes(str(tmp_path / "t"))
+
+
+def test_a_flipped_byte_in_an_unmarked_last_record_is_not_taken_for_a_torn_write(tmp_path):
+    """After a kill -9 no commit mark covers the last record; it was fsynced (perhaps
+    acknowledged) all the same. A flipped byte with no sector of zeros is damage, not an
+    interrupted write: refused, not dropped."""
+    src = str(tmp_path / "src")
+    st, _ = _records(src, [3, 4, 5], mark_last=False)
+    st.close()
+    path = segment(src)
+    data = open(path, "rb").read()
+    start = record_offsets(path)[-1]
+    for at in range(start, len(data), 7):
+        damaged = bytearray(data)
+        damaged[at] ^= 0x04
+        _copy_with(src, str(tmp_path / "t"), os.path.basename(path), bytes(damaged))
+        with pytest.raises(StorageCorruption):
+            _indexes(str(tmp_path / "t"))
+
+
+# ---------------------------------------------------------------- through the CLI
+
+@run
+async def test_a_poison_entry_stops_every_node_loudly(tmp_path):
+    """A state machine that raises on a committed entry: every node that applies it
+    exits with code 3 naming the entry (a supervisor sees it; no zombie), the client is
+    told; a node that never learned the entry committed cannot apply it."""
+    from fastraft.kvservice import ClientError, KVClient, find_leader
+    from fastraft.processes import ProcessCluster
+
+    cluster = ProcessCluster(3, str(tmp_path), extra_args=[
+        "--state-machine", "fastraft.testing.faulty:PoisonKV"])
+    try:
+        cluster.start_all()
+        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        leader = await find_leader(clients)
+        index = await clients[leader].put("fine", b"1") + 1
+        with pytest.raises((ClientError, ConnectionError)) as info:
+            await clients[leader].put("poison-pill", b"x")
+        if isinstance(info.value, ClientError):
+            assert "NodeFailed" in str(info.value)
+        assert await asyncio.to_thread(cluster.procs[leader].wait, 20) == 3
+        for i in cluster.ids:
+            code = cluster.procs[i].poll()
+            if code is not None:
+                assert code == 3
+                assert f"stopped: the state machine failed applying entry {index}: " \
+                    "ValueError" in cluster.log(i)
+            else:
+                assert (await clients[i].status())["applied_index"] < index
+        for c in clients.values():
+            c.close()
+    finally:
+        cluster.stop_all()
+
+
+def test_the_cli_refuses_another_nodes_data_dir_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from fastraft.processes import free_ports
+
+    raft, client = free_ports(2)
+
+    def node(node_id, cluster_id):
+        return subprocess.run(
+            [sys.executable, "-m", "fastraft", "node", "--id", str(node_id), "--init",
+             "--cluster", f"{node_id}=127.0.0.1:{raft}", "--client", f"127.0.0.1:{client}",
+             "--data-dir", str(tmp_path / "d"), "--cluster-id", cluster_id],
+            capture_output=True, text=True, timeout=60)
+
+    asyncio.run(write_puts(str(tmp_path / "d"), 5))  # node 1 of cluster "fastraft"
+    refused = node(2, "beta")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0
+    assert "belongs to node 1 of cluster 'fastraft', not node 2 of cluster 'beta'" in \
+        refused.stderr
+    corrupt = tmp_path / "d" / "state"
+    corrupt.write_bytes(corrupt.read_bytes()[:-1])
+    refused = node(1, "fastraft")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "StorageCorruption" not in refused.stderr and "fails its checksum" in refused.stderr
+
+
+# ---------------------------------------------------------------- repair
+
+@run
+async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_path):
+    """A follower's WAL is damaged in the middle: it refuses to start; with --repair it
+    keeps its intact prefix, rejoins as 'recovering' (no votes, no campaigns), is caught
+    up by the leader, and serves every acknowledged write again."""
+    from fastraft.kvservice import KVClient, find_leader
+    from fastraft.processes import ProcessCluster
+
+    data = tmp_path / "data"
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(data))
+    clients = {}
+    acked = {}
+    try:
+        cluster.start_all()
+        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        leader = await find_leader(clients)
+        for k in range(150):
+            acked[f"a{k}"] = await clients[leader].put(f"a{k}", b"v")
+        victim = next(i for i in cluster.ids if i != leader)
+        clients.pop(victim).close()
+        cluster.kill(victim)
+        path = segment(str(data / f"node-{victim}"))
+        middle = record_offsets(path)[len(record_offsets(path)) // 2]
+        raw = bytearray(open(path, "rb").read())
+        raw[middle + HEAD + 3] ^= 0x10
+        open(path, "wb").write(raw)
+
+        cluster.start(victim)
+        assert await asyncio.to_thread(cluster.procs[victim].wait, 30) == 2
+        assert "fails its checksum" in cluster.log(victim)
+
+        for k in range(150):  # written while it is away
+            acked[f"b{k}"] = await clients[leader].put(f"b{k}", b"v")
+        cluster.start(victim, ["--repair"])
+        clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
+        assert "REPAIR" in cluster.log(victim)
+        target = (await clients[leader].status())["commit_index"]
+
+        async def caught_up():
+            while True:
+                s = await clients[victim].status()
+                if not s["recovering"] and s["applied_index"] >= target:
+                    return s
+                await asyncio.sleep(0.02)
+        status = await asyncio.wait_for(caught_up(), 30)
+        assert status["term"] == (await clients[leader].status())["term"]
+        for key, version in acked.items():
+            resp = await clients[victim].request("get", key)
+            assert resp.version == version, key
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()

@@ -9,6 +9,7 @@ from fastraft.errors import (
     NodeFailed,
     NodeStopped,
     NotLeader,
+    OffsetCompacted,
     Overloaded,
     ProposalDropped,
     StorageCorruption,
@@ -16,15 +17,16 @@ from fastraft.errors import (
 )
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.node import RaftNode
-from fastraft.statemachine import StateMachine
+from fastraft.replicatedlog import ReplicatedLog
+from fastraft.statemachine import NullStateMachine, StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "RaftNode", "RaftStorage", "MemoryStorage", "StateMachine",
+    "Config", "RaftNode", "ReplicatedLog", "RaftStorage", "MemoryStorage", "StateMachine", "NullStateMachine",
     "Entry", "EntryKind", "HardState", "Membership",
     "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError",
-    "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "Overloaded",
+    "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted", "Overloaded",
     "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere",
 ]

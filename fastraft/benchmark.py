@@ -23,6 +23,7 @@ from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import FastRaftError
 from fastraft.processes import free_ports
+from fastraft.statemachine import NullStateMachine
 
 # ----------------------------------------------------------------------------- load
 
@@ -133,20 +134,6 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
     if lost:
         out["leadership_lost"] = lost[0]
     return out
-
-
-class NullStateMachine:
-    """Applies nothing and answers None for every entry: the benchmark measures
-    replication, not a storage engine."""
-
-    def apply(self, entries):
-        return [None] * len(entries)
-
-    def snapshot(self):
-        return b""
-
-    def restore(self, data):
-        pass
 
 
 async def _bench_node(args) -> None:

@@ -80,10 +80,16 @@ async def serve_node(args) -> int:
     else:
         storage = MemoryStorage()
     store = load_factory(args.state_machine)() if args.state_machine else kv.KVStore()
-    config = Config() if args.snapshot_interval is None else \
-        Config(snapshot_interval=args.snapshot_interval,
-               snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
-                                             args.snapshot_interval))
+    tuned: dict = {}
+    if args.snapshot_interval is not None:
+        tuned.update(snapshot_interval=args.snapshot_interval,
+                     snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
+                                                   args.snapshot_interval))
+    if args.log_cache_mib is not None:
+        tuned["log_cache_bytes"] = int(args.log_cache_mib * (1 << 20))
+    if args.log_retention_entries is not None:
+        tuned["log_retention_entries"] = args.log_retention_entries
+    config = Config(**tuned)
     node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
                     cluster_id=args.cluster_id,
                     network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id,
@@ -160,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--cluster-id", default="fastraft")
     node.add_argument("--snapshot-interval", type=int, metavar="N",
                       help="snapshot every N applied entries (default: Config's)")
+    node.add_argument("--log-cache-mib", type=float, metavar="MIB",
+                      help="memory for log entries (default: Config.log_cache_bytes)")
+    node.add_argument("--log-retention-entries", type=int, metavar="N",
+                      help="keep N entries of log behind each snapshot (streams)")
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING")

@@ -50,6 +50,16 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     snapshot_interval: int = 100_000
     snapshot_trailing_entries: int = 10_000
     snapshot_chunk_bytes: int = 1 << 20
+    #: Memory for log entries (payloads plus about 112 bytes each). The terms of the whole
+    #: log stay in memory; entry payloads only for the newest entries within this bound
+    #: (and any not yet durable). Older entries are read back from storage: for followers
+    #: that lag, for the state machine after a restart, for ``committed()`` readers.
+    log_cache_bytes: int = 64 << 20
+    #: Keep at least this many entries, and this many payload bytes, of the log behind a
+    #: snapshot (0: no retention beyond ``snapshot_trailing_entries``): a stream built on
+    #: the log reads records for as long as they are retained, whatever the snapshots.
+    log_retention_entries: int = 0
+    log_retention_bytes: int = 0
     #: A learner is promoted only once within this many entries of the leader's log.
     max_learner_lag: int = 1000
 
@@ -73,10 +83,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
                 "out while the leader is healthy")
         for name in ("max_entries_per_message", "max_bytes_per_message",
                      "max_inflight_messages", "max_inflight_bytes", "max_pending_proposals",
-                     "max_pending_reads", "snapshot_chunk_bytes"):
+                     "max_pending_reads", "snapshot_chunk_bytes", "log_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("snapshot_interval", "snapshot_trailing_entries", "max_learner_lag"):
+        for name in ("snapshot_interval", "snapshot_trailing_entries", "max_learner_lag",
+                     "log_retention_entries", "log_retention_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lease_reads and not self.check_quorum:

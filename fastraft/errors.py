@@ -70,3 +70,9 @@ class MembershipChangeInProgress(FastRaftError):
 
 class CatchUpTimeout(FastRaftError, TimeoutError):
     """A learner did not catch up with the leader in time, so it was not promoted."""
+
+
+class OffsetCompacted(FastRaftError, ValueError):
+    """The entries asked for are no longer in this node's log: compacted behind a snapshot
+    and the retention bound (``Config.log_retention_entries`` / ``log_retention_bytes``),
+    or before a snapshot this node installed. Start from the offset the message names."""

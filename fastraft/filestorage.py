@@ -41,6 +41,7 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import zlib
 from array import array
 from bisect import bisect_right
@@ -178,7 +179,7 @@ class FileStorage:
     """
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
-                 cache_records: int = 512, repair: bool = False) -> None:
+                 cache_bytes: int = 8 << 20, repair: bool = False) -> None:
         self.directory = os.path.abspath(directory)
         self.segment_bytes = segment_bytes
         self.sync = sync
@@ -193,6 +194,11 @@ class FileStorage:
             raise StorageLocked(f"{self.directory} is in use by another process; one "
                                 "data directory per node") from None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastraft-wal")
+        # Reads run on a thread of their own, so a follower's catch-up never waits behind
+        # an fsync, nor an fsync behind a long read; the lock covers the record index,
+        # the file descriptors and the cache, never a write or an fsync.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="fastraft-wal-read")
+        self._lock = threading.RLock()
         # Records of the live log, in order: parallel arrays, one slot per record.
         self._rec_first = array("q")
         self._rec_last = array("q")
@@ -203,12 +209,15 @@ class FileStorage:
         self._fds: dict[int, int] = {}
         self._tail_fd = -1
         self._tail_size = 0
-        self._cache: OrderedDict[int, list[Entry]] = OrderedDict()
-        self._cache_records = cache_records
+        #: Decoded records, newest used last, and the bytes they were decoded from.
+        self._cache: OrderedDict[int, tuple[list[Entry], int]] = OrderedDict()
+        self._cache_size = 0
+        self._cache_bytes = cache_bytes
         self._state = _State(HardState())
         self._identity: _Identity | None = None
         self._snapshot: SnapshotMeta | None = None
         self._snapshot_path: str | None = None
+        self._snapshot_replaces_log = False
         #: The commit index to stamp on the next record (``commit_advanced``), and the
         #: highest one that is durable (stamped on a record, or in ``state``).
         self._mark_wanted = 0
@@ -285,9 +294,11 @@ class FileStorage:
             raise StorageCorruption(
                 f"{self._path(self._segments[0])}: the log starts at index "
                 f"{self._rec_first[0]} but entries after {compacted} were never compacted")
+        self._refresh_floor()
         self._check_commit_mark(cut)
         if cut is not None:
             self._cut(cut, firsts)
+            self._refresh_floor()
         if self._segments:
             self._open_tail(self._segments[-1])
 
@@ -488,9 +499,24 @@ class FileStorage:
                             cluster_id=ident.cluster_id if ident else "")
 
     def _floor(self) -> int:
-        """The last index compacted or covered by the snapshot: the log starts after it."""
-        covered = self._snapshot.last_included_index if self._snapshot is not None else 0
-        return max(self._state.compacted_index, covered)
+        """The last index compacted, or replaced by the snapshot: the log starts after it."""
+        if self._snapshot_replaces_log:
+            return max(self._state.compacted_index, self._snapshot.last_included_index)
+        return self._state.compacted_index
+
+    def _refresh_floor(self) -> None:
+        """Whether the snapshot replaces the records up to it. Not when the log holds the
+        snapshot's last entry with its term (§7: the log matches it; those records stay
+        the log until compacted, which retention may put off); but a snapshot installed
+        over a log that ends before it or disagrees with it does, even before the
+        compaction that follows it (a crash may come in between)."""
+        snap = self._snapshot
+        replaces = False
+        if snap is not None and snap.last_included_index > self._state.compacted_index:
+            index = snap.last_included_index
+            held = bool(self._rec_first) and self._rec_first[0] <= index <= self._rec_last[-1]
+            replaces = not held or self._entry_term(index) != snap.last_included_term
+        self._snapshot_replaces_log = replaces
 
     def save_identity(self, node_id: int, cluster_id: str) -> None:
         """Record whose directory this is (once; the node checks it at every start)."""
@@ -513,7 +539,8 @@ class FileStorage:
         await self._run(self._compact_sync, index)
 
     async def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        return await self._run(self._read_sync, lo, hi, max_bytes)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read_sync, lo, hi, max_bytes)
 
     async def save_hard_state(self, hard_state: HardState) -> None:
         await self._run(self._save_state_sync, hard_state)
@@ -528,6 +555,7 @@ class FileStorage:
         """Record the commit mark, close files and release the directory lock. Not done
         by ``RaftNode.stop()``."""
         self._executor.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
         # A clean stop: the commit mark goes to ``state`` too, so a log later cut at a
         # record boundary (which the records alone cannot tell) is refused. Every record
         # written is durable now, so a mark announced for them holds.
@@ -567,7 +595,11 @@ class FileStorage:
         for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
                     self._rec_len):
             del arr[k:]
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
         self._cache.clear()
+        self._cache_size = 0
 
     def _fd(self, seg: int) -> int:
         fd = self._fds.get(seg)
@@ -606,8 +638,9 @@ class FileStorage:
         new_segment = not self._segments or (
             self._tail_size > 0 and self._tail_size + len(record) > self.segment_bytes)
         if new_segment:
-            self._segments.append(first)
-            self._open_tail(first)
+            with self._lock:
+                self._segments.append(first)
+                self._open_tail(first)
             if self.sync:
                 _fsync_dir(self.directory)
         off = self._tail_size
@@ -617,11 +650,16 @@ class FileStorage:
         if self.sync:
             os.fdatasync(self._tail_fd)
         self._tail_size += len(record)
-        self._push_record(first, last, self._segments[-1], off, len(record))
+        with self._lock:
+            self._push_record(first, last, self._segments[-1], off, len(record))
         if mark > self._mark_durable:
             self._mark_durable = mark
 
     def _truncate_sync(self, index: int) -> None:
+        with self._lock:
+            self._truncate_locked(index)
+
+    def _truncate_locked(self, index: int) -> None:
         if index <= self._state.compacted_index:
             raise StorageCorruption(f"cannot truncate from {index}: compacted up to "
                                     f"{self._state.compacted_index}")
@@ -655,8 +693,13 @@ class FileStorage:
             os.fsync(self._tail_fd)
         if self.sync:
             _fsync_dir(self.directory)
+        self._refresh_floor()
 
     def _compact_sync(self, index: int) -> None:
+        with self._lock:
+            self._compact_locked(index)
+
+    def _compact_locked(self, index: int) -> None:
         covered = bool(self._rec_first) and self._rec_first[0] <= index
         if index <= self._state.compacted_index and not covered:
             return
@@ -680,7 +723,7 @@ class FileStorage:
         for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
                     self._rec_len):
             del arr[:k]
-        self._cache.clear()
+        self._clear_cache()
         if not self._rec_first and self._segments:
             # Compacted past the end of the log (a snapshot beyond it): the log goes on
             # after ``index`` in a new segment, so no segment ever holds a gap.
@@ -690,12 +733,17 @@ class FileStorage:
             self._tail_fd, self._tail_size = -1, 0
             if self.sync:
                 _fsync_dir(self.directory)
+        self._refresh_floor()
 
     def _entry_term(self, index: int) -> int:
         k = bisect_right(self._rec_first, index) - 1
         return self._record_entries(k)[index - self._rec_first[k]].term
 
     def _read_sync(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
+        with self._lock:
+            return self._read_locked(lo, hi, max_bytes)
+
+    def _read_locked(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
         lo = max(lo, self._floor() + 1)
         out: list[Entry] = []
         if not self._rec_first or lo >= hi:
@@ -722,7 +770,7 @@ class FileStorage:
         cached = self._cache.get(first)
         if cached is not None:
             self._cache.move_to_end(first)
-            return cached
+            return cached[0]
         seg, off, length = self._rec_seg[k], self._rec_off[k], self._rec_len[k]
         data = os.pread(self._fd(seg), length, off)
         if len(data) != length:
@@ -736,9 +784,10 @@ class FileStorage:
         except DecodeError as exc:
             raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: {exc}") \
                 from None
-        self._cache[first] = entries
-        if len(self._cache) > self._cache_records:
-            self._cache.popitem(last=False)
+        self._cache[first] = (entries, length)
+        self._cache_size += length
+        while self._cache_size > self._cache_bytes and len(self._cache) > 1:
+            self._cache_size -= self._cache.popitem(last=False)[1][1]
         return entries
 
     def _write_state(self) -> None:
@@ -767,7 +816,9 @@ class FileStorage:
         _write_atomically(self.directory, "snapshot",
                           _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m, self.sync)
         old = self._snapshot_path
-        self._snapshot, self._snapshot_path = meta, data_path
+        with self._lock:
+            self._snapshot, self._snapshot_path = meta, data_path
+            self._refresh_floor()
         if old is not None and old != data_path:
             os.unlink(old)
 

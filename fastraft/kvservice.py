@@ -1,5 +1,9 @@
 """A client port for a KV node: what ``fastraft node`` serves and ``fastraft demo`` drives.
 
+Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``append`` a
+record (answered with its offset, on the leader) and ``records`` from an offset (on any
+node: what it knows committed), so a stream can share the log with the KV store.
+
 The connection starts with the handshake of ``fastraft.transport.link`` (the same secret
 and TLS options as the Raft port; clients dial as node 0). Then frames are ``u32 length |
 msgpack body``, each body a list of requests (or responses); a client pipelines many
@@ -28,17 +32,24 @@ from fastraft import kv
 from fastraft.addresses import parse_address
 from fastraft.errors import FastRaftError, NotLeader
 from fastraft.logutil import Throttle
+from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
 
 log = logging.getLogger("fastraft.kvservice")
 MAX_FRAME = 16 << 20
+#: Most records, and about most payload bytes, in one "records" answer.
+MAX_RECORDS = 10_000
+RECORDS_BYTES = 4 << 20
 
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    op: str  # "put" | "get" | "del" | "status"
+    op: str  # "put" | "get" | "del" | "status" | "append" | "records"
     key: str = ""
     value: bytes = b""
+    #: "records": the first offset wanted, and at most how many records.
+    offset: int = 0
+    limit: int = 0
 
 
 class Response(msgspec.Struct, array_like=True):
@@ -50,6 +61,8 @@ class Response(msgspec.Struct, array_like=True):
     leader: int | None = None
     status: dict[str, Any] | None = None
     leader_address: str | None = None
+    #: "records": (offset, record) pairs, in order.
+    records: list[tuple[int, bytes]] | None = None
 
 
 _raw_list_dec = msgspec.msgpack.Decoder(list[msgspec.Raw])
@@ -99,6 +112,7 @@ class KVServer:
         self.in_progress = 0
         self.waiting: set[_ClientConnection] = set()
         self.stats: dict = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
+        self.records = ReplicatedLog(node)
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
         self._server: asyncio.AbstractServer | None = None
@@ -171,6 +185,13 @@ class _ClientConnection(Link):
             self._track(req, asyncio.ensure_future(self.node.propose(data)), self._written)
         elif op == "get":
             self._track(req, asyncio.ensure_future(self.node.read_index()), self._read)
+        elif op == "append":
+            self._track(req, asyncio.ensure_future(self.server.records.append([req.value])),
+                        self._appended)
+        elif op == "records":
+            limit = min(max(req.limit, 1), MAX_RECORDS)
+            self._track(req, asyncio.ensure_future(self.server.records.read(
+                max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
         elif op == "status":
             status = self.node.status()
             status["kv_keys"] = len(self.server.store.data)
@@ -212,6 +233,14 @@ class _ClientConnection(Link):
         if isinstance(result, kv.Refused):
             return Response(req.id, False, error=f"refused: {result.reason}")
         return Response(req.id, True, version=result or 0)
+
+    @staticmethod
+    def _appended(req: Request, offsets: list[int]) -> Response:
+        return Response(req.id, True, version=offsets[0])
+
+    @staticmethod
+    def _records(req: Request, records: list) -> Response:
+        return Response(req.id, True, records=[(r.index, r.data) for r in records])
 
     def _read(self, req: Request, _index: int) -> Response:
         store = self.server.store
@@ -298,13 +327,14 @@ class KVClient(Link):
                 fut.set_result(resp)
         return True
 
-    async def request(self, op: str, key: str = "", value: bytes = b"") -> Response:
+    async def request(self, op: str, key: str = "", value: bytes = b"", *, offset: int = 0,
+                      limit: int = 0) -> Response:
         if self.closed:
             raise ConnectionError(f"connection to {self.server_address} is closed")
         self.next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut
-        self.out.push(Request(self.next_id, op, key, value))
+        self.out.push(Request(self.next_id, op, key, value, offset, limit))
         resp = await fut
         if not resp.ok:
             raise ClientError(resp.error, resp.leader, resp.leader_address)
@@ -321,6 +351,15 @@ class KVClient(Link):
 
     async def status(self) -> dict:
         return (await self.request("status")).status
+
+    async def append(self, record: bytes) -> int:
+        """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset."""
+        return (await self.request("append", value=record)).version
+
+    async def records(self, offset: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+        """Committed records from ``offset`` on, as (offset, record) pairs: at most
+        ``limit`` (and about 4 MiB); empty when none is committed yet."""
+        return (await self.request("records", offset=offset, limit=limit)).records or []
 
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,

@@ -26,7 +26,7 @@ Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOG_INDEX)]
 LogTerm = Annotated[int, msgspec.Meta(ge=-1, le=MAX_TERM)]
 NodeId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
-Kind = Annotated[int, msgspec.Meta(ge=0, le=2)]
+Kind = Annotated[int, msgspec.Meta(ge=0, le=3)]
 Address = Annotated[str, msgspec.Meta(max_length=1024)]
 
 
@@ -34,6 +34,7 @@ class EntryKind(IntEnum):
     NORMAL = 0  #: a user command, handed to the state machine
     CONFIG = 1  #: a membership change (data is an encoded ``Membership``)
     NOOP = 2    #: appended by each new leader to commit its predecessors' entries (§5.4.2)
+    RECORD = 3  #: a record of a ``ReplicatedLog``: read by its consumers, not applied
 
 
 class Entry(msgspec.Struct, array_like=True, gc=False):

@@ -25,6 +25,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def memory_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory in MiB (Linux): ``VmRSS`` now, ``VmHWM`` its peak."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
 class ProcessCluster:
     def __init__(self, n: int, workdir: str, data_dir: str | None = None,
                  extra_args: list[str] | None = None) -> None:

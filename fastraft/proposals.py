@@ -19,16 +19,17 @@ from fastraft.asyncutil import fail_future
 
 
 class _Run:
-    __slots__ = ("first", "last", "futures", "batch", "results", "next")
+    __slots__ = ("first", "last", "futures", "batch", "results", "next", "records")
 
     def __init__(self, first: int, last: int, futures: list | None,
-                 batch: asyncio.Future | None) -> None:
+                 batch: asyncio.Future | None, records: bool = False) -> None:
         self.first = first
         self.last = last
         self.futures = futures      # singles: futures[k] answers index first + k
         self.batch = batch          # propose_batch: one future for first..last
         self.results: list = []     # batch: results gathered so far
         self.next = first           # first index not answered yet
+        self.records = records      # ReplicatedLog records: answered with their indexes
 
 
 class ProposalTracker:
@@ -36,9 +37,11 @@ class ProposalTracker:
         #: Entries buffered or in the log whose proposer still waits (back-pressure).
         self.pending = 0
         self._datas: list = []
-        self._segments: list[tuple[list | None, asyncio.Future | None, int]] = []
+        self._segments: list[tuple[list | None, asyncio.Future | None, int, bool]] = []
         self._open: list | None = None
         self._runs: deque[_Run] = deque()
+        #: Some buffered segment holds records.
+        self._records = False
 
     @property
     def buffered(self) -> bool:
@@ -53,29 +56,42 @@ class ProposalTracker:
         open_ = self._open
         if open_ is None:
             open_ = self._open = []
-            self._segments.append((open_, None, 0))
+            self._segments.append((open_, None, 0, False))
         open_.append(future)
         self.pending += 1
 
-    def add_batch(self, datas: Sequence, future: asyncio.Future) -> None:
+    def add_batch(self, datas: Sequence, future: asyncio.Future, records: bool = False) -> None:
+        """``records``: ``ReplicatedLog`` records, and ``future`` gets their indexes."""
         self._datas.extend(datas)
-        self._segments.append((None, future, len(datas)))
+        self._segments.append((None, future, len(datas), records))
         self._open = None
         self.pending += len(datas)
+        if records:
+            self._records = True
 
-    def take(self) -> list:
-        """The buffered commands, to append to the log in this order."""
+    def take(self) -> tuple[list, list[tuple[int, int]]]:
+        """The buffered commands, to append to the log in this order, and the
+        ``(position, count)`` spans of them that are records."""
         datas = self._datas
         self._datas = []
-        return datas
+        spans: list[tuple[int, int]] = []
+        if self._records:
+            self._records = False
+            pos = 0
+            for futures, _, n, records in self._segments:
+                n = len(futures) if futures is not None else n
+                if records:
+                    spans.append((pos, n))
+                pos += n
+        return datas, spans
 
     def appended(self, first_index: int) -> None:
         """The commands taken last were appended from ``first_index`` on."""
         index = first_index
-        for futures, batch, n in self._segments:
+        for futures, batch, n, records in self._segments:
             if futures is not None:
                 n = len(futures)
-            self._runs.append(_Run(index, index + n - 1, futures, batch))
+            self._runs.append(_Run(index, index + n - 1, futures, batch, records))
             index += n
         self._segments = []
         self._open = None
@@ -83,13 +99,14 @@ class ProposalTracker:
     def fail_buffered(self, exc: BaseException) -> int:
         """The commands taken last could not be appended: fail their proposers."""
         freed = 0
-        for futures, batch, n in self._segments:
+        for futures, batch, n, _ in self._segments:
             for f in (futures if futures is not None else (batch,)):
                 fail_future(f, exc)
             freed += len(futures) if futures is not None else n
         self._segments = []
         self._open = None
         self._datas = []
+        self._records = False
         self.pending -= freed
         return freed
 
@@ -130,7 +147,8 @@ class ProposalTracker:
                 break  # the rest of this run commits in a later batch
             runs.popleft()
             if run.batch is not None and not run.batch.done():
-                run.batch.set_result(run.results)
+                run.batch.set_result(list(range(run.first, run.last + 1)) if run.records
+                                     else run.results)
         self.pending -= freed
         return freed
 

@@ -41,3 +41,18 @@ class StateMachine(Protocol):
     def restore(self, data: BinaryIO) -> None:
         """Replace the whole state with a snapshot's: ``data`` is a readable binary file
         object at its start (``data.read()`` gives it all, ``data.read(n)`` streams it)."""
+
+
+class NullStateMachine:
+    """Holds no state and answers None for every entry: for a node whose log is only a
+    ``ReplicatedLog`` (records never reach a state machine), and for benchmarks that
+    measure replication rather than a storage engine."""
+
+    def apply(self, entries: Sequence[Entry]) -> list[None]:
+        return [None] * len(entries)
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, data: BinaryIO) -> None:
+        pass

@@ -54,7 +54,10 @@ class RaftStorage(Protocol):
         """Delete entries up to ``index`` (covered by a snapshot)."""
 
     def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        """Entries ``lo .. hi - 1``, stopping early (after at least one) past ``max_bytes``."""
+        """Entries ``lo .. hi - 1``, stopping early (after at least one) past ``max_bytes``
+        of payload. Entries compacted away are not the log: a range that starts before
+        the first entry held starts there. Called concurrently with the writes (a reader
+        must see every entry whose append completed, and never a torn one)."""
 
     def save_hard_state(self, hard_state: HardState) -> None:
         """Make the term, vote and ``recovering`` flag durable. ``hard_state.commit`` may
@@ -91,9 +94,19 @@ class MemoryStorage:
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
 
     def _floor(self) -> int:
-        """The last index compacted or covered by the snapshot."""
-        covered = self._snapshot[0].last_included_index if self._snapshot else 0
-        return max(self._offset, covered)
+        """The last index compacted, or replaced by the snapshot: a snapshot whose last
+        entry the log holds with its term leaves the log as it is (§7); any other
+        replaces the log up to it."""
+        if self._snapshot is None:
+            return self._offset
+        meta = self._snapshot[0]
+        index = meta.last_included_index
+        if index <= self._offset:
+            return self._offset
+        if index <= self._offset + len(self._entries) and \
+                self._entries[index - self._offset - 1].term == meta.last_included_term:
+            return self._offset
+        return index
 
     def load_state(self) -> StorageState:
         floor = self._floor()
@@ -125,7 +138,8 @@ class MemoryStorage:
             self._offset = index
 
     def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        out = self._entries[lo - self._offset - 1:hi - self._offset - 1]
+        lo = max(lo, self._floor() + 1)  # compacted entries are not the log any more
+        out = self._entries[lo - self._offset - 1:max(hi - self._offset - 1, 0)]
         if max_bytes is not None and len(out) > 1:
             out = out[:kernels.count_within_bytes(out, max_bytes)]
         return out

@@ -10,7 +10,7 @@ from fastraft.errors import DecodeError
 from fastraft.messages import Entry, EntryBatch
 
 DEF HEAD_SIZE = 21
-DEF MAX_KIND = 2
+DEF MAX_KIND = 3
 DEF MAX_TERM = 0x4000000000000000  # fastraft.messages.MAX_TERM == MAX_LOG_INDEX
 DEF VIEW_THRESHOLD = 512
 

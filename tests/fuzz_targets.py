@@ -126,6 +126,7 @@ class _Disk:
             st.save_identity(1, "fastraft")
             import io
             await st.save_snapshot(SnapshotMeta(5, 1, MEMBERS), io.BytesIO(b"snap" * 100))
+            await st.compact_prefix(5)
         asyncio.run(fill())
         st.close()
         self.files = sorted(n for n in os.listdir(self.template) if n != "LOCK")

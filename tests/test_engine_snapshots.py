@@ -135,6 +135,19 @@ def test_follower_asks_driver_to_store_chunks_and_answers_after_install():
     assert (f.commit_index, f.applied_index, f.log.last_index) == (5, 5, 5)
 
 
+def test_a_snapshot_that_replaces_the_log_resets_what_is_durable():
+    """A log of 8 durable entries (terms 1, 2) replaced by a snapshot at 5 of term 3: the
+    node holds nothing durable past 5 now. Were persisted_index left at 8, this node as
+    leader would count itself a replica of entries 6..8 of the new log before writing
+    them, and its cache would let them go as if on disk."""
+    f = make(2, terms=[1, 1, 2, 2, 2, 2, 2, 2], term=3, config=CFG)
+    f.take_commands()
+    assert f.persisted_index == 8
+    f.snapshot_installed(1, SnapshotMeta(5, 3, MEMBERS), 10)
+    f.take_commands()
+    assert (f.log.last_index, f.persisted_index) == (5, 5)
+
+
 def test_installing_a_snapshot_keeps_a_matching_suffix():
     f = make(2, terms=[1, 1, 2, 2, 2, 2], term=2, config=CFG)
     f.take_commands()

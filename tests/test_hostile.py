@@ -215,14 +215,6 @@ def test_every_message_the_engines_send_survives_the_wire_in_both_kernel_modes(m
             "ReadIndexResponse"} <= kinds, kinds
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 #: What 2,100 hostile connections may add to a node's resident memory: unauthenticated
 #: connections are capped (128 per port, 32 per address, oldest closed first) and hold at
 #: most one 4 KiB handshake frame each.
@@ -234,7 +226,7 @@ async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_
     import random
 
     from fastraft.kvservice import ClientError, KVClient, find_leader
-    from fastraft.processes import ProcessCluster
+    from fastraft.processes import ProcessCluster, memory_mib
 
     cluster = ProcessCluster(3, str(tmp_path))
     conns = []
@@ -244,7 +236,7 @@ async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_
         leader = await find_leader(clients)
         term = (await clients[leader].status())["term"]
         await clients[leader].put("warm", b"up")
-        before = {i: rss_mib(p.pid) for i, p in cluster.procs.items()}
+        before = {i: memory_mib(p.pid) for i, p in cluster.procs.items()}
         ports = [int(a.rsplit(":", 1)[1]) for a in
                  list(cluster.raft.values()) + list(cluster.client.values())]
         acked = 0
@@ -290,7 +282,7 @@ async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_
         await asyncio.gather(*[open_idle(100) for _ in range(20)], garbage(100))
         during = acked
         await wait_until(lambda: acked >= during + 500, 30, "writes during the flood")
-        after = {i: rss_mib(p.pid) for i, p in cluster.procs.items()}
+        after = {i: memory_mib(p.pid) for i, p in cluster.procs.items()}
         stop = True
         await task
         assert (await clients[leader].status())["term"] == term

@@ -23,7 +23,7 @@ def test_runs_answered_across_apply_batches_and_kinds():
             t.add(b"s", f)
         t.add_batch([b"b1", b"b2"], batch)
         t.add(b"t", tail)
-        assert t.pending == 6 and t.take() == [b"s"] * 3 + [b"b1", b"b2", b"t"]
+        assert t.pending == 6 and t.take() == ([b"s"] * 3 + [b"b1", b"b2", b"t"], [])
         t.appended(10)  # indexes 10..15
         # first apply batch ends in the middle of the propose_batch
         assert t.resolve(13, entries(10, 13), [100, 101, 102, 103]) == 4

@@ -20,7 +20,7 @@ from fastraft.messages import Entry, EntryBatch
 _COUNT = struct.Struct("<I")
 _HEAD = struct.Struct("<QQBI")
 _HEAD_SIZE = _HEAD.size  # 21
-_MAX_KIND = 2
+_MAX_KIND = 3
 _MAX_TERM = 1 << 62  # fastraft.messages.MAX_TERM == MAX_LOG_INDEX
 VIEW_THRESHOLD = 512
 

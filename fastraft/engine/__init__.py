@@ -2,11 +2,13 @@
 from fastraft.engine.commands import (
     AppendLog,
     Apply,
+    ApplyStored,
     CancelTimer,
     Command,
     CompactLog,
     PersistHardState,
     ReadFailed,
+    ReadLog,
     ReadReady,
     Role,
     RoleChanged,
@@ -23,8 +25,8 @@ from fastraft.engine.progress import Progress, ProgressState
 
 __all__ = [
     "Engine", "InitialState", "MembershipChangeInProgress", "Progress", "ProgressState",
-    "AppendLog", "Apply", "CancelTimer", "Command", "PersistHardState", "ReadFailed",
-    "ReadReady", "Role", "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog",
+    "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "PersistHardState", "ReadFailed",
+    "ReadLog", "ReadReady", "Role", "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog",
     "CompactLog", "SendSnapshotChunk", "StoreSnapshotChunk",
     "requires_durability",
 ]

@@ -94,6 +94,27 @@ class Apply(msgspec.Struct):
     entries: list[Entry]
 
 
+class ApplyStored(msgspec.Struct, gc=False):
+    """Committed entries ``first .. last`` to hand to the state machine, in order with the
+    ``Apply`` commands around it; they are durable, and no longer in the engine's memory:
+    read them from storage (in batches: there may be many)."""
+
+    first: int
+    last: int
+
+
+class ReadLog(msgspec.Struct, gc=False):
+    """Read entries ``start .. stop - 1`` from storage, at most ``max_bytes`` of payload
+    (at least one entry), for follower ``peer``: they are durable and no longer in the
+    engine's memory. Answer with ``Engine.log_read(peer, start, entries)``, or
+    ``Engine.log_read_failed(peer, start)``. The leader goes on meanwhile."""
+
+    peer: int
+    start: int
+    stop: int
+    max_bytes: int
+
+
 class SetTimer(msgspec.Struct, gc=False):
     """(Re)arm ``timer`` to fire ``delay`` seconds from now; replaces any earlier arming."""
 
@@ -130,7 +151,7 @@ class ReadFailed(msgspec.Struct, gc=False):
 
 
 Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
-           | StoreSnapshotChunk | Apply | SetTimer | CancelTimer | RoleChanged | ReadReady
+           | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer | RoleChanged | ReadReady
            | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,

@@ -1,7 +1,10 @@
 """The Raft engine: a deterministic state machine from inputs to commands.
 
 Inputs are messages (``step``), proposals (``propose``), timer expirations
-(``on_timer``), read requests (``read_index``) and I/O completions (``log_persisted``).
+(``on_timer``), read requests (``read_index``) and I/O completions (``log_persisted``,
+``log_read``, the ``snapshot_*`` calls). The log's payloads are held only for its newest
+entries (``RaftLog``); older ones are asked of the driver with commands (``ReadLog``,
+``ApplyStored``), never read by the engine itself.
 Each appends commands to an outbox that the driver drains with ``take_commands``; the
 drain is also where replication is flushed, so every proposal that arrived since the last
 drain travels in one AppendEntries per follower. No I/O, no clock, no global randomness:
@@ -20,10 +23,12 @@ from fastraft.engine.checks import refusal
 from fastraft.engine.commands import (
     AppendLog,
     Apply,
+    ApplyStored,
     CancelTimer,
     CompactLog,
     PersistHardState,
     ReadFailed,
+    ReadLog,
     ReadReady,
     Role,
     RoleChanged,
@@ -64,6 +69,8 @@ from fastraft.messages import (
 
 _WON = kernels.VOTE_WON
 _LOST = kernels.VOTE_LOST
+#: Heartbeat intervals a ``ReadLog`` may go unanswered before the leader asks again.
+READ_LOG_PATIENCE = 20
 
 
 class InitialState(msgspec.Struct, kw_only=True):
@@ -73,7 +80,8 @@ class InitialState(msgspec.Struct, kw_only=True):
     snapshot_index: int = 0
     snapshot_term: int = 0
     snapshot_membership: Membership = msgspec.field(default_factory=Membership)
-    #: Durable log entries after the snapshot, in order.
+    #: Durable log entries after the snapshot, in order (or none, and the rest given to
+    #: ``Engine.load_log`` in batches before ``start``).
     entries: list[Entry] = msgspec.field(default_factory=list)
     #: Size in bytes of the snapshot at snapshot_index (0: no snapshot).
     snapshot_size: int = 0
@@ -107,22 +115,22 @@ class Engine:
         #: to the commit index of the first leader heard from (thesis §11.7 on disk loss).
         self.recovering: bool = hs.recovering
         self._recover_until: int | None = None
-        self.log = RaftLog(state.snapshot_index, state.snapshot_term, state.entries)
+        self.log = RaftLog(state.snapshot_index, state.snapshot_term)
 
         # Volatile state. Invariant: snapshot_index <= applied_index <= commit_index <=
         # log.last_index, except transiently while a follower learns a commit index.
-        self.commit_index: int = max(min(hs.commit, self.log.last_index), state.snapshot_index)
+        self._stored_commit = hs.commit
+        self.commit_index: int = state.snapshot_index
         #: Highest index handed to the driver in an Apply command.
         self.applied_index: int = max(state.applied_index, state.snapshot_index)
         #: Highest index known durable in the local log; the leader's own "match".
-        self.persisted_index: int = self.log.last_index
+        self.persisted_index: int = state.snapshot_index
         self.role = Role.FOLLOWER
         self.leader_id: int | None = None
 
         # Configurations in the log after the snapshot (§6: in force once appended).
         self._configs: list[tuple[int, Membership]] = [
             (state.snapshot_index, state.snapshot_membership)]
-        self._scan_configs(state.entries)
         self.membership: Membership = self._configs[-1][1]
         self._voters_in: tuple[int, ...] = ()
         self._voters_out: tuple[int, ...] = ()
@@ -165,8 +173,22 @@ class Engine:
         self._broadcast = False
         self._commit_timer_armed = False
         self._heartbeat_needed = False
+        if state.entries:
+            self.load_log(state.entries)
 
     # ------------------------------------------------------------------ driver API
+
+    def load_log(self, entries: list[Entry]) -> None:
+        """Start-up: the next batch of the durable log after the snapshot. Only the newest
+        ``Config.log_cache_bytes`` stay in memory; the rest is read back when needed."""
+        self.log.append(entries)
+        self._scan_configs(entries)
+        self.membership = self._configs[-1][1]
+        self._refresh_voters()
+        self.persisted_index = self.log.last_index
+        self.commit_index = max(min(self._stored_commit, self.log.last_index),
+                                self.log.snapshot_index)
+        self._trim_cache()
 
     def start(self) -> list:
         """Commands to run once at start-up: re-apply committed entries, arm the timer."""
@@ -209,8 +231,11 @@ class Engine:
         self._persist_hard_state()
         self._append_own([Entry(1, 1, EntryKind.CONFIG, encode_membership(membership))])
 
-    def propose(self, datas: Sequence[bytes]) -> int:
-        """Append user commands to the leader's log; returns the index of the first."""
+    def propose(self, datas: Sequence[bytes],
+                records: Sequence[tuple[int, int]] = ()) -> int:
+        """Append user commands to the leader's log; returns the index of the first.
+        ``records``: ``(position, count)`` spans of ``datas`` that are ``ReplicatedLog``
+        records rather than state-machine commands."""
         if self.role != Role.LEADER:
             raise self.not_leader()
         if self._transfer_target is not None:
@@ -219,8 +244,11 @@ class Engine:
             raise NotLeader(target, self.membership.addresses.get(target))
         first = self.log.last_index + 1
         if datas:
-            self._append_own(kernels.make_entries(self.term, first, EntryKind.NORMAL, datas),
-                             user_commands=True)
+            entries = kernels.make_entries(self.term, first, EntryKind.NORMAL, datas)
+            for pos, count in records:
+                entries[pos:pos + count] = kernels.make_entries(
+                    self.term, first + pos, EntryKind.RECORD, datas[pos:pos + count])
+            self._append_own(entries, user_commands=True)
         return first
 
     def propose_membership(self, voters: frozenset[int], learners: frozenset[int] = frozenset(),
@@ -293,8 +321,13 @@ class Engine:
             return
         self._snapshot = meta
         self._snapshot_size = size
-        target = min(meta.last_included_index - self.config.snapshot_trailing_entries,
+        cfg = self.config
+        target = min(meta.last_included_index - cfg.snapshot_trailing_entries,
                      self.persisted_index, self.applied_index)
+        if cfg.log_retention_entries:
+            target = min(target, self.log.last_index - cfg.log_retention_entries)
+        if cfg.log_retention_bytes:
+            target = min(target, self.log.retained_from(cfg.log_retention_bytes))
         if target > self.log.snapshot_index:
             self._compact(target)
 
@@ -323,6 +356,9 @@ class Engine:
                 if self.log.last_index > self.log.snapshot_index:
                     self._out.append(TruncateLog(self.log.snapshot_index + 1))
                 self.log.reset(index, term)
+                # Nothing after the snapshot is durable now (or known to be: the old
+                # log's persisted index says nothing of the new one).
+                self.persisted_index = index
                 self._configs = [(index, meta.membership)]
                 self._out.append(CompactLog(index))
                 self._membership_changed()
@@ -349,11 +385,53 @@ class Engine:
         """The driver made the log durable up to ``index`` (whose entry has ``term``)."""
         if index > self.persisted_index and self.log.term_at(index) == term:
             self.persisted_index = index
+            self._trim_cache()
             if self.role == Role.LEADER:
                 self._match.set(self.id, index)
                 self._maybe_commit()
             elif self.recovering:
                 self._check_recovered()
+
+    def log_read(self, peer: int, start: int, entries: list[Entry]) -> None:
+        """The driver read what a ``ReadLog`` asked for: send it, if ``peer`` still needs
+        it and it is still this log (a read that raced a change of log is dropped)."""
+        pr = self.progress.get(peer)
+        if pr is None or self.role != Role.LEADER or pr.reading_from != start:
+            return
+        pr.reading_from = 0
+        if pr.state == ProgressState.SNAPSHOT or pr.next_index != start or \
+                not self.log.matches(entries):
+            if pr.state == ProgressState.PROBE:
+                pr.probe_sent = False
+            self._broadcast = True  # ask again for what it needs now
+            return
+        self._send_entries(peer, pr, start - 1, entries)
+        self._broadcast = True  # the next read, or what is cached
+
+    def log_read_failed(self, peer: int, start: int) -> None:
+        """A ``ReadLog`` failed: probe ``peer`` again on the next heartbeat."""
+        pr = self.progress.get(peer)
+        if pr is not None and self.role == Role.LEADER and pr.reading_from == start:
+            pr.reading_from = 0
+            if pr.state != ProgressState.SNAPSHOT:
+                pr.become_probe()
+                pr.probe_sent = True
+
+    def founding_membership(self) -> Membership | None:
+        """The configuration of entry 1, if the log still holds it."""
+        for index, membership in self._configs:
+            if index == 1 and self.log.snapshot_index == 0:
+                return membership
+        return None
+
+    def _trim_cache(self) -> None:
+        log, budget = self.log, self.config.log_cache_bytes
+        if log.cache_bytes > budget:
+            # Entries already handed to the state machine first; durable ones it has yet
+            # to get only if that is not enough (they are then applied from storage).
+            log.evict(min(self.persisted_index, self.applied_index), budget)
+            if log.cache_bytes > budget:
+                log.evict(self.persisted_index, budget)
 
     def _check_recovered(self) -> None:
         """A repaired node holds, durably, every entry its leader had committed when it
@@ -422,6 +500,9 @@ class Engine:
             "applied_index": self.applied_index, "last_index": self.log.last_index,
             "persisted_index": self.persisted_index,
             "snapshot_index": self.log.snapshot_index,
+            "latest_snapshot_index": (self._snapshot.last_included_index
+                                      if self._snapshot is not None else 0),
+            "log_cache_bytes": self.log.cache_bytes,
             "recovering": self.recovering,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
@@ -577,6 +658,8 @@ class Engine:
         """Append entries created on this node and schedule their replication
         (``user_commands``: all NORMAL, none to scan for configurations)."""
         self.log.append(entries)
+        if self.log.cache_bytes > self.config.log_cache_bytes:
+            self._trim_cache()
         out = self._out
         if out and type(out[-1]) is AppendLog:
             out[-1].entries.extend(entries)  # one storage write for the whole iteration
@@ -614,11 +697,26 @@ class Engine:
             return
         cfg = self.config
         hi = min(last, prev + cfg.max_entries_per_message)
+        cache_first = self.log.cache_first
+        if prev + 1 < cache_first and hi > prev:
+            # Its entries left memory: read them from storage (one read per follower at
+            # a time); the rest of the leader's work goes on meanwhile.
+            if not pr.reading_from:
+                pr.reading_from = prev + 1
+                pr.read_rounds = 0
+                self._out.append(ReadLog(peer, prev + 1, min(hi + 1, cache_first),
+                                         cfg.max_bytes_per_message))
+            if pr.state != ProgressState.REPLICATE:
+                pr.probe_sent = True
+            return
         entries = self.log.slice(prev + 1, hi + 1)
         if len(entries) > 1:
             n = kernels.count_within_bytes(entries, cfg.max_bytes_per_message)
             if n < len(entries):
                 entries = entries[:n]
+        self._send_entries(peer, pr, prev, entries)
+
+    def _send_entries(self, peer: int, pr: Progress, prev: int, entries: list[Entry]) -> None:
         self._send(peer, AppendEntries(self.term, self.id, prev, self.log.term_at(prev),
                                        entries, self.commit_index, self._seq))
         pr.commit_sent = self.commit_index
@@ -692,6 +790,10 @@ class Engine:
     def _on_heartbeat_timeout(self) -> None:
         last = self.log.last_index
         for peer, pr in self.progress.items():
+            if pr.reading_from:
+                pr.read_rounds += 1
+                if pr.read_rounds > READ_LOG_PATIENCE:
+                    pr.reading_from = 0  # the read is lost: ask again
             if pr.state == ProgressState.REPLICATE:
                 if pr.match_index < last and pr.match_index == pr.match_at_heartbeat:
                     pr.become_probe()  # no progress for a whole interval: a message was lost
@@ -747,6 +849,8 @@ class Engine:
                         self._truncate(conflict)
                     new = entries[conflict - prev - 1:]
                     log.append(new)
+                    if log.cache_bytes > self.config.log_cache_bytes:
+                        self._trim_cache()
                     self._out.append(AppendLog(new))
                     if kernels.index_of_kind(new, EntryKind.CONFIG) >= 0:
                         self._scan_configs(new)
@@ -835,7 +939,14 @@ class Engine:
 
     def _emit_apply(self) -> None:
         if self.commit_index > self.applied_index:
-            self._out.append(Apply(self.log.slice(self.applied_index + 1, self.commit_index + 1)))
+            first = self.applied_index + 1
+            cache_first = self.log.cache_first
+            if first < cache_first:
+                last = min(self.commit_index, cache_first - 1)
+                self._out.append(ApplyStored(first, last))
+                first = last + 1
+            if first <= self.commit_index:
+                self._out.append(Apply(self.log.slice(first, self.commit_index + 1)))
             self.applied_index = self.commit_index
 
     # ------------------------------------------------------------------ membership (§6)

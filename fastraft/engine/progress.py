@@ -18,7 +18,7 @@ class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
                  "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent", "snapshot_index",
                  "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
-                 "inflight_bytes", "inflight_total")
+                 "inflight_bytes", "inflight_total", "reading_from", "read_rounds")
 
     def __init__(self, next_index: int) -> None:
         #: Highest index known to be in the follower's log and durable there; only grows
@@ -55,6 +55,10 @@ class Progress:
         #: SNAPSHOT only: a chunk was answered since the last heartbeat; without that, the
         #: chunk in flight is taken as lost and sent again.
         self.snapshot_progressed = False
+        #: Index its entries are being read from storage from (0: no read), and for how
+        #: many heartbeat intervals: nothing else is sent to it meanwhile.
+        self.reading_from = 0
+        self.read_rounds = 0
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE
@@ -79,6 +83,8 @@ class Progress:
         self._clear_inflight()
 
     def is_paused(self, max_inflight: int, max_bytes: int) -> bool:
+        if self.reading_from:
+            return True
         if self.state == ProgressState.PROBE:
             return self.probe_sent
         if self.state == ProgressState.SNAPSHOT:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
+from fastraft.engine import ApplyStored
 from fastraft.messages import Entry, EntryKind, SnapshotMeta
 from fastraft.node.writer import SaveSnapshot
 from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
@@ -158,6 +159,19 @@ class Applier:
                     self._after_apply()
             finally:
                 item.spool.close()
+        elif type(item) is ApplyStored:
+            # Committed entries that left the engine's memory: from storage, a batch at a
+            # time, in their place in the apply order.
+            async for batch in self.node._log_reader.batches(item.first, item.last + 1):
+                if batch[0].index <= self.applied_index:
+                    batch = [e for e in batch if e.index > self.applied_index]
+                    if not batch:
+                        continue
+                for k in range(0, len(batch), MAX_APPLY_BATCH):
+                    await self._apply_batch(batch[k:k + MAX_APPLY_BATCH])
+                    if self._snapshot_due():
+                        await self._take_snapshot()
+                    await asyncio.sleep(0)
         elif item is _SNAPSHOT_DUE:
             if self._snapshot_due():
                 await self._take_snapshot()

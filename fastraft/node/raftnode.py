@@ -23,9 +23,10 @@ from fastraft.errors import (
     StorageOwnedElsewhere,
 )
 from fastraft.logutil import Throttle
-from fastraft.messages import Entry, EntryKind, Membership, decode_membership
+from fastraft.messages import Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
 from fastraft.node.applier import Applier
+from fastraft.node.logreader import LogReader
 from fastraft.node.reads import Reads
 from fastraft.node.runner import CommandRunner, Timers
 from fastraft.node.transfer import SnapshotTransfer
@@ -71,6 +72,7 @@ class RaftNode:
         self._applier = Applier(self)
         self._transfer = SnapshotTransfer(self)
         self._reads = Reads(self)
+        self._log_reader = LogReader(self)
 
         #: Replaced (and set) whenever the applied index moves or the node stops; waiters
         #: re-check their condition (a Condition would need the lock to notify).
@@ -120,14 +122,16 @@ class RaftNode:
                 loaded[1].seek(0)
                 await self._applier.restore(loaded[1])
                 applied = snapshot_index
-        entries = []
-        first = max(state.first_index, snapshot_index + 1)
-        if state.last_index >= first:
-            entries = await call_hook(st.read_entries, first, state.last_index + 1)
-        self.engine = Engine(self.id, self.config, self._rng, InitialState(
+        engine = Engine(self.id, self.config, self._rng, InitialState(
             hard_state=state.hard_state, snapshot_index=snapshot_index,
             snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
-            snapshot_size=snapshot_size, entries=entries, applied_index=applied))
+            snapshot_size=snapshot_size, applied_index=applied))
+        # The whole log passes through once (terms, configurations), in bounded batches;
+        # only the newest Config.log_cache_bytes of it stay in memory.
+        self.engine = engine
+        first = max(state.first_index, snapshot_index + 1)
+        async for batch in self._log_reader.batches(first, state.last_index + 1):
+            engine.load_log(batch)
         self._running = True
         self._applier.start(applied)
         self._peers_of = self.engine.membership
@@ -156,6 +160,7 @@ class RaftNode:
         await self.network.stop()
         await self._writer.stop()
         await self._applier.stop()
+        await self._log_reader.stop()
         stopped = self.failure or NodeStopped(f"node {self.id} stopped")
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
@@ -201,9 +206,7 @@ class RaftNode:
         engine = self.engine
         if engine.log.last_index or engine.term:
             if engine.log.snapshot_index == 0:
-                first = engine.log.slice(1, 2)
-                formed = bool(first) and first[0].kind == EntryKind.CONFIG and \
-                    decode_membership(first[0].data) == membership
+                formed = engine.founding_membership() == membership
             else:
                 # Entry 1 was compacted into a snapshot: compare with the configuration
                 # in force, which is the founding one unless membership changed since.
@@ -246,18 +249,23 @@ class RaftNode:
     def propose_batch(self, datas: Sequence[bytes]) -> Awaitable[list[Any]]:
         """Replicate several commands as consecutive entries; ``await`` it for one result
         per command. Queued when called, like ``propose``."""
+        return self._propose_many(datas, False)
+
+    def _propose_many(self, datas: Sequence[bytes], records: bool) -> Awaitable[list[Any]]:
+        """``propose_batch``, or with ``records`` ``ReplicatedLog.append`` (entries of kind
+        RECORD, answered with their indexes)."""
         if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
-            return self._propose_batch_admitted(datas)
+            return self._propose_many_admitted(datas, records)
         fut = self._loop.create_future()
-        self._proposals.add_batch(datas, fut)
+        self._proposals.add_batch(datas, fut, records)
         self._schedule_flush()
         return fut
 
-    async def _propose_batch_admitted(self, datas: Sequence[bytes]) -> list[Any]:
+    async def _propose_many_admitted(self, datas: Sequence[bytes], records: bool) -> list[Any]:
         if not datas:
             return []
         await self._admit()
-        return await self.propose_batch(datas)  # admitted: takes the fast path
+        return await self._propose_many(datas, records)  # admitted: takes the fast path
 
     async def read_index(self, timeout: float | None = None) -> int:
         """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
@@ -278,24 +286,12 @@ class RaftNode:
         return await asyncio.wait_for(known(), timeout)
 
     async def committed(self, start_index: int = 1) -> AsyncIterator[Entry]:
-        """Committed user entries from ``start_index`` on, following new commits live.
-        Ends when the node stops."""
-        nxt = start_index
-        applier = self._applier
-        while self._running:
-            engine = self.engine
-            if nxt <= applier.committed_index:
-                if nxt <= engine.log.snapshot_index:
-                    raise ValueError(f"entries up to {engine.log.snapshot_index} were compacted "
-                                     "into a snapshot; start after it")
-                batch = engine.log.slice(nxt, applier.committed_index + 1)
-                nxt = applier.committed_index + 1
-                for e in batch:
-                    if e.kind == _NORMAL:
-                        yield e
-                continue
-            await self._wait_progress(
-                lambda: not self._running or applier.committed_index >= nxt)
+        """Committed user entries (state-machine commands) from ``start_index`` on: read
+        from memory or storage, then following new commits live. Ends when the node
+        stops; raises ``OffsetCompacted`` for entries no longer in the log."""
+        async for batch in self._log_reader.follow(start_index, _NORMAL):
+            for e in batch:
+                yield e
 
     async def snapshot(self) -> int:
         """Snapshot the state machine now and compact the log behind it (§7); returns the
@@ -503,7 +499,7 @@ class RaftNode:
         proposals = self._proposals
         if proposals.buffered:
             try:
-                index = self.engine.propose(proposals.take())
+                index = self.engine.propose(*proposals.take())
             except NotLeader as exc:
                 proposals.fail_buffered(exc)
                 self._capacity.set()

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 from fastraft.engine import (
     AppendLog,
     Apply,
+    ApplyStored,
     CancelTimer,
     CompactLog,
     PersistHardState,
     ReadFailed,
+    ReadLog,
     ReadReady,
     RoleChanged,
     Send,
@@ -160,6 +162,14 @@ class CommandRunner:
                     apply_now = apply_now + c.entries
                 else:
                     applier.enqueue(c.entries)
+            elif t is ApplyStored:
+                applier.committed_index = c.last
+                if apply_now is not None:
+                    applier.enqueue(apply_now)
+                    apply_now = None
+                applier.enqueue(c)
+            elif t is ReadLog:
+                node._log_reader.serve(c)
             elif t is SetTimer:
                 node._timers.set(c.timer, c.delay)
             elif t is CancelTimer:

@@ -33,12 +33,14 @@ from fastraft.config import Config
 from fastraft.engine import (
     AppendLog,
     Apply,
+    ApplyStored,
     CancelTimer,
     CompactLog,
     Engine,
     InitialState,
     PersistHardState,
     ReadFailed,
+    ReadLog,
     ReadReady,
     Role,
     RoleChanged,
@@ -51,7 +53,7 @@ from fastraft.engine import (
     requires_durability,
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
-from fastraft.messages import Entry, EntryKind, Membership, SnapshotMeta
+from fastraft.messages import AppendEntries, Entry, EntryKind, Membership, SnapshotMeta
 from fastraft.filestorage import FileStorage
 from fastraft.storage import MemoryStorage
 
@@ -76,6 +78,18 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: Delay of a simulated fsync.
     min_fsync: float = 0.0002
     max_fsync: float = 0.004
+    #: Delay of a read of entries that left a leader's memory (``ReadLog``), and the
+    #: chance that it fails.
+    min_read: float = 0.0001
+    max_read: float = 0.002
+    read_fail: float = 0.0
+    #: Leader flapping (the Figure 8 nemesis): the chance that a node that just won an
+    #: election, or a leader sending entries of an earlier term than its own, is cut off
+    #: from every other node, and (half the time) crashed, soon after (within
+    #: ``flap_within`` seconds of an election, a round trip of such a send): leaders that
+    #: replicate to a minority, then lose to a node of a later term, again and again.
+    flap_leader: float = 0.0
+    flap_within: float = 0.02
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -148,8 +162,8 @@ class _SyncFileStorage:
         self.save_hard_state = st._save_state_sync
         self.load_snapshot = st._open_snapshot
 
-    def read_entries(self, lo: int, hi: int) -> list[Entry]:
-        return self.storage._read_sync(lo, hi, None)
+    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        return self.storage._read_sync(lo, hi, max_bytes)
 
 
 class _FileDisk(_Disk):
@@ -204,13 +218,15 @@ class _Node:
 
 
 class Simulator:
-    """See the module docstring. ``nodes`` founding voters with ids 1..nodes."""
+    """See the module docstring. ``nodes`` founding voters with ids 1..nodes, then
+    ``learners`` founding learners (they start empty and are caught up by the leader),
+    then ``spare_nodes`` outside the configuration for membership churn to add."""
 
     def __init__(self, seed: int, nodes: int = 3, faults: Faults = Faults(),
                  config: Config | None = None,
                  state_machine: Callable[[], Any] | None = None,
                  propose_every: float = 0.004, read_every: float = 0.02,
-                 snapshot_every: int = 0, spare_nodes: int = 0,
+                 snapshot_every: int = 0, spare_nodes: int = 0, learners: int = 0,
                  reconfigure_every: float = 0.0, disk_directory: str | None = None) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -231,10 +247,13 @@ class Simulator:
                 return _Disk()
             return _FileDisk(os.path.join(disk_directory, f"node-{i}"))
 
-        self.nodes = {i: _Node(i, disk(i)) for i in range(1, nodes + spare_nodes + 1)}
+        self.nodes = {i: _Node(i, disk(i))
+                      for i in range(1, nodes + learners + spare_nodes + 1)}
         founders = frozenset(range(1, nodes + 1))
-        self.membership = Membership(voters=founders,
-                                     addresses={i: f"sim:{i}" for i in founders})
+        founding_learners = frozenset(range(nodes + 1, nodes + learners + 1))
+        self.membership = Membership(
+            voters=founders, learners=founding_learners,
+            addresses={i: f"sim:{i}" for i in founders | founding_learners})
         self._partition: dict[int, int] | None = None
         self._faults_on = True
         # Observations checked by the invariants.
@@ -250,7 +269,7 @@ class Simulator:
         self._next_read = 0
         self.stats = {"events": 0, "messages": 0, "dropped": 0, "elections": 0, "crashes": 0,
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
-                      "reconfigurations": 0}
+                      "reconfigurations": 0, "log_reads": 0, "flaps": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -437,6 +456,7 @@ class Simulator:
         """Run an engine's commands the way the real driver does."""
         writes: list = []
         held: list = []
+        flap = self.faults.flap_leader and self._faults_on
         for c in commands:
             t = type(c)
             if t is Send:
@@ -444,12 +464,26 @@ class Simulator:
                     held.append(c)
                 else:
                     self._transmit(node.id, c.to, c.message)
+                    if flap and type(c.message) is AppendEntries and c.message.entries and \
+                            c.message.entries[0].term < c.message.term:
+                        self._maybe_flap(node, c.message.term, 2 * self.faults.max_delay)
             elif t is AppendLog or t is TruncateLog or t is PersistHardState or t is CompactLog:
                 writes.append(c)
                 if t is AppendLog:
                     self._check_log_matching(node, c.entries)
             elif t is Apply:
                 self._apply(node, c.entries, writes)
+            elif t is ApplyStored:
+                # Durable (the engine evicts only those), so on the disk already.
+                entries = node.disk.store.read_entries(c.first, c.last + 1)
+                if not entries or entries[0].index != c.first or entries[-1].index != c.last:
+                    raise self._violation(f"node {node.id} was asked to apply stored entries "
+                                          f"{c.first}..{c.last}, which its disk lacks")
+                self._apply(node, entries, writes)
+            elif t is ReadLog:
+                f = self.faults
+                self._schedule(self.rng.uniform(f.min_read, f.max_read), "log_read",
+                               node.id, node.engine, c)
             elif t is SendSnapshotChunk:
                 m = c.message
                 data = node.snapshots.get(m.meta.last_included_index)
@@ -557,6 +591,18 @@ class Simulator:
             self._transmit(node.id, s.to, s.message)
         self._execute(node, node.engine.take_commands())
 
+    def _ev_log_read(self, node_id: int, engine: Engine, c: ReadLog) -> None:
+        node = self.nodes[node_id]
+        if not node.alive or node.engine is not engine:
+            return  # the node crashed meanwhile
+        self.stats["log_reads"] += 1
+        if self.rng.random() < self.faults.read_fail:
+            engine.log_read_failed(c.peer, c.start)
+        else:
+            engine.log_read(c.peer, c.start,
+                            node.disk.store.read_entries(c.start, c.stop, c.max_bytes))
+        self._execute(node, engine.take_commands())
+
     def _ev_propose(self) -> None:
         self._schedule(self.propose_every, "propose")
         node = self.nodes[self.rng.choice(list(self.nodes))]
@@ -598,6 +644,25 @@ class Simulator:
         self._partition = {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
         self._schedule(self.faults.partition_for, "unpartition")
 
+    def _maybe_flap(self, node: _Node, term: int, within: float) -> None:
+        if self.rng.random() < self.faults.flap_leader:
+            self._schedule(self.rng.uniform(0, within), "flap", node.id, term)
+
+    def _ev_flap(self, node_id: int, term: int) -> None:
+        node = self.nodes[node_id]
+        if not self._faults_on or not node.alive or node.engine.term != term:
+            return
+        self.stats["flaps"] += 1
+        cut = self._partition = {i: int(i == node_id) for i in self.nodes}
+        self._schedule(self.faults.partition_for, "unflap", cut)
+        if self.rng.random() < 0.5:
+            self._crash(node)
+            self._schedule(self.faults.down_for, "restart", node_id)
+
+    def _ev_unflap(self, cut: dict) -> None:
+        if self._partition is cut:  # not replaced by another partition meanwhile
+            self._partition = None
+
     def _ev_unpartition(self) -> None:
         self._partition = None
         if self._faults_on:
@@ -629,6 +694,8 @@ class Simulator:
         if c.role != Role.LEADER:
             return
         self.stats["elections"] += 1
+        if self._faults_on and self.faults.flap_leader:
+            self._maybe_flap(node, c.term, self.faults.flap_within)
         # Election safety: at most one leader per term (§5.2).
         other = self.leaders_by_term.setdefault(c.term, node.id)
         if other != node.id:

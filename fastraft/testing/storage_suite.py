@@ -22,6 +22,7 @@ or one pytest test per check::
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import io
 from typing import Any, Protocol
@@ -279,10 +280,119 @@ async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
     assert (await _do(store.load_state())).last_index == 52
 
 
+async def check_snapshot_within_the_log_keeps_it(factory: StorageFactory) -> None:
+    """A snapshot whose last entry the log holds with its term does not replace the log:
+    what it covers is read until compacted (retention keeps records behind snapshots)."""
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 30, 1)))
+    membership = Membership(voters=frozenset({1}))
+    await _do(store.save_snapshot(SnapshotMeta(20, 1, membership), io.BytesIO(b"s")))
+    for _ in range(2):
+        st = await _do(store.load_state())
+        assert (st.first_index, st.last_index) == (1, 30), (st.first_index, st.last_index)
+        assert await _read_all(store) == _plain(_entries(1, 30, 1))
+        store = factory.reopen(store)
+    await _do(store.compact_prefix(10))
+    await _do(store.append_entries(_entries(31, 31, 2)))
+    store = factory.reopen(store)
+    st = await _do(store.load_state())
+    assert (st.first_index, st.last_index) == (11, 31)
+    assert await _read_all(store) == _plain(_entries(11, 30, 1) + _entries(31, 31, 2))
+
+
+def _varied(first: int, last: int, term: int) -> list[Entry]:
+    """Entries with payloads of 1 to about 3,000 bytes (sizes a byte budget must see)."""
+    return [Entry(term, i, EntryKind.NORMAL, b"%d:" % i + b"v" * (i * 37 % 3001))
+            for i in range(first, last + 1)]
+
+
+async def _check_range(store, expected: dict[int, tuple], lo: int, hi: int,
+                       max_bytes: int | None = None) -> None:
+    got = await _do(store.read_entries(lo, hi, max_bytes))
+    want = [expected[i] for i in range(lo, hi)]
+    if max_bytes is None:
+        assert _plain(got) == want, (lo, hi, [e.index for e in got])
+        return
+    # a prefix, at least one entry, within the budget unless it is one entry, and as
+    # long as the budget allows
+    assert got and _plain(got) == want[:len(got)], (lo, hi, max_bytes)
+    size = sum(len(e.data) for e in got)
+    assert len(got) == 1 or size <= max_bytes, (lo, hi, max_bytes, size)
+    if len(got) < len(want):
+        assert size + len(want[len(got)][3]) > max_bytes, (lo, hi, max_bytes)
+
+
+async def check_reads(factory: StorageFactory) -> None:
+    """Ranges of every shape: across records and segments, under byte budgets, across a
+    truncation and after compaction; reads while appends run."""
+    store = factory.new()
+    expected: dict[int, tuple] = {}
+    index = 1
+    for k, size in enumerate([1, 7, 50, 3, 1, 90, 20, 28]):
+        batch = _varied(index, index + size - 1, 1 + k // 3)
+        await _do(store.append_entries(batch))
+        expected.update((e[1], e) for e in _plain(batch))
+        index += size
+    last = index - 1  # 200
+    for lo, hi in [(1, 201), (1, 2), (2, 9), (8, 9), (9, 60), (55, 150), (199, 201), (150, 151)]:
+        await _check_range(store, expected, lo, hi)
+        for budget in (1, 100, 2_000, 10_000, 100_000):
+            await _check_range(store, expected, lo, hi, budget)
+    # a truncation inside a record, then entries of a later term in its place
+    await _do(store.truncate_suffix(120))
+    newer = _varied(120, 160, 9)
+    await _do(store.append_entries(newer))
+    for e in _plain(newer):
+        expected[e[1]] = e
+    for k in range(161, last + 1):
+        del expected[k]
+    await _check_range(store, expected, 100, 161)
+    await _check_range(store, expected, 118, 125, 3_000)
+    # compaction: what follows the compaction point reads as before; what it covered is
+    # not the log any more: a range that starts before it starts at the first entry held
+    membership = Membership(voters=frozenset({1}))
+    await _do(store.save_snapshot(SnapshotMeta(70, expected[70][0], membership),
+                                  io.BytesIO(b"s")))
+    await _do(store.compact_prefix(70))
+    await _check_range(store, expected, 71, 161)
+    await _check_range(store, expected, 71, 161, 5_000)
+    early = await _do(store.read_entries(60, 75))
+    assert [e.index for e in early] == [71, 72, 73, 74], [e.index for e in early]
+    store = factory.reopen(store)
+    await _check_range(store, expected, 71, 161)
+
+    # reads while appends run: every entry read is the one appended at its index
+    appended = [_varied(k, k + 9, 10) for k in range(161, 361, 10)]
+
+    async def appends() -> None:
+        for batch in appended:
+            await _do(store.append_entries(batch))
+
+    async def reads() -> int:
+        seen = 0
+        for k in range(60):
+            st = await _do(store.load_state())
+            lo = 71 + (k * 13) % max(st.last_index - 71, 1)
+            got = await _do(store.read_entries(lo, st.last_index + 1, 20_000))
+            for e in got:
+                want = expected.get(e.index) or _plain(appended[(e.index - 161) // 10])[
+                    (e.index - 161) % 10]
+                assert _plain([e])[0] == want, e.index
+            seen += len(got)
+        return seen
+
+    _, seen = await asyncio.gather(appends(), reads())
+    assert seen > 0
+    for batch in appended:
+        expected.update((e[1], e) for e in _plain(batch))
+    await _check_range(store, expected, 71, 361)
+
+
 CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
           check_hard_state_round_trip, check_hard_state_never_older_than_the_log,
           check_identity, check_snapshot_and_compaction, check_snapshot_streams,
-          check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything]
+          check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything,
+          check_snapshot_within_the_log_keeps_it, check_reads]
 
 
 async def run_all(factory: StorageFactory) -> None:

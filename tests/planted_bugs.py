@@ -1,0 +1,90 @@
+"""Bugs planted one at a time into the engine (by monkeypatching), each one a classic way
+to get Raft wrong. ``tests/test_simulator.py`` checks that the simulator alone reports
+every one of them."""
+from fastraft import kernels
+from fastraft.engine import Engine, Role
+from fastraft.engine.core import _HANDLERS, _PendingRead
+from fastraft.engine.raftlog import RaftLog
+from fastraft.messages import AppendEntries, RequestVote
+
+
+def figure_8_commit_rule(mp):
+    """§5.4.2: commit any entry a majority holds, whatever its term."""
+    def commit_any_term(self):
+        c = self._match.committed_index()
+        if c > self.commit_index:
+            self.commit_index = c
+            self._emit_apply()
+            self._broadcast = True
+            self._on_config_committed()
+    mp.setattr(Engine, "_maybe_commit", commit_any_term)
+
+
+def commit_beyond_last_new_entry(mp):
+    """Figure 2, AppendEntries 5: commit up to the end of the log, not only up to the last
+    entry this message vouched for."""
+    original = Engine._on_append_entries
+
+    def commit_to_the_end(self, frm, m):
+        original(self, frm, m)
+        if self.role == Role.FOLLOWER and self.leader_id == m.leader_id:
+            commit = min(m.leader_commit, self.log.last_index)
+            if commit > self.commit_index:
+                self.commit_index = commit
+                self._emit_apply()
+    mp.setitem(_HANDLERS, AppendEntries, commit_to_the_end)
+
+
+def vote_without_up_to_date_check(mp):
+    """§5.4.1: grant votes whatever the candidate's log."""
+    mp.setattr(RaftLog, "is_up_to_date", lambda self, last_index, last_term: True)
+
+
+def second_vote_in_a_term(mp):
+    """Figure 2, RequestVote 2: forget the vote already cast in this term."""
+    original = Engine._on_request_vote
+
+    def vote_again(self, frm, m):
+        if m.term == self.term and not m.pre_vote:
+            self.voted_for = None
+        original(self, frm, m)
+    mp.setitem(_HANDLERS, RequestVote, vote_again)
+
+
+def prev_log_term_not_compared(mp):
+    """§5.3: accept entries after any entry at prev_log_index, whatever its term."""
+    original = Engine._on_append_entries
+
+    def trust_prev_index(self, frm, m):
+        if self.log.snapshot_index <= m.prev_log_index <= self.log.last_index:
+            m.prev_log_term = self.log.term_at(m.prev_log_index)
+        original(self, frm, m)
+    mp.setitem(_HANDLERS, AppendEntries, trust_prev_index)
+
+
+def learners_counted_in_the_quorum(mp):
+    """Thesis §4.2.1: learners (non-voting members) do not count towards commitment."""
+    original = Engine._refresh_voters
+
+    def count_learners(self):
+        original(self)
+        with_learners = tuple(sorted(self.membership.voters | self.membership.learners))
+        self._match = kernels.QuorumTracker(with_learners, self._voters_out)
+    mp.setattr(Engine, "_refresh_voters", count_learners)
+
+
+def read_index_without_a_quorum_round(mp):
+    """Thesis §6.4: a leader must hear from a quorum after a read arrives before serving
+    it; this one answers from its commit index at once."""
+    def answer_at_once(self, request_id, origin):
+        if self.log.term_at(self.commit_index) != self.term:
+            self._reads_before_commit.append((request_id, origin))
+            return
+        self._reads.append(_PendingRead(0, self.commit_index, request_id, origin))
+        self._confirm_reads()
+    mp.setattr(Engine, "_leader_read", answer_at_once)
+
+
+PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
+          second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
+          read_index_without_a_quorum_round]

@@ -23,10 +23,6 @@ from fastraft.kvservice import KVClient, find_leader
 from fastraft.processes import ProcessCluster, memory_mib
 
 
-def peak_rss_mib(pid: int) -> float:
-    return memory_mib(pid, "VmHWM")
-
-
 def record(k: int, size: int) -> bytes:
     head = b"%d:" % k
     return head + b"r" * (size - len(head))
@@ -62,7 +58,8 @@ async def run(args) -> int:
                     now = time.perf_counter()
                     rates.append(tenth / (now - t_mark))
                     t_mark = now
-                    peaks = {i: round(peak_rss_mib(p.pid)) for i, p in cluster.procs.items()}
+                    peaks = {i: round(memory_mib(p.pid, "VmHWM"))
+                             for i, p in cluster.procs.items()}
                     print(f"{done:>9,} records  {rates[-1]:8,.0f} records/s  "
                           f"peak RSS MiB {peaks}", flush=True)
 
@@ -89,7 +86,7 @@ async def run(args) -> int:
                 seen += 1
             nxt = batch[-1][0] + 1
         read_s = time.perf_counter() - t1
-        peaks = {i: round(peak_rss_mib(p.pid), 1) for i, p in cluster.procs.items()}
+        peaks = {i: round(memory_mib(p.pid, "VmHWM"), 1) for i, p in cluster.procs.items()}
         print(f"wrote {args.writes:,} records of {args.size:,} bytes in {write_s:.0f}s "
               f"({args.writes / write_s:,.0f}/s; first tenth {rates[0]:,.0f}/s, last tenth "
               f"{rates[-1]:,.0f}/s); read all back in order from a follower in {read_s:.0f}s "

@@ -419,9 +419,9 @@ class Engine:
 
     def founding_membership(self) -> Membership | None:
         """The configuration of entry 1, if the log still holds it."""
-        for index, membership in self._configs:
-            if index == 1 and self.log.snapshot_index == 0:
-                return membership
+        configs = self._configs
+        if self.log.snapshot_index == 0 and len(configs) > 1 and configs[1][0] == 1:
+            return configs[1][1]
         return None
 
     def _trim_cache(self) -> None:

@@ -101,10 +101,11 @@ class LogReader:
         return out, nxt
 
     async def _retained(self, lo: int, hi: int, max_bytes: int) -> list[Entry]:
+        try:
+            return await self.read(lo, hi, max_bytes)
+        except StorageCorruption:
+            pass  # storage no longer holds ``lo``
         node = self.node
-        entries = await call_hook(node.storage.read_entries, lo, hi, max_bytes)
-        if entries and entries[0].index == lo:
-            return entries
         state = await call_hook(node.storage.load_state)
         raise OffsetCompacted(
             f"entries before {state.first_index} are no longer in the log of node {node.id} "

@@ -220,8 +220,7 @@ def _bounded_unknowns(ops: list[Operation]) -> list[Operation]:
             first_seen[op.output] = op.completed
     out = []
     for op in ops:
-        if op.outcome == "info" and op.kind != "get" and (
-                op.kind == "put" and writers[op.value] == 1):
+        if op.outcome == "info" and op.kind == "put" and writers[op.value] == 1:
             seen = first_seen.get(op.value)
             if seen is None:
                 continue

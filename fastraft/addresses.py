@@ -9,6 +9,8 @@ def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ConfigError(f"address {address!r} is not HOST:PORT")
+    if int(port) > 65535:
+        raise ConfigError(f"address {address!r}: port {port} is out of range (0-65535)")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -17,7 +19,11 @@ def parse_cluster(spec: str) -> dict[int, str]:
     members = {}
     for part in spec.split(","):
         node_id, sep, address = part.strip().partition("=")
-        if not sep or not node_id.isdigit() or ":" not in address:
-            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT")
+        if not sep or not node_id.isdigit() or int(node_id) < 1 or ":" not in address:
+            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT "
+                              "with ID >= 1")
+        parse_address(address)
+        if int(node_id) in members:
+            raise ConfigError(f"node {int(node_id)} appears twice in the cluster spec")
         members[int(node_id)] = address
     return members

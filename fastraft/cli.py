@@ -89,6 +89,8 @@ async def serve_node(args) -> int:
         tuned["log_cache_bytes"] = int(args.log_cache_mib * (1 << 20))
     if args.log_retention_entries is not None:
         tuned["log_retention_entries"] = args.log_retention_entries
+    if args.lease_reads:
+        tuned["lease_reads"] = True
     config = Config(**tuned)
     node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
                     cluster_id=args.cluster_id,
@@ -147,32 +149,59 @@ async def show_status(args) -> None:
     print(json.dumps(status, indent=2, sort_keys=True))
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+    return parse
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from fastraft import __version__
+
     parser = argparse.ArgumentParser(prog="fastraft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastraft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a local cluster, write, read, kill the leader")
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--seconds", type=float, default=8.0,
+    demo.add_argument("--nodes", type=_positive(int), default=3,
+                      help="processes in the cluster (default 3)")
+    demo.add_argument("--seconds", type=_positive(float), default=8.0,
                       help="seconds of writes (half before, half after the leader is killed)")
-    demo.add_argument("--inflight", type=int, default=256, help="concurrent writes")
+    demo.add_argument("--inflight", type=_positive(int), default=256,
+                      help="concurrent writes")
     demo.add_argument("--data-dir", help="keep each node's log in DIR/node-N (FileStorage)")
 
     node = sub.add_parser("node", help="run one KV node")
-    node.add_argument("--id", type=int, required=True)
+    node.add_argument("--id", type=_positive(int), required=True,
+                      help="this node's id: one of those in --cluster")
     node.add_argument("--cluster", required=True, help="1=HOST:PORT,2=HOST:PORT,...")
     node.add_argument("--client", required=True, help="HOST:PORT for KV clients")
     node.add_argument("--data-dir", help="durable storage directory (default: memory)")
-    node.add_argument("--cluster-id", default="fastraft")
+    node.add_argument("--cluster-id", default="fastraft",
+                      help="a name every member shares; storage and peers of another "
+                           "cluster are refused (default: fastraft)")
     node.add_argument("--snapshot-interval", type=int, metavar="N",
                       help="snapshot every N applied entries (default: Config's)")
     node.add_argument("--log-cache-mib", type=float, metavar="MIB",
                       help="memory for log entries (default: Config.log_cache_bytes)")
     node.add_argument("--log-retention-entries", type=int, metavar="N",
                       help="keep N entries of log behind each snapshot (streams)")
+    node.add_argument("--lease-reads", action="store_true",
+                      help="serve reads on the leader under a lease, without a round trip "
+                           "(Config.lease_reads: safe while clocks drift little)")
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
-    node.add_argument("--log-level", default="WARNING")
+    node.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
+                      help="WARNING (default); INFO adds role and membership changes")
     node.add_argument("--repair", action="store_true",
                       help="open a damaged --data-dir keeping its intact log; the node then "
                            "rejoins without voting until caught up (docs/storage.md)")
@@ -185,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
 
     status = sub.add_parser("status", help="print a node's status")
     status.add_argument("--address", required=True, help="the node's client HOST:PORT")
-    status.add_argument("--cluster-id", default="fastraft")
+    status.add_argument("--cluster-id", default="fastraft",
+                        help="the cluster's name (default: fastraft)")
     add_security_options(status)
 
     argv = sys.argv[1:] if argv is None else argv
@@ -198,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             from fastraft.demo import run_demo
             sys.exit(run_demo(args))
         elif args.command == "node":
-            logging.basicConfig(level=args.log_level.upper(),
+            logging.basicConfig(level=args.log_level,
                                 format="%(asctime)s %(name)s %(levelname)s %(message)s")
             sys.exit(run_loop(serve_node(args)))
         else:

@@ -2,7 +2,9 @@
 
 Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``append`` a
 record (answered with its offset, on the leader) and ``records`` from an offset (on any
-node: what it knows committed), so a stream can share the log with the KV store.
+node: what it knows committed), so a stream can share the log with the KV store. And it
+serves membership changes (on the leader): ``add_learner`` (``offset`` the node id, ``key``
+its Raft address) and ``change_membership`` (``value`` the msgpack list of voter ids).
 
 The connection starts with the handshake of ``fastraft.transport.link`` (the same secret
 and TLS options as the Raft port; clients dial as node 0). Then frames are ``u32 length |
@@ -44,7 +46,7 @@ RECORDS_BYTES = 4 << 20
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    op: str  # "put" | "get" | "del" | "status" | "append" | "records"
+    op: str  # put get del status append records add_learner change_membership
     key: str = ""
     value: bytes = b""
     #: "records": the first offset wanted, and at most how many records.
@@ -67,6 +69,7 @@ class Response(msgspec.Struct, array_like=True):
 
 _raw_list_dec = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _req_dec = msgspec.msgpack.Decoder(Request)
+_voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 
@@ -192,6 +195,17 @@ class _ClientConnection(Link):
             limit = min(max(req.limit, 1), MAX_RECORDS)
             self._track(req, asyncio.ensure_future(self.server.records.read(
                 max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
+        elif op == "add_learner":
+            self._track(req, asyncio.ensure_future(self.node.add_learner(req.offset, req.key)),
+                        self._changed)
+        elif op == "change_membership":
+            try:
+                voters = set(_voters_dec.decode(req.value))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.out.push(Response(req.id, False, error=f"voters: {exc}"))
+                return
+            self._track(req, asyncio.ensure_future(self.node.change_membership(voters)),
+                        self._changed)
         elif op == "status":
             status = self.node.status()
             status["kv_keys"] = len(self.server.store.data)
@@ -219,7 +233,8 @@ class _ClientConnection(Link):
         elif isinstance(exc, NotLeader):
             resp = Response(req.id, False, error="not_leader", leader=exc.leader_id,
                             leader_address=exc.leader_address)
-        elif isinstance(exc, FastRaftError):
+        elif isinstance(exc, (FastRaftError, ValueError, TimeoutError)):
+            # ValueError: a membership change that names a non-member, or a member twice
             resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")
         else:
             resp = Response(req.id, False, error=f"internal error: {type(exc).__name__}")
@@ -233,6 +248,10 @@ class _ClientConnection(Link):
         if isinstance(result, kv.Refused):
             return Response(req.id, False, error=f"refused: {result.reason}")
         return Response(req.id, True, version=result or 0)
+
+    @staticmethod
+    def _changed(req: Request, _result) -> Response:
+        return Response(req.id, True)
 
     @staticmethod
     def _appended(req: Request, offsets: list[int]) -> Response:
@@ -360,6 +379,16 @@ class KVClient(Link):
         """Committed records from ``offset`` on, as (offset, record) pairs: at most
         ``limit`` (and about 4 MiB); empty when none is committed yet."""
         return (await self.request("records", offset=offset, limit=limit)).records or []
+
+    async def add_learner(self, node_id: int, address: str) -> None:
+        """Add node ``node_id`` at Raft ``address`` as a learner (on the leader); returns
+        once the change is committed. See ``RaftNode.add_learner``."""
+        await self.request("add_learner", address, offset=node_id)
+
+    async def change_membership(self, voters: set[int]) -> None:
+        """Move to the voter set ``voters`` (on the leader); see
+        ``RaftNode.change_membership``."""
+        await self.request("change_membership", value=_enc.encode(sorted(voters)))
 
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,

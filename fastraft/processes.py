@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 
 def free_ports(n: int) -> list[int]:
@@ -35,11 +36,25 @@ def memory_mib(pid: int, field: str = "VmRSS") -> float:
 
 
 class ProcessCluster:
+    """``n`` nodes with ids 1..n. By default each listens on two free loopback ports;
+    with ``hosts`` (id -> an address of that node's own, say in its network namespace) on
+    ``RAFT_PORT`` and ``CLIENT_PORT`` there, and ``command_prefix(id)`` is put before its
+    command line (``["ip", "netns", "exec", name]``: it execs, so the pid stays the
+    node's)."""
+
+    RAFT_PORT = 7000
+    CLIENT_PORT = 7001
+
     def __init__(self, n: int, workdir: str, data_dir: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, *,
+                 hosts: dict[int, str] | None = None,
+                 command_prefix: Callable[[int], list[str]] | None = None) -> None:
         self.ids = list(range(1, n + 1))
         layout = os.path.join(data_dir, "cluster.json") if data_dir else None
-        if layout and os.path.exists(layout):
+        if hosts is not None:
+            self.raft = {i: f"{hosts[i]}:{self.RAFT_PORT}" for i in self.ids}
+            self.client = {i: f"{hosts[i]}:{self.CLIENT_PORT}" for i in self.ids}
+        elif layout and os.path.exists(layout):
             # a restart: the stored membership names these addresses
             with open(layout) as f:
                 saved = json.load(f)
@@ -59,10 +74,12 @@ class ProcessCluster:
         self.workdir = workdir
         self.data_dir = data_dir
         self.extra_args = extra_args or []
+        self.command_prefix = command_prefix
         self.procs: dict[int, subprocess.Popen] = {}
 
     def start(self, i: int, extra_args: list[str] | tuple = ()) -> None:
-        cmd = [sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
+        prefix = self.command_prefix(i) if self.command_prefix else []
+        cmd = [*prefix, sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
                "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
                "--client", self.client[i], *self.extra_args, *extra_args]
         if self.data_dir:
@@ -82,9 +99,17 @@ class ProcessCluster:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
 
+    def pause(self, i: int) -> None:
+        """SIGSTOP node ``i``: it stops mid-flight, timers and sockets frozen."""
+        self.procs[i].send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGCONT)
+
     def stop_all(self, timeout: float = 5.0) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a paused node cannot handle SIGTERM
                 proc.terminate()
         deadline = time.monotonic() + timeout
         for proc in self.procs.values():

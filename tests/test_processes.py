@@ -90,6 +90,34 @@ async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_p
         cluster.stop_all()
 
 
+@run
+async def test_membership_changes_through_the_client_port(cluster):
+    """Remove a voter and add it back through ``KVClient``; a change naming a stranger
+    is refused with the reason."""
+    clients = await connect_all(cluster)
+    leader = await find_leader(clients)
+    other = next(i for i in cluster.ids if i != leader)
+
+    async def voters():
+        return (await clients[leader].status())["membership"]["voters"]
+    await clients[leader].change_membership(set(cluster.ids) - {other})
+    assert await voters() == sorted(set(cluster.ids) - {other})
+    with pytest.raises(ClientError, match="not members"):
+        await clients[leader].change_membership({leader, 9})
+    await clients[leader].add_learner(other, cluster.raft[other])
+    assert (await clients[leader].status())["membership"]["learners"] == [other]
+    await clients[leader].change_membership(set(cluster.ids))
+    assert await voters() == sorted(cluster.ids)
+    with pytest.raises(ClientError) as info:
+        await clients[other].add_learner(7, "127.0.0.1:1")
+    assert info.value.error == "not_leader" and info.value.leader == leader
+    version = await clients[leader].put("after", b"ok")
+    await until_applied(list(clients.values()), version)
+    assert await clients[other].get("after") == b"ok"
+    for c in clients.values():
+        c.close()
+
+
 def test_status_command_prints_a_nodes_status(cluster):
     async def wait_leader():
         clients = await connect_all(cluster)

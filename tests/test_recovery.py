@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import struct
+import sys
 
 import pytest
 
@@ -392,3 +393,82 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
         for c in clients.values():
             c.close()
         cluster.stop_all()
+
+
+def _writer_on(storage, engine_commit_index=0):
+    """A LogWriter on ``storage`` for a node whose engine says ``engine_commit_index``."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastraft.node.writer import LogWriter
+    engine = SimpleNamespace(commit_index=engine_commit_index,
+                             log_persisted=lambda index, term: None,
+                             take_commands=lambda: [])
+    failures = []
+    node = SimpleNamespace(engine=engine, _loop=asyncio.get_running_loop(), _running=True,
+                           _runner=SimpleNamespace(run=lambda commands: None),
+                           _fail_node=lambda what: failures.append(sys.exc_info()[1]))
+    writer = LogWriter(node)
+    writer.failures = failures
+    writer.bind(storage)
+    return writer
+
+
+async def _written(writer):
+    while writer.writes and not writer.failures:
+        await asyncio.sleep(0.001)
+    assert not writer.failures, f"the node would stop: {writer.failures[0]!r}"
+
+
+@run
+async def test_a_commit_mark_never_lands_on_entries_a_later_truncation_in_the_batch_replaces(
+        tmp_path):
+    """Found by tests/test_chaos.py: one write batch held an old leader's entries 1..5,
+    then (a new leader's AppendEntries arrived meanwhile) a truncation from 3 and the new
+    entries 3..4, with the commit index already at 4. The mark was stamped on the first
+    append, so storage refused the truncation as cutting committed entries, stopping the
+    node. The mark belongs on the batch's last append only."""
+    from fastraft.engine import AppendLog, TruncateLog
+
+    storage = FileStorage(str(tmp_path))
+    storage.load_state()
+    writer = _writer_on(storage)
+    old = [Entry(1, i, EntryKind.NORMAL, b"old") for i in range(1, 6)]
+    new = [Entry(2, i, EntryKind.NORMAL, b"new") for i in range(3, 5)]
+    writer.submit([AppendLog(old), TruncateLog(3), AppendLog(new)], [], 4)
+    await _written(writer)
+    storage.close()
+    reopened = FileStorage(str(tmp_path))
+    state = reopened.load_state()
+    assert state.last_index == 4 and state.hard_state.commit == 4
+    got = reopened._read_sync(1, 5, None)
+    assert [(e.term, bytes(e.data)) for e in got] == [(1, b"old")] * 2 + [(2, b"new")] * 2
+    reopened.close()
+
+
+@run
+async def test_the_commit_mark_is_the_commit_index_the_writes_were_emitted_with(tmp_path):
+    """Found by tests/test_chaos.py: a leader paused (SIGSTOP) with its own entries 4..6
+    waiting to be written; resumed, it learned of a new leader, whose entries at 4..
+    moved its commit index to 9 before those commands reached the writer. The writer
+    stamped the engine's commit index of that moment on the old entries 4..6, and then
+    refused the truncation from 4 the new leader's entries need."""
+    from fastraft.engine import AppendLog, TruncateLog
+
+    storage = FileStorage(str(tmp_path))
+    storage.load_state()
+    writer = _writer_on(storage, engine_commit_index=9)  # the engine moved on meanwhile
+    writer.submit([AppendLog([Entry(1, i, EntryKind.NORMAL, b"a") for i in range(1, 4)])],
+                  [], 3)
+    writer.submit([AppendLog([Entry(1, i, EntryKind.NORMAL, b"old") for i in range(4, 7)])],
+                  [], 3)
+    await _written(writer)
+    writer.submit([TruncateLog(4),
+                   AppendLog([Entry(2, i, EntryKind.NORMAL, b"new") for i in range(4, 10)])],
+                  [], 9)
+    await _written(writer)
+    storage.close()
+    reopened = FileStorage(str(tmp_path))
+    got = reopened._read_sync(1, 10, None)
+    assert [bytes(e.data) for e in got] == [b"a"] * 3 + [b"new"] * 6
+    reopened.close()

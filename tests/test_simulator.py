@@ -40,6 +40,12 @@ PROFILES = {
                  Config(max_entries_per_message=1, max_inflight_messages=1)),
     # two learners in the founding configuration, under partitions and crashes
     "learners": (Faults(), Config(), {"learners": 2}),
+    # most partitions one-way: one side hears the other but is not heard
+    "one-way": (Faults(one_way=0.7, partition_every=0.6), Config()),
+    # slow fsyncs, and crashes that pick nodes with writes in flight and leave part of
+    # the unsynced writes on disk
+    "torn-disks": (Faults(slow_fsync_chance=0.05, slow_fsync=0.3, torn_crash=0.8,
+                          crash_every=0.5), Config()),
 }
 
 
@@ -51,7 +57,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
     seeds = SEEDS // len(PROFILES) if profile != "default" else SEEDS
     totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0,
               "snapshots": 0, "installs": 0, "reconfigurations": 0, "log_reads": 0,
-              "flaps": 0}
+              "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -72,10 +78,14 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["flaps"] > seeds
     if config.log_cache_bytes < 10_000:
         assert totals["log_reads"] > seeds
+    if faults.one_way:
+        assert totals["one_way_partitions"] > seeds
+    if faults.torn_crash:
+        assert totals["torn_crashes"] > seeds and totals["slow_fsyncs"] > seeds
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",
-                                     "small-cache-churn"])
+                                     "small-cache-churn", "torn-disks"])
 def test_seeded_runs_on_file_storage_disks(profile, tmp_path):
     """The same fault model with every disk a FileStorage directory: crashes close it,
     restarts run its recovery, and every write the engine asks for must be accepted."""
@@ -185,7 +195,7 @@ def test_nondeterministic_state_machine_is_caught():
 #: The CI profiles in the order the planted-bug test runs them: the nemeses first.
 PLANT_ORDER = ["flapping", "learners", "no-prevote", "harsh", "small-windows",
                "churn-snapshots-harsh", "churn-snapshots", "small-cache", "small-cache-churn",
-               "default"]
+               "one-way", "torn-disks", "default"]
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: p.__name__)
@@ -212,3 +222,21 @@ def test_the_simulator_alone_catches_each_planted_bug(plant, monkeypatch):
         if found:
             break
     assert found is not None and "seed=" in found, f"{plant.__name__} went unnoticed"
+
+
+def test_the_client_history_check_alone_catches_stale_reads(monkeypatch):
+    """Reads answered without a quorum round, with the simulator's own read check turned
+    off: the KV history through the linearizability checker still reports them."""
+    from planted_bugs import read_index_without_a_quorum_round
+    read_index_without_a_quorum_round(monkeypatch)
+    answer = Simulator._read_done
+
+    def without_the_read_bound(self, node, c):
+        read = self._reads.get(c.request_id)
+        if read is not None:
+            self._reads[c.request_id] = (0, *read[1:])
+        return answer(self, node, c)
+    monkeypatch.setattr(Simulator, "_read_done", without_the_read_bound)
+    faults, config = PROFILES["harsh"][:2]
+    with pytest.raises(InvariantViolation, match="client history: NOT linearizable"):
+        Simulator(seed=12, nodes=5, faults=faults, config=config).run(3.0, settle=8.0)

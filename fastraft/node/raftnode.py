@@ -524,10 +524,21 @@ class RaftNode:
         membership = self.engine.membership
         if membership is not self._peers_of:
             self._peers_of = membership
+            log.info("node %d: membership voters %s learners %s%s", self.id,
+                     sorted(membership.voters), sorted(membership.learners),
+                     f" (joint with {sorted(membership.outgoing)})" if membership.outgoing
+                     else "", extra={"event": "membership", "node": self.id,
+                                     "voters": sorted(membership.voters),
+                                     "learners": sorted(membership.learners)})
             if membership.addresses:
                 self.network.set_peers(dict(membership.addresses))
 
     def _on_role_changed(self, c: RoleChanged) -> None:
+        e = self.engine
+        log.info("node %d: %s in term %d, leader %s, commit %d, last %d", self.id,
+                 c.role.name.lower(), c.term, c.leader_id, e.commit_index, e.log.last_index,
+                 extra={"event": "role", "node": self.id, "role": c.role.name.lower(),
+                        "term": c.term, "leader": c.leader_id})
         self._accepting = self._running and c.role == Role.LEADER
         if c.role != Role.LEADER:
             self._reads.lost_leadership()

@@ -125,6 +125,9 @@ class CommandRunner:
         node = self.node
         writer = node._writer
         applier = node._applier
+        # Every command the engine emitted is in hand (the caller just took them), so
+        # every entry up to this commit index is in these writes or earlier ones.
+        commit_index = node.engine.commit_index
         ops: list = []
         held: list = []
         outbox: dict[int, list] = {}
@@ -186,7 +189,7 @@ class CommandRunner:
         node._membership_seen()
         more = node.engine.take_commands()
         if ops:
-            writer.submit(ops, held)
+            writer.submit(ops, held, commit_index)
         elif held:
             writer.hold(held)
         if apply_now is not None:

@@ -75,12 +75,14 @@ class LogWriter:
         self.sync = not (self._append_async or self._truncate_async or self._compact_async
                          or self._snapshot_io_async or self._save_hs_async)
 
-    def submit(self, ops: list, held: list) -> None:
-        """Make ``ops`` durable after every batch before them, then send ``held``."""
+    def submit(self, ops: list, held: list, commit_index: int) -> None:
+        """Make ``ops`` durable after every batch before them, then send ``held``.
+        ``commit_index``: the engine's when it emitted ``ops`` (not its commit index when
+        the batch is written, which may count entries of commands not submitted yet)."""
         if self.sync and not self.writes and not any(type(op) is SaveSnapshot for op in ops):
-            self._write_now(ops, held)
+            self._write_now(ops, held, commit_index)
             return
-        self.writes.append([ops, held])
+        self.writes.append([ops, held, commit_index])
         if self.task is None:
             self.task = self.node._loop.create_task(self._write_loop())
 
@@ -113,11 +115,12 @@ class LogWriter:
             while writes:
                 batch = writes[0]
                 while len(writes) > 1:
-                    ops, held = writes.pop()
+                    ops, held, commit_index = writes.pop()
                     # merge the newest into the one in front, keeping order
                     writes[-1][0].extend(ops)
                     writes[-1][1].extend(held)
-                steps, last = self._plan(batch[0])
+                    writes[-1][2] = commit_index
+                steps, last = self._plan(batch[0], batch[2])
                 for fn, is_async, args in steps:
                     r = fn(*args)
                     if is_async:
@@ -131,9 +134,9 @@ class LogWriter:
         finally:
             self.task = None
 
-    def _write_now(self, ops: list, held: list) -> None:
+    def _write_now(self, ops: list, held: list, commit_index: int) -> None:
         try:
-            steps, last = self._plan(ops)
+            steps, last = self._plan(ops, commit_index)
             for fn, _, args in steps:
                 fn(*args)
         except Exception:
@@ -141,12 +144,13 @@ class LogWriter:
             return
         self._done((ops, held), last)
 
-    def _plan(self, ops: list) -> tuple[list, Entry | None]:
+    def _plan(self, ops: list, commit_index: int) -> tuple[list, Entry | None]:
         """The storage calls for one batch, in order, as (method, is_async, args); and the
         last entry the batch appends. Consecutive appends become one call."""
         steps: list = []
         pending: list[Entry] = []
         last_entry = None
+        last_append = 0  # position in steps of the last append
         hard_state = None
         for op in ops:
             t = type(op)
@@ -154,6 +158,7 @@ class LogWriter:
                 pending.extend(op.entries)
                 continue
             if pending:
+                last_append = len(steps)
                 steps.append((self._append, self._append_async, (pending,)))
                 last_entry = pending[-1]
                 pending = []
@@ -174,18 +179,22 @@ class LogWriter:
             else:
                 hard_state = op.hard_state
         if pending:
+            last_append = len(steps)
             steps.append((self._append, self._append_async, (pending,)))
             last_entry = pending[-1]
         if last_entry is not None and self._commit_advanced is not None:
-            # Every entry up to the commit index is in this batch or an earlier one.
-            steps.insert(0, (self._commit_advanced, False, (self.node.engine.commit_index,)))
+            # Every entry up to the commit index is in this batch's last append or earlier:
+            # stamp it on that append alone. An earlier append of the batch may hold
+            # entries a later truncation in the batch replaces (a new leader's entries
+            # arrived meanwhile): a mark on those would claim the replaced ones committed.
+            steps.insert(last_append, (self._commit_advanced, False, (commit_index,)))
         if hard_state is not None:
             steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
         return steps, last_entry
 
     def _done(self, batch, last: Entry | None) -> None:
         """A batch is durable: tell the engine, release the replies that waited for it."""
-        ops, held = batch
+        ops, held = batch[0], batch[1]
         node = self.node
         engine = node.engine
         if last is not None:

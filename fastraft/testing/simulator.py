@@ -11,7 +11,10 @@ every event the simulator checks Raft's safety properties (Figure 3 of the paper
 election safety, log matching, leader completeness, state-machine safety, and that no
 write a client saw acknowledged is ever lost; reads must be linearizable. A violation
 raises ``InvariantViolation`` naming the seed. ``run`` ends by healing every fault and
-checking that the cluster converges (liveness).
+checking that the cluster converges (liveness), then checks the clients' history: each
+proposal is a put of a unique value to one of ``kv_keys`` keys, each ReadIndex read a
+get of one, answered from the committed log at its read index; the history of invocations
+and acknowledgements must be linearizable (``fastraft.testing.linearizability``).
 
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
 state machine: every replica must return the same result for the same index. Disks are
@@ -20,6 +23,7 @@ closed by a crash and recovered by the restart (call ``close()`` after the run).
 """
 from __future__ import annotations
 
+import bisect
 import heapq
 import io
 import os
@@ -56,6 +60,7 @@ from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
 from fastraft.messages import AppendEntries, Entry, EntryKind, Membership, SnapshotMeta
 from fastraft.filestorage import FileStorage
 from fastraft.storage import MemoryStorage
+from fastraft.testing.linearizability import History, check
 
 
 class InvariantViolation(AssertionError):
@@ -90,6 +95,16 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: replicate to a minority, then lose to a node of a later term, again and again.
     flap_leader: float = 0.0
     flap_within: float = 0.02
+    #: The chance that a partition is one-way: one side's messages to the other are
+    #: lost, the other side's arrive (a broken link in one direction).
+    one_way: float = 0.0
+    #: Slow disks: the chance that an fsync takes ``slow_fsync`` seconds instead.
+    slow_fsync_chance: float = 0.0
+    slow_fsync: float = 0.2
+    #: Crashes between write and sync: the chance that a crash leaves some of the
+    #: unsynced writes on disk (a random prefix of them, as a kernel flushing its cache
+    #: in order would), and that a crash picks a node with writes in flight.
+    torn_crash: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -131,6 +146,12 @@ class _Disk:
         with loaded[1] as reader:
             return loaded[0], reader.read()
 
+    def commit_advanced(self, index: int) -> None:
+        """Stamp ``index`` on the next append, where the storage records it."""
+        hook = getattr(self.store, "commit_advanced", None)
+        if hook is not None:
+            hook(index)
+
     def last_entry(self) -> Entry | None:
         st = self.store.load_state()
         if st.last_index < st.first_index:
@@ -161,6 +182,7 @@ class _SyncFileStorage:
         self.save_snapshot = st._save_snapshot_sync
         self.save_hard_state = st._save_state_sync
         self.load_snapshot = st._open_snapshot
+        self.commit_advanced = st.commit_advanced
 
     def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
         return self.storage._read_sync(lo, hi, max_bytes)
@@ -227,7 +249,8 @@ class Simulator:
                  state_machine: Callable[[], Any] | None = None,
                  propose_every: float = 0.004, read_every: float = 0.02,
                  snapshot_every: int = 0, spare_nodes: int = 0, learners: int = 0,
-                 reconfigure_every: float = 0.0, disk_directory: str | None = None) -> None:
+                 reconfigure_every: float = 0.0, disk_directory: str | None = None,
+                 kv_keys: int = 16) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
@@ -255,6 +278,7 @@ class Simulator:
             voters=founders, learners=founding_learners,
             addresses={i: f"sim:{i}" for i in founders | founding_learners})
         self._partition: dict[int, int] | None = None
+        self._one_way = False  # side 0's messages to side 1 are lost, not the reverse
         self._faults_on = True
         # Observations checked by the invariants.
         self.leaders_by_term: dict[int, int] = {}
@@ -264,12 +288,20 @@ class Simulator:
         self.acked: dict[int, tuple[int, bytes]] = {}
         self._max_acked = 0
         self._proposals: dict[bytes, int] = {}
-        self._reads: dict[int, int] = {}
+        self._reads: dict[int, tuple[int, int, str]] = {}
+        # The clients' history: proposals are puts of their payload to one of kv_keys
+        # keys, ReadIndex reads are gets (answered once the run is over, from the log).
+        self.kv_keys = kv_keys
+        self.history = History(clock=lambda: self.now)
+        self._put_keys: dict[bytes, str] = {}
+        self._put_ops: dict[bytes, int] = {}  # not acknowledged (yet)
+        self._answered_reads: list[tuple[int, str, int, float]] = []
         self._next_payload = 0
         self._next_read = 0
         self.stats = {"events": 0, "messages": 0, "dropped": 0, "elections": 0, "crashes": 0,
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
-                      "reconfigurations": 0, "log_reads": 0, "flaps": 0}
+                      "reconfigurations": 0, "log_reads": 0, "flaps": 0,
+                      "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -290,6 +322,7 @@ class Simulator:
         self.run_until(self.now + duration)
         self.heal()
         self.check_converged(settle)
+        self.check_history()
         return self
 
     def run_until(self, deadline: float, until: Callable[[], bool] | None = None) -> bool:
@@ -446,6 +479,12 @@ class Simulator:
 
     def _crash(self, node: _Node) -> None:
         node.alive = False
+        if node.fsyncs and self.rng.random() < self.faults.torn_crash:
+            # Written, not yet synced: what reaches the disk is a prefix of the writes.
+            writes = [w for batch in node.fsyncs for w in batch[0]]
+            for w in writes[:self.rng.randint(0, len(writes))]:
+                node.disk.write(w)
+            self.stats["torn_crashes"] += 1
         node.disk.crash()
         node.fsyncs = []  # unsynced writes and the replies waiting on them are lost
         for t in node.timer_tokens:
@@ -454,6 +493,9 @@ class Simulator:
 
     def _execute(self, node: _Node, commands: list) -> None:
         """Run an engine's commands the way the real driver does."""
+        # Every command emitted so far is in hand: entries up to this commit index are in
+        # these writes or earlier ones (the commit mark a FileStorage disk records).
+        commit_index = node.engine.commit_index
         writes: list = []
         held: list = []
         flap = self.faults.flap_leader and self._faults_on
@@ -504,26 +546,31 @@ class Simulator:
             elif t is ReadReady:
                 self._read_done(node, c)
             elif t is ReadFailed:
-                self._reads.pop(c.request_id, None)
+                read = self._reads.pop(c.request_id, None)
+                if read is not None:
+                    self.history.fail(read[1])
         more = node.engine.take_commands()
         if more:
             # answers to chunks, and the effects of an installed snapshot, come after
             # this batch's writes
             if writes:
-                self._queue_writes(node, writes, held)
+                self._queue_writes(node, writes, held, commit_index)
                 writes, held = [], []
             self._execute(node, more)
         if writes or held:
-            self._queue_writes(node, writes, held)
+            self._queue_writes(node, writes, held, commit_index)
 
-    def _queue_writes(self, node: _Node, writes: list, held: list) -> None:
+    def _queue_writes(self, node: _Node, writes: list, held: list, commit_index: int) -> None:
         if writes:
             self._fsync_token += 1
-            node.fsyncs.append([writes, held, self._fsync_token])
+            node.fsyncs.append([writes, held, self._fsync_token, commit_index])
             # Writes to one disk become durable in order.
-            self._fsync_at = max(self._fsync_at,
-                                 self.now + self.rng.uniform(self.faults.min_fsync,
-                                                             self.faults.max_fsync))
+            f = self.faults
+            delay = self.rng.uniform(f.min_fsync, f.max_fsync)
+            if f.slow_fsync_chance and self.rng.random() < f.slow_fsync_chance:
+                delay = f.slow_fsync
+                self.stats["slow_fsyncs"] += 1
+            self._fsync_at = max(self._fsync_at, self.now + delay)
             self._schedule(self._fsync_at - self.now, "fsync", node.id, self._fsync_token)
         elif held:
             node.fsyncs[-1][1].extend(held)
@@ -541,7 +588,7 @@ class Simulator:
 
     def _connected(self, a: int, b: int) -> bool:
         p = self._partition
-        return p is None or p[a] == p[b]
+        return p is None or p[a] == p[b] or (self._one_way and p[a] == 1)
 
     # ------------------------------------------------------------------ events
 
@@ -570,9 +617,15 @@ class Simulator:
         node = self.nodes[node_id]
         if not node.alive or not node.fsyncs or node.fsyncs[0][2] != token:
             return  # lost in a crash
-        writes, held, _ = node.fsyncs.pop(0)
-        for w in writes:
+        writes, held, _, commit_index = node.fsyncs.pop(0)
+        last_append = max((k for k, w in enumerate(writes) if type(w) is AppendLog),
+                          default=-1)
+        if last_append >= 0 and any(type(w) is TruncateLog for w in writes[last_append:]):
+            last_append = -1  # ends cut: no mark (as the node's writer does)
+        for k, w in enumerate(writes):
             try:
+                if k == last_append:
+                    node.disk.commit_advanced(commit_index)
                 node.disk.write(w)
             except StorageCorruption as exc:
                 raise self._violation(f"node {node.id}: storage refused {w!r}: {exc}") \
@@ -619,6 +672,8 @@ class Simulator:
             return
         for p in payloads:
             self._proposals[p] = node.id
+            key = self._put_keys[p] = f"k{self._next_payload % self.kv_keys}"
+            self._put_ops[p] = self.history.invoke(self._next_payload, "put", key, p)
         self._execute(node, node.engine.take_commands())
 
     def _ev_read(self) -> None:
@@ -632,7 +687,9 @@ class Simulator:
         except FastRaftError:
             return
         # Linearizability: the read must see every write acknowledged before it began.
-        self._reads[self._next_read] = self._max_acked
+        key = f"k{self.rng.randrange(self.kv_keys)}"
+        op = self.history.invoke(-self._next_read, "get", key)
+        self._reads[self._next_read] = (self._max_acked, op, key)
         self._execute(node, node.engine.take_commands())
 
     def _ev_partition(self) -> None:
@@ -642,6 +699,8 @@ class Simulator:
         self.rng.shuffle(ids)
         cut = self.rng.randint(1, len(ids) - 1)
         self._partition = {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
+        self._one_way = self.rng.random() < self.faults.one_way
+        self.stats["one_way_partitions"] += self._one_way
         self._schedule(self.faults.partition_for, "unpartition")
 
     def _maybe_flap(self, node: _Node, term: int, within: float) -> None:
@@ -654,6 +713,7 @@ class Simulator:
             return
         self.stats["flaps"] += 1
         cut = self._partition = {i: int(i == node_id) for i in self.nodes}
+        self._one_way = False
         self._schedule(self.faults.partition_for, "unflap", cut)
         if self.rng.random() < 0.5:
             self._crash(node)
@@ -672,6 +732,9 @@ class Simulator:
         if not self._faults_on:
             return
         alive = [n for n in self.nodes.values() if n.alive]
+        writing = [n for n in alive if n.fsyncs]
+        if writing and self.rng.random() < self.faults.torn_crash:
+            alive = writing
         if alive:
             node = self.rng.choice(alive)
             self._crash(node)
@@ -801,6 +864,9 @@ class Simulator:
                         f"another replica returned {first!r}")
 
     def _ack(self, index: int, term: int, data: bytes) -> None:
+        put = self._put_ops.pop(data, None)
+        if put is not None:
+            self.history.ok(put)
         self.acked[index] = (term, data)
         self.stats["acked"] += 1
         if index > self._max_acked:
@@ -810,11 +876,37 @@ class Simulator:
         return {d for _, d in self.acked.values()}
 
     def _read_done(self, node: _Node, c: ReadReady) -> None:
-        need = self._reads.pop(c.request_id, None)
-        if need is None:
+        read = self._reads.pop(c.request_id, None)
+        if read is None:
             return
+        need, op, key = read
+        self._answered_reads.append((op, key, c.read_index, self.now))
         self.stats["reads"] += 1
         if c.read_index < need:
             raise self._violation(
                 f"read {c.request_id} on node {node.id} got read index {c.read_index} but "
                 f"entry {need} was acknowledged before it started")
+
+    def check_history(self) -> None:
+        """After ``check_converged``: answer each read from the log at its read index (the
+        log every replica applied, checked by state-machine safety), then check that the
+        history is linearizable. Puts never acknowledged have unknown outcomes."""
+        writes: dict[str, tuple[list[int], list[bytes]]] = {}
+        for index in sorted(self._applied):
+            _, kind, data = self._applied[index]
+            key = self._put_keys.get(data) if kind == EntryKind.NORMAL else None
+            if key is not None:
+                at, values = writes.setdefault(key, ([], []))
+                at.append(index)
+                values.append(data)
+        for op, key, read_index, when in self._answered_reads:
+            at, values = writes.get(key, ((), ()))
+            k = bisect.bisect_right(at, read_index) - 1
+            self.history.ok(op, output=values[k] if k >= 0 else None, at=when)
+        self._answered_reads.clear()
+        for op in self._put_ops.values():
+            self.history.info(op)
+        self._put_ops.clear()
+        result = check(self.history)
+        if not result.ok:
+            raise self._violation("client history: " + result.explain())

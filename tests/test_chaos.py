@@ -311,8 +311,12 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
                 seen.setdefault(key, value)
                 assert seen[key] == value, f"node {i} reads {key}={value!r}, " \
                     f"another node {seen[key]!r}"
-            for key, value in workload.acked_unique.items():
-                assert await c.get(key) == value, f"acknowledged {key} lost on node {i}"
+            acked = list(workload.acked_unique.items())
+            for start in range(0, len(acked), 1000):  # pipelined, a thousand at a time
+                chunk = acked[start:start + 1000]
+                got = await asyncio.gather(*[c.get(key) for key, _ in chunk])
+                for (key, value), read in zip(chunk, got):
+                    assert read == value, f"acknowledged {key} lost on node {i}"
         return {i: (await c.status())["applied_index"] for i, c in clients.items()}
     finally:
         for c in clients.values():

@@ -46,6 +46,10 @@ PROFILES = {
     # the unsynced writes on disk
     "torn-disks": (Faults(slow_fsync_chance=0.05, slow_fsync=0.3, torn_crash=0.8,
                           crash_every=0.5), Config()),
+    # lease reads while clocks drift within the bound the configuration states, skewed
+    # the worst way (a slow leader, fast followers) every 0.3 s
+    "leases-skew": (Faults(clock_drift=0.09, skew_every=0.3), Config(lease_reads=True),
+                    {"read_every": 0.005}),
 }
 
 
@@ -57,7 +61,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
     seeds = SEEDS // len(PROFILES) if profile != "default" else SEEDS
     totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0,
               "snapshots": 0, "installs": 0, "reconfigurations": 0, "log_reads": 0,
-              "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0}
+              "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
+              "skews": 0, "lease_reads": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -82,6 +87,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["one_way_partitions"] > seeds
     if faults.torn_crash:
         assert totals["torn_crashes"] > seeds and totals["slow_fsyncs"] > seeds
+    if faults.skew_every:
+        assert totals["skews"] > seeds and totals["lease_reads"] > seeds * 20
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",
@@ -195,7 +202,7 @@ def test_nondeterministic_state_machine_is_caught():
 #: The CI profiles in the order the planted-bug test runs them: the nemeses first.
 PLANT_ORDER = ["flapping", "learners", "no-prevote", "harsh", "small-windows",
                "churn-snapshots-harsh", "churn-snapshots", "small-cache", "small-cache-churn",
-               "one-way", "torn-disks", "default"]
+               "one-way", "torn-disks", "leases-skew", "default"]
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: p.__name__)
@@ -240,3 +247,14 @@ def test_the_client_history_check_alone_catches_stale_reads(monkeypatch):
     faults, config = PROFILES["harsh"][:2]
     with pytest.raises(InvariantViolation, match="client history: NOT linearizable"):
         Simulator(seed=12, nodes=5, faults=faults, config=config).run(3.0, settle=8.0)
+
+
+def test_lease_reads_turn_stale_when_clocks_drift_beyond_the_stated_bound():
+    """The clock nemesis bites: with a slow leader and fast followers drifting five times
+    past ``Config.max_clock_drift``, a deposed leader still inside its lease serves a
+    stale read, and the simulator reports it. (Within the bound, the "leases-skew"
+    profile's seeded runs stay clean.)"""
+    config = Config(lease_reads=True, max_clock_drift=0.1)
+    with pytest.raises(InvariantViolation, match="acknowledged before it started"):
+        Simulator(seed=13, nodes=5, faults=Faults(clock_drift=0.5, skew_every=0.3),
+                  config=config, read_every=0.005).run(3.0)

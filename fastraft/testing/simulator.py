@@ -105,6 +105,14 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: unsynced writes on disk (a random prefix of them, as a kernel flushing its cache
     #: in order would), and that a crash picks a node with writes in flight.
     torn_crash: float = 0.0
+    #: Clock drift: each node's clock runs at a rate drawn from [1 - clock_drift,
+    #: 1 + clock_drift] (at each start); its timers and its read lease measure time by
+    #: it (leases need ``Config(lease_reads=True)``).
+    clock_drift: float = 0.0
+    #: Mean seconds between clock skews (0 disables): the leader's clock slows to
+    #: 1 - clock_drift and every other node's speeds up to 1 + clock_drift, the worst
+    #: case for a leader's lease (it outlives the followers' promise not to vote).
+    skew_every: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -219,7 +227,8 @@ _snap_dec = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
 
 class _Node:
     __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
-                 "applied", "applied_log", "incoming", "snapshot_at", "snapshots")
+                 "applied", "applied_log", "incoming", "snapshot_at", "snapshots",
+                 "clock_rate", "clock_offset", "lease_until")
 
     def __init__(self, node_id: int, disk: _Disk) -> None:
         self.id = node_id
@@ -237,6 +246,11 @@ class _Node:
         self.snapshot_at = 0
         #: Bytes of the snapshots the engine may still stream (volatile, like a driver's).
         self.snapshots: dict[int, bytes] = {}
+        #: This node's clock: clock_rate * simulated time + clock_offset.
+        self.clock_rate = 1.0
+        self.clock_offset = 0.0
+        #: Lease reads: the node's clock time until which its leadership lease holds.
+        self.lease_until = 0.0
 
 
 class Simulator:
@@ -288,7 +302,8 @@ class Simulator:
         self.acked: dict[int, tuple[int, bytes]] = {}
         self._max_acked = 0
         self._proposals: dict[bytes, int] = {}
-        self._reads: dict[int, tuple[int, int, str]] = {}
+        #: Reads in progress: (bound, history op, key, node clock when issued).
+        self._reads: dict[int, tuple[int, int, str, float | None]] = {}
         # The clients' history: proposals are puts of their payload to one of kv_keys
         # keys, ReadIndex reads are gets (answered once the run is over, from the log).
         self.kv_keys = kv_keys
@@ -301,7 +316,8 @@ class Simulator:
         self.stats = {"events": 0, "messages": 0, "dropped": 0, "elections": 0, "crashes": 0,
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
-                      "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0}
+                      "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
+                      "lease_reads": 0, "skews": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -313,6 +329,8 @@ class Simulator:
             self._schedule(self._exp(faults.partition_every), "partition")
         if faults.crash_every:
             self._schedule(self._exp(faults.crash_every), "crash")
+        if faults.skew_every:
+            self._schedule(self._exp(faults.skew_every), "skew")
 
     # ------------------------------------------------------------------ running
 
@@ -401,6 +419,10 @@ class Simulator:
         node.applied_log = []
         node.incoming = None
         node.snapshots = {}
+        node.lease_until = 0.0
+        drift = self.faults.clock_drift
+        node.clock_rate = 1.0 + self.rng.uniform(-drift, drift) if drift else 1.0
+        node.clock_offset = 0.0
         entries = []
         if stored.last_index >= stored.first_index:
             entries = node.disk.store.read_entries(stored.first_index, stored.last_index + 1)
@@ -538,7 +560,8 @@ class Simulator:
                 self._store_chunk(node, c.frm, c.message, writes)
             elif t is SetTimer:
                 node.timer_tokens[c.timer] += 1
-                self._schedule(c.delay, "timer", node.id, c.timer, node.timer_tokens[c.timer])
+                self._schedule(c.delay / node.clock_rate, "timer", node.id, c.timer,
+                               node.timer_tokens[c.timer])
             elif t is CancelTimer:
                 node.timer_tokens[c.timer] += 1
             elif t is RoleChanged:
@@ -547,7 +570,7 @@ class Simulator:
                 self._read_done(node, c)
             elif t is ReadFailed:
                 read = self._reads.pop(c.request_id, None)
-                if read is not None:
+                if read is not None and read[1] is not None:
                     self.history.fail(read[1])
         more = node.engine.take_commands()
         if more:
@@ -682,15 +705,32 @@ class Simulator:
         if not node.alive:
             return
         self._next_read += 1
+        rid = self._next_read
+        key = f"k{self.rng.randrange(self.kv_keys)}"
+        e = node.engine
+        issued = node.clock_rate * self.now + node.clock_offset
+        if self.config.lease_reads and e.role == Role.LEADER and issued < node.lease_until \
+                and e.log.term_at(e.commit_index) == e.term:
+            # A lease read, as the node serves it: no round trip (thesis §6.4.1); past
+            # half the lease a ReadIndex round renews it in the background.
+            self._reads[rid] = (self._max_acked, self.history.invoke(-rid, "get", key), key,
+                                None)
+            self.stats["lease_reads"] += 1
+            self._read_done(node, ReadReady(rid, e.commit_index))
+            if node.lease_until - issued < self._lease_span() / 2:
+                self._next_read += 1
+                e.read_index(self._next_read)
+                self._reads[self._next_read] = (0, None, None, issued)
+                self._execute(node, e.take_commands())
+            return
         try:
-            node.engine.read_index(self._next_read)
+            e.read_index(rid)
         except FastRaftError:
             return
         # Linearizability: the read must see every write acknowledged before it began.
-        key = f"k{self.rng.randrange(self.kv_keys)}"
-        op = self.history.invoke(-self._next_read, "get", key)
-        self._reads[self._next_read] = (self._max_acked, op, key)
-        self._execute(node, node.engine.take_commands())
+        self._reads[rid] = (self._max_acked, self.history.invoke(-rid, "get", key), key,
+                            issued)
+        self._execute(node, e.take_commands())
 
     def _ev_partition(self) -> None:
         if not self._faults_on:
@@ -741,6 +781,19 @@ class Simulator:
             self._schedule(self.faults.down_for, "restart", node.id)
         self._schedule(self._exp(self.faults.crash_every), "crash")
 
+    def _ev_skew(self) -> None:
+        self._schedule(self._exp(self.faults.skew_every), "skew")
+        if not self._faults_on:
+            return
+        drift = self.faults.clock_drift
+        for n in self.nodes.values():
+            leads = n.alive and n.engine.role == Role.LEADER
+            rate = 1.0 - drift if leads else 1.0 + drift
+            # the clock keeps its reading, it only runs at another rate from now on
+            n.clock_offset += (n.clock_rate - rate) * self.now
+            n.clock_rate = rate
+        self.stats["skews"] += 1
+
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]
         if not node.alive:
@@ -755,6 +808,7 @@ class Simulator:
 
     def _on_role(self, node: _Node, c: RoleChanged) -> None:
         if c.role != Role.LEADER:
+            node.lease_until = 0.0
             return
         self.stats["elections"] += 1
         if self._faults_on and self.faults.flap_leader:
@@ -879,13 +933,23 @@ class Simulator:
         read = self._reads.pop(c.request_id, None)
         if read is None:
             return
-        need, op, key = read
+        need, op, key, issued = read
+        cfg = self.config
+        if issued is not None and cfg.lease_reads and node.engine.role == Role.LEADER:
+            # A quorum heard from this leader after ``issued``: the lease the node takes.
+            node.lease_until = max(node.lease_until, issued + self._lease_span())
+        if op is None:
+            return  # a lease renewal
         self._answered_reads.append((op, key, c.read_index, self.now))
         self.stats["reads"] += 1
         if c.read_index < need:
             raise self._violation(
                 f"read {c.request_id} on node {node.id} got read index {c.read_index} but "
                 f"entry {need} was acknowledged before it started")
+
+    def _lease_span(self) -> float:
+        cfg = self.config
+        return cfg.election_timeout_min * (1 - cfg.max_clock_drift)
 
     def check_history(self) -> None:
         """After ``check_converged``: answer each read from the log at its read index (the

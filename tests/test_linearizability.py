@@ -227,3 +227,18 @@ def test_misuse_is_refused(bad):
         h.ok(op, at=6)
         with pytest.raises(ValueError):
             h.ok(op, at=7)
+
+
+def test_a_search_past_its_budget_is_undecided_not_a_verdict():
+    """Fourteen writes overlapping in time, then a read of one of them: thousands of
+    states to explore. With a small budget the key is left undecided (memory stays
+    bounded), never called a violation; with the default budget it is linearizable."""
+    h = History()
+    ops = [h.invoke(p, "put", "x", f"v{p}".encode(), at=0.0) for p in range(14)]
+    for p, op in enumerate(ops):
+        h.ok(op, at=1.0 + p)
+    h.ok(h.invoke(99, "get", "x", at=40.0), output=b"v7", at=41.0)
+    small = check(h, max_states=100)
+    assert not small.ok and not small.violated and small.undecided == ["x"]
+    assert "undecided" in small.explain()
+    assert check(h).ok

@@ -62,12 +62,14 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
     totals = {"acked": 0, "crashes": 0, "elections": 0, "reads": 0, "dropped": 0,
               "snapshots": 0, "installs": 0, "reconfigurations": 0, "log_reads": 0,
               "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
-              "skews": 0, "lease_reads": 0}
+              "skews": 0, "lease_reads": 0, "history_undecided": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
         for k in totals:
             totals[k] += sim.stats[k]
+    # every client history got a verdict (linearizable: a violation raised above)
+    assert totals["history_undecided"] == 0
     # the faults really happened and the cluster really worked through them
     assert totals["acked"] > seeds * 20
     assert totals["elections"] >= seeds
@@ -199,6 +201,11 @@ def test_nondeterministic_state_machine_is_caught():
         Simulator(seed=3, nodes=3, state_machine=Nondeterministic).run(2.0)
 
 
+#: Seeds of the flapping profile the planted-bug test may run (more than the seeded
+#: runs: the Figure 8 schedule is rare; the first run that meets it, under today's
+#: random streams, is seed 41 with 3 nodes).
+FIGURE_8_SEEDS = 80
+
 #: The CI profiles in the order the planted-bug test runs them: the nemeses first.
 PLANT_ORDER = ["flapping", "learners", "no-prevote", "harsh", "small-windows",
                "churn-snapshots-harsh", "churn-snapshots", "small-cache", "small-cache-churn",
@@ -216,6 +223,9 @@ def test_the_simulator_alone_catches_each_planted_bug(plant, monkeypatch):
         faults, config, *extra = PROFILES[name]
         kw = extra[0] if extra else {}
         seeds = SEEDS // len(PROFILES) if name != "default" else SEEDS
+        if name == "flapping":
+            # Figure 8 needs a rare schedule: about one run in a hundred meets it
+            seeds = max(seeds, FIGURE_8_SEEDS)
         for seed in range(seeds):
             for nodes in (3, 5):
                 try:

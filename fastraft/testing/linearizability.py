@@ -107,6 +107,7 @@ class History:
 
 
 class Result(msgspec.Struct):
+    #: Every key was searched and is linearizable.
     ok: bool
     operations: int
     keys: int
@@ -115,11 +116,22 @@ class Result(msgspec.Struct):
     #: linearized (in invocation order).
     key: Any = None
     window: list[Operation] = msgspec.field(default_factory=list)
+    #: Keys whose search outgrew ``max_states`` (no verdict on them; ``ok`` is False).
+    undecided: list[Any] = msgspec.field(default_factory=list)
+
+    @property
+    def violated(self) -> bool:
+        """A key was shown not linearizable (not merely left undecided)."""
+        return bool(self.window)
 
     def explain(self) -> str:
         if self.ok:
             return (f"linearizable: {self.operations} operations on {self.keys} keys, "
                     f"checked in {self.seconds:.2f}s")
+        if not self.window:
+            return (f"undecided: the search of keys {self.undecided!r} outgrew its budget "
+                    f"of states (too many operations overlap in time on one key: use more "
+                    f"keys, or a larger max_states); the other keys are linearizable")
         lines = [f"NOT linearizable: key {self.key!r}; these {len(self.window)} operations "
                  "cannot be ordered to explain their results:"]
         lines += ["  " + op.describe() for op in self.window]
@@ -136,10 +148,19 @@ def _step(state: Any, op: Operation) -> tuple[bool, Any]:
     return op.output == state, state
 
 
-def _linearizable(ops: list[Operation]) -> bool:
+class _Undecided(Exception):
+    """The search explored more states than it may."""
+
+
+#: States (operations linearized, register value) one key's search may remember.
+MAX_STATES = 1_000_000
+
+
+def _linearizable(ops: list[Operation], max_states: int = MAX_STATES) -> bool:
     """Wing & Gong's search with memoisation over one key's operations (porcupine's
     algorithm): walk the events in time order; at a call, try to linearize that operation
-    now; at a return whose operation is not yet linearized, undo the last choice."""
+    now; at a return whose operation is not yet linearized, undo the last choice.
+    ``_Undecided`` past ``max_states`` remembered states."""
     if not ops:
         return True
     # Events in time order (calls first at a tie: operations that touch in time count as
@@ -175,6 +196,8 @@ def _linearizable(ops: list[Operation]) -> bool:
             if possible:
                 marked = linearized | (1 << k)
                 if (marked, new_state) not in seen:
+                    if len(seen) >= max_states:
+                        raise _Undecided
                     seen.add((marked, new_state))
                     stack.append((k, state))
                     state, linearized = new_state, marked
@@ -248,17 +271,30 @@ def _smallest_window(ops: list[Operation]) -> list[Operation]:
     return prefix[start:]
 
 
-def check_operations(ops: Iterable[Operation]) -> Result:
+def check_operations(ops: Iterable[Operation], max_states: int = MAX_STATES) -> Result:
     started = time.perf_counter()
     by_key = _prepared(ops)
     total = sum(len(v) for v in by_key.values())
+    undecided = []
     for key, key_ops in by_key.items():
-        if not _linearizable(key_ops):
-            return Result(False, total, len(by_key), time.perf_counter() - started,
-                          key=key, window=_smallest_window(key_ops))
-    return Result(True, total, len(by_key), time.perf_counter() - started)
+        try:
+            if _linearizable(key_ops, max_states):
+                continue
+        except _Undecided:
+            undecided.append(key)
+            continue
+        try:
+            window = _smallest_window(key_ops)
+        except _Undecided:  # a shorter window is too costly to find: show them all
+            window = sorted(key_ops, key=lambda o: o.invoked)
+        return Result(False, total, len(by_key), time.perf_counter() - started,
+                      key=key, window=window)
+    return Result(not undecided, total, len(by_key), time.perf_counter() - started,
+                  undecided=undecided)
 
 
-def check(history: History) -> Result:
-    """Whether ``history`` is linearizable (see the module docstring)."""
-    return check_operations(history.operations)
+def check(history: History, max_states: int = MAX_STATES) -> Result:
+    """Whether ``history`` is linearizable (see the module docstring). The search of a
+    key stops, undecided, past ``max_states`` remembered states (about 100 bytes each
+    for a few hundred operations on the key): memory stays bounded."""
+    return check_operations(history.operations, max_states)

@@ -264,7 +264,7 @@ class Simulator:
                  propose_every: float = 0.004, read_every: float = 0.02,
                  snapshot_every: int = 0, spare_nodes: int = 0, learners: int = 0,
                  reconfigure_every: float = 0.0, disk_directory: str | None = None,
-                 kv_keys: int = 16) -> None:
+                 kv_keys: int = 64) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
@@ -317,7 +317,7 @@ class Simulator:
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
-                      "lease_reads": 0, "skews": 0}
+                      "lease_reads": 0, "skews": 0, "history_undecided": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -972,5 +972,8 @@ class Simulator:
             self.history.info(op)
         self._put_ops.clear()
         result = check(self.history)
-        if not result.ok:
+        if result.violated:
             raise self._violation("client history: " + result.explain())
+        # Too many operations overlapping on a key for the search's budget: no verdict
+        # (the seeded runs in CI assert this never happens to them).
+        self.stats["history_undecided"] += len(result.undecided)

@@ -167,7 +167,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 def main(argv: list[str] | None = None) -> None:
     from fastraft import __version__
 
-    parser = argparse.ArgumentParser(prog="fastraft", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fastraft", description="Run and inspect fastraft clusters: a local demo, a KV "
+        "node, a node's status, and the benchmarks (fastraft bench --help).")
     parser.add_argument("--version", action="version", version=f"fastraft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -35,3 +35,11 @@ def test_version():
     done = subprocess.run([sys.executable, "-m", "fastraft", "--version"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"fastraft {fastraft.__version__}"
+
+
+def test_help_is_plain_text_and_names_every_command():
+    done = subprocess.run([sys.executable, "-m", "fastraft", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "``" not in done.stdout
+    for command in ("demo", "node", "status", "bench"):
+        assert command in done.stdout

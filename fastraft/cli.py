@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 
-from fastraft.addresses import parse_cluster
+from fastraft.addresses import parse_address, parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
 
@@ -149,6 +149,86 @@ async def show_status(args) -> None:
     print(json.dumps(status, indent=2, sort_keys=True))
 
 
+async def cluster_status(args) -> int:
+    """One row per node, like ``etcdctl endpoint status --cluster -w table``; 1 if a node
+    did not answer."""
+    from fastraft.kvservice import KVClient
+
+    addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
+    for a in addresses:
+        parse_address(a)
+    security = security_options(args)
+
+    async def one(address: str) -> dict:
+        try:
+            client = await KVClient.connect(address, timeout=2.0,
+                                            cluster_id=args.cluster_id, **security)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return {"address": address, "error": str(exc) or type(exc).__name__}
+        try:
+            return {"address": address, **await asyncio.wait_for(client.status(), 2.0)}
+        except (OSError, asyncio.TimeoutError) as exc:
+            return {"address": address, "error": str(exc) or type(exc).__name__}
+        finally:
+            client.close()
+    rows = await asyncio.gather(*[one(a) for a in addresses])
+    commit = max((r["commit_index"] for r in rows if "error" not in r), default=0)
+    for r in rows:
+        if "error" not in r:
+            r["lag"] = commit - r["applied_index"]
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+    else:
+        head = ("ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG")
+        table = [head] + [
+            (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
+             str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]))
+            if "error" not in r else ("?", r["address"], "unreachable: " + r["error"])
+            for r in rows]
+        widths = [max(len(row[k]) for row in table if len(row) == len(head))
+                  for k in range(len(head))]
+        for row in table:
+            print("  ".join(cell.ljust(widths[k]) if k < len(row) - 1 else cell
+                            for k, cell in enumerate(row)))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+async def kv_command(args) -> int:
+    """``fastraft kv put|get|del``: to the leader among ``--address`` (tried in turn)."""
+    from fastraft.kvservice import ClientError, KVClient
+
+    addresses = [a.strip() for a in args.address.split(",") if a.strip()]
+    security = security_options(args)
+    last_error = ""
+    for address in addresses:
+        try:
+            client = await KVClient.connect(address, timeout=2.0,
+                                            cluster_id=args.cluster_id, **security)
+        except (OSError, asyncio.TimeoutError) as exc:
+            last_error = f"{address}: {exc or type(exc).__name__}"
+            continue
+        try:
+            if args.op == "get":
+                value = await client.get(args.key)
+                if value is None:
+                    print(f"fastraft kv: {args.key!r} is not set", file=sys.stderr)
+                    return 1
+                sys.stdout.write(value.decode(errors="replace") + "\n")
+            elif args.op == "put":
+                print(f"version {await client.put(args.key, args.value.encode())}")
+            else:
+                print(f"version {await client.delete(args.key)}")
+            return 0
+        except ClientError as exc:
+            if exc.error != "not_leader":
+                raise ConfigError(f"{address}: {exc}") from None
+            last_error = f"{address}: {exc}"
+        finally:
+            client.close()
+    raise ConnectionError(f"no leader among {', '.join(addresses)} (last: {last_error}); "
+                          "list every node's client address in --address")
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -214,11 +294,25 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("bench", help="benchmarks (see fastraft bench --help)", add_help=False)
 
-    status = sub.add_parser("status", help="print a node's status")
-    status.add_argument("--address", required=True, help="the node's client HOST:PORT")
+    status = sub.add_parser("status", help="print a node's status, or a table of them")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="one node's client HOST:PORT: its status as JSON")
+    where.add_argument("--cluster", metavar="HOST:PORT,...",
+                       help="every node's client address: one row each")
+    status.add_argument("--json", action="store_true", help="with --cluster: JSON rows")
     status.add_argument("--cluster-id", default="fastraft",
                         help="the cluster's name (default: fastraft)")
     add_security_options(status)
+
+    kvp = sub.add_parser("kv", help="put, get or delete a key through the client port")
+    kvp.add_argument("op", choices=("put", "get", "del"))
+    kvp.add_argument("key")
+    kvp.add_argument("value", nargs="?", help="for put")
+    kvp.add_argument("--address", required=True, metavar="HOST:PORT,...",
+                     help="client addresses of the nodes (the leader is found among them)")
+    kvp.add_argument("--cluster-id", default="fastraft",
+                     help="the cluster's name (default: fastraft)")
+    add_security_options(kvp)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
@@ -233,6 +327,12 @@ def main(argv: list[str] | None = None) -> None:
             logging.basicConfig(level=args.log_level,
                                 format="%(asctime)s %(name)s %(levelname)s %(message)s")
             sys.exit(run_loop(serve_node(args)))
+        elif args.command == "kv":
+            if (args.op == "put") != (args.value is not None):
+                parser.error("kv put takes KEY VALUE; get and del take KEY")
+            sys.exit(run_loop(kv_command(args)))
+        elif args.cluster:
+            sys.exit(run_loop(cluster_status(args)))
         else:
             run_loop(show_status(args))
     except FastRaftError as exc:  # refused to start: corrupt or foreign storage, config

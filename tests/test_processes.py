@@ -1,5 +1,6 @@
 """A real cluster: ``fastraft node`` processes on 127.0.0.1 over TcpNetwork."""
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -118,18 +119,61 @@ async def test_membership_changes_through_the_client_port(cluster):
         c.close()
 
 
+async def leader_of(cluster):
+    clients = await connect_all(cluster)
+    leader = await find_leader(clients)
+    for c in clients.values():
+        c.close()
+    return leader
+
+
 def test_status_command_prints_a_nodes_status(cluster):
-    async def wait_leader():
-        clients = await connect_all(cluster)
-        leader = await find_leader(clients)
-        for c in clients.values():
-            c.close()
-        return leader
-    leader = asyncio.run(wait_leader())
+    leader = asyncio.run(leader_of(cluster))
     out = subprocess.run([sys.executable, "-m", "fastraft", "status", "--address",
                           cluster.client[leader]], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert '"role": "leader"' in out.stdout and f'"leader_id": {leader}' in out.stdout
+
+
+def fastraft_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastraft", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_cluster_status_table_and_kv_commands(cluster):
+    """``fastraft status --cluster`` (a row per node, ``--json``, an unreachable node
+    named) and ``fastraft kv put|get|del`` against a running 3-node cluster."""
+    leader = asyncio.run(leader_of(cluster))
+    everyone = ",".join(cluster.client[i] for i in cluster.ids)
+    out = fastraft_cli("status", "--cluster", everyone)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT",
+                                "APPLIED", "LAG"]
+    rows = {int(line.split()[0]): line.split() for line in lines[1:]}
+    assert sorted(rows) == cluster.ids and rows[leader][2] == "leader"
+    assert all(row[4] == str(leader) for row in rows.values())
+    out = fastraft_cli("status", "--cluster", everyone, "--json")
+    assert [r["id"] for r in json.loads(out.stdout)] == cluster.ids
+    dead = "127.0.0.1:1"
+    out = fastraft_cli("status", "--cluster", everyone + "," + dead)
+    assert out.returncode == 1
+    assert any(line.split()[1:3] == [dead, "unreachable:"] for line in out.stdout.splitlines())
+
+    # through a follower's address first: the leader is found among the others
+    follower_first = ",".join(cluster.client[i] for i in sorted(
+        cluster.ids, key=lambda i: i == leader))
+    put = fastraft_cli("kv", "put", "greeting", "hello", "--address", follower_first)
+    assert put.returncode == 0 and put.stdout.startswith("version "), put.stderr
+    got = fastraft_cli("kv", "get", "greeting", "--address", follower_first)
+    assert got.returncode == 0 and got.stdout == "hello\n", got.stderr
+    assert fastraft_cli("kv", "del", "greeting", "--address", everyone).returncode == 0
+    gone = fastraft_cli("kv", "get", "greeting", "--address", everyone)
+    assert gone.returncode == 1 and "is not set" in gone.stderr
+    bad = fastraft_cli("kv", "put", "k", "--address", everyone)
+    assert bad.returncode == 2 and "kv put takes KEY VALUE" in bad.stderr
+    nobody = fastraft_cli("kv", "get", "k", "--address", dead)
+    assert nobody.returncode == 2 and "no leader among" in nobody.stderr
 
 
 def test_demo_runs_and_loses_nothing():

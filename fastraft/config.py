@@ -71,6 +71,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     lease_reads: bool = False
     max_clock_drift: float = 0.1
 
+    @property
+    def lease_span(self) -> float:
+        """Seconds a leader may serve reads without a round trip after a quorum confirmed
+        it (see ``lease_reads``)."""
+        return self.election_timeout_min * (1 - self.max_clock_drift)
+
     def __post_init__(self) -> None:
         if not 0 < self.election_timeout_min < self.election_timeout_max:
             raise ConfigError(

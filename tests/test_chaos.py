@@ -209,7 +209,9 @@ class Nemesis:
             self.cluster.resume(victim)
             self.paused.discard(victim)
         elif name == "membership":
-            await self.remove_and_readd(victim, hold)
+            await self.remove(victim)
+            await asyncio.sleep(hold)
+            await self.restore_membership()
         else:
             net = self.network
             others = [i for i in ids if i != victim]
@@ -225,11 +227,14 @@ class Nemesis:
             else:  # one-way: the victim's packets to the others are lost, not theirs
                 for o in others:
                     net.cut(victim, o)
-            if rng.random() < 0.3:  # membership changes during a partition
-                await self.remove_and_readd(rng.choice(ids), hold)
-            else:
-                await asyncio.sleep(hold)
+            removing = rng.random() < 0.3  # a membership change during a partition
+            if removing:
+                await self.remove(rng.choice(ids))
+            await asyncio.sleep(hold)
             net.heal()
+            if removing:
+                # added back once healed: a node cut off cannot catch up to be promoted
+                await self.restore_membership()
         self.note(f"healed {name}")
 
     async def _on_leader(self, op: str, *args) -> bool:
@@ -243,12 +248,11 @@ class Nemesis:
         except (ClientError, ConnectionError, OSError, asyncio.TimeoutError):
             return False
 
-    async def remove_and_readd(self, node: int, hold: float) -> None:
-        """Remove a voter (maybe the leader), wait, add it back as a learner, promote it."""
+    async def remove(self, node: int) -> None:
+        """Remove voter ``node`` (maybe the leader); ``restore_membership`` adds it back
+        as a learner and promotes it."""
         if await self._on_leader("change_membership", self.voters - {node}):
             self._count("removed", f"node {node}")
-            await asyncio.sleep(hold)
-        await self.restore_membership()
 
     async def restore_membership(self, attempts: int = 3) -> bool:
         for _ in range(attempts):
@@ -359,7 +363,12 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
             await asyncio.sleep(rng.uniform(0.5, 1.5))  # healed: the cluster recovers
         await nemesis.heal()
         assert await nemesis.restore_membership(attempts=20), "membership not restored"
-        await asyncio.sleep(0.5)  # some operations on the healed cluster
+        # some operations succeed on the healed cluster before the clients stop
+        healed_ok = workload.stats["ok"] + 100
+        deadline = time.monotonic() + 30
+        while workload.stats["ok"] < healed_ok:
+            assert time.monotonic() < deadline, "no progress after healing"
+            await asyncio.sleep(0.05)
         workload.stop.set()
         await asyncio.gather(*workers)
         applied = await final_reads(workload, cluster)

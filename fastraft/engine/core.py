@@ -1014,6 +1014,12 @@ class Engine:
     # ------------------------------------------------------------------ reads (thesis §6.4)
 
     @property
+    def committed_in_term(self) -> bool:
+        """An entry of the current term is committed: a new leader knows the commit index
+        (thesis §6.4) and its inherited configuration is in force."""
+        return self.log.term_at(self.commit_index) == self.term
+
+    @property
     def reads_pending(self) -> int:
         """Reads this leader is confirming (its own and forwarded ones)."""
         return len(self._reads) + len(self._reads_before_commit)
@@ -1026,7 +1032,7 @@ class Engine:
             else:
                 self._send(origin, ReadIndexResponse(self.term, request_id, 0, False))
             return
-        if self.log.term_at(self.commit_index) != self.term:
+        if not self.committed_in_term:
             self._reads_before_commit.append((request_id, origin))
             return
         self._seq += 1

@@ -374,7 +374,7 @@ class RaftNode:
 
         def settled() -> bool:
             e = self.engine
-            return e.role != Role.LEADER or e.log.term_at(e.commit_index) == e.term
+            return e.role != Role.LEADER or e.committed_in_term
         await asyncio.wait_for(self._wait_progress(settled), timeout)
         return self._leader_engine()
 

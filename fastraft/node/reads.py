@@ -38,9 +38,8 @@ class Reads:
         loop = node._loop
         if config.lease_reads and engine.role == Role.LEADER:
             now = loop.time()
-            if now < self.lease_until and \
-                    engine.log.term_at(engine.commit_index) == engine.term:
-                if self.lease_until - now < self._lease_span() / 2 and \
+            if now < self.lease_until and engine.committed_in_term:
+                if self.lease_until - now < config.lease_span / 2 and \
                         not self._lease_renewing:
                     self._lease_renewing = True
                     loop.create_task(self._renew_lease())
@@ -70,12 +69,8 @@ class Reads:
         if config.lease_reads and engine.role == Role.LEADER:
             # a quorum heard from us after `issued`; none of them votes for another
             # candidate for election_timeout_min after that
-            self.lease_until = max(self.lease_until, issued + self._lease_span())
+            self.lease_until = max(self.lease_until, issued + config.lease_span)
         return index
-
-    def _lease_span(self) -> float:
-        config = self.node.config
-        return config.election_timeout_min * (1 - config.max_clock_drift)
 
     async def _renew_lease(self) -> None:
         try:

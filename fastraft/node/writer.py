@@ -128,7 +128,7 @@ class LogWriter:
                 writes.popleft()
                 if not self.node._running:
                     return
-                self._done(batch, last)
+                self._done(batch[0], batch[1], last)
         except Exception:
             self.node._fail_node("storage write failed")
         finally:
@@ -142,7 +142,7 @@ class LogWriter:
         except Exception:
             self.node._fail_node("storage write failed")
             return
-        self._done((ops, held), last)
+        self._done(ops, held, last)
 
     def _plan(self, ops: list, commit_index: int) -> tuple[list, Entry | None]:
         """The storage calls for one batch, in order, as (method, is_async, args); and the
@@ -192,9 +192,8 @@ class LogWriter:
             steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
         return steps, last_entry
 
-    def _done(self, batch, last: Entry | None) -> None:
+    def _done(self, ops: list, held: list, last: Entry | None) -> None:
         """A batch is durable: tell the engine, release the replies that waited for it."""
-        ops, held = batch[0], batch[1]
         node = self.node
         engine = node.engine
         if last is not None:

@@ -710,14 +710,14 @@ class Simulator:
         e = node.engine
         issued = node.clock_rate * self.now + node.clock_offset
         if self.config.lease_reads and e.role == Role.LEADER and issued < node.lease_until \
-                and e.log.term_at(e.commit_index) == e.term:
+                and e.committed_in_term:
             # A lease read, as the node serves it: no round trip (thesis §6.4.1); past
             # half the lease a ReadIndex round renews it in the background.
             self._reads[rid] = (self._max_acked, self.history.invoke(-rid, "get", key), key,
                                 None)
             self.stats["lease_reads"] += 1
             self._read_done(node, ReadReady(rid, e.commit_index))
-            if node.lease_until - issued < self._lease_span() / 2:
+            if node.lease_until - issued < self.config.lease_span / 2:
                 self._next_read += 1
                 e.read_index(self._next_read)
                 self._reads[self._next_read] = (0, None, None, issued)
@@ -937,7 +937,7 @@ class Simulator:
         cfg = self.config
         if issued is not None and cfg.lease_reads and node.engine.role == Role.LEADER:
             # A quorum heard from this leader after ``issued``: the lease the node takes.
-            node.lease_until = max(node.lease_until, issued + self._lease_span())
+            node.lease_until = max(node.lease_until, issued + cfg.lease_span)
         if op is None:
             return  # a lease renewal
         self._answered_reads.append((op, key, c.read_index, self.now))
@@ -946,10 +946,6 @@ class Simulator:
             raise self._violation(
                 f"read {c.request_id} on node {node.id} got read index {c.read_index} but "
                 f"entry {need} was acknowledged before it started")
-
-    def _lease_span(self) -> float:
-        cfg = self.config
-        return cfg.election_timeout_min * (1 - cfg.max_clock_drift)
 
     def check_history(self) -> None:
         """After ``check_converged``: answer each read from the log at its read index (the

@@ -34,7 +34,7 @@ class OptionalBuildExt(build_ext):
             f"fastraft: building the Cython extension failed ({exc!r}); "
             "installing the pure-Python kernels instead (slower, same behaviour)."
         )
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=1)
         print(msg, file=sys.stderr)
 
 

@@ -24,9 +24,11 @@ from fastraft.storage import MemoryStorage, RaftStorage
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "RaftNode", "ReplicatedLog", "RaftStorage", "MemoryStorage", "StateMachine", "NullStateMachine",
+    "Config", "RaftNode", "ReplicatedLog", "RaftStorage", "MemoryStorage", "StateMachine",
+    "NullStateMachine",
     "Entry", "EntryKind", "HardState", "Membership",
     "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError",
-    "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted", "Overloaded",
+    "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted",
+    "Overloaded",
     "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere",
 ]

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
-def run_loop(coro):
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion on uvloop (plain asyncio where uvloop is missing)."""
     try:
         import uvloop
@@ -14,7 +18,7 @@ def run_loop(coro):
     return uvloop.run(coro)
 
 
-async def call_hook(fn, *args):
+async def call_hook(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a hook that may be a plain function or a coroutine function."""
     result = fn(*args)
     if inspect.isawaitable(result):
@@ -22,7 +26,7 @@ async def call_hook(fn, *args):
     return result
 
 
-def fail_future(fut: asyncio.Future, exc: BaseException) -> None:
+def fail_future(fut: asyncio.Future[Any], exc: BaseException) -> None:
     """Fail ``fut`` with ``exc`` unless it is already done (answered or cancelled)."""
     if not fut.done():
         fut.set_exception(exc)

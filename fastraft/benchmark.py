@@ -18,12 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import FastRaftError
 from fastraft.processes import free_ports
 from fastraft.statemachine import NullStateMachine
+
+if TYPE_CHECKING:
+    from fastraft.node import RaftNode
 
 # ----------------------------------------------------------------------------- load
 
@@ -65,7 +71,7 @@ class Latencies:
         return out
 
 
-def _percentiles(lat: Latencies) -> dict:
+def _percentiles(lat: Latencies) -> dict[str, Any]:
     if not lat.n:
         return {"p50_ms": None, "p99_ms": None, "p999_ms": None}
     p50, p99, p999 = lat.quantiles([0.5, 0.99, 0.999])
@@ -83,8 +89,8 @@ def rss_mib() -> float | None:
         return None
 
 
-async def run_load(node, in_flight: int, payload: int, seconds: float, batch: int = 1,
-                   warmup: float = 0.3) -> dict:
+async def run_load(node: RaftNode, in_flight: int, payload: int, seconds: float, batch: int = 1,
+                   warmup: float = 0.3) -> dict[str, Any]:
     """``in_flight`` writers, each proposing ``payload``-byte commands back to back (or
     batches of ``batch``) for ``seconds``; latency of every write, after a warm-up."""
     data = os.urandom(payload)
@@ -94,9 +100,11 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
     lat = Latencies()
     counts = lat.counts
 
-    lost: list = []
+    lost: list[Any] = []
 
-    async def writer():
+    async def writer() -> None:
+        propose: Callable[[Any], Awaitable[Any]]
+        arg: Any
         if batch == 1:
             propose, arg = node.propose, data
         else:
@@ -118,9 +126,9 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
                 counts[us if us < _MAX_US else _MAX_US] += 1
             t = now
 
-    rss: list = []
+    rss: list[Any] = []
 
-    async def sample_rss():
+    async def sample_rss() -> None:
         await asyncio.sleep(warmup)
         rss.append(rss_mib())
         while clock() < stop - 0.05 and not lost:
@@ -136,13 +144,14 @@ async def run_load(node, in_flight: int, payload: int, seconds: float, batch: in
     return out
 
 
-async def _bench_node(args) -> None:
+async def _bench_node(args: argparse.Namespace) -> None:
     from fastraft.config import Config
     from fastraft.node import RaftNode
-    from fastraft.storage import MemoryStorage
+    from fastraft.storage import MemoryStorage, RaftStorage
     from fastraft.transport.tcp import TcpNetwork
 
     cluster = parse_cluster(args.cluster)
+    storage: RaftStorage
     if args.storage == "memory":
         storage = MemoryStorage()
     else:
@@ -176,8 +185,8 @@ _ENTRY = ([os.environ["FASTRAFT_BENCH_ENTRY"]] if os.environ.get("FASTRAFT_BENCH
           else ["-m", "fastraft.benchmark"])
 
 
-def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
-             timeout: float = 120) -> dict:
+def _cluster(n: int, module_args: list[str], load: dict[str, Any], workdir: str,
+             timeout: float = 120) -> dict[str, Any]:
     """Start n processes of ``python -m fastraft.benchmark <module_args>``; return the one
     JSON line the leader prints."""
     ports = free_ports(n)
@@ -193,9 +202,10 @@ def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
         while time.monotonic() < deadline:
             for p in procs:
                 if p.poll() is not None:
-                    out = p.stdout.read().strip().splitlines()
+                    out = p.stdout.read().strip().splitlines() if p.stdout else []
                     if out:
-                        return json.loads(out[-1])
+                        result: dict[str, Any] = json.loads(out[-1])
+                        return result
             if all(p.poll() is not None for p in procs):
                 raise RuntimeError("every node exited without a result")
             time.sleep(0.05)
@@ -209,19 +219,19 @@ def _cluster(n: int, module_args: list[str], load: dict, workdir: str,
 
 # ----------------------------------------------------------------------------- peer
 
-def _pysyncobj_node(args) -> None:
+def _pysyncobj_node(args: argparse.Namespace) -> None:
     """A PySyncObj node with a replicated counter; the leader runs the same load."""
     import threading
 
     from pysyncobj import SyncObj, SyncObjConf, replicated
 
-    class Counter(SyncObj):
-        def __init__(self, me, partners, conf):
+    class Counter(SyncObj):  # type: ignore[misc]  # pysyncobj ships no type hints
+        def __init__(self, me: str, partners: list[str], conf: Any) -> None:
             super().__init__(me, partners, conf)
             self.count = 0
 
-        @replicated
-        def add(self, data):
+        @replicated  # type: ignore[untyped-decorator]
+        def add(self, data: bytes) -> int:
             self.count += 1
             return self.count
 
@@ -247,8 +257,8 @@ def _pysyncobj_node(args) -> None:
     warm_until = time.perf_counter() + spec.get("warmup", 0.3)
     stop_at = warm_until + seconds
 
-    def callback(t0):
-        def cb(result, error):
+    def callback(t0: float) -> Callable[[Any, Any], None]:
+        def cb(result: Any, error: Any) -> None:
             now = time.perf_counter()
             with lock:
                 if warm_until <= now < stop_at:
@@ -276,11 +286,11 @@ async def _pump_receiver(port: int, fsync: bool, workdir: str) -> None:
     hdr = struct.Struct("<IQ")  # body length, batch number
 
     class Receiver(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport = transport
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
             self.buffer = b""
 
-        def data_received(self, data):
+        def data_received(self, data: bytes) -> None:
             data = self.buffer + data if self.buffer else data
             pos, acks = 0, []
             while len(data) - pos >= hdr.size:
@@ -303,7 +313,7 @@ async def _pump_receiver(port: int, fsync: bool, workdir: str) -> None:
 
 
 async def _pump_sender(ports: list[int], in_flight: int, payload: int, seconds: float,
-                       batch: int = 256) -> dict:
+                       batch: int = 256) -> dict[str, Any]:
     """Send records to every receiver; a record counts once a majority (self plus half of
     the receivers) acknowledged its batch. No consensus logic: the ceiling."""
     import struct
@@ -317,14 +327,14 @@ async def _pump_sender(ports: list[int], in_flight: int, payload: int, seconds: 
     wake = asyncio.Event()
 
     class Sender(asyncio.Protocol):
-        def __init__(self, port):
+        def __init__(self, port: int) -> None:
             self.port = port
             self.buffer = b""
 
-        def connection_made(self, transport):
-            self.transport = transport
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
 
-        def data_received(self, data):
+        def data_received(self, data: bytes) -> None:
             data = self.buffer + data
             k = len(data) // 8
             if k:
@@ -338,9 +348,9 @@ async def _pump_sender(ports: list[int], in_flight: int, payload: int, seconds: 
                     state["committed"] += n
                 wake.set()
 
-    conns = []
+    conns: list[Sender] = []
     for p in ports:
-        _, proto = await loop.create_connection(lambda p=p: Sender(p), "127.0.0.1", p)
+        _, proto = await loop.create_connection(partial(Sender, p), "127.0.0.1", p)
         conns.append(proto)
     t0 = loop.time()
     stop = t0 + seconds
@@ -365,7 +375,8 @@ async def _pump_sender(ports: list[int], in_flight: int, payload: int, seconds: 
             "writes_per_s": state["committed"] / elapsed}
 
 
-def _pump(in_flight: int, payload: int, seconds: float, fsync: bool, workdir: str) -> dict:
+def _pump(in_flight: int, payload: int, seconds: float, fsync: bool,
+          workdir: str) -> dict[str, Any]:
     ports = free_ports(2)
     procs = [subprocess.Popen([sys.executable, "-m", "fastraft.benchmark", "pump-recv",
                                "--port", str(p), "--data-dir", workdir]
@@ -389,7 +400,7 @@ def _pump(in_flight: int, payload: int, seconds: float, fsync: bool, workdir: st
 
 # ----------------------------------------------------------------------------- in-process
 
-async def _inprocess(writers: int, seconds: float) -> dict:
+async def _inprocess(writers: int, seconds: float) -> dict[str, Any]:
     """openraft's "minimal" method: 3 nodes in one process, memory network and storage,
     empty payloads."""
     from fastraft.config import Config
@@ -419,7 +430,11 @@ async def _inprocess(writers: int, seconds: float) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def _median(runs: list[dict]) -> dict:
+def _run_inprocess(writers: int, seconds: float) -> dict[str, Any]:
+    return run_loop(_inprocess(writers, seconds))
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rates = [r["writes_per_s"] for r in runs]
     best = sorted(runs, key=lambda r: r["writes_per_s"])[len(runs) // 2]
     out = dict(best)
@@ -430,7 +445,7 @@ def _median(runs: list[dict]) -> dict:
     return out
 
 
-def _fmt(v, unit="") -> str:
+def _fmt(v: float | None, unit: str = "") -> str:
     if v is None:
         return "-"
     if unit == "ms":
@@ -452,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = tempfile.mkdtemp(prefix="fastraft-bench-")
-    results: list[dict] = []
+    results: list[dict[str, Any]] = []
 
-    def measure(name: str, fn, **info) -> dict:
+    def measure(name: str, fn: Callable[[], dict[str, Any]], **info: Any) -> dict[str, Any]:
         runs = []
         for _ in range(args.repeat):
             runs.append(fn())
@@ -467,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         return r
 
-    def fr(n, storage, in_flight, payload, batch=1):
+    def fr(n: int, storage: str, in_flight: int, payload: int,
+           batch: int = 1) -> dict[str, Any]:
         load = {"in_flight": in_flight, "payload": payload, "seconds": args.seconds,
                 "batch": batch}
         sub = os.path.join(workdir, f"run-{time.monotonic_ns()}")
@@ -484,11 +500,11 @@ def main(argv: list[str] | None = None) -> int:
         in_flights = [1, 1024] if args.quick else [1, 16, 128, 1024]
         for inf in in_flights:
             measure(f"fastraft 3 procs memory 100B inflight={inf}",
-                    lambda inf=inf: fr(3, "memory", inf, 100), system="fastraft",
+                    partial(fr, 3, "memory", inf, 100), system="fastraft",
                     storage="memory", in_flight=inf, payload=100, nodes=3)
         for inf in (1, 1024):
             measure(f"fastraft 3 procs FileStorage+fsync 100B inflight={inf}",
-                    lambda inf=inf: fr(3, "file", inf, 100), system="fastraft",
+                    partial(fr, 3, "file", inf, 100), system="fastraft",
                     storage="file", in_flight=inf, payload=100, nodes=3)
         measure("fastraft 3 procs memory propose_batch(64) 100B inflight=16",
                 lambda: fr(3, "memory", 16, 100, batch=64), system="fastraft",
@@ -502,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                     storage="memory", in_flight=1024, payload=100, nodes=5)
             for w in (1, 64, 256):
                 measure(f"fastraft in-process 3 nodes, empty, writers={w}",
-                        lambda w=w: run_loop(_inprocess(w, args.seconds)),
+                        partial(_run_inprocess, w, args.seconds),
                         system="fastraft-inprocess", in_flight=w, payload=0, nodes=3)
         if not args.no_peer:
             try:
@@ -513,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 for inf in in_flights:
                     load = {"in_flight": inf, "payload": 100, "seconds": args.seconds}
                     measure(f"PySyncObj 3 procs defaults 100B inflight={inf}",
-                            lambda load=load: _cluster(3, ["pysyncobj-node"], load, workdir),
+                            partial(_cluster, 3, ["pysyncobj-node"], load, workdir),
                             system="pysyncobj", in_flight=inf, payload=100, nodes=3)
                 load = {"in_flight": 1, "payload": 100, "seconds": args.seconds,
                         "batching_off": True}
@@ -534,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['rss_start_mib']:.0f} MiB -> {r['rss_end_mib']:.0f} MiB", flush=True)
         for fsync in (False, True):
             measure(f"ceiling: raw uvloop pump 100B inflight=1024 fsync={fsync}",
-                    lambda fsync=fsync: _pump(1024, 100, args.seconds, fsync, workdir),
+                    partial(_pump, 1024, 100, args.seconds, fsync, workdir),
                     system="pump-fsync" if fsync else "pump", in_flight=1024, payload=100,
                     nodes=3)
     finally:
@@ -549,10 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _summary(results: list[dict]) -> None:
+def _summary(results: list[dict[str, Any]]) -> None:
     by = {r["name"]: r for r in results}
 
-    def rate(prefix):
+    def rate(prefix: str) -> float | None:
         return next((r["writes_per_s"] for n, r in by.items() if n.startswith(prefix)), None)
     fast = rate("fastraft 3 procs memory 100B inflight=1024")
     peer_best = max((r["writes_per_s"] for r in results if r["system"] == "pysyncobj"),
@@ -568,7 +584,7 @@ def _summary(results: list[dict]) -> None:
         print(f"fastraft / raw pump ceiling (fsync):  {fast_fsync / pump_fsync:.1%}")
 
 
-def _plot(results: list[dict], path: str) -> None:
+def _plot(results: list[dict[str, Any]], path: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -8,6 +8,8 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastraft.addresses import parse_address, parse_cluster
 from fastraft.asyncutil import run_loop
@@ -25,11 +27,11 @@ def add_security_options(p: argparse.ArgumentParser) -> None:
                    help="a peer's certificate must name its node id (node-<id>)")
 
 
-def security_options(args) -> dict:
+def security_options(args: argparse.Namespace) -> dict[str, Any]:
     """``secret`` and ``tls`` keyword arguments for TcpNetwork, KVServer and KVClient."""
     from fastraft.transport.link import TlsConfig
 
-    out: dict = {"secret": None, "tls": None}
+    out: dict[str, Any] = {"secret": None, "tls": None}
     if args.secret_file:
         try:
             with open(args.secret_file, "rb") as f:
@@ -45,7 +47,7 @@ def security_options(args) -> dict:
     return out
 
 
-def load_factory(spec: str):
+def load_factory(spec: str) -> Any:
     """``MODULE:NAME`` → the object ``NAME`` of module ``MODULE``."""
     import importlib
 
@@ -58,20 +60,21 @@ def load_factory(spec: str):
         raise ConfigError(f"--state-machine {spec!r}: {exc}") from None
 
 
-async def serve_node(args) -> int:
+async def serve_node(args: argparse.Namespace) -> int:
     """Run the node until SIGTERM/SIGINT (0), or until it stops itself because a hook
     failed (3: a supervisor restarts it, and the log says which entry)."""
     from fastraft import kv
     from fastraft.config import Config
     from fastraft.kvservice import KVServer
     from fastraft.node import RaftNode
-    from fastraft.storage import MemoryStorage
+    from fastraft.storage import MemoryStorage, RaftStorage
     from fastraft.transport.tcp import TcpNetwork
 
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:
         raise ConfigError(f"--id {args.id} is not in --cluster")
     security = security_options(args)
+    storage: RaftStorage
     if args.data_dir:
         from fastraft.filestorage import FileStorage
         storage = FileStorage(args.data_dir, repair=args.repair)
@@ -80,7 +83,7 @@ async def serve_node(args) -> int:
     else:
         storage = MemoryStorage()
     store = load_factory(args.state_machine)() if args.state_machine else kv.KVStore()
-    tuned: dict = {}
+    tuned: dict[str, Any] = {}
     if args.snapshot_interval is not None:
         tuned.update(snapshot_interval=args.snapshot_interval,
                      snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
@@ -109,8 +112,15 @@ async def serve_node(args) -> int:
             # says what the cluster is (like etcd ignoring --initial-cluster then).
             logging.getLogger("fastraft.cli").info(
                 "node %d has state from an earlier run; --init ignored", args.id)
-    server = KVServer(node, store, args.client, cluster_id=args.cluster_id, **security)
+    clients = parse_cluster(args.clients) if args.clients else {}
+    server = KVServer(node, store, args.client, cluster_id=args.cluster_id,
+                      client_addresses=clients, **security)
     await server.start()
+    metrics = None
+    if args.metrics:
+        from fastraft.metrics import MetricsServer
+        metrics = MetricsServer(node, args.metrics, max_apply_lag=args.health_max_lag)
+        await metrics.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -119,11 +129,14 @@ async def serve_node(args) -> int:
     # tracks) lives as long as the process: keep full collections from walking it again,
     # which shortens their pauses under load (docs/node.md, "Pauses").
     gc.freeze()
-    print(f"node {args.id} ready: raft {cluster[args.id]}, clients {args.client}", flush=True)
+    print(f"node {args.id} ready: raft {cluster[args.id]}, clients {args.client}"
+          + (f", metrics http://{metrics.address}/metrics" if metrics else ""), flush=True)
     stopped = asyncio.ensure_future(node.wait_stopped())
     signalled = asyncio.ensure_future(stop.wait())
     await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
     server.close()
+    if metrics is not None:
+        await metrics.stop()
     await node.stop()
     _close(storage)
     signalled.cancel()
@@ -134,13 +147,13 @@ async def serve_node(args) -> int:
     return 0
 
 
-def _close(storage) -> None:
+def _close(storage: object) -> None:
     close = getattr(storage, "close", None)
     if close is not None:
         close()
 
 
-async def show_status(args) -> None:
+async def show_status(args: argparse.Namespace) -> None:
     from fastraft.kvservice import KVClient
     client = await KVClient.connect(args.address, cluster_id=args.cluster_id,
                                     **security_options(args))
@@ -149,7 +162,7 @@ async def show_status(args) -> None:
     print(json.dumps(status, indent=2, sort_keys=True))
 
 
-async def cluster_status(args) -> int:
+async def cluster_status(args: argparse.Namespace) -> int:
     """One row per node, like ``etcdctl endpoint status --cluster -w table``; 1 if a node
     did not answer."""
     from fastraft.kvservice import KVClient
@@ -159,7 +172,7 @@ async def cluster_status(args) -> int:
         parse_address(a)
     security = security_options(args)
 
-    async def one(address: str) -> dict:
+    async def one(address: str) -> dict[str, Any]:
         try:
             client = await KVClient.connect(address, timeout=2.0,
                                             cluster_id=args.cluster_id, **security)
@@ -179,10 +192,12 @@ async def cluster_status(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
     else:
-        head = ("ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG")
+        head = ("ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG",
+                "LAST CONTACT")
         table = [head] + [
             (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
-             str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]))
+             str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),
+             _contact(r.get("last_contact"), r["role"]))
             if "error" not in r else ("?", r["address"], "unreachable: " + r["error"])
             for r in rows]
         widths = [max(len(row[k]) for row in table if len(row) == len(head))
@@ -193,14 +208,28 @@ async def cluster_status(args) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-async def kv_command(args) -> int:
+def _contact(seconds: float | None, role: str) -> str:
+    """The LAST CONTACT cell: how long since the node heard from its leader."""
+    if role == "leader":
+        return "-"
+    if seconds is None:
+        return "never"
+    return f"{seconds * 1000:.0f}ms" if seconds < 10 else f"{seconds:.0f}s"
+
+
+async def kv_command(args: argparse.Namespace) -> int:
     """``fastraft kv put|get|del``: to the leader among ``--address`` (tried in turn)."""
     from fastraft.kvservice import ClientError, KVClient
 
     addresses = [a.strip() for a in args.address.split(",") if a.strip()]
     security = security_options(args)
     last_error = ""
-    for address in addresses:
+    tried: set[str] = set()
+    while addresses:
+        address = addresses.pop(0)
+        if address in tried:
+            continue
+        tried.add(address)
         try:
             client = await KVClient.connect(address, timeout=2.0,
                                             cluster_id=args.cluster_id, **security)
@@ -223,14 +252,16 @@ async def kv_command(args) -> int:
             if exc.error != "not_leader":
                 raise ConfigError(f"{address}: {exc}") from None
             last_error = f"{address}: {exc}"
+            if exc.leader_client_address:
+                addresses.insert(0, exc.leader_client_address)  # follow the redirect
         finally:
             client.close()
-    raise ConnectionError(f"no leader among {', '.join(addresses)} (last: {last_error}); "
+    raise ConnectionError(f"no leader among {', '.join(sorted(tried))} (last: {last_error}); "
                           "list every node's client address in --address")
 
 
-def _positive(kind):
-    def parse(text: str):
+def _positive(kind: Callable[[str], _N]) -> Callable[[str], _N]:
+    def parse(text: str) -> _N:
         try:
             value = kind(text)
         except ValueError:
@@ -241,7 +272,28 @@ def _positive(kind):
     return parse
 
 
+_N = TypeVar("_N", int, float)
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def configure_logging(level: str, form: str) -> None:
+    handler = logging.StreamHandler()
+    if form == "json":
+        from fastraft.logutil import JsonFormatter
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s "
+                                               "%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def _metrics_available() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigError("--metrics needs prometheus-client: "
+                          "pip install 'fastraft[metrics]'") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -267,6 +319,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="this node's id: one of those in --cluster")
     node.add_argument("--cluster", required=True, help="1=HOST:PORT,2=HOST:PORT,...")
     node.add_argument("--client", required=True, help="HOST:PORT for KV clients")
+    node.add_argument("--clients", metavar="1=HOST:PORT,...",
+                      help="every node's client address: a not-leader reply then names the "
+                           "leader's, so clients follow it")
     node.add_argument("--data-dir", help="durable storage directory (default: memory)")
     node.add_argument("--cluster-id", default="fastraft",
                       help="a name every member shares; storage and peers of another "
@@ -284,6 +339,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                       help="WARNING (default); INFO adds role and membership changes")
+    node.add_argument("--log-format", default="text", choices=("text", "json"),
+                      help="json: one object per line with the event's keys (event, node, "
+                           "term, ...; docs/operations.md)")
+    node.add_argument("--metrics", metavar="HOST:PORT",
+                      help="serve Prometheus /metrics and /health here (needs "
+                           "pip install 'fastraft[metrics]')")
+    node.add_argument("--health-max-lag", type=_positive(int), default=1000, metavar="N",
+                      help="/health fails when applied trails commit by more than N "
+                           "entries (default 1000)")
     node.add_argument("--repair", action="store_true",
                       help="open a damaged --data-dir keeping its intact log; the node then "
                            "rejoins without voting until caught up (docs/storage.md)")
@@ -324,8 +388,10 @@ def main(argv: list[str] | None = None) -> None:
             from fastraft.demo import run_demo
             sys.exit(run_demo(args))
         elif args.command == "node":
-            logging.basicConfig(level=args.log_level,
-                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            configure_logging(args.log_level, args.log_format)
+            if args.metrics:
+                parse_address(args.metrics)
+                _metrics_available()
             sys.exit(run_loop(serve_node(args)))
         elif args.command == "kv":
             if (args.op == "put") != (args.value is not None):

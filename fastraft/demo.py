@@ -7,12 +7,14 @@ acknowledged write. Every process it started is stopped before it returns.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 from fastraft.asyncutil import run_loop
 from fastraft.kvservice import ClientError, KVClient, find_leader
@@ -28,7 +30,7 @@ class _Stats:
         self.errors = 0
 
 
-async def _statuses(clients: dict[int, KVClient]) -> dict[int, dict]:
+async def _statuses(clients: dict[int, KVClient]) -> dict[int, dict[str, Any]]:
     out = {}
     for i, c in list(clients.items()):
         try:
@@ -43,7 +45,7 @@ def _bar(fraction: float, width: int = 24) -> str:
     return "[" + "#" * full + "." * (width - full) + "]"
 
 
-async def _demo(args, cluster: ProcessCluster) -> int:
+async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
     out = sys.stdout
     tty = out.isatty()
     n = len(cluster.ids)
@@ -63,8 +65,8 @@ async def _demo(args, cluster: ProcessCluster) -> int:
               f"commit index {found['commit_index']:,}")
 
     stats = _Stats()
-    state = {"leader": leader, "phase": "before crash", "unavailable_since": None,
-             "failover": None}
+    state: dict[str, Any] = {"leader": leader, "phase": "before crash",
+                             "unavailable_since": None, "failover": None}
     stop_at = time.monotonic() + args.seconds
     run_tag = f"{int(time.time() * 1000) % 10**9:09d}"  # keys of earlier runs stay apart
     counter = iter(range(10**9))
@@ -108,7 +110,10 @@ async def _demo(args, cluster: ProcessCluster) -> int:
             if resp.value != b"v-" + key.encode() or resp.version < version:
                 stats.stale_reads += 1
 
+    printed_eighth = -1  # without a terminal, a line per eighth of the run
+
     async def watcher() -> None:
+        nonlocal printed_eighth
         while time.monotonic() < stop_at:
             await asyncio.sleep(0.25)
             statuses = await _statuses(clients)
@@ -123,8 +128,8 @@ async def _demo(args, cluster: ProcessCluster) -> int:
             if tty:
                 out.write("\r" + line.ljust(110))
                 out.flush()
-            elif int(done * 8) != getattr(watcher, "last", -1):
-                watcher.last = int(done * 8)
+            elif int(done * 8) != printed_eighth:
+                printed_eighth = int(done * 8)
                 print(line)
 
     async def chaos() -> None:
@@ -194,7 +199,7 @@ async def _demo(args, cluster: ProcessCluster) -> int:
     return 0 if ok else 1
 
 
-def run_demo(args) -> int:
+def run_demo(args: argparse.Namespace) -> int:
     if args.nodes < 3:
         print("fastraft demo needs --nodes >= 3 to survive a leader crash", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ class ConfigError(FastRaftError, ValueError):
 class NotLeader(FastRaftError):
     """This node is not the leader; retry on ``leader_id`` (None when no leader is known)."""
 
-    def __init__(self, leader_id: int | None, leader_address: object | None = None):
+    def __init__(self, leader_id: int | None, leader_address: str | None = None) -> None:
         self.leader_id = leader_id
         self.leader_address = leader_address
         where = "no leader is known yet" if leader_id is None else (

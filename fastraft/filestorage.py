@@ -46,8 +46,9 @@ import zlib
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import msgspec
 
@@ -84,6 +85,12 @@ class _State(msgspec.Struct, array_like=True):
 class _Identity(msgspec.Struct, array_like=True):
     node_id: int
     cluster_id: str
+
+
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+#: Where recovery cuts the log: (segment, offset, what was found, torn by a crash).
+_CutAt = tuple[int, int, str, bool]
 
 
 class _Damage(Exception):
@@ -130,7 +137,7 @@ def _write_atomically(directory: str, name: str, data: bytes, sync: bool = True)
         _fsync_dir(directory)
 
 
-def _read_checked(path: str, struct_type):
+def _read_checked(path: str, struct_type: type[_S]) -> _S | None:
     """A small file written by ``_write_checked``; None if missing, StorageCorruption if
     damaged."""
     try:
@@ -152,7 +159,7 @@ def _read_checked(path: str, struct_type):
             from None
 
 
-def _checked(value) -> bytes:
+def _checked(value: object) -> bytes:
     body = msgspec.msgpack.encode(value)
     return _FILE_HEAD.pack(len(body), zlib.crc32(body)) + body
 
@@ -254,7 +261,8 @@ class FileStorage:
         except StorageCorruption:
             if not self.repair:
                 raise
-            found = self._drop_damaged_snapshot()
+            self._drop_damaged_snapshot()
+            found = None
         if found is not None:
             self._snapshot, self._snapshot_path = found
         firsts = []
@@ -268,12 +276,13 @@ class FileStorage:
         # Segments wholly below the compaction point may survive a crash during compaction.
         while len(firsts) > 1 and firsts[1] <= compacted + 1:
             os.unlink(self._path(firsts.pop(0)))
-        cut = None  # (segment, offset, why) to drop, once every check passed
+        # (segment, offset, why, torn) to drop, once every check passed
+        cut: _CutAt | None = None
         expected = None
         for k, first in enumerate(firsts):
             if expected is not None and first != expected:
                 if self.repair:
-                    cut = (first, 0, f"segment starts at {first}, expected {expected}")
+                    cut = (first, 0, f"segment starts at {first}, expected {expected}", False)
                     break
                 raise StorageCorruption(
                     f"{self._path(first)}: segment starts at index {first} but the previous "
@@ -302,7 +311,7 @@ class FileStorage:
         if self._segments:
             self._open_tail(self._segments[-1])
 
-    def _check_commit_mark(self, cut) -> None:
+    def _check_commit_mark(self, cut: _CutAt | None) -> None:
         last = self._rec_last[-1] if self._rec_last else self._floor()
         mark = self._mark_durable
         if mark <= max(last, self._floor()) or self.repair:
@@ -315,18 +324,20 @@ class FileStorage:
             f"{mark} were committed: acknowledged entries are missing (restore this node "
             "from a replica, or see docs/storage.md, \"Repairing a node\")")
 
-    def _cut(self, cut, firsts: list[int]) -> None:
+    def _cut(self, cut: _CutAt, firsts: list[int]) -> None:
         """Drop what follows the last intact record: a torn write, or (repair) damage."""
-        seg, pos, what = cut[0], cut[1], cut[2]
-        torn = len(cut) > 3 and cut[3]
+        seg, pos, what, torn = cut
         path = self._path(seg)
         if torn and seg == firsts[-1]:
             log.warning("%s: truncating %s at offset %d: a write torn by a crash, never "
-                        "acknowledged", path, what, pos)
+                        "acknowledged", path, what, pos,
+                        extra={"event": "torn_write", "path": path, "offset": pos})
         else:
             log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                       "segment; this node may have lost entries it acknowledged and will "
-                      "not vote until a leader has caught it up", path, pos, what)
+                      "not vote until a leader has caught it up", path, pos, what,
+                      extra={"event": "repair", "path": path, "offset": pos,
+                             "damage": str(what)})
             self._state = _State(HardState(self._state.hard_state.current_term,
                                            self._state.hard_state.voted_for,
                                            min(self._state.hard_state.commit,
@@ -387,7 +398,8 @@ class FileStorage:
         magic, length, mark, crc, head_crc = _HEAD.unpack_from(data, pos)
         if zlib.crc32(data[pos:pos + _HEAD_CHECKED]) != head_crc or magic != _MAGIC:
             if data.count(0, pos) == size - pos:
-                raise _Damage(pos, f"zero-filled bytes to the end of the file ({size - pos} bytes)", True)
+                raise _Damage(pos, f"zero-filled bytes to the end of the file ({size - pos} "
+                              "bytes)", True)
             torn = _zero_sector_within(data, pos, pos + _HEAD.size)
             raise _Damage(pos, "a record header that fails its checksum", torn)
         end = pos + _HEAD.size + length
@@ -455,7 +467,8 @@ class FileStorage:
         """Repair: a damaged snapshot cannot be kept, and the log behind it was compacted
         away, so nothing of the log is kept either; the leader sends a new snapshot."""
         log.error("%s: REPAIR: the snapshot is damaged; dropping it and the whole log",
-                  self.directory)
+                  self.directory, extra={"event": "repair", "path": self.directory,
+                                         "damage": "snapshot"})
         for name in os.listdir(self.directory):
             if name == "snapshot" or name.startswith((_SNAP_DATA_PREFIX, _SEG_PREFIX)):
                 os.unlink(os.path.join(self.directory, name))
@@ -500,7 +513,7 @@ class FileStorage:
 
     def _floor(self) -> int:
         """The last index compacted, or replaced by the snapshot: the log starts after it."""
-        if self._snapshot_replaces_log:
+        if self._snapshot_replaces_log and self._snapshot is not None:
             return max(self._state.compacted_index, self._snapshot.last_included_index)
         return self._state.compacted_index
 
@@ -578,7 +591,7 @@ class FileStorage:
 
     # ------------------------------------------------------------------ file work
 
-    async def _run(self, fn, *args):
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _path(self, seg_first: int) -> str:

@@ -11,9 +11,11 @@ import io
 import struct
 from collections.abc import Sequence
 from itertools import islice
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import msgspec
+
+from fastraft.messages import Entry
 
 
 class Put(msgspec.Struct, tag="put", array_like=True):
@@ -43,10 +45,11 @@ def delete(key: str) -> bytes:
     return _enc.encode(Delete(key))
 
 
-def decode(data) -> Put | Delete:
+def decode(data: bytes | memoryview) -> Put | Delete:
     """The command in an entry's data; ``msgspec.MsgspecError`` or ``ValueError`` (bad
     UTF-8) for anything that is not one."""
-    return _dec.decode(data)
+    command: Put | Delete = _dec.decode(data)
+    return command
 
 
 class KVStore:
@@ -55,7 +58,7 @@ class KVStore:
         self.versions: dict[str, int] = {}
         self.bad_commands = 0
 
-    def apply(self, entries: Sequence) -> list[int | Refused]:
+    def apply(self, entries: Sequence[Entry]) -> list[int | Refused]:
         data, versions = self.data, self.versions
         out: list[int | Refused] = []
         for e in entries:
@@ -81,7 +84,7 @@ class KVStore:
         """The store as a stream of chunks, encoded as it is read: no copy of the whole
         store is ever held, and no single step holds the GIL for long (the node reads
         it in a thread while replication goes on)."""
-        return _SnapshotStream(self)
+        return cast(BinaryIO, _SnapshotStream(self))  # a raw binary stream: read() works
 
     def restore(self, data: BinaryIO) -> None:
         store, versions = {}, {}
@@ -110,7 +113,7 @@ class _SnapshotStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         if not self._pending:
             chunk = list(islice(self._items, CHUNK_KEYS))
             if not chunk:

@@ -19,14 +19,17 @@ has at most ``max_in_progress`` requests being served, the whole port at most
 client) until half are answered. A frame is split into requests lazily (each is decoded
 when started), so a frame of a million requests costs no long loop turn. A proposal the
 node cannot take in time is answered ``Overloaded``, never dropped. A reply
-``not_leader`` names the leader's id and address when known.
+``not_leader`` names the leader's id and Raft address when known, and its client address
+when the server was told the members' client addresses (``client_addresses``; ``fastraft
+node --clients``). docs/client-protocol.md describes the protocol in full.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -36,6 +39,9 @@ from fastraft.errors import FastRaftError, NotLeader
 from fastraft.logutil import Throttle
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
+
+if TYPE_CHECKING:
+    from fastraft.node import RaftNode
 
 log = logging.getLogger("fastraft.kvservice")
 MAX_FRAME = 16 << 20
@@ -65,8 +71,12 @@ class Response(msgspec.Struct, array_like=True):
     leader_address: str | None = None
     #: "records": (offset, record) pairs, in order.
     records: list[tuple[int, bytes]] | None = None
+    #: "not_leader": the leader's client port, when the server knows it.
+    leader_client_address: str | None = None
 
 
+#: Turns a request and what its future returned into the response.
+_Answer = Callable[[Request, Any], Response]
 _raw_list_dec = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
@@ -79,10 +89,10 @@ class _Batcher:
 
     def __init__(self, link: Link) -> None:
         self.link = link
-        self.pending: list = []
+        self.pending: list[Any] = []
         self.scheduled = False
 
-    def push(self, item) -> None:
+    def push(self, item: Request | Response) -> None:
         self.pending.append(item)
         if not self.scheduled:
             self.scheduled = True
@@ -99,11 +109,15 @@ class _Batcher:
 class KVServer:
     """The client port of one node serving a ``kv.KVStore``."""
 
-    def __init__(self, node, store: kv.KVStore, listen: str, *, cluster_id: str = "fastraft",
+    def __init__(self, node: RaftNode, store: kv.KVStore, listen: str, *,
+                 cluster_id: str = "fastraft",
                  secret: bytes | None = None, tls: TlsConfig | None = None,
                  limits: ConnectionLimits | None = None, max_in_progress: int = 1024,
-                 max_in_progress_total: int = 1024) -> None:
+                 max_in_progress_total: int = 1024,
+                 client_addresses: dict[int, str] | None = None) -> None:
         self.node = node
+        #: Node id -> client address, for redirecting clients to the leader.
+        self.client_addresses = client_addresses or {}
         self.store = store
         self.listen = listen
         self.credentials = Credentials(cluster_id, "kv", secret, tls)
@@ -114,7 +128,7 @@ class KVServer:
         #: the port's limit to allow more.
         self.in_progress = 0
         self.waiting: set[_ClientConnection] = set()
-        self.stats: dict = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
+        self.stats: dict[str, Any] = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
         self.records = ReplicatedLog(node)
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
@@ -139,12 +153,13 @@ class _ClientConnection(Link):
         self.server = server
         self.node = server.node
         self.out = _Batcher(self)
-        #: Requests read but not started (the rest of a frame when the limit was hit).
-        self.backlog: deque[Request] = deque()
+        #: Requests read but not started (the rest of a frame when the limit was hit),
+        #: still encoded: each is decoded when started.
+        self.backlog: deque[msgspec.Raw] = deque()
         self.in_progress = 0
         self.paused = False
 
-    def frame(self, frame) -> bool:
+    def frame(self, frame: memoryview) -> bool:
         try:
             requests = _raw_list_dec.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -153,7 +168,7 @@ class _ClientConnection(Link):
         self._pump()
         return True
 
-    def _malformed(self, exc) -> bool:
+    def _malformed(self, exc: Exception) -> bool:
         self.stats["bad_frames"] += 1
         return self.refuse(f"malformed request: {exc}")
 
@@ -177,7 +192,8 @@ class _ClientConnection(Link):
             if not self.paused and self.transport is not None:
                 self.paused = True
                 self.transport.pause_reading()
-        elif self.paused and self.in_progress <= limit // 2 and not self.closed:
+        elif self.paused and self.in_progress <= limit // 2 and not self.closed \
+                and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
 
@@ -213,12 +229,12 @@ class _ClientConnection(Link):
         else:
             self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
 
-    def _track(self, req: Request, fut: asyncio.Future, answer) -> None:
+    def _track(self, req: Request, fut: asyncio.Future[Any], answer: _Answer) -> None:
         self.in_progress += 1
         self.server.in_progress += 1
         fut.add_done_callback(lambda f: self._done(req, f, answer))
 
-    def _done(self, req: Request, fut: asyncio.Future, answer) -> None:
+    def _done(self, req: Request, fut: asyncio.Future[Any], answer: _Answer) -> None:
         self.in_progress -= 1
         server = self.server
         server.in_progress -= 1
@@ -232,7 +248,9 @@ class _ClientConnection(Link):
             resp = answer(req, fut.result())
         elif isinstance(exc, NotLeader):
             resp = Response(req.id, False, error="not_leader", leader=exc.leader_id,
-                            leader_address=exc.leader_address)
+                            leader_address=exc.leader_address,
+                            leader_client_address=None if exc.leader_id is None
+                            else self.server.client_addresses.get(exc.leader_id))
         elif isinstance(exc, (FastRaftError, ValueError, TimeoutError)):
             # ValueError: a membership change that names a non-member, or a member twice
             resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")
@@ -244,13 +262,13 @@ class _ClientConnection(Link):
             self._pump()
 
     @staticmethod
-    def _written(req: Request, result) -> Response:
+    def _written(req: Request, result: Any) -> Response:
         if isinstance(result, kv.Refused):
             return Response(req.id, False, error=f"refused: {result.reason}")
         return Response(req.id, True, version=result or 0)
 
     @staticmethod
-    def _changed(req: Request, _result) -> Response:
+    def _changed(req: Request, _result: Any) -> Response:
         return Response(req.id, True)
 
     @staticmethod
@@ -258,7 +276,7 @@ class _ClientConnection(Link):
         return Response(req.id, True, version=offsets[0])
 
     @staticmethod
-    def _records(req: Request, records: list) -> Response:
+    def _records(req: Request, records: list[Any]) -> Response:
         return Response(req.id, True, records=[(r.index, r.data) for r in records])
 
     def _read(self, req: Request, _index: int) -> Response:
@@ -271,13 +289,21 @@ class _ClientConnection(Link):
 
 
 class ClientError(Exception):
+    """The node answered a request with an error: ``error`` is ``"not_leader"`` (then
+    ``leader`` is the leader's id, or None, ``leader_address`` its Raft address and
+    ``leader_client_address`` its client port when the node knows it), ``"refused: ..."``
+    (the state machine refused the command), or ``"<ErrorType>: message"``."""
+
     def __init__(self, error: str, leader: int | None = None,
-                 leader_address: str | None = None):
-        where = "" if leader is None else f" (leader {leader} at {leader_address})"
+                 leader_address: str | None = None,
+                 leader_client_address: str | None = None):
+        where = "" if leader is None else f" (leader {leader} at " \
+            f"{leader_client_address or leader_address})"
         super().__init__(error + where)
         self.error = error
         self.leader = leader
         self.leader_address = leader_address
+        self.leader_client_address = leader_client_address
 
 
 class KVClient(Link):
@@ -292,14 +318,22 @@ class KVClient(Link):
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         creds = Credentials(cluster_id, "kv", secret, tls)
-        _, client = await asyncio.wait_for(loop.create_connection(
-            lambda: cls(address, creds, ready, timeout), host, port), timeout)
-        await asyncio.wait_for(asyncio.shield(ready), timeout)
+        try:
+            _, client = await asyncio.wait_for(loop.create_connection(
+                lambda: cls(address, creds, ready, timeout), host, port), timeout)
+        except asyncio.TimeoutError:
+            raise ConnectionError(f"{address}: no connection within {timeout}s") from None
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), timeout)
+        except asyncio.TimeoutError:
+            client.close()
+            raise ConnectionError(f"{address}: no fastraft handshake within {timeout}s (is "
+                                  "it a fastraft node's client port?)") from None
         return client
 
     @classmethod
     async def connect_retrying(cls, address: str, timeout: float = 30.0,
-                               **kwargs) -> KVClient:
+                               **kwargs: Any) -> KVClient:
         """Connect, retrying while the node starts up, for at most ``timeout`` seconds."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
@@ -310,23 +344,36 @@ class KVClient(Link):
                     raise
                 await asyncio.sleep(0.05)
 
-    def __init__(self, address: str, credentials: Credentials, ready: asyncio.Future,
+    def __init__(self, address: str, credentials: Credentials, ready: asyncio.Future[Any],
                  timeout: float) -> None:
         super().__init__(credentials, 0, "", acceptor=False, max_frame=MAX_FRAME,
                          stats={}, handshake_timeout=timeout)
         self.server_address = address
         self.ready = ready
         self.next_id = 0
-        self.waiting: dict[int, asyncio.Future] = {}
+        self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.out = _Batcher(self)
+        #: Why this client closed the connection, if it did.
+        self.refused = ""
 
     def authenticated(self, peer_id: int, address: str) -> bool:
         if not self.ready.done():
             self.ready.set_result(None)
         return True
 
+    def refuse(self, why: str, count: bool = True) -> bool:
+        """The server's bytes are not the protocol: the caller is told why (a client has
+        no log of its own to say it in)."""
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(
+                f"{self.server_address} does not answer as a fastraft client port: {why}"))
+        self.refused = why
+        self.close()
+        return False
+
     def lost(self) -> None:
-        err = ConnectionError(f"connection to {self.server_address} lost")
+        err = ConnectionError(f"connection to {self.server_address} lost"
+                              + (f": {self.refused}" if self.refused else ""))
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(
                 f"{self.server_address} refused the connection (see its log)"))
@@ -335,7 +382,7 @@ class KVClient(Link):
                 fut.set_exception(err)
         self.waiting.clear()
 
-    def frame(self, frame) -> bool:
+    def frame(self, frame: memoryview) -> bool:
         try:
             responses = _resp_dec.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -354,9 +401,10 @@ class KVClient(Link):
         fut = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut
         self.out.push(Request(self.next_id, op, key, value, offset, limit))
-        resp = await fut
+        resp: Response = await fut
         if not resp.ok:
-            raise ClientError(resp.error, resp.leader, resp.leader_address)
+            raise ClientError(resp.error, resp.leader, resp.leader_address,
+                              resp.leader_client_address)
         return resp
 
     async def put(self, key: str, value: bytes) -> int:
@@ -368,8 +416,8 @@ class KVClient(Link):
     async def get(self, key: str) -> bytes | None:
         return (await self.request("get", key)).value
 
-    async def status(self) -> dict:
-        return (await self.request("status")).status
+    async def status(self) -> dict[str, Any]:
+        return (await self.request("status")).status or {}
 
     async def append(self, record: bytes) -> int:
         """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset."""

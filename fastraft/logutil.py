@@ -1,8 +1,31 @@
-"""Log lines for events a stranger can trigger at will: one line, never a flood."""
+"""Log lines: throttled ones for events a stranger can trigger at will (one line, never a
+flood), and a JSON format for shipping the events the node logs with stable ``extra`` keys
+(``event`` names what happened: docs/operations.md lists them)."""
 from __future__ import annotations
 
+import json
 import logging
 import time
+from typing import Any
+
+#: Attributes every LogRecord has; anything else on a record came from ``extra``.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",
+                                                                             "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the ``extra`` keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record), "level": record.levelname,
+            "logger": record.name, "message": record.getMessage()}
+        for key, value in vars(record).items():
+            if key not in _STANDARD:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
 
 
 class Throttle:
@@ -16,7 +39,8 @@ class Throttle:
         self.max_keys = max_keys
         self._last: dict[object, tuple[float, int]] = {}
 
-    def warning(self, key: object, msg: str, *args: object) -> None:
+    def warning(self, key: object, msg: str, *args: object,
+                extra: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
         last, held = self._last.get(key, (float("-inf"), 0))
         if now - last < self.interval:
@@ -27,4 +51,6 @@ class Throttle:
         self._last[key] = (now, 0)
         if held:
             msg += f" ({held} more like it in the last {now - last:.0f}s)"
-        self.logger.warning(msg, *args)
+        if extra is not None and held:
+            extra = {**extra, "held_back": held}
+        self.logger.warning(msg, *args, extra=extra)

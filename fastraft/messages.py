@@ -46,7 +46,7 @@ class Entry(msgspec.Struct, array_like=True, gc=False):
     data: bytes
 
 
-class EntryBatch(list):
+class EntryBatch(list["Entry"]):
     """Entries as the batch codec decodes them: it has checked that their indexes are
     consecutive, their terms never decrease and their kinds are known, so a receiver
     need only check the batch's ends against the message that carried it."""
@@ -197,7 +197,7 @@ class ReadIndexResponse(msgspec.Struct, tag=9, array_like=True, gc=False):
     ok: bool
 
 
-Message = Union[
+Message = Union[  # noqa: UP007 (the form msgspec decodes in every supported version)
     RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse,
     InstallSnapshot, InstallSnapshotResponse, TimeoutNow, ReadIndexRequest, ReadIndexResponse,
 ]
@@ -212,5 +212,5 @@ def encode_membership(m: Membership) -> bytes:
     return membership_encoder.encode(m)
 
 
-def decode_membership(data) -> Membership:
+def decode_membership(data: bytes | memoryview) -> Membership:
     return membership_decoder.decode(data)

@@ -20,7 +20,7 @@ class RaftNetwork(Protocol):
 
     async def stop(self) -> None: ...
 
-    def send(self, target: int, messages: list) -> None:
+    def send(self, target: int, messages: list[Any]) -> None:
         """Queue ``messages`` for node ``target``; never blocks, may drop, never delivers
         before returning."""
 

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def free_ports(n: int) -> list[int]:
@@ -68,20 +68,22 @@ class ProcessCluster:
             self.raft = {i: f"127.0.0.1:{ports[i - 1]}" for i in self.ids}
             self.client = {i: f"127.0.0.1:{ports[n + i - 1]}" for i in self.ids}
             if layout:
-                os.makedirs(data_dir, exist_ok=True)
+                os.makedirs(os.path.dirname(layout), exist_ok=True)
                 with open(layout, "w") as f:
                     json.dump({"raft": self.raft, "client": self.client}, f)
         self.workdir = workdir
         self.data_dir = data_dir
         self.extra_args = extra_args or []
         self.command_prefix = command_prefix
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
-    def start(self, i: int, extra_args: list[str] | tuple = ()) -> None:
+    def start(self, i: int, extra_args: Sequence[str] = ()) -> None:
         prefix = self.command_prefix(i) if self.command_prefix else []
         cmd = [*prefix, sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
                "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
-               "--client", self.client[i], *self.extra_args, *extra_args]
+               "--client", self.client[i],
+               "--clients", ",".join(f"{k}={a}" for k, a in self.client.items()),
+               *self.extra_args, *extra_args]
         if self.data_dir:
             cmd += ["--data-dir", os.path.join(self.data_dir, f"node-{i}")]
         with open(os.path.join(self.workdir, f"node-{i}.log"), "ab") as logf:

@@ -21,13 +21,13 @@ from fastraft.asyncutil import fail_future
 class _Run:
     __slots__ = ("first", "last", "futures", "batch", "results", "next", "records")
 
-    def __init__(self, first: int, last: int, futures: list | None,
-                 batch: asyncio.Future | None, records: bool = False) -> None:
+    def __init__(self, first: int, last: int, futures: list[Any] | None,
+                 batch: asyncio.Future[Any] | None, records: bool = False) -> None:
         self.first = first
         self.last = last
         self.futures = futures      # singles: futures[k] answers index first + k
         self.batch = batch          # propose_batch: one future for first..last
-        self.results: list = []     # batch: results gathered so far
+        self.results: list[Any] = []     # batch: results gathered so far
         self.next = first           # first index not answered yet
         self.records = records      # ReplicatedLog records: answered with their indexes
 
@@ -36,9 +36,9 @@ class ProposalTracker:
     def __init__(self) -> None:
         #: Entries buffered or in the log whose proposer still waits (back-pressure).
         self.pending = 0
-        self._datas: list = []
-        self._segments: list[tuple[list | None, asyncio.Future | None, int, bool]] = []
-        self._open: list | None = None
+        self._datas: list[Any] = []
+        self._segments: list[tuple[list[Any] | None, asyncio.Future[Any] | None, int, bool]] = []
+        self._open: list[Any] | None = None
         self._runs: deque[_Run] = deque()
         #: Some buffered segment holds records.
         self._records = False
@@ -51,7 +51,7 @@ class ProposalTracker:
     def waiting(self) -> bool:
         return bool(self._runs)
 
-    def add(self, data, future: asyncio.Future) -> None:
+    def add(self, data: bytes, future: asyncio.Future[Any]) -> None:
         self._datas.append(data)
         open_ = self._open
         if open_ is None:
@@ -60,7 +60,8 @@ class ProposalTracker:
         open_.append(future)
         self.pending += 1
 
-    def add_batch(self, datas: Sequence, future: asyncio.Future, records: bool = False) -> None:
+    def add_batch(self, datas: Sequence[Any], future: asyncio.Future[Any],
+                  records: bool = False) -> None:
         """``records``: ``ReplicatedLog`` records, and ``future`` gets their indexes."""
         self._datas.extend(datas)
         self._segments.append((None, future, len(datas), records))
@@ -69,7 +70,7 @@ class ProposalTracker:
         if records:
             self._records = True
 
-    def take(self) -> tuple[list, list[tuple[int, int]]]:
+    def take(self) -> tuple[list[Any], list[tuple[int, int]]]:
         """The buffered commands, to append to the log in this order, and the
         ``(position, count)`` spans of them that are records."""
         datas = self._datas
@@ -101,7 +102,8 @@ class ProposalTracker:
         freed = 0
         for futures, batch, n, _ in self._segments:
             for f in (futures if futures is not None else (batch,)):
-                fail_future(f, exc)
+                if f is not None:  # a segment has futures or a batch future
+                    fail_future(f, exc)
             freed += len(futures) if futures is not None else n
         self._segments = []
         self._open = None
@@ -110,7 +112,7 @@ class ProposalTracker:
         self.pending -= freed
         return freed
 
-    def resolve(self, applied: int, user: Sequence, results: Sequence[Any]) -> int:
+    def resolve(self, applied: int, user: Sequence[Any], results: Sequence[Any]) -> int:
         """Answer the proposals of entries up to ``applied``; ``results[k]`` is the state
         machine's result for ``user[k]``. Returns how many entries were answered."""
         runs = self._runs
@@ -164,7 +166,7 @@ class ProposalTracker:
             if run.futures is not None:
                 for f in run.futures[start - run.first:]:
                     fail_future(f, exc)
-            else:
+            elif run.batch is not None:
                 fail_future(run.batch, exc)
             freed += run.last - start + 1
             if start > run.next:

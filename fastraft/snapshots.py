@@ -12,13 +12,14 @@ import io
 import os
 import tempfile
 import zlib
-from typing import BinaryIO, Union
+from collections.abc import Callable
+from typing import BinaryIO
 
 __all__ = ["SnapshotData", "COPY_BYTES", "SPOOL_BYTES", "as_stream", "stream_size",
            "copy_stream", "close_stream", "spool"]
 
 #: What ``StateMachine.snapshot()`` may return.
-SnapshotData = Union[bytes, bytearray, memoryview, BinaryIO]
+SnapshotData = bytes | bytearray | memoryview | BinaryIO
 
 #: The most a copy of snapshot data holds in memory at once.
 COPY_BYTES = 1 << 20
@@ -41,7 +42,7 @@ def stream_size(stream: BinaryIO) -> int:
     return stream.seek(0, os.SEEK_END)
 
 
-def copy_stream(src: BinaryIO, write) -> tuple[int, int]:
+def copy_stream(src: BinaryIO, write: Callable[[bytes], object]) -> tuple[int, int]:
     """Copy ``src`` to its end through ``write``, ``COPY_BYTES`` at a time; returns
     (bytes copied, running crc32 of them)."""
     size = crc = 0
@@ -54,7 +55,7 @@ def copy_stream(src: BinaryIO, write) -> tuple[int, int]:
         crc = zlib.crc32(chunk, crc)
 
 
-def close_stream(stream) -> None:
+def close_stream(stream: object) -> None:
     """Close ``stream`` if it can be closed (a snapshot may be any readable object)."""
     close = getattr(stream, "close", None)
     if close is not None:

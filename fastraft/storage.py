@@ -13,7 +13,8 @@ but it survives ``RaftNode.stop()`` and a new node on the same object is a resta
 from __future__ import annotations
 
 import io
-from typing import BinaryIO, Protocol, runtime_checkable
+from collections.abc import Awaitable
+from typing import BinaryIO, Protocol, TypeVar, Union, runtime_checkable
 
 import msgspec
 
@@ -21,7 +22,6 @@ from fastraft import kernels
 from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, HardState, SnapshotMeta
 from fastraft.snapshots import COPY_BYTES
-
 
 __all__ = ["RaftStorage", "MemoryStorage", "AsyncMemoryStorage", "SnapshotMeta",
            "StorageState"]
@@ -40,39 +40,45 @@ class StorageState(msgspec.Struct, kw_only=True):
     cluster_id: str = ""
 
 
+T = TypeVar("T")
+#: What a hook method returns: the value, or (a coroutine method) an awaitable of it.
+MaybeAwaitable = Union[T, Awaitable[T]]  # noqa: UP007 (an alias evaluated at runtime)
+
+
 @runtime_checkable
 class RaftStorage(Protocol):
-    def load_state(self) -> StorageState: ...
+    def load_state(self) -> MaybeAwaitable[StorageState]: ...
 
-    def append_entries(self, entries: list[Entry]) -> None:
+    def append_entries(self, entries: list[Entry]) -> MaybeAwaitable[None]:
         """Append ``entries``; the first follows the current last entry."""
 
-    def truncate_suffix(self, index: int) -> None:
+    def truncate_suffix(self, index: int) -> MaybeAwaitable[None]:
         """Delete entries ``index`` and after (a conflicting suffix)."""
 
-    def compact_prefix(self, index: int) -> None:
+    def compact_prefix(self, index: int) -> MaybeAwaitable[None]:
         """Delete entries up to ``index`` (covered by a snapshot)."""
 
-    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+    def read_entries(self, lo: int, hi: int,
+                     max_bytes: int | None = None) -> MaybeAwaitable[list[Entry]]:
         """Entries ``lo .. hi - 1``, stopping early (after at least one) past ``max_bytes``
         of payload. Entries compacted away are not the log: a range that starts before
         the first entry held starts there. Called concurrently with the writes (a reader
         must see every entry whose append completed, and never a torn one)."""
 
-    def save_hard_state(self, hard_state: HardState) -> None:
+    def save_hard_state(self, hard_state: HardState) -> MaybeAwaitable[None]:
         """Make the term, vote and ``recovering`` flag durable. ``hard_state.commit`` may
         be kept lazily (it only helps recovery tell torn from damaged)."""
 
-    def save_identity(self, node_id: int, cluster_id: str) -> None:
+    def save_identity(self, node_id: int, cluster_id: str) -> MaybeAwaitable[None]:
         """Record, durably, which node of which cluster owns this storage. Called once, on
         a storage whose ``load_state`` reports no owner; the node refuses to start on a
         storage owned by another node or cluster."""
 
-    def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+    def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> MaybeAwaitable[None]:
         """Make the snapshot durable, replacing the previous one. ``data`` is a readable
         binary stream: read it to its end in chunks (it may be larger than memory)."""
 
-    def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+    def load_snapshot(self) -> MaybeAwaitable[tuple[SnapshotMeta, BinaryIO] | None]:
         """The last saved snapshot, with a NEW readable, seekable binary file object for
         its data on each call (the node reads chunks at offsets, and closes it). A reader
         keeps reading its snapshot even after a newer one is saved."""

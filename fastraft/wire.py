@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -51,9 +52,9 @@ class FrameReader:
         """Bytes held for frames not yet complete."""
         return len(self._head) + (len(self._body) if self._body is not None else 0)
 
-    def feed(self, data) -> list:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """The frames completed by ``data``, in order (bytes-like objects)."""
-        frames: list = []
+        frames: list[Any] = []
         view = memoryview(data)
         size = len(view)
         pos = 0
@@ -84,8 +85,7 @@ class FrameReader:
                 frames.append(view[pos:pos + n])
                 pos += n
             else:
-                self._start(n)
-                self._body += view[pos:]
+                self._start(n)[:] = view[pos:]
                 self._need -= size - pos
                 return frames
         if pos < size:
@@ -96,10 +96,12 @@ class FrameReader:
         if n > self.max_frame:
             raise FrameTooLarge(f"frame of {n} bytes exceeds the limit of {self.max_frame}")
 
-    def _start(self, n: int) -> None:
+    def _start(self, n: int) -> bytearray:
+        """Begin gathering a frame of ``n`` bytes; returns its (empty) buffer."""
         self._check(n)
-        self._body = bytearray()
+        body = self._body = bytearray()
         self._need = n
+        return body
 
 
 class BlobCache:
@@ -112,9 +114,9 @@ class BlobCache:
     SIZE = 8
 
     def __init__(self) -> None:
-        self._blobs: dict[tuple, bytes] = {}
+        self._blobs: dict[tuple[Any, ...], bytes] = {}
 
-    def encode(self, entries: list) -> bytes:
+    def encode(self, entries: list[Any]) -> bytes:
         first, last = entries[0], entries[-1]
         key = (first.index, first.term, last.index, last.term)
         blob = self._blobs.get(key)
@@ -126,8 +128,8 @@ class BlobCache:
         return blob
 
 
-def encode_messages(messages: Sequence, blobs: BlobCache | None = None) -> bytes:
-    parts = []
+def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None) -> bytes:
+    parts: list[bytes] = []
     append = parts.append
     pack = _U32.pack
     for m in messages:
@@ -152,7 +154,7 @@ def encode_messages(messages: Sequence, blobs: BlobCache | None = None) -> bytes
     return b"".join(parts)
 
 
-def decode_messages(buf) -> list:
+def decode_messages(buf: bytes | bytearray | memoryview) -> list[Any]:
     view = memoryview(buf)
     size = len(view)
     pos = 0

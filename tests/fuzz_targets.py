@@ -40,8 +40,14 @@ from fastraft.messages import (
     SnapshotMeta,
     TimeoutNow,
 )
-from fastraft.transport.link import (PROTOCOL_VERSION, ClientHello, ServerHello, Welcome,
-                                     _encoder as _hello_encoder, decode_hello)
+from fastraft.transport.link import (
+    PROTOCOL_VERSION,
+    ClientHello,
+    ServerHello,
+    Welcome,
+    decode_hello,
+)
+from fastraft.transport.link import _encoder as _hello_encoder
 from fastraft.wire import FrameReader, FrameTooLarge, decode_messages, encode_messages
 
 try:
@@ -113,6 +119,7 @@ class _Disk:
 
     def __init__(self) -> None:
         import asyncio
+
         from fastraft.filestorage import FileStorage
 
         self.template = tempfile.mkdtemp(prefix="fastraft-fuzz-")

@@ -85,6 +85,6 @@ class Network:
         self.cuts.clear()
 
     def close(self) -> None:
-        for i, ns in self.namespaces.items():
+        for ns in self.namespaces.values():
             _ip("netns", "del", ns, check=False)  # takes its end of the veth pair along
         _ip("link", "del", self.bridge, check=False)

@@ -6,8 +6,14 @@ import struct
 
 import msgspec
 
-from fastraft.transport.link import (PROTOCOL_VERSION, ClientHello, Credentials,
-                                     ServerHello, Welcome, decode_hello)
+from fastraft.transport.link import (
+    PROTOCOL_VERSION,
+    ClientHello,
+    Credentials,
+    ServerHello,
+    Welcome,
+    decode_hello,
+)
 from fastraft.wire import encode_messages
 
 _enc = msgspec.msgpack.Encoder()

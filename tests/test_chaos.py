@@ -21,8 +21,6 @@ import random
 import time
 import warnings
 
-import pytest
-
 from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.processes import ProcessCluster
 from fastraft.testing.linearizability import History, check
@@ -334,7 +332,7 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
     if reason is None:
         network = netns.Network(list(range(1, NODES + 1)))
     else:
-        warnings.warn(f"chaos without partitions: {reason}")
+        warnings.warn(f"chaos without partitions: {reason}", stacklevel=1)
     # The seed also picks the configuration: lease reads (paused leaders must not serve
     # stale reads), snapshots every 300 entries (installed on nodes that fell behind).
     leases, snapshots = seed % 2 == 1, seed // 2 % 2 == 1
@@ -378,7 +376,8 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
         summary = {"seconds": round(time.monotonic() - started, 1), "seed": seed,
                    "partitions": network is not None, "options": options, "nemesis_rounds": rounds,
                    "faults": nemesis.faults, "operations": len(workload.history.operations),
-                   **workload.stats, "errors": workload.errors, "acknowledged_unique": len(workload.acked_unique),
+                   **workload.stats, "errors": workload.errors,
+                   "acknowledged_unique": len(workload.acked_unique),
                    "applied": applied, "checker_seconds": round(checker_seconds, 2)}
         (tmp_path / "chaos-summary.json").write_text(json.dumps(summary, indent=1))
         print("chaos:", json.dumps(summary))

@@ -43,3 +43,78 @@ def test_help_is_plain_text_and_names_every_command():
     assert done.returncode == 0 and "``" not in done.stdout
     for command in ("demo", "node", "status", "bench"):
         assert command in done.stdout
+
+
+def _node_on(data_dir, *more):
+    return subprocess.run([sys.executable, "-m", "fastraft", *NODE, "--id", "1", "--cluster",
+                           "1=127.0.0.1:2", "--data-dir", str(data_dir), *more],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_line(done, says):
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert says in done.stderr
+
+
+def test_a_data_dir_in_use_or_corrupt_is_one_line(tmp_path):
+    import asyncio
+
+    from fastraft.filestorage import FileStorage
+    from fastraft.messages import Entry, EntryKind
+
+    held = FileStorage(str(tmp_path / "held"))
+    try:
+        _one_line(_node_on(tmp_path / "held"), "is in use by another process")
+    finally:
+        held.close()
+
+    async def write():
+        fs = FileStorage(str(tmp_path / "bad"))
+        fs.save_identity(1, "fastraft")
+        await fs.append_entries([Entry(index=i, term=1, kind=EntryKind.NORMAL, data=b"x" * 100)
+                                 for i in range(1, 100)])
+        fs.commit_advanced(99)
+        fs.close()
+    asyncio.run(write())
+    segment = next((tmp_path / "bad").glob("log-*.seg"))
+    damaged = bytearray(segment.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    segment.write_bytes(bytes(damaged))
+    _one_line(_node_on(tmp_path / "bad"), "fails its checksum")
+
+
+def test_status_against_a_port_that_is_not_fastraft_says_so():
+    import socket
+    import threading
+
+    banner = socket.create_server(("127.0.0.1", 0))
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve(sock, greeting):
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        accepted.append(conn)
+        if greeting:
+            conn.sendall(greeting)
+    threading.Thread(target=serve, args=(banner, b"SSH-2.0-OpenSSH_9.6\r\n"), daemon=True).start()
+    threading.Thread(target=serve, args=(silent, b""), daemon=True).start()
+    try:
+        for sock, says in ((banner, "does not answer as a fastraft client port"),
+                           (silent, "handshake within")):
+            address = f"127.0.0.1:{sock.getsockname()[1]}"
+            done = subprocess.run([sys.executable, "-m", "fastraft", "status", "--cluster",
+                                   address], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert "unreachable" in done.stdout and says in done.stdout, done.stdout
+        done = subprocess.run([sys.executable, "-m", "fastraft", "status", "--address",
+                               f"127.0.0.1:{banner.getsockname()[1]}"],
+                              capture_output=True, text=True, timeout=60)
+        _one_line(done, "does not answer as a fastraft client port")
+    finally:
+        for s in [banner, silent, *accepted]:
+            s.close()

@@ -149,7 +149,7 @@ async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_wr
             leader = await find_leader(clients)
             victim = rng.choice(sorted(cluster.ids))
             await write_until_killed(clients[leader], acked, sent, f"k{round_}-",
-                                     lambda: cluster.kill(victim))
+                                     lambda victim=victim: cluster.kill(victim))
             clients.pop(victim).close()
             for n in range(100):  # written while the victim is down: it falls behind
                 key = f"d{round_}-{n}"

@@ -6,11 +6,11 @@ from fastraft.errors import MembershipChangeInProgress, NotLeader
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    Entry,
     EntryKind,
+    Membership,
     ReadIndexRequest,
     ReadIndexResponse,
-    Entry,
-    Membership,
     RequestVoteResponse,
     decode_membership,
     encode_membership,

@@ -7,7 +7,7 @@ import struct
 import msgspec
 import pytest
 
-from fastraft import kv
+from fastraft import _py, kernels, kv
 from fastraft.config import Config
 from fastraft.messages import (
     AppendEntries,
@@ -18,12 +18,11 @@ from fastraft.messages import (
     TimeoutNow,
 )
 from fastraft.testing import NO_FAULTS, Faults, LocalCluster, Simulator, wait_until
+from fastraft.transport.link import decode_hello
 from fastraft.wire import decode_messages, encode_messages
-from fastraft import _py, kernels
 
 from aio import run
 from rawpeer import connect, frame, no_tracebacks, read_frame, send_messages
-from fastraft.transport.link import decode_hello
 
 SECRET = b"hostile-test-secret-0123456789"
 #: Elections only when a leader really fails: an attack must not be confused with a
@@ -74,7 +73,7 @@ async def test_strangers_change_nothing_anywhere(caplog):
         await leader.propose(kv.put("a", b"1"))
         before = snapshot_of(c)
         with caplog.at_level(logging.WARNING):
-            for name, messages in forged(c, leader, 99).items():
+            for messages in forged(c, leader, 99).values():
                 for i in c.nodes:
                     await send_messages(port(c, i), 99, messages)
         await still_healthy(c, before)

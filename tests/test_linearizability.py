@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from fastraft.testing.linearizability import FOREVER, History, Operation, check, \
-    check_operations
+from fastraft.testing.linearizability import FOREVER, History, Operation, check, check_operations
 
 
 def history(*ops):

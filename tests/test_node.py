@@ -151,7 +151,7 @@ async def test_read_index_is_linearizable_from_any_node():
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
         leader = await c.leader()
         for node in c.nodes.values():
-            await wait_until(lambda: node.engine.leader_id == leader.id)
+            await wait_until(lambda node=node: node.engine.leader_id == leader.id)
         for k in range(20):
             version = await leader.propose(kv.put("x", b"%d" % k))
             for node in c.nodes.values():

@@ -3,11 +3,14 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import http_get
 
 from fastraft.kvservice import ClientError, KVClient, find_leader
-from fastraft.processes import ProcessCluster
+from fastraft.processes import ProcessCluster, free_ports
 
 from aio import run, until_applied
 
@@ -44,7 +47,7 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     for k in range(200):
         acked[f"b{k}"] = await clients[new].put(f"b{k}", b"B%d" % k)
     # reads from any node (a follower forwards to the leader) see every acknowledged write
-    for i, c in clients.items():
+    for c in clients.values():
         for key in ("a199", "b199", "a0"):
             resp = await c.request("get", key)
             assert resp.version == acked[key] and resp.value[:1] == key[:1].upper().encode()
@@ -149,10 +152,12 @@ def test_cluster_status_table_and_kv_commands(cluster):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT",
-                                "APPLIED", "LAG"]
+                                "APPLIED", "LAG", "LAST", "CONTACT"]
     rows = {int(line.split()[0]): line.split() for line in lines[1:]}
     assert sorted(rows) == cluster.ids and rows[leader][2] == "leader"
     assert all(row[4] == str(leader) for row in rows.values())
+    assert rows[leader][8] == "-"
+    assert all(row[8].endswith("ms") for i, row in rows.items() if i != leader)
     out = fastraft_cli("status", "--cluster", everyone, "--json")
     assert [r["id"] for r in json.loads(out.stdout)] == cluster.ids
     dead = "127.0.0.1:1"
@@ -167,6 +172,12 @@ def test_cluster_status_table_and_kv_commands(cluster):
     assert put.returncode == 0 and put.stdout.startswith("version "), put.stderr
     got = fastraft_cli("kv", "get", "greeting", "--address", follower_first)
     assert got.returncode == 0 and got.stdout == "hello\n", got.stderr
+    # one follower's address alone: its not-leader reply names the leader's client port
+    follower = next(i for i in cluster.ids if i != leader)
+    put = fastraft_cli("kv", "put", "greeting", "hi", "--address", cluster.client[follower])
+    assert put.returncode == 0 and put.stdout.startswith("version "), put.stderr
+    got = fastraft_cli("kv", "get", "greeting", "--address", cluster.client[follower])
+    assert got.returncode == 0 and got.stdout == "hi\n", got.stderr
     assert fastraft_cli("kv", "del", "greeting", "--address", everyone).returncode == 0
     gone = fastraft_cli("kv", "get", "greeting", "--address", everyone)
     assert gone.returncode == 1 and "is not set" in gone.stderr
@@ -174,6 +185,61 @@ def test_cluster_status_table_and_kv_commands(cluster):
     assert bad.returncode == 2 and "kv put takes KEY VALUE" in bad.stderr
     nobody = fastraft_cli("kv", "get", "k", "--address", dead)
     assert nobody.returncode == 2 and "no leader among" in nobody.stderr
+
+
+def test_node_serves_metrics_and_health_and_logs_json(tmp_path):
+    """``fastraft node --metrics HOST:PORT --log-format json``: Prometheus text and
+    /health over HTTP from every node of a running cluster; events as JSON lines."""
+    c = ProcessCluster(3, str(tmp_path), extra_args=["--log-format", "json",
+                                                     "--log-level", "INFO"])
+    taken = {int(a.rsplit(":", 1)[1]) for a in [*c.raft.values(), *c.client.values()]}
+    while True:  # the cluster's ports are not bound yet: the kernel may offer them again
+        ports = dict(zip(c.ids, free_ports(3)))
+        if not taken & set(ports.values()):
+            break
+    for i in c.ids:
+        c.start(i, ["--metrics", f"127.0.0.1:{ports[i]}"])
+    try:
+        leader = asyncio.run(leader_of(c))
+        assert fastraft_cli("kv", "put", "k", "v", "--address", c.client[leader]).returncode == 0
+
+        def scrape(i):
+            status, text = http_get(f"http://127.0.0.1:{ports[i]}/metrics")
+            assert status == 200
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for f in text_string_to_metric_families(text) for s in f.samples}
+        for i in c.ids:
+            node = ("node", str(i))
+            deadline = time.monotonic() + 20
+            while True:  # a follower learns the commit on the next heartbeat
+                samples = scrape(i)
+                if samples[("fastraft_applied_index", (node,))] >= 2 or \
+                        time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert samples[("fastraft_applied_index", (node,))] >= 2
+            assert samples[("fastraft_leader_id", (node,))] == leader
+            assert samples[("fastraft_role", (node, ("role", "leader")))] == (i == leader)
+            assert samples[("fastraft_network_bytes_total", (("direction", "in"), node))] > 0
+            assert http_get(f"http://127.0.0.1:{ports[i]}/health") == (200, "ok\n")
+        # alone, a node has no leader: /health says so with 503
+        survivor = next(i for i in c.ids if i != leader)
+        for i in c.ids:
+            if i != survivor:
+                c.kill(i)
+        deadline = time.monotonic() + 20
+        while (health := http_get(f"http://127.0.0.1:{ports[survivor]}/health"))[0] == 200 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health[0] == 503 and health[1].startswith("no leader known"), health
+    finally:
+        c.stop_all()
+    events = [json.loads(line) for i in c.ids for line in c.log(i).splitlines()
+              if line.startswith("{")]
+    roles = [e for e in events if e.get("event") == "role"]
+    assert any(e["role"] == "leader" and e["node"] == leader for e in roles)
+    assert all({"time", "level", "logger", "message", "term"} <= set(e) for e in roles)
+    assert any(e.get("event") == "membership" and e["voters"] == c.ids for e in events)
 
 
 def test_demo_runs_and_loses_nothing():

@@ -216,7 +216,7 @@ def test_damage_in_any_field_of_any_sampled_record_is_refused(tmp_path):
     rng = random.Random(15)
     for start in [offsets[0], offsets[-1]] + rng.sample(offsets[1:-1], 3):
         end = start + HEAD + struct.unpack_from("<I", data, start + 4)[0]
-        for field, (lo, hi) in list(fields.items()) + [("payload", (HEAD, end - start))]:
+        for lo, hi in list(fields.values()) + [(HEAD, end - start)]:
             for _ in range(3):
                 at = start + rng.randrange(lo, hi)
                 damaged = bytearray(data)
@@ -400,6 +400,7 @@ def _writer_on(storage, engine_commit_index=0):
     import asyncio
     from types import SimpleNamespace
 
+    from fastraft.node.metrics import Recorder
     from fastraft.node.writer import LogWriter
     engine = SimpleNamespace(commit_index=engine_commit_index,
                              log_persisted=lambda index, term: None,
@@ -407,6 +408,7 @@ def _writer_on(storage, engine_commit_index=0):
     failures = []
     node = SimpleNamespace(engine=engine, _loop=asyncio.get_running_loop(), _running=True,
                            _runner=SimpleNamespace(run=lambda commands: None),
+                           _recorder=Recorder(),
                            _fail_node=lambda what: failures.append(sys.exc_info()[1]))
     writer = LogWriter(node)
     writer.failures = failures

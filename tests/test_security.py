@@ -11,8 +11,7 @@ import pytest
 from fastraft.errors import ConfigError
 from fastraft.messages import RequestVote
 from fastraft.testing import wait_until
-from fastraft.transport.link import (PROTOCOL_VERSION, ServerHello, Welcome,
-                                     decode_hello)
+from fastraft.transport.link import PROTOCOL_VERSION, ServerHello, Welcome, decode_hello
 from fastraft.transport.tcp import TcpNetwork
 from fastraft.wire import encode_messages
 

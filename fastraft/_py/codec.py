@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Any, cast
 
 from fastraft.errors import DecodeError
 from fastraft.messages import Entry, EntryBatch
@@ -36,7 +37,7 @@ def encode_entries(entries: Sequence[Entry]) -> bytes:
     return b"".join(parts)
 
 
-def decode_entries(buf) -> EntryBatch:
+def decode_entries(buf: bytes | bytearray | memoryview) -> EntryBatch:
     """Decode a frame; payloads of ``VIEW_THRESHOLD`` bytes or more are memoryview slices
     of ``buf`` (no copy), smaller ones ``bytes``.
 
@@ -60,17 +61,20 @@ def decode_entries(buf) -> EntryBatch:
         term, index, kind, length = unpack(view, pos)
         pos += _HEAD_SIZE
         if kind > _MAX_KIND:
-            raise DecodeError(f"entry batch has unknown entry kind {kind} at offset {pos - _HEAD_SIZE}")
+            raise DecodeError(f"entry batch has unknown entry kind {kind} at offset "
+                              f"{pos - _HEAD_SIZE}")
         if term > _MAX_TERM or index > _MAX_TERM:
-            raise DecodeError(f"entry batch has an out-of-range term or index at offset {pos - _HEAD_SIZE}")
+            raise DecodeError("entry batch has an out-of-range term or index at offset "
+                              f"{pos - _HEAD_SIZE}")
         if i and (index != next_index or term < last_term):
             raise DecodeError(f"entry batch is not consecutive at offset {pos - _HEAD_SIZE}")
         last_term, next_index = term, index + 1
         end = pos + length
         if end > size:
             raise DecodeError(f"entry payload at offset {pos} runs past the end of the batch")
-        out.append(Entry(term, index, kind,
-                         view[pos:end] if length >= VIEW_THRESHOLD else bytes(view[pos:end])))
+        # a large payload stays a view of the frame (bytes-like; Entry.data documents it)
+        data = view[pos:end] if length >= VIEW_THRESHOLD else bytes(view[pos:end])
+        out.append(Entry(term, index, kind, cast(bytes, data)))
         pos = end
     if pos != size:
         raise DecodeError(f"entry batch has {size - pos} trailing bytes")
@@ -105,7 +109,8 @@ def count_within_bytes(entries: Sequence[Entry], budget: int) -> int:
     return n
 
 
-def set_results(futures, fstart: int, results, rstart: int, count: int) -> None:
+def set_results(futures: list[Any], fstart: int, results: Sequence[Any], rstart: int,
+                count: int) -> None:
     """``futures[fstart + k].set_result(results[rstart + k])`` for k < count, skipping
     futures already done (cancelled by their caller)."""
     for k in range(count):
@@ -129,7 +134,8 @@ def entries_follow(entries: Sequence[Entry], prev_index: int, prev_term: int,
     return -1
 
 
-def make_entries(term: int, first_index: int, kind: int, datas: Sequence) -> list[Entry]:
+def make_entries(term: int, first_index: int, kind: int,
+                 datas: Sequence[bytes]) -> list[Entry]:
     """Entries ``first_index, first_index + 1, ...`` of ``term`` and ``kind``, one per data."""
     return [Entry(term, i, kind, d) for i, d in enumerate(datas, first_index)]
 

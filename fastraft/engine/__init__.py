@@ -20,8 +20,9 @@ from fastraft.engine.commands import (
     TruncateLog,
     requires_durability,
 )
-from fastraft.engine.core import Engine, InitialState, MembershipChangeInProgress
+from fastraft.engine.core import Engine, InitialState
 from fastraft.engine.progress import Progress, ProgressState
+from fastraft.errors import MembershipChangeInProgress
 
 __all__ = [
     "Engine", "InitialState", "MembershipChangeInProgress", "Progress", "ProgressState",

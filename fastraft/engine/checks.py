@@ -6,7 +6,8 @@ returns why the message is refused, or None. Two kinds of refusal:
 - from a *stranger*: an id in no configuration this node knows (the one in force and the
   earlier ones still in its log). Such a node may still lead this one, which is then
   behind a membership change: its AppendEntries and snapshots are accepted once no live
-  leader is known (no leader heard from for election_timeout_min), never while one is; once followed, that leader is heard like a member.
+  leader is known (no leader heard from for election_timeout_min), never while one is;
+  once followed, that leader is heard like a member.
   A node with no configuration yet (started empty, to be added as a learner) accepts the
   leader that contacts it.
 - *malformed*: out-of-range numbers (a term or index above ``MAX_TERM``), a sender that
@@ -20,7 +21,7 @@ bounds. These checks keep outsiders out and make garbled input harmless (docs/se
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastraft import kernels
 from fastraft.engine.commands import Role
@@ -41,7 +42,7 @@ STRANGER = "stranger"
 MALFORMED = "malformed"
 
 
-def refusal(engine: Engine, frm: int, m) -> tuple[str, str] | None:
+def refusal(engine: Engine, frm: int, m: Any) -> tuple[str, str] | None:
     """(kind, reason) if ``m`` from ``frm`` must be dropped unread, else None."""
     t = type(m)
     known = engine.known_ids

@@ -1,10 +1,11 @@
 """What the engine asks its driver to do. Plain values; the driver runs them in order.
 
 Ordering contract: every persistence command (``PersistHardState``, ``TruncateLog``,
-``AppendLog``, ``CompactLog``) is applied in order. A ``Send`` whose message ``requires_durability`` is
-released only after every persistence command emitted before it is durable (votes and
-acknowledgements promise what is on disk, Figure 2); other sends go out at once (a leader
-may replicate before its own append is durable, thesis §10.2.1).
+``AppendLog``, ``CompactLog``) is applied in order. A ``Send`` whose message
+``requires_durability`` is released only after every persistence command emitted before
+it is durable (votes and acknowledgements promise what is on disk, Figure 2); other sends
+go out at once (a leader may replicate before its own append is durable, thesis
+§10.2.1).
 """
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ class ReadFailed(msgspec.Struct, gc=False):
 
 
 Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
-           | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer | RoleChanged | ReadReady
-           | ReadFailed)
+           | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer
+           | RoleChanged | ReadReady | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)

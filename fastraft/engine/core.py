@@ -13,7 +13,8 @@ the random source is injected, so a seed replays a run exactly.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -25,6 +26,7 @@ from fastraft.engine.commands import (
     Apply,
     ApplyStored,
     CancelTimer,
+    Command,
     CompactLog,
     PersistHardState,
     ReadFailed,
@@ -57,6 +59,7 @@ from fastraft.messages import (
     InstallSnapshot,
     InstallSnapshotResponse,
     Membership,
+    Message,
     ReadIndexRequest,
     ReadIndexResponse,
     RequestVote,
@@ -169,7 +172,7 @@ class Engine:
         self._transfer_rounds = 0
         self._timeout_now_sent = False
 
-        self._out: list = []
+        self._out: list[Command] = []
         self._broadcast = False
         self._commit_timer_armed = False
         self._heartbeat_needed = False
@@ -190,13 +193,13 @@ class Engine:
                                 self.log.snapshot_index)
         self._trim_cache()
 
-    def start(self) -> list:
+    def start(self) -> list[Command]:
         """Commands to run once at start-up: re-apply committed entries, arm the timer."""
         self._emit_apply()
         self._arm_election_timer()
         return self.take_commands()
 
-    def take_commands(self) -> list:
+    def take_commands(self) -> list[Command]:
         """Flush pending replication, then hand over every command emitted so far."""
         if self.role == Role.LEADER:
             if self._broadcast:
@@ -455,7 +458,7 @@ class Engine:
                 for peer, pr in self.progress.items():
                     self._replicate(peer, pr, commit_only=True)
 
-    def step(self, frm: int, m) -> str | None:
+    def step(self, frm: int, m: Any) -> str | None:
         """Handle message ``m`` from node ``frm``: checks first (``checks.refusal``),
         then terms (§5.1), then by role. Returns why ``m`` was refused, or None."""
         refused = refusal(self, frm, m)
@@ -468,7 +471,7 @@ class Engine:
                     and (self.leader_alive or self.role == Role.LEADER):
                 # A leader is alive (check-quorum would depose it otherwise): a node that
                 # merely lost contact must not disrupt the cluster (thesis §4.2.3).
-                return
+                return None
             if t is RequestVote and m.pre_vote:
                 pass  # a pre-vote never changes our term (thesis §9.6)
             elif t is RequestVoteResponse and m.pre_vote and m.vote_granted:
@@ -482,7 +485,7 @@ class Engine:
                 self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index))
             elif t is RequestVote:
                 self._send(frm, RequestVoteResponse(self.term, False, m.pre_vote))
-            return
+            return None
         handler = _HANDLERS.get(t)
         if handler is not None:
             handler(self, frm, m)
@@ -493,7 +496,7 @@ class Engine:
         return NotLeader(leader, self.membership.addresses.get(leader) if leader is not None
                          else None)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         return {
             "id": self.id, "role": self.role.name.lower(), "term": self.term,
             "leader_id": self.leader_id, "commit_index": self.commit_index,
@@ -692,6 +695,7 @@ class Engine:
         prev = pr.next_index - 1
         if prev < self.log.snapshot_index:
             # The entries it needs are compacted: only a snapshot can catch it up (§7).
+            assert self._snapshot is not None  # the log was compacted behind one
             pr.become_snapshot(self._snapshot, self._snapshot_size)
             self._send_snapshot_chunk(peer, pr)
             return
@@ -729,6 +733,7 @@ class Engine:
 
     def _send_snapshot_chunk(self, peer: int, pr: Progress) -> None:
         meta = pr.snapshot_meta
+        assert meta is not None  # the peer is in the snapshot state
         offset = pr.snapshot_offset
         length = min(self.config.snapshot_chunk_bytes, pr.snapshot_size - offset)
         done = offset + length >= pr.snapshot_size
@@ -1089,7 +1094,7 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _send(self, to: int, message) -> None:
+    def _send(self, to: int, message: Message) -> None:
         self._out.append(Send(to, message))
 
     def _persist_hard_state(self) -> None:
@@ -1101,7 +1106,7 @@ class Engine:
         self._out.append(SetTimer(Timer.ELECTION, lo + (hi - lo) * self.rng.random()))
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Callable[[Engine, int, Any], None]] = {
     AppendEntries: Engine._on_append_entries,
     InstallSnapshot: Engine._on_install_snapshot,
     InstallSnapshotResponse: Engine._on_snapshot_response,

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import deque
 from enum import IntEnum
 
+from fastraft.messages import SnapshotMeta
+
 
 class ProgressState(IntEnum):
     #: Next index unknown: one AppendEntries at a time until one succeeds.
@@ -16,7 +18,8 @@ class ProgressState(IntEnum):
 
 class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
-                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent", "snapshot_index",
+                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent",
+                 "snapshot_index",
                  "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
                  "inflight_bytes", "inflight_total", "reading_from", "read_rounds")
 
@@ -50,7 +53,7 @@ class Progress:
         #: chunk in flight (probe_sent) or to send next.
         self.snapshot_index = 0
         self.snapshot_offset = 0
-        self.snapshot_meta = None
+        self.snapshot_meta: SnapshotMeta | None = None
         self.snapshot_size = 0
         #: SNAPSHOT only: a chunk was answered since the last heartbeat; without that, the
         #: chunk in flight is taken as lost and sent again.
@@ -72,7 +75,7 @@ class Progress:
         self.probe_sent = False
         self._clear_inflight()
 
-    def become_snapshot(self, meta, size: int) -> None:
+    def become_snapshot(self, meta: SnapshotMeta, size: int) -> None:
         self.state = ProgressState.SNAPSHOT
         self.snapshot_meta = meta
         self.snapshot_size = size
@@ -115,6 +118,6 @@ class Progress:
             self.inflight_total -= self.inflight_bytes.popleft()
         return True
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return {"match_index": self.match_index, "next_index": self.next_index,
                 "state": self.state.name.lower(), "inflight": len(self.inflight)}

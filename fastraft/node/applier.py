@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -25,6 +27,7 @@ from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
 
+log = logging.getLogger("fastraft.node")
 _NORMAL = EntryKind.NORMAL
 #: Most entries handed to the state machine in one call; the task yields to the event
 #: loop between calls, so a backlog never holds off heartbeats and votes for long.
@@ -37,7 +40,7 @@ class Restore:
 
     __slots__ = ("meta", "spool", "saved")
 
-    def __init__(self, meta: SnapshotMeta, spool: BinaryIO, saved: asyncio.Future) -> None:
+    def __init__(self, meta: SnapshotMeta, spool: BinaryIO, saved: asyncio.Future[Any]) -> None:
         self.meta = meta
         self.spool = spool
         self.saved = saved
@@ -49,9 +52,9 @@ _SNAPSHOT_DUE = object()  # queue item: take a snapshot if the policy says so
 class Applier:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
-        self.queue: deque = deque()
+        self.queue: deque[Any] = deque()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[Any] | None = None
         #: Working on an item (possibly awaiting): no inline apply now.
         self._busy = False
         #: Highest index the state machine has applied.
@@ -77,7 +80,7 @@ class Applier:
             if type(item) is Restore:
                 item.spool.close()
 
-    def enqueue(self, item) -> None:
+    def enqueue(self, item: object) -> None:
         """Committed entries (a list), a ``Restore``, or a future to answer with a
         snapshot taken at this point of the apply order."""
         self.queue.append(item)
@@ -93,7 +96,10 @@ class Applier:
         self._busy = True
         try:
             user = self._user_entries(entries)
-            self._applied(entries, user, self._sm_apply(user) if user else ())
+            started = time.monotonic()
+            results = self._sm_apply(user) if user else ()
+            self._timed(started, len(user))
+            self._applied(entries, user, results)
         except Exception:
             self._failed(entries)
             return
@@ -133,7 +139,7 @@ class Applier:
             finally:
                 self._busy = False
 
-    def _failed(self, entries) -> None:
+    def _failed(self, entries: object) -> None:
         user = self._user_entries(entries) if type(entries) is list else []
         if type(entries) is not list:
             where = f"a {type(entries).__name__}"
@@ -148,13 +154,21 @@ class Applier:
         return bool(interval) and \
             self.applied_index - self.node._writer.snapshot_index >= interval
 
-    async def _special(self, item) -> None:
+    async def _special(self, item: Any) -> None:
         if type(item) is Restore:
             try:
                 await item.saved
                 if item.meta.last_included_index > self.applied_index:
                     item.spool.seek(0)
+                    started = time.monotonic()
                     await self.restore(item.spool)
+                    took = time.monotonic() - started
+                    self.node._recorder.snapshot_install_seconds.observe(took)
+                    index = item.meta.last_included_index
+                    log.info("node %d: installed the leader's snapshot at %d in %.3fs",
+                             self.node.id, index, took,
+                             extra={"event": "snapshot_installed", "node": self.node.id,
+                                    "index": index, "seconds": took})
                     self.applied_index = item.meta.last_included_index
                     self._after_apply()
             finally:
@@ -188,6 +202,7 @@ class Applier:
         index = self.applied_index
         if index <= node._writer.snapshot_index:
             return node._writer.snapshot_index
+        started = time.monotonic()
         meta = node.engine.snapshot_meta(index)
         snapshot = node.state_machine.snapshot
         if inspect.iscoroutinefunction(snapshot):
@@ -202,7 +217,13 @@ class Applier:
         # state never competes with the loop for the GIL from another thread.
         copied = await self._drain(as_stream(data))
         node._runner.run([SaveSnapshot(meta, copied, installed=False, durable=durable)])
-        return await durable
+        saved: int = await durable
+        took = time.monotonic() - started
+        node._recorder.snapshot_save_seconds.observe(took)
+        log.info("node %d: snapshot at %d saved in %.3fs", node.id, saved, took,
+                 extra={"event": "snapshot", "node": node.id, "index": saved,
+                        "seconds": took})
+        return saved
 
     @staticmethod
     async def _drain(source: BinaryIO) -> BinaryIO:
@@ -239,10 +260,16 @@ class Applier:
         user = self._user_entries(entries)
         results: Sequence[Any] = ()
         if user:
-            results = self._sm_apply(user)
-            if self._sm_apply_async:
-                results = await results
+            started = time.monotonic()
+            returned: Any = self._sm_apply(user)
+            results = await returned if self._sm_apply_async else returned
+            self._timed(started, len(user))
         self._applied(entries, user, results)
+
+    def _timed(self, started: float, count: int) -> None:
+        recorder = self.node._recorder
+        recorder.apply_seconds.observe(time.monotonic() - started)
+        recorder.apply_batch_entries.observe(count)
 
     def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
         if len(results) != len(user):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastraft import kernels
 from fastraft.asyncutil import call_hook
@@ -20,6 +20,7 @@ from fastraft.engine import ReadLog
 from fastraft.errors import OffsetCompacted, StorageCorruption
 from fastraft.logutil import Throttle
 from fastraft.messages import Entry
+from fastraft.storage import StorageState
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
@@ -34,13 +35,14 @@ READ_BATCH_BYTES = 4 << 20
 class LogReader:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         #: ``ReadLog`` commands served (followers caught up from storage).
         self.reads = 0
 
     async def read(self, lo: int, hi: int, max_bytes: int = READ_BATCH_BYTES) -> list[Entry]:
         """Entries ``lo ..`` (at least one, at most ``hi - 1``) from storage."""
-        entries = await call_hook(self.node.storage.read_entries, lo, hi, max_bytes)
+        entries: list[Entry] = await call_hook(self.node.storage.read_entries, lo, hi,
+                                               max_bytes)
         if not entries or entries[0].index != lo or entries[-1].index >= hi:
             got = f"{entries[0].index}..{entries[-1].index}" if entries else "nothing"
             raise StorageCorruption(f"storage returned {got} when asked for entries "
@@ -114,7 +116,7 @@ class LogReader:
 
     async def first_index(self) -> int:
         """The first index the log still holds, in memory or in storage."""
-        state = await call_hook(self.node.storage.load_state)
+        state: StorageState = await call_hook(self.node.storage.load_state)
         return min(state.first_index, self.node.engine.log.snapshot_index + 1)
 
     async def follow(self, start: int, kind: int, max_entries: int = 4096,
@@ -128,8 +130,9 @@ class LogReader:
         while node._running:
             batch, nxt_after = await self.committed(nxt, kind, max_entries, max_bytes)
             if nxt_after == nxt:
-                await node._wait_progress(
-                    lambda: not node._running or applier.committed_index >= nxt)
+                def more(after: int = nxt) -> bool:
+                    return not node._running or applier.committed_index >= after
+                await node._wait_progress(more)
                 continue
             nxt = nxt_after
             if batch:

@@ -5,7 +5,7 @@ import asyncio
 import logging
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastraft.asyncutil import call_hook
@@ -27,6 +27,7 @@ from fastraft.messages import Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
 from fastraft.node.applier import Applier
 from fastraft.node.logreader import LogReader
+from fastraft.node.metrics import FollowerMetrics, Metrics, Recorder, by_name
 from fastraft.node.reads import Reads
 from fastraft.node.runner import CommandRunner, Timers
 from fastraft.node.transfer import SnapshotTransfer
@@ -34,7 +35,7 @@ from fastraft.node.writer import LogWriter
 from fastraft.proposals import ProposalTracker
 from fastraft.snapshots import stream_size
 from fastraft.statemachine import StateMachine
-from fastraft.storage import RaftStorage
+from fastraft.storage import RaftStorage, StorageState
 
 log = logging.getLogger("fastraft.node")
 _refusals = Throttle(log)
@@ -58,8 +59,11 @@ class RaftNode:
         self.state_machine = state_machine
         self.config = config or Config()
         self._rng = rng or random.Random()
-        self.engine: Engine | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        # Both are set by start() and used by every method but the few that report a node
+        # not started yet (status, metrics, health), which check for None: typing them
+        # as never None keeps a None check out of every hot path.
+        self.engine: Engine = None  # type: ignore[assignment]
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._running = False
         self._flush_scheduled = False
         #: Why the node stopped itself (a hook failed), or None.
@@ -86,6 +90,11 @@ class RaftNode:
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._leader_known = asyncio.Event()
+        self._recorder = Recorder()
+        self._role_seen = Role.FOLLOWER
+        self._leader_seen: int | None = None
+        #: Loop time a message last arrived from each peer ("last contact").
+        self._last_heard: dict[int, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,7 +148,7 @@ class RaftNode:
         await self.network.start(self)
         self._runner.run(self.engine.start())
 
-    async def _check_owner(self, storage, state) -> None:
+    async def _check_owner(self, storage: RaftStorage, state: StorageState) -> None:
         if state.node_id == 0:
             await call_hook(storage.save_identity, self.id, self.cluster_id)
         elif (state.node_id, state.cluster_id) != (self.id, self.cluster_id):
@@ -167,7 +176,8 @@ class RaftNode:
         self._transfer.close()
         self._capacity.set()
         self._notify_progress()
-        self._stopped.set()
+        if self._stopped is not None:
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook
@@ -182,7 +192,7 @@ class RaftNode:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     @property
@@ -278,7 +288,7 @@ class RaftNode:
         """Wait until a leader is known; returns its id. Raises ``TimeoutError``."""
         self._check_running()
 
-        async def known():
+        async def known() -> int:
             while self.engine.leader_id is None:
                 self._leader_known.clear()
                 await self._leader_known.wait()
@@ -298,7 +308,7 @@ class RaftNode:
         index the snapshot covers once it is durable. Also happens every
         ``Config.snapshot_interval`` entries."""
         self._check_running()
-        done = self._loop.create_future()
+        done: asyncio.Future[int] = self._loop.create_future()
         self._applier.enqueue(done)  # taken in the apply task, between two batches
         return await done
 
@@ -320,13 +330,13 @@ class RaftNode:
         ``CatchUpTimeout``. Voters left out are removed; a leader left out steps down once
         C_new commits. Raises ``MembershipChangeInProgress`` if a change is under way."""
         engine = await self._settled_leader(timeout)
-        voters = frozenset(voters)
+        wanted = frozenset(voters)
         m = engine.membership
-        strangers = voters - m.voters - m.learners
+        strangers = wanted - m.voters - m.learners
         if strangers:
             raise ValueError(f"nodes {sorted(strangers)} are not members: add them with "
                              "add_learner() first so they catch up before they vote")
-        newcomers = voters - m.voters
+        newcomers = wanted - m.voters
         deadline = self._loop.time() + timeout
 
         def caught_up() -> bool:
@@ -346,7 +356,7 @@ class RaftNode:
                 await asyncio.wait_for(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
-        index = self._leader_engine().propose_membership(voters, m.learners - voters)
+        index = self._leader_engine().propose_membership(wanted, m.learners - wanted)
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
 
@@ -391,7 +401,7 @@ class RaftNode:
         finally:
             self._progress_waiters -= 1
 
-    async def _wait_progress(self, predicate) -> None:
+    async def _wait_progress(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
             await self._progress_wait()
 
@@ -414,7 +424,7 @@ class RaftNode:
         await asyncio.wait_for(self._wait_progress(complete), timeout)
         self._check_running()
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """Role, term, leader, commit/applied index, membership, per-peer progress."""
         if self.engine is None:
             return {"id": self.id, "role": "stopped"}
@@ -423,7 +433,97 @@ class RaftNode:
         s["running"] = self._running
         s["refused"] = dict(self.engine.refused)
         s["leader_address"] = self.engine.membership.addresses.get(s["leader_id"])
+        s["last_contact"] = self._leader_contact()
         return s
+
+    def metrics(self) -> Metrics:
+        """The node's state and counters now (``docs/operations.md`` lists them); cheap
+        enough to call often. ``fastraft.metrics`` serves them to Prometheus."""
+        e = self.engine
+        r = self._recorder
+        now = self._loop.time() if self._loop is not None else 0.0
+        heard = self._last_heard
+        followers: dict[int, FollowerMetrics] = {}
+        last_contact: float | None = None
+        if e is None:
+            role, term, leader, commit, last, snap = "stopped", 0, None, 0, 0, 0
+            voters: tuple[int, ...] = ()
+            learners: tuple[int, ...] = ()
+            refused: dict[str, int] = {}
+        else:
+            role, term, leader = e.role.name.lower(), e.term, e.leader_id
+            commit, last, snap = e.commit_index, e.log.last_index, e.log.snapshot_index
+            voters, learners = tuple(sorted(e.membership.voters)), \
+                tuple(sorted(e.membership.learners))
+            refused = dict(e.refused)
+            last_contact = self._leader_contact()
+            if e.role == Role.LEADER:
+                for peer, pr in e.progress.items():
+                    if peer == self.id:
+                        continue
+                    seen = heard.get(peer)
+                    followers[peer] = FollowerMetrics(
+                        pr.match_index, last - pr.match_index, pr.state.name.lower(),
+                        None if seen is None else now - seen)
+        if not self._running and e is not None:
+            role = "stopped"
+        stats = getattr(self.network, "stats", None) or {}
+        return Metrics(
+            self.id, self._running, role, term, leader, commit, self.applied_index, last,
+            snap, voters, learners, last_contact, followers, r.proposals_accepted,
+            r.proposals_dropped, r.proposals_overloaded, r.elections_started,
+            r.elections_won, r.leader_changes, by_name(r.messages_in),
+            by_name(r.messages_out), stats.get("bytes_in", 0), stats.get("bytes_out", 0),
+            refused, r.commit_seconds.value(), r.apply_batch_entries.value(),
+            r.apply_seconds.value(), r.log_write_seconds.value(),
+            r.log_write_entries.value(), r.snapshot_save_seconds.value(),
+            r.snapshot_install_seconds.value())
+
+    async def watch_metrics(self, interval: float = 0.1) -> AsyncIterator[Metrics]:
+        """``metrics()`` now, then again whenever the role, term, leader, an index or the
+        membership changed, checked on every apply and at least every ``interval``
+        seconds. Ends after the value that shows the node stopped."""
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval!r}")
+        m = self.metrics()
+        yield m
+        seen = m.state
+        while self._running:
+            try:
+                await asyncio.wait_for(self._progress_wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            m = self.metrics()
+            if m.state != seen:
+                seen = m.state
+                yield m
+        if seen[0]:  # the last value yielded still said running
+            yield self.metrics()
+
+    def _leader_contact(self) -> float | None:
+        """Seconds since this node last heard from its leader: 0 on the leader, None
+        with no leader known or none heard from yet."""
+        e = self.engine
+        if e is None or e.leader_id is None:
+            return None
+        if e.role == Role.LEADER:
+            return 0.0
+        seen = self._last_heard.get(e.leader_id)
+        return None if seen is None else self._loop.time() - seen
+
+    def health(self, max_apply_lag: int = 1000) -> str | None:
+        """Why this node is unhealthy, or None: healthy means running, a leader known (or
+        being it), and the applied index within ``max_apply_lag`` of the commit index."""
+        e = self.engine
+        if not self._running or e is None:
+            return "node is not running"
+        if e.leader_id is None:
+            return f"no leader known in term {e.term}"
+        behind = e.commit_index - self.applied_index
+        if behind > max_apply_lag:
+            return (f"applied index {self.applied_index} is {behind} entries behind the "
+                    f"commit index {e.commit_index} (bound {max_apply_lag})")
+        return None
 
     @property
     def is_leader(self) -> bool:
@@ -431,15 +531,19 @@ class RaftNode:
 
     # ------------------------------------------------------------------ inbound
 
-    def receive(self, from_id: int, messages: list) -> None:
+    def receive(self, from_id: int, messages: list[Any]) -> None:
         """Deliver messages from node ``from_id`` (called by the network). A message the
         engine refuses (a stranger's, or malformed: ``engine.checks``) is dropped, counted
         in ``status()["refused"]`` and logged in one line; the others are handled."""
         if not self._running:
             return
         step = self.engine.step
+        self._last_heard[from_id] = self._loop.time()
+        counts = self._recorder.messages_in
         try:
             for m in messages:
+                t = type(m)
+                counts[t] = counts.get(t, 0) + 1
                 try:
                     refused = step(from_id, m)
                 except Exception:  # a bug, not bad input (that is refused): say where
@@ -448,7 +552,10 @@ class RaftNode:
                     continue
                 if refused is not None:
                     _refusals.warning(from_id, "node %d: dropped a %s from node %d: %s",
-                                      self.id, type(m).__name__, from_id, refused)
+                                      self.id, t.__name__, from_id, refused,
+                                      extra={"event": "message_refused", "node": self.id,
+                                             "peer": from_id, "type": t.__name__,
+                                             "reason": refused})
         finally:
             # The first message of an iteration is handled at once (latency); what follows
             # in the same iteration waits for the flush scheduled here (batching).
@@ -470,11 +577,13 @@ class RaftNode:
         while self._proposals.pending >= self.config.max_pending_proposals:
             pending = self._proposals.pending
             if not self.config.overload_wait:
+                self._recorder.proposals_overloaded += 1
                 raise Overloaded(f"{pending} proposals pending; retry later")
             self._capacity.clear()
             try:
                 await asyncio.wait_for(self._capacity.wait(), self.config.overload_wait)
             except asyncio.TimeoutError:
+                self._recorder.proposals_overloaded += 1
                 raise Overloaded(
                     f"{pending} proposals still pending after {self.config.overload_wait}s; "
                     "the cluster is not keeping up") from None
@@ -498,13 +607,16 @@ class RaftNode:
             return
         proposals = self._proposals
         if proposals.buffered:
+            datas, segments = proposals.take()
+            engine = self.engine
             try:
-                index = self.engine.propose(*proposals.take())
+                index = engine.propose(datas, segments)
             except NotLeader as exc:
-                proposals.fail_buffered(exc)
+                self._recorder.proposals_dropped += proposals.fail_buffered(exc)
                 self._capacity.set()
             else:
                 proposals.appended(index)
+                self._recorder.flushed(len(datas), engine.log.last_index)
         self._runner.run(self.engine.take_commands())
 
     def _fail_node(self, what: str) -> None:
@@ -535,6 +647,17 @@ class RaftNode:
 
     def _on_role_changed(self, c: RoleChanged) -> None:
         e = self.engine
+        recorder = self._recorder
+        if c.role == Role.CANDIDATE:
+            recorder.elections_started += 1
+        elif c.role == Role.LEADER and self._role_seen != Role.LEADER:
+            recorder.elections_won += 1
+        if c.leader_id is not None and c.leader_id != self._leader_seen:
+            recorder.leader_changes += 1
+            self._leader_seen = c.leader_id
+        self._role_seen = c.role
+        if c.role != Role.LEADER:
+            recorder.awaiting_commit.clear()  # their fate is no longer this node's to time
         log.info("node %d: %s in term %d, leader %s, commit %d, last %d", self.id,
                  c.role.name.lower(), c.term, c.leader_id, e.commit_index, e.log.last_index,
                  extra={"event": "role", "node": self.id, "role": c.role.name.lower(),
@@ -547,9 +670,11 @@ class RaftNode:
         if c.role != Role.LEADER and (self._proposals.waiting or self._proposals.buffered):
             # Entries up to the commit index will still be applied and answered; the fate
             # of the rest is unknown (a later leader may or may not commit them).
-            self._proposals.fail_after(c.commit_index, ProposalDropped(
-                f"node {self.id} lost leadership (term {c.term}) before the entry committed; "
-                "it may or may not be committed"))
-            self._proposals.fail_buffered(NotLeader(
-                c.leader_id, self.engine.membership.addresses.get(c.leader_id)))
+            recorder.proposals_dropped += self._proposals.fail_after(
+                c.commit_index, ProposalDropped(
+                    f"node {self.id} lost leadership (term {c.term}) before the entry "
+                    "committed; it may or may not be committed"))
+            recorder.proposals_dropped += self._proposals.fail_buffered(NotLeader(
+                c.leader_id, e.membership.addresses.get(c.leader_id)
+                if c.leader_id is not None else None))
             self._capacity.set()

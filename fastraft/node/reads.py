@@ -9,7 +9,7 @@ renewing the lease in the background when half of it is used.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastraft.asyncutil import fail_future
 from fastraft.engine import Role
@@ -23,9 +23,9 @@ class Reads:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
         #: Read requests the engine has not answered yet, by request id.
-        self.pending: dict[int, asyncio.Future] = {}
+        self.pending: dict[int, asyncio.Future[Any]] = {}
         #: Confirmed reads waiting for the state machine to apply their index.
-        self._waiters: list[tuple[int, asyncio.Future]] = []
+        self._waiters: list[tuple[int, asyncio.Future[Any]]] = []
         self._next_id = 0
         #: Lease reads: loop time until which this leader may read without a round trip.
         self.lease_until = 0.0
@@ -70,7 +70,7 @@ class Reads:
             # a quorum heard from us after `issued`; none of them votes for another
             # candidate for election_timeout_min after that
             self.lease_until = max(self.lease_until, issued + config.lease_span)
-        return index
+        return int(index)
 
     async def _renew_lease(self) -> None:
         try:
@@ -86,7 +86,7 @@ class Reads:
     async def _wait_applied(self, index: int) -> int:
         if self.node._applier.applied_index >= index:
             return index
-        fut = self.node._loop.create_future()
+        fut: asyncio.Future[int] = self.node._loop.create_future()
         self._waiters.append((index, fut))
         return await fut
 
@@ -104,7 +104,8 @@ class Reads:
         fut = self.pending.get(request_id)
         if fut is not None:
             addresses = self.node.engine.membership.addresses
-            fail_future(fut, NotLeader(leader_id, addresses.get(leader_id)))
+            fail_future(fut, NotLeader(leader_id, None if leader_id is None
+                                       else addresses.get(leader_id)))
 
     def applied(self, applied_index: int) -> None:
         """The state machine reached ``applied_index``: answer the reads waiting for it."""

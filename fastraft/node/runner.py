@@ -10,7 +10,7 @@ parallel with its own write (thesis §10.2.1).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastraft.engine import (
     AppendLog,
@@ -119,19 +119,20 @@ class CommandRunner:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
 
-    def run(self, commands: list) -> None:
+    def run(self, commands: list[Any]) -> None:
         if not commands:
             return  # the caller just took them: nothing can have been emitted since
         node = self.node
         writer = node._writer
         applier = node._applier
+        recorder = node._recorder
         # Every command the engine emitted is in hand (the caller just took them), so
         # every entry up to this commit index is in these writes or earlier ones.
         commit_index = node.engine.commit_index
-        ops: list = []
-        held: list = []
-        outbox: dict[int, list] = {}
-        apply_now: list | None = None
+        ops: list[Any] = []
+        held: list[Any] = []
+        outbox: dict[int, list[Any]] = {}
+        apply_now: list[Any] | None = None
         for c in commands:
             t = type(c)
             if t is Send:
@@ -159,6 +160,8 @@ class CommandRunner:
                     ops.append(save)
             elif t is Apply:
                 applier.committed_index = c.entries[-1].index
+                if recorder.awaiting_commit:
+                    recorder.committed(applier.committed_index)
                 if apply_now is None and applier.can_apply_now():
                     apply_now = c.entries
                 elif apply_now is not None:
@@ -185,6 +188,7 @@ class CommandRunner:
                 node._reads.failed(c.request_id, c.leader_id)
         send = node.network.send
         for to, msgs in outbox.items():
+            recorder.count_sent(msgs)
             send(to, msgs)
         node._membership_seen()
         more = node.engine.take_commands()

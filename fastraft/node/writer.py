@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections import deque
-from typing import TYPE_CHECKING, BinaryIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastraft.asyncutil import call_hook
 from fastraft.engine import AppendLog, CompactLog, TruncateLog
@@ -21,6 +23,7 @@ from fastraft.snapshots import close_stream, stream_size
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
+    from fastraft.storage import RaftStorage
 
 
 class SaveSnapshot:
@@ -29,7 +32,7 @@ class SaveSnapshot:
     __slots__ = ("meta", "source", "installed", "durable", "reader", "size")
 
     def __init__(self, meta: SnapshotMeta, source: BinaryIO, installed: bool,
-                 durable: asyncio.Future) -> None:
+                 durable: asyncio.Future[Any]) -> None:
         self.meta = meta
         #: The data to copy into storage: the state machine's stream, or the spool of a
         #: snapshot received from the leader.
@@ -43,7 +46,7 @@ class SaveSnapshot:
         self.size = 0
 
 
-def _is_async(fn) -> bool:
+def _is_async(fn: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(fn)
 
 
@@ -51,12 +54,12 @@ class LogWriter:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
         #: Write batches not yet durable, oldest first: [ops, sends held until durable].
-        self.writes: deque[list] = deque()
-        self.task: asyncio.Task | None = None
+        self.writes: deque[list[Any]] = deque()
+        self.task: asyncio.Task[Any] | None = None
         #: The newest snapshot saved (or being saved, in order) by this writer.
         self.snapshot_index = 0
 
-    def bind(self, storage) -> None:
+    def bind(self, storage: RaftStorage) -> None:
         """Decide once, per storage method, whether it is a coroutine."""
         self.storage = storage
         self._append, self._append_async = storage.append_entries, \
@@ -75,7 +78,7 @@ class LogWriter:
         self.sync = not (self._append_async or self._truncate_async or self._compact_async
                          or self._snapshot_io_async or self._save_hs_async)
 
-    def submit(self, ops: list, held: list, commit_index: int) -> None:
+    def submit(self, ops: list[Any], held: list[Any], commit_index: int) -> None:
         """Make ``ops`` durable after every batch before them, then send ``held``.
         ``commit_index``: the engine's when it emitted ``ops`` (not its commit index when
         the batch is written, which may count entries of commands not submitted yet)."""
@@ -86,7 +89,7 @@ class LogWriter:
         if self.task is None:
             self.task = self.node._loop.create_task(self._write_loop())
 
-    def hold(self, held: list) -> None:
+    def hold(self, held: list[Any]) -> None:
         """Send ``held`` once the newest batch in progress is durable."""
         self.writes[-1][1].extend(held)
 
@@ -120,11 +123,13 @@ class LogWriter:
                     writes[-1][0].extend(ops)
                     writes[-1][1].extend(held)
                     writes[-1][2] = commit_index
-                steps, last = self._plan(batch[0], batch[2])
+                steps, last, appended = self._plan(batch[0], batch[2])
+                started = time.monotonic()
                 for fn, is_async, args in steps:
                     r = fn(*args)
                     if is_async:
                         await r
+                self._timed(started, appended)
                 writes.popleft()
                 if not self.node._running:
                     return
@@ -134,20 +139,29 @@ class LogWriter:
         finally:
             self.task = None
 
-    def _write_now(self, ops: list, held: list, commit_index: int) -> None:
+    def _write_now(self, ops: list[Any], held: list[Any], commit_index: int) -> None:
         try:
-            steps, last = self._plan(ops, commit_index)
+            steps, last, appended = self._plan(ops, commit_index)
+            started = time.monotonic()
             for fn, _, args in steps:
                 fn(*args)
         except Exception:
             self.node._fail_node("storage write failed")
             return
+        self._timed(started, appended)
         self._done(ops, held, last)
 
-    def _plan(self, ops: list, commit_index: int) -> tuple[list, Entry | None]:
-        """The storage calls for one batch, in order, as (method, is_async, args); and the
-        last entry the batch appends. Consecutive appends become one call."""
-        steps: list = []
+    def _timed(self, started: float, appended: int) -> None:
+        recorder = self.node._recorder
+        recorder.log_write_seconds.observe(time.monotonic() - started)
+        recorder.log_write_entries.observe(appended)
+
+    def _plan(self, ops: list[Any], commit_index: int) -> tuple[list[Any], Entry | None, int]:
+        """The storage calls for one batch, in order, as (method, is_async, args); the
+        last entry the batch appends, and how many entries it appends. Consecutive appends
+        become one call."""
+        appended = 0
+        steps: list[Any] = []
         pending: list[Entry] = []
         last_entry = None
         last_append = 0  # position in steps of the last append
@@ -161,6 +175,7 @@ class LogWriter:
                 last_append = len(steps)
                 steps.append((self._append, self._append_async, (pending,)))
                 last_entry = pending[-1]
+                appended += len(pending)
                 pending = []
             if t is TruncateLog:
                 steps.append((self._truncate, self._truncate_async, (op.index,)))
@@ -182,6 +197,7 @@ class LogWriter:
             last_append = len(steps)
             steps.append((self._append, self._append_async, (pending,)))
             last_entry = pending[-1]
+            appended += len(pending)
         if last_entry is not None and self._commit_advanced is not None:
             # Every entry up to the commit index is in this batch's last append or earlier:
             # stamp it on that append alone. An earlier append of the batch may hold
@@ -190,9 +206,9 @@ class LogWriter:
             steps.insert(last_append, (self._commit_advanced, False, (commit_index,)))
         if hard_state is not None:
             steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
-        return steps, last_entry
+        return steps, last_entry, appended
 
-    def _done(self, ops: list, held: list, last: Entry | None) -> None:
+    def _done(self, ops: list[Any], held: list[Any], last: Entry | None) -> None:
         """A batch is durable: tell the engine, release the replies that waited for it."""
         node = self.node
         engine = node.engine
@@ -202,16 +218,18 @@ class LogWriter:
             if type(op) is SaveSnapshot:
                 node._transfer.snapshot_saved(op)
         if held:
-            by_peer: dict[int, list] = {}
+            by_peer: dict[int, list[Any]] = {}
             for s in held:
                 by_peer.setdefault(s.to, []).append(s.message)
             for to, msgs in by_peer.items():
+                node._recorder.count_sent(msgs)
                 node.network.send(to, msgs)
         node._runner.run(engine.take_commands())
 
     def _persist_snapshot(self, op: SaveSnapshot) -> None:
         self.storage.save_snapshot(op.meta, op.source)
-        self._snapshot_opened(op, self.storage.load_snapshot())
+        loaded: Any = self.storage.load_snapshot()  # a synchronous storage: the value
+        self._snapshot_opened(op, loaded)
 
     async def _persist_snapshot_in_thread(self, op: SaveSnapshot) -> None:
         await self.node._loop.run_in_executor(None, self._persist_snapshot, op)
@@ -221,7 +239,8 @@ class LogWriter:
         self._snapshot_opened(op, await call_hook(self.storage.load_snapshot))
 
     @staticmethod
-    def _snapshot_opened(op: SaveSnapshot, loaded) -> None:
+    def _snapshot_opened(op: SaveSnapshot,
+                         loaded: tuple[SnapshotMeta, BinaryIO] | None) -> None:
         if not op.installed:
             close_stream(op.source)  # the state machine's stream was read to its end
         index = op.meta.last_included_index

@@ -14,12 +14,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from fastraft.config import Config
+from fastraft.network import RaftNetwork
 from fastraft.node import RaftNode
-from fastraft.storage import MemoryStorage
 from fastraft.processes import free_ports
+from fastraft.storage import MemoryStorage
 from fastraft.transport.memory import MemoryHub
 from fastraft.transport.tcp import TcpNetwork
 
@@ -40,11 +42,11 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
 class _CuttableTcp(TcpNetwork):
     """TcpNetwork whose links the hub can cut: real sockets, test-made partitions."""
 
-    def __init__(self, hub: MemoryHub, node_id: int, listen: str, **options) -> None:
+    def __init__(self, hub: MemoryHub, node_id: int, listen: str, **options: Any) -> None:
         super().__init__(node_id, listen, **options)
         self.hub = hub
 
-    def send(self, target: int, messages: list) -> None:
+    def send(self, target: int, messages: list[Any]) -> None:
         if (self.id, target) not in self.hub._cut:
             super().send(target, messages)
 
@@ -61,7 +63,7 @@ class LocalCluster:
                  config: Config | None = None,
                  storage: Callable[[], Any] = MemoryStorage, seed: int = 0,
                  transport: str = "memory", spares: int = 0,
-                 tcp_options: dict | None = None) -> None:
+                 tcp_options: dict[str, Any] | None = None) -> None:
         if transport not in ("memory", "tcp"):
             raise ValueError(f"transport must be 'memory' or 'tcp', not {transport!r}")
         self.size = nodes
@@ -85,6 +87,7 @@ class LocalCluster:
 
     def _make(self, node_id: int) -> RaftNode:
         sm = self.state_machines[node_id] = self.state_machine_factory()
+        network: RaftNetwork
         if self.transport == "tcp":
             network = _CuttableTcp(self.hub, node_id, self.addresses[node_id],
                                    **self.tcp_options)
@@ -110,12 +113,13 @@ class LocalCluster:
     async def __aenter__(self) -> LocalCluster:
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def leader(self, timeout: float = 10.0, exclude: set[int] = frozenset()) -> RaftNode:
+    async def leader(self, timeout: float = 10.0,
+                     exclude: AbstractSet[int] = frozenset()) -> RaftNode:
         """The node that leads (and that a majority follows), once there is one."""
-        def current():
+        def current() -> RaftNode | None:
             for n in self.nodes.values():
                 if n.id not in exclude and n._running and n.is_leader:
                     voters = n.engine.membership.voters
@@ -126,7 +130,9 @@ class LocalCluster:
                         return n
             return None
         await wait_until(lambda: current() is not None, timeout, "a leader")
-        return current()
+        found = current()
+        assert found is not None
+        return found
 
     def voters(self) -> set[int]:
         """The voters as the cluster's leader sees them (any running node otherwise)."""

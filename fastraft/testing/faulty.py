@@ -2,9 +2,12 @@
 alerting, restarts)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
-from fastraft.kv import KVStore, Put, decode
+from fastraft.kv import KVStore, Put, Refused, decode
+from fastraft.messages import Entry
 
 
 class PoisonKV(KVStore):
@@ -12,7 +15,7 @@ class PoisonKV(KVStore):
     Every replica raises on the same committed entry, so every node stops there (a
     restart meets it again): what an application bug looks like to an operator."""
 
-    def apply(self, entries):
+    def apply(self, entries: Sequence[Entry]) -> list[int | Refused]:
         for e in entries:
             try:
                 cmd = decode(e.data)

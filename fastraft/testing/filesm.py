@@ -1,19 +1,25 @@
 """A state machine whose whole state is one file: snapshots stream from it and restore
 streams into it, so a snapshot never has to be held in memory."""
+from __future__ import annotations
+
 import hashlib
 import os
 import shutil
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from fastraft.messages import Entry
 
 
 class FileStateMachine:
     """Command ``b"grow <MiB>"`` appends that much deterministic data to the file; any
     other command is appended as is."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         open(path, "wb").close()
 
-    def apply(self, entries):
+    def apply(self, entries: Sequence[Entry]) -> list[int]:
         with open(self.path, "ab") as f:
             for e in entries:
                 data = bytes(e.data)
@@ -25,14 +31,14 @@ class FileStateMachine:
                     f.write(data)
         return [e.index for e in entries]
 
-    def snapshot(self):
+    def snapshot(self) -> BinaryIO:
         return open(self.path, "rb")
 
-    def restore(self, data):
+    def restore(self, data: BinaryIO) -> None:
         with open(self.path, "wb") as f:
             shutil.copyfileobj(data, f, 1 << 20)
 
-    def digest(self):
+    def digest(self) -> tuple[str, int]:
         """(sha256 of the state, its size)."""
         h = hashlib.sha256()
         with open(self.path, "rb") as f:

@@ -57,8 +57,15 @@ from fastraft.engine import (
     requires_durability,
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
-from fastraft.messages import AppendEntries, Entry, EntryKind, Membership, SnapshotMeta
 from fastraft.filestorage import FileStorage
+from fastraft.messages import (
+    AppendEntries,
+    Entry,
+    EntryKind,
+    InstallSnapshot,
+    Membership,
+    SnapshotMeta,
+)
 from fastraft.storage import MemoryStorage
 from fastraft.testing.linearizability import History, check
 
@@ -133,7 +140,7 @@ class _Disk:
     def __init__(self) -> None:
         self.store: Any = MemoryStorage()
 
-    def write(self, cmd) -> None:
+    def write(self, cmd: Any) -> None:
         t = type(cmd)
         store = self.store
         if t is AppendLog:
@@ -164,7 +171,8 @@ class _Disk:
         st = self.store.load_state()
         if st.last_index < st.first_index:
             return None
-        return self.store.read_entries(st.last_index, st.last_index + 1)[0]
+        last: Entry = self.store.read_entries(st.last_index, st.last_index + 1)[0]
+        return last
 
     def crash(self) -> None:
         """The process died: what was written stays."""
@@ -232,17 +240,20 @@ class _Node:
 
     def __init__(self, node_id: int, disk: _Disk) -> None:
         self.id = node_id
-        self.engine: Engine | None = None
+        # Set when the node first starts (and anew on each restart); only nodes that are
+        # alive are stepped, so no caller meets the None of a node never started.
+        self.engine: Engine = None  # type: ignore[assignment]
         self.disk = disk
         self.alive = False
         self.timer_tokens = {t: 0 for t in Timer}
         #: Writes in flight, oldest first: [writes, sends released when durable].
-        self.fsyncs: list[list] = []
+        self.fsyncs: list[list[Any]] = []
         self.state_machine: Any = None
         self.applied = 0
-        self.applied_log: list[tuple] = []
+        #: (term, kind, data) of every entry applied, by index - 1.
+        self.applied_log: list[tuple[int, int, bytes]] = []
         #: A snapshot being received: [last included index, bytes so far].
-        self.incoming: list | None = None
+        self.incoming: list[Any] | None = None
         self.snapshot_at = 0
         #: Bytes of the snapshots the engine may still stream (volatile, like a driver's).
         self.snapshots: dict[int, bytes] = {}
@@ -258,7 +269,7 @@ class Simulator:
     ``learners`` founding learners (they start empty and are caught up by the leader),
     then ``spare_nodes`` outside the configuration for membership churn to add."""
 
-    def __init__(self, seed: int, nodes: int = 3, faults: Faults = Faults(),
+    def __init__(self, seed: int, nodes: int = 3, faults: Faults | None = None,
                  config: Config | None = None,
                  state_machine: Callable[[], Any] | None = None,
                  propose_every: float = 0.004, read_every: float = 0.02,
@@ -267,7 +278,7 @@ class Simulator:
                  kv_keys: int = 64) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.faults = faults
+        faults = self.faults = faults if faults is not None else Faults()
         self.config = config or Config()
         self.state_machine_factory = state_machine
         self.propose_every = propose_every
@@ -275,7 +286,7 @@ class Simulator:
         self.snapshot_every = snapshot_every
         self.reconfigure_every = reconfigure_every
         self.now = 0.0
-        self._events: list = []
+        self._events: list[Any] = []
         self._seq = 0
         self._fsync_token = 0
         self._fsync_at = 0.0
@@ -296,14 +307,16 @@ class Simulator:
         self._faults_on = True
         # Observations checked by the invariants.
         self.leaders_by_term: dict[int, int] = {}
-        self._log_entries: dict[tuple[int, int], tuple] = {}
-        self._applied: dict[int, tuple] = {}
+        self._log_entries: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self._applied: dict[int, tuple[Any, ...]] = {}
         self._results: dict[int, Any] = {}
         self.acked: dict[int, tuple[int, bytes]] = {}
         self._max_acked = 0
         self._proposals: dict[bytes, int] = {}
         #: Reads in progress: (bound, history op, key, node clock when issued).
-        self._reads: dict[int, tuple[int, int, str, float | None]] = {}
+        #: Read id -> (highest write acknowledged when issued, history op, key, lease
+        #: renewal issue time); a lease renewal has no op and no key.
+        self._reads: dict[int, tuple[int, int | None, str | None, float | None]] = {}
         # The clients' history: proposals are puts of their payload to one of kv_keys
         # keys, ReadIndex reads are gets (answered once the run is over, from the log).
         self.kv_keys = kv_keys
@@ -334,7 +347,7 @@ class Simulator:
 
     # ------------------------------------------------------------------ running
 
-    def run(self, duration: float = 3.0, settle: float = 4.0) -> "Simulator":
+    def run(self, duration: float = 3.0, settle: float = 4.0) -> Simulator:
         """Run with faults for ``duration`` virtual seconds, then heal everything and
         check that the cluster converges within ``settle`` seconds."""
         self.run_until(self.now + duration)
@@ -372,7 +385,7 @@ class Simulator:
         marker = f"converge:{self.seed}".encode()
         deadline = self.now + within
 
-        def leader():
+        def leader() -> _Node | None:
             for n in self.nodes.values():
                 if n.alive and n.engine.role == Role.LEADER:
                     return n
@@ -380,7 +393,7 @@ class Simulator:
 
         # [index of the marker, (leader, term) it was proposed to]; like any client,
         # propose again if that leader is deposed before acknowledging it.
-        proposed: list = [0, None]
+        proposed: list[Any] = [0, None]
 
         def done() -> bool:
             ldr = leader()
@@ -513,13 +526,13 @@ class Simulator:
             node.timer_tokens[t] += 1
         self.stats["crashes"] += 1
 
-    def _execute(self, node: _Node, commands: list) -> None:
+    def _execute(self, node: _Node, commands: list[Any]) -> None:
         """Run an engine's commands the way the real driver does."""
         # Every command emitted so far is in hand: entries up to this commit index are in
         # these writes or earlier ones (the commit mark a FileStorage disk records).
         commit_index = node.engine.commit_index
-        writes: list = []
-        held: list = []
+        writes: list[Any] = []
+        held: list[Any] = []
         flap = self.faults.flap_leader and self._faults_on
         for c in commands:
             t = type(c)
@@ -583,7 +596,8 @@ class Simulator:
         if writes or held:
             self._queue_writes(node, writes, held, commit_index)
 
-    def _queue_writes(self, node: _Node, writes: list, held: list, commit_index: int) -> None:
+    def _queue_writes(self, node: _Node, writes: list[Any], held: list[Any],
+                      commit_index: int) -> None:
         if writes:
             self._fsync_token += 1
             node.fsyncs.append([writes, held, self._fsync_token, commit_index])
@@ -598,7 +612,7 @@ class Simulator:
         elif held:
             node.fsyncs[-1][1].extend(held)
 
-    def _transmit(self, frm: int, to: int, msg) -> None:
+    def _transmit(self, frm: int, to: int, msg: Any) -> None:
         self.stats["messages"] += 1
         f = self.faults
         if self._faults_on:
@@ -615,14 +629,14 @@ class Simulator:
 
     # ------------------------------------------------------------------ events
 
-    def _schedule(self, delay: float, kind: str, *args) -> None:
+    def _schedule(self, delay: float, kind: str, *args: Any) -> None:
         self._seq += 1
         heapq.heappush(self._events, (self.now + delay, self._seq, kind, args))
 
     def _exp(self, mean: float) -> float:
         return self.rng.expovariate(1.0 / mean)
 
-    def _ev_deliver(self, to: int, frm: int, msg) -> None:
+    def _ev_deliver(self, to: int, frm: int, msg: Any) -> None:
         node = self.nodes[to]
         if not node.alive or (self._faults_on and not self._connected(frm, to)):
             return
@@ -759,7 +773,7 @@ class Simulator:
             self._crash(node)
             self._schedule(self.faults.down_for, "restart", node_id)
 
-    def _ev_unflap(self, cut: dict) -> None:
+    def _ev_unflap(self, cut: dict[int, int]) -> None:
         if self._partition is cut:  # not replaced by another partition meanwhile
             self._partition = None
 
@@ -842,13 +856,13 @@ class Simulator:
                     f"log matching: node {node.id} holds a different entry at index {e.index} "
                     f"term {e.term}")
 
-    def _applied_on(self, node: _Node, index: int):
+    def _applied_on(self, node: _Node, index: int) -> tuple[int, int, bytes] | None:
         return node.applied_log[index - 1] if index <= len(node.applied_log) else None
 
     def _restore(self, node: _Node, index: int, data: bytes) -> None:
         """Rebuild a node's applied state from a snapshot, checking it against what every
         other node applied (state-machine safety holds across snapshots too)."""
-        log = [tuple(x) for x in _snap_dec.decode(data)]
+        log: list[tuple[int, int, bytes]] = _snap_dec.decode(data)
         if len(log) != index:
             raise self._violation(f"snapshot at {index} holds {len(log)} entries")
         for i, value in enumerate(log, 1):
@@ -858,12 +872,13 @@ class Simulator:
         node.applied_log = log
         node.applied = index
         node.snapshot_at = index
-        if node.state_machine is not None:
+        if node.state_machine is not None and self.state_machine_factory is not None:
             node.state_machine = self.state_machine_factory()
             node.state_machine.apply([Entry(t, i, k, d) for i, (t, k, d) in enumerate(log, 1)
                                       if k == EntryKind.NORMAL])
 
-    def _store_chunk(self, node: _Node, frm: int, m, writes: list) -> None:
+    def _store_chunk(self, node: _Node, frm: int, m: InstallSnapshot,
+                     writes: list[Any]) -> None:
         """The driver's half of InstallSnapshot: keep chunks in order, install on the last."""
         index = m.meta.last_included_index
         if m.offset == 0:
@@ -887,7 +902,7 @@ class Simulator:
             self.stats["installs"] += 1
         node.engine.snapshot_installed(frm, m.meta, len(data))
 
-    def _apply(self, node: _Node, entries: list[Entry], writes: list) -> None:
+    def _apply(self, node: _Node, entries: list[Entry], writes: list[Any]) -> None:
         if entries[0].index != node.applied + 1:
             raise self._violation(f"node {node.id} applies {entries[0].index} after {node.applied}")
         user = []
@@ -938,7 +953,7 @@ class Simulator:
         if issued is not None and cfg.lease_reads and node.engine.role == Role.LEADER:
             # A quorum heard from this leader after ``issued``: the lease the node takes.
             node.lease_until = max(node.lease_until, issued + cfg.lease_span)
-        if op is None:
+        if op is None or key is None:
             return  # a lease renewal
         self._answered_reads.append((op, key, c.read_index, self.now))
         self.stats["reads"] += 1
@@ -960,7 +975,7 @@ class Simulator:
                 at.append(index)
                 values.append(data)
         for op, key, read_index, when in self._answered_reads:
-            at, values = writes.get(key, ((), ()))
+            at, values = writes.get(key, ([], []))
             k = bisect.bisect_right(at, read_index) - 1
             self.history.ok(op, output=values[k] if k >= 0 else None, at=when)
         self._answered_reads.clear()

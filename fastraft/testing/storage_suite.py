@@ -38,7 +38,9 @@ class StorageFactory(Protocol):
     def reopen(self, store: Any) -> Any: ...
 
 
-async def _do(result):
+async def _do(result: Any) -> Any:
+    """A storage method's result: awaited if the method is a coroutine (the store under
+    test may have either kind, method by method)."""
     if inspect.isawaitable(result):
         return await result
     return result
@@ -49,11 +51,11 @@ def _entries(first: int, last: int, term: int, size: int = 10) -> list[Entry]:
             for i in range(first, last + 1)]
 
 
-def _plain(entries) -> list[tuple]:
+def _plain(entries: list[Entry]) -> list[tuple[Any, ...]]:
     return [(e.term, e.index, int(e.kind), bytes(e.data)) for e in entries]
 
 
-async def _read_all(store) -> list[tuple]:
+async def _read_all(store: Any) -> list[tuple[Any, ...]]:
     st = await _do(store.load_state())
     return _plain(await _do(store.read_entries(st.first_index, st.last_index + 1)))
 
@@ -150,7 +152,7 @@ async def check_identity(factory: StorageFactory) -> None:
     assert (st.node_id, st.cluster_id) == (3, "beta"), (st.node_id, st.cluster_id)
 
 
-async def _snapshot_bytes(store) -> tuple[SnapshotMeta, bytes] | None:
+async def _snapshot_bytes(store: Any) -> tuple[SnapshotMeta, bytes] | None:
     loaded = await _do(store.load_snapshot())
     if loaded is None:
         return None
@@ -306,7 +308,7 @@ def _varied(first: int, last: int, term: int) -> list[Entry]:
             for i in range(first, last + 1)]
 
 
-async def _check_range(store, expected: dict[int, tuple], lo: int, hi: int,
+async def _check_range(store: Any, expected: dict[int, tuple[Any, ...]], lo: int, hi: int,
                        max_bytes: int | None = None) -> None:
     got = await _do(store.read_entries(lo, hi, max_bytes))
     want = [expected[i] for i in range(lo, hi)]
@@ -326,7 +328,7 @@ async def check_reads(factory: StorageFactory) -> None:
     """Ranges of every shape: across records and segments, under byte budgets, across a
     truncation and after compaction; reads while appends run."""
     store = factory.new()
-    expected: dict[int, tuple] = {}
+    expected: dict[int, tuple[Any, ...]] = {}
     index = 1
     for k, size in enumerate([1, 7, 50, 3, 1, 90, 20, 28]):
         batch = _varied(index, index + size - 1, 1 + k // 3)

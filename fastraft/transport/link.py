@@ -32,7 +32,7 @@ import os
 import ssl
 import struct
 from collections import OrderedDict
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -81,10 +81,11 @@ _hello_decoder = msgspec.msgpack.Decoder(ServerHello | ClientHello | Welcome)
 _encoder = msgspec.msgpack.Encoder()
 
 
-def decode_hello(frame) -> ServerHello | ClientHello | Welcome:
+def decode_hello(frame: bytes | memoryview) -> ServerHello | ClientHello | Welcome:
     """One handshake frame; ``DecodeError`` for anything else."""
     try:
-        return _hello_decoder.decode(frame)
+        hello: ServerHello | ClientHello | Welcome = _hello_decoder.decode(frame)
+        return hello
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise DecodeError(f"bad handshake: {exc}") from None
 
@@ -119,7 +120,7 @@ class TlsConfig(msgspec.Struct, frozen=True, kw_only=True):
         return ctx
 
 
-def certificate_names(cert: dict) -> set[str]:
+def certificate_names(cert: dict[str, Any]) -> set[str]:
     """The common names and DNS alternative names of a peer certificate."""
     names = {v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"}
     names.update(v for k, v in cert.get("subjectAltName", ()) if k == "DNS")
@@ -178,7 +179,7 @@ class Credentials:
 class Gate:
     """Connection limits of one listening port (``ConnectionLimits``)."""
 
-    def __init__(self, limits: ConnectionLimits, stats: dict) -> None:
+    def __init__(self, limits: ConnectionLimits, stats: dict[str, Any]) -> None:
         self.limits = limits
         self.stats = stats
         self.unauthenticated: OrderedDict[Link, str] = OrderedDict()
@@ -236,7 +237,7 @@ class Link(asyncio.Protocol):
     """
 
     def __init__(self, credentials: Credentials, local_id: int, address: str, *,
-                 acceptor: bool, max_frame: int, stats: dict, gate: Gate | None = None,
+                 acceptor: bool, max_frame: int, stats: dict[str, Any], gate: Gate | None = None,
                  handshake_timeout: float = 5.0, expected_peer: int | None = None,
                  throttle: Throttle | None = None) -> None:
         self.credentials = credentials
@@ -252,20 +253,21 @@ class Link(asyncio.Protocol):
         #: Dialer: the node we meant to reach (checked against its TLS certificate).
         self.expected_peer = expected_peer
         self.reader = FrameReader(HANDSHAKE_BYTES)
-        self.transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self.peer_id: int | None = None
         self.is_authenticated = False
         self.closed = False
         self._nonce = os.urandom(16)
         self._peer_nonce = b""
         self._timer: asyncio.TimerHandle | None = None
-        self._peername = None
+        self._peername: Any = None
 
     # ------------------------------------------------------------------ asyncio
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self._peername = transport.get_extra_info("peername")
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (uvloop's are not asyncio.Transport subclasses: no isinstance)
+        stream = self.transport = cast(asyncio.Transport, transport)
+        self._peername = stream.get_extra_info("peername")
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.handshake_timeout, self._timed_out)
         if self.gate is not None:
@@ -277,10 +279,10 @@ class Link(asyncio.Protocol):
         if ctx is None:
             self._begin()
         else:
-            transport.pause_reading()  # not one raw byte reaches the frame reader
-            loop.create_task(self._start_tls(transport, ctx))
+            stream.pause_reading()  # not one raw byte reaches the frame reader
+            loop.create_task(self._start_tls(stream, ctx))
 
-    async def _start_tls(self, transport, ctx: ssl.SSLContext) -> None:
+    async def _start_tls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
         try:
             self.transport = await loop.start_tls(
@@ -326,7 +328,7 @@ class Link(asyncio.Protocol):
             elif not self._handshake(frame):
                 return
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -336,15 +338,14 @@ class Link(asyncio.Protocol):
 
     # ------------------------------------------------------------------ handshake
 
-    def _handshake(self, frame) -> bool:
+    def _handshake(self, frame: memoryview) -> bool:
         try:
             msg = decode_hello(frame)
         except DecodeError as exc:
             self.stats["bad_frames"] = self.stats.get("bad_frames", 0) + 1
             return self.refuse(str(exc))
         creds = self.credentials
-        t = type(msg)
-        if self.acceptor and t is ClientHello:
+        if self.acceptor and isinstance(msg, ClientHello):
             if msg.version != PROTOCOL_VERSION:
                 return self.refuse(f"peer speaks protocol {msg.version}, "
                                    f"not {PROTOCOL_VERSION}")
@@ -362,7 +363,7 @@ class Link(asyncio.Protocol):
             self._write(_encoder.encode(Welcome(self.local_id, creds.proof(
                 "accept", self.local_id, "", msg.nonce, self._nonce))))
             return self._authenticated(msg.node_id, msg.address)
-        if not self.acceptor and t is ServerHello and not self._peer_nonce:
+        if not self.acceptor and isinstance(msg, ServerHello) and not self._peer_nonce:
             if msg.version != PROTOCOL_VERSION:
                 return self.refuse(f"peer speaks protocol {msg.version}, "
                                    f"not {PROTOCOL_VERSION}")
@@ -372,7 +373,7 @@ class Link(asyncio.Protocol):
                 self._nonce, creds.proof("dial", self.local_id, self.address, msg.nonce,
                                          self._nonce))))
             return True
-        if not self.acceptor and t is Welcome and self._peer_nonce:
+        if not self.acceptor and isinstance(msg, Welcome) and self._peer_nonce:
             expected = creds.proof("accept", msg.node_id, "", self._nonce, self._peer_nonce)
             if not hmac.compare_digest(expected, msg.proof):
                 return self.refuse("peer does not hold the cluster secret"
@@ -384,7 +385,7 @@ class Link(asyncio.Protocol):
             if not self._certificate_names(msg.node_id):
                 return False
             return self._authenticated(msg.node_id, "")
-        return self.refuse(f"unexpected {t.__name__} in the handshake")
+        return self.refuse(f"unexpected {type(msg).__name__} in the handshake")
 
     def _certificate_names(self, node_id: int) -> bool:
         tls = self.credentials.tls
@@ -417,7 +418,8 @@ class Link(asyncio.Protocol):
     # ------------------------------------------------------------------ helpers
 
     def _write(self, body: bytes) -> None:
-        self.transport.writelines((_LEN.pack(len(body)), body))
+        if self.transport is not None:
+            self.transport.writelines((_LEN.pack(len(body)), body))
 
     def refuse(self, why: str, count: bool = True) -> bool:
         """Close this connection, and say why in one (throttled) log line. False."""
@@ -429,7 +431,10 @@ class Link(asyncio.Protocol):
         who = f"node {self.peer_id}" if self.peer_id is not None else "peer"
         host = self._peername[0] if self._peername else "?"
         self.throttle.warning(host, "%s port of node %d: closing connection from %s (%s): %s",
-                          self.credentials.purpose, self.local_id, self._peername, who, why)
+                              self.credentials.purpose, self.local_id, self._peername, who,
+                              why, extra={"event": "connection_refused",
+                                          "node": self.local_id, "port": self.credentials.purpose,
+                                          "host": host, "peer": self.peer_id, "reason": why})
         if self.transport is not None:
             self.transport.close()
         return False
@@ -444,7 +449,7 @@ class Link(asyncio.Protocol):
     def authenticated(self, peer_id: int, address: str) -> bool:
         return True
 
-    def frame(self, frame) -> bool:
+    def frame(self, frame: memoryview) -> bool:
         return True
 
     def lost(self) -> None:

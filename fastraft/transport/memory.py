@@ -31,7 +31,7 @@ class MemoryHub:
     def heal(self) -> None:
         self._cut = set()
 
-    def _deliver(self, frm: int, to: int, messages: list) -> None:
+    def _deliver(self, frm: int, to: int, messages: list[Any]) -> None:
         node = self.nodes.get(to)
         if node is None or (frm, to) in self._cut:
             return
@@ -52,7 +52,7 @@ class MemoryNetwork:
     async def stop(self) -> None:
         self.hub.nodes.pop(self.id, None)
 
-    def send(self, target: int, messages: list) -> None:
+    def send(self, target: int, messages: list[Any]) -> None:
         if self._loop is not None and (self.id, target) not in self.hub._cut:
             self._loop.call_soon(self.hub._deliver, self.id, target, messages)
 

@@ -19,6 +19,7 @@ import logging
 import random
 import struct
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 from fastraft.addresses import parse_address
@@ -70,7 +71,8 @@ class TcpNetwork:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Followers at the same point get the same entries: encode them once.
         self.blobs = BlobCache()
-        self.stats = {"frames_in": 0, "frames_out": 0, "dropped": 0, "refused": 0,
+        self.stats = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0,
+                      "dropped": 0, "refused": 0,
                       "bad_frames": 0, "evicted": 0, "timeouts": 0}
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(logging.getLogger("fastraft.transport"))
@@ -112,7 +114,7 @@ class TcpNetwork:
         """Whether to deliver messages from node ``frm``; tests override it to partition."""
         return True
 
-    def send(self, target: int, messages: list) -> None:
+    def send(self, target: int, messages: list[Any]) -> None:
         peer = self._peers.get(target)
         if peer is None:
             address = self.addresses.get(target) or self.learned.get(target)
@@ -136,13 +138,15 @@ class _Peer:
         self.net = net
         self.id = peer_id
         self.address = address
-        self.pending: list = []
+        self.pending: list[Any] = []
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.closed = False
-        self.connect_task = net._loop.create_task(self._connect_loop())
+        assert net._loop is not None  # peers are made once the network started
+        self.loop = net._loop
+        self.connect_task = self.loop.create_task(self._connect_loop())
 
-    def enqueue(self, messages: list) -> None:
+    def enqueue(self, messages: list[Any]) -> None:
         self.pending.extend(messages)
         limit = self.net.max_queue_messages
         if len(self.pending) > limit:
@@ -151,7 +155,7 @@ class _Peer:
             self.net.stats["dropped"] += drop
         if self.transport is not None and not self.flush_scheduled:
             self.flush_scheduled = True
-            self.net._loop.call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -165,17 +169,19 @@ class _Peer:
         body = encode_messages(self.pending, self.net.blobs)
         self.pending = []
         transport.writelines((_LEN.pack(len(body)), body))
-        self.net.stats["frames_out"] += 1
+        stats = self.net.stats
+        stats["frames_out"] += 1
+        stats["bytes_out"] += len(body) + _LEN.size
 
     async def _connect_loop(self) -> None:
         net = self.net
         delay = net.backoff_min
-        loop = net._loop
+        loop = self.loop
         while not self.closed:
             host, port = parse_address(self.address)
-            lost = loop.create_future()
+            lost: asyncio.Future[None] = loop.create_future()
             try:
-                await loop.create_connection(lambda: _Outbound(self, lost), host, port)
+                await loop.create_connection(partial(_Outbound, self, lost), host, port)
             except (OSError, asyncio.TimeoutError) as exc:
                 log.debug("node %d: cannot reach node %d at %s: %s", net.id, self.id,
                           self.address, exc)
@@ -208,7 +214,7 @@ class _Outbound(Link):
     """Dialed connection: after the handshake we only write; a peer that sends anything
     more is not speaking this protocol and is dropped."""
 
-    def __init__(self, peer: _Peer, lost: asyncio.Future) -> None:
+    def __init__(self, peer: _Peer, lost: asyncio.Future[Any]) -> None:
         net = peer.net
         super().__init__(net.credentials, net.id, net.listen, acceptor=False,
                          max_frame=0, stats=net.stats, expected_peer=peer.id,
@@ -221,7 +227,7 @@ class _Outbound(Link):
         self.peer.connected(self)
         return True
 
-    def frame(self, frame) -> bool:
+    def frame(self, frame: memoryview) -> bool:
         return self.refuse("sent data on a connection it did not dial")
 
     def lost(self) -> None:
@@ -251,15 +257,19 @@ class _Inbound(Link):
     def lost(self) -> None:
         self.net._inbound.discard(self)
 
-    def frame(self, frame) -> bool:
+    def frame(self, frame: memoryview) -> bool:
         net = self.net
         try:
             messages = decode_messages(frame)
         except DecodeError as exc:
             net.stats["bad_frames"] += 1
             return self.refuse(str(exc))
-        net.stats["frames_in"] += 1
+        stats = net.stats
+        stats["frames_in"] += 1
+        stats["bytes_in"] += len(frame) + _LEN.size
         node = net.node
-        if node is not None and messages and net.receive_filter(self.peer_id):
-            node.receive(self.peer_id, messages)
+        peer_id = self.peer_id  # set: frames follow the handshake
+        if node is not None and messages and peer_id is not None \
+                and net.receive_filter(peer_id):
+            node.receive(peer_id, messages)
         return True

@@ -1,0 +1,160 @@
+"""A node's metrics: counters and histograms kept as plain numbers on the node, and the
+``Metrics`` value that ``RaftNode.metrics()`` returns.
+
+The node records per batch (a flush, a write batch, an apply call), never per entry, and
+with plain ints and a fixed-bucket histogram, so the figures cost nothing measurable and
+need no library. ``fastraft.metrics`` exports them in the Prometheus format when the
+``fastraft[metrics]`` extra is installed.
+"""
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+#: Bucket upper bounds, seconds: 50 µs (an in-memory commit) to 10 s (a stalled disk).
+SECONDS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+           0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Bucket upper bounds, entries per batch.
+ENTRIES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Histogram:
+    """Counts of observations per bucket (``bounds`` are upper bounds, inclusive; the last
+    count is above them all), their sum and number."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def value(self) -> HistogramValue:
+        return HistogramValue(self.bounds, tuple(self.counts), self.sum, self.count)
+
+
+class HistogramValue(msgspec.Struct, frozen=True):
+    """A histogram at one moment: ``counts[k]`` observations were at most ``bounds[k]``
+    and above ``bounds[k - 1]``; ``counts[-1]`` were above every bound."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+    count: int
+
+
+class FollowerMetrics(msgspec.Struct, frozen=True):
+    """A follower as the leader sees it."""
+
+    match_index: int
+    #: Entries the follower is behind the leader's last index.
+    lag: int
+    #: "probe", "replicate" or "snapshot".
+    state: str
+    #: Seconds since the leader last heard from it (None: never).
+    last_contact: float | None
+
+
+class Metrics(msgspec.Struct, frozen=True):
+    """``RaftNode.metrics()``: the node's state and counters at one moment."""
+
+    node_id: int
+    running: bool
+    #: "follower", "pre_candidate", "candidate", "leader" or "stopped".
+    role: str
+    term: int
+    leader_id: int | None
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    snapshot_index: int
+    voters: tuple[int, ...]
+    learners: tuple[int, ...]
+    #: Seconds since this node last heard from its leader (0 on the leader; None: never).
+    last_contact: float | None
+    #: On the leader, per follower; empty elsewhere.
+    followers: Mapping[int, FollowerMetrics]
+    proposals_accepted: int
+    proposals_dropped: int
+    proposals_overloaded: int
+    elections_started: int
+    elections_won: int
+    leader_changes: int
+    #: Raft messages received and sent, by type name.
+    messages_in: Mapping[str, int]
+    messages_out: Mapping[str, int]
+    #: Frame bytes, when the network counts them (the TCP transport does).
+    bytes_in: int
+    bytes_out: int
+    #: Messages dropped unread, by reason ("stranger", "malformed").
+    refused: Mapping[str, int]
+    #: From a proposal's flush into the log to its commit being known, per flush.
+    commit_seconds: HistogramValue
+    apply_batch_entries: HistogramValue
+    apply_seconds: HistogramValue
+    #: One write batch made durable (storage calls including the fsync).
+    log_write_seconds: HistogramValue
+    log_write_entries: HistogramValue
+    snapshot_save_seconds: HistogramValue
+    snapshot_install_seconds: HistogramValue
+
+    @property
+    def state(self) -> tuple[object, ...]:
+        """What ``watch_metrics`` compares: role, term, leader, indexes, membership."""
+        return (self.running, self.role, self.term, self.leader_id, self.commit_index,
+                self.applied_index, self.last_log_index, self.snapshot_index, self.voters,
+                self.learners)
+
+
+class Recorder:
+    """The live counters of one node (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.proposals_accepted = 0
+        self.proposals_dropped = 0
+        self.proposals_overloaded = 0
+        self.elections_started = 0
+        self.elections_won = 0
+        self.leader_changes = 0
+        self.messages_in: dict[type, int] = {}
+        self.messages_out: dict[type, int] = {}
+        #: (last index of a flush, when it was flushed) awaiting their commit.
+        self.awaiting_commit: deque[tuple[int, float]] = deque()
+        self.commit_seconds = Histogram(SECONDS)
+        self.apply_batch_entries = Histogram(ENTRIES)
+        self.apply_seconds = Histogram(SECONDS)
+        self.log_write_seconds = Histogram(SECONDS)
+        self.log_write_entries = Histogram(ENTRIES)
+        self.snapshot_save_seconds = Histogram(SECONDS)
+        self.snapshot_install_seconds = Histogram(SECONDS)
+
+    def flushed(self, count: int, last_index: int) -> None:
+        self.proposals_accepted += count
+        self.awaiting_commit.append((last_index, time.monotonic()))
+
+    def committed(self, index: int) -> None:
+        awaiting = self.awaiting_commit
+        now = time.monotonic()
+        while awaiting and awaiting[0][0] <= index:
+            self.commit_seconds.observe(now - awaiting.popleft()[1])
+
+    def count_sent(self, messages: list[Any]) -> None:
+        out = self.messages_out
+        for m in messages:
+            t = type(m)
+            out[t] = out.get(t, 0) + 1
+
+
+def by_name(counts: dict[type, int]) -> dict[str, int]:
+    return {t.__name__: n for t, n in counts.items()}

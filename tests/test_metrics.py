@@ -1,0 +1,178 @@
+"""RaftNode.metrics(), watch_metrics(), health(), the Prometheus server, JSON logs."""
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastraft.config import Config
+from fastraft.errors import Overloaded, ProposalDropped
+from fastraft.logutil import JsonFormatter
+from fastraft.metrics import MetricsServer
+from fastraft.node import RaftNode
+from fastraft.storage import MemoryStorage
+from fastraft.testing import LocalCluster, wait_until
+from fastraft.transport import MemoryHub
+
+from aio import run
+from test_node import FAST, Recorder
+
+
+@run
+async def test_metrics_count_what_the_cluster_did():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        await asyncio.gather(*[leader.propose(b"w%d" % k) for k in range(300)])
+        await leader.propose_batch([b"b"] * 20)
+        await wait_until(lambda: all(n.applied_index == leader.engine.commit_index
+                                     for n in c.nodes.values()))
+        m = leader.metrics()
+        assert (m.role, m.leader_id, m.node_id) == ("leader", leader.id, leader.id)
+        assert m.commit_index == m.applied_index == m.last_log_index == leader.engine.log.last_index
+        assert m.voters == (1, 2, 3) and m.learners == ()
+        assert m.proposals_accepted == 320
+        assert m.elections_won == 1 and m.leader_changes >= 1
+        # every user entry went through the state machine once, counted per call
+        assert m.apply_batch_entries.sum == 320
+        assert sum(m.apply_batch_entries.counts) == m.apply_batch_entries.count
+        assert m.log_write_entries.sum == m.last_log_index  # each entry written once
+        assert 0 < m.commit_seconds.count <= m.log_write_seconds.count
+        assert m.messages_out["AppendEntries"] > 0 and m.messages_in["AppendEntriesResponse"] > 0
+        assert m.last_contact == 0.0
+        await wait_until(lambda: all(f.lag == 0 for f in leader.metrics().followers.values()))
+        followers = leader.metrics().followers
+        assert sorted(followers) == [n for n in (1, 2, 3) if n != leader.id]
+        assert all(f.state == "replicate" and f.match_index == m.last_log_index
+                   and f.last_contact is not None for f in followers.values())
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        fm = follower.metrics()
+        assert (fm.role, fm.leader_id) == ("follower", leader.id)
+        assert fm.followers == {} and fm.proposals_accepted == 0
+        assert fm.last_contact is not None and fm.last_contact >= 0
+        assert fm.messages_in["AppendEntries"] > 0
+        assert fm.apply_batch_entries.sum == 320
+        assert follower.status()["last_contact"] == pytest.approx(fm.last_contact, abs=5)
+    assert leader.metrics().role == "stopped" and not leader.metrics().running
+
+
+@run
+async def test_overloaded_and_dropped_proposals_are_counted():
+    config = Config(election_timeout_min=0.05, election_timeout_max=0.1,
+                    heartbeat_interval=0.01, max_pending_proposals=4, overload_wait=0)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
+        leader = await c.leader()
+        c.hub.isolate(leader.id)  # nothing commits: the pending proposals pile up
+        futures = [leader.propose(b"x") for _ in range(4)]
+        with pytest.raises(Overloaded):
+            await leader.propose(b"one too many")
+        assert leader.metrics().proposals_overloaded == 1
+        # the isolated leader steps down (check quorum): its proposals are dropped
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(r, ProposalDropped) for r in results)
+        m = leader.metrics()
+        assert m.proposals_dropped == 4 and m.role != "leader"
+        c.hub.heal()
+        new = await c.leader()
+        assert sum(n.metrics().elections_started for n in c.nodes.values()) >= 2
+        assert new.metrics().elections_won >= 1
+
+
+@run
+async def test_watch_metrics_yields_changes_and_ends_when_the_node_stops():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        seen = []
+
+        async def watch():
+            async for m in leader.watch_metrics(interval=0.05):
+                seen.append(m)
+        task = asyncio.ensure_future(watch())
+        await wait_until(lambda: seen)
+        first = seen[0].commit_index
+        index = await leader.propose(b"w")
+        await wait_until(lambda: seen[-1].applied_index >= index)
+        assert seen[-1].commit_index > first
+        # only changes are yielded: no two neighbours are the same state
+        assert all(a.state != b.state for a, b in zip(seen, seen[1:]))
+        await leader.stop()
+        await asyncio.wait_for(task, 5)
+        assert not seen[-1].running and seen[-1].role == "stopped"
+    with pytest.raises(ValueError):
+        await leader.watch_metrics(interval=0).__anext__()
+
+
+@run
+async def test_health_says_why():
+    hub = MemoryHub()
+    lonely = RaftNode(1, storage=MemoryStorage(), network=hub.network(1),
+                      state_machine=Recorder(), config=FAST)
+    assert lonely.health() == "node is not running"
+    await lonely.start()
+    try:
+        assert lonely.health().startswith("no leader known")
+        await lonely.initialize({1: "local:1"})
+        await wait_until(lambda: lonely.is_leader)
+        assert lonely.health() is None
+        await lonely.propose(b"x")
+        # an applier far behind: the bound says so
+        lonely._applier.applied_index = 0
+        assert "behind the commit index" in lonely.health(max_apply_lag=0)
+    finally:
+        await lonely.stop()
+
+
+def http_get(url):
+    """(status, body) of a GET; an HTTP error status is an answer, not an exception."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@run
+async def test_metrics_server_serves_prometheus_text_and_health():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        await asyncio.gather(*[leader.propose(b"w") for _ in range(50)])
+        server = MetricsServer(leader, "127.0.0.1:0")
+        await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            base = f"http://{server.address}"
+            status, text = await loop.run_in_executor(None, http_get, base + "/metrics")
+            assert status == 200
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            node = ("node", str(leader.id))
+            assert samples[("fastraft_commit_index", (node,))] == leader.engine.commit_index
+            assert samples[("fastraft_role", (node, ("role", "leader")))] == 1
+            assert samples[("fastraft_role", (node, ("role", "follower")))] == 0
+            assert samples[("fastraft_proposals_total", (node, ("outcome", "accepted")))] == 50
+            assert samples[("fastraft_commit_seconds_count", (node,))] > 0
+            assert samples[("fastraft_log_write_entries_sum", (node,))] > 0
+            assert samples[("fastraft_messages_total",
+                            (("direction", "out"), node, ("type", "AppendEntries")))] > 0
+            peers = [p for p in c.nodes if p != leader.id]
+            for p in peers:
+                assert ("fastraft_follower_lag_entries", (node, ("peer", str(p)))) in samples
+            assert await loop.run_in_executor(None, http_get, base + "/health") == (200, "ok\n")
+            assert (await loop.run_in_executor(None, http_get, base + "/nope"))[0] == 404
+            await leader.stop()
+            status, body = await loop.run_in_executor(None, http_get, base + "/health")
+            assert (status, body) == (503, "node is not running\n")
+        finally:
+            await server.stop()
+
+
+def test_json_log_lines_carry_the_event_keys():
+    record = logging.LogRecord("fastraft.node", logging.INFO, __file__, 1,
+                               "node %d: leader in term %d", (1, 7), None)
+    record.event, record.node, record.term = "role", 1, 7
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "node 1: leader in term 7" and line["level"] == "INFO"
+    assert (line["event"], line["node"], line["term"]) == ("role", 1, 7)
+    assert "args" not in line and "msg" not in line

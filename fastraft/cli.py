@@ -94,6 +94,8 @@ async def serve_node(args: argparse.Namespace) -> int:
         tuned["log_retention_entries"] = args.log_retention_entries
     if args.lease_reads:
         tuned["lease_reads"] = True
+    if args.metrics:
+        tuned["measure_durations"] = True  # the histograms the exporter serves
     config = Config(**tuned)
     node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
                     cluster_id=args.cluster_id,

@@ -18,7 +18,11 @@ from fastraft.testing import LocalCluster, wait_until
 from fastraft.transport import MemoryHub
 
 from aio import run
-from test_node import FAST, Recorder
+from test_node import Recorder
+
+#: test_node's timing, with the duration histograms on.
+FAST = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+              measure_durations=True)
 
 
 @run
@@ -59,9 +63,24 @@ async def test_metrics_count_what_the_cluster_did():
 
 
 @run
+async def test_without_measure_durations_the_clock_is_not_read_but_sizes_are_counted():
+    plain = Config(election_timeout_min=0.05, election_timeout_max=0.1,
+                   heartbeat_interval=0.01)
+    async with LocalCluster(3, state_machine=Recorder, config=plain) as c:
+        leader = await c.leader()
+        await asyncio.gather(*[leader.propose(b"w") for _ in range(50)])
+        m = leader.metrics()
+        assert m.proposals_accepted == 50 and m.apply_batch_entries.sum == 50
+        assert m.log_write_entries.count > 0
+        assert m.commit_seconds.count == m.apply_seconds.count == \
+            m.log_write_seconds.count == 0
+
+
+@run
 async def test_overloaded_and_dropped_proposals_are_counted():
     config = Config(election_timeout_min=0.05, election_timeout_max=0.1,
-                    heartbeat_interval=0.01, max_pending_proposals=4, overload_wait=0)
+                    heartbeat_interval=0.01, max_pending_proposals=4, overload_wait=0,
+                    measure_durations=True)
     async with LocalCluster(3, state_machine=Recorder, config=config) as c:
         leader = await c.leader()
         c.hub.isolate(leader.id)  # nothing commits: the pending proposals pile up

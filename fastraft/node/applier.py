@@ -96,7 +96,7 @@ class Applier:
         self._busy = True
         try:
             user = self._user_entries(entries)
-            started = time.monotonic()
+            started = self.node._recorder.clock()
             results = self._sm_apply(user) if user else ()
             self._timed(started, len(user))
             self._applied(entries, user, results)
@@ -260,7 +260,7 @@ class Applier:
         user = self._user_entries(entries)
         results: Sequence[Any] = ()
         if user:
-            started = time.monotonic()
+            started = self.node._recorder.clock()
             returned: Any = self._sm_apply(user)
             results = await returned if self._sm_apply_async else returned
             self._timed(started, len(user))
@@ -268,7 +268,8 @@ class Applier:
 
     def _timed(self, started: float, count: int) -> None:
         recorder = self.node._recorder
-        recorder.apply_seconds.observe(time.monotonic() - started)
+        if recorder.timing:
+            recorder.apply_seconds.observe(time.monotonic() - started)
         recorder.apply_batch_entries.observe(count)
 
     def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:

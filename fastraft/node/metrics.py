@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -99,7 +99,9 @@ class Metrics(msgspec.Struct, frozen=True):
     bytes_out: int
     #: Messages dropped unread, by reason ("stranger", "malformed").
     refused: Mapping[str, int]
-    #: From a proposal's flush into the log to its commit being known, per flush.
+    #: From a proposal's flush into the log to its commit being known, per flush. This,
+    #: ``apply_seconds`` and ``log_write_seconds`` need ``Config.measure_durations``
+    #: (snapshots are rare: they are always timed).
     commit_seconds: HistogramValue
     apply_batch_entries: HistogramValue
     apply_seconds: HistogramValue
@@ -117,10 +119,19 @@ class Metrics(msgspec.Struct, frozen=True):
                 self.learners)
 
 
-class Recorder:
-    """The live counters of one node (see the module docstring)."""
+def _no_clock() -> float:
+    return 0.0
 
-    def __init__(self) -> None:
+
+class Recorder:
+    """The live counters of one node (see the module docstring). With ``timing`` off
+    (``Config.measure_durations``) the clock is never read: the duration histograms stay
+    empty, the rest is counted."""
+
+    def __init__(self, timing: bool = False) -> None:
+        self.timing = timing
+        #: What the node reads the time with when it measures a duration.
+        self.clock: Callable[[], float] = time.monotonic if timing else _no_clock
         self.proposals_accepted = 0
         self.proposals_dropped = 0
         self.proposals_overloaded = 0
@@ -141,7 +152,8 @@ class Recorder:
 
     def flushed(self, count: int, last_index: int) -> None:
         self.proposals_accepted += count
-        self.awaiting_commit.append((last_index, time.monotonic()))
+        if self.timing:
+            self.awaiting_commit.append((last_index, time.monotonic()))
 
     def committed(self, index: int) -> None:
         awaiting = self.awaiting_commit

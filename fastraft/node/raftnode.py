@@ -90,7 +90,7 @@ class RaftNode:
         self._capacity = asyncio.Event()
         self._capacity.set()
         self._leader_known = asyncio.Event()
-        self._recorder = Recorder()
+        self._recorder = Recorder(timing=self.config.measure_durations)
         self._role_seen = Role.FOLLOWER
         self._leader_seen: int | None = None
         #: Loop time a message last arrived from each peer ("last contact").

@@ -124,7 +124,7 @@ class LogWriter:
                     writes[-1][1].extend(held)
                     writes[-1][2] = commit_index
                 steps, last, appended = self._plan(batch[0], batch[2])
-                started = time.monotonic()
+                started = self.node._recorder.clock()
                 for fn, is_async, args in steps:
                     r = fn(*args)
                     if is_async:
@@ -142,7 +142,7 @@ class LogWriter:
     def _write_now(self, ops: list[Any], held: list[Any], commit_index: int) -> None:
         try:
             steps, last, appended = self._plan(ops, commit_index)
-            started = time.monotonic()
+            started = self.node._recorder.clock()
             for fn, _, args in steps:
                 fn(*args)
         except Exception:
@@ -153,7 +153,8 @@ class LogWriter:
 
     def _timed(self, started: float, appended: int) -> None:
         recorder = self.node._recorder
-        recorder.log_write_seconds.observe(time.monotonic() - started)
+        if recorder.timing:
+            recorder.log_write_seconds.observe(time.monotonic() - started)
         recorder.log_write_entries.observe(appended)
 
     def _plan(self, ops: list[Any], commit_index: int) -> tuple[list[Any], Entry | None, int]:

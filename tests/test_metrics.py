@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastraft.config import Config
 from fastraft.errors import Overloaded, ProposalDropped
 from fastraft.logutil import JsonFormatter
+from fastraft.messages import RequestVote
 from fastraft.metrics import MetricsServer
 from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
@@ -141,6 +142,22 @@ async def test_health_says_why():
         assert "behind the commit index" in lonely.health(max_apply_lag=0)
     finally:
         await lonely.stop()
+
+
+@run
+async def test_strangers_leave_no_last_contact_behind():
+    """Last contact is kept per sender only for messages the engine took: ids claimed by
+    strangers (refused) cost no memory, however many."""
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        e = leader.engine
+        for k in range(1000):
+            leader.receive(1000 + k, [RequestVote(e.term + 1, 1000 + k, e.log.last_index,
+                                                  e.term)])
+        await wait_until(lambda: all(f.last_contact is not None
+                                     for f in leader.metrics().followers.values()))
+        assert len(leader._last_heard) == 2  # the two followers
+        assert leader.is_leader and leader.metrics().refused["stranger"] >= 1000
 
 
 def http_get(url):

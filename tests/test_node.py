@@ -295,3 +295,21 @@ def test_config_is_validated():
         Config(election_timeout_min=0.3, election_timeout_max=0.2)
     with pytest.raises(ConfigError):
         Config(max_inflight_messages=0)
+
+
+@run
+async def test_a_proposal_right_after_an_election_is_taken():
+    """Between the engine winning an election and the node running the commands that
+    say so, a proposal is taken (it was refused as "stopping after a failed hook")."""
+    from fastraft.engine import Timer
+
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    try:
+        await node.initialize({1: "local:1"})
+        node.engine.on_timer(Timer.ELECTION)  # a one-voter cluster elects itself at once
+        assert node.is_leader and not node._flush_scheduled
+        assert await node.propose(b"first") == node.engine.log.last_index
+    finally:
+        await node.stop()

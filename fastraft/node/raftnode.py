@@ -538,8 +538,8 @@ class RaftNode:
         if not self._running:
             return
         step = self.engine.step
-        self._last_heard[from_id] = self._loop.time()
         counts = self._recorder.messages_in
+        refused: str | None = "nothing handled"
         try:
             for m in messages:
                 t = type(m)
@@ -557,6 +557,8 @@ class RaftNode:
                                              "peer": from_id, "type": t.__name__,
                                              "reason": refused})
         finally:
+            if refused is None:  # a stranger's (refused) messages are never remembered
+                self._last_heard[from_id] = self._loop.time()
             # The first message of an iteration is handled at once (latency); what follows
             # in the same iteration waits for the flush scheduled here (batching).
             if not self._flush_scheduled:
@@ -593,6 +595,12 @@ class RaftNode:
         self._check_running()
         if self.engine.role != Role.LEADER:
             raise self.engine.not_leader()
+        if not self._accepting and self.failure is None:
+            # Just elected: the engine leads, but the commands that say so (RoleChanged)
+            # wait for the scheduled flush. Run them now rather than refuse.
+            self._flush()
+            if self.engine.role != Role.LEADER:
+                raise self.engine.not_leader()
         if not self._accepting:
             raise NodeStopped(f"node {self.id} is stopping after a failed hook")
 

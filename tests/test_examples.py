@@ -86,6 +86,9 @@ def test_kv_example_over_http_with_a_leader_kill(tmp_path):
         wait_for(lambda: leader() is not None, "leader")
         first = leader()
         follower = next(i for i in (1, 2, 3) if i != first)
+        # a node that has not heard from the new leader yet answers 503 "no leader yet"
+        wait_for(lambda: json.loads(curl(f"{url[follower]}/status")[1])["leader_id"] == first,
+                 "the follower to know its leader")
 
         # through a follower: -L follows the 307 to the leader, keeping method and body
         code, body = curl("-L", "-X", "PUT", "--data-binary", "hello",

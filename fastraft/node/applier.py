@@ -268,9 +268,7 @@ class Applier:
 
     def _timed(self, started: float, count: int) -> None:
         recorder = self.node._recorder
-        if recorder.timing:
-            recorder.apply_seconds.observe(time.monotonic() - started)
-        recorder.apply_batch_entries.observe(count)
+        recorder.batch(recorder.apply_seconds, recorder.apply_batch_entries, started, count)
 
     def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
         if len(results) != len(user):

@@ -155,6 +155,12 @@ class Recorder:
         if self.timing:
             self.awaiting_commit.append((last_index, time.monotonic()))
 
+    def batch(self, seconds: Histogram, sizes: Histogram, started: float, count: int) -> None:
+        """A batch of ``count`` entries, begun at ``started`` (``clock()``), is done."""
+        if self.timing:
+            seconds.observe(time.monotonic() - started)
+        sizes.observe(count)
+
     def committed(self, index: int) -> None:
         awaiting = self.awaiting_commit
         now = time.monotonic()

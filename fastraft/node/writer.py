@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -129,7 +128,7 @@ class LogWriter:
                     r = fn(*args)
                     if is_async:
                         await r
-                self._timed(started, appended)
+                self._written(started, appended)
                 writes.popleft()
                 if not self.node._running:
                     return
@@ -148,14 +147,12 @@ class LogWriter:
         except Exception:
             self.node._fail_node("storage write failed")
             return
-        self._timed(started, appended)
+        self._written(started, appended)
         self._done(ops, held, last)
 
-    def _timed(self, started: float, appended: int) -> None:
+    def _written(self, started: float, appended: int) -> None:
         recorder = self.node._recorder
-        if recorder.timing:
-            recorder.log_write_seconds.observe(time.monotonic() - started)
-        recorder.log_write_entries.observe(appended)
+        recorder.batch(recorder.log_write_seconds, recorder.log_write_entries, started, appended)
 
     def _plan(self, ops: list[Any], commit_index: int) -> tuple[list[Any], Entry | None, int]:
         """The storage calls for one batch, in order, as (method, is_async, args); the

@@ -2,8 +2,8 @@
 
     python bench/ab.py --a /path/to/old/checkout --b . [--rounds 3] [--seconds 3]
 
-Each round runs every figure on A, then on B, so drift of the machine (another process,
-thermal state) hits both alike. A checkout is used through ``PYTHONPATH`` (build its
+Each round runs every figure on A and on B (A first in odd rounds, B first in even
+ones), so drift of the machine (another process, thermal state) hits both alike. A checkout is used through ``PYTHONPATH`` (build its
 extension in place first: ``python setup.py build_ext --inplace``), so both run on the
 same interpreter and packages. Only the stable command line of the benchmark nodes
 (``python -m fastraft.benchmark bench-node ...``) is used, so an old checkout works too.
@@ -87,7 +87,10 @@ def main() -> int:
     got: dict[tuple[str, str], list[dict]] = {}
     for r in range(args.rounds):
         for name, (storage, load) in figures.items():
-            for side, checkout in (("A", args.a), ("B", args.b)):
+            # A then B in odd rounds, B then A in even ones: whichever runs second in a
+            # round (a warmer cache, a machine settling) is favoured equally often.
+            order = (("A", args.a), ("B", args.b))
+            for side, checkout in order if r % 2 == 0 else order[::-1]:
                 res = run_cluster(checkout, storage, dict(load, seconds=args.seconds))
                 got.setdefault((name, side), []).append(res)
                 print(f"round {r + 1} {name:<30} {side}: {res['writes_per_s']:>12,.0f}/s "

@@ -96,9 +96,12 @@ class Applier:
         self._busy = True
         try:
             user = self._user_entries(entries)
-            started = self.node._recorder.clock()
-            results = self._sm_apply(user) if user else ()
-            self._timed(started, len(user))
+            results: Sequence[Any] = ()
+            if user:
+                recorder = self.node._recorder
+                started = recorder.clock()
+                results = self._sm_apply(user)
+                recorder.applied(started, len(user))
             self._applied(entries, user, results)
         except Exception:
             self._failed(entries)
@@ -260,15 +263,12 @@ class Applier:
         user = self._user_entries(entries)
         results: Sequence[Any] = ()
         if user:
-            started = self.node._recorder.clock()
+            recorder = self.node._recorder
+            started = recorder.clock()
             returned: Any = self._sm_apply(user)
             results = await returned if self._sm_apply_async else returned
-            self._timed(started, len(user))
+            recorder.applied(started, len(user))
         self._applied(entries, user, results)
-
-    def _timed(self, started: float, count: int) -> None:
-        recorder = self.node._recorder
-        recorder.batch(recorder.apply_seconds, recorder.apply_batch_entries, started, count)
 
     def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
         if len(results) != len(user):

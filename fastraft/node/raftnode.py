@@ -543,7 +543,7 @@ class RaftNode:
         try:
             for m in messages:
                 t = type(m)
-                counts[t] = counts.get(t, 0) + 1
+                counts[t] += 1
                 try:
                     refused = step(from_id, m)
                 except Exception:  # a bug, not bad input (that is refused): say where
@@ -624,7 +624,10 @@ class RaftNode:
                 self._capacity.set()
             else:
                 proposals.appended(index)
-                self._recorder.flushed(len(datas), engine.log.last_index)
+                recorder = self._recorder
+                recorder.proposals_accepted += len(datas)
+                if recorder.timing:
+                    recorder.flushed(engine.log.last_index)
         self._runner.run(self.engine.take_commands())
 
     def _fail_node(self, what: str) -> None:

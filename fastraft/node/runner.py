@@ -126,6 +126,7 @@ class CommandRunner:
         writer = node._writer
         applier = node._applier
         recorder = node._recorder
+        sent = recorder.messages_out
         # Every command the engine emitted is in hand (the caller just took them), so
         # every entry up to this commit index is in these writes or earlier ones.
         commit_index = node.engine.commit_index
@@ -139,6 +140,7 @@ class CommandRunner:
                 if requires_durability(c.message) and (ops or writer.writes):
                     held.append(c)
                 else:
+                    sent[type(c.message)] += 1
                     box = outbox.get(c.to)
                     if box is None:
                         outbox[c.to] = [c.message]
@@ -149,6 +151,7 @@ class CommandRunner:
             elif t is SendSnapshotChunk:
                 m = node._transfer.fill_chunk(c)
                 if m is not None:
+                    sent[type(m)] += 1
                     box = outbox.get(c.to)
                     if box is None:
                         outbox[c.to] = [m]
@@ -188,7 +191,6 @@ class CommandRunner:
                 node._reads.failed(c.request_id, c.leader_id)
         send = node.network.send
         for to, msgs in outbox.items():
-            recorder.count_sent(msgs)
             send(to, msgs)
         node._membership_seen()
         more = node.engine.take_commands()

@@ -128,7 +128,7 @@ class LogWriter:
                     r = fn(*args)
                     if is_async:
                         await r
-                self._written(started, appended)
+                self.node._recorder.log_written(started, appended)
                 writes.popleft()
                 if not self.node._running:
                     return
@@ -147,12 +147,8 @@ class LogWriter:
         except Exception:
             self.node._fail_node("storage write failed")
             return
-        self._written(started, appended)
+        self.node._recorder.log_written(started, appended)
         self._done(ops, held, last)
-
-    def _written(self, started: float, appended: int) -> None:
-        recorder = self.node._recorder
-        recorder.batch(recorder.log_write_seconds, recorder.log_write_entries, started, appended)
 
     def _plan(self, ops: list[Any], commit_index: int) -> tuple[list[Any], Entry | None, int]:
         """The storage calls for one batch, in order, as (method, is_async, args); the
@@ -217,10 +213,11 @@ class LogWriter:
                 node._transfer.snapshot_saved(op)
         if held:
             by_peer: dict[int, list[Any]] = {}
+            sent = node._recorder.messages_out
             for s in held:
+                sent[type(s.message)] += 1
                 by_peer.setdefault(s.to, []).append(s.message)
             for to, msgs in by_peer.items():
-                node._recorder.count_sent(msgs)
                 node.network.send(to, msgs)
         node._runner.run(engine.take_commands())
 

@@ -6,7 +6,8 @@ node: a slow or dead peer may cost only that peer's (bounded) queue, and droppin
 is always allowed (Raft retries). Deliver from a later event-loop callback, never from
 inside ``send`` (``receive`` acts on the message at once, and the sending node may be in
 the middle of its own work). Built-ins: ``fastraft.transport.TcpNetwork`` and, for
-tests and in-process clusters, ``fastraft.transport.MemoryNetwork``.
+tests and in-process clusters, ``fastraft.transport.MemoryNetwork``; writing one:
+``docs/network.md``.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from fastraft.errors import (
     ConfigError,
     DecodeError,
     FastRaftError,
+    GroupExists,
     MembershipChangeInProgress,
     NodeFailed,
     NodeStopped,
@@ -14,7 +15,9 @@ from fastraft.errors import (
     ProposalDropped,
     StorageCorruption,
     StorageOwnedElsewhere,
+    UnknownGroup,
 )
+from fastraft.host import RaftHost
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.node import RaftNode
 from fastraft.replicatedlog import ReplicatedLog
@@ -24,11 +27,12 @@ from fastraft.storage import MemoryStorage, RaftStorage
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "RaftNode", "ReplicatedLog", "RaftStorage", "MemoryStorage", "StateMachine",
-    "NullStateMachine",
+    "Config", "RaftNode", "RaftHost", "ReplicatedLog", "RaftStorage", "MemoryStorage",
+    "StateMachine", "NullStateMachine",
     "Entry", "EntryKind", "HardState", "Membership",
     "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError",
     "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted",
     "Overloaded",
-    "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere",
+    "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere", "GroupExists",
+    "UnknownGroup",
 ]

@@ -29,6 +29,7 @@ from fastraft.processes import free_ports
 from fastraft.statemachine import NullStateMachine
 
 if TYPE_CHECKING:
+    from fastraft.config import Config
     from fastraft.node import RaftNode
 
 # ----------------------------------------------------------------------------- load
@@ -177,6 +178,133 @@ async def _bench_node(args: argparse.Namespace) -> None:
         await node.stop()
         return
     await asyncio.Event().wait()  # followers serve until the orchestrator stops them
+
+
+def host_config(groups: int) -> Config:
+    """Every group's Config in the multi-group rows: with many groups per process, slower
+    ticks (each group still heartbeats on its own: no quiescence yet)."""
+    from fastraft.config import Config
+    if groups <= 64:
+        return Config(max_pending_proposals=1 << 20)
+    return Config(max_pending_proposals=1 << 20, heartbeat_interval=0.25,
+                  election_timeout_min=1.5, election_timeout_max=3.0)
+
+
+async def _bench_host(args: argparse.Namespace) -> None:
+    """One process of a multi-group run: a RaftHost with ``groups`` groups, leaders spread
+    by preferred leader; from ``start_at`` (wall time) it writes to the groups it leads,
+    its share of ``in_flight``, then counts the messages it sends while idle. Prints one
+    JSON line and exits at a time all hosts share, so none measures the others leaving."""
+    from fastraft.host import RaftHost, preferred_leader
+    from fastraft.storage import MemoryStorage, RaftStorage
+    from fastraft.transport.tcp import TcpNetwork
+
+    cluster = parse_cluster(args.cluster)
+    spec = json.loads(args.load)
+    groups, seconds = spec["groups"], spec["seconds"]
+    warmup, idle = spec.get("warmup", 0.3), spec.get("idle_seconds", 1.0)
+
+    def storage(group_id: int) -> RaftStorage:
+        if args.storage == "memory":
+            return MemoryStorage()
+        from fastraft.filestorage import FileStorage
+        return FileStorage(os.path.join(args.data_dir, f"node-{args.id}", f"group-{group_id}"),
+                           sync=args.storage == "file")
+
+    host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]), storage=storage,
+                    config=host_config(groups), balance_interval=0.2)
+    await host.start()
+    for g in range(groups):
+        await host.create_group(g, cluster, state_machine=NullStateMachine())
+    mine = [g for g in range(groups) if preferred_leader(g, set(cluster)) == args.id]
+    while sorted(host.leaders()) != mine and time.time() < spec["start_at"]:
+        await asyncio.sleep(0.05)
+    balanced = sorted(host.leaders()) == mine
+    await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+    led = host.leaders()
+    writers = round(spec["in_flight"] * len(led) / groups)
+    data = os.urandom(spec["payload"])
+    clock = time.perf_counter
+    start = clock() + warmup
+    stop = start + seconds
+    lat = Latencies()
+    counts = lat.counts
+    lost: list[str] = []
+
+    async def writer(group_id: int) -> None:
+        propose = host.group(group_id).propose
+        t = clock()
+        while True:
+            try:
+                await propose(data)
+            except FastRaftError as exc:
+                lost.append(f"group {group_id}: {type(exc).__name__}: {exc}")
+                return
+            now = clock()
+            if now >= stop:
+                return
+            if now >= start:
+                us = int((now - t) * 1e6)
+                counts[us if us < _MAX_US else _MAX_US] += 1
+            t = now
+
+    await asyncio.gather(*[writer(led[k % len(led)]) for k in range(writers)] if led else [])
+    rss = rss_mib()
+    # idle: a second to settle, then the messages every group sends in ``idle`` seconds
+    await asyncio.sleep(max(0.0, stop + 1.0 - clock()))
+
+    def sent() -> int:
+        return sum(sum(node.metrics().messages_out.values()) for node in host.groups.values())
+    before, cpu = sent(), time.process_time()
+    await asyncio.sleep(idle)
+    idle_rate = (sent() - before) / idle
+    idle_cpu = (time.process_time() - cpu) / idle
+    print(json.dumps({"writes": lat.n, "seconds": seconds, "writers": writers,
+                      "led": len(led), "balanced": balanced, "rss_mib": rss,
+                      "idle_messages_per_s": idle_rate, "idle_cpu": idle_cpu,
+                      "latencies_us": {us: c for us, c in enumerate(counts) if c},
+                      "lost": lost[:1]}), flush=True)
+    await asyncio.sleep(max(0.0, stop + 2.0 + idle - clock()))  # all hosts leave together
+    await host.stop()
+
+
+def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
+                  timeout: float = 180) -> dict[str, Any]:
+    """``n`` bench-host processes; their results merged: writes summed, latencies of
+    every write (one histogram), RSS and idle messages per host."""
+    ports = free_ports(n)
+    spec = ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
+    load = dict(load, start_at=time.time() + 4 + load["groups"] / 100)
+    procs = [subprocess.Popen([sys.executable, *_ENTRY, "bench-host", "--storage", storage,
+                               "--id", str(i), "--cluster", spec, "--load", json.dumps(load),
+                               "--data-dir", workdir],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for i in range(1, n + 1)]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    hosts = [json.loads(o.strip().splitlines()[-1]) for o in outs if o.strip()]
+    if len(hosts) != n:
+        raise RuntimeError(f"{n - len(hosts)} of {n} hosts reported nothing")
+    lat = Latencies()
+    for h in hosts:
+        for us, c in h.pop("latencies_us").items():
+            lat.counts[int(us)] += c
+    writes = sum(h["writes"] for h in hosts)
+    return {"writes": writes, "seconds": load["seconds"],
+            "writes_per_s": writes / load["seconds"], **_percentiles(lat),
+            "idle_messages_per_s": sum(h["idle_messages_per_s"] for h in hosts),
+            # the busiest host's share of a core while idle
+            "idle_cpu": max(h["idle_cpu"] for h in hosts),
+            "rss_mib": [h["rss_mib"] for h in hosts],
+            "balanced": all(h["balanced"] for h in hosts),
+            "leaders": [h["led"] for h in hosts],
+            **({"leadership_lost": lost[0]} if (lost := [x for h in hosts
+                                                          for x in h["lost"]]) else {})}
 
 
 # FASTRAFT_BENCH_ENTRY=wrapper.py runs every node through a wrapper script (one that turns
@@ -476,8 +604,12 @@ def main(argv: list[str] | None = None) -> int:
         r = {"name": name, **info, **_median(runs)}
         results.append(r)
         lost = sum(1 for x in runs if x.get("leadership_lost"))
+        hosts = (f"  idle {_fmt(r['idle_messages_per_s'])} msgs/s, {r['idle_cpu']:.0%} of a "
+                 f"core; RSS per host {max(r['rss_mib']):.0f} MiB"
+                 if "idle_messages_per_s" in r else "")
         print(f"  {name:<58} {_fmt(r['writes_per_s']):>12}/s  p50 {_fmt(r.get('p50_ms'), 'ms')}"
               f" ms  p99 {_fmt(r.get('p99_ms'), 'ms')} ms  (spread {r['spread_pct']:.0f}%)"
+              + hosts
               + (f"  [leadership lost in {lost} of {len(runs)} runs]" if lost else ""),
               flush=True)
         return r
@@ -490,6 +622,15 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(sub)
         try:
             return _cluster(n, ["bench-node", "--storage", storage], load, sub)
+        finally:
+            shutil.rmtree(sub, ignore_errors=True)
+
+    def groups_run(storage: str, groups: int) -> dict[str, Any]:
+        load = {"groups": groups, "in_flight": 1024, "payload": 100, "seconds": args.seconds}
+        sub = os.path.join(workdir, f"run-{time.monotonic_ns()}")
+        os.makedirs(sub)
+        try:
+            return _host_cluster(3, storage, load, sub)
         finally:
             shutil.rmtree(sub, ignore_errors=True)
 
@@ -509,6 +650,14 @@ def main(argv: list[str] | None = None) -> int:
         measure("fastraft 3 procs memory propose_batch(64) 100B inflight=16",
                 lambda: fr(3, "memory", 16, 100, batch=64), system="fastraft",
                 storage="memory", in_flight=16 * 64, payload=100, nodes=3, batch=64)
+        # multi-Raft: RaftHost processes, 1,024 in flight spread over the groups
+        for storage, group_counts in (("memory", (1, 16, 64) if args.quick else
+                                       (1, 16, 64, 1024)), ("file", (1, 64))):
+            label = "memory" if storage == "memory" else "FileStorage+fsync"
+            for groups in group_counts:
+                measure(f"fastraft 3 hosts {label} 100B inflight=1024 groups={groups}",
+                        partial(groups_run, storage, groups), system="fastraft-groups",
+                        storage=storage, in_flight=1024, payload=100, nodes=3, groups=groups)
         if not args.quick:
             measure("fastraft 3 procs memory 10KiB inflight=1024",
                     lambda: fr(3, "memory", 1024, 10240), system="fastraft",
@@ -626,13 +775,13 @@ def _plot(results: list[dict[str, Any]], path: str) -> None:
 def _module_main() -> None:
     parser = argparse.ArgumentParser(prog="python -m fastraft.benchmark")
     sub = parser.add_subparsers(dest="role", required=True)
-    for role in ("bench-node", "pysyncobj-node"):
+    for role in ("bench-node", "bench-host", "pysyncobj-node"):
         p = sub.add_parser(role)
         p.add_argument("--id", type=int, required=True)
         p.add_argument("--cluster", required=True)
         p.add_argument("--load", required=True)
         p.add_argument("--data-dir", required=True)
-        if role == "bench-node":
+        if role != "pysyncobj-node":
             p.add_argument("--storage", choices=("memory", "file", "file-nosync"),
                            default="memory")
     p = sub.add_parser("pump-recv")
@@ -642,6 +791,8 @@ def _module_main() -> None:
     args = parser.parse_args()
     if args.role == "bench-node":
         run_loop(_bench_node(args))
+    elif args.role == "bench-host":
+        run_loop(_bench_host(args))
     elif args.role == "pysyncobj-node":
         _pysyncobj_node(args)
     else:

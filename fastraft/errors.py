@@ -76,3 +76,11 @@ class OffsetCompacted(FastRaftError, ValueError):
     """The entries asked for are no longer in this node's log: compacted behind a snapshot
     and the retention bound (``Config.log_retention_entries`` / ``log_retention_bytes``),
     or before a snapshot this node installed. Start from the offset the message names."""
+
+
+class GroupExists(FastRaftError, ValueError):
+    """``RaftHost.create_group`` for a group that already runs on that host."""
+
+
+class UnknownGroup(FastRaftError, KeyError):
+    """A group id that does not run on that host."""

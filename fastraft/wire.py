@@ -105,30 +105,37 @@ class FrameReader:
 
 
 class BlobCache:
-    """Encoded entry batches of the last few AppendEntries, so the same entries sent to
-    several followers are encoded once. Keyed by the first and last (index, term): by the
-    Log Matching Property (§5.3) those fix every entry in between."""
+    """Encoded entry batches of recent AppendEntries, so the same entries sent to several
+    followers are encoded once. Keyed by the group and the first and last (index, term):
+    by the Log Matching Property (§5.3) those fix every entry in between. Emptied when it
+    holds ``MAX_BLOBS`` batches or ``MAX_BYTES`` bytes (cheaper than evicting one at a
+    time, and a host of many groups still finds each group's batch for every peer)."""
 
-    __slots__ = ("_blobs",)
+    __slots__ = ("_blobs", "_bytes")
 
-    SIZE = 8
+    MAX_BLOBS = 256
+    MAX_BYTES = 8 << 20
 
     def __init__(self) -> None:
         self._blobs: dict[tuple[Any, ...], bytes] = {}
+        self._bytes = 0
 
-    def encode(self, entries: list[Any]) -> bytes:
+    def encode(self, entries: list[Any], group: int = 0) -> bytes:
         first, last = entries[0], entries[-1]
-        key = (first.index, first.term, last.index, last.term)
+        key = (group, first.index, first.term, last.index, last.term)
         blob = self._blobs.get(key)
         if blob is None:
             blob = kernels.encode_entries(entries)
-            if len(self._blobs) >= self.SIZE:
+            if len(self._blobs) >= self.MAX_BLOBS or self._bytes >= self.MAX_BYTES:
                 self._blobs.clear()
+                self._bytes = 0
             self._blobs[key] = blob
+            self._bytes += len(blob)
         return blob
 
 
-def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None) -> bytes:
+def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None,
+                    group: int = 0) -> bytes:
     parts: list[bytes] = []
     append = parts.append
     pack = _U32.pack
@@ -141,7 +148,7 @@ def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None) -> 
             finally:
                 m.entries = entries
             blob = (kernels.encode_entries(entries) if blobs is None
-                    else blobs.encode(entries))
+                    else blobs.encode(entries, group))
             append(pack(len(head)))
             append(head)
             append(pack(len(blob)))
@@ -154,10 +161,10 @@ def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None) -> 
     return b"".join(parts)
 
 
-def decode_messages(buf: bytes | bytearray | memoryview) -> list[Any]:
+def decode_messages(buf: bytes | bytearray | memoryview, pos: int = 0) -> list[Any]:
+    """The messages encoded in ``buf`` from offset ``pos`` to its end."""
     view = memoryview(buf)
     size = len(view)
-    pos = 0
     out = []
     unpack = _U32.unpack_from
     try:

@@ -7,7 +7,7 @@ import struct
 import msgspec
 
 from fastraft.transport.link import (
-    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
     ClientHello,
     Credentials,
     ServerHello,
@@ -21,6 +21,16 @@ _enc = msgspec.msgpack.Encoder()
 
 def frame(body: bytes) -> bytes:
     return struct.pack("<I", len(body)) + body
+
+
+def section(body: bytes, group: int = 0) -> bytes:
+    """One group's part of a Raft frame: ``u64 group | u32 length | body``."""
+    return struct.pack("<QI", group, len(body)) + body
+
+
+def raft_frame(messages: list, group: int = 0) -> bytes:
+    """A Raft port's frame carrying ``messages`` of one group."""
+    return frame(section(encode_messages(messages), group))
 
 
 async def read_frame(reader) -> bytes:
@@ -41,7 +51,7 @@ async def connect(port: int, node_id: int = 99, *, cluster_id: str = "fastraft",
         creds = Credentials(cluster_id, purpose, secret)
         nonce = os.urandom(16)
         writer.write(frame(_enc.encode(ClientHello(
-            cluster_id, node_id, PROTOCOL_VERSION, address, nonce,
+            cluster_id, node_id, PROTOCOL_VERSIONS[purpose], address, nonce,
             creds.proof("dial", node_id, address, hello.nonce, nonce)))))
         try:
             welcome = decode_hello(await asyncio.wait_for(read_frame(reader), 5))
@@ -55,7 +65,7 @@ async def send_messages(port: int, node_id: int, messages: list, **kw) -> None:
     """One connection as ``node_id``: handshake, one frame of ``messages``, close once
     the node has read it."""
     reader, writer, _ = await connect(port, node_id, **kw)
-    writer.write(frame(encode_messages(messages)))
+    writer.write(raft_frame(messages))
     await writer.drain()
     writer.write_eof()
     try:

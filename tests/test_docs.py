@@ -10,7 +10,8 @@ import pytest
 from fastraft.config import Config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RUNNABLE = ["README.md", "docs/getting-started.md", "docs/api.md", "docs/network.md"]
+RUNNABLE = ["README.md", "docs/getting-started.md", "docs/api.md", "docs/network.md",
+            "docs/multiraft.md"]
 
 
 def python_blocks(page):

@@ -13,11 +13,10 @@ from fastraft.messages import RequestVote
 from fastraft.testing import wait_until
 from fastraft.transport.link import PROTOCOL_VERSION, ServerHello, Welcome, decode_hello
 from fastraft.transport.tcp import TcpNetwork
-from fastraft.wire import encode_messages
 
 from aio import run
 from certs import CA
-from rawpeer import connect, frame, no_tracebacks, read_frame
+from rawpeer import connect, frame, no_tracebacks, raft_frame, read_frame
 
 SECRET = b"s" * 32
 VOTE = RequestVote(1, 1, 0, 0)
@@ -92,7 +91,7 @@ async def test_a_members_id_without_the_secret_never_reaches_the_node():
     await b.start(sink)
     reader, writer, welcome = await connect(b.port, 1)  # node 1's id, no proof
     assert welcome is None
-    writer.write(frame(encode_messages([VOTE])))
+    writer.write(raft_frame([VOTE]))
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the node
     assert sink.got == [] and b.stats["refused"] == 1
     await b.stop()

@@ -17,7 +17,7 @@ from fastraft.transport.tcp import TcpNetwork
 from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 from aio import run
-from rawpeer import connect, frame
+from rawpeer import connect, frame, section
 
 FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
 
@@ -61,8 +61,10 @@ async def test_messages_arrive_coalesced_with_entries_as_views():
 
 @pytest.mark.parametrize("payload", [
     b"\x00\x00\x00\x05garbage-bytes-that-are-not-msgpack",
-    frame(b"\xc1\xc1\xc1"),
-    frame(struct.pack("<I", 3) + b"\x93\x01\x02" + struct.pack("<I", 99)),  # truncated blob
+    frame(b"\xc1\xc1\xc1"),  # shorter than a group section's header
+    frame(section(b"\xc1\xc1\xc1")),
+    frame(section(struct.pack("<I", 3) + b"\x93\x01\x02" + struct.pack("<I", 99))),  # blob cut
+    frame(section(b"") + struct.pack("<QI", 1, 50) + b"short"),  # a section runs past the end
     struct.pack("<I", 1 << 30),  # oversized
 ])
 @run
@@ -142,7 +144,17 @@ async def test_unreachable_peer_costs_only_a_bounded_queue():
     a.set_peers({2: f"127.0.0.1:{dead}"})
     for _ in range(1000):
         a.send(2, [RequestVote(1, 1, 0, 0)])
-    assert len(a._peers[2].pending) == 100 and a.stats["dropped"] == 900
+    peer = a._peers[2]
+    assert peer.queued == 100 and len(peer.pending[0]) == 100 and a.stats["dropped"] == 900
+    # the bound is per peer, across groups: the oldest go first, whichever group sent them
+    for k in range(30):
+        a.send_group(7, 2, [RequestVote(2, 1, k, 0)])
+    assert peer.queued == 100 and len(peer.pending[0]) == 70
+    assert peer.pending[7] == [RequestVote(2, 1, k, 0) for k in range(30)]
+    for k in range(100):
+        a.send_group(8, 2, [RequestVote(3, 1, k, 0)])
+    assert list(peer.pending) == [8] and len(peer.pending[8]) == 100
+    assert a.stats["dropped"] == 1030
     await a.stop()
 
 
@@ -185,6 +197,44 @@ def test_entries_sent_to_several_followers_are_encoded_once():
     other = [Entry(3, e.index, 0, b"y") for e in entries]
     assert decode_messages(encode_messages([AppendEntries(3, 1, 4, 2, other, 3)], blobs)) \
         == [AppendEntries(3, 1, 4, 2, other, 3)]
-    for k in range(BlobCache.SIZE + 1):  # bounded
+    # another group's log at the same indexes and terms is another log too
+    mine = blobs.encode(entries, group=7)
+    assert mine is not blobs.encode(entries) and mine == blobs.encode(entries)
+    for k in range(BlobCache.MAX_BLOBS + 1):  # bounded in number
         blobs.encode([Entry(4, 100 + k, 0, b"")])
-    assert len(blobs._blobs) <= BlobCache.SIZE
+    assert len(blobs._blobs) <= BlobCache.MAX_BLOBS
+    for k in range(3):  # and in bytes
+        blobs.encode([Entry(5, 1000 + k, 0, bytes(BlobCache.MAX_BYTES // 2))])
+    assert sum(map(len, blobs._blobs.values())) <= BlobCache.MAX_BYTES
+
+
+@run
+async def test_groups_share_one_connection_and_one_frame_per_loop_turn():
+    a = TcpNetwork(1, "127.0.0.1:0")
+    b = TcpNetwork(2, "127.0.0.1:0")
+    await a.serve()
+    await b.serve()
+    sinks = {g: Sink() for g in (1, 2)}
+    views = {g: b.group(g) for g in (1, 2)}
+    for g, view in views.items():
+        await view.start(sinks[g])
+        view.set_peers({1: a.listen, 2: b.listen})
+    a_views = {g: a.group(g) for g in (1, 2, 3)}
+    for view in a_views.values():
+        view.set_peers({1: a.listen, 2: b.listen})
+    for k in range(10):  # one loop turn: three groups' messages for node 2
+        for g, view in a_views.items():
+            view.send(2, [RequestVote(g, 1, k, 0)])
+    await wait_until(lambda: len(sinks[1].got) == 10 and len(sinks[2].got) == 10)
+    await wait_until(lambda: b.stats["unknown_group"] == 10)  # group 3 is not on node 2
+    assert sinks[1].got == [(1, RequestVote(1, 1, k, 0)) for k in range(10)]
+    assert sinks[2].got == [(1, RequestVote(2, 1, k, 0)) for k in range(10)]
+    assert a.stats["frames_out"] == 1 and b.stats["frames_in"] == 1
+    assert len(b._inbound) == 1  # one connection for every group
+    # a group that stops takes its peers with it only when no other group names them
+    await views[1].stop()
+    assert b.addresses == {1: a.listen}
+    await views[2].stop()
+    assert b.addresses == {}
+    await a.stop()
+    await b.stop()

@@ -46,9 +46,9 @@ class _CuttableTcp(TcpNetwork):
         super().__init__(node_id, listen, **options)
         self.hub = hub
 
-    def send(self, target: int, messages: list[Any]) -> None:
+    def send_group(self, group_id: int, target: int, messages: list[Any]) -> None:
         if (self.id, target) not in self.hub._cut:
-            super().send(target, messages)
+            super().send_group(group_id, target, messages)
 
     def receive_filter(self, frm: int) -> bool:
         return (frm, self.id) not in self.hub._cut

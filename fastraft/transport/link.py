@@ -42,7 +42,10 @@ from fastraft.wire import FrameReader
 
 log = logging.getLogger("fastraft.transport")
 
-PROTOCOL_VERSION = 2
+#: What each port speaks after the handshake: the Raft port's frames carry one section
+#: per group since version 3 (multi-Raft); the client port's are as they were in 2.
+PROTOCOL_VERSIONS = {"raft": 3, "kv": 2}
+PROTOCOL_VERSION = PROTOCOL_VERSIONS["raft"]
 #: The most an unauthenticated peer may send: one handshake frame.
 HANDSHAKE_BYTES = 4096
 #: A cluster secret shorter than this is refused (brute force).
@@ -241,6 +244,7 @@ class Link(asyncio.Protocol):
                  handshake_timeout: float = 5.0, expected_peer: int | None = None,
                  throttle: Throttle | None = None) -> None:
         self.credentials = credentials
+        self.version = PROTOCOL_VERSIONS[credentials.purpose]
         #: Refusals are logged through this, one line per peer address per second.
         self.throttle = throttle or Throttle(log)
         self.local_id = local_id
@@ -301,7 +305,7 @@ class Link(asyncio.Protocol):
         if self.closed:
             return
         if self.acceptor:
-            self._write(_encoder.encode(ServerHello(PROTOCOL_VERSION, self._nonce)))
+            self._write(_encoder.encode(ServerHello(self.version, self._nonce)))
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -346,9 +350,9 @@ class Link(asyncio.Protocol):
             return self.refuse(str(exc))
         creds = self.credentials
         if self.acceptor and isinstance(msg, ClientHello):
-            if msg.version != PROTOCOL_VERSION:
+            if msg.version != self.version:
                 return self.refuse(f"peer speaks protocol {msg.version}, "
-                                   f"not {PROTOCOL_VERSION}")
+                                   f"not {self.version}")
             if msg.cluster_id != creds.cluster_id:
                 return self.refuse(f"peer belongs to cluster {msg.cluster_id!r}, "
                                    f"not {creds.cluster_id!r}")
@@ -364,12 +368,12 @@ class Link(asyncio.Protocol):
                 "accept", self.local_id, "", msg.nonce, self._nonce))))
             return self._authenticated(msg.node_id, msg.address)
         if not self.acceptor and isinstance(msg, ServerHello) and not self._peer_nonce:
-            if msg.version != PROTOCOL_VERSION:
+            if msg.version != self.version:
                 return self.refuse(f"peer speaks protocol {msg.version}, "
-                                   f"not {PROTOCOL_VERSION}")
+                                   f"not {self.version}")
             self._peer_nonce = msg.nonce
             self._write(_encoder.encode(ClientHello(
-                creds.cluster_id, self.local_id, PROTOCOL_VERSION, self.address,
+                creds.cluster_id, self.local_id, self.version, self.address,
                 self._nonce, creds.proof("dial", self.local_id, self.address, msg.nonce,
                                          self._nonce))))
             return True

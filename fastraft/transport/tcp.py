@@ -4,8 +4,13 @@ Each node dials every peer and sends on that connection only; it receives on the
 connections its peers dialed. A connection starts with the handshake of
 ``fastraft.transport.link``: peers are authenticated by a cluster secret and/or mutual
 TLS, and refused (logged, counted) before any Raft message is decoded. Then each frame
-(``u32 length | body``) carries a batch of messages (``fastraft.wire``). Everything queued
-for a peer during one loop iteration leaves in one frame and one write.
+(``u32 length | body``) carries, per Raft group, ``u64 group | u32 length | a batch of
+messages`` (``fastraft.wire``). Everything queued for a peer during one loop iteration,
+of every group, leaves in one frame and one write.
+
+One ``TcpNetwork`` serves one node (``start(node)``: group 0) or, through
+``group(group_id)`` views, every group of a ``fastraft.RaftHost``: one listening port
+and one connection per peer process for all of them.
 
 A malformed, truncated or oversized frame closes that connection (one log line); the node
 keeps serving. A slow or unreachable peer costs only its own bounded queue: past the bound
@@ -18,7 +23,7 @@ import asyncio
 import logging
 import random
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from functools import partial
 from typing import Any
 
@@ -31,6 +36,10 @@ from fastraft.wire import BlobCache, decode_messages, encode_messages
 log = logging.getLogger("fastraft.transport.tcp")
 
 _LEN = struct.Struct("<I")
+#: A group's section of a frame: the group id and the length of its messages.
+_SECTION = struct.Struct("<QI")
+#: A frame's length and its only section's header, packed at once (one group's frame).
+_ONE_SECTION = struct.Struct("<IQI")
 #: Addresses learned from peers that dialed us, kept for at most this many ids.
 MAX_LEARNED = 1024
 
@@ -60,8 +69,13 @@ class TcpNetwork:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.rng = rng or random.Random()
-        self.node: Any = None
+        #: The node of each group this network delivers to.
+        self.receivers: dict[int, Any] = {}
         self.addresses: dict[int, str] = {}
+        #: The members' addresses each group declared (``set_peers``); ``addresses`` is
+        #: their union, ``_uses`` how many groups name each node.
+        self._group_addresses: dict[int, dict[int, str]] = {}
+        self._uses: Counter[int] = Counter()
         #: Addresses announced by authenticated peers that dialed us, used for nodes not
         #: in ``addresses`` (a new learner answering the leader that contacted it).
         self.learned: OrderedDict[int, str] = OrderedDict()
@@ -72,13 +86,29 @@ class TcpNetwork:
         #: Followers at the same point get the same entries: encode them once.
         self.blobs = BlobCache()
         self.stats = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0,
-                      "dropped": 0, "refused": 0,
+                      "dropped": 0, "refused": 0, "unknown_group": 0,
                       "bad_frames": 0, "evicted": 0, "timeouts": 0}
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(logging.getLogger("fastraft.transport"))
 
+    @property
+    def node(self) -> Any:
+        """The node of group 0 (a single node's network), or None."""
+        return self.receivers.get(0)
+
     async def start(self, node: Any) -> None:
-        self.node = node
+        """Listen, and deliver to ``node`` as group 0 (the ``RaftNetwork`` hook)."""
+        await self.serve()
+        self.receivers[0] = node
+
+    def group(self, group_id: int) -> GroupNetwork:
+        """The ``RaftNetwork`` of one group of a host (start the network with ``serve``)."""
+        return GroupNetwork(self, group_id)
+
+    async def serve(self) -> None:
+        """Listen on ``listen`` (port 0: a free one, written back to ``listen``)."""
+        if self._server is not None:
+            return
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(lambda: _Inbound(self), self.host,
                                                       self.port)
@@ -98,10 +128,26 @@ class TcpNetwork:
         self._peers.clear()
         for conn in list(self._inbound):
             conn.close()
-        self.node = None
+        self.receivers.clear()
 
     def set_peers(self, addresses: dict[int, str]) -> None:
-        self.addresses = {i: a for i, a in addresses.items() if i != self.id}
+        self.set_group_peers(0, addresses)
+
+    def set_group_peers(self, group_id: int, addresses: dict[int, str]) -> None:
+        """Group ``group_id``'s members are at ``addresses`` (replacing what it said
+        before). A node stays dialable while any group names it."""
+        new = {i: a for i, a in addresses.items() if i != self.id}
+        old = self._group_addresses.pop(group_id, {})
+        if new:
+            self._group_addresses[group_id] = new
+        uses = self._uses
+        uses.subtract(old.keys())
+        uses.update(new.keys())
+        self.addresses.update(new)
+        for i in old.keys() - new.keys():
+            if uses[i] <= 0:
+                del uses[i]
+                self.addresses.pop(i, None)
         for i in [i for i in self._peers if i not in self.addresses and i not in self.learned]:
             self._peers.pop(i).close()
         for i, peer in self._peers.items():
@@ -115,6 +161,10 @@ class TcpNetwork:
         return True
 
     def send(self, target: int, messages: list[Any]) -> None:
+        self.send_group(0, target, messages)
+
+    def send_group(self, group_id: int, target: int, messages: list[Any]) -> None:
+        """Queue ``messages`` of group ``group_id`` for node ``target``."""
         peer = self._peers.get(target)
         if peer is None:
             address = self.addresses.get(target) or self.learned.get(target)
@@ -122,7 +172,7 @@ class TcpNetwork:
                 self.stats["dropped"] += len(messages)
                 return
             peer = self._peers[target] = _Peer(self, target, address)
-        peer.enqueue(messages)
+        peer.enqueue(group_id, messages)
 
     def _learn(self, node_id: int, address: str) -> None:
         self.learned[node_id] = address
@@ -138,7 +188,9 @@ class _Peer:
         self.net = net
         self.id = peer_id
         self.address = address
-        self.pending: list[Any] = []
+        #: Messages waiting for the next flush, per group, in the order they were sent.
+        self.pending: dict[int, list[Any]] = {}
+        self.queued = 0
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.closed = False
@@ -146,32 +198,61 @@ class _Peer:
         self.loop = net._loop
         self.connect_task = self.loop.create_task(self._connect_loop())
 
-    def enqueue(self, messages: list[Any]) -> None:
-        self.pending.extend(messages)
-        limit = self.net.max_queue_messages
-        if len(self.pending) > limit:
-            drop = len(self.pending) - limit
-            del self.pending[:drop]  # the oldest are the least useful to Raft
-            self.net.stats["dropped"] += drop
+    def enqueue(self, group_id: int, messages: list[Any]) -> None:
+        box = self.pending.get(group_id)
+        if box is None:
+            self.pending[group_id] = box = []
+        box.extend(messages)
+        self.queued += len(messages)
+        if self.queued > self.net.max_queue_messages:
+            self._drop_oldest()
         if self.transport is not None and not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def _drop_oldest(self) -> None:
+        """Over the queue bound: drop the oldest messages, of the groups that queued
+        first (the oldest are the least useful to Raft, which resends)."""
+        drop = self.queued - self.net.max_queue_messages
+        self.net.stats["dropped"] += drop
+        self.queued -= drop
+        for group_id, box in list(self.pending.items()):
+            if len(box) > drop:
+                del box[:drop]
+                return
+            drop -= len(box)
+            del self.pending[group_id]
+
     def flush(self) -> None:
         self.flush_scheduled = False
         transport = self.transport
-        if transport is None or not self.pending:
+        pending = self.pending
+        if transport is None or not pending:
             return
+        self.pending = {}
+        queued, self.queued = self.queued, 0
         if transport.get_write_buffer_size() > self.net.max_buffer_bytes:
-            self.net.stats["dropped"] += len(self.pending)
-            self.pending = []  # the peer is not reading: drop rather than grow
+            self.net.stats["dropped"] += queued  # the peer is not reading: drop, not grow
             return
-        body = encode_messages(self.pending, self.net.blobs)
-        self.pending = []
-        transport.writelines((_LEN.pack(len(body)), body))
+        blobs = self.net.blobs
+        if len(pending) == 1:  # the common case, a single node's: no list of parts
+            for group_id, messages in pending.items():
+                body = encode_messages(messages, blobs, group_id)
+                size = _SECTION.size + len(body)
+                transport.writelines((_ONE_SECTION.pack(size, group_id, len(body)), body))
+        else:
+            parts: list[bytes] = [b""]
+            size = 0
+            for group_id, messages in pending.items():
+                body = encode_messages(messages, blobs, group_id)
+                parts.append(_SECTION.pack(group_id, len(body)))
+                parts.append(body)
+                size += _SECTION.size + len(body)
+            parts[0] = _LEN.pack(size)
+            transport.writelines(parts)
         stats = self.net.stats
         stats["frames_out"] += 1
-        stats["bytes_out"] += len(body) + _LEN.size
+        stats["bytes_out"] += size + _LEN.size
 
     async def _connect_loop(self) -> None:
         net = self.net
@@ -260,16 +341,77 @@ class _Inbound(Link):
     def frame(self, frame: memoryview) -> bool:
         net = self.net
         try:
-            messages = decode_messages(frame)
+            sections = _sections(frame)
         except DecodeError as exc:
             net.stats["bad_frames"] += 1
             return self.refuse(str(exc))
         stats = net.stats
         stats["frames_in"] += 1
         stats["bytes_in"] += len(frame) + _LEN.size
-        node = net.node
         peer_id = self.peer_id  # set: frames follow the handshake
-        if node is not None and messages and peer_id is not None \
-                and net.receive_filter(peer_id):
-            node.receive(peer_id, messages)
+        if peer_id is None or not net.receive_filter(peer_id):
+            return True
+        receivers = net.receivers
+        for group_id, messages in sections:
+            node = receivers.get(group_id)
+            if node is None:
+                # not (yet, or any more) a group here: Raft resends what matters
+                stats["unknown_group"] += len(messages)
+            elif messages:
+                node.receive(peer_id, messages)
         return True
+
+
+def _sections(frame: memoryview) -> list[tuple[int, list[Any]]]:
+    """A frame's (group, messages) sections, all decoded before any is delivered."""
+    size = len(frame)
+    if size >= _SECTION.size:
+        group_id, n = _SECTION.unpack_from(frame)
+        if n == size - _SECTION.size:  # one group's frame (a single node's, always)
+            return [(group_id, decode_messages(frame, _SECTION.size))]
+    out = []
+    pos = 0
+    unpack = _SECTION.unpack_from
+    while pos < size:
+        if pos + _SECTION.size > size:
+            raise DecodeError(f"group section header truncated at offset {pos}")
+        group_id, n = unpack(frame, pos)
+        pos += _SECTION.size
+        if pos + n > size:
+            raise DecodeError(f"group {group_id}'s messages at offset {pos} run past the "
+                              "end of the frame")
+        out.append((group_id, decode_messages(frame[pos:pos + n])))
+        pos += n
+    return out
+
+
+class GroupNetwork:
+    """One Raft group's ``RaftNetwork`` on a ``TcpNetwork`` it shares with the other
+    groups of its host: messages carry the group id, connections and frames are shared."""
+
+    def __init__(self, net: TcpNetwork, group_id: int) -> None:
+        self.net = net
+        self.group_id = group_id
+
+    @property
+    def listen(self) -> str:
+        return self.net.listen
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.net.stats
+
+    async def start(self, node: Any) -> None:
+        await self.net.serve()
+        self.net.receivers[self.group_id] = node
+
+    async def stop(self) -> None:
+        net = self.net
+        net.receivers.pop(self.group_id, None)
+        net.set_group_peers(self.group_id, {})
+
+    def send(self, target: int, messages: list[Any]) -> None:
+        self.net.send_group(self.group_id, target, messages)
+
+    def set_peers(self, addresses: dict[int, str]) -> None:
+        self.net.set_group_peers(self.group_id, addresses)

@@ -1,0 +1,195 @@
+"""``RaftHost``: many Raft groups in one process over one transport (multi-Raft).
+
+A storage engine that shards its data runs one Raft group per shard, a few processes
+holding a replica of each. A host is one such process: every group on it is a
+``RaftNode`` (the same class, the same code path as a single node) whose network is a
+view of the host's ``TcpNetwork``: one listening port, one connection per peer process,
+and every group's messages for a peer in one frame per loop turn. A group's members are
+hosts: node ids are host ids, addresses host addresses.
+
+Leadership is spread across hosts: each group has a preferred leader (its voters in id
+order, picked by group id), and a host that leads a group whose preferred leader is
+caught up hands leadership to it (thesis §3.10). So leaders are balanced while every host
+is up, and after a host restarts its groups' leadership comes back to it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+from fastraft.config import Config
+from fastraft.errors import GroupExists, NodeStopped, UnknownGroup
+from fastraft.node import RaftNode
+from fastraft.statemachine import StateMachine
+from fastraft.storage import MemoryStorage, RaftStorage
+from fastraft.transport.tcp import TcpNetwork
+
+log = logging.getLogger("fastraft.host")
+
+#: Group ids travel as unsigned 64-bit ints.
+MAX_GROUP_ID = (1 << 64) - 1
+
+
+def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
+    """The voter that should lead ``group_id``: groups with the same voters take turns."""
+    ordered = sorted(voters)
+    return ordered[group_id % len(ordered)]
+
+
+class RaftHost:
+    """Hosts Raft groups in this process (see the module docstring).
+
+    ``storage(group_id)`` makes a group's storage when ``create_group`` is not given one
+    (default: ``MemoryStorage``); the host never closes a storage, whoever made it, so a
+    new host on the same storages is a restart. ``config`` is every group's unless
+    ``create_group`` says otherwise. Every ``balance_interval`` seconds the host hands
+    groups it leads to their preferred leaders (``None``: never).
+    """
+
+    def __init__(self, node_id: int, *, network: TcpNetwork,
+                 storage: Callable[[int], RaftStorage] | None = None,
+                 config: Config | None = None, cluster_id: str = "fastraft",
+                 balance_interval: float | None = 1.0) -> None:
+        if not isinstance(node_id, int) or node_id <= 0:
+            raise ValueError(f"node ids are positive ints, got {node_id!r}")
+        if network.id != node_id:
+            raise ValueError(f"the network is node {network.id}'s, not node {node_id}'s")
+        if balance_interval is not None and balance_interval <= 0:
+            raise ValueError(f"balance_interval must be positive or None, "
+                             f"got {balance_interval!r}")
+        self.id = node_id
+        self.network = network
+        self.storage_factory = storage or (lambda group_id: MemoryStorage())
+        self.config = config or Config()
+        self.cluster_id = cluster_id
+        self.balance_interval = balance_interval
+        self._groups: dict[int, RaftNode] = {}
+        self._balancer: asyncio.Task[None] | None = None
+        self._running = False
+        #: Leadership handed to preferred leaders so far.
+        self.transfers = 0
+
+    @property
+    def address(self) -> str:
+        """This host's address (``HOST:PORT``; port 0 is resolved by ``start``)."""
+        return self.network.listen
+
+    @property
+    def groups(self) -> Mapping[int, RaftNode]:
+        """The groups on this host, by id (a read-only view)."""
+        return self._groups
+
+    async def start(self) -> RaftHost:
+        await self.network.serve()
+        self._running = True
+        if self.balance_interval is not None:
+            self._balancer = asyncio.get_running_loop().create_task(self._balance_loop())
+        return self
+
+    async def stop(self) -> None:
+        """Stop every group and the transport; storages stay open (they are reused by a
+        new host: a restart)."""
+        self._running = False
+        if self._balancer is not None:
+            self._balancer.cancel()
+            await asyncio.gather(self._balancer, return_exceptions=True)
+            self._balancer = None
+        groups, self._groups = self._groups, {}
+        for node in groups.values():
+            await node.stop()
+        await self.network.stop()
+
+    async def __aenter__(self) -> RaftHost:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def create_group(self, group_id: int, members: Mapping[int, str] | None, *,
+                           state_machine: StateMachine, config: Config | None = None,
+                           storage: RaftStorage | None = None) -> RaftNode:
+        """Start this host's replica of group ``group_id`` and return it (a ``RaftNode``).
+
+        ``members`` (host id -> host address) founds the group, as ``initialize`` does:
+        every founding host may pass the same; ``None`` for a replica that is added later
+        (``add_learner`` on the group's leader) or restarts on storage that knows its
+        group. Raises ``GroupExists`` if the group is already here."""
+        if not self._running:
+            raise NodeStopped(f"host {self.id} is not running: start() it first")
+        if not isinstance(group_id, int) or not 0 <= group_id <= MAX_GROUP_ID:
+            raise ValueError(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+        if group_id in self._groups:
+            raise GroupExists(f"group {group_id} already runs on host {self.id}")
+        node = RaftNode(self.id, storage=storage or self.storage_factory(group_id),
+                        network=self.network.group(group_id), state_machine=state_machine,
+                        config=config or self.config,
+                        cluster_id=f"{self.cluster_id}/{group_id}")
+        self._groups[group_id] = node
+        try:
+            await node.start()
+            if members is not None:
+                await node.initialize(dict(members))
+        except BaseException:
+            self._groups.pop(group_id, None)
+            await node.stop()
+            raise
+        return node
+
+    def group(self, group_id: int) -> RaftNode:
+        """The replica of group ``group_id`` on this host; ``UnknownGroup`` if none."""
+        node = self._groups.get(group_id)
+        if node is None:
+            raise UnknownGroup(f"group {group_id} does not run on host {self.id}")
+        return node
+
+    async def remove_group(self, group_id: int) -> None:
+        """Stop this host's replica of ``group_id`` (its storage stays as it is). To take
+        the host out of the group, change the group's membership first."""
+        node = self._groups.pop(group_id, None)
+        if node is None:
+            raise UnknownGroup(f"group {group_id} does not run on host {self.id}")
+        await node.stop()
+
+    def leaders(self) -> list[int]:
+        """The groups this host leads."""
+        return [g for g, node in self._groups.items() if node.is_leader]
+
+    # ------------------------------------------------------------------ balance
+
+    async def _balance_loop(self) -> None:
+        assert self.balance_interval is not None
+        while self._running:
+            await asyncio.sleep(self.balance_interval)
+            try:
+                await self.balance()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: say so, keep the host serving
+                log.exception("host %d: leader balancing failed", self.id)
+
+    async def balance(self, max_transfers: int = 64) -> int:
+        """Hand groups led here to their preferred leaders where those are caught up; at
+        most ``max_transfers`` at a time. Returns how many moved."""
+        moves = []
+        for group_id, node in list(self._groups.items()):
+            e = node.engine
+            if not node.is_leader or not e.committed_in_term or e.membership.joint:
+                continue
+            target = preferred_leader(group_id, e.membership.voters)
+            pr = e.progress.get(target)
+            if target == self.id or pr is None or pr.match_index < e.log.last_index:
+                continue
+            moves.append((node, target))
+            if len(moves) >= max_transfers:
+                break
+        results = await asyncio.gather(*(node.transfer_leadership(target)
+                                         for node, target in moves), return_exceptions=True)
+        for r in results:
+            if isinstance(r, asyncio.CancelledError):
+                raise r
+        # the others failed for a reason of the moment (a timeout, a stopped group, a new
+        # leader meanwhile): the next round tries again
+        moved = sum(1 for r in results if r is None)
+        self.transfers += moved
+        return moved

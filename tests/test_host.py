@@ -1,0 +1,205 @@
+"""RaftHost: many groups per process over one TcpNetwork (loopback), leaders spread by
+preferred leader, a whole host stopped and restarted on its storages."""
+import asyncio
+
+import pytest
+
+from fastraft import (
+    Config,
+    GroupExists,
+    MemoryStorage,
+    NodeStopped,
+    NotLeader,
+    RaftHost,
+    UnknownGroup,
+)
+from fastraft.host import preferred_leader
+from fastraft.processes import free_ports
+from fastraft.testing import wait_until
+from fastraft.transport import TcpNetwork
+
+from aio import run
+
+FAST = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03)
+GROUPS = range(12)
+
+
+class Log:
+    def __init__(self):
+        self.items = []
+
+    def apply(self, entries):
+        self.items.extend(bytes(e.data) for e in entries)
+        return [len(self.items)] * len(entries)
+
+    def snapshot(self):
+        return b"\n".join(self.items)
+
+    def restore(self, data):
+        self.items = [line for line in data.read().split(b"\n") if line]
+
+
+class Hosts:
+    """Three hosts on fixed loopback ports; each (host, group) keeps its storage and its
+    state machine across a host's restart."""
+
+    def __init__(self, balance_interval=0.1):
+        ports = free_ports(3)
+        self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
+        self.storages = {}
+        self.logs = {}
+        self.balance_interval = balance_interval
+        self.hosts = {}
+
+    async def start(self, host_id, groups=GROUPS, found=True):
+        host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
+                        storage=lambda g: self.storages.setdefault((host_id, g),
+                                                                   MemoryStorage()),
+                        config=FAST, balance_interval=self.balance_interval)
+        self.hosts[host_id] = await host.start()
+        for g in groups:
+            self.logs[host_id, g] = Log()
+            await host.create_group(g, self.addresses if found else None,
+                                    state_machine=self.logs[host_id, g])
+        return host
+
+    async def leader(self, g):
+        def current():
+            return next((h.group(g) for h in self.hosts.values()
+                         if g in h.groups and h.group(g).is_leader), None)
+        await wait_until(lambda: current() is not None, 10)
+        return current()
+
+    async def propose(self, g, data):
+        """As a client would: on NotLeader (an election, or leadership handed to the
+        preferred host, which refuses new entries meanwhile) ask the leader again."""
+        while True:
+            try:
+                return await (await self.leader(g)).propose(data)
+            except NotLeader:
+                await asyncio.sleep(0.01)
+
+    async def read(self, host_id, g):
+        """A linearizable read on host ``host_id``'s replica of ``g`` (retried while no
+        leader is known or leadership moves)."""
+        node = self.hosts[host_id].group(g)
+        while True:
+            try:
+                await node.wait_for_leader(10)
+                return await node.read_index()
+            except NotLeader:
+                await asyncio.sleep(0.01)
+
+    async def stop(self):
+        for host in self.hosts.values():
+            await host.stop()
+
+
+def preferred(g):
+    return preferred_leader(g, {1, 2, 3})
+
+
+@run
+async def test_groups_replicate_and_leaders_spread_over_the_hosts():
+    hosts = Hosts()
+    for i in (1, 2, 3):
+        await hosts.start(i)
+    try:
+        for k in range(5):
+            await asyncio.gather(*[hosts.propose(g, b"g%d-%d" % (g, k)) for g in GROUPS])
+        # every group's leader ends on its preferred host: four groups each
+        await wait_until(lambda: all(sorted(h.leaders()) ==
+                                     [g for g in GROUPS if preferred(g) == i]
+                                     for i, h in hosts.hosts.items()), 20)
+        assert sum(h.transfers for h in hosts.hosts.values()) > 0
+        for g in GROUPS:
+            await hosts.propose(g, b"last")
+            for i in (1, 2, 3):
+                await hosts.read(i, g)
+            want = [b"g%d-%d" % (g, k) for k in range(5)] + [b"last"]
+            assert all(hosts.logs[i, g].items == want for i in (1, 2, 3)), g
+        # one connection per pair of hosts, whatever the number of groups
+        for h in hosts.hosts.values():
+            assert len(h.network._inbound) == 2 and len(h.network._peers) == 2
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_a_host_restarts_and_its_groups_catch_up_and_lead_again():
+    hosts = Hosts()
+    for i in (1, 2, 3):
+        await hosts.start(i)
+    try:
+        await wait_until(lambda: len(hosts.hosts[3].leaders()) == 4, 20)
+        await hosts.hosts[3].stop()
+        del hosts.hosts[3]
+        # the other two hosts keep every group going, those host 3 led included
+        for k in range(20):
+            await asyncio.gather(*[hosts.propose(g, b"%d" % k) for g in GROUPS])
+        await hosts.start(3, found=False)  # a restart: the storages know their groups
+        for g in GROUPS:
+            await hosts.read(3, g)
+            assert hosts.logs[3, g].items == hosts.logs[1, g].items == \
+                hosts.logs[2, g].items
+            assert len(hosts.logs[3, g].items) == 20
+        await wait_until(lambda: sorted(hosts.hosts[3].leaders()) ==
+                         [g for g in GROUPS if preferred(g) == 3], 20)
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_a_group_created_late_on_one_host_catches_up():
+    hosts = Hosts(balance_interval=None)
+    await hosts.start(1)
+    await hosts.start(2)
+    await hosts.start(3, groups=[])
+    try:
+        leader = await hosts.leader(0)
+        for k in range(10):
+            await leader.propose(b"%d" % k)
+        # host 3 drops what it gets for a group it does not run, and counts it
+        net3 = hosts.hosts[3].network
+        await wait_until(lambda: net3.stats["unknown_group"] > 0)
+        hosts.logs[3, 0] = Log()
+        group = await hosts.hosts[3].create_group(0, hosts.addresses,
+                                                  state_machine=hosts.logs[3, 0])
+        await hosts.read(3, 0)
+        assert hosts.logs[3, 0].items == [b"%d" % k for k in range(10)]
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_wrong_calls_raise_typed_errors():
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None)
+    with pytest.raises(NodeStopped, match="start"):
+        await host.create_group(1, None, state_machine=Log())
+    await host.start()
+    try:
+        members = {1: host.address}
+        await host.create_group(1, members, state_machine=Log())
+        with pytest.raises(GroupExists, match="group 1 already runs on host 1"):
+            await host.create_group(1, members, state_machine=Log())
+        for bad in (-1, 1 << 64, "7"):
+            with pytest.raises(ValueError, match="group ids"):
+                await host.create_group(bad, members, state_machine=Log())
+        with pytest.raises(UnknownGroup, match="group 9 does not run on host 1"):
+            host.group(9)
+        await host.group(1).wait_for_leader(10)
+        assert await host.group(1).propose(b"x") == 1  # a one-host group commits alone
+        await host.remove_group(1)
+        with pytest.raises(UnknownGroup):
+            host.group(1)
+        with pytest.raises(UnknownGroup):
+            await host.remove_group(1)
+    finally:
+        await host.stop()
+    with pytest.raises(ValueError, match="node 2's, not node 1's"):
+        RaftHost(1, network=TcpNetwork(2, "127.0.0.1:0"))
+
+
+def test_preferred_leaders_take_turns():
+    voters = {4, 9, 2}
+    assert [preferred_leader(g, voters) for g in range(6)] == [2, 4, 9, 2, 4, 9]

@@ -163,8 +163,7 @@ async def test_a_group_created_late_on_one_host_catches_up():
         net3 = hosts.hosts[3].network
         await wait_until(lambda: net3.stats["unknown_group"] > 0)
         hosts.logs[3, 0] = Log()
-        group = await hosts.hosts[3].create_group(0, hosts.addresses,
-                                                  state_machine=hosts.logs[3, 0])
+        await hosts.hosts[3].create_group(0, hosts.addresses, state_machine=hosts.logs[3, 0])
         await hosts.read(3, 0)
         assert hosts.logs[3, 0].items == [b"%d" % k for k in range(10)]
     finally:

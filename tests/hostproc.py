@@ -1,0 +1,103 @@
+"""One RaftHost process for tests/test_host_processes.py.
+
+    python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR --writes W [--init]
+
+Runs groups 0..G-1 on FileStorage (one directory per group, fsync on). Writes by itself:
+to every group it leads, records ``b"<host>:<seq>"`` one at a time, and after each one is
+acknowledged appends ``<group> <record>`` to ``acked-<host>.txt`` (flushed and fsynced
+before the next write, so a kill -9 loses no line of a record that was acknowledged).
+Stops writing after W records in all. When the file ``stop`` appears in DIR it makes each
+group's replica current (a linearizable read), writes what every group applied to
+``applied-<host>.json`` and exits. The file ``ready-<host>`` says every group started.
+"""
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from fastraft import FastRaftError, RaftHost
+from fastraft.addresses import parse_cluster
+from fastraft.asyncutil import run_loop
+from fastraft.config import Config
+from fastraft.filestorage import FileStorage
+from fastraft.transport import TcpNetwork
+
+exists = os.path.exists  # a stat on a local disk: cheap enough for a test's event loop
+CONFIG = Config(heartbeat_interval=0.1, election_timeout_min=0.6, election_timeout_max=1.2)
+
+
+class Records:
+    def __init__(self):
+        self.items = []
+
+    def apply(self, entries):
+        self.items.extend(bytes(e.data).decode() for e in entries)
+        return [None] * len(entries)
+
+    def snapshot(self):
+        return "\n".join(self.items).encode()
+
+    def restore(self, data):
+        self.items = [line for line in data.read().decode().split("\n") if line]
+
+
+async def main(args):
+    cluster = parse_cluster(args.cluster)
+    host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]), config=CONFIG,
+                    storage=lambda g: FileStorage(os.path.join(args.data_dir, str(args.id),
+                                                               f"group-{g}")),
+                    balance_interval=0.5)
+    await host.start()
+    records = {}
+    for g in range(args.groups):
+        records[g] = Records()
+        await host.create_group(g, cluster if args.init else None, state_machine=records[g])
+    open(os.path.join(args.data_dir, f"ready-{args.id}"), "w").close()
+    acked = open(os.path.join(args.data_dir, f"acked-{args.id}.txt"), "a")
+    seq = sum(1 for _ in open(acked.name))  # a restart goes on numbering
+    stop_file = os.path.join(args.data_dir, "stop")
+    written = 0
+    while not exists(stop_file):
+        led = host.leaders() if written < args.writes else []
+        for g in led:
+            record = f"{args.id}:{seq}"
+            seq += 1
+            try:
+                await host.group(g).propose(record.encode())
+            except FastRaftError:
+                continue  # not acknowledged: it may or may not be in the log
+            acked.write(f"{g} {record}\n")
+            acked.flush()
+            os.fsync(acked.fileno())
+            written += 1
+        await asyncio.sleep(0.01 if led else 0.1)
+    for g in range(args.groups):
+        node = host.group(g)
+        while True:
+            try:
+                await node.wait_for_leader(30)
+                await node.read_index()
+                break
+            except (FastRaftError, TimeoutError):
+                await asyncio.sleep(0.05)
+    applied = os.path.join(args.data_dir, f"applied-{args.id}.json")
+    with open(applied + ".tmp", "w") as f:
+        json.dump({g: r.items for g, r in records.items()}, f)
+    os.replace(applied + ".tmp", applied)
+    # the others may still be reading: serve until every host has written its file
+    while not all(exists(os.path.join(args.data_dir, f"applied-{i}.json")) for i in cluster):
+        await asyncio.sleep(0.05)
+    await host.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--id", type=int, required=True)
+    parser.add_argument("--cluster", required=True)
+    parser.add_argument("--groups", type=int, required=True)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--writes", type=int, required=True)
+    parser.add_argument("--init", action="store_true")
+    run_loop(main(parser.parse_args()))
+    sys.exit(0)

@@ -127,7 +127,7 @@ def test_stalled_followers_read_the_leaders_heartbeat_before_they_campaign():
             return wrapped
         for n in nodes:
             n.receive = slow_receive(n)
-            n.network.node = n  # the network delivers to the wrapped receive
+            n.network.receivers[0] = n  # the network delivers to the wrapped receive
         for _ in range(8):
             stall.append(True)  # the next message either follower reads stalls the loop
             await asyncio.sleep(0.4)

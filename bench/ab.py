@@ -3,10 +3,11 @@
     python bench/ab.py --a /path/to/old/checkout --b . [--rounds 3] [--seconds 3]
 
 Each round runs every figure on A and on B (A first in odd rounds, B first in even
-ones), so drift of the machine (another process, thermal state) hits both alike. A checkout is used through ``PYTHONPATH`` (build its
-extension in place first: ``python setup.py build_ext --inplace``), so both run on the
-same interpreter and packages. Only the stable command line of the benchmark nodes
-(``python -m fastraft.benchmark bench-node ...``) is used, so an old checkout works too.
+ones), so drift of the machine (another process, thermal state) hits both alike. A
+checkout is used through ``PYTHONPATH`` (build its extension in place first: ``python
+setup.py build_ext --inplace``), so both run on the same interpreter and packages. Only
+the stable command line of the benchmark nodes (``python -m fastraft.benchmark bench-node
+...``) is used, so an old checkout works too.
 
 The figures are the brief's bar: 1,024 in flight in memory and with fsync on every node,
 one write in flight (p50), and ``propose_batch(64)`` with 16 batches in flight.

@@ -202,3 +202,37 @@ async def test_wrong_calls_raise_typed_errors():
 def test_preferred_leaders_take_turns():
     voters = {4, 9, 2}
     assert [preferred_leader(g, voters) for g in range(6)] == [2, 4, 9, 2, 4, 9]
+
+
+@run
+async def test_a_fourth_host_joins_one_group_only():
+    hosts = Hosts(balance_interval=None)
+    for i in (1, 2, 3):
+        await hosts.start(i, groups=[0, 1])
+    port = free_ports(1)[0]
+    hosts.addresses[4] = f"127.0.0.1:{port}"
+    host4 = await hosts.start(4, groups=[])
+    try:
+        for g in (0, 1):
+            await hosts.propose(g, b"before")
+        # host 4 joins group 1 only: a learner, then a voter (§6 via joint consensus)
+        hosts.logs[4, 1] = Log()
+        await host4.create_group(1, None, state_machine=hosts.logs[4, 1])
+        leader = await hosts.leader(1)
+        await leader.add_learner(4, hosts.addresses[4])
+        await leader.change_membership({1, 2, 3, 4})
+        await hosts.propose(1, b"after")
+        await hosts.read(4, 1)
+        assert hosts.logs[4, 1].items == [b"before", b"after"]
+        # the hosts dial host 4 for group 1's sake; group 0 still knows nothing of it
+        assert hosts.hosts[1].network.addresses[4] == hosts.addresses[4]
+        assert 4 not in (await hosts.leader(0)).engine.membership.members
+        # host 4 leaves group 1 again; the group goes on without it
+        leader = await hosts.leader(1)
+        await leader.change_membership({1, 2, 3})
+        await host4.remove_group(1)
+        await hosts.propose(1, b"without 4")
+        assert all(hosts.logs[i, 1].items[-1] == b"without 4" for i in (1, 2, 3)
+                   if hosts.hosts[i].group(1).is_leader)
+    finally:
+        await hosts.stop()

@@ -67,7 +67,8 @@ class RaftHost:
         self._groups: dict[int, RaftNode] = {}
         self._balancer: asyncio.Task[None] | None = None
         self._running = False
-        #: Leadership handed to preferred leaders so far.
+        #: Leadership transfers to preferred leaders started so far (one that times out
+        #: may still complete later).
         self.transfers = 0
 
     @property
@@ -170,7 +171,8 @@ class RaftHost:
 
     async def balance(self, max_transfers: int = 64) -> int:
         """Hand groups led here to their preferred leaders where those are caught up; at
-        most ``max_transfers`` at a time. Returns how many moved."""
+        most ``max_transfers`` at a time. Returns how many moved within the transfer
+        timeout."""
         moves = []
         for group_id, node in list(self._groups.items()):
             e = node.engine
@@ -183,6 +185,7 @@ class RaftHost:
             moves.append((node, target))
             if len(moves) >= max_transfers:
                 break
+        self.transfers += len(moves)
         results = await asyncio.gather(*(node.transfer_leadership(target)
                                          for node, target in moves), return_exceptions=True)
         for r in results:
@@ -190,6 +193,4 @@ class RaftHost:
                 raise r
         # the others failed for a reason of the moment (a timeout, a stopped group, a new
         # leader meanwhile): the next round tries again
-        moved = sum(1 for r in results if r is None)
-        self.transfers += moved
-        return moved
+        return sum(1 for r in results if r is None)

@@ -90,6 +90,30 @@ def rss_mib() -> float | None:
         return None
 
 
+async def _write_back_to_back(propose: Callable[[Any], Awaitable[Any]], arg: Any,
+                              start: float, stop: float, counts: Any, lost: list[str],
+                              what: str = "") -> None:
+    """Await ``propose(arg)`` again and again until ``stop`` (``time.perf_counter``),
+    counting each write's latency in whole µs in ``counts`` from ``start`` on. A
+    ``FastRaftError`` ends the writer, noted in ``lost``: overload can cost the leader its
+    leadership (an election), and what was measured until then is still reported."""
+    clock = time.perf_counter
+    t = clock()
+    while True:
+        try:
+            await propose(arg)
+        except FastRaftError as exc:
+            lost.append(f"{what}{type(exc).__name__}: {exc}")
+            return
+        now = clock()
+        if now >= stop:
+            return
+        if now >= start:
+            us = int((now - t) * 1e6)
+            counts[us if us < _MAX_US else _MAX_US] += 1
+        t = now
+
+
 async def run_load(node: RaftNode, in_flight: int, payload: int, seconds: float, batch: int = 1,
                    warmup: float = 0.3) -> dict[str, Any]:
     """``in_flight`` writers, each proposing ``payload``-byte commands back to back (or
@@ -99,33 +123,13 @@ async def run_load(node: RaftNode, in_flight: int, payload: int, seconds: float,
     start = clock() + warmup
     stop = start + seconds
     lat = Latencies()
-    counts = lat.counts
-
-    lost: list[Any] = []
-
-    async def writer() -> None:
-        propose: Callable[[Any], Awaitable[Any]]
-        arg: Any
-        if batch == 1:
-            propose, arg = node.propose, data
-        else:
-            propose, arg = node.propose_batch, [data] * batch
-        t = clock()
-        while True:
-            try:
-                await propose(arg)
-            except FastRaftError as exc:
-                # Overload can cost the leader its leadership (an election): report it
-                # with what was measured until then, rather than hang or crash.
-                lost.append(f"{type(exc).__name__}: {exc}")
-                return
-            now = clock()
-            if now >= stop:
-                return
-            if now >= start:
-                us = int((now - t) * 1e6)
-                counts[us if us < _MAX_US else _MAX_US] += 1
-            t = now
+    lost: list[str] = []
+    propose: Callable[[Any], Awaitable[Any]]
+    arg: Any
+    if batch == 1:
+        propose, arg = node.propose, data
+    else:
+        propose, arg = node.propose_batch, [data] * batch
 
     rss: list[Any] = []
 
@@ -136,7 +140,9 @@ async def run_load(node: RaftNode, in_flight: int, payload: int, seconds: float,
             await asyncio.sleep(0.05)
         rss.append(rss_mib())
 
-    await asyncio.gather(sample_rss(), *[writer() for _ in range(in_flight)])
+    await asyncio.gather(sample_rss(), *[_write_back_to_back(propose, arg, start, stop,
+                                                             lat.counts, lost)
+                                         for _ in range(in_flight)])
     writes = lat.n * batch
     out = {"writes": writes, "seconds": seconds, "writes_per_s": writes / seconds,
            "rss_start_mib": rss[0], "rss_end_mib": rss[-1], **_percentiles(lat)}
@@ -228,27 +234,11 @@ async def _bench_host(args: argparse.Namespace) -> None:
     start = clock() + warmup
     stop = start + seconds
     lat = Latencies()
-    counts = lat.counts
     lost: list[str] = []
-
-    async def writer(group_id: int) -> None:
-        propose = host.group(group_id).propose
-        t = clock()
-        while True:
-            try:
-                await propose(data)
-            except FastRaftError as exc:
-                lost.append(f"group {group_id}: {type(exc).__name__}: {exc}")
-                return
-            now = clock()
-            if now >= stop:
-                return
-            if now >= start:
-                us = int((now - t) * 1e6)
-                counts[us if us < _MAX_US else _MAX_US] += 1
-            t = now
-
-    await asyncio.gather(*[writer(led[k % len(led)]) for k in range(writers)] if led else [])
+    groups_written = [led[k % len(led)] for k in range(writers)] if led else []
+    await asyncio.gather(*[_write_back_to_back(host.group(g).propose, data, start, stop,
+                                               lat.counts, lost, f"group {g}: ")
+                           for g in groups_written])
     rss = rss_mib()
     # idle: a second to settle, then the messages every group sends in ``idle`` seconds
     await asyncio.sleep(max(0.0, stop + 1.0 - clock()))
@@ -262,7 +252,7 @@ async def _bench_host(args: argparse.Namespace) -> None:
     print(json.dumps({"writes": lat.n, "seconds": seconds, "writers": writers,
                       "led": len(led), "balanced": balanced, "rss_mib": rss,
                       "idle_messages_per_s": idle_rate, "idle_cpu": idle_cpu,
-                      "latencies_us": {us: c for us, c in enumerate(counts) if c},
+                      "latencies_us": {us: c for us, c in enumerate(lat.counts) if c},
                       "lost": lost[:1]}), flush=True)
     await asyncio.sleep(max(0.0, stop + 2.0 + idle - clock()))  # all hosts leave together
     await host.stop()
@@ -295,6 +285,7 @@ def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
         for us, c in h.pop("latencies_us").items():
             lat.counts[int(us)] += c
     writes = sum(h["writes"] for h in hosts)
+    lost = [x for h in hosts for x in h["lost"]]
     return {"writes": writes, "seconds": load["seconds"],
             "writes_per_s": writes / load["seconds"], **_percentiles(lat),
             "idle_messages_per_s": sum(h["idle_messages_per_s"] for h in hosts),
@@ -303,8 +294,7 @@ def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
             "rss_mib": [h["rss_mib"] for h in hosts],
             "balanced": all(h["balanced"] for h in hosts),
             "leaders": [h["led"] for h in hosts],
-            **({"leadership_lost": lost[0]} if (lost := [x for h in hosts
-                                                          for x in h["lost"]]) else {})}
+            **({"leadership_lost": lost[0]} if lost else {})}
 
 
 # FASTRAFT_BENCH_ENTRY=wrapper.py runs every node through a wrapper script (one that turns

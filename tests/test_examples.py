@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from waiting import wait_for
+
 from fastraft.processes import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -51,14 +53,6 @@ def curl(*args):
                           capture_output=True, text=True, timeout=30)
     body, _, code = done.stdout.rpartition("\n")
     return int(code or 0), body
-
-
-def wait_for(predicate, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout}s")
-        time.sleep(0.05)
 
 
 def test_kv_example_over_http_with_a_leader_kill(tmp_path):

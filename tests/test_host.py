@@ -94,6 +94,14 @@ class Hosts:
         for host in self.hosts.values():
             await host.stop()
 
+    async def __aenter__(self):
+        for i in (1, 2, 3):
+            await self.start(i)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.stop()
+
 
 def preferred(g):
     return preferred_leader(g, {1, 2, 3})
@@ -101,10 +109,7 @@ def preferred(g):
 
 @run
 async def test_groups_replicate_and_leaders_spread_over_the_hosts():
-    hosts = Hosts()
-    for i in (1, 2, 3):
-        await hosts.start(i)
-    try:
+    async with Hosts() as hosts:
         for k in range(5):
             await asyncio.gather(*[hosts.propose(g, b"g%d-%d" % (g, k)) for g in GROUPS])
         # every group's leader ends on its preferred host: four groups each
@@ -121,16 +126,11 @@ async def test_groups_replicate_and_leaders_spread_over_the_hosts():
         # one connection per pair of hosts, whatever the number of groups
         for h in hosts.hosts.values():
             assert len(h.network._inbound) == 2 and len(h.network._peers) == 2
-    finally:
-        await hosts.stop()
 
 
 @run
 async def test_a_host_restarts_and_its_groups_catch_up_and_lead_again():
-    hosts = Hosts()
-    for i in (1, 2, 3):
-        await hosts.start(i)
-    try:
+    async with Hosts() as hosts:
         await wait_until(lambda: len(hosts.hosts[3].leaders()) == 4, 20)
         await hosts.hosts[3].stop()
         del hosts.hosts[3]
@@ -145,8 +145,6 @@ async def test_a_host_restarts_and_its_groups_catch_up_and_lead_again():
             assert len(hosts.logs[3, g].items) == 20
         await wait_until(lambda: sorted(hosts.hosts[3].leaders()) ==
                          [g for g in GROUPS if preferred(g) == 3], 20)
-    finally:
-        await hosts.stop()
 
 
 @run

@@ -6,7 +6,8 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
+
+import waiting
 
 from fastraft.processes import free_ports
 
@@ -15,12 +16,8 @@ GROUPS = int(os.environ.get("FASTRAFT_HOST_GROUPS", "30"))
 WRITES = 2 * GROUPS  # per host and run
 
 
-def wait_for(predicate, what, timeout=60.0 + GROUPS / 5):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f}s")
-        time.sleep(0.05)
+def wait_for(predicate, what):
+    waiting.wait_for(predicate, what, 60.0 + GROUPS / 5)
 
 
 def lines(path):

@@ -91,11 +91,6 @@ class TcpNetwork:
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(logging.getLogger("fastraft.transport"))
 
-    @property
-    def node(self) -> Any:
-        """The node of group 0 (a single node's network), or None."""
-        return self.receivers.get(0)
-
     async def start(self, node: Any) -> None:
         """Listen, and deliver to ``node`` as group 0 (the ``RaftNetwork`` hook)."""
         await self.serve()

@@ -187,19 +187,23 @@ async def _bench_node(args: argparse.Namespace) -> None:
 
 
 def host_config(groups: int) -> Config:
-    """Every group's Config in the multi-group rows: with many groups per process, slower
-    ticks (each group still heartbeats on its own: no quiescence yet)."""
+    """Every group's Config in the multi-group rows: idle groups go quiet (as by default
+    in a RaftHost); with many groups per process, slower ticks, as busy groups each
+    heartbeat on their own."""
     from fastraft.config import Config
+    from fastraft.host import DEFAULT_QUIESCE_AFTER
     if groups <= 64:
-        return Config(max_pending_proposals=1 << 20)
+        return Config(max_pending_proposals=1 << 20, quiesce_after=DEFAULT_QUIESCE_AFTER)
     return Config(max_pending_proposals=1 << 20, heartbeat_interval=0.25,
-                  election_timeout_min=1.5, election_timeout_max=3.0)
+                  election_timeout_min=1.5, election_timeout_max=3.0,
+                  quiesce_after=DEFAULT_QUIESCE_AFTER)
 
 
 async def _bench_host(args: argparse.Namespace) -> None:
     """One process of a multi-group run: a RaftHost with ``groups`` groups, leaders spread
     by preferred leader; from ``start_at`` (wall time) it writes to the groups it leads,
-    its share of ``in_flight``, then counts the messages it sends while idle. Prints one
+    its share of ``in_flight``, then counts what it sends while idle, once its groups had
+    the time to go quiet: Raft messages, and frames (liveness frames included). Prints one
     JSON line and exits at a time all hosts share, so none measures the others leaving."""
     from fastraft.host import RaftHost, preferred_leader
     from fastraft.storage import MemoryStorage, RaftStorage
@@ -217,11 +221,22 @@ async def _bench_host(args: argparse.Namespace) -> None:
         return FileStorage(os.path.join(args.data_dir, f"node-{args.id}", f"group-{group_id}"),
                            sync=args.storage == "file")
 
+    from fastraft.config import Config
+    config = Config(**spec["config"]) if "config" in spec else host_config(groups)
     host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]), storage=storage,
-                    config=host_config(groups), balance_interval=0.2)
+                    config=config, balance_interval=0.2)
     await host.start()
+    # ``create_batch``: that many groups at a time, each batch given up to 60 s to go
+    # quiet before the next, as a storage engine adds shards (thousands electing and
+    # heartbeating at once would swamp two cores before they could go quiet)
+    batch = spec.get("create_batch") or groups
     for g in range(groups):
         await host.create_group(g, cluster, state_machine=NullStateMachine())
+        if (g + 1) % batch == 0 and g + 1 < groups:
+            settled = time.monotonic() + 60
+            while time.monotonic() < settled and \
+                    not all(node.engine.quiet for node in host.groups.values()):
+                await asyncio.sleep(0.1)
     mine = [g for g in range(groups) if preferred_leader(g, set(cluster)) == args.id]
     while sorted(host.leaders()) != mine and time.time() < spec["start_at"]:
         await asyncio.sleep(0.05)
@@ -240,21 +255,25 @@ async def _bench_host(args: argparse.Namespace) -> None:
                                                lat.counts, lost, f"group {g}: ")
                            for g in groups_written])
     rss = rss_mib()
-    # idle: a second to settle, then the messages every group sends in ``idle`` seconds
-    await asyncio.sleep(max(0.0, stop + 1.0 - clock()))
+    # idle: time to settle and go quiet, then what the host sends in ``idle`` seconds
+    settle = 1.0 + 2 * host.config.quiesce_after
+    await asyncio.sleep(max(0.0, stop + settle - clock()))
 
     def sent() -> int:
         return sum(sum(node.metrics().messages_out.values()) for node in host.groups.values())
-    before, cpu = sent(), time.process_time()
+    before, frames, cpu = sent(), host.network.stats["frames_out"], time.process_time()
     await asyncio.sleep(idle)
     idle_rate = (sent() - before) / idle
+    idle_frames = (host.network.stats["frames_out"] - frames) / idle
     idle_cpu = (time.process_time() - cpu) / idle
+    quiet = sum(1 for node in host.groups.values() if node.engine.quiet)
     print(json.dumps({"writes": lat.n, "seconds": seconds, "writers": writers,
                       "led": len(led), "balanced": balanced, "rss_mib": rss,
-                      "idle_messages_per_s": idle_rate, "idle_cpu": idle_cpu,
+                      "idle_messages_per_s": idle_rate, "idle_frames_per_s": idle_frames,
+                      "idle_cpu": idle_cpu, "quiet": quiet,
                       "latencies_us": {us: c for us, c in enumerate(lat.counts) if c},
                       "lost": lost[:1]}), flush=True)
-    await asyncio.sleep(max(0.0, stop + 2.0 + idle - clock()))  # all hosts leave together
+    await asyncio.sleep(max(0.0, stop + settle + 1.0 + idle - clock()))  # all leave together
     await host.stop()
 
 
@@ -264,7 +283,9 @@ def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
     every write (one histogram), RSS and idle messages per host."""
     ports = free_ports(n)
     spec = ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
-    load = dict(load, start_at=time.time() + 4 + load["groups"] / 100)
+    # time to create the groups and elect their leaders (slower when created in batches)
+    per_s = 50 if load.get("create_batch") else 100
+    load = dict(load, start_at=time.time() + 4 + load["groups"] / per_s)
     procs = [subprocess.Popen([sys.executable, *_ENTRY, "bench-host", "--storage", storage,
                                "--id", str(i), "--cluster", spec, "--load", json.dumps(load),
                                "--data-dir", workdir],
@@ -289,6 +310,8 @@ def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
     return {"writes": writes, "seconds": load["seconds"],
             "writes_per_s": writes / load["seconds"], **_percentiles(lat),
             "idle_messages_per_s": sum(h["idle_messages_per_s"] for h in hosts),
+            "idle_frames_per_s": sum(h["idle_frames_per_s"] for h in hosts),
+            "quiet_groups": sum(h["quiet"] for h in hosts) / n,
             # the busiest host's share of a core while idle
             "idle_cpu": max(h["idle_cpu"] for h in hosts),
             "rss_mib": [h["rss_mib"] for h in hosts],
@@ -594,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         r = {"name": name, **info, **_median(runs)}
         results.append(r)
         lost = sum(1 for x in runs if x.get("leadership_lost"))
-        hosts = (f"  idle {_fmt(r['idle_messages_per_s'])} msgs/s, {r['idle_cpu']:.0%} of a "
+        hosts = (f"  idle {_fmt(r['idle_messages_per_s'])} msgs/s "
+                 f"{_fmt(r['idle_frames_per_s'])} frames/s, {r['idle_cpu']:.0%} of a "
                  f"core; RSS per host {max(r['rss_mib']):.0f} MiB"
                  if "idle_messages_per_s" in r else "")
         print(f"  {name:<58} {_fmt(r['writes_per_s']):>12}/s  p50 {_fmt(r.get('p50_ms'), 'ms')}"

@@ -77,6 +77,15 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: --metrics`` turns it on.
     measure_durations: bool = False
 
+    #: Seconds a leader's group must be idle (everything committed and acknowledged by
+    #: every member, no read or transfer going on) before it goes quiet: a last heartbeat
+    #: tells the followers, and then no member of the group ticks or sends anything until
+    #: a proposal, a read or any message wakes it. 0: never. Quiet followers no longer
+    #: hear heartbeats, so something else must tell them their leader's process died:
+    #: ``RaftHost`` does (one liveness exchange per pair of processes for all groups); a
+    #: lone ``RaftNode`` refuses a non-zero value.
+    quiesce_after: float = 0.0
+
     @property
     def lease_span(self) -> float:
         """Seconds a leader may serve reads without a round trip after a quorum confirmed
@@ -110,5 +119,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
         if not 0 <= self.commit_notify_delay < self.heartbeat_interval:
             raise ConfigError(f"commit_notify_delay must be in [0, heartbeat_interval), got "
                               f"{self.commit_notify_delay}")
+        if self.quiesce_after and self.quiesce_after < self.heartbeat_interval:
+            raise ConfigError(f"quiesce_after must be 0 (never) or at least heartbeat_interval "
+                              f"({self.heartbeat_interval}), got {self.quiesce_after}")
         if self.overload_wait < 0:
             raise ConfigError(f"overload_wait must be >= 0, got {self.overload_wait}")

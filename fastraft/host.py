@@ -7,6 +7,14 @@ view of the host's ``TcpNetwork``: one listening port, one connection per peer p
 and every group's messages for a peer in one frame per loop turn. A group's members are
 hosts: node ids are host ids, addresses host addresses.
 
+An idle group goes quiet (``Config.quiesce_after``, on by default here): its leader
+stops heartbeating and its followers stop their election timers, so thousands of idle
+groups cost no ticks and no messages. What replaces their heartbeats is one liveness
+exchange per pair of hosts (``TcpNetwork.keepalive``, an empty frame when nothing else
+went out): a host that hears nothing from a peer for ``election_timeout_min`` wakes the
+quiet groups that peer led, as lost, and they elect a new leader (with pre-vote). Any
+proposal, read or message wakes a quiet group.
+
 Leadership is spread across hosts: each group has a preferred leader (its voters in id
 order, picked by group id), and a host that leads a group whose preferred leader is
 caught up hands leadership to it (thesis §3.10). So leaders are balanced while every host
@@ -19,7 +27,8 @@ import logging
 from collections.abc import Callable, Mapping
 
 from fastraft.config import Config
-from fastraft.errors import GroupExists, NodeStopped, UnknownGroup
+from fastraft.engine import Role
+from fastraft.errors import FastRaftError, GroupExists, NodeStopped, UnknownGroup
 from fastraft.node import RaftNode
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
@@ -29,6 +38,10 @@ log = logging.getLogger("fastraft.host")
 
 #: Group ids travel as unsigned 64-bit ints.
 MAX_GROUP_ID = (1 << 64) - 1
+#: ``Config.quiesce_after`` of a host's groups unless its ``config`` says otherwise.
+DEFAULT_QUIESCE_AFTER = 1.0
+#: Groups a balancing round looks at, taking turns: a round costs the same with 100,000.
+BALANCE_SCAN = 1024
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
@@ -43,7 +56,8 @@ class RaftHost:
     ``storage(group_id)`` makes a group's storage when ``create_group`` is not given one
     (default: ``MemoryStorage``); the host never closes a storage, whoever made it, so a
     new host on the same storages is a restart. ``config`` is every group's unless
-    ``create_group`` says otherwise. Every ``balance_interval`` seconds the host hands
+    ``create_group`` says otherwise (default: ``Config(quiesce_after=1.0)``); its timings
+    also pace the liveness exchange between hosts. Every ``balance_interval`` seconds the host hands
     groups it leads to their preferred leaders (``None``: never).
     """
 
@@ -61,11 +75,19 @@ class RaftHost:
         self.id = node_id
         self.network = network
         self.storage_factory = storage or (lambda group_id: MemoryStorage())
-        self.config = config or Config()
+        self.config = config or Config(quiesce_after=DEFAULT_QUIESCE_AFTER)
         self.cluster_id = cluster_id
         self.balance_interval = balance_interval
         self._groups: dict[int, RaftNode] = {}
         self._balancer: asyncio.Task[None] | None = None
+        self._liveness: asyncio.Task[None] | None = None
+        #: Each group's voters when its preferred leader was last worked out, and it.
+        self._preferred: dict[int, tuple[frozenset[int], int]] = {}
+        #: The groups balancing rounds go through in turn, and where the next one starts.
+        self._scan_order: list[int] | None = None
+        self._scan_at = 0
+        #: Peer hosts silent for longer than ``election_timeout_min``.
+        self.suspected: set[int] = set()
         self._running = False
         #: Leadership transfers to preferred leaders started so far (one that times out
         #: may still complete later).
@@ -84,18 +106,21 @@ class RaftHost:
     async def start(self) -> RaftHost:
         await self.network.serve()
         self._running = True
+        loop = asyncio.get_running_loop()
+        self._liveness = loop.create_task(self._liveness_loop())
         if self.balance_interval is not None:
-            self._balancer = asyncio.get_running_loop().create_task(self._balance_loop())
+            self._balancer = loop.create_task(self._balance_loop())
         return self
 
     async def stop(self) -> None:
         """Stop every group and the transport; storages stay open (they are reused by a
         new host: a restart)."""
         self._running = False
-        if self._balancer is not None:
-            self._balancer.cancel()
-            await asyncio.gather(self._balancer, return_exceptions=True)
-            self._balancer = None
+        for task in (self._balancer, self._liveness):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._balancer = self._liveness = None
         groups, self._groups = self._groups, {}
         for node in groups.values():
             await node.stop()
@@ -122,8 +147,10 @@ class RaftHost:
             raise ValueError(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
         if group_id in self._groups:
             raise GroupExists(f"group {group_id} already runs on host {self.id}")
+        network = self.network.group(group_id)
+        network.watched = True  # _liveness_loop wakes it when quiet and its leader is lost
         node = RaftNode(self.id, storage=storage or self.storage_factory(group_id),
-                        network=self.network.group(group_id), state_machine=state_machine,
+                        network=network, state_machine=state_machine,
                         config=config or self.config,
                         cluster_id=f"{self.cluster_id}/{group_id}")
         self._groups[group_id] = node
@@ -146,17 +173,80 @@ class RaftHost:
 
     async def remove_group(self, group_id: int) -> None:
         """Stop this host's replica of ``group_id`` (its storage stays as it is). To take
-        the host out of the group, change the group's membership first."""
-        node = self._groups.pop(group_id, None)
+        the host out of the group, change the group's membership first. A replica that
+        leads hands leadership to another voter first: while this host stays up, nothing
+        else would wake the group's quiet followers."""
+        node = self._groups.get(group_id)
         if node is None:
             raise UnknownGroup(f"group {group_id} does not run on host {self.id}")
+        others = sorted(node.engine.membership.voters - {self.id}) if node.is_leader else []
+        if others:
+            try:
+                await node.transfer_leadership(preferred_leader(group_id, set(others)),
+                                               self.config.election_timeout_max * 2)
+            except (FastRaftError, asyncio.TimeoutError) as exc:
+                log.warning("host %d: group %d stops while leading: %s", self.id,
+                            group_id, exc)
+        self._groups.pop(group_id, None)
+        self._preferred.pop(group_id, None)
         await node.stop()
 
     def leaders(self) -> list[int]:
         """The groups this host leads."""
         return [g for g, node in self._groups.items() if node.is_leader]
 
+    # ------------------------------------------------------------------ liveness
+
+    async def _liveness_loop(self) -> None:
+        """Every heartbeat interval: an empty frame to each peer host this host sent
+        nothing to, and a peer heard from by no frame for ``election_timeout_min`` is
+        suspected: the quiet groups it led wake, their leader lost."""
+        cfg = self.config
+        net = self.network
+        loop = asyncio.get_running_loop()
+        counts: dict[int, int] = {}
+        heard_at: dict[int, float] = {}
+        last_tick = loop.time()
+        while self._running:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            net.keepalive()
+            now = loop.time()
+            # A tick this late found this loop stalled, with frames maybe unread: judge
+            # no peer on it.
+            stalled = now - last_tick > 2 * cfg.heartbeat_interval
+            last_tick = now
+            heard = net.frames_heard()
+            for peer in net.addresses:
+                n = heard.get(peer, 0)
+                if n != counts.get(peer) or stalled:
+                    counts[peer] = n
+                    heard_at[peer] = now
+                    self.suspected.discard(peer)
+                elif peer not in self.suspected and \
+                        now - heard_at[peer] > cfg.election_timeout_min:
+                    self.suspected.add(peer)
+                    self._leader_lost(peer, now - heard_at[peer])
+
+    def _leader_lost(self, peer: int, silent: float) -> None:
+        woken = 0
+        for node in self._groups.values():
+            e = node.engine
+            if e is not None and e.quiet and e.role == Role.FOLLOWER and e.leader_id == peer:
+                node.wake(leader_lost=True)
+                woken += 1
+        log.info("host %d: host %d silent for %.2fs; woke %d quiet groups it led", self.id,
+                 peer, silent, woken, extra={"event": "host_silent", "node": self.id,
+                                             "peer": peer, "woken": woken})
+
     # ------------------------------------------------------------------ balance
+
+    def _next_to_scan(self, scan: int) -> list[int]:
+        if self._scan_order is None or self._scan_at >= len(self._scan_order):
+            self._scan_order = list(self._groups)  # new groups join from the next pass
+            self._scan_at = 0
+        at = self._scan_at
+        self._scan_at = at + scan
+        return [g for g in self._scan_order[at:at + scan] if g in self._groups]
 
     async def _balance_loop(self) -> None:
         assert self.balance_interval is not None
@@ -169,20 +259,30 @@ class RaftHost:
             except Exception:  # a bug: say so, keep the host serving
                 log.exception("host %d: leader balancing failed", self.id)
 
-    async def balance(self, max_transfers: int = 64) -> int:
-        """Hand groups led here to their preferred leaders where those are caught up; at
-        most ``max_transfers`` at a time. Returns how many moved within the transfer
-        timeout."""
+    async def balance(self, max_transfers: int = 64, scan: int = BALANCE_SCAN) -> int:
+        """Hand groups led here to their preferred leaders where those are caught up: at
+        most ``max_transfers`` at a time, among the next ``scan`` groups (in turn, so
+        every group is looked at within a few rounds). Returns how many moved within the
+        transfer timeout."""
         moves = []
-        for group_id, node in list(self._groups.items()):
-            e = node.engine
-            if not node.is_leader or not e.committed_in_term or e.membership.joint:
+        preferred = self._preferred
+        groups = self._groups
+        order = list(groups) if len(groups) <= scan else self._next_to_scan(scan)
+        for group_id in order:  # no await until the loop ends
+            e = groups[group_id].engine
+            if e is None or e.role != Role.LEADER:
                 continue
-            target = preferred_leader(group_id, e.membership.voters)
+            voters = e.membership.voters
+            known = preferred.get(group_id)
+            if known is None or known[0] is not voters:  # a new configuration
+                known = preferred[group_id] = (voters, preferred_leader(group_id, voters))
+            target = known[1]
+            if target == self.id or not e.committed_in_term or e.membership.joint:
+                continue
             pr = e.progress.get(target)
-            if target == self.id or pr is None or pr.match_index < e.log.last_index:
+            if pr is None or pr.match_index < e.log.last_index:
                 continue
-            moves.append((node, target))
+            moves.append((groups[group_id], target))
             if len(moves) >= max_transfers:
                 break
         self.transfers += len(moves)

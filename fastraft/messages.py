@@ -126,7 +126,8 @@ class RequestVoteResponse(msgspec.Struct, tag=2, array_like=True, gc=False):
 
 class AppendEntries(msgspec.Struct, tag=3, array_like=True):
     """§5.3. ``seq`` is a leader-local counter echoed back; a quorum of echoes of a ``seq``
-    proves the sender was still leader when it sent it (ReadIndex, thesis §6.4)."""
+    proves the sender was still leader when it sent it (ReadIndex, thesis §6.4).
+    ``quiesce``: the leader's last heartbeat before its group goes quiet (``Engine.quiet``)."""
 
     term: Term
     leader_id: NodeId
@@ -135,6 +136,7 @@ class AppendEntries(msgspec.Struct, tag=3, array_like=True):
     entries: list[Entry]
     leader_commit: Index
     seq: Counter = 0
+    quiesce: bool = False
 
 
 class AppendEntriesResponse(msgspec.Struct, tag=4, array_like=True, gc=False):

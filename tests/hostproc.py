@@ -1,14 +1,17 @@
 """One RaftHost process for tests/test_host_processes.py.
 
-    python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR --writes W [--init]
+    python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR [--init]
 
 Runs groups 0..G-1 on FileStorage (one directory per group, fsync on). Writes by itself:
 to every group it leads, records ``b"<host>:<seq>"`` one at a time, and after each one is
 acknowledged appends ``<group> <record>`` to ``acked-<host>.txt`` (flushed and fsynced
-before the next write, so a kill -9 loses no line of a record that was acknowledged).
-Stops writing after W records in all. When the file ``stop`` appears in DIR it makes each
-group's replica current (a linearizable read), writes what every group applied to
-``applied-<host>.json`` and exits. The file ``ready-<host>`` says every group started.
+before the next write, so a kill -9 loses no line of a record that was acknowledged),
+pausing 0.1 s between rounds so the load stays light. While the file ``pause`` exists in
+DIR it writes nothing, and says ``quiet-<host>`` (a file) once every group here is quiet
+(``Config.quiesce_after``). When the file ``stop`` appears in
+DIR it stops writing, makes each group's replica current (a linearizable read), writes what
+every group applied to ``applied-<host>.json`` and exits. The file ``ready-<host>`` says
+every group started.
 """
 import argparse
 import asyncio
@@ -24,7 +27,8 @@ from fastraft.filestorage import FileStorage
 from fastraft.transport import TcpNetwork
 
 exists = os.path.exists  # a stat on a local disk: cheap enough for a test's event loop
-CONFIG = Config(heartbeat_interval=0.1, election_timeout_min=0.6, election_timeout_max=1.2)
+CONFIG = Config(heartbeat_interval=0.1, election_timeout_min=0.6, election_timeout_max=1.2,
+                quiesce_after=0.3)
 
 
 class Records:
@@ -57,10 +61,15 @@ async def main(args):
     acked = open(os.path.join(args.data_dir, f"acked-{args.id}.txt"), "a")
     seq = sum(1 for _ in open(acked.name))  # a restart goes on numbering
     stop_file = os.path.join(args.data_dir, "stop")
-    written = 0
+    pause_file = os.path.join(args.data_dir, "pause")
+    quiet_file = os.path.join(args.data_dir, f"quiet-{args.id}")
     while not exists(stop_file):
-        led = host.leaders() if written < args.writes else []
-        for g in led:
+        if exists(pause_file):
+            if not exists(quiet_file) and all(n.engine.quiet for n in host.groups.values()):
+                open(quiet_file, "w").close()
+            await asyncio.sleep(0.1)
+            continue
+        for g in host.leaders():
             record = f"{args.id}:{seq}"
             seq += 1
             try:
@@ -70,8 +79,7 @@ async def main(args):
             acked.write(f"{g} {record}\n")
             acked.flush()
             os.fsync(acked.fileno())
-            written += 1
-        await asyncio.sleep(0.01 if led else 0.1)
+        await asyncio.sleep(0.1)
     for g in range(args.groups):
         node = host.group(g)
         while True:
@@ -97,7 +105,6 @@ if __name__ == "__main__":
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--groups", type=int, required=True)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--writes", type=int, required=True)
     parser.add_argument("--init", action="store_true")
     run_loop(main(parser.parse_args()))
     sys.exit(0)

@@ -6,11 +6,13 @@ import pytest
 
 from fastraft import (
     Config,
+    ConfigError,
     GroupExists,
     MemoryStorage,
     NodeStopped,
     NotLeader,
     RaftHost,
+    RaftNode,
     UnknownGroup,
 )
 from fastraft.host import preferred_leader
@@ -21,6 +23,8 @@ from fastraft.transport import TcpNetwork
 from aio import run
 
 FAST = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03)
+QUIET = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03,
+               quiesce_after=0.1)
 GROUPS = range(12)
 
 
@@ -43,19 +47,20 @@ class Hosts:
     """Three hosts on fixed loopback ports; each (host, group) keeps its storage and its
     state machine across a host's restart."""
 
-    def __init__(self, balance_interval=0.1):
+    def __init__(self, balance_interval=0.1, config=FAST):
         ports = free_ports(3)
         self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
         self.storages = {}
         self.logs = {}
         self.balance_interval = balance_interval
+        self.config = config
         self.hosts = {}
 
     async def start(self, host_id, groups=GROUPS, found=True):
         host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
                         storage=lambda g: self.storages.setdefault((host_id, g),
                                                                    MemoryStorage()),
-                        config=FAST, balance_interval=self.balance_interval)
+                        config=self.config, balance_interval=self.balance_interval)
         self.hosts[host_id] = await host.start()
         for g in groups:
             self.logs[host_id, g] = Log()
@@ -107,15 +112,27 @@ def preferred(g):
     return preferred_leader(g, {1, 2, 3})
 
 
+def all_quiet(hosts):
+    return all(node.engine.quiet for h in hosts.hosts.values() for node in h.groups.values())
+
+
+def messages_sent(hosts):
+    return sum(sum(node._recorder.messages_out.values())
+               for h in hosts.hosts.values() for node in h.groups.values())
+
+
+def balanced(hosts):
+    return all(sorted(h.leaders()) == [g for g in GROUPS if preferred(g) == i]
+               for i, h in hosts.hosts.items())
+
+
 @run
 async def test_groups_replicate_and_leaders_spread_over_the_hosts():
     async with Hosts() as hosts:
         for k in range(5):
             await asyncio.gather(*[hosts.propose(g, b"g%d-%d" % (g, k)) for g in GROUPS])
         # every group's leader ends on its preferred host: four groups each
-        await wait_until(lambda: all(sorted(h.leaders()) ==
-                                     [g for g in GROUPS if preferred(g) == i]
-                                     for i, h in hosts.hosts.items()), 20)
+        await wait_until(lambda: balanced(hosts), 20)
         assert sum(h.transfers for h in hosts.hosts.values()) > 0
         for g in GROUPS:
             await hosts.propose(g, b"last")
@@ -234,3 +251,71 @@ async def test_a_fourth_host_joins_one_group_only():
                    if hosts.hosts[i].group(1).is_leader)
     finally:
         await hosts.stop()
+
+
+@run
+async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
+    async with Hosts(config=QUIET) as hosts:
+        await wait_until(lambda: balanced(hosts), 20)
+        await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
+        await wait_until(lambda: all_quiet(hosts), 20)
+        sent = messages_sent(hosts)
+        frames = {i: h.network.stats["frames_out"] for i, h in hosts.hosts.items()}
+        # ten liveness frames to each of its two peers: the only traffic while quiet
+        await wait_until(lambda: all(h.network.stats["frames_out"] >= frames[i] + 20
+                                     for i, h in hosts.hosts.items()), 10)
+        assert messages_sent(hosts) == sent and all_quiet(hosts)
+        assert all(h.network.stats["bad_frames"] == 0 and not h.suspected
+                   for h in hosts.hosts.values())
+        # a write wakes its group, which goes quiet again
+        await hosts.propose(5, b"y")
+        await wait_until(lambda: all_quiet(hosts), 20)
+        for i in (1, 2, 3):
+            await hosts.read(i, 5)
+            assert hosts.logs[i, 5].items == [b"x", b"y"]
+
+
+@run
+async def test_quiet_groups_of_a_lost_host_elect_elsewhere_and_it_comes_back():
+    async with Hosts(config=QUIET) as hosts:
+        await wait_until(lambda: balanced(hosts), 20)
+        await wait_until(lambda: all_quiet(hosts), 20)
+        await hosts.hosts[3].stop()
+        del hosts.hosts[3]
+        # hosts 1 and 2 hear nothing from host 3, wake the groups it led, elect leaders
+        for g in GROUPS:
+            await hosts.propose(g, b"after")
+        assert all(3 in h.suspected for h in hosts.hosts.values())
+        await hosts.start(3, found=False)  # its replicas' pre-votes wake the leaders
+        await wait_until(lambda: balanced(hosts), 20)
+        await wait_until(lambda: all_quiet(hosts), 20)
+        assert not any(h.suspected for h in hosts.hosts.values())
+        for g in GROUPS:
+            await hosts.read(3, g)
+            assert hosts.logs[3, g].items[-1:] == [b"after"], g
+
+
+def test_a_lone_node_refuses_quiescence():
+    with pytest.raises(ConfigError, match="RaftHost"):
+        RaftNode(1, storage=MemoryStorage(), network=TcpNetwork(1, "127.0.0.1:0"),
+                 state_machine=Log(), config=QUIET)
+
+
+@run
+async def test_balancing_takes_the_groups_in_turns_and_a_leader_removed_hands_over():
+    async with Hosts(balance_interval=None) as hosts:
+        last = GROUPS[-1]
+        leader = await hosts.leader(last)
+        if leader.id == preferred(last):  # the last group starts away from its host
+            await leader.transfer_leadership(next(i for i in (1, 2, 3) if i != leader.id))
+        for _ in range(200):  # rounds of five groups: the last group's turn comes
+            for h in hosts.hosts.values():
+                await h.balance(scan=5)
+            if balanced(hosts):
+                break
+            await asyncio.sleep(0.05)  # paces the rounds; the loop bound is the deadline
+        assert balanced(hosts)
+        # a host that stops its replica of a group it leads hands leadership over first
+        gone = preferred(0)
+        await hosts.hosts[gone].remove_group(0)
+        assert any(hosts.hosts[i].group(0).is_leader for i in (1, 2, 3) if i != gone)

@@ -172,6 +172,16 @@ class Engine:
         self._transfer_rounds = 0
         self._timeout_now_sent = False
 
+        #: Nothing to do and told so (``Config.quiesce_after``): no timers run; any input
+        #: but the quiesce heartbeat and its answers wakes it (``wake``).
+        self.quiet = False
+        #: Leader: consecutive heartbeats with the group ready to go quiet, and the
+        #: (last index, read sequence) they saw, which any activity changes.
+        self._idle_heartbeats = 0
+        self._idle_mark = (0, 0)
+        self._quiesce_rounds = max(1, round(self.config.quiesce_after
+                                            / self.config.heartbeat_interval))
+
         self._out: list[Command] = []
         self._broadcast = False
         self._commit_timer_armed = False
@@ -241,6 +251,8 @@ class Engine:
         records rather than state-machine commands."""
         if self.role != Role.LEADER:
             raise self.not_leader()
+        if self.quiet:
+            self.wake()
         if self._transfer_target is not None:
             # thesis §3.10: no new entries while handing over; the target will lead.
             target = self._transfer_target
@@ -266,6 +278,8 @@ class Engine:
                 "a membership change is still in progress; wait for it to commit")
         if not voters:
             raise ValueError("a configuration needs at least one voter")
+        if self.quiet:
+            self.wake()
         old = self.membership
         addrs = dict(old.addresses)
         addrs.update(addresses or {})
@@ -288,6 +302,8 @@ class Engine:
             return
         if not self.membership.is_voter(target):
             raise ValueError(f"node {target} is not a voter; only voters can lead")
+        if self.quiet:
+            self.wake()
         self._transfer_target = target
         self._transfer_rounds = 0
         if not self.config.check_quorum:
@@ -376,6 +392,8 @@ class Engine:
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read point (thesis §6.4). Answered by a ``ReadReady`` or
         ``ReadFailed`` command; a follower forwards the request to its leader."""
+        if self.quiet:
+            self.wake()
         if self.role == Role.LEADER:
             self._leader_read(request_id, None)
         elif self.leader_id is not None:
@@ -383,6 +401,29 @@ class Engine:
             self._send(self.leader_id, ReadIndexRequest(self.term, request_id))
         else:
             raise self.not_leader()
+
+    def wake(self, leader_lost: bool = False) -> None:
+        """Leave the quiet state: the leader heartbeats again (and checks its quorum, from
+        scratch), a follower runs its election timer again. ``leader_lost``: the driver
+        suspects the leader's process is gone, so a follower stops counting its leader as
+        alive and campaigns once its election timer runs out."""
+        if not self.quiet:
+            return
+        self.quiet = False
+        self._idle_heartbeats = 0
+        cfg = self.config
+        if self.role == Role.LEADER:
+            for pr in self.progress.values():
+                pr.recent_active = False
+            self._out.append(SetTimer(Timer.HEARTBEAT, cfg.heartbeat_interval))
+            if cfg.check_quorum:
+                self._out.append(SetTimer(Timer.ELECTION, cfg.election_timeout_max))
+            return
+        self._arm_election_timer()
+        if leader_lost:
+            self.leader_alive = False
+        else:
+            self._out.append(SetTimer(Timer.LEASE, cfg.election_timeout_min))
 
     def log_persisted(self, index: int, term: int) -> None:
         """The driver made the log durable up to ``index`` (whose entry has ``term``)."""
@@ -466,6 +507,8 @@ class Engine:
             self.refused[refused[0]] += 1
             return refused[1]
         t = type(m)
+        if self.quiet and m.term >= self.term and not self._keeps_quiet(frm, t, m):
+            self.wake()
         if m.term > self.term:
             if t is RequestVote and not m.leadership_transfer and self.config.check_quorum \
                     and (self.leader_alive or self.role == Role.LEADER):
@@ -507,6 +550,7 @@ class Engine:
                                       if self._snapshot is not None else 0),
             "log_cache_bytes": self.log.cache_bytes,
             "recovering": self.recovering,
+            "quiet": self.quiet,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},
@@ -794,6 +838,18 @@ class Engine:
 
     def _on_heartbeat_timeout(self) -> None:
         last = self.log.last_index
+        if self.config.quiesce_after:
+            mark = (last, self._seq)
+            if mark == self._idle_mark and self._ready_to_quiesce():
+                self._idle_heartbeats += 1
+                if self._idle_heartbeats >= self._quiesce_rounds:
+                    self._quiesce()
+                    return
+            else:
+                self._idle_heartbeats = 0
+                self._idle_mark = mark
+            for pr in self.progress.values():
+                pr.responded = False
         for peer, pr in self.progress.items():
             if pr.reading_from:
                 pr.read_rounds += 1
@@ -813,6 +869,46 @@ class Engine:
                         self._send_snapshot_chunk(peer, pr)  # unanswered for an interval
                     pr.snapshot_progressed = False
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
+
+    # ------------------------------------------------------------------ quiescence
+
+    def _ready_to_quiesce(self) -> bool:
+        """Leader: nothing to replicate, commit, read or hand over, and every member holds
+        the whole log and answered the last heartbeat."""
+        last = self.log.last_index
+        if self.commit_index != last or self.persisted_index != last \
+                or not self.committed_in_term or self._transfer_target is not None \
+                or self._reads or self._reads_before_commit:
+            return False
+        for pr in self.progress.values():
+            if not pr.responded or pr.match_index != last or pr.inflight \
+                    or pr.state != ProgressState.REPLICATE or pr.reading_from:
+                return False
+        return True
+
+    def _quiesce(self) -> None:
+        """Leader: tell every member, with the commit index, that the group goes quiet,
+        and stop ticking (check-quorum too: a quiet leader takes no proposal without
+        waking first). Followers that miss this message time out and wake it."""
+        self.quiet = True
+        self._idle_heartbeats = 0
+        last = self.log.last_index
+        msg = AppendEntries(self.term, self.id, last, self.log.term_at(last), [],
+                            self.commit_index, self._seq, True)
+        for peer in self.progress:
+            self._send(peer, msg)
+        self._out.append(CancelTimer(Timer.HEARTBEAT))
+        if self.config.check_quorum:
+            self._out.append(CancelTimer(Timer.ELECTION))
+
+    def _keeps_quiet(self, frm: int, t: type, m: Any) -> bool:
+        """Messages a quiet node takes without waking: the leader's quiesce heartbeat
+        (again) on a follower, and on the leader the answers saying the log is held."""
+        if self.role == Role.LEADER:
+            return t is AppendEntriesResponse and m.success and m.term == self.term \
+                and m.index == self.log.last_index
+        return t is AppendEntries and m.quiesce and m.term == self.term \
+            and frm == self.leader_id
 
     def _heard_from_leader(self, frm: int, leader_id: int) -> None:
         if self.role == Role.LEADER:
@@ -868,6 +964,14 @@ class Engine:
             if self._recover_until is None:
                 self._recover_until = m.leader_commit
             self._check_recovered()
+        if m.quiesce and last_new == log.last_index and self.commit_index == last_new \
+                and self.config.quiesce_after:
+            # The leader goes quiet and this log is its log: no election timer while it
+            # is (the driver wakes this node if the leader's process goes silent), and
+            # the leader counts as alive, so no vote goes to a node that missed this.
+            self.quiet = True
+            self._out.append(CancelTimer(Timer.ELECTION))
+            self._out.append(CancelTimer(Timer.LEASE))
         self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq,
                                               self.recovering))
 
@@ -885,7 +989,7 @@ class Engine:
         pr = self.progress.get(frm)
         if pr is None or self.role != Role.LEADER:
             return
-        pr.recent_active = True
+        pr.recent_active = pr.responded = True
         if m.recovering and not m.success and m.index <= pr.match_index:
             # Its storage was repaired: it lacks entries it had acknowledged. Forget what
             # it acknowledged (commit never moves back) and probe from here.

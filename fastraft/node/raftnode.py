@@ -14,6 +14,7 @@ from fastraft.engine import Engine, InitialState, Role, RoleChanged
 from fastraft.errors import (
     AlreadyInitialized,
     CatchUpTimeout,
+    ConfigError,
     NodeFailed,
     NodeStopped,
     NotLeader,
@@ -58,6 +59,11 @@ class RaftNode:
         self.network = network
         self.state_machine = state_machine
         self.config = config or Config()
+        if self.config.quiesce_after and not getattr(network, "watched", False):
+            raise ConfigError(
+                "Config.quiesce_after needs a RaftHost: quiet followers hear no heartbeat, "
+                "and only a host's liveness exchange tells them their leader is gone; set "
+                "it to 0 for a RaftNode on its own")
         self._rng = rng or random.Random()
         # Both are set by start() and used by every method but the few that report a node
         # not started yet (status, metrics, health), which check for None: typing them
@@ -524,6 +530,14 @@ class RaftNode:
             return (f"applied index {self.applied_index} is {behind} entries behind the "
                     f"commit index {e.commit_index} (bound {max_apply_lag})")
         return None
+
+    def wake(self, leader_lost: bool = False) -> None:
+        """Wake this node if it is quiet (``Config.quiesce_after``); ``leader_lost``: its
+        leader's process is suspected gone, so a follower campaigns after its election
+        timeout (``RaftHost`` calls this)."""
+        if self._running and self.engine.quiet:
+            self.engine.wake(leader_lost)
+            self._schedule_flush()
 
     @property
     def is_leader(self) -> bool:

@@ -6,7 +6,8 @@ connections its peers dialed. A connection starts with the handshake of
 TLS, and refused (logged, counted) before any Raft message is decoded. Then each frame
 (``u32 length | body``) carries, per Raft group, ``u64 group | u32 length | a batch of
 messages`` (``fastraft.wire``). Everything queued for a peer during one loop iteration,
-of every group, leaves in one frame and one write.
+of every group, leaves in one frame and one write. A frame of no section says only
+that its sender is alive (``keepalive``).
 
 One ``TcpNetwork`` serves one node (``start(node)``: group 0) or, through
 ``group(group_id)`` views, every group of a ``fastraft.RaftHost``: one listening port
@@ -40,6 +41,8 @@ _LEN = struct.Struct("<I")
 _SECTION = struct.Struct("<QI")
 #: A frame's length and its only section's header, packed at once (one group's frame).
 _ONE_SECTION = struct.Struct("<IQI")
+#: A frame of no section: a liveness signal (``TcpNetwork.keepalive``).
+_EMPTY_FRAME = _LEN.pack(0)
 #: Addresses learned from peers that dialed us, kept for at most this many ids.
 MAX_LEARNED = 1024
 
@@ -160,14 +163,42 @@ class TcpNetwork:
 
     def send_group(self, group_id: int, target: int, messages: list[Any]) -> None:
         """Queue ``messages`` of group ``group_id`` for node ``target``."""
-        peer = self._peers.get(target)
+        peer = self._peers.get(target) or self._dial(target)
         if peer is None:
-            address = self.addresses.get(target) or self.learned.get(target)
-            if address is None or self._loop is None:
-                self.stats["dropped"] += len(messages)
-                return
-            peer = self._peers[target] = _Peer(self, target, address)
+            self.stats["dropped"] += len(messages)
+            return
         peer.enqueue(group_id, messages)
+
+    def _dial(self, target: int) -> _Peer | None:
+        address = self.addresses.get(target) or self.learned.get(target)
+        if address is None or self._loop is None:
+            return None
+        peer = self._peers[target] = _Peer(self, target, address)
+        return peer
+
+    def keepalive(self) -> None:
+        """Send an empty frame to every connected peer this network sent nothing to since
+        the last call: with ``frames_heard`` on the other side, one liveness exchange per
+        pair of processes, whatever the number of groups (``RaftHost``)."""
+        for node_id in self.addresses:
+            peer = self._peers.get(node_id)
+            if peer is None:
+                self._dial(node_id)
+            elif peer.frames_sent:
+                peer.frames_sent = 0
+            elif peer.transport is not None:
+                peer.transport.write(_EMPTY_FRAME)
+                self.stats["frames_out"] += 1
+                self.stats["bytes_out"] += _LEN.size
+
+    def frames_heard(self) -> dict[int, int]:
+        """Frames received so far from each peer over its current connections (they
+        grow while the peer is alive and reachable; a new connection starts over)."""
+        heard: dict[int, int] = {}
+        for conn in self._inbound:
+            if conn.peer_id is not None:
+                heard[conn.peer_id] = heard.get(conn.peer_id, 0) + conn.frames
+        return heard
 
     def _learn(self, node_id: int, address: str) -> None:
         self.learned[node_id] = address
@@ -186,6 +217,8 @@ class _Peer:
         #: Messages waiting for the next flush, per group, in the order they were sent.
         self.pending: dict[int, list[Any]] = {}
         self.queued = 0
+        #: Frames written since the last ``TcpNetwork.keepalive``.
+        self.frames_sent = 0
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.closed = False
@@ -245,6 +278,7 @@ class _Peer:
                 size += _SECTION.size + len(body)
             parts[0] = _LEN.pack(size)
             transport.writelines(parts)
+        self.frames_sent += 1
         stats = self.net.stats
         stats["frames_out"] += 1
         stats["bytes_out"] += size + _LEN.size
@@ -320,6 +354,8 @@ class _Inbound(Link):
                          handshake_timeout=net.limits.handshake_timeout,
                          throttle=net.throttle)
         self.net = net
+        #: Frames received from the peer (``TcpNetwork.frames_heard``).
+        self.frames = 0
         net._inbound.add(self)
 
     def authenticated(self, peer_id: int, address: str) -> bool:
@@ -346,6 +382,7 @@ class _Inbound(Link):
         peer_id = self.peer_id  # set: frames follow the handshake
         if peer_id is None or not net.receive_filter(peer_id):
             return True
+        self.frames += 1
         receivers = net.receivers
         for group_id, messages in sections:
             node = receivers.get(group_id)
@@ -387,6 +424,9 @@ class GroupNetwork:
     def __init__(self, net: TcpNetwork, group_id: int) -> None:
         self.net = net
         self.group_id = group_id
+        #: Set by ``RaftHost``, which wakes the group when it is quiet and its leader's
+        #: process goes silent (``Config.quiesce_after`` needs that).
+        self.watched = False
 
     @property
     def listen(self) -> str:

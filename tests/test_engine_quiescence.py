@@ -1,0 +1,165 @@
+"""Quiescence (``Config.quiesce_after``): an idle group's leader sends a last heartbeat and
+stops ticking, its followers stop their election timers, and any proposal, read or message
+wakes them; the driver wakes followers whose leader's process is lost. Not in the paper:
+the multi-Raft practice of CockroachDB and TiKV, kept within §5.2 (a quiet follower counts
+its leader as alive, thesis §4.2.3) and §6.2 (check-quorum starts over on waking)."""
+import pytest
+
+from fastraft.config import Config
+from fastraft.engine import CancelTimer, ReadReady, Role, SetTimer, Timer
+from fastraft.errors import ConfigError
+from fastraft.messages import AppendEntries, AppendEntriesResponse, RequestVote
+
+from engine_helpers import Harness, make, sends
+
+QCFG = Config(heartbeat_interval=0.05, election_timeout_min=0.15, election_timeout_max=0.3,
+              commit_notify_delay=0, quiesce_after=0.1)  # two idle heartbeats
+
+
+def cluster(config=QCFG, follower_config=None):
+    engines = [make(i, config=config if i == 1 else (follower_config or config), terms=[1],
+                    commit=1) for i in (1, 2, 3)]
+    h = Harness(engines)
+    h.fire(1, Timer.ELECTION)  # pre-vote, then the vote
+    assert engines[0].role == Role.LEADER
+    return h, engines
+
+
+def tick(h, n=1):
+    """``n`` heartbeat intervals of the leader, everything delivered in between."""
+    for _ in range(n):
+        h.engines[1].on_timer(Timer.HEARTBEAT)
+        h.run()
+
+
+def quiet_cluster():
+    h, engines = cluster()
+    tick(h, 3)  # one to see the group idle, two idle heartbeats
+    assert [e.quiet for e in engines] == [True, True, True]
+    return h, engines
+
+
+def test_an_idle_group_goes_quiet_after_the_configured_heartbeats():
+    h, (leader, f2, f3) = cluster()
+    tick(h, 2)
+    assert not leader.quiet
+    leader.on_timer(Timer.HEARTBEAT)
+    cmds = leader.take_commands()
+    last = leader.log.last_index
+    quiesce = AppendEntries(leader.term, 1, last, leader.term, [], last, 0, True)
+    assert sends(cmds) == [(2, quiesce), (3, quiesce)]  # with the commit index
+    assert CancelTimer(Timer.HEARTBEAT) in cmds and CancelTimer(Timer.ELECTION) in cmds
+    assert not any(type(c) is SetTimer for c in cmds)
+    assert leader.quiet
+    for f in (f2, f3):
+        f.step(1, quiesce)
+        out = f.take_commands()
+        assert f.quiet and f.leader_alive and f.commit_index == last
+        assert out[-3:-1] == [CancelTimer(Timer.ELECTION), CancelTimer(Timer.LEASE)]
+        # its answer does not wake the leader
+        (to, answer), = sends(out)
+        assert answer == AppendEntriesResponse(leader.term, True, last)
+        leader.step(f.id, answer)
+    assert leader.quiet and leader.take_commands() == []
+    assert leader.status()["quiet"]
+
+
+def test_activity_or_a_silent_member_keeps_the_group_awake():
+    h, (leader, f2, f3) = cluster()
+    tick(h, 2)
+    leader.propose([b"x"])  # wakes nothing (not quiet yet) but restarts the idle count
+    h.run()
+    tick(h, 2)
+    assert not leader.quiet
+    tick(h)
+    assert leader.quiet
+    # a member that does not answer heartbeats keeps it awake, however long
+    h, (leader, f2, f3) = cluster()
+    del h.engines[3]
+    tick(h, 10)
+    assert not leader.quiet and not f2.quiet
+
+
+def test_a_proposal_wakes_the_leader_and_replication_wakes_the_followers():
+    h, (leader, f2, f3) = quiet_cluster()
+    leader.propose([b"x"])
+    cmds = leader.take_commands()
+    assert SetTimer(Timer.HEARTBEAT, QCFG.heartbeat_interval) in cmds
+    assert SetTimer(Timer.ELECTION, QCFG.election_timeout_max) in cmds  # check-quorum again
+    assert not leader.quiet
+    for to, m in sends(cmds):
+        h.engines[to].step(1, m)
+        assert not h.engines[to].quiet
+        assert any(type(c) is SetTimer and c.timer == Timer.ELECTION
+                   for c in h.engines[to].take_commands())
+    h.run()
+    assert f2.log.last_index == f3.log.last_index == leader.log.last_index
+
+
+def test_a_read_wakes_a_quiet_leader_and_is_confirmed():
+    h, (leader, f2, f3) = quiet_cluster()
+    leader.read_index(7)
+    assert not leader.quiet
+    got = []
+    while True:  # the read's heartbeats wake the followers too
+        cmds = leader.take_commands()
+        got += [c for c in cmds if type(c) is ReadReady]
+        for to, m in sends(cmds):
+            h.engines[to].step(1, m)
+            for c in h.engines[to].take_commands():
+                if type(c).__name__ == "Send":
+                    leader.step(to, c.message)
+        if got:
+            break
+    assert got == [ReadReady(7, leader.commit_index)]
+
+
+def test_a_quiet_follower_refuses_votes_but_wakes_and_so_does_the_leader():
+    h, (leader, f2, f3) = quiet_cluster()
+    # node 3 missed the quiesce heartbeat and timed out: its pre-vote
+    ask = RequestVote(leader.term + 1, 3, f3.log.last_index, f3.log.last_term, True)
+    f2.step(3, ask)
+    cmds = f2.take_commands()
+    assert not f2.quiet and f2.leader_alive
+    assert not any(s for s in sends(cmds) if s[1].vote_granted)  # its leader is alive
+    assert any(type(c) is SetTimer and c.timer == Timer.ELECTION for c in cmds)
+    leader.step(3, ask)
+    assert not leader.quiet and leader.role == Role.LEADER
+    # it heartbeats again from the next interval, and the group goes quiet again later
+    leader.take_commands()
+    tick(h, 3)
+    assert leader.quiet
+
+
+def test_followers_woken_with_their_leader_lost_elect_a_new_one():
+    h, (leader, f2, f3) = quiet_cluster()
+    del h.engines[1]  # its process died
+    for f in (f2, f3):
+        f.wake(leader_lost=True)
+        assert not f.quiet and not f.leader_alive
+        assert any(type(c) is SetTimer and c.timer == Timer.ELECTION for c in f.take_commands())
+    h.fire(2, Timer.ELECTION)
+    assert f2.role == Role.LEADER and f2.term == leader.term + 1 and f3.leader_id == 2
+
+
+def test_a_follower_without_quiescence_ignores_the_flag():
+    h, (leader, f2, f3) = cluster(follower_config=Config(
+        heartbeat_interval=0.05, election_timeout_min=0.15, election_timeout_max=0.3,
+        commit_notify_delay=0))
+    tick(h, 3)
+    assert leader.quiet and not f2.quiet and not f3.quiet
+
+
+def test_waking_a_node_that_is_not_quiet_does_nothing():
+    h, (leader, f2, f3) = cluster()
+    leader.take_commands()
+    for e in (leader, f2):
+        e.wake()
+        e.wake(leader_lost=True)
+        assert e.take_commands() == [] and not e.quiet
+    assert f2.leader_alive
+
+
+def test_quiesce_after_is_checked():
+    with pytest.raises(ConfigError, match="quiesce_after"):
+        Config(quiesce_after=0.01)

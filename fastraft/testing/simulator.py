@@ -16,6 +16,11 @@ proposal is a put of a unique value to one of ``kv_keys`` keys, each ReadIndex r
 get of one, answered from the committed log at its read index; the history of invocations
 and acknowledgements must be linearizable (``fastraft.testing.linearizability``).
 
+With ``Config.quiesce_after`` idle groups go quiet, and the simulator plays the part of
+``RaftHost``'s liveness exchange: every heartbeat interval each live node notes which
+peers it can hear (alive, and not cut off from it), and wakes the quiet followers of a
+leader it has not heard for ``election_timeout_min``, as leader-lost.
+
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
 state machine: every replica must return the same result for the same index. Disks are
 ``MemoryStorage``; with ``disk_directory`` they are ``FileStorage`` directories under it,
@@ -236,7 +241,7 @@ _snap_dec = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
 class _Node:
     __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
                  "applied", "applied_log", "incoming", "snapshot_at", "snapshots",
-                 "clock_rate", "clock_offset", "lease_until")
+                 "clock_rate", "clock_offset", "lease_until", "heard_at", "suspected")
 
     def __init__(self, node_id: int, disk: _Disk) -> None:
         self.id = node_id
@@ -262,6 +267,10 @@ class _Node:
         self.clock_offset = 0.0
         #: Lease reads: the node's clock time until which its leadership lease holds.
         self.lease_until = 0.0
+        #: Liveness (quiescence): when each peer was last heard, and the peers silent
+        #: for longer than election_timeout_min.
+        self.heard_at: dict[int, float] = {}
+        self.suspected: set[int] = set()
 
 
 class Simulator:
@@ -330,7 +339,8 @@ class Simulator:
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
-                      "lease_reads": 0, "skews": 0, "history_undecided": 0}
+                      "lease_reads": 0, "skews": 0, "history_undecided": 0,
+                      "quiet_nodes": 0, "leader_lost_wakes": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -344,6 +354,8 @@ class Simulator:
             self._schedule(self._exp(faults.crash_every), "crash")
         if faults.skew_every:
             self._schedule(self._exp(faults.skew_every), "skew")
+        if self.config.quiesce_after:
+            self._schedule(self.config.heartbeat_interval, "liveness")
 
     # ------------------------------------------------------------------ running
 
@@ -433,6 +445,8 @@ class Simulator:
         node.incoming = None
         node.snapshots = {}
         node.lease_until = 0.0
+        node.heard_at = {i: self.now for i in self.nodes}
+        node.suspected = set()
         drift = self.faults.clock_drift
         node.clock_rate = 1.0 + self.rng.uniform(-drift, drift) if drift else 1.0
         node.clock_offset = 0.0
@@ -807,6 +821,29 @@ class Simulator:
             n.clock_offset += (n.clock_rate - rate) * self.now
             n.clock_rate = rate
         self.stats["skews"] += 1
+
+    def _ev_liveness(self) -> None:
+        """RaftHost's liveness exchange (see the module docstring)."""
+        cfg = self.config
+        self._schedule(cfg.heartbeat_interval, "liveness")
+        for node in self.nodes.values():
+            if not node.alive:
+                continue
+            e = node.engine
+            self.stats["quiet_nodes"] += e.quiet
+            for peer in self.nodes.values():
+                if peer is node:
+                    continue
+                if peer.alive and (not self._faults_on or self._connected(peer.id, node.id)):
+                    node.heard_at[peer.id] = self.now
+                    node.suspected.discard(peer.id)
+                elif peer.id not in node.suspected and \
+                        self.now - node.heard_at[peer.id] > cfg.election_timeout_min:
+                    node.suspected.add(peer.id)
+                    if e.quiet and e.role == Role.FOLLOWER and e.leader_id == peer.id:
+                        self.stats["leader_lost_wakes"] += 1
+                        e.wake(leader_lost=True)
+                        self._execute(node, e.take_commands())
 
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]

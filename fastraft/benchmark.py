@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -186,6 +187,10 @@ async def _bench_node(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()  # followers serve until the orchestrator stops them
 
 
+#: Seconds a bench host waits for its groups to go quiet before it measures idle traffic.
+IDLE_SETTLE = 30.0
+
+
 def host_config(groups: int) -> Config:
     """Every group's Config in the multi-group rows: idle groups go quiet (as by default
     in a RaftHost); with many groups per process, slower ticks, as busy groups each
@@ -204,7 +209,7 @@ async def _bench_host(args: argparse.Namespace) -> None:
     by preferred leader; from ``start_at`` (wall time) it writes to the groups it leads,
     its share of ``in_flight``, then counts what it sends while idle, once its groups had
     the time to go quiet: Raft messages, and frames (liveness frames included). Prints one
-    JSON line and exits at a time all hosts share, so none measures the others leaving."""
+    JSON line, then serves until stopped: no host measures another one leaving."""
     from fastraft.host import RaftHost, preferred_leader
     from fastraft.storage import MemoryStorage, RaftStorage
     from fastraft.transport.tcp import TcpNetwork
@@ -255,17 +260,21 @@ async def _bench_host(args: argparse.Namespace) -> None:
                                                lat.counts, lost, f"group {g}: ")
                            for g in groups_written])
     rss = rss_mib()
-    # idle: time to settle and go quiet, then what the host sends in ``idle`` seconds
-    settle = 1.0 + 2 * host.config.quiesce_after
-    await asyncio.sleep(max(0.0, stop + settle - clock()))
+    # idle: a second to settle, and up to IDLE_SETTLE for every group here to go quiet
+    # (when they do), then what the host sends in ``idle`` seconds
+    await asyncio.sleep(max(0.0, stop + 1.0 - clock()))
+    settled_by = clock() + IDLE_SETTLE
+    while host.config.quiesce_after and clock() < settled_by and \
+            not all(node.engine.quiet for node in host.groups.values()):
+        await asyncio.sleep(0.1)
 
     def sent() -> int:
         return sum(sum(node.metrics().messages_out.values()) for node in host.groups.values())
     before, frames, cpu = sent(), host.network.stats["frames_out"], time.process_time()
     await asyncio.sleep(idle)
+    idle_cpu = (time.process_time() - cpu) / idle  # before counting: that takes CPU too
     idle_rate = (sent() - before) / idle
     idle_frames = (host.network.stats["frames_out"] - frames) / idle
-    idle_cpu = (time.process_time() - cpu) / idle
     quiet = sum(1 for node in host.groups.values() if node.engine.quiet)
     print(json.dumps({"writes": lat.n, "seconds": seconds, "writers": writers,
                       "led": len(led), "balanced": balanced, "rss_mib": rss,
@@ -273,8 +282,7 @@ async def _bench_host(args: argparse.Namespace) -> None:
                       "idle_cpu": idle_cpu, "quiet": quiet,
                       "latencies_us": {us: c for us, c in enumerate(lat.counts) if c},
                       "lost": lost[:1]}), flush=True)
-    await asyncio.sleep(max(0.0, stop + settle + 1.0 + idle - clock()))  # all leave together
-    await host.stop()
+    await asyncio.Event().wait()  # serve the others until the orchestrator stops every host
 
 
 def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
@@ -291,14 +299,19 @@ def _host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
                                "--data-dir", workdir],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for i in range(1, n + 1)]
+    # each host prints one line and serves on: read every line, then stop them all
+    pool = ThreadPoolExecutor(n)
     try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+        reports = [pool.submit(p.stdout.readline) for p in procs]  # type: ignore[union-attr]
+        done, _ = wait(reports, timeout)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
             p.wait()
-    hosts = [json.loads(o.strip().splitlines()[-1]) for o in outs if o.strip()]
+        pool.shutdown()
+    outs = [r.result() if r in done else "" for r in reports]
+    hosts = [json.loads(o) for o in outs if o.strip()]
     if len(hosts) != n:
         raise RuntimeError(f"{n - len(hosts)} of {n} hosts reported nothing")
     lat = Latencies()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from fastraft.config import Config
 from fastraft.engine import Role
@@ -194,6 +195,21 @@ class RaftHost:
     def leaders(self) -> list[int]:
         """The groups this host leads."""
         return [g for g, node in self._groups.items() if node.is_leader]
+
+    def status(self) -> dict[str, Any]:
+        """This host at a glance: its groups, how many it leads, how many are quiet,
+        the peer hosts it suspects gone, leadership transfers and transport counters.
+        One pass over the groups; each group's own ``status()`` has the details."""
+        leading = quiet = 0
+        for node in self._groups.values():
+            e = node.engine
+            if e is not None:
+                leading += e.role == Role.LEADER
+                quiet += e.quiet
+        return {"id": self.id, "address": self.address, "running": self._running,
+                "groups": len(self._groups), "leading": leading, "quiet": quiet,
+                "suspected": sorted(self.suspected), "transfers": self.transfers,
+                "network": dict(self.network.stats)}
 
     # ------------------------------------------------------------------ liveness
 

@@ -267,6 +267,10 @@ async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
         assert messages_sent(hosts) == sent and all_quiet(hosts)
         assert all(h.network.stats["bad_frames"] == 0 and not h.suspected
                    for h in hosts.hosts.values())
+        status = hosts.hosts[1].status()
+        assert status["groups"] == len(GROUPS) == status["quiet"]
+        assert status["leading"] == sum(1 for g in GROUPS if preferred(g) == 1)
+        assert status["suspected"] == [] and status["network"]["frames_out"] > 0
         # a write wakes its group, which goes quiet again
         await hosts.propose(5, b"y")
         await wait_until(lambda: all_quiet(hosts), 20)
@@ -285,7 +289,7 @@ async def test_quiet_groups_of_a_lost_host_elect_elsewhere_and_it_comes_back():
         # hosts 1 and 2 hear nothing from host 3, wake the groups it led, elect leaders
         for g in GROUPS:
             await hosts.propose(g, b"after")
-        assert all(3 in h.suspected for h in hosts.hosts.values())
+        assert all(h.status()["suspected"] == [3] for h in hosts.hosts.values())
         await hosts.start(3, found=False)  # its replicas' pre-votes wake the leaders
         await wait_until(lambda: balanced(hosts), 20)
         await wait_until(lambda: all_quiet(hosts), 20)

@@ -6,10 +6,11 @@ import pytest
 
 from fastraft.config import Config
 from fastraft.testing import NO_FAULTS, Faults, InvariantViolation, Simulator
+from fastraft.testing.multigroup import MultiGroupSimulator
 
 from planted_bugs import PLANTS
 
-SEEDS = int(os.environ.get("FASTRAFT_SIM_SEEDS", "260"))
+SEEDS = int(os.environ.get("FASTRAFT_SIM_SEEDS", "280"))  # 20 per profile
 
 CHURN = dict(snapshot_every=40, spare_nodes=2, reconfigure_every=0.3)
 CHURN_HARSH = dict(snapshot_every=25, spare_nodes=2, reconfigure_every=0.2)
@@ -220,7 +221,7 @@ FIGURE_8_SEEDS = 80
 #: The CI profiles in the order the planted-bug test runs them: the nemeses first.
 PLANT_ORDER = ["flapping", "learners", "no-prevote", "harsh", "small-windows",
                "churn-snapshots-harsh", "churn-snapshots", "small-cache", "small-cache-churn",
-               "one-way", "torn-disks", "leases-skew", "default"]
+               "one-way", "torn-disks", "leases-skew", "quiet", "default"]
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: p.__name__)
@@ -281,3 +282,27 @@ def test_lease_reads_turn_stale_when_clocks_drift_beyond_the_stated_bound():
     with pytest.raises(InvariantViolation, match="acknowledged before it started"):
         Simulator(seed=13, nodes=5, faults=Faults(clock_drift=0.5, skew_every=0.3),
                   config=config, read_every=0.005).run(3.0)
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
+def test_groups_sharing_nodes_and_frames_keep_every_invariant_per_group(quiet):
+    """Four groups on the same three nodes: a crash takes down every group's replica on a
+    node, a partition cuts every group, and messages of several groups between two nodes
+    at one instant share a frame's fate; each group keeps its invariants and converges."""
+    config = Config(quiesce_after=0.1) if quiet else Config()
+    seeds = max(SEEDS // 26, 3)
+    crashes = partitions = 0
+    for seed in range(seeds):
+        sim = MultiGroupSimulator(seed, groups=4, nodes=3, faults=Faults(), config=config,
+                                  **(QUIET_LOAD if quiet else {}))
+        sim.run(3.0, settle=8.0)
+        totals = sim.totals()
+        # every node crash took down each group's replica on it
+        assert {g.stats["crashes"] for g in sim.groups} == {sim.stats["node_crashes"]}
+        crashes += sim.stats["node_crashes"]
+        partitions += sim.stats["partitions"]
+        assert all(g.stats["acked"] > (0 if quiet else 100) for g in sim.groups)
+        assert totals["shared_frames"] > 0 and totals["history_undecided"] == 0
+        if quiet:
+            assert totals["quiet_nodes"] > 0
+    assert crashes > seeds // 2 and partitions > seeds // 2

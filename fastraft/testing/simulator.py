@@ -273,7 +273,31 @@ class _Node:
         self.suspected: set[int] = set()
 
 
-class Simulator:
+class EventQueue:
+    """Events in simulated time: ``(time, sequence, kind, args)`` run by ``_ev_<kind>``."""
+
+    now: float
+    rng: random.Random
+    _events: list[Any]
+    _seq: int
+
+    def _schedule(self, delay: float, kind: str, *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + delay, self._seq, kind, args))
+
+    def _exp(self, mean: float) -> float:
+        return self.rng.expovariate(1.0 / mean)
+
+
+def random_partition(rng: random.Random, node_ids: list[int]) -> dict[int, int]:
+    """Nodes split into two non-empty sides at random: node id -> side (0 or 1)."""
+    ids = list(node_ids)
+    rng.shuffle(ids)
+    cut = rng.randint(1, len(ids) - 1)
+    return {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
+
+
+class Simulator(EventQueue):
     """See the module docstring. ``nodes`` founding voters with ids 1..nodes, then
     ``learners`` founding learners (they start empty and are caught up by the leader),
     then ``spare_nodes`` outside the configuration for membership churn to add."""
@@ -311,6 +335,8 @@ class Simulator:
         self.membership = Membership(
             voters=founders, learners=founding_learners,
             addresses={i: f"sim:{i}" for i in founders | founding_learners})
+        #: Set by ``MultiGroupSimulator``: messages share frames with other groups'.
+        self.frames: Any = None
         self._partition: dict[int, int] | None = None
         self._one_way = False  # side 0's messages to side 1 are lost, not the reverse
         self._faults_on = True
@@ -372,12 +398,21 @@ class Simulator:
         while self._events and self._events[0][0] <= deadline:
             if until is not None and until():
                 return True
-            t, _, kind, args = heapq.heappop(self._events)
-            self.now = t
-            self.stats["events"] += 1
-            getattr(self, "_ev_" + kind)(*args)
+            self.run_next()
         self.now = max(self.now, deadline)
         return until() if until is not None else True
+
+    @property
+    def next_event_at(self) -> float:
+        """Simulated time of the next event (infinity: none)."""
+        return self._events[0][0] if self._events else float("inf")
+
+    def run_next(self) -> None:
+        """Run the next event."""
+        t, _, kind, args = heapq.heappop(self._events)
+        self.now = t
+        self.stats["events"] += 1
+        getattr(self, "_ev_" + kind)(*args)
 
     def close(self) -> None:
         """Release the disks (FileStorage directories stay for inspection)."""
@@ -628,27 +663,30 @@ class Simulator:
 
     def _transmit(self, frm: int, to: int, msg: Any) -> None:
         self.stats["messages"] += 1
+        delays = (self.fate(self.rng, frm, to) if self.frames is None
+                  else self.frames.fate(self, frm, to))
+        if not delays:
+            self.stats["dropped"] += 1
+        for delay in delays:
+            self._schedule(delay, "deliver", to, frm, msg)
+
+    def fate(self, rng: random.Random, frm: int, to: int) -> tuple[float, ...]:
+        """The delays after which a message from ``frm`` reaches ``to``: none if it is
+        lost, two if it is duplicated."""
         f = self.faults
         if self._faults_on:
-            if self.rng.random() < f.drop or not self._connected(frm, to):
-                self.stats["dropped"] += 1
-                return
-            if self.rng.random() < f.duplicate:
-                self._schedule(self.rng.uniform(f.min_delay, f.max_delay), "deliver", to, frm, msg)
-        self._schedule(self.rng.uniform(f.min_delay, f.max_delay), "deliver", to, frm, msg)
+            if rng.random() < f.drop or not self._connected(frm, to):
+                return ()
+            if rng.random() < f.duplicate:
+                return (rng.uniform(f.min_delay, f.max_delay),
+                        rng.uniform(f.min_delay, f.max_delay))
+        return (rng.uniform(f.min_delay, f.max_delay),)
 
     def _connected(self, a: int, b: int) -> bool:
         p = self._partition
         return p is None or p[a] == p[b] or (self._one_way and p[a] == 1)
 
     # ------------------------------------------------------------------ events
-
-    def _schedule(self, delay: float, kind: str, *args: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self._events, (self.now + delay, self._seq, kind, args))
-
-    def _exp(self, mean: float) -> float:
-        return self.rng.expovariate(1.0 / mean)
 
     def _ev_deliver(self, to: int, frm: int, msg: Any) -> None:
         node = self.nodes[to]
@@ -763,10 +801,7 @@ class Simulator:
     def _ev_partition(self) -> None:
         if not self._faults_on:
             return
-        ids = list(self.nodes)
-        self.rng.shuffle(ids)
-        cut = self.rng.randint(1, len(ids) - 1)
-        self._partition = {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
+        self._partition = random_partition(self.rng, list(self.nodes))
         self._one_way = self.rng.random() < self.faults.one_way
         self.stats["one_way_partitions"] += self._one_way
         self._schedule(self.faults.partition_for, "unpartition")

@@ -235,13 +235,17 @@ async def _bench_host(args: argparse.Namespace) -> None:
     # quiet before the next, as a storage engine adds shards (thousands electing and
     # heartbeating at once would swamp two cores before they could go quiet)
     batch = spec.get("create_batch") or groups
+
+    async def until_quiet(seconds: float) -> None:
+        settled_by = time.monotonic() + seconds
+        while time.monotonic() < settled_by and \
+                not all(node.engine.quiet for node in host.groups.values()):
+            await asyncio.sleep(0.1)
+
     for g in range(groups):
         await host.create_group(g, cluster, state_machine=NullStateMachine())
         if (g + 1) % batch == 0 and g + 1 < groups:
-            settled = time.monotonic() + 60
-            while time.monotonic() < settled and \
-                    not all(node.engine.quiet for node in host.groups.values()):
-                await asyncio.sleep(0.1)
+            await until_quiet(60)
     mine = [g for g in range(groups) if preferred_leader(g, set(cluster)) == args.id]
     while sorted(host.leaders()) != mine and time.time() < spec["start_at"]:
         await asyncio.sleep(0.05)
@@ -263,10 +267,8 @@ async def _bench_host(args: argparse.Namespace) -> None:
     # idle: a second to settle, and up to IDLE_SETTLE for every group here to go quiet
     # (when they do), then what the host sends in ``idle`` seconds
     await asyncio.sleep(max(0.0, stop + 1.0 - clock()))
-    settled_by = clock() + IDLE_SETTLE
-    while host.config.quiesce_after and clock() < settled_by and \
-            not all(node.engine.quiet for node in host.groups.values()):
-        await asyncio.sleep(0.1)
+    if host.config.quiesce_after:
+        await until_quiet(IDLE_SETTLE)
 
     def sent() -> int:
         return sum(sum(node.metrics().messages_out.values()) for node in host.groups.values())

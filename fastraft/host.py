@@ -58,8 +58,8 @@ class RaftHost:
     (default: ``MemoryStorage``); the host never closes a storage, whoever made it, so a
     new host on the same storages is a restart. ``config`` is every group's unless
     ``create_group`` says otherwise (default: ``Config(quiesce_after=1.0)``); its timings
-    also pace the liveness exchange between hosts. Every ``balance_interval`` seconds the host hands
-    groups it leads to their preferred leaders (``None``: never).
+    also pace the liveness exchange between hosts. Every ``balance_interval`` seconds the
+    host hands groups it leads to their preferred leaders (``None``: never).
     """
 
     def __init__(self, node_id: int, *, network: TcpNetwork,
@@ -180,10 +180,10 @@ class RaftHost:
         node = self._groups.get(group_id)
         if node is None:
             raise UnknownGroup(f"group {group_id} does not run on host {self.id}")
-        others = sorted(node.engine.membership.voters - {self.id}) if node.is_leader else []
+        others = node.engine.membership.voters - {self.id} if node.is_leader else frozenset()
         if others:
             try:
-                await node.transfer_leadership(preferred_leader(group_id, set(others)),
+                await node.transfer_leadership(preferred_leader(group_id, others),
                                                self.config.election_timeout_max * 2)
             except (FastRaftError, asyncio.TimeoutError) as exc:
                 log.warning("host %d: group %d stops while leading: %s", self.id,

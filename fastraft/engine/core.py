@@ -251,7 +251,7 @@ class Engine:
         records rather than state-machine commands."""
         if self.role != Role.LEADER:
             raise self.not_leader()
-        if self.quiet:
+        if self.quiet:  # tested here: a call per proposal batch is not free
             self.wake()
         if self._transfer_target is not None:
             # thesis §3.10: no new entries while handing over; the target will lead.
@@ -278,8 +278,7 @@ class Engine:
                 "a membership change is still in progress; wait for it to commit")
         if not voters:
             raise ValueError("a configuration needs at least one voter")
-        if self.quiet:
-            self.wake()
+        self.wake()
         old = self.membership
         addrs = dict(old.addresses)
         addrs.update(addresses or {})
@@ -302,8 +301,7 @@ class Engine:
             return
         if not self.membership.is_voter(target):
             raise ValueError(f"node {target} is not a voter; only voters can lead")
-        if self.quiet:
-            self.wake()
+        self.wake()
         self._transfer_target = target
         self._transfer_rounds = 0
         if not self.config.check_quorum:
@@ -392,8 +390,7 @@ class Engine:
     def read_index(self, request_id: int) -> None:
         """Ask for a linearizable read point (thesis §6.4). Answered by a ``ReadReady`` or
         ``ReadFailed`` command; a follower forwards the request to its leader."""
-        if self.quiet:
-            self.wake()
+        self.wake()
         if self.role == Role.LEADER:
             self._leader_read(request_id, None)
         elif self.leader_id is not None:

@@ -173,8 +173,8 @@ class TcpNetwork:
         address = self.addresses.get(target) or self.learned.get(target)
         if address is None or self._loop is None:
             return None
-        peer = self._peers[target] = _Peer(self, target, address)
-        return peer
+        self._peers[target] = _Peer(self, target, address)
+        return self._peers[target]
 
     def keepalive(self) -> None:
         """Send an empty frame to every connected peer this network sent nothing to since

@@ -3,7 +3,7 @@
     python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR [--init]
 
 Runs groups 0..G-1 on FileStorage (one directory per group, fsync on). Writes by itself:
-to every group it leads, records ``b"<host>:<seq>"`` one at a time, and after each one is
+to every group it leads, records ``b"<host>:<start>:<seq>"`` one at a time, and after each one is
 acknowledged appends ``<group> <record>`` to ``acked-<host>.txt`` (flushed and fsynced
 before the next write, so a kill -9 loses no line of a record that was acknowledged),
 pausing 0.1 s between rounds so the load stays light. While the file ``pause`` exists in
@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 from fastraft import FastRaftError, RaftHost
 from fastraft.addresses import parse_cluster
@@ -59,7 +60,10 @@ async def main(args):
         await host.create_group(g, cluster if args.init else None, state_machine=records[g])
     open(os.path.join(args.data_dir, f"ready-{args.id}"), "w").close()
     acked = open(os.path.join(args.data_dir, f"acked-{args.id}.txt"), "a")
-    seq = sum(1 for _ in open(acked.name))  # a restart goes on numbering
+    # Unique across restarts: proposals that failed (or were cut short by a kill) may
+    # still commit, so the acknowledged lines do not say which numbers were used.
+    start = time.time_ns()
+    seq = 0
     stop_file = os.path.join(args.data_dir, "stop")
     pause_file = os.path.join(args.data_dir, "pause")
     quiet_file = os.path.join(args.data_dir, f"quiet-{args.id}")
@@ -70,7 +74,7 @@ async def main(args):
             await asyncio.sleep(0.1)
             continue
         for g in host.leaders():
-            record = f"{args.id}:{seq}"
+            record = f"{args.id}:{start}:{seq}"
             seq += 1
             try:
                 await host.group(g).propose(record.encode())

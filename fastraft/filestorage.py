@@ -176,7 +176,427 @@ def _zero_sector_within(data: bytes, lo: int, hi: int) -> bool:
     return False
 
 
-class FileStorage:
+def _lock_directory(directory: str) -> int:
+    """Create ``directory`` if needed and flock its LOCK file: one process at a time."""
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageLocked(f"{directory} is in use by another process; one "
+                            "data directory per node") from None
+    return fd
+
+
+def _record_at(data: bytes, pos: int) -> tuple[int, memoryview, int]:
+    """The record at ``pos``: (end, body, commit mark), or ``_Damage``."""
+    size = len(data)
+    if size - pos < _HEAD.size:
+        raise _Damage(pos, f"a record header cut short ({size - pos} bytes)", True)
+    magic, length, mark, crc, head_crc = _HEAD.unpack_from(data, pos)
+    if zlib.crc32(data[pos:pos + _HEAD_CHECKED]) != head_crc or magic != _MAGIC:
+        if data.count(0, pos) == size - pos:
+            raise _Damage(pos, f"zero-filled bytes to the end of the file ({size - pos} "
+                          "bytes)", True)
+        torn = _zero_sector_within(data, pos, pos + _HEAD.size)
+        raise _Damage(pos, "a record header that fails its checksum", torn)
+    end = pos + _HEAD.size + length
+    if end > size:
+        raise _Damage(pos, f"a record of {length} bytes cut short at "
+                           f"{size - pos - _HEAD.size}", True)
+    body = memoryview(data)[pos + _HEAD.size:end]
+    if zlib.crc32(body) != crc:
+        torn = (_zero_sector_within(data, pos + _HEAD.size, end)
+                and data.count(0, end) == size - end)
+        raise _Damage(pos, "a record that fails its checksum", torn)
+    return end, body, mark
+
+def _valid_record_after(data: bytes, start: int) -> bool:
+    """Whether an intact record starts anywhere at or after ``start``."""
+    pos = data.find(_MAGIC_BYTES, start)
+    while pos >= 0:
+        try:
+            _record_at(data, pos)
+            return True
+        except _Damage:
+            pos = data.find(_MAGIC_BYTES, pos + 1)
+    return False
+
+
+def _batch_bounds(body: memoryview, pos: int) -> tuple[int, int]:
+    """(how many entries, first index) of a record's batch-codec body at ``pos``."""
+    count = int.from_bytes(body[:4], "little") if len(body) >= 4 + 21 else 0
+    if count == 0:
+        raise _Damage(pos, "a record that holds no entries", False)
+    return count, int.from_bytes(body[12:20], "little")
+
+
+def _record(body: bytes, mark: int) -> bytes:
+    """A record: the header (with its checksums and the commit mark), then ``body``."""
+    head = bytearray(_HEAD.pack(_MAGIC, len(body), mark, zlib.crc32(body), 0))
+    struct.pack_into("<I", head, _HEAD_CHECKED, zlib.crc32(head[:_HEAD_CHECKED]))
+    return bytes(head) + body
+
+
+class _RecordCache:
+    """Decoded records, least recently used first, within ``limit`` bytes (counted as
+    the records they were decoded from; one record may exceed it). Keys are (owner,
+    first index): the groups of a SharedWAL share one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self._items: OrderedDict[tuple[int, int], tuple[list[Entry], int]] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> list[Entry] | None:
+        found = self._items.get(key)
+        if found is None:
+            return None
+        self._items.move_to_end(key)
+        return found[0]
+
+    def put(self, key: tuple[int, int], entries: list[Entry], length: int) -> None:
+        self._items[key] = (entries, length)
+        self.size += length
+        while self.size > self.limit and len(self._items) > 1:
+            self.size -= self._items.popitem(last=False)[1][1]
+
+    def forget(self, owner: int) -> None:
+        for key in [k for k in self._items if k[0] == owner]:
+            self.size -= self._items.pop(key)[1]
+
+
+class _SegmentFiles:
+    """Open segment files by segment, opened when first used."""
+
+    _fds: dict[int, int]
+
+    def _path(self, seg: int) -> str:
+        raise NotImplementedError
+
+    def _fd(self, seg: int) -> int:
+        fd = self._fds.get(seg)
+        if fd is None:
+            fd = self._fds[seg] = os.open(self._path(seg), os.O_RDWR | os.O_CREAT, 0o644)
+        return fd
+
+    def _delete_segment(self, seg: int) -> None:
+        fd = self._fds.pop(seg, None)
+        if fd is not None:
+            os.close(fd)
+        os.unlink(self._path(seg))
+
+    def _recover(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _open(self) -> None:
+        """Recover; on failure release everything opened (the directory lock too)."""
+        self._recovered = False
+        try:
+            self._recover()
+        except BaseException:
+            self.close()
+            raise
+        self._recovered = True
+
+    def _close_segments(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class _LogStore:
+    """What a file-backed log store is made of, whatever holds its records: the hard
+    state and compaction point (``_State``), the owner, the snapshot files in
+    ``directory``, and an index of the log's records (one slot per record: first and
+    last index, segment, offset, length) with a cache of decoded records. A subclass
+    keeps the segments: ``FileStorage`` its own, ``SharedWAL`` one set for many groups.
+    """
+
+    #: Bytes at the start of a record's body that are not entries (a group's tag).
+    _BODY_TAG = 0
+    #: The thread reads run on (never behind a write or an fsync).
+    _reader: ThreadPoolExecutor
+
+    def __init__(self, directory: str, sync: bool, cache: _RecordCache, cache_owner: int,
+                 lock: threading.RLock) -> None:
+        self.directory = directory
+        self.sync = sync
+        self._lock = lock
+        # Records of the live log, in order: parallel arrays, one slot per record.
+        self._rec_first = array("q")
+        self._rec_last = array("q")
+        self._rec_seg = array("q")  # the segment holding the record
+        self._rec_off = array("q")
+        self._rec_len = array("q")
+        self._cache = cache
+        self._cache_owner = cache_owner
+        self._state = _State(HardState())
+        self._identity: _Identity | None = None
+        self._snapshot: SnapshotMeta | None = None
+        self._snapshot_path: str | None = None
+        self._snapshot_replaces_log = False
+        #: The commit index to stamp on the next record (``commit_advanced``), and the
+        #: highest one that is durable (stamped on a record, or in ``state``).
+        self._mark_wanted = 0
+        self._mark_durable = 0
+
+    def _fd(self, seg: int) -> int:
+        raise NotImplementedError
+
+    def _path(self, seg: int) -> str:
+        raise NotImplementedError
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        raise NotImplementedError
+
+    def _read_snapshot(self) -> tuple[SnapshotMeta, str] | None:
+        """The snapshot's metadata and data file, both checked; stray data files left by a
+        crash in the middle of a save are deleted."""
+        path = os.path.join(self.directory, "snapshot")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(_SNAP_HEAD.size)
+                if len(head) < _SNAP_HEAD.size:
+                    raise StorageCorruption(f"{path}: truncated header (offset 0)")
+                meta_len, meta_crc, data_len, data_crc = _SNAP_HEAD.unpack(head)
+                meta = f.read(meta_len)
+        except FileNotFoundError:
+            found = None
+        else:
+            if len(meta) != meta_len or zlib.crc32(meta) != meta_crc:
+                raise StorageCorruption(f"{path}: metadata fails its checksum "
+                                        f"(offset {_SNAP_HEAD.size})")
+            try:
+                snap_meta = msgspec.msgpack.decode(meta, type=SnapshotMeta)
+            except (msgspec.MsgspecError, ValueError) as exc:
+                raise StorageCorruption(f"{path}: unreadable metadata (offset "
+                                        f"{_SNAP_HEAD.size}): {exc}") from None
+            data_path = self._snapshot_data_path(snap_meta.last_included_index, data_crc)
+            self._check_snapshot_data(data_path, data_len, data_crc)
+            found = snap_meta, data_path
+        keep = os.path.basename(found[1]) if found else None
+        for name in os.listdir(self.directory):
+            if name.startswith(_SNAP_DATA_PREFIX) and name != keep:
+                os.unlink(os.path.join(self.directory, name))
+        return found
+
+    @staticmethod
+    def _check_snapshot_data(path: str, size: int, crc: int) -> None:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise StorageCorruption(f"{path}: missing; the snapshot metadata names it "
+                                    "(offset 0)") from None
+        with f:
+            copied, actual = copy_stream(f, _discard)
+        if copied != size:
+            raise StorageCorruption(f"{path}: {copied} bytes where the snapshot metadata says "
+                                    f"{size} (offset {min(copied, size)})")
+        if actual != crc:
+            raise StorageCorruption(f"{path}: fails its checksum (offset 0, {size} bytes)")
+
+    def _snapshot_data_path(self, index: int, crc: int) -> str:
+        # Named by content: saving the same snapshot twice rewrites the same bytes.
+        return os.path.join(self.directory, f"{_SNAP_DATA_PREFIX}{index}-{crc:08x}.data")
+
+    def load_state(self) -> StorageState:
+        floor = self._floor()
+        last = self._rec_last[-1] if self._rec_last else floor
+        ident = self._identity
+        hs = self._state.hard_state
+        if self._mark_durable > hs.commit:  # the records know a later commit index
+            hs = HardState(hs.current_term, hs.voted_for, self._mark_durable, hs.recovering)
+        return StorageState(hard_state=hs, snapshot=self._snapshot,
+                            first_index=floor + 1, last_index=max(last, floor),
+                            node_id=ident.node_id if ident else 0,
+                            cluster_id=ident.cluster_id if ident else "")
+
+    def _floor(self) -> int:
+        """The last index compacted, or replaced by the snapshot: the log starts after it."""
+        if self._snapshot_replaces_log and self._snapshot is not None:
+            return max(self._state.compacted_index, self._snapshot.last_included_index)
+        return self._state.compacted_index
+
+    def _refresh_floor(self) -> None:
+        """Whether the snapshot replaces the records up to it. Not when the log holds the
+        snapshot's last entry with its term (§7: the log matches it; those records stay
+        the log until compacted, which retention may put off); but a snapshot installed
+        over a log that ends before it or disagrees with it does, even before the
+        compaction that follows it (a crash may come in between)."""
+        snap = self._snapshot
+        replaces = False
+        if snap is not None and snap.last_included_index > self._state.compacted_index:
+            index = snap.last_included_index
+            held = bool(self._rec_first) and self._rec_first[0] <= index <= self._rec_last[-1]
+            replaces = not held or self._entry_term(index) != snap.last_included_term
+        self._snapshot_replaces_log = replaces
+
+    def commit_advanced(self, index: int) -> None:
+        """The commit index reached ``index``: stamped on the next record written."""
+        if index > self._mark_wanted:
+            self._mark_wanted = index
+
+    async def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read_sync, lo, hi, max_bytes)
+
+    async def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        await self._run(self._save_snapshot_sync, meta, data)
+
+    async def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        return await self._run(self._open_snapshot)
+
+    def _push_record(self, first: int, last: int, seg: int, off: int, length: int) -> None:
+        self._rec_first.append(first)
+        self._rec_last.append(last)
+        self._rec_seg.append(seg)
+        self._rec_off.append(off)
+        self._rec_len.append(length)
+
+    def _drop_records_from(self, k: int) -> None:
+        for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
+                    self._rec_len):
+            del arr[k:]
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        self._cache.forget(self._cache_owner)
+
+    def _entry_term(self, index: int) -> int:
+        k = bisect_right(self._rec_first, index) - 1
+        return self._record_entries(k)[index - self._rec_first[k]].term
+
+    def _read_sync(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
+        with self._lock:
+            return self._read_locked(lo, hi, max_bytes)
+
+    def _read_locked(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
+        lo = max(lo, self._floor() + 1)
+        out: list[Entry] = []
+        if not self._rec_first or lo >= hi:
+            return out
+        k = max(bisect_right(self._rec_first, lo) - 1, 0)
+        left = max_bytes
+        while k < len(self._rec_first) and self._rec_first[k] < hi:
+            first = self._rec_first[k]
+            part = self._record_entries(k)[max(lo - first, 0):hi - first]
+            if left is not None:
+                n = kernels.count_within_bytes(part, left)
+                if out and n == 1 and len(part[0].data) > left:
+                    n = 0  # the first entry is always returned, never one past the budget
+                if n < len(part):
+                    out.extend(part[:n])
+                    return out
+                left -= sum(len(e.data) for e in part)
+            out.extend(part)
+            k += 1
+        return out
+
+    def _record_entries(self, k: int) -> list[Entry]:
+        first = self._rec_first[k]
+        cached = self._cache.get((self._cache_owner, first))
+        if cached is not None:
+            return cached
+        seg, off, length = self._rec_seg[k], self._rec_off[k], self._rec_len[k]
+        data = os.pread(self._fd(seg), length, off)
+        if len(data) != length:
+            raise StorageCorruption(f"{self._path(seg)}: record at offset {off} is short")
+        try:
+            _, body, _ = _record_at(data, 0)
+            entries: list[Entry] = kernels.decode_entries(body[self._BODY_TAG:])
+        except _Damage as damage:
+            raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: "
+                                    f"{damage.what}") from None
+        except DecodeError as exc:
+            raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: {exc}") \
+                from None
+        held = self._rec_last[k] - first + 1
+        if len(entries) > held:  # a record a later truncation cut (a shared WAL's)
+            entries = entries[:held]
+        self._cache.put((self._cache_owner, first), entries, length)
+        return entries
+
+    def _truncation_start(self, index: int) -> int | None:
+        """Where a truncation from ``index`` starts cutting (None: nothing held there);
+        StorageCorruption if it would cut compacted or committed entries."""
+        if index <= self._state.compacted_index:
+            raise StorageCorruption(f"cannot truncate from {index}: compacted up to "
+                                    f"{self._state.compacted_index}")
+        # Records a newer snapshot covers are not part of the log any more (a snapshot
+        # installed over a conflicting log truncates from below it): they are compacted
+        # later, only what follows the snapshot is cut here.
+        index = max(index, self._floor() + 1)
+        if not self._rec_last or index > self._rec_last[-1]:
+            return None
+        if index <= self._mark_durable:
+            raise StorageCorruption(f"{self.directory}: truncation from {index} would cut "
+                                    f"entries up to {self._mark_durable}, which were committed")
+        return index
+
+    def _compacts(self, index: int) -> bool:
+        """Whether compacting up to ``index`` moves the compaction point or forgets
+        records."""
+        covered = bool(self._rec_first) and self._rec_first[0] <= index
+        return index > self._state.compacted_index or covered
+
+    def _compacted_state(self, index: int) -> _State | None:
+        """The state once compacted up to ``index`` (None: the point does not move)."""
+        if index <= self._state.compacted_index:
+            return None
+        term = 0
+        if self._rec_first and self._rec_first[0] <= index <= self._rec_last[-1]:
+            term = self._entry_term(index)
+        elif self._snapshot is not None and self._snapshot.last_included_index == index:
+            term = self._snapshot.last_included_term
+        hs = self._state.hard_state
+        # The records that held the commit mark may go: the state keeps it.
+        return _State(HardState(hs.current_term, hs.voted_for,
+                                max(hs.commit, self._mark_durable), hs.recovering),
+                      index, term)
+
+    def _forget_records_to(self, index: int) -> None:
+        """Forget the records wholly at or below ``index`` (compacted)."""
+        k = 0
+        while k < len(self._rec_last) and self._rec_last[k] <= index:
+            k += 1
+        for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
+                    self._rec_len):
+            del arr[:k]
+        self._clear_cache()
+
+    def _save_snapshot_sync(self, meta: SnapshotMeta, data: BinaryIO) -> None:
+        """Stream the data into its own file, then switch the ``snapshot`` metadata to it
+        atomically; a crash in between leaves the old snapshot in force."""
+        tmp = os.path.join(self.directory, _SNAP_DATA_PREFIX + "tmp")
+        with open(tmp, "wb") as f:
+            size, crc = copy_stream(data, f.write)
+            f.flush()
+            if self.sync:
+                os.fsync(f.fileno())
+        data_path = self._snapshot_data_path(meta.last_included_index, crc)
+        os.replace(tmp, data_path)
+        m = msgspec.msgpack.encode(meta)
+        _write_atomically(self.directory, "snapshot",
+                          _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m, self.sync)
+        old = self._snapshot_path
+        with self._lock:
+            self._snapshot, self._snapshot_path = meta, data_path
+            self._refresh_floor()
+        if old is not None and old != data_path:
+            os.unlink(old)
+
+    def _open_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
+        if self._snapshot is None or self._snapshot_path is None:
+            return None
+        return self._snapshot, open(self._snapshot_path, "rb")
+
+
+class FileStorage(_SegmentFiles, _LogStore):
     """See the module docstring.
 
     ``sync=False`` skips every fsync. UNSAFE: a crash of the machine (not just the process)
@@ -187,55 +607,21 @@ class FileStorage:
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
                  cache_bytes: int = 8 << 20, repair: bool = False) -> None:
-        self.directory = os.path.abspath(directory)
+        directory = os.path.abspath(directory)
+        self._lock_fd = _lock_directory(directory)
+        super().__init__(directory, sync, _RecordCache(cache_bytes), 0, threading.RLock())
         self.segment_bytes = segment_bytes
-        self.sync = sync
         self.repair = repair
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock_fd = os.open(os.path.join(self.directory, "LOCK"), os.O_RDWR | os.O_CREAT,
-                                0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise StorageLocked(f"{self.directory} is in use by another process; one "
-                                "data directory per node") from None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastraft-wal")
         # Reads run on a thread of their own, so a follower's catch-up never waits behind
         # an fsync, nor an fsync behind a long read; the lock covers the record index,
         # the file descriptors and the cache, never a write or an fsync.
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="fastraft-wal-read")
-        self._lock = threading.RLock()
-        # Records of the live log, in order: parallel arrays, one slot per record.
-        self._rec_first = array("q")
-        self._rec_last = array("q")
-        self._rec_seg = array("q")  # first index of the segment holding the record
-        self._rec_off = array("q")
-        self._rec_len = array("q")
         self._segments: list[int] = []  # first index of each segment, ascending
         self._fds: dict[int, int] = {}
         self._tail_fd = -1
         self._tail_size = 0
-        #: Decoded records, newest used last, and the bytes they were decoded from.
-        self._cache: OrderedDict[int, tuple[list[Entry], int]] = OrderedDict()
-        self._cache_size = 0
-        self._cache_bytes = cache_bytes
-        self._state = _State(HardState())
-        self._identity: _Identity | None = None
-        self._snapshot: SnapshotMeta | None = None
-        self._snapshot_path: str | None = None
-        self._snapshot_replaces_log = False
-        #: The commit index to stamp on the next record (``commit_advanced``), and the
-        #: highest one that is durable (stamped on a record, or in ``state``).
-        self._mark_wanted = 0
-        self._mark_durable = 0
-        self._recovered = False
-        try:
-            self._recover()
-        except BaseException:
-            self.close()
-            raise
-        self._recovered = True
+        self._open()
 
     # ------------------------------------------------------------------ recovery
 
@@ -373,13 +759,13 @@ class FileStorage:
         expected = first
         while pos < len(data):
             try:
-                end, body, mark = self._record_at(data, pos)
-                count, rec_first = self._batch_bounds(body, pos)
+                end, body, mark = _record_at(data, pos)
+                count, rec_first = _batch_bounds(body, pos)
                 if rec_first != expected:
                     raise _Damage(pos, f"a record of index {rec_first} where {expected} "
                                        "was expected", False)
             except _Damage as damage:
-                if damage.torn and self._valid_record_after(data, pos + 1):
+                if damage.torn and _valid_record_after(data, pos + 1):
                     damage.torn = False  # something was written after it: it was synced
                     damage.what += " followed by intact records"
                 return expected, damage
@@ -388,80 +774,6 @@ class FileStorage:
             expected = rec_first + count
             pos = end
         return expected, None
-
-    @staticmethod
-    def _record_at(data: bytes, pos: int) -> tuple[int, memoryview, int]:
-        """The record at ``pos``: (end, body, commit mark), or ``_Damage``."""
-        size = len(data)
-        if size - pos < _HEAD.size:
-            raise _Damage(pos, f"a record header cut short ({size - pos} bytes)", True)
-        magic, length, mark, crc, head_crc = _HEAD.unpack_from(data, pos)
-        if zlib.crc32(data[pos:pos + _HEAD_CHECKED]) != head_crc or magic != _MAGIC:
-            if data.count(0, pos) == size - pos:
-                raise _Damage(pos, f"zero-filled bytes to the end of the file ({size - pos} "
-                              "bytes)", True)
-            torn = _zero_sector_within(data, pos, pos + _HEAD.size)
-            raise _Damage(pos, "a record header that fails its checksum", torn)
-        end = pos + _HEAD.size + length
-        if end > size:
-            raise _Damage(pos, f"a record of {length} bytes cut short at "
-                               f"{size - pos - _HEAD.size}", True)
-        body = memoryview(data)[pos + _HEAD.size:end]
-        if zlib.crc32(body) != crc:
-            torn = (_zero_sector_within(data, pos + _HEAD.size, end)
-                    and data.count(0, end) == size - end)
-            raise _Damage(pos, "a record that fails its checksum", torn)
-        return end, body, mark
-
-    @classmethod
-    def _valid_record_after(cls, data: bytes, start: int) -> bool:
-        """Whether an intact record starts anywhere at or after ``start``."""
-        pos = data.find(_MAGIC_BYTES, start)
-        while pos >= 0:
-            try:
-                cls._record_at(data, pos)
-                return True
-            except _Damage:
-                pos = data.find(_MAGIC_BYTES, pos + 1)
-        return False
-
-    @staticmethod
-    def _batch_bounds(body: memoryview, pos: int) -> tuple[int, int]:
-        count = int.from_bytes(body[:4], "little") if len(body) >= 4 + 21 else 0
-        if count == 0:
-            raise _Damage(pos, "a record that holds no entries", False)
-        return count, int.from_bytes(body[12:20], "little")
-
-    def _read_snapshot(self) -> tuple[SnapshotMeta, str] | None:
-        """The snapshot's metadata and data file, both checked; stray data files left by a
-        crash in the middle of a save are deleted."""
-        path = os.path.join(self.directory, "snapshot")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(_SNAP_HEAD.size)
-                if len(head) < _SNAP_HEAD.size:
-                    raise StorageCorruption(f"{path}: truncated header (offset 0)")
-                meta_len, meta_crc, data_len, data_crc = _SNAP_HEAD.unpack(head)
-                meta = f.read(meta_len)
-        except FileNotFoundError:
-            found = None
-        else:
-            if len(meta) != meta_len or zlib.crc32(meta) != meta_crc:
-                raise StorageCorruption(f"{path}: metadata fails its checksum "
-                                        f"(offset {_SNAP_HEAD.size})")
-            try:
-                snap_meta = msgspec.msgpack.decode(meta, type=SnapshotMeta)
-            except (msgspec.MsgspecError, ValueError) as exc:
-                raise StorageCorruption(f"{path}: unreadable metadata (offset "
-                                        f"{_SNAP_HEAD.size}): {exc}") from None
-            data_path = self._snapshot_data_path(snap_meta.last_included_index, data_crc)
-            self._check_snapshot_data(data_path, data_len, data_crc)
-            found = snap_meta, data_path
-        keep = os.path.basename(found[1]) if found else None
-        for name in os.listdir(self.directory):
-            if name.startswith(_SNAP_DATA_PREFIX) and name != keep:
-                os.unlink(os.path.join(self.directory, name))
-        return found
 
     def _drop_damaged_snapshot(self) -> None:
         """Repair: a damaged snapshot cannot be kept, and the log behind it was compacted
@@ -478,68 +790,12 @@ class FileStorage:
         self._write_state()
         return None
 
-    @staticmethod
-    def _check_snapshot_data(path: str, size: int, crc: int) -> None:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise StorageCorruption(f"{path}: missing; the snapshot metadata names it "
-                                    "(offset 0)") from None
-        with f:
-            copied, actual = copy_stream(f, _discard)
-        if copied != size:
-            raise StorageCorruption(f"{path}: {copied} bytes where the snapshot metadata says "
-                                    f"{size} (offset {min(copied, size)})")
-        if actual != crc:
-            raise StorageCorruption(f"{path}: fails its checksum (offset 0, {size} bytes)")
-
-    def _snapshot_data_path(self, index: int, crc: int) -> str:
-        # Named by content: saving the same snapshot twice rewrites the same bytes.
-        return os.path.join(self.directory, f"{_SNAP_DATA_PREFIX}{index}-{crc:08x}.data")
-
     # ------------------------------------------------------------------ the hook
-
-    def load_state(self) -> StorageState:
-        floor = self._floor()
-        last = self._rec_last[-1] if self._rec_last else floor
-        ident = self._identity
-        hs = self._state.hard_state
-        if self._mark_durable > hs.commit:  # the records know a later commit index
-            hs = HardState(hs.current_term, hs.voted_for, self._mark_durable, hs.recovering)
-        return StorageState(hard_state=hs, snapshot=self._snapshot,
-                            first_index=floor + 1, last_index=max(last, floor),
-                            node_id=ident.node_id if ident else 0,
-                            cluster_id=ident.cluster_id if ident else "")
-
-    def _floor(self) -> int:
-        """The last index compacted, or replaced by the snapshot: the log starts after it."""
-        if self._snapshot_replaces_log and self._snapshot is not None:
-            return max(self._state.compacted_index, self._snapshot.last_included_index)
-        return self._state.compacted_index
-
-    def _refresh_floor(self) -> None:
-        """Whether the snapshot replaces the records up to it. Not when the log holds the
-        snapshot's last entry with its term (§7: the log matches it; those records stay
-        the log until compacted, which retention may put off); but a snapshot installed
-        over a log that ends before it or disagrees with it does, even before the
-        compaction that follows it (a crash may come in between)."""
-        snap = self._snapshot
-        replaces = False
-        if snap is not None and snap.last_included_index > self._state.compacted_index:
-            index = snap.last_included_index
-            held = bool(self._rec_first) and self._rec_first[0] <= index <= self._rec_last[-1]
-            replaces = not held or self._entry_term(index) != snap.last_included_term
-        self._snapshot_replaces_log = replaces
 
     def save_identity(self, node_id: int, cluster_id: str) -> None:
         """Record whose directory this is (once; the node checks it at every start)."""
         self._identity = _Identity(node_id, cluster_id)
         _write_atomically(self.directory, "identity", _checked(self._identity), self.sync)
-
-    def commit_advanced(self, index: int) -> None:
-        """The commit index reached ``index``: stamped on the next record written."""
-        if index > self._mark_wanted:
-            self._mark_wanted = index
 
     async def append_entries(self, entries: list[Entry]) -> None:
         if entries:
@@ -551,18 +807,8 @@ class FileStorage:
     async def compact_prefix(self, index: int) -> None:
         await self._run(self._compact_sync, index)
 
-    async def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._read_sync, lo, hi, max_bytes)
-
     async def save_hard_state(self, hard_state: HardState) -> None:
         await self._run(self._save_state_sync, hard_state)
-
-    async def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
-        await self._run(self._save_snapshot_sync, meta, data)
-
-    async def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
-        return await self._run(self._open_snapshot)
 
     def close(self) -> None:
         """Record the commit mark, close files and release the directory lock. Not done
@@ -581,9 +827,7 @@ class FileStorage:
             except OSError:
                 log.exception("%s: could not record the commit mark at close",
                               self.directory)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._close_segments()
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
@@ -596,35 +840,6 @@ class FileStorage:
 
     def _path(self, seg_first: int) -> str:
         return os.path.join(self.directory, _seg_name(seg_first))
-
-    def _push_record(self, first: int, last: int, seg: int, off: int, length: int) -> None:
-        self._rec_first.append(first)
-        self._rec_last.append(last)
-        self._rec_seg.append(seg)
-        self._rec_off.append(off)
-        self._rec_len.append(length)
-
-    def _drop_records_from(self, k: int) -> None:
-        for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
-                    self._rec_len):
-            del arr[k:]
-        self._clear_cache()
-
-    def _clear_cache(self) -> None:
-        self._cache.clear()
-        self._cache_size = 0
-
-    def _fd(self, seg: int) -> int:
-        fd = self._fds.get(seg)
-        if fd is None:
-            fd = self._fds[seg] = os.open(self._path(seg), os.O_RDWR | os.O_CREAT, 0o644)
-        return fd
-
-    def _delete_segment(self, seg: int) -> None:
-        fd = self._fds.pop(seg, None)
-        if fd is not None:
-            os.close(fd)
-        os.unlink(self._path(seg))
 
     def _open_tail(self, seg: int) -> None:
         self._tail_fd = self._fd(seg)
@@ -645,9 +860,7 @@ class FileStorage:
         # The mark never names an entry this record does not make durable.
         mark = min(self._mark_wanted if mark is None else mark, last)
         body = kernels.encode_entries(entries)
-        head = bytearray(_HEAD.pack(_MAGIC, len(body), mark, zlib.crc32(body), 0))
-        struct.pack_into("<I", head, _HEAD_CHECKED, zlib.crc32(head[:_HEAD_CHECKED]))
-        record = bytes(head) + body
+        record = _record(body, mark)
         new_segment = not self._segments or (
             self._tail_size > 0 and self._tail_size + len(record) > self.segment_bytes)
         if new_segment:
@@ -673,19 +886,11 @@ class FileStorage:
             self._truncate_locked(index)
 
     def _truncate_locked(self, index: int) -> None:
-        if index <= self._state.compacted_index:
-            raise StorageCorruption(f"cannot truncate from {index}: compacted up to "
-                                    f"{self._state.compacted_index}")
-        # Records a newer snapshot covers are not part of the log any more (a snapshot
-        # installed over a conflicting log truncates from below it): they are compacted
-        # later, only what follows the snapshot is cut here.
-        first_live = self._floor() + 1
-        index = max(index, first_live)
-        if not self._rec_last or index > self._rec_last[-1]:
+        start = self._truncation_start(index)
+        if start is None:
             return
-        if index <= self._mark_durable:
-            raise StorageCorruption(f"{self.directory}: truncation from {index} would cut "
-                                    f"entries up to {self._mark_durable}, which were committed")
+        index = start
+        first_live = self._floor() + 1
         k = bisect_right(self._rec_first, index) - 1
         keep: list[Entry] = []
         if k >= 0 and self._rec_first[k] < index:
@@ -713,30 +918,15 @@ class FileStorage:
             self._compact_locked(index)
 
     def _compact_locked(self, index: int) -> None:
-        covered = bool(self._rec_first) and self._rec_first[0] <= index
-        if index <= self._state.compacted_index and not covered:
+        if not self._compacts(index):
             return
-        if index > self._state.compacted_index:
-            term = 0
-            if covered and index <= self._rec_last[-1]:
-                term = self._entry_term(index)
-            elif self._snapshot is not None and self._snapshot.last_included_index == index:
-                term = self._snapshot.last_included_term
-            hs = self._state.hard_state
-            # The records that held the commit mark may go: ``state`` keeps it.
-            self._state = _State(HardState(hs.current_term, hs.voted_for,
-                                           max(hs.commit, self._mark_durable), hs.recovering),
-                                 index, term)
+        state = self._compacted_state(index)
+        if state is not None:
+            self._state = state
             self._write_state()
         while len(self._segments) > 1 and self._segments[1] <= index + 1:
             self._delete_segment(self._segments.pop(0))
-        k = 0
-        while k < len(self._rec_last) and self._rec_last[k] <= index:
-            k += 1
-        for arr in (self._rec_first, self._rec_last, self._rec_seg, self._rec_off,
-                    self._rec_len):
-            del arr[:k]
-        self._clear_cache()
+        self._forget_records_to(index)
         if not self._rec_first and self._segments:
             # Compacted past the end of the log (a snapshot beyond it): the log goes on
             # after ``index`` in a new segment, so no segment ever holds a gap.
@@ -747,61 +937,6 @@ class FileStorage:
             if self.sync:
                 _fsync_dir(self.directory)
         self._refresh_floor()
-
-    def _entry_term(self, index: int) -> int:
-        k = bisect_right(self._rec_first, index) - 1
-        return self._record_entries(k)[index - self._rec_first[k]].term
-
-    def _read_sync(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
-        with self._lock:
-            return self._read_locked(lo, hi, max_bytes)
-
-    def _read_locked(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
-        lo = max(lo, self._floor() + 1)
-        out: list[Entry] = []
-        if not self._rec_first or lo >= hi:
-            return out
-        k = max(bisect_right(self._rec_first, lo) - 1, 0)
-        left = max_bytes
-        while k < len(self._rec_first) and self._rec_first[k] < hi:
-            first = self._rec_first[k]
-            part = self._record_entries(k)[max(lo - first, 0):hi - first]
-            if left is not None:
-                n = kernels.count_within_bytes(part, left)
-                if out and n == 1 and len(part[0].data) > left:
-                    n = 0  # the first entry is always returned, never one past the budget
-                if n < len(part):
-                    out.extend(part[:n])
-                    return out
-                left -= sum(len(e.data) for e in part)
-            out.extend(part)
-            k += 1
-        return out
-
-    def _record_entries(self, k: int) -> list[Entry]:
-        first = self._rec_first[k]
-        cached = self._cache.get(first)
-        if cached is not None:
-            self._cache.move_to_end(first)
-            return cached[0]
-        seg, off, length = self._rec_seg[k], self._rec_off[k], self._rec_len[k]
-        data = os.pread(self._fd(seg), length, off)
-        if len(data) != length:
-            raise StorageCorruption(f"{self._path(seg)}: record at offset {off} is short")
-        try:
-            _, body, _ = self._record_at(data, 0)
-            entries = kernels.decode_entries(body)
-        except _Damage as damage:
-            raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: "
-                                    f"{damage.what}") from None
-        except DecodeError as exc:
-            raise StorageCorruption(f"{self._path(seg)}: record at offset {off}: {exc}") \
-                from None
-        self._cache[first] = (entries, length)
-        self._cache_size += length
-        while self._cache_size > self._cache_bytes and len(self._cache) > 1:
-            self._cache_size -= self._cache.popitem(last=False)[1][1]
-        return entries
 
     def _write_state(self) -> None:
         _write_atomically(self.directory, "state", _checked(self._state), self.sync)
@@ -814,28 +949,3 @@ class FileStorage:
         self._write_state()
         self._mark_durable = mark
 
-    def _save_snapshot_sync(self, meta: SnapshotMeta, data: BinaryIO) -> None:
-        """Stream the data into its own file, then switch the ``snapshot`` metadata to it
-        atomically; a crash in between leaves the old snapshot in force."""
-        tmp = os.path.join(self.directory, _SNAP_DATA_PREFIX + "tmp")
-        with open(tmp, "wb") as f:
-            size, crc = copy_stream(data, f.write)
-            f.flush()
-            if self.sync:
-                os.fsync(f.fileno())
-        data_path = self._snapshot_data_path(meta.last_included_index, crc)
-        os.replace(tmp, data_path)
-        m = msgspec.msgpack.encode(meta)
-        _write_atomically(self.directory, "snapshot",
-                          _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m, self.sync)
-        old = self._snapshot_path
-        with self._lock:
-            self._snapshot, self._snapshot_path = meta, data_path
-            self._refresh_floor()
-        if old is not None and old != data_path:
-            os.unlink(old)
-
-    def _open_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
-        if self._snapshot is None or self._snapshot_path is None:
-            return None
-        return self._snapshot, open(self._snapshot_path, "rb")

@@ -2,7 +2,7 @@
 
     python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR [--init]
 
-Runs groups 0..G-1 on FileStorage (one directory per group, fsync on). Writes by itself:
+Runs groups 0..G-1 on one SharedWAL (fsync on). Writes by itself:
 to every group it leads, records ``b"<host>:<start>:<seq>"`` one at a time, and after each one is
 acknowledged appends ``<group> <record>`` to ``acked-<host>.txt`` (flushed and fsynced
 before the next write, so a kill -9 loses no line of a record that was acknowledged),
@@ -24,7 +24,7 @@ from fastraft import FastRaftError, RaftHost
 from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.config import Config
-from fastraft.filestorage import FileStorage
+from fastraft.sharedwal import SharedWAL
 from fastraft.transport import TcpNetwork
 
 exists = os.path.exists  # a stat on a local disk: cheap enough for a test's event loop
@@ -49,10 +49,9 @@ class Records:
 
 async def main(args):
     cluster = parse_cluster(args.cluster)
+    wal = SharedWAL(os.path.join(args.data_dir, str(args.id)))
     host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]), config=CONFIG,
-                    storage=lambda g: FileStorage(os.path.join(args.data_dir, str(args.id),
-                                                               f"group-{g}")),
-                    balance_interval=0.5)
+                    storage=wal.group, balance_interval=0.5)
     await host.start()
     records = {}
     for g in range(args.groups):
@@ -101,6 +100,7 @@ async def main(args):
     while not all(exists(os.path.join(args.data_dir, f"applied-{i}.json")) for i in cluster):
         await asyncio.sleep(0.05)
     await host.stop()
+    wal.close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""RaftHost in real processes on FileStorage: many groups on 3 hosts, writes to all, every
+"""RaftHost in real processes, each on one SharedWAL: many groups on 3 hosts, writes to all, every
 group quiet, one host killed (-9) and restarted; every group converges and keeps every
 acknowledged write.
 FASTRAFT_HOST_GROUPS sets the number of groups (CI: 30; the issue's run: 1000)."""
@@ -57,7 +57,7 @@ def test_many_groups_survive_a_host_killed_and_restarted(tmp_path):
                  == {str(g) for g in range(GROUPS)}, "writes to every group after the kill")
         (tmp_path / "ready-3").unlink()
         before_restart = len(acked(3))
-        start(3, init=False)  # a restart: every group from its FileStorage
+        start(3, init=False)  # a restart: every group from its host's SharedWAL
         wait_for(lambda: (tmp_path / "ready-3").exists(), "restart")
         # its groups catch up and the hosts hand it back the groups it prefers to lead
         wait_for(lambda: len(acked(3)) >= before_restart + GROUPS // 6, "writes after restart")

@@ -9,6 +9,7 @@ import pytest
 from fastraft.errors import StorageCorruption
 from fastraft.filestorage import FileStorage, StorageLocked
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
+from fastraft.sharedwal import SharedWAL
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import storage_suite
 
@@ -56,12 +57,73 @@ class FileFactory:
             s.close()
 
 
-@pytest.fixture(params=["memory", "async-memory", "file", "file-small-segments"])
+class _Interleaved:
+    """A group's view of a shared WAL whose every write shares its batch with a write of
+    another group (appends, state), so the records of the two interleave."""
+
+    def __init__(self, view, neighbour):
+        self.view = view
+        self.neighbour = neighbour
+
+    def __getattr__(self, name):
+        return getattr(self.view, name)
+
+    async def _with_neighbour(self, op):
+        n = self.neighbour
+        last = n.load_state().last_index
+        await asyncio.gather(op, n.append_entries(
+            [Entry(1, last + 1, EntryKind.NORMAL, b"neighbour %d" % (last + 1))]))
+
+    async def append_entries(self, entries):
+        await self._with_neighbour(self.view.append_entries(entries))
+
+    async def truncate_suffix(self, index):
+        await self._with_neighbour(self.view.truncate_suffix(index))
+
+    async def save_hard_state(self, hard_state):
+        await self._with_neighbour(self.view.save_hard_state(hard_state))
+
+
+class SharedWALFactory:
+    """Every store of a check is a group of one shared WAL, next to a busy neighbour
+    group (id 0); a reopen closes and reopens the whole WAL."""
+
+    def __init__(self, tmp_path, **kw):
+        self.path = str(tmp_path / "wal")
+        self.kw = kw
+        self.wal = SharedWAL(self.path, **kw)
+        self.n = 0
+
+    def _store(self, group_id):
+        return _Interleaved(self.wal.group(group_id), self.wal.group(0))
+
+    def new(self):
+        self.n += 1
+        return self._store(self.n)
+
+    def reopen(self, store):
+        neighbour = self.wal.group(0).load_state()
+        self.wal.close()
+        self.wal = SharedWAL(self.path, **self.kw)
+        assert self.wal.group(0).load_state().last_index == neighbour.last_index
+        return self._store(store.group_id)
+
+    def close_all(self):
+        self.wal.close()
+
+
+@pytest.fixture(params=["memory", "async-memory", "file", "file-small-segments",
+                        "shared-wal", "shared-wal-small-segments"])
 def factory(request, tmp_path):
     if request.param == "memory":
         yield MemoryFactory()
     elif request.param == "async-memory":
         yield AsyncMemoryFactory()
+    elif request.param.startswith("shared-wal"):
+        kw = {"segment_bytes": 300, "max_segments": 2} if "small" in request.param else {}
+        f = SharedWALFactory(tmp_path, **kw)
+        yield f
+        f.close_all()
     else:
         kw = {"segment_bytes": 300} if request.param == "file-small-segments" else {}
         f = FileFactory(tmp_path, **kw)

@@ -1,0 +1,331 @@
+"""SharedWAL: many groups' logs in one set of segments. Group commit across groups,
+recovery and damage, per-group compaction and the bound on segments kept, a failed sync,
+and RaftHost groups on one WAL across a restart. (The storage conformance suite runs
+against its group views in test_storage.py.)"""
+import asyncio
+import os
+
+import pytest
+from test_host import FAST, Log
+
+from fastraft import RaftHost
+from fastraft.errors import StorageCorruption
+from fastraft.messages import Entry, EntryKind, HardState
+from fastraft.processes import free_ports
+from fastraft.sharedwal import SharedWAL
+from fastraft.transport import TcpNetwork
+
+
+def drive(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def entries(first, last, term=1, size=20, tag=b""):
+    return [Entry(term, i, EntryKind.NORMAL, tag + b"%d:" % i + b"x" * size)
+            for i in range(first, last + 1)]
+
+
+def read_all(view):
+    st = view.load_state()
+    return [(e.term, e.index, bytes(e.data))
+            for e in view._read_sync(st.first_index, st.last_index + 1, None)]
+
+
+def plain(batch):
+    return [(e.term, e.index, bytes(e.data)) for e in batch]
+
+
+def test_writes_of_many_groups_in_one_loop_turn_share_one_batch(tmp_path):
+    wal = SharedWAL(str(tmp_path / "wal"))
+
+    async def main():
+        await asyncio.gather(*(wal.group(g).append_entries(entries(1, 5, tag=b"g%d " % g))
+                               for g in range(50)))
+        assert (wal.batches, wal.ops) == (1, 50)
+        # a second turn: state and entries of different groups, one batch again
+        await asyncio.gather(wal.group(3).save_hard_state(HardState(2, 1, 0)),
+                             wal.group(4).append_entries(entries(6, 6, tag=b"g4 ")))
+        assert (wal.batches, wal.ops) == (2, 52)
+    drive(main())
+    wal.close()
+    wal = SharedWAL(str(tmp_path / "wal"))
+    try:
+        assert wal.group_ids() == list(range(50))
+        for g in range(50):
+            want = entries(1, 6 if g == 4 else 5, tag=b"g%d " % g)
+            assert read_all(wal.group(g)) == plain(want)
+        assert wal.group(3).load_state().hard_state == HardState(2, 1, 0)
+        assert len(wal.segments()) == 1
+    finally:
+        wal.close()
+
+
+def test_two_writes_of_one_group_in_a_turn_stay_in_order(tmp_path):
+    """A storage user that does not wait for one write before the next still gets them
+    in order: the second goes in the next batch."""
+    wal = SharedWAL(str(tmp_path / "wal"))
+
+    async def main():
+        view = wal.group(1)
+        await asyncio.gather(view.append_entries(entries(1, 3)),
+                             view.append_entries(entries(4, 6)))
+        assert wal.batches == 2
+    drive(main())
+    assert read_all(wal.group(1)) == plain(entries(1, 6))
+    wal.close()
+
+
+def test_a_truncation_on_its_own_survives_a_reopen(tmp_path):
+    wal = SharedWAL(str(tmp_path / "wal"))
+
+    async def main():
+        await wal.group(1).append_entries(entries(1, 10))
+        await wal.group(2).append_entries(entries(1, 10))
+        await wal.group(1).truncate_suffix(6)
+    drive(main())
+    wal.close()
+    wal = SharedWAL(str(tmp_path / "wal"))
+    try:
+        assert read_all(wal.group(1)) == plain(entries(1, 5))
+        assert read_all(wal.group(2)) == plain(entries(1, 10))
+    finally:
+        wal.close()
+
+
+def segments(path):
+    return [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".seg")]
+
+
+def write_two_groups(path, **kw):
+    wal = SharedWAL(path, **kw)
+
+    async def main():
+        for k in range(4):
+            await asyncio.gather(wal.group(1).append_entries(entries(k * 5 + 1, k * 5 + 5)),
+                                 wal.group(2).append_entries(entries(k * 5 + 1, k * 5 + 5,
+                                                                     term=2)))
+    drive(main())
+    wal.close()
+
+
+def test_a_torn_tail_is_cut_and_logged_and_every_group_keeps_its_records(tmp_path, caplog):
+    path = str(tmp_path / "wal")
+    write_two_groups(path)
+    seg = segments(path)[-1]
+    with open(seg, "rb") as f:
+        data = f.read()
+    with open(seg, "ab") as f:  # the start of a record that never completed
+        f.write(data[:30])
+    wal = SharedWAL(path)
+    try:
+        assert read_all(wal.group(1)) == plain(entries(1, 20))
+        assert read_all(wal.group(2)) == plain(entries(1, 20, term=2))
+        assert "torn by a crash" in caplog.text
+        assert os.path.getsize(seg) == len(data)
+    finally:
+        wal.close()
+
+
+def test_a_bit_flip_in_an_earlier_record_stops_start_up(tmp_path):
+    path = str(tmp_path / "wal")
+    write_two_groups(path)
+    seg = segments(path)[-1]
+    with open(seg, "r+b") as f:
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(StorageCorruption, match=r"wal-0+1\.seg: a record that fails its "
+                                                r"checksum at offset 0"):
+        SharedWAL(path)
+
+
+def test_a_missing_segment_stops_start_up(tmp_path):
+    path = str(tmp_path / "wal")
+    write_two_groups(path, segment_bytes=300, max_segments=100)
+    segs = sorted(n for n in os.listdir(path) if n.endswith(".seg"))
+    assert len(segs) >= 3
+    os.unlink(os.path.join(path, segs[1]))
+    with pytest.raises(StorageCorruption, match="a segment is missing"):
+        SharedWAL(path)
+
+
+def test_a_lost_oldest_segment_is_caught_by_the_commit_mark(tmp_path):
+    """Deleting the oldest segment looks like the WAL's own clean-up; the commit mark
+    each group's state carries says committed entries went with it."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path, segment_bytes=300, max_segments=100)
+
+    async def main():
+        view = wal.group(7)
+        await view.save_hard_state(HardState(1, 0, 0))
+        await view.append_entries(entries(1, 5))
+        view.commit_advanced(5)
+        for k in range(10):  # another group fills later segments
+            await wal.group(8).append_entries(entries(k + 1, k + 1, size=200))
+    drive(main())
+    wal.close()  # records group 7's commit mark in a STATE record at the tail
+    os.unlink(segments(path)[0])
+    with pytest.raises(StorageCorruption, match="group 7: the log ends at index 0 but "
+                                                "entries up to 5 were committed"):
+        SharedWAL(path)
+
+
+def test_segments_stay_bounded_while_an_idle_group_holds_the_oldest(tmp_path):
+    """A busy group compacts; an idle one wrote once, long ago. Its small log is written
+    again at the tail, so old segments go and the count stays bounded."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path, segment_bytes=4096, max_segments=3)
+    most = 0
+
+    async def main():
+        nonlocal most
+        idle, busy = wal.group(1), wal.group(2)
+        await idle.save_identity(1, "c/1")
+        await idle.save_hard_state(HardState(4, 1, 0))
+        await idle.append_entries(entries(1, 3, term=4))
+        idle.commit_advanced(3)
+        for k in range(300):
+            await busy.append_entries(entries(k * 4 + 1, k * 4 + 4, size=100))
+            busy.commit_advanced(k * 4 + 4)
+            if k % 10 == 9:
+                await busy.compact_prefix(k * 4)
+            most = max(most, len(wal.segments()))
+    drive(main())
+    assert most <= 4, most
+    assert os.path.basename(wal.segments()[0]) != "wal-00000000000000000001.seg"
+    wal.close()
+    wal = SharedWAL(path, segment_bytes=4096, max_segments=3)
+    try:
+        st = wal.group(1).load_state()
+        assert (st.node_id, st.cluster_id) == (1, "c/1")
+        assert st.hard_state == HardState(4, 1, 3)
+        assert read_all(wal.group(1)) == plain(entries(1, 3, term=4))
+        st = wal.group(2).load_state()
+        assert (st.first_index, st.last_index) == (1197, 1200)
+        assert read_all(wal.group(2)) == plain(entries(1197, 1200, size=100))
+    finally:
+        wal.close()
+
+
+def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypatch):
+    wal = SharedWAL(str(tmp_path / "wal"))
+    real = os.fdatasync
+
+    def failing(fd):
+        raise OSError(5, "Input/output error")
+
+    async def main():
+        await wal.group(1).append_entries(entries(1, 2))
+        monkeypatch.setattr(os, "fdatasync", failing)
+        results = await asyncio.gather(wal.group(1).append_entries(entries(3, 3)),
+                                       wal.group(2).append_entries(entries(1, 1)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, OSError) for r in results), results
+        monkeypatch.setattr(os, "fdatasync", real)
+        with pytest.raises(StorageCorruption, match="a write failed earlier"):
+            await wal.group(3).append_entries(entries(1, 1))
+    drive(main())
+    assert wal.group(1).load_state().last_index == 2  # never reported written
+    wal.close()
+
+
+def test_group_ids_are_checked(tmp_path):
+    wal = SharedWAL(str(tmp_path / "wal"))
+    try:
+        for bad in (-1, 1 << 64, "3"):
+            with pytest.raises(ValueError, match="group ids are ints"):
+                wal.group(bad)
+    finally:
+        wal.close()
+
+
+def test_raft_groups_on_one_wal_per_host_survive_a_restart_of_every_host(tmp_path):
+    """Three hosts, eight groups, one SharedWAL per host: writes, a stop of everything,
+    the WALs reopened, hosts restarted: every acknowledged write is there on every host,
+    and the groups take writes again."""
+    ports = free_ports(3)
+    addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
+    groups = range(8)
+
+    async def start(wals, logs):
+        hosts = {}
+        for i in (1, 2, 3):
+            host = RaftHost(i, network=TcpNetwork(i, addresses[i]), storage=wals[i].group,
+                            config=FAST, balance_interval=None)
+            hosts[i] = await host.start()
+        for i, host in hosts.items():
+            for g in groups:
+                logs[i, g] = Log()
+                await host.create_group(g, addresses if not wals[i].group_ids() or
+                                        g not in wals[i].group_ids() else None,
+                                        state_machine=logs[i, g])
+        return hosts
+
+    async def propose(hosts, g, data):
+        while True:
+            for h in hosts.values():
+                node = h.group(g)
+                if node.is_leader:
+                    try:
+                        return await node.propose(data)
+                    except Exception:
+                        pass
+            await asyncio.sleep(0.02)
+
+    async def main():
+        wals = {i: SharedWAL(str(tmp_path / f"host{i}")) for i in (1, 2, 3)}
+        logs = {}
+        hosts = await start(wals, logs)
+        for k in range(5):
+            await asyncio.gather(*(propose(hosts, g, b"%d:%d" % (g, k)) for g in groups))
+        assert max(w.ops / w.batches for w in wals.values()) > 1.5  # groups share batches
+        for h in hosts.values():
+            await h.stop()
+        for w in wals.values():
+            w.close()
+        wals = {i: SharedWAL(str(tmp_path / f"host{i}")) for i in (1, 2, 3)}
+        assert all(w.group_ids() == list(groups) for w in wals.values())
+        logs = {}
+        hosts = await start(wals, logs)
+        await asyncio.gather(*(propose(hosts, g, b"%d:after" % g) for g in groups))
+        want = {g: [b"%d:%d" % (g, k) for k in range(5)] + [b"%d:after" % g] for g in groups}
+
+        def converged():
+            return all(logs[i, g].items == want[g] for i in (1, 2, 3) for g in groups)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not converged() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert converged(), {k: v.items for k, v in logs.items() if v.items != want[k[1]]}
+        for h in hosts.values():
+            await h.stop()
+        for w in wals.values():
+            w.close()
+    drive(main())
+
+
+def cached(wal):
+    """Bytes of decoded records held by every cache of the WAL's groups."""
+    caches = {id(v._cache): v._cache for v in wal._groups.values()}
+    return sum(c.size for c in caches.values())
+
+
+def test_the_record_cache_is_one_budget_for_every_group(tmp_path):
+    """Reads of 40 groups' logs keep decoded records within the WAL's ``cache_bytes``
+    together (not per group: 10,000 groups would multiply it)."""
+    budget = 64 << 10
+    wal = SharedWAL(str(tmp_path / "wal"), cache_bytes=budget)
+
+    async def main():
+        for k in range(10):
+            await asyncio.gather(*(wal.group(g).append_entries(
+                entries(k * 10 + 1, k * 10 + 10, size=300)) for g in range(40)))
+        # 40 groups x 100 entries x ~300 bytes: ~1.2 MB of records, read back in full
+        for g in range(40):
+            got = await wal.group(g).read_entries(1, 101)
+            assert [e.index for e in got] == list(range(1, 101))
+            held = cached(wal)
+            assert held <= budget + (4 << 10), held
+    drive(main())
+    assert cached(wal) > budget // 2  # it was used
+    wal.close()

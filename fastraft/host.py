@@ -154,6 +154,8 @@ class RaftHost:
                         network=network, state_machine=state_machine,
                         config=config or self.config,
                         cluster_id=f"{self.cluster_id}/{group_id}")
+        # busy groups' heartbeats in one loop turn: one frame per peer carries them all
+        node._timers.heartbeat_grid = node.config.heartbeat_interval
         self._groups[group_id] = node
         try:
             await node.start()

@@ -61,6 +61,11 @@ class Timers:
 
     def __init__(self, node: RaftNode) -> None:
         self.node = node
+        #: Non-zero (a ``RaftHost`` sets its groups' heartbeat interval): heartbeat
+        #: deadlines fall on multiples of it on the loop's clock, so every group of the
+        #: process heartbeats in the same loop turn, and the transport sends them in one
+        #: frame per peer (coalesced heartbeats). A deadline only ever moves earlier.
+        self.heartbeat_grid = 0.0
         self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
         self._fires_at: dict[Timer, float] = {}
         self._deadlines: dict[Timer, float | None] = {}
@@ -69,7 +74,13 @@ class Timers:
 
     def set(self, timer: Timer, delay: float) -> None:
         loop = self.node._loop
-        deadline = loop.time() + delay
+        now = loop.time()
+        deadline = now + delay
+        grid = self.heartbeat_grid
+        if grid and timer is Timer.HEARTBEAT:
+            deadline = (deadline // grid) * grid
+            if deadline <= now:
+                deadline += grid
         self._deadlines[timer] = deadline
         self._polled.discard(timer)  # a new deadline gets its own poll when overdue
         handle = self._handles.get(timer)

@@ -1,20 +1,24 @@
 """A replicated KV service with an HTTP API that plain ``curl`` can use.
 
 One process per node: a ``RaftNode`` on ``FileStorage`` whose state machine is a dict of
-versioned values, and an aiohttp server in front of it. See README.md in this folder.
+versioned values, and an aiohttp server in front of it. With ``--shards N`` the keys are
+spread over N Raft groups by hash, all in one ``RaftHost`` per process with their logs in
+one ``SharedWAL``. See README.md in this folder.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import zlib
 
 import msgspec
 from aiohttp import web
 
-from fastraft import Config, NotLeader, ProposalDropped, RaftNode
+from fastraft import Config, NotLeader, ProposalDropped, RaftHost, RaftNode
 from fastraft.addresses import parse_cluster
 from fastraft.filestorage import FileStorage
+from fastraft.sharedwal import SharedWAL
 from fastraft.transport import TcpNetwork
 
 #: A command in the log: ("put", key, value, expected_version | None) or ("del", key).
@@ -55,10 +59,17 @@ class VersionedKV:
 
 
 class Service:
-    def __init__(self, node: RaftNode, kv: VersionedKV, http: dict[int, str]) -> None:
-        self.node = node
-        self.kv = kv
+    """The HTTP API over one or more shards: (Raft node, its state machine) pairs; a key
+    belongs to shard ``crc32(key) % shards``."""
+
+    def __init__(self, shards: list[tuple[RaftNode, VersionedKV]],
+                 http: dict[int, str]) -> None:
+        self.shards = shards
         self.http = http
+
+    def shard(self, request: web.Request) -> tuple[RaftNode, VersionedKV]:
+        key = request.match_info["key"].encode()
+        return self.shards[zlib.crc32(key) % len(self.shards)]
 
     def routes(self) -> web.Application:
         app = web.Application()
@@ -70,12 +81,13 @@ class Service:
     async def get(self, request: web.Request) -> web.Response:
         """Linearizable by default (read_index: a follower asks the leader); ``?stale=1``
         reads this node's state as it is, without a round trip."""
+        node, kv = self.shard(request)
         if request.query.get("stale") != "1":
             try:
-                await self.node.read_index(timeout=2.0)
+                await node.read_index(timeout=2.0)
             except NotLeader as exc:
                 return self._no_leader(request, exc)
-        found = self.kv.data.get(request.match_info["key"])
+        found = kv.data.get(request.match_info["key"])
         if found is None:
             return web.Response(status=404, text="not found\n")
         return web.Response(body=found[0], headers={"X-Version": str(found[1])})
@@ -92,13 +104,18 @@ class Service:
         return await self._write(request, ("del", request.match_info["key"]))
 
     async def status(self, request: web.Request) -> web.Response:
-        s = self.node.status()
-        return web.json_response({k: s[k] for k in ("id", "role", "term", "leader_id",
-                                                     "commit_index", "applied_index")})
+        """One node: its status; shards: ``{"shards": [status of each]}``."""
+        rows = []
+        for node, _ in self.shards:
+            s = node.status()
+            rows.append({k: s[k] for k in ("id", "role", "term", "leader_id",
+                                           "commit_index", "applied_index")})
+        return web.json_response(rows[0] if len(rows) == 1 else {"shards": rows})
 
     async def _write(self, request: web.Request, command: tuple) -> web.Response:
+        node, _ = self.shard(request)
         try:
-            outcome, version = await self.node.propose(encode(command))
+            outcome, version = await node.propose(encode(command))
         except NotLeader as exc:
             return self._no_leader(request, exc)
         except ProposalDropped:
@@ -121,26 +138,44 @@ class Service:
 async def serve(args) -> None:
     cluster = parse_cluster(args.cluster)
     http = parse_cluster(args.http)
-    kv = VersionedKV()
-    storage = FileStorage(args.data_dir)
-    node = RaftNode(args.id, storage=storage, state_machine=kv,
-                    network=TcpNetwork(args.id, cluster[args.id]),
-                    config=Config(snapshot_interval=args.snapshot_interval,
-                                  snapshot_trailing_entries=min(args.snapshot_interval,
-                                                                10_000)))
-    await node.start()
-    await node.initialize(cluster)  # a no-op on a restart
-    runner = web.AppRunner(Service(node, kv, http).routes(), access_log=None)
+    network = TcpNetwork(args.id, cluster[args.id])
+    snapshots = dict(snapshot_interval=args.snapshot_interval,
+                     snapshot_trailing_entries=min(args.snapshot_interval, 10_000))
+    if args.shards == 1:
+        kv = VersionedKV()
+        storage = FileStorage(args.data_dir)
+        node = RaftNode(args.id, storage=storage, state_machine=kv, network=network,
+                        config=Config(**snapshots))
+        await node.start()
+        await node.initialize(cluster)  # a no-op on a restart
+        shards = [(node, kv)]
+        stop, close = node.stop, storage.close
+    else:
+        wal = SharedWAL(args.data_dir)  # every shard's log, one fsync per batch for all
+        host = await RaftHost(args.id, network=network, storage=wal.group,
+                              config=Config(quiesce_after=1.0, **snapshots)).start()
+        known = wal.group_ids()  # the shards this process ran before: a restart
+        shards = []
+        for g in range(args.shards):
+            kv = VersionedKV()
+            shards.append((await host.create_group(g, None if g in known else cluster,
+                                                   state_machine=kv), kv))
+        stop, close = host.stop, wal.close
+    runner = web.AppRunner(Service(shards, http).routes(), access_log=None)
     await runner.setup()
-    host, port = http[args.id].rsplit(":", 1)
-    await web.TCPSite(runner, host, int(port)).start()
+    address, port = http[args.id].rsplit(":", 1)
+    await web.TCPSite(runner, address, int(port)).start()
     print(f"node {args.id}: http://{http[args.id]}", flush=True)
-    try:
-        await node.wait_stopped()
+    try:  # until a node stops on its own (a failed disk, say)
+        done, _ = await asyncio.wait([asyncio.ensure_future(node.wait_stopped())
+                                      for node, _ in shards],
+                                     return_when=asyncio.FIRST_COMPLETED)
+        for stopped in done:
+            stopped.result()  # raises NodeFailed saying why
     finally:
         await runner.cleanup()
-        await node.stop()
-        storage.close()
+        await stop()
+        close()
 
 
 def main() -> None:
@@ -150,6 +185,9 @@ def main() -> None:
     p.add_argument("--http", required=True, help="HTTP addresses: 1=HOST:PORT,...")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--snapshot-interval", type=int, default=10_000)
+    p.add_argument("--shards", type=int, default=1,
+                   help="Raft groups the keys are spread over (by hash); more than one: "
+                        "a RaftHost and a SharedWAL in --data-dir")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     try:

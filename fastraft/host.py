@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +32,7 @@ from fastraft.config import Config
 from fastraft.engine import Role
 from fastraft.errors import FastRaftError, GroupExists, NodeStopped, UnknownGroup
 from fastraft.node import RaftNode
+from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
 from fastraft.transport.tcp import TcpNetwork
@@ -43,12 +45,86 @@ MAX_GROUP_ID = (1 << 64) - 1
 DEFAULT_QUIESCE_AFTER = 1.0
 #: Groups a balancing round looks at, taking turns: a round costs the same with 100,000.
 BALANCE_SCAN = 1024
+#: Groups ``gather_metrics`` sums between two turns of the event loop.
+METRICS_CHUNK = 256
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
     """The voter that should lead ``group_id``: groups with the same voters take turns."""
     ordered = sorted(voters)
     return ordered[group_id % len(ordered)]
+
+
+class _HostSums:
+    """A host's groups' counters, summed as they are added (``RaftHost.metrics``)."""
+
+    def __init__(self) -> None:
+        self.roles: Counter[str] = Counter()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.messages_in: Counter[str] = Counter()
+        self.messages_out: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+        self.quiet = self.without_leader = self.apply_lag = self.follower_lag = 0
+        #: Per histogram: its bounds, bucket counts, sum and count so far.
+        empty = Recorder()
+        self.histograms = {name: (getattr(empty, name).bounds, [0] * len(
+            getattr(empty, name).counts), [0.0, 0]) for name in HISTOGRAMS}
+
+    def add(self, node: RaftNode, host_id: int) -> None:
+        r = node._recorder
+        counters = self.counters
+        for name in COUNTERS:
+            counters[name] += getattr(r, name)
+        for kind, n in r.messages_in.items():
+            self.messages_in[kind.__name__] += n
+        for kind, n in r.messages_out.items():
+            self.messages_out[kind.__name__] += n
+        for name in HISTOGRAMS:
+            h = getattr(r, name)
+            if h.count:  # most are empty (durations are measured on request)
+                _, counts, totals = self.histograms[name]
+                for i, c in enumerate(h.counts):
+                    counts[i] += c
+                totals[0] += h.sum
+                totals[1] += h.count
+        e = node.engine
+        if e is None or not node._running:
+            self.roles["stopped"] += 1
+            return
+        self.roles[e.role.name.lower()] += 1
+        self.quiet += e.quiet
+        self.without_leader += e.leader_id is None
+        self.apply_lag = max(self.apply_lag, e.commit_index - node.applied_index)
+        if e.refused:
+            self.refused.update(e.refused)
+        if e.role == Role.LEADER:
+            last = e.log.last_index
+            for peer, pr in e.progress.items():
+                if peer != host_id:
+                    self.follower_lag = max(self.follower_lag, last - pr.match_index)
+
+    def result(self, host: RaftHost) -> HostMetrics:
+        c = self.counters
+        h = {name: HistogramValue(bounds, tuple(counts), float(totals[0]), int(totals[1]))
+             for name, (bounds, counts, totals) in self.histograms.items()}
+        stats = dict(host.network.stats)
+        return HostMetrics(
+            node_id=host.id, running=host._running, groups=len(host._groups),
+            roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
+            apply_lag=self.apply_lag, follower_lag=self.follower_lag,
+            suspected=tuple(sorted(host.suspected)), transfers=host.transfers,
+            network=stats, proposals_accepted=c["proposals_accepted"],
+            proposals_dropped=c["proposals_dropped"],
+            proposals_overloaded=c["proposals_overloaded"],
+            elections_started=c["elections_started"], elections_won=c["elections_won"],
+            leader_changes=c["leader_changes"], messages_in=dict(self.messages_in),
+            messages_out=dict(self.messages_out), bytes_in=stats.get("bytes_in", 0),
+            bytes_out=stats.get("bytes_out", 0), refused=dict(self.refused),
+            commit_seconds=h["commit_seconds"], apply_batch_entries=h["apply_batch_entries"],
+            apply_seconds=h["apply_seconds"], log_write_seconds=h["log_write_seconds"],
+            log_write_entries=h["log_write_entries"],
+            snapshot_save_seconds=h["snapshot_save_seconds"],
+            snapshot_install_seconds=h["snapshot_install_seconds"])
 
 
 class RaftHost:
@@ -212,6 +288,43 @@ class RaftHost:
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
                 "network": dict(self.network.stats)}
+
+    def metrics(self) -> HostMetrics:
+        """This host, and its groups' counters summed (one pass over the groups; see
+        ``gather_metrics`` for thousands of groups)."""
+        sums = _HostSums()
+        for node in self._groups.values():
+            sums.add(node, self.id)
+        return sums.result(self)
+
+    async def gather_metrics(self) -> HostMetrics:
+        """``metrics()``, yielding to the event loop every ``METRICS_CHUNK`` groups: a
+        scrape of 10,000 groups never holds up their heartbeats
+        (``fastraft.metrics.MetricsServer`` uses this)."""
+        sums = _HostSums()
+        for k, node in enumerate(list(self._groups.values())):
+            sums.add(node, self.id)
+            if k % METRICS_CHUNK == METRICS_CHUNK - 1:
+                await asyncio.sleep(0)
+        return sums.result(self)
+
+    def health(self, max_apply_lag: int = 1000) -> str | None:
+        """Why this host is unhealthy, or None: healthy means running, every group's
+        replica here knows its leader (or is it), and each has applied to within
+        ``max_apply_lag`` entries of its commit index."""
+        if not self._running:
+            return "host is not running"
+        leaderless = [g for g, node in self._groups.items()
+                      if node.engine is None or node.engine.leader_id is None]
+        if leaderless:
+            return (f"{len(leaderless)} of {len(self._groups)} groups know no leader "
+                    f"(groups {', '.join(map(str, sorted(leaderless)[:5]))}"
+                    f"{', ...' if len(leaderless) > 5 else ''})")
+        for g, node in self._groups.items():
+            reason = node.health(max_apply_lag)
+            if reason is not None:
+                return f"group {g}: {reason}"
+        return None
 
     # ------------------------------------------------------------------ liveness
 

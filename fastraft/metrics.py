@@ -7,14 +7,16 @@ touches the node's state from another thread.
 
 ``MetricsServer(node, "127.0.0.1:9100")`` serves ``GET /metrics`` and ``GET /health``: 200
 and ``ok`` when the node has a leader and has applied to within ``max_apply_lag`` entries
-of its commit index, else 503 and the reason (``RaftNode.health``).
+of its commit index, else 503 and the reason (``RaftNode.health``). ``MetricsServer(host,
+...)`` does the same for a ``RaftHost``: host figures and its groups' counters summed
+(``RaftHost.metrics``), healthy when every group's replica is (``RaftHost.health``).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -32,10 +34,11 @@ except ImportError as exc:  # pragma: no cover - depends on the extra being inst
                       "pip install 'fastraft[metrics]'") from exc
 
 from fastraft.addresses import parse_address
-from fastraft.node.metrics import HistogramValue, Metrics
+from fastraft.node import RaftNode
+from fastraft.node.metrics import HistogramValue, HostMetrics, Metrics
 
 if TYPE_CHECKING:
-    from fastraft.node import RaftNode
+    from fastraft.host import RaftHost
 
 __all__ = ["MetricsServer", "families"]
 
@@ -57,8 +60,10 @@ def _histogram(name: str, doc: str, h: HistogramValue, node: str) -> HistogramMe
     return family
 
 
-def families(m: Metrics) -> Iterator[Metric]:
-    """The Prometheus metric families for one ``Metrics`` value."""
+def families(m: Metrics | HostMetrics) -> Iterator[Metric]:
+    """The Prometheus metric families for a node's ``Metrics`` or a host's
+    ``HostMetrics`` (whose counters and histograms, summed over its groups, have the
+    names a single node's have)."""
     node = str(m.node_id)
 
     def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -71,6 +76,56 @@ def families(m: Metrics) -> Iterator[Metric]:
         c.add_metric([node], value)
         return c
 
+    if isinstance(m, HostMetrics):
+        yield from _host_families(m, gauge, counter)
+    else:
+        yield from _node_families(m, gauge)
+    yield from _counter_families(m, node, counter)
+
+
+_Gauge = Callable[[str, str, float], GaugeMetricFamily]
+_Counter = Callable[[str, str, float], CounterMetricFamily]
+
+
+def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator[Metric]:
+    node = str(m.node_id)
+    yield gauge("fastraft_host_groups", "Groups with a replica on this host.", m.groups)
+    roles = GaugeMetricFamily("fastraft_host_groups_by_role",
+                              "This host's replicas by their role.", labels=["node", "role"])
+    for r in ROLES:
+        roles.add_metric([node, r], m.roles.get(r, 0))
+    yield roles
+    yield gauge("fastraft_host_groups_quiet", "Replicas whose group is quiet (idle).",
+                m.quiet)
+    yield gauge("fastraft_host_groups_without_leader", "Replicas that know no leader.",
+                m.without_leader)
+    yield gauge("fastraft_host_apply_lag_entries",
+                "The most entries any replica here has committed but not applied.",
+                m.apply_lag)
+    yield gauge("fastraft_host_follower_lag_entries",
+                "In the groups led here: the most entries any follower is behind.",
+                m.follower_lag)
+    yield gauge("fastraft_host_suspected_peers",
+                "Peer hosts heard from by no frame for election_timeout_min.",
+                len(m.suspected))
+    yield counter("fastraft_host_leader_transfers",
+                  "Leadership transfers to preferred leaders started.", m.transfers)
+    frames = CounterMetricFamily("fastraft_host_frames", "Transport frames by direction.",
+                                 labels=["node", "direction"])
+    frames.add_metric([node, "in"], m.network.get("frames_in", 0))
+    frames.add_metric([node, "out"], m.network.get("frames_out", 0))
+    yield frames
+    dropped = CounterMetricFamily(
+        "fastraft_host_transport_dropped", "Messages or frames the transport dropped, "
+        "by reason (queue full, bad frame, group not here, ...).", labels=["node", "reason"])
+    for reason in ("dropped", "bad_frames", "unknown_group", "refused", "timeouts",
+                   "evicted"):
+        dropped.add_metric([node, reason], m.network.get(reason, 0))
+    yield dropped
+
+
+def _node_families(m: Metrics, gauge: _Gauge) -> Iterator[Metric]:
+    node = str(m.node_id)
     yield gauge("fastraft_term", "Current term.", m.term)
     role = GaugeMetricFamily("fastraft_role", "1 for the node's current role.",
                              labels=["node", "role"])
@@ -92,6 +147,22 @@ def families(m: Metrics) -> Iterator[Metric]:
         yield gauge("fastraft_leader_last_contact_seconds",
                     "Seconds since this node last heard from its leader (0 on the leader).",
                     m.last_contact)
+    lag = GaugeMetricFamily("fastraft_follower_lag_entries",
+                            "On the leader: entries a follower is behind its last index.",
+                            labels=["node", "peer"])
+    state = GaugeMetricFamily("fastraft_follower_state",
+                              "On the leader: 1 for a follower's replication state.",
+                              labels=["node", "peer", "state"])
+    for peer, f in sorted(m.followers.items()):
+        lag.add_metric([node, str(peer)], f.lag)
+        for s in FOLLOWER_STATES:
+            state.add_metric([node, str(peer), s], 1.0 if f.state == s else 0.0)
+    yield lag
+    yield state
+
+
+def _counter_families(m: Metrics | HostMetrics, node: str,
+                      counter: _Counter) -> Iterator[Metric]:
     proposals = CounterMetricFamily(
         "fastraft_proposals", "Proposals by outcome: accepted into the leader's log, "
         "dropped (leadership lost before commit), refused as overloaded.",
@@ -140,18 +211,6 @@ def families(m: Metrics) -> Iterator[Metric]:
     yield _histogram("fastraft_snapshot_install_seconds",
                      "Restoring the state machine from a snapshot received from the leader.",
                      m.snapshot_install_seconds, node)
-    lag = GaugeMetricFamily("fastraft_follower_lag_entries",
-                            "On the leader: entries a follower is behind its last index.",
-                            labels=["node", "peer"])
-    state = GaugeMetricFamily("fastraft_follower_state",
-                              "On the leader: 1 for a follower's replication state.",
-                              labels=["node", "peer", "state"])
-    for peer, f in sorted(m.followers.items()):
-        lag.add_metric([node, str(peer)], f.lag)
-        for s in FOLLOWER_STATES:
-            state.add_metric([node, str(peer), s], 1.0 if f.state == s else 0.0)
-    yield lag
-    yield state
 
 
 class _Collector:
@@ -159,7 +218,11 @@ class _Collector:
         self.server = server
 
     def collect(self) -> Iterator[Metric]:
-        yield from families(self.server.on_loop(self.server.node.metrics))
+        target = self.server.node
+        if isinstance(target, RaftNode):
+            yield from families(self.server.on_loop(target.metrics))
+        else:  # a host: summed in chunks, between which its groups keep running
+            yield from families(self.server.on_loop_async(target.gather_metrics))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -169,9 +232,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsServer:
     """Serves ``/metrics`` and ``/health`` for ``node`` on ``address`` (``HOST:PORT``;
-    port 0 picks one: see ``address`` once started)."""
+    port 0 picks one: see ``address`` once started). ``node`` may be a ``RaftHost``: its
+    own figures and its groups' counters summed (per-group series would be thousands),
+    and healthy when every group's replica is (``RaftHost.health``)."""
 
-    def __init__(self, node: RaftNode, address: str, *, max_apply_lag: int = 1000) -> None:
+    def __init__(self, node: RaftNode | RaftHost, address: str, *,
+                 max_apply_lag: int = 1000) -> None:
         self.node = node
         self.host, self.port = parse_address(address)
         self.max_apply_lag = max_apply_lag
@@ -217,6 +283,12 @@ class MetricsServer:
         self._server = None
         await asyncio.get_running_loop().run_in_executor(None, server.shutdown)
         server.server_close()
+
+    def on_loop_async(self, fn: Callable[[], Coroutine[Any, Any, T]],
+                      timeout: float = 5.0) -> T:
+        """``await fn()`` on the node's event loop (from the HTTP server's thread)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
 
     def on_loop(self, fn: Callable[[], T], timeout: float = 5.0) -> T:
         """``fn()`` run on the node's event loop (from the HTTP server's thread)."""

@@ -171,6 +171,14 @@ def http_get(url):
         return exc.code, exc.read().decode()
 
 
+def scrape(url):
+    """The samples of a /metrics page: {(name, sorted labels): value}."""
+    status, text = http_get(url)
+    assert status == 200, text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 @run
 async def test_metrics_server_serves_prometheus_text_and_health():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
@@ -181,10 +189,7 @@ async def test_metrics_server_serves_prometheus_text_and_health():
         loop = asyncio.get_running_loop()
         try:
             base = f"http://{server.address}"
-            status, text = await loop.run_in_executor(None, http_get, base + "/metrics")
-            assert status == 200
-            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                       for f in text_string_to_metric_families(text) for s in f.samples}
+            samples = await loop.run_in_executor(None, scrape, base + "/metrics")
             node = ("node", str(leader.id))
             assert samples[("fastraft_commit_index", (node,))] == leader.engine.commit_index
             assert samples[("fastraft_role", (node, ("role", "leader")))] == 1
@@ -226,3 +231,56 @@ def test_json_log_lines_carry_the_event_keys():
     assert line["message"] == "node 1: leader in term 7" and line["level"] == "INFO"
     assert (line["event"], line["node"], line["term"]) == ("role", 1, 7)
     assert "args" not in line and "msg" not in line
+
+
+@run
+async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
+    """MetricsServer(host): host-level series (groups, roles, quiet, transport) and the
+    node counters summed over the host's groups, under the names a node uses; /health
+    names the groups that know no leader."""
+    from test_host import GROUPS, Hosts
+
+    async with Hosts() as hosts:
+        await wait_until(lambda: all(hosts.hosts[1].group(g).engine.leader_id is not None
+                                     for g in GROUPS), 10)
+        for k in range(3):
+            await asyncio.gather(*[hosts.propose(g, b"w%d" % k) for g in GROUPS])
+        host = hosts.hosts[1]
+        server = MetricsServer(host, "127.0.0.1:0")
+        await server.start()
+        loop = asyncio.get_running_loop()
+        try:
+            base = f"http://{server.address}"
+            samples = await loop.run_in_executor(None, scrape, base + "/metrics")
+            node = ("node", "1")
+            led = [g for g in GROUPS if host.group(g).is_leader]
+            accepted = sum(host.group(g).metrics().proposals_accepted for g in GROUPS)
+            assert accepted >= 3 * len(led) > 0
+            assert samples[("fastraft_host_groups", (node,))] == len(GROUPS)
+            assert samples[("fastraft_host_groups_by_role",
+                            (node, ("role", "leader")))] == len(led)
+            assert samples[("fastraft_host_groups_by_role",
+                            (node, ("role", "follower")))] == len(GROUPS) - len(led)
+            assert samples[("fastraft_host_groups_without_leader", (node,))] == 0
+            assert samples[("fastraft_proposals_total",
+                            (node, ("outcome", "accepted")))] == accepted
+            assert samples[("fastraft_log_write_entries_sum", (node,))] == sum(
+                host.group(g)._recorder.log_write_entries.sum for g in GROUPS)
+            assert samples[("fastraft_host_frames_total", (("direction", "out"), node))] > 0
+            assert samples[("fastraft_messages_total", (("direction", "out"), node,
+                                                        ("type", "AppendEntries")))] > 0
+            assert ("fastraft_term", (node,)) not in samples  # per group: not summed
+            assert await loop.run_in_executor(None, http_get, base + "/health") == (200, "ok\n")
+            # the two other hosts gone: no group has a quorum, leaders step down (§6.2)
+            for i in (2, 3):
+                await hosts.hosts[i].stop()
+            del hosts.hosts[2], hosts.hosts[3]
+
+            def unhealthy():
+                return http_get(base + "/health")[1].startswith(
+                    f"{len(GROUPS)} of {len(GROUPS)} groups know no leader")
+            await wait_until(lambda: host.metrics().without_leader == len(GROUPS), 10)
+            assert await loop.run_in_executor(None, unhealthy)
+            assert (await loop.run_in_executor(None, http_get, base + "/health"))[0] == 503
+        finally:
+            await server.stop()

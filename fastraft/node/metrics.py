@@ -67,25 +67,10 @@ class FollowerMetrics(msgspec.Struct, frozen=True):
     last_contact: float | None
 
 
-class Metrics(msgspec.Struct, frozen=True):
-    """``RaftNode.metrics()``: the node's state and counters at one moment."""
+class Counts(msgspec.Struct, frozen=True, kw_only=True):
+    """The counters and histograms a node records: a node's own in ``Metrics``, a
+    host's groups' summed in ``HostMetrics``."""
 
-    node_id: int
-    running: bool
-    #: "follower", "pre_candidate", "candidate", "leader" or "stopped".
-    role: str
-    term: int
-    leader_id: int | None
-    commit_index: int
-    applied_index: int
-    last_log_index: int
-    snapshot_index: int
-    voters: tuple[int, ...]
-    learners: tuple[int, ...]
-    #: Seconds since this node last heard from its leader (0 on the leader; None: never).
-    last_contact: float | None
-    #: On the leader, per follower; empty elsewhere.
-    followers: Mapping[int, FollowerMetrics]
     proposals_accepted: int
     proposals_dropped: int
     proposals_overloaded: int
@@ -112,12 +97,64 @@ class Metrics(msgspec.Struct, frozen=True):
     snapshot_save_seconds: HistogramValue
     snapshot_install_seconds: HistogramValue
 
+
+class Metrics(Counts, frozen=True, kw_only=True):
+    """``RaftNode.metrics()``: the node's state and counters at one moment."""
+
+    node_id: int
+    running: bool
+    #: "follower", "pre_candidate", "candidate", "leader" or "stopped".
+    role: str
+    term: int
+    leader_id: int | None
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    snapshot_index: int
+    voters: tuple[int, ...]
+    learners: tuple[int, ...]
+    #: Seconds since this node last heard from its leader (0 on the leader; None: never).
+    last_contact: float | None
+    #: On the leader, per follower; empty elsewhere.
+    followers: Mapping[int, FollowerMetrics]
+
     @property
     def state(self) -> tuple[object, ...]:
         """What ``watch_metrics`` compares: role, term, leader, indexes, membership."""
         return (self.running, self.role, self.term, self.leader_id, self.commit_index,
                 self.applied_index, self.last_log_index, self.snapshot_index, self.voters,
                 self.learners)
+
+
+class HostMetrics(Counts, frozen=True, kw_only=True):
+    """``RaftHost.metrics()``: the host, and its groups' ``Counts`` summed over every
+    group's replica here."""
+
+    node_id: int
+    running: bool
+    groups: int
+    #: This host's replicas by role ("leader", "follower", ...).
+    roles: Mapping[str, int]
+    quiet: int
+    #: Replicas that know no leader (an election going on, or no quorum reachable).
+    without_leader: int
+    #: The largest gap between a replica's commit index and its applied index.
+    apply_lag: int
+    #: In the groups led here: the most entries any follower is behind.
+    follower_lag: int
+    #: Peer hosts heard from by no frame for ``election_timeout_min``.
+    suspected: tuple[int, ...]
+    transfers: int
+    #: The transport's counters (frames, bytes, drops) for the whole host.
+    network: Mapping[str, int]
+
+
+#: The histograms every node records, by attribute name (of ``Recorder`` and ``Metrics``).
+HISTOGRAMS = ("commit_seconds", "apply_batch_entries", "apply_seconds", "log_write_seconds",
+              "log_write_entries", "snapshot_save_seconds", "snapshot_install_seconds")
+#: The plain counters of ``Recorder``.
+COUNTERS = ("proposals_accepted", "proposals_dropped", "proposals_overloaded",
+            "elections_started", "elections_won", "leader_changes")
 
 
 class Recorder:

@@ -475,15 +475,23 @@ class RaftNode:
             role = "stopped"
         stats = getattr(self.network, "stats", None) or {}
         return Metrics(
-            self.id, self._running, role, term, leader, commit, self.applied_index, last,
-            snap, voters, learners, last_contact, followers, r.proposals_accepted,
-            r.proposals_dropped, r.proposals_overloaded, r.elections_started,
-            r.elections_won, r.leader_changes, by_name(r.messages_in),
-            by_name(r.messages_out), stats.get("bytes_in", 0), stats.get("bytes_out", 0),
-            refused, r.commit_seconds.value(), r.apply_batch_entries.value(),
-            r.apply_seconds.value(), r.log_write_seconds.value(),
-            r.log_write_entries.value(), r.snapshot_save_seconds.value(),
-            r.snapshot_install_seconds.value())
+            node_id=self.id, running=self._running, role=role, term=term, leader_id=leader,
+            commit_index=commit, applied_index=self.applied_index, last_log_index=last,
+            snapshot_index=snap, voters=voters, learners=learners,
+            last_contact=last_contact, followers=followers,
+            proposals_accepted=r.proposals_accepted, proposals_dropped=r.proposals_dropped,
+            proposals_overloaded=r.proposals_overloaded,
+            elections_started=r.elections_started, elections_won=r.elections_won,
+            leader_changes=r.leader_changes, messages_in=by_name(r.messages_in),
+            messages_out=by_name(r.messages_out), bytes_in=stats.get("bytes_in", 0),
+            bytes_out=stats.get("bytes_out", 0), refused=refused,
+            commit_seconds=r.commit_seconds.value(),
+            apply_batch_entries=r.apply_batch_entries.value(),
+            apply_seconds=r.apply_seconds.value(),
+            log_write_seconds=r.log_write_seconds.value(),
+            log_write_entries=r.log_write_entries.value(),
+            snapshot_save_seconds=r.snapshot_save_seconds.value(),
+            snapshot_install_seconds=r.snapshot_install_seconds.value())
 
     async def watch_metrics(self, interval: float = 0.1) -> AsyncIterator[Metrics]:
         """``metrics()`` now, then again whenever the role, term, leader, an index or the

@@ -18,6 +18,7 @@ whose body starts with the group id (u64) and a kind (u8):
               replaces the log from there (what a truncation and an append write)
     TRUNCATE  u64 index: the group's entries from there on are void
     STATE     the group's hard state, compaction point and owner (msgpack)
+    DROP      everything of the group before it is gone (``drop_group``)
 
 Recovery replays the segments in order, each group's records into its own index: a
 group's state is its last STATE record, its log what its ENTRIES, TRUNCATE and STATE
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import struct
 import threading
 from bisect import bisect_right
@@ -71,7 +73,7 @@ _T = TypeVar("_T")
 _SEG_PREFIX, _SEG_SUFFIX = "wal-", ".seg"
 _TAG = struct.Struct("<QB")  # group id, kind
 _INDEX = struct.Struct("<Q")
-ENTRIES, TRUNCATE, STATE = 1, 2, 3
+ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
 #: The op kinds of a write batch besides the record kinds.
 _COMPACT, _IDENTITY, _RELOCATE = 10, 11, 12
 #: Marks an op left for the next batch (its group already has one in this batch).
@@ -236,7 +238,19 @@ class WalGroup(_LogStore):
             return self._plan_truncate(arg, batch)
         if kind == _COMPACT:
             return self._plan_compact(arg, batch)
+        if kind == DROP:
+            batch.place(_record(_TAG.pack(self.group_id, DROP), 0))
+            batch.compacted = True  # its segments may be free now
+            return [self._forget_group]
         return self._plan_relocate(batch)
+
+    def _forget_group(self) -> None:
+        """Dropped: out of the WAL's groups, nothing held (``wal.group(id)`` is a new,
+        empty one from now on)."""
+        self.wal._groups.pop(self.group_id, None)
+        self._drop_records_from(0)
+        self._state, self._identity, self._state_seg = _State(HardState()), None, 0
+        self._mark_durable = self._mark_wanted = 0
 
     def _plan_truncate(self, index: int, batch: _Batch) -> list[Callable[[], None]]:
         start = self._truncation_start(index)
@@ -297,6 +311,8 @@ class WalGroup(_LogStore):
             self._mark_durable = max(self._mark_durable, mark)
         elif kind == TRUNCATE and len(payload) == _INDEX.size:
             self._cut_from(_INDEX.unpack(payload)[0])
+        elif kind == DROP:
+            self._forget_group()
         elif kind == STATE:
             try:
                 found = msgspec.msgpack.decode(payload, type=_GroupState)
@@ -371,6 +387,25 @@ class SharedWAL(_SegmentFiles):
     def group_ids(self) -> list[int]:
         """The groups this WAL holds anything of, in id order."""
         return sorted(g for g, v in self._groups.items() if v._oldest_segment())
+
+    async def drop_group(self, group_id: int) -> None:
+        """Delete everything of ``group_id``: its snapshot now, its records as their
+        segments are freed. Its replica must be stopped first (``RaftHost.remove_group``,
+        once a membership change took this host out of the group). A crash in the middle
+        may leave the group without its snapshot: call it again."""
+        view = self.group(group_id)
+        await asyncio.get_running_loop().run_in_executor(self._snapshots,
+                                                         self._remove_snapshot, view)
+        await self._submit(view, DROP, None)
+
+    def _remove_snapshot(self, view: WalGroup) -> None:
+        with self._lock:
+            view._snapshot = view._snapshot_path = None
+            view._refresh_floor()
+        if os.path.isdir(view.directory):
+            shutil.rmtree(view.directory)
+            if self.sync:
+                _fsync_dir(self.directory)
 
     def segments(self) -> list[str]:
         """The segment files, oldest first."""

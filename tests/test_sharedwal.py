@@ -3,6 +3,7 @@ recovery and damage, per-group compaction and the bound on segments kept, a fail
 and RaftHost groups on one WAL across a restart. (The storage conformance suite runs
 against its group views in test_storage.py.)"""
 import asyncio
+import io
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from test_host import FAST, Log
 
 from fastraft import RaftHost
 from fastraft.errors import StorageCorruption
-from fastraft.messages import Entry, EntryKind, HardState
+from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.processes import free_ports
 from fastraft.sharedwal import SharedWAL
 from fastraft.transport import TcpNetwork
@@ -329,3 +330,49 @@ def test_the_record_cache_is_one_budget_for_every_group(tmp_path):
     drive(main())
     assert cached(wal) > budget // 2  # it was used
     wal.close()
+
+
+def dirs_of(path):
+    return [os.path.join(path, n) for n in os.listdir(path) if n.startswith("group-")]
+
+
+def test_a_dropped_group_is_gone_and_its_segments_are_freed(tmp_path):
+    path = str(tmp_path / "wal")
+    membership = Membership(voters=frozenset({1}))
+
+    def reopened(wal):
+        wal.close()
+        return SharedWAL(path, segment_bytes=2048, max_segments=100)  # no relocation
+
+    def gone_here(wal):
+        st = wal.group(1).load_state()
+        assert (st.last_index, st.node_id, st.snapshot) == (0, 0, None), st
+        assert wal.group_ids() == [2] and dirs_of(path) == []
+
+    async def write(wal):
+        gone, kept = wal.group(1), wal.group(2)
+        await gone.save_identity(1, "c/1")
+        await gone.append_entries(entries(1, 20))
+        await gone.save_snapshot(SnapshotMeta(10, 1, membership), io.BytesIO(b"state"))
+        assert dirs_of(path) == [gone.directory]
+        for k in range(20):
+            await kept.append_entries(entries(k * 5 + 1, k * 5 + 5, size=100))
+        await wal.drop_group(1)
+        gone_here(wal)
+
+    async def compact(wal):
+        first = wal.segments()[0]  # group 1 wrote there, and group 2 still needs it
+        await wal.group(2).compact_prefix(95)
+        assert first not in wal.segments()  # nothing needs it now
+
+    wal = SharedWAL(path, segment_bytes=2048, max_segments=100)
+    drive(write(wal))
+    wal = reopened(wal)  # group 1's records are still in the segments: the drop holds
+    gone_here(wal)
+    drive(compact(wal))
+    wal = reopened(wal)
+    try:
+        gone_here(wal)
+        assert read_all(wal.group(2)) == plain(entries(96, 100, size=100))
+    finally:
+        wal.close()

@@ -15,7 +15,7 @@ from fastraft import (
     RaftNode,
     UnknownGroup,
 )
-from fastraft.host import preferred_leader
+from fastraft.host import HEARTBEAT_BLOCK, HEARTBEAT_PHASES, heartbeat_phase, preferred_leader
 from fastraft.messages import AppendEntries
 from fastraft.processes import free_ports
 from fastraft.testing import wait_until
@@ -348,3 +348,13 @@ async def test_busy_groups_heartbeat_together_one_frame_per_peer_per_interval():
         # one frame of heartbeats and one of answers to each of the 2 peers: 4 (a few
         # more when an answer or a heartbeat falls on its own turn); one per group: ~16
         assert per_round < 6, per_round
+
+
+def test_heartbeat_phases_go_by_blocks_of_group_ids():
+    """Up to HEARTBEAT_BLOCK consecutive group ids heartbeat in the same turn; the blocks
+    take the HEARTBEAT_PHASES phases of the interval in turn, so thousands of busy groups
+    never heartbeat all at once."""
+    assert {heartbeat_phase(g) for g in range(HEARTBEAT_BLOCK)} == {0.0}
+    phases = [heartbeat_phase(b * HEARTBEAT_BLOCK) for b in range(HEARTBEAT_PHASES)]
+    assert phases == [k / HEARTBEAT_PHASES for k in range(HEARTBEAT_PHASES)]
+    assert heartbeat_phase(HEARTBEAT_BLOCK * HEARTBEAT_PHASES) == 0.0

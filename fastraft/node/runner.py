@@ -62,10 +62,12 @@ class Timers:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
         #: Non-zero (a ``RaftHost`` sets its groups' heartbeat interval): heartbeat
-        #: deadlines fall on multiples of it on the loop's clock, so every group of the
-        #: process heartbeats in the same loop turn, and the transport sends them in one
-        #: frame per peer (coalesced heartbeats). A deadline only ever moves earlier.
+        #: deadlines fall on multiples of it on the loop's clock, shifted by
+        #: ``heartbeat_phase``, so the groups of a process that share a phase heartbeat in
+        #: the same loop turn and the transport sends them in one frame per peer
+        #: (coalesced heartbeats). A deadline only ever moves earlier.
         self.heartbeat_grid = 0.0
+        self.heartbeat_phase = 0.0
         self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
         self._fires_at: dict[Timer, float] = {}
         self._deadlines: dict[Timer, float | None] = {}
@@ -78,7 +80,8 @@ class Timers:
         deadline = now + delay
         grid = self.heartbeat_grid
         if grid and timer is Timer.HEARTBEAT:
-            deadline = (deadline // grid) * grid
+            phase = self.heartbeat_phase
+            deadline = ((deadline - phase) // grid) * grid + phase
             if deadline <= now:
                 deadline += grid
         self._deadlines[timer] = deadline

@@ -238,13 +238,14 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
     """MetricsServer(host): host-level series (groups, roles, quiet, transport) and the
     node counters summed over the host's groups, under the names a node uses; /health
     names the groups that know no leader."""
-    from test_host import GROUPS, Hosts
+    from test_host import GROUPS, Hosts, balanced
 
     async with Hosts() as hosts:
-        await wait_until(lambda: all(hosts.hosts[1].group(g).engine.leader_id is not None
-                                     for g in GROUPS), 10)
+        # leaders where balancing wants them: nothing moves while the figures are compared
+        await wait_until(lambda: balanced(hosts), 15)
         for k in range(3):
             await asyncio.gather(*[hosts.propose(g, b"w%d" % k) for g in GROUPS])
+        await wait_until(lambda: balanced(hosts), 15)
         host = hosts.hosts[1]
         server = MetricsServer(host, "127.0.0.1:0")
         await server.start()

@@ -25,6 +25,7 @@ group's state is its last STATE record, its log what its ENTRIES, TRUNCATE and S
 records leave. The damage rules are ``FileStorage``'s: only the end of the last segment
 may hold a torn write (dropped, logged); any other bad record, a missing segment, or a
 group whose log ends before its commit mark stops start-up with ``StorageCorruption``.
+``repair=True`` keeps what precedes the damage and marks every group recovering.
 
 Compaction is per group (``compact_prefix`` writes a STATE record and forgets records).
 A segment is deleted once no group needs it, oldest first: no group holds a live record
@@ -324,6 +325,18 @@ class WalGroup(_LogStore):
         else:
             raise _Damage(off, f"a record of unknown kind {kind}", False)
 
+    def _mark_recovering(self) -> None:
+        """Repair: this group may have lost records it acknowledged. It keeps its term and
+        vote, its commit mark goes back to what its log holds, and it does not vote until
+        a leader has caught it up (as ``FileStorage(repair=True)``)."""
+        self._refresh_floor()
+        hs = self._state.hard_state
+        held = max(self._last(), self._floor())
+        self._state = _State(HardState(hs.current_term, hs.voted_for, min(hs.commit, held),
+                                       True),
+                             self._state.compacted_index, self._state.compacted_term)
+        self._mark_durable = min(self._mark_durable, held)
+
     def _check_recovered(self) -> None:
         self._refresh_floor()
         self._mark_wanted = self._mark_durable
@@ -343,10 +356,13 @@ class WalGroup(_LogStore):
 class SharedWAL(_SegmentFiles):
     """See the module docstring. ``sync=False`` skips every fsync (UNSAFE: benchmarks
     only, as ``FileStorage``'s). ``group(group_id)`` is a group's storage; the WAL is
-    closed by whoever opened it (``close()``), never by a node or host."""
+    closed by whoever opened it (``close()``), never by a node or host. ``repair=True``
+    opens a damaged WAL by keeping what precedes the damage: every group is marked
+    recovering (docs/multiraft.md, "Repairing a host")."""
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
-                 cache_bytes: int = 8 << 20, max_segments: int = 4) -> None:
+                 cache_bytes: int = 8 << 20, max_segments: int = 4,
+                 repair: bool = False) -> None:
         if segment_bytes <= 0 or max_segments < 2:
             raise ValueError("segment_bytes must be positive and max_segments at least 2, "
                              f"got {segment_bytes!r} and {max_segments!r}")
@@ -354,6 +370,7 @@ class SharedWAL(_SegmentFiles):
         self.segment_bytes = segment_bytes
         self.sync = sync
         self.max_segments = max_segments
+        self.repair = repair
         self._lock_fd = _lock_directory(self.directory)
         self._lock = threading.RLock()
         #: Decoded records of every group, within ``cache_bytes`` together.
@@ -571,16 +588,51 @@ class SharedWAL(_SegmentFiles):
                 except ValueError:
                     raise StorageCorruption(f"{os.path.join(self.directory, name)}: not a "
                                             "segment name") from None
+        damaged = None
         for k, seq in enumerate(seqs):
             if k and seq != seqs[k - 1] + 1:
-                raise StorageCorruption(f"{self._path(seq)}: follows segment {seqs[k - 1]}:"
-                                        " a segment is missing")
+                damaged = self._damaged(seq, 0, f"follows segment {seqs[k - 1]}: a segment "
+                                        "is missing", seqs[k:])
+                break
             self._segments.append(seq)
-            self._scan(seq, last=k == len(seqs) - 1)
+            damaged = self._scan(seq, seqs[k + 1:])
+            if damaged:
+                break
+        if damaged and self._segments:  # the cut segment, or the one before the gap
+            self._tail_size = os.path.getsize(self._path(self._segments[-1]))
         for view in self._groups.values():
+            if damaged:
+                view._mark_recovering()
             view._check_recovered()
+        if damaged:  # every group's clamped state, durable before anything else
+            self._write_batch([(v, STATE, v._state.hard_state, None)
+                               for v in self._groups.values()])
 
-    def _scan(self, seq: int, last: bool) -> None:
+    def _damaged(self, seq: int, pos: int, what: str, later: list[int]) -> bool:
+        """Damage that no crash explains, at ``pos`` of segment ``seq``: with ``repair``
+        everything from there on is dropped (True), else StorageCorruption."""
+        path = self._path(seq)
+        if not self.repair:
+            raise StorageCorruption(
+                f"{path}: {what} at offset {pos}; expected an intact record (restore this "
+                "host from a replica, or see docs/multiraft.md, \"Repairing a host\")")
+        log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
+                  "segment; every group here may have lost entries it acknowledged and "
+                  "will not vote until its leader has caught it up", path, pos, what,
+                  extra={"event": "repair", "path": path, "offset": pos, "damage": what})
+        for other in later:
+            if os.path.exists(self._path(other)):
+                os.unlink(self._path(other))
+        if os.path.exists(path):
+            with open(path, "r+b") as f:
+                f.truncate(pos)
+                os.fsync(f.fileno())
+        if self.sync:
+            _fsync_dir(self.directory)
+        return True
+
+    def _scan(self, seq: int, later: list[int]) -> bool:
+        """Replay one segment; True if repair cut the WAL in it (see ``_damaged``)."""
         path = self._path(seq)
         with open(path, "rb") as f:
             data = f.read()
@@ -597,11 +649,9 @@ class SharedWAL(_SegmentFiles):
                 if damage.torn and _valid_record_after(data, pos + 1):
                     damage.torn = False
                     damage.what += " followed by intact records"
-                if not (last and damage.torn):
-                    where = "" if last else " in a segment that is not the last"
-                    raise StorageCorruption(
-                        f"{path}: {damage.what} at offset {damage.pos}{where}; expected an "
-                        "intact record (restore this host from a replica)") from None
+                if later or not damage.torn:
+                    where = " in a segment that is not the last" if later else ""
+                    return self._damaged(seq, damage.pos, damage.what + where, later)
                 log.warning("%s: truncating %s at offset %d: a write torn by a crash, never "
                             "acknowledged", path, damage.what, pos,
                             extra={"event": "torn_write", "path": path, "offset": pos})
@@ -610,5 +660,6 @@ class SharedWAL(_SegmentFiles):
                     os.fsync(f.fileno())
                 break
             pos = end
-        if last:
+        if not later:
             self._tail_size = pos
+        return False

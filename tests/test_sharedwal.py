@@ -428,3 +428,51 @@ def test_a_crash_at_any_byte_keeps_every_whole_record_and_nothing_torn(tmp_path)
                 assert read_all(reopened.group(g)) == plain(want), (cut, zeros, g)
         finally:
             reopened.close()
+
+
+@pytest.mark.parametrize("damage", ["bit flip", "missing segment"])
+def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path, damage):
+    """A bit flip in an earlier segment, or a missing one: refused; with repair=True the
+    WAL keeps what precedes the damage, and every group keeps its term and vote, has its
+    commit mark cut back to what it holds and is marked recovering (it will not vote
+    until a leader catches it up), durably: a plain reopen then works."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path, segment_bytes=600, max_segments=100)
+
+    async def main():
+        for g in (1, 2):
+            await wal.group(g).save_hard_state(HardState(3, g, 0))
+        for k in range(12):
+            for g in (1, 2):
+                wal.group(g).commit_advanced(k * 2 + 2)
+            await asyncio.gather(*(wal.group(g).append_entries(
+                entries(k * 2 + 1, k * 2 + 2, size=60, tag=b"g%d " % g)) for g in (1, 2)))
+    drive(main())
+    wal.close()
+    segs = segments(path)
+    assert len(segs) >= 5
+    if damage == "bit flip":
+        with open(segs[2], "r+b") as f:
+            f.seek(40)
+            byte = f.read(1)
+            f.seek(40)
+            f.write(bytes([byte[0] ^ 1]))
+    else:
+        os.unlink(segs[2])
+    with pytest.raises(StorageCorruption, match="Repairing a host"):
+        SharedWAL(path, segment_bytes=600, max_segments=100)
+    repaired = SharedWAL(path, segment_bytes=600, max_segments=100, repair=True)
+    repaired.close()
+    assert len(segments(path)) <= 3  # what followed the damage is gone
+    wal = SharedWAL(path, segment_bytes=600, max_segments=100)
+    try:
+        for g in (1, 2):
+            st = wal.group(g).load_state()
+            held = read_all(wal.group(g))
+            assert held == plain(entries(1, st.last_index, size=60, tag=b"g%d " % g))
+            assert 0 < st.last_index < 24
+            hs = st.hard_state
+            assert (hs.current_term, hs.voted_for, hs.recovering) == (3, g, True)
+            assert hs.commit <= st.last_index
+    finally:
+        wal.close()

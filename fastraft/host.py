@@ -45,21 +45,8 @@ MAX_GROUP_ID = (1 << 64) - 1
 DEFAULT_QUIESCE_AFTER = 1.0
 #: Groups a balancing round looks at, taking turns: a round costs the same with 100,000.
 BALANCE_SCAN = 1024
-#: Busy groups' heartbeats: consecutive group ids in blocks this large share a phase of
-#: the interval, one of this many (``heartbeat_phase``).
-HEARTBEAT_BLOCK = 64
-HEARTBEAT_PHASES = 16
 #: Groups ``gather_metrics`` sums between two turns of the event loop.
 METRICS_CHUNK = 256
-
-
-def heartbeat_phase(group_id: int) -> float:
-    """Where in the heartbeat interval a group heartbeats, as a fraction: groups in
-    blocks of ``HEARTBEAT_BLOCK`` consecutive ids share one of ``HEARTBEAT_PHASES``
-    phases. A host's busy groups then heartbeat in at most that many loop turns per
-    interval, each with at most a block's share of them: one frame per peer per phase,
-    and no burst of thousands of groups at once."""
-    return (group_id // HEARTBEAT_BLOCK) % HEARTBEAT_PHASES / HEARTBEAT_PHASES
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
@@ -243,10 +230,6 @@ class RaftHost:
                         network=network, state_machine=state_machine,
                         config=config or self.config,
                         cluster_id=f"{self.cluster_id}/{group_id}")
-        # busy groups' heartbeats together: one frame per peer carries each phase's
-        interval = node.config.heartbeat_interval
-        node._timers.heartbeat_grid = interval
-        node._timers.heartbeat_phase = heartbeat_phase(group_id) * interval
         self._groups[group_id] = node
         try:
             await node.start()

@@ -15,8 +15,7 @@ from fastraft import (
     RaftNode,
     UnknownGroup,
 )
-from fastraft.host import HEARTBEAT_BLOCK, HEARTBEAT_PHASES, heartbeat_phase, preferred_leader
-from fastraft.messages import AppendEntries
+from fastraft.host import preferred_leader
 from fastraft.processes import free_ports
 from fastraft.testing import wait_until
 from fastraft.transport import TcpNetwork
@@ -324,37 +323,3 @@ async def test_balancing_takes_the_groups_in_turns_and_a_leader_removed_hands_ov
         gone = preferred(0)
         await hosts.hosts[gone].remove_group(0)
         assert any(hosts.hosts[i].group(0).is_leader for i in (1, 2, 3) if i != gone)
-
-
-@run
-async def test_busy_groups_heartbeat_together_one_frame_per_peer_per_interval():
-    """Groups that are not quiet heartbeat on a grid shared by the whole host, so a
-    host's heartbeats for every group it leads leave in one frame per peer per interval
-    (and the answers in one frame back), not one frame per group."""
-    async with Hosts() as hosts:  # FAST: no quiescence, every group heartbeats
-        await wait_until(lambda: balanced(hosts), 15)
-        host = hosts.hosts[1]
-        led = len(host.leaders())
-        assert led == 4
-
-        def heartbeats():
-            return sum(node._recorder.messages_out[AppendEntries]
-                       for g, node in host.groups.items() if g in host.leaders())
-        sent, frames = heartbeats(), host.network.stats["frames_out"]
-        # 30 rounds: each round is one heartbeat from each of 4 leaders to 2 peers
-        await wait_until(lambda: heartbeats() >= sent + 30 * led * 2, 15)
-        rounds = (heartbeats() - sent) / (led * 2)
-        per_round = (host.network.stats["frames_out"] - frames) / rounds
-        # one frame of heartbeats and one of answers to each of the 2 peers: 4 (a few
-        # more when an answer or a heartbeat falls on its own turn); one per group: ~16
-        assert per_round < 6, per_round
-
-
-def test_heartbeat_phases_go_by_blocks_of_group_ids():
-    """Up to HEARTBEAT_BLOCK consecutive group ids heartbeat in the same turn; the blocks
-    take the HEARTBEAT_PHASES phases of the interval in turn, so thousands of busy groups
-    never heartbeat all at once."""
-    assert {heartbeat_phase(g) for g in range(HEARTBEAT_BLOCK)} == {0.0}
-    phases = [heartbeat_phase(b * HEARTBEAT_BLOCK) for b in range(HEARTBEAT_PHASES)]
-    assert phases == [k / HEARTBEAT_PHASES for k in range(HEARTBEAT_PHASES)]
-    assert heartbeat_phase(HEARTBEAT_BLOCK * HEARTBEAT_PHASES) == 0.0

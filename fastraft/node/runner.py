@@ -61,13 +61,6 @@ class Timers:
 
     def __init__(self, node: RaftNode) -> None:
         self.node = node
-        #: Non-zero (a ``RaftHost`` sets its groups' heartbeat interval): heartbeat
-        #: deadlines fall on multiples of it on the loop's clock, shifted by
-        #: ``heartbeat_phase``, so the groups of a process that share a phase heartbeat in
-        #: the same loop turn and the transport sends them in one frame per peer
-        #: (coalesced heartbeats). A deadline only ever moves earlier.
-        self.heartbeat_grid = 0.0
-        self.heartbeat_phase = 0.0
         self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
         self._fires_at: dict[Timer, float] = {}
         self._deadlines: dict[Timer, float | None] = {}
@@ -76,14 +69,7 @@ class Timers:
 
     def set(self, timer: Timer, delay: float) -> None:
         loop = self.node._loop
-        now = loop.time()
-        deadline = now + delay
-        grid = self.heartbeat_grid
-        if grid and timer is Timer.HEARTBEAT:
-            phase = self.heartbeat_phase
-            deadline = ((deadline - phase) // grid) * grid + phase
-            if deadline <= now:
-                deadline += grid
+        deadline = loop.time() + delay
         self._deadlines[timer] = deadline
         self._polled.discard(timer)  # a new deadline gets its own poll when overdue
         handle = self._handles.get(timer)

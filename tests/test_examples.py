@@ -55,7 +55,9 @@ def curl(*args):
     return int(code or 0), body
 
 
-def test_kv_example_over_http_with_a_leader_kill(tmp_path):
+def kv_nodes(tmp_path, *args):
+    """Three ``kvhttp.py`` processes as the README starts them, on free ports, with
+    ``args`` added: (HTTP address by id, the Processes, ``start(i)``)."""
     ports = free_ports(6)  # one call: two calls may hand out the same port twice
     raft, http = ports[:3], ports[3:]
     r = ",".join(f"{i}=127.0.0.1:{raft[i - 1]}" for i in (1, 2, 3))
@@ -66,7 +68,12 @@ def test_kv_example_over_http_with_a_leader_kill(tmp_path):
     def start(i):
         procs.start(i, [sys.executable, "kvhttp.py", "--id", str(i), "--cluster", r,
                         "--http", h, "--data-dir", str(tmp_path / "data" / str(i)),
-                        "--snapshot-interval", "100"], cwd=KV)
+                        *args], cwd=KV)
+    return url, procs, start
+
+
+def test_kv_example_over_http_with_a_leader_kill(tmp_path):
+    url, procs, start = kv_nodes(tmp_path, "--snapshot-interval", "100")
 
     def leader():
         for i in procs.procs:
@@ -142,17 +149,7 @@ def test_sharded_kv_example_keeps_every_write_across_a_kill_and_restart(tmp_path
     """--shards 4: four Raft groups in one RaftHost per process on one SharedWAL. Writes
     to keys of every shard through any node (307 to the shard's leader), one process
     killed (-9) in the middle and restarted: every acknowledged write on every node."""
-    ports = free_ports(6)
-    raft, http = ports[:3], ports[3:]
-    r = ",".join(f"{i}=127.0.0.1:{raft[i - 1]}" for i in (1, 2, 3))
-    h = ",".join(f"{i}=127.0.0.1:{http[i - 1]}" for i in (1, 2, 3))
-    url = {i: f"127.0.0.1:{http[i - 1]}" for i in (1, 2, 3)}
-    procs = Processes(str(tmp_path))
-
-    def start(i):
-        procs.start(i, [sys.executable, "kvhttp.py", "--id", str(i), "--cluster", r,
-                        "--http", h, "--data-dir", str(tmp_path / "data" / str(i)),
-                        "--shards", "4"], cwd=KV)
+    url, procs, start = kv_nodes(tmp_path, "--shards", "4")
 
     def leaders(i):
         code, body = curl(f"{url[i]}/status")

@@ -47,19 +47,22 @@ class Hosts:
     """Three hosts on fixed loopback ports; each (host, group) keeps its storage and its
     state machine across a host's restart."""
 
-    def __init__(self, balance_interval=0.1, config=FAST):
+    def __init__(self, balance_interval=0.1, config=FAST, storage=None):
         ports = free_ports(3)
         self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
         self.storages = {}
         self.logs = {}
         self.balance_interval = balance_interval
         self.config = config
+        #: host id -> the host's ``storage`` (group id -> storage); default: a
+        #: MemoryStorage per (host, group), kept across restarts
+        self.storage = storage or (lambda host_id: lambda g: self.storages.setdefault(
+            (host_id, g), MemoryStorage()))
         self.hosts = {}
 
     async def start(self, host_id, groups=GROUPS, found=True):
         host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
-                        storage=lambda g: self.storages.setdefault((host_id, g),
-                                                                   MemoryStorage()),
+                        storage=self.storage(host_id),
                         config=self.config, balance_interval=self.balance_interval)
         self.hosts[host_id] = await host.start()
         for g in groups:

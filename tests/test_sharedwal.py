@@ -7,14 +7,12 @@ import io
 import os
 
 import pytest
-from test_host import FAST, Log
+from test_host import Hosts
 
-from fastraft import RaftHost
 from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
-from fastraft.processes import free_ports
 from fastraft.sharedwal import SharedWAL
-from fastraft.transport import TcpNetwork
+from fastraft.testing import wait_until
 
 
 def drive(coro):
@@ -245,62 +243,34 @@ def test_raft_groups_on_one_wal_per_host_survive_a_restart_of_every_host(tmp_pat
     """Three hosts, eight groups, one SharedWAL per host: writes, a stop of everything,
     the WALs reopened, hosts restarted: every acknowledged write is there on every host,
     and the groups take writes again."""
-    ports = free_ports(3)
-    addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
     groups = range(8)
+    wals = {}
+    hosts = Hosts(balance_interval=None, storage=lambda i: wals[i].group)
+    want = {g: [b"%d:%d" % (g, k) for k in range(5)] + [b"%d:after" % g] for g in groups}
 
-    async def start(wals, logs):
-        hosts = {}
+    async def start(found):
+        wals.update((i, SharedWAL(str(tmp_path / f"host{i}"))) for i in (1, 2, 3))
         for i in (1, 2, 3):
-            host = RaftHost(i, network=TcpNetwork(i, addresses[i]), storage=wals[i].group,
-                            config=FAST, balance_interval=None)
-            hosts[i] = await host.start()
-        for i, host in hosts.items():
-            for g in groups:
-                logs[i, g] = Log()
-                await host.create_group(g, addresses if not wals[i].group_ids() or
-                                        g not in wals[i].group_ids() else None,
-                                        state_machine=logs[i, g])
-        return hosts
+            await hosts.start(i, groups, found=found)
 
-    async def propose(hosts, g, data):
-        while True:
-            for h in hosts.values():
-                node = h.group(g)
-                if node.is_leader:
-                    try:
-                        return await node.propose(data)
-                    except Exception:
-                        pass
-            await asyncio.sleep(0.02)
+    async def stop():
+        await hosts.stop()
+        for w in wals.values():
+            w.close()
+
+    def converged():
+        return all(hosts.logs[i, g].items == want[g] for i in (1, 2, 3) for g in groups)
 
     async def main():
-        wals = {i: SharedWAL(str(tmp_path / f"host{i}")) for i in (1, 2, 3)}
-        logs = {}
-        hosts = await start(wals, logs)
+        await start(found=True)
         for k in range(5):
-            await asyncio.gather(*(propose(hosts, g, b"%d:%d" % (g, k)) for g in groups))
-        for h in hosts.values():
-            await h.stop()
-        for w in wals.values():
-            w.close()
-        wals = {i: SharedWAL(str(tmp_path / f"host{i}")) for i in (1, 2, 3)}
+            await asyncio.gather(*(hosts.propose(g, b"%d:%d" % (g, k)) for g in groups))
+        await stop()
+        await start(found=False)  # a restart: every group from its host's reopened WAL
         assert all(w.group_ids() == list(groups) for w in wals.values())
-        logs = {}
-        hosts = await start(wals, logs)
-        await asyncio.gather(*(propose(hosts, g, b"%d:after" % g) for g in groups))
-        want = {g: [b"%d:%d" % (g, k) for k in range(5)] + [b"%d:after" % g] for g in groups}
-
-        def converged():
-            return all(logs[i, g].items == want[g] for i in (1, 2, 3) for g in groups)
-        deadline = asyncio.get_running_loop().time() + 30
-        while not converged() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
-        assert converged(), {k: v.items for k, v in logs.items() if v.items != want[k[1]]}
-        for h in hosts.values():
-            await h.stop()
-        for w in wals.values():
-            w.close()
+        await asyncio.gather(*(hosts.propose(g, b"%d:after" % g) for g in groups))
+        await wait_until(converged, 30, "every replica to hold every write")
+        await stop()
     drive(main())
 
 

@@ -215,6 +215,46 @@ def test_heartbeat_reprobes_a_stalled_follower():
     assert msgs and msgs[0].entries and msgs[0].entries[-1].data == b"lost"
 
 
+def heartbeat_targets(leader):
+    leader.on_timer(Timer.HEARTBEAT)
+    return sorted(to for to, m in sends(leader.take_commands(), AppendEntries)
+                  if not m.entries)
+
+
+def test_heartbeat_tick_skips_followers_sent_entries_since_the_last_tick():
+    h = elect()
+    leader = h.engines[1]
+    h.run()
+    assert heartbeat_targets(leader) == []  # both were just sent the election's entry
+    h.run()
+    assert heartbeat_targets(leader) == [2, 3]  # idle: both hear only from the tick
+    h.run()
+    leader.propose([b"busy"])
+    h.run()  # both were sent the entry and acknowledged it
+    # they heard from the leader this interval: the tick sends nothing
+    assert heartbeat_targets(leader) == []
+    assert heartbeat_targets(leader) == [2, 3]  # nothing since: heartbeats again
+    h.run()
+    leader.propose([b"to 2"])
+    leader.take_commands()  # only node 2's AppendEntries arrives
+    leader.step(2, AppendEntriesResponse(leader.term, True, leader.log.last_index))
+    leader.take_commands()
+    assert heartbeat_targets(leader) == []  # 3 is probed (no progress), 2 was just sent to
+    assert leader.progress[3].state == ProgressState.PROBE
+
+
+def test_heartbeat_tick_skips_nobody_when_the_election_timeout_is_under_three_intervals():
+    # a skipped follower may hear nothing for two intervals: too close to its timeout here
+    h = elect(config=Config(pre_vote=False, check_quorum=False, commit_notify_delay=0,
+                            heartbeat_interval=0.06, election_timeout_min=0.15,
+                            election_timeout_max=0.3))
+    leader = h.engines[1]
+    h.run()
+    leader.propose([b"busy"])
+    h.run()
+    assert heartbeat_targets(leader) == [2, 3]
+
+
 def test_cluster_replicates_and_applies_in_order_everywhere():
     h = elect(n=5)
     leader = h.engines[1]

@@ -74,6 +74,9 @@ _WON = kernels.VOTE_WON
 _LOST = kernels.VOTE_LOST
 #: Heartbeat intervals a ``ReadLog`` may go unanswered before the leader asks again.
 READ_LOG_PATIENCE = 20
+#: Heartbeat ticks skip busy followers only when the election timeout is at least this
+#: many heartbeat intervals (as by default).
+BUSY_HEARTBEAT_SKIP_RATIO = 3
 
 
 class InitialState(msgspec.Struct, kw_only=True):
@@ -181,6 +184,11 @@ class Engine:
         self._idle_mark = (0, 0)
         self._quiesce_rounds = max(1, round(self.config.quiesce_after
                                             / self.config.heartbeat_interval))
+        #: A busy follower (sent an AppendEntries since the last tick) gets no heartbeat
+        #: from the tick: it then hears from this leader at least every two intervals,
+        #: which must stay within two thirds of its election timeout (§5.6's margin).
+        self._skip_busy_heartbeats = (self.config.election_timeout_min / BUSY_HEARTBEAT_SKIP_RATIO
+                                      >= self.config.heartbeat_interval * (1 - 1e-9))
 
         self._out: list[Command] = []
         self._broadcast = False
@@ -765,6 +773,7 @@ class Engine:
         self._send(peer, AppendEntries(self.term, self.id, prev, self.log.term_at(prev),
                                        entries, self.commit_index, self._seq))
         pr.commit_sent = self.commit_index
+        pr.sent_since_tick = True
         if entries:
             if pr.state == ProgressState.REPLICATE:
                 pr.next_index = entries[-1].index + 1
@@ -845,8 +854,7 @@ class Engine:
             else:
                 self._idle_heartbeats = 0
                 self._idle_mark = mark
-            for pr in self.progress.values():
-                pr.responded = False
+        skip_busy = self._skip_busy_heartbeats
         for peer, pr in self.progress.items():
             if pr.reading_from:
                 pr.read_rounds += 1
@@ -858,13 +866,20 @@ class Engine:
             pr.match_at_heartbeat = pr.match_index
             if pr.state == ProgressState.PROBE:
                 pr.probe_sent = False  # give up on an unanswered probe and send another
+                pr.responded = False
                 self._send_append(peer, pr, last)
             else:
-                self._send_heartbeat(peer, pr)
+                # a skipped follower's answers to this interval's entries stand for its
+                # answer to a heartbeat (quiescence)
+                if not (pr.sent_since_tick and skip_busy and
+                        pr.state == ProgressState.REPLICATE):
+                    pr.responded = False
+                    self._send_heartbeat(peer, pr)
                 if pr.state == ProgressState.SNAPSHOT:
                     if pr.probe_sent and not pr.snapshot_progressed:
                         self._send_snapshot_chunk(peer, pr)  # unanswered for an interval
                     pr.snapshot_progressed = False
+            pr.sent_since_tick = False
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
 
     # ------------------------------------------------------------------ quiescence

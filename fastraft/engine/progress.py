@@ -21,7 +21,8 @@ class Progress:
                  "acked_seq", "match_at_heartbeat", "recent_active", "responded", "commit_sent",
                  "snapshot_index",
                  "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
-                 "inflight_bytes", "inflight_total", "reading_from", "read_rounds")
+                 "inflight_bytes", "inflight_total", "reading_from", "read_rounds",
+                 "sent_since_tick")
 
     def __init__(self, next_index: int) -> None:
         #: Highest index known to be in the follower's log and durable there; only grows
@@ -45,8 +46,8 @@ class Progress:
         self.match_at_heartbeat = 0
         #: Answered since the last check-quorum round.
         self.recent_active = False
-        #: Answered since the last heartbeat: a group goes quiet only when every member
-        #: answers (``Engine.quiet``).
+        #: Answered since the last heartbeat (or probe) sent to it: a group goes quiet only
+        #: when every member answers (``Engine.quiet``).
         self.responded = False
         #: Highest leader_commit sent in an AppendEntries with a log check: when every
         #: entry is acknowledged, an empty one still has to carry a newer commit index.
@@ -65,6 +66,9 @@ class Progress:
         #: many heartbeat intervals: nothing else is sent to it meanwhile.
         self.reading_from = 0
         self.read_rounds = 0
+        #: An AppendEntries went to it since the last heartbeat tick: it has heard from
+        #: this leader, so the tick need not send it a heartbeat (``Engine``).
+        self.sent_since_tick = False
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE

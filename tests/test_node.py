@@ -1,5 +1,6 @@
 """RaftNode end to end, in one process over the in-memory network."""
 import asyncio
+import time
 
 import pytest
 
@@ -313,3 +314,37 @@ async def test_a_proposal_right_after_an_election_is_taken():
         assert await node.propose(b"first") == node.engine.log.last_index
     finally:
         await node.stop()
+
+
+class SlowApply(Recorder):
+    """Applying takes longer than ``commit_notify_delay``, as on a busy host: the
+    commit-notify timer is due before the proposers a commit answered are back."""
+
+    def apply(self, entries):
+        time.sleep(0.003)
+        return Recorder.apply(self, entries)
+
+
+@run
+async def test_a_new_commit_index_goes_out_with_the_next_proposals_not_alone():
+    from fastraft.messages import AppendEntries
+
+    async with LocalCluster(3, state_machine=SlowApply, config=FAST) as c:
+        leader = await c.leader()
+        await leader.propose(b"warm")
+        engine, network = leader.engine, leader.network
+        heartbeats, empty = [], []
+        send_heartbeat, send = engine._send_heartbeat, network.send
+
+        def spy_heartbeat(peer, pr):
+            heartbeats.append(peer)
+            send_heartbeat(peer, pr)
+
+        def spy(to, messages):
+            empty.extend(m for m in messages if type(m) is AppendEntries and not m.entries)
+            send(to, messages)
+        engine._send_heartbeat, network.send = spy_heartbeat, spy
+        for k in range(20):  # a proposer that proposes again as soon as it is answered
+            await leader.propose(b"w%d" % k)
+        # every empty AppendEntries was a heartbeat: no commit index went out on its own
+        assert len(empty) == len(heartbeats)

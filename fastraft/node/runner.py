@@ -109,7 +109,22 @@ class Timers:
             return
         self._polled.discard(timer)
         self._deadlines[timer] = None
+        if timer is Timer.COMMIT:
+            # The commit notification waits for the callbacks already due: the proposers
+            # its commit answered propose again there, and (flushed first) their entries
+            # take the commit index to the followers, not an empty AppendEntries.
+            loop.call_soon(self._notify_commit)
+            return
         node.engine.on_timer(timer)
+        node._schedule_flush()
+
+    def _notify_commit(self) -> None:
+        node = self.node
+        if not node._running or self._deadlines.get(Timer.COMMIT) is not None:
+            return  # stopped, or armed again meanwhile: that one will fire
+        if node._proposals.buffered:
+            node._flush()
+        node.engine.on_timer(Timer.COMMIT)
         node._schedule_flush()
 
 

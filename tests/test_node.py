@@ -348,3 +348,32 @@ async def test_a_new_commit_index_goes_out_with_the_next_proposals_not_alone():
             await leader.propose(b"w%d" % k)
         # every empty AppendEntries was a heartbeat: no commit index went out on its own
         assert len(empty) == len(heartbeats)
+
+
+@run
+async def test_an_overdue_election_timer_runs_the_commands_of_messages_already_handled():
+    """A heartbeat handled this turn moves the election deadline only when its commands
+    run, at the scheduled flush; an overdue election timer that fires first (after its
+    poll, ``Timers.POLL_DELAY``) runs that flush before deciding the leader is gone."""
+    from fastraft.engine import Role, Timer
+    from fastraft.messages import AppendEntries
+
+    config = Config(election_timeout_min=0.5, election_timeout_max=1.0,
+                    heartbeat_interval=0.1, pre_vote=False, check_quorum=False)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        await wait_until(lambda: follower.engine.leader_id == leader.id)
+        e, timers = follower.engine, follower._timers
+        term, last = e.term, e.log.last_index
+        heartbeat = AppendEntries(term, leader.id, last, e.log.term_at(last), [],
+                                  e.commit_index, 0)
+        # no await from here on: the loop runs nothing else meanwhile
+        follower.receive(leader.id, [heartbeat])  # the first of a turn runs at once
+        follower.receive(leader.id, [heartbeat])  # this one's commands wait for the flush
+        assert follower._flush_scheduled
+        timers._deadlines[Timer.ELECTION] = follower._loop.time() - 1.0  # long overdue,
+        timers._polled.add(Timer.ELECTION)  # and already given its poll
+        timers._fire(Timer.ELECTION)
+        assert e.role == Role.FOLLOWER and e.term == term
+        assert timers._deadlines[Timer.ELECTION] > follower._loop.time()

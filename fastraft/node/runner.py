@@ -54,7 +54,8 @@ class Timers:
 
     Load never costs leadership through a stall of the follower's own loop: an election
     or lease timer that fires more than ``OVERDUE`` late lets the loop read what arrived
-    meanwhile (a heartbeat moves the deadline) before it acts."""
+    meanwhile (a heartbeat moves the deadline) before it acts, and runs the commands of
+    messages already read first."""
 
     #: How long an overdue timer waits: enough for the loop to poll its sockets once.
     POLL_DELAY = 0.001
@@ -108,6 +109,12 @@ class Timers:
             self._fires_at[timer] = loop.time() + self.POLL_DELAY
             return
         self._polled.discard(timer)
+        if timer in _LEADER_TIMERS and node._flush_scheduled:
+            # Messages handled this turn may have moved the deadline, but their commands
+            # wait for the scheduled flush: run it first.
+            node._flush()
+            if self._deadlines.get(timer) != deadline:
+                return  # moved (and armed again by the flush) or cancelled
         self._deadlines[timer] = None
         if timer is Timer.COMMIT:
             # The commit notification waits for the callbacks already due: the proposers

@@ -422,6 +422,21 @@ class _LogStore:
             return max(self._state.compacted_index, self._snapshot.last_included_index)
         return self._state.compacted_index
 
+    def _last(self) -> int:
+        """The last index the records hold (the floor when there are none)."""
+        return self._rec_last[-1] if self._rec_last else self._floor()
+
+    def _mark_recovering(self) -> int:
+        """Repair: this store may have lost entries it acknowledged. It keeps its term and
+        vote, its commit mark goes back to what its log holds (returned), and it does not
+        vote until a leader has caught it up."""
+        held = max(self._last(), self._floor())
+        hs = self._state.hard_state
+        self._state = _State(HardState(hs.current_term, hs.voted_for, min(hs.commit, held),
+                                       True),
+                             self._state.compacted_index, self._state.compacted_term)
+        return held
+
     def _refresh_floor(self) -> None:
         """Whether the snapshot replaces the records up to it. Not when the log holds the
         snapshot's last entry with its term (§7: the log matches it; those records stay
@@ -698,7 +713,7 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._open_tail(self._segments[-1])
 
     def _check_commit_mark(self, cut: _CutAt | None) -> None:
-        last = self._rec_last[-1] if self._rec_last else self._floor()
+        last = self._last()
         mark = self._mark_durable
         if mark <= max(last, self._floor()) or self.repair:
             return
@@ -724,12 +739,7 @@ class FileStorage(_SegmentFiles, _LogStore):
                       "not vote until a leader has caught it up", path, pos, what,
                       extra={"event": "repair", "path": path, "offset": pos,
                              "damage": str(what)})
-            self._state = _State(HardState(self._state.hard_state.current_term,
-                                           self._state.hard_state.voted_for,
-                                           min(self._state.hard_state.commit,
-                                               self._rec_last[-1] if self._rec_last
-                                               else self._floor()), True),
-                                 self._state.compacted_index, self._state.compacted_term)
+            self._mark_recovering()
             self._mark_durable = self._mark_wanted = self._state.hard_state.commit
             self._write_state()
         for later in [s for s in firsts if s > seg]:

@@ -177,9 +177,6 @@ class WalGroup(_LogStore):
                 _fsync_dir(self.wal.directory)
         super()._save_snapshot_sync(meta, data)
 
-    def _last(self) -> int:
-        return self._rec_last[-1] if self._rec_last else self._floor()
-
     def _oldest_segment(self) -> int:
         """The oldest segment this group needs (0: none)."""
         segs = [s for s in (self._rec_seg[0] if self._rec_seg else 0, self._state_seg) if s]
@@ -325,17 +322,11 @@ class WalGroup(_LogStore):
         else:
             raise _Damage(off, f"a record of unknown kind {kind}", False)
 
-    def _mark_recovering(self) -> None:
-        """Repair: this group may have lost records it acknowledged. It keeps its term and
-        vote, its commit mark goes back to what its log holds, and it does not vote until
-        a leader has caught it up (as ``FileStorage(repair=True)``)."""
+    def _mark_recovering(self) -> int:
         self._refresh_floor()
-        hs = self._state.hard_state
-        held = max(self._last(), self._floor())
-        self._state = _State(HardState(hs.current_term, hs.voted_for, min(hs.commit, held),
-                                       True),
-                             self._state.compacted_index, self._state.compacted_term)
+        held = super()._mark_recovering()
         self._mark_durable = min(self._mark_durable, held)
+        return held
 
     def _check_recovered(self) -> None:
         self._refresh_floor()

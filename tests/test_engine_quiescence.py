@@ -8,7 +8,7 @@ import pytest
 from fastraft.config import Config
 from fastraft.engine import CancelTimer, ReadReady, Role, SetTimer, Timer
 from fastraft.errors import ConfigError
-from fastraft.messages import AppendEntries, AppendEntriesResponse, RequestVote
+from fastraft.messages import AppendEntries, AppendEntriesResponse, RequestVote, TimeoutNow
 
 from engine_helpers import Harness, make, sends
 
@@ -140,6 +140,39 @@ def test_followers_woken_with_their_leader_lost_elect_a_new_one():
         assert any(type(c) is SetTimer and c.timer == Timer.ELECTION for c in f.take_commands())
     h.fire(2, Timer.ELECTION)
     assert f2.role == Role.LEADER and f2.term == leader.term + 1 and f3.leader_id == 2
+
+
+def test_a_stopping_leader_picks_the_fullest_voter_and_wakes_the_others():
+    voters = (1, 2, 3, 4, 5)
+    engines = [make(i, voters=voters, config=QCFG, terms=[1], commit=1) for i in voters]
+    h = Harness(engines)
+    h.fire(1, Timer.ELECTION)
+    leader = engines[0]
+    tick(h, 3)
+    assert all(e.quiet for e in engines)
+    f2 = h.engines.pop(2)  # out of reach while the leader appends: it falls behind
+    leader.propose([b"x"])
+    h.run()
+    h.engines[2] = f2
+    assert [e.resign() for e in engines[1:]] == [[], [], [], []]  # only a leader resigns
+    farewell = leader.resign()
+    # the fullest voter, lowest id among equals, campaigns at once (thesis §3.10)
+    assert farewell[-1] == (3, TimeoutNow(leader.term, 1))
+    assert sorted(to for to, _ in farewell[:-1]) == [2, 4, 5]
+    assert all(type(m) is AppendEntries and not m.quiesce and m.term == leader.term
+               for _, m in farewell[:-1])
+    # the leader stops and node 3 is gone too: the heartbeat woke 4 and 5 (quiet, they
+    # ran no election timer), which elect a leader with node 2
+    del h.engines[1], h.engines[3]
+    for to, m in farewell:
+        if to in h.engines:
+            h.engines[to].step(1, m)
+    h.run()
+    assert not any(h.engines[i].quiet for i in (2, 4, 5))  # their election timers run
+    for i in (2, 4, 5):
+        h.fire(i, Timer.LEASE)  # silence from the leader: no longer counted alive
+    h.fire(4, Timer.ELECTION)
+    assert h.engines[4].role == Role.LEADER and h.engines[5].leader_id == 4
 
 
 def test_a_follower_without_quiescence_ignores_the_flag():

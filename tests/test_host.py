@@ -287,6 +287,9 @@ async def test_quiet_groups_of_a_lost_host_elect_elsewhere_and_it_comes_back():
     async with Hosts(config=QUIET) as hosts:
         await wait_until(lambda: balanced(hosts), 20)
         await wait_until(lambda: all_quiet(hosts), 20)
+        # a host that crashes sends nothing on its way out (a stopping leader would tell
+        # its followers: Engine.resign)
+        hosts.hosts[3].network.send_group = lambda *args: None
         await hosts.hosts[3].stop()
         del hosts.hosts[3]
         # hosts 1 and 2 hear nothing from host 3, wake the groups it led, elect leaders
@@ -326,3 +329,20 @@ async def test_balancing_takes_the_groups_in_turns_and_a_leader_removed_hands_ov
         gone = preferred(0)
         await hosts.hosts[gone].remove_group(0)
         assert any(hosts.hosts[i].group(0).is_leader for i in (1, 2, 3) if i != gone)
+
+
+@run
+async def test_a_stopped_leader_replica_on_a_live_host_wakes_its_quiet_followers():
+    # Its host keeps sending liveness frames, so nothing else would tell the quiet
+    # followers their leader is gone (a replica stops on its own when a hook fails).
+    async with Hosts(config=QUIET) as hosts:
+        await wait_until(lambda: balanced(hosts), 20)
+        await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
+        await wait_until(lambda: all_quiet(hosts), 20)
+        g = GROUPS[0]
+        gone = preferred(g)
+        await hosts.hosts[gone].group(g).stop()
+        others = [hosts.hosts[i].group(g) for i in (1, 2, 3) if i != gone]
+        await wait_until(lambda: any(node.is_leader for node in others), 10)
+        assert await hosts.propose(g, b"after") == 2
+        assert not any(h.suspected for h in hosts.hosts.values())

@@ -334,16 +334,16 @@ async def test_a_new_commit_index_goes_out_with_the_next_proposals_not_alone():
         await leader.propose(b"warm")
         engine, network = leader.engine, leader.network
         heartbeats, empty = [], []
-        send_heartbeat, send = engine._send_heartbeat, network.send
+        heartbeat, send = engine._heartbeat, network.send
 
-        def spy_heartbeat(peer, pr):
-            heartbeats.append(peer)
-            send_heartbeat(peer, pr)
+        def spy_heartbeat(pr):
+            heartbeats.append(pr)
+            return heartbeat(pr)
 
         def spy(to, messages):
             empty.extend(m for m in messages if type(m) is AppendEntries and not m.entries)
             send(to, messages)
-        engine._send_heartbeat, network.send = spy_heartbeat, spy
+        engine._heartbeat, network.send = spy_heartbeat, spy
         for k in range(20):  # a proposer that proposes again as soon as it is answered
             await leader.propose(b"w%d" % k)
         # every empty AppendEntries was a heartbeat: no commit index went out on its own

@@ -233,7 +233,7 @@ class Engine:
                 self._heartbeat_needed = False
                 for peer, pr in self.progress.items():
                     if pr.acked_seq < self._seq:
-                        self._send_heartbeat(peer, pr)
+                        self._send(peer, self._heartbeat(pr))
         out = self._out
         self._out = []
         return out
@@ -319,6 +319,28 @@ class Engine:
             self._send_timeout_now(target)
         else:
             self._broadcast = True
+
+    def resign(self) -> list[tuple[int, Message]]:
+        """The messages a leader whose node stops sends on its way out (none from other
+        roles): ``TimeoutNow`` to the voter holding the most of the log, which campaigns
+        at once (thesis §3.10 without waiting for it to catch up: the election
+        restriction, §5.4.1, keeps a stale log from winning), and a heartbeat to every
+        other member. The heartbeat matters in a quiet group: its followers run no
+        election timer and would not miss a leader whose process stays up; woken, they
+        elect one even if that voter is gone too. Returned rather than emitted: the node
+        runs nothing else of the engine's once it stops."""
+        if self.role != Role.LEADER:
+            return []
+        voters = [p for p in self.progress if self.membership.is_voter(p)]
+        if not voters:
+            return []
+        target = max(voters, key=lambda p: (self.progress[p].match_index, -p))
+        out: list[tuple[int, Message]] = []
+        for peer, pr in self.progress.items():
+            if peer != target:
+                out.append((peer, self._heartbeat(pr)))
+        out.append((target, TimeoutNow(self.term, self.id)))
+        return out
 
     def _send_timeout_now(self, target: int) -> None:
         if not self._timeout_now_sent:
@@ -835,12 +857,12 @@ class Engine:
         self.log.compact_to(index)
         self._out.append(CompactLog(index))
 
-    def _send_heartbeat(self, peer: int, pr: Progress) -> None:
+    def _heartbeat(self, pr: Progress) -> AppendEntries:
         # prev = match_index is in the follower's durable log, so the heartbeat is accepted
         # and never rewinds a pipelined follower into probing.
         match = pr.match_index
-        self._send(peer, AppendEntries(self.term, self.id, match, self.log.term_at(match), [],
-                                       min(self.commit_index, match), self._seq))
+        return AppendEntries(self.term, self.id, match, self.log.term_at(match), [],
+                             min(self.commit_index, match), self._seq)
 
     def _on_heartbeat_timeout(self) -> None:
         last = self.log.last_index
@@ -874,7 +896,7 @@ class Engine:
                 if not (pr.sent_since_tick and skip_busy and
                         pr.state == ProgressState.REPLICATE):
                     pr.responded = False
-                    self._send_heartbeat(peer, pr)
+                    self._send(peer, self._heartbeat(pr))
                 if pr.state == ProgressState.SNAPSHOT:
                     if pr.probe_sent and not pr.snapshot_progressed:
                         self._send_snapshot_chunk(peer, pr)  # unanswered for an interval

@@ -166,12 +166,18 @@ class RaftNode:
     async def stop(self) -> None:
         """Stop: pending operations fail with ``NodeStopped`` (``NodeFailed`` when the node
         stops itself after a hook failed). Storage is left open (a new node on the same
-        storage object is a restart)."""
+        storage object is a restart). A leader tells a voter to campaign at once and
+        wakes the other members on its way out (``Engine.resign``)."""
         if not self._running:
             return
         self._running = False
         self._accepting = False
         self._timers.cancel_all()
+        farewell = self.engine.resign()
+        if farewell:
+            for to, message in farewell:
+                self.network.send(to, [message])
+            await asyncio.sleep(0)  # a transport that sends at the end of the loop turn
         await self.network.stop()
         await self._writer.stop()
         await self._applier.stop()
@@ -549,7 +555,8 @@ class RaftNode:
 
     @property
     def is_leader(self) -> bool:
-        return self.engine is not None and self.engine.role == Role.LEADER
+        """Running and leading (a stopped leader's engine keeps its last role)."""
+        return self._running and self.engine.role == Role.LEADER
 
     # ------------------------------------------------------------------ inbound
 

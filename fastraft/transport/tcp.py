@@ -45,6 +45,8 @@ _ONE_SECTION = struct.Struct("<IQI")
 _EMPTY_FRAME = _LEN.pack(0)
 #: Addresses learned from peers that dialed us, kept for at most this many ids.
 MAX_LEARNED = 1024
+#: A peer's queue over ``max_queue_messages`` is cut to this share of it (oldest first).
+DROP_TO = 7 / 8
 
 
 class TcpNetwork:
@@ -240,16 +242,23 @@ class _Peer:
 
     def _drop_oldest(self) -> None:
         """Over the queue bound: drop the oldest messages, of the groups that queued
-        first (the oldest are the least useful to Raft, which resends)."""
-        drop = self.queued - self.net.max_queue_messages
+        first (the oldest are the least useful to Raft, which resends), down to
+        ``DROP_TO`` of the bound. A pass costs up to the number of groups queued, so a
+        peer that stays away (thousands of groups queueing for it) costs one pass per
+        eighth of the bound, not one per message sent to it."""
+        drop = self.queued - int(self.net.max_queue_messages * DROP_TO)
         self.net.stats["dropped"] += drop
         self.queued -= drop
-        for group_id, box in list(self.pending.items()):
+        pending = self.pending
+        emptied = []
+        for group_id, box in pending.items():
             if len(box) > drop:
                 del box[:drop]
-                return
+                break
             drop -= len(box)
-            del self.pending[group_id]
+            emptied.append(group_id)
+        for group_id in emptied:
+            del pending[group_id]
 
     def flush(self) -> None:
         self.flush_scheduled = False

@@ -12,8 +12,9 @@ stops heartbeating and its followers stop their election timers, so thousands of
 groups cost no ticks and no messages. What replaces their heartbeats is one liveness
 exchange per pair of hosts (``TcpNetwork.keepalive``, an empty frame when nothing else
 went out): a host that hears nothing from a peer for ``election_timeout_min`` wakes the
-quiet groups that peer led, as lost, and they elect a new leader (with pre-vote). Any
-proposal, read or message wakes a quiet group.
+quiet groups that peer led, as lost, and they elect a new leader (with pre-vote); while it
+stays silent, groups go quiet without its answers. Any proposal, read or message wakes a
+quiet group.
 
 Leadership is spread across hosts: each group has a preferred leader (its voters in id
 order, picked by group id), and a host that leads a group whose preferred leader is
@@ -233,6 +234,7 @@ class RaftHost:
         self._groups[group_id] = node
         try:
             await node.start()
+            node.engine.peers_down(frozenset(self.suspected))
             if members is not None:
                 await node.initialize(dict(members))
         except BaseException:
@@ -350,11 +352,22 @@ class RaftHost:
                 if n != counts.get(peer) or stalled:
                     counts[peer] = n
                     heard_at[peer] = now
-                    self.suspected.discard(peer)
+                    if peer in self.suspected:
+                        self.suspected.discard(peer)
+                        self._tell_down()
                 elif peer not in self.suspected and \
                         now - heard_at[peer] > cfg.election_timeout_min:
                     self.suspected.add(peer)
+                    self._tell_down()
                     self._leader_lost(peer, now - heard_at[peer])
+
+    def _tell_down(self) -> None:
+        """Every group learns which hosts are suspected: their leaders go quiet without
+        those hosts' answers (``Engine.peers_down``)."""
+        down = frozenset(self.suspected)
+        for node in self._groups.values():
+            if node.engine is not None:
+                node.engine.peers_down(down)
 
     def _leader_lost(self, peer: int, silent: float) -> None:
         woken = 0

@@ -175,6 +175,29 @@ def test_a_stopping_leader_picks_the_fullest_voter_and_wakes_the_others():
     assert h.engines[4].role == Role.LEADER and h.engines[5].leader_id == 4
 
 
+def test_a_leader_goes_quiet_without_members_known_down_but_not_without_a_quorum():
+    h, (leader, f2, f3) = cluster()
+    del h.engines[3]  # its process is down: nothing reaches it, nothing comes back
+    tick(h, 6)
+    assert not leader.quiet  # it waits for node 3's answers
+    leader.peers_down(frozenset({3}))  # the driver knows better
+    tick(h, 2)  # one to see the group idle again (answers are in), one more idle
+    assert leader.quiet and f2.quiet
+    # node 3 comes back, restarted: its pre-vote wakes the leader, which catches it up
+    h.engines[3] = f3
+    f3.on_timer(Timer.ELECTION)
+    h.run()
+    assert not leader.quiet and leader.role == Role.LEADER
+    tick(h, 1)
+    assert f3.leader_id == 1 and f3.log.last_index == leader.log.last_index
+
+    h, (leader, f2, f3) = cluster()
+    del h.engines[2], h.engines[3]
+    leader.peers_down(frozenset({2, 3}))
+    tick(h, 6)
+    assert not leader.quiet  # no quorum answered
+
+
 def test_a_follower_without_quiescence_ignores_the_flag():
     h, (leader, f2, f3) = cluster(follower_config=Config(
         heartbeat_interval=0.05, election_timeout_min=0.15, election_timeout_max=0.3,

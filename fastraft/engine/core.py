@@ -182,6 +182,8 @@ class Engine:
         #: (last index, read sequence) they saw, which any activity changes.
         self._idle_heartbeats = 0
         self._idle_mark = (0, 0)
+        #: Members whose process the driver knows is down (``peers_down``).
+        self.down: frozenset[int] = frozenset()
         self._quiesce_rounds = max(1, round(self.config.quiesce_after
                                             / self.config.heartbeat_interval))
         #: A busy follower (sent an AppendEntries since the last tick) gets no heartbeat
@@ -908,17 +910,35 @@ class Engine:
 
     def _ready_to_quiesce(self) -> bool:
         """Leader: nothing to replicate, commit, read or hand over, and every member holds
-        the whole log and answered the last heartbeat."""
+        the whole log and answered the last heartbeat, but those known down
+        (``peers_down``) while a quorum of the others did."""
         last = self.log.last_index
         if self.commit_index != last or self.persisted_index != last \
                 or not self.committed_in_term or self._transfer_target is not None \
                 or self._reads or self._reads_before_commit:
             return False
-        for pr in self.progress.values():
+        down = self.down
+        for peer, pr in self.progress.items():
+            if peer in down:
+                continue
             if not pr.responded or pr.match_index != last or pr.inflight \
                     or pr.state != ProgressState.REPLICATE or pr.reading_from:
                 return False
+        if down:
+            answered = {p: True for p in self.progress if p not in down}
+            answered[self.id] = True
+            return kernels.joint_vote_result(answered, self._voters_in,
+                                             self._voters_out) == _WON
         return True
+
+    def peers_down(self, peers: frozenset[int]) -> None:
+        """The driver's word on which members' processes are down (``RaftHost``: hosts
+        silent for an election timeout). A leader goes quiet without their answers, so
+        a group that wakes while a host is gone does not heartbeat until it returns;
+        a member that comes back wakes the group as a restarted one does (its pre-vote,
+        or any message). Only quiescence uses it: replication and commitment go on
+        as Raft says."""
+        self.down = peers
 
     def _quiesce(self) -> None:
         """Leader: tell every member, with the commit index, that the group goes quiet,

@@ -15,6 +15,7 @@ every group started.
 """
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -70,6 +71,9 @@ async def main(args):
             while time.monotonic() < settled_by and \
                     not all(n.engine.quiet for n in host.groups.values()):
                 await asyncio.sleep(0.1)
+    # the groups live as long as the process: keep full collections from walking them
+    # (docs/multiraft.md, "Creating thousands of groups")
+    gc.freeze()
     open(os.path.join(args.data_dir, f"ready-{args.id}"), "w").close()
     if many and args.init:  # no writes before every host has founded every group
         while not all(exists(os.path.join(args.data_dir, f"ready-{i}")) for i in cluster):

@@ -117,6 +117,10 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: unsynced writes on disk (a random prefix of them, as a kernel flushing its cache
     #: in order would), and that a crash picks a node with writes in flight.
     torn_crash: float = 0.0
+    #: The chance that a crash of a leader is a clean stop instead: it resigns first
+    #: (``Engine.resign``: TimeoutNow to its fullest voter, a heartbeat to the others),
+    #: as ``RaftNode.stop`` does.
+    graceful_stop: float = 0.0
     #: Clock drift: each node's clock runs at a rate drawn from [1 - clock_drift,
     #: 1 + clock_drift] (at each start); its timers and its read lease measure time by
     #: it (leases need ``Config(lease_reads=True)``).
@@ -365,6 +369,7 @@ class Simulator(EventQueue):
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
+                      "graceful_stops": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0}
         for node in self.nodes.values():
@@ -562,6 +567,12 @@ class Simulator(EventQueue):
         self._execute(ldr, ldr.engine.take_commands())
 
     def _crash(self, node: _Node) -> None:
+        if self.faults.graceful_stop and node.engine.role == Role.LEADER and \
+                self.rng.random() < self.faults.graceful_stop:
+            farewell = node.engine.resign()
+            for to, message in farewell:
+                self._transmit(node.id, to, message)
+            self.stats["graceful_stops"] += bool(farewell)
         node.alive = False
         if node.fsyncs and self.rng.random() < self.faults.torn_crash:
             # Written, not yet synced: what reaches the disk is a prefix of the writes.

@@ -253,8 +253,9 @@ class RaftHost:
     async def remove_group(self, group_id: int) -> None:
         """Stop this host's replica of ``group_id`` (its storage stays as it is). To take
         the host out of the group, change the group's membership first. A replica that
-        leads hands leadership to another voter first: while this host stays up, nothing
-        else would wake the group's quiet followers."""
+        leads hands leadership to its preferred successor first, caught up, so the group
+        has a leader when this returns (a bare stop resigns too, ``Engine.resign``, but
+        the election comes after)."""
         node = self._groups.get(group_id)
         if node is None:
             raise UnknownGroup(f"group {group_id} does not run on host {self.id}")

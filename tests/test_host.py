@@ -124,6 +124,13 @@ def messages_sent(hosts):
                for h in hosts.hosts.values() for node in h.groups.values())
 
 
+async def written_and_quiet(hosts):
+    """Leaders where they belong, a write to every group, then every group quiet."""
+    await wait_until(lambda: balanced(hosts), 20)
+    await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
+    await wait_until(lambda: all_quiet(hosts), 20)
+
+
 def balanced(hosts):
     return all(sorted(h.leaders()) == [g for g in GROUPS if preferred(g) == i]
                for i, h in hosts.hosts.items())
@@ -259,9 +266,7 @@ async def test_a_fourth_host_joins_one_group_only():
 @run
 async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
     async with Hosts(config=QUIET) as hosts:
-        await wait_until(lambda: balanced(hosts), 20)
-        await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
-        await wait_until(lambda: all_quiet(hosts), 20)
+        await written_and_quiet(hosts)
         sent = messages_sent(hosts)
         frames = {i: h.network.stats["frames_out"] for i, h in hosts.hosts.items()}
         # ten liveness frames to each of its two peers: the only traffic while quiet
@@ -338,9 +343,7 @@ async def test_a_stopped_leader_replica_on_a_live_host_wakes_its_quiet_followers
     # Its host keeps sending liveness frames, so nothing else would tell the quiet
     # followers their leader is gone (a replica stops on its own when a hook fails).
     async with Hosts(config=QUIET) as hosts:
-        await wait_until(lambda: balanced(hosts), 20)
-        await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
-        await wait_until(lambda: all_quiet(hosts), 20)
+        await written_and_quiet(hosts)
         g = GROUPS[0]
         gone = preferred(g)
         await hosts.hosts[gone].group(g).stop()

@@ -34,6 +34,7 @@ from fastraft.engine import Role
 from fastraft.errors import FastRaftError, GroupExists, NodeStopped, UnknownGroup
 from fastraft.node import RaftNode
 from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
+from fastraft.node.runner import CampaignLimit
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
 from fastraft.transport.tcp import TcpNetwork
@@ -48,6 +49,8 @@ DEFAULT_QUIESCE_AFTER = 1.0
 BALANCE_SCAN = 1024
 #: Groups ``gather_metrics`` sums between two turns of the event loop.
 METRICS_CHUNK = 256
+#: Groups of a host that may campaign at once unless its ``max_campaigns`` says otherwise.
+DEFAULT_MAX_CAMPAIGNS = 32
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
@@ -114,6 +117,8 @@ class _HostSums:
             roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
             apply_lag=self.apply_lag, follower_lag=self.follower_lag,
             suspected=tuple(sorted(host.suspected)), transfers=host.transfers,
+            campaigning=len(host.campaigns.holders) if host.campaigns else 0,
+            campaigns_postponed=host.campaigns.postponed if host.campaigns else 0,
             network=stats, proposals_accepted=c["proposals_accepted"],
             proposals_dropped=c["proposals_dropped"],
             proposals_overloaded=c["proposals_overloaded"],
@@ -136,13 +141,16 @@ class RaftHost:
     new host on the same storages is a restart. ``config`` is every group's unless
     ``create_group`` says otherwise (default: ``Config(quiesce_after=1.0)``); its timings
     also pace the liveness exchange between hosts. Every ``balance_interval`` seconds the
-    host hands groups it leads to their preferred leaders (``None``: never).
+    host hands groups it leads to their preferred leaders (``None``: never). At most
+    ``max_campaigns`` of its groups campaign at once (``CampaignLimit``: thousands of
+    groups electing together would swamp the host; ``None``: no limit).
     """
 
     def __init__(self, node_id: int, *, network: TcpNetwork,
                  storage: Callable[[int], RaftStorage] | None = None,
                  config: Config | None = None, cluster_id: str = "fastraft",
-                 balance_interval: float | None = 1.0) -> None:
+                 balance_interval: float | None = 1.0,
+                 max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS) -> None:
         if not isinstance(node_id, int) or node_id <= 0:
             raise ValueError(f"node ids are positive ints, got {node_id!r}")
         if network.id != node_id:
@@ -156,6 +164,8 @@ class RaftHost:
         self.config = config or Config(quiesce_after=DEFAULT_QUIESCE_AFTER)
         self.cluster_id = cluster_id
         self.balance_interval = balance_interval
+        #: None: no limit.
+        self.campaigns = None if max_campaigns is None else CampaignLimit(max_campaigns)
         self._groups: dict[int, RaftNode] = {}
         self._balancer: asyncio.Task[None] | None = None
         self._liveness: asyncio.Task[None] | None = None
@@ -231,6 +241,7 @@ class RaftHost:
                         network=network, state_machine=state_machine,
                         config=config or self.config,
                         cluster_id=f"{self.cluster_id}/{group_id}")
+        node.campaign_limit = self.campaigns
         self._groups[group_id] = node
         try:
             await node.start()
@@ -277,7 +288,8 @@ class RaftHost:
 
     def status(self) -> dict[str, Any]:
         """This host at a glance: its groups, how many it leads, how many are quiet,
-        the peer hosts it suspects gone, leadership transfers and transport counters.
+        the peer hosts it suspects gone, leadership transfers, groups campaigning and
+        election timers postponed (``max_campaigns``), and transport counters.
         One pass over the groups; each group's own ``status()`` has the details."""
         leading = quiet = 0
         for node in self._groups.values():
@@ -288,6 +300,8 @@ class RaftHost:
         return {"id": self.id, "address": self.address, "running": self._running,
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
+                "campaigning": len(self.campaigns.holders) if self.campaigns else 0,
+                "campaigns_postponed": self.campaigns.postponed if self.campaigns else 0,
                 "network": dict(self.network.stats)}
 
     def metrics(self) -> HostMetrics:

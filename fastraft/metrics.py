@@ -110,6 +110,11 @@ def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator
                 len(m.suspected))
     yield counter("fastraft_host_leader_transfers",
                   "Leadership transfers to preferred leaders started.", m.transfers)
+    yield gauge("fastraft_host_campaigning", "Groups campaigning now (at most "
+                "max_campaigns).", m.campaigning)
+    yield counter("fastraft_host_campaigns_postponed", "Election timers that ran out while "
+                  "max_campaigns groups campaigned: they waited for a place.",
+                  m.campaigns_postponed)
     frames = CounterMetricFamily("fastraft_host_frames", "Transport frames by direction.",
                                  labels=["node", "direction"])
     frames.add_metric([node, "in"], m.network.get("frames_in", 0))

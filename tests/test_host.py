@@ -15,7 +15,7 @@ from fastraft import (
     RaftNode,
     UnknownGroup,
 )
-from fastraft.host import preferred_leader
+from fastraft.host import DEFAULT_MAX_CAMPAIGNS, preferred_leader
 from fastraft.processes import free_ports
 from fastraft.testing import wait_until
 from fastraft.transport import TcpNetwork
@@ -47,8 +47,10 @@ class Hosts:
     """Three hosts on fixed loopback ports; each (host, group) keeps its storage and its
     state machine across a host's restart."""
 
-    def __init__(self, balance_interval=0.1, config=FAST, storage=None):
+    def __init__(self, balance_interval=0.1, config=FAST, storage=None,
+                 max_campaigns=DEFAULT_MAX_CAMPAIGNS):
         ports = free_ports(3)
+        self.max_campaigns = max_campaigns
         self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
         self.storages = {}
         self.logs = {}
@@ -63,7 +65,8 @@ class Hosts:
     async def start(self, host_id, groups=GROUPS, found=True):
         host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
                         storage=self.storage(host_id),
-                        config=self.config, balance_interval=self.balance_interval)
+                        config=self.config, balance_interval=self.balance_interval,
+                        max_campaigns=self.max_campaigns)
         self.hosts[host_id] = await host.start()
         for g in groups:
             self.logs[host_id, g] = Log()
@@ -351,3 +354,42 @@ async def test_a_stopped_leader_replica_on_a_live_host_wakes_its_quiet_followers
         await wait_until(lambda: any(node.is_leader for node in others), 10)
         assert await hosts.propose(g, b"after") == 2
         assert not any(h.suspected for h in hosts.hosts.values())
+
+
+class WatchedHolders(set):
+    """A CampaignLimit's holders that remember how many there ever were at once."""
+
+    most = 0
+
+    def add(self, node):
+        super().add(node)
+        WatchedHolders.most = max(WatchedHolders.most, len(self))
+
+
+@run
+async def test_groups_founded_together_campaign_a_few_at_a_time():
+    # A whole cluster starting: host 1 first, alone, so its groups' campaigns fail and
+    # hold their place until their election timers run out again; a host lets one group
+    # campaign at a time (max_campaigns=1), the others wait in line.
+    hosts = Hosts(config=QUIET, max_campaigns=1)
+    try:
+        first = await hosts.start(1, groups=())
+        first.campaigns.holders = WatchedHolders()
+        for g in GROUPS:
+            hosts.logs[1, g] = Log()
+            await first.create_group(g, hosts.addresses, state_machine=hosts.logs[1, g])
+        await wait_until(lambda: first.status()["campaigns_postponed"] >= len(GROUPS), 10)
+        assert first.status()["campaigning"] == 1
+        for i in (2, 3):
+            await hosts.start(i)
+        await written_and_quiet(hosts)
+        assert WatchedHolders.most == 1
+        # campaigns that ended (won or lost) hold no place: a lost host's groups elect
+        assert not any(h.campaigns.holders for h in hosts.hosts.values())
+        hosts.hosts[3].network.send_group = lambda *args: None
+        await hosts.hosts[3].stop()
+        del hosts.hosts[3]
+        for g in GROUPS:
+            await hosts.propose(g, b"after")
+    finally:
+        await hosts.stop()

@@ -263,6 +263,7 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
             assert samples[("fastraft_host_groups_by_role",
                             (node, ("role", "follower")))] == len(GROUPS) - len(led)
             assert samples[("fastraft_host_groups_without_leader", (node,))] == 0
+            assert samples[("fastraft_host_campaigning", (node,))] == 0
             assert samples[("fastraft_proposals_total",
                             (node, ("outcome", "accepted")))] == accepted
             assert samples[("fastraft_log_write_entries_sum", (node,))] == sum(
@@ -281,6 +282,8 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
                 return http_get(base + "/health")[1].startswith(
                     f"{len(GROUPS)} of {len(GROUPS)} groups know no leader")
             await wait_until(lambda: host.metrics().without_leader == len(GROUPS), 10)
+            # with no quorum its groups campaign again and again, each holding a place
+            await wait_until(lambda: host.metrics().campaigning == len(GROUPS), 10)
             assert await loop.run_in_executor(None, unhealthy)
             assert (await loop.run_in_executor(None, http_get, base + "/health"))[0] == 503
         finally:

@@ -145,6 +145,10 @@ class HostMetrics(Counts, frozen=True, kw_only=True):
     #: Peer hosts heard from by no frame for ``election_timeout_min``.
     suspected: tuple[int, ...]
     transfers: int
+    #: Groups campaigning now, and election timers that ran out while ``max_campaigns``
+    #: groups campaigned (they waited for a place).
+    campaigning: int
+    campaigns_postponed: int
     #: The transport's counters (frames, bytes, drops) for the whole host.
     network: Mapping[str, int]
 

@@ -30,7 +30,7 @@ from fastraft.node.applier import Applier
 from fastraft.node.logreader import LogReader
 from fastraft.node.metrics import FollowerMetrics, Metrics, Recorder, by_name
 from fastraft.node.reads import Reads
-from fastraft.node.runner import CommandRunner, Timers
+from fastraft.node.runner import CampaignLimit, CommandRunner, Timers
 from fastraft.node.transfer import SnapshotTransfer
 from fastraft.node.writer import LogWriter
 from fastraft.proposals import ProposalTracker
@@ -76,6 +76,8 @@ class RaftNode:
         self.failure: NodeFailed | None = None
         self._stopped: asyncio.Event | None = None
 
+        #: Set by a ``RaftHost``: how many of its groups may campaign at once.
+        self.campaign_limit: CampaignLimit | None = None
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
         self._writer = LogWriter(self)
@@ -173,6 +175,8 @@ class RaftNode:
         self._running = False
         self._accepting = False
         self._timers.cancel_all()
+        if self.campaign_limit is not None:
+            self.campaign_limit.release(self)
         farewell = self.engine.resign()
         if farewell:
             for to, message in farewell:
@@ -696,6 +700,9 @@ class RaftNode:
             recorder.leader_changes += 1
             self._leader_seen = c.leader_id
         self._role_seen = c.role
+        if self.campaign_limit is not None and c.role not in (Role.PRE_CANDIDATE,
+                                                              Role.CANDIDATE):
+            self.campaign_limit.release(self)  # the campaign is over, won or not
         if c.role != Role.LEADER:
             recorder.awaiting_commit.clear()  # their fate is no longer this node's to time
         log.info("node %d: %s in term %d, leader %s, commit %d, last %d", self.id,

@@ -10,6 +10,7 @@ parallel with its own write (thesis §10.2.1).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from fastraft.engine import (
@@ -22,6 +23,7 @@ from fastraft.engine import (
     ReadFailed,
     ReadLog,
     ReadReady,
+    Role,
     RoleChanged,
     Send,
     SendSnapshotChunk,
@@ -45,6 +47,65 @@ _WRITES = (AppendLog, TruncateLog, PersistHardState, CompactLog, SaveSnapshot)
 #: sockets. Such a timer waits for one poll first (``Timers.POLL_DELAY``).
 _LEADER_TIMERS = frozenset({Timer.ELECTION, Timer.LEASE})
 OVERDUE = 0.005
+_CAMPAIGNING = frozenset({Role.PRE_CANDIDATE, Role.CANDIDATE})
+
+
+class CampaignLimit:
+    """At most ``limit`` of a host's groups campaign at once (``RaftHost``).
+
+    Thousands of groups that lose their leaders together (a whole cluster starts, a host
+    that led them is gone) would all campaign within one election timeout: their votes
+    queue behind each other for longer than the spread of the timeouts, so every
+    election outlives its timer and they collide again, a livelock (§5.6 wants the
+    broadcast time well under the election timeout). A group whose election timer runs
+    out with the limit reached waits in line, at no cost (no timer, no message), and
+    campaigns when a place frees up, unless it heard from a leader meanwhile. A group
+    holds its place from the start of its campaign until it leads, follows, stops, or
+    its election timer runs out again. Only timing changes: safety never rests on it."""
+
+    def __init__(self, limit: int) -> None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"the campaign limit must be a positive int, got {limit!r}")
+        self.limit = limit
+        #: The groups campaigning now.
+        self.holders: set[RaftNode] = set()
+        #: Groups waiting for a place, first come first served (one whose timer was
+        #: armed again meanwhile is skipped: ``Timers.waiting``).
+        self.line: deque[RaftNode] = deque()
+        #: Election timers that ran out with the limit reached, so far.
+        self.postponed = 0
+
+    def ask(self, node: RaftNode) -> None:
+        """``node``'s election timer ran out: campaign now, or wait in line."""
+        self.release(node)  # its last attempt (if any) is over; a waiting group goes first
+        if len(self.holders) < self.limit:
+            self._campaign(node)
+        else:
+            self.postponed += 1
+            node._timers.waiting = True
+            self.line.append(node)
+
+    def release(self, node: RaftNode) -> None:
+        """``node`` no longer campaigns: its place goes to the first group in line."""
+        if node in self.holders:
+            self.holders.discard(node)
+            line = self.line
+            while line and len(self.holders) < self.limit:
+                waiting = line.popleft()
+                if waiting._running and waiting._flush_scheduled:
+                    waiting._flush()  # messages read this turn may be a leader's
+                if waiting._timers.waiting:
+                    waiting._timers.waiting = False
+                    self._campaign(waiting)
+
+    def _campaign(self, node: RaftNode) -> None:
+        engine = node.engine
+        if not node._running or engine.role == Role.LEADER:
+            return
+        engine.on_timer(Timer.ELECTION)
+        if engine.role in _CAMPAIGNING:
+            self.holders.add(node)
+        node._schedule_flush()
 
 
 class Timers:
@@ -67,8 +128,12 @@ class Timers:
         self._deadlines: dict[Timer, float | None] = {}
         #: Overdue timers already given their poll.
         self._polled: set[Timer] = set()
+        #: The election timer ran out and waits in its ``CampaignLimit``'s line.
+        self.waiting = False
 
     def set(self, timer: Timer, delay: float) -> None:
+        if timer is Timer.ELECTION:
+            self.waiting = False  # a leader was heard, or the engine moved on
         loop = self.node._loop
         deadline = loop.time() + delay
         self._deadlines[timer] = deadline
@@ -83,8 +148,11 @@ class Timers:
 
     def cancel(self, timer: Timer) -> None:
         self._deadlines[timer] = None
+        if timer is Timer.ELECTION:
+            self.waiting = False
 
     def cancel_all(self) -> None:
+        self.waiting = False
         for handle in self._handles.values():
             if handle is not None:
                 handle.cancel()
@@ -116,6 +184,10 @@ class Timers:
             if self._deadlines.get(timer) != deadline:
                 return  # moved (and armed again by the flush) or cancelled
         self._deadlines[timer] = None
+        limit = node.campaign_limit
+        if timer is Timer.ELECTION and limit is not None and node.engine.role != Role.LEADER:
+            limit.ask(node)
+            return
         if timer is Timer.COMMIT:
             # The commit notification waits for the callbacks already due: the proposers
             # its commit answered propose again there, and (flushed first) their entries

@@ -1,6 +1,7 @@
 """One RaftHost process for tests/test_host_processes.py.
 
     python hostproc.py --id N --cluster 1=H:P,... --groups G --data-dir DIR [--init]
+                       [--max-campaigns K]
 
 Runs groups 0..G-1 on one SharedWAL (fsync on). Writes by itself:
 to every group it leads, records ``b"<host>:<start>:<seq>"`` one at a time, and after each one is
@@ -25,6 +26,7 @@ from fastraft import FastRaftError, RaftHost
 from fastraft.addresses import parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.config import Config
+from fastraft.host import DEFAULT_MAX_CAMPAIGNS
 from fastraft.sharedwal import SharedWAL
 from fastraft.transport import TcpNetwork
 
@@ -60,7 +62,7 @@ async def main(args):
     many = args.groups > MANY
     host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]),
                     config=MANY_CONFIG if many else CONFIG, storage=wal.group,
-                    balance_interval=0.5)
+                    balance_interval=0.5, max_campaigns=args.max_campaigns)
     await host.start()
     records = {}
     for g in range(args.groups):
@@ -130,5 +132,6 @@ if __name__ == "__main__":
     parser.add_argument("--groups", type=int, required=True)
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--init", action="store_true")
+    parser.add_argument("--max-campaigns", type=int, default=DEFAULT_MAX_CAMPAIGNS)
     run_loop(main(parser.parse_args()))
     sys.exit(0)

@@ -890,14 +890,10 @@ class Engine:
             pr.match_at_heartbeat = pr.match_index
             if pr.state == ProgressState.PROBE:
                 pr.probe_sent = False  # give up on an unanswered probe and send another
-                pr.responded = False
                 self._send_append(peer, pr, last)
             else:
-                # a skipped follower's answers to this interval's entries stand for its
-                # answer to a heartbeat (quiescence)
                 if not (pr.sent_since_tick and skip_busy and
                         pr.state == ProgressState.REPLICATE):
-                    pr.responded = False
                     self._send(peer, self._heartbeat(pr))
                 if pr.state == ProgressState.SNAPSHOT:
                     if pr.probe_sent and not pr.snapshot_progressed:
@@ -909,9 +905,12 @@ class Engine:
     # ------------------------------------------------------------------ quiescence
 
     def _ready_to_quiesce(self) -> bool:
-        """Leader: nothing to replicate, commit, read or hand over, and every member holds
-        the whole log and answered the last heartbeat, but those known down
-        (``peers_down``) while a quorum of the others did."""
+        """Leader: nothing to replicate, commit, read or hand over, and every member has
+        acknowledged the whole log, but those known down (``peers_down``) while a quorum
+        of the others did. An acknowledgement may come late: a loaded host answering
+        heartbeats after the next one is due must not keep its groups awake (their
+        heartbeats would keep it loaded). A member that never acknowledges keeps the
+        group awake until the driver knows it down."""
         last = self.log.last_index
         if self.commit_index != last or self.persisted_index != last \
                 or not self.committed_in_term or self._transfer_target is not None \
@@ -921,7 +920,7 @@ class Engine:
         for peer, pr in self.progress.items():
             if peer in down:
                 continue
-            if not pr.responded or pr.match_index != last or pr.inflight \
+            if pr.match_index != last or pr.inflight \
                     or pr.state != ProgressState.REPLICATE or pr.reading_from:
                 return False
         if down:
@@ -1043,7 +1042,7 @@ class Engine:
         pr = self.progress.get(frm)
         if pr is None or self.role != Role.LEADER:
             return
-        pr.recent_active = pr.responded = True
+        pr.recent_active = True
         if m.recovering and not m.success and m.index <= pr.match_index:
             # Its storage was repaired: it lacks entries it had acknowledged. Forget what
             # it acknowledged (commit never moves back) and probe from here.

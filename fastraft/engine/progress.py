@@ -18,7 +18,7 @@ class ProgressState(IntEnum):
 
 class Progress:
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight",
-                 "acked_seq", "match_at_heartbeat", "recent_active", "responded", "commit_sent",
+                 "acked_seq", "match_at_heartbeat", "recent_active", "commit_sent",
                  "snapshot_index",
                  "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
                  "inflight_bytes", "inflight_total", "reading_from", "read_rounds",
@@ -46,9 +46,6 @@ class Progress:
         self.match_at_heartbeat = 0
         #: Answered since the last check-quorum round.
         self.recent_active = False
-        #: Answered since the last heartbeat (or probe) sent to it: a group goes quiet only
-        #: when every member answers (``Engine.quiet``).
-        self.responded = False
         #: Highest leader_commit sent in an AppendEntries with a log check: when every
         #: entry is acknowledged, an empty one still has to carry a newer commit index.
         self.commit_sent = 0

@@ -225,6 +225,9 @@ async def test_wrong_calls_raise_typed_errors():
         await host.stop()
     with pytest.raises(ValueError, match="node 2's, not node 1's"):
         RaftHost(1, network=TcpNetwork(2, "127.0.0.1:0"))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="max_campaigns must be a positive int"):
+            RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), max_campaigns=bad)
 
 
 def test_preferred_leaders_take_turns():

@@ -78,9 +78,10 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
             totals[k] += sim.stats[k]
     # every client history got a verdict (linearizable: a violation raised above)
     assert totals["history_undecided"] == 0
-    # the faults really happened and the cluster really worked through them
-    # (a write every 0.3 s to a random node leaves the quiet profiles fewer)
-    assert totals["acked"] > seeds * (3 if config.quiesce_after else 20)
+    # the faults really happened and the cluster really worked through them (the quiet
+    # profiles write every 0.3 s, 1.5 entries on average, to a random node, and only
+    # the leader's count: about 15 / nodes a seed without faults)
+    assert totals["acked"] > seeds * (9 / nodes if config.quiesce_after else 20)
     assert totals["elections"] >= seeds
     if faults.crash_every:
         assert totals["crashes"] > seeds

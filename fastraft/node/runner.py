@@ -33,6 +33,7 @@ from fastraft.engine import (
     TruncateLog,
     requires_durability,
 )
+from fastraft.errors import ConfigError
 from fastraft.node.writer import SaveSnapshot
 
 if TYPE_CHECKING:
@@ -64,8 +65,9 @@ class CampaignLimit:
     its election timer runs out again. Only timing changes: safety never rests on it."""
 
     def __init__(self, limit: int) -> None:
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"the campaign limit must be a positive int, got {limit!r}")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            raise ConfigError(f"max_campaigns must be a positive int (or None: no limit), "
+                              f"got {limit!r}")
         self.limit = limit
         #: The groups campaigning now.
         self.holders: set[RaftNode] = set()

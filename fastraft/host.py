@@ -117,8 +117,7 @@ class _HostSums:
             roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
             apply_lag=self.apply_lag, follower_lag=self.follower_lag,
             suspected=tuple(sorted(host.suspected)), transfers=host.transfers,
-            campaigning=len(host.campaigns.holders) if host.campaigns else 0,
-            campaigns_postponed=host.campaigns.postponed if host.campaigns else 0,
+            **host._campaign_figures(),
             network=stats, proposals_accepted=c["proposals_accepted"],
             proposals_dropped=c["proposals_dropped"],
             proposals_overloaded=c["proposals_overloaded"],
@@ -300,9 +299,14 @@ class RaftHost:
         return {"id": self.id, "address": self.address, "running": self._running,
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
-                "campaigning": len(self.campaigns.holders) if self.campaigns else 0,
-                "campaigns_postponed": self.campaigns.postponed if self.campaigns else 0,
+                **self._campaign_figures(),
                 "network": dict(self.network.stats)}
+
+    def _campaign_figures(self) -> dict[str, int]:
+        """Groups campaigning now, and election timers that waited for a place."""
+        limit = self.campaigns
+        return {"campaigning": len(limit.holders) if limit else 0,
+                "campaigns_postponed": limit.postponed if limit else 0}
 
     def metrics(self) -> HostMetrics:
         """This host, and its groups' counters summed (one pass over the groups; see

@@ -7,9 +7,11 @@ view of the host's ``TcpNetwork``: one listening port, one connection per peer p
 and every group's messages for a peer in one frame per loop turn. A group's members are
 hosts: node ids are host ids, addresses host addresses.
 
-An idle group goes quiet (``Config.quiesce_after``, on by default here): its leader
-stops heartbeating and its followers stop their election timers, so thousands of idle
-groups cost no ticks and no messages. What replaces their heartbeats is one liveness
+The heartbeats of the awake groups a host leads run on one clock (``HeartbeatClock``),
+so each interval one frame to each peer carries them all. An idle group goes quiet
+(``Config.quiesce_after``, on by default here): its leader stops heartbeating and its
+followers stop their election timers, so thousands of idle groups cost no ticks and no
+messages. What replaces their heartbeats is one liveness
 exchange per pair of hosts (``TcpNetwork.keepalive``, an empty frame when nothing else
 went out): a host that hears nothing from a peer for ``election_timeout_min`` wakes the
 quiet groups that peer led, as lost, and they elect a new leader (with pre-vote); while it
@@ -34,7 +36,7 @@ from fastraft.engine import Role
 from fastraft.errors import FastRaftError, GroupExists, NodeStopped, UnknownGroup
 from fastraft.node import RaftNode
 from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
-from fastraft.node.runner import CampaignLimit
+from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
 from fastraft.transport.tcp import TcpNetwork
@@ -165,6 +167,8 @@ class RaftHost:
         self.balance_interval = balance_interval
         #: None: no limit.
         self.campaigns = None if max_campaigns is None else CampaignLimit(max_campaigns)
+        #: One per heartbeat interval the groups use (most hosts: one).
+        self._clocks: dict[float, HeartbeatClock] = {}
         self._groups: dict[int, RaftNode] = {}
         self._balancer: asyncio.Task[None] | None = None
         self._liveness: asyncio.Task[None] | None = None
@@ -211,6 +215,9 @@ class RaftHost:
         groups, self._groups = self._groups, {}
         for node in groups.values():
             await node.stop()
+        for clock in self._clocks.values():
+            clock.stop()
+        self._clocks.clear()
         await self.network.stop()
 
     async def __aenter__(self) -> RaftHost:
@@ -241,6 +248,12 @@ class RaftHost:
                         config=config or self.config,
                         cluster_id=f"{self.cluster_id}/{group_id}")
         node.campaign_limit = self.campaigns
+        interval = node.config.heartbeat_interval
+        clock = self._clocks.get(interval)
+        if clock is None:
+            clock = self._clocks[interval] = HeartbeatClock(asyncio.get_running_loop(),
+                                                            interval)
+        node.heartbeat_clock = clock
         self._groups[group_id] = node
         try:
             await node.start()

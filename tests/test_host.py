@@ -279,6 +279,8 @@ async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
         await wait_until(lambda: all(h.network.stats["frames_out"] >= frames[i] + 20
                                      for i, h in hosts.hosts.items()), 10)
         assert messages_sent(hosts) == sent and all_quiet(hosts)
+        assert not any(clock.ticking for h in hosts.hosts.values()
+                       for clock in h._clocks.values())  # nothing to beat: no tick
         assert all(h.network.stats["bad_frames"] == 0 and not h.suspected
                    for h in hosts.hosts.values())
         status = hosts.hosts[1].status()
@@ -316,6 +318,35 @@ async def test_quiet_groups_of_a_lost_host_elect_elsewhere_and_it_comes_back():
         for g in GROUPS:
             await hosts.read(3, g)
             assert hosts.logs[3, g].items[-1:] == [b"after"], g
+
+
+@run
+async def test_awake_groups_heartbeat_together_one_frame_per_peer():
+    """Groups that never go quiet beat on their host's one clock: each interval, one
+    frame to each peer carries every group's heartbeats (and one frame back their
+    answers), not a frame per group."""
+    groups = range(30)
+    hosts = Hosts(config=FAST)
+    try:
+        for i in (1, 2, 3):
+            await hosts.start(i, groups)
+        await wait_until(lambda: all(sorted(h.leaders()) == [g for g in groups
+                                                             if preferred(g) == i]
+                                     for i, h in hosts.hosts.items()), 20)
+        host = hosts.hosts[1]
+        assert [c.interval for c in host._clocks.values()] == [FAST.heartbeat_interval]
+
+        def sent():
+            return sum(sum(node._recorder.messages_out.values())
+                       for node in host.groups.values())
+        messages, frames = sent(), host.network.stats["frames_out"]
+        await wait_until(lambda: host.network.stats["frames_out"] >= frames + 100, 20)
+        # host 1 leads 10 groups: an interval, 20 heartbeats out and 20 answers in 4
+        # frames (with a timer per group, a frame a message)
+        per_frame = (sent() - messages) / (host.network.stats["frames_out"] - frames)
+        assert per_frame > 5, per_frame
+    finally:
+        await hosts.stop()
 
 
 def test_a_lone_node_refuses_quiescence():

@@ -30,7 +30,7 @@ from fastraft.node.applier import Applier
 from fastraft.node.logreader import LogReader
 from fastraft.node.metrics import FollowerMetrics, Metrics, Recorder, by_name
 from fastraft.node.reads import Reads
-from fastraft.node.runner import CampaignLimit, CommandRunner, Timers
+from fastraft.node.runner import CampaignLimit, CommandRunner, HeartbeatClock, Timers
 from fastraft.node.transfer import SnapshotTransfer
 from fastraft.node.writer import LogWriter
 from fastraft.proposals import ProposalTracker
@@ -78,6 +78,9 @@ class RaftNode:
 
         #: Set by a ``RaftHost``: how many of its groups may campaign at once.
         self.campaign_limit: CampaignLimit | None = None
+        #: Drives this node's heartbeats with its host's other groups' (``RaftHost``);
+        #: None: a timer of its own.
+        self.heartbeat_clock: HeartbeatClock | None = None
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
         self._writer = LogWriter(self)

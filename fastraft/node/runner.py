@@ -110,6 +110,61 @@ class CampaignLimit:
         node._schedule_flush()
 
 
+class HeartbeatClock:
+    """One timer for the heartbeats of every awake group a host leads (``RaftHost``).
+
+    Each interval, every group whose heartbeat falls due within the next half interval
+    beats, all in one loop turn: their messages for a peer host leave in one frame, one
+    heartbeat exchange per pair of hosts per interval however many groups are awake (as
+    TiKV's and CockroachDB's coalesced heartbeats). Groups with their own timers would
+    each beat in a turn of their own, a frame per group and peer. A group's first beat
+    after it starts leading comes up to half an interval early or late; from then on it
+    beats on the clock, every interval. With no group armed the clock stops."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self.loop = loop
+        self.interval = interval
+        #: Groups whose heartbeat timer is set, in the order they armed it.
+        self.armed: dict[RaftNode, None] = {}
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, node: RaftNode) -> None:
+        self.armed[node] = None
+        if self._handle is None:
+            self._handle = self.loop.call_at(self.loop.time() + self.interval, self._tick)
+
+    @property
+    def ticking(self) -> bool:
+        return self._handle is not None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.armed.clear()
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        horizon = now + self.interval / 2
+        armed = self.armed
+        due = []
+        for node in list(armed):
+            deadlines = node._timers._deadlines
+            deadline = deadlines.get(Timer.HEARTBEAT)
+            if deadline is None or not node._running:
+                del armed[node]  # cancelled (or stopped) since it was armed
+            elif deadline <= horizon:
+                del armed[node]
+                deadlines[Timer.HEARTBEAT] = None
+                due.append(node)
+        for node in due:
+            node.engine.on_timer(Timer.HEARTBEAT)  # a leader arms it again: ``arm``
+            node._flush()  # now, so every group's messages leave in this turn's frames
+        # the handle stays set while ticking: groups armed meanwhile need no other
+        self._handle = (self.loop.call_at(now + self.interval, self._tick) if armed
+                        else None)
+
+
 class Timers:
     """The engine's timers as ``loop.call_at`` handles, re-armed lazily: resetting the
     election timer on every AppendEntries costs a float store, not a cancel and a new
@@ -139,6 +194,9 @@ class Timers:
         loop = self.node._loop
         deadline = loop.time() + delay
         self._deadlines[timer] = deadline
+        if timer is Timer.HEARTBEAT and self.node.heartbeat_clock is not None:
+            self.node.heartbeat_clock.arm(self.node)
+            return
         self._polled.discard(timer)  # a new deadline gets its own poll when overdue
         handle = self._handles.get(timer)
         if handle is None or self._fires_at[timer] > deadline:

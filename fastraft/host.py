@@ -387,6 +387,7 @@ class RaftHost:
                     if peer in self.suspected:
                         self.suspected.discard(peer)
                         self._tell_down()
+                        self._peer_back(peer)
                 elif peer not in self.suspected and \
                         now - heard_at[peer] > cfg.election_timeout_min:
                     self.suspected.add(peer)
@@ -402,15 +403,43 @@ class RaftHost:
                 node.engine.peers_down(down)
 
     def _leader_lost(self, peer: int, silent: float) -> None:
+        """``peer`` is suspected: the quiet groups it led wake, their leader lost, and
+        the quiet groups led here that are left without a quorum wake too, so their
+        check-quorum deposes them (§6.2): a quiet leader runs no timer, and cut off it
+        would go on calling itself leader (``leaders()``, ``is_leader``)."""
         woken = 0
         for node in self._groups.values():
             e = node.engine
-            if e is not None and e.quiet and e.role == Role.FOLLOWER and e.leader_id == peer:
+            if e is None or not e.quiet:
+                continue
+            if e.role == Role.FOLLOWER and e.leader_id == peer:
                 node.wake(leader_lost=True)
                 woken += 1
-        log.info("host %d: host %d silent for %.2fs; woke %d quiet groups it led", self.id,
+            elif e.role == Role.LEADER and peer in e.progress and not e.quorum_up():
+                node.wake()
+                woken += 1
+        log.info("host %d: host %d silent for %.2fs; woke %d quiet groups", self.id,
                  peer, silent, woken, extra={"event": "host_silent", "node": self.id,
                                              "peer": peer, "woken": woken})
+
+    def _peer_back(self, peer: int) -> None:
+        """A suspected host is heard again. The quiet groups led here that it missed
+        entries of wake and catch it up: it may have been cut off rather than down, its
+        replicas behind (and those it led still leading a stale term, as a quiet leader
+        does not check its quorum; the new leader's entries depose them, §5.1), and
+        nothing else would wake these groups before their next write."""
+        woken = 0
+        for node in self._groups.values():
+            e = node.engine
+            if e is None or not e.quiet or e.role != Role.LEADER:
+                continue
+            pr = e.progress.get(peer)
+            if pr is not None and pr.match_index < e.log.last_index:
+                node.wake()
+                woken += 1
+        log.info("host %d: host %d heard again; woke %d quiet groups it is behind in",
+                 self.id, peer, woken, extra={"event": "host_back", "node": self.id,
+                                              "peer": peer, "woken": woken})
 
     # ------------------------------------------------------------------ balance
 

@@ -390,6 +390,75 @@ async def test_a_stopped_leader_replica_on_a_live_host_wakes_its_quiet_followers
         assert not any(h.suspected for h in hosts.hosts.values())
 
 
+async def propose_through(hosts, host_ids, g, data):
+    """Propose ``data`` to ``g`` through whichever of ``host_ids`` leads it (retried)."""
+    while True:
+        node = next((hosts.hosts[i].group(g) for i in host_ids
+                     if hosts.hosts[i].group(g).is_leader), None)
+        if node is not None:
+            try:
+                return await node.propose(data)
+            except NotLeader:
+                pass
+        await asyncio.sleep(0.01)
+
+
+@run
+async def test_a_partitioned_host_catches_up_once_it_heals_without_another_write():
+    # Not a crash: host 3 runs on, cut off. Its replicas miss writes, the other hosts'
+    # groups go quiet without it; once it heals, every replica catches up on its own.
+    async with Hosts(config=QUIET) as hosts:
+        await written_and_quiet(hosts)
+        cut = {1: {3}, 2: {3}, 3: {1, 2}}
+        for i, h in hosts.hosts.items():
+            h.network.receive_filter = lambda frm, i=i: frm not in cut[i]
+        await wait_until(lambda: all(h.suspected == cut[i]
+                                     for i, h in hosts.hosts.items()), 10)
+        # its quiet leaders wake and find no quorum (check-quorum): it leads nothing
+        await wait_until(lambda: not hosts.hosts[3].leaders(), 10)
+        for g in GROUPS:  # through hosts 1 and 2 (host 3's groups elect anew there)
+            await asyncio.wait_for(propose_through(hosts, (1, 2), g, b"cut"), 10)
+        groups_12 = [hosts.hosts[i].group(g) for i in (1, 2) for g in GROUPS]
+        await wait_until(lambda: all(n.engine.quiet for n in groups_12 if n.is_leader), 20)
+        for h in hosts.hosts.values():
+            del h.network.receive_filter
+        await wait_until(lambda: all(hosts.logs[3, g].items[-1:] == [b"cut"]
+                                     for g in GROUPS), 20)
+        await wait_until(lambda: balanced(hosts) and all_quiet(hosts), 20)
+        assert not any(h.suspected for h in hosts.hosts.values())
+
+
+@run
+async def test_a_learner_cut_off_catches_up_once_its_host_is_heard_again():
+    # A learner never campaigns, so after a partition nothing from its side wakes the
+    # group: its host being heard again does (the leader missed its acknowledgements).
+    hosts = Hosts(config=QUIET)
+    for i in (1, 2, 3):
+        await hosts.start(i, groups=[0])
+    hosts.addresses[4] = f"127.0.0.1:{free_ports(1)[0]}"
+    host4 = await hosts.start(4, groups=[])
+    try:
+        hosts.logs[4, 0] = Log()
+        await host4.create_group(0, None, state_machine=hosts.logs[4, 0])
+        await (await hosts.leader(0)).add_learner(4, hosts.addresses[4])
+        await hosts.propose(0, b"before")
+        await wait_until(lambda: hosts.logs[4, 0].items == [b"before"], 10)
+        for i, h in hosts.hosts.items():
+            h.network.receive_filter = lambda frm, i=i: (frm == 4) == (i == 4)
+        await wait_until(lambda: all(4 in hosts.hosts[i].suspected for i in (1, 2, 3)), 10)
+        await hosts.propose(0, b"cut")
+
+        def quiet_leader():
+            return any(h.group(0).is_leader and h.group(0).engine.quiet
+                       for h in hosts.hosts.values())
+        await wait_until(quiet_leader, 10)  # quiet without host 4, known down
+        for h in hosts.hosts.values():
+            del h.network.receive_filter
+        await wait_until(lambda: hosts.logs[4, 0].items == [b"before", b"cut"], 10)
+    finally:
+        await hosts.stop()
+
+
 class WatchedHolders(set):
     """A CampaignLimit's holders that remember how many there ever were at once."""
 

@@ -923,12 +923,15 @@ class Engine:
             if pr.match_index != last or pr.inflight \
                     or pr.state != ProgressState.REPLICATE or pr.reading_from:
                 return False
-        if down:
-            answered = {p: True for p in self.progress if p not in down}
-            answered[self.id] = True
-            return kernels.joint_vote_result(answered, self._voters_in,
-                                             self._voters_out) == _WON
-        return True
+        return not down or self.quorum_up()
+
+    def quorum_up(self) -> bool:
+        """Leader: whether this node and the members not known down (``peers_down``)
+        make a quorum (of both configurations, while joint)."""
+        down = self.down
+        up = {p: True for p in self.progress if p not in down}
+        up[self.id] = True
+        return kernels.joint_vote_result(up, self._voters_in, self._voters_out) == _WON
 
     def peers_down(self, peers: frozenset[int]) -> None:
         """The driver's word on which members' processes are down (``RaftHost``: hosts

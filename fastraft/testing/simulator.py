@@ -18,8 +18,10 @@ and acknowledgements must be linearizable (``fastraft.testing.linearizability``)
 
 With ``Config.quiesce_after`` idle groups go quiet, and the simulator plays the part of
 ``RaftHost``'s liveness exchange: every heartbeat interval each live node notes which
-peers it can hear (alive, and not cut off from it), and wakes the quiet followers of a
-leader it has not heard for ``election_timeout_min``, as leader-lost.
+peers it can hear (alive, and not cut off from it), tells its engine which it suspects
+down (``Engine.peers_down``), and wakes the quiet followers of a leader it has not heard
+for ``election_timeout_min``, as leader-lost, a quiet leader that a suspicion leaves
+without a quorum, and a quiet leader a peer heard again is behind in.
 
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
 state machine: every replica must return the same result for the same index. Disks are
@@ -371,7 +373,8 @@ class Simulator(EventQueue):
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
-                      "quiet_nodes": 0, "leader_lost_wakes": 0}
+                      "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
+                      "peer_back_wakes": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -882,14 +885,27 @@ class Simulator(EventQueue):
                     continue
                 if peer.alive and (not self._faults_on or self._connected(peer.id, node.id)):
                     node.heard_at[peer.id] = self.now
-                    node.suspected.discard(peer.id)
+                    if peer.id in node.suspected:
+                        node.suspected.discard(peer.id)
+                        e.peers_down(frozenset(node.suspected))
+                        pr = e.progress.get(peer.id)
+                        if e.quiet and e.role == Role.LEADER and pr is not None \
+                                and pr.match_index < e.log.last_index:
+                            self.stats["peer_back_wakes"] += 1
+                            e.wake()
                 elif peer.id not in node.suspected and \
                         self.now - node.heard_at[peer.id] > cfg.election_timeout_min:
                     node.suspected.add(peer.id)
+                    e.peers_down(frozenset(node.suspected))
                     if e.quiet and e.role == Role.FOLLOWER and e.leader_id == peer.id:
                         self.stats["leader_lost_wakes"] += 1
                         e.wake(leader_lost=True)
-                        self._execute(node, e.take_commands())
+                    elif e.quiet and e.role == Role.LEADER and not e.quorum_up():
+                        self.stats["no_quorum_wakes"] += 1
+                        e.wake()
+            commands = e.take_commands()
+            if commands:
+                self._execute(node, commands)
 
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]

@@ -194,8 +194,8 @@ IDLE_SETTLE = 30.0
 
 def host_config(groups: int) -> Config:
     """Every group's Config in the multi-group rows: idle groups go quiet (as by default
-    in a RaftHost); with many groups per process, slower ticks, as busy groups each
-    heartbeat on their own."""
+    in a RaftHost); with many groups per process, slower ticks, as every awake group
+    that is not replicating sends each follower a heartbeat message per interval."""
     from fastraft.config import Config
     from fastraft.host import DEFAULT_QUIESCE_AFTER
     if groups <= 64:

@@ -11,12 +11,13 @@ The heartbeats of the awake groups a host leads run on one clock (``HeartbeatClo
 so each interval one frame to each peer carries them all. An idle group goes quiet
 (``Config.quiesce_after``, on by default here): its leader stops heartbeating and its
 followers stop their election timers, so thousands of idle groups cost no ticks and no
-messages. What replaces their heartbeats is one liveness
-exchange per pair of hosts (``TcpNetwork.keepalive``, an empty frame when nothing else
-went out): a host that hears nothing from a peer for ``election_timeout_min`` wakes the
-quiet groups that peer led, as lost, and they elect a new leader (with pre-vote); while it
-stays silent, groups go quiet without its answers. Any proposal, read or message wakes a
-quiet group.
+messages. What replaces their heartbeats is one liveness exchange per pair of hosts
+(``TcpNetwork.keepalive``, an empty frame when nothing else went out): a host that hears
+nothing from a peer for ``election_timeout_min`` tells its groups (``peers_down``): the
+quiet groups that peer led wake, as lost, and elect a new leader (with pre-vote), quiet
+leaders left without a quorum wake and are deposed, and while it stays silent groups go
+quiet without its answers; heard again, it wakes the quiet groups it is behind in. Any
+proposal, read or message wakes a quiet group.
 
 Leadership is spread across hosts: each group has a preferred leader (its voters in id
 order, picked by group id), and a host that leads a group whose preferred leader is
@@ -257,7 +258,7 @@ class RaftHost:
         self._groups[group_id] = node
         try:
             await node.start()
-            node.engine.peers_down(frozenset(self.suspected))
+            node.peers_down(frozenset(self.suspected))
             if members is not None:
                 await node.initialize(dict(members))
         except BaseException:
@@ -386,60 +387,32 @@ class RaftHost:
                     heard_at[peer] = now
                     if peer in self.suspected:
                         self.suspected.discard(peer)
-                        self._tell_down()
-                        self._peer_back(peer)
+                        woken = self._tell_down()
+                        log.info("host %d: host %d heard again; woke %s", self.id, peer,
+                                 dict(woken), extra={"event": "host_back", "node": self.id,
+                                                     "peer": peer, "woken": dict(woken)})
                 elif peer not in self.suspected and \
                         now - heard_at[peer] > cfg.election_timeout_min:
                     self.suspected.add(peer)
-                    self._tell_down()
-                    self._leader_lost(peer, now - heard_at[peer])
+                    woken = self._tell_down()
+                    log.info("host %d: host %d silent for %.2fs; woke %s", self.id, peer,
+                             now - heard_at[peer], dict(woken),
+                             extra={"event": "host_silent", "node": self.id, "peer": peer,
+                                    "woken": dict(woken)})
 
-    def _tell_down(self) -> None:
-        """Every group learns which hosts are suspected: their leaders go quiet without
-        those hosts' answers (``Engine.peers_down``)."""
+    def _tell_down(self) -> Counter[str]:
+        """Every group learns which hosts are suspected (``RaftNode.peers_down``): their
+        leaders go quiet without those hosts' answers, and quiet groups wake where that
+        changes what they must do (their leader lost, a leader without a quorum, a
+        member back that is behind). Returns how many woke, by why."""
         down = frozenset(self.suspected)
+        woken: Counter[str] = Counter()
         for node in self._groups.values():
             if node.engine is not None:
-                node.engine.peers_down(down)
-
-    def _leader_lost(self, peer: int, silent: float) -> None:
-        """``peer`` is suspected: the quiet groups it led wake, their leader lost, and
-        the quiet groups led here that are left without a quorum wake too, so their
-        check-quorum deposes them (§6.2): a quiet leader runs no timer, and cut off it
-        would go on calling itself leader (``leaders()``, ``is_leader``)."""
-        woken = 0
-        for node in self._groups.values():
-            e = node.engine
-            if e is None or not e.quiet:
-                continue
-            if e.role == Role.FOLLOWER and e.leader_id == peer:
-                node.wake(leader_lost=True)
-                woken += 1
-            elif e.role == Role.LEADER and peer in e.progress and not e.quorum_up():
-                node.wake()
-                woken += 1
-        log.info("host %d: host %d silent for %.2fs; woke %d quiet groups", self.id,
-                 peer, silent, woken, extra={"event": "host_silent", "node": self.id,
-                                             "peer": peer, "woken": woken})
-
-    def _peer_back(self, peer: int) -> None:
-        """A suspected host is heard again. The quiet groups led here that it missed
-        entries of wake and catch it up: it may have been cut off rather than down, its
-        replicas behind (and those it led still leading a stale term, as a quiet leader
-        does not check its quorum; the new leader's entries depose them, §5.1), and
-        nothing else would wake these groups before their next write."""
-        woken = 0
-        for node in self._groups.values():
-            e = node.engine
-            if e is None or not e.quiet or e.role != Role.LEADER:
-                continue
-            pr = e.progress.get(peer)
-            if pr is not None and pr.match_index < e.log.last_index:
-                node.wake()
-                woken += 1
-        log.info("host %d: host %d heard again; woke %d quiet groups it is behind in",
-                 self.id, peer, woken, extra={"event": "host_back", "node": self.id,
-                                              "peer": peer, "woken": woken})
+                why = node.peers_down(down)
+                if why is not None:
+                    woken[why] += 1
+        return woken
 
     # ------------------------------------------------------------------ balance
 

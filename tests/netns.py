@@ -8,6 +8,7 @@ router), while clients on the bridge still reach every node.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -36,9 +37,15 @@ def why_unavailable() -> str | None:
     return None
 
 
+#: Networks made by this process so far: each gets names of its own, as a namespace
+#: deleted by ``close()`` may live on a while (until its sockets in TIME_WAIT are gone)
+#: with its end of the veth pair still attached.
+_made = itertools.count()
+
+
 class Network:
     def __init__(self, ids: list[int]) -> None:
-        tag = os.getpid() % 100_000
+        tag = (os.getpid() * 8 + next(_made)) % 100_000
         self.bridge = f"frc{tag}"
         self.subnet = f"{SUBNET}.{tag % 250 + 1}"
         self.namespaces = {i: f"fastraft-chaos-{tag}-{i}" for i in ids}

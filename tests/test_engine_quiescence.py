@@ -203,9 +203,7 @@ def test_a_leader_goes_quiet_without_members_known_down_but_not_without_a_quorum
     h.run()
     tick(h, 6)
     assert not leader.quiet  # it waits for node 3 to acknowledge the new entry
-    assert leader.quorum_up()
-    leader.peers_down(frozenset({3}))  # the driver knows better
-    assert leader.quorum_up()  # itself and node 2
+    assert leader.peers_down(frozenset({3})) is None  # the driver knows better
     tick(h, 2)  # one to see the group idle again (answers are in), one more idle
     assert leader.quiet and f2.quiet
     # node 3 comes back, restarted: its pre-vote wakes the leader, which catches it up
@@ -219,9 +217,42 @@ def test_a_leader_goes_quiet_without_members_known_down_but_not_without_a_quorum
     h, (leader, f2, f3) = cluster()
     del h.engines[2], h.engines[3]
     leader.peers_down(frozenset({2, 3}))
-    assert not leader.quorum_up()  # what wakes a quiet leader cut off (RaftHost)
     tick(h, 6)
     assert not leader.quiet  # no quorum answered
+
+
+def test_what_the_driver_says_down_wakes_quiet_nodes_that_must_act():
+    # a follower whose leader went down: it campaigns after its election timeout
+    h, (leader, f2, f3) = quiet_cluster()
+    assert f2.peers_down(frozenset({3})) is None and f2.quiet  # not its leader
+    assert f2.peers_down(frozenset({1, 3})) == "leader_lost"
+    assert not f2.quiet and not f2.leader_alive
+    assert any(type(c) is SetTimer and c.timer == Timer.ELECTION for c in f2.take_commands())
+    # a leader left without a quorum wakes, and check-quorum deposes it (§6.2)
+    h, (leader, f2, f3) = quiet_cluster()
+    assert leader.peers_down(frozenset({3})) is None and leader.quiet  # 1 and 2: a quorum
+    del h.engines[2], h.engines[3]  # cut off from both
+    assert leader.peers_down(frozenset({2, 3})) == "no_quorum" and not leader.quiet
+    leader.on_timer(Timer.ELECTION)
+    assert leader.role == Role.FOLLOWER
+    # a member back that has not acknowledged the whole log wakes the leader, which
+    # catches it up; one that has, does not
+    h, (leader, f2, f3) = quiet_cluster()
+    leader.peers_down(frozenset({3}))
+    assert leader.peers_down(frozenset()) is None and leader.quiet  # 3 has it all
+    f3 = h.engines.pop(3)
+    leader.peers_down(frozenset({3}))
+    leader.propose([b"x"])
+    h.run()
+    tick(h, 3)
+    assert leader.quiet and f3.log.last_index < leader.log.last_index
+    h.engines[3] = f3
+    assert leader.peers_down(frozenset()) == "member_back" and not leader.quiet
+    tick(h, 1)
+    assert f3.log.last_index == leader.log.last_index
+    # a node that is not quiet has nothing to wake
+    h, (leader, f2, f3) = cluster()
+    assert leader.peers_down(frozenset({2, 3})) is None and f2.peers_down(frozenset({1})) is None
 
 
 def test_a_follower_without_quiescence_ignores_the_flag():

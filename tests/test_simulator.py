@@ -70,7 +70,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "snapshots": 0, "installs": 0, "reconfigurations": 0, "log_reads": 0,
               "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
-              "leader_lost_wakes": 0, "no_quorum_wakes": 0, "peer_back_wakes": 0}
+              "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -105,7 +105,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         # groups went quiet, and quiet followers whose leader went silent were woken; so
         # were quiet leaders left without a quorum, or behind a peer heard again
         assert totals["quiet_nodes"] > seeds * 20 and totals["leader_lost_wakes"] > seeds // 4
-        assert totals["no_quorum_wakes"] > 0 and totals["peer_back_wakes"] > 0
+        assert totals["no_quorum_wakes"] > 0 and totals["member_back_wakes"] > 0
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",

@@ -923,24 +923,53 @@ class Engine:
             if pr.match_index != last or pr.inflight \
                     or pr.state != ProgressState.REPLICATE or pr.reading_from:
                 return False
-        return not down or self.quorum_up()
+        return not down or self._quorum_up()
 
-    def quorum_up(self) -> bool:
-        """Leader: whether this node and the members not known down (``peers_down``)
-        make a quorum (of both configurations, while joint)."""
+    def _quorum_up(self) -> bool:
+        """Leader: whether this node and the members not known down make a quorum (of
+        both configurations, while joint)."""
         down = self.down
         up = {p: True for p in self.progress if p not in down}
         up[self.id] = True
         return kernels.joint_vote_result(up, self._voters_in, self._voters_out) == _WON
 
-    def peers_down(self, peers: frozenset[int]) -> None:
+    def peers_down(self, peers: frozenset[int]) -> str | None:
         """The driver's word on which members' processes are down (``RaftHost``: hosts
-        silent for an election timeout). A leader goes quiet without their answers, so
-        a group that wakes while a host is gone does not heartbeat until it returns;
-        a member that comes back wakes the group as a restarted one does (its pre-vote,
-        or any message). Only quiescence uses it: replication and commitment go on
-        as Raft says."""
+        silent for an election timeout), replacing what it said before. A leader goes
+        quiet without their answers, so a group that wakes while a host is gone does not
+        heartbeat until it returns. Replication and commitment go on as Raft says.
+
+        A quiet node runs no timer, so the change may have to wake it; returns why it
+        did, or None:
+
+        - ``"leader_lost"``: a follower whose leader went down; it campaigns once its
+          election timer runs out.
+        - ``"no_quorum"``: a leader left without a quorum: awake, check-quorum deposes
+          it (§6.2). Cut off and quiet, it would go on calling itself leader.
+        - ``"member_back"``: a leader that a member coming back has not acknowledged
+          the whole log: it catches the member up. The member may have been cut off
+          rather than down, or be a learner, which never campaigns: nothing else would
+          wake the group before its next write.
+        """
+        gone, back = peers - self.down, self.down - peers
         self.down = peers
+        if not self.quiet:
+            return None
+        if self.role == Role.FOLLOWER:
+            if self.leader_id in gone:
+                self.wake(leader_lost=True)
+                return "leader_lost"
+        elif self.role == Role.LEADER:
+            if gone and not self._quorum_up():
+                self.wake()
+                return "no_quorum"
+            last = self.log.last_index
+            for peer in back:
+                pr = self.progress.get(peer)
+                if pr is not None and pr.match_index < last:
+                    self.wake()
+                    return "member_back"
+        return None
 
     def _quiesce(self) -> None:
         """Leader: tell every member, with the commit index, that the group goes quiet,

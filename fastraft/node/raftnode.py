@@ -552,6 +552,16 @@ class RaftNode:
                     f"commit index {e.commit_index} (bound {max_apply_lag})")
         return None
 
+    def peers_down(self, peers: frozenset[int]) -> str | None:
+        """Which members' processes are down (``RaftHost``: hosts it suspects); returns
+        why this quiet node woke, or None (``Engine.peers_down``)."""
+        if not self._running:
+            return None
+        woke = self.engine.peers_down(peers)
+        if woke is not None:
+            self._schedule_flush()
+        return woke
+
     def wake(self, leader_lost: bool = False) -> None:
         """Wake this node if it is quiet (``Config.quiesce_after``); ``leader_lost``: its
         leader's process is suspected gone, so a follower campaigns after its election

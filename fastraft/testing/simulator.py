@@ -18,10 +18,9 @@ and acknowledgements must be linearizable (``fastraft.testing.linearizability``)
 
 With ``Config.quiesce_after`` idle groups go quiet, and the simulator plays the part of
 ``RaftHost``'s liveness exchange: every heartbeat interval each live node notes which
-peers it can hear (alive, and not cut off from it), tells its engine which it suspects
-down (``Engine.peers_down``), and wakes the quiet followers of a leader it has not heard
-for ``election_timeout_min``, as leader-lost, a quiet leader that a suspicion leaves
-without a quorum, and a quiet leader a peer heard again is behind in.
+peers it can hear (alive, and not cut off from it), and tells its engine which it has
+not heard for ``election_timeout_min`` (``Engine.peers_down``, which wakes a quiet node
+where that calls for it).
 
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
 state machine: every replica must return the same result for the same index. Disks are
@@ -374,7 +373,7 @@ class Simulator(EventQueue):
                       "graceful_stops": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
-                      "peer_back_wakes": 0}
+                      "member_back_wakes": 0}
         for node in self.nodes.values():
             self._boot(node, bootstrap=node.id in founders)
         if reconfigure_every:
@@ -887,25 +886,19 @@ class Simulator(EventQueue):
                     node.heard_at[peer.id] = self.now
                     if peer.id in node.suspected:
                         node.suspected.discard(peer.id)
-                        e.peers_down(frozenset(node.suspected))
-                        pr = e.progress.get(peer.id)
-                        if e.quiet and e.role == Role.LEADER and pr is not None \
-                                and pr.match_index < e.log.last_index:
-                            self.stats["peer_back_wakes"] += 1
-                            e.wake()
+                        self._tell_down(node)
                 elif peer.id not in node.suspected and \
                         self.now - node.heard_at[peer.id] > cfg.election_timeout_min:
                     node.suspected.add(peer.id)
-                    e.peers_down(frozenset(node.suspected))
-                    if e.quiet and e.role == Role.FOLLOWER and e.leader_id == peer.id:
-                        self.stats["leader_lost_wakes"] += 1
-                        e.wake(leader_lost=True)
-                    elif e.quiet and e.role == Role.LEADER and not e.quorum_up():
-                        self.stats["no_quorum_wakes"] += 1
-                        e.wake()
+                    self._tell_down(node)
             commands = e.take_commands()
             if commands:
                 self._execute(node, commands)
+
+    def _tell_down(self, node: _Node) -> None:
+        woke = node.engine.peers_down(frozenset(node.suspected))
+        if woke is not None:
+            self.stats[f"{woke}_wakes"] += 1
 
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]

@@ -74,19 +74,22 @@ class Hosts:
                                     state_machine=self.logs[host_id, g])
         return host
 
-    async def leader(self, g):
+    async def leader(self, g, host_ids=None):
+        """``g``'s leader, on one of ``host_ids`` (default: any host)."""
         def current():
-            return next((h.group(g) for h in self.hosts.values()
-                         if g in h.groups and h.group(g).is_leader), None)
+            return next((h.group(g) for i, h in self.hosts.items()
+                         if (host_ids is None or i in host_ids)
+                         and g in h.groups and h.group(g).is_leader), None)
         await wait_until(lambda: current() is not None, 10)
         return current()
 
-    async def propose(self, g, data):
+    async def propose(self, g, data, host_ids=None):
         """As a client would: on NotLeader (an election, or leadership handed to the
-        preferred host, which refuses new entries meanwhile) ask the leader again."""
+        preferred host, which refuses new entries meanwhile) ask the leader again;
+        through one of ``host_ids`` only, if given."""
         while True:
             try:
-                return await (await self.leader(g)).propose(data)
+                return await (await self.leader(g, host_ids)).propose(data)
             except NotLeader:
                 await asyncio.sleep(0.01)
 
@@ -390,19 +393,6 @@ async def test_a_stopped_leader_replica_on_a_live_host_wakes_its_quiet_followers
         assert not any(h.suspected for h in hosts.hosts.values())
 
 
-async def propose_through(hosts, host_ids, g, data):
-    """Propose ``data`` to ``g`` through whichever of ``host_ids`` leads it (retried)."""
-    while True:
-        node = next((hosts.hosts[i].group(g) for i in host_ids
-                     if hosts.hosts[i].group(g).is_leader), None)
-        if node is not None:
-            try:
-                return await node.propose(data)
-            except NotLeader:
-                pass
-        await asyncio.sleep(0.01)
-
-
 @run
 async def test_a_partitioned_host_catches_up_once_it_heals_without_another_write():
     # Not a crash: host 3 runs on, cut off. Its replicas miss writes, the other hosts'
@@ -417,7 +407,7 @@ async def test_a_partitioned_host_catches_up_once_it_heals_without_another_write
         # its quiet leaders wake and find no quorum (check-quorum): it leads nothing
         await wait_until(lambda: not hosts.hosts[3].leaders(), 10)
         for g in GROUPS:  # through hosts 1 and 2 (host 3's groups elect anew there)
-            await asyncio.wait_for(propose_through(hosts, (1, 2), g, b"cut"), 10)
+            await asyncio.wait_for(hosts.propose(g, b"cut", host_ids=(1, 2)), 10)
         groups_12 = [hosts.hosts[i].group(g) for i in (1, 2) for g in GROUPS]
         await wait_until(lambda: all(n.engine.quiet for n in groups_12 if n.is_leader), 20)
         for h in hosts.hosts.values():

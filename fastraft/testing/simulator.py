@@ -891,14 +891,12 @@ class Simulator(EventQueue):
                         self.now - node.heard_at[peer.id] > cfg.election_timeout_min:
                     node.suspected.add(peer.id)
                     self._tell_down(node)
-            commands = e.take_commands()
-            if commands:
-                self._execute(node, commands)
 
     def _tell_down(self, node: _Node) -> None:
         woke = node.engine.peers_down(frozenset(node.suspected))
         if woke is not None:
             self.stats[f"{woke}_wakes"] += 1
+            self._execute(node, node.engine.take_commands())
 
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]

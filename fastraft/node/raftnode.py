@@ -562,14 +562,6 @@ class RaftNode:
             self._schedule_flush()
         return woke
 
-    def wake(self, leader_lost: bool = False) -> None:
-        """Wake this node if it is quiet (``Config.quiesce_after``); ``leader_lost``: its
-        leader's process is suspected gone, so a follower campaigns after its election
-        timeout (``RaftHost`` calls this)."""
-        if self._running and self.engine.quiet:
-            self.engine.wake(leader_lost)
-            self._schedule_flush()
-
     @property
     def is_leader(self) -> bool:
         """Running and leading (a stopped leader's engine keeps its last role)."""

@@ -14,6 +14,12 @@ class ConfigError(FastRaftError, ValueError):
     """A configuration value is out of range or inconsistent with another."""
 
 
+class InvalidArgument(FastRaftError, ValueError):
+    """An argument of a call is out of range or names something that does not fit (a node
+    that is not a member, a group id too large); the message says what is accepted.
+    Nothing changed: fix the argument and call again."""
+
+
 class NotLeader(FastRaftError):
     """This node is not the leader; retry on ``leader_id`` (None when no leader is known)."""
 

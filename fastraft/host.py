@@ -34,7 +34,13 @@ from typing import Any
 
 from fastraft.config import Config
 from fastraft.engine import Role
-from fastraft.errors import FastRaftError, GroupExists, NodeStopped, UnknownGroup
+from fastraft.errors import (
+    FastRaftError,
+    GroupExists,
+    InvalidArgument,
+    NodeStopped,
+    UnknownGroup,
+)
 from fastraft.node import RaftNode
 from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
@@ -154,11 +160,11 @@ class RaftHost:
                  balance_interval: float | None = 1.0,
                  max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS) -> None:
         if not isinstance(node_id, int) or node_id <= 0:
-            raise ValueError(f"node ids are positive ints, got {node_id!r}")
+            raise InvalidArgument(f"node ids are positive ints, got {node_id!r}")
         if network.id != node_id:
-            raise ValueError(f"the network is node {network.id}'s, not node {node_id}'s")
+            raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
         if balance_interval is not None and balance_interval <= 0:
-            raise ValueError(f"balance_interval must be positive or None, "
+            raise InvalidArgument(f"balance_interval must be positive or None, "
                              f"got {balance_interval!r}")
         self.id = node_id
         self.network = network
@@ -239,7 +245,7 @@ class RaftHost:
         if not self._running:
             raise NodeStopped(f"host {self.id} is not running: start() it first")
         if not isinstance(group_id, int) or not 0 <= group_id <= MAX_GROUP_ID:
-            raise ValueError(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+            raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
         if group_id in self._groups:
             raise GroupExists(f"group {group_id} already runs on host {self.id}")
         network = self.network.group(group_id)

@@ -13,6 +13,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from fastraft.errors import ConfigError
+
 
 def free_ports(n: int) -> list[int]:
     socks = []
@@ -59,7 +61,7 @@ class ProcessCluster:
             with open(layout) as f:
                 saved = json.load(f)
             if len(saved["raft"]) != n:
-                raise ValueError(f"{data_dir} holds a cluster of {len(saved['raft'])} nodes, "
+                raise ConfigError(f"{data_dir} holds a cluster of {len(saved['raft'])} nodes, "
                                  f"not {n}")
             self.raft = {int(k): v for k, v in saved["raft"].items()}
             self.client = {int(k): v for k, v in saved["client"].items()}

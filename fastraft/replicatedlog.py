@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING
 
+from fastraft.errors import InvalidArgument
 from fastraft.messages import Entry, EntryKind
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class ReplicatedLog:
         is its offset, ``.data`` the record. Empty when none is committed yet."""
         self.node._check_running()
         if offset < 1 or max_records < 1 or max_bytes < 1:
-            raise ValueError(f"offset, max_records and max_bytes must be >= 1, got "
+            raise InvalidArgument(f"offset, max_records and max_bytes must be >= 1, got "
                              f"{offset}, {max_records}, {max_bytes}")
         batch, _ = await self.node._log_reader.committed(offset, _RECORD, max_records,
                                                          max_bytes)
@@ -70,7 +71,7 @@ class ReplicatedLog:
         (but one that falls behind the retention bound gets ``OffsetCompacted``)."""
         self.node._check_running()
         if offset < 1:
-            raise ValueError(f"offsets start at 1, got {offset}")
+            raise InvalidArgument(f"offsets start at 1, got {offset}")
         return self.node._log_reader.follow(offset, _RECORD, max_records, max_bytes)
 
     async def first_offset(self) -> int:

@@ -51,7 +51,7 @@ from typing import Any, BinaryIO, TypeVar
 import msgspec
 
 from fastraft import kernels
-from fastraft.errors import StorageCorruption
+from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
 from fastraft.filestorage import (
     _batch_bounds,
     _Damage,
@@ -355,7 +355,7 @@ class SharedWAL(_SegmentFiles):
                  cache_bytes: int = 8 << 20, max_segments: int = 4,
                  repair: bool = False) -> None:
         if segment_bytes <= 0 or max_segments < 2:
-            raise ValueError("segment_bytes must be positive and max_segments at least 2, "
+            raise ConfigError("segment_bytes must be positive and max_segments at least 2, "
                              f"got {segment_bytes!r} and {max_segments!r}")
         self.directory = os.path.abspath(directory)
         self.segment_bytes = segment_bytes
@@ -388,7 +388,7 @@ class SharedWAL(_SegmentFiles):
         view = self._groups.get(group_id)
         if view is None:
             if not isinstance(group_id, int) or not 0 <= group_id <= MAX_GROUP_ID:
-                raise ValueError(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+                raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
             view = self._groups[group_id] = WalGroup(self, group_id)
         return view
 

@@ -8,6 +8,7 @@ from fastraft import (
     Config,
     ConfigError,
     GroupExists,
+    InvalidArgument,
     MemoryStorage,
     NodeStopped,
     NotLeader,
@@ -213,7 +214,7 @@ async def test_wrong_calls_raise_typed_errors():
         with pytest.raises(GroupExists, match="group 1 already runs on host 1"):
             await host.create_group(1, members, state_machine=Log())
         for bad in (-1, 1 << 64, "7"):
-            with pytest.raises(ValueError, match="group ids"):
+            with pytest.raises(InvalidArgument, match="group ids"):
                 await host.create_group(bad, members, state_machine=Log())
         with pytest.raises(UnknownGroup, match="group 9 does not run on host 1"):
             host.group(9)
@@ -226,11 +227,16 @@ async def test_wrong_calls_raise_typed_errors():
             await host.remove_group(1)
     finally:
         await host.stop()
-    with pytest.raises(ValueError, match="node 2's, not node 1's"):
+    with pytest.raises(InvalidArgument, match="node 2's, not node 1's"):
         RaftHost(1, network=TcpNetwork(2, "127.0.0.1:0"))
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="max_campaigns must be a positive int"):
             RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), max_campaigns=bad)
+    for bad in (0, -1, "1", None):
+        with pytest.raises(InvalidArgument, match="node ids are positive ints"):
+            RaftHost(bad, network=TcpNetwork(1, "127.0.0.1:0"))
+    with pytest.raises(InvalidArgument, match="balance_interval must be positive"):
+        RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=0)
 
 
 def test_preferred_leaders_take_turns():

@@ -7,7 +7,7 @@ import pytest
 
 from fastraft import NullStateMachine, OffsetCompacted, ReplicatedLog, kv
 from fastraft.config import Config
-from fastraft.errors import NotLeader
+from fastraft.errors import InvalidArgument, NotLeader
 from fastraft.filestorage import FileStorage
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
@@ -188,7 +188,7 @@ async def test_read_arguments_are_checked():
     async with LocalCluster(1, state_machine=NullStateMachine, config=SMALL) as c:
         stream = ReplicatedLog(await c.leader())
         for bad in [(0,), (1, 0), (1, 1, 0)]:
-            with pytest.raises(ValueError):
+            with pytest.raises(InvalidArgument):
                 await stream.read(*bad)
         assert await stream.append([]) == []
 

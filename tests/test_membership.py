@@ -6,7 +6,12 @@ import pytest
 
 from fastraft import kv
 from fastraft.config import Config
-from fastraft.errors import CatchUpTimeout, MembershipChangeInProgress, NotLeader
+from fastraft.errors import (
+    CatchUpTimeout,
+    InvalidArgument,
+    MembershipChangeInProgress,
+    NotLeader,
+)
 from fastraft.filestorage import FileStorage
 from fastraft.messages import InstallSnapshot
 from fastraft.testing import LocalCluster, wait_until
@@ -178,7 +183,7 @@ async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_ca
     async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp",
                             spares=1) as c:
         leader = await c.leader()
-        with pytest.raises(ValueError, match="add_learner"):
+        with pytest.raises(InvalidArgument, match="add_learner"):
             await leader.change_membership({1, 2, 3, 4})
         c.hub.isolate(4)  # the learner can never catch up
         await leader.add_learner(4, c.addresses[4])

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastraft.config import Config
-from fastraft.errors import Overloaded, ProposalDropped
+from fastraft.errors import InvalidArgument, Overloaded, ProposalDropped
 from fastraft.logutil import JsonFormatter
 from fastraft.messages import RequestVote
 from fastraft.metrics import MetricsServer
@@ -122,7 +122,7 @@ async def test_watch_metrics_yields_changes_and_ends_when_the_node_stops():
         await leader.stop()
         await asyncio.wait_for(task, 5)
         assert not seen[-1].running and seen[-1].role == "stopped"
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         await leader.watch_metrics(interval=0).__anext__()
 
 

@@ -9,12 +9,14 @@ from fastraft.config import Config
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
+    InvalidArgument,
     NodeStopped,
     NotLeader,
     Overloaded,
     ProposalDropped,
 )
 from fastraft.node import RaftNode
+from fastraft.replicatedlog import ReplicatedLog
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.transport import MemoryHub
@@ -287,6 +289,34 @@ async def test_committed_iterator_replays_and_follows():
         await leader.propose(b"c")
         await asyncio.wait_for(task, 10)
         assert seen == [b"a", b"b", b"c"]
+
+
+@run
+async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
+    with pytest.raises(InvalidArgument, match="positive ints"):
+        RaftNode(0, storage=MemoryStorage(), network=MemoryHub().network(1),
+                 state_machine=Recorder(), config=FAST)
+    async with LocalCluster(3, state_machine=Recorder, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        with pytest.raises(InvalidArgument, match="must include this node"):
+            await leader.initialize({7: "nowhere"})
+        await leader.add_learner(4, c.addresses[4])
+        before = leader.engine.membership
+        with pytest.raises(InvalidArgument, match="already a member"):
+            await leader.add_learner(2, c.addresses[2])
+        with pytest.raises(InvalidArgument, match="not members"):
+            await leader.change_membership({1, 2, 3, 9})
+        with pytest.raises(InvalidArgument, match="at least one voter"):
+            await leader.change_membership(set())
+        with pytest.raises(InvalidArgument, match="only voters can lead"):
+            await leader.transfer_leadership(4)
+        stream = ReplicatedLog(leader)
+        with pytest.raises(InvalidArgument, match="offsets start at 1"):
+            stream.subscribe(0)
+        with pytest.raises(InvalidArgument, match="interval must be positive"):
+            await leader.watch_metrics(interval=-1).__anext__()
+        assert leader.engine.membership == before and leader.is_leader
+        assert await leader.propose(kv.put("k", b"v")) is not None
 
 
 def test_config_is_validated():

@@ -9,7 +9,7 @@ import os
 import pytest
 from test_host import Hosts
 
-from fastraft.errors import StorageCorruption
+from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
 from fastraft.testing import wait_until
@@ -229,11 +229,14 @@ def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypat
     wal.close()
 
 
-def test_group_ids_are_checked(tmp_path):
+def test_group_ids_and_segment_settings_are_checked(tmp_path):
+    for bad in ({"segment_bytes": 0}, {"max_segments": 1}):
+        with pytest.raises(ConfigError, match="segment_bytes must be positive"):
+            SharedWAL(str(tmp_path / "wal"), **bad)
     wal = SharedWAL(str(tmp_path / "wal"))
     try:
         for bad in (-1, 1 << 64, "3"):
-            with pytest.raises(ValueError, match="group ids are ints"):
+            with pytest.raises(InvalidArgument, match="group ids are ints"):
                 wal.group(bad)
     finally:
         wal.close()

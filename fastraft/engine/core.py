@@ -45,6 +45,7 @@ from fastraft.engine.progress import Progress, ProgressState
 from fastraft.engine.raftlog import RaftLog
 from fastraft.errors import (
     AlreadyInitialized,
+    InvalidArgument,
     MembershipChangeInProgress,
     NotLeader,
     SafetyViolation,
@@ -287,7 +288,7 @@ class Engine:
             raise MembershipChangeInProgress(
                 "a membership change is still in progress; wait for it to commit")
         if not voters:
-            raise ValueError("a configuration needs at least one voter")
+            raise InvalidArgument("a configuration needs at least one voter")
         self.wake()
         old = self.membership
         addrs = dict(old.addresses)
@@ -310,7 +311,7 @@ class Engine:
         if target == self.id:
             return
         if not self.membership.is_voter(target):
-            raise ValueError(f"node {target} is not a voter; only voters can lead")
+            raise InvalidArgument(f"node {target} is not a voter; only voters can lead")
         self.wake()
         self._transfer_target = target
         self._transfer_rounds = 0
@@ -352,7 +353,7 @@ class Engine:
     def snapshot_meta(self, index: int) -> SnapshotMeta:
         """Metadata for a snapshot of the state machine at applied ``index``."""
         if not self.log.snapshot_index <= index <= self.applied_index:
-            raise ValueError(f"cannot snapshot at {index}: the log holds "
+            raise InvalidArgument(f"cannot snapshot at {index}: the log holds "
                              f"{self.log.snapshot_index}..{self.log.last_index}, applied "
                              f"{self.applied_index}")
         membership = self._configs[0][1]

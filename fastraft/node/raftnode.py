@@ -15,6 +15,7 @@ from fastraft.errors import (
     AlreadyInitialized,
     CatchUpTimeout,
     ConfigError,
+    InvalidArgument,
     NodeFailed,
     NodeStopped,
     NotLeader,
@@ -51,7 +52,7 @@ class RaftNode:
                  state_machine: StateMachine, config: Config | None = None,
                  rng: random.Random | None = None, cluster_id: str = "fastraft") -> None:
         if not isinstance(node_id, int) or node_id <= 0:
-            raise ValueError(f"node ids are positive ints, got {node_id!r}")
+            raise InvalidArgument(f"node ids are positive ints, got {node_id!r}")
         self.id = node_id
         #: Recorded in storage on first start; a storage of another cluster is refused.
         self.cluster_id = cluster_id
@@ -230,7 +231,7 @@ class RaftNode:
         """
         self._check_running()
         if not members or self.id not in members:
-            raise ValueError(f"members must include this node ({self.id}), got {members!r}")
+            raise InvalidArgument(f"members must include this node ({self.id}), got {members!r}")
         membership = Membership(voters=frozenset(members), addresses=dict(members))
         engine = self.engine
         if engine.log.last_index or engine.term:
@@ -337,7 +338,7 @@ class RaftNode:
         engine = await self._settled_leader(timeout)
         m = engine.membership
         if node_id in m.members:
-            raise ValueError(f"node {node_id} is already a member")
+            raise InvalidArgument(f"node {node_id} is already a member")
         index = engine.propose_membership(m.voters, m.learners | {node_id}, {node_id: address})
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
@@ -353,7 +354,7 @@ class RaftNode:
         m = engine.membership
         strangers = wanted - m.voters - m.learners
         if strangers:
-            raise ValueError(f"nodes {sorted(strangers)} are not members: add them with "
+            raise InvalidArgument(f"nodes {sorted(strangers)} are not members: add them with "
                              "add_learner() first so they catch up before they vote")
         newcomers = wanted - m.voters
         deadline = self._loop.time() + timeout
@@ -511,7 +512,7 @@ class RaftNode:
         membership changed, checked on every apply and at least every ``interval``
         seconds. Ends after the value that shows the node stopped."""
         if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval!r}")
+            raise InvalidArgument(f"interval must be positive, got {interval!r}")
         m = self.metrics()
         yield m
         seen = m.state

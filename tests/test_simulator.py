@@ -166,6 +166,33 @@ def test_regression_seed_311_conflict_at_the_compaction_point():
               **CHURN_HARSH).run(3.0, settle=8.0)
 
 
+def test_regression_seed_1891_a_torn_write_keeps_no_term_without_its_entries():
+    """The simulator made a batch durable in the engine's order, the term before the
+    entries, where the node's writer puts the hard state last (``write_order``): torn
+    crashes left every founding node with term 1 and no founding entry, no
+    configuration, so none could campaign or be initialized again. (Multi-group sweep,
+    torn disks; this is the single-group seed.)"""
+    faults, config = PROFILES["torn-disks"]
+    Simulator(seed=1891, nodes=3, faults=faults, config=config).run(3.0, settle=8.0)
+
+
+def test_regression_seed_381_founders_initialize_at_every_start():
+    """Founding nodes were initialized at their first start only, where a program calls
+    ``initialize()`` at every start (docs/cluster.md): crashes before the founding entry
+    was durable anywhere left a cluster that never formed."""
+    faults, config = PROFILES["torn-disks"]
+    Simulator(seed=381, nodes=3, faults=faults, config=config).run(3.0, settle=8.0)
+
+
+def test_regression_seed_352_an_fsync_due_with_the_one_before_it_is_not_lost():
+    """Batches queued behind a slow fsync are all due when it ends; their events' times,
+    computed as now + (end - now), came out rounded apart, and an event that fired ahead
+    of the batch before it was taken for one lost in a crash: that node never made
+    anything durable again, so it never acknowledged again."""
+    faults, config = PROFILES["torn-disks"]
+    Simulator(seed=352, nodes=5, faults=faults, config=config).run(3.0, settle=8.0)
+
+
 def test_a_seed_replays_exactly():
     a = Simulator(seed=1234, nodes=5).run(2.0)
     b = Simulator(seed=1234, nodes=5).run(2.0)

@@ -19,6 +19,7 @@ from fastraft.engine.commands import (
     Timer,
     TruncateLog,
     requires_durability,
+    write_order,
 )
 from fastraft.engine.core import Engine, InitialState
 from fastraft.engine.progress import Progress, ProgressState
@@ -29,5 +30,5 @@ __all__ = [
     "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "PersistHardState", "ReadFailed",
     "ReadLog", "ReadReady", "Role", "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog",
     "CompactLog", "SendSnapshotChunk", "StoreSnapshotChunk",
-    "requires_durability",
+    "requires_durability", "write_order",
 ]

@@ -1,7 +1,8 @@
 """What the engine asks its driver to do. Plain values; the driver runs them in order.
 
-Ordering contract: every persistence command (``PersistHardState``, ``TruncateLog``,
-``AppendLog``, ``CompactLog``) is applied in order. A ``Send`` whose message
+Ordering contract: the persistence commands (``PersistHardState``, ``TruncateLog``,
+``AppendLog``, ``CompactLog``) are applied in order, batch after batch, except that within
+a batch the hard state is written after the log (``write_order``). A ``Send`` whose message
 ``requires_durability`` is released only after every persistence command emitted before
 it is durable (votes and acknowledgements promise what is on disk, Figure 2); other sends
 go out at once (a leader may replicate before its own append is durable, thesis
@@ -10,6 +11,7 @@ go out at once (a leader may replicate before its own append is durable, thesis
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 
@@ -157,6 +159,36 @@ Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | Send
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)
+
+
+def write_order(ops: list[Any]) -> tuple[list[Any], int]:
+    """The order in which a driver makes one batch of persistence commands durable: the
+    log's writes (appends, truncations, compactions, snapshots) as the engine emitted
+    them, then the batch's last hard state. A crash partway through may leave the log
+    ahead of the term it came with, never a term without its entries: a founding node
+    whose term reached the disk without its first entry would hold no configuration, so
+    it could neither campaign nor be initialized again. Entries of a term the disk does
+    not record are safe: the node voted in no such term, or that vote's batch, durable
+    before the vote was sent, would have recorded it (Figure 2). Returns the ops in that order and
+    the position of the append that may carry the commit mark (``commit_advanced``): the
+    last one, unless a truncation follows it, which may replace entries the mark would
+    claim (-1 then, or with no append)."""
+    ordered: list[Any] = []
+    hard_state = None
+    marked = -1
+    for op in ops:
+        t = type(op)
+        if t is PersistHardState:
+            hard_state = op
+            continue
+        if t is AppendLog:
+            marked = len(ordered)
+        elif t is TruncateLog:
+            marked = -1
+        ordered.append(op)
+    if hard_state is not None:
+        ordered.append(hard_state)
+    return ordered, marked
 
 
 def requires_durability(message: object) -> bool:

@@ -226,8 +226,10 @@ class RaftNode:
         """Form a new cluster of ``members`` (id → address) on a fresh node.
 
         Idempotent: initializing again with the same members does nothing (once the log's
-        start is compacted away, "the same" means the configuration now in force). Raises
-        ``AlreadyInitialized`` on a node that has other state.
+        start is compacted away, "the same" means the configuration now in force), also
+        after a crash inside it. Returns once the founding entry is durable. Raises
+        ``AlreadyInitialized`` on a node that has other state, and ``NodeFailed`` if
+        storage failed to write (the node stops; initialize it again after a restart).
         """
         self._check_running()
         if not members or self.id not in members:
@@ -249,6 +251,8 @@ class RaftNode:
         engine.bootstrap(membership)
         self._schedule_flush()
         await self._writer.drain()
+        if self.failure is not None:
+            raise self.failure  # the founding entry may not be durable: say so
 
     def propose(self, data: bytes) -> Awaitable[Any]:
         """Replicate ``data``; ``await`` the result to get the state machine's result for it.

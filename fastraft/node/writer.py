@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastraft.asyncutil import call_hook
-from fastraft.engine import AppendLog, CompactLog, TruncateLog
+from fastraft.engine import AppendLog, CompactLog, TruncateLog, write_order
 from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, SnapshotMeta
 from fastraft.snapshots import close_stream, stream_size
@@ -151,29 +151,27 @@ class LogWriter:
         self._done(ops, held, last)
 
     def _plan(self, ops: list[Any], commit_index: int) -> tuple[list[Any], Entry | None, int]:
-        """The storage calls for one batch, in order, as (method, is_async, args); the
-        last entry the batch appends, and how many entries it appends. Consecutive appends
-        become one call."""
+        """The storage calls for one batch, in ``write_order``, as (method, is_async,
+        args); the last entry the batch appends, and how many entries it appends.
+        Consecutive appends become one call."""
+        ordered, marked = write_order(ops)
         appended = 0
         steps: list[Any] = []
         pending: list[Entry] = []
-        last_entry = None
-        last_append = 0  # position in steps of the last append
-        hard_state = None
-        for op in ops:
+        mark_step = 0  # position in steps of the append call holding the marked append
+        for k, op in enumerate(ordered):
             t = type(op)
             if t is AppendLog:
+                if k == marked:
+                    mark_step = len(steps)
                 pending.extend(op.entries)
                 continue
             if pending:
-                last_append = len(steps)
                 steps.append((self._append, self._append_async, (pending,)))
-                last_entry = pending[-1]
                 appended += len(pending)
                 pending = []
             if t is TruncateLog:
                 steps.append((self._truncate, self._truncate_async, (op.index,)))
-                last_entry = None
             elif t is CompactLog:
                 steps.append((self._compact, self._compact_async, (op.index,)))
             elif t is SaveSnapshot:
@@ -186,21 +184,19 @@ class LogWriter:
                 elif not op.installed:
                     close_stream(op.source)
             else:
-                hard_state = op.hard_state
+                steps.append((self._save_hs, self._save_hs_async, (op.hard_state,)))
         if pending:
-            last_append = len(steps)
             steps.append((self._append, self._append_async, (pending,)))
-            last_entry = pending[-1]
             appended += len(pending)
-        if last_entry is not None and self._commit_advanced is not None:
+        if marked < 0:
+            return steps, None, appended
+        if self._commit_advanced is not None:
             # Every entry up to the commit index is in this batch's last append or earlier:
             # stamp it on that append alone. An earlier append of the batch may hold
             # entries a later truncation in the batch replaces (a new leader's entries
             # arrived meanwhile): a mark on those would claim the replaced ones committed.
-            steps.insert(last_append, (self._commit_advanced, False, (commit_index,)))
-        if hard_state is not None:
-            steps.append((self._save_hs, self._save_hs_async, (hard_state,)))
-        return steps, last_entry, appended
+            steps.insert(mark_step, (self._commit_advanced, False, (commit_index,)))
+        return steps, ordered[marked].entries[-1], appended
 
     def _done(self, ops: list[Any], held: list[Any], last: Entry | None) -> None:
         """A batch is durable: tell the engine, release the replies that waited for it."""

@@ -61,6 +61,7 @@ from fastraft.engine import (
     Timer,
     TruncateLog,
     requires_durability,
+    write_order,
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
 from fastraft.filestorage import FileStorage
@@ -336,6 +337,8 @@ class Simulator(EventQueue):
         self.nodes = {i: _Node(i, disk(i))
                       for i in range(1, nodes + learners + spare_nodes + 1)}
         founders = frozenset(range(1, nodes + 1))
+        #: Nodes whose program calls ``initialize()`` with ``membership`` at every start.
+        self.founders = founders
         founding_learners = frozenset(range(nodes + 1, nodes + learners + 1))
         self.membership = Membership(
             voters=founders, learners=founding_learners,
@@ -375,7 +378,7 @@ class Simulator(EventQueue):
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0}
         for node in self.nodes.values():
-            self._boot(node, bootstrap=node.id in founders)
+            self._boot(node)
         if reconfigure_every:
             self._schedule(reconfigure_every, "reconfigure")
         self._schedule(self.propose_every, "propose")
@@ -478,7 +481,7 @@ class Simulator(EventQueue):
 
     # ------------------------------------------------------------------ nodes
 
-    def _boot(self, node: _Node, bootstrap: bool = False) -> None:
+    def _boot(self, node: _Node) -> None:
         node.disk.reopen()
         stored = node.disk.store.load_state()
         loaded = node.disk.snapshot()
@@ -512,7 +515,9 @@ class Simulator(EventQueue):
         node.alive = True
         node.fsyncs = []
         node.state_machine = self.state_machine_factory() if self.state_machine_factory else None
-        if bootstrap:
+        if node.id in self.founders and not (node.engine.term or node.engine.log.last_index):
+            # The program initializes at every start (docs/cluster.md): a fresh start
+            # while the founding entry is not durable yet, a no-op once it is.
             node.engine.bootstrap(self.membership)
         self._execute(node, node.engine.start())
 
@@ -578,7 +583,7 @@ class Simulator(EventQueue):
         node.alive = False
         if node.fsyncs and self.rng.random() < self.faults.torn_crash:
             # Written, not yet synced: what reaches the disk is a prefix of the writes.
-            writes = [w for batch in node.fsyncs for w in batch[0]]
+            writes = [w for batch in node.fsyncs for w in write_order(batch[0])[0]]
             for w in writes[:self.rng.randint(0, len(writes))]:
                 node.disk.write(w)
             self.stats["torn_crashes"] += 1
@@ -717,16 +722,19 @@ class Simulator(EventQueue):
 
     def _ev_fsync(self, node_id: int, token: int) -> None:
         node = self.nodes[node_id]
-        if not node.alive or not node.fsyncs or node.fsyncs[0][2] != token:
-            return  # lost in a crash
-        writes, held, _, commit_index = node.fsyncs.pop(0)
-        last_append = max((k for k, w in enumerate(writes) if type(w) is AppendLog),
-                          default=-1)
-        if last_append >= 0 and any(type(w) is TruncateLog for w in writes[last_append:]):
-            last_append = -1  # ends cut: no mark (as the node's writer does)
-        for k, w in enumerate(writes):
+        if not node.alive or all(batch[2] != token for batch in node.fsyncs):
+            return  # lost in a crash, or made durable with a later batch
+        # A disk's writes become durable in order: this fsync covers the batches before
+        # it too, whose events may come later (due at the same time, rounded apart).
+        while node.fsyncs and node.fsyncs[0][2] <= token:
+            self._make_durable(node, node.fsyncs.pop(0))
+
+    def _make_durable(self, node: _Node, batch: list[Any]) -> None:
+        writes, held, _, commit_index = batch
+        ordered, marked = write_order(writes)  # as the node's writer does
+        for k, w in enumerate(ordered):
             try:
-                if k == last_append:
+                if k == marked:
                     node.disk.commit_advanced(commit_index)
                 node.disk.write(w)
             except StorageCorruption as exc:

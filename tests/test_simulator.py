@@ -331,16 +331,19 @@ def test_leaders_that_stop_cleanly_hand_off_and_keep_every_invariant():
     assert stops > seeds
 
 
-@pytest.mark.parametrize("quiet", [False, True], ids=["busy", "quiet"])
-def test_groups_sharing_nodes_and_frames_keep_every_invariant_per_group(quiet):
+@pytest.mark.parametrize("kind", ["busy", "quiet", "quiet-torn-disks"])
+def test_groups_sharing_nodes_and_frames_keep_every_invariant_per_group(kind):
     """Four groups on the same three nodes: a crash takes down every group's replica on a
     node, a partition cuts every group, and messages of several groups between two nodes
-    at one instant share a frame's fate; each group keeps its invariants and converges."""
+    at one instant share a frame's fate; each group keeps its invariants and converges.
+    With torn disks, crashes also pick nodes with writes in flight, of every group."""
+    quiet = kind != "busy"
     config = Config(quiesce_after=0.1) if quiet else Config()
+    faults = PROFILES["torn-disks"][0] if kind == "quiet-torn-disks" else Faults()
     seeds = max(SEEDS // 26, 3)
-    crashes = partitions = 0
+    crashes = partitions = torn = 0
     for seed in range(seeds):
-        sim = MultiGroupSimulator(seed, groups=4, nodes=3, faults=Faults(), config=config,
+        sim = MultiGroupSimulator(seed, groups=4, nodes=3, faults=faults, config=config,
                                   **(QUIET_LOAD if quiet else {}))
         sim.run(3.0, settle=8.0)
         totals = sim.totals()
@@ -352,4 +355,6 @@ def test_groups_sharing_nodes_and_frames_keep_every_invariant_per_group(quiet):
         assert totals["shared_frames"] > 0 and totals["history_undecided"] == 0
         if quiet:
             assert totals["quiet_nodes"] > 0
+        torn += totals["torn_crashes"]
     assert crashes > seeds // 2 and partitions > seeds // 2
+    assert (torn > seeds // 2) == (kind == "quiet-torn-disks")

@@ -11,6 +11,7 @@ from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
     InvalidArgument,
+    NodeFailed,
     NodeStopped,
     NotLeader,
     Overloaded,
@@ -342,6 +343,10 @@ class PowerCut(MemoryStorage):
         self._write("save_hard_state")
         super().save_hard_state(hard_state)
 
+    def save_snapshot(self, meta: Any, data: Any) -> None:
+        self._write("save_snapshot")
+        super().save_snapshot(meta, data)
+
 
 @run
 async def test_a_power_cut_inside_initialize_leaves_a_node_that_initializes_again():
@@ -367,6 +372,78 @@ async def test_a_power_cut_inside_initialize_leaves_a_node_that_initializes_agai
     await again.wait_for_leader(5)
     assert await again.propose(b"after the cut") is not None
     await again.stop()
+
+
+@run
+async def test_a_snapshot_storage_cannot_save_fails_snapshot_with_the_nodes_failure():
+    """snapshot() waited forever when storage failed to save the snapshot: the node
+    stopped itself, but nothing answered the call."""
+    storage = PowerCut()
+    node = RaftNode(1, storage=storage, network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader(5)
+    for k in range(5):
+        await node.propose(b"%d" % k)
+    storage.calls.clear()
+    storage.cut = 1
+    with pytest.raises(NodeFailed, match="storage write failed"):
+        await asyncio.wait_for(node.snapshot(), 5)
+    assert storage.calls == ["save_snapshot"]
+    with pytest.raises(NodeFailed):
+        await asyncio.wait_for(node.wait_stopped(), 5)
+    with pytest.raises(NodeFailed, match="storage write failed"):  # says why, not just "stopped"
+        await node.snapshot()
+
+
+class SlowSnapshots(Recorder):
+    """Its snapshot() waits until ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.taking = asyncio.Event()
+
+    async def snapshot(self) -> bytes:
+        self.taking.set()
+        await self.release.wait()
+        return b""
+
+
+@run
+async def test_stop_fails_the_snapshot_calls_still_waiting():
+    """One snapshot() being taken and one queued behind it when stop() runs: both raise
+    NodeStopped, neither waits forever."""
+    machine = SlowSnapshots()
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=machine, config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader(5)
+    await node.propose(b"x")
+    taking = asyncio.ensure_future(node.snapshot())
+    await asyncio.wait_for(machine.taking.wait(), 5)
+    queued = asyncio.ensure_future(node.snapshot())
+    await asyncio.sleep(0)  # let it reach the apply queue
+    await node.stop()
+    for call in (taking, queued):
+        with pytest.raises(NodeStopped):
+            await asyncio.wait_for(call, 5)
+
+
+@run
+async def test_a_wait_for_a_leader_fails_when_the_node_stops():
+    """It waited out its timeout instead (TimeoutError, here after a minute)."""
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1", 2: "local:2", 3: "local:3"})  # alone: no leader
+    waiting = asyncio.ensure_future(node.wait_for_leader(60))
+    await asyncio.sleep(0)  # it waits now
+    await node.stop()
+    with pytest.raises(NodeStopped):
+        await asyncio.wait_for(waiting, 5)
 
 
 def test_config_is_validated():

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
 from fastraft.engine import ApplyStored
+from fastraft.errors import NodeStopped
 from fastraft.messages import Entry, EntryKind, SnapshotMeta
 from fastraft.node.writer import SaveSnapshot
 from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
@@ -57,6 +58,8 @@ class Applier:
         self._task: asyncio.Task[Any] | None = None
         #: Working on an item (possibly awaiting): no inline apply now.
         self._busy = False
+        #: What a ``snapshot()`` still waiting when the node stops fails with.
+        self._stop_error: Exception = NodeStopped(f"node {node.id} stopped")
         #: Highest index the state machine has applied.
         self.applied_index = 0
         #: Highest index handed to the applier (entries up to here are committed).
@@ -69,7 +72,9 @@ class Applier:
         self._sm_apply, self._sm_apply_async = sm_apply, inspect.iscoroutinefunction(sm_apply)
         self._task = node._loop.create_task(self._loop())
 
-    async def stop(self) -> None:
+    async def stop(self, error: Exception) -> None:
+        """End the apply task; a ``snapshot()`` still waiting fails with ``error``."""
+        self._stop_error = error
         if self._task is not None:
             self._task.cancel()
             try:
@@ -79,6 +84,8 @@ class Applier:
         for item in self.queue:
             if type(item) is Restore:
                 item.spool.close()
+            elif isinstance(item, asyncio.Future):
+                fail_future(item, error)
 
     def enqueue(self, item: object) -> None:
         """Committed entries (a list), a ``Restore``, or a future to answer with a
@@ -195,6 +202,9 @@ class Applier:
         else:  # a future from snapshot(): answer it from this point of the apply order
             try:
                 item.set_result(await self._take_snapshot())
+            except asyncio.CancelledError:
+                fail_future(item, self._stop_error)  # stopped while taking or saving it
+                raise
             except Exception as exc:
                 fail_future(item, exc)
 

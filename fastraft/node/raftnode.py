@@ -188,14 +188,15 @@ class RaftNode:
             await asyncio.sleep(0)  # a transport that sends at the end of the loop turn
         await self.network.stop()
         await self._writer.stop()
-        await self._applier.stop()
-        await self._log_reader.stop()
         stopped = self.failure or NodeStopped(f"node {self.id} stopped")
+        await self._applier.stop(stopped)
+        await self._log_reader.stop()
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
         self._transfer.close()
         self._capacity.set()
         self._notify_progress()
+        self._leader_known.set()  # wait_for_leader() callers see the stop
         if self._stopped is not None:
             self._stopped.set()
 
@@ -309,13 +310,15 @@ class RaftNode:
         return await self._reads.read_index(timeout)
 
     async def wait_for_leader(self, timeout: float = 10.0) -> int:
-        """Wait until a leader is known; returns its id. Raises ``TimeoutError``."""
+        """Wait until a leader is known; returns its id. Raises ``TimeoutError``, or
+        ``NodeStopped`` if the node stops meanwhile."""
         self._check_running()
 
         async def known() -> int:
             while self.engine.leader_id is None:
                 self._leader_known.clear()
                 await self._leader_known.wait()
+                self._check_running()
             return self.engine.leader_id
         return await asyncio.wait_for(known(), timeout)
 
@@ -392,6 +395,7 @@ class RaftNode:
         limit = timeout if timeout is not None else self.config.election_timeout_max * 3
         deadline = self._loop.time() + limit
         while self.engine.leader_id != target:
+            self._check_running()
             if self._loop.time() > deadline:
                 raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
             self._leader_known.clear()
@@ -612,7 +616,7 @@ class RaftNode:
 
     def _check_running(self) -> None:
         if not self._running:
-            raise NodeStopped(f"node {self.id} is not running")
+            raise self.failure or NodeStopped(f"node {self.id} is not running")
 
     async def _admit(self) -> None:
         """Raise unless this node can take a proposal now; wait while too many are pending

@@ -165,7 +165,7 @@ class RaftHost:
             raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
         if balance_interval is not None and balance_interval <= 0:
             raise InvalidArgument(f"balance_interval must be positive or None, "
-                             f"got {balance_interval!r}")
+                                  f"got {balance_interval!r}")
         self.id = node_id
         self.network = network
         self.storage_factory = storage or (lambda group_id: MemoryStorage())

@@ -62,7 +62,7 @@ class ProcessCluster:
                 saved = json.load(f)
             if len(saved["raft"]) != n:
                 raise ConfigError(f"{data_dir} holds a cluster of {len(saved['raft'])} nodes, "
-                                 f"not {n}")
+                                  f"not {n}")
             self.raft = {int(k): v for k, v in saved["raft"].items()}
             self.client = {int(k): v for k, v in saved["client"].items()}
         else:

@@ -58,7 +58,7 @@ class ReplicatedLog:
         self.node._check_running()
         if offset < 1 or max_records < 1 or max_bytes < 1:
             raise InvalidArgument(f"offset, max_records and max_bytes must be >= 1, got "
-                             f"{offset}, {max_records}, {max_bytes}")
+                                  f"{offset}, {max_records}, {max_bytes}")
         batch, _ = await self.node._log_reader.committed(offset, _RECORD, max_records,
                                                          max_bytes)
         return batch

@@ -356,7 +356,7 @@ class SharedWAL(_SegmentFiles):
                  repair: bool = False) -> None:
         if segment_bytes <= 0 or max_segments < 2:
             raise ConfigError("segment_bytes must be positive and max_segments at least 2, "
-                             f"got {segment_bytes!r} and {max_segments!r}")
+                              f"got {segment_bytes!r} and {max_segments!r}")
         self.directory = os.path.abspath(directory)
         self.segment_bytes = segment_bytes
         self.sync = sync

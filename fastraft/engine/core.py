@@ -354,8 +354,8 @@ class Engine:
         """Metadata for a snapshot of the state machine at applied ``index``."""
         if not self.log.snapshot_index <= index <= self.applied_index:
             raise InvalidArgument(f"cannot snapshot at {index}: the log holds "
-                             f"{self.log.snapshot_index}..{self.log.last_index}, applied "
-                             f"{self.applied_index}")
+                                  f"{self.log.snapshot_index}..{self.log.last_index}, applied "
+                                  f"{self.applied_index}")
         membership = self._configs[0][1]
         for i, m in self._configs:
             if i > index:

@@ -361,8 +361,8 @@ class RaftNode:
         m = engine.membership
         strangers = wanted - m.voters - m.learners
         if strangers:
-            raise InvalidArgument(f"nodes {sorted(strangers)} are not members: add them with "
-                             "add_learner() first so they catch up before they vote")
+            raise InvalidArgument(f"nodes {sorted(strangers)} are not members: add them "
+                                  "with add_learner() first so they catch up before they vote")
         newcomers = wanted - m.voters
         deadline = self._loop.time() + timeout
 

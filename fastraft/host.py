@@ -307,17 +307,24 @@ class RaftHost:
 
     def status(self) -> dict[str, Any]:
         """This host at a glance: its groups, how many it leads, how many are quiet,
-        the peer hosts it suspects gone, leadership transfers, groups campaigning and
-        election timers postponed (``max_campaigns``), and transport counters.
-        One pass over the groups; each group's own ``status()`` has the details."""
+        the groups whose replica here stopped itself (a hook failed: ``NodeFailed``, the
+        group's ``failure`` says which), the peer hosts it suspects gone, leadership
+        transfers, groups campaigning and election timers postponed (``max_campaigns``),
+        and transport counters. One pass over the groups; each group's own ``status()``
+        has the details."""
         leading = quiet = 0
-        for node in self._groups.values():
+        failed = []
+        for group_id, node in self._groups.items():
+            if node.failure is not None:
+                failed.append(group_id)
+                continue
             e = node.engine
             if e is not None:
                 leading += e.role == Role.LEADER
                 quiet += e.quiet
         return {"id": self.id, "address": self.address, "running": self._running,
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
+                "failed": sorted(failed),
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
                 **self._campaign_figures(),
                 "network": dict(self.network.stats)}
@@ -353,6 +360,11 @@ class RaftHost:
         ``max_apply_lag`` entries of its commit index."""
         if not self._running:
             return "host is not running"
+        failed = [g for g, node in self._groups.items() if node.failure is not None]
+        if failed:
+            first = self._groups[min(failed)]
+            return (f"{len(failed)} of {len(self._groups)} groups stopped themselves "
+                    f"(group {min(failed)}: {first.failure})")
         leaderless = [g for g, node in self._groups.items()
                       if node.engine is None or node.engine.leader_id is None]
         if leaderless:

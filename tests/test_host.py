@@ -202,6 +202,38 @@ async def test_a_group_created_late_on_one_host_catches_up():
         await hosts.stop()
 
 
+class Poisoned(Log):
+    """Refuses the entry ``b"poison"``: a bug in the state machine."""
+
+    def apply(self, entries):
+        if any(bytes(e.data) == b"poison" for e in entries):
+            raise RuntimeError("cannot apply poison")
+        return super().apply(entries)
+
+
+@run
+async def test_a_group_that_stops_itself_shows_in_the_hosts_status_and_health():
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST)
+    await host.start()
+    try:
+        members = {1: host.address}
+        for g in (1, 2):
+            await host.create_group(g, members, state_machine=Poisoned())
+            await host.group(g).wait_for_leader(10)
+            await host.group(g).propose(b"fine")
+        assert host.status()["failed"] == [] and host.health() is None
+        with pytest.raises(NodeStopped):
+            await host.group(2).propose(b"poison")
+        await wait_until(lambda: host.status()["failed"] == [2], 10)
+        assert "1 of 2 groups stopped themselves (group 2: node 1 stopped: the state " \
+               "machine failed applying entry" in host.health()
+        assert "state machine failed" in host.group(2).health()
+        assert await host.group(1).propose(b"still fine") == 2  # the others go on
+    finally:
+        await host.stop()
+
+
 @run
 async def test_wrong_calls_raise_typed_errors():
     host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None)

@@ -551,6 +551,8 @@ class RaftNode:
         """Why this node is unhealthy, or None: healthy means running, a leader known (or
         being it), and the applied index within ``max_apply_lag`` of the commit index."""
         e = self.engine
+        if self.failure is not None:
+            return str(self.failure)  # it stopped itself: say why
         if not self._running or e is None:
             return "node is not running"
         if e.leader_id is None:

@@ -66,7 +66,8 @@ class ReplicatedLog:
     def subscribe(self, offset: int = 1, max_records: int = 1000,
                   max_bytes: int = 1 << 20) -> AsyncIterator[list[Entry]]:
         """Batches of records from ``offset`` on: those in the log (from memory or
-        storage), then new ones as they commit; ends when the node stops. Each batch is
+        storage), then new ones as they commit; ends when the node stops (raises its
+        ``NodeFailed`` if it stopped itself). Each batch is
         read when the consumer asks for it, so a slow consumer costs the node nothing
         (but one that falls behind the retention bound gets ``OffsetCompacted``)."""
         self.node._check_running()

@@ -224,6 +224,28 @@ class FailsOn(Recorder):
 
 
 @run
+async def test_a_reader_of_committed_entries_learns_that_the_node_failed():
+    """committed() ended as if the node had been stopped: the consumer could not tell."""
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=FailsOn(), config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader(5)
+    await node.propose(b"fine")
+    seen = []
+
+    async def read():
+        async for e in node.committed():
+            seen.append(bytes(e.data))
+    reader = asyncio.ensure_future(read())
+    await wait_until(lambda: seen == [b"fine"], 5)
+    with pytest.raises(NodeStopped):
+        await node.propose(b"boom")
+    with pytest.raises(NodeFailed, match="state machine failed"):
+        await asyncio.wait_for(reader, 5)
+
+
+@run
 async def test_a_failing_state_machine_stops_the_node_and_proposals_fail_fast():
     async with LocalCluster(3, state_machine=FailsOn, config=FAST) as c:
         leader = await c.leader()

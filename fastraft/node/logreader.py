@@ -122,8 +122,9 @@ class LogReader:
     async def follow(self, start: int, kind: int, max_entries: int = 4096,
                      max_bytes: int = READ_BATCH_BYTES) -> AsyncIterator[list[Entry]]:
         """Batches of committed entries of ``kind`` from ``start`` on, then new ones as
-        they commit, until the node stops. Nothing is read ahead of the consumer: a slow
-        one costs no memory (but may fall behind the log's retention)."""
+        they commit, until the node stops; raises its ``NodeFailed`` if it stopped
+        itself, so a consumer tells a failure from a stop. Nothing is read ahead of the
+        consumer: a slow one costs no memory (but may fall behind the log's retention)."""
         node = self.node
         applier = node._applier
         nxt = start
@@ -137,6 +138,8 @@ class LogReader:
             nxt = nxt_after
             if batch:
                 yield batch
+        if node.failure is not None:
+            raise node.failure
 
     def serve(self, c: ReadLog) -> None:
         """Run a ``ReadLog`` in a task of its own and hand the result to the engine."""

@@ -325,7 +325,8 @@ class RaftNode:
     async def committed(self, start_index: int = 1) -> AsyncIterator[Entry]:
         """Committed user entries (state-machine commands) from ``start_index`` on: read
         from memory or storage, then following new commits live. Ends when the node
-        stops; raises ``OffsetCompacted`` for entries no longer in the log."""
+        stops (raises its ``NodeFailed`` if it stopped itself); raises ``OffsetCompacted``
+        for entries no longer in the log."""
         async for batch in self._log_reader.follow(start_index, _NORMAL):
             for e in batch:
                 yield e

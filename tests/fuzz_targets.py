@@ -48,6 +48,7 @@ from fastraft.transport.link import (
     decode_hello,
 )
 from fastraft.transport.link import _encoder as _hello_encoder
+from fastraft.transport.tcp import _SECTION, _sections
 from fastraft.wire import FrameReader, FrameTooLarge, decode_messages, encode_messages
 
 try:
@@ -114,16 +115,42 @@ def entries(data: bytes) -> None:
     assert outcomes[0] == outcomes[1], outcomes
 
 
-class _Disk:
-    """A FileStorage directory, written once; each input damages a copy of one file."""
+class _Template:
+    """A storage directory written once; each input damages a copy of one of its files."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.files = sorted(n for n in os.listdir(template) if n != "LOCK"
+                            and os.path.isfile(os.path.join(template, n)))
+        self.contents = {n: open(os.path.join(template, n), "rb").read()
+                         for n in self.files}
+        self.work = tempfile.mkdtemp(prefix="fastraft-fuzz-work-")
+
+    def damaged_copy(self, data: bytes) -> bool:
+        """Make ``self.work`` the template with one file (``data`` picks which and how)
+        damaged; False for an empty input."""
+        if not data:
+            return False
+        name = self.files[data[0] % len(self.files)]
+        shutil.rmtree(self.work)
+        shutil.copytree(self.template, self.work)
+        original = self.contents[name]
+        damaged = _Mutator(random.Random(data)).mutate(original, [original])
+        with open(os.path.join(self.work, name), "wb") as f:
+            f.write(damaged)
+        return True
+
+
+class _Disk(_Template):
+    """A FileStorage directory: 40 entries, a hard state, an identity, a snapshot."""
 
     def __init__(self) -> None:
         import asyncio
 
         from fastraft.filestorage import FileStorage
 
-        self.template = tempfile.mkdtemp(prefix="fastraft-fuzz-")
-        st = FileStorage(self.template, segment_bytes=2048)
+        template = tempfile.mkdtemp(prefix="fastraft-fuzz-")
+        st = FileStorage(template, segment_bytes=2048)
 
         async def fill():
             for k in range(1, 41):
@@ -136,23 +163,13 @@ class _Disk:
             await st.compact_prefix(5)
         asyncio.run(fill())
         st.close()
-        self.files = sorted(n for n in os.listdir(self.template) if n != "LOCK")
-        self.contents = {n: open(os.path.join(self.template, n), "rb").read()
-                         for n in self.files}
-        self.work = tempfile.mkdtemp(prefix="fastraft-fuzz-work-")
+        super().__init__(template)
 
     def open_damaged(self, data: bytes) -> None:
         from fastraft.filestorage import FileStorage
 
-        if not data:
+        if not self.damaged_copy(data):
             return
-        name = self.files[data[0] % len(self.files)]
-        shutil.rmtree(self.work)
-        shutil.copytree(self.template, self.work)
-        original = self.contents[name]
-        damaged = _Mutator(random.Random(data)).mutate(original, [original])
-        with open(os.path.join(self.work, name), "wb") as f:
-            f.write(damaged)
         try:
             st = FileStorage(self.work, segment_bytes=2048)
         except StorageCorruption:
@@ -169,7 +186,58 @@ class _Disk:
         assert [e.index for e in got] == list(range(6, 41)), [e.index for e in got]
 
 
+class _SharedDisk(_Template):
+    """A SharedWAL directory of three groups, their records interleaved."""
+
+    GROUPS = (1, 2, 3)
+
+    def __init__(self) -> None:
+        import asyncio
+
+        from fastraft.sharedwal import SharedWAL
+
+        template = tempfile.mkdtemp(prefix="fastraft-fuzz-wal-")
+        wal = SharedWAL(template, segment_bytes=2048)
+
+        async def fill():
+            for g in self.GROUPS:
+                await wal.group(g).save_identity(1, "fastraft")
+            for k in range(1, 31):
+                for g in self.GROUPS:
+                    await wal.group(g).append_entries(
+                        [Entry(1, k, EntryKind.NORMAL, b"%d:%d" % (g, k) * (k % 5))])
+            for g in self.GROUPS:
+                await wal.group(g).save_hard_state(HardState(2, 1, 30))
+        asyncio.run(fill())
+        wal.close()
+        super().__init__(template)
+
+    def open_damaged(self, data: bytes) -> None:
+        from fastraft.sharedwal import SharedWAL
+
+        if not self.damaged_copy(data):
+            return
+        try:
+            wal = SharedWAL(self.work, segment_bytes=2048)
+        except StorageCorruption:
+            return
+        try:
+            for g in self.GROUPS:
+                view = wal.group(g)
+                state = view.load_state()
+                got = view._read_sync(state.first_index, state.last_index + 1, None)
+                # Opened: every group's acknowledged entries are there, each its own
+                # (the commit marks cover all 30; records are interleaved by group).
+                assert [(e.index, bytes(e.data)) for e in got] == \
+                    [(k, b"%d:%d" % (g, k) * (k % 5)) for k in range(1, 31)], g
+        except StorageCorruption:
+            return
+        finally:
+            wal.close()
+
+
 _disk: _Disk | None = None
+_shared_disk: _SharedDisk | None = None
 
 
 def storage(data: bytes) -> None:
@@ -195,11 +263,36 @@ def _corpus() -> dict[str, list[bytes]]:
         "entries": [_py.encode_entries(ENTRIES), _py.encode_entries(ENTRIES[:1]),
                     _py.encode_entries([])],
         "storage": [bytes(range(256)), b"\x00" * 8],
+        "shared_storage": [bytes(range(256)), b"\x00" * 8],
+        "sections": [b"".join(_SECTION.pack(g, len(b)) + b for g, b in enumerate(batches)),
+                     _SECTION.pack(7, len(batches[-1])) + batches[-1], b""],
     }
 
 
+def shared_storage(data: bytes) -> None:
+    """SharedWAL recovery over a damaged segment of three groups' interleaved records:
+    it opens with every group's acknowledged entries, or raises StorageCorruption."""
+    global _shared_disk
+    if _shared_disk is None:
+        _shared_disk = _SharedDisk()
+    _shared_disk.open_damaged(data)
+
+
+def sections(data: bytes) -> None:
+    """A multi-group frame's body, split into (group, messages) sections: decodes or
+    raises DecodeError; what decodes re-encodes to a body that decodes the same."""
+    try:
+        decoded = _sections(memoryview(data))
+    except DecodeError:
+        return
+    body = b"".join(_SECTION.pack(g, len(b)) + b
+                    for g, b in ((g, encode_messages(m)) for g, m in decoded))
+    assert _sections(memoryview(body)) == decoded
+
+
 TARGETS = {"frames": frames, "handshake": handshake, "messages": messages,
-           "entries": entries, "storage": storage}
+           "entries": entries, "storage": storage, "shared_storage": shared_storage,
+           "sections": sections}
 CORPUS = _corpus()
 
 

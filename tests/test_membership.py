@@ -10,6 +10,7 @@ from fastraft.errors import (
     CatchUpTimeout,
     InvalidArgument,
     MembershipChangeInProgress,
+    NodeStopped,
     NotLeader,
 )
 from fastraft.filestorage import FileStorage
@@ -194,6 +195,26 @@ async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_ca
         leader.engine.propose_membership(frozenset({1, 2, 3, 4}))
         with pytest.raises(MembershipChangeInProgress):
             leader.engine.propose_membership(frozenset({1, 2, 3}))
+
+
+@run
+async def test_a_change_waiting_for_a_learner_fails_when_the_leader_stops():
+    """It kept waiting for the learner until its timeout: a stopped leader's engine
+    still says it leads."""
+    cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02,
+                 max_learner_lag=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, spares=1) as c:
+        leader = await c.leader()
+        c.hub.isolate(4)  # the learner can never catch up
+        await leader.add_learner(4, c.addresses[4])
+        await write(leader, 10)
+        change = asyncio.ensure_future(leader.change_membership({1, 2, 3, 4}, timeout=60))
+        # the leader has committed in its term: the only wait for progress is the one
+        # for the learner to catch up
+        await wait_until(lambda: leader._progress_waiters > 0, 5)
+        await leader.stop()
+        with pytest.raises(NodeStopped):
+            await asyncio.wait_for(change, 5)
 
 
 @run

@@ -368,6 +368,7 @@ class RaftNode:
         deadline = self._loop.time() + timeout
 
         def caught_up() -> bool:
+            self._check_running()
             e = self.engine
             if e.role != Role.LEADER:
                 raise e.not_leader()

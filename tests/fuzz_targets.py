@@ -381,7 +381,7 @@ def main() -> int:
                 raise
             count += 1
         dt = time.perf_counter() - t0
-        print(f"{name:<10} {count:>9,} inputs in {dt:7.1f}s ({count / dt:,.0f}/s): "
+        print(f"{name:<14} {count:>9,} inputs in {dt:7.1f}s ({count / dt:,.0f}/s): "
               "only documented errors", flush=True)
     return 0
 

@@ -43,6 +43,7 @@ from fastraft.errors import (
 )
 from fastraft.node import RaftNode
 from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
+from fastraft.node.raftnode import check_node_id
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage
@@ -159,8 +160,7 @@ class RaftHost:
                  config: Config | None = None, cluster_id: str = "fastraft",
                  balance_interval: float | None = 1.0,
                  max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS) -> None:
-        if not isinstance(node_id, int) or node_id <= 0:
-            raise InvalidArgument(f"node ids are positive ints, got {node_id!r}")
+        check_node_id(node_id)
         if network.id != node_id:
             raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
         if balance_interval is not None and balance_interval <= 0:

@@ -24,10 +24,14 @@ Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOG_INDEX)]
 #: The term of the entry at some index: -1 when the sender no longer holds that entry
 #: (compacted into a snapshot) or never had it (``LogIndex.term_at``).
 LogTerm = Annotated[int, msgspec.Meta(ge=-1, le=MAX_TERM)]
-NodeId = Annotated[int, msgspec.Meta(ge=1, le=(1 << 63) - 1)]
+#: The largest node id and the longest address the wire takes (a configuration entry
+#: holding a larger one could not be decoded by the followers).
+MAX_NODE_ID = (1 << 63) - 1
+MAX_ADDRESS_LENGTH = 1024
+NodeId = Annotated[int, msgspec.Meta(ge=1, le=MAX_NODE_ID)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Kind = Annotated[int, msgspec.Meta(ge=0, le=3)]
-Address = Annotated[str, msgspec.Meta(max_length=1024)]
+Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LENGTH)]
 
 
 class EntryKind(IntEnum):

@@ -264,7 +264,7 @@ async def test_wrong_calls_raise_typed_errors():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="max_campaigns must be a positive int"):
             RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), max_campaigns=bad)
-    for bad in (0, -1, "1", None):
+    for bad in (0, -1, "1", None, True, 1 << 63):
         with pytest.raises(InvalidArgument, match="node ids are positive ints"):
             RaftHost(bad, network=TcpNetwork(1, "127.0.0.1:0"))
     with pytest.raises(InvalidArgument, match="balance_interval must be positive"):

@@ -324,10 +324,20 @@ async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
         leader = await c.leader()
         with pytest.raises(InvalidArgument, match="must include this node"):
             await leader.initialize({7: "nowhere"})
+        with pytest.raises(InvalidArgument, match="addresses are non-empty strs"):
+            await leader.initialize({leader.id: "x" * 2000})
         await leader.add_learner(4, c.addresses[4])
         before = leader.engine.membership
         with pytest.raises(InvalidArgument, match="already a member"):
             await leader.add_learner(2, c.addresses[2])
+        # what the wire cannot carry would leave followers a configuration they cannot
+        # decode
+        for bad_id in (0, True, 1 << 63, "5"):
+            with pytest.raises(InvalidArgument, match="node ids are positive ints"):
+                await leader.add_learner(bad_id, "somewhere:1")
+        for bad_address in ("", "x" * 1025, None):
+            with pytest.raises(InvalidArgument, match="addresses are non-empty strs"):
+                await leader.add_learner(5, bad_address)
         with pytest.raises(InvalidArgument, match="not members"):
             await leader.change_membership({1, 2, 3, 9})
         with pytest.raises(InvalidArgument, match="at least one voter"):

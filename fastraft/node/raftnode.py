@@ -25,7 +25,7 @@ from fastraft.errors import (
     StorageOwnedElsewhere,
 )
 from fastraft.logutil import Throttle
-from fastraft.messages import Entry, EntryKind, Membership
+from fastraft.messages import MAX_ADDRESS_LENGTH, MAX_NODE_ID, Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
 from fastraft.node.applier import Applier
 from fastraft.node.logreader import LogReader
@@ -45,14 +45,27 @@ _refusals = Throttle(log)
 _NORMAL = EntryKind.NORMAL
 
 
+def check_node_id(node_id: object) -> None:
+    """Raise ``InvalidArgument`` unless ``node_id`` is an int the wire takes (not a bool)."""
+    if not isinstance(node_id, int) or isinstance(node_id, bool) \
+            or not 1 <= node_id <= MAX_NODE_ID:
+        raise InvalidArgument(f"node ids are positive ints up to 2**63 - 1, got {node_id!r}")
+
+
+def check_address(address: object) -> None:
+    """Raise ``InvalidArgument`` unless ``address`` is a str the wire takes."""
+    if not isinstance(address, str) or not 1 <= len(address) <= MAX_ADDRESS_LENGTH:
+        raise InvalidArgument(f"addresses are non-empty strs of at most "
+                              f"{MAX_ADDRESS_LENGTH} characters, got {address!r:.80}")
+
+
 class RaftNode:
     """One member of a Raft cluster. See the package docstring and ``docs/node.md``."""
 
     def __init__(self, node_id: int, *, storage: RaftStorage, network: RaftNetwork,
                  state_machine: StateMachine, config: Config | None = None,
                  rng: random.Random | None = None, cluster_id: str = "fastraft") -> None:
-        if not isinstance(node_id, int) or node_id <= 0:
-            raise InvalidArgument(f"node ids are positive ints, got {node_id!r}")
+        check_node_id(node_id)
         self.id = node_id
         #: Recorded in storage on first start; a storage of another cluster is refused.
         self.cluster_id = cluster_id
@@ -235,6 +248,9 @@ class RaftNode:
         self._check_running()
         if not members or self.id not in members:
             raise InvalidArgument(f"members must include this node ({self.id}), got {members!r}")
+        for node_id, address in members.items():
+            check_node_id(node_id)
+            check_address(address)
         membership = Membership(voters=frozenset(members), addresses=dict(members))
         engine = self.engine
         if engine.log.last_index or engine.term:
@@ -343,6 +359,8 @@ class RaftNode:
     async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
         """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
         but neither votes nor counts for commit. Returns once the change is committed."""
+        check_node_id(node_id)
+        check_address(address)
         engine = await self._settled_leader(timeout)
         m = engine.membership
         if node_id in m.members:

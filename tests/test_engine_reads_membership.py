@@ -2,7 +2,7 @@
 import pytest
 
 from fastraft.engine import ReadFailed, ReadReady, Role, Timer
-from fastraft.errors import MembershipChangeInProgress, NotLeader
+from fastraft.errors import InvalidArgument, MembershipChangeInProgress, NotLeader
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -112,6 +112,22 @@ def test_forwarded_reads_fail_when_the_leader_changes():
 
 def configs(engine):
     return [decode_membership(e.data) for e in engine.log.entries if e.kind == EntryKind.CONFIG]
+
+
+def test_a_configuration_the_wire_cannot_carry_is_refused_before_it_is_appended():
+    """With a node id above the wire's bound the leader appended the entry and only then
+    failed decoding it: an entry no node could read, in its log."""
+    h = elect()
+    leader = h.engines[1]
+    last = leader.log.last_index
+    for learners, addresses in (({1 << 63}, {1 << 63: "x:1"}), ({4}, {4: "x" * 1025})):
+        with pytest.raises(InvalidArgument, match="the wire cannot carry"):
+            leader.propose_membership(frozenset({1, 2, 3}), frozenset(learners), addresses)
+    assert leader.log.last_index == last and not leader.membership.learners
+    fresh = make(1, voters=(), terms=[])
+    with pytest.raises(InvalidArgument, match="the wire cannot carry"):
+        fresh.bootstrap(Membership(voters=frozenset({1, 1 << 63})))
+    assert fresh.term == 0 and fresh.log.last_index == 0  # still fresh: may try again
 
 
 def test_joint_consensus_add_two_voters():

@@ -104,6 +104,17 @@ class _PendingRead(msgspec.Struct, array_like=True, gc=False):
     origin: int | None
 
 
+def _configuration(membership: Membership) -> bytes:
+    """``membership`` encoded for a configuration entry, once it decodes as every node
+    will decode it: ids and addresses the wire cannot carry raise ``InvalidArgument``
+    here, before the entry is in the log (after, no node could read it)."""
+    data = encode_membership(membership)
+    try:
+        decode_membership(data)
+    except msgspec.ValidationError as exc:
+        raise InvalidArgument(f"a configuration the wire cannot carry: {exc}") from None
+    return data
+
 class Engine:
     """One Raft node's logic (Figure 2 of the paper, plus thesis §6.4 reads and §9.6 pre-vote)."""
 
@@ -251,9 +262,10 @@ class Engine:
             raise AlreadyInitialized(
                 f"node {self.id} already has state (term {self.term}, "
                 f"last index {self.log.last_index}); initialize only a fresh node")
+        data = _configuration(membership)
         self.term = 1
         self._persist_hard_state()
-        self._append_own([Entry(1, 1, EntryKind.CONFIG, encode_membership(membership))])
+        self._append_own([Entry(1, 1, EntryKind.CONFIG, data)])
 
     def propose(self, datas: Sequence[bytes],
                 records: Sequence[tuple[int, int]] = ()) -> int:
@@ -298,8 +310,9 @@ class Engine:
         outgoing = frozenset() if voters == old.voters else old.voters
         new = Membership(voters=voters, learners=learners - voters, outgoing=outgoing,
                          addresses=addrs)
+        data = _configuration(new)
         index = self.log.last_index + 1
-        self._append_own([Entry(self.term, index, EntryKind.CONFIG, encode_membership(new))])
+        self._append_own([Entry(self.term, index, EntryKind.CONFIG, data)])
         return index
 
     def transfer_leadership(self, target: int) -> None:

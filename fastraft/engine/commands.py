@@ -169,10 +169,11 @@ def write_order(ops: list[Any]) -> tuple[list[Any], int]:
     whose term reached the disk without its first entry would hold no configuration, so
     it could neither campaign nor be initialized again. Entries of a term the disk does
     not record are safe: the node voted in no such term, or that vote's batch, durable
-    before the vote was sent, would have recorded it (Figure 2). Returns the ops in that order and
-    the position of the append that may carry the commit mark (``commit_advanced``): the
-    last one, unless a truncation follows it, which may replace entries the mark would
-    claim (-1 then, or with no append)."""
+    before the vote was sent, would have recorded it (Figure 2).
+
+    Returns the ops in that order and the position of the append that may carry the
+    commit mark (``commit_advanced``): the last one, unless a truncation follows it,
+    which may replace entries the mark would claim (-1 then, or with no append)."""
     ordered: list[Any] = []
     hard_state = None
     marked = -1

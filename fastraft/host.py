@@ -362,9 +362,9 @@ class RaftHost:
             return "host is not running"
         failed = [g for g, node in self._groups.items() if node.failure is not None]
         if failed:
-            first = self._groups[min(failed)]
+            first = min(failed)
             return (f"{len(failed)} of {len(self._groups)} groups stopped themselves "
-                    f"(group {min(failed)}: {first.failure})")
+                    f"(group {first}: {self._groups[first].failure})")
         leaderless = [g for g, node in self._groups.items()
                       if node.engine is None or node.engine.leader_id is None]
         if leaderless:

@@ -115,6 +115,7 @@ def _configuration(membership: Membership) -> bytes:
         raise InvalidArgument(f"a configuration the wire cannot carry: {exc}") from None
     return data
 
+
 class Engine:
     """One Raft node's logic (Figure 2 of the paper, plus thesis §6.4 reads and §9.6 pre-vote)."""
 
@@ -258,7 +259,7 @@ class Engine:
         Every founding node may be bootstrapped with the same membership (identical logs),
         or just one, the others joining empty.
         """
-        if self.log.last_index != 0 or self.term != 0 or self.log.snapshot_index != 0:
+        if not self.fresh:
             raise AlreadyInitialized(
                 f"node {self.id} already has state (term {self.term}, "
                 f"last index {self.log.last_index}); initialize only a fresh node")
@@ -503,6 +504,11 @@ class Engine:
             if pr.state != ProgressState.SNAPSHOT:
                 pr.become_probe()
                 pr.probe_sent = True
+
+    @property
+    def fresh(self) -> bool:
+        """No term, no log, no snapshot: a node ``bootstrap`` may form a cluster on."""
+        return self.term == 0 and self.log.last_index == 0 and self.log.snapshot_index == 0
 
     def founding_membership(self) -> Membership | None:
         """The configuration of entry 1, if the log still holds it."""

@@ -253,7 +253,7 @@ class RaftNode:
             check_address(address)
         membership = Membership(voters=frozenset(members), addresses=dict(members))
         engine = self.engine
-        if engine.log.last_index or engine.term:
+        if not engine.fresh:
             if engine.log.snapshot_index == 0:
                 formed = engine.founding_membership() == membership
             else:

@@ -515,7 +515,7 @@ class Simulator(EventQueue):
         node.alive = True
         node.fsyncs = []
         node.state_machine = self.state_machine_factory() if self.state_machine_factory else None
-        if node.id in self.founders and not (node.engine.term or node.engine.log.last_index):
+        if node.id in self.founders and node.engine.fresh:
             # The program initializes at every start (docs/cluster.md): a fresh start
             # while the founding entry is not durable yet, a no-op once it is.
             node.engine.bootstrap(self.membership)

@@ -126,11 +126,12 @@ class _Template:
                          for n in self.files}
         self.work = tempfile.mkdtemp(prefix="fastraft-fuzz-work-")
 
-    def damaged_copy(self, data: bytes) -> bool:
-        """Make ``self.work`` the template with one file (``data`` picks which and how)
-        damaged; False for an empty input."""
+    def open_damaged(self, data: bytes) -> None:
+        """Open a copy of the template with one file (``data`` picks which and how)
+        damaged (the subclass's ``open``): it raises StorageCorruption, or opens and
+        passes the subclass's ``check`` (nothing lost or changed)."""
         if not data:
-            return False
+            return
         name = self.files[data[0] % len(self.files)]
         shutil.rmtree(self.work)
         shutil.copytree(self.template, self.work)
@@ -138,7 +139,16 @@ class _Template:
         damaged = _Mutator(random.Random(data)).mutate(original, [original])
         with open(os.path.join(self.work, name), "wb") as f:
             f.write(damaged)
-        return True
+        try:
+            store = self.open(self.work)
+        except StorageCorruption:
+            return
+        try:
+            self.check(store)
+        except StorageCorruption:
+            return
+        finally:
+            store.close()
 
 
 class _Disk(_Template):
@@ -165,22 +175,14 @@ class _Disk(_Template):
         st.close()
         super().__init__(template)
 
-    def open_damaged(self, data: bytes) -> None:
+    def open(self, directory: str):
         from fastraft.filestorage import FileStorage
 
-        if not self.damaged_copy(data):
-            return
-        try:
-            st = FileStorage(self.work, segment_bytes=2048)
-        except StorageCorruption:
-            return
-        try:
-            state = st.load_state()
-            got = st._read_sync(state.first_index, state.last_index + 1, None)
-        except StorageCorruption:
-            return
-        finally:
-            st.close()
+        return FileStorage(directory, segment_bytes=2048)
+
+    def check(self, store) -> None:
+        state = store.load_state()
+        got = store._read_sync(state.first_index, state.last_index + 1, None)
         # Opened: nothing acknowledged may be missing or changed (the template was
         # closed cleanly, so its commit mark covers every entry; the first 5 are in the
         # snapshot).
@@ -214,28 +216,20 @@ class _SharedDisk(_Template):
         wal.close()
         super().__init__(template)
 
-    def open_damaged(self, data: bytes) -> None:
+    def open(self, directory: str):
         from fastraft.sharedwal import SharedWAL
 
-        if not self.damaged_copy(data):
-            return
-        try:
-            wal = SharedWAL(self.work, segment_bytes=2048)
-        except StorageCorruption:
-            return
-        try:
-            for g in self.GROUPS:
-                view = wal.group(g)
-                state = view.load_state()
-                got = view._read_sync(state.first_index, state.last_index + 1, None)
-                # Opened: every group's acknowledged entries are there, each its own
-                # (the commit marks cover all 30; records are interleaved by group).
-                assert [(e.index, bytes(e.data)) for e in got] == \
-                    [(k, b"%d:%d" % (g, k) * (k % 5)) for k in range(1, 31)], g
-        except StorageCorruption:
-            return
-        finally:
-            wal.close()
+        return SharedWAL(directory, segment_bytes=2048)
+
+    def check(self, store) -> None:
+        for g in self.GROUPS:
+            view = store.group(g)
+            state = view.load_state()
+            got = view._read_sync(state.first_index, state.last_index + 1, None)
+            # Opened: every group's acknowledged entries are there, each its own (the
+            # commit marks cover all 30; records are interleaved by group).
+            assert [(e.index, bytes(e.data)) for e in got] == \
+                [(k, b"%d:%d" % (g, k) * (k % 5)) for k in range(1, 31)], g
 
 
 _disk: _Disk | None = None

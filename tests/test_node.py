@@ -464,6 +464,82 @@ async def test_stop_fails_the_snapshot_calls_still_waiting():
             await asyncio.wait_for(call, 5)
 
 
+def open_gate() -> asyncio.Event:
+    gate = asyncio.Event()
+    gate.set()
+    return gate
+
+
+class GatedApply(Recorder):
+    """Its apply waits while ``gate`` is clear (open at first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = open_gate()
+
+    async def apply(self, entries):
+        await self.gate.wait()
+        return Recorder.apply(self, entries)
+
+
+class GatedAppends(MemoryStorage):
+    """Its append_entries waits while ``gate`` is clear (open at first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = open_gate()
+
+    async def append_entries(self, entries):
+        await self.gate.wait()
+        MemoryStorage.append_entries(self, entries)
+
+
+@pytest.mark.parametrize("how", ["snapshot_interval", "snapshot()"])
+@run
+async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its_restore(how):
+    """Chaos seed 138571: a follower whose state machine lagged installed the leader's
+    snapshot while its disk was busy; before that snapshot's save was planned, the
+    snapshot its own applies had made due asked the engine for a snapshot at an index
+    the log no longer held, and the node stopped itself."""
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 snapshot_interval=50 if how == "snapshot_interval" else 0,
+                 snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
+                            config=cfg) as c:
+        leader = await c.leader()
+        for k in range(10):
+            await leader.propose(b"a%d" % k)
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        applies, appends = c.state_machines[follower.id].gate, c.storages[follower.id].gate
+        applies.clear()
+        stuck = follower.applied_index
+        last = max([await leader.propose(b"b%d" % k) for k in range(45)])
+        await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
+        if how == "snapshot()":
+            call = asyncio.ensure_future(follower.snapshot())
+        appends.clear()  # the follower's next write waits: its disk is busy
+        await leader.propose(b"d")
+        await wait_until(lambda: follower.engine.log.last_index > last, 5, "a write in flight")
+        c.hub.isolate(follower.id)
+        for k in range(100):
+            await leader.propose(b"c%d" % k)
+        if how == "snapshot()":
+            await leader.snapshot()
+        await wait_until(lambda: leader.engine.log.snapshot_index > last, 5, "compaction")
+        c.hub.heal()
+        await wait_until(lambda: follower.engine.log.snapshot_index > last, 5, "install")
+        assert follower.applied_index == stuck  # the state machine is still behind it
+        applies.set()
+        await wait_until(lambda: follower.applied_index >= last or follower.failure, 5,
+                         "the lagging entries applied")
+        appends.set()
+        await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
+                         "catching up")
+        assert follower.failure is None
+        if how == "snapshot()":
+            assert await asyncio.wait_for(call, 5) >= follower.engine.log.snapshot_index
+
+
 @run
 async def test_a_wait_for_a_leader_fails_when_the_node_stops():
     """It waited out its timeout instead (TimeoutError, here after a minute)."""

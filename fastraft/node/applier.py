@@ -161,8 +161,14 @@ class Applier:
 
     def _snapshot_due(self) -> bool:
         interval = self.node.config.snapshot_interval
-        return bool(interval) and \
+        return bool(interval) and not self._behind_installed_snapshot() and \
             self.applied_index - self.node._writer.snapshot_index >= interval
+
+    def _behind_installed_snapshot(self) -> bool:
+        """The engine installed a leader's snapshot past what the state machine holds; its
+        Restore is queued behind us, and the log no longer has our applied index to
+        snapshot at (§7)."""
+        return self.applied_index < self.node.engine.log.snapshot_index
 
     async def _special(self, item: Any) -> None:
         if type(item) is Restore:
@@ -199,6 +205,8 @@ class Applier:
         elif item is _SNAPSHOT_DUE:
             if self._snapshot_due():
                 await self._take_snapshot()
+        elif self._behind_installed_snapshot():
+            self.enqueue(item)  # a future from snapshot(): answered after the Restore
         else:  # a future from snapshot(): answer it from this point of the apply order
             try:
                 item.set_result(await self._take_snapshot())

@@ -79,6 +79,7 @@ class _HostSums:
         self.messages_out: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.quiet = self.without_leader = self.apply_lag = self.follower_lag = 0
+        self.log_cache_bytes = 0
         #: Per histogram: its bounds, bucket counts, sum and count so far.
         empty = Recorder()
         self.histograms = {name: (getattr(empty, name).bounds, [0] * len(
@@ -107,6 +108,7 @@ class _HostSums:
             return
         self.roles[e.role.name.lower()] += 1
         self.quiet += e.quiet
+        self.log_cache_bytes += e.log.cache_bytes
         self.without_leader += e.leader_id is None
         self.apply_lag = max(self.apply_lag, e.commit_index - node.applied_index)
         if e.refused:
@@ -126,7 +128,8 @@ class _HostSums:
             node_id=host.id, running=host._running, groups=len(host._groups),
             roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
             apply_lag=self.apply_lag, follower_lag=self.follower_lag,
-            suspected=tuple(sorted(host.suspected)), transfers=host.transfers,
+            log_cache_bytes=self.log_cache_bytes, suspected=tuple(sorted(host.suspected)),
+            transfers=host.transfers,
             **host._campaign_figures(),
             network=stats, proposals_accepted=c["proposals_accepted"],
             proposals_dropped=c["proposals_dropped"],
@@ -153,19 +156,26 @@ class RaftHost:
     host hands groups it leads to their preferred leaders (``None``: never). At most
     ``max_campaigns`` of its groups campaign at once (``CampaignLimit``: thousands of
     groups electing together would swamp the host; ``None``: no limit).
+    ``log_cache_bytes`` bounds the entries all its groups keep in memory together
+    (``None``: each group's ``Config.log_cache_bytes``): each group gets an even share.
     """
 
     def __init__(self, node_id: int, *, network: TcpNetwork,
                  storage: Callable[[int], RaftStorage] | None = None,
                  config: Config | None = None, cluster_id: str = "fastraft",
                  balance_interval: float | None = 1.0,
-                 max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS) -> None:
+                 max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS,
+                 log_cache_bytes: int | None = None) -> None:
         check_node_id(node_id)
         if network.id != node_id:
             raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
         if balance_interval is not None and balance_interval <= 0:
             raise InvalidArgument(f"balance_interval must be positive or None, "
                                   f"got {balance_interval!r}")
+        if log_cache_bytes is not None and (type(log_cache_bytes) is not int
+                                            or log_cache_bytes < 0):
+            raise InvalidArgument(f"log_cache_bytes must be a number of bytes or None, "
+                                  f"got {log_cache_bytes!r}")
         self.id = node_id
         self.network = network
         self.storage_factory = storage or (lambda group_id: MemoryStorage())
@@ -190,6 +200,11 @@ class RaftHost:
         #: Leadership transfers to preferred leaders started so far (one that times out
         #: may still complete later).
         self.transfers = 0
+        self.log_cache_bytes = log_cache_bytes
+        #: The number of groups the log cache budget was last split for, and each one's
+        #: share (see ``_share_cache``).
+        self._cache_split_for = 0
+        self._cache_share = log_cache_bytes or 0
 
     @property
     def address(self) -> str:
@@ -262,6 +277,7 @@ class RaftHost:
                                                             interval)
         node.heartbeat_clock = clock
         self._groups[group_id] = node
+        self._share_cache(node)
         try:
             await node.start()
             node.peers_down(frozenset(self.suspected))
@@ -272,6 +288,26 @@ class RaftHost:
             await node.stop()
             raise
         return node
+
+    def _share_cache(self, new: RaftNode | None = None) -> None:
+        """Split ``log_cache_bytes`` evenly among the groups: each engine keeps at most its
+        share of entries in memory (``Engine.limit_cache``), so together they keep at most
+        the budget (and the entries not yet durable). Going over every group whenever one
+        comes or goes would make creating N groups cost N² steps: the budget is split for
+        an eighth more groups than there are, so the shares hold until that many exist (or
+        until fewer than half are left, when the shares grow again)."""
+        if self.log_cache_bytes is None:
+            return
+        n = len(self._groups)
+        if not n <= self._cache_split_for < 2 * n + 2:
+            self._cache_split_for = n + n // 8 + 1
+            self._cache_share = self.log_cache_bytes // self._cache_split_for
+            for node in self._groups.values():
+                node.log_cache_share = self._cache_share
+                if node.engine is not None:
+                    node.engine.limit_cache(self._cache_share)
+        elif new is not None:
+            new.log_cache_share = self._cache_share
 
     def group(self, group_id: int) -> RaftNode:
         """The replica of group ``group_id`` on this host; ``UnknownGroup`` if none."""
@@ -300,6 +336,7 @@ class RaftHost:
         self._groups.pop(group_id, None)
         self._preferred.pop(group_id, None)
         await node.stop()
+        self._share_cache()
 
     def leaders(self) -> list[int]:
         """The groups this host leads."""

@@ -105,6 +105,9 @@ def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator
     yield gauge("fastraft_host_follower_lag_entries",
                 "In the groups led here: the most entries any follower is behind.",
                 m.follower_lag)
+    yield gauge("fastraft_host_log_cache_bytes",
+                "Bytes of log entries the groups here keep in memory, together.",
+                m.log_cache_bytes)
     yield gauge("fastraft_host_suspected_peers",
                 "Peer hosts heard from by no frame for election_timeout_min.",
                 len(m.suspected))

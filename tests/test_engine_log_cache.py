@@ -3,6 +3,8 @@
 (``ReadLog`` for a lagging follower, ``ApplyStored`` for the state machine)."""
 import random
 
+import pytest
+
 from fastraft.config import Config
 from fastraft.engine import (
     Apply,
@@ -17,6 +19,7 @@ from fastraft.engine import (
 )
 from fastraft.engine.core import READ_LOG_PATIENCE
 from fastraft.engine.raftlog import ENTRY_OVERHEAD
+from fastraft.errors import InvalidArgument
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -74,6 +77,27 @@ def test_only_durable_entries_leave_the_cache_and_it_stays_within_its_budget():
     for applied in h.applied.values():
         assert [e.index for e in applied][-50:] == list(range(52, log.last_index + 1))
 
+
+
+def test_a_smaller_cache_budget_trims_at_once_and_never_exceeds_the_config():
+    """What a host sharing one budget among its groups does to each (limit_cache)."""
+    h = Harness([make(i, config=CFG) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    for _ in range(2):
+        leader.propose([b"x" * 100] * 10)
+        h.run()
+    assert leader.log.cache_bytes > 5 * ENTRY
+    leader.limit_cache(5 * ENTRY)
+    assert leader.log.cache_bytes <= 5 * ENTRY  # at once, not at the next append
+    for _ in range(3):
+        leader.propose([b"x" * 100] * 10)
+        h.run()
+        assert leader.log.cache_bytes <= 5 * ENTRY
+    leader.limit_cache(10 * CFG.log_cache_bytes)
+    assert leader.cache_budget == CFG.log_cache_bytes
+    with pytest.raises(InvalidArgument, match="number of bytes"):
+        leader.limit_cache(-1)
 
 def test_a_lagging_follower_is_caught_up_through_read_log():
     h, leader = leader_with_lagging_follower()

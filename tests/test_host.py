@@ -49,9 +49,10 @@ class Hosts:
     state machine across a host's restart."""
 
     def __init__(self, balance_interval=0.1, config=FAST, storage=None,
-                 max_campaigns=DEFAULT_MAX_CAMPAIGNS):
+                 max_campaigns=DEFAULT_MAX_CAMPAIGNS, log_cache_bytes=None):
         ports = free_ports(3)
         self.max_campaigns = max_campaigns
+        self.log_cache_bytes = log_cache_bytes
         self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
         self.storages = {}
         self.logs = {}
@@ -67,7 +68,8 @@ class Hosts:
         host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
                         storage=self.storage(host_id),
                         config=self.config, balance_interval=self.balance_interval,
-                        max_campaigns=self.max_campaigns)
+                        max_campaigns=self.max_campaigns,
+                        log_cache_bytes=self.log_cache_bytes)
         self.hosts[host_id] = await host.start()
         for g in groups:
             self.logs[host_id, g] = Log()
@@ -524,3 +526,56 @@ async def test_groups_founded_together_campaign_a_few_at_a_time():
             await hosts.propose(g, b"after")
     finally:
         await hosts.stop()
+
+
+@run
+async def test_a_hosts_groups_keep_their_log_caches_within_its_budget_together():
+    """Each host's groups hold about five times its budget of entries: together their
+    caches stay within it, also after more groups come (the others' shares shrink at
+    once) and some go; every entry is still served (from storage) in order."""
+    budget = 256 << 10
+    payload = b"x" * 1000
+
+    async def write(groups, rounds=100):
+        for r in range(rounds):
+            await asyncio.gather(*[hosts.propose(g, payload + b"%d" % r) for g in groups])
+
+    def within_budget():
+        for h in hosts.hosts.values():
+            m = h.metrics()
+            assert m.log_cache_bytes == sum(n.engine.log.cache_bytes for n in h.groups.values())
+            assert 0 < m.log_cache_bytes <= budget, (h.id, m.log_cache_bytes)
+
+    async with Hosts(log_cache_bytes=budget) as hosts:
+        await write(GROUPS)
+        within_budget()
+        more = range(len(GROUPS), 2 * len(GROUPS))
+        for i, h in hosts.hosts.items():
+            for g in more:
+                hosts.logs[i, g] = Log()
+                await h.create_group(g, hosts.addresses, state_machine=hosts.logs[i, g])
+        await write(more)
+        within_budget()
+        for h in hosts.hosts.values():
+            for g in more:
+                await h.remove_group(g)
+        await write(GROUPS, 20)
+        within_budget()
+        for g in GROUPS:
+            leader = await hosts.leader(g)
+            await wait_until(lambda g=g, leader=leader: all(
+                h.group(g).applied_index >= leader.applied_index
+                for h in hosts.hosts.values()), 10)
+            expected = [payload + b"%d" % r for r in [*range(100), *range(20)]]
+            assert all(hosts.logs[i, g].items == expected for i in hosts.hosts)
+            assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
+
+
+async def _committed(node, n):
+    """The first ``n`` committed user entries of ``node`` (from storage where they left
+    its memory)."""
+    found = []
+    async for e in node.committed(1):
+        found.append(bytes(e.data))
+        if len(found) == n:
+            return found

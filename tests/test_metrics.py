@@ -264,6 +264,8 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
                             (node, ("role", "follower")))] == len(GROUPS) - len(led)
             assert samples[("fastraft_host_groups_without_leader", (node,))] == 0
             assert samples[("fastraft_host_campaigning", (node,))] == 0
+            assert samples[("fastraft_host_log_cache_bytes", (node,))] == sum(
+                host.group(g).engine.log.cache_bytes for g in GROUPS) > 0
             assert samples[("fastraft_proposals_total",
                             (node, ("outcome", "accepted")))] == accepted
             assert samples[("fastraft_log_write_entries_sum", (node,))] == sum(

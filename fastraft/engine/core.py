@@ -204,6 +204,9 @@ class Engine:
         #: which must stay within two thirds of its election timeout (§5.6's margin).
         self._skip_busy_heartbeats = (self.config.election_timeout_min / BUSY_HEARTBEAT_SKIP_RATIO
                                       >= self.config.heartbeat_interval * (1 - 1e-9))
+        #: Bytes of entries this node keeps in memory: ``Config.log_cache_bytes``, or less
+        #: when a host shares one budget among its groups (``limit_cache``).
+        self.cache_budget = self.config.log_cache_bytes
 
         self._out: list[Command] = []
         self._broadcast = False
@@ -216,7 +219,7 @@ class Engine:
 
     def load_log(self, entries: list[Entry]) -> None:
         """Start-up: the next batch of the durable log after the snapshot. Only the newest
-        ``Config.log_cache_bytes`` stay in memory; the rest is read back when needed."""
+        ``cache_budget`` bytes stay in memory; the rest is read back when needed."""
         self.log.append(entries)
         self._scan_configs(entries)
         self.membership = self._configs[-1][1]
@@ -517,8 +520,18 @@ class Engine:
             return configs[1][1]
         return None
 
+    def limit_cache(self, budget: int) -> None:
+        """Keep at most ``budget`` bytes of entries in memory from now on (never more than
+        ``Config.log_cache_bytes``): a host sharing one budget among its groups gives each
+        its share. Entries not yet durable stay whatever the budget."""
+        if budget < 0:
+            raise InvalidArgument(f"a cache budget is a number of bytes, got {budget!r}")
+        self.cache_budget = min(budget, self.config.log_cache_bytes)
+        if self.log.cache_bytes > self.cache_budget:
+            self._trim_cache()
+
     def _trim_cache(self) -> None:
-        log, budget = self.log, self.config.log_cache_bytes
+        log, budget = self.log, self.cache_budget
         if log.cache_bytes > budget:
             # Entries already handed to the state machine first; durable ones it has yet
             # to get only if that is not enough (they are then applied from storage).
@@ -754,7 +767,7 @@ class Engine:
         """Append entries created on this node and schedule their replication
         (``user_commands``: all NORMAL, none to scan for configurations)."""
         self.log.append(entries)
-        if self.log.cache_bytes > self.config.log_cache_bytes:
+        if self.log.cache_bytes > self.cache_budget:
             self._trim_cache()
         out = self._out
         if out and type(out[-1]) is AppendLog:
@@ -1055,7 +1068,7 @@ class Engine:
                         self._truncate(conflict)
                     new = entries[conflict - prev - 1:]
                     log.append(new)
-                    if log.cache_bytes > self.config.log_cache_bytes:
+                    if log.cache_bytes > self.cache_budget:
                         self._trim_cache()
                     self._out.append(AppendLog(new))
                     if kernels.index_of_kind(new, EntryKind.CONFIG) >= 0:

@@ -142,6 +142,9 @@ class HostMetrics(Counts, frozen=True, kw_only=True):
     apply_lag: int
     #: In the groups led here: the most entries any follower is behind.
     follower_lag: int
+    #: Bytes of log entries the groups here keep in memory, together (at most
+    #: ``RaftHost(log_cache_bytes=...)`` and the entries not yet durable).
+    log_cache_bytes: int
     #: Peer hosts heard from by no frame for ``election_timeout_min``.
     suspected: tuple[int, ...]
     transfers: int

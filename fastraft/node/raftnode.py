@@ -95,6 +95,8 @@ class RaftNode:
         #: Drives this node's heartbeats with its host's other groups' (``RaftHost``);
         #: None: a timer of its own.
         self.heartbeat_clock: HeartbeatClock | None = None
+        #: Set by a ``RaftHost`` with a log cache budget: this group's share of it.
+        self.log_cache_share: int | None = None
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
         self._writer = LogWriter(self)
@@ -160,8 +162,10 @@ class RaftNode:
             hard_state=state.hard_state, snapshot_index=snapshot_index,
             snapshot_term=snapshot_term, snapshot_membership=snapshot_membership,
             snapshot_size=snapshot_size, applied_index=applied))
+        if self.log_cache_share is not None:
+            engine.limit_cache(self.log_cache_share)
         # The whole log passes through once (terms, configurations), in bounded batches;
-        # only the newest Config.log_cache_bytes of it stay in memory.
+        # only the newest Config.log_cache_bytes (or the host's share) stay in memory.
         self.engine = engine
         first = max(state.first_index, snapshot_index + 1)
         async for batch in self._log_reader.batches(first, state.last_index + 1):

@@ -7,6 +7,7 @@ import pytest
 
 from fastraft import kv
 from fastraft.config import Config
+from fastraft.engine import ApplyStored
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
@@ -538,6 +539,61 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
         assert follower.failure is None
         if how == "snapshot()":
             assert await asyncio.wait_for(call, 5) >= follower.engine.log.snapshot_index
+
+
+@run
+async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced_are_skipped():
+    """A follower with a small cache applies committed entries from storage
+    (ApplyStored); its state machine lagged while it installed the leader's snapshot,
+    which replaced those entries in storage: the Restore behind them covers them."""
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 snapshot_interval=0, snapshot_trailing_entries=0, log_cache_bytes=1)
+    async with LocalCluster(3, state_machine=GatedApply, config=cfg) as c:
+        leader = await c.leader()
+        for k in range(10):
+            await leader.propose(b"a%d" % k)
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        applies, storage = c.state_machines[follower.id].gate, c.storages[follower.id]
+        applies.clear()
+        stuck = follower.applied_index
+        last = max(await asyncio.gather(*[leader.propose(b"b%d" % k) for k in range(45)]))
+        await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
+        assert any(type(item) is ApplyStored for item in follower._applier.queue)
+        c.hub.isolate(follower.id)
+        for k in range(100):
+            await leader.propose(b"c%d" % k)
+        await leader.snapshot()
+        await wait_until(lambda: leader.engine.log.snapshot_index > last, 5, "compaction")
+        c.hub.heal()
+        await wait_until(lambda: not storage.read_entries(stuck + 1, last + 1), 5,
+                         "the installed snapshot replacing the entries in storage")
+        assert follower.applied_index == stuck
+        applies.set()
+        await wait_until(lambda: follower.applied_index >= leader.applied_index
+                         or follower.failure, 5, "catching up")
+        assert follower.failure is None
+
+
+class FailingRestore(Recorder):
+    def restore(self, data):
+        raise RuntimeError("disk full")
+
+
+@run
+async def test_a_failing_restore_stops_the_node_saying_so():
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 snapshot_interval=0, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=FailingRestore, config=cfg) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        c.hub.isolate(follower.id)
+        for k in range(20):
+            await leader.propose(b"%d" % k)
+        await leader.snapshot()
+        c.hub.heal()
+        await wait_until(lambda: follower.failure is not None, 5, "the restore failing")
+        assert "restoring the leader's snapshot failed: RuntimeError('disk full')" in \
+            str(follower.failure)
 
 
 @run

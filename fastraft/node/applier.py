@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
 from fastraft.engine import ApplyStored
-from fastraft.errors import NodeStopped
+from fastraft.errors import NodeStopped, StorageCorruption
 from fastraft.messages import Entry, EntryKind, SnapshotMeta
 from fastraft.node.writer import SaveSnapshot
 from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
@@ -149,15 +149,19 @@ class Applier:
             finally:
                 self._busy = False
 
-    def _failed(self, entries: object) -> None:
-        user = self._user_entries(entries) if type(entries) is list else []
-        if type(entries) is not list:
-            where = f"a {type(entries).__name__}"
-        elif len(user) == 1:
-            where = f"entry {user[0].index}"
+    def _failed(self, item: object) -> None:
+        if type(item) is Restore:
+            what = "restoring the leader's snapshot failed"
+        elif type(item) is ApplyStored:
+            what = f"applying entries {item.first}..{item.last} from storage failed"
+        elif type(item) is not list:
+            what = "taking a snapshot failed"
         else:
-            where = f"one of entries {user[0].index}..{user[-1].index}"
-        self.node._fail_node(f"the state machine failed applying {where}")
+            user = self._user_entries(item)
+            where = f"entry {user[0].index}" if len(user) == 1 else \
+                f"one of entries {user[0].index}..{user[-1].index}"
+            what = f"the state machine failed applying {where}"
+        self.node._fail_node(what)
 
     def _snapshot_due(self) -> bool:
         interval = self.node.config.snapshot_interval
@@ -192,16 +196,23 @@ class Applier:
         elif type(item) is ApplyStored:
             # Committed entries that left the engine's memory: from storage, a batch at a
             # time, in their place in the apply order.
-            async for batch in self.node._log_reader.batches(item.first, item.last + 1):
-                if batch[0].index <= self.applied_index:
-                    batch = [e for e in batch if e.index > self.applied_index]
-                    if not batch:
-                        continue
-                for k in range(0, len(batch), MAX_APPLY_BATCH):
-                    await self._apply_batch(batch[k:k + MAX_APPLY_BATCH])
-                    if self._snapshot_due():
-                        await self._take_snapshot()
-                    await asyncio.sleep(0)
+            try:
+                async for batch in self.node._log_reader.batches(item.first, item.last + 1):
+                    if batch[0].index <= self.applied_index:
+                        batch = [e for e in batch if e.index > self.applied_index]
+                        if not batch:
+                            continue
+                    for k in range(0, len(batch), MAX_APPLY_BATCH):
+                        await self._apply_batch(batch[k:k + MAX_APPLY_BATCH])
+                        if self._snapshot_due():
+                            await self._take_snapshot()
+                        await asyncio.sleep(0)
+            except StorageCorruption:
+                # A leader's snapshot installed since replaced them in storage; it covers
+                # them (they were committed before it, so are at or below it), and the
+                # Restore queued behind brings them. Anything else is damage.
+                if not self._behind_installed_snapshot():
+                    raise
         elif item is _SNAPSHOT_DUE:
             if self._snapshot_due():
                 await self._take_snapshot()

@@ -18,6 +18,7 @@ from fastraft.errors import (
     Overloaded,
     ProposalDropped,
 )
+from fastraft.messages import RequestVote
 from fastraft.node import RaftNode
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
@@ -267,6 +268,35 @@ async def test_initialize_is_idempotent_and_refuses_other_state():
         await node.initialize(c.members)  # same members: nothing happens
         with pytest.raises(AlreadyInitialized):
             await node.initialize({1: "local:1"})
+
+
+@run
+async def test_a_founder_that_voted_before_its_initialize_still_initializes():
+    """Found by tests/test_driver_faults.py: founders start, then each initializes; one
+    whose storage was slow got a founder's vote request first (a term, a vote, no log)
+    and its initialize() raised AlreadyInitialized, though it held nothing that could
+    differ from the founding entry."""
+    hub = MemoryHub()
+    members = {i: f"local:{i}" for i in (1, 2, 3)}
+    nodes = {i: RaftNode(i, storage=MemoryStorage(), network=hub.network(i),
+                         state_machine=Recorder(), config=FAST) for i in members}
+    for node in nodes.values():
+        await node.start()
+    try:
+        nodes[2].receive(1, [RequestVote(2, 1, 1, 1)])
+        await wait_until(lambda: nodes[2].engine.term == 2, 5, "the vote")
+        assert nodes[2].engine.log.last_index == 0
+        for node in nodes.values():
+            await node.initialize(members)
+        assert nodes[2].engine.term == 2 and nodes[2].engine.voted_for == 1
+        leader = nodes[await nodes[3].wait_for_leader(5)]
+        index = await leader.propose(b"formed")
+        await wait_until(lambda: all(n.applied_index >= index for n in nodes.values()), 5)
+        with pytest.raises(AlreadyInitialized):
+            await nodes[2].initialize({2: "local:2"})
+    finally:
+        for node in nodes.values():
+            await node.stop()
 
 
 @run

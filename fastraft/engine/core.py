@@ -267,7 +267,7 @@ class Engine:
                 f"node {self.id} already has state (term {self.term}, "
                 f"last index {self.log.last_index}); initialize only a fresh node")
         data = _configuration(membership)
-        self.term = 1
+        self.term = max(self.term, 1)  # never back: a vote of a later term stands
         self._persist_hard_state()
         self._append_own([Entry(1, 1, EntryKind.CONFIG, data)])
 
@@ -510,8 +510,11 @@ class Engine:
 
     @property
     def fresh(self) -> bool:
-        """No term, no log, no snapshot: a node ``bootstrap`` may form a cluster on."""
-        return self.term == 0 and self.log.last_index == 0 and self.log.snapshot_index == 0
+        """No log and no snapshot: a node ``bootstrap`` may form a cluster on. A term and
+        a vote do not count: a founder started before its ``initialize`` may have voted
+        for another founder already, and it holds nothing the founding entry could
+        contradict."""
+        return self.log.last_index == 0 and self.log.snapshot_index == 0
 
     def founding_membership(self) -> Membership | None:
         """The configuration of entry 1, if the log still holds it."""

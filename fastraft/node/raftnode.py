@@ -241,7 +241,8 @@ class RaftNode:
     # ------------------------------------------------------------------ client API
 
     async def initialize(self, members: dict[int, str]) -> None:
-        """Form a new cluster of ``members`` (id → address) on a fresh node.
+        """Form a new cluster of ``members`` (id → address) on a fresh node (one with no
+        log yet: a vote it gave another founder meanwhile does not count).
 
         Idempotent: initializing again with the same members does nothing (once the log's
         start is compacted away, "the same" means the configuration now in force), also

@@ -7,10 +7,11 @@ instant hooks; this is where the driver's interleavings are tried (two bugs of t
 task were found this way: a snapshot taken, or entries read from storage, behind a
 leader's snapshot being installed).
 
-Afterwards no node stopped itself, every acknowledged write was applied once, in the
-same order, on every node. Timing is real, so a run is not replayable; the seed picks
-the configuration and the faults (``FASTRAFT_DRIVER_SEED``), ``FASTRAFT_DRIVER_SECONDS``
-how long they last (default 4).
+Meanwhile every read (``read_index`` on a random node) sees the last write acknowledged
+before it began; afterwards no node stopped itself, and every acknowledged write was
+applied once, in the same order, on every node. Timing is real, so a run is not
+replayable; the seed picks the configuration and the faults (``FASTRAFT_DRIVER_SEED``),
+``FASTRAFT_DRIVER_SECONDS`` how long they last (default 4).
 """
 from __future__ import annotations
 
@@ -39,13 +40,16 @@ class SlowValues:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.values: list[bytes] = []
+        self.seen: set[bytes] = set()
 
     async def apply(self, entries):
         roll = self.rng.random()
         if roll < 0.1:  # now and then a few ms, rarely a stall longer than a partition
             await asyncio.sleep(self.rng.uniform(0.001, 0.01) if roll > 0.01 else
                                 self.rng.uniform(0.1, 0.5))
-        self.values.extend(bytes(e.data) for e in entries)
+        values = [bytes(e.data) for e in entries]
+        self.values.extend(values)
+        self.seen.update(values)
         return [e.index for e in entries]
 
     def snapshot(self) -> bytes:
@@ -53,6 +57,7 @@ class SlowValues:
 
     def restore(self, data) -> None:
         self.values = msgspec.msgpack.decode(data.read())
+        self.seen = set(self.values)
 
 
 class SlowStorage(AsyncMemoryStorage):
@@ -96,6 +101,26 @@ async def writer(c: LocalCluster, name: str, acked: list[bytes], stop: asyncio.E
             await asyncio.sleep(0.005)
 
 
+async def reader(c: LocalCluster, rng: random.Random, acked: list[bytes],
+                 stop: asyncio.Event) -> int:
+    """Linearizable reads on random nodes: once ``read_index()`` returns, the node's
+    state machine holds the last write acknowledged before the read began."""
+    reads = 0
+    while not stop.is_set():
+        await asyncio.sleep(0.002)
+        running = [n for n in c.nodes.values() if n._running]
+        if not acked or not running:
+            continue
+        node, before = rng.choice(running), acked[-1]
+        try:
+            await asyncio.wait_for(node.read_index(), 1.0)
+        except (FastRaftError, asyncio.TimeoutError):
+            continue
+        assert before in node.state_machine.seen, f"node {node.id} read a stale state"
+        reads += 1
+    return reads
+
+
 async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> list[str]:
     done = []
     ids = sorted(c.nodes)
@@ -127,7 +152,8 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
                     snapshot_interval=rng.choice([20, 50, 200]),
                     snapshot_trailing_entries=rng.choice([0, 5, 50]),
                     log_cache_bytes=rng.choice([1, 2_000, 50_000]),
-                    max_entries_per_message=rng.choice([4, 64, 1024]))
+                    max_entries_per_message=rng.choice([4, 64, 1024]),
+                    lease_reads=rng.choice([False, True]))
     async with LocalCluster(rng.choice([3, 5]), config=config,
                             state_machine=lambda: SlowValues(random.Random(rng.random())),
                             storage=lambda: SlowStorage(random.Random(rng.random())),
@@ -135,15 +161,20 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
         acked: list[bytes] = []
         stop = asyncio.Event()
         writers = [asyncio.ensure_future(writer(c, f"w{i}", acked, stop)) for i in range(4)]
+        readers = [asyncio.ensure_future(reader(c, random.Random(rng.random()), acked, stop))
+                   for _ in range(2)]
         faults = asyncio.ensure_future(nemesis(c, rng, stop))
         await asyncio.sleep(SECONDS)
         stop.set()
         await asyncio.gather(*writers)
+        reads = sum(await asyncio.gather(*readers))
         done = await faults
         installs = sum(n._recorder.snapshot_install_seconds.count for n in c.nodes.values())
-        print(f"{len(c.nodes)} nodes, snapshot_interval {config.snapshot_interval}, trailing "
+        print(f"{len(c.nodes)} nodes, lease reads {config.lease_reads}, snapshot_interval "
+              f"{config.snapshot_interval}, trailing "
               f"{config.snapshot_trailing_entries}, log_cache_bytes {config.log_cache_bytes}"
-              f": {len(acked)} acknowledged, {installs} snapshots installed; faults: "
+              f": {len(acked)} acknowledged, {reads} reads, {installs} snapshots installed; "
+              "faults: "
               + ", ".join(done))
         assert not [n.failure for n in c.nodes.values() if n.failure], done
         leader = await c.leader(20)

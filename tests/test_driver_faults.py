@@ -2,10 +2,11 @@
 and faults, in one process: a state machine and a storage that sometimes take their
 time, caches and snapshot intervals small enough that entries are applied from storage
 and snapshots are installed while older work is still queued, and a nemesis that cuts
-nodes off, partitions and restarts them. The simulator checks the engine's rules with
-instant hooks; this is where the driver's interleavings are tried (two bugs of the apply
-task were found this way: a snapshot taken, or entries read from storage, behind a
-leader's snapshot being installed).
+nodes off, partitions and restarts them, hands leadership over and asks for snapshots.
+The simulator checks the engine's rules with instant hooks; this is where the driver's
+interleavings are tried (it found three bugs: a snapshot taken, or entries read from
+storage, behind a leader's snapshot being installed; a founder that had voted before
+its ``initialize()``).
 
 Meanwhile every read (``read_index`` on a random node) sees the last write acknowledged
 before it began; afterwards no node stopped itself, and every acknowledged write was
@@ -123,21 +124,34 @@ async def reader(c: LocalCluster, rng: random.Random, acked: list[bytes],
 
 async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> list[str]:
     done = []
+    background: list[asyncio.Future] = []
     ids = sorted(c.nodes)
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.05, 0.3))
-        fault = rng.choice(["isolate", "partition", "heal", "heal", "restart"])
+        fault = rng.choice(["isolate", "partition", "heal", "heal", "restart", "transfer",
+                            "snapshot"])
         victim = rng.choice(ids)
-        if fault == "isolate":
+        leader = next((n for n in c.nodes.values() if n._running and n.is_leader), None)
+        if fault == "transfer" and leader is not None and leader.id != victim:
+            # in the background: it may wait for the target to catch up
+            background.append(asyncio.ensure_future(leader.transfer_leadership(victim, 0.5)))
+        elif fault == "snapshot":
+            background.append(asyncio.ensure_future(c.nodes[victim].snapshot()))
+        elif fault == "isolate":
             c.hub.isolate(victim)
         elif fault == "partition":
             c.hub.partition({victim}, set(ids) - {victim})
         elif fault == "heal":
             c.hub.heal()
-        else:
+        elif fault == "restart":
             await c.restart(victim)
+        else:
+            continue
         done.append(f"{fault} {victim}")
     c.hub.heal()
+    # their outcome does not matter (a transfer may time out, a snapshot call meet a
+    # restart), only that none leaves a node stopped or a write lost
+    await asyncio.gather(*background, return_exceptions=True)
     return done
 
 

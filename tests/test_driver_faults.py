@@ -25,6 +25,7 @@ import pytest
 
 from fastraft.config import Config
 from fastraft.errors import FastRaftError
+from fastraft.filestorage import FileStorage
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 
@@ -155,9 +156,24 @@ async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> l
     return done
 
 
+@pytest.fixture
+def file_storages(tmp_path):
+    """A factory of FileStorage directories under tmp_path, all closed at teardown."""
+    opened: list[FileStorage] = []
+
+    def make() -> FileStorage:
+        opened.append(FileStorage(str(tmp_path / f"node{len(opened) + 1}")))
+        return opened[-1]
+
+    yield make
+    for storage in opened:
+        storage.close()
+
+
 @pytest.mark.parametrize("k", range(2))
 @run
-async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k):
+async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k,
+                                                                            file_storages):
     seed = BASE_SEED + k
     print(f"driver seed {seed} (FASTRAFT_DRIVER_SEED={BASE_SEED} to pick the same faults)")
     rng = random.Random(seed)
@@ -168,9 +184,12 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
                     log_cache_bytes=rng.choice([1, 2_000, 50_000]),
                     max_entries_per_message=rng.choice([4, 64, 1024]),
                     lease_reads=rng.choice([False, True]))
+    # a third of the runs on FileStorage: its own threads, fsync, segments and compaction
+    on_files = rng.random() < 1 / 3
     async with LocalCluster(rng.choice([3, 5]), config=config,
                             state_machine=lambda: SlowValues(random.Random(rng.random())),
-                            storage=lambda: SlowStorage(random.Random(rng.random())),
+                            storage=file_storages if on_files else
+                            lambda: SlowStorage(random.Random(rng.random())),
                             seed=seed) as c:
         acked: list[bytes] = []
         stop = asyncio.Event()
@@ -184,7 +203,8 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
         reads = sum(await asyncio.gather(*readers))
         done = await faults
         installs = sum(n._recorder.snapshot_install_seconds.count for n in c.nodes.values())
-        print(f"{len(c.nodes)} nodes, lease reads {config.lease_reads}, snapshot_interval "
+        print(f"{len(c.nodes)} nodes on {'files' if on_files else 'slow memory'}, lease "
+              f"reads {config.lease_reads}, snapshot_interval "
               f"{config.snapshot_interval}, trailing "
               f"{config.snapshot_trailing_entries}, log_cache_bytes {config.log_cache_bytes}"
               f": {len(acked)} acknowledged, {reads} reads, {installs} snapshots installed; "

@@ -1,5 +1,6 @@
 """RaftNode end to end, in one process over the in-memory network."""
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -624,6 +625,52 @@ async def test_a_failing_restore_stops_the_node_saying_so():
         await wait_until(lambda: follower.failure is not None, 5, "the restore failing")
         assert "restoring the leader's snapshot failed: RuntimeError('disk full')" in \
             str(follower.failure)
+
+
+class GatedReads(MemoryStorage):
+    """Its read_entries waits while ``gate`` is clear (open at first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = open_gate()
+        self.reading = asyncio.Event()
+
+    async def read_entries(self, lo, hi, max_bytes=None):
+        self.reading.set()
+        await self.gate.wait()
+        return MemoryStorage.read_entries(self, lo, hi, max_bytes)
+
+
+def test_a_read_for_a_follower_that_compaction_overtook_is_no_warning(caplog):
+    """The leader reads old entries for a lagging follower (ReadLog) and compacts them
+    meanwhile: storage no longer has them, the follower gets a snapshot instead. That
+    is no damage: it was logged as a StorageCorruption warning, alarming operators."""
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 snapshot_interval=0, snapshot_trailing_entries=0, log_cache_bytes=1)
+
+    @run
+    async def scenario():
+        async with LocalCluster(3, state_machine=Recorder, storage=GatedReads,
+                                config=cfg) as c:
+            leader = await c.leader()
+            follower = next(n for n in c.nodes.values() if n is not leader)
+            c.hub.isolate(follower.id)
+            for k in range(20):
+                await leader.propose(b"%d" % k)
+            storage = c.storages[leader.id]
+            storage.gate.clear()
+            storage.reading.clear()
+            c.hub.heal()
+            await asyncio.wait_for(storage.reading.wait(), 5)  # a ReadLog for the follower
+            await asyncio.wait_for(leader.snapshot(), 5)  # compacts what it reads
+            storage.gate.set()
+            await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
+                             "the follower catching up")
+            assert leader._log_reader.reads >= 1
+
+    with caplog.at_level(logging.WARNING, logger="fastraft"):
+        scenario()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @run

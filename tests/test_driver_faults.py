@@ -8,6 +8,9 @@ interleavings are tried (it found three bugs: a snapshot taken, or entries read 
 storage, behind a leader's snapshot being installed; a founder that had voted before
 its ``initialize()``).
 
+The same with three ``RaftHost``s on loopback whose groups go quiet between sparse
+writes, a host cut off or restarted now and then.
+
 Meanwhile every read (``read_index`` on a random node) sees the last write acknowledged
 before it began; afterwards no node stopped itself, and every acknowledged write was
 applied once, in the same order, on every node. Timing is real, so a run is not
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -26,10 +30,12 @@ import pytest
 from fastraft.config import Config
 from fastraft.errors import FastRaftError
 from fastraft.filestorage import FileStorage
+from fastraft.node import RaftNode
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 
 from aio import run
+from test_host import GROUPS, Hosts
 
 SECONDS = float(os.environ.get("FASTRAFT_DRIVER_SECONDS", "4"))
 BASE_SEED = int(os.environ.get("FASTRAFT_DRIVER_SEED", str(random.randrange(10**6))))
@@ -85,15 +91,22 @@ class SlowStorage(AsyncMemoryStorage):
         MemoryStorage.save_snapshot(self, meta, data)
 
 
-async def writer(c: LocalCluster, name: str, acked: list[bytes], stop: asyncio.Event) -> None:
-    """Proposes new values one after another to whichever node leads; a value whose
+#: ``pick()`` for a writer: a replica that leads and the list its group's acknowledged
+#: writes go to; for a reader: any replica and that list. None: nothing to pick now.
+Pick = Callable[[], "tuple[RaftNode, list[bytes]] | None"]
+
+
+async def writer(pick: Pick, name: str, stop: asyncio.Event,
+                 pause: Callable[[], float] | None = None) -> None:
+    """Proposes new values one after another to the leader ``pick`` gives; a value whose
     proposal failed is never proposed again (its outcome is unknown)."""
     n = 0
     while not stop.is_set():
-        leader = next((x for x in c.nodes.values() if x._running and x.is_leader), None)
-        if leader is None:
+        picked = pick()
+        if picked is None:
             await asyncio.sleep(0.005)
             continue
+        leader, acked = picked
         value = b"%s-%d" % (name.encode(), n)
         n += 1
         try:
@@ -101,26 +114,38 @@ async def writer(c: LocalCluster, name: str, acked: list[bytes], stop: asyncio.E
             acked.append(value)
         except (FastRaftError, asyncio.TimeoutError):
             await asyncio.sleep(0.005)
+        if pause is not None:
+            await asyncio.sleep(pause())
 
 
-async def reader(c: LocalCluster, rng: random.Random, acked: list[bytes],
-                 stop: asyncio.Event) -> int:
-    """Linearizable reads on random nodes: once ``read_index()`` returns, the node's
-    state machine holds the last write acknowledged before the read began."""
+async def reader(pick: Pick, stop: asyncio.Event, every: float) -> int:
+    """Linearizable reads: once ``read_index()`` returns, the replica's state machine
+    holds the last write its group acknowledged before the read began."""
     reads = 0
     while not stop.is_set():
-        await asyncio.sleep(0.002)
-        running = [n for n in c.nodes.values() if n._running]
-        if not acked or not running:
+        await asyncio.sleep(every)
+        picked = pick()
+        if picked is None or not picked[1]:
             continue
-        node, before = rng.choice(running), acked[-1]
+        node, acked = picked
+        before = acked[-1]
         try:
             await asyncio.wait_for(node.read_index(), 1.0)
         except (FastRaftError, asyncio.TimeoutError):
             continue
-        assert before in node.state_machine.seen, f"node {node.id} read a stale state"
+        assert before in node.state_machine.seen, f"a stale read on node {node.id}"
         reads += 1
     return reads
+
+
+async def for_a_while(stop: asyncio.Event, writers: list[asyncio.Future],
+                      readers: list[asyncio.Future],
+                      faults: asyncio.Future) -> tuple[int, list[str]]:
+    """Let them run for ``SECONDS``, then stop them: the reads done, the faults made."""
+    await asyncio.sleep(SECONDS)
+    stop.set()
+    await asyncio.gather(*writers)
+    return sum(await asyncio.gather(*readers)), await faults
 
 
 async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> list[str]:
@@ -193,15 +218,21 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
                             seed=seed) as c:
         acked: list[bytes] = []
         stop = asyncio.Event()
-        writers = [asyncio.ensure_future(writer(c, f"w{i}", acked, stop)) for i in range(4)]
-        readers = [asyncio.ensure_future(reader(c, random.Random(rng.random()), acked, stop))
-                   for _ in range(2)]
+        def leader() -> tuple[RaftNode, list[bytes]] | None:
+            node = next((n for n in c.nodes.values() if n._running and n.is_leader), None)
+            return None if node is None else (node, acked)
+
+        def replica(rng: random.Random) -> Pick:
+            def pick() -> tuple[RaftNode, list[bytes]] | None:
+                running = [n for n in c.nodes.values() if n._running]
+                return (rng.choice(running), acked) if running else None
+            return pick
+
+        writers = [asyncio.ensure_future(writer(leader, f"w{i}", stop)) for i in range(4)]
+        readers = [asyncio.ensure_future(reader(replica(random.Random(rng.random())), stop,
+                                                0.002)) for _ in range(2)]
         faults = asyncio.ensure_future(nemesis(c, rng, stop))
-        await asyncio.sleep(SECONDS)
-        stop.set()
-        await asyncio.gather(*writers)
-        reads = sum(await asyncio.gather(*readers))
-        done = await faults
+        reads, done = await for_a_while(stop, writers, readers, faults)
         installs = sum(n._recorder.snapshot_install_seconds.count for n in c.nodes.values())
         print(f"{len(c.nodes)} nodes on {'files' if on_files else 'slow memory'}, lease "
               f"reads {config.lease_reads}, snapshot_interval "
@@ -221,3 +252,78 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
         assert set(acked) <= set(first), "an acknowledged write lost"
         for i, h in histories.items():
             assert h == first, f"node {i} applied another history"
+
+
+async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event) -> list[str]:
+    """Cuts a host off (its frames dropped both ways), heals, restarts a host on its
+    storages (its groups initialize again: a no-op)."""
+    done = []
+    while not stop.is_set():
+        await asyncio.sleep(rng.uniform(0.1, 0.5))
+        quiet = sum(h.status()["quiet"] for h in hosts.hosts.values())
+        fault, victim = rng.choice(["cut", "heal", "heal", "restart"]), rng.choice([1, 2, 3])
+        if fault == "cut":
+            for i, h in hosts.hosts.items():
+                h.network.receive_filter = lambda frm, i=i, v=victim: (frm == v) == (i == v)
+        elif fault == "heal":
+            for h in hosts.hosts.values():
+                h.network.__dict__.pop("receive_filter", None)
+        else:
+            await hosts.hosts[victim].stop()
+            await hosts.start(victim)
+        done.append(f"{fault} {victim} ({quiet} quiet)")
+    for h in hosts.hosts.values():
+        h.network.__dict__.pop("receive_filter", None)
+    return done
+
+
+@run
+async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
+    """Three RaftHosts on loopback, groups that go quiet between sparse writes, slow
+    state machines, small snapshot intervals and a shared cache budget; a host cut off
+    or restarted now and then. Same checks, per group."""
+    seed = BASE_SEED + 100
+    print(f"host seed {seed} (FASTRAFT_DRIVER_SEED={BASE_SEED} to pick the same faults)")
+    rng = random.Random(seed)
+    config = Config(election_timeout_min=0.15, election_timeout_max=0.3,
+                    heartbeat_interval=0.03, quiesce_after=0.1,
+                    snapshot_interval=rng.choice([20, 100]), snapshot_trailing_entries=5)
+    hosts = Hosts(config=config, log_cache_bytes=rng.choice([None, 16_000]),
+                  state_machine=lambda: SlowValues(random.Random(rng.random())))
+    async with hosts:
+        acked: dict[int, list[bytes]] = {g: [] for g in GROUPS}
+        stop = asyncio.Event()
+        def replica(rng: random.Random, leading: bool) -> Pick:
+            def pick() -> tuple[RaftNode, list[bytes]] | None:
+                g = rng.choice(GROUPS)
+                found = [h.group(g) for h in list(hosts.hosts.values())
+                         if h._running and g in h.groups
+                         and (h.group(g).is_leader or not leading)]
+                return (rng.choice(found), acked[g]) if found else None
+            return pick
+
+        # sparse writes: a group hears from the writers a few times a second, so it goes
+        # quiet between writes and wakes for the next
+        writers = [asyncio.ensure_future(writer(
+            replica(random.Random(rng.random()), True), f"w{i}", stop,
+            pause=lambda: rng.uniform(0, 0.3))) for i in range(8)]
+        readers = [asyncio.ensure_future(reader(replica(random.Random(rng.random()), False),
+                                                stop, 0.005)) for _ in range(2)]
+        faults = asyncio.ensure_future(host_nemesis(hosts, rng, stop))
+        reads, done = await for_a_while(stop, writers, readers, faults)
+        print(f"{sum(map(len, acked.values()))} acknowledged, {reads} reads; faults: "
+              + ", ".join(done))
+        assert not [h.status()["failed"] for h in hosts.hosts.values()
+                    if h.status()["failed"]], done
+        for g in GROUPS:
+            leader = await hosts.leader(g)
+            last = await hosts.propose(g, b"last")
+            replicas = [h.group(g) for h in hosts.hosts.values()]
+            await wait_until(lambda last=last, replicas=replicas: all(
+                n.applied_index >= last for n in replicas), 20,
+                f"group {g} applying its last write everywhere")
+            first = leader.state_machine.values
+            assert len(set(first)) == len(first), f"group {g}: a value applied twice"
+            assert set(acked[g]) <= set(first), f"group {g}: an acknowledged write lost"
+            for n in replicas:
+                assert n.state_machine.values == first, f"group {g} differs on {n.id}"

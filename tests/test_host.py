@@ -49,8 +49,9 @@ class Hosts:
     state machine across a host's restart."""
 
     def __init__(self, balance_interval=0.1, config=FAST, storage=None,
-                 max_campaigns=DEFAULT_MAX_CAMPAIGNS, log_cache_bytes=None):
+                 max_campaigns=DEFAULT_MAX_CAMPAIGNS, log_cache_bytes=None, state_machine=Log):
         ports = free_ports(3)
+        self.state_machine = state_machine
         self.max_campaigns = max_campaigns
         self.log_cache_bytes = log_cache_bytes
         self.addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
@@ -72,7 +73,7 @@ class Hosts:
                         log_cache_bytes=self.log_cache_bytes)
         self.hosts[host_id] = await host.start()
         for g in groups:
-            self.logs[host_id, g] = Log()
+            self.logs[host_id, g] = self.state_machine()
             await host.create_group(g, self.addresses if found else None,
                                     state_machine=self.logs[host_id, g])
         return host

@@ -7,12 +7,13 @@ import io
 import os
 
 import pytest
-from test_host import Hosts
 
 from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
 from fastraft.testing import wait_until
+
+from test_host import Hosts
 
 
 def drive(coro):

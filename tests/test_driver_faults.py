@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
 
 from fastraft.config import Config
-from fastraft.errors import FastRaftError
+from fastraft.errors import FastRaftError, NotLeader, ProposalDropped
 from fastraft.filestorage import FileStorage
 from fastraft.node import RaftNode
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
@@ -148,6 +148,18 @@ async def for_a_while(stop: asyncio.Event, writers: list[asyncio.Future],
     return sum(await asyncio.gather(*readers)), await faults
 
 
+async def last_write(find_leader: Callable[[], Awaitable[RaftNode]]) -> int:
+    """A write through whichever node leads, once the faults are over; retried (with a
+    new value) while leadership still moves. Returns its index."""
+    tries = 0
+    while True:
+        try:
+            return int(await (await find_leader()).propose(b"last-%d" % tries))
+        except (NotLeader, ProposalDropped):
+            tries += 1
+            await asyncio.sleep(0.01)
+
+
 async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> list[str]:
     done = []
     background: list[asyncio.Future] = []
@@ -242,8 +254,8 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
               "faults: "
               + ", ".join(done))
         assert not [n.failure for n in c.nodes.values() if n.failure], done
+        last = await last_write(lambda: c.leader(20))
         leader = await c.leader(20)
-        last = await leader.propose(b"last")
         await wait_until(lambda: all(n.applied_index >= last for n in c.nodes.values()), 20,
                          "every node applying the last write")
         histories = {i: c.state_machines[i].values for i in c.nodes}
@@ -316,8 +328,8 @@ async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
         assert not [h.status()["failed"] for h in hosts.hosts.values()
                     if h.status()["failed"]], done
         for g in GROUPS:
+            last = await last_write(lambda g=g: hosts.leader(g))
             leader = await hosts.leader(g)
-            last = await hosts.propose(g, b"last")
             replicas = [h.group(g) for h in hosts.hosts.values()]
             await wait_until(lambda last=last, replicas=replicas: all(
                 n.applied_index >= last for n in replicas), 20,

@@ -160,6 +160,18 @@ async def last_write(find_leader: Callable[[], Awaitable[RaftNode]]) -> int:
             await asyncio.sleep(0.01)
 
 
+async def change_members(c: LocalCluster, leader: RaftNode, node_id: int) -> None:
+    """Membership moves one step (§6): a node outside becomes a learner, learners are
+    promoted, or, with more than three voters, ``node_id`` is removed."""
+    m = leader.engine.membership
+    if node_id not in m.members:
+        await leader.add_learner(node_id, c.addresses[node_id], timeout=1.0)
+    elif m.learners:
+        await leader.change_membership(set(m.voters | m.learners), timeout=1.0)
+    elif len(m.voters) > 3 and node_id in m.voters:
+        await leader.change_membership(set(m.voters - {node_id}), timeout=1.0)
+
+
 async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> list[str]:
     done = []
     background: list[asyncio.Future] = []
@@ -167,12 +179,14 @@ async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> l
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.05, 0.3))
         fault = rng.choice(["isolate", "partition", "heal", "heal", "restart", "transfer",
-                            "snapshot"])
+                            "snapshot", "membership"])
         victim = rng.choice(ids)
         leader = next((n for n in c.nodes.values() if n._running and n.is_leader), None)
         if fault == "transfer" and leader is not None and leader.id != victim:
             # in the background: it may wait for the target to catch up
             background.append(asyncio.ensure_future(leader.transfer_leadership(victim, 0.5)))
+        elif fault == "membership" and leader is not None:
+            background.append(asyncio.ensure_future(change_members(c, leader, victim)))
         elif fault == "snapshot":
             background.append(asyncio.ensure_future(c.nodes[victim].snapshot()))
         elif fault == "isolate":
@@ -223,7 +237,7 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
                     lease_reads=rng.choice([False, True]))
     # a third of the runs on FileStorage: its own threads, fsync, segments and compaction
     on_files = rng.random() < 1 / 3
-    async with LocalCluster(rng.choice([3, 5]), config=config,
+    async with LocalCluster(rng.choice([3, 5]), spares=rng.choice([0, 2]), config=config,
                             state_machine=lambda: SlowValues(random.Random(rng.random())),
                             storage=file_storages if on_files else
                             lambda: SlowStorage(random.Random(rng.random())),
@@ -246,7 +260,8 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
         faults = asyncio.ensure_future(nemesis(c, rng, stop))
         reads, done = await for_a_while(stop, writers, readers, faults)
         installs = sum(n._recorder.snapshot_install_seconds.count for n in c.nodes.values())
-        print(f"{len(c.nodes)} nodes on {'files' if on_files else 'slow memory'}, lease "
+        print(f"{c.size} + {len(c.nodes) - c.size} nodes on "
+              f"{'files' if on_files else 'slow memory'}, lease "
               f"reads {config.lease_reads}, snapshot_interval "
               f"{config.snapshot_interval}, trailing "
               f"{config.snapshot_trailing_entries}, log_cache_bytes {config.log_cache_bytes}"
@@ -256,9 +271,12 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
         assert not [n.failure for n in c.nodes.values() if n.failure], done
         last = await last_write(lambda: c.leader(20))
         leader = await c.leader(20)
-        await wait_until(lambda: all(n.applied_index >= last for n in c.nodes.values()), 20,
-                         "every node applying the last write")
-        histories = {i: c.state_machines[i].values for i in c.nodes}
+        m = leader.engine.membership
+        print(f"at the end: voters {sorted(m.voters)}, learners {sorted(m.learners)}")
+        members = [c.nodes[i] for i in m.members]
+        await wait_until(lambda: all(n.applied_index >= last for n in members), 20,
+                         "every member applying the last write")
+        histories = {n.id: c.state_machines[n.id].values for n in members}
         first = histories[leader.id]
         assert len(set(first)) == len(first), "a value applied twice"
         assert set(acked) <= set(first), "an acknowledged write lost"

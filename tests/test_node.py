@@ -21,6 +21,7 @@ from fastraft.errors import (
 )
 from fastraft.messages import RequestVote
 from fastraft.node import RaftNode
+from fastraft.node.applier import Restore
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
@@ -503,15 +504,25 @@ def open_gate() -> asyncio.Event:
 
 
 class GatedApply(Recorder):
-    """Its apply waits while ``gate`` is clear (open at first)."""
+    """Its apply waits while ``gate`` is clear (open at first). ``gaps``: applies that did
+    not start right after the entry applied before them (a restore starts afresh)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = open_gate()
+        self.gaps: list[tuple[int, int]] = []
+        self._last: int | None = None
 
     async def apply(self, entries):
         await self.gate.wait()
+        if self._last is not None and entries[0].index != self._last + 1:
+            self.gaps.append((self._last, entries[0].index))
+        self._last = entries[-1].index
         return Recorder.apply(self, entries)
+
+    def restore(self, data):
+        Recorder.restore(self, data)
+        self._last = None
 
 
 class GatedAppends(MemoryStorage):
@@ -531,10 +542,11 @@ class GatedAppends(MemoryStorage):
 async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its_restore(how):
     """Chaos seed 138571: a follower whose state machine lagged installed the leader's
     snapshot while its disk was busy; before that snapshot's save was planned, the
-    snapshot its own applies had made due asked the engine for a snapshot at an index
-    the log no longer held, and the node stopped itself."""
+    snapshot the batch it was applying made due asked the engine for a snapshot at an
+    index the log no longer held, and the node stopped itself. A snapshot() call queued
+    then is answered after the Restore."""
     cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=50 if how == "snapshot_interval" else 0,
+                 snapshot_interval=1 if how == "snapshot_interval" else 0,
                  snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
                             config=cfg) as c:
@@ -561,9 +573,9 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
         c.hub.heal()
         await wait_until(lambda: follower.engine.log.snapshot_index > last, 5, "install")
         assert follower.applied_index == stuck  # the state machine is still behind it
-        applies.set()
-        await wait_until(lambda: follower.applied_index >= last or follower.failure, 5,
-                         "the lagging entries applied")
+        applies.set()  # the batch it was applying ends; what is queued behind is skipped
+        await wait_until(lambda: Restore not in map(type, follower._applier.queue)
+                         or follower.failure, 5, "the apply task reaching the Restore")
         appends.set()
         await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
                          "catching up")
@@ -575,10 +587,12 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
 @run
 async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced_are_skipped():
     """A follower with a small cache applies committed entries from storage
-    (ApplyStored); its state machine lagged while it installed the leader's snapshot,
-    which replaced those entries in storage: the Restore behind them covers them."""
+    (ApplyStored), then newer ones from memory; its state machine lagged while it
+    installed the leader's snapshot, which replaced those entries in storage: the
+    Restore behind them covers them, and the newer ones too (found by
+    test_driver_faults: they were applied after a gap, and reads saw that state)."""
     cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=0, snapshot_trailing_entries=0, log_cache_bytes=1)
+                 snapshot_interval=0, snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=GatedApply, config=cfg) as c:
         leader = await c.leader()
         for k in range(10):
@@ -587,9 +601,15 @@ async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced
         applies, storage = c.state_machines[follower.id].gate, c.storages[follower.id]
         applies.clear()
         stuck = follower.applied_index
+        follower.engine.limit_cache(1)  # these leave its memory before they commit
         last = max(await asyncio.gather(*[leader.propose(b"b%d" % k) for k in range(45)]))
         await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
-        assert any(type(item) is ApplyStored for item in follower._applier.queue)
+        follower.engine.limit_cache(1 << 20)  # these are applied from memory
+        for k in range(5):
+            last = await leader.propose(b"d%d" % k)
+        await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
+        queued = [type(item) for item in follower._applier.queue]
+        assert ApplyStored in queued and list in queued[queued.index(ApplyStored):], queued
         c.hub.isolate(follower.id)
         for k in range(100):
             await leader.propose(b"c%d" % k)
@@ -603,6 +623,9 @@ async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced
         await wait_until(lambda: follower.applied_index >= leader.applied_index
                          or follower.failure, 5, "catching up")
         assert follower.failure is None
+        # nothing after the entries it skipped was applied before the Restore: that
+        # would have left a gap in its state, read by reads at those indexes
+        assert c.state_machines[follower.id].gaps == []
 
 
 class FailingRestore(Recorder):

@@ -131,6 +131,8 @@ class Applier:
                 if type(entries) is not list:
                     await self._special(entries)
                     continue
+                if self._behind_installed_snapshot():
+                    continue  # see _behind_installed_snapshot
                 while queue and type(queue[0]) is list and len(entries) < MAX_APPLY_BATCH:
                     entries = entries + queue.popleft()
                 if len(entries) > MAX_APPLY_BATCH:
@@ -169,9 +171,11 @@ class Applier:
             self.applied_index - self.node._writer.snapshot_index >= interval
 
     def _behind_installed_snapshot(self) -> bool:
-        """The engine installed a leader's snapshot past what the state machine holds; its
-        Restore is queued behind us, and the log no longer has our applied index to
-        snapshot at (§7)."""
+        """The engine installed a leader's snapshot past what the state machine holds
+        (§7). Its Restore is queued behind everything committed before it, and covers
+        all of that: those entries are skipped, not applied (storage may no longer
+        hold them, and applying the later ones alone would leave a gap in the state
+        that reads would see); the log no longer has the applied index to snapshot at."""
         return self.applied_index < self.node.engine.log.snapshot_index
 
     async def _special(self, item: Any) -> None:
@@ -208,9 +212,8 @@ class Applier:
                             await self._take_snapshot()
                         await asyncio.sleep(0)
             except StorageCorruption:
-                # A leader's snapshot installed since replaced them in storage; it covers
-                # them (they were committed before it, so are at or below it), and the
-                # Restore queued behind brings them. Anything else is damage.
+                # A leader's snapshot installed meanwhile replaced them in storage (see
+                # _behind_installed_snapshot). Anything else is damage.
                 if not self._behind_installed_snapshot():
                     raise
         elif item is _SNAPSHOT_DUE:

@@ -628,6 +628,49 @@ async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced
         assert c.state_machines[follower.id].gaps == []
 
 
+@run
+async def test_nothing_is_applied_after_entries_skipped_behind_an_installed_snapshot():
+    """Entries from memory queued before entries from storage, all committed before a
+    leader's snapshot the follower installed while its disk was busy (storage still
+    holds them): the ones from memory were skipped, the ones from storage then applied
+    after the gap (found by test_driver_faults, after the fix above)."""
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 snapshot_interval=0, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
+                            config=cfg) as c:
+        leader = await c.leader()
+        for k in range(10):
+            await leader.propose(b"a%d" % k)
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        machine, appends = c.state_machines[follower.id], c.storages[follower.id].gate
+        machine.gate.clear()
+        for k in range(5):  # applied from memory
+            last = await leader.propose(b"d%d" % k)
+        await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
+        follower.engine.limit_cache(1)  # these leave its memory before they commit
+        last = max(await asyncio.gather(*[leader.propose(b"b%d" % k) for k in range(45)]))
+        await wait_until(lambda: follower.engine.commit_index >= last, 5, "commit")
+        queued = [type(item) for item in follower._applier.queue]
+        assert list in queued and ApplyStored in queued[queued.index(list):], queued
+        appends.clear()  # its disk is busy: storage keeps the entries while it installs
+        last = await leader.propose(b"x")
+        await wait_until(lambda: follower.engine.log.last_index >= last, 5, "a write in flight")
+        c.hub.isolate(follower.id)
+        for k in range(100):
+            await leader.propose(b"c%d" % k)
+        await leader.snapshot()
+        c.hub.heal()
+        await wait_until(lambda: follower.engine.log.snapshot_index > last, 5, "install")
+        machine.gate.set()
+        await wait_until(lambda: Restore not in map(type, follower._applier.queue)
+                         or follower.failure, 5, "the apply task reaching the Restore")
+        appends.set()
+        await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
+                         "catching up")
+        assert follower.failure is None
+        assert machine.gaps == []
+
+
 class FailingRestore(Recorder):
     def restore(self, data):
         raise RuntimeError("disk full")

@@ -200,6 +200,8 @@ class Applier:
         elif type(item) is ApplyStored:
             # Committed entries that left the engine's memory: from storage, a batch at a
             # time, in their place in the apply order.
+            if self._behind_installed_snapshot():
+                return  # even if storage still holds them: see _behind_installed_snapshot
             try:
                 async for batch in self.node._log_reader.batches(item.first, item.last + 1):
                     if batch[0].index <= self.applied_index:

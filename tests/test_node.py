@@ -537,6 +537,27 @@ class GatedAppends(MemoryStorage):
         MemoryStorage.append_entries(self, entries)
 
 
+async def written_to(c: LocalCluster) -> tuple[RaftNode, RaftNode]:
+    """The leader, after ten writes, and one of its followers."""
+    leader = await c.leader()
+    for k in range(10):
+        await leader.propose(b"a%d" % k)
+    follower = next(n for n in c.nodes.values() if n is not leader)
+    return leader, follower
+
+
+async def restored_once_the_disk_is_free(leader: RaftNode, follower: RaftNode,
+                                         disk: asyncio.Event) -> None:
+    """The follower's apply task reaches the Restore of the snapshot it installed, which
+    waits for its save; the disk frees; the follower catches up without failing."""
+    await wait_until(lambda: Restore not in map(type, follower._applier.queue)
+                     or follower.failure, 5, "the apply task reaching the Restore")
+    disk.set()
+    await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
+                     "catching up")
+    assert follower.failure is None
+
+
 @pytest.mark.parametrize("how", ["snapshot_interval", "snapshot()"])
 @run
 async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its_restore(how):
@@ -550,10 +571,7 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
                  snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
                             config=cfg) as c:
-        leader = await c.leader()
-        for k in range(10):
-            await leader.propose(b"a%d" % k)
-        follower = next(n for n in c.nodes.values() if n is not leader)
+        leader, follower = await written_to(c)
         applies, appends = c.state_machines[follower.id].gate, c.storages[follower.id].gate
         applies.clear()
         stuck = follower.applied_index
@@ -574,12 +592,7 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
         await wait_until(lambda: follower.engine.log.snapshot_index > last, 5, "install")
         assert follower.applied_index == stuck  # the state machine is still behind it
         applies.set()  # the batch it was applying ends; what is queued behind is skipped
-        await wait_until(lambda: Restore not in map(type, follower._applier.queue)
-                         or follower.failure, 5, "the apply task reaching the Restore")
-        appends.set()
-        await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
-                         "catching up")
-        assert follower.failure is None
+        await restored_once_the_disk_is_free(leader, follower, appends)
         if how == "snapshot()":
             assert await asyncio.wait_for(call, 5) >= follower.engine.log.snapshot_index
 
@@ -594,10 +607,7 @@ async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced
     cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
                  snapshot_interval=0, snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=GatedApply, config=cfg) as c:
-        leader = await c.leader()
-        for k in range(10):
-            await leader.propose(b"a%d" % k)
-        follower = next(n for n in c.nodes.values() if n is not leader)
+        leader, follower = await written_to(c)
         applies, storage = c.state_machines[follower.id].gate, c.storages[follower.id]
         applies.clear()
         stuck = follower.applied_index
@@ -638,10 +648,7 @@ async def test_nothing_is_applied_after_entries_skipped_behind_an_installed_snap
                  snapshot_interval=0, snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
                             config=cfg) as c:
-        leader = await c.leader()
-        for k in range(10):
-            await leader.propose(b"a%d" % k)
-        follower = next(n for n in c.nodes.values() if n is not leader)
+        leader, follower = await written_to(c)
         machine, appends = c.state_machines[follower.id], c.storages[follower.id].gate
         machine.gate.clear()
         for k in range(5):  # applied from memory
@@ -662,12 +669,7 @@ async def test_nothing_is_applied_after_entries_skipped_behind_an_installed_snap
         c.hub.heal()
         await wait_until(lambda: follower.engine.log.snapshot_index > last, 5, "install")
         machine.gate.set()
-        await wait_until(lambda: Restore not in map(type, follower._applier.queue)
-                         or follower.failure, 5, "the apply task reaching the Restore")
-        appends.set()
-        await wait_until(lambda: follower.applied_index >= leader.applied_index, 5,
-                         "catching up")
-        assert follower.failure is None
+        await restored_once_the_disk_is_free(leader, follower, appends)
         assert machine.gaps == []
 
 

@@ -19,9 +19,9 @@ from fastraft.errors import (
     Overloaded,
     ProposalDropped,
 )
-from fastraft.messages import RequestVote
+from fastraft.messages import Entry, EntryKind, RequestVote
 from fastraft.node import RaftNode
-from fastraft.node.applier import Restore
+from fastraft.node.applier import MAX_APPLY_BATCH, Restore
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
@@ -671,6 +671,30 @@ async def test_nothing_is_applied_after_entries_skipped_behind_an_installed_snap
         machine.gate.set()
         await restored_once_the_disk_is_free(leader, follower, appends)
         assert machine.gaps == []
+
+
+@run
+async def test_a_backlog_taken_before_a_snapshot_install_is_applied_before_its_restore():
+    """A commit of more than MAX_APPLY_BATCH entries and the last chunk of a leader's
+    snapshot in one turn: the backlog went to the queue behind the snapshot's Restore,
+    and would have been applied over the restored state (entries twice, the applied
+    index going back)."""
+    node = await lone_node()
+    try:
+        await node.initialize({1: "local:1"})
+        await node.wait_for_leader(5)
+        applier = node._applier
+        first = applier.applied_index + 1
+        backlog = [Entry(1, i, EntryKind.NORMAL, b"") for i in
+                   range(first, first + MAX_APPLY_BATCH + 1)]
+        assert applier.can_apply_now()  # taken now, applied at the end of the turn
+        restore = object()  # what installing the snapshot queues meanwhile
+        applier.enqueue(restore)
+        applier.apply_now(backlog)
+        assert list(applier.queue) == [backlog, restore]
+        applier.queue.clear()  # (neither is real: nothing to apply)
+    finally:
+        await node.stop()
 
 
 class FailingRestore(Recorder):

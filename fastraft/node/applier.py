@@ -97,8 +97,12 @@ class Applier:
         return not self._sm_apply_async and not self.queue and not self._busy
 
     def apply_now(self, entries: list[Entry]) -> None:
+        """Apply ``entries`` at once (the queue was empty when they were taken)."""
         if len(entries) > MAX_APPLY_BATCH:
-            self.enqueue(entries)  # a backlog: the task applies it in slices
+            # A backlog: the task applies it in slices, before anything queued since it
+            # was taken (the Restore of a snapshot installed in the same turn).
+            self.queue.appendleft(entries)
+            self._wakeup.set()
             return
         self._busy = True
         try:

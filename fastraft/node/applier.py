@@ -171,8 +171,9 @@ class Applier:
 
     def _snapshot_due(self) -> bool:
         interval = self.node.config.snapshot_interval
-        return bool(interval) and not self._behind_installed_snapshot() and \
-            self.applied_index - self.node._writer.snapshot_index >= interval
+        return bool(interval) and \
+            self.applied_index - self.node._writer.snapshot_index >= interval and \
+            not self._behind_installed_snapshot()
 
     def _behind_installed_snapshot(self) -> bool:
         """The engine installed a leader's snapshot past what the state machine holds

@@ -305,10 +305,23 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
                 assert time.monotonic() < deadline, f"node {i} did not catch up to {target}"
                 await asyncio.sleep(0.05)
         seen = {}
+
+        async def get(c: KVClient, key: str) -> bytes | None:
+            # A read the node could not confirm in time (say its request to the leader
+            # was lost while a link reconnected) is answered not_leader, a certain
+            # failure with no effect: a client asks again.
+            while True:
+                try:
+                    return await c.get(key)
+                except ClientError as exc:
+                    if exc.error != "not_leader" or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.05)
+
         for i, c in clients.items():
             for key in KEYS:
                 op = workload.history.invoke(-i, "get", key)
-                value = await c.get(key)
+                value = await get(c, key)
                 workload.history.ok(op, output=value)
                 seen.setdefault(key, value)
                 assert seen[key] == value, f"node {i} reads {key}={value!r}, " \
@@ -316,7 +329,7 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
             acked = list(workload.acked_unique.items())
             for start in range(0, len(acked), 1000):  # pipelined, a thousand at a time
                 chunk = acked[start:start + 1000]
-                got = await asyncio.gather(*[c.get(key) for key, _ in chunk])
+                got = await asyncio.gather(*[get(c, key) for key, _ in chunk])
                 for (key, value), read in zip(chunk, got):
                     assert read == value, f"acknowledged {key} lost on node {i}"
         return {i: (await c.status())["applied_index"] for i, c in clients.items()}

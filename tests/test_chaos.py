@@ -305,6 +305,7 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
                 assert time.monotonic() < deadline, f"node {i} did not catch up to {target}"
                 await asyncio.sleep(0.05)
         seen = {}
+        workload.stats["final_reads_retried"] = 0
 
         async def get(c: KVClient, key: str) -> bytes | None:
             # A read the node could not confirm in time (say its request to the leader
@@ -316,6 +317,7 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
                 except ClientError as exc:
                     if exc.error != "not_leader" or time.monotonic() > deadline:
                         raise
+                    workload.stats["final_reads_retried"] += 1
                 await asyncio.sleep(0.05)
 
         for i, c in clients.items():

@@ -187,6 +187,28 @@ async def test_read_index_without_leader_raises_not_leader():
     await node.stop()
 
 
+def test_a_read_the_leader_does_not_confirm_in_time_says_so_in_the_log(caplog):
+    """NotLeader to the caller (it asks again), and a line for the operator: a read
+    that timed out left no trace (a chaos run's final read failed so, and the logs
+    could not say why)."""
+    cfg = Config(election_timeout_min=1.0, election_timeout_max=2.0, heartbeat_interval=0.1)
+
+    @run
+    async def scenario():
+        async with LocalCluster(3, state_machine=Recorder, config=cfg) as c:
+            leader = await c.leader()
+            follower = next(n for n in c.nodes.values() if n is not leader)
+            c.hub.isolate(follower.id)  # it still follows the leader for a while
+            with pytest.raises(NotLeader) as caught:
+                await follower.read_index(timeout=0.1)
+            assert caught.value.leader_id == leader.id
+
+    with caplog.at_level(logging.WARNING, logger="fastraft"):
+        scenario()
+    assert any("a read was not confirmed within 0.10s (follower, leader" in r.getMessage()
+               for r in caplog.records)
+
+
 @run
 async def test_back_pressure_raises_overloaded_instead_of_growing():
     cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,

@@ -9,14 +9,19 @@ renewing the lease in the background when half of it is used.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fastraft.asyncutil import fail_future
 from fastraft.engine import Role
 from fastraft.errors import NotLeader, Overloaded
+from fastraft.logutil import Throttle
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode
+
+log = logging.getLogger("fastraft.node")
+_timeouts = Throttle(log, interval=5.0)
 
 
 class Reads:
@@ -63,6 +68,10 @@ class Reads:
         try:
             index = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
+            # The client is told NotLeader (it asks again); the operator, why.
+            _timeouts.warning(node.id, "node %d: a read was not confirmed within %.2fs "
+                              "(%s, leader %s)", node.id, timeout, engine.role.name.lower(),
+                              engine.leader_id)
             raise engine.not_leader() from None
         finally:
             self.pending.pop(rid, None)

@@ -71,7 +71,9 @@ class Reads:
             # The client is told NotLeader (it asks again); the operator, why.
             _timeouts.warning(node.id, "node %d: a read was not confirmed within %.2fs "
                               "(%s, leader %s)", node.id, timeout, engine.role.name.lower(),
-                              engine.leader_id)
+                              engine.leader_id,
+                              extra={"event": "read_timeout", "node": node.id,
+                                     "seconds": timeout, "leader": engine.leader_id})
             raise engine.not_leader() from None
         finally:
             self.pending.pop(rid, None)

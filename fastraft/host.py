@@ -201,10 +201,8 @@ class RaftHost:
         #: may still complete later).
         self.transfers = 0
         self.log_cache_bytes = log_cache_bytes
-        #: The number of groups the log cache budget was last split for, and each one's
-        #: share (see ``_share_cache``).
+        #: The number of groups the log cache budget was last split for (``_share_cache``).
         self._cache_split_for = 0
-        self._cache_share = log_cache_bytes or 0
 
     @property
     def address(self) -> str:
@@ -301,13 +299,13 @@ class RaftHost:
         n = len(self._groups)
         if not n <= self._cache_split_for < 2 * n + 2:
             self._cache_split_for = n + n // 8 + 1
-            self._cache_share = self.log_cache_bytes // self._cache_split_for
+            share = self.log_cache_bytes // self._cache_split_for
             for node in self._groups.values():
-                node.log_cache_share = self._cache_share
+                node.log_cache_share = share
                 if node.engine is not None:
-                    node.engine.limit_cache(self._cache_share)
+                    node.engine.limit_cache(share)
         elif new is not None:
-            new.log_cache_share = self._cache_share
+            new.log_cache_share = self.log_cache_bytes // self._cache_split_for
 
     def group(self, group_id: int) -> RaftNode:
         """The replica of group ``group_id`` on this host; ``UnknownGroup`` if none."""

@@ -29,7 +29,6 @@ import pytest
 
 from fastraft.config import Config
 from fastraft.errors import FastRaftError, NotLeader, ProposalDropped
-from fastraft.filestorage import FileStorage
 from fastraft.node import RaftNode
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
@@ -48,16 +47,13 @@ class SlowValues:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.values: list[bytes] = []
-        self.seen: set[bytes] = set()
 
     async def apply(self, entries):
         roll = self.rng.random()
         if roll < 0.1:  # now and then a few ms, rarely a stall longer than a partition
             await asyncio.sleep(self.rng.uniform(0.001, 0.01) if roll > 0.01 else
                                 self.rng.uniform(0.1, 0.5))
-        values = [bytes(e.data) for e in entries]
-        self.values.extend(values)
-        self.seen.update(values)
+        self.values.extend(bytes(e.data) for e in entries)
         return [e.index for e in entries]
 
     def snapshot(self) -> bytes:
@@ -65,7 +61,6 @@ class SlowValues:
 
     def restore(self, data) -> None:
         self.values = msgspec.msgpack.decode(data.read())
-        self.seen = set(self.values)
 
 
 class SlowStorage(AsyncMemoryStorage):
@@ -133,7 +128,7 @@ async def reader(pick: Pick, stop: asyncio.Event, every: float) -> int:
             await asyncio.wait_for(node.read_index(), 1.0)
         except (FastRaftError, asyncio.TimeoutError):
             continue
-        assert before in node.state_machine.seen, f"a stale read on node {node.id}"
+        assert before in node.state_machine.values, f"a stale read on node {node.id}"
         reads += 1
     return reads
 
@@ -207,24 +202,10 @@ async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> l
     return done
 
 
-@pytest.fixture
-def file_storages(tmp_path):
-    """A factory of FileStorage directories under tmp_path, all closed at teardown."""
-    opened: list[FileStorage] = []
-
-    def make() -> FileStorage:
-        opened.append(FileStorage(str(tmp_path / f"node{len(opened) + 1}")))
-        return opened[-1]
-
-    yield make
-    for storage in opened:
-        storage.close()
-
-
 @pytest.mark.parametrize("k", range(2))
 @run
 async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k,
-                                                                            file_storages):
+                                                                            file_storage):
     seed = BASE_SEED + k
     print(f"driver seed {seed} (FASTRAFT_DRIVER_SEED={BASE_SEED} to pick the same faults)")
     rng = random.Random(seed)
@@ -239,12 +220,12 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
     on_files = rng.random() < 1 / 3
     async with LocalCluster(rng.choice([3, 5]), spares=rng.choice([0, 2]), config=config,
                             state_machine=lambda: SlowValues(random.Random(rng.random())),
-                            storage=file_storages if on_files else
+                            storage=file_storage if on_files else
                             lambda: SlowStorage(random.Random(rng.random())),
                             seed=seed) as c:
         acked: list[bytes] = []
         stop = asyncio.Event()
-        def leader() -> tuple[RaftNode, list[bytes]] | None:
+        def leading() -> tuple[RaftNode, list[bytes]] | None:
             node = next((n for n in c.nodes.values() if n._running and n.is_leader), None)
             return None if node is None else (node, acked)
 
@@ -254,7 +235,7 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
                 return (rng.choice(running), acked) if running else None
             return pick
 
-        writers = [asyncio.ensure_future(writer(leader, f"w{i}", stop)) for i in range(4)]
+        writers = [asyncio.ensure_future(writer(leading, f"w{i}", stop)) for i in range(4)]
         readers = [asyncio.ensure_future(reader(replica(random.Random(rng.random())), stop,
                                                 0.002)) for _ in range(2)]
         faults = asyncio.ensure_future(nemesis(c, rng, stop))

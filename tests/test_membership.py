@@ -13,7 +13,6 @@ from fastraft.errors import (
     NodeStopped,
     NotLeader,
 )
-from fastraft.filestorage import FileStorage
 from fastraft.messages import InstallSnapshot
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.testing.filesm import FileStateMachine
@@ -21,20 +20,6 @@ from fastraft.testing.filesm import FileStateMachine
 from aio import run
 
 FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
-
-
-@pytest.fixture
-def file_storage(tmp_path):
-    """A factory of FileStorage directories under tmp_path, all closed at teardown."""
-    opened = []
-
-    def make():
-        opened.append(FileStorage(str(tmp_path / f"store{len(opened) + 1}")))
-        return opened[-1]
-
-    yield make
-    for store in opened:
-        store.close()
 
 
 async def write(leader, n, prefix="k"):

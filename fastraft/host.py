@@ -157,7 +157,8 @@ class RaftHost:
     ``max_campaigns`` of its groups campaign at once (``CampaignLimit``: thousands of
     groups electing together would swamp the host; ``None``: no limit).
     ``log_cache_bytes`` bounds the entries all its groups keep in memory together
-    (``None``: each group's ``Config.log_cache_bytes``): each group gets an even share.
+    (``None``: each group's ``Config.log_cache_bytes``): the awake groups share it evenly,
+    quiet ones keep none.
     """
 
     def __init__(self, node_id: int, *, network: TcpNetwork,
@@ -201,7 +202,9 @@ class RaftHost:
         #: may still complete later).
         self.transfers = 0
         self.log_cache_bytes = log_cache_bytes
-        #: The number of groups the log cache budget was last split for (``_share_cache``).
+        #: With a budget: the groups that share it, those not quiet (``_quiet_changed``).
+        self._awake: set[RaftNode] = set()
+        #: The number of awake groups the budget was last split for (``_share_cache``).
         self._cache_split_for = 0
 
     @property
@@ -233,7 +236,9 @@ class RaftHost:
                 await asyncio.gather(task, return_exceptions=True)
         self._balancer = self._liveness = None
         groups, self._groups = self._groups, {}
+        self._awake.clear()
         for node in groups.values():
+            node.quiet_changed = None
             await node.stop()
         for clock in self._clocks.values():
             clock.stop()
@@ -275,7 +280,10 @@ class RaftHost:
                                                             interval)
         node.heartbeat_clock = clock
         self._groups[group_id] = node
-        self._share_cache(node)
+        if self.log_cache_bytes is not None:
+            node.quiet_changed = self._quiet_changed
+            self._awake.add(node)  # a group starts awake
+            self._share_cache(node)
         try:
             await node.start()
             node.peers_down(frozenset(self.suspected))
@@ -283,29 +291,56 @@ class RaftHost:
                 await node.initialize(dict(members))
         except BaseException:
             self._groups.pop(group_id, None)
+            self._forget(node)
             await node.stop()
             raise
         return node
 
     def _share_cache(self, new: RaftNode | None = None) -> None:
-        """Split ``log_cache_bytes`` evenly among the groups: each engine keeps at most its
-        share of entries in memory (``Engine.limit_cache``), so together they keep at most
-        the budget (and the entries not yet durable). Going over every group whenever one
-        comes or goes would make creating N groups cost N² steps: the budget is split for
-        an eighth more groups than there are, so the shares hold until that many exist (or
-        until fewer than half are left, when the shares grow again)."""
-        if self.log_cache_bytes is None:
-            return
-        n = len(self._groups)
+        """Split ``log_cache_bytes`` evenly among the awake groups: each engine keeps at
+        most its share of entries in memory (``Engine.limit_cache``), so together they
+        keep at most the budget (and the entries not yet durable). A quiet group keeps
+        none (``_quiet_changed``), so the busy groups get the room idle ones do not use.
+        Going over every awake group whenever one comes, goes, wakes or goes quiet would
+        make N of them cost N² steps: the budget is split for an eighth more than there
+        are, so the shares hold until that many are awake (or until fewer than half are
+        left, when the shares grow again). ``new``: an awake group that needs its share."""
+        n = len(self._awake)
         if not n <= self._cache_split_for < 2 * n + 2:
             self._cache_split_for = n + n // 8 + 1
-            share = self.log_cache_bytes // self._cache_split_for
-            for node in self._groups.values():
-                node.log_cache_share = share
-                if node.engine is not None:
-                    node.engine.limit_cache(share)
+            for node in self._awake:
+                self._give_share(node)
         elif new is not None:
-            new.log_cache_share = self.log_cache_bytes // self._cache_split_for
+            self._give_share(new)
+
+    def _give_share(self, node: RaftNode) -> None:
+        assert self.log_cache_bytes is not None
+        node.log_cache_share = share = self.log_cache_bytes // self._cache_split_for
+        if node.engine is not None:  # else applied as it starts
+            node.engine.limit_cache(share)
+
+    def _forget(self, node: RaftNode) -> None:
+        """A group leaves: it no longer shares the budget (nor says when it wakes)."""
+        node.quiet_changed = None
+        if node in self._awake:
+            self._awake.discard(node)
+            self._share_cache()
+
+    def _quiet_changed(self, node: RaftNode, quiet: bool) -> None:
+        """A group went quiet: its log is committed everywhere it counts and nothing is
+        replicating (a proposal, a read, a member falling behind or coming back wakes it
+        first), so it gives its share back and its cache lets go of what is durable;
+        woken, it takes a share again."""
+        if quiet != (node in self._awake):
+            return  # told already
+        if quiet:
+            self._awake.discard(node)
+            node.log_cache_share = 0
+            node.engine.limit_cache(0)
+            self._share_cache()
+        else:
+            self._awake.add(node)
+            self._share_cache(node)
 
     def group(self, group_id: int) -> RaftNode:
         """The replica of group ``group_id`` on this host; ``UnknownGroup`` if none."""
@@ -333,8 +368,8 @@ class RaftHost:
                             group_id, exc)
         self._groups.pop(group_id, None)
         self._preferred.pop(group_id, None)
+        self._forget(node)
         await node.stop()
-        self._share_cache()
 
     def leaders(self) -> list[int]:
         """The groups this host leads."""

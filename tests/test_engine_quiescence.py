@@ -6,7 +6,7 @@ its leader as alive, thesis §4.2.3) and §6.2 (check-quorum starts over on waki
 import pytest
 
 from fastraft.config import Config
-from fastraft.engine import CancelTimer, ReadReady, Role, SetTimer, Timer
+from fastraft.engine import CancelTimer, QuietChanged, ReadReady, Role, SetTimer, Timer
 from fastraft.errors import ConfigError
 from fastraft.messages import AppendEntries, AppendEntriesResponse, RequestVote, TimeoutNow
 
@@ -62,6 +62,33 @@ def test_an_idle_group_goes_quiet_after_the_configured_heartbeats():
         leader.step(f.id, answer)
     assert leader.quiet and leader.take_commands() == []
     assert leader.status()["quiet"]
+
+
+def test_going_quiet_and_waking_are_told_once_each():
+    # A host lends a quiet group's share of its log cache budget to the awake ones
+    # (RaftHost): it has to hear of every change, and of each once.
+    h, engines = cluster()
+    told = {e.id: [] for e in engines}
+    for e in engines:
+        def take(e=e, take=e.take_commands):
+            cmds = take()
+            told[e.id].extend(c.quiet for c in cmds if type(c) is QuietChanged)
+            return cmds
+        e.take_commands = take
+    tick(h, 3)
+    assert told == {1: [True], 2: [True], 3: [True]}
+    leader = engines[0]
+    last = leader.log.last_index
+    again = AppendEntries(leader.term, 1, last, leader.term, [], last, 0, True)
+    for f in engines[1:]:  # the quiesce heartbeat again (one follower missed it, say)
+        f.step(1, again)
+    h.run()
+    assert told == {1: [True], 2: [True], 3: [True]} and all(e.quiet for e in engines)
+    leader.propose([b"x"])
+    h.run()
+    assert told == {1: [True, False], 2: [True, False], 3: [True, False]}
+    tick(h, 3)
+    assert told == {i: [True, False, True] for i in (1, 2, 3)}
 
 
 def test_activity_or_a_silent_member_keeps_the_group_awake():

@@ -572,6 +572,40 @@ async def test_a_hosts_groups_keep_their_log_caches_within_its_budget_together()
             assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
 
 
+@run
+async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget():
+    """A host's quiet groups let go of their entries: the budget is split among the
+    awake ones, so one busy group among quiet ones keeps far more than an even share
+    (1/14 of it here), and once every group wakes the shares shrink back within it."""
+    budget = 256 << 10
+    payload = b"x" * 1000
+
+    def cached():
+        return {i: h.metrics().log_cache_bytes for i, h in hosts.hosts.items()}
+
+    async with Hosts(config=QUIET, log_cache_bytes=budget) as hosts:
+        await written_and_quiet(hosts)
+        assert cached() == {1: 0, 2: 0, 3: 0}
+        busy = 0
+        for r in range(150):
+            await hosts.propose(busy, payload + b"%d" % r)
+        leader = await hosts.leader(busy)
+        assert leader.engine.log.cache_bytes > budget // 4, leader.engine.log.cache_bytes
+        assert all(0 < c <= budget for c in cached().values()), cached()
+        for r in range(30):
+            await asyncio.gather(*[hosts.propose(g, payload + b"%d" % r) for g in GROUPS])
+        assert all(0 < c <= budget for c in cached().values()), cached()
+        expected = [b"x", *[payload + b"%d" % r for r in range(150)],
+                    *[payload + b"%d" % r for r in range(30)]]
+        assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
+        await hosts.propose(11, b"last")  # awake as it leaves: it shares the budget no more
+        for h in hosts.hosts.values():
+            await h.remove_group(11)
+        await wait_until(lambda: all_quiet(hosts), 20)
+        assert cached() == {1: 0, 2: 0, 3: 0}
+        assert all(not h._awake for h in hosts.hosts.values())  # nothing counted awake
+
+
 async def _committed(node, n):
     """The first ``n`` committed user entries of ``node`` (from storage where they left
     its memory)."""

@@ -7,6 +7,7 @@ from fastraft.engine.commands import (
     Command,
     CompactLog,
     PersistHardState,
+    QuietChanged,
     ReadFailed,
     ReadLog,
     ReadReady,
@@ -27,8 +28,8 @@ from fastraft.errors import MembershipChangeInProgress
 
 __all__ = [
     "Engine", "InitialState", "MembershipChangeInProgress", "Progress", "ProgressState",
-    "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "PersistHardState", "ReadFailed",
-    "ReadLog", "ReadReady", "Role", "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog",
-    "CompactLog", "SendSnapshotChunk", "StoreSnapshotChunk",
-    "requires_durability", "write_order",
+    "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "PersistHardState",
+    "QuietChanged", "ReadFailed", "ReadLog", "ReadReady", "Role", "RoleChanged", "Send",
+    "SetTimer", "Timer", "TruncateLog", "CompactLog", "SendSnapshotChunk",
+    "StoreSnapshotChunk", "requires_durability", "write_order",
 ]

@@ -139,6 +139,13 @@ class RoleChanged(msgspec.Struct, gc=False):
     commit_index: int
 
 
+class QuietChanged(msgspec.Struct, gc=False):
+    """The group went quiet (``Config.quiesce_after``: no ticks, nothing to replicate) or
+    woke. A host uses it to give the memory of quiet groups' log caches to awake ones."""
+
+    quiet: bool
+
+
 class ReadReady(msgspec.Struct, gc=False):
     """Read ``request_id`` is linearizable once the state machine has applied ``read_index``."""
 
@@ -155,7 +162,7 @@ class ReadFailed(msgspec.Struct, gc=False):
 
 Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
            | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer
-           | RoleChanged | ReadReady | ReadFailed)
+           | RoleChanged | QuietChanged | ReadReady | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)

@@ -29,6 +29,7 @@ from fastraft.engine.commands import (
     Command,
     CompactLog,
     PersistHardState,
+    QuietChanged,
     ReadFailed,
     ReadLog,
     ReadReady,
@@ -457,6 +458,7 @@ class Engine:
         if not self.quiet:
             return
         self.quiet = False
+        self._out.append(QuietChanged(False))
         self._idle_heartbeats = 0
         cfg = self.config
         if self.role == Role.LEADER:
@@ -1012,6 +1014,7 @@ class Engine:
         and stop ticking (check-quorum too: a quiet leader takes no proposal without
         waking first). Followers that miss this message time out and wake it."""
         self.quiet = True
+        self._out.append(QuietChanged(True))
         self._idle_heartbeats = 0
         last = self.log.last_index
         msg = AppendEntries(self.term, self.id, last, self.log.term_at(last), [],
@@ -1090,7 +1093,9 @@ class Engine:
             # The leader goes quiet and this log is its log: no election timer while it
             # is (the driver wakes this node if the leader's process goes silent), and
             # the leader counts as alive, so no vote goes to a node that missed this.
-            self.quiet = True
+            if not self.quiet:  # (the leader's quiesce heartbeat again keeps it quiet)
+                self.quiet = True
+                self._out.append(QuietChanged(True))
             self._out.append(CancelTimer(Timer.ELECTION))
             self._out.append(CancelTimer(Timer.LEASE))
         self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq,

@@ -97,6 +97,9 @@ class RaftNode:
         self.heartbeat_clock: HeartbeatClock | None = None
         #: Set by a ``RaftHost`` with a log cache budget: this group's share of it.
         self.log_cache_share: int | None = None
+        #: Set by a ``RaftHost`` with a log cache budget: called with this node and True
+        #: when its group goes quiet, False when it wakes (``QuietChanged``).
+        self.quiet_changed: Callable[[RaftNode, bool], None] | None = None
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
         self._writer = LogWriter(self)

@@ -20,6 +20,7 @@ from fastraft.engine import (
     CancelTimer,
     CompactLog,
     PersistHardState,
+    QuietChanged,
     ReadFailed,
     ReadLog,
     ReadReady,
@@ -343,6 +344,9 @@ class CommandRunner:
                 node._reads.ready(c.request_id, c.read_index)
             elif t is ReadFailed:
                 node._reads.failed(c.request_id, c.leader_id)
+            elif t is QuietChanged:
+                if node.quiet_changed is not None:
+                    node.quiet_changed(node, c.quiet)
         send = node.network.send
         for to, msgs in outbox.items():
             send(to, msgs)

@@ -34,7 +34,7 @@ from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 
 from aio import run
-from test_host import GROUPS, Hosts
+from test_host import GROUPS, Hosts, all_quiet
 
 SECONDS = float(os.environ.get("FASTRAFT_DRIVER_SECONDS", "4"))
 BASE_SEED = int(os.environ.get("FASTRAFT_DRIVER_SEED", str(random.randrange(10**6))))
@@ -322,8 +322,8 @@ async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
                                                 stop, 0.005)) for _ in range(2)]
         faults = asyncio.ensure_future(host_nemesis(hosts, rng, stop))
         reads, done = await for_a_while(stop, writers, readers, faults)
-        print(f"{sum(map(len, acked.values()))} acknowledged, {reads} reads; faults: "
-              + ", ".join(done))
+        print(f"{sum(map(len, acked.values()))} acknowledged, {reads} reads, cache budget "
+              f"{hosts.log_cache_bytes}; faults: " + ", ".join(done))
         assert not [h.status()["failed"] for h in hosts.hosts.values()
                     if h.status()["failed"]], done
         for g in GROUPS:
@@ -338,3 +338,8 @@ async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
             assert set(acked[g]) <= set(first), f"group {g}: an acknowledged write lost"
             for n in replicas:
                 assert n.state_machine.values == first, f"group {g} differs on {n.id}"
+        if hosts.log_cache_bytes is not None:
+            # quiet groups keep no entries in memory, and the host counts none awake
+            await wait_until(lambda: all_quiet(hosts), 20, "every group quiet")
+            assert all(h.metrics().log_cache_bytes == 0 and not h._awake
+                       for h in hosts.hosts.values()), done

@@ -30,6 +30,7 @@ import pytest
 from fastraft.config import Config
 from fastraft.errors import FastRaftError, NotLeader, ProposalDropped
 from fastraft.node import RaftNode
+from fastraft.sharedwal import SharedWAL
 from fastraft.storage import AsyncMemoryStorage, MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 
@@ -265,9 +266,11 @@ async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k
             assert h == first, f"node {i} applied another history"
 
 
-async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event) -> list[str]:
+async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event,
+                       reopen: Callable[[int], None] | None = None) -> list[str]:
     """Cuts a host off (its frames dropped both ways), heals, restarts a host on its
-    storages (its groups initialize again: a no-op)."""
+    storages (its groups initialize again: a no-op); ``reopen(host_id)`` between the
+    stop and the start, if given (a SharedWAL closed and recovered from its files)."""
     done = []
     while not stop.is_set():
         await asyncio.sleep(rng.uniform(0.1, 0.5))
@@ -281,6 +284,8 @@ async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event) ->
                 h.network.__dict__.pop("receive_filter", None)
         else:
             await hosts.hosts[victim].stop()
+            if reopen is not None:
+                reopen(victim)
             await hosts.start(victim)
         done.append(f"{fault} {victim} ({quiet} quiet)")
     for h in hosts.hosts.values():
@@ -289,18 +294,36 @@ async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event) ->
 
 
 @run
-async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
+async def test_hosts_of_quiet_groups_under_faults_lose_nothing(tmp_path):
     """Three RaftHosts on loopback, groups that go quiet between sparse writes, slow
     state machines, small snapshot intervals and a shared cache budget; a host cut off
-    or restarted now and then. Same checks, per group."""
+    or restarted now and then; in a third of the runs every host's groups share one
+    SharedWAL, recovered from its files at each restart. Same checks, per group."""
     seed = BASE_SEED + 100
     print(f"host seed {seed} (FASTRAFT_DRIVER_SEED={BASE_SEED} to pick the same faults)")
     rng = random.Random(seed)
     config = Config(election_timeout_min=0.15, election_timeout_max=0.3,
                     heartbeat_interval=0.03, quiesce_after=0.1,
                     snapshot_interval=rng.choice([20, 100]), snapshot_trailing_entries=5)
+    on_wal = rng.random() < 1 / 3
+    wals = {i: SharedWAL(str(tmp_path / f"host{i}")) for i in (1, 2, 3)} if on_wal else {}
+
+    def reopen(host_id: int) -> None:
+        wals[host_id].close()
+        wals[host_id] = SharedWAL(str(tmp_path / f"host{host_id}"))
+
     hosts = Hosts(config=config, log_cache_bytes=rng.choice([None, 16_000]),
-                  state_machine=lambda: SlowValues(random.Random(rng.random())))
+                  state_machine=lambda: SlowValues(random.Random(rng.random())),
+                  storage=(lambda host_id: lambda g: wals[host_id].group(g)) if on_wal else None)
+    try:
+        await soak_hosts(hosts, rng, reopen if on_wal else None)
+    finally:
+        for wal in wals.values():
+            wal.close()
+
+
+async def soak_hosts(hosts: Hosts, rng: random.Random,
+                     reopen: Callable[[int], None] | None) -> None:
     async with hosts:
         acked: dict[int, list[bytes]] = {g: [] for g in GROUPS}
         stop = asyncio.Event()
@@ -320,10 +343,11 @@ async def test_hosts_of_quiet_groups_under_faults_lose_nothing():
             pause=lambda: rng.uniform(0, 0.3))) for i in range(8)]
         readers = [asyncio.ensure_future(reader(replica(random.Random(rng.random()), False),
                                                 stop, 0.005)) for _ in range(2)]
-        faults = asyncio.ensure_future(host_nemesis(hosts, rng, stop))
+        faults = asyncio.ensure_future(host_nemesis(hosts, rng, stop, reopen))
         reads, done = await for_a_while(stop, writers, readers, faults)
         print(f"{sum(map(len, acked.values()))} acknowledged, {reads} reads, cache budget "
-              f"{hosts.log_cache_bytes}; faults: " + ", ".join(done))
+              f"{hosts.log_cache_bytes}, SharedWAL {reopen is not None}; faults: "
+              + ", ".join(done))
         assert not [h.status()["failed"] for h in hosts.hosts.values()
                     if h.status()["failed"]], done
         for g in GROUPS:

@@ -83,6 +83,26 @@ def test_follower_forwards_read_to_leader():
     assert reads_of(f.take_commands()) == []
 
 
+def test_a_forwarded_read_is_asked_again_until_answered_or_failed():
+    h = elect()
+    f = h.engines[2]
+    f.read_index(9)
+    f.take_commands()
+    f.ask_again(9)  # the request or its answer was lost
+    assert sends(f.take_commands()) == [(1, ReadIndexRequest(f.term, 9))]
+    f.step(1, ReadIndexResponse(f.term, 9, 4, True))
+    assert reads_of(f.take_commands()) == [ReadReady(9, 4)]
+    f.ask_again(9)  # answered: nothing more to ask
+    f.ask_again(10)  # never forwarded
+    assert f.take_commands() == []
+    f.read_index(11)
+    f.take_commands()
+    f.step(3, AppendEntries(f.term + 1, 3, 0, 0, [], 0))  # another leader: the read failed
+    f.take_commands()
+    f.ask_again(11)
+    assert sends(f.take_commands(), ReadIndexRequest) == []
+
+
 def test_read_without_known_leader_raises():
     e = make(1)
     with pytest.raises(NotLeader):

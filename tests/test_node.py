@@ -19,7 +19,13 @@ from fastraft.errors import (
     Overloaded,
     ProposalDropped,
 )
-from fastraft.messages import Entry, EntryKind, RequestVote
+from fastraft.messages import (
+    Entry,
+    EntryKind,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    RequestVote,
+)
 from fastraft.node import RaftNode
 from fastraft.node.applier import MAX_APPLY_BATCH, Restore
 from fastraft.replicatedlog import ReplicatedLog
@@ -207,6 +213,41 @@ def test_a_read_the_leader_does_not_confirm_in_time_says_so_in_the_log(caplog):
         scenario()
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "read_timeout"]
     assert "a read was not confirmed within 0.10s (follower, leader" in line.getMessage()
+
+
+def lose_the_next(node: RaftNode, kind: type, lost: list[Any]) -> None:
+    """``node`` drops the next message of type ``kind`` it sends (kept in ``lost``)."""
+    send = node.network.send
+
+    def sending(to: int, messages: list[Any]) -> None:
+        for m in messages:
+            if type(m) is kind and not any(type(x) is kind for x in lost):
+                lost.append(m)
+        kept = [m for m in messages if not any(m is x for x in lost)]
+        if kept:
+            send(to, kept)
+    node.network.send = sending  # type: ignore[method-assign]
+
+
+@run
+async def test_a_follower_asks_again_for_a_read_whose_request_or_answer_was_lost():
+    """As etcd's read loop: a read forwarded to the leader whose request or answer is
+    lost (with a connection that broke, say) is asked again and completes, instead of
+    failing with NotLeader after four election timeouts."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        await wait_until(lambda: follower.engine.leader_id == leader.id)
+        lost: list[Any] = []
+        version = await leader.propose(kv.put("x", b"1"))
+        lose_the_next(follower, ReadIndexRequest, lost)
+        assert await follower.read_index() >= version
+        version = await leader.propose(kv.put("x", b"2"))
+        lose_the_next(leader, ReadIndexResponse, lost)
+        assert await follower.read_index() >= version
+        assert [type(m) for m in lost] == [ReadIndexRequest, ReadIndexResponse]
+        assert c.state_machines[follower.id].get("x") == b"2"
+        assert not follower._reads._asking_again  # nothing left ticking
 
 
 @run

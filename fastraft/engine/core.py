@@ -450,6 +450,15 @@ class Engine:
         else:
             raise self.not_leader()
 
+    def ask_again(self, request_id: int) -> None:
+        """Send a read this follower forwarded to its leader again: the request or its
+        answer may have been lost (with a connection that broke). Nothing once it is
+        answered, or failed by a change of leader. The first answer counts; a later one
+        for the same request is ignored (both are read points taken after it began)."""
+        if request_id in self._forwarded_reads:  # so the leader is still the one asked
+            assert self.leader_id is not None
+            self._send(self.leader_id, ReadIndexRequest(self.term, request_id))
+
     def wake(self, leader_lost: bool = False) -> None:
         """Leave the quiet state: the leader heartbeats again (and checks its quorum, from
         scratch), a follower runs its election timer again. ``leader_lost``: the driver

@@ -329,7 +329,9 @@ class RaftNode:
     async def read_index(self, timeout: float | None = None) -> int:
         """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
         state machine has applied it; reads of the state machine after that see every write
-        acknowledged before this call. On a follower the leader is asked."""
+        acknowledged before this call. On a follower the leader is asked (again every
+        ``election_timeout_min`` while it does not answer). ``NotLeader`` when no leader
+        confirmed it within ``timeout`` (default: four ``election_timeout_max``)."""
         self._check_running()
         return await self._reads.read_index(timeout)
 

@@ -1,7 +1,9 @@
 """Linearizable reads (thesis §6.4): ReadIndex round trips, and opt-in leases (§6.4.1).
 
 ``read_index`` asks the engine for a read point (on a follower the engine asks the
-leader) and answers once this node's state machine has applied it. With
+leader, and asks again every ``election_timeout_min`` until answered, as etcd's read
+loop does: a request or answer lost with a broken connection costs a retry, not the
+read) and answers once this node's state machine has applied it. With
 ``Config.lease_reads`` a leader that confirmed its leadership with a quorum at time t
 answers without a round trip until t + election_timeout_min * (1 - max_clock_drift),
 renewing the lease in the background when half of it is used.
@@ -29,6 +31,8 @@ class Reads:
         self.node = node
         #: Read requests the engine has not answered yet, by request id.
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        #: The timers that ask the leader again for the reads this follower forwarded.
+        self._asking_again: dict[int, asyncio.TimerHandle] = {}
         #: Confirmed reads waiting for the state machine to apply their index.
         self._waiters: list[tuple[int, asyncio.Future[Any]]] = []
         self._next_id = 0
@@ -63,6 +67,9 @@ class Reads:
             del self.pending[rid]
             raise
         node._schedule_flush()
+        if engine.role != Role.LEADER:  # forwarded
+            self._asking_again[rid] = loop.call_later(config.election_timeout_min,
+                                                      self._ask_again, rid)
         if timeout is None:
             timeout = config.election_timeout_max * 4
         try:
@@ -77,11 +84,23 @@ class Reads:
             raise engine.not_leader() from None
         finally:
             self.pending.pop(rid, None)
+            again = self._asking_again.pop(rid, None)
+            if again is not None:
+                again.cancel()
         if config.lease_reads and engine.role == Role.LEADER:
             # a quorum heard from us after `issued`; none of them votes for another
             # candidate for election_timeout_min after that
             self.lease_until = max(self.lease_until, issued + config.lease_span)
         return int(index)
+
+    def _ask_again(self, rid: int) -> None:
+        node = self.node
+        if rid not in self.pending or not node._running:
+            return
+        node.engine.ask_again(rid)  # nothing if answered or failed meanwhile
+        node._schedule_flush()
+        self._asking_again[rid] = node._loop.call_later(node.config.election_timeout_min,
+                                                        self._ask_again, rid)
 
     async def _renew_lease(self) -> None:
         try:
@@ -134,3 +153,6 @@ class Reads:
             fail_future(fut, exc)
         self.pending.clear()
         self._waiters.clear()
+        for again in self._asking_again.values():
+            again.cancel()
+        self._asking_again.clear()

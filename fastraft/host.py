@@ -128,7 +128,8 @@ class _HostSums:
             node_id=host.id, running=host._running, groups=len(host._groups),
             roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
             apply_lag=self.apply_lag, follower_lag=self.follower_lag,
-            log_cache_bytes=self.log_cache_bytes, suspected=tuple(sorted(host.suspected)),
+            log_cache_bytes=self.log_cache_bytes, log_cache_share=host.log_cache_share,
+            suspected=tuple(sorted(host.suspected)),
             transfers=host.transfers,
             **host._campaign_figures(),
             network=stats, proposals_accepted=c["proposals_accepted"],
@@ -313,10 +314,16 @@ class RaftHost:
         elif new is not None:
             self._give_share(new)
 
+    @property
+    def log_cache_share(self) -> int | None:
+        """With a log cache budget: the bytes each awake group may keep now."""
+        if self.log_cache_bytes is None:
+            return None
+        return self.log_cache_bytes // max(self._cache_split_for, 1)
+
     def _give_share(self, node: RaftNode) -> None:
-        assert self.log_cache_bytes is not None
-        node.log_cache_share = share = self.log_cache_bytes // self._cache_split_for
-        if node.engine is not None:  # else applied as it starts
+        node.log_cache_share = share = self.log_cache_share
+        if node.engine is not None and share is not None:  # else applied as it starts
             node.engine.limit_cache(share)
 
     def _forget(self, node: RaftNode) -> None:

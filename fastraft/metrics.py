@@ -108,6 +108,10 @@ def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator
     yield gauge("fastraft_host_log_cache_bytes",
                 "Bytes of log entries the groups here keep in memory, together.",
                 m.log_cache_bytes)
+    if m.log_cache_share is not None:
+        yield gauge("fastraft_host_log_cache_share_bytes",
+                    "With a log cache budget: the bytes each awake group may keep now.",
+                    m.log_cache_share)
     yield gauge("fastraft_host_suspected_peers",
                 "Peer hosts heard from by no frame for election_timeout_min.",
                 len(m.suspected))

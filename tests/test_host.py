@@ -591,6 +591,7 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
             await hosts.propose(busy, payload + b"%d" % r)
         leader = await hosts.leader(busy)
         assert leader.engine.log.cache_bytes > budget // 4, leader.engine.log.cache_bytes
+        assert all(h.metrics().log_cache_share >= budget // 3 for h in hosts.hosts.values())
         assert all(0 < c <= budget for c in cached().values()), cached()
         for r in range(30):
             await asyncio.gather(*[hosts.propose(g, payload + b"%d" % r) for g in GROUPS])

@@ -322,8 +322,13 @@ class RaftHost:
         return self.log_cache_bytes // max(self._cache_split_for, 1)
 
     def _give_share(self, node: RaftNode) -> None:
-        node.log_cache_share = share = self.log_cache_share
-        if node.engine is not None and share is not None:  # else applied as it starts
+        """The current share: to the engine (``cache_budget``), or, before it starts, to
+        the node, which gives it to its engine as it loads the log."""
+        share = self.log_cache_share
+        assert share is not None  # (called only with a budget)
+        if node.engine is None:
+            node.log_cache_share = share
+        else:
             node.engine.limit_cache(share)
 
     def _forget(self, node: RaftNode) -> None:
@@ -342,7 +347,6 @@ class RaftHost:
             return  # told already
         if quiet:
             self._awake.discard(node)
-            node.log_cache_share = 0
             node.engine.limit_cache(0)
             self._share_cache()
         else:

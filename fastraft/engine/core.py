@@ -541,8 +541,7 @@ class Engine:
         if budget < 0:
             raise InvalidArgument(f"a cache budget is a number of bytes, got {budget!r}")
         self.cache_budget = min(budget, self.config.log_cache_bytes)
-        if self.log.cache_bytes > self.cache_budget:
-            self._trim_cache()
+        self._trim_cache()
 
     def _trim_cache(self) -> None:
         log, budget = self.log, self.cache_budget

@@ -95,7 +95,8 @@ class RaftNode:
         #: Drives this node's heartbeats with its host's other groups' (``RaftHost``);
         #: None: a timer of its own.
         self.heartbeat_clock: HeartbeatClock | None = None
-        #: Set by a ``RaftHost`` with a log cache budget: this group's share of it.
+        #: Set by a ``RaftHost`` with a log cache budget: this group's share of it, for the
+        #: engine made at start (``Engine.cache_budget`` holds it from then on).
         self.log_cache_share: int | None = None
         #: Set by a ``RaftHost`` with a log cache budget: called with this node and True
         #: when its group goes quiet, False when it wakes (``QuietChanged``).

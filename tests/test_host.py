@@ -535,11 +535,6 @@ async def test_a_hosts_groups_keep_their_log_caches_within_its_budget_together()
     caches stay within it, also after more groups come (the others' shares shrink at
     once) and some go; every entry is still served (from storage) in order."""
     budget = 256 << 10
-    payload = b"x" * 1000
-
-    async def write(groups, rounds=100):
-        for r in range(rounds):
-            await asyncio.gather(*[hosts.propose(g, payload + b"%d" % r) for g in groups])
 
     def within_budget():
         for h in hosts.hosts.values():
@@ -548,26 +543,26 @@ async def test_a_hosts_groups_keep_their_log_caches_within_its_budget_together()
             assert 0 < m.log_cache_bytes <= budget, (h.id, m.log_cache_bytes)
 
     async with Hosts(log_cache_bytes=budget) as hosts:
-        await write(GROUPS)
+        await write_rounds(hosts, GROUPS, 100)
         within_budget()
         more = range(len(GROUPS), 2 * len(GROUPS))
         for i, h in hosts.hosts.items():
             for g in more:
                 hosts.logs[i, g] = Log()
                 await h.create_group(g, hosts.addresses, state_machine=hosts.logs[i, g])
-        await write(more)
+        await write_rounds(hosts, more, 100)
         within_budget()
         for h in hosts.hosts.values():
             for g in more:
                 await h.remove_group(g)
-        await write(GROUPS, 20)
+        await write_rounds(hosts, GROUPS, 20)
         within_budget()
         for g in GROUPS:
             leader = await hosts.leader(g)
             await wait_until(lambda g=g, leader=leader: all(
                 h.group(g).applied_index >= leader.applied_index
                 for h in hosts.hosts.values()), 10)
-            expected = [payload + b"%d" % r for r in [*range(100), *range(20)]]
+            expected = [PAYLOAD + b"%d" % r for r in [*range(100), *range(20)]]
             assert all(hosts.logs[i, g].items == expected for i in hosts.hosts)
             assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
 
@@ -578,7 +573,6 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
     awake ones, so one busy group among quiet ones keeps far more than an even share
     (1/14 of it here), and once every group wakes the shares shrink back within it."""
     budget = 256 << 10
-    payload = b"x" * 1000
 
     def cached():
         return {i: h.metrics().log_cache_bytes for i, h in hosts.hosts.items()}
@@ -587,17 +581,15 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
         await written_and_quiet(hosts)
         assert cached() == {1: 0, 2: 0, 3: 0}
         busy = 0
-        for r in range(150):
-            await hosts.propose(busy, payload + b"%d" % r)
+        await write_rounds(hosts, [busy], 150)
         leader = await hosts.leader(busy)
         assert leader.engine.log.cache_bytes > budget // 4, leader.engine.log.cache_bytes
         assert all(h.metrics().log_cache_share >= budget // 3 for h in hosts.hosts.values())
         assert all(0 < c <= budget for c in cached().values()), cached()
-        for r in range(30):
-            await asyncio.gather(*[hosts.propose(g, payload + b"%d" % r) for g in GROUPS])
+        await write_rounds(hosts, GROUPS, 30)
         assert all(0 < c <= budget for c in cached().values()), cached()
-        expected = [b"x", *[payload + b"%d" % r for r in range(150)],
-                    *[payload + b"%d" % r for r in range(30)]]
+        expected = [b"x", *[PAYLOAD + b"%d" % r for r in range(150)],
+                    *[PAYLOAD + b"%d" % r for r in range(30)]]
         assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
         await hosts.propose(11, b"last")  # awake as it leaves: it shares the budget no more
         for h in hosts.hosts.values():
@@ -605,6 +597,15 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
         await wait_until(lambda: all_quiet(hosts), 20)
         assert cached() == {1: 0, 2: 0, 3: 0}
         assert all(not h._awake for h in hosts.hosts.values())  # nothing counted awake
+
+
+PAYLOAD = b"x" * 1000
+
+
+async def write_rounds(hosts, groups, rounds):
+    """``rounds`` writes of about 1 KB to each of ``groups``, a round at a time."""
+    for r in range(rounds):
+        await asyncio.gather(*[hosts.propose(g, PAYLOAD + b"%d" % r) for g in groups])
 
 
 async def _committed(node, n):

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from fastraft import kv
 from fastraft.config import Config
@@ -36,6 +37,8 @@ from fastraft.transport import MemoryHub
 from aio import run
 
 FAST = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01)
+#: FAST, with snapshots only when asked for and nothing of the log kept behind them.
+SNAPSHOTS_BY_HAND = replace(FAST, snapshot_interval=0, snapshot_trailing_entries=0)
 
 
 class Recorder:
@@ -629,9 +632,7 @@ async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its
     snapshot the batch it was applying made due asked the engine for a snapshot at an
     index the log no longer held, and the node stopped itself. A snapshot() call queued
     then is answered after the Restore."""
-    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=1 if how == "snapshot_interval" else 0,
-                 snapshot_trailing_entries=0)
+    cfg = replace(SNAPSHOTS_BY_HAND, snapshot_interval=1 if how == "snapshot_interval" else 0)
     async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
                             config=cfg) as c:
         leader, follower = await written_to(c)
@@ -667,8 +668,7 @@ async def test_entries_to_apply_from_storage_that_an_installed_snapshot_replaced
     installed the leader's snapshot, which replaced those entries in storage: the
     Restore behind them covers them, and the newer ones too (found by
     test_driver_faults: they were applied after a gap, and reads saw that state)."""
-    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=0, snapshot_trailing_entries=0)
+    cfg = SNAPSHOTS_BY_HAND
     async with LocalCluster(3, state_machine=GatedApply, config=cfg) as c:
         leader, follower = await written_to(c)
         applies, storage = c.state_machines[follower.id].gate, c.storages[follower.id]
@@ -707,8 +707,7 @@ async def test_nothing_is_applied_after_entries_skipped_behind_an_installed_snap
     leader's snapshot the follower installed while its disk was busy (storage still
     holds them): the ones from memory were skipped, the ones from storage then applied
     after the gap (found by test_driver_faults, after the fix above)."""
-    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=0, snapshot_trailing_entries=0)
+    cfg = SNAPSHOTS_BY_HAND
     async with LocalCluster(3, state_machine=GatedApply, storage=GatedAppends,
                             config=cfg) as c:
         leader, follower = await written_to(c)
@@ -767,8 +766,7 @@ class FailingRestore(Recorder):
 
 @run
 async def test_a_failing_restore_stops_the_node_saying_so():
-    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=0, snapshot_trailing_entries=0)
+    cfg = SNAPSHOTS_BY_HAND
     async with LocalCluster(3, state_machine=FailingRestore, config=cfg) as c:
         leader = await c.leader()
         follower = next(n for n in c.nodes.values() if n is not leader)
@@ -800,8 +798,7 @@ def test_a_read_for_a_follower_that_compaction_overtook_is_no_warning(caplog):
     """The leader reads old entries for a lagging follower (ReadLog) and compacts them
     meanwhile: storage no longer has them, the follower gets a snapshot instead. That
     is no damage: it was logged as a StorageCorruption warning, alarming operators."""
-    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
-                 snapshot_interval=0, snapshot_trailing_entries=0, log_cache_bytes=1)
+    cfg = replace(SNAPSHOTS_BY_HAND, log_cache_bytes=1)
 
     @run
     async def scenario():

@@ -1,6 +1,8 @@
 """RaftHost: many groups per process over one TcpNetwork (loopback), leaders spread by
 preferred leader, a whole host stopped and restarted on its storages."""
 import asyncio
+import gc
+import tracemalloc
 
 import pytest
 
@@ -337,6 +339,44 @@ async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
         for i in (1, 2, 3):
             await hosts.read(i, 5)
             assert hosts.logs[i, 5].items == [b"x", b"y"]
+
+
+#: What an idle group may cost each host it runs on: its replica's Python objects, with a
+#: MemoryStorage (docs/multiraft.md, "Memory"). Measured 21,100 bytes on 11-30; 26,400
+#: before the groups of a host shared one random generator and a node made its Events
+#: only for a waiter.
+IDLE_GROUP_BYTES = 23_000
+
+
+@run
+async def test_an_idle_group_costs_its_hosts_a_bounded_amount_of_memory():
+    hosts = Hosts(config=Config(election_timeout_min=0.5, election_timeout_max=1.0,
+                                heartbeat_interval=0.1, quiesce_after=0.3),
+                  balance_interval=None)
+    counted = range(10, 210)
+    try:
+        for i in (1, 2, 3):
+            await hosts.start(i, range(10))  # one-time costs: connections, buffers, caches
+        await wait_until(lambda: all_quiet(hosts), 30)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in (1, 2, 3):
+                for g in counted:
+                    hosts.logs[i, g] = Log()
+                    await hosts.hosts[i].create_group(g, hosts.addresses,
+                                                      state_machine=hosts.logs[i, g])
+            await wait_until(lambda: all_quiet(hosts), 60)
+            gc.collect()
+            per_replica = (tracemalloc.get_traced_memory()[0] - before) / (3 * len(counted))
+        finally:
+            tracemalloc.stop()
+        assert per_replica <= IDLE_GROUP_BYTES, per_replica
+        assert all(hosts.hosts[i].group(g).engine.leader_id for i in (1, 2, 3)
+                   for g in counted)  # each group elected a leader, then went quiet
+    finally:
+        await hosts.stop()
 
 
 @run

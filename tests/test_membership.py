@@ -196,7 +196,7 @@ async def test_a_change_waiting_for_a_learner_fails_when_the_leader_stops():
         change = asyncio.ensure_future(leader.change_membership({1, 2, 3, 4}, timeout=60))
         # the leader has committed in its term: the only wait for progress is the one
         # for the learner to catch up
-        await wait_until(lambda: leader._progress_waiters > 0, 5)
+        await wait_until(lambda: leader._progress is not None, 5)  # a waiter
         await leader.stop()
         with pytest.raises(NodeStopped):
             await asyncio.wait_for(change, 5)

@@ -271,6 +271,24 @@ async def test_back_pressure_raises_overloaded_instead_of_growing():
 
 
 @run
+async def test_a_proposer_waiting_for_room_learns_at_once_that_leadership_is_lost():
+    # cut off, the leader steps down (check-quorum) with nothing applied meanwhile: the
+    # proposer waiting for room hears NotLeader then, not Overloaded a minute later
+    cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+                 max_pending_proposals=10, overload_wait=60)
+    async with LocalCluster(3, state_machine=Recorder, config=cfg) as c:
+        leader = await c.leader()
+        c.hub.isolate(leader.id)
+        tasks = [asyncio.ensure_future(leader.propose(b"x")) for _ in range(10)]
+        await wait_until(lambda: leader._proposals.pending == 10)
+        waiting = asyncio.ensure_future(leader.propose(b"one too many"))
+        with pytest.raises(NotLeader):
+            await asyncio.wait_for(waiting, 10)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, ProposalDropped) for r in results), results
+
+
+@run
 async def test_stop_fails_everything_pending_and_nothing_hangs():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
         leader = await c.leader()

@@ -317,9 +317,8 @@ class Applier:
         node = self.node
         proposals = node._proposals
         if proposals.waiting:
-            if proposals.resolve(self.applied_index, user, results):
-                node._capacity.set()
-        self._after_apply()
+            proposals.resolve(self.applied_index, user, results)
+        self._after_apply()  # notifies proposers waiting for room, too
 
     def _after_apply(self) -> None:
         node = self.node

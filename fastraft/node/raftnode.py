@@ -109,18 +109,16 @@ class RaftNode:
         self._reads = Reads(self)
         self._log_reader = LogReader(self)
 
-        #: Replaced (and set) whenever the applied index moves or the node stops; waiters
-        #: re-check their condition (a Condition would need the lock to notify).
-        self._progress = asyncio.Event()
-        self._progress_waiters = 0
+        #: Set and dropped whenever something a waiter may wait for happens (an apply, a
+        #: change of role or leader, proposals failed, the stop); waiters re-check their
+        #: condition (a Condition would need the lock to notify). Made by the first
+        #: waiter: an idle group of a host keeps no Event.
+        self._progress: asyncio.Event | None = None
 
         self._proposals = ProposalTracker()
         #: Running and leading: propose() checks this one flag on its fast path.
         self._accepting = False
         self._max_pending = self.config.max_pending_proposals
-        self._capacity = asyncio.Event()
-        self._capacity.set()
-        self._leader_known = asyncio.Event()
         self._recorder = Recorder(timing=self.config.measure_durations)
         self._role_seen = Role.FOLLOWER
         self._leader_seen: int | None = None
@@ -215,9 +213,7 @@ class RaftNode:
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
         self._transfer.close()
-        self._capacity.set()
-        self._notify_progress()
-        self._leader_known.set()  # wait_for_leader() callers see the stop
+        self._notify_progress()  # waiters (wait_for_leader, back-pressure) see the stop
         if self._stopped is not None:
             self._stopped.set()
 
@@ -341,13 +337,13 @@ class RaftNode:
         ``NodeStopped`` if the node stops meanwhile."""
         self._check_running()
 
-        async def known() -> int:
-            while self.engine.leader_id is None:
-                self._leader_known.clear()
-                await self._leader_known.wait()
-                self._check_running()
-            return self.engine.leader_id
-        return await asyncio.wait_for(known(), timeout)
+        def known() -> bool:
+            return self.engine.leader_id is not None or not self._running
+        await asyncio.wait_for(self._wait_progress(known), timeout)
+        leader = self.engine.leader_id
+        if leader is None:  # the node stopped
+            raise self.failure or NodeStopped(f"node {self.id} is not running")
+        return leader
 
     async def committed(self, start_index: int = 1) -> AsyncIterator[Entry]:
         """Committed user entries (state-machine commands) from ``start_index`` on: read
@@ -429,9 +425,8 @@ class RaftNode:
             self._check_running()
             if self._loop.time() > deadline:
                 raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
-            self._leader_known.clear()
             try:
-                await asyncio.wait_for(self._leader_known.wait(), 0.05)
+                await asyncio.wait_for(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
 
@@ -448,17 +443,17 @@ class RaftNode:
         return self._leader_engine()
 
     def _notify_progress(self) -> None:
-        if self._progress_waiters:  # an Event per apply would cost more than the apply
-            event, self._progress = self._progress, asyncio.Event()
+        event = self._progress
+        if event is not None:  # someone waits
+            self._progress = None
             event.set()
 
     async def _progress_wait(self) -> None:
-        """Until the next progress (apply, commit, stop)."""
-        self._progress_waiters += 1
-        try:
-            await self._progress.wait()
-        finally:
-            self._progress_waiters -= 1
+        """Until the next progress (apply, change of role or leader, stop)."""
+        event = self._progress
+        if event is None:
+            event = self._progress = asyncio.Event()
+        await event.wait()
 
     async def _wait_progress(self, predicate: Callable[[], bool]) -> None:
         while not predicate():
@@ -656,14 +651,17 @@ class RaftNode:
         (back-pressure), up to ``Config.overload_wait``. On return, ``propose`` takes its
         fast path (nothing can run between this check and it)."""
         self._check_accepting()
-        while self._proposals.pending >= self.config.max_pending_proposals:
-            pending = self._proposals.pending
+        proposals, limit = self._proposals, self.config.max_pending_proposals
+
+        def room() -> bool:
+            return proposals.pending < limit  # a stop or a lost leadership fails them
+        while not room():
+            pending = proposals.pending
             if not self.config.overload_wait:
                 self._recorder.proposals_overloaded += 1
                 raise Overloaded(f"{pending} proposals pending; retry later")
-            self._capacity.clear()
             try:
-                await asyncio.wait_for(self._capacity.wait(), self.config.overload_wait)
+                await asyncio.wait_for(self._wait_progress(room), self.config.overload_wait)
             except asyncio.TimeoutError:
                 self._recorder.proposals_overloaded += 1
                 raise Overloaded(
@@ -701,7 +699,7 @@ class RaftNode:
                 index = engine.propose(datas, segments)
             except NotLeader as exc:
                 self._recorder.proposals_dropped += proposals.fail_buffered(exc)
-                self._capacity.set()
+                self._notify_progress()
             else:
                 proposals.appended(index)
                 recorder = self._recorder
@@ -759,8 +757,6 @@ class RaftNode:
         self._accepting = self._running and c.role == Role.LEADER
         if c.role != Role.LEADER:
             self._reads.lost_leadership()
-        if c.leader_id is not None:
-            self._leader_known.set()
         if c.role != Role.LEADER and (self._proposals.waiting or self._proposals.buffered):
             # Entries up to the commit index will still be applied and answered; the fate
             # of the rest is unknown (a later leader may or may not commit them).
@@ -771,4 +767,4 @@ class RaftNode:
             recorder.proposals_dropped += self._proposals.fail_buffered(NotLeader(
                 c.leader_id, e.membership.addresses.get(c.leader_id)
                 if c.leader_id is not None else None))
-            self._capacity.set()
+        self._notify_progress()  # wait_for_leader, transfer_leadership, back-pressure

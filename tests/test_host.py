@@ -74,11 +74,17 @@ class Hosts:
                         max_campaigns=self.max_campaigns,
                         log_cache_bytes=self.log_cache_bytes)
         self.hosts[host_id] = await host.start()
+        await self.create_groups(host_id, groups, found)
+        return host
+
+    async def create_groups(self, host_id, groups, found=True):
+        """Start host ``host_id``'s replicas of ``groups``, each on a new state machine
+        (``found``: as founding members; else joining or restarting)."""
+        host = self.hosts[host_id]
         for g in groups:
             self.logs[host_id, g] = self.state_machine()
             await host.create_group(g, self.addresses if found else None,
                                     state_machine=self.logs[host_id, g])
-        return host
 
     async def leader(self, g, host_ids=None):
         """``g``'s leader, on one of ``host_ids`` (default: any host)."""
@@ -199,8 +205,7 @@ async def test_a_group_created_late_on_one_host_catches_up():
         # host 3 drops what it gets for a group it does not run, and counts it
         net3 = hosts.hosts[3].network
         await wait_until(lambda: net3.stats["unknown_group"] > 0)
-        hosts.logs[3, 0] = Log()
-        await hosts.hosts[3].create_group(0, hosts.addresses, state_machine=hosts.logs[3, 0])
+        await hosts.create_groups(3, [0])
         await hosts.read(3, 0)
         assert hosts.logs[3, 0].items == [b"%d" % k for k in range(10)]
     finally:
@@ -363,10 +368,7 @@ async def test_an_idle_group_costs_its_hosts_a_bounded_amount_of_memory():
         try:
             before = tracemalloc.get_traced_memory()[0]
             for i in (1, 2, 3):
-                for g in counted:
-                    hosts.logs[i, g] = Log()
-                    await hosts.hosts[i].create_group(g, hosts.addresses,
-                                                      state_machine=hosts.logs[i, g])
+                await hosts.create_groups(i, counted)
             await wait_until(lambda: all_quiet(hosts), 60)
             gc.collect()
             per_replica = (tracemalloc.get_traced_memory()[0] - before) / (3 * len(counted))
@@ -549,9 +551,7 @@ async def test_groups_founded_together_campaign_a_few_at_a_time():
     try:
         first = await hosts.start(1, groups=())
         first.campaigns.holders = WatchedHolders()
-        for g in GROUPS:
-            hosts.logs[1, g] = Log()
-            await first.create_group(g, hosts.addresses, state_machine=hosts.logs[1, g])
+        await hosts.create_groups(1, GROUPS)
         await wait_until(lambda: first.status()["campaigns_postponed"] >= len(GROUPS), 10)
         assert first.status()["campaigning"] == 1
         for i in (2, 3):
@@ -586,10 +586,8 @@ async def test_a_hosts_groups_keep_their_log_caches_within_its_budget_together()
         await write_rounds(hosts, GROUPS, 100)
         within_budget()
         more = range(len(GROUPS), 2 * len(GROUPS))
-        for i, h in hosts.hosts.items():
-            for g in more:
-                hosts.logs[i, g] = Log()
-                await h.create_group(g, hosts.addresses, state_machine=hosts.logs[i, g])
+        for i in hosts.hosts:
+            await hosts.create_groups(i, more)
         await write_rounds(hosts, more, 100)
         within_budget()
         for h in hosts.hosts.values():

@@ -154,10 +154,16 @@ async def test_retention_keeps_records_behind_snapshots_and_says_when_they_are_g
         offsets = []
         for k in range(20):
             offsets += await stream.append([b"r%d" % (k * 50 + j) for j in range(50)])
-        await wait_until(lambda: leader.engine.log.snapshot_index > 0)
+        # Snapshots are taken, and the log compacted behind them, after the appends
+        # return: wait for the last compaction to reach storage, so the first offset no
+        # longer moves. It stops 250 entries short of the last one (the last snapshot,
+        # at most 100 entries behind, would allow more): retention holds those.
+        retained_from = leader.engine.log.last_index - 250 + 1
+        await wait_until(lambda: leader.storage.load_state().first_index == retained_from,
+                         what="the log compacted up to the retention bound")
         first = await stream.first_offset()
-        # compacted behind the snapshot, but never within the last 250 entries
-        assert 1 < first <= leader.engine.log.last_index - 250 + 1
+        assert first == retained_from
+        assert leader.engine.log.snapshot_index == retained_from - 1
         with pytest.raises(OffsetCompacted) as info:
             await stream.read(1)
         assert f"from {first} on" in str(info.value)
@@ -169,12 +175,14 @@ async def test_retention_keeps_records_behind_snapshots_and_says_when_they_are_g
         # a restart starts the engine's log at the snapshot; the retained records before
         # it are still read, from storage
         follower = next(i for i in c.nodes if i != leader.id)
-        await wait_until(lambda: c.nodes[follower].applied_index >= leader.applied_index)
+        await wait_until(lambda: c.nodes[follower].applied_index >= leader.applied_index and
+                         c.nodes[follower].storage.load_state().first_index == retained_from,
+                         what="the follower caught up and compacted up to the retention bound")
         node = await c.restart(follower)
         await wait_until(lambda: node.applied_index >= leader.applied_index)
         reader = ReplicatedLog(node)
         retained = await reader.first_offset()
-        assert retained < node.engine.log.snapshot_index
+        assert retained == retained_from < node.engine.log.snapshot_index
         batch = await reader.read(retained, max_records=10_000, max_bytes=1 << 30)
         assert [r.index for r in batch] == [o for o in offsets if o >= retained]
         with pytest.raises(OffsetCompacted) as info:

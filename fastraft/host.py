@@ -62,6 +62,9 @@ BALANCE_SCAN = 1024
 METRICS_CHUNK = 256
 #: Groups of a host that may campaign at once unless its ``max_campaigns`` says otherwise.
 DEFAULT_MAX_CAMPAIGNS = 32
+#: How often, in seconds, the awake groups' shares of a host's log cache budget follow
+#: what each appended since.
+CACHE_LOAD_INTERVAL = 1.0
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
@@ -159,8 +162,8 @@ class RaftHost:
     ``max_campaigns`` of its groups campaign at once (``CampaignLimit``: thousands of
     groups electing together would swamp the host; ``None``: no limit).
     ``log_cache_bytes`` bounds the entries all its groups keep in memory together
-    (``None``: each group's ``Config.log_cache_bytes``): the awake groups share it evenly,
-    quiet ones keep none.
+    (``None``: each group's ``Config.log_cache_bytes``): the awake groups share half of
+    it evenly and the other half by what each appended lately; quiet ones keep none.
     """
 
     def __init__(self, node_id: int, *, network: TcpNetwork,
@@ -192,6 +195,7 @@ class RaftHost:
         self._groups: dict[int, RaftNode] = {}
         self._balancer: asyncio.Task[None] | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._cache_loader: asyncio.Task[None] | None = None
         #: Each group's voters when its preferred leader was last worked out, and it.
         self._preferred: dict[int, tuple[frozenset[int], int]] = {}
         #: The groups balancing rounds go through in turn, and where the next one starts.
@@ -208,6 +212,10 @@ class RaftHost:
         self._awake: set[RaftNode] = set()
         #: The number of awake groups the budget was last split for (``_share_cache``).
         self._cache_split_for = 0
+        #: Each awake group's part of the half of the budget that follows the load, and
+        #: its log's ``total_bytes`` when that was last worked out (``_follow_load``).
+        self._load_share: dict[RaftNode, int] = {}
+        self._appended_at: dict[RaftNode, int] = {}
         #: Every group's election timeouts: one generator for the host (a Random holds
         #: 2.5 KB of state, as much as the rest of an idle group's timers and counters).
         self._rng = random.Random()
@@ -229,19 +237,23 @@ class RaftHost:
         self._liveness = loop.create_task(self._liveness_loop())
         if self.balance_interval is not None:
             self._balancer = loop.create_task(self._balance_loop())
+        if self.log_cache_bytes is not None:
+            self._cache_loader = loop.create_task(self._cache_load_loop())
         return self
 
     async def stop(self) -> None:
         """Stop every group and the transport; storages stay open (they are reused by a
         new host: a restart)."""
         self._running = False
-        for task in (self._balancer, self._liveness):
+        for task in (self._balancer, self._liveness, self._cache_loader):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._balancer = self._liveness = None
+        self._balancer = self._liveness = self._cache_loader = None
         groups, self._groups = self._groups, {}
         self._awake.clear()
+        self._load_share.clear()
+        self._appended_at.clear()
         for node in groups.values():
             node.quiet_changed = None
             await node.stop()
@@ -291,6 +303,8 @@ class RaftHost:
             self._share_cache(node)
         try:
             await node.start()
+            if node in self._awake:
+                self._count_appends_from(node)
             node.peers_down(frozenset(self.suspected))
             if members is not None:
                 await node.initialize(dict(members))
@@ -302,14 +316,16 @@ class RaftHost:
         return node
 
     def _share_cache(self, new: RaftNode | None = None) -> None:
-        """Split ``log_cache_bytes`` evenly among the awake groups: each engine keeps at
-        most its share of entries in memory (``Engine.limit_cache``), so together they
-        keep at most the budget (and the entries not yet durable). A quiet group keeps
-        none (``_quiet_changed``), so the busy groups get the room idle ones do not use.
-        Going over every awake group whenever one comes, goes, wakes or goes quiet would
-        make N of them cost N² steps: the budget is split for an eighth more than there
-        are, so the shares hold until that many are awake (or until fewer than half are
-        left, when the shares grow again). ``new``: an awake group that needs its share."""
+        """Split ``log_cache_bytes`` among the awake groups: each engine keeps at most its
+        share of entries in memory (``Engine.limit_cache``), so together they keep at
+        most the budget (and the entries not yet durable). Half of it goes evenly to
+        every awake group, the other half by what each appended lately
+        (``_follow_load``). A quiet group keeps none (``_quiet_changed``), so the busy
+        groups get the room idle ones do not use. Going over every awake group whenever
+        one comes, goes, wakes or goes quiet would make N of them cost N² steps: the
+        even half is split for an eighth more than there are, so the shares hold until
+        that many are awake (or until fewer than half are left, when the shares grow
+        again). ``new``: an awake group that needs its share."""
         n = len(self._awake)
         if not n <= self._cache_split_for < 2 * n + 2:
             self._cache_split_for = n + n // 8 + 1
@@ -320,16 +336,18 @@ class RaftHost:
 
     @property
     def log_cache_share(self) -> int | None:
-        """With a log cache budget: the bytes each awake group may keep now."""
+        """With a log cache budget: the bytes every awake group may keep now, at least
+        (its part of the even half; the groups that appended lately may keep more)."""
         if self.log_cache_bytes is None:
             return None
-        return self.log_cache_bytes // max(self._cache_split_for, 1)
+        return self.log_cache_bytes // 2 // max(self._cache_split_for, 1)
 
     def _give_share(self, node: RaftNode) -> None:
-        """The current share: to the engine (``cache_budget``), or, before it starts, to
+        """The group's share: to the engine (``cache_budget``), or, before it starts, to
         the node, which gives it to its engine as it loads the log."""
         share = self.log_cache_share
         assert share is not None  # (called only with a budget)
+        share += self._load_share.get(node, 0)
         if node.engine is None:
             node.log_cache_share = share
         else:
@@ -339,8 +357,47 @@ class RaftHost:
         """A group leaves: it no longer shares the budget (nor says when it wakes)."""
         node.quiet_changed = None
         if node in self._awake:
-            self._awake.discard(node)
+            self._asleep(node)
             self._share_cache()
+
+    def _asleep(self, node: RaftNode) -> None:
+        self._awake.discard(node)
+        self._load_share.pop(node, None)
+        self._appended_at.pop(node, None)
+
+    def _count_appends_from(self, node: RaftNode) -> None:
+        """What the group appends from now on is its load (not the log it restarted on,
+        nor what it appended before it went quiet)."""
+        self._appended_at[node] = node.engine.log.total_bytes
+
+    async def _cache_load_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(CACHE_LOAD_INTERVAL)
+            self._follow_load()
+
+    def _follow_load(self) -> None:
+        """Give the half of the budget that follows the load to the awake groups in
+        proportion to the payload bytes each appended since the last time, so the
+        busiest keep the most of their recent entries and the coldest let go of theirs
+        first (CockroachDB's raft entry cache evicts across ranges the same way, entry by
+        entry). When no group appended anything, the shares stay as they are."""
+        assert self.log_cache_bytes is not None
+        appended: dict[RaftNode, int] = {}
+        was = self._appended_at
+        now: dict[RaftNode, int] = {}
+        for node in self._awake:
+            if node in was:
+                total = now[node] = node.engine.log.total_bytes
+                if total > was[node]:
+                    appended[node] = total - was[node]
+        self._appended_at = now
+        load = sum(appended.values())
+        if not load:
+            return
+        half = self.log_cache_bytes - self.log_cache_bytes // 2
+        self._load_share = {node: half * n // load for node, n in appended.items()}
+        for node in self._awake:
+            self._give_share(node)
 
     def _quiet_changed(self, node: RaftNode, quiet: bool) -> None:
         """A group went quiet: its log is committed everywhere it counts and nothing is
@@ -350,11 +407,12 @@ class RaftHost:
         if quiet != (node in self._awake):
             return  # told already
         if quiet:
-            self._awake.discard(node)
+            self._asleep(node)
             node.engine.limit_cache(0)
             self._share_cache()
         else:
             self._awake.add(node)
+            self._count_appends_from(node)
             self._share_cache(node)
 
     def group(self, group_id: int) -> RaftNode:

@@ -634,7 +634,77 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
             await h.remove_group(11)
         await wait_until(lambda: all_quiet(hosts), 20)
         assert cached() == {1: 0, 2: 0, 3: 0}
-        assert all(not h._awake for h in hosts.hosts.values())  # nothing counted awake
+        # nothing counted awake, nor holding a part of the budget
+        assert all(not h._awake and not h._load_share and not h._appended_at
+                   for h in hosts.hosts.values())
+
+
+def shares_within_budget(hosts, budget):
+    """Every group's share of its host's log cache budget is at least its part of the
+    even half, they add up to no more than the budget, and so do the caches."""
+    for h in hosts.hosts.values():
+        shares = [n.engine.cache_budget for n in h.groups.values()]
+        assert sum(shares) <= budget, (h.id, shares)
+        assert min(shares) >= h.log_cache_share > 0, (h.id, shares)
+        assert h.metrics().log_cache_bytes <= budget
+
+
+def keeps_most(hosts, g, budget):
+    """Group ``g`` has more than a third of the budget on every host, all twelve awake."""
+    return all(h.group(g).engine.cache_budget > budget // 3 and len(h._awake) == len(GROUPS)
+               for h in hosts.hosts.values())
+
+
+@run
+async def test_the_awake_groups_that_append_the_most_keep_the_most_of_the_log_cache():
+    """Half of a host's budget follows the load: among twelve awake groups the one being
+    written keeps far more than an even share (1/14 of the budget), every other keeps
+    its part of the even half, and the shares never add up to more than the budget.
+    When the writes move to another group, the first one's entries leave memory (the
+    coldest go first), and are still served, from storage."""
+    budget = 256 << 10
+    async with Hosts(log_cache_bytes=budget) as hosts:  # no quiescence: all stay awake
+        hot, next_hot = 0, 1
+        await write_rounds(hosts, [hot], 150)
+        await wait_until(lambda: keeps_most(hosts, hot, budget), 10,
+                         "the written group's share grown")
+        shares_within_budget(hosts, budget)
+        await write_rounds(hosts, [hot], 100)
+        for h in hosts.hosts.values():
+            assert h.group(hot).engine.log.cache_bytes > budget // 4
+        assert not keeps_most(hosts, next_hot, budget)
+        # written on until a whole second went by with no write to the first group
+        deadline = asyncio.get_running_loop().time() + 10
+        while not keeps_most(hosts, next_hot, budget) or any(
+                h.group(hot).engine.cache_budget != h.log_cache_share
+                for h in hosts.hosts.values()):
+            assert asyncio.get_running_loop().time() < deadline, "the share did not move"
+            await write_rounds(hosts, [next_hot], 10)
+        shares_within_budget(hosts, budget)
+        for h in hosts.hosts.values():
+            assert h.group(hot).engine.log.cache_bytes <= h.log_cache_share < budget // 16
+        leader = await hosts.leader(hot)
+        expected = [PAYLOAD + b"%d" % r for r in [*range(150), *range(100)]]
+        assert await asyncio.wait_for(_committed(leader, len(expected)), 10) == expected
+
+
+@run
+async def test_a_group_woken_by_writes_gets_the_share_its_writes_call_for():
+    """What a group appends counts towards its share from when it wakes: quiet groups
+    woken by a write each, one of them written on, keeps the most (as when awake since
+    created)."""
+    budget = 256 << 10
+    # quiet 3 s after the last write: the writes below wake every group for longer than
+    # they take
+    config = Config(election_timeout_min=0.15, election_timeout_max=0.3,
+                    heartbeat_interval=0.03, quiesce_after=3.0)
+    async with Hosts(config=config, log_cache_bytes=budget) as hosts:
+        await written_and_quiet(hosts)
+        await asyncio.gather(*[hosts.propose(g, b"wake") for g in GROUPS])
+        await write_rounds(hosts, [0], 150)
+        await wait_until(lambda: keeps_most(hosts, 0, budget), 10,
+                         "the written group's share grown")
+        shares_within_budget(hosts, budget)
 
 
 PAYLOAD = b"x" * 1000

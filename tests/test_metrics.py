@@ -267,9 +267,11 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
             assert samples[("fastraft_host_campaigning", (node,))] == 0
             assert samples[("fastraft_host_log_cache_bytes", (node,))] == sum(
                 host.group(g).engine.log.cache_bytes for g in GROUPS) > 0
-            # every group awake (no quiescence here): split for an eighth more, plus one
+            # every group awake (no quiescence here): the even half of the budget split
+            # for an eighth more, plus one
             assert samples[("fastraft_host_log_cache_share_bytes", (node,))] == \
-                host.metrics().log_cache_share == budget // (len(GROUPS) + len(GROUPS) // 8 + 1)
+                host.metrics().log_cache_share == \
+                budget // 2 // (len(GROUPS) + len(GROUPS) // 8 + 1)
             assert samples[("fastraft_proposals_total",
                             (node, ("outcome", "accepted")))] == accepted
             assert samples[("fastraft_log_write_entries_sum", (node,))] == sum(

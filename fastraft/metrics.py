@@ -110,7 +110,7 @@ def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator
                 m.log_cache_bytes)
     if m.log_cache_share is not None:
         yield gauge("fastraft_host_log_cache_share_bytes",
-                    "With a log cache budget: the bytes each awake group may keep now.",
+                    "With a log cache budget: the bytes every awake group may keep now, at least.",
                     m.log_cache_share)
     yield gauge("fastraft_host_suspected_peers",
                 "Peer hosts heard from by no frame for election_timeout_min.",

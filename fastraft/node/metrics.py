@@ -145,8 +145,9 @@ class HostMetrics(Counts, frozen=True, kw_only=True):
     #: Bytes of log entries the groups here keep in memory, together (at most
     #: ``RaftHost(log_cache_bytes=...)`` and the entries not yet durable).
     log_cache_bytes: int
-    #: With ``RaftHost(log_cache_bytes=...)``: the bytes each awake group may keep now (the
-    #: budget split among the awake groups; quiet ones keep none); None without a budget.
+    #: With ``RaftHost(log_cache_bytes=...)``: the bytes every awake group may keep now, at
+    #: least (half the budget split evenly among the awake groups; the other half goes to
+    #: them by what each appended lately; quiet ones keep none); None without a budget.
     log_cache_share: int | None
     #: Peer hosts heard from by no frame for ``election_timeout_min``.
     suspected: tuple[int, ...]

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from fastraft.addresses import parse_address, parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
@@ -62,9 +64,10 @@ def load_factory(spec: str) -> Any:
 
 async def serve_node(args: argparse.Namespace) -> int:
     """Run the node until SIGTERM/SIGINT (0), or until it stops itself because a hook
-    failed (3: a supervisor restarts it, and the log says which entry)."""
+    failed (3: a supervisor restarts it, and the log says which entry). With ``--groups
+    N`` the node is a ``RaftHost`` of N groups, a KV store each (one ``SharedWAL`` in
+    ``--data-dir``), and it stops when any of them does."""
     from fastraft import kv
-    from fastraft.config import Config
     from fastraft.kvservice import KVServer
     from fastraft.node import RaftNode
     from fastraft.storage import MemoryStorage, RaftStorage
@@ -73,34 +76,24 @@ async def serve_node(args: argparse.Namespace) -> int:
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:
         raise ConfigError(f"--id {args.id} is not in --cluster")
+    if args.repair and not args.data_dir:
+        raise ConfigError("--repair needs --data-dir")
     security = security_options(args)
+    factory = load_factory(args.state_machine) if args.state_machine else kv.KVStore
+    network = TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id, **security)
+    clients = parse_cluster(args.clients) if args.clients else {}
+    options = dict(cluster_id=args.cluster_id, client_addresses=clients, **security)
+    if args.groups > 1:
+        return await _serve_host(args, cluster, network, factory, options)
     storage: RaftStorage
     if args.data_dir:
         from fastraft.filestorage import FileStorage
         storage = FileStorage(args.data_dir, repair=args.repair)
-    elif args.repair:
-        raise ConfigError("--repair needs --data-dir")
     else:
         storage = MemoryStorage()
-    store = load_factory(args.state_machine)() if args.state_machine else kv.KVStore()
-    tuned: dict[str, Any] = {}
-    if args.snapshot_interval is not None:
-        tuned.update(snapshot_interval=args.snapshot_interval,
-                     snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
-                                                   args.snapshot_interval))
-    if args.log_cache_mib is not None:
-        tuned["log_cache_bytes"] = int(args.log_cache_mib * (1 << 20))
-    if args.log_retention_entries is not None:
-        tuned["log_retention_entries"] = args.log_retention_entries
-    if args.lease_reads:
-        tuned["lease_reads"] = True
-    if args.metrics:
-        tuned["measure_durations"] = True  # the histograms the exporter serves
-    config = Config(**tuned)
-    node = RaftNode(args.id, storage=storage, state_machine=store, config=config,
-                    cluster_id=args.cluster_id,
-                    network=TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id,
-                                       **security))
+    store = factory()
+    node = RaftNode(args.id, storage=storage, state_machine=store, config=_config(args),
+                    cluster_id=args.cluster_id, network=network)
     try:
         await node.start()
     except BaseException:
@@ -114,37 +107,99 @@ async def serve_node(args: argparse.Namespace) -> int:
             # says what the cluster is (like etcd ignoring --initial-cluster then).
             logging.getLogger("fastraft.cli").info(
                 "node %d has state from an earlier run; --init ignored", args.id)
-    clients = parse_cluster(args.clients) if args.clients else {}
-    server = KVServer(node, store, args.client, cluster_id=args.cluster_id,
-                      client_addresses=clients, **security)
+    server = KVServer(node, store, args.client, **options)
+    failed = await _serve(args, server, node, [node], f"raft {cluster[args.id]}")
+    await node.stop()
+    _close(storage)
+    return failed
+
+
+async def _serve_host(args: argparse.Namespace, cluster: dict[int, str], network: Any,
+                      factory: Callable[[], Any], options: dict[str, Any]) -> int:
+    from fastraft.host import DEFAULT_QUIESCE_AFTER, RaftHost
+    from fastraft.kvservice import KVServer
+    from fastraft.storage import MemoryStorage
+
+    wal = None
+    known: set[int] = set()
+    if args.data_dir:
+        from fastraft.sharedwal import SharedWAL
+        wal = SharedWAL(args.data_dir, repair=args.repair)
+        known = set(wal.group_ids())  # the groups this node ran before: a restart
+    config = msgspec.structs.replace(_config(args), quiesce_after=DEFAULT_QUIESCE_AFTER)
+    host = RaftHost(args.id, network=network, config=config, cluster_id=args.cluster_id,
+                    storage=wal.group if wal is not None else lambda g: MemoryStorage())
+    stores = [factory() for _ in range(args.groups)]
+    try:
+        await host.start()
+        for g, store in enumerate(stores):
+            # a group this node has state of restarts on it; --init founds the others
+            founding = cluster if args.init and g not in known else None
+            await host.create_group(g, founding, state_machine=store)
+        server = KVServer.sharded(host, stores, args.client, **options)
+        failed = await _serve(args, server, host, list(host.groups.values()),
+                              f"raft {cluster[args.id]}, {args.groups} groups")
+    finally:
+        await host.stop()
+        if wal is not None:
+            wal.close()
+    return failed
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from fastraft.config import Config
+
+    tuned: dict[str, Any] = {}
+    if args.snapshot_interval is not None:
+        tuned.update(snapshot_interval=args.snapshot_interval,
+                     snapshot_trailing_entries=min(Config().snapshot_trailing_entries,
+                                                   args.snapshot_interval))
+    if args.log_cache_mib is not None:
+        tuned["log_cache_bytes"] = int(args.log_cache_mib * (1 << 20))
+    if args.log_retention_entries is not None:
+        tuned["log_retention_entries"] = args.log_retention_entries
+    if args.lease_reads:
+        tuned["lease_reads"] = True
+    if args.metrics:
+        tuned["measure_durations"] = True  # the histograms the exporter serves
+    return Config(**tuned)
+
+
+async def _serve(args: argparse.Namespace, server: Any, measured: Any, nodes: list[Any],
+                 where: str) -> int:
+    """Serve clients (and ``--metrics`` of ``measured``, a node or a host) until a signal
+    (0) or until one of ``nodes`` stops itself (3, its failure on stderr)."""
     await server.start()
     metrics = None
     if args.metrics:
         from fastraft.metrics import MetricsServer
-        metrics = MetricsServer(node, args.metrics, max_apply_lag=args.health_max_lag)
+        metrics = MetricsServer(measured, args.metrics, max_apply_lag=args.health_max_lag)
         await metrics.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Everything allocated so far (modules, functions, types: most of what the collector
-    # tracks) lives as long as the process: keep full collections from walking it again,
-    # which shortens their pauses under load (docs/node.md, "Pauses").
+    # tracks; a host's groups) lives as long as the process: keep full collections from
+    # walking it again, which shortens their pauses under load (docs/node.md, "Pauses").
     gc.freeze()
-    print(f"node {args.id} ready: raft {cluster[args.id]}, clients {args.client}"
+    print(f"node {args.id} ready: {where}, clients {args.client}"
           + (f", metrics http://{metrics.address}/metrics" if metrics else ""), flush=True)
-    stopped = asyncio.ensure_future(node.wait_stopped())
+    stopped = [asyncio.ensure_future(node.wait_stopped()) for node in nodes]
     signalled = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait({*stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
     server.close()
     if metrics is not None:
         await metrics.stop()
-    await node.stop()
-    _close(storage)
     signalled.cancel()
-    if node.failure is not None:
-        stopped.exception()  # retrieved: it is reported below
-        print(f"fastraft node: {node.failure}", file=sys.stderr, flush=True)
+    failures = [node.failure for node in nodes if node.failure is not None]
+    for task in stopped:
+        if task.done():
+            task.exception()  # retrieved: a failure is reported below
+        else:
+            task.cancel()
+    if failures:
+        print(f"fastraft node: {failures[0]}", file=sys.stderr, flush=True)
         return 3
     return 0
 
@@ -339,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
                            "(Config.lease_reads: safe while clocks drift little)")
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
+    node.add_argument("--groups", type=_positive(int), default=1, metavar="N",
+                      help="run N Raft groups (a RaftHost), a KV store each: a key belongs "
+                           "to group crc32(key) %% N; their logs share one WAL in --data-dir. "
+                           "Every node says the same N (docs/multiraft.md)")
     node.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
                       help="WARNING (default); INFO adds role and membership changes")
     node.add_argument("--log-format", default="text", choices=("text", "json"),

@@ -22,11 +22,18 @@ node cannot take in time is answered ``Overloaded``, never dropped. A reply
 ``not_leader`` names the leader's id and Raft address when known, and its client address
 when the server was told the members' client addresses (``client_addresses``; ``fastraft
 node --clients``). docs/client-protocol.md describes the protocol in full.
+
+A host of several groups (``KVServer.sharded``, ``fastraft node --groups N``) serves a KV
+store per group on one port: a key belongs to group ``shard_of(key, N)``, and its
+requests go to that group's replica here (a ``not_leader`` reply names that group's
+leader). The stream and the membership requests are a single group's: such a port
+refuses them.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +48,7 @@ from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
 
 if TYPE_CHECKING:
+    from fastraft.host import RaftHost
     from fastraft.node import RaftNode
 
 log = logging.getLogger("fastraft.kvservice")
@@ -82,6 +90,14 @@ _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
+#: Requests of a single group's node, refused by a port serving several groups.
+_ONE_GROUP_OPS = frozenset({"append", "records", "add_learner", "change_membership"})
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The group of ``key`` among ``shards`` groups: ``crc32`` of its UTF-8 bytes, modulo
+    ``shards`` (clients route with it; so does a sharded ``KVServer``)."""
+    return zlib.crc32(key.encode()) % shards
 
 
 class _Batcher:
@@ -107,7 +123,8 @@ class _Batcher:
 
 
 class KVServer:
-    """The client port of one node serving a ``kv.KVStore``."""
+    """The client port of one node serving a ``kv.KVStore`` (or of a host serving one per
+    group: ``sharded``)."""
 
     def __init__(self, node: RaftNode, store: kv.KVStore, listen: str, *,
                  cluster_id: str = "fastraft",
@@ -119,6 +136,9 @@ class KVServer:
         #: Node id -> client address, for redirecting clients to the leader.
         self.client_addresses = client_addresses or {}
         self.store = store
+        #: (replica, store) of each group served, by group id (``sharded``), and their host.
+        self.shards: list[tuple[RaftNode, kv.KVStore]] = [(node, store)]
+        self.host: RaftHost | None = None
         self.listen = listen
         self.credentials = Credentials(cluster_id, "kv", secret, tls)
         self.limits = limits or ConnectionLimits()
@@ -133,6 +153,32 @@ class KVServer:
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
         self._server: asyncio.AbstractServer | None = None
+
+    @classmethod
+    def sharded(cls, host: RaftHost, stores: list[kv.KVStore], listen: str,
+                **options: Any) -> KVServer:
+        """The client port of ``host``, whose groups ``0 .. len(stores) - 1`` apply to
+        ``stores``: a key's requests go to group ``shard_of(key, len(stores))``. The
+        ``options`` are those of a single node's port."""
+        server = cls(host.group(0), stores[0], listen, **options)
+        server.host = host
+        server.shards = [(host.group(g), store) for g, store in enumerate(stores)]
+        return server
+
+    def route(self, key: str) -> tuple[RaftNode, kv.KVStore]:
+        """The replica and store of the group ``key`` belongs to."""
+        shards = self.shards
+        return shards[shard_of(key, len(shards))] if len(shards) > 1 else shards[0]
+
+    def status(self) -> dict[str, Any]:
+        """The node's status; a host's adds its own (``host``) and each group's leader
+        (``leaders``); the first group's stands for the node's role and indexes."""
+        status = self.node.status()
+        status["kv_keys"] = sum(len(store.data) for _, store in self.shards)
+        if self.host is not None:
+            status["host"] = self.host.status()
+            status["leaders"] = [node.engine.leader_id for node, _ in self.shards]
+        return status
 
     async def start(self) -> None:
         host, port = parse_address(self.listen)
@@ -201,9 +247,15 @@ class _ClientConnection(Link):
         op = req.op
         if op == "put" or op == "del":
             data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
-            self._track(req, asyncio.ensure_future(self.node.propose(data)), self._written)
+            node = self.server.route(req.key)[0]
+            self._track(req, asyncio.ensure_future(node.propose(data)), self._written)
         elif op == "get":
-            self._track(req, asyncio.ensure_future(self.node.read_index()), self._read)
+            node = self.server.route(req.key)[0]
+            self._track(req, asyncio.ensure_future(node.read_index()), self._read)
+        elif op in _ONE_GROUP_OPS and self.server.host is not None:
+            self.out.push(Response(req.id, False, error=(
+                f"InvalidArgument: {op!r} is a single group's request; this port serves "
+                f"{len(self.server.shards)} groups (use the library's RaftHost API)")))
         elif op == "append":
             self._track(req, asyncio.ensure_future(self.server.records.append([req.value])),
                         self._appended)
@@ -223,9 +275,7 @@ class _ClientConnection(Link):
             self._track(req, asyncio.ensure_future(self.node.change_membership(voters)),
                         self._changed)
         elif op == "status":
-            status = self.node.status()
-            status["kv_keys"] = len(self.server.store.data)
-            self.out.push(Response(req.id, True, status=status))
+            self.out.push(Response(req.id, True, status=self.server.status()))
         else:
             self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
 
@@ -280,7 +330,7 @@ class _ClientConnection(Link):
         return Response(req.id, True, records=[(r.index, r.data) for r in records])
 
     def _read(self, req: Request, _index: int) -> Response:
-        store = self.server.store
+        store = self.server.route(req.key)[1]
         return Response(req.id, True, store.get(req.key), store.versions.get(req.key, 0))
 
     def lost(self) -> None:

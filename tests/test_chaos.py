@@ -8,6 +8,10 @@ Afterwards: the history is linearizable (``fastraft.testing.linearizability``), 
 acknowledged write is there, and all nodes converge. Without root (no namespaces) the
 nodes run on loopback and the nemesis does everything but partitions.
 
+The same with every node a host of four groups (``fastraft node --groups 4``: a group
+per shard of the keys, one WAL per node, quiet groups, leaders balanced across the
+hosts), with no membership changes (a sharded port does not serve them).
+
 Bounded: ``FASTRAFT_CHAOS_SECONDS`` of faults (default 35); ``pytest tests/test_chaos.py
 --long`` runs 30 minutes. A summary (operations, faults, unknown outcomes, checker time)
 is printed and written to ``chaos-summary.json`` in the test's directory.
@@ -21,7 +25,7 @@ import random
 import time
 import warnings
 
-from fastraft.kvservice import ClientError, KVClient, find_leader
+from fastraft.kvservice import ClientError, KVClient, find_leader, shard_of
 from fastraft.processes import ProcessCluster
 from fastraft.testing.linearizability import History, check
 
@@ -61,8 +65,9 @@ class Workload:
     """Workers put unique values to a few shared keys (and to keys of their own, written
     once, for the durability check) and read them back from any node."""
 
-    def __init__(self, addresses: dict[int, str], seed: int) -> None:
+    def __init__(self, addresses: dict[int, str], seed: int, groups: int = 1) -> None:
         self.addresses = addresses
+        self.groups = groups
         self.history = History()
         self.rng = random.Random(seed)
         self.acked_unique: dict[str, bytes] = {}
@@ -75,7 +80,8 @@ class Workload:
         conns = Connections(self.addresses)
         ids = sorted(self.addresses)
         process = w * 1_000_000
-        leader = rng.choice(ids)
+        #: Where to send the writes of each group (the shard of a key).
+        leaders = [rng.choice(ids) for _ in range(self.groups)]
         n = 0
         try:
             while not self.stop.is_set():
@@ -87,11 +93,12 @@ class Workload:
                     kind, key = "put", rng.choice(KEYS)
                 else:
                     kind, key = "get", rng.choice(KEYS)
-                target = leader if kind == "put" else rng.choice(ids)
+                shard = shard_of(key, self.groups)
+                target = leaders[shard] if kind == "put" else rng.choice(ids)
                 try:
                     conn = await conns.to(target)
                 except (OSError, asyncio.TimeoutError):
-                    leader = rng.choice(ids)
+                    leaders[shard] = rng.choice(ids)
                     await asyncio.sleep(0.02)
                     continue
                 value = f"{w}-{n}".encode()
@@ -111,9 +118,9 @@ class Workload:
                     self.stats["fail"] += 1  # certainly not done (a read changes nothing)
                     self.history.fail(op)
                     if outcome[1] is not None:
-                        leader = outcome[1]
+                        leaders[shard] = outcome[1]
                     else:  # no leader known there: ask another node, a moment later
-                        leader = rng.choice(ids)
+                        leaders[shard] = rng.choice(ids)
                         await asyncio.sleep(0.01)
                 else:
                     # Unknown: it may take effect at any time, or never. The client's next
@@ -121,7 +128,7 @@ class Workload:
                     self.stats["unknown"] += 1
                     self.history.info(op)
                     process += 1
-                    leader = rng.choice(ids)
+                    leaders[shard] = rng.choice(ids)
         finally:
             conns.close()
 
@@ -148,7 +155,7 @@ class Workload:
 
 class Nemesis:
     def __init__(self, cluster: ProcessCluster, network: netns.Network | None,
-                 rng: random.Random, timeline: str) -> None:
+                 rng: random.Random, timeline: str, membership: bool = True) -> None:
         self.timeline = open(timeline, "a", buffering=1)
         self.cluster = cluster
         self.network = network
@@ -157,6 +164,8 @@ class Nemesis:
         self.paused: set[int] = set()
         self.faults: dict[str, int] = {}
         self.voters = set(cluster.ids)
+        #: Whether membership changes are among the faults.
+        self.membership = membership
         self.admin = Connections(cluster.client)
 
     async def leader(self) -> int | None:
@@ -186,7 +195,7 @@ class Nemesis:
     async def one_fault(self) -> None:
         """Inject one fault, hold it a while, heal it."""
         rng, ids = self.rng, self.cluster.ids
-        choices = ["kill", "pause", "membership"]
+        choices = ["kill", "pause"] + ["membership"] * self.membership
         if self.network is not None:
             choices += ["majority-minority", "isolate-leader", "bridge", "one-way"]
         name = rng.choice(choices)
@@ -225,7 +234,8 @@ class Nemesis:
             else:  # one-way: the victim's packets to the others are lost, not theirs
                 for o in others:
                     net.cut(victim, o)
-            removing = rng.random() < 0.3  # a membership change during a partition
+            # a membership change during a partition
+            removing = self.membership and rng.random() < 0.3
             if removing:
                 await self.remove(rng.choice(ids))
             await asyncio.sleep(hold)
@@ -340,7 +350,7 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
             c.close()
 
 
-async def chaos(tmp_path, seconds: float, seed: int) -> dict:
+async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
     rng = random.Random(seed)
     reason = netns.why_unavailable()
     network = None
@@ -352,15 +362,18 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
     # stale reads), snapshots every 300 entries (installed on nodes that fell behind).
     leases, snapshots = seed % 2 == 1, seed // 2 % 2 == 1
     options = ["--lease-reads"] * leases + ["--snapshot-interval", "300"] * snapshots
+    if groups > 1:
+        options += ["--groups", str(groups)]
     cluster = ProcessCluster(
         NODES, str(tmp_path), data_dir=str(tmp_path / "data"),
         # role and membership changes at INFO: a timeline beside nemesis.log
         extra_args=["--log-level", "INFO", *options],
         hosts=network.hosts if network else None,
         command_prefix=network.command_prefix if network else None)
-    nemesis = Nemesis(cluster, network, rng, str(tmp_path / "nemesis.log"))
+    nemesis = Nemesis(cluster, network, rng, str(tmp_path / "nemesis.log"),
+                      membership=groups == 1)
     nemesis.note(f"seed {seed} {' '.join(options)}")
-    workload = Workload(cluster.client, seed)
+    workload = Workload(cluster.client, seed, groups)
     try:
         cluster.start_all()
         probe = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
@@ -388,7 +401,7 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
         t0 = time.monotonic()
         result = check(workload.history)
         checker_seconds = time.monotonic() - t0
-        summary = {"seconds": round(time.monotonic() - started, 1), "seed": seed,
+        summary = {"seconds": round(time.monotonic() - started, 1), "seed": seed, "groups": groups,
                    "partitions": network is not None, "options": options, "nemesis_rounds": rounds,
                    "faults": nemesis.faults, "operations": len(workload.history.operations),
                    **workload.stats, "errors": workload.errors,
@@ -407,13 +420,24 @@ async def chaos(tmp_path, seconds: float, seed: int) -> dict:
             network.close()
 
 
-def test_chaos_history_is_linearizable_and_nothing_acknowledged_is_lost(tmp_path, request):
+def run_chaos(tmp_path, request, default_seconds: float, groups: int = 1) -> dict:
     seconds = 1800.0 if request.config.getoption("--long") else \
-        float(os.environ.get("FASTRAFT_CHAOS_SECONDS", "35"))
+        float(os.environ.get("FASTRAFT_CHAOS_SECONDS", str(default_seconds)))
     seed = int(os.environ.get("FASTRAFT_CHAOS_SEED", str(random.randrange(10**6))))
     print(f"chaos seed {seed} (FASTRAFT_CHAOS_SEED={seed} to pick the same faults)")
 
     async def bounded():
-        return await asyncio.wait_for(chaos(tmp_path, seconds, seed), seconds + 240)
+        return await asyncio.wait_for(chaos(tmp_path, seconds, seed, groups), seconds + 240)
     summary = uvloop.run(bounded()) if uvloop is not None else asyncio.run(bounded())
     assert summary["nemesis_rounds"] >= 3
+    return summary
+
+
+def test_chaos_history_is_linearizable_and_nothing_acknowledged_is_lost(tmp_path, request):
+    run_chaos(tmp_path, request, 35)
+
+
+def test_chaos_of_hosts_of_groups_is_linearizable_and_loses_nothing(tmp_path, request):
+    """Every node a host of four groups: the keys of the history spread over all of them."""
+    summary = run_chaos(tmp_path, request, 25, groups=4)
+    assert "membership" not in summary["faults"]

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import http_get
 
-from fastraft.kvservice import ClientError, KVClient, find_leader
+from fastraft.kvservice import ClientError, KVClient, find_leader, shard_of
 from fastraft.processes import ProcessCluster, free_ports
 
 from aio import run, until_applied
@@ -248,3 +248,91 @@ def test_demo_runs_and_loses_nothing():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "acknowledged lost   : 0 of" in out.stdout
     assert "OK: nothing acknowledged was lost" in out.stdout
+
+
+async def put_on_its_leader(clients, key, value, deadline=20.0):
+    """Put ``key`` through the node that leads its group, following not_leader replies."""
+    target = min(clients)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        try:
+            return await clients[target].put(key, value)
+        except ClientError as exc:
+            assert exc.error == "not_leader" and loop.time() < end, exc
+            if exc.leader in clients:
+                target = exc.leader
+            else:  # no leader known there, or one that is down: ask the next node
+                others = sorted(clients)
+                target = others[(others.index(target) + 1) % len(others)]
+                await asyncio.sleep(0.05)
+
+
+async def get_retrying(client, key, deadline=20.0):
+    """A linearizable read (the response: value and version), asked again while the node
+    knows no leader of the key's group (a replica restarted in a quiet group learns it
+    within an election timeout)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        try:
+            return await client.request("get", key)
+        except ClientError as exc:
+            assert exc.error == "not_leader" and loop.time() < end, exc
+            await asyncio.sleep(0.05)
+
+
+@run
+async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path):
+    """``fastraft node --groups 4`` on three processes: every key is written through the
+    leader of its own group (crc32 % 4), the groups' leaders spread over the nodes, a
+    node killed (-9) restarts from its one WAL with every acknowledged write, and the
+    requests of a single group's node are refused with the reason."""
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--groups", "4"])
+    clients = {}
+    try:
+        cluster.start_all()
+        clients = await connect_all(cluster)
+        keys = [f"key{k}" for k in range(40)]
+        assert {shard_of(key, 4) for key in keys} == {0, 1, 2, 3}
+        acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
+
+        async def leaders():
+            return (await clients[1].status())["leaders"]
+        # every host leads the groups whose preferred leader it is (1, 2, 3, 1)
+        deadline = time.monotonic() + 20
+        while await leaders() != [1, 2, 3, 1]:
+            assert time.monotonic() < deadline, await leaders()
+            await asyncio.sleep(0.1)
+        # a key's requests go to its own group: a node that does not lead it names the
+        # leader of that group, not of another
+        for key in keys[:8]:
+            leader = [1, 2, 3, 1][shard_of(key, 4)]
+            with pytest.raises(ClientError) as info:
+                await clients[leader % 3 + 1].put(key, b"elsewhere")
+            assert (info.value.error, info.value.leader) == ("not_leader", leader)
+        status = await clients[2].status()
+        assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
+        assert status["kv_keys"] == len(keys)
+        with pytest.raises(ClientError, match="single group's request; this port serves 4"):
+            await clients[1].append(b"record")
+        with pytest.raises(ClientError, match="single group's request"):
+            await clients[1].change_membership({1, 2})
+
+        cluster.kill(1)
+        clients.pop(1).close()
+        for key in keys:  # the other two elect leaders for node 1's groups
+            acked[key] = await put_on_its_leader(clients, key, key.encode() + b"!")
+        # restarted with --init and a --cluster that is no longer the groups' membership
+        # (say an address changed): it restarts each group on what its WAL holds
+        changed = ",".join(f"{i}={a}" for i, a in cluster.raft.items()) + ",4=127.0.0.1:9"
+        cluster.start(1, ["--cluster", changed])
+        clients[1] = await KVClient.connect_retrying(cluster.client[1])
+        for key in keys:  # linearizable: the restarted node's reads see every write
+            resp = await get_retrying(clients[1], key)
+            assert (resp.value, resp.version) == (key.encode() + b"!", acked[key])
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()

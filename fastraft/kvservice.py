@@ -171,13 +171,15 @@ class KVServer:
         return shards[shard_of(key, len(shards))] if len(shards) > 1 else shards[0]
 
     def status(self) -> dict[str, Any]:
-        """The node's status; a host's adds its own (``host``) and each group's leader
-        (``leaders``); the first group's stands for the node's role and indexes."""
+        """The node's status; a host's adds its own (``host``), each group's leader
+        (``leaders``) and keys (``kv_keys_by_group``); the first group's stands for the
+        node's role and indexes."""
         status = self.node.status()
         status["kv_keys"] = sum(len(store.data) for _, store in self.shards)
         if self.host is not None:
             status["host"] = self.host.status()
             status["leaders"] = [node.engine.leader_id for node, _ in self.shards]
+            status["kv_keys_by_group"] = [len(store.data) for _, store in self.shards]
         return status
 
     async def start(self) -> None:

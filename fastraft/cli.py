@@ -9,13 +9,20 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from fastraft.addresses import parse_address, parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
+
+if TYPE_CHECKING:  # the commands import what they run when they run
+    from fastraft.config import Config
+    from fastraft.host import RaftHost
+    from fastraft.kvservice import KVServer
+    from fastraft.node import RaftNode
+    from fastraft.transport.tcp import TcpNetwork
 
 
 def add_security_options(p: argparse.ArgumentParser) -> None:
@@ -114,8 +121,9 @@ async def serve_node(args: argparse.Namespace) -> int:
     return failed
 
 
-async def _serve_host(args: argparse.Namespace, cluster: dict[int, str], network: Any,
-                      factory: Callable[[], Any], options: dict[str, Any]) -> int:
+async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
+                      network: TcpNetwork, factory: Callable[[], Any],
+                      options: dict[str, Any]) -> int:
     from fastraft.host import DEFAULT_QUIESCE_AFTER, RaftHost
     from fastraft.kvservice import KVServer
     from fastraft.storage import MemoryStorage
@@ -146,7 +154,7 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str], network
     return failed
 
 
-def _config(args: argparse.Namespace) -> Any:
+def _config(args: argparse.Namespace) -> Config:
     from fastraft.config import Config
 
     tuned: dict[str, Any] = {}
@@ -165,8 +173,8 @@ def _config(args: argparse.Namespace) -> Any:
     return Config(**tuned)
 
 
-async def _serve(args: argparse.Namespace, server: Any, measured: Any, nodes: list[Any],
-                 where: str) -> int:
+async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode | RaftHost,
+                 nodes: list[RaftNode], where: str) -> int:
     """Serve clients (and ``--metrics`` of ``measured``, a node or a host) until a signal
     (0) or until one of ``nodes`` stops itself (3, its failure on stderr)."""
     await server.start()

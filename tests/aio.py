@@ -19,13 +19,21 @@ def run(coro_fn):
     return wrapper
 
 
+async def until(predicate, what: str, timeout: float = 30.0) -> None:
+    """Poll the coroutine function ``predicate`` until it returns true; ``TimeoutError``
+    naming ``what`` after ``timeout`` seconds."""
+    async def poll():
+        while not await predicate():
+            await asyncio.sleep(0.02)
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"no {what} within {timeout:.0f}s") from None
+
+
 async def until_applied(clients, index: int, timeout: float = 30.0) -> None:
     """Poll the ``status`` of every KV client's node until each has applied ``index``;
     ``TimeoutError`` after ``timeout`` seconds."""
-    async def behind():
-        return [c for c in clients if (await c.status())["applied_index"] < index]
-
-    async def poll():
-        while await behind():
-            await asyncio.sleep(0.02)
-    await asyncio.wait_for(poll(), timeout)
+    async def caught_up():
+        return all([(await c.status())["applied_index"] >= index for c in clients])
+    await until(caught_up, f"node applying {index}", timeout)

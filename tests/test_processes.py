@@ -12,7 +12,7 @@ from test_metrics import http_get
 from fastraft.kvservice import ClientError, KVClient, find_leader, shard_of
 from fastraft.processes import ProcessCluster, free_ports
 
-from aio import run, until_applied
+from aio import run, until, until_applied
 
 
 @pytest.fixture
@@ -302,20 +302,17 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         assert {shard_of(key, 4) for key in keys} == {0, 1, 2, 3}
         acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
 
-        async def leaders():
-            return (await clients[1].status())["leaders"]
+        async def balanced():
+            return (await clients[1].status())["leaders"] == [1, 2, 3, 1]
         # every host leads the groups whose preferred leader it is (1, 2, 3, 1)
-        deadline = time.monotonic() + 20
-        while await leaders() != [1, 2, 3, 1]:
-            assert time.monotonic() < deadline, await leaders()
-            await asyncio.sleep(0.1)
+        await until(balanced, "leaders balanced", 20)
         # each key went to its own group, on every node
         by_group = [sum(1 for key in keys if shard_of(key, 4) == g) for g in range(4)]
-        for c in clients.values():
-            deadline = time.monotonic() + 20
-            while (status := await c.status())["kv_keys_by_group"] != by_group:
-                assert time.monotonic() < deadline, (status["kv_keys_by_group"], by_group)
-                await asyncio.sleep(0.05)
+
+        async def in_their_groups():
+            return all([(await c.status())["kv_keys_by_group"] == by_group
+                        for c in clients.values()])
+        await until(in_their_groups, "keys in their groups' stores", 20)
         status = await clients[2].status()
         assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
         assert status["kv_keys"] == len(keys)

@@ -16,8 +16,10 @@ messages. What replaces their heartbeats is one liveness exchange per pair of ho
 nothing from a peer for ``election_timeout_min`` tells its groups (``peers_down``): the
 quiet groups that peer led wake, as lost, and elect a new leader (with pre-vote), quiet
 leaders left without a quorum wake and are deposed, and while it stays silent groups go
-quiet without its answers; heard again, it wakes the quiet groups it is behind in. Any
-proposal, read or message wakes a quiet group.
+quiet without its answers; heard again, it wakes the quiet groups it is behind in. A
+peer heard again, or one that connected anew (it restarted), is reminded who leads the
+quiet groups led here: its replicas may have lost their leader, and quiet leaders send
+nothing otherwise. Any proposal, read or message wakes a quiet group.
 
 Leadership is spread across hosts: each group has a preferred leader (its voters in id
 order, picked by group id), and a host that leads a group whose preferred leader is
@@ -207,6 +209,9 @@ class RaftHost:
         #: Leadership transfers to preferred leaders started so far (one that times out
         #: may still complete later).
         self.transfers = 0
+        #: Quiet groups led here that reminded a peer host of their leader, so far
+        #: (``_remind``).
+        self.reminders = 0
         self.log_cache_bytes = log_cache_bytes
         #: With a budget: the groups that share it, those not quiet (``_quiet_changed``).
         self._awake: set[RaftNode] = set()
@@ -452,9 +457,9 @@ class RaftHost:
         """This host at a glance: its groups, how many it leads, how many are quiet,
         the groups whose replica here stopped itself (a hook failed: ``NodeFailed``, the
         group's ``failure`` says which), the peer hosts it suspects gone, leadership
-        transfers, groups campaigning and election timers postponed (``max_campaigns``),
-        and transport counters. One pass over the groups; each group's own ``status()``
-        has the details."""
+        transfers, reminders of quiet leaders (``_remind``), groups campaigning and
+        election timers postponed (``max_campaigns``), and transport counters. One pass
+        over the groups; each group's own ``status()`` has the details."""
         leading = quiet = 0
         failed = []
         for group_id, node in self._groups.items():
@@ -469,6 +474,7 @@ class RaftHost:
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
                 "failed": sorted(failed),
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
+                "reminders": self.reminders,
                 **self._campaign_figures(),
                 "network": dict(self.network.stats)}
 
@@ -525,12 +531,14 @@ class RaftHost:
     async def _liveness_loop(self) -> None:
         """Every heartbeat interval: an empty frame to each peer host this host sent
         nothing to, and a peer heard from by no frame for ``election_timeout_min`` is
-        suspected: the quiet groups it led wake, their leader lost."""
+        suspected: the quiet groups it led wake, their leader lost. A peer heard again,
+        or that opened a new connection, is reminded of the quiet groups led here."""
         cfg = self.config
         net = self.network
         loop = asyncio.get_running_loop()
         counts: dict[int, int] = {}
         heard_at: dict[int, float] = {}
+        connections: dict[int, int] = {}
         last_tick = loop.time()
         while self._running:
             await asyncio.sleep(cfg.heartbeat_interval)
@@ -541,13 +549,19 @@ class RaftHost:
             stalled = now - last_tick > 2 * cfg.heartbeat_interval
             last_tick = now
             heard = net.frames_heard()
+            back = set()
             for peer in net.addresses:
+                opened = net.connections_from[peer]
+                if opened != connections.get(peer, 0):
+                    connections[peer] = opened
+                    back.add(peer)
                 n = heard.get(peer, 0)
                 if n != counts.get(peer) or stalled:
                     counts[peer] = n
                     heard_at[peer] = now
                     if peer in self.suspected:
                         self.suspected.discard(peer)
+                        back.add(peer)
                         woken = self._tell_down()
                         log.info("host %d: host %d heard again; woke %s", self.id, peer,
                                  dict(woken), extra={"event": "host_back", "node": self.id,
@@ -560,6 +574,8 @@ class RaftHost:
                              now - heard_at[peer], dict(woken),
                              extra={"event": "host_silent", "node": self.id, "peer": peer,
                                     "woken": dict(woken)})
+            if back:
+                self._remind(frozenset(back))
 
     def _tell_down(self) -> Counter[str]:
         """Every group learns which hosts are suspected (``RaftNode.peers_down``): their
@@ -574,6 +590,18 @@ class RaftHost:
                 if why is not None:
                     woken[why] += 1
         return woken
+
+    def _remind(self, peers: frozenset[int]) -> None:
+        """The quiet groups led here tell their replicas on ``peers`` who leads them
+        (``RaftNode.peers_back``): a replica that restarted, or woke when its leader's
+        host went silent, knows no leader until then (its election timer would run out
+        first). After ``_tell_down``: a member back that is behind woke its group, which
+        catches it up instead."""
+        told = sum(node.peers_back(peers) for node in self._groups.values())
+        self.reminders += told
+        if told:
+            log.debug("host %d: reminded hosts %s of %d quiet groups led here", self.id,
+                      sorted(peers), told)
 
     # ------------------------------------------------------------------ balance
 

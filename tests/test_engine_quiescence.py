@@ -223,6 +223,20 @@ def test_a_stopping_leader_picks_the_fullest_voter_and_wakes_the_others():
     assert h.engines[4].role == Role.LEADER and h.engines[5].leader_id == 4
 
 
+def behind_and_back():
+    """A quiet cluster whose node 3 missed a write while known down (the leader went
+    quiet without it), reachable again: the harness, the leader, node 3."""
+    h, (leader, f2, f3) = quiet_cluster()
+    del h.engines[3]
+    leader.peers_down(frozenset({3}))
+    leader.propose([b"x"])
+    h.run()
+    tick(h, 3)
+    assert leader.quiet and f3.log.last_index < leader.log.last_index
+    h.engines[3] = f3
+    return h, leader, f3
+
+
 def test_a_leader_goes_quiet_without_members_known_down_but_not_without_a_quorum():
     h, (leader, f2, f3) = cluster()
     del h.engines[3]  # its process is down: nothing reaches it, nothing comes back
@@ -267,19 +281,42 @@ def test_what_the_driver_says_down_wakes_quiet_nodes_that_must_act():
     h, (leader, f2, f3) = quiet_cluster()
     leader.peers_down(frozenset({3}))
     assert leader.peers_down(frozenset()) is None and leader.quiet  # 3 has it all
-    f3 = h.engines.pop(3)
-    leader.peers_down(frozenset({3}))
-    leader.propose([b"x"])
-    h.run()
-    tick(h, 3)
-    assert leader.quiet and f3.log.last_index < leader.log.last_index
-    h.engines[3] = f3
+    h, leader, f3 = behind_and_back()
     assert leader.peers_down(frozenset()) == "member_back" and not leader.quiet
     tick(h, 1)
     assert f3.log.last_index == leader.log.last_index
     # a node that is not quiet has nothing to wake
     h, (leader, f2, f3) = cluster()
     assert leader.peers_down(frozenset({2, 3})) is None and f2.peers_down(frozenset({1})) is None
+
+
+def test_a_quiet_leader_reminds_members_back_of_its_leadership():
+    # node 3 restarts on its log: it knows no leader, and the quiet leader sends nothing
+    h, (leader, f2, f3) = quiet_cluster()
+    f3 = h.engines[3] = make(3, config=QCFG, term=leader.term, terms=[1, leader.term],
+                             commit=1)
+    assert f3.log.last_index == leader.log.last_index and f3.leader_id is None
+    assert not leader.remind([4, 5])  # not members: nothing to tell
+    assert leader.remind([3])
+    out = sends(leader.take_commands())
+    assert [(to, type(m), m.quiesce) for to, m in out] == [(3, AppendEntries, True)]
+    h.engines[3].step(1, out[0][1])
+    h.run()
+    assert f3.leader_id == 1 and f3.leader_alive and f3.quiet and leader.quiet
+    assert f3.commit_index == leader.commit_index
+    # one that missed entries refuses the reminder, which wakes the leader to catch it up
+    h, leader, f3 = behind_and_back()
+    assert leader.remind([3])
+    h.run()
+    assert not leader.quiet
+    tick(h, 1)
+    assert f3.leader_id == 1 and f3.log.last_index == leader.log.last_index
+    # only a quiet leader reminds
+    h, (leader, f2, f3) = cluster()
+    leader.take_commands()
+    assert not leader.remind([2, 3]) and leader.take_commands() == []
+    h, (leader, f2, f3) = quiet_cluster()
+    assert not f2.remind([1, 3]) and f2.take_commands() == []
 
 
 def test_a_follower_without_quiescence_ignores_the_flag():

@@ -28,6 +28,9 @@ from aio import run
 FAST = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03)
 QUIET = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03,
                quiesce_after=0.1)
+#: Replicas that never campaign within a test: only a leader's message tells them who leads.
+PATIENT = Config(election_timeout_min=60.0, election_timeout_max=90.0, heartbeat_interval=0.03,
+                 quiesce_after=0.1)
 GROUPS = range(12)
 
 
@@ -51,7 +54,8 @@ class Hosts:
     state machine across a host's restart."""
 
     def __init__(self, balance_interval=0.1, config=FAST, storage=None,
-                 max_campaigns=DEFAULT_MAX_CAMPAIGNS, log_cache_bytes=None, state_machine=Log):
+                 max_campaigns=DEFAULT_MAX_CAMPAIGNS, log_cache_bytes=None, state_machine=Log,
+                 host_config=None):
         ports = free_ports(3)
         self.state_machine = state_machine
         self.max_campaigns = max_campaigns
@@ -61,30 +65,35 @@ class Hosts:
         self.logs = {}
         self.balance_interval = balance_interval
         self.config = config
+        #: The hosts' own (liveness: heartbeat interval, suspicion after
+        #: election_timeout_min); default: ``config``, also every group's.
+        self.host_config = host_config or config
         #: host id -> the host's ``storage`` (group id -> storage); default: a
         #: MemoryStorage per (host, group), kept across restarts
         self.storage = storage or (lambda host_id: lambda g: self.storages.setdefault(
             (host_id, g), MemoryStorage()))
         self.hosts = {}
 
-    async def start(self, host_id, groups=GROUPS, found=True):
+    async def start(self, host_id, groups=GROUPS, found=True, group_config=None):
         host = RaftHost(host_id, network=TcpNetwork(host_id, self.addresses[host_id]),
                         storage=self.storage(host_id),
-                        config=self.config, balance_interval=self.balance_interval,
+                        config=self.host_config, balance_interval=self.balance_interval,
                         max_campaigns=self.max_campaigns,
                         log_cache_bytes=self.log_cache_bytes)
         self.hosts[host_id] = await host.start()
-        await self.create_groups(host_id, groups, found)
+        await self.create_groups(host_id, groups, found, group_config)
         return host
 
-    async def create_groups(self, host_id, groups, found=True):
+    async def create_groups(self, host_id, groups, found=True, config=None):
         """Start host ``host_id``'s replicas of ``groups``, each on a new state machine
-        (``found``: as founding members; else joining or restarting)."""
+        (``found``: as founding members; else joining or restarting), with ``config``
+        (default: the hosts')."""
         host = self.hosts[host_id]
         for g in groups:
             self.logs[host_id, g] = self.state_machine()
             await host.create_group(g, self.addresses if found else None,
-                                    state_machine=self.logs[host_id, g])
+                                    state_machine=self.logs[host_id, g],
+                                    config=config or self.config)
 
     async def leader(self, g, host_ids=None):
         """``g``'s leader, on one of ``host_ids`` (default: any host)."""
@@ -500,6 +509,64 @@ async def test_a_partitioned_host_catches_up_once_it_heals_without_another_write
                                      for g in GROUPS), 20)
         await wait_until(lambda: balanced(hosts) and all_quiet(hosts), 20)
         assert not any(h.suspected for h in hosts.hosts.values())
+
+
+@run
+async def test_a_restarted_host_learns_who_leads_its_quiet_groups_without_an_election():
+    # Hosts slow to suspect a silent peer: host 3 restarts unsuspected, its replicas know
+    # no leader and the quiet leaders send nothing. Its new connections say it is back:
+    # the leaders remind it, long before its replicas' election timers would run out.
+    hosts = Hosts(config=QUIET, host_config=PATIENT)
+    try:
+        for i in (1, 2, 3):
+            await hosts.start(i)
+        await written_and_quiet(hosts)
+        hosts.hosts[3].network.send_group = lambda *args: None  # a crash: no resign
+        await hosts.hosts[3].stop()
+        restarted = await hosts.start(3, found=False, group_config=PATIENT)
+        led_elsewhere = [g for g in GROUPS if preferred(g) != 3]
+        await wait_until(lambda: all(restarted.group(g).engine.leader_id == preferred(g)
+                                     and restarted.group(g).engine.quiet
+                                     for g in led_elsewhere), 10)
+        assert not any(h.suspected for h in hosts.hosts.values())
+        assert hosts.hosts[1].status()["reminders"] + hosts.hosts[2].status()["reminders"] \
+            >= len(led_elsewhere)
+        for g in led_elsewhere:
+            await asyncio.wait_for(hosts.read(3, g), 10)
+            assert hosts.logs[3, g].items == [b"x"], g
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_a_host_heard_again_learns_its_quiet_groups_leaders_are_alive():
+    # Host 3 is cut off: it suspects the others, and its replicas wake counting their
+    # leaders lost. Healed, the leaders' hosts hear it again and remind it, so its
+    # replicas follow and go quiet again instead of campaigning when their (here long)
+    # election timers run out. Host 3 leads nothing (it never campaigns; no balancing).
+    hosts = Hosts(config=QUIET, balance_interval=None)
+    try:
+        for i in (1, 2):
+            await hosts.start(i)
+        third = await hosts.start(3, group_config=PATIENT)
+        leaders = {g: (await hosts.leader(g)).id for g in GROUPS}
+        await asyncio.gather(*[hosts.propose(g, b"x") for g in GROUPS])
+        await wait_until(lambda: all_quiet(hosts), 20)
+        cut = {1: {3}, 2: {3}, 3: {1, 2}}
+        for i, h in hosts.hosts.items():
+            h.network.receive_filter = lambda frm, i=i: frm not in cut[i]
+        await wait_until(lambda: all(h.suspected == cut[i] for i, h in hosts.hosts.items()),
+                         10)
+        assert not any(third.group(g).engine.leader_alive for g in GROUPS)
+        for h in hosts.hosts.values():
+            del h.network.receive_filter
+        await wait_until(lambda: all(third.group(g).engine.leader_alive
+                                     and third.group(g).engine.quiet for g in GROUPS), 10)
+        assert {g: third.group(g).engine.leader_id for g in GROUPS} == leaders
+        await wait_until(lambda: not any(h.suspected for h in hosts.hosts.values()), 10)
+        assert all_quiet(hosts)
+    finally:
+        await hosts.stop()
 
 
 @run

@@ -70,7 +70,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "snapshots": 0, "installs": 0, "reconfigurations": 0, "log_reads": 0,
               "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
-              "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0}
+              "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
+              "reminders": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -103,9 +104,11 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["skews"] > seeds and totals["lease_reads"] > seeds * 20
     if config.quiesce_after:
         # groups went quiet, and quiet followers whose leader went silent were woken; so
-        # were quiet leaders left without a quorum, or behind a peer heard again
+        # were quiet leaders left without a quorum, or behind a peer heard again; quiet
+        # leaders reminded peers heard again (or restarted) that they lead
         assert totals["quiet_nodes"] > seeds * 20 and totals["leader_lost_wakes"] > seeds // 4
         assert totals["no_quorum_wakes"] > 0 and totals["member_back_wakes"] > 0
+        assert totals["reminders"] > 0
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",

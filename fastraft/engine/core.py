@@ -13,7 +13,7 @@ the random source is injected, so a seed replays a run exactly.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -1024,14 +1024,35 @@ class Engine:
         self.quiet = True
         self._out.append(QuietChanged(True))
         self._idle_heartbeats = 0
-        last = self.log.last_index
-        msg = AppendEntries(self.term, self.id, last, self.log.term_at(last), [],
-                            self.commit_index, self._seq, True)
+        msg = self._quiesce_heartbeat()
         for peer in self.progress:
             self._send(peer, msg)
         self._out.append(CancelTimer(Timer.HEARTBEAT))
         if self.config.check_quorum:
             self._out.append(CancelTimer(Timer.ELECTION))
+
+    def _quiesce_heartbeat(self) -> AppendEntries:
+        last = self.log.last_index
+        return AppendEntries(self.term, self.id, last, self.log.term_at(last), [],
+                             self.commit_index, self._seq, True)
+
+    def remind(self, peers: Iterable[int]) -> bool:
+        """Quiet leader: send the members among ``peers`` its quiesce heartbeat again
+        (the driver heard their processes come back: restarted, or reachable again after
+        a partition). A replica that restarted, or woke when it lost its leader, knows no
+        leader until a leader's message reaches it, and a quiet leader sends none: reads
+        and proposals on it fail meanwhile, until its election timer runs out. This one
+        tells it, and it goes quiet too; a member whose log is behind refuses it, which
+        wakes the leader to catch it up. Returns whether anything was sent."""
+        if not self.quiet or self.role != Role.LEADER:
+            return False
+        msg = None
+        for peer in peers:
+            if peer in self.progress:
+                if msg is None:
+                    msg = self._quiesce_heartbeat()
+                self._send(peer, msg)
+        return msg is not None
 
     def _keeps_quiet(self, frm: int, t: type, m: Any) -> bool:
         """Messages a quiet node takes without waking: the leader's quiesce heartbeat

@@ -599,6 +599,15 @@ class RaftNode:
             self._schedule_flush()
         return woke
 
+    def peers_back(self, peers: frozenset[int]) -> bool:
+        """Members whose processes were heard coming back (``RaftHost``: a host heard
+        again, or one that connected anew: restarted); a quiet leader tells them it
+        leads (``Engine.remind``). Returns whether it did."""
+        if not self._running or not self.engine.remind(peers):
+            return False
+        self._schedule_flush()
+        return True
+
     @property
     def is_leader(self) -> bool:
         """Running and leading (a stopped leader's engine keeps its last role)."""

@@ -20,7 +20,8 @@ With ``Config.quiesce_after`` idle groups go quiet, and the simulator plays the 
 ``RaftHost``'s liveness exchange: every heartbeat interval each live node notes which
 peers it can hear (alive, and not cut off from it), and tells its engine which it has
 not heard for ``election_timeout_min`` (``Engine.peers_down``, which wakes a quiet node
-where that calls for it).
+where that calls for it); a quiet leader reminds a peer heard again, or restarted, that
+it leads (``Engine.remind``).
 
 Pass ``state_machine`` (a factory of objects with ``apply(entries) -> results``) to test a
 state machine: every replica must return the same result for the same index. Disks are
@@ -247,7 +248,8 @@ _snap_dec = msgspec.msgpack.Decoder(list[tuple[int, int, bytes]])
 class _Node:
     __slots__ = ("id", "engine", "disk", "alive", "timer_tokens", "fsyncs", "state_machine",
                  "applied", "applied_log", "incoming", "snapshot_at", "snapshots",
-                 "clock_rate", "clock_offset", "lease_until", "heard_at", "suspected")
+                 "clock_rate", "clock_offset", "lease_until", "heard_at", "suspected",
+                 "boots", "boots_seen")
 
     def __init__(self, node_id: int, disk: _Disk) -> None:
         self.id = node_id
@@ -277,6 +279,10 @@ class _Node:
         #: for longer than election_timeout_min.
         self.heard_at: dict[int, float] = {}
         self.suspected: set[int] = set()
+        #: How many times this node started; each peer's count when this node last
+        #: heard it (a new one: the peer restarted, as a new connection says to a host).
+        self.boots = 0
+        self.boots_seen: dict[int, int] = {}
 
 
 class EventQueue:
@@ -376,7 +382,7 @@ class Simulator(EventQueue):
                       "graceful_stops": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
-                      "member_back_wakes": 0}
+                      "member_back_wakes": 0, "reminders": 0}
         for node in self.nodes.values():
             self._boot(node)
         if reconfigure_every:
@@ -492,6 +498,8 @@ class Simulator(EventQueue):
         node.lease_until = 0.0
         node.heard_at = {i: self.now for i in self.nodes}
         node.suspected = set()
+        node.boots += 1
+        node.boots_seen = {}
         drift = self.faults.clock_drift
         node.clock_rate = 1.0 + self.rng.uniform(-drift, drift) if drift else 1.0
         node.clock_offset = 0.0
@@ -892,9 +900,15 @@ class Simulator(EventQueue):
                     continue
                 if peer.alive and (not self._faults_on or self._connected(peer.id, node.id)):
                     node.heard_at[peer.id] = self.now
+                    back = node.boots_seen.get(peer.id, peer.boots) != peer.boots
+                    node.boots_seen[peer.id] = peer.boots
                     if peer.id in node.suspected:
                         node.suspected.discard(peer.id)
+                        back = True
                         self._tell_down(node)
+                    if back and e.remind((peer.id,)):
+                        self.stats["reminders"] += 1
+                        self._execute(node, e.take_commands())
                 elif peer.id not in node.suspected and \
                         self.now - node.heard_at[peer.id] > cfg.election_timeout_min:
                     node.suspected.add(peer.id)

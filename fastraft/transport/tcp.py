@@ -87,6 +87,9 @@ class TcpNetwork:
         self._peers: dict[int, _Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._inbound: set[_Inbound] = set()
+        #: Connections each peer opened to this network so far (handshake done): a new
+        #: one says the peer restarted, or reconnected after losing its connection.
+        self.connections_from: Counter[int] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Followers at the same point get the same entries: encode them once.
         self.blobs = BlobCache()
@@ -373,6 +376,7 @@ class _Inbound(Link):
             return self.refuse(f"peer claims node id {peer_id}")
         if address:
             net._learn(peer_id, address)
+        net.connections_from[peer_id] += 1
         return True
 
     def lost(self) -> None:

@@ -294,6 +294,7 @@ class RaftHost:
                         network=network, state_machine=state_machine,
                         config=config or self.config, rng=self._rng,
                         cluster_id=f"{self.cluster_id}/{group_id}")
+        node.group_id = group_id
         node.campaign_limit = self.campaigns
         interval = node.config.heartbeat_interval
         clock = self._clocks.get(interval)

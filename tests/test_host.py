@@ -2,6 +2,7 @@
 preferred leader, a whole host stopped and restarted on its storages."""
 import asyncio
 import gc
+import logging
 import tracemalloc
 
 import pytest
@@ -164,7 +165,8 @@ def balanced(hosts):
 
 
 @run
-async def test_groups_replicate_and_leaders_spread_over_the_hosts():
+async def test_groups_replicate_and_leaders_spread_over_the_hosts(caplog):
+    caplog.set_level(logging.INFO, logger="fastraft.node")
     async with Hosts() as hosts:
         for k in range(5):
             await asyncio.gather(*[hosts.propose(g, b"g%d-%d" % (g, k)) for g in GROUPS])
@@ -180,6 +182,10 @@ async def test_groups_replicate_and_leaders_spread_over_the_hosts():
         # one connection per pair of hosts, whatever the number of groups
         for h in hosts.hosts.values():
             assert len(h.network._inbound) == 2 and len(h.network._peers) == 2
+    # a group's log lines say which group (in the text, and in ``extra`` for JSON logs)
+    elected = {(r.node, r.group, r.getMessage().split(":")[0]) for r in caplog.records
+               if getattr(r, "event", None) == "role" and r.role == "leader"}
+    assert {(preferred(g), g, f"node {preferred(g)} group {g}") for g in GROUPS} <= elected
 
 
 @run

@@ -194,9 +194,9 @@ class Applier:
                     took = time.monotonic() - started
                     self.node._recorder.snapshot_install_seconds.observe(took)
                     index = item.meta.last_included_index
-                    log.info("node %d: installed the leader's snapshot at %d in %.3fs",
-                             self.node.id, index, took,
-                             extra={"event": "snapshot_installed", "node": self.node.id,
+                    log.info("%s: installed the leader's snapshot at %d in %.3fs",
+                             self.node.label, index, took,
+                             extra={"event": "snapshot_installed", **self.node.log_fields,
                                     "index": index, "seconds": took})
                     self.applied_index = item.meta.last_included_index
                     self._after_apply()
@@ -262,8 +262,8 @@ class Applier:
         saved: int = await durable
         took = time.monotonic() - started
         node._recorder.snapshot_save_seconds.observe(took)
-        log.info("node %d: snapshot at %d saved in %.3fs", node.id, saved, took,
-                 extra={"event": "snapshot", "node": node.id, "index": saved,
+        log.info("%s: snapshot at %d saved in %.3fs", node.label, saved, took,
+                 extra={"event": "snapshot", **node.log_fields, "index": saved,
                         "seconds": took})
         return saved
 

@@ -156,11 +156,12 @@ class LogReader:
             if node._running:
                 if c.start <= node.engine.log.snapshot_index:
                     # Compacted while it was read: no damage, the follower gets a snapshot.
-                    log.debug("node %d: entries %d.. for node %d were compacted while read",
-                              node.id, c.start, c.peer)
+                    log.debug("%s: entries %d.. for node %d were compacted while read",
+                              node.label, c.start, c.peer)
                 else:
-                    _failures.warning("read", "node %d: reading entries %d..%d for node %d "
-                                      "failed: %r", node.id, c.start, c.stop - 1, c.peer, exc)
+                    _failures.warning("read", "%s: reading entries %d..%d for node %d "
+                                      "failed: %r", node.label, c.start, c.stop - 1, c.peer,
+                                      exc)
                 node.engine.log_read_failed(c.peer, c.start)
             return
         if node._running:

@@ -69,6 +69,9 @@ class RaftNode:
         self.id = node_id
         #: Recorded in storage on first start; a storage of another cluster is refused.
         self.cluster_id = cluster_id
+        #: The group this node is the replica of, in a ``RaftHost`` (None: a node on its
+        #: own); its log lines name it.
+        self.group_id: int | None = None
         self.storage = storage
         self.network = network
         self.state_machine = state_machine
@@ -609,6 +612,20 @@ class RaftNode:
         return True
 
     @property
+    def label(self) -> str:
+        """How this node's log lines name it: ``node 1``, in a host ``node 1 group 7``."""
+        if self.group_id is None:
+            return f"node {self.id}"
+        return f"node {self.id} group {self.group_id}"
+
+    @property
+    def log_fields(self) -> dict[str, int]:
+        """The same for a log record's ``extra``: ``node``, and ``group`` in a host."""
+        if self.group_id is None:
+            return {"node": self.id}
+        return {"node": self.id, "group": self.group_id}
+
+    @property
     def is_leader(self) -> bool:
         """Running and leading (a stopped leader's engine keeps its last role)."""
         return self._running and self.engine.role == Role.LEADER
@@ -631,13 +648,13 @@ class RaftNode:
                 try:
                     refused = step(from_id, m)
                 except Exception:  # a bug, not bad input (that is refused): say where
-                    log.exception("node %d: handling a %s from node %d failed", self.id,
+                    log.exception("%s: handling a %s from node %d failed", self.label,
                                   type(m).__name__, from_id)
                     continue
                 if refused is not None:
-                    _refusals.warning(from_id, "node %d: dropped a %s from node %d: %s",
-                                      self.id, t.__name__, from_id, refused,
-                                      extra={"event": "message_refused", "node": self.id,
+                    _refusals.warning(from_id, "%s: dropped a %s from node %d: %s",
+                                      self.label, t.__name__, from_id, refused,
+                                      extra={"event": "message_refused", **self.log_fields,
                                              "peer": from_id, "type": t.__name__,
                                              "reason": refused})
         finally:
@@ -722,7 +739,7 @@ class RaftNode:
         may run inside the apply task or a loop callback); pending operations and
         ``wait_stopped`` fail with ``NodeFailed`` saying what."""
         exc = sys.exc_info()[1]
-        log.exception("node %d: %s; stopping the node", self.id, what)
+        log.exception("%s: %s; stopping the node", self.label, what)
         if self.failure is None:
             self.failure = NodeFailed(f"node {self.id} stopped: {what}: {exc!r}")
         self._accepting = False
@@ -734,10 +751,10 @@ class RaftNode:
         membership = self.engine.membership
         if membership is not self._peers_of:
             self._peers_of = membership
-            log.info("node %d: membership voters %s learners %s%s", self.id,
+            log.info("%s: membership voters %s learners %s%s", self.label,
                      sorted(membership.voters), sorted(membership.learners),
                      f" (joint with {sorted(membership.outgoing)})" if membership.outgoing
-                     else "", extra={"event": "membership", "node": self.id,
+                     else "", extra={"event": "membership", **self.log_fields,
                                      "voters": sorted(membership.voters),
                                      "learners": sorted(membership.learners)})
             if membership.addresses:
@@ -759,9 +776,9 @@ class RaftNode:
             self.campaign_limit.release(self)  # the campaign is over, won or not
         if c.role != Role.LEADER:
             recorder.awaiting_commit.clear()  # their fate is no longer this node's to time
-        log.info("node %d: %s in term %d, leader %s, commit %d, last %d", self.id,
+        log.info("%s: %s in term %d, leader %s, commit %d, last %d", self.label,
                  c.role.name.lower(), c.term, c.leader_id, e.commit_index, e.log.last_index,
-                 extra={"event": "role", "node": self.id, "role": c.role.name.lower(),
+                 extra={"event": "role", **self.log_fields, "role": c.role.name.lower(),
                         "term": c.term, "leader": c.leader_id})
         self._accepting = self._running and c.role == Role.LEADER
         if c.role != Role.LEADER:

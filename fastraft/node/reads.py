@@ -76,10 +76,10 @@ class Reads:
             index = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             # The client is told NotLeader (it asks again); the operator, why.
-            _timeouts.warning(node.id, "node %d: a read was not confirmed within %.2fs "
-                              "(%s, leader %s)", node.id, timeout, engine.role.name.lower(),
+            _timeouts.warning(node.id, "%s: a read was not confirmed within %.2fs "
+                              "(%s, leader %s)", node.label, timeout, engine.role.name.lower(),
                               engine.leader_id,
-                              extra={"event": "read_timeout", "node": node.id,
+                              extra={"event": "read_timeout", **node.log_fields,
                                      "seconds": timeout, "leader": engine.leader_id})
             raise engine.not_leader() from None
         finally:

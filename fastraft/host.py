@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +44,7 @@ from fastraft.errors import (
     NodeStopped,
     UnknownGroup,
 )
+from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
 from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
 from fastraft.node.raftnode import check_node_id
@@ -67,6 +68,13 @@ DEFAULT_MAX_CAMPAIGNS = 32
 #: How often, in seconds, the awake groups' shares of a host's log cache budget follow
 #: what each appended since.
 CACHE_LOAD_INTERVAL = 1.0
+#: Groups not created yet whose heartbeats a host keeps for their creation (the oldest
+#: go first): a host restarting creates its groups one by one while their leaders'
+#: hosts already remind it who leads.
+EARLY_GROUPS = 10_000
+#: Senders whose last heartbeat a host keeps for each such group (the first heard go
+#: first): so at most EARLY_GROUPS * EARLY_SENDERS heartbeats (a few hundred bytes each).
+EARLY_SENDERS = 8
 
 
 def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
@@ -212,6 +220,9 @@ class RaftHost:
         #: Quiet groups led here that reminded a peer host of their leader, so far
         #: (``_remind``).
         self.reminders = 0
+        #: Heartbeats that came for groups not created here yet: group id -> sender ->
+        #: its last one (``_arrived_early``), delivered when the group is created.
+        self._early: OrderedDict[int, dict[int, AppendEntries]] = OrderedDict()
         self.log_cache_bytes = log_cache_bytes
         #: With a budget: the groups that share it, those not quiet (``_quiet_changed``).
         self._awake: set[RaftNode] = set()
@@ -237,6 +248,7 @@ class RaftHost:
 
     async def start(self) -> RaftHost:
         await self.network.serve()
+        self.network.early = self._arrived_early
         self._running = True
         loop = asyncio.get_running_loop()
         self._liveness = loop.create_task(self._liveness_loop())
@@ -256,6 +268,7 @@ class RaftHost:
                 await asyncio.gather(task, return_exceptions=True)
         self._balancer = self._liveness = self._cache_loader = None
         groups, self._groups = self._groups, {}
+        self._early.clear()
         self._awake.clear()
         self._load_share.clear()
         self._appended_at.clear()
@@ -319,7 +332,28 @@ class RaftHost:
             self._forget(node)
             await node.stop()
             raise
+        early = self._early.pop(group_id, None)
+        if early is not None:
+            for frm, heartbeat in early.items():
+                node.receive(frm, [heartbeat])
         return node
+
+    def _arrived_early(self, group_id: int, frm: int, messages: list[Any]) -> None:
+        """Messages of a group not created here yet (``TcpNetwork.early``): keep each
+        member's last heartbeat for its creation. A quiet leader reminded this host
+        (restarted) of the group once, and sends nothing more; without it the replica
+        would wait for its election timer to learn who leads. Raft takes a message late
+        as well as on time; entries are sent again anyway."""
+        for m in messages:
+            if type(m) is AppendEntries and not m.entries:
+                kept = self._early.get(group_id)
+                if kept is None:
+                    kept = self._early[group_id] = {}
+                    if len(self._early) > EARLY_GROUPS:
+                        self._early.popitem(last=False)
+                elif frm not in kept and len(kept) >= EARLY_SENDERS:
+                    del kept[next(iter(kept))]
+                kept[frm] = m
 
     def _share_cache(self, new: RaftNode | None = None) -> None:
         """Split ``log_cache_bytes`` among the awake groups: each engine keeps at most its

@@ -19,7 +19,8 @@ from fastraft import (
     RaftNode,
     UnknownGroup,
 )
-from fastraft.host import DEFAULT_MAX_CAMPAIGNS, preferred_leader
+from fastraft.host import DEFAULT_MAX_CAMPAIGNS, EARLY_GROUPS, EARLY_SENDERS, preferred_leader
+from fastraft.messages import AppendEntries, Entry
 from fastraft.processes import free_ports
 from fastraft.testing import wait_until
 from fastraft.transport import TcpNetwork
@@ -522,6 +523,8 @@ async def test_a_restarted_host_learns_who_leads_its_quiet_groups_without_an_ele
     # Hosts slow to suspect a silent peer: host 3 restarts unsuspected, its replicas know
     # no leader and the quiet leaders send nothing. Its new connections say it is back:
     # the leaders remind it, long before its replicas' election timers would run out.
+    # It creates half of its groups before the reminders come, half after (a host of
+    # thousands takes a while): those find the reminder kept for them.
     hosts = Hosts(config=QUIET, host_config=PATIENT)
     try:
         for i in (1, 2, 3):
@@ -529,19 +532,41 @@ async def test_a_restarted_host_learns_who_leads_its_quiet_groups_without_an_ele
         await written_and_quiet(hosts)
         hosts.hosts[3].network.send_group = lambda *args: None  # a crash: no resign
         await hosts.hosts[3].stop()
-        restarted = await hosts.start(3, found=False, group_config=PATIENT)
         led_elsewhere = [g for g in GROUPS if preferred(g) != 3]
+
+        def reminders():
+            return sum(hosts.hosts[i].status()["reminders"] for i in (1, 2))
+        before = reminders()
+        first, later = GROUPS[:len(GROUPS) // 2], GROUPS[len(GROUPS) // 2:]
+        restarted = await hosts.start(3, first, found=False, group_config=PATIENT)
+        await wait_until(lambda: reminders() - before >= len(led_elsewhere), 10)
+        # the reminders of the groups not created yet came, and found no group
+        await wait_until(lambda: restarted.network.stats["unknown_group"]
+                         >= len([g for g in later if preferred(g) != 3]), 10)
+        await hosts.create_groups(3, later, found=False, config=PATIENT)
         await wait_until(lambda: all(restarted.group(g).engine.leader_id == preferred(g)
                                      and restarted.group(g).engine.quiet
                                      for g in led_elsewhere), 10)
         assert not any(h.suspected for h in hosts.hosts.values())
-        assert hosts.hosts[1].status()["reminders"] + hosts.hosts[2].status()["reminders"] \
-            >= len(led_elsewhere)
         for g in led_elsewhere:
             await asyncio.wait_for(hosts.read(3, g), 10)
             assert hosts.logs[3, g].items == [b"x"], g
     finally:
         await hosts.stop()
+
+
+def test_heartbeats_for_groups_not_created_yet_are_kept_within_bounds():
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"))
+    beat = AppendEntries(1, 2, 0, 0, [], 0, 0, True)
+    host._arrived_early(5, 2, [AppendEntries(1, 2, 0, 0, [Entry(1, 1, 0, b"x")], 0)])
+    assert not host._early  # entries are sent again until acknowledged: none kept
+    for g in range(EARLY_GROUPS + 1):
+        host._arrived_early(g, 2, [beat])
+    assert len(host._early) == EARLY_GROUPS and 0 not in host._early  # the oldest went
+    senders = range(100, 100 + EARLY_SENDERS + 2)
+    for frm in senders:
+        host._arrived_early(7, frm, [beat])
+    assert list(host._early[7]) == list(senders[2:])  # node 2's, then node 100's went
 
 
 @run

@@ -25,6 +25,7 @@ import logging
 import random
 import struct
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -90,6 +91,9 @@ class TcpNetwork:
         #: Connections each peer opened to this network so far (handshake done): a new
         #: one says the peer restarted, or reconnected after losing its connection.
         self.connections_from: Counter[int] = Counter()
+        #: Called with ``(group_id, peer_id, messages)`` for messages of a group not
+        #: here (yet): a ``RaftHost`` keeps heartbeats for the group's creation.
+        self.early: Callable[[int, int, list[Any]], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Followers at the same point get the same entries: encode them once.
         self.blobs = BlobCache()
@@ -402,6 +406,8 @@ class _Inbound(Link):
             if node is None:
                 # not (yet, or any more) a group here: Raft resends what matters
                 stats["unknown_group"] += len(messages)
+                if net.early is not None:
+                    net.early(group_id, peer_id, messages)
             elif messages:
                 node.receive(peer_id, messages)
         return True

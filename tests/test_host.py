@@ -603,7 +603,9 @@ async def test_a_host_heard_again_learns_its_quiet_groups_leaders_are_alive():
 @run
 async def test_a_learner_cut_off_catches_up_once_its_host_is_heard_again():
     # A learner never campaigns, so after a partition nothing from its side wakes the
-    # group: its host being heard again does (the leader missed its acknowledgements).
+    # group: its host being heard again does (the leader missed its acknowledgements,
+    # Engine.peers_down; and the learner refuses the leader's reminder, Engine.remind:
+    # either alone catches it up, planting out both fails this test).
     # No balancing: a leadership transfer to the preferred leader between finding the
     # leader and adding the learner would refuse the change (NotLeader).
     hosts = Hosts(config=QUIET, balance_interval=None)

@@ -42,7 +42,7 @@ import msgspec
 
 from fastraft import kv
 from fastraft.addresses import parse_address
-from fastraft.errors import FastRaftError, NotLeader
+from fastraft.errors import FastRaftError, InvalidArgument, NotLeader
 from fastraft.logutil import Throttle
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
@@ -66,6 +66,9 @@ class Request(msgspec.Struct, array_like=True):
     #: "records": the first offset wanted, and at most how many records.
     offset: int = 0
     limit: int = 0
+    #: "add_learner", "change_membership" on a port of several groups: the group's id
+    #: (None: the port's only group). Earlier servers ignore it.
+    group: int | None = None
 
 
 class Response(msgspec.Struct, array_like=True):
@@ -91,7 +94,7 @@ _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 #: Requests of a single group's node, refused by a port serving several groups.
-_ONE_GROUP_OPS = frozenset({"append", "records", "add_learner", "change_membership"})
+_ONE_GROUP_OPS = frozenset({"append", "records"})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -164,6 +167,21 @@ class KVServer:
         server.host = host
         server.shards = [(host.group(g), store) for g, store in enumerate(stores)]
         return server
+
+    def group_node(self, group: int | None) -> RaftNode:
+        """The replica of group ``group`` (None: the port's only group);
+        ``InvalidArgument`` if this port serves no such group, or several and none is
+        named."""
+        shards = self.shards
+        if group is None:
+            if len(shards) > 1:
+                raise InvalidArgument(f"this port serves {len(shards)} groups: name the "
+                                      f"group to change (0 to {len(shards) - 1})")
+            group = 0
+        if not 0 <= group < len(shards):
+            served = f"groups 0 to {len(shards) - 1}" if len(shards) > 1 else "one group, 0"
+            raise InvalidArgument(f"this port serves {served}, not group {group}")
+        return shards[group][0]
 
     def route(self, key: str) -> tuple[RaftNode, kv.KVStore]:
         """The replica and store of the group ``key`` belongs to."""
@@ -265,17 +283,20 @@ class _ClientConnection(Link):
             limit = min(max(req.limit, 1), MAX_RECORDS)
             self._track(req, asyncio.ensure_future(self.server.records.read(
                 max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
-        elif op == "add_learner":
-            self._track(req, asyncio.ensure_future(self.node.add_learner(req.offset, req.key)),
-                        self._changed)
-        elif op == "change_membership":
+        elif op == "add_learner" or op == "change_membership":
             try:
-                voters = set(_voters_dec.decode(req.value))
+                node = self.server.group_node(req.group)
+                if op == "add_learner":
+                    change = node.add_learner(req.offset, req.key)
+                else:
+                    change = node.change_membership(set(_voters_dec.decode(req.value)))
+            except InvalidArgument as exc:
+                self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
+                return
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.out.push(Response(req.id, False, error=f"voters: {exc}"))
                 return
-            self._track(req, asyncio.ensure_future(self.node.change_membership(voters)),
-                        self._changed)
+            self._track(req, asyncio.ensure_future(change), self._changed)
         elif op == "status":
             self.out.push(Response(req.id, True, status=self.server.status()))
         else:
@@ -446,13 +467,13 @@ class KVClient(Link):
         return True
 
     async def request(self, op: str, key: str = "", value: bytes = b"", *, offset: int = 0,
-                      limit: int = 0) -> Response:
+                      limit: int = 0, group: int | None = None) -> Response:
         if self.closed:
             raise ConnectionError(f"connection to {self.server_address} is closed")
         self.next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut
-        self.out.push(Request(self.next_id, op, key, value, offset, limit))
+        self.out.push(Request(self.next_id, op, key, value, offset, limit, group))
         resp: Response = await fut
         if not resp.ok:
             raise ClientError(resp.error, resp.leader, resp.leader_address,
@@ -480,15 +501,18 @@ class KVClient(Link):
         ``limit`` (and about 4 MiB); empty when none is committed yet."""
         return (await self.request("records", offset=offset, limit=limit)).records or []
 
-    async def add_learner(self, node_id: int, address: str) -> None:
+    async def add_learner(self, node_id: int, address: str, group: int | None = None) -> None:
         """Add node ``node_id`` at Raft ``address`` as a learner (on the leader); returns
-        once the change is committed. See ``RaftNode.add_learner``."""
-        await self.request("add_learner", address, offset=node_id)
+        once the change is committed. See ``RaftNode.add_learner``. ``group``: which
+        group, on a node of several (``fastraft node --groups``); its leader may be
+        another node than a key's."""
+        await self.request("add_learner", address, offset=node_id, group=group)
 
-    async def change_membership(self, voters: set[int]) -> None:
+    async def change_membership(self, voters: set[int], group: int | None = None) -> None:
         """Move to the voter set ``voters`` (on the leader); see
-        ``RaftNode.change_membership``."""
-        await self.request("change_membership", value=_enc.encode(sorted(voters)))
+        ``RaftNode.change_membership``. ``group`` as for ``add_learner``."""
+        await self.request("change_membership", value=_enc.encode(sorted(voters)),
+                           group=group)
 
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,

@@ -79,9 +79,12 @@ class ProcessCluster:
         self.command_prefix = command_prefix
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
-    def start(self, i: int, extra_args: Sequence[str] = ()) -> None:
+    def start(self, i: int, extra_args: Sequence[str] = (), init: bool = True) -> None:
+        """Start node ``i``; ``init``: founding the cluster of every node here when its
+        data is fresh (else it waits to be added: ``add_learner``)."""
         prefix = self.command_prefix(i) if self.command_prefix else []
-        cmd = [*prefix, sys.executable, "-m", "fastraft", "node", "--id", str(i), "--init",
+        cmd = [*prefix, sys.executable, "-m", "fastraft", "node", "--id", str(i),
+               *(["--init"] if init else []),
                "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
                "--client", self.client[i],
                "--clients", ",".join(f"{k}={a}" for k, a in self.client.items()),

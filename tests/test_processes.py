@@ -23,8 +23,9 @@ def cluster(tmp_path):
     c.stop_all()
 
 
-async def connect_all(cluster):
-    return {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+async def connect_all(cluster, ids=None):
+    return {i: await KVClient.connect_retrying(cluster.client[i])
+            for i in (ids or cluster.ids)}
 
 
 @run
@@ -270,6 +271,24 @@ async def put_on_its_leader(clients, key, value, deadline=20.0):
                 await asyncio.sleep(0.05)
 
 
+async def change_on_its_leader(clients, group, change, deadline=20.0):
+    """``await change(client)`` (a membership change of ``group``) on that group's
+    leader, following not_leader replies."""
+    target = min(clients)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        try:
+            return await change(clients[target])
+        except ClientError as exc:
+            if exc.error != "not_leader" or loop.time() > end:
+                raise
+            if exc.leader in clients:
+                target = exc.leader
+            else:  # no leader known there yet
+                await asyncio.sleep(0.05)
+
+
 async def get_retrying(client, key, deadline=20.0):
     """A linearizable read (the response: value and version), asked again while the node
     cannot have it confirmed: it knows no leader of the key's group (a replica restarted
@@ -283,6 +302,49 @@ async def get_retrying(client, key, deadline=20.0):
         except ClientError as exc:
             assert loop.time() < end, exc
             await asyncio.sleep(0.05)
+
+
+@run
+async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path):
+    """Three nodes of ``--groups 4`` found the cluster; a fourth starts without ``--init``
+    and each group adds it (``add_learner`` then ``change_membership`` with ``group=``,
+    through that group's leader): it catches up in every group, serves linearizable
+    reads of every key, and leads its share of the groups once balanced."""
+    cluster = ProcessCluster(4, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--groups", "4"])
+    founders = ",".join(f"{i}={cluster.raft[i]}" for i in (1, 2, 3))
+    clients = {}
+    try:
+        for i in (1, 2, 3):
+            cluster.start(i, ["--cluster", founders])
+        clients = await connect_all(cluster, ids=(1, 2, 3))
+        keys = [f"key{k}" for k in range(40)]
+        acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
+        cluster.start(4, init=False)
+        clients[4] = await KVClient.connect_retrying(cluster.client[4])
+        for g in range(4):
+            await change_on_its_leader(
+                clients, g, lambda c, g=g: c.add_learner(4, cluster.raft[4], group=g))
+            await change_on_its_leader(
+                clients, g, lambda c, g=g: c.change_membership({1, 2, 3, 4}, group=g))
+        by_group = [sum(1 for key in keys if shard_of(key, 4) == g) for g in range(4)]
+
+        async def caught_up():
+            return (await clients[4].status())["kv_keys_by_group"] == by_group
+        await until(caught_up, "node 4 holding every group's keys", 20)
+        for key in keys:
+            resp = await get_retrying(clients[4], key)
+            assert (resp.value, resp.version) == (key.encode(), acked[key])
+
+        async def leads_its_share():
+            # voters 1-4: preferred leaders 1, 2, 3, 4 (host.preferred_leader)
+            return (await clients[4].status())["leaders"] == [1, 2, 3, 4]
+        await until(leads_its_share, "leaders balanced over four nodes", 20)
+        assert (await clients[4].status())["host"]["leading"] == 1
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
 
 
 @run
@@ -318,8 +380,10 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         assert status["kv_keys"] == len(keys)
         with pytest.raises(ClientError, match="single group's request; this port serves 4"):
             await clients[1].append(b"record")
-        with pytest.raises(ClientError, match="single group's request"):
+        with pytest.raises(ClientError, match="serves 4 groups: name the group"):
             await clients[1].change_membership({1, 2})
+        with pytest.raises(ClientError, match="serves groups 0 to 3, not group 4"):
+            await clients[1].add_learner(9, "127.0.0.1:1", group=4)
 
         cluster.kill(1)
         clients.pop(1).close()

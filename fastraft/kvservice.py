@@ -66,8 +66,9 @@ class Request(msgspec.Struct, array_like=True):
     #: "records": the first offset wanted, and at most how many records.
     offset: int = 0
     limit: int = 0
-    #: "add_learner", "change_membership" on a port of several groups: the group's id
-    #: (None: the port's only group). Earlier servers ignore it.
+    #: "add_learner", "change_membership", "status" on a port of several groups: the
+    #: group's id (None: the port's only group; for "status", the node's). Earlier
+    #: servers ignore it.
     group: int | None = None
 
 
@@ -188,10 +189,13 @@ class KVServer:
         shards = self.shards
         return shards[shard_of(key, len(shards))] if len(shards) > 1 else shards[0]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, group: int | None = None) -> dict[str, Any]:
         """The node's status; a host's adds its own (``host``), each group's leader
         (``leaders``) and keys (``kv_keys_by_group``); the first group's stands for the
-        node's role and indexes."""
+        node's role and indexes. With ``group``: that group's replica's status alone
+        (its role, term, membership...), with ``group`` in it."""
+        if group is not None:
+            return {**self.group_node(group).status(), "group": group}
         status = self.node.status()
         status["kv_keys"] = sum(len(store.data) for _, store in self.shards)
         if self.host is not None:
@@ -298,7 +302,12 @@ class _ClientConnection(Link):
                 return
             self._track(req, asyncio.ensure_future(change), self._changed)
         elif op == "status":
-            self.out.push(Response(req.id, True, status=self.server.status()))
+            try:
+                status = self.server.status(req.group)
+            except InvalidArgument as exc:
+                self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
+                return
+            self.out.push(Response(req.id, True, status=status))
         else:
             self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
 
@@ -489,8 +498,10 @@ class KVClient(Link):
     async def get(self, key: str) -> bytes | None:
         return (await self.request("get", key)).value
 
-    async def status(self) -> dict[str, Any]:
-        return (await self.request("status")).status or {}
+    async def status(self, group: int | None = None) -> dict[str, Any]:
+        """The node's status; with ``group``, that of its replica of the group (on a
+        node of several groups, ``fastraft node --groups``)."""
+        return (await self.request("status", group=group)).status or {}
 
     async def append(self, record: bytes) -> int:
         """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset."""
@@ -516,9 +527,10 @@ class KVClient(Link):
 
 
 async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
-                      exclude: frozenset[int] = frozenset()) -> int:
-    """The id of the current leader: of the nodes whose status says they lead, the one
-    with the highest term (a deposed leader may not know it yet)."""
+                      exclude: frozenset[int] = frozenset(), group: int | None = None) -> int:
+    """The id of the current leader (of ``group``, on nodes of several groups): of the
+    nodes whose status says they lead, the one with the highest term (a deposed leader
+    may not know it yet)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
@@ -527,7 +539,7 @@ async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
             if i in exclude or c.closed:
                 continue
             try:
-                status = await asyncio.wait_for(c.status(), 1.0)
+                status = await asyncio.wait_for(c.status(group), 1.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
                 continue
             if status["role"] == "leader":

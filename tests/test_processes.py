@@ -332,6 +332,11 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
         async def caught_up():
             return (await clients[4].status())["kv_keys_by_group"] == by_group
         await until(caught_up, "node 4 holding every group's keys", 20)
+        for g in range(4):  # a group's own status: its replica's membership and role
+            status = await clients[4].status(group=g)
+            assert status["group"] == g and status["membership"]["voters"] == [1, 2, 3, 4]
+        with pytest.raises(ClientError, match="not group 4"):
+            await clients[4].status(group=4)
         for key in keys:
             resp = await get_retrying(clients[4], key)
             assert (resp.value, resp.version) == (key.encode(), acked[key])
@@ -341,6 +346,8 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
             return (await clients[4].status())["leaders"] == [1, 2, 3, 4]
         await until(leads_its_share, "leaders balanced over four nodes", 20)
         assert (await clients[4].status())["host"]["leading"] == 1
+        roles = [(await clients[4].status(group=g))["role"] for g in range(4)]
+        assert roles == ["follower", "follower", "follower", "leader"]
     finally:
         for c in clients.values():
             c.close()

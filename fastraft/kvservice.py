@@ -26,8 +26,7 @@ node --clients``). docs/client-protocol.md describes the protocol in full.
 A host of several groups (``KVServer.sharded``, ``fastraft node --groups N``) serves a KV
 store per group on one port: a key belongs to group ``shard_of(key, N)``, and its
 requests go to that group's replica here (a ``not_leader`` reply names that group's
-leader). The stream and the membership requests are a single group's: such a port
-refuses them.
+leader). The stream and the membership requests name their group (``group``).
 """
 from __future__ import annotations
 
@@ -66,9 +65,9 @@ class Request(msgspec.Struct, array_like=True):
     #: "records": the first offset wanted, and at most how many records.
     offset: int = 0
     limit: int = 0
-    #: "add_learner", "change_membership", "status" on a port of several groups: the
-    #: group's id (None: the port's only group; for "status", the node's). Earlier
-    #: servers ignore it.
+    #: "append", "records", "add_learner", "change_membership", "status" on a port of
+    #: several groups: the group's id (None: the port's only group; for "status", the
+    #: node's). Earlier servers ignore it.
     group: int | None = None
 
 
@@ -94,8 +93,6 @@ _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
-#: Requests of a single group's node, refused by a port serving several groups.
-_ONE_GROUP_OPS = frozenset({"append", "records"})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -153,7 +150,8 @@ class KVServer:
         self.in_progress = 0
         self.waiting: set[_ClientConnection] = set()
         self.stats: dict[str, Any] = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
-        self.records = ReplicatedLog(node)
+        #: Each group's stream, made when first asked for, by group id.
+        self._streams: dict[int, ReplicatedLog] = {}
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
         self._server: asyncio.AbstractServer | None = None
@@ -173,16 +171,27 @@ class KVServer:
         """The replica of group ``group`` (None: the port's only group);
         ``InvalidArgument`` if this port serves no such group, or several and none is
         named."""
-        shards = self.shards
+        return self.shards[self._group_index(group)][0]
+
+    def stream(self, group: int | None) -> ReplicatedLog:
+        """The ``ReplicatedLog`` of group ``group`` (as ``group_node``)."""
+        g = self._group_index(group)
+        log = self._streams.get(g)
+        if log is None:
+            log = self._streams[g] = ReplicatedLog(self.shards[g][0])
+        return log
+
+    def _group_index(self, group: int | None) -> int:
+        n = len(self.shards)
         if group is None:
-            if len(shards) > 1:
-                raise InvalidArgument(f"this port serves {len(shards)} groups: name the "
-                                      f"group to change (0 to {len(shards) - 1})")
-            group = 0
-        if not 0 <= group < len(shards):
-            served = f"groups 0 to {len(shards) - 1}" if len(shards) > 1 else "one group, 0"
+            if n > 1:
+                raise InvalidArgument(f"this port serves {n} groups: name one "
+                                      f"(group=0 to {n - 1})")
+            return 0
+        if not 0 <= group < n:
+            served = f"groups 0 to {n - 1}" if n > 1 else "one group, 0"
             raise InvalidArgument(f"this port serves {served}, not group {group}")
-        return shards[group][0]
+        return group
 
     def route(self, key: str) -> tuple[RaftNode, kv.KVStore]:
         """The replica and store of the group ``key`` belongs to."""
@@ -276,17 +285,19 @@ class _ClientConnection(Link):
         elif op == "get":
             node = self.server.route(req.key)[0]
             self._track(req, asyncio.ensure_future(node.read_index()), self._read)
-        elif op in _ONE_GROUP_OPS and self.server.host is not None:
-            self.out.push(Response(req.id, False, error=(
-                f"InvalidArgument: {op!r} is a single group's request; this port serves "
-                f"{len(self.server.shards)} groups (use the library's RaftHost API)")))
-        elif op == "append":
-            self._track(req, asyncio.ensure_future(self.server.records.append([req.value])),
-                        self._appended)
-        elif op == "records":
-            limit = min(max(req.limit, 1), MAX_RECORDS)
-            self._track(req, asyncio.ensure_future(self.server.records.read(
-                max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
+        elif op == "append" or op == "records":
+            try:
+                stream = self.server.stream(req.group)
+            except InvalidArgument as exc:
+                self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
+                return
+            if op == "append":
+                self._track(req, asyncio.ensure_future(stream.append([req.value])),
+                            self._appended)
+            else:
+                limit = min(max(req.limit, 1), MAX_RECORDS)
+                self._track(req, asyncio.ensure_future(stream.read(
+                    max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
         elif op == "add_learner" or op == "change_membership":
             try:
                 node = self.server.group_node(req.group)
@@ -503,14 +514,18 @@ class KVClient(Link):
         node of several groups, ``fastraft node --groups``)."""
         return (await self.request("status", group=group)).status or {}
 
-    async def append(self, record: bytes) -> int:
-        """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset."""
-        return (await self.request("append", value=record)).version
+    async def append(self, record: bytes, group: int | None = None) -> int:
+        """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset.
+        ``group``: which group's, on a node of several."""
+        return (await self.request("append", value=record, group=group)).version
 
-    async def records(self, offset: int, limit: int = 1000) -> list[tuple[int, bytes]]:
+    async def records(self, offset: int, limit: int = 1000,
+                      group: int | None = None) -> list[tuple[int, bytes]]:
         """Committed records from ``offset`` on, as (offset, record) pairs: at most
-        ``limit`` (and about 4 MiB); empty when none is committed yet."""
-        return (await self.request("records", offset=offset, limit=limit)).records or []
+        ``limit`` (and about 4 MiB); empty when none is committed yet. ``group``: which
+        group's, on a node of several."""
+        return (await self.request("records", offset=offset, limit=limit,
+                                   group=group)).records or []
 
     async def add_learner(self, node_id: int, address: str, group: int | None = None) -> None:
         """Add node ``node_id`` at Raft ``address`` as a learner (on the leader); returns

@@ -271,15 +271,15 @@ async def put_on_its_leader(clients, key, value, deadline=20.0):
                 await asyncio.sleep(0.05)
 
 
-async def change_on_its_leader(clients, group, change, deadline=20.0):
-    """``await change(client)`` (a membership change of ``group``) on that group's
-    leader, following not_leader replies."""
+async def on_its_leader(clients, request, deadline=20.0):
+    """``await request(client)`` (a membership change or an append of one group) on
+    that group's leader, following not_leader replies."""
     target = min(clients)
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     while True:
         try:
-            return await change(clients[target])
+            return await request(clients[target])
         except ClientError as exc:
             if exc.error != "not_leader" or loop.time() > end:
                 raise
@@ -323,10 +323,10 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
         cluster.start(4, init=False)
         clients[4] = await KVClient.connect_retrying(cluster.client[4])
         for g in range(4):
-            await change_on_its_leader(
-                clients, g, lambda c, g=g: c.add_learner(4, cluster.raft[4], group=g))
-            await change_on_its_leader(
-                clients, g, lambda c, g=g: c.change_membership({1, 2, 3, 4}, group=g))
+            await on_its_leader(
+                clients, lambda c, g=g: c.add_learner(4, cluster.raft[4], group=g))
+            await on_its_leader(
+                clients, lambda c, g=g: c.change_membership({1, 2, 3, 4}, group=g))
         by_group = [sum(1 for key in keys if shard_of(key, 4) == g) for g in range(4)]
 
         async def caught_up():
@@ -358,9 +358,9 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
 async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path):
     """``fastraft node --groups 4`` on three processes: every key is written through the
     leader of its own group (crc32 % 4) and kept by that group's store on every node,
-    the groups' leaders spread over the nodes, a node killed (-9) restarts from its one
-    WAL with every acknowledged write, and the requests of a single group's node are
-    refused with the reason."""
+    the groups' leaders spread over the nodes, each group has its own stream, a node
+    killed (-9) restarts from its one WAL with every acknowledged write, and a single
+    group's requests that name no group are refused with the reason."""
     cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
                              extra_args=["--groups", "4"])
     clients = {}
@@ -385,9 +385,18 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         status = await clients[2].status()
         assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
         assert status["kv_keys"] == len(keys)
-        with pytest.raises(ClientError, match="single group's request; this port serves 4"):
+        # each group has its own stream: a record appended to a group is in its log only
+        offsets = {g: await on_its_leader(
+            clients, lambda c, g=g: c.append(b"record %d" % g, group=g)) for g in range(4)}
+
+        async def streams_replicated():
+            return all([await clients[3].records(1, group=g) == [(offsets[g], b"record %d" % g)]
+                        for g in range(4)])
+        await until(streams_replicated, "each group's record in its stream on node 3", 20)
+        # requests of one group need its id here
+        with pytest.raises(ClientError, match="serves 4 groups: name one"):
             await clients[1].append(b"record")
-        with pytest.raises(ClientError, match="serves 4 groups: name the group"):
+        with pytest.raises(ClientError, match="serves 4 groups: name one"):
             await clients[1].change_membership({1, 2})
         with pytest.raises(ClientError, match="serves groups 0 to 3, not group 4"):
             await clients[1].add_learner(9, "127.0.0.1:1", group=4)

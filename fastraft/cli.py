@@ -218,19 +218,25 @@ def _close(storage: object) -> None:
         close()
 
 
-async def show_status(args: argparse.Namespace) -> None:
-    from fastraft.kvservice import KVClient
+async def show_status(args: argparse.Namespace) -> int:
+    from fastraft.kvservice import ClientError, KVClient
     client = await KVClient.connect(args.address, cluster_id=args.cluster_id,
                                     **security_options(args))
-    status = await client.status()
-    client.close()
+    try:
+        status = await client.status(args.group)
+    except ClientError as exc:  # a group the node does not serve
+        print(f"fastraft status: {exc.error}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
     print(json.dumps(status, indent=2, sort_keys=True))
+    return 0
 
 
 async def cluster_status(args: argparse.Namespace) -> int:
     """One row per node, like ``etcdctl endpoint status --cluster -w table``; 1 if a node
     did not answer."""
-    from fastraft.kvservice import KVClient
+    from fastraft.kvservice import ClientError, KVClient
 
     addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
     for a in addresses:
@@ -244,9 +250,12 @@ async def cluster_status(args: argparse.Namespace) -> int:
         except (OSError, asyncio.TimeoutError) as exc:
             return {"address": address, "error": str(exc) or type(exc).__name__}
         try:
-            return {"address": address, **await asyncio.wait_for(client.status(), 2.0)}
+            return {"address": address,
+                    **await asyncio.wait_for(client.status(args.group), 2.0)}
         except (OSError, asyncio.TimeoutError) as exc:
             return {"address": address, "error": str(exc) or type(exc).__name__}
+        except ClientError as exc:  # a group the node does not serve
+            return {"address": address, "error": exc.error, "refused": True}
         finally:
             client.close()
     rows = await asyncio.gather(*[one(a) for a in addresses])
@@ -263,7 +272,9 @@ async def cluster_status(args: argparse.Namespace) -> int:
             (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
              str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),
              _contact(r.get("last_contact"), r["role"]))
-            if "error" not in r else ("?", r["address"], "unreachable: " + r["error"])
+            if "error" not in r else
+            ("?", r["address"], ("refused: " if r.get("refused") else "unreachable: ")
+             + r["error"])
             for r in rows]
         widths = [max(len(row[k]) for row in table if len(row) == len(head))
                   for k in range(len(head))]
@@ -433,6 +444,9 @@ def main(argv: list[str] | None = None) -> None:
     where.add_argument("--cluster", metavar="HOST:PORT,...",
                        help="every node's client address: one row each")
     status.add_argument("--json", action="store_true", help="with --cluster: JSON rows")
+    status.add_argument("--group", type=int, metavar="G",
+                        help="nodes of several groups (node --groups): group G's replica "
+                             "(default: the node's status, its first group's role)")
     status.add_argument("--cluster-id", default="fastraft",
                         help="the cluster's name (default: fastraft)")
     add_security_options(status)
@@ -469,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.cluster:
             sys.exit(run_loop(cluster_status(args)))
         else:
-            run_loop(show_status(args))
+            sys.exit(run_loop(show_status(args)))
     except FastRaftError as exc:  # refused to start: corrupt or foreign storage, config
         print(f"fastraft {args.command}: {exc}", file=sys.stderr)
         sys.exit(2)

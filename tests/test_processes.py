@@ -384,6 +384,16 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         await until(in_their_groups, "keys in their groups' stores", 20)
         status = await clients[2].status()
         assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
+        # the command line's view of one group: group 2's leader is node 3
+        rows = json.loads((await asyncio.to_thread(
+            fastraft_cli, "status", "--cluster", ",".join(cluster.client.values()),
+            "--group", "2", "--json")).stdout)
+        assert [(r["id"], r["group"], r["role"]) for r in rows] == \
+            [(1, 2, "follower"), (2, 2, "follower"), (3, 2, "leader")]
+        done = await asyncio.to_thread(fastraft_cli, "status", "--address", cluster.client[1],
+                                       "--group", "4")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "serves groups 0 to 3, not group 4" in done.stderr
         assert status["kv_keys"] == len(keys)
         # each group has its own stream: a record appended to a group is in its log only
         offsets = {g: await on_its_leader(

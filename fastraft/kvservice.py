@@ -93,6 +93,8 @@ _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
+#: Requests of one group: a port of several serves them for the group they name.
+_GROUP_OPS = frozenset({"append", "records", "add_learner", "change_membership", "status"})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -285,42 +287,36 @@ class _ClientConnection(Link):
         elif op == "get":
             node = self.server.route(req.key)[0]
             self._track(req, asyncio.ensure_future(node.read_index()), self._read)
-        elif op == "append" or op == "records":
+        elif op in _GROUP_OPS:
             try:
-                stream = self.server.stream(req.group)
-            except InvalidArgument as exc:
+                self._start_group_op(req)
+            except InvalidArgument as exc:  # a group this port does not serve
                 self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
-                return
-            if op == "append":
-                self._track(req, asyncio.ensure_future(stream.append([req.value])),
-                            self._appended)
-            else:
-                limit = min(max(req.limit, 1), MAX_RECORDS)
-                self._track(req, asyncio.ensure_future(stream.read(
-                    max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
-        elif op == "add_learner" or op == "change_membership":
-            try:
-                node = self.server.group_node(req.group)
-                if op == "add_learner":
-                    change = node.add_learner(req.offset, req.key)
-                else:
-                    change = node.change_membership(set(_voters_dec.decode(req.value)))
-            except InvalidArgument as exc:
-                self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
-                return
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.out.push(Response(req.id, False, error=f"voters: {exc}"))
-                return
-            self._track(req, asyncio.ensure_future(change), self._changed)
-        elif op == "status":
-            try:
-                status = self.server.status(req.group)
-            except InvalidArgument as exc:
-                self.out.push(Response(req.id, False, error=f"InvalidArgument: {exc}"))
-                return
-            self.out.push(Response(req.id, True, status=status))
         else:
             self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
+
+    def _start_group_op(self, req: Request) -> None:
+        """A request of one group (``Request.group``): its stream, membership, status."""
+        op, server = req.op, self.server
+        if op == "append":
+            self._track(req, asyncio.ensure_future(server.stream(req.group).append(
+                [req.value])), self._appended)
+        elif op == "records":
+            limit = min(max(req.limit, 1), MAX_RECORDS)
+            self._track(req, asyncio.ensure_future(server.stream(req.group).read(
+                max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
+        elif op == "add_learner":
+            self._track(req, asyncio.ensure_future(server.group_node(req.group).add_learner(
+                req.offset, req.key)), self._changed)
+        elif op == "change_membership":
+            node = server.group_node(req.group)
+            voters = set(_voters_dec.decode(req.value))
+            self._track(req, asyncio.ensure_future(node.change_membership(voters)),
+                        self._changed)
+        else:
+            self.out.push(Response(req.id, True, status=server.status(req.group)))
 
     def _track(self, req: Request, fut: asyncio.Future[Any], answer: _Answer) -> None:
         self.in_progress += 1

@@ -252,28 +252,18 @@ def test_demo_runs_and_loses_nothing():
 
 
 async def put_on_its_leader(clients, key, value, deadline=20.0):
-    """Put ``key`` through the node that leads its group, following not_leader replies;
-    asked again after a write refused or dropped by a change of leader (the same value,
-    so one that took effect after all changes nothing but its version)."""
-    target = min(clients)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + deadline
-    while True:
-        try:
-            return await clients[target].put(key, value)
-        except ClientError as exc:
-            assert loop.time() < end, exc
-            if exc.error == "not_leader" and exc.leader in clients:
-                target = exc.leader
-            else:  # no leader known there, or one that is down: ask the next node
-                others = sorted(clients)
-                target = others[(others.index(target) + 1) % len(others)]
-                await asyncio.sleep(0.05)
+    """Put ``key`` through the node that leads its group; asked again after a write
+    refused or dropped by a change of leader (the same value, so one that took effect
+    after all changes nothing but its version)."""
+    return await on_its_leader(clients, lambda c: c.put(key, value), deadline,
+                               again=lambda exc: True)
 
 
-async def on_its_leader(clients, request, deadline=20.0):
-    """``await request(client)`` (a membership change or an append of one group) on
-    that group's leader, following not_leader replies."""
+async def on_its_leader(clients, request, deadline=20.0,
+                        again=lambda exc: exc.error == "not_leader"):
+    """``await request(client)`` (a put, a membership change or an append of one group)
+    on that group's leader, following not_leader replies; a reply ``again`` accepts is
+    asked again until ``deadline``, of the next node when it names no leader there."""
     target = min(clients)
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -281,11 +271,13 @@ async def on_its_leader(clients, request, deadline=20.0):
         try:
             return await request(clients[target])
         except ClientError as exc:
-            if exc.error != "not_leader" or loop.time() > end:
+            if not again(exc) or loop.time() > end:
                 raise
-            if exc.leader in clients:
+            if exc.error == "not_leader" and exc.leader in clients:
                 target = exc.leader
-            else:  # no leader known there yet
+            else:  # no leader known there, or one that is down: ask the next node
+                others = sorted(clients)
+                target = others[(others.index(target) + 1) % len(others)]
                 await asyncio.sleep(0.05)
 
 

@@ -188,6 +188,8 @@ def _counter_families(m: Metrics | HostMetrics, node: str,
     yield counter("fastraft_elections_won", "Elections this node won.", m.elections_won)
     yield counter("fastraft_leader_changes", "Times the known leader changed.",
                   m.leader_changes)
+    yield counter("fastraft_reads_retried", "Linearizable reads asked again of a new "
+                  "leader after a change of leader failed them.", m.reads_retried)
     messages = CounterMetricFamily("fastraft_messages", "Raft messages by direction and type.",
                                    labels=["node", "direction", "type"])
     for direction, counts in (("in", m.messages_in), ("out", m.messages_out)):

@@ -254,6 +254,55 @@ async def test_a_follower_asks_again_for_a_read_whose_request_or_answer_was_lost
 
 
 @run
+async def test_a_read_that_a_change_of_leader_fails_is_asked_of_the_new_leader():
+    """A read in flight when leadership moves (a host handing a group to its preferred
+    leader, an election) completes through the new leader instead of failing NotLeader:
+    the old leader never gets the follower's requests here, so only the new one can
+    confirm it."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        follower, target = [n for n in c.nodes.values() if n is not leader]
+        await wait_until(lambda: follower.engine.leader_id == leader.id)
+        version = await leader.propose(kv.put("x", b"1"))
+        send = follower.network.send
+        held: list[Any] = []
+
+        def sending(to: int, messages: list[Any]) -> None:
+            if to == leader.id:
+                held.extend(m for m in messages if type(m) is ReadIndexRequest)
+                messages = [m for m in messages if type(m) is not ReadIndexRequest]
+            if messages:
+                send(to, messages)
+        follower.network.send = sending  # type: ignore[method-assign]
+        read = asyncio.ensure_future(follower.read_index())
+        await wait_until(lambda: held)
+        await leader.transfer_leadership(target.id)
+        assert await read >= version
+        assert follower.metrics().reads_retried == 1
+
+
+@run
+async def test_a_read_the_leader_refuses_is_not_asked_again():
+    """The leader refuses a forwarded read (as with too many reads pending): the refusal
+    reaches the caller as NotLeader naming that leader (a client backs off and
+    retries), not a retry loop."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        await wait_until(lambda: follower.engine.leader_id == leader.id)
+        send = leader.network.send
+
+        def refusing(to: int, messages: list[Any]) -> None:
+            send(to, [replace(m, ok=False, read_index=0) if type(m) is ReadIndexResponse
+                      else m for m in messages])
+        leader.network.send = refusing  # type: ignore[method-assign]
+        with pytest.raises(NotLeader) as caught:
+            await follower.read_index()
+        assert caught.value.leader_id == leader.id
+        assert follower.metrics().reads_retried == 0
+
+
+@run
 async def test_back_pressure_raises_overloaded_instead_of_growing():
     cfg = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
                  max_pending_proposals=10, overload_wait=0.2, check_quorum=False)

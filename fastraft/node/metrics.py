@@ -77,6 +77,8 @@ class Counts(msgspec.Struct, frozen=True, kw_only=True):
     elections_started: int
     elections_won: int
     leader_changes: int
+    #: Reads asked again of a new leader after a change of leader failed them.
+    reads_retried: int
     #: Raft messages received and sent, by type name.
     messages_in: Mapping[str, int]
     messages_out: Mapping[str, int]
@@ -165,7 +167,7 @@ HISTOGRAMS = ("commit_seconds", "apply_batch_entries", "apply_seconds", "log_wri
               "log_write_entries", "snapshot_save_seconds", "snapshot_install_seconds")
 #: The plain counters of ``Recorder``.
 COUNTERS = ("proposals_accepted", "proposals_dropped", "proposals_overloaded",
-            "elections_started", "elections_won", "leader_changes")
+            "elections_started", "elections_won", "leader_changes", "reads_retried")
 
 
 class Recorder:
@@ -189,6 +191,7 @@ class Recorder:
         self.elections_started = 0
         self.elections_won = 0
         self.leader_changes = 0
+        self.reads_retried = 0
         self.messages_in: defaultdict[type, int] = defaultdict(int)
         self.messages_out: defaultdict[type, int] = defaultdict(int)
         #: (last index of a flush, when it was flushed) awaiting their commit. Untimed,

@@ -330,8 +330,10 @@ class RaftNode:
         """Linearizable read barrier (thesis §6.4): returns a commit index once this node's
         state machine has applied it; reads of the state machine after that see every write
         acknowledged before this call. On a follower the leader is asked (again every
-        ``election_timeout_min`` while it does not answer). ``NotLeader`` when no leader
-        confirmed it within ``timeout`` (default: four ``election_timeout_max``)."""
+        ``election_timeout_min`` while it does not answer); a read that a change of leader
+        fails is asked of the new leader. ``NotLeader`` when no leader is known at the
+        call, when the leader refuses it (too many reads), or when none confirmed it
+        within ``timeout`` (default: four ``election_timeout_max``)."""
         self._check_running()
         return await self._reads.read_index(timeout)
 
@@ -533,7 +535,8 @@ class RaftNode:
             proposals_accepted=r.proposals_accepted, proposals_dropped=r.proposals_dropped,
             proposals_overloaded=r.proposals_overloaded,
             elections_started=r.elections_started, elections_won=r.elections_won,
-            leader_changes=r.leader_changes, messages_in=by_name(r.messages_in),
+            leader_changes=r.leader_changes, reads_retried=r.reads_retried,
+            messages_in=by_name(r.messages_in),
             messages_out=by_name(r.messages_out), bytes_in=stats.get("bytes_in", 0),
             bytes_out=stats.get("bytes_out", 0), refused=refused,
             commit_seconds=r.commit_seconds.value(),

@@ -3,7 +3,8 @@
 ``read_index`` asks the engine for a read point (on a follower the engine asks the
 leader, and asks again every ``election_timeout_min`` until answered, as etcd's read
 loop does: a request or answer lost with a broken connection costs a retry, not the
-read) and answers once this node's state machine has applied it. With
+read; a read that a change of leader fails is asked of the new leader, within its
+timeout) and answers once this node's state machine has applied it. With
 ``Config.lease_reads`` a leader that confirmed its leadership with a quorum at time t
 answers without a round trip until t + election_timeout_min * (1 - max_clock_drift),
 renewing the lease in the background when half of it is used.
@@ -57,6 +58,35 @@ class Reads:
         if pending >= config.max_pending_reads:
             raise Overloaded(f"{pending} reads pending; retry later")
         issued = loop.time()
+        if timeout is None:
+            timeout = config.election_timeout_max * 4
+        deadline = issued + timeout
+        while True:
+            asked = (engine.term, engine.leader_id)
+            try:
+                index = await self._confirm(deadline, timeout)
+                break
+            except NotLeader:
+                # A change of leader failed the read (a balancing transfer, an
+                # election): ask the new leader within the same deadline. A read point
+                # it gives is taken after this read began, so still linearizable (§6.4).
+                # A refusal by the leader asked is the caller's to retry.
+                if not await self._new_leader(asked, deadline):
+                    raise
+                self.node._recorder.reads_retried += 1
+        if config.lease_reads and engine.role == Role.LEADER:
+            # a quorum heard from us after `issued`; none of them votes for another
+            # candidate for election_timeout_min after that
+            self.lease_until = max(self.lease_until, issued + config.lease_span)
+        return index
+
+    async def _confirm(self, deadline: float, timeout: float) -> int:
+        """One request for a read point: to the engine, which asks the leader if it is
+        not the leader. ``NotLeader`` if refused, failed by a change of leader, or not
+        confirmed by ``deadline``."""
+        node = self.node
+        engine = node.engine
+        loop = node._loop
         self._next_id += 1
         rid = self._next_id
         fut = loop.create_future()
@@ -68,12 +98,10 @@ class Reads:
             raise
         node._schedule_flush()
         if engine.role != Role.LEADER:  # forwarded
-            self._asking_again[rid] = loop.call_later(config.election_timeout_min,
+            self._asking_again[rid] = loop.call_later(node.config.election_timeout_min,
                                                       self._ask_again, rid)
-        if timeout is None:
-            timeout = config.election_timeout_max * 4
         try:
-            index = await asyncio.wait_for(fut, timeout)
+            return int(await asyncio.wait_for(fut, max(0.0, deadline - loop.time())))
         except asyncio.TimeoutError:
             # The client is told NotLeader (it asks again); the operator, why.
             _timeouts.warning(node.id, "%s: a read was not confirmed within %.2fs "
@@ -87,11 +115,24 @@ class Reads:
             again = self._asking_again.pop(rid, None)
             if again is not None:
                 again.cancel()
-        if config.lease_reads and engine.role == Role.LEADER:
-            # a quorum heard from us after `issued`; none of them votes for another
-            # candidate for election_timeout_min after that
-            self.lease_until = max(self.lease_until, issued + config.lease_span)
-        return int(index)
+
+    async def _new_leader(self, asked: tuple[int, int | None], deadline: float) -> bool:
+        """Whether, before ``deadline``, a leader is known that is not the one of
+        ``asked`` (term, leader): the read may be asked again."""
+        node = self.node
+        if not node._running or node._loop.time() >= deadline:
+            return False
+
+        def moved() -> bool:
+            e = node.engine
+            return not node._running or (e.leader_id is not None
+                                         and (e.term, e.leader_id) != asked)
+        try:
+            await asyncio.wait_for(node._wait_progress(moved),
+                                   deadline - node._loop.time())
+        except asyncio.TimeoutError:
+            return False
+        return node._running
 
     def _ask_again(self, rid: int) -> None:
         node = self.node

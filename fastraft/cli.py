@@ -336,6 +336,27 @@ async def kv_command(args: argparse.Namespace) -> int:
                           "list every node's client address in --address")
 
 
+async def member_command(args: argparse.Namespace) -> int:
+    """``fastraft member add|remove``: the change in every group the nodes of ``--cluster``
+    serve, or in ``--group``, each on its own leader; 1 if a group failed."""
+    from fastraft.members import change_members, connect
+
+    addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
+    for a in addresses:
+        parse_address(a)
+    clients, groups = await connect(addresses, cluster_id=args.cluster_id,
+                                    **security_options(args))
+    try:
+        if args.group is not None:
+            groups = [args.group]
+        failed = await change_members(clients, args.op, args.node, args.address, groups,
+                                      learner=args.learner, timeout=args.timeout)
+    finally:
+        for c in clients.values():
+            c.close()
+    return 1 if failed else 0
+
+
 def _positive(kind: Callable[[str], _N]) -> Callable[[str], _N]:
     def parse(text: str) -> _N:
         try:
@@ -377,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="fastraft", description="Run and inspect fastraft clusters: a local demo, a KV "
-        "node, a node's status, and the benchmarks (fastraft bench --help).")
+        "node, a node's status, membership changes, and the benchmarks (fastraft bench --help).")
     parser.add_argument("--version", action="version", version=f"fastraft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -461,6 +482,29 @@ def main(argv: list[str] | None = None) -> None:
                      help="the cluster's name (default: fastraft)")
     add_security_options(kvp)
 
+    member = sub.add_parser("member", help="add a node to, or remove it from, every group "
+                            "(or one) of a running cluster")
+    member_op = member.add_subparsers(dest="op", required=True)
+    add = member_op.add_parser("add", help="add NODE as a learner, then a voter once caught up")
+    add.add_argument("node", type=_positive(int), metavar="NODE", help="the new node's id")
+    add.add_argument("address", metavar="RAFT_ADDRESS",
+                     help="its Raft HOST:PORT (the one in its --cluster)")
+    add.add_argument("--learner", action="store_true", help="stay a learner (no vote)")
+    remove = member_op.add_parser("remove", help="remove voter NODE")
+    remove.add_argument("node", type=_positive(int), metavar="NODE")
+    remove.set_defaults(address=None, learner=False)
+    for p in (add, remove):
+        p.add_argument("--cluster", required=True, metavar="HOST:PORT,...",
+                       help="client addresses of the members (each group's leader is "
+                            "found among them)")
+        p.add_argument("--group", type=int, metavar="G",
+                       help="nodes of several groups: group G only (default: every group)")
+        p.add_argument("--timeout", type=_positive(float), default=60.0, metavar="SECONDS",
+                       help="per group, for its leader and its catch-up (default 60)")
+        p.add_argument("--cluster-id", default="fastraft",
+                       help="the cluster's name (default: fastraft)")
+        add_security_options(p)
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         from fastraft.benchmark import main as bench_main
@@ -480,6 +524,10 @@ def main(argv: list[str] | None = None) -> None:
             if (args.op == "put") != (args.value is not None):
                 parser.error("kv put takes KEY VALUE; get and del take KEY")
             sys.exit(run_loop(kv_command(args)))
+        elif args.command == "member":
+            if args.op == "add":
+                parse_address(args.address)
+            sys.exit(run_loop(member_command(args)))
         elif args.cluster:
             sys.exit(run_loop(cluster_status(args)))
         else:

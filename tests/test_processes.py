@@ -139,9 +139,39 @@ def test_status_command_prints_a_nodes_status(cluster):
     assert '"role": "leader"' in out.stdout and f'"leader_id": {leader}' in out.stdout
 
 
-def fastraft_cli(*args):
+def fastraft_cli(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "fastraft", *args], capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=timeout)
+
+
+def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
+    """``fastraft member remove|add`` on single-group nodes: no group to name; adding
+    back a voter already there is nothing to do; a stranger's removal changes nothing."""
+    everyone = ",".join(cluster.client[i] for i in cluster.ids)
+
+    async def voters():
+        clients = await connect_all(cluster)
+        try:
+            leader = await find_leader(clients)
+            return (await clients[leader].status())["membership"]["voters"]
+        finally:
+            for c in clients.values():
+                c.close()
+    asyncio.run(leader_of(cluster))
+    out = fastraft_cli("member", "remove", "3", "--cluster", everyone, timeout=90)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert out.stdout.splitlines() == ["the group: node 3 removed"]
+    assert asyncio.run(voters()) == [1, 2]
+    out = fastraft_cli("member", "add", "3", cluster.raft[3], "--cluster", everyone,
+                       timeout=90)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert out.stdout.splitlines() == ["the group: node 3 added as a voter"]
+    assert asyncio.run(voters()) == [1, 2, 3]
+    out = fastraft_cli("member", "add", "3", cluster.raft[3], "--cluster", everyone)
+    assert out.stdout.splitlines() == ["the group: node 3 is already a voter"]
+    out = fastraft_cli("member", "remove", "9", "--cluster", everyone)
+    assert out.returncode == 0 and out.stdout.splitlines() == ["the group: node 9 is not a member"]
+    assert asyncio.run(voters()) == [1, 2, 3]
 
 
 def test_cluster_status_table_and_kv_commands(cluster):
@@ -340,6 +370,57 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
         assert (await clients[4].status())["host"]["leading"] == 1
         roles = [(await clients[4].status(group=g))["role"] for g in range(4)]
         assert roles == ["follower", "follower", "follower", "leader"]
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
+
+
+@run
+async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from_one(tmp_path):
+    """``fastraft member add`` joins a new node to every group of nodes of several groups,
+    each through its own leader, and a second run finds nothing left to do; ``member
+    remove --group`` takes it out of that group only, ``member add --group --learner``
+    puts it back there without a vote, and a learner's removal is refused, saying why."""
+    cluster = ProcessCluster(4, str(tmp_path), extra_args=["--groups", "3"])
+    founders = ",".join(f"{i}={cluster.raft[i]}" for i in (1, 2, 3))
+    members = ",".join(cluster.client[i] for i in (1, 2, 3))
+    clients = {}
+
+    async def membership(g):
+        leader = await find_leader(clients, group=g)
+        return (await clients[leader].status(group=g))["membership"]
+
+    def member(*args):
+        return fastraft_cli("member", *args, "--cluster", members, timeout=120)
+    try:
+        for i in (1, 2, 3):
+            cluster.start(i, ["--cluster", founders])
+        cluster.start(4, init=False)
+        clients = await connect_all(cluster)
+        for g in range(3):
+            await find_leader(clients, group=g)
+        out = member("add", "4", cluster.raft[4])
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert sorted(out.stdout.splitlines()) == [
+            f"group {g}: node 4 added as a voter" for g in range(3)]
+        for g in range(3):
+            assert (await membership(g))["voters"] == [1, 2, 3, 4]
+        out = member("add", "4", cluster.raft[4])
+        assert sorted(out.stdout.splitlines()) == [
+            f"group {g}: node 4 is already a voter" for g in range(3)]
+        out = member("remove", "4", "--group", "1")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert out.stdout.splitlines() == ["group 1: node 4 removed"]
+        assert [(await membership(g))["voters"] for g in range(3)] == [
+            [1, 2, 3, 4], [1, 2, 3], [1, 2, 3, 4]]
+        out = member("add", "4", cluster.raft[4], "--group", "1", "--learner")
+        assert out.stdout.splitlines() == ["group 1: node 4 added as a learner"]
+        assert await membership(1) == {"voters": [1, 2, 3], "learners": [4], "outgoing": []}
+        out = member("remove", "4", "--group", "1")
+        assert out.returncode == 1
+        assert out.stdout.splitlines() == [
+            "group 1: failed: node 4 is a learner there: the client port removes voters only"]
     finally:
         for c in clients.values():
             c.close()

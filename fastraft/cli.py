@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     add.add_argument("address", metavar="RAFT_ADDRESS",
                      help="its Raft HOST:PORT (the one in its --cluster)")
     add.add_argument("--learner", action="store_true", help="stay a learner (no vote)")
-    remove = member_op.add_parser("remove", help="remove voter NODE")
+    remove = member_op.add_parser("remove", help="remove NODE (a voter or a learner)")
     remove.add_argument("node", type=_positive(int), metavar="NODE")
     remove.set_defaults(address=None, learner=False)
     for p in (add, remove):

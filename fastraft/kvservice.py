@@ -4,7 +4,8 @@ Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``appen
 record (answered with its offset, on the leader) and ``records`` from an offset (on any
 node: what it knows committed), so a stream can share the log with the KV store. And it
 serves membership changes (on the leader): ``add_learner`` (``offset`` the node id, ``key``
-its Raft address) and ``change_membership`` (``value`` the msgpack list of voter ids).
+its Raft address), ``remove_learner`` (``offset`` the node id) and ``change_membership``
+(``value`` the msgpack list of voter ids).
 
 The connection starts with the handshake of ``fastraft.transport.link`` (the same secret
 and TLS options as the Raft port; clients dial as node 0). Then frames are ``u32 length |
@@ -59,13 +60,13 @@ RECORDS_BYTES = 4 << 20
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    op: str  # put get del status append records add_learner change_membership
+    op: str  # put get del status append records add_learner remove_learner change_membership
     key: str = ""
     value: bytes = b""
     #: "records": the first offset wanted, and at most how many records.
     offset: int = 0
     limit: int = 0
-    #: "append", "records", "add_learner", "change_membership", "status" on a port of
+    #: "append", "records", the membership requests, "status" on a port of
     #: several groups: the group's id (None: the port's only group; for "status", the
     #: node's). Earlier servers ignore it.
     group: int | None = None
@@ -94,7 +95,8 @@ _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 #: Requests of one group: a port of several serves them for the group they name.
-_GROUP_OPS = frozenset({"append", "records", "add_learner", "change_membership", "status"})
+_GROUP_OPS = frozenset({"append", "records", "add_learner", "remove_learner",
+                        "change_membership", "status"})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -310,6 +312,9 @@ class _ClientConnection(Link):
         elif op == "add_learner":
             self._track(req, asyncio.ensure_future(server.group_node(req.group).add_learner(
                 req.offset, req.key)), self._changed)
+        elif op == "remove_learner":
+            self._track(req, asyncio.ensure_future(server.group_node(req.group).remove_learner(
+                req.offset)), self._changed)
         elif op == "change_membership":
             node = server.group_node(req.group)
             voters = set(_voters_dec.decode(req.value))
@@ -529,6 +534,11 @@ class KVClient(Link):
         group, on a node of several (``fastraft node --groups``); its leader may be
         another node than a key's."""
         await self.request("add_learner", address, offset=node_id, group=group)
+
+    async def remove_learner(self, node_id: int, group: int | None = None) -> None:
+        """Remove learner ``node_id`` (on the leader); see ``RaftNode.remove_learner``.
+        ``group`` as for ``add_learner``. Servers before it answer ``unknown op``."""
+        await self.request("remove_learner", offset=node_id, group=group)
 
     async def change_membership(self, voters: set[int], group: int | None = None) -> None:
         """Move to the voter set ``voters`` (on the leader); see

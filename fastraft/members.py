@@ -120,8 +120,8 @@ async def _add(c: KVClient, node_id: int, address: str | None, group: int | None
 async def _remove(c: KVClient, node_id: int, group: int | None, voters: set[int],
                   learners: set[int]) -> str:
     if node_id in learners:
-        raise ClientError(f"node {node_id} is a learner there: the client port removes "
-                          "voters only")
+        await c.remove_learner(node_id, group=group)
+        return "removed (a learner)"
     if node_id not in voters:
         return "is not a member"
     await c.change_membership(voters - {node_id}, group=group)

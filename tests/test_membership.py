@@ -56,6 +56,26 @@ async def test_grow_3_to_5_then_shrink_to_3():
 
 
 @run
+async def test_a_learner_removed_gets_no_more_entries_and_the_voters_stay():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        before = (await write(leader, 20))[-1]
+        await converged(c, range(1, 5), before)
+        with pytest.raises(InvalidArgument, match="it votes"):
+            await leader.remove_learner(2)
+        await leader.remove_learner(4)
+        m = leader.engine.membership
+        assert (m.voters, m.learners, m.joint) == ({1, 2, 3}, set(), False)
+        assert 4 not in leader.engine.progress
+        after = (await write(leader, 20, "after"))[-1]
+        await converged(c, range(1, 4), after)
+        assert c.nodes[4].applied_index < after  # nothing sent to it since
+        with pytest.raises(InvalidArgument, match="node 4 is not a learner"):
+            await leader.remove_learner(4)
+
+
+@run
 async def test_replace_a_node_and_remove_the_leader():
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp",
                             spares=1) as c:

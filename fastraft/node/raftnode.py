@@ -381,6 +381,22 @@ class RaftNode:
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
 
+    async def remove_learner(self, node_id: int, timeout: float = 30.0) -> None:
+        """Remove learner ``node_id`` (one added by mistake, or no longer wanted): a change
+        of learners only, so no joint configuration (§6); the leader stops replicating to
+        it. Returns once the change is committed. A voter leaves through
+        ``change_membership``."""
+        check_node_id(node_id)
+        engine = await self._settled_leader(timeout)
+        m = engine.membership
+        if node_id not in m.learners:
+            raise InvalidArgument(f"node {node_id} is not a learner" + (
+                ": it votes, remove it with change_membership()" if node_id in m.voters
+                else ""))
+        index = engine.propose_membership(m.voters, m.learners - {node_id})
+        self._schedule_flush()
+        await self._wait_config_committed(index, timeout)
+
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
         """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
         C_new. New voters must be learners already (``add_learner``); they are promoted only

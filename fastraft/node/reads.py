@@ -57,9 +57,9 @@ class Reads:
         pending = max(len(self.pending), engine.reads_pending)
         if pending >= config.max_pending_reads:
             raise Overloaded(f"{pending} reads pending; retry later")
-        issued = loop.time()
         if timeout is None:
             timeout = config.election_timeout_max * 4
+        issued = loop.time()
         deadline = issued + timeout
         while True:
             asked = (engine.term, engine.leader_id)
@@ -75,8 +75,9 @@ class Reads:
                     raise
                 self.node._recorder.reads_retried += 1
         if config.lease_reads and engine.role == Role.LEADER:
-            # a quorum heard from us after `issued`; none of them votes for another
-            # candidate for election_timeout_min after that
+            # a quorum heard from us after `issued` (a read forwarded to another leader
+            # does not end here: campaigning fails it, and a win takes a round trip);
+            # none of them votes for another candidate for election_timeout_min after that
             self.lease_until = max(self.lease_until, issued + config.lease_span)
         return index
 

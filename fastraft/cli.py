@@ -234,8 +234,9 @@ async def show_status(args: argparse.Namespace) -> int:
 
 
 async def cluster_status(args: argparse.Namespace) -> int:
-    """One row per node, like ``etcdctl endpoint status --cluster -w table``; 1 if a node
-    did not answer."""
+    """One row per node, like ``etcdctl endpoint status --cluster -w table`` (nodes of
+    several groups, without ``--group``: their hosts' figures); 1 if a node did not
+    answer."""
     from fastraft.kvservice import ClientError, KVClient
 
     addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
@@ -265,22 +266,33 @@ async def cluster_status(args: argparse.Namespace) -> int:
             r["lag"] = commit - r["applied_index"]
     if args.json:
         print(json.dumps(rows, indent=2, sort_keys=True))
+        return 1 if any("error" in r for r in rows) else 0
+    hosts = any("host" in r for r in rows)
+    if hosts:  # nodes of several groups, none named: each node's host at a glance
+        head: tuple[str, ...] = ("ID", "ADDRESS", "GROUPS", "LEADING", "QUIET", "CAMPAIGNING",
+                                 "FAILED", "SUSPECTED")
     else:
         head = ("ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG",
                 "LAST CONTACT")
-        table = [head] + [
-            (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
-             str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),
-             _contact(r.get("last_contact"), r["role"]))
-            if "error" not in r else
-            ("?", r["address"], ("refused: " if r.get("refused") else "unreachable: ")
-             + r["error"])
-            for r in rows]
-        widths = [max(len(row[k]) for row in table if len(row) == len(head))
-                  for k in range(len(head))]
-        for row in table:
-            print("  ".join(cell.ljust(widths[k]) if k < len(row) - 1 else cell
-                            for k, cell in enumerate(row)))
+
+    def cells(r: dict[str, Any]) -> tuple[str, ...]:
+        if "error" in r:
+            return ("?", r["address"], ("refused: " if r.get("refused") else "unreachable: ")
+                    + r["error"])
+        if hosts:
+            h = r["host"]
+            return (str(r["id"]), r["address"], str(h["groups"]), str(h["leading"]),
+                    str(h["quiet"]), str(h["campaigning"]), str(len(h["failed"])),
+                    ",".join(map(str, h["suspected"])) or "-")
+        return (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
+                str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),
+                _contact(r.get("last_contact"), r["role"]))
+    table = [head] + [cells(r) for r in rows]
+    widths = [max(len(row[k]) for row in table if len(row) == len(head))
+              for k in range(len(head))]
+    for row in table:
+        print("  ".join(cell.ljust(widths[k]) if k < len(row) - 1 else cell
+                        for k, cell in enumerate(row)))
     return 1 if any("error" in r for r in rows) else 0
 
 

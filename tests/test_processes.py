@@ -457,6 +457,14 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         await until(in_their_groups, "keys in their groups' stores", 20)
         status = await clients[2].status()
         assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
+        # the command line's view of the hosts: groups and how many each leads
+        table = (await asyncio.to_thread(
+            fastraft_cli, "status", "--cluster", ",".join(cluster.client.values()))).stdout
+        head, *lines = [line.split() for line in table.splitlines()]
+        assert head == ["ID", "ADDRESS", "GROUPS", "LEADING", "QUIET", "CAMPAIGNING",
+                        "FAILED", "SUSPECTED"]
+        assert [(r[0], r[2], r[3], r[6], r[7]) for r in lines] == [
+            ("1", "4", "2", "0", "-"), ("2", "4", "1", "0", "-"), ("3", "4", "1", "0", "-")]
         # the command line's view of one group: group 2's leader is node 3
         rows = json.loads((await asyncio.to_thread(
             fastraft_cli, "status", "--cluster", ",".join(cluster.client.values()),

@@ -512,7 +512,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--group", type=int, metavar="G",
                        help="nodes of several groups: group G only (default: every group)")
         p.add_argument("--timeout", type=_positive(float), default=60.0, metavar="SECONDS",
-                       help="per group, for its leader and its catch-up (default 60)")
+                       help="per group: its whole change, asked again while its leader "
+                            "moves or another change is under way (default 60)")
         p.add_argument("--cluster-id", default="fastraft",
                        help="the cluster's name (default: fastraft)")
         add_security_options(p)

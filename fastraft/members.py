@@ -69,9 +69,14 @@ async def change_members(clients: dict[int, KVClient], op: str, node_id: int,
         name = "the group" if group is None else f"group {group}"
         async with limit:
             try:
-                done = await _change_group(clients, op, node_id, address, group, learner,
-                                           timeout)
-            except (ClientError, ConnectionError, TimeoutError) as exc:
+                # bounds everything: a leader that stops answering midway too (what it
+                # did is found by a run again)
+                done = await asyncio.wait_for(_change_group(
+                    clients, op, node_id, address, group, learner, timeout), timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                failed += 1
+                say(f"{name}: failed: not done within {timeout:g}s")
+            except (ClientError, ConnectionError) as exc:
                 failed += 1
                 say(f"{name}: failed: {exc}")
             else:
@@ -87,8 +92,7 @@ async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        leader = await find_leader(clients, timeout=max(0.1, deadline - loop.time()),
-                                   group=group)
+        leader = await find_leader(clients, timeout=timeout, group=group)
         c = clients[leader]
         try:
             membership: dict[str, Any] = (await c.status(group))["membership"]

@@ -1,6 +1,8 @@
 """``fastraft.members`` (``fastraft member``) against a stand-in for a group's leader:
 which refusals it asks again after, and which it reports. The command itself runs
 against real nodes in ``test_processes.py``."""
+import asyncio
+
 from fastraft.kvservice import ClientError
 from fastraft.members import change_members
 
@@ -58,3 +60,17 @@ async def test_a_refusal_that_would_refuse_again_is_reported_not_retried():
     assert await change_members({1: leader}, "add", 4, "127.0.0.1:9", [None],
                                 say=said.append) == 0
     assert said == ["the group: node 4 added as a voter"] and leader.voters == {1, 2, 3, 4}
+
+
+@run
+async def test_a_leader_that_stops_answering_fails_its_group_within_the_timeout():
+    """A paused leader never answers: the group is reported failed after ``timeout``
+    (the command ends; a run again finds what was done), the others go on."""
+    class Silent(Leader):
+        async def add_learner(self, node_id, address, group=None):
+            await asyncio.Event().wait()
+
+    said = []
+    failed = await asyncio.wait_for(change_members(
+        {1: Silent()}, "add", 4, "127.0.0.1:9", [0], timeout=0.2, say=said.append), 10)
+    assert failed == 1 and said == ["group 0: failed: not done within 0.2s"]

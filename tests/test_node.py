@@ -190,9 +190,11 @@ async def lone_node() -> RaftNode:
 
 @run
 async def test_read_index_without_leader_raises_not_leader():
+    """At once, as a proposal does: not after waiting out the read's timeout for a
+    leader (the deadline here is far below the read's)."""
     node = await lone_node()
     with pytest.raises(NotLeader):
-        await node.read_index()
+        await asyncio.wait_for(node.read_index(timeout=60), 10)
     await node.stop()
 
 

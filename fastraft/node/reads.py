@@ -57,6 +57,8 @@ class Reads:
         pending = max(len(self.pending), engine.reads_pending)
         if pending >= config.max_pending_reads:
             raise Overloaded(f"{pending} reads pending; retry later")
+        if engine.role != Role.LEADER and engine.leader_id is None:
+            raise engine.not_leader()  # none known: at once, as for a proposal
         if timeout is None:
             timeout = config.election_timeout_max * 4
         issued = loop.time()

@@ -181,7 +181,8 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
     metrics = None
     if args.metrics:
         from fastraft.metrics import MetricsServer
-        metrics = MetricsServer(measured, args.metrics, max_apply_lag=args.health_max_lag)
+        metrics = MetricsServer(measured, args.metrics, max_apply_lag=args.health_max_lag,
+                                per_group=args.metrics_per_group)
         await metrics.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -458,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--metrics", metavar="HOST:PORT",
                       help="serve Prometheus /metrics and /health here (needs "
                            "pip install 'fastraft[metrics]')")
+    node.add_argument("--metrics-per-group", action="store_true",
+                      help="with --groups: each group's own gauges too (fastraft_group_*, "
+                           "seven series a group)")
     node.add_argument("--health-max-lag", type=_positive(int), default=1000, metavar="N",
                       help="/health fails when applied trails commit by more than N "
                            "entries (default 1000)")

@@ -46,7 +46,14 @@ from fastraft.errors import (
 )
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
-from fastraft.node.metrics import COUNTERS, HISTOGRAMS, HistogramValue, HostMetrics, Recorder
+from fastraft.node.metrics import (
+    COUNTERS,
+    HISTOGRAMS,
+    GroupFigures,
+    HistogramValue,
+    HostMetrics,
+    Recorder,
+)
 from fastraft.node.raftnode import check_node_id
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
@@ -538,6 +545,21 @@ class RaftHost:
             if k % METRICS_CHUNK == METRICS_CHUNK - 1:
                 await asyncio.sleep(0)
         return sums.result(self)
+
+    async def gather_group_figures(self) -> list[GroupFigures]:
+        """Each group's replica here at a glance, by group id, yielding to the event loop
+        every ``METRICS_CHUNK`` groups (``MetricsServer(host, per_group=True)``)."""
+        figures = []
+        for k, (group_id, node) in enumerate(sorted(self._groups.items())):
+            e = node.engine
+            if e is not None:
+                figures.append(GroupFigures(
+                    group_id, "stopped" if not node._running else e.role.name.lower(),
+                    e.term, e.leader_id, e.commit_index, node.applied_index,
+                    e.log.last_index, e.quiet))
+            if k % METRICS_CHUNK == METRICS_CHUNK - 1:
+                await asyncio.sleep(0)
+        return figures
 
     def health(self, max_apply_lag: int = 1000) -> str | None:
         """Why this host is unhealthy, or None: healthy means running, every group's

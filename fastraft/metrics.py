@@ -35,12 +35,12 @@ except ImportError as exc:  # pragma: no cover - depends on the extra being inst
 
 from fastraft.addresses import parse_address
 from fastraft.node import RaftNode
-from fastraft.node.metrics import HistogramValue, HostMetrics, Metrics
+from fastraft.node.metrics import GroupFigures, HistogramValue, HostMetrics, Metrics
 
 if TYPE_CHECKING:
     from fastraft.host import RaftHost
 
-__all__ = ["MetricsServer", "families"]
+__all__ = ["MetricsServer", "families", "group_families"]
 
 T = TypeVar("T")
 
@@ -173,6 +173,35 @@ def _node_families(m: Metrics, gauge: _Gauge) -> Iterator[Metric]:
     yield state
 
 
+#: A host's groups' own gauges (name, help), in the order of ``_group_values``.
+GROUP_GAUGES = (
+    ("fastraft_group_is_leader", "1 if this host's replica leads the group."),
+    ("fastraft_group_leader_id", "The group's known leader (0: none)."),
+    ("fastraft_group_term", "The replica's current term."),
+    ("fastraft_group_commit_index", "Highest index the replica knows committed."),
+    ("fastraft_group_applied_index", "Highest index its state machine applied."),
+    ("fastraft_group_last_log_index", "Last index in the replica's log."),
+    ("fastraft_group_quiet", "1 if the group is quiet (idle)."),
+)
+
+
+def _group_values(f: GroupFigures) -> tuple[float, ...]:
+    return (f.role == "leader", f.leader_id or 0, f.term, f.commit_index, f.applied_index,
+            f.last_log_index, f.quiet)
+
+
+def group_families(node_id: int, groups: list[GroupFigures]) -> Iterator[Metric]:
+    """A host's groups' own gauges, a series per group (``MetricsServer(host,
+    per_group=True)``)."""
+    node = str(node_id)
+    rows = [([node, str(f.group)], _group_values(f)) for f in groups]
+    for k, (name, doc) in enumerate(GROUP_GAUGES):
+        family = GaugeMetricFamily(name, doc, labels=["node", "group"])
+        for labels, values in rows:
+            family.add_metric(labels, values[k])
+        yield family
+
+
 def _counter_families(m: Metrics | HostMetrics, node: str,
                       counter: _Counter) -> Iterator[Metric]:
     proposals = CounterMetricFamily(
@@ -237,6 +266,9 @@ class _Collector:
             yield from families(self.server.on_loop(target.metrics))
         else:  # a host: summed in chunks, between which its groups keep running
             yield from families(self.server.on_loop_async(target.gather_metrics))
+            if self.server.per_group:
+                yield from group_families(
+                    target.id, self.server.on_loop_async(target.gather_group_figures))
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -247,12 +279,15 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """Serves ``/metrics`` and ``/health`` for ``node`` on ``address`` (``HOST:PORT``;
     port 0 picks one: see ``address`` once started). ``node`` may be a ``RaftHost``: its
-    own figures and its groups' counters summed (per-group series would be thousands),
-    and healthy when every group's replica is (``RaftHost.health``)."""
+    own figures and its groups' counters summed, and healthy when every group's replica
+    is (``RaftHost.health``); ``per_group`` adds each group's own gauges
+    (``fastraft_group_*``, labelled ``group``: seven series a group, for hosts of
+    hundreds of groups rather than tens of thousands)."""
 
     def __init__(self, node: RaftNode | RaftHost, address: str, *,
-                 max_apply_lag: int = 1000) -> None:
+                 max_apply_lag: int = 1000, per_group: bool = False) -> None:
         self.node = node
+        self.per_group = per_group
         self.host, self.port = parse_address(address)
         self.max_apply_lag = max_apply_lag
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -234,6 +234,49 @@ def test_json_log_lines_carry_the_event_keys():
 
 
 @run
+async def test_a_host_serves_each_groups_own_gauges_only_when_asked():
+    """MetricsServer(host, per_group=True): seven gauges a group, labelled with it, saying
+    what each replica here holds; by default none (series per host only)."""
+    from test_host import GROUPS, Hosts, balanced, preferred
+
+    async with Hosts() as hosts:
+        await wait_until(lambda: balanced(hosts), 15)
+        await asyncio.gather(*[hosts.propose(g, b"w") for g in GROUPS])
+        host = hosts.hosts[2]
+        await wait_until(lambda: balanced(hosts) and all(
+            host.group(g).applied_index == host.group(g).engine.commit_index
+            == host.group(g).engine.log.last_index for g in GROUPS), 15)
+        plain = MetricsServer(host, "127.0.0.1:0")
+        detailed = MetricsServer(host, "127.0.0.1:0", per_group=True)
+        await plain.start()
+        await detailed.start()
+        loop = asyncio.get_running_loop()
+        try:
+            samples = await loop.run_in_executor(
+                None, scrape, f"http://{detailed.address}/metrics")
+            for g in GROUPS:
+                node, labels = host.group(g), (("group", str(g)), ("node", "2"))
+                e = node.engine
+                assert samples[("fastraft_group_is_leader", labels)] == node.is_leader
+                assert samples[("fastraft_group_leader_id", labels)] == e.leader_id == \
+                    preferred(g)
+                assert samples[("fastraft_group_term", labels)] == e.term
+                assert samples[("fastraft_group_commit_index", labels)] == \
+                    samples[("fastraft_group_applied_index", labels)] == \
+                    samples[("fastraft_group_last_log_index", labels)] == e.commit_index > 0
+                assert samples[("fastraft_group_quiet", labels)] == e.quiet
+            assert sum(samples[("fastraft_group_is_leader", (("group", str(g)),
+                                                             ("node", "2")))]
+                       for g in GROUPS) == len(host.leaders()) > 0
+            assert samples[("fastraft_host_groups", (("node", "2"),))] == len(GROUPS)
+            summed = await loop.run_in_executor(None, scrape, f"http://{plain.address}/metrics")
+            assert not [k for k in summed if k[0].startswith("fastraft_group_")]
+        finally:
+            await plain.stop()
+            await detailed.stop()
+
+
+@run
 async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
     """MetricsServer(host): host-level series (groups, roles, quiet, transport) and the
     node counters summed over the host's groups, under the names a node uses; /health

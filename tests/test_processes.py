@@ -393,13 +393,21 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
 
     def member(*args):
         return fastraft_cli("member", *args, "--cluster", members, timeout=120)
+    [metrics_port] = free_ports(1)
     try:
         for i in (1, 2, 3):
-            cluster.start(i, ["--cluster", founders])
+            cluster.start(i, ["--cluster", founders] + [
+                "--metrics", f"127.0.0.1:{metrics_port}", "--metrics-per-group"] * (i == 1))
         cluster.start(4, init=False)
         clients = await connect_all(cluster)
         for g in range(3):
             await find_leader(clients, group=g)
+        # node 1's /metrics has each group's own gauges (--metrics-per-group)
+        status, text = await asyncio.to_thread(
+            http_get, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200
+        assert {s.labels["group"] for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "fastraft_group_term"} == {"0", "1", "2"}
         out = member("add", "4", cluster.raft[4])
         assert out.returncode == 0, out.stderr + out.stdout
         assert sorted(out.stdout.splitlines()) == [

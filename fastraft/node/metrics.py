@@ -128,6 +128,21 @@ class Metrics(Counts, frozen=True, kw_only=True):
                 self.learners)
 
 
+class GroupFigures(msgspec.Struct, frozen=True, array_like=True):
+    """One group's replica on a host at a glance (``RaftHost.gather_group_figures``)."""
+
+    group: int
+    #: "follower", "pre_candidate", "candidate", "leader" or "stopped".
+    role: str
+    term: int
+    #: The known leader; None: none.
+    leader_id: int | None
+    commit_index: int
+    applied_index: int
+    last_log_index: int
+    quiet: bool
+
+
 class HostMetrics(Counts, frozen=True, kw_only=True):
     """``RaftHost.metrics()``: the host, and its groups' ``Counts`` summed over every
     group's replica here."""

@@ -4,8 +4,9 @@ Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``appen
 record (answered with its offset, on the leader) and ``records`` from an offset (on any
 node: what it knows committed), so a stream can share the log with the KV store. And it
 serves membership changes (on the leader): ``add_learner`` (``offset`` the node id, ``key``
-its Raft address), ``remove_learner`` (``offset`` the node id) and ``change_membership``
-(``value`` the msgpack list of voter ids).
+its Raft address), ``remove_learner`` (``offset`` the node id), ``change_membership``
+(``value`` the msgpack list of voter ids) and ``transfer_leadership`` (``offset`` the
+voter to lead).
 
 The connection starts with the handshake of ``fastraft.transport.link`` (the same secret
 and TLS options as the Raft port; clients dial as node 0). Then frames are ``u32 length |
@@ -60,7 +61,9 @@ RECORDS_BYTES = 4 << 20
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    op: str  # put get del status append records add_learner remove_learner change_membership
+    #: put get del status append records add_learner remove_learner change_membership
+    #: transfer_leadership
+    op: str
     key: str = ""
     value: bytes = b""
     #: "records": the first offset wanted, and at most how many records.
@@ -96,7 +99,7 @@ _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
 #: Requests of one group: a port of several serves them for the group they name.
 _GROUP_OPS = frozenset({"append", "records", "add_learner", "remove_learner",
-                        "change_membership", "status"})
+                        "change_membership", "transfer_leadership", "status"})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -312,6 +315,9 @@ class _ClientConnection(Link):
         elif op == "add_learner":
             self._track(req, asyncio.ensure_future(server.group_node(req.group).add_learner(
                 req.offset, req.key)), self._changed)
+        elif op == "transfer_leadership":
+            self._track(req, asyncio.ensure_future(
+                server.group_node(req.group).transfer_leadership(req.offset)), self._changed)
         elif op == "remove_learner":
             self._track(req, asyncio.ensure_future(server.group_node(req.group).remove_learner(
                 req.offset)), self._changed)
@@ -539,6 +545,11 @@ class KVClient(Link):
         """Remove learner ``node_id`` (on the leader); see ``RaftNode.remove_learner``.
         ``group`` as for ``add_learner``. Servers before it answer ``unknown op``."""
         await self.request("remove_learner", offset=node_id, group=group)
+
+    async def transfer_leadership(self, target: int, group: int | None = None) -> None:
+        """Make voter ``target`` the leader (on the leader); returns once it leads. See
+        ``RaftNode.transfer_leadership``. ``group`` as for ``add_learner``."""
+        await self.request("transfer_leadership", offset=target, group=group)
 
     async def change_membership(self, voters: set[int], group: int | None = None) -> None:
         """Move to the voter set ``voters`` (on the leader); see

@@ -6,9 +6,11 @@ group.
 Each group's change goes to that group's own leader, found among the nodes given: a new
 member joins as a learner and is promoted to voter once caught up (§6, thesis §4.2.1:
 ``RaftNode.add_learner`` then ``change_membership``); a removal is a change to the voters
-without it. A change is asked again when its group's leader moves or another change is
-under way, until the deadline; a group already as asked is left alone, so the command can
-be run again after a failure and finishes what is left.
+without it, made on another voter once the node led the group (leadership handed over
+first, thesis §3.10, so the group waits for no election). A change is asked again when
+its group's leader moves or another change is under way, until the deadline; a group
+already as asked is left alone, so the command can be run again after a failure and
+finishes what is left.
 """
 from __future__ import annotations
 
@@ -16,14 +18,16 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from fastraft.host import preferred_leader
 from fastraft.kvservice import ClientError, KVClient, find_leader
 
 #: Groups changed at once: a few, so that a thousand groups do not take a thousand round
 #: trips one after the other, nor hand every leader a catch-up at the same moment.
 CONCURRENT_GROUPS = 8
-#: Refusals that a moment later may succeed: the group's leader moved, or another
-#: membership change of the group is not complete yet.
-_TRANSIENT = ("not_leader", "MembershipChangeInProgress")
+#: Refusals that a moment later may succeed: the group's leader moved, another
+#: membership change of the group is not complete yet, or a leadership transfer or a
+#: change did not finish in the node's time (the next try looks at the group again).
+_TRANSIENT = ("not_leader", "MembershipChangeInProgress", "TimeoutError")
 
 
 async def connect(addresses: list[str], **options: Any) -> tuple[dict[int, KVClient],
@@ -91,6 +95,7 @@ async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
     """One group's change on its leader; what was done ("added as a voter", ...)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    handed = ""
     while True:
         leader = await find_leader(clients, timeout=timeout, group=group)
         c = clients[leader]
@@ -99,7 +104,17 @@ async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
             voters, learners = set(membership["voters"]), set(membership["learners"])
             if op == "add":
                 return await _add(c, node_id, address, group, voters, learners, learner)
-            return await _remove(c, node_id, group, voters, learners)
+            if leader == node_id and len(voters) > 1:
+                # Hand leadership over first (thesis §3.10), to the voter the host's
+                # balancing would pick among those reachable here (the change goes to
+                # it next): removing the leader itself makes it step down once the
+                # change commits, and the group waits an election timeout.
+                others = voters - {node_id}
+                successor = preferred_leader(group or 0, others & clients.keys() or others)
+                await c.transfer_leadership(successor, group=group)
+                handed = f" (leadership handed to node {successor} first)"
+                continue
+            return await _remove(c, node_id, group, voters, learners) + handed
         except ClientError as exc:
             if not exc.error.startswith(_TRANSIENT) or loop.time() > deadline:
                 raise

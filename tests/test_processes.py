@@ -145,33 +145,38 @@ def fastraft_cli(*args, timeout=30):
 
 
 def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
-    """``fastraft member remove|add`` on single-group nodes: no group to name; adding
-    back a voter already there is nothing to do; a stranger's removal changes nothing."""
+    """``fastraft member remove|add`` on single-group nodes: no group to name; the leader
+    removed hands leadership over first (to the lowest other voter, as balancing would),
+    so no election is left to chance; adding back a voter already there is nothing to
+    do; a stranger's removal changes nothing."""
     everyone = ",".join(cluster.client[i] for i in cluster.ids)
 
-    async def voters():
+    async def leader_and_voters():
         clients = await connect_all(cluster)
         try:
             leader = await find_leader(clients)
-            return (await clients[leader].status())["membership"]["voters"]
+            return leader, (await clients[leader].status())["membership"]["voters"]
         finally:
             for c in clients.values():
                 c.close()
-    asyncio.run(leader_of(cluster))
-    out = fastraft_cli("member", "remove", "3", "--cluster", everyone, timeout=90)
+    leader = asyncio.run(leader_of(cluster))
+    others = sorted(set(cluster.ids) - {leader})
+    out = fastraft_cli("member", "remove", str(leader), "--cluster", everyone, timeout=90)
     assert out.returncode == 0, out.stderr + out.stdout
-    assert out.stdout.splitlines() == ["the group: node 3 removed"]
-    assert asyncio.run(voters()) == [1, 2]
-    out = fastraft_cli("member", "add", "3", cluster.raft[3], "--cluster", everyone,
-                       timeout=90)
+    assert out.stdout.splitlines() == [
+        f"the group: node {leader} removed (leadership handed to node {others[0]} first)"]
+    assert asyncio.run(leader_and_voters()) == (others[0], others)
+    out = fastraft_cli("member", "add", str(leader), cluster.raft[leader], "--cluster",
+                       everyone, timeout=90)
     assert out.returncode == 0, out.stderr + out.stdout
-    assert out.stdout.splitlines() == ["the group: node 3 added as a voter"]
-    assert asyncio.run(voters()) == [1, 2, 3]
-    out = fastraft_cli("member", "add", "3", cluster.raft[3], "--cluster", everyone)
-    assert out.stdout.splitlines() == ["the group: node 3 is already a voter"]
+    assert out.stdout.splitlines() == [f"the group: node {leader} added as a voter"]
+    assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
+    out = fastraft_cli("member", "add", str(leader), cluster.raft[leader], "--cluster",
+                       everyone)
+    assert out.stdout.splitlines() == [f"the group: node {leader} is already a voter"]
     out = fastraft_cli("member", "remove", "9", "--cluster", everyone)
     assert out.returncode == 0 and out.stdout.splitlines() == ["the group: node 9 is not a member"]
-    assert asyncio.run(voters()) == [1, 2, 3]
+    assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
 
 
 def test_cluster_status_table_and_kv_commands(cluster):
@@ -381,7 +386,8 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
     """``fastraft member add`` joins a new node to every group of nodes of several groups,
     each through its own leader, and a second run finds nothing left to do; ``member
     remove --group`` takes it out of that group only, ``member add --group --learner``
-    puts it back there without a vote, and removes it again as a learner."""
+    puts it back there without a vote, and removes it again as a learner; a group's
+    leader removed hands its leadership over first."""
     cluster = ProcessCluster(4, str(tmp_path), extra_args=["--groups", "3"])
     founders = ",".join(f"{i}={cluster.raft[i]}" for i in (1, 2, 3))
     members = ",".join(cluster.client[i] for i in (1, 2, 3))
@@ -429,6 +435,18 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
         assert out.returncode == 0, out.stderr + out.stdout
         assert out.stdout.splitlines() == ["group 1: node 4 removed (a learner)"]
         assert await membership(1) == {"voters": [1, 2, 3], "learners": [], "outgoing": []}
+        # group 2's leader removed: it hands over to the one balancing prefers among the
+        # other voters the command reaches (1 and 2 of 1, 2, 4: node 1), in group 2 only
+        async def node_3_leads_group_2():
+            return await find_leader(clients, group=2) == 3
+        await until(node_3_leads_group_2, "node 3 leading group 2", 20)
+        out = member("remove", "3", "--group", "2")
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert out.stdout.splitlines() == [
+            "group 2: node 3 removed (leadership handed to node 1 first)"]
+        assert (await membership(2))["voters"] == [1, 2, 4]
+        # node 1 leads, or node 4 already (node 1's host balances every second)
+        assert await find_leader(clients, group=2) in (1, 4)
     finally:
         for c in clients.values():
             c.close()

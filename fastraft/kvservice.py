@@ -36,7 +36,7 @@ import asyncio
 import logging
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -97,9 +97,18 @@ _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
 _resp_dec = msgspec.msgpack.Decoder(list[Response])
 _enc = msgspec.msgpack.Encoder()
+#: Membership and leadership requests: the change each asks of its group's replica
+#: (answered once done). ``change_membership`` decodes its voters when called, so a bad
+#: list is refused before anything starts.
+_CHANGES: dict[str, Callable[[RaftNode, Request], Coroutine[Any, Any, None]]] = {
+    "add_learner": lambda node, req: node.add_learner(req.offset, req.key),
+    "remove_learner": lambda node, req: node.remove_learner(req.offset),
+    "change_membership": lambda node, req: node.change_membership(
+        set(_voters_dec.decode(req.value))),
+    "transfer_leadership": lambda node, req: node.transfer_leadership(req.offset),
+}
 #: Requests of one group: a port of several serves them for the group they name.
-_GROUP_OPS = frozenset({"append", "records", "add_learner", "remove_learner",
-                        "change_membership", "transfer_leadership", "status"})
+_GROUP_OPS = frozenset({"append", "records", "status", *_CHANGES})
 
 
 def shard_of(key: str, shards: int) -> int:
@@ -312,20 +321,9 @@ class _ClientConnection(Link):
             limit = min(max(req.limit, 1), MAX_RECORDS)
             self._track(req, asyncio.ensure_future(server.stream(req.group).read(
                 max(req.offset, 1), limit, RECORDS_BYTES)), self._records)
-        elif op == "add_learner":
-            self._track(req, asyncio.ensure_future(server.group_node(req.group).add_learner(
-                req.offset, req.key)), self._changed)
-        elif op == "transfer_leadership":
-            self._track(req, asyncio.ensure_future(
-                server.group_node(req.group).transfer_leadership(req.offset)), self._changed)
-        elif op == "remove_learner":
-            self._track(req, asyncio.ensure_future(server.group_node(req.group).remove_learner(
-                req.offset)), self._changed)
-        elif op == "change_membership":
-            node = server.group_node(req.group)
-            voters = set(_voters_dec.decode(req.value))
-            self._track(req, asyncio.ensure_future(node.change_membership(voters)),
-                        self._changed)
+        elif op in _CHANGES:
+            change = _CHANGES[op](server.group_node(req.group), req)
+            self._track(req, asyncio.ensure_future(change), self._changed)
         else:
             self.out.push(Response(req.id, True, status=server.status(req.group)))
 

@@ -123,11 +123,11 @@ class _HostSums:
                     counts[i] += c
                 totals[0] += h.sum
                 totals[1] += h.count
+        role = node.role_name
+        self.roles[role] += 1
         e = node.engine
-        if e is None or not node._running:
-            self.roles["stopped"] += 1
+        if e is None or role == "stopped":
             return
-        self.roles[e.role.name.lower()] += 1
         self.quiet += e.quiet
         self.log_cache_bytes += e.log.cache_bytes
         self.without_leader += e.leader_id is None
@@ -554,7 +554,7 @@ class RaftHost:
             e = node.engine
             if e is not None:
                 figures.append(GroupFigures(
-                    group_id, "stopped" if not node._running else e.role.name.lower(),
+                    group_id, node.role_name,
                     e.term, e.leader_id, e.commit_index, node.applied_index,
                     e.log.last_index, e.quiet))
             if k % METRICS_CHUNK == METRICS_CHUNK - 1:

@@ -521,12 +521,12 @@ class RaftNode:
         followers: dict[int, FollowerMetrics] = {}
         last_contact: float | None = None
         if e is None:
-            role, term, leader, commit, last, snap = "stopped", 0, None, 0, 0, 0
+            term, leader, commit, last, snap = 0, None, 0, 0, 0
             voters: tuple[int, ...] = ()
             learners: tuple[int, ...] = ()
             refused: dict[str, int] = {}
         else:
-            role, term, leader = e.role.name.lower(), e.term, e.leader_id
+            term, leader = e.term, e.leader_id
             commit, last, snap = e.commit_index, e.log.last_index, e.log.snapshot_index
             voters, learners = tuple(sorted(e.membership.voters)), \
                 tuple(sorted(e.membership.learners))
@@ -540,11 +540,10 @@ class RaftNode:
                     followers[peer] = FollowerMetrics(
                         pr.match_index, last - pr.match_index, pr.state.name.lower(),
                         None if seen is None else now - seen)
-        if not self._running and e is not None:
-            role = "stopped"
         stats = getattr(self.network, "stats", None) or {}
         return Metrics(
-            node_id=self.id, running=self._running, role=role, term=term, leader_id=leader,
+            node_id=self.id, running=self._running, role=self.role_name, term=term,
+            leader_id=leader,
             commit_index=commit, applied_index=self.applied_index, last_log_index=last,
             snapshot_index=snap, voters=voters, learners=learners,
             last_contact=last_contact, followers=followers,
@@ -648,6 +647,13 @@ class RaftNode:
     def is_leader(self) -> bool:
         """Running and leading (a stopped leader's engine keeps its last role)."""
         return self._running and self.engine.role == Role.LEADER
+
+    @property
+    def role_name(self) -> str:
+        """"follower", "pre_candidate", "candidate", "leader", or "stopped" (not running:
+        a stopped node's engine keeps its last role)."""
+        e = self.engine
+        return e.role.name.lower() if e is not None and self._running else "stopped"
 
     # ------------------------------------------------------------------ inbound
 

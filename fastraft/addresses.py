@@ -14,6 +14,14 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def parse_addresses(spec: str) -> list[str]:
+    """``HOST:PORT,HOST:PORT,...`` as a list, each checked as ``parse_address`` does."""
+    addresses = [a.strip() for a in spec.split(",") if a.strip()]
+    for address in addresses:
+        parse_address(address)
+    return addresses
+
+
 def parse_cluster(spec: str) -> dict[int, str]:
     """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}."""
     members = {}

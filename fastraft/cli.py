@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from fastraft.addresses import parse_address, parse_cluster
+from fastraft.addresses import parse_address, parse_addresses, parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
 
@@ -240,9 +240,7 @@ async def cluster_status(args: argparse.Namespace) -> int:
     answer."""
     from fastraft.kvservice import ClientError, KVClient
 
-    addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
-    for a in addresses:
-        parse_address(a)
+    addresses = parse_addresses(args.cluster)
     security = security_options(args)
 
     async def one(address: str) -> dict[str, Any]:
@@ -354,9 +352,7 @@ async def member_command(args: argparse.Namespace) -> int:
     serve, or in ``--group``, each on its own leader; 1 if a group failed."""
     from fastraft.members import change_members, connect
 
-    addresses = [a.strip() for a in args.cluster.split(",") if a.strip()]
-    for a in addresses:
-        parse_address(a)
+    addresses = parse_addresses(args.cluster)
     clients, groups = await connect(addresses, cluster_id=args.cluster_id,
                                     **security_options(args))
     try:

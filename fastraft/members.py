@@ -92,9 +92,8 @@ async def change_members(clients: dict[int, KVClient], op: str, node_id: int,
 async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
                         address: str | None, group: int | None, learner: bool,
                         timeout: float) -> str:
-    """One group's change on its leader; what was done ("added as a voter", ...)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    """One group's change on its leader; what was done ("added as a voter", ...). Asks
+    again after a transient refusal until the caller's ``timeout`` ends it."""
     handed = ""
     while True:
         leader = await find_leader(clients, timeout=timeout, group=group)
@@ -116,7 +115,7 @@ async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
                 continue
             return await _remove(c, node_id, group, voters, learners) + handed
         except ClientError as exc:
-            if not exc.error.startswith(_TRANSIENT) or loop.time() > deadline:
+            if not exc.error.startswith(_TRANSIENT):
                 raise
         await asyncio.sleep(0.1)
 

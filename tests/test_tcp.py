@@ -9,6 +9,7 @@ import pytest
 
 from fastraft import kv
 from fastraft.config import Config
+from fastraft.errors import ConfigError
 from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
@@ -259,3 +260,36 @@ async def test_groups_share_one_connection_and_one_frame_per_loop_turn():
     assert b.addresses == {}
     await a.stop()
     await b.stop()
+
+
+@run
+async def test_a_dial_nobody_answers_is_given_up_and_made_again():
+    """A peer whose SYNs are dropped (here: a listener with a full accept queue; across a
+    partition: any) would hold a dial for minutes, the kernel resending the SYN after 1,
+    3, 7, ... s: the dial is given up after ``connect_timeout`` and made again, so the
+    peer is reached soon after it can be."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    host, port = listener.getsockname()
+    address = f"{host}:{port}"
+    filler = socket.create_connection(listener.getsockname())  # the queue's one place
+    a = TcpNetwork(1, "127.0.0.1:0", connect_timeout=0.2)
+    await a.start(Sink())
+    a.set_peers({2: address})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: a.stats["connect_timeouts"] >= 2, timeout=10)
+    filler.close()
+    listener.close()
+    b = TcpNetwork(2, address)
+    sb = Sink()
+    await b.start(sb)
+    await wait_until(lambda: sb.got == [(1, RequestVote(1, 1, 0, 0))], timeout=10)
+    await a.stop()
+    await b.stop()
+
+
+def test_transport_timeouts_must_be_positive():
+    for name in ("unacked_timeout", "connect_timeout"):
+        with pytest.raises(ConfigError, match=f"{name} must be > 0"):
+            TcpNetwork(1, "127.0.0.1:0", **{name: 0})

@@ -17,12 +17,18 @@ A malformed, truncated or oversized frame closes that connection (one log line);
 keeps serving. A slow or unreachable peer costs only its own bounded queue: past the bound
 the oldest messages are dropped, which Raft tolerates. Reconnects back off exponentially
 with jitter.
+
+A connection whose data stays unacknowledged for ``unacked_timeout`` is given up
+(``TCP_USER_TIMEOUT``) and dialed again, as is a dial not answered in ``connect_timeout``:
+across a partition the kernel resends ever less often (after 12 s of loss, next in 13 s),
+so without a new connection a healed link would stay silent that long one way.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import socket
 import struct
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -30,7 +36,7 @@ from functools import partial
 from typing import Any
 
 from fastraft.addresses import parse_address
-from fastraft.errors import DecodeError
+from fastraft.errors import ConfigError, DecodeError
 from fastraft.logutil import Throttle
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
 from fastraft.wire import BlobCache, decode_messages, encode_messages
@@ -62,7 +68,12 @@ class TcpNetwork:
                  limits: ConnectionLimits | None = None,
                  max_frame_bytes: int = 64 << 20, max_queue_messages: int = 65536,
                  max_buffer_bytes: int = 32 << 20, backoff_min: float = 0.02,
-                 backoff_max: float = 1.0, rng: random.Random | None = None) -> None:
+                 backoff_max: float = 1.0, unacked_timeout: float = 2.0,
+                 connect_timeout: float = 2.0, rng: random.Random | None = None) -> None:
+        for name, value in (("unacked_timeout", unacked_timeout),
+                            ("connect_timeout", connect_timeout)):
+            if not value > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
         self.id = node_id
         self.listen = listen
         self.host, self.port = parse_address(listen)
@@ -74,6 +85,8 @@ class TcpNetwork:
         self.max_buffer_bytes = max_buffer_bytes
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.unacked_timeout = unacked_timeout
+        self.connect_timeout = connect_timeout
         self.rng = rng or random.Random()
         #: The node of each group this network delivers to.
         self.receivers: dict[int, Any] = {}
@@ -99,7 +112,7 @@ class TcpNetwork:
         self.blobs = BlobCache()
         self.stats = {"frames_in": 0, "frames_out": 0, "bytes_in": 0, "bytes_out": 0,
                       "dropped": 0, "refused": 0, "unknown_group": 0,
-                      "bad_frames": 0, "evicted": 0, "timeouts": 0}
+                      "bad_frames": 0, "evicted": 0, "timeouts": 0, "connect_timeouts": 0}
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(logging.getLogger("fastraft.transport"))
 
@@ -307,8 +320,12 @@ class _Peer:
             host, port = parse_address(self.address)
             lost: asyncio.Future[None] = loop.create_future()
             try:
-                await loop.create_connection(partial(_Outbound, self, lost), host, port)
+                await asyncio.wait_for(
+                    loop.create_connection(partial(_Outbound, self, lost), host, port),
+                    net.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    net.stats["connect_timeouts"] += 1
                 log.debug("node %d: cannot reach node %d at %s: %s", net.id, self.id,
                           self.address, exc)
             else:
@@ -348,6 +365,13 @@ class _Outbound(Link):
                          throttle=net.throttle)
         self.peer = peer
         self.lost_future = lost
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                            int(self.peer.net.unacked_timeout * 1000))
+        super().connection_made(transport)
 
     def authenticated(self, peer_id: int, address: str) -> bool:
         self.peer.connected(self)

@@ -152,8 +152,8 @@ async def test_a_trickled_huge_frame_is_buffered_linearly_and_within_the_limit()
         before = snapshot_of(c)
         net = leader.network
         writers = []
-        for _ in range(3):
-            reader, writer, _ = await connect(port(c, leader.id), 99)
+        for peer in (97, 98, 99):  # ids of their own: a peer's new connection replaces its old
+            reader, writer, _ = await connect(port(c, leader.id), peer)
             writer.write(struct.pack("<I", (16 << 20) - 1))
             writers.append((reader, writer))
         chunk = bytes(64 << 10)

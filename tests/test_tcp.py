@@ -293,3 +293,22 @@ def test_transport_timeouts_must_be_positive():
     for name in ("unacked_timeout", "connect_timeout"):
         with pytest.raises(ConfigError, match=f"{name} must be > 0"):
             TcpNetwork(1, "127.0.0.1:0", **{name: 0})
+
+
+@run
+async def test_a_peers_new_connection_closes_its_older_ones():
+    """A connection a peer gave up across a partition stays open on this side (nothing
+    is sent on it from here, so nothing tells): the peer's next one replaces it, or every
+    partition would leave one behind until ``max_connections`` locks the peer out."""
+    b = TcpNetwork(2, "127.0.0.1:0")
+    await b.start(Sink())
+    old_reader, old_writer, welcome = await connect(b.port, 1)
+    assert welcome is not None
+    other_reader, other_writer, _ = await connect(b.port, 3)
+    new_reader, new_writer, _ = await connect(b.port, 1)
+    assert await asyncio.wait_for(old_reader.read(), 10) == b""  # closed by the node
+    await wait_until(lambda: sorted(c.peer_id for c in b._inbound) == [1, 3])
+    assert b.connections_from[1] == 2
+    for writer in (old_writer, other_writer, new_writer):
+        writer.close()
+    await b.stop()

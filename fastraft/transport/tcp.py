@@ -404,6 +404,12 @@ class _Inbound(Link):
             return self.refuse(f"peer claims node id {peer_id}")
         if address:
             net._learn(peer_id, address)
+        # A peer dials one connection at a time, so its older ones are dead: given up
+        # across a partition (``unacked_timeout``), their end gone without a word reaching
+        # here, as nothing is sent on them. Kept, each partition would leave one open, up
+        # to ``max_connections``, past which the peer could not connect at all.
+        for conn in [c for c in net._inbound if c.peer_id == peer_id and c is not self]:
+            conn.close()
         net.connections_from[peer_id] += 1
         return True
 

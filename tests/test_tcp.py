@@ -312,3 +312,39 @@ async def test_a_peers_new_connection_closes_its_older_ones():
     for writer in (old_writer, other_writer, new_writer):
         writer.close()
     await b.stop()
+
+
+class ClosedTransport:
+    """A connection the kernel gave up, before its ``connection_lost`` ran: uvloop raises
+    on any write to it."""
+
+    def is_closing(self):
+        return True
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def write(self, data):
+        raise RuntimeError("unable to perform operation: the handler is closed")
+
+    writelines = write
+
+
+@run
+async def test_nothing_is_written_to_a_connection_lost_but_not_yet_reported():
+    a, b, sa, sb = await pair()
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: len(sb.got) == 1)
+    peer = a._peers[2]
+    live, peer.transport = peer.transport, ClosedTransport()
+    a.send(2, [RequestVote(1, 1, 1, 0)])
+    peer.flush()
+    a.keepalive()
+    a.keepalive()  # the second one would send an empty frame
+    assert peer.queued == 1  # kept for the next connection
+    peer.transport = live
+    peer.flush()
+    await wait_until(lambda: len(sb.got) == 2)
+    assert sb.got[1] == (1, RequestVote(1, 1, 1, 0))
+    await a.stop()
+    await b.stop()

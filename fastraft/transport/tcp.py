@@ -208,7 +208,7 @@ class TcpNetwork:
                 self._dial(node_id)
             elif peer.frames_sent:
                 peer.frames_sent = 0
-            elif peer.transport is not None:
+            elif peer.transport is not None and not peer.transport.is_closing():
                 peer.transport.write(_EMPTY_FRAME)
                 self.stats["frames_out"] += 1
                 self.stats["bytes_out"] += _LEN.size
@@ -284,7 +284,10 @@ class _Peer:
         self.flush_scheduled = False
         transport = self.transport
         pending = self.pending
-        if transport is None or not pending:
+        # A connection lost (given up, reset) is closed before ``connection_lost`` clears
+        # ``transport``, and uvloop raises on a write to it: what is queued waits for the
+        # next connection.
+        if transport is None or not pending or transport.is_closing():
             return
         self.pending = {}
         queued, self.queued = self.queued, 0

@@ -5,8 +5,9 @@ timeout), cuts the network (each node in its own network namespace: majority/min
 an isolated leader, a bridge, one-way cuts) and changes membership meanwhile.
 
 Afterwards: the history is linearizable (``fastraft.testing.linearizability``), every
-acknowledged write is there, and all nodes converge. Without root (no namespaces) the
-nodes run on loopback and the nemesis does everything but partitions.
+acknowledged write is there, all nodes converge, and no node logged a traceback. Without
+root (no namespaces) the nodes run on loopback and the nemesis does everything but
+partitions.
 
 The same with every node a host of four groups (``fastraft node --groups 4``: a group
 per shard of the keys, one WAL per node, quiet groups, leaders balanced across the
@@ -365,6 +366,21 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
             c.close()
 
 
+def tracebacks(cluster: ProcessCluster) -> list[str]:
+    """Every traceback in the nodes' logs, as its log record and its last line: an
+    exception nothing handled (an event loop callback's, a task's), which a fault must
+    never cause."""
+    found = []
+    for i in cluster.ids:
+        lines = cluster.log(i).splitlines()
+        for k, line in enumerate(lines):
+            if line.startswith("Traceback (most recent call last)"):
+                last = next((t for t in lines[k + 1:] if not t.startswith(" ")), "?")
+                record = next((t for t in reversed(lines[:k]) if t[:1].isdigit()), "?")
+                found.append(f"node {i}: {record[:160]} ... {last}")
+    return found
+
+
 async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
     rng = random.Random(seed)
     reason = netns.why_unavailable()
@@ -425,6 +441,8 @@ async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
         print("chaos:", json.dumps(summary))
         assert result.ok, result.explain()
         assert workload.stats["ok"] > 100, summary
+        unhandled = tracebacks(cluster)
+        assert not unhandled, "\n".join(unhandled)
         return summary
     finally:
         nemesis.timeline.close()

@@ -32,6 +32,7 @@ from fastraft.processes import ProcessCluster
 from fastraft.testing.linearizability import History, check
 
 import netns
+from nodelogs import tracebacks
 
 try:
     import uvloop
@@ -366,21 +367,6 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
             c.close()
 
 
-def tracebacks(cluster: ProcessCluster) -> list[str]:
-    """Every traceback in the nodes' logs, as its log record and its last line: an
-    exception nothing handled (an event loop callback's, a task's), which a fault must
-    never cause."""
-    found = []
-    for i in cluster.ids:
-        lines = cluster.log(i).splitlines()
-        for k, line in enumerate(lines):
-            if line.startswith("Traceback (most recent call last)"):
-                last = next((t for t in lines[k + 1:] if not t.startswith(" ")), "?")
-                record = next((t for t in reversed(lines[:k]) if t[:1].isdigit()), "?")
-                found.append(f"node {i}: {record[:160]} ... {last}")
-    return found
-
-
 async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
     rng = random.Random(seed)
     reason = netns.why_unavailable()
@@ -441,7 +427,7 @@ async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
         print("chaos:", json.dumps(summary))
         assert result.ok, result.explain()
         assert workload.stats["ok"] > 100, summary
-        unhandled = tracebacks(cluster)
+        unhandled = tracebacks({i: cluster.log(i) for i in cluster.ids})
         assert not unhandled, "\n".join(unhandled)
         return summary
     finally:

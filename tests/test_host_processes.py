@@ -16,6 +16,7 @@ import waiting
 from fastraft.processes import free_ports
 
 import netns
+from nodelogs import tracebacks
 
 HOSTPROC = str(pathlib.Path(__file__).with_name("hostproc.py"))
 GROUPS = int(os.environ.get("FASTRAFT_HOST_GROUPS", "1000"))
@@ -84,6 +85,8 @@ class HostProcesses:
                 g, record = line.split()
                 assert (g, record) in everything, f"acknowledged {record} of group {g} is lost"
         assert sum(len(self.acked(i)) for i in (1, 2, 3)) >= 2 * GROUPS
+        unhandled = tracebacks({i: (self.dir / f"host-{i}.log").read_text() for i in (1, 2, 3)})
+        assert not unhandled, "\n".join(unhandled)
 
     def __enter__(self):
         """Found the groups: every host started with --init, all of them ready."""

@@ -117,6 +117,7 @@ async def serve_node(args: argparse.Namespace) -> int:
     server = KVServer(node, store, args.client, **options)
     failed = await _serve(args, server, node, [node], f"raft {cluster[args.id]}")
     await node.stop()
+    await server.drain()
     _close(storage)
     return failed
 

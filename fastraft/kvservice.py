@@ -161,9 +161,9 @@ class KVServer:
         self.limits = limits or ConnectionLimits()
         self.max_in_progress = max_in_progress
         self.max_in_progress_total = max_in_progress_total
-        #: Requests being served on all connections, and the connections waiting for
-        #: the port's limit to allow more.
-        self.in_progress = 0
+        #: Requests being served on all connections (what answers each), and the
+        #: connections waiting for the port's limit to allow more.
+        self.requests: set[asyncio.Future[Any]] = set()
         self.waiting: set[_ClientConnection] = set()
         self.stats: dict[str, Any] = {"refused": 0, "bad_frames": 0, "evicted": 0, "timeouts": 0}
         #: Each group's stream, made when first asked for, by group id.
@@ -235,8 +235,16 @@ class KVServer:
         self._server = await loop.create_server(lambda: _ClientConnection(self), host, port)
 
     def close(self) -> None:
+        """Stop taking connections (those open are served until the node stops)."""
         if self._server is not None:
             self._server.close()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Once the node (or host) stopped: until every request in progress is answered,
+        each ending with the node, so that none is left running when the event loop
+        closes (``asyncio.run`` would log its failure as unhandled)."""
+        if self.requests:
+            await asyncio.wait(set(self.requests), timeout=timeout)
 
 
 class _ClientConnection(Link):
@@ -274,7 +282,7 @@ class _ClientConnection(Link):
         server = self.server
         limit, total = server.max_in_progress, server.max_in_progress_total
         backlog = self.backlog
-        while backlog and self.in_progress < limit and server.in_progress < total:
+        while backlog and self.in_progress < limit and len(server.requests) < total:
             try:
                 req = _req_dec.decode(backlog.popleft())
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -282,7 +290,7 @@ class _ClientConnection(Link):
                 return
             self._start(req)
         if backlog or self.in_progress >= limit:
-            if backlog and server.in_progress >= total:
+            if backlog and len(server.requests) >= total:
                 server.waiting.add(self)
             if not self.paused and self.transport is not None:
                 self.paused = True
@@ -329,14 +337,14 @@ class _ClientConnection(Link):
 
     def _track(self, req: Request, fut: asyncio.Future[Any], answer: _Answer) -> None:
         self.in_progress += 1
-        self.server.in_progress += 1
+        self.server.requests.add(fut)
         fut.add_done_callback(lambda f: self._done(req, f, answer))
 
     def _done(self, req: Request, fut: asyncio.Future[Any], answer: _Answer) -> None:
         self.in_progress -= 1
         server = self.server
-        server.in_progress -= 1
-        if server.waiting and server.in_progress <= server.max_in_progress_total // 2:
+        server.requests.discard(fut)
+        if server.waiting and len(server.requests) <= server.max_in_progress_total // 2:
             waiting, server.waiting = server.waiting, set()
             for conn in waiting:
                 if conn is not self and not conn.closed:

@@ -123,6 +123,42 @@ async def test_membership_changes_through_the_client_port(cluster):
         c.close()
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+@run
+async def test_a_node_stopped_with_a_request_waiting_answers_it_and_logs_no_traceback(
+        tmp_path, groups):
+    """A membership change waits for a learner that never catches up (nobody listens at
+    its address) when the leader is stopped (SIGTERM): the client is answered
+    ``NodeStopped``, and the node's request ends before its event loop does (left
+    running, ``asyncio.run`` would log its failure with a traceback). A node of one group
+    and one of several."""
+    cluster = ProcessCluster(3, str(tmp_path), extra_args=["--groups", str(groups)] * (groups > 1))
+    group = 0 if groups > 1 else None
+    cluster.start_all()
+    try:
+        clients = await connect_all(cluster)
+        leader = await find_leader(clients, group=group)
+        # a log longer than Config.max_learner_lag, so the learner is behind
+        await asyncio.gather(*[clients[leader].append(b"v", group) for i in range(2000)])
+        await clients[leader].add_learner(4, f"127.0.0.1:{free_ports(1)[0]}", group)
+        change = asyncio.ensure_future(
+            clients[leader].change_membership({*cluster.ids, 4}, group))
+
+        async def waiting():
+            status = await clients[leader].status(group)
+            return status["membership"]["learners"] == [4] and not change.done()
+        await until(waiting, "the change waiting for the learner")
+        cluster.procs[leader].terminate()
+        with pytest.raises(ClientError, match="NodeStopped"):
+            await change
+        assert cluster.procs[leader].wait(10) == 0
+        assert "Traceback" not in cluster.log(leader), cluster.log(leader)[-2000:]
+        for c in clients.values():
+            c.close()
+    finally:
+        cluster.stop_all()
+
+
 async def leader_of(cluster):
     clients = await connect_all(cluster)
     leader = await find_leader(clients)

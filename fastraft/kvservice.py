@@ -240,9 +240,9 @@ class KVServer:
             self._server.close()
 
     async def drain(self, timeout: float = 5.0) -> None:
-        """Once the node (or host) stopped: until every request in progress is answered,
-        each ending with the node, so that none is left running when the event loop
-        closes (``asyncio.run`` would log its failure as unhandled)."""
+        """Once the node stopped: until every request in progress is answered (each ends
+        with the node), at most ``timeout`` seconds, so that none is left running when the
+        event loop closes (``asyncio.run`` would log its failure as unhandled)."""
         if self.requests:
             await asyncio.wait(set(self.requests), timeout=timeout)
 

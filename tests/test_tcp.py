@@ -12,6 +12,7 @@ from fastraft.config import Config
 from fastraft.errors import ConfigError
 from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.node import RaftNode
+from fastraft.processes import free_ports
 from fastraft.storage import MemoryStorage
 from fastraft.testing import wait_until
 from fastraft.transport.tcp import TcpNetwork
@@ -346,5 +347,84 @@ async def test_nothing_is_written_to_a_connection_lost_but_not_yet_reported():
     peer.flush()
     await wait_until(lambda: len(sb.got) == 2)
     assert sb.got[1] == (1, RequestVote(1, 1, 1, 0))
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_a_connection_that_lived_starts_the_next_outage_at_the_shortest_backoff():
+    """Dials to a peer that is down back off to ``backoff_max``; once a connection lived
+    that long, the outage after it starts again from ``backoff_min`` (a peer back after a
+    restart is reached at once, not up to 1.5 backoff_max later)."""
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    a = TcpNetwork(1, "127.0.0.1:0", backoff_min=0.001, backoff_max=1.0)
+    await a.start(Sink())
+    a.set_peers({2: address})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    peer = a._peers[2]
+    await wait_until(lambda: peer.retry_delay == 1.0, timeout=10)  # refused, doubling
+    b = TcpNetwork(2, address)
+    await b.start(Sink())
+    await wait_until(lambda: peer.connected_at is not None, timeout=10)
+    loop = asyncio.get_running_loop()
+    await wait_until(lambda: loop.time() - peer.connected_at >= 1.0, timeout=10)
+    first = peer.connected_at
+    await b.stop()  # a restart: down, then back on the same port
+    b = TcpNetwork(2, address)
+    await b.start(Sink())
+    await wait_until(lambda: peer.transport is not None and (peer.connected_at or 0) > first,
+                     timeout=10)
+    assert peer.retry_delay < 1.0  # the dials since the loss started from backoff_min
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_a_peer_that_drops_each_connection_at_once_is_dialed_ever_less_often(
+        monkeypatch):
+    """Connections that authenticate and are closed at once do not start over from
+    ``backoff_min`` each time: the dials keep backing off."""
+    from fastraft.transport import tcp
+    authenticated = tcp._Inbound.authenticated
+
+    def then_close(self, peer_id, address):
+        # closed a moment after the dialer saw its welcome: authenticated, then dropped
+        asyncio.get_running_loop().call_later(0.02, self.close)
+        return authenticated(self, peer_id, address)
+    monkeypatch.setattr(tcp._Inbound, "authenticated", then_close)
+    b = TcpNetwork(2, "127.0.0.1:0")
+    await b.start(Sink())
+    a = TcpNetwork(1, "127.0.0.1:0", backoff_min=0.001, backoff_max=1.0)
+    await a.start(Sink())
+    a.set_peers({2: b.listen})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: b.connections_from[1] >= 6, timeout=10)
+    assert a._peers[2].retry_delay >= 0.001 * 2 ** 4
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_a_peer_that_refuses_the_handshake_after_a_lived_connection_is_backed_off():
+    """A connection that lived, then dials whose handshake fails (the peer came back with
+    another secret): only an authenticated connection counts as having lived, so the
+    failed ones back off."""
+    secret = b"s" * 16
+    b = TcpNetwork(2, "127.0.0.1:0", secret=secret)
+    await b.start(Sink())
+    a = TcpNetwork(1, "127.0.0.1:0", secret=secret, backoff_min=0.001, backoff_max=0.05)
+    await a.start(Sink())
+    a.set_peers({2: b.listen})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    peer = a._peers[2]
+    await wait_until(lambda: peer.connected_at is not None)
+    loop = asyncio.get_running_loop()
+    await wait_until(lambda: loop.time() - peer.connected_at >= 0.05)
+    await b.stop()
+    b = TcpNetwork(2, b.listen, secret=b"t" * 16)
+    await b.start(Sink())
+    await wait_until(lambda: b.stats["refused"] >= 6, timeout=10)
+    assert peer.retry_delay >= 0.001 * 2 ** 4
     await a.stop()
     await b.stop()

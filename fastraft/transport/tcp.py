@@ -244,6 +244,10 @@ class _Peer:
         self.transport: asyncio.Transport | None = None
         self.flush_scheduled = False
         self.closed = False
+        #: The pause before the next dial: doubled after each, up to ``backoff_max``.
+        self.retry_delay = net.backoff_min
+        #: Loop time the connection of this dial was authenticated (None: not yet).
+        self.connected_at: float | None = None
         assert net._loop is not None  # peers are made once the network started
         self.loop = net._loop
         self.connect_task = self.loop.create_task(self._connect_loop())
@@ -317,11 +321,11 @@ class _Peer:
 
     async def _connect_loop(self) -> None:
         net = self.net
-        delay = net.backoff_min
         loop = self.loop
         while not self.closed:
             host, port = parse_address(self.address)
             lost: asyncio.Future[None] = loop.create_future()
+            self.connected_at = None
             try:
                 await asyncio.wait_for(
                     loop.create_connection(partial(_Outbound, self, lost), host, port),
@@ -336,12 +340,19 @@ class _Peer:
                 self.transport = None
                 if self.closed:
                     return
-            await asyncio.sleep(delay * (0.5 + net.rng.random()))
-            delay = min(delay * 2, net.backoff_max)
+                if self.connected_at is not None and \
+                        loop.time() - self.connected_at >= net.backoff_max:
+                    # It lived: this is a new outage, dialed again soon, not at the pace
+                    # the last one reached (a peer that drops each connection at once
+                    # still backs off).
+                    self.retry_delay = net.backoff_min
+            await asyncio.sleep(self.retry_delay * (0.5 + net.rng.random()))
+            self.retry_delay = min(self.retry_delay * 2, net.backoff_max)
 
     def connected(self, link: _Outbound) -> None:
         """The handshake with the peer succeeded: send what is queued, from now on."""
         self.transport = link.transport
+        self.connected_at = self.loop.time()
         self.flush()
 
     def reconnect(self) -> None:

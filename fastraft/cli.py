@@ -36,6 +36,22 @@ def add_security_options(p: argparse.ArgumentParser) -> None:
                    help="a peer's certificate must name its node id (node-<id>)")
 
 
+def add_timing_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("timing (defaults suit a LAN; docs/network.md)")
+    g.add_argument("--heartbeat-interval", type=_positive(float), metavar="SECONDS",
+                   help="a leader's heartbeat interval (default 0.05)")
+    g.add_argument("--election-timeout", type=_positive(float), metavar="SECONDS",
+                   help="a follower campaigns after hearing nothing from a leader for a "
+                        "time drawn from [SECONDS, 2 x SECONDS) (default 0.15); well above "
+                        "the heartbeat interval and the slowest round trip")
+    g.add_argument("--unacked-timeout", type=_positive(float), default=2.0,
+                   metavar="SECONDS", help="give up and redial a peer connection whose data "
+                   "stays unacknowledged this long (default 2)")
+    g.add_argument("--connect-timeout", type=_positive(float), default=2.0,
+                   metavar="SECONDS", help="give up and redial a dial not answered in this "
+                   "long (default 2)")
+
+
 def security_options(args: argparse.Namespace) -> dict[str, Any]:
     """``secret`` and ``tls`` keyword arguments for TcpNetwork, KVServer and KVClient."""
     from fastraft.transport.link import TlsConfig
@@ -54,6 +70,16 @@ def security_options(args: argparse.Namespace) -> dict[str, Any]:
         out["tls"] = TlsConfig(certfile=args.tls_cert, keyfile=args.tls_key,
                                cafile=args.tls_ca, node_names=args.tls_node_names)
     return out
+
+
+def node_network(args: argparse.Namespace, cluster: dict[int, str],
+                 security: dict[str, Any]) -> TcpNetwork:
+    """The node's transport, as its arguments say."""
+    from fastraft.transport.tcp import TcpNetwork
+
+    return TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id,
+                      unacked_timeout=args.unacked_timeout,
+                      connect_timeout=args.connect_timeout, **security)
 
 
 def load_factory(spec: str) -> Any:
@@ -78,7 +104,6 @@ async def serve_node(args: argparse.Namespace) -> int:
     from fastraft.kvservice import KVServer
     from fastraft.node import RaftNode
     from fastraft.storage import MemoryStorage, RaftStorage
-    from fastraft.transport.tcp import TcpNetwork
 
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:
@@ -87,7 +112,7 @@ async def serve_node(args: argparse.Namespace) -> int:
         raise ConfigError("--repair needs --data-dir")
     security = security_options(args)
     factory = load_factory(args.state_machine) if args.state_machine else kv.KVStore
-    network = TcpNetwork(args.id, cluster[args.id], cluster_id=args.cluster_id, **security)
+    network = node_network(args, cluster, security)
     clients = parse_cluster(args.clients) if args.clients else {}
     options = dict(cluster_id=args.cluster_id, client_addresses=clients, **security)
     if args.groups > 1:
@@ -125,7 +150,7 @@ async def serve_node(args: argparse.Namespace) -> int:
 async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
                       network: TcpNetwork, factory: Callable[[], Any],
                       options: dict[str, Any]) -> int:
-    from fastraft.host import DEFAULT_QUIESCE_AFTER, RaftHost
+    from fastraft.host import RaftHost
     from fastraft.kvservice import KVServer
     from fastraft.storage import MemoryStorage
 
@@ -135,8 +160,8 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
         from fastraft.sharedwal import SharedWAL
         wal = SharedWAL(args.data_dir, repair=args.repair)
         known = set(wal.group_ids())  # the groups this node ran before: a restart
-    config = msgspec.structs.replace(_config(args), quiesce_after=DEFAULT_QUIESCE_AFTER)
-    host = RaftHost(args.id, network=network, config=config, cluster_id=args.cluster_id,
+    host = RaftHost(args.id, network=network, config=_host_config(args),
+                    cluster_id=args.cluster_id,
                     storage=wal.group if wal is not None else lambda g: MemoryStorage())
     stores = [factory() for _ in range(args.groups)]
     try:
@@ -155,6 +180,18 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
     return failed
 
 
+def _host_config(args: argparse.Namespace) -> Config:
+    """``_config`` with the groups going quiet after as many heartbeats as a host's
+    groups do by default (so later with longer heartbeats)."""
+    from fastraft.config import Config
+    from fastraft.host import DEFAULT_QUIESCE_AFTER
+
+    config = _config(args)
+    beats = DEFAULT_QUIESCE_AFTER / Config().heartbeat_interval
+    return msgspec.structs.replace(config, quiesce_after=max(
+        DEFAULT_QUIESCE_AFTER, beats * config.heartbeat_interval))
+
+
 def _config(args: argparse.Namespace) -> Config:
     from fastraft.config import Config
 
@@ -169,6 +206,11 @@ def _config(args: argparse.Namespace) -> Config:
         tuned["log_retention_entries"] = args.log_retention_entries
     if args.lease_reads:
         tuned["lease_reads"] = True
+    if args.heartbeat_interval is not None:
+        tuned["heartbeat_interval"] = args.heartbeat_interval
+    if args.election_timeout is not None:
+        tuned.update(election_timeout_min=args.election_timeout,
+                     election_timeout_max=2 * args.election_timeout)
     if args.metrics:
         tuned["measure_durations"] = True  # the histograms the exporter serves
     return Config(**tuned)
@@ -403,7 +445,8 @@ def _metrics_available() -> None:
                           "pip install 'fastraft[metrics]'") from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command's arguments (``fastraft bench`` parses its own)."""
     from fastraft import __version__
 
     parser = argparse.ArgumentParser(
@@ -468,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     node.add_argument("--state-machine", metavar="MODULE:NAME",
                       help="a KV state machine factory for the client port "
                            "(default: fastraft.kv:KVStore)")
+    add_timing_options(node)
     add_security_options(node)
 
     sub.add_parser("bench", help="benchmarks (see fastraft bench --help)", add_help=False)
@@ -518,7 +562,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--cluster-id", default="fastraft",
                        help="the cluster's name (default: fastraft)")
         add_security_options(p)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
         from fastraft.benchmark import main as bench_main

@@ -6,6 +6,9 @@ import sys
 import pytest
 
 import fastraft
+from fastraft import cli
+from fastraft.config import Config
+from fastraft.host import DEFAULT_QUIESCE_AFTER
 
 NODE = ["node", "--client", "127.0.0.1:1"]
 
@@ -20,15 +23,41 @@ NODE = ["node", "--client", "127.0.0.1:1"]
      "node 1 appears twice"),
     (NODE + ["--id", "1", "--cluster", "1=nowhere"], "expected ID=HOST:PORT"),
     (["demo", "--inflight", "0"], "--inflight: must be above 0"),
+    (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--heartbeat-interval", "0.3"],
+     "heartbeat_interval (0.3) must be positive and below election_timeout_min (0.15)"),
+    (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--election-timeout", "0.04"],
+     "heartbeat_interval (0.05) must be positive and below election_timeout_min (0.04)"),
+    (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--unacked-timeout", "0"],
+     "--unacked-timeout: must be above 0"),
     (["demo", "--nodes", "x"], "'x' is not a number"),
 ], ids=["id-0", "id-not-member", "log-level", "port", "duplicate-id", "bad-member",
-        "inflight-0", "nodes-nan"])
+        "inflight-0", "heartbeat-over-election", "election-under-heartbeat",
+        "unacked-0", "nodes-nan"])
 def test_wrong_arguments_get_one_clear_line(args, says):
     done = subprocess.run([sys.executable, "-m", "fastraft", *args], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert says in done.stderr.strip().splitlines()[-1]
+
+
+def test_timing_flags_reach_the_config_and_the_transport():
+    args = cli.build_parser().parse_args(
+        NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--groups", "4",
+                "--heartbeat-interval", "1.5", "--election-timeout", "5",
+                "--unacked-timeout", "7", "--connect-timeout", "3"])
+    config = cli._host_config(args)
+    assert (config.heartbeat_interval, config.election_timeout_min,
+            config.election_timeout_max) == (1.5, 5.0, 10.0)
+    # a host's groups go quiet after as many heartbeats as by default (1 s of 0.05 s)
+    assert config.quiesce_after == pytest.approx(30.0)
+    network = cli.node_network(args, {1: "127.0.0.1:2"}, {"secret": None, "tls": None})
+    assert (network.unacked_timeout, network.connect_timeout) == (7.0, 3.0)
+
+    defaults = cli.build_parser().parse_args(NODE + ["--id", "1", "--cluster", "1=x:2"])
+    assert cli._host_config(defaults) == Config(quiesce_after=DEFAULT_QUIESCE_AFTER)
+    network = cli.node_network(defaults, {1: "x:2"}, {"secret": None, "tls": None})
+    assert (network.unacked_timeout, network.connect_timeout) == (2.0, 2.0)
 
 
 def test_version():

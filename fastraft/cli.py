@@ -164,6 +164,7 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
                     cluster_id=args.cluster_id,
                     storage=wal.group if wal is not None else lambda g: MemoryStorage())
     stores = [factory() for _ in range(args.groups)]
+    server: KVServer | None = None
     try:
         await host.start()
         for g, store in enumerate(stores):
@@ -175,6 +176,8 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
                               f"raft {cluster[args.id]}, {args.groups} groups")
     finally:
         await host.stop()
+        if server is not None:
+            await server.drain()
         if wal is not None:
             wal.close()
     return failed

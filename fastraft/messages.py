@@ -218,5 +218,19 @@ def encode_membership(m: Membership) -> bytes:
     return membership_encoder.encode(m)
 
 
+#: Configurations decoded lately, by their bytes, at most ``MEMBERSHIP_CACHE`` (oldest
+#: out first): the thousands of groups of a host mostly have the same few members, and
+#: share one (immutable) ``Membership`` each instead of ~1 KB of sets and dict apiece.
+_decoded_memberships: dict[bytes, Membership] = {}
+MEMBERSHIP_CACHE = 256
+
+
 def decode_membership(data: bytes | memoryview) -> Membership:
-    return membership_decoder.decode(data)
+    key = bytes(data)
+    m = _decoded_memberships.get(key)
+    if m is None:
+        m = membership_decoder.decode(key)
+        if len(_decoded_memberships) >= MEMBERSHIP_CACHE:
+            del _decoded_memberships[next(iter(_decoded_memberships))]
+        _decoded_memberships[key] = m
+    return m

@@ -363,11 +363,12 @@ async def test_idle_groups_go_quiet_and_only_the_hosts_exchange_liveness():
 
 
 #: What an idle group may cost each host it runs on: its replica's Python objects, with a
-#: MemoryStorage (docs/multiraft.md, "Memory"). Measured 19,600 bytes on 11-30 (20,160
-#: without the compiled kernels); 21,100 before untimed nodes shared their empty duration
-#: histograms, 26,400 before the groups of a host shared one random generator and a node
-#: made its Events only for a waiter.
-IDLE_GROUP_BYTES = 21_000
+#: MemoryStorage (docs/multiraft.md, "Memory"). Measured 15,650 bytes on 12-01 (16,270
+#: without the compiled kernels); 19,800 before an idle applier kept no task and the
+#: groups shared their decoded configurations, 21,100 before untimed nodes shared their
+#: empty duration histograms, 26,400 before the groups of a host shared one random
+#: generator and a node made its Events only for a waiter.
+IDLE_GROUP_BYTES = 17_000
 
 
 @run

@@ -9,7 +9,7 @@ from msgspec.structs import replace
 
 from fastraft import kv
 from fastraft.config import Config
-from fastraft.engine import ApplyStored
+from fastraft.engine import Apply, ApplyStored
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
@@ -180,11 +180,22 @@ async def test_read_index_is_linearizable_from_any_node():
                 assert c.state_machines[node.id].get("x") == b"%d" % k
 
 
-async def lone_node() -> RaftNode:
-    """A started node with fresh memory storage, alone on its own hub."""
-    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
-                    state_machine=Recorder(), config=FAST)
+async def lone_node(state_machine: Any = None, storage: Any = None) -> RaftNode:
+    """A started node (fresh memory storage and a ``Recorder`` unless given), alone on its
+    own hub."""
+    node = RaftNode(1, storage=MemoryStorage() if storage is None else storage,
+                    network=MemoryHub().network(1),
+                    state_machine=Recorder() if state_machine is None else state_machine,
+                    config=FAST)
     await node.start()
+    return node
+
+
+async def lone_leader(state_machine: Any = None, storage: Any = None) -> RaftNode:
+    """``lone_node``, founding a cluster of one, and leading it."""
+    node = await lone_node(state_machine, storage)
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader(5)
     return node
 
 
@@ -365,11 +376,7 @@ class FailsOn(Recorder):
 @run
 async def test_a_reader_of_committed_entries_learns_that_the_node_failed():
     """committed() ended as if the node had been stopped: the consumer could not tell."""
-    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
-                    state_machine=FailsOn(), config=FAST)
-    await node.start()
-    await node.initialize({1: "local:1"})
-    await node.wait_for_leader(5)
+    node = await lone_leader(FailsOn())
     await node.propose(b"fine")
     seen = []
 
@@ -382,6 +389,54 @@ async def test_a_reader_of_committed_entries_learns_that_the_node_failed():
         await node.propose(b"boom")
     with pytest.raises(NodeFailed, match="state machine failed"):
         await asyncio.wait_for(reader, 5)
+
+
+@run
+async def test_nothing_is_applied_after_an_entry_the_state_machine_failed():
+    """Entries committed after a failed one, before the node's stop has run (the same
+    loop turn: another AppendEntries read with it), were applied: the state machine then
+    held a later entry without the failed one, and a durable one would have recorded an
+    applied index past an entry it never applied."""
+    sm = FailsOn()
+    node = await lone_leader(sm)
+    index = await node.propose(b"fine")
+    term = node.engine.term
+    for k, data in enumerate((b"boom", b"after"), start=index + 1):
+        # as the engine hands committed entries over, one Apply per message read
+        node._runner.run([Apply([Entry(term, k, EntryKind.NORMAL, data)])])
+    await wait_until(lambda: not node._running, 5, "the failed node to stop")
+    assert sm.applied[-1] == (index, b"fine")
+
+
+class FailsAsMoreIsCommitted(Recorder):
+    """An async state machine that raises on ``b"boom"``; as it raises, the next entry
+    is committed (a message read in the loop turn the apply task ends in)."""
+
+    node: RaftNode
+
+    async def apply(self, entries):
+        if any(bytes(e.data) == b"boom" for e in entries):
+            last = entries[-1]
+            after = Entry(last.term, last.index + 1, EntryKind.NORMAL, b"after")
+            self.node._loop.call_soon(self.node._runner.run, [Apply([after])])
+            raise RuntimeError("state machine bug")
+        return super().apply(entries)
+
+
+@run
+async def test_nothing_is_applied_after_an_entry_an_async_state_machine_failed():
+    """The same through the apply task: an entry committed after the task failed and
+    ended, before the node's stop reached the applier, started a new task."""
+    async with LocalCluster(3, state_machine=FailsAsMoreIsCommitted, config=FAST) as c:
+        for i, sm in c.state_machines.items():
+            sm.node = c.nodes[i]
+        leader = await c.leader()
+        await leader.propose(b"fine")
+        with pytest.raises(NodeStopped):
+            await leader.propose(b"boom")
+        await wait_until(lambda: not leader._running, 5, "the failed node to stop")
+        await asyncio.sleep(0.1)  # what a new apply task would have done by now
+        assert c.state_machines[leader.id].applied[-1][1] == b"fine"
 
 
 @run
@@ -579,11 +634,7 @@ async def test_a_snapshot_storage_cannot_save_fails_snapshot_with_the_nodes_fail
     """snapshot() waited forever when storage failed to save the snapshot: the node
     stopped itself, but nothing answered the call."""
     storage = PowerCut()
-    node = RaftNode(1, storage=storage, network=MemoryHub().network(1),
-                    state_machine=Recorder(), config=FAST)
-    await node.start()
-    await node.initialize({1: "local:1"})
-    await node.wait_for_leader(5)
+    node = await lone_leader(storage=storage)
     for k in range(5):
         await node.propose(b"%d" % k)
     storage.calls.clear()
@@ -616,11 +667,7 @@ async def test_stop_fails_the_snapshot_calls_still_waiting():
     """One snapshot() being taken and one queued behind it when stop() runs: both raise
     NodeStopped, neither waits forever."""
     machine = SlowSnapshots()
-    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
-                    state_machine=machine, config=FAST)
-    await node.start()
-    await node.initialize({1: "local:1"})
-    await node.wait_for_leader(5)
+    node = await lone_leader(machine)
     await node.propose(b"x")
     taking = asyncio.ensure_future(node.snapshot())
     await asyncio.wait_for(machine.taking.wait(), 5)

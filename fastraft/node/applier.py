@@ -1,8 +1,9 @@
 """The applier: hands committed entries to the state machine, in log order.
 
 Committed entries queue for a task of their own, so a slow state machine never delays
-replication or elections. A synchronous state machine with nothing queued is applied in
-place instead, which saves the task's loop turn on every commit (latency). The same queue
+replication or elections; the task runs while the queue holds work (an idle group of a
+host keeps none). A synchronous state machine with nothing queued is applied in place
+instead, which saves the task's loop turn on every commit (latency). The same queue
 orders the other work that must see a stable state: snapshots of the state machine
 (taken every ``Config.snapshot_interval`` entries, or on demand) and restores from a
 snapshot received from the leader.
@@ -54,8 +55,11 @@ class Applier:
     def __init__(self, node: RaftNode) -> None:
         self.node = node
         self.queue: deque[Any] = deque()
-        self._wakeup = asyncio.Event()
+        #: Works through the queue; None while it is empty.
         self._task: asyncio.Task[Any] | None = None
+        #: Nothing more is applied: the node stops, or an item failed (what follows it
+        #: must never reach the state machine without it).
+        self._closed = False
         #: Working on an item (possibly awaiting): no inline apply now.
         self._busy = False
         #: What a ``snapshot()`` still waiting when the node stops fails with.
@@ -70,11 +74,11 @@ class Applier:
         self.applied_index = self.committed_index = applied_index
         sm_apply = node.state_machine.apply
         self._sm_apply, self._sm_apply_async = sm_apply, inspect.iscoroutinefunction(sm_apply)
-        self._task = node._loop.create_task(self._loop())
 
     async def stop(self, error: Exception) -> None:
         """End the apply task; a ``snapshot()`` still waiting fails with ``error``."""
         self._stop_error = error
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -91,18 +95,24 @@ class Applier:
         """Committed entries (a list), a ``Restore``, or a future to answer with a
         snapshot taken at this point of the apply order."""
         self.queue.append(item)
-        self._wakeup.set()
+        self._start_task()
+
+    def _start_task(self) -> None:
+        if self._task is None and not self._closed:
+            self._task = self.node._loop.create_task(self._run())
 
     def can_apply_now(self) -> bool:
         return not self._sm_apply_async and not self.queue and not self._busy
 
     def apply_now(self, entries: list[Entry]) -> None:
         """Apply ``entries`` at once (the queue was empty when they were taken)."""
+        if self._closed:
+            return
         if len(entries) > MAX_APPLY_BATCH:
             # A backlog: the task applies it in slices, before anything queued since it
             # was taken (the Restore of a snapshot installed in the same turn).
             self.queue.appendleft(entries)
-            self._wakeup.set()
+            self._start_task()
             return
         self._busy = True
         try:
@@ -122,13 +132,15 @@ class Applier:
         if self._snapshot_due():
             self.enqueue(_SNAPSHOT_DUE)  # taken by the task (it awaits)
 
-    async def _loop(self) -> None:
+    async def _run(self) -> None:
+        try:
+            await self._work_through()
+        finally:
+            self._task = None
+
+    async def _work_through(self) -> None:
         queue = self.queue
-        while True:
-            if not queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
+        while queue:
             entries = queue.popleft()
             self._busy = True
             try:
@@ -156,6 +168,7 @@ class Applier:
                 self._busy = False
 
     def _failed(self, item: object) -> None:
+        self._closed = True
         if type(item) is Restore:
             what = "restoring the leader's snapshot failed"
         elif type(item) is ApplyStored:

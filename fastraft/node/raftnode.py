@@ -91,7 +91,9 @@ class RaftNode:
         self._flush_scheduled = False
         #: Why the node stopped itself (a hook failed), or None.
         self.failure: NodeFailed | None = None
-        self._stopped: asyncio.Event | None = None
+        #: None until started; True once stop() is done (``wait_stopped`` waits on it
+        #: through ``_progress``: an idle group of a host keeps no Event of its own).
+        self._stopped: bool | None = None
 
         #: Set by a ``RaftHost``: how many of its groups may campaign at once.
         self.campaign_limit: CampaignLimit | None = None
@@ -137,7 +139,7 @@ class RaftNode:
         self._loop = asyncio.get_running_loop()
         st = self.storage
         self._writer.bind(st)
-        self._stopped = asyncio.Event()
+        self._stopped = False
         state = await call_hook(st.load_state)
         await self._check_owner(st, state)
         snapshot_index = snapshot_term = 0
@@ -216,16 +218,15 @@ class RaftNode:
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
         self._transfer.close()
+        self._stopped = True
         self._notify_progress()  # waiters (wait_for_leader, back-pressure) see the stop
-        if self._stopped is not None:
-            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook
         failed (what a supervisor, or ``fastraft node``, waits on)."""
         if self._stopped is None:
             raise NodeStopped(f"node {self.id} was never started")
-        await self._stopped.wait()
+        await self._wait_progress(lambda: bool(self._stopped))
         if self.failure is not None:
             raise self.failure
 

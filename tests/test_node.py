@@ -392,6 +392,23 @@ async def test_a_reader_of_committed_entries_learns_that_the_node_failed():
 
 
 @run
+async def test_wait_stopped_waits_for_the_stop_alone():
+    """``fastraft node`` waits on every group's ``wait_stopped`` for as long as it runs:
+    a waiter woken by each apply (as ``_progress`` waiters are) costs a task step per
+    commit, per group."""
+    node = await lone_leader()
+    stopped = asyncio.ensure_future(node.wait_stopped())
+    await asyncio.sleep(0)
+    for k in range(3):
+        await node.propose(b"%d" % k)
+    await asyncio.sleep(0)  # a waiter woken by the apply has waited again by now
+    assert node._progress is None  # nobody waits on progress: no wake-up per apply
+    assert not stopped.done()
+    await node.stop()
+    await asyncio.wait_for(stopped, 5)
+
+
+@run
 async def test_nothing_is_applied_after_an_entry_the_state_machine_failed():
     """Entries committed after a failed one, before the node's stop has run (the same
     loop turn: another AppendEntries read with it), were applied: the state machine then

@@ -91,9 +91,11 @@ class RaftNode:
         self._flush_scheduled = False
         #: Why the node stopped itself (a hook failed), or None.
         self.failure: NodeFailed | None = None
-        #: None until started; True once stop() is done (``wait_stopped`` waits on it
-        #: through ``_progress``: an idle group of a host keeps no Event of its own).
+        #: None until started; True once stop() is done.
         self._stopped: bool | None = None
+        #: Made by the first ``wait_stopped`` (a group of a host nobody waits on keeps
+        #: none); not ``_progress``, which every apply sets: its waiters wake each time.
+        self._stopped_event: asyncio.Event | None = None
 
         #: Set by a ``RaftHost``: how many of its groups may campaign at once.
         self.campaign_limit: CampaignLimit | None = None
@@ -220,13 +222,18 @@ class RaftNode:
         self._transfer.close()
         self._stopped = True
         self._notify_progress()  # waiters (wait_for_leader, back-pressure) see the stop
+        if self._stopped_event is not None:
+            self._stopped_event.set()
 
     async def wait_stopped(self) -> None:
         """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook
         failed (what a supervisor, or ``fastraft node``, waits on)."""
         if self._stopped is None:
             raise NodeStopped(f"node {self.id} was never started")
-        await self._wait_progress(lambda: bool(self._stopped))
+        if not self._stopped:
+            if self._stopped_event is None:
+                self._stopped_event = asyncio.Event()
+            await self._stopped_event.wait()
         if self.failure is not None:
             raise self.failure
 

@@ -37,3 +37,16 @@ async def until_applied(clients, index: int, timeout: float = 30.0) -> None:
     async def caught_up():
         return all([(await c.status())["applied_index"] >= index for c in clients])
     await until(caught_up, f"node applying {index}", timeout)
+
+
+async def put_retrying(clients, key):
+    """Put ``key`` through whoever leads; an election in between (ProposalDropped, not
+    leader, a closed connection) means it may or may not be in: write it again."""
+    from fastraft.kvservice import ClientError, find_leader
+
+    while True:
+        leader = await find_leader(clients)
+        try:
+            return await clients[leader].put(key, key.encode())
+        except (ClientError, ConnectionError):
+            continue

@@ -12,7 +12,7 @@ import pytest
 from fastraft.kvservice import ClientError, KVClient, find_leader
 from fastraft.processes import ProcessCluster
 
-from aio import run, until_applied
+from aio import put_retrying, run, until_applied
 
 ROUNDS = int(os.environ.get("FASTRAFT_CRASH_ROUNDS", "3"))
 
@@ -118,17 +118,6 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
             c.close()
     finally:
         cluster.stop_all()
-
-
-async def put_retrying(clients, key):
-    """Put ``key`` through whoever leads; an election in between (ProposalDropped, not
-    leader, a closed connection) means it may or may not be in: write it again."""
-    while True:
-        leader = await find_leader(clients)
-        try:
-            return await clients[leader].put(key, key.encode())
-        except (ClientError, ConnectionError):
-            continue
 
 
 @run

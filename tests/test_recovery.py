@@ -18,7 +18,7 @@ from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotM
 from fastraft.node import RaftNode
 from fastraft.transport import MemoryHub
 
-from aio import run
+from aio import put_retrying, run
 
 HEAD = 24  # magic, length, commit mark, body crc, header crc
 
@@ -357,9 +357,9 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
     try:
         cluster.start_all()
         clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        for k in range(150):  # an election may come soon after the start: write again
+            acked[f"a{k}"] = await put_retrying(clients, f"a{k}")
         leader = await find_leader(clients)
-        for k in range(150):
-            acked[f"a{k}"] = await clients[leader].put(f"a{k}", b"v")
         victim = next(i for i in cluster.ids if i != leader)
         clients.pop(victim).close()
         cluster.kill(victim)

@@ -8,10 +8,12 @@ router), while clients on the bridge still reach every node.
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
 import subprocess
+import tempfile
 
 SUBNET = "10.231"
 
@@ -43,17 +45,34 @@ def why_unavailable() -> str | None:
 _made = itertools.count()
 
 
+def _unused_subnet() -> str:
+    held = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
+                          text=True, check=True).stdout
+    for k in range(1, 255):
+        if f" {SUBNET}.{k}." not in held:
+            return f"{SUBNET}.{k}"
+    raise RuntimeError(f"every {SUBNET}.x.0/24 subnet is in use on this host")
+
+
 class Network:
     def __init__(self, ids: list[int]) -> None:
         tag = (os.getpid() * 8 + next(_made)) % 100_000
         self.bridge = f"frc{tag}"
-        self.subnet = f"{SUBNET}.{tag % 250 + 1}"
         self.namespaces = {i: f"fastraft-chaos-{tag}-{i}" for i in ids}
-        self.hosts = {i: f"{self.subnet}.{i}" for i in ids}
         self.cuts: set[tuple[int, int]] = set()
-        _ip("link", "add", self.bridge, "type", "bridge")
+        # Test processes running side by side (pytest-xdist workers) each need a subnet
+        # of their own: taken under a lock, as the first one no address of this host is in.
+        with open(os.path.join(tempfile.gettempdir(), "fastraft-netns.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.subnet = _unused_subnet()
+            self.hosts = {i: f"{self.subnet}.{i}" for i in ids}
+            _ip("link", "add", self.bridge, "type", "bridge")
+            try:
+                _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
+            except BaseException:
+                _ip("link", "del", self.bridge, check=False)
+                raise
         try:
-            _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             for i, ns in self.namespaces.items():
                 veth = f"{self.bridge}v{i}"

@@ -176,9 +176,8 @@ async def test_membership_survives_restarts():
         await leader.add_learner(4, c.addresses[4])
         await leader.change_membership({1, 2, 3, 4})
         index = leader.engine.commit_index
-        # complete once a quorum holds it: every node holds it before its restart (a
-        # learner's catch-up counts entries, and with a log this short one that has
-        # received nothing yet is within Config.max_learner_lag)
+        # complete once a quorum of the four holds it: every node holds it before its
+        # restart
         await converged(c, (1, 2, 3, 4), index)
         for i in (1, 2, 3, 4):
             node = await c.restart(i)
@@ -205,6 +204,21 @@ async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_ca
         leader.engine.propose_membership(frozenset({1, 2, 3, 4}))
         with pytest.raises(MembershipChangeInProgress):
             leader.engine.propose_membership(frozenset({1, 2, 3}))
+
+
+@run
+async def test_a_learner_that_never_answered_is_not_promoted_however_short_the_log():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        c.hub.isolate(4)
+        await leader.add_learner(4, c.addresses[4])
+        assert leader.engine.log.last_index < leader.config.max_learner_lag
+        with pytest.raises(CatchUpTimeout, match="not promoted"):
+            await leader.change_membership({1, 2, 3, 4}, timeout=0.5)
+        assert c.voters() == {1, 2, 3}
+        c.hub.heal()
+        await leader.change_membership({1, 2, 3, 4})
+        assert c.voters() == {1, 2, 3, 4}
 
 
 @run

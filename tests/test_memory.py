@@ -34,9 +34,13 @@ async def write_all(client: KVClient, n: int, window: int = 256) -> int:
 
 @run
 async def test_node_memory_stays_bounded_whatever_the_log_length(tmp_path):
+    # 200 MiB of fsynced writes keep a slow machine's two cores busy for long stretches:
+    # an election timeout well above such a stall keeps one leader (CI lost it once at
+    # the default 150 ms), and the test is about memory, not elections.
     cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
                              extra_args=["--snapshot-interval", "5000",
-                                         "--log-cache-mib", "8"])
+                                         "--log-cache-mib", "8",
+                                         "--election-timeout", "1"])
     cluster.start_all()
     try:
         clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}

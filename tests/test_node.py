@@ -451,8 +451,9 @@ async def test_nothing_is_applied_after_an_entry_an_async_state_machine_failed()
         await leader.propose(b"fine")
         with pytest.raises(NodeStopped):
             await leader.propose(b"boom")
-        await wait_until(lambda: not leader._running, 5, "the failed node to stop")
-        await asyncio.sleep(0.1)  # what a new apply task would have done by now
+        # a new apply task, once started, runs until it has applied what it was given
+        await wait_until(lambda: not leader._running and leader._applier._task is None, 5,
+                         "the failed node to stop, with no apply task left")
         assert c.state_machines[leader.id].applied[-1][1] == b"fine"
 
 

@@ -408,9 +408,10 @@ class RaftNode:
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
         """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
         C_new. New voters must be learners already (``add_learner``); they are promoted only
-        once within ``Config.max_learner_lag`` entries of the leader, else
-        ``CatchUpTimeout``. Voters left out are removed; a leader left out steps down once
-        C_new commits. Raises ``MembershipChangeInProgress`` if a change is under way."""
+        once they have answered the leader and are within ``Config.max_learner_lag``
+        entries of it, else ``CatchUpTimeout``. Voters left out are removed; a leader left
+        out steps down once C_new commits. Raises ``MembershipChangeInProgress`` if a
+        change is under way."""
         engine = await self._settled_leader(timeout)
         wanted = frozenset(voters)
         m = engine.membership
@@ -427,7 +428,11 @@ class RaftNode:
             if e.role != Role.LEADER:
                 raise e.not_leader()
             last = e.log.last_index
-            return all(last - e.progress[n].match_index <= self.config.max_learner_lag
+            # A match of 0 is a learner that has not answered yet: with a log shorter than
+            # the lag it would pass, and promoting an unreachable node raises the quorum
+            # (etcd's isLearnerReady asks for a match as well).
+            return all(0 < e.progress[n].match_index
+                       and last - e.progress[n].match_index <= self.config.max_learner_lag
                        for n in newcomers if n in e.progress)
         while not caught_up():
             if self._loop.time() > deadline:

@@ -1,5 +1,5 @@
 """Kernel micro-benchmarks: compiled (_cy), pure Python (_py) and a naive reference, side
-by side in one run. ``pytest bench/ --benchmark-only`` (compare within one run: the machine
+by side in one run. ``pytest bench/ --benchmark-only -n 0`` (compare within one run: the machine
 is shared and noisy)."""
 import pytest
 

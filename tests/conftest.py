@@ -1,3 +1,4 @@
+import fcntl
 import os
 
 import pytest
@@ -13,6 +14,25 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true",
                      help="soak runs: tests/test_chaos.py for 30 minutes")
+
+
+@pytest.fixture(autouse=True)
+def _room_to_run(request, tmp_path_factory):
+    """With several test processes (pytest-xdist), a test marked ``alone`` runs with no
+    other test beside it: it makes a load of its own and asserts what the cluster keeps
+    under it (a leader, a term), which a neighbour's load on the same cores would turn
+    into a test of the machine. The gate lock, held while waiting, keeps the other
+    workers from starting test after test ahead of it."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    shared = tmp_path_factory.getbasetemp().parent  # one directory for all the workers
+    with open(shared / "gate.lock", "a") as gate, open(shared / "room.lock", "a") as room:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        alone = request.node.get_closest_marker("alone") is not None
+        fcntl.flock(room, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_UN)
+        yield
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ disk and an 8 MiB cache, about 60 MiB.
 import asyncio
 import os
 
+import pytest
+
 from fastraft.kvservice import KVClient, find_leader
 from fastraft.processes import ProcessCluster, memory_mib
 
@@ -32,6 +34,7 @@ async def write_all(client: KVClient, n: int, window: int = 256) -> int:
     return last
 
 
+@pytest.mark.alone
 @run
 async def test_node_memory_stays_bounded_whatever_the_log_length(tmp_path):
     # 200 MiB of fsynced writes keep a slow machine's two cores busy for long stretches:

@@ -5,6 +5,8 @@ import asyncio
 import subprocess
 import sys
 
+import pytest
+
 from fastraft.kvservice import KVClient, Request, find_leader
 from fastraft.processes import ProcessCluster
 
@@ -33,6 +35,7 @@ def outcomes(responses) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.alone
 @run
 async def test_a_flood_of_puts_is_answered_without_losing_leadership(tmp_path):
     cluster = ProcessCluster(3, str(tmp_path))
@@ -62,6 +65,7 @@ async def test_a_flood_of_puts_is_answered_without_losing_leadership(tmp_path):
         cluster.stop_all()
 
 
+@pytest.mark.alone
 def test_stalled_followers_read_the_leaders_heartbeat_before_they_campaign():
     """The followers' event loop stalls while reading a socket (a huge batch, a GC pause,
     a starved CPU) for longer than the election timeout, while the leader, in another

@@ -1035,6 +1035,42 @@ async def test_a_new_commit_index_goes_out_with_the_next_proposals_not_alone():
 
 
 @run
+async def test_a_commit_notification_due_with_an_answer_waits_for_the_proposers():
+    """The loop stalls after a follower's answer was queued (a busy host): in the next
+    turn the commit-notify timer of the previous commit is overdue, and uvloop runs it
+    before the callbacks, among them the delivery of that answer. The notification must
+    still wait for the proposers that answer's commit resolves: their entries take the
+    new commit index along."""
+    from fastraft.messages import AppendEntries, AppendEntriesResponse
+
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        await leader.propose(b"warm")
+        engine = leader.engine
+        heartbeats, empty = [], []
+        heartbeat, send = engine._heartbeat, leader.network.send
+
+        def spy_heartbeat(pr):
+            heartbeats.append(pr)
+            return heartbeat(pr)
+
+        def spy(to, messages):
+            empty.extend(m for m in messages if type(m) is AppendEntries and not m.entries)
+            send(to, messages)
+        engine._heartbeat, leader.network.send = spy_heartbeat, spy
+        for node in c.nodes.values():
+            if node is not leader:
+                def stalling(to, messages, send=node.network.send):
+                    send(to, messages)
+                    if any(type(m) is AppendEntriesResponse for m in messages):
+                        time.sleep(2 * FAST.commit_notify_delay)
+                node.network.send = stalling
+        for k in range(20):
+            await leader.propose(b"w%d" % k)
+        assert len(empty) == len(heartbeats)
+
+
+@run
 async def test_an_overdue_election_timer_runs_the_commands_of_messages_already_handled():
     """A heartbeat handled this turn moves the election deadline only when its commands
     run, at the scheduled flush; an overdue election timer that fires first (after its

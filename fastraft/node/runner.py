@@ -188,6 +188,8 @@ class Timers:
         self._polled: set[Timer] = set()
         #: The election timer ran out and waits in its ``CampaignLimit``'s line.
         self.waiting = False
+        #: (commit index, applied index) when the commit notification last looked.
+        self._notify_mark = (0, 0)
 
     def set(self, timer: Timer, delay: float) -> None:
         if timer is Timer.ELECTION:
@@ -253,6 +255,7 @@ class Timers:
             # The commit notification waits for the callbacks already due: the proposers
             # its commit answered propose again there, and (flushed first) their entries
             # take the commit index to the followers, not an empty AppendEntries.
+            self._notify_mark = (node.engine.commit_index, node._applier.applied_index)
             loop.call_soon(self._notify_commit)
             return
         node.engine.on_timer(timer)
@@ -262,6 +265,16 @@ class Timers:
         node = self.node
         if not node._running or self._deadlines.get(Timer.COMMIT) is not None:
             return  # stopped, or armed again meanwhile: that one will fire
+        mark = (node.engine.commit_index, node._applier.applied_index)
+        if mark != self._notify_mark:
+            # More was committed or applied since the last look, by callbacks that ran
+            # before this one (uvloop runs due timers first, then the callbacks queued
+            # before them, such as a message delivered in memory): the flush that applies
+            # it, or the wake-ups of the proposers it answered, are queued behind this
+            # now. Look again after them.
+            self._notify_mark = mark
+            node._loop.call_soon(self._notify_commit)
+            return
         if node._proposals.buffered:
             node._flush()
         node.engine.on_timer(Timer.COMMIT)

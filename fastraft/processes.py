@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,17 +16,42 @@ from collections.abc import Callable, Sequence
 
 from fastraft.errors import ConfigError
 
+#: Lowest port ``free_ports`` hands out when it picks its own.
+LOWEST_PORT = 10_000
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's ephemeral ports (a connection's local end) start; 0 if unknown."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    """``n`` distinct ports of 127.0.0.1, free now, for servers about to start. Picked at
+    random below the kernel's ephemeral range where it has room (Linux): such a port is
+    never given to the local end of a connection opened between now and the moment the
+    server binds it (likelier with clusters starting side by side, as tests run by
+    several processes do), which would fail the server's start."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()  # unaffected by a seeded random module
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", pick.randrange(LOWEST_PORT, low)
+                        if low > LOWEST_PORT + 1000 else 0))
+            except OSError:  # in use: pick again
+                s.close()
+                continue
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def memory_mib(pid: int, field: str = "VmRSS") -> float:

@@ -28,6 +28,20 @@ async def connect_all(cluster, ids=None):
             for i in (ids or cluster.ids)}
 
 
+def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():
+    import socket
+
+    from fastraft.processes import LOWEST_PORT, _ephemeral_low
+    low = _ephemeral_low()
+    ports = free_ports(50)
+    assert len(set(ports)) == 50
+    if low > LOWEST_PORT + 1000:  # Linux: connections never take these as their own end
+        assert all(LOWEST_PORT <= p < low for p in ports), (low, ports)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
 @run
 async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     clients = await connect_all(cluster)

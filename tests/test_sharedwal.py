@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from fastraft.config import Config
 from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
@@ -249,7 +250,12 @@ def test_raft_groups_on_one_wal_per_host_survive_a_restart_of_every_host(tmp_pat
     and the groups take writes again."""
     groups = range(8)
     wals = {}
-    hosts = Hosts(balance_interval=None, storage=lambda i: wals[i].group)
+    # Every write is proposed once and must be there once: an election in the middle (a
+    # starved process, with two test workers on two cores) would drop one, so elections
+    # here wait well beyond such a stall.
+    hosts = Hosts(balance_interval=None, storage=lambda i: wals[i].group,
+                  config=Config(election_timeout_min=0.5, election_timeout_max=1.0,
+                                heartbeat_interval=0.05))
     want = {g: [b"%d:%d" % (g, k) for k in range(5)] + [b"%d:after" % g] for g in groups}
 
     async def start(found):

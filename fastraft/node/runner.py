@@ -188,7 +188,7 @@ class Timers:
         self._polled: set[Timer] = set()
         #: The election timer ran out and waits in its ``CampaignLimit``'s line.
         self.waiting = False
-        #: (commit index, applied index) when the commit notification last looked.
+        #: (commit index, applied index) when the commit-notify timer fired.
         self._notify_mark = (0, 0)
 
     def set(self, timer: Timer, delay: float) -> None:
@@ -265,15 +265,13 @@ class Timers:
         node = self.node
         if not node._running or self._deadlines.get(Timer.COMMIT) is not None:
             return  # stopped, or armed again meanwhile: that one will fire
-        mark = (node.engine.commit_index, node._applier.applied_index)
-        if mark != self._notify_mark:
-            # More was committed or applied since the last look, by callbacks that ran
+        if (node.engine.commit_index, node._applier.applied_index) != self._notify_mark:
+            # More was committed or applied since the timer fired, by callbacks that ran
             # before this one (uvloop runs due timers first, then the callbacks queued
             # before them, such as a message delivered in memory): the flush that applies
-            # it, or the wake-ups of the proposers it answered, are queued behind this
-            # now. Look again after them.
-            self._notify_mark = mark
-            node._loop.call_soon(self._notify_commit)
+            # it and the wake-ups of the proposers it answers come after this. Wait
+            # another delay for their entries, which carry the commit index along.
+            self.set(Timer.COMMIT, node.config.commit_notify_delay)
             return
         if node._proposals.buffered:
             node._flush()

@@ -38,14 +38,18 @@ def free_ports(n: int) -> list[int]:
     low = _ephemeral_low()
     pick = random.SystemRandom()  # unaffected by a seeded random module
     socks: list[socket.socket] = []
+    failures = 0
     try:
         while len(socks) < n:
             s = socket.socket()
             try:
                 s.bind(("127.0.0.1", pick.randrange(LOWEST_PORT, low)
                         if low > LOWEST_PORT + 1000 else 0))
-            except OSError:  # in use: pick again
+            except OSError:  # in use: pick again, unless binding itself fails
                 s.close()
+                failures += 1
+                if failures > 100:
+                    raise
                 continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]

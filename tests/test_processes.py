@@ -42,6 +42,16 @@ def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():
             s.bind(("127.0.0.1", p))
 
 
+def test_free_ports_gives_up_when_nothing_can_be_bound(monkeypatch):
+    import socket
+
+    def refuse(self, address):
+        raise OSError(99, "Cannot assign requested address")
+    monkeypatch.setattr(socket.socket, "bind", refuse)
+    with pytest.raises(OSError, match="Cannot assign"):
+        free_ports(1)
+
+
 @run
 async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     clients = await connect_all(cluster)

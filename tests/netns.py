@@ -60,19 +60,17 @@ class Network:
         self.bridge = f"frc{tag}"
         self.namespaces = {i: f"fastraft-chaos-{tag}-{i}" for i in ids}
         self.cuts: set[tuple[int, int]] = set()
-        # Test processes running side by side (pytest-xdist workers) each need a subnet
-        # of their own: taken under a lock, as the first one no address of this host is in.
-        with open(os.path.join(tempfile.gettempdir(), "fastraft-netns.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.subnet = _unused_subnet()
-            self.hosts = {i: f"{self.subnet}.{i}" for i in ids}
-            _ip("link", "add", self.bridge, "type", "bridge")
-            try:
-                _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
-            except BaseException:
-                _ip("link", "del", self.bridge, check=False)
-                raise
         try:
+            # Test processes running side by side (pytest-xdist workers) each need a
+            # subnet of their own: taken under a lock, as the first one no address of
+            # this host is in, and held by the bridge's address before the lock goes.
+            with open(os.path.join(tempfile.gettempdir(), "fastraft-netns.lock"),
+                      "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.subnet = _unused_subnet()
+                self.hosts = {i: f"{self.subnet}.{i}" for i in ids}
+                _ip("link", "add", self.bridge, "type", "bridge")
+                _ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")
             for i, ns in self.namespaces.items():
                 veth = f"{self.bridge}v{i}"

@@ -210,8 +210,6 @@ Message = Union[  # noqa: UP007 (the form msgspec decodes in every supported ver
 
 membership_encoder = msgspec.msgpack.Encoder()
 membership_decoder = msgspec.msgpack.Decoder(Membership)
-hard_state_encoder = membership_encoder
-hard_state_decoder = msgspec.msgpack.Decoder(HardState)
 
 
 def encode_membership(m: Membership) -> bytes:

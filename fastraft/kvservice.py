@@ -19,7 +19,9 @@ Back-pressure, so that load never starves the node's heartbeats and votes: a con
 has at most ``max_in_progress`` requests being served, the whole port at most
 ``max_in_progress_total``; past either the server stops reading (TCP pushes back on the
 client) until half are answered. A frame is split into requests lazily (each is decoded
-when started), so a frame of a million requests costs no long loop turn. A proposal the
+when started), and both sides write a loop turn's requests or answers in frames of at most
+``FRAME_ITEMS`` items and about ``FRAME_BYTES`` bytes, so a pipelined burst neither
+outgrows ``MAX_FRAME`` nor costs the node a long loop turn decoding it. A proposal the
 node cannot take in time is answered ``Overloaded``, never dropped. A reply
 ``not_leader`` names the leader's id and Raft address when known, and its client address
 when the server was told the members' client addresses (``client_addresses``; ``fastraft
@@ -54,6 +56,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastraft.kvservice")
 MAX_FRAME = 16 << 20
+#: The most requests (or answers) in one frame, and about the most bytes of keys, values
+#: and records (an item larger than that travels alone): the receiver decodes a frame
+#: whole, in one loop turn, which holds off the node's heartbeats while it lasts.
+FRAME_ITEMS = 1024
+FRAME_BYTES = 1 << 20
+#: A request's encoded size past its key and value, and more (the client refuses a
+#: request that would not fit in a frame before sending it).
+REQUEST_OVERHEAD = 64
 #: Most records, and about most payload bytes, in one "records" answer.
 MAX_RECORDS = 10_000
 RECORDS_BYTES = 4 << 20
@@ -117,8 +127,17 @@ def shard_of(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards
 
 
+def _payload_bytes(item: Request | Response) -> int:
+    if isinstance(item, Request):
+        return len(item.key) + len(item.value)
+    size = 0 if item.value is None else len(item.value)
+    records = item.records
+    return size + sum(len(r[1]) for r in records) if records else size
+
+
 class _Batcher:
-    """Coalesces responses (or requests) of one loop iteration into one frame."""
+    """Coalesces the responses (or requests) of one loop iteration into as few frames as
+    ``FRAME_ITEMS`` and ``FRAME_BYTES`` allow."""
 
     def __init__(self, link: Link) -> None:
         self.link = link
@@ -133,10 +152,19 @@ class _Batcher:
 
     def flush(self) -> None:
         self.scheduled = False
+        pending, self.pending = self.pending, []
         transport = self.link.transport
-        if self.pending and transport is not None and not transport.is_closing():
-            self.link._write(_enc.encode(self.pending))
-        self.pending = []
+        if not pending or transport is None or transport.is_closing():
+            return
+        write, encode = self.link._write, _enc.encode
+        start = size = 0
+        for k, item in enumerate(pending):
+            size += _payload_bytes(item)
+            if size >= FRAME_BYTES or k + 1 - start >= FRAME_ITEMS:
+                write(encode(pending[start:k + 1]))
+                start, size = k + 1, 0
+        if start < len(pending):
+            write(encode(pending[start:]))
 
 
 class KVServer:
@@ -503,6 +531,10 @@ class KVClient(Link):
                       limit: int = 0, group: int | None = None) -> Response:
         if self.closed:
             raise ConnectionError(f"connection to {self.server_address} is closed")
+        size = len(key.encode()) + len(value) + REQUEST_OVERHEAD
+        if size > MAX_FRAME:
+            raise InvalidArgument(f"a {op} of {len(value)} bytes does not fit in a frame "
+                                  f"of the client port ({MAX_FRAME} bytes at most)")
         self.next_id += 1
         fut = asyncio.get_running_loop().create_future()
         self.waiting[self.next_id] = fut

@@ -1,0 +1,89 @@
+"""The client port's framing: a loop turn's pipelined requests (or answers) leave in frames
+the other side accepts and decodes in short turns, whatever their number and size."""
+import asyncio
+
+import msgspec
+import pytest
+
+from fastraft import kv, kvservice
+from fastraft.config import Config
+from fastraft.errors import InvalidArgument
+from fastraft.kvservice import FRAME_ITEMS, MAX_FRAME, KVClient, KVServer
+from fastraft.processes import free_ports
+from fastraft.testing import LocalCluster
+
+from aio import run
+
+CONFIG = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+
+
+class _Port:
+    """One node's client port, a client connected to it, and the sizes (in items) of the
+    frames the server received."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.frames: list[int] = []
+        frame = kvservice._ClientConnection.frame
+
+        def counted(conn, body):
+            self.frames.append(len(msgspec.msgpack.decode(body)))
+            return frame(conn, body)
+        monkeypatch.setattr(kvservice._ClientConnection, "frame", counted)
+
+    async def __aenter__(self):
+        self.cluster = LocalCluster(1, state_machine=kv.KVStore, config=CONFIG)
+        c = await self.cluster.__aenter__()
+        leader = await c.leader()
+        address = f"127.0.0.1:{free_ports(1)[0]}"
+        self.server = KVServer(leader, c.state_machines[leader.id], address)
+        await self.server.start()
+        self.client = await KVClient.connect(address)
+        return self
+
+    async def __aexit__(self, *exc):
+        self.client.close()
+        self.server.close()
+        await self.cluster.__aexit__(*exc)
+
+
+@run
+async def test_a_burst_of_small_requests_travels_in_frames_of_bounded_count(monkeypatch):
+    async with _Port(monkeypatch) as port:
+        versions = await asyncio.wait_for(asyncio.gather(
+            *(port.client.put(f"k{i}", b"v") for i in range(3 * FRAME_ITEMS + 5))), 30)
+        assert len(set(versions)) == 3 * FRAME_ITEMS + 5
+        assert port.frames == [FRAME_ITEMS] * 3 + [5]
+
+
+@run
+async def test_a_burst_larger_than_a_frame_is_answered_on_the_same_connection(monkeypatch):
+    """200 puts of 100 KB written in one loop turn: 20 MB, past ``MAX_FRAME`` in one
+    frame (the server closed the connection and every put failed)."""
+    async with _Port(monkeypatch) as port:
+        value = b"x" * 100_000
+        puts = [port.client.put(f"k{i}", value) for i in range(200)]
+        assert 200 * len(value) > MAX_FRAME
+        await asyncio.wait_for(asyncio.gather(*puts), 30)
+        assert len(port.frames) >= 200 * len(value) // kvservice.FRAME_BYTES
+        assert await port.client.get("k199") == value
+
+
+@run
+async def test_answers_larger_than_a_frame_reach_the_client(monkeypatch):
+    """Records answers of 1 MB each, asked for at once: the server's answers of one loop
+    turn outgrew a frame, and the client closed the connection."""
+    async with _Port(monkeypatch) as port:
+        record = b"r" * 1_000_000
+        offsets = [await port.client.append(record) for _ in range(20)]
+        got = await asyncio.wait_for(asyncio.gather(
+            *(port.client.records(o, limit=1) for o in offsets)), 30)
+        assert got == [[(o, record)] for o in offsets]
+
+
+@run
+async def test_a_request_too_large_for_any_frame_is_refused_before_it_is_sent(monkeypatch):
+    async with _Port(monkeypatch) as port:
+        with pytest.raises(InvalidArgument, match="does not fit in a frame"):
+            await port.client.put("big", b"x" * MAX_FRAME)
+        assert port.frames == []
+        assert await port.client.put("small", b"v") > 0  # the connection still serves

@@ -61,8 +61,8 @@ MAX_FRAME = 16 << 20
 #: whole, in one loop turn, which holds off the node's heartbeats while it lasts.
 FRAME_ITEMS = 1024
 FRAME_BYTES = 1 << 20
-#: A request's encoded size past its key and value, and more (the client refuses a
-#: request that would not fit in a frame before sending it).
+#: An upper bound on what a request's encoding adds to its key and value: the client
+#: refuses, before sending it, a request that would not fit in a frame.
 REQUEST_OVERHEAD = 64
 #: Most records, and about most payload bytes, in one "records" answer.
 MAX_RECORDS = 10_000

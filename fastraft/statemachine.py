@@ -20,6 +20,11 @@ class StateMachine(Protocol):
     bug that stops the node: pending operations fail with ``NodeFailed`` naming the entry,
     ``RaftNode.wait_stopped()`` raises it, ``fastraft node`` exits with status 3. Every
     replica meets the same entry, so fix the state machine, then restart.
+    ``apply`` runs on the node's event loop (at most 4,096 entries a call): a call that
+    takes longer than the election timeout holds up heartbeats and can cost the leader
+    its term. Watch for single steps proportional to the state's size: a dict of a
+    million keys rehashes all of them in one step when it grows (about 0.1 s; see how
+    ``fastraft.kv.KVStore`` shards its dicts).
     Any method may be a coroutine; synchronous ``snapshot`` and ``restore`` run in a
     thread (the node applies nothing meanwhile). ``entry.data`` is bytes or a memoryview
     of a received buffer; copy it (``bytes(entry.data)``) to keep it beyond the call.

@@ -31,6 +31,9 @@ class VersionedKV:
     compare-and-set names what it expects and a retried write can be told apart."""
 
     def __init__(self) -> None:
+        # One dict and a snapshot in one piece keep the example short; for millions of
+        # keys see fastraft.kv.KVStore (sharded dicts, a streamed snapshot), as a dict
+        # that grows rehashes all its keys in one step on the node's event loop.
         self.data: dict[str, tuple[bytes, int]] = {}
 
     def apply(self, entries):

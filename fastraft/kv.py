@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import struct
+from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import chain, islice
+from itertools import accumulate, chain, islice
 from typing import Any, BinaryIO, cast
 
 import msgspec
@@ -85,7 +86,7 @@ class KVStore:
         return out
 
     def get(self, key: str) -> bytes | None:
-        shard = self._table.shards.get(hash(key) & _SHARD_MASK)
+        shard = self._table.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
         return None if shard is None else shard[0].get(key)
 
     def snapshot(self) -> BinaryIO:
@@ -106,9 +107,8 @@ class KVStore:
 
 _LEN = struct.Struct("<I")
 _chunk_dec = msgspec.msgpack.Decoder(list[tuple[str, bytes, int]])
-#: The store is split over this many pairs of dicts by key hash (made as keys arrive):
-#: a dict that grows rehashes about a 256th of the keys.
-SHARDS = 256
+#: The store is split over this many pairs of dicts by key hash (made as keys arrive).
+SHARDS = 64
 #: Keys per snapshot chunk: a millisecond or so of encoding.
 CHUNK_KEYS = 4096
 
@@ -118,8 +118,10 @@ class _Table:
     its table in one step when it fills: 185 ms at 1.4 million keys on the 2-core test
     machine, and ``apply`` runs on the node's event loop, so that one step outlasts a
     150 ms election timeout and costs the leader its term. Sharded, a step rehashes one
-    shard, and the shards fill up at slightly different times (their sizes differ by
-    chance), so their growth spreads over many ``apply`` calls."""
+    shard. Shard ``i`` takes a share of the keys proportional to 2**(i/SHARDS): the
+    shard sizes are spread evenly over one doubling, so while the store doubles, each
+    shard grows once and at its own moment (with equal shares they would all grow
+    within a few ``apply`` calls of each other). The largest share is 1.4/SHARDS."""
 
     def __init__(self) -> None:
         #: (values, versions) by shard number.
@@ -127,30 +129,46 @@ class _Table:
 
     def shard(self, key: str) -> tuple[dict[str, bytes], dict[str, int]]:
         """The (values, versions) shard of ``key``, made if it is not there yet."""
-        n = hash(key) & _SHARD_MASK
+        n = _SHARD_OF[hash(key) & _HASH_MASK]
         shard = self.shards.get(n)
         if shard is None:
             shard = self.shards[n] = ({}, {})
         return shard
 
     def put(self, key: str, value: bytes, version: int) -> None:
-        values, versions = self.shards.get(hash(key) & _SHARD_MASK) or self.shard(key)
+        values, versions = (self.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
+                            or self.shard(key))
         values[key] = value
         versions[key] = version
 
     def delete(self, key: str) -> None:
-        shard = self.shards.get(hash(key) & _SHARD_MASK)
+        shard = self.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
         if shard is not None and key in shard[0]:
             del shard[0][key]
             del shard[1][key]
 
     def items(self) -> Iterator[tuple[str, bytes, int]]:
-        """Every (key, value, version)."""
-        return ((k, v, versions[k])
-                for values, versions in self.shards.values() for k, v in values.items())
+        """Every (key, value, version). The two dicts of a shard hold their keys in the
+        same order (``put`` and ``delete`` change both alike), so zipping them pairs
+        each value with its version, in C loops."""
+        return chain.from_iterable(zip(values.keys(), values.values(), versions.values())
+                                   for values, versions in self.shards.values())
 
 
-_SHARD_MASK = SHARDS - 1
+def _shard_table(bits: int) -> bytes:
+    """The shard of each value of a hash's low ``bits`` bits: shard ``i`` gets a share
+    proportional to 2**(i/SHARDS)."""
+    weights = [2 ** (i / SHARDS) for i in range(SHARDS)]
+    total = sum(weights)
+    bounds = list(accumulate(w / total for w in weights))
+    slots = 1 << bits
+    return bytes(min(bisect_right(bounds, (h + 0.5) / slots), SHARDS - 1)
+                 for h in range(slots))
+
+
+_HASH_BITS = 16
+_HASH_MASK = (1 << _HASH_BITS) - 1
+_SHARD_OF = _shard_table(_HASH_BITS)
 
 
 class _View(Mapping[str, Any]):
@@ -162,7 +180,7 @@ class _View(Mapping[str, Any]):
         self._side = side
 
     def __getitem__(self, key: str) -> Any:
-        shard = self._shards.get(hash(key) & _SHARD_MASK)
+        shard = self._shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
         if shard is None:
             raise KeyError(key)
         return shard[self._side][key]

@@ -35,6 +35,8 @@ def test_the_store_holds_what_a_dict_would_and_a_snapshot_restores_it(first, the
                 values.pop(cmd[1], None)
                 versions.pop(cmd[1], None)
         assert dict(store.data) == values and dict(store.versions) == versions
+        # what snapshot() relies on: both dicts of a shard list their keys alike
+        assert all(list(vals) == list(vers) for vals, vers in store._table.shards.values())
         assert len(store.data) == len(values) and sorted(store.data) == sorted(values)
         assert all(store.get(k) == v and store.versions[k] == versions[k]
                    for k, v in values.items())
@@ -60,15 +62,17 @@ def test_a_snapshot_is_read_in_chunks_of_bounded_size():
     assert restored.data == store.data and len(restored.data) == n
 
 
-def test_no_dict_of_a_large_store_holds_much_more_than_its_share_of_the_keys():
+def test_the_shards_of_a_large_store_grow_one_at_a_time():
     """apply() runs on the event loop, and a dict rehashes all its keys in one step when
-    it grows (185 ms at 1.4 million keys, longer than an election timeout): every one of
-    the store's dicts must stay near 1/SHARDS of the keys, whatever the keys are."""
+    it grows (185 ms at 1.4 million keys, longer than an election timeout). No shard may
+    hold much more than 1.4/SHARDS of the keys, and their sizes must spread over one
+    doubling, so that they never all grow in the same few apply() calls."""
     store = kv.KVStore()
-    n = 64 * kv.SHARDS
+    n = 1024 * kv.SHARDS
     for start in range(0, n, 4096):
         store.apply([Entry(1, i + 1, 0, kv.put(f"user:{i:08d}", b"v"))
                      for i in range(start, start + 4096)])
-    sizes = [len(values) for values, _ in store._table.shards.values()]
-    assert sum(sizes) == n == len(store.data)
-    assert max(sizes) <= 2 * n // kv.SHARDS, max(sizes)
+    sizes = sorted(len(values) for values, _ in store._table.shards.values())
+    assert sum(sizes) == n == len(store.data) and len(sizes) == kv.SHARDS
+    assert sizes[-1] <= 1.6 * n / kv.SHARDS, sizes[-1]
+    assert 1.7 <= sizes[-1] / sizes[0] <= 2.3, (sizes[0], sizes[-1])

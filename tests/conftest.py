@@ -16,6 +16,13 @@ def pytest_addoption(parser):
                      help="soak runs: tests/test_chaos.py for 30 minutes")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``alone`` first, one after the other: each waits for the test running
+    beside it to end (``_room_to_run``), and at the start those are short ones, where
+    later it could be a 35 s process test, a worker idle all that time."""
+    items.sort(key=lambda item: item.get_closest_marker("alone") is None)
+
+
 @pytest.fixture(autouse=True)
 def _room_to_run(request, tmp_path_factory):
     """With several test processes (pytest-xdist), a test marked ``alone`` runs with no

@@ -59,8 +59,14 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     acked = {}
     for k in range(200):
         acked[f"a{k}"] = await clients[leader].put(f"a{k}", b"A%d" % k)
-    # a write from a follower is redirected to the leader
+    # a write from a follower is redirected to the leader, once the follower knows it (a
+    # node that started last may not have heard from it yet: the leader redials a peer
+    # it could not reach at a growing pace, up to TcpNetwork's backoff_max)
     follower = next(i for i in cluster.ids if i != leader)
+
+    async def follower_knows_leader():
+        return (await clients[follower].status())["leader_id"] == leader
+    await until(follower_knows_leader, f"node {follower} knowing leader {leader}", 10)
     with pytest.raises(ClientError) as info:
         await clients[follower].put("x", b"y")
     assert info.value.error == "not_leader" and info.value.leader == leader

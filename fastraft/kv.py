@@ -86,7 +86,7 @@ class KVStore:
         return out
 
     def get(self, key: str) -> bytes | None:
-        shard = self._table.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
+        shard = self._table.find(key)
         return None if shard is None else shard[0].get(key)
 
     def snapshot(self) -> BinaryIO:
@@ -127,22 +127,18 @@ class _Table:
         #: (values, versions) by shard number.
         self.shards: dict[int, tuple[dict[str, bytes], dict[str, int]]] = {}
 
-    def shard(self, key: str) -> tuple[dict[str, bytes], dict[str, int]]:
-        """The (values, versions) shard of ``key``, made if it is not there yet."""
-        n = _SHARD_OF[hash(key) & _HASH_MASK]
-        shard = self.shards.get(n)
-        if shard is None:
-            shard = self.shards[n] = ({}, {})
-        return shard
+    def find(self, key: str) -> tuple[dict[str, bytes], dict[str, int]] | None:
+        """The (values, versions) shard of ``key``; None if it has none yet."""
+        return self.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
 
     def put(self, key: str, value: bytes, version: int) -> None:
-        values, versions = (self.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
-                            or self.shard(key))
+        n = _SHARD_OF[hash(key) & _HASH_MASK]  # ``find``, inline: once per put
+        values, versions = self.shards.get(n) or self.shards.setdefault(n, ({}, {}))
         values[key] = value
         versions[key] = version
 
     def delete(self, key: str) -> None:
-        shard = self.shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
+        shard = self.find(key)
         if shard is not None and key in shard[0]:
             del shard[0][key]
             del shard[1][key]
@@ -176,11 +172,12 @@ class _View(Mapping[str, Any]):
     versions (1)."""
 
     def __init__(self, table: _Table, side: int) -> None:
+        self._table = table
         self._shards = table.shards
         self._side = side
 
     def __getitem__(self, key: str) -> Any:
-        shard = self._shards.get(_SHARD_OF[hash(key) & _HASH_MASK])
+        shard = self._table.find(key)
         if shard is None:
             raise KeyError(key)
         return shard[self._side][key]

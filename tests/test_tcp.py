@@ -351,18 +351,35 @@ async def test_nothing_is_written_to_a_connection_lost_but_not_yet_reported():
     await b.stop()
 
 
+def close_each_connection_after_its_handshake(monkeypatch):
+    """Every network here closes each connection dialed to it a moment after the dialer
+    saw its welcome: authenticated, then dropped."""
+    from fastraft.transport import tcp
+    authenticated = tcp._Inbound.authenticated
+
+    def then_close(self, peer_id, address):
+        asyncio.get_running_loop().call_later(0.02, self.close)
+        return authenticated(self, peer_id, address)
+    monkeypatch.setattr(tcp._Inbound, "authenticated", then_close)
+
+
+async def dialing_a_peer_not_up(**backoff):
+    """Node 1's network, sending to node 2 at a free port nobody listens on yet."""
+    (port,) = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    a = TcpNetwork(1, "127.0.0.1:0", **backoff)
+    await a.start(Sink())
+    a.set_peers({2: address})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    return a, a._peers[2], address
+
+
 @run
 async def test_a_connection_that_lived_starts_the_next_outage_at_the_shortest_backoff():
     """Dials to a peer that is down back off to ``backoff_max``; once a connection lived
     that long, the outage after it starts again from ``backoff_min`` (a peer back after a
     restart is reached at once, not up to 1.5 backoff_max later)."""
-    (port,) = free_ports(1)
-    address = f"127.0.0.1:{port}"
-    a = TcpNetwork(1, "127.0.0.1:0", backoff_min=0.001, backoff_max=1.0)
-    await a.start(Sink())
-    a.set_peers({2: address})
-    a.send(2, [RequestVote(1, 1, 0, 0)])
-    peer = a._peers[2]
+    a, peer, address = await dialing_a_peer_not_up(backoff_min=0.001, backoff_max=1.0)
     await wait_until(lambda: peer.retry_delay == 1.0, timeout=10)  # refused, doubling
     b = TcpNetwork(2, address)
     await b.start(Sink())
@@ -381,18 +398,49 @@ async def test_a_connection_that_lived_starts_the_next_outage_at_the_shortest_ba
 
 
 @run
+async def test_a_peer_that_dials_us_is_dialed_at_once_not_after_the_backoff():
+    """A node that starts after us dials us: we dial it back then, not when our backoff
+    runs out (here 15 to 45 s: the deadline below is far shorter)."""
+    a, peer, address = await dialing_a_peer_not_up(backoff_min=30.0, backoff_max=30.0)
+    await wait_until(lambda: peer._wake is not None)  # refused, waiting out its backoff
+    b = TcpNetwork(2, address)
+    sb = Sink()
+    await b.start(sb)
+    b.set_peers({1: a.listen})
+    b.send(1, [RequestVote(2, 2, 0, 0)])
+    await wait_until(lambda: sb.got == [(1, RequestVote(1, 1, 0, 0))], timeout=5)
+    await a.stop()
+    await b.stop()
+
+
+@run
+async def test_peers_that_drop_each_others_connections_do_not_wake_each_others_dials(
+        monkeypatch):
+    """A dial from the peer cuts our backoff short once per outage, not on every one of
+    its dials: two peers that each close the other's connections at once would otherwise
+    dial back and forth with no pause."""
+    close_each_connection_after_its_handshake(monkeypatch)
+    a = TcpNetwork(1, "127.0.0.1:0", backoff_min=30.0, backoff_max=30.0)
+    b = TcpNetwork(2, "127.0.0.1:0", backoff_min=0.001, backoff_max=0.05)
+    await a.start(Sink())
+    await b.start(Sink())
+    a.set_peers({2: b.listen})
+    b.set_peers({1: a.listen})
+    a.send(2, [RequestVote(1, 1, 0, 0)])
+    await wait_until(lambda: b.connections_from[1] == 1)
+    b.send(1, [RequestVote(2, 2, 0, 0)])  # b dials a again and again, backing off to 50 ms
+    await wait_until(lambda: a.connections_from[2] >= 8, timeout=10)
+    assert b.connections_from[1] == 2  # a's first dial, and the one b's first dial woke
+    await a.stop()
+    await b.stop()
+
+
+@run
 async def test_a_peer_that_drops_each_connection_at_once_is_dialed_ever_less_often(
         monkeypatch):
     """Connections that authenticate and are closed at once do not start over from
     ``backoff_min`` each time: the dials keep backing off."""
-    from fastraft.transport import tcp
-    authenticated = tcp._Inbound.authenticated
-
-    def then_close(self, peer_id, address):
-        # closed a moment after the dialer saw its welcome: authenticated, then dropped
-        asyncio.get_running_loop().call_later(0.02, self.close)
-        return authenticated(self, peer_id, address)
-    monkeypatch.setattr(tcp._Inbound, "authenticated", then_close)
+    close_each_connection_after_its_handshake(monkeypatch)
     b = TcpNetwork(2, "127.0.0.1:0")
     await b.start(Sink())
     a = TcpNetwork(1, "127.0.0.1:0", backoff_min=0.001, backoff_max=1.0)

@@ -16,7 +16,7 @@ and one connection per peer process for all of them.
 A malformed, truncated or oversized frame closes that connection (one log line); the node
 keeps serving. A slow or unreachable peer costs only its own bounded queue: past the bound
 the oldest messages are dropped, which Raft tolerates. Reconnects back off exponentially
-with jitter.
+with jitter; a peer that dials us is dialed back at once (it is up).
 
 A connection whose data stays unacknowledged for ``unacked_timeout`` is given up
 (``TCP_USER_TIMEOUT``) and dialed again, as is a dial not answered in ``connect_timeout``:
@@ -248,6 +248,10 @@ class _Peer:
         self.retry_delay = net.backoff_min
         #: Loop time the connection of this dial was authenticated (None: not yet).
         self.connected_at: float | None = None
+        #: Resolved to cut the pause before the next dial short (``peer_up``).
+        self._wake: asyncio.Future[None] | None = None
+        #: ``peer_up`` cut a pause short since the last connection that lived.
+        self.woken = False
         assert net._loop is not None  # peers are made once the network started
         self.loop = net._loop
         self.connect_task = self.loop.create_task(self._connect_loop())
@@ -346,8 +350,29 @@ class _Peer:
                     # the last one reached (a peer that drops each connection at once
                     # still backs off).
                     self.retry_delay = net.backoff_min
-            await asyncio.sleep(self.retry_delay * (0.5 + net.rng.random()))
+                    self.woken = False
+            await self._pause(self.retry_delay * (0.5 + net.rng.random()))
             self.retry_delay = min(self.retry_delay * 2, net.backoff_max)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before the next dial, or until ``peer_up``."""
+        wake = self._wake = self.loop.create_future()
+        timer = self.loop.call_later(delay, _resolve, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wake = None
+
+    def peer_up(self) -> None:
+        """The peer just dialed us, so it is up: a dial waiting out its backoff goes now
+        (a node that starts after us hears from us at once, not up to 1.5 backoff_max
+        later). Once per outage: two peers that each drop the other's connections would
+        otherwise wake each other's dials back and forth with no pause at all."""
+        wake = self._wake
+        if wake is not None and not wake.done() and not self.woken:
+            self.woken = True
+            wake.set_result(None)
 
     def connected(self, link: _Outbound) -> None:
         """The handshake with the peer succeeded: send what is queued, from now on."""
@@ -425,6 +450,9 @@ class _Inbound(Link):
         for conn in [c for c in net._inbound if c.peer_id == peer_id and c is not self]:
             conn.close()
         net.connections_from[peer_id] += 1
+        peer = net._peers.get(peer_id)
+        if peer is not None:
+            peer.peer_up()
         return True
 
     def lost(self) -> None:
@@ -455,6 +483,11 @@ class _Inbound(Link):
             elif messages:
                 node.receive(peer_id, messages)
         return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _sections(frame: memoryview) -> list[tuple[int, list[Any]]]:

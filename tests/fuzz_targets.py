@@ -351,7 +351,8 @@ def main() -> int:
                         help="run one target under atheris (libFuzzer arguments after --)")
     args, rest = parser.parse_known_args()
     import logging
-    logging.getLogger("fastraft.filestorage").setLevel(logging.ERROR)  # a line per input
+    for name in ("fastraft.filestorage", "fastraft.sharedwal"):  # a line per input
+        logging.getLogger(name).setLevel(logging.ERROR)
     if args.atheris:
         import atheris
         target = TARGETS[args.atheris]

@@ -52,7 +52,7 @@ async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
     print(f"fastraft demo: {n} nodes on 127.0.0.1, {args.inflight} writes in flight, "
           f"{'FileStorage in ' + args.data_dir if args.data_dir else 'memory storage'}")
     cluster.start_all()
-    clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+    clients = {i: await cluster.connect(i) for i in cluster.ids}
     t0 = time.monotonic()
     leader = await find_leader(clients, 30)
     print(f"  leader elected: node {leader} after {time.monotonic() - t0:.2f}s "
@@ -144,7 +144,7 @@ async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
         await asyncio.sleep(max(0.0, (stop_at - time.monotonic()) / 3))
         state["phase"] = f"restarted node {victim}"
         cluster.start(victim)
-        clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
+        clients[victim] = await cluster.connect(victim)
 
     started = time.monotonic()
     await asyncio.gather(watcher(), chaos(), *[reader() for _ in range(4)],

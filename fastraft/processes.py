@@ -1,20 +1,28 @@
 """``ProcessCluster``: ``fastraft node`` processes on 127.0.0.1, for demos and tests.
 
 Only processes it started are ever signalled, by their pid; ``stop_all`` ends them all.
+Each cluster has a cluster id of its own: clusters started side by side (tests run by
+several processes) refuse each other's nodes and clients even when one picks a port
+another's stopped node used and will bind again.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from fastraft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastraft.kvservice import KVClient
 
 #: Lowest port ``free_ports`` hands out when it picks its own.
 LOWEST_PORT = 10_000
@@ -82,6 +90,8 @@ class ProcessCluster:
                  hosts: dict[int, str] | None = None,
                  command_prefix: Callable[[int], list[str]] | None = None) -> None:
         self.ids = list(range(1, n + 1))
+        #: Passed to every node (``--cluster-id``) and client (``connect``).
+        self.cluster_id = f"fastraft-{secrets.token_hex(6)}"
         layout = os.path.join(data_dir, "cluster.json") if data_dir else None
         if hosts is not None:
             self.raft = {i: f"{hosts[i]}:{self.RAFT_PORT}" for i in self.ids}
@@ -95,6 +105,8 @@ class ProcessCluster:
                                   f"not {n}")
             self.raft = {int(k): v for k, v in saved["raft"].items()}
             self.client = {int(k): v for k, v in saved["client"].items()}
+            # a layout written before clusters had ids of their own: the nodes' default
+            self.cluster_id = saved.get("cluster_id", "fastraft")
         else:
             ports = free_ports(2 * n)
             self.raft = {i: f"127.0.0.1:{ports[i - 1]}" for i in self.ids}
@@ -102,7 +114,8 @@ class ProcessCluster:
             if layout:
                 os.makedirs(os.path.dirname(layout), exist_ok=True)
                 with open(layout, "w") as f:
-                    json.dump({"raft": self.raft, "client": self.client}, f)
+                    json.dump({"raft": self.raft, "client": self.client,
+                               "cluster_id": self.cluster_id}, f)
         self.workdir = workdir
         self.data_dir = data_dir
         self.extra_args = extra_args or []
@@ -118,12 +131,19 @@ class ProcessCluster:
                "--cluster", ",".join(f"{k}={a}" for k, a in self.raft.items()),
                "--client", self.client[i],
                "--clients", ",".join(f"{k}={a}" for k, a in self.client.items()),
-               *self.extra_args, *extra_args]
+               "--cluster-id", self.cluster_id, *self.extra_args, *extra_args]
         if self.data_dir:
             cmd += ["--data-dir", os.path.join(self.data_dir, f"node-{i}")]
         with open(os.path.join(self.workdir, f"node-{i}.log"), "ab") as logf:
             self.procs[i] = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL)
+
+    async def connect(self, i: int, **options: Any) -> KVClient:
+        """A client of node ``i``'s client port, retrying until it answers (``options``
+        as for ``KVClient.connect_retrying``)."""
+        from fastraft.kvservice import KVClient
+        return await KVClient.connect_retrying(self.client[i], cluster_id=self.cluster_id,
+                                               **options)
 
     def start_all(self) -> None:
         for i in self.ids:

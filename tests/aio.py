@@ -39,6 +39,15 @@ async def until_applied(clients, index: int, timeout: float = 30.0) -> None:
     await until(caught_up, f"node applying {index}", timeout)
 
 
+async def until_knows_leader(client, node: int, leader: int, timeout: float = 10.0) -> None:
+    """Poll node ``node``'s status through ``client`` until it names ``leader``: a node
+    that started (or restarted) last may not have heard from the leader yet, and then
+    rightly answers not_leader without one."""
+    async def knows():
+        return (await client.status())["leader_id"] == leader
+    await until(knows, f"node {node} knowing leader {leader}", timeout)
+
+
 async def put_retrying(clients, key):
     """Put ``key`` through whoever leads; an election in between (ProposalDropped, not
     leader, a closed connection) means it may or may not be in: write it again."""

@@ -17,6 +17,7 @@ every group started.
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -60,7 +61,11 @@ async def main(args):
     cluster = parse_cluster(args.cluster)
     wal = SharedWAL(os.path.join(args.data_dir, str(args.id)))
     many = args.groups > MANY
-    host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id]),
+    # a cluster id of its own (its addresses): hosts of another test that picked a port
+    # of a host of this one while it was down are refused, not mixed in
+    cluster_id = "hosts-" + hashlib.sha256(args.cluster.encode()).hexdigest()[:12]
+    host = RaftHost(args.id, network=TcpNetwork(args.id, cluster[args.id],
+                                                cluster_id=cluster_id),
                     config=MANY_CONFIG if many else CONFIG, storage=wal.group,
                     balance_interval=0.5, max_campaigns=args.max_campaigns)
     await host.start()

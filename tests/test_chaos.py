@@ -49,14 +49,16 @@ WORKERS = 6
 class Connections:
     """One worker's connections to every node, opened again after a loss."""
 
-    def __init__(self, addresses: dict[int, str]) -> None:
+    def __init__(self, addresses: dict[int, str], cluster_id: str) -> None:
         self.addresses = addresses
+        self.cluster_id = cluster_id
         self.open: dict[int, KVClient] = {}
 
     async def to(self, i: int) -> KVClient:
         c = self.open.get(i)
         if c is None or c.closed:
-            c = self.open[i] = await KVClient.connect(self.addresses[i], timeout=0.5)
+            c = self.open[i] = await KVClient.connect(self.addresses[i], timeout=0.5,
+                                                        cluster_id=self.cluster_id)
         return c
 
     def close(self) -> None:
@@ -68,8 +70,10 @@ class Workload:
     """Workers put unique values to a few shared keys (and to keys of their own, written
     once, for the durability check) and read them back from any node."""
 
-    def __init__(self, addresses: dict[int, str], seed: int, groups: int = 1) -> None:
+    def __init__(self, addresses: dict[int, str], cluster_id: str, seed: int,
+                 groups: int = 1) -> None:
         self.addresses = addresses
+        self.cluster_id = cluster_id
         self.groups = groups
         self.history = History()
         self.rng = random.Random(seed)
@@ -80,7 +84,7 @@ class Workload:
 
     async def worker(self, w: int) -> None:
         rng = random.Random(self.rng.random())
-        conns = Connections(self.addresses)
+        conns = Connections(self.addresses, self.cluster_id)
         ids = sorted(self.addresses)
         process = w * 1_000_000
         #: Where to send the writes of each group (the shard of a key).
@@ -171,7 +175,7 @@ class Nemesis:
         #: and whose membership changes (None: the nodes' only group).
         self.groups = groups
         self.group: int | None = None
-        self.admin = Connections(cluster.client)
+        self.admin = Connections(cluster.client, cluster.cluster_id)
 
     async def leader(self) -> int | None:
         clients = {}
@@ -322,7 +326,7 @@ class Nemesis:
 async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: float = 60.0):
     """After healing: on every node, a linearizable read of every key (into the history)
     and of every acknowledged unique key."""
-    clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+    clients = {i: await cluster.connect(i) for i in cluster.ids}
     try:
         leader = await find_leader(clients, timeout=timeout)
         target = (await clients[leader].status())["commit_index"]
@@ -389,10 +393,10 @@ async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
         command_prefix=network.command_prefix if network else None)
     nemesis = Nemesis(cluster, network, rng, str(tmp_path / "nemesis.log"), groups)
     nemesis.note(f"seed {seed} {' '.join(options)}")
-    workload = Workload(cluster.client, seed, groups)
+    workload = Workload(cluster.client, cluster.cluster_id, seed, groups)
     try:
         cluster.start_all()
-        probe = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        probe = {i: await cluster.connect(i) for i in cluster.ids}
         await find_leader(probe)
         for c in probe.values():
             c.close()

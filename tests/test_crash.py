@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from fastraft.kvservice import ClientError, KVClient, find_leader
+from fastraft.kvservice import ClientError, find_leader
 from fastraft.processes import ProcessCluster
 
-from aio import put_retrying, run, until_applied
+from aio import put_retrying, run, until_applied, until_knows_leader
 
 ROUNDS = int(os.environ.get("FASTRAFT_CRASH_ROUNDS", "3"))
 
@@ -71,7 +71,7 @@ async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_, sn
     try:
         for life in range(2):
             cluster.start(1)
-            client = await KVClient.connect_retrying(cluster.client[1])
+            client = await cluster.connect(1)
             await find_leader({1: client})
             await check_survivors(client, acked, sent)
             await write_until_killed(client, acked, sent, f"r{life}-",
@@ -79,7 +79,7 @@ async def test_single_node_kill_9_keeps_acknowledged_writes(tmp_path, round_, sn
             client.close()
         assert len(acked) > 10
         cluster.start(1)
-        client = await KVClient.connect_retrying(cluster.client[1])
+        client = await cluster.connect(1)
         await find_leader({1: client})
         await check_survivors(client, acked, sent)
         client.close()
@@ -96,7 +96,7 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
     acked, sent = {}, []
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         leader = await find_leader(clients)
 
         def kill_all():
@@ -107,11 +107,12 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
             c.close()
         assert len(acked) > 10
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         leader = await find_leader(clients)
         await check_survivors(clients[leader], acked, sent)
         # followers serve the same data through linearizable reads
         follower = next(i for i in cluster.ids if i != leader)
+        await until_knows_leader(clients[follower], follower, leader)
         last = max(acked, key=acked.get)
         assert (await clients[follower].request("get", last)).version == acked[last]
         for c in clients.values():
@@ -133,7 +134,7 @@ async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_wr
     clients = {}
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         for round_ in range(ROUNDS):
             leader = await find_leader(clients)
             victim = rng.choice(sorted(cluster.ids))
@@ -145,7 +146,7 @@ async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_wr
                 sent.append(key)
                 acked[key] = await put_retrying(clients, key)
             cluster.start(victim)
-            clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
+            clients[victim] = await cluster.connect(victim)
         leader = await find_leader(clients)
         await check_survivors(clients[leader], acked, sent)
         target = (await clients[leader].status())["commit_index"]

@@ -224,14 +224,14 @@ FLOOD_RSS_MIB = 32
 async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_path):
     import random
 
-    from fastraft.kvservice import ClientError, KVClient, find_leader
+    from fastraft.kvservice import ClientError, find_leader
     from fastraft.processes import ProcessCluster, memory_mib
 
     cluster = ProcessCluster(3, str(tmp_path))
     conns = []
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         leader = await find_leader(clients)
         term = (await clients[leader].status())["term"]
         await clients[leader].put("warm", b"up")

@@ -42,12 +42,14 @@ async def test_a_flood_of_puts_is_answered_without_losing_leadership(tmp_path):
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         leader = await find_leader(clients)
         term = (await clients[leader].status())["term"]
         single = await asyncio.wait_for(
             asyncio.gather(*pipeline(clients[leader], 200_000, "one-")), 50)
-        many_clients = [await KVClient.connect(cluster.client[leader]) for _ in range(10)]
+        many_clients = [await KVClient.connect(cluster.client[leader],
+                                               cluster_id=cluster.cluster_id)
+                        for _ in range(10)]
         futures = [f for k, c in enumerate(many_clients)
                    for f in pipeline(c, 20_000, f"c{k}-")]
         many = await asyncio.wait_for(asyncio.gather(*futures), 50)

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import http_get
 
-from fastraft.kvservice import ClientError, KVClient, find_leader, shard_of
+from fastraft.kvservice import ClientError, find_leader, shard_of
 from fastraft.processes import ProcessCluster, free_ports
 
-from aio import run, until, until_applied
+from aio import put_retrying, run, until, until_applied, until_knows_leader
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def cluster(tmp_path):
 
 
 async def connect_all(cluster, ids=None):
-    return {i: await KVClient.connect_retrying(cluster.client[i])
+    return {i: await cluster.connect(i)
             for i in (ids or cluster.ids)}
 
 
@@ -59,14 +59,9 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
     acked = {}
     for k in range(200):
         acked[f"a{k}"] = await clients[leader].put(f"a{k}", b"A%d" % k)
-    # a write from a follower is redirected to the leader, once the follower knows it (a
-    # node that started last may not have heard from it yet: the leader redials a peer
-    # it could not reach at a growing pace, up to TcpNetwork's backoff_max)
+    # a write from a follower is redirected to the leader, once the follower knows it
     follower = next(i for i in cluster.ids if i != leader)
-
-    async def follower_knows_leader():
-        return (await clients[follower].status())["leader_id"] == leader
-    await until(follower_knows_leader, f"node {follower} knowing leader {leader}", 10)
+    await until_knows_leader(clients[follower], follower, leader)
     with pytest.raises(ClientError) as info:
         await clients[follower].put("x", b"y")
     assert info.value.error == "not_leader" and info.value.leader == leader
@@ -84,7 +79,7 @@ async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
             assert resp.version == acked[key] and resp.value[:1] == key[:1].upper().encode()
 
     cluster.start(leader)  # restart the crashed node: it catches up from the leader
-    clients[leader] = await KVClient.connect_retrying(cluster.client[leader])
+    clients[leader] = await cluster.connect(leader)
     target = (await clients[new].status())["commit_index"]
 
     await until_applied([clients[leader]], target)
@@ -114,7 +109,7 @@ async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_p
             last = await clients[leader].put(f"b{k}", b"B%d" % k)
         assert (await clients[leader].status())["snapshot_index"] > behind
         cluster.start(follower)
-        clients[follower] = await KVClient.connect_retrying(cluster.client[follower])
+        clients[follower] = await cluster.connect(follower)
         await until_applied([clients[follower]], last)
         status = await clients[follower].status()
         assert status["snapshot_index"] > behind  # it got a snapshot, not the entries
@@ -199,15 +194,16 @@ async def leader_of(cluster):
 
 def test_status_command_prints_a_nodes_status(cluster):
     leader = asyncio.run(leader_of(cluster))
-    out = subprocess.run([sys.executable, "-m", "fastraft", "status", "--address",
-                          cluster.client[leader]], capture_output=True, text=True, timeout=30)
+    out = fastraft_cli(cluster, "status", "--address", cluster.client[leader])
     assert out.returncode == 0, out.stderr
     assert '"role": "leader"' in out.stdout and f'"leader_id": {leader}' in out.stdout
 
 
-def fastraft_cli(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "fastraft", *args], capture_output=True,
-                          text=True, timeout=timeout)
+def fastraft_cli(cluster, *args, timeout=30):
+    """``fastraft *args`` against ``cluster`` (its cluster id), run to its end."""
+    return subprocess.run([sys.executable, "-m", "fastraft", *args, "--cluster-id",
+                           cluster.cluster_id], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
@@ -227,20 +223,20 @@ def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
                 c.close()
     leader = asyncio.run(leader_of(cluster))
     others = sorted(set(cluster.ids) - {leader})
-    out = fastraft_cli("member", "remove", str(leader), "--cluster", everyone, timeout=90)
+    out = fastraft_cli(cluster, "member", "remove", str(leader), "--cluster", everyone, timeout=90)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.splitlines() == [
         f"the group: node {leader} removed (leadership handed to node {others[0]} first)"]
     assert asyncio.run(leader_and_voters()) == (others[0], others)
-    out = fastraft_cli("member", "add", str(leader), cluster.raft[leader], "--cluster",
+    out = fastraft_cli(cluster, "member", "add", str(leader), cluster.raft[leader], "--cluster",
                        everyone, timeout=90)
     assert out.returncode == 0, out.stderr + out.stdout
     assert out.stdout.splitlines() == [f"the group: node {leader} added as a voter"]
     assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
-    out = fastraft_cli("member", "add", str(leader), cluster.raft[leader], "--cluster",
+    out = fastraft_cli(cluster, "member", "add", str(leader), cluster.raft[leader], "--cluster",
                        everyone)
     assert out.stdout.splitlines() == [f"the group: node {leader} is already a voter"]
-    out = fastraft_cli("member", "remove", "9", "--cluster", everyone)
+    out = fastraft_cli(cluster, "member", "remove", "9", "--cluster", everyone)
     assert out.returncode == 0 and out.stdout.splitlines() == ["the group: node 9 is not a member"]
     assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
 
@@ -250,7 +246,7 @@ def test_cluster_status_table_and_kv_commands(cluster):
     named) and ``fastraft kv put|get|del`` against a running 3-node cluster."""
     leader = asyncio.run(leader_of(cluster))
     everyone = ",".join(cluster.client[i] for i in cluster.ids)
-    out = fastraft_cli("status", "--cluster", everyone)
+    out = fastraft_cli(cluster, "status", "--cluster", everyone)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT",
@@ -260,32 +256,33 @@ def test_cluster_status_table_and_kv_commands(cluster):
     assert all(row[4] == str(leader) for row in rows.values())
     assert rows[leader][8] == "-"
     assert all(row[8].endswith("ms") for i, row in rows.items() if i != leader)
-    out = fastraft_cli("status", "--cluster", everyone, "--json")
+    out = fastraft_cli(cluster, "status", "--cluster", everyone, "--json")
     assert [r["id"] for r in json.loads(out.stdout)] == cluster.ids
     dead = "127.0.0.1:1"
-    out = fastraft_cli("status", "--cluster", everyone + "," + dead)
+    out = fastraft_cli(cluster, "status", "--cluster", everyone + "," + dead)
     assert out.returncode == 1
     assert any(line.split()[1:3] == [dead, "unreachable:"] for line in out.stdout.splitlines())
 
     # through a follower's address first: the leader is found among the others
     follower_first = ",".join(cluster.client[i] for i in sorted(
         cluster.ids, key=lambda i: i == leader))
-    put = fastraft_cli("kv", "put", "greeting", "hello", "--address", follower_first)
+    put = fastraft_cli(cluster, "kv", "put", "greeting", "hello", "--address", follower_first)
     assert put.returncode == 0 and put.stdout.startswith("version "), put.stderr
-    got = fastraft_cli("kv", "get", "greeting", "--address", follower_first)
+    got = fastraft_cli(cluster, "kv", "get", "greeting", "--address", follower_first)
     assert got.returncode == 0 and got.stdout == "hello\n", got.stderr
     # one follower's address alone: its not-leader reply names the leader's client port
     follower = next(i for i in cluster.ids if i != leader)
-    put = fastraft_cli("kv", "put", "greeting", "hi", "--address", cluster.client[follower])
+    put = fastraft_cli(cluster, "kv", "put", "greeting", "hi", "--address",
+                       cluster.client[follower])
     assert put.returncode == 0 and put.stdout.startswith("version "), put.stderr
-    got = fastraft_cli("kv", "get", "greeting", "--address", cluster.client[follower])
+    got = fastraft_cli(cluster, "kv", "get", "greeting", "--address", cluster.client[follower])
     assert got.returncode == 0 and got.stdout == "hi\n", got.stderr
-    assert fastraft_cli("kv", "del", "greeting", "--address", everyone).returncode == 0
-    gone = fastraft_cli("kv", "get", "greeting", "--address", everyone)
+    assert fastraft_cli(cluster, "kv", "del", "greeting", "--address", everyone).returncode == 0
+    gone = fastraft_cli(cluster, "kv", "get", "greeting", "--address", everyone)
     assert gone.returncode == 1 and "is not set" in gone.stderr
-    bad = fastraft_cli("kv", "put", "k", "--address", everyone)
+    bad = fastraft_cli(cluster, "kv", "put", "k", "--address", everyone)
     assert bad.returncode == 2 and "kv put takes KEY VALUE" in bad.stderr
-    nobody = fastraft_cli("kv", "get", "k", "--address", dead)
+    nobody = fastraft_cli(cluster, "kv", "get", "k", "--address", dead)
     assert nobody.returncode == 2 and "no leader among" in nobody.stderr
 
 
@@ -303,7 +300,7 @@ def test_node_serves_metrics_and_health_and_logs_json(tmp_path):
         c.start(i, ["--metrics", f"127.0.0.1:{ports[i]}"])
     try:
         leader = asyncio.run(leader_of(c))
-        assert fastraft_cli("kv", "put", "k", "v", "--address", c.client[leader]).returncode == 0
+        assert fastraft_cli(c, "kv", "put", "k", "v", "--address", c.client[leader]).returncode == 0
 
         def scrape(i):
             status, text = http_get(f"http://127.0.0.1:{ports[i]}/metrics")
@@ -414,7 +411,7 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
         keys = [f"key{k}" for k in range(40)]
         acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
         cluster.start(4, init=False)
-        clients[4] = await KVClient.connect_retrying(cluster.client[4])
+        clients[4] = await cluster.connect(4)
         for g in range(4):
             await on_its_leader(
                 clients, lambda c, g=g: c.add_learner(4, cluster.raft[4], group=g))
@@ -464,7 +461,7 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
         return (await clients[leader].status(group=g))["membership"]
 
     def member(*args):
-        return fastraft_cli("member", *args, "--cluster", members, timeout=120)
+        return fastraft_cli(cluster, "member", *args, "--cluster", members, timeout=120)
     [metrics_port] = free_ports(1)
     try:
         for i in (1, 2, 3):
@@ -551,7 +548,7 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         assert status["host"]["groups"] == 4 and status["host"]["leading"] == 1
         # the command line's view of the hosts: groups and how many each leads
         table = (await asyncio.to_thread(
-            fastraft_cli, "status", "--cluster", ",".join(cluster.client.values()))).stdout
+            fastraft_cli, cluster, "status", "--cluster", ",".join(cluster.client.values()))).stdout
         head, *lines = [line.split() for line in table.splitlines()]
         assert head == ["ID", "ADDRESS", "GROUPS", "LEADING", "QUIET", "CAMPAIGNING",
                         "FAILED", "SUSPECTED"]
@@ -559,12 +556,12 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
             ("1", "4", "2", "0", "-"), ("2", "4", "1", "0", "-"), ("3", "4", "1", "0", "-")]
         # the command line's view of one group: group 2's leader is node 3
         rows = json.loads((await asyncio.to_thread(
-            fastraft_cli, "status", "--cluster", ",".join(cluster.client.values()),
+            fastraft_cli, cluster, "status", "--cluster", ",".join(cluster.client.values()),
             "--group", "2", "--json")).stdout)
         assert [(r["id"], r["group"], r["role"]) for r in rows] == \
             [(1, 2, "follower"), (2, 2, "follower"), (3, 2, "leader")]
-        done = await asyncio.to_thread(fastraft_cli, "status", "--address", cluster.client[1],
-                                       "--group", "4")
+        done = await asyncio.to_thread(fastraft_cli, cluster, "status", "--address",
+                                       cluster.client[1], "--group", "4")
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert "serves groups 0 to 3, not group 4" in done.stderr
         assert status["kv_keys"] == len(keys)
@@ -592,7 +589,7 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         # (say an address changed): it restarts each group on what its WAL holds
         changed = ",".join(f"{i}={a}" for i, a in cluster.raft.items()) + ",4=127.0.0.1:9"
         cluster.start(1, ["--cluster", changed])
-        clients[1] = await KVClient.connect_retrying(cluster.client[1])
+        clients[1] = await cluster.connect(1)
         for key in keys:  # linearizable: the restarted node's reads see every write
             resp = await get_retrying(clients[1], key)
             assert (resp.value, resp.version) == (key.encode() + b"!", acked[key])
@@ -600,3 +597,49 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
         for c in clients.values():
             c.close()
         cluster.stop_all()
+
+
+@run
+async def test_a_cluster_on_a_stopped_nodes_port_of_another_is_not_mixed_in(tmp_path):
+    """Tests run side by side, and a test may pick free ports while another's node is
+    down: its node 2 on that node's Raft port is dialed by the other cluster's nodes as
+    their node 2 (same node id, and once the same default cluster id). A CI run failed
+    so, as it seems: a new cluster's log held 32 entries nobody had written to it, and a
+    test killing and restarting nodes beside it found no leader for 30 s. Each
+    ``ProcessCluster`` has a cluster id of its own: such dials are refused (logged), and
+    no entry of one cluster enters the other's log."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ProcessCluster(3, str(tmp_path / "a"))
+    b = ProcessCluster(3, str(tmp_path / "b"))
+    b.raft[2], b.client[2] = a.raft[2], a.client[2]  # b's node 2 on a's node 2's ports
+    clients_a: dict = {}
+    clients_b: dict = {}
+    try:
+        a.start_all()
+        clients_a = {i: await a.connect(i) for i in a.ids}
+        for k in range(20):
+            await put_retrying(clients_a, f"a{k}")
+        a.kill(2)
+        clients_a.pop(2).close()
+        b.start_all()
+        clients_b = {i: await b.connect(i) for i in b.ids}
+        await put_retrying(clients_b, "b")
+
+        async def refused():  # a's nodes dial their node 2 again at their backoff's pace
+            return "peer belongs to cluster" in b.log(2)
+        await until(refused, "b's node 2 refusing a's nodes", 15)
+        for k in range(20, 40):  # a's leader sends these to whoever is at its node 2's port
+            await put_retrying(clients_a, f"a{k}")
+        b_leader = await find_leader(clients_b)
+        await until_applied(clients_b.values(), 3)
+        # b holds its own entries only: its founding configuration, its leaders' no-ops
+        # and the one put; each of a's puts would be one more
+        assert [(await c.status())["last_index"] < 10 for c in clients_b.values()] == \
+            [True] * 3
+        assert (await clients_b[b_leader].get("a0")) is None
+    finally:
+        for c in [*clients_a.values(), *clients_b.values()]:
+            c.close()
+        a.stop_all()
+        b.stop_all()

@@ -281,14 +281,14 @@ async def test_a_poison_entry_stops_every_node_loudly(tmp_path):
     """A state machine that raises on a committed entry: every node that applies it
     exits with code 3 naming the entry (a supervisor sees it; no zombie), the client is
     told; a node that never learned the entry committed cannot apply it."""
-    from fastraft.kvservice import ClientError, KVClient, find_leader
+    from fastraft.kvservice import ClientError, find_leader
     from fastraft.processes import ProcessCluster
 
     cluster = ProcessCluster(3, str(tmp_path), extra_args=[
         "--state-machine", "fastraft.testing.faulty:PoisonKV"])
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         leader = await find_leader(clients)
         index = await clients[leader].put("fine", b"1") + 1
         with pytest.raises((ClientError, ConnectionError)) as info:
@@ -347,7 +347,7 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
     """A follower's WAL is damaged in the middle: it refuses to start; with --repair it
     keeps its intact prefix, rejoins as 'recovering' (no votes, no campaigns), is caught
     up by the leader, and serves every acknowledged write again."""
-    from fastraft.kvservice import KVClient, find_leader
+    from fastraft.kvservice import find_leader
     from fastraft.processes import ProcessCluster
 
     data = tmp_path / "data"
@@ -356,7 +356,7 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
     acked = {}
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i]) for i in cluster.ids}
+        clients = {i: await cluster.connect(i) for i in cluster.ids}
         for k in range(150):  # an election may come soon after the start: write again
             acked[f"a{k}"] = await put_retrying(clients, f"a{k}")
         leader = await find_leader(clients)
@@ -376,7 +376,7 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
         for k in range(150):  # written while it is away
             acked[f"b{k}"] = await clients[leader].put(f"b{k}", b"v")
         cluster.start(victim, ["--repair"])
-        clients[victim] = await KVClient.connect_retrying(cluster.client[victim])
+        clients[victim] = await cluster.connect(victim)
         assert "REPAIR" in cluster.log(victim)
         target = (await clients[leader].status())["commit_index"]
 

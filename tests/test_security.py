@@ -206,7 +206,7 @@ async def test_cli_nodes_and_status_with_a_secret_file(tmp_path):
     import subprocess
     import sys
 
-    from fastraft.kvservice import KVClient, find_leader
+    from fastraft.kvservice import find_leader
     from fastraft.processes import ProcessCluster
 
     secret_file = tmp_path / "secret"
@@ -214,13 +214,14 @@ async def test_cli_nodes_and_status_with_a_secret_file(tmp_path):
     cluster = ProcessCluster(3, str(tmp_path), extra_args=["--secret-file", str(secret_file)])
     try:
         cluster.start_all()
-        clients = {i: await KVClient.connect_retrying(cluster.client[i], secret=SECRET)
+        clients = {i: await cluster.connect(i, secret=SECRET)
                    for i in cluster.ids}
         leader = await find_leader(clients)
         assert await clients[leader].put("k", b"v") > 0
         for c in clients.values():
             c.close()
-        status = [sys.executable, "-m", "fastraft", "status", "--address", cluster.client[1]]
+        status = [sys.executable, "-m", "fastraft", "status", "--address", cluster.client[1],
+                  "--cluster-id", cluster.cluster_id]
         ok = await asyncio.to_thread(subprocess.run, status + ["--secret-file",
                                      str(secret_file)], capture_output=True, text=True)
         assert ok.returncode == 0 and '"role"' in ok.stdout

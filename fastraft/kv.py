@@ -173,7 +173,6 @@ class _View(Mapping[str, Any]):
 
     def __init__(self, table: _Table, side: int) -> None:
         self._table = table
-        self._shards = table.shards
         self._side = side
 
     def __getitem__(self, key: str) -> Any:
@@ -183,10 +182,10 @@ class _View(Mapping[str, Any]):
         return shard[self._side][key]
 
     def __iter__(self) -> Iterator[str]:
-        return chain.from_iterable(shard[0] for shard in self._shards.values())
+        return chain.from_iterable(shard[0] for shard in self._table.shards.values())
 
     def __len__(self) -> int:
-        return sum(len(shard[0]) for shard in self._shards.values())
+        return sum(len(shard[0]) for shard in self._table.shards.values())
 
 
 class _SnapshotStream(io.RawIOBase):

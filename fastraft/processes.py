@@ -141,6 +141,8 @@ class ProcessCluster:
     async def connect(self, i: int, **options: Any) -> KVClient:
         """A client of node ``i``'s client port, retrying until it answers (``options``
         as for ``KVClient.connect_retrying``)."""
+        # here, not at the top: the benchmark's nodes import this module for free_ports,
+        # and the client stack would add 50-100 ms to each one's start
         from fastraft.kvservice import KVClient
         return await KVClient.connect_retrying(self.client[i], cluster_id=self.cluster_id,
                                                **options)

@@ -24,8 +24,7 @@ def cluster(tmp_path):
 
 
 async def connect_all(cluster, ids=None):
-    return {i: await cluster.connect(i)
-            for i in (ids or cluster.ids)}
+    return {i: await cluster.connect(i) for i in (ids or cluster.ids)}
 
 
 def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():

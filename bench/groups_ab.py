@@ -2,7 +2,7 @@
 
     python bench/groups_ab.py --a /path/to/old/checkout --b . --storage file 1 16 64
 
-Each round runs 3 ``RaftHost`` processes (``fastraft.benchmark._host_cluster``: 1,024
+Each round runs 3 ``RaftHost`` processes (``fastraft.benchmark.clusters.host_cluster``: 1,024
 writes in flight over the groups, 100-byte writes, 3 s) for every group count, on A and
 then on B; a checkout is used through ``PYTHONPATH`` (build its extension in place
 first), so both run on the same interpreter. Prints each run, then the medians and B/A.
@@ -18,12 +18,15 @@ import sys
 
 RUN = r"""
 import json, shutil, sys, tempfile
-from fastraft import benchmark
+try:
+    from fastraft.benchmark.clusters import host_cluster
+except ImportError:  # a checkout from before the benchmark package (2026-12-01)
+    from fastraft.benchmark import _host_cluster as host_cluster
 storage, groups, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 workdir = tempfile.mkdtemp(prefix="fastraft-groups-ab-")
 try:
-    r = benchmark._host_cluster(3, storage, {"groups": groups, "in_flight": 1024,
-                                             "payload": 100, "seconds": seconds}, workdir)
+    r = host_cluster(3, storage, {"groups": groups, "in_flight": 1024,
+                                  "payload": 100, "seconds": seconds}, workdir)
 finally:
     shutil.rmtree(workdir, ignore_errors=True)
 print(json.dumps({k: r.get(k) for k in ("writes_per_s", "p50_ms", "p99_ms")}))

@@ -11,7 +11,7 @@ import json
 import tempfile
 import time
 
-from fastraft import benchmark
+from fastraft.benchmark.clusters import host_cluster
 from fastraft.host import DEFAULT_QUIESCE_AFTER
 
 
@@ -28,7 +28,7 @@ def main():
               "election_timeout_max": 3.0}
     for groups in args.groups:
         began = time.monotonic()
-        r = benchmark._host_cluster(3, "memory", {
+        r = host_cluster(3, "memory", {
             "groups": groups, "in_flight": 0, "payload": 100, "seconds": 0.1,
             "idle_seconds": args.idle_seconds, "warmup": 0.0, "config": config,
             "create_batch": 1000},

@@ -75,10 +75,15 @@ def kv_nodes(tmp_path, *args):
 def test_kv_example_over_http_with_a_leader_kill(tmp_path):
     url, procs, start = kv_nodes(tmp_path, "--snapshot-interval", "100")
 
+    def status(i):
+        """Node ``i``'s status, or None while its HTTP port is not up yet (curl: 0)."""
+        code, body = curl(f"{url[i]}/status")
+        return json.loads(body) if code == 200 else None
+
     def leader():
         for i in procs.procs:
-            code, body = curl(f"{url[i]}/status")
-            if code == 200 and json.loads(body)["role"] == "leader":
+            s = status(i)
+            if s is not None and s["role"] == "leader":
                 return i
         return None
     try:
@@ -87,8 +92,9 @@ def test_kv_example_over_http_with_a_leader_kill(tmp_path):
         wait_for(lambda: leader() is not None, "leader")
         first = leader()
         follower = next(i for i in (1, 2, 3) if i != first)
-        # a node that has not heard from the new leader yet answers 503 "no leader yet"
-        wait_for(lambda: json.loads(curl(f"{url[follower]}/status")[1])["leader_id"] == first,
+        # a node that has not heard from the new leader yet answers 503 "no leader yet";
+        # the follower may not even serve HTTP yet (its process started last)
+        wait_for(lambda: (status(follower) or {}).get("leader_id") == first,
                  "the follower to know its leader")
 
         # through a follower: -L follows the 307 to the leader, keeping method and body

@@ -12,6 +12,7 @@ from fastraft.errors import FastRaftError
 
 if TYPE_CHECKING:
     from fastraft.node import RaftNode
+
 _CDF_POINTS = [k / 100 for k in range(1, 100)] + [0.995, 0.999]
 _MAX_US = 2_000_000
 

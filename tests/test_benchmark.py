@@ -18,6 +18,8 @@ def test_a_multi_group_row_merges_what_every_host_reports(tmp_path):
     r = host_cluster(3, "file", load, str(tmp_path))
     assert r["writes"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"], r
     assert sum(r["leaders"]) == 3 and len(r["rss_mib"]) == 3, r
+    # every host worked while it was measured (a host's CPU is its whole process's)
+    assert len(r["load_cpu"]) == 3 and all(0 < c for c in r["load_cpu"]), r
     # the idle figures (their flatness is tests/test_host.py's; a loaded CI machine may
     # wake a group while they are counted)
     assert r["idle_frames_per_s"] > 0 and 0 <= r["quiet_groups"] <= 3, r

@@ -98,6 +98,8 @@ def host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
             # the busiest host's share of a core while idle
             "idle_cpu": max(h["idle_cpu"] for h in hosts),
             "rss_mib": [h["rss_mib"] for h in hosts],
+            # each host's share of a core while the load was measured
+            "load_cpu": [h["load_cpu"] for h in hosts],
             "balanced": all(h["balanced"] for h in hosts),
             "leaders": [h["led"] for h in hosts],
             **({"leadership_lost": lost[0]} if lost else {})}

@@ -133,8 +133,19 @@ async def bench_host(args: argparse.Namespace) -> None:
     lat = Latencies()
     lost: list[str] = []
     groups_written = [led[k % len(led)] for k in range(writers)] if led else []
-    await asyncio.gather(*[write_back_to_back(host.group(g).propose, data, start, stop,
-                                               lat.counts, lost, f"group {g}: ")
+    load_cpu: list[float] = []
+
+    async def sample_cpu() -> None:
+        """This process's share of a core over the measured span: whether the hosts
+        keep the cores busy, or wait on each other's rounds."""
+        await asyncio.sleep(warmup)
+        began, t = time.process_time(), clock()
+        await asyncio.sleep(max(0.0, stop - clock()))
+        load_cpu.append((time.process_time() - began) / (clock() - t))
+
+    await asyncio.gather(sample_cpu(),
+                         *[write_back_to_back(host.group(g).propose, data, start, stop,
+                                              lat.counts, lost, f"group {g}: ")
                            for g in groups_written])
     rss = rss_mib()
     # idle: a second to settle, and up to IDLE_SETTLE for every group here to go quiet
@@ -153,6 +164,7 @@ async def bench_host(args: argparse.Namespace) -> None:
     quiet = sum(1 for node in host.groups.values() if node.engine.quiet)
     print(json.dumps({"writes": lat.n, "seconds": seconds, "writers": writers,
                       "led": len(led), "balanced": balanced, "rss_mib": rss,
+                      "load_cpu": load_cpu[0],
                       "idle_messages_per_s": idle_rate, "idle_frames_per_s": idle_frames,
                       "idle_cpu": idle_cpu, "quiet": quiet,
                       "latencies_us": {us: c for us, c in enumerate(lat.counts) if c},

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         r = {"name": name, **info, **_median(runs)}
         results.append(r)
         lost = sum(1 for x in runs if x.get("leadership_lost"))
-        hosts = (f"  idle {_fmt(r['idle_messages_per_s'])} msgs/s "
+        hosts = ("  CPU per host " + "/".join(f"{c:.0%}" for c in r["load_cpu"])
+                 + f"; idle {_fmt(r['idle_messages_per_s'])} msgs/s "
                  f"{_fmt(r['idle_frames_per_s'])} frames/s, {r['idle_cpu']:.0%} of a "
                  f"core; RSS per host {max(r['rss_mib']):.0f} MiB"
                  if "idle_messages_per_s" in r else "")

@@ -52,7 +52,7 @@ async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
     print(f"fastraft demo: {n} nodes on 127.0.0.1, {args.inflight} writes in flight, "
           f"{'FileStorage in ' + args.data_dir if args.data_dir else 'memory storage'}")
     cluster.start_all()
-    clients = {i: await cluster.connect(i) for i in cluster.ids}
+    clients = await cluster.connect_all()
     t0 = time.monotonic()
     leader = await find_leader(clients, 30)
     print(f"  leader elected: node {leader} after {time.monotonic() - t0:.2f}s "

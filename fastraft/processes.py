@@ -147,6 +147,11 @@ class ProcessCluster:
         return await KVClient.connect_retrying(self.client[i], cluster_id=self.cluster_id,
                                                **options)
 
+    async def connect_all(self, ids: Sequence[int] | None = None,
+                          **options: Any) -> dict[int, KVClient]:
+        """``connect`` to each node of ``ids`` (all by default), by node id."""
+        return {i: await self.connect(i, **options) for i in (ids or self.ids)}
+
     def start_all(self) -> None:
         for i in self.ids:
             self.start(i)

@@ -326,7 +326,7 @@ class Nemesis:
 async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: float = 60.0):
     """After healing: on every node, a linearizable read of every key (into the history)
     and of every acknowledged unique key."""
-    clients = {i: await cluster.connect(i) for i in cluster.ids}
+    clients = await cluster.connect_all()
     try:
         leader = await find_leader(clients, timeout=timeout)
         target = (await clients[leader].status())["commit_index"]
@@ -396,7 +396,7 @@ async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
     workload = Workload(cluster.client, cluster.cluster_id, seed, groups)
     try:
         cluster.start_all()
-        probe = {i: await cluster.connect(i) for i in cluster.ids}
+        probe = await cluster.connect_all()
         await find_leader(probe)
         for c in probe.values():
             c.close()

@@ -96,7 +96,7 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
     acked, sent = {}, []
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
 
         def kill_all():
@@ -107,7 +107,7 @@ async def test_whole_cluster_killed_together_keeps_the_committed_prefix(tmp_path
             c.close()
         assert len(acked) > 10
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         await check_survivors(clients[leader], acked, sent)
         # followers serve the same data through linearizable reads
@@ -134,7 +134,7 @@ async def test_random_kills_in_a_snapshotting_cluster_keep_every_acknowledged_wr
     clients = {}
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         for round_ in range(ROUNDS):
             leader = await find_leader(clients)
             victim = rng.choice(sorted(cluster.ids))

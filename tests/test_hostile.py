@@ -231,7 +231,7 @@ async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_
     conns = []
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         term = (await clients[leader].status())["term"]
         await clients[leader].put("warm", b"up")

@@ -46,7 +46,7 @@ async def test_node_memory_stays_bounded_whatever_the_log_length(tmp_path):
                                          "--election-timeout", "1"])
     cluster.start_all()
     try:
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         last = await write_all(clients[leader], WRITES)
         await until_applied(list(clients.values()), last, timeout=60)

@@ -42,7 +42,7 @@ async def test_a_flood_of_puts_is_answered_without_losing_leadership(tmp_path):
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         term = (await clients[leader].status())["term"]
         single = await asyncio.wait_for(

@@ -59,7 +59,7 @@ async def test_a_follower_whose_answers_were_cut_hears_its_leader_soon_after_the
     clients: dict[int, KVClient] = {}
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         follower = min(i for i in cluster.ids if i != leader)
         await clients[leader].put("before", b"1")

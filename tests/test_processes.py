@@ -23,10 +23,6 @@ def cluster(tmp_path):
     c.stop_all()
 
 
-async def connect_all(cluster, ids=None):
-    return {i: await cluster.connect(i) for i in (ids or cluster.ids)}
-
-
 def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():
     import socket
 
@@ -53,7 +49,7 @@ def test_free_ports_gives_up_when_nothing_can_be_bound(monkeypatch):
 
 @run
 async def test_process_cluster_failover_restart_and_linearizable_reads(cluster):
-    clients = await connect_all(cluster)
+    clients = await cluster.connect_all()
     leader = await find_leader(clients)
     acked = {}
     for k in range(200):
@@ -95,7 +91,7 @@ async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_p
                              extra_args=["--snapshot-interval", "50"])
     try:
         cluster.start_all()
-        clients = await connect_all(cluster)
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         for k in range(100):
             await clients[leader].put(f"a{k}", b"A")
@@ -123,7 +119,7 @@ async def test_a_follower_far_behind_catches_up_through_a_snapshot_on_disk(tmp_p
 async def test_membership_changes_through_the_client_port(cluster):
     """Remove a voter and add it back through ``KVClient``; a change naming a stranger
     is refused with the reason."""
-    clients = await connect_all(cluster)
+    clients = await cluster.connect_all()
     leader = await find_leader(clients)
     other = next(i for i in cluster.ids if i != leader)
 
@@ -160,7 +156,7 @@ async def test_a_node_stopped_with_a_request_waiting_answers_it_and_logs_no_trac
     group = 0 if groups > 1 else None
     cluster.start_all()
     try:
-        clients = await connect_all(cluster)
+        clients = await cluster.connect_all()
         leader = await find_leader(clients, group=group)
         # a log longer than Config.max_learner_lag, so the learner is behind
         await asyncio.gather(*[clients[leader].append(b"v", group) for i in range(2000)])
@@ -184,7 +180,7 @@ async def test_a_node_stopped_with_a_request_waiting_answers_it_and_logs_no_trac
 
 
 async def leader_of(cluster):
-    clients = await connect_all(cluster)
+    clients = await cluster.connect_all()
     leader = await find_leader(clients)
     for c in clients.values():
         c.close()
@@ -213,7 +209,7 @@ def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
     everyone = ",".join(cluster.client[i] for i in cluster.ids)
 
     async def leader_and_voters():
-        clients = await connect_all(cluster)
+        clients = await cluster.connect_all()
         try:
             leader = await find_leader(clients)
             return leader, (await clients[leader].status())["membership"]["voters"]
@@ -406,7 +402,7 @@ async def test_a_node_joins_every_group_of_a_cluster_of_several_groups(tmp_path)
     try:
         for i in (1, 2, 3):
             cluster.start(i, ["--cluster", founders])
-        clients = await connect_all(cluster, ids=(1, 2, 3))
+        clients = await cluster.connect_all((1, 2, 3))
         keys = [f"key{k}" for k in range(40)]
         acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
         cluster.start(4, init=False)
@@ -467,7 +463,7 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
             cluster.start(i, ["--cluster", founders] + [
                 "--metrics", f"127.0.0.1:{metrics_port}", "--metrics-per-group"] * (i == 1))
         cluster.start(4, init=False)
-        clients = await connect_all(cluster)
+        clients = await cluster.connect_all()
         for g in range(3):
             await find_leader(clients, group=g)
         # node 1's /metrics has each group's own gauges (--metrics-per-group)
@@ -527,7 +523,7 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
     clients = {}
     try:
         cluster.start_all()
-        clients = await connect_all(cluster)
+        clients = await cluster.connect_all()
         keys = [f"key{k}" for k in range(40)]
         assert {shard_of(key, 4) for key in keys} == {0, 1, 2, 3}
         acked = {key: await put_on_its_leader(clients, key, key.encode()) for key in keys}
@@ -616,13 +612,13 @@ async def test_a_cluster_on_a_stopped_nodes_port_of_another_is_not_mixed_in(tmp_
     clients_b: dict = {}
     try:
         a.start_all()
-        clients_a = {i: await a.connect(i) for i in a.ids}
+        clients_a = await a.connect_all()
         for k in range(20):
             await put_retrying(clients_a, f"a{k}")
         a.kill(2)
         clients_a.pop(2).close()
         b.start_all()
-        clients_b = {i: await b.connect(i) for i in b.ids}
+        clients_b = await b.connect_all()
         await put_retrying(clients_b, "b")
 
         async def refused():  # a's nodes dial their node 2 again at their backoff's pace

@@ -288,7 +288,7 @@ async def test_a_poison_entry_stops_every_node_loudly(tmp_path):
         "--state-machine", "fastraft.testing.faulty:PoisonKV"])
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         leader = await find_leader(clients)
         index = await clients[leader].put("fine", b"1") + 1
         with pytest.raises((ClientError, ConnectionError)) as info:
@@ -356,7 +356,7 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
     acked = {}
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i) for i in cluster.ids}
+        clients = await cluster.connect_all()
         for k in range(150):  # an election may come soon after the start: write again
             acked[f"a{k}"] = await put_retrying(clients, f"a{k}")
         leader = await find_leader(clients)

@@ -214,8 +214,7 @@ async def test_cli_nodes_and_status_with_a_secret_file(tmp_path):
     cluster = ProcessCluster(3, str(tmp_path), extra_args=["--secret-file", str(secret_file)])
     try:
         cluster.start_all()
-        clients = {i: await cluster.connect(i, secret=SECRET)
-                   for i in cluster.ids}
+        clients = await cluster.connect_all(secret=SECRET)
         leader = await find_leader(clients)
         assert await clients[leader].put("k", b"v") > 0
         for c in clients.values():

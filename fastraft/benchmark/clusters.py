@@ -23,12 +23,25 @@ _ENTRY = ([os.environ["FASTRAFT_BENCH_ENTRY"]] if os.environ.get("FASTRAFT_BENCH
           else ["-m", "fastraft.benchmark"])
 
 
+def _loopback_cluster(n: int) -> str:
+    """A ``--cluster`` of ``n`` nodes on free ports of 127.0.0.1."""
+    ports = free_ports(n)
+    return ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
+
+
+def _kill(procs: list[subprocess.Popen[str]]) -> None:
+    """End the processes this run started (by pid), those still running by SIGKILL."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
 def node_cluster(n: int, module_args: list[str], load: dict[str, Any], workdir: str,
                  timeout: float = 120) -> dict[str, Any]:
     """Start n processes of ``python -m fastraft.benchmark <module_args>``; return the one
     JSON line the leader prints."""
-    ports = free_ports(n)
-    spec = ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
+    spec = _loopback_cluster(n)
     procs = []
     try:
         for i in range(1, n + 1):
@@ -49,18 +62,14 @@ def node_cluster(n: int, module_args: list[str], load: dict[str, Any], workdir: 
             time.sleep(0.05)
         raise TimeoutError("no leader reported a result")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _kill(procs)
 
 
 def host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
                  timeout: float = 180) -> dict[str, Any]:
     """``n`` bench-host processes; their results merged: writes summed, latencies of
     every write (one histogram), RSS and idle messages per host."""
-    ports = free_ports(n)
-    spec = ",".join(f"{i}=127.0.0.1:{ports[i - 1]}" for i in range(1, n + 1))
+    spec = _loopback_cluster(n)
     # time to create the groups and elect their leaders (slower when created in batches)
     per_s = 50 if load.get("create_batch") else 100
     load = dict(load, start_at=time.time() + 4 + load["groups"] / per_s)
@@ -75,10 +84,7 @@ def host_cluster(n: int, storage: str, load: dict[str, Any], workdir: str,
         reports = [pool.submit(p.stdout.readline) for p in procs]  # type: ignore[union-attr]
         done, _ = wait(reports, timeout)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _kill(procs)
         pool.shutdown()
     outs = [r.result() if r in done else "" for r in reports]
     hosts = [json.loads(o) for o in outs if o.strip()]

@@ -366,5 +366,5 @@ async def soak_hosts(hosts: Hosts, rng: random.Random,
             # quiet groups keep no entries in memory, and the host counts none awake
             # nor holding a part of the budget
             await wait_until(lambda: all_quiet(hosts), 20, "every group quiet")
-            assert all(h.metrics().log_cache_bytes == 0 and not h._awake and
-                       not h._load_share for h in hosts.hosts.values()), done
+            assert all(h.metrics().log_cache_bytes == 0 and not h._cache_budget.awake and
+                       not h._cache_budget.load_share for h in hosts.hosts.values()), done

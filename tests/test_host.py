@@ -739,8 +739,8 @@ async def test_quiet_groups_keep_no_log_cache_and_the_busy_ones_get_the_budget()
         await wait_until(lambda: all_quiet(hosts), 20)
         assert cached() == {1: 0, 2: 0, 3: 0}
         # nothing counted awake, nor holding a part of the budget
-        assert all(not h._awake and not h._load_share and not h._appended_at
-                   for h in hosts.hosts.values())
+        assert all(not b.awake and not b.load_share and not b.appended_at
+                   for b in (h._cache_budget for h in hosts.hosts.values()))
 
 
 def shares_within_budget(hosts, budget):
@@ -755,8 +755,8 @@ def shares_within_budget(hosts, budget):
 
 def keeps_most(hosts, g, budget):
     """Group ``g`` has more than a third of the budget on every host, all twelve awake."""
-    return all(h.group(g).engine.cache_budget > budget // 3 and len(h._awake) == len(GROUPS)
-               for h in hosts.hosts.values())
+    return all(h.group(g).engine.cache_budget > budget // 3
+               and len(h._cache_budget.awake) == len(GROUPS) for h in hosts.hosts.values())
 
 
 @run

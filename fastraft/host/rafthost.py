@@ -21,10 +21,8 @@ peer heard again, or one that connected anew (it restarted), is reminded who lea
 quiet groups led here: its replicas may have lost their leader, and quiet leaders send
 nothing otherwise. Any proposal, read or message wakes a quiet group.
 
-Leadership is spread across hosts: each group has a preferred leader (its voters in id
-order, picked by group id), and a host that leads a group whose preferred leader is
-caught up hands leadership to it (thesis §3.10). So leaders are balanced while every host
-is up, and after a host restarts its groups' leadership comes back to it.
+Leadership is spread across hosts (``balance``); with a ``log_cache_bytes`` budget the
+awake groups share it (``cachebudget``); ``metrics`` sums the groups' counters (``sums``).
 """
 from __future__ import annotations
 
@@ -44,16 +42,12 @@ from fastraft.errors import (
     NodeStopped,
     UnknownGroup,
 )
+from fastraft.host.balance import BALANCE_SCAN, Balancer, preferred_leader
+from fastraft.host.cachebudget import LogCacheBudget
+from fastraft.host.sums import HostSums
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
-from fastraft.node.metrics import (
-    COUNTERS,
-    HISTOGRAMS,
-    GroupFigures,
-    HistogramValue,
-    HostMetrics,
-    Recorder,
-)
+from fastraft.node.metrics import GroupFigures, HostMetrics
 from fastraft.node.raftnode import check_node_id
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
@@ -66,15 +60,10 @@ log = logging.getLogger("fastraft.host")
 MAX_GROUP_ID = (1 << 64) - 1
 #: ``Config.quiesce_after`` of a host's groups unless its ``config`` says otherwise.
 DEFAULT_QUIESCE_AFTER = 1.0
-#: Groups a balancing round looks at, taking turns: a round costs the same with 100,000.
-BALANCE_SCAN = 1024
 #: Groups ``gather_metrics`` sums between two turns of the event loop.
 METRICS_CHUNK = 256
 #: Groups of a host that may campaign at once unless its ``max_campaigns`` says otherwise.
 DEFAULT_MAX_CAMPAIGNS = 32
-#: How often, in seconds, the awake groups' shares of a host's log cache budget follow
-#: what each appended since.
-CACHE_LOAD_INTERVAL = 1.0
 #: Groups not created yet whose heartbeats a host keeps for their creation (the oldest
 #: go first): a host restarting creates its groups one by one while their leaders'
 #: hosts already remind it who leads.
@@ -82,90 +71,6 @@ EARLY_GROUPS = 10_000
 #: Senders whose last heartbeat a host keeps for each such group (the first heard go
 #: first): so at most EARLY_GROUPS * EARLY_SENDERS heartbeats (a few hundred bytes each).
 EARLY_SENDERS = 8
-
-
-def preferred_leader(group_id: int, voters: frozenset[int] | set[int]) -> int:
-    """The voter that should lead ``group_id``: groups with the same voters take turns."""
-    ordered = sorted(voters)
-    return ordered[group_id % len(ordered)]
-
-
-class _HostSums:
-    """A host's groups' counters, summed as they are added (``RaftHost.metrics``)."""
-
-    def __init__(self) -> None:
-        self.roles: Counter[str] = Counter()
-        self.counters = dict.fromkeys(COUNTERS, 0)
-        self.messages_in: Counter[str] = Counter()
-        self.messages_out: Counter[str] = Counter()
-        self.refused: Counter[str] = Counter()
-        self.quiet = self.without_leader = self.apply_lag = self.follower_lag = 0
-        self.log_cache_bytes = 0
-        #: Per histogram: its bounds, bucket counts, sum and count so far.
-        empty = Recorder()
-        self.histograms = {name: (getattr(empty, name).bounds, [0] * len(
-            getattr(empty, name).counts), [0.0, 0]) for name in HISTOGRAMS}
-
-    def add(self, node: RaftNode, host_id: int) -> None:
-        r = node._recorder
-        counters = self.counters
-        for name in COUNTERS:
-            counters[name] += getattr(r, name)
-        for kind, n in r.messages_in.items():
-            self.messages_in[kind.__name__] += n
-        for kind, n in r.messages_out.items():
-            self.messages_out[kind.__name__] += n
-        for name in HISTOGRAMS:
-            h = getattr(r, name)
-            if h.count:  # most are empty (durations are measured on request)
-                _, counts, totals = self.histograms[name]
-                for i, c in enumerate(h.counts):
-                    counts[i] += c
-                totals[0] += h.sum
-                totals[1] += h.count
-        role = node.role_name
-        self.roles[role] += 1
-        e = node.engine
-        if e is None or role == "stopped":
-            return
-        self.quiet += e.quiet
-        self.log_cache_bytes += e.log.cache_bytes
-        self.without_leader += e.leader_id is None
-        self.apply_lag = max(self.apply_lag, e.commit_index - node.applied_index)
-        if e.refused:
-            self.refused.update(e.refused)
-        if e.role == Role.LEADER:
-            last = e.log.last_index
-            for peer, pr in e.progress.items():
-                if peer != host_id:
-                    self.follower_lag = max(self.follower_lag, last - pr.match_index)
-
-    def result(self, host: RaftHost) -> HostMetrics:
-        c = self.counters
-        h = {name: HistogramValue(bounds, tuple(counts), float(totals[0]), int(totals[1]))
-             for name, (bounds, counts, totals) in self.histograms.items()}
-        stats = dict(host.network.stats)
-        return HostMetrics(
-            node_id=host.id, running=host._running, groups=len(host._groups),
-            roles=dict(self.roles), quiet=self.quiet, without_leader=self.without_leader,
-            apply_lag=self.apply_lag, follower_lag=self.follower_lag,
-            log_cache_bytes=self.log_cache_bytes, log_cache_share=host.log_cache_share,
-            suspected=tuple(sorted(host.suspected)),
-            transfers=host.transfers,
-            **host._campaign_figures(),
-            network=stats, proposals_accepted=c["proposals_accepted"],
-            proposals_dropped=c["proposals_dropped"],
-            proposals_overloaded=c["proposals_overloaded"],
-            elections_started=c["elections_started"], elections_won=c["elections_won"],
-            leader_changes=c["leader_changes"], reads_retried=c["reads_retried"],
-            messages_in=dict(self.messages_in),
-            messages_out=dict(self.messages_out), bytes_in=stats.get("bytes_in", 0),
-            bytes_out=stats.get("bytes_out", 0), refused=dict(self.refused),
-            commit_seconds=h["commit_seconds"], apply_batch_entries=h["apply_batch_entries"],
-            apply_seconds=h["apply_seconds"], log_write_seconds=h["log_write_seconds"],
-            log_write_entries=h["log_write_entries"],
-            snapshot_save_seconds=h["snapshot_save_seconds"],
-            snapshot_install_seconds=h["snapshot_install_seconds"])
 
 
 class RaftHost:
@@ -211,20 +116,12 @@ class RaftHost:
         #: One per heartbeat interval the groups use (most hosts: one).
         self._clocks: dict[float, HeartbeatClock] = {}
         self._groups: dict[int, RaftNode] = {}
-        self._balancer: asyncio.Task[None] | None = None
-        self._liveness: asyncio.Task[None] | None = None
-        self._cache_loader: asyncio.Task[None] | None = None
-        #: Each group's voters when its preferred leader was last worked out, and it.
-        self._preferred: dict[int, tuple[frozenset[int], int]] = {}
-        #: The groups balancing rounds go through in turn, and where the next one starts.
-        self._scan_order: list[int] | None = None
-        self._scan_at = 0
+        self._balancer = Balancer(node_id, self._groups)
+        #: The host's tasks: liveness, and balancing and the cache budget if any.
+        self._tasks: list[asyncio.Task[None]] = []
         #: Peer hosts silent for longer than ``election_timeout_min``.
         self.suspected: set[int] = set()
         self._running = False
-        #: Leadership transfers to preferred leaders started so far (one that times out
-        #: may still complete later).
-        self.transfers = 0
         #: Quiet groups led here that reminded a peer host of their leader, so far
         #: (``_remind``).
         self.reminders = 0
@@ -232,14 +129,8 @@ class RaftHost:
         #: its last one (``_arrived_early``), delivered when the group is created.
         self._early: OrderedDict[int, dict[int, AppendEntries]] = OrderedDict()
         self.log_cache_bytes = log_cache_bytes
-        #: With a budget: the groups that share it, those not quiet (``_quiet_changed``).
-        self._awake: set[RaftNode] = set()
-        #: The number of awake groups the budget was last split for (``_share_cache``).
-        self._cache_split_for = 0
-        #: Each awake group's part of the half of the budget that follows the load, and
-        #: its log's ``total_bytes`` when that was last worked out (``_follow_load``).
-        self._load_share: dict[RaftNode, int] = {}
-        self._appended_at: dict[RaftNode, int] = {}
+        self._cache_budget = (None if log_cache_bytes is None
+                              else LogCacheBudget(log_cache_bytes))
         #: Every group's election timeouts: one generator for the host (a Random holds
         #: 2.5 KB of state, as much as the rest of an idle group's timers and counters).
         self._rng = random.Random()
@@ -254,33 +145,44 @@ class RaftHost:
         """The groups on this host, by id (a read-only view)."""
         return self._groups
 
+    @property
+    def transfers(self) -> int:
+        """Leadership transfers to preferred leaders started so far (one that times out
+        may still complete later)."""
+        return self._balancer.transfers
+
+    @property
+    def log_cache_share(self) -> int | None:
+        """With a log cache budget: the bytes every awake group may keep now, at least
+        (its part of the even half; the groups that appended lately may keep more)."""
+        return None if self._cache_budget is None else self._cache_budget.share
+
     async def start(self) -> RaftHost:
         await self.network.serve()
         self.network.early = self._arrived_early
         self._running = True
         loop = asyncio.get_running_loop()
-        self._liveness = loop.create_task(self._liveness_loop())
+        self._tasks.append(loop.create_task(self._liveness_loop()))
         if self.balance_interval is not None:
-            self._balancer = loop.create_task(self._balance_loop())
-        if self.log_cache_bytes is not None:
-            self._cache_loader = loop.create_task(self._cache_load_loop())
+            self._tasks.append(loop.create_task(self._balancer.every(self.balance_interval)))
+        if self._cache_budget is not None:
+            self._tasks.append(loop.create_task(self._cache_budget.follow_load_every()))
         return self
 
     async def stop(self) -> None:
         """Stop every group and the transport; storages stay open (they are reused by a
         new host: a restart)."""
         self._running = False
-        for task in (self._balancer, self._liveness, self._cache_loader):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._balancer = self._liveness = self._cache_loader = None
-        groups, self._groups = self._groups, {}
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        groups = list(self._groups.values())
+        self._groups.clear()  # (the balancer's view of them too)
         self._early.clear()
-        self._awake.clear()
-        self._load_share.clear()
-        self._appended_at.clear()
-        for node in groups.values():
+        if self._cache_budget is not None:
+            self._cache_budget.clear()
+        for node in groups:
             node.quiet_changed = None
             await node.stop()
         for clock in self._clocks.values():
@@ -324,20 +226,18 @@ class RaftHost:
                                                             interval)
         node.heartbeat_clock = clock
         self._groups[group_id] = node
-        if self.log_cache_bytes is not None:
-            node.quiet_changed = self._quiet_changed
-            self._awake.add(node)  # a group starts awake
-            self._share_cache(node)
+        budget = self._cache_budget
+        if budget is not None:
+            budget.join(node)
         try:
             await node.start()
-            if node in self._awake:
-                self._count_appends_from(node)
+            if budget is not None:
+                budget.started(node)
             node.peers_down(frozenset(self.suspected))
             if members is not None:
                 await node.initialize(dict(members))
         except BaseException:
-            self._groups.pop(group_id, None)
-            self._forget(node)
+            self._forget(group_id, node)
             await node.stop()
             raise
         early = self._early.pop(group_id, None)
@@ -363,106 +263,6 @@ class RaftHost:
                     del kept[next(iter(kept))]
                 kept[frm] = m
 
-    def _share_cache(self, new: RaftNode | None = None) -> None:
-        """Split ``log_cache_bytes`` among the awake groups: each engine keeps at most its
-        share of entries in memory (``Engine.limit_cache``), so together they keep at
-        most the budget (and the entries not yet durable). Half of it goes evenly to
-        every awake group, the other half by what each appended lately
-        (``_follow_load``). A quiet group keeps none (``_quiet_changed``), so the busy
-        groups get the room idle ones do not use. Going over every awake group whenever
-        one comes, goes, wakes or goes quiet would make N of them cost N² steps: the
-        even half is split for an eighth more than there are, so the shares hold until
-        that many are awake (or until fewer than half are left, when the shares grow
-        again). ``new``: an awake group that needs its share."""
-        n = len(self._awake)
-        if not n <= self._cache_split_for < 2 * n + 2:
-            self._cache_split_for = n + n // 8 + 1
-            for node in self._awake:
-                self._give_share(node)
-        elif new is not None:
-            self._give_share(new)
-
-    @property
-    def log_cache_share(self) -> int | None:
-        """With a log cache budget: the bytes every awake group may keep now, at least
-        (its part of the even half; the groups that appended lately may keep more)."""
-        if self.log_cache_bytes is None:
-            return None
-        return self.log_cache_bytes // 2 // max(self._cache_split_for, 1)
-
-    def _give_share(self, node: RaftNode) -> None:
-        """The group's share: to the engine (``cache_budget``), or, before it starts, to
-        the node, which gives it to its engine as it loads the log."""
-        share = self.log_cache_share
-        assert share is not None  # (called only with a budget)
-        share += self._load_share.get(node, 0)
-        if node.engine is None:
-            node.log_cache_share = share
-        else:
-            node.engine.limit_cache(share)
-
-    def _forget(self, node: RaftNode) -> None:
-        """A group leaves: it no longer shares the budget (nor says when it wakes)."""
-        node.quiet_changed = None
-        if node in self._awake:
-            self._asleep(node)
-            self._share_cache()
-
-    def _asleep(self, node: RaftNode) -> None:
-        self._awake.discard(node)
-        self._load_share.pop(node, None)
-        self._appended_at.pop(node, None)
-
-    def _count_appends_from(self, node: RaftNode) -> None:
-        """What the group appends from now on is its load (not the log it restarted on,
-        nor what it appended before it went quiet)."""
-        self._appended_at[node] = node.engine.log.total_bytes
-
-    async def _cache_load_loop(self) -> None:
-        while self._running:
-            await asyncio.sleep(CACHE_LOAD_INTERVAL)
-            self._follow_load()
-
-    def _follow_load(self) -> None:
-        """Give the half of the budget that follows the load to the awake groups in
-        proportion to the payload bytes each appended since the last time, so the
-        busiest keep the most of their recent entries and the coldest let go of theirs
-        first (CockroachDB's raft entry cache evicts across ranges the same way, entry by
-        entry). When no group appended anything, the shares stay as they are."""
-        assert self.log_cache_bytes is not None
-        appended: dict[RaftNode, int] = {}
-        was = self._appended_at
-        now: dict[RaftNode, int] = {}
-        for node in self._awake:
-            if node in was:
-                total = now[node] = node.engine.log.total_bytes
-                if total > was[node]:
-                    appended[node] = total - was[node]
-        self._appended_at = now
-        load = sum(appended.values())
-        if not load:
-            return
-        half = self.log_cache_bytes - self.log_cache_bytes // 2
-        self._load_share = {node: half * n // load for node, n in appended.items()}
-        for node in self._awake:
-            self._give_share(node)
-
-    def _quiet_changed(self, node: RaftNode, quiet: bool) -> None:
-        """A group went quiet: its log is committed everywhere it counts and nothing is
-        replicating (a proposal, a read, a member falling behind or coming back wakes it
-        first), so it gives its share back and its cache lets go of what is durable;
-        woken, it takes a share again."""
-        if quiet != (node in self._awake):
-            return  # told already
-        if quiet:
-            self._asleep(node)
-            node.engine.limit_cache(0)
-            self._share_cache()
-        else:
-            self._awake.add(node)
-            self._count_appends_from(node)
-            self._share_cache(node)
-
     def group(self, group_id: int) -> RaftNode:
         """The replica of group ``group_id`` on this host; ``UnknownGroup`` if none."""
         node = self._groups.get(group_id)
@@ -487,10 +287,15 @@ class RaftHost:
             except (FastRaftError, asyncio.TimeoutError) as exc:
                 log.warning("host %d: group %d stops while leading: %s", self.id,
                             group_id, exc)
-        self._groups.pop(group_id, None)
-        self._preferred.pop(group_id, None)
-        self._forget(node)
+        self._forget(group_id, node)
         await node.stop()
+
+    def _forget(self, group_id: int, node: RaftNode) -> None:
+        """A group leaves this host: no balancing, no share of the cache budget."""
+        self._groups.pop(group_id, None)
+        self._balancer.forget(group_id)
+        if self._cache_budget is not None:
+            self._cache_budget.leave(node)
 
     def leaders(self) -> list[int]:
         """The groups this host leads."""
@@ -518,10 +323,10 @@ class RaftHost:
                 "failed": sorted(failed),
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
                 "reminders": self.reminders,
-                **self._campaign_figures(),
+                **self.campaign_figures(),
                 "network": dict(self.network.stats)}
 
-    def _campaign_figures(self) -> dict[str, int]:
+    def campaign_figures(self) -> dict[str, int]:
         """Groups campaigning now, and election timers that waited for a place."""
         limit = self.campaigns
         return {"campaigning": len(limit.holders) if limit else 0,
@@ -530,7 +335,7 @@ class RaftHost:
     def metrics(self) -> HostMetrics:
         """This host, and its groups' counters summed (one pass over the groups; see
         ``gather_metrics`` for thousands of groups)."""
-        sums = _HostSums()
+        sums = HostSums()
         for node in self._groups.values():
             sums.add(node, self.id)
         return sums.result(self)
@@ -539,7 +344,7 @@ class RaftHost:
         """``metrics()``, yielding to the event loop every ``METRICS_CHUNK`` groups: a
         scrape of 10,000 groups never holds up their heartbeats
         (``fastraft.metrics.MetricsServer`` uses this)."""
-        sums = _HostSums()
+        sums = HostSums()
         for k, node in enumerate(list(self._groups.values())):
             sums.add(node, self.id)
             if k % METRICS_CHUNK == METRICS_CHUNK - 1:
@@ -661,59 +466,9 @@ class RaftHost:
             log.debug("host %d: reminded hosts %s of %d quiet groups led here", self.id,
                       sorted(peers), told)
 
-    # ------------------------------------------------------------------ balance
-
-    def _next_to_scan(self, scan: int) -> list[int]:
-        if self._scan_order is None or self._scan_at >= len(self._scan_order):
-            self._scan_order = list(self._groups)  # new groups join from the next pass
-            self._scan_at = 0
-        at = self._scan_at
-        self._scan_at = at + scan
-        return [g for g in self._scan_order[at:at + scan] if g in self._groups]
-
-    async def _balance_loop(self) -> None:
-        assert self.balance_interval is not None
-        while self._running:
-            await asyncio.sleep(self.balance_interval)
-            try:
-                await self.balance()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: say so, keep the host serving
-                log.exception("host %d: leader balancing failed", self.id)
-
     async def balance(self, max_transfers: int = 64, scan: int = BALANCE_SCAN) -> int:
         """Hand groups led here to their preferred leaders where those are caught up: at
         most ``max_transfers`` at a time, among the next ``scan`` groups (in turn, so
         every group is looked at within a few rounds). Returns how many moved within the
-        transfer timeout."""
-        moves = []
-        preferred = self._preferred
-        groups = self._groups
-        order = list(groups) if len(groups) <= scan else self._next_to_scan(scan)
-        for group_id in order:  # no await until the loop ends
-            e = groups[group_id].engine
-            if e is None or e.role != Role.LEADER:
-                continue
-            voters = e.membership.voters
-            known = preferred.get(group_id)
-            if known is None or known[0] is not voters:  # a new configuration
-                known = preferred[group_id] = (voters, preferred_leader(group_id, voters))
-            target = known[1]
-            if target == self.id or not e.committed_in_term or e.membership.joint:
-                continue
-            pr = e.progress.get(target)
-            if pr is None or pr.match_index < e.log.last_index:
-                continue
-            moves.append((groups[group_id], target))
-            if len(moves) >= max_transfers:
-                break
-        self.transfers += len(moves)
-        results = await asyncio.gather(*(node.transfer_leadership(target)
-                                         for node, target in moves), return_exceptions=True)
-        for r in results:
-            if isinstance(r, asyncio.CancelledError):
-                raise r
-        # the others failed for a reason of the moment (a timeout, a stopped group, a new
-        # leader meanwhile): the next round tries again
-        return sum(1 for r in results if r is None)
+        transfer timeout. (The host does this every ``balance_interval`` seconds.)"""
+        return await self._balancer.balance(max_transfers, scan)

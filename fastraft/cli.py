@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import logging
 import signal
@@ -16,6 +15,7 @@ import msgspec
 from fastraft.addresses import parse_address, parse_addresses, parse_cluster
 from fastraft.asyncutil import run_loop
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
+from fastraft.gcpolicy import settle_gc
 
 if TYPE_CHECKING:  # the commands import what they run when they run
     from fastraft.config import Config
@@ -235,9 +235,8 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # Everything allocated so far (modules, functions, types: most of what the collector
-    # tracks; a host's groups) lives as long as the process: keep full collections from
-    # walking it again, which shortens their pauses under load (docs/node.md, "Pauses").
-    gc.freeze()
+    # tracks; a host's groups) lives as long as the process (docs/node.md, "Pauses").
+    settle_gc()
     print(f"node {args.id} ready: {where}, clients {args.client}"
           + (f", metrics http://{metrics.address}/metrics" if metrics else ""), flush=True)
     stopped = [asyncio.ensure_future(node.wait_stopped()) for node in nodes]

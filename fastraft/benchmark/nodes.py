@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import time
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fastraft.addresses import parse_cluster
 from fastraft.benchmark.load import Latencies, rss_mib, run_load, write_back_to_back
+from fastraft.gcpolicy import settle_gc
 from fastraft.statemachine import NullStateMachine
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ async def bench_node(args: argparse.Namespace) -> None:
                     network=TcpNetwork(args.id, cluster[args.id]),
                     config=Config(max_pending_proposals=1 << 20))
     await node.start()
+    settle_gc()  # as ``fastraft node`` does
     await node.initialize(cluster)
     await node.wait_for_leader(30)
     while node.engine.leader_id is None or (node.is_leader and
@@ -116,9 +117,8 @@ async def bench_host(args: argparse.Namespace) -> None:
         await host.create_group(g, cluster, state_machine=NullStateMachine())
         if (g + 1) % batch == 0 and g + 1 < groups:
             await until_quiet(60)
-    # the groups live as long as the process: keep full collections from walking them
-    # (as docs/multiraft.md advises)
-    gc.freeze()
+    # the groups live as long as the process (as docs/multiraft.md advises)
+    settle_gc()
     mine = [g for g in range(groups) if preferred_leader(g, set(cluster)) == args.id]
     while sorted(host.leaders()) != mine and time.time() < spec["start_at"]:
         await asyncio.sleep(max(0.05, groups / 20_000))  # a look at 10,000 groups: ~2 ms

@@ -56,7 +56,6 @@ cdef inline object _field(object e, Py_ssize_t offset, str name):
     return getattr(e, name)
 
 
-
 def encode_entries(entries):
     """Encode ``entries`` (objects with term, index, kind, data) into one frame."""
     cdef Py_ssize_t n = len(entries)

@@ -56,6 +56,13 @@ async def bench_node(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()  # followers serve until the orchestrator stops them
 
 
+async def cpu_share(seconds: float) -> float:
+    """This process's share of a core over the next ``seconds``."""
+    began, t = time.process_time(), time.perf_counter()
+    await asyncio.sleep(max(0.0, seconds))
+    return (time.process_time() - began) / (time.perf_counter() - t)
+
+
 #: Seconds a bench host waits for its groups to go quiet before it measures idle traffic.
 IDLE_SETTLE = 30.0
 
@@ -136,12 +143,10 @@ async def bench_host(args: argparse.Namespace) -> None:
     load_cpu: list[float] = []
 
     async def sample_cpu() -> None:
-        """This process's share of a core over the measured span: whether the hosts
-        keep the cores busy, or wait on each other's rounds."""
+        """Over the measured span: whether the hosts keep the cores busy, or wait on
+        each other's rounds."""
         await asyncio.sleep(warmup)
-        began, t = time.process_time(), clock()
-        await asyncio.sleep(max(0.0, stop - clock()))
-        load_cpu.append((time.process_time() - began) / (clock() - t))
+        load_cpu.append(await cpu_share(stop - clock()))
 
     await asyncio.gather(sample_cpu(),
                          *[write_back_to_back(host.group(g).propose, data, start, stop,
@@ -156,9 +161,8 @@ async def bench_host(args: argparse.Namespace) -> None:
 
     def sent() -> int:
         return sum(sum(node.metrics().messages_out.values()) for node in host.groups.values())
-    before, frames, cpu = sent(), host.network.stats["frames_out"], time.process_time()
-    await asyncio.sleep(idle)
-    idle_cpu = (time.process_time() - cpu) / idle  # before counting: that takes CPU too
+    before, frames = sent(), host.network.stats["frames_out"]
+    idle_cpu = await cpu_share(idle)  # before counting: that takes CPU too
     idle_rate = (sent() - before) / idle
     idle_frames = (host.network.stats["frames_out"] - frames) / idle
     quiet = sum(1 for node in host.groups.values() if node.engine.quiet)

@@ -21,6 +21,7 @@ from fastraft.errors import (
     ProposalDropped,
 )
 from fastraft.messages import (
+    AppendEntries,
     Entry,
     EntryKind,
     ReadIndexRequest,
@@ -971,6 +972,27 @@ async def test_a_wait_for_a_leader_fails_when_the_node_stops():
     await node.stop()
     with pytest.raises(NodeStopped):
         await asyncio.wait_for(waiting, 5)
+
+
+@run
+async def test_a_wait_for_a_leader_returns_the_leader_it_saw_when_it_is_lost_at_once():
+    """The wait saw a leader; before its caller resumed, a new term began without one
+    (here a transfer's election; in CI a restarted host's replica, campaigning): it took
+    the leader's absence for a stop and raised ``NodeStopped`` on a running node."""
+    node = RaftNode(1, storage=MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    try:
+        await node.initialize({1: "local:1", 2: "local:2", 3: "local:3"})
+        waiting = asyncio.ensure_future(node.wait_for_leader(60))
+        await asyncio.sleep(0)  # it waits now
+        node.receive(2, [AppendEntries(2, 2, 0, 0, [], 0)])  # node 2 leads term 2
+        await asyncio.sleep(0)  # the wait sees it; its caller resumes a turn later
+        node.receive(3, [RequestVote(3, 3, 1, 1, leadership_transfer=True)])
+        assert node.engine.leader_id is None and node.engine.term == 3
+        assert await asyncio.wait_for(waiting, 5) == 2
+    finally:
+        await node.stop()
 
 
 def test_config_is_validated():

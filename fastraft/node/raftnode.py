@@ -350,11 +350,17 @@ class RaftNode:
         ``NodeStopped`` if the node stops meanwhile."""
         self._check_running()
 
-        def known() -> bool:
-            return self.engine.leader_id is not None or not self._running
-        await asyncio.wait_for(self._wait_progress(known), timeout)
-        leader = self.engine.leader_id
-        if leader is None:  # the node stopped
+        async def seen() -> int | None:
+            # The leader as seen here: wait_for runs this in a task of its own, and by
+            # the time the caller resumes a new term may have begun without a leader.
+            while self._running:
+                leader = self.engine.leader_id
+                if leader is not None:
+                    return leader
+                await self._progress_wait()
+            return None
+        leader = await asyncio.wait_for(seen(), timeout)
+        if leader is None:
             raise self.failure or NodeStopped(f"node {self.id} is not running")
         return leader
 

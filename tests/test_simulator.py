@@ -196,6 +196,32 @@ def test_regression_seed_352_an_fsync_due_with_the_one_before_it_is_not_lost():
     Simulator(seed=352, nodes=5, faults=faults, config=config).run(3.0, settle=8.0)
 
 
+#: Torn crashes (half the unsynced writes reach the disk) with snapshots: installed ones
+#: (churn) and the leader's every 25 entries, none kept behind.
+TORN_SNAPSHOTS = Faults(slow_fsync_chance=0.05, slow_fsync=0.3, torn_crash=0.8, crash_every=0.5)
+
+
+@pytest.mark.parametrize("disk", ["memory", "file"])
+@pytest.mark.parametrize("seed, nodes, config, load", [
+    (930544, 3, SNAP_CFG, CHURN),
+    (930565, 5, SNAP_CFG_HARSH, {"snapshot_every": 25}),
+], ids=["930544-churn", "930565-snapshots"])
+def test_regression_a_crash_after_installing_a_snapshot_leaves_no_stale_log_after_it(
+        seed, nodes, config, load, disk, tmp_path):
+    """A follower saved a snapshot from its leader over a log that disagreed with it and
+    crashed before cutting that log: the storages kept the old entries after the
+    snapshot as the log, and at the restart the node could not load them ("term 2 is
+    older than the last term 4"). §7: such a snapshot replaces the whole log. (A sweep
+    of torn disks with churn, and with snapshots.)"""
+    sim = Simulator(seed=seed, nodes=nodes, faults=TORN_SNAPSHOTS, config=config,
+                    disk_directory=str(tmp_path) if disk == "file" else None, **load)
+    try:
+        sim.run(3.0, settle=8.0)
+    finally:
+        sim.close()
+    assert sim.stats["installs"] > 0 and sim.stats["torn_crashes"] > 0
+
+
 def test_a_seed_replays_exactly():
     a = Simulator(seed=1234, nodes=5).run(2.0)
     b = Simulator(seed=1234, nodes=5).run(2.0)

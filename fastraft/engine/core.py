@@ -50,6 +50,7 @@ from fastraft.errors import (
     MembershipChangeInProgress,
     NotLeader,
     SafetyViolation,
+    StorageCorruption,
 )
 from fastraft.messages import (
     MAX_TERM,
@@ -221,6 +222,14 @@ class Engine:
     def load_log(self, entries: list[Entry]) -> None:
         """Start-up: the next batch of the durable log after the snapshot. Only the newest
         ``cache_budget`` bytes stay in memory; the rest is read back when needed."""
+        last = self.log.last_index
+        if entries and entries[0].term < self.log.term_at(last):
+            raise StorageCorruption(
+                f"the stored log goes on at entry {entries[0].index} with term "
+                f"{entries[0].term}, older than term {self.log.term_at(last)} of entry "
+                f"{last}{' (the snapshot)' if last == self.log.snapshot_index else ''}: "
+                "the storage kept entries that a snapshot replaced (see RaftStorage."
+                "save_snapshot), or it is damaged")
         self.log.append(entries)
         self._scan_configs(entries)
         self.membership = self._configs[-1][1]

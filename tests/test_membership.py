@@ -12,6 +12,7 @@ from fastraft.errors import (
     MembershipChangeInProgress,
     NodeStopped,
     NotLeader,
+    ProposalDropped,
 )
 from fastraft.messages import InstallSnapshot
 from fastraft.testing import LocalCluster, wait_until
@@ -398,3 +399,23 @@ def test_grow_shrink_and_restart_on_file_storage_with_compaction(file_storage):
             assert all(c.nodes[i].engine.log.snapshot_index > 0 for i in keep)
 
     scenario()
+
+
+@run
+async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done():
+    """The leader proposes a change and is cut off before it commits; the others elect a
+    new leader whose entries replace it. The change did not happen: the call says so
+    (ProposalDropped, as ``propose`` does), where it returned as if the change were
+    done once the old leader's commit index passed that index with another entry."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        left_out = next(i for i in c.nodes if i != leader.id)
+        c.hub.isolate(leader.id)
+        change = asyncio.ensure_future(leader.change_membership(set(c.nodes) - {left_out}))
+        new = await c.leader(exclude={leader.id}, timeout=10)
+        await new.propose(kv.put("x", b"after"))
+        c.hub.heal()
+        with pytest.raises(ProposalDropped, match="may or may not"):
+            await asyncio.wait_for(change, 10)
+        await wait_until(lambda: leader.engine.commit_index >= new.engine.commit_index, 10)
+        assert leader.engine.membership.voters == frozenset(c.nodes)

@@ -417,7 +417,9 @@ class RaftNode:
         once they have answered the leader and are within ``Config.max_learner_lag``
         entries of it, else ``CatchUpTimeout``. Voters left out are removed; a leader left
         out steps down once C_new commits. Raises ``MembershipChangeInProgress`` if a
-        change is under way."""
+        change is under way; ``ProposalDropped`` if this node loses leadership before the
+        change commits (a later leader may or may not commit it: read the membership
+        before trying again), as ``add_learner`` and ``remove_learner`` do."""
         engine = await self._settled_leader(timeout)
         wanted = frozenset(voters)
         m = engine.membership
@@ -506,14 +508,34 @@ class RaftNode:
         return self.engine
 
     async def _wait_config_committed(self, index: int, timeout: float) -> None:
-        """Until the change proposed at ``index`` is complete: committed, and no longer
-        joint (the C_new that follows a C_old,new committed too)."""
+        """Until the change this leader just proposed at ``index`` is complete: committed,
+        and no longer joint (the C_new that follows a C_old,new committed too).
+        ``ProposalDropped`` if leadership was lost before it was known to be committed:
+        a later leader may or may not commit it (as for ``propose``); one that replaced
+        it commits another entry at ``index``, which must not pass for it."""
         applier = self._applier
+        term = self.engine.term
+        ours = False
 
         def complete() -> bool:
+            nonlocal ours
             e = self.engine
-            return (not self._running or applier.committed_index >= index
-                    and not e.membership.joint
+            if not self._running:
+                return True
+            if not ours:
+                leading = e.role == Role.LEADER and e.term == term
+                # a leader never replaces its own entries; otherwise the entry at index
+                # is ours if it has our term (Log Matching, §5.3)
+                if e.commit_index >= index and (leading or e.log.term_at(index) == term):
+                    ours = True
+                elif not leading:
+                    raise ProposalDropped(
+                        f"node {self.id} lost leadership (term {e.term}) before the "
+                        f"membership change at {index} committed; it may or may not take "
+                        "effect: read the membership (status()) before trying again")
+                else:
+                    return False
+            return (applier.committed_index >= index and not e.membership.joint
                     and e._configs[-1][0] <= applier.committed_index)
         await asyncio.wait_for(self._wait_progress(complete), timeout)
         self._check_running()

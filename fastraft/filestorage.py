@@ -406,7 +406,7 @@ class _LogStore:
 
     def load_state(self) -> StorageState:
         floor = self._floor()
-        last = self._last()
+        last = self._rec_last[-1] if self._rec_last else floor
         ident = self._identity
         hs = self._state.hard_state
         if self._mark_durable > hs.commit:  # the records know a later commit index
@@ -423,11 +423,8 @@ class _LogStore:
         return self._state.compacted_index
 
     def _last(self) -> int:
-        """The last index of the log: of the records, or the floor when there are none or
-        the snapshot replaced them (those past it too, ``_refresh_floor``)."""
-        if self._rec_last and not self._snapshot_replaces_log:
-            return self._rec_last[-1]
-        return self._floor()
+        """The last index the records hold (the floor when there are none)."""
+        return self._rec_last[-1] if self._rec_last else self._floor()
 
     def _mark_recovering(self) -> int:
         """Repair: this store may have lost entries it acknowledged. It keeps its term and
@@ -441,14 +438,11 @@ class _LogStore:
         return held
 
     def _refresh_floor(self) -> None:
-        """Whether the snapshot replaces the records. Not when the log holds the snapshot's
-        last entry with its term (§7: the log matches it; those records stay the log
-        until compacted, which retention may put off); but a snapshot installed over a
-        log that ends before it or disagrees with it replaces all of it, the records past
-        its last entry too (§7: "discard the entire log": they are the rest of a log
-        the leader's does not continue), even before the truncation and compaction that
-        follow it: a crash may come in between. The next append or compaction drops
-        them (``_replaced_records_cut``)."""
+        """Whether the snapshot replaces the records up to it. Not when the log holds the
+        snapshot's last entry with its term (§7: the log matches it; those records stay
+        the log until compacted, which retention may put off); but a snapshot installed
+        over a log that ends before it or disagrees with it does, even before the
+        compaction that follows it (a crash may come in between)."""
         snap = self._snapshot
         replaces = False
         if snap is not None and snap.last_included_index > self._state.compacted_index:
@@ -499,7 +493,7 @@ class _LogStore:
     def _read_locked(self, lo: int, hi: int, max_bytes: int | None) -> list[Entry]:
         lo = max(lo, self._floor() + 1)
         out: list[Entry] = []
-        if not self._rec_first or lo >= hi or self._snapshot_replaces_log:
+        if not self._rec_first or lo >= hi:
             return out
         k = max(bisect_right(self._rec_first, lo) - 1, 0)
         left = max_bytes
@@ -550,10 +544,8 @@ class _LogStore:
                                     f"{self._state.compacted_index}")
         # Records a newer snapshot covers are not part of the log any more (a snapshot
         # installed over a conflicting log truncates from below it): they are compacted
-        # later, only what follows the snapshot is cut here; all of it if the snapshot
-        # replaced the log.
-        floor = self._floor()
-        index = floor + 1 if self._snapshot_replaces_log else max(index, floor + 1)
+        # later, only what follows the snapshot is cut here.
+        index = max(index, self._floor() + 1)
         if not self._rec_last or index > self._rec_last[-1]:
             return None
         if index <= self._mark_durable:
@@ -572,10 +564,10 @@ class _LogStore:
         if index <= self._state.compacted_index:
             return None
         term = 0
-        if self._snapshot is not None and self._snapshot.last_included_index == index:
-            term = self._snapshot.last_included_term  # also over records it replaced
-        elif self._rec_first and self._rec_first[0] <= index <= self._rec_last[-1]:
+        if self._rec_first and self._rec_first[0] <= index <= self._rec_last[-1]:
             term = self._entry_term(index)
+        elif self._snapshot is not None and self._snapshot.last_included_index == index:
+            term = self._snapshot.last_included_term
         hs = self._state.hard_state
         # The records that held the commit mark may go: the state keeps it.
         return _State(HardState(hs.current_term, hs.voted_for,
@@ -865,12 +857,12 @@ class FileStorage(_SegmentFiles, _LogStore):
 
     def _append_sync(self, entries: list[Entry], mark: int | None = None) -> None:
         first, last = entries[0].index, entries[-1].index
-        if self._snapshot_replaces_log and self._rec_last:
-            # Records a snapshot saved after them replaced (a crash came between saving
-            # it and the truncation and compaction after it): they go first, or the log
-            # would have a gap, or their stale entries would follow the snapshot again.
-            self._compact_sync(self._floor())
-        expected = self._rec_last[-1] + 1 if self._rec_last else self._floor() + 1
+        floor = self._floor()
+        if self._rec_last and self._rec_last[-1] < floor:
+            # Every record is covered by a snapshot saved after them (a crash came between
+            # saving it and compacting): compact them away, or the log would have a gap.
+            self._compact_sync(floor)
+        expected = self._rec_last[-1] + 1 if self._rec_last else floor + 1
         if first != expected:
             raise StorageCorruption(
                 f"{self.directory}: append of entry {first} to a log that ends at "
@@ -898,13 +890,6 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._push_record(first, last, self._segments[-1], off, len(record))
         if mark > self._mark_durable:
             self._mark_durable = mark
-
-    def _replaced_records_cut(self) -> None:
-        """Cut the records past a snapshot that replaced the log (``_refresh_floor``): a
-        compaction up to it would make them the log again."""
-        if self._snapshot_replaces_log and self._rec_last and \
-                self._rec_last[-1] > self._floor():
-            self._truncate_locked(self._floor() + 1)
 
     def _truncate_sync(self, index: int) -> None:
         with self._lock:
@@ -943,7 +928,6 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._compact_locked(index)
 
     def _compact_locked(self, index: int) -> None:
-        self._replaced_records_cut()
         if not self._compacts(index):
             return
         state = self._compacted_state(index)

@@ -213,16 +213,16 @@ class WalGroup(_LogStore):
         op is refused, nothing placed)."""
         if kind == ENTRIES:
             entries, mark = arg
-            # records a snapshot saved after them replaced (a crash came between saving
-            # it and the truncation and compaction after it): they go first, or the log
-            # would have a gap, or their stale entries would follow the snapshot again
-            stale = self._snapshot_replaces_log and bool(self._rec_last)
-            last = self._last()
+            floor = self._floor()
+            # every record below a snapshot saved after them (a crash came between saving
+            # it and compacting): they are compacted away, or the log would have a gap
+            stale = bool(self._rec_last) and self._rec_last[-1] < floor
+            last = self._rec_last[-1] if self._rec_last and not stale else floor
             if entries[0].index != last + 1:
                 raise StorageCorruption(
                     f"{self.wal.directory}: group {self.group_id}: append of entry "
                     f"{entries[0].index} to a log that ends at {last}")
-            applies = self._plan(_COMPACT, self._floor(), batch) if stale else []
+            applies = self._plan(_COMPACT, floor, batch) if stale else []
             return [*applies, self._entries_record(batch, entries, mark)]
         if kind == STATE:
             hs: HardState = arg
@@ -259,10 +259,7 @@ class WalGroup(_LogStore):
         return [partial(self._cut_from, index)]
 
     def _plan_compact(self, index: int, batch: _Batch) -> list[Callable[[], None]]:
-        # the records past a snapshot that replaced the log first: a compaction up to it
-        # would make them the log again
-        applies = self._plan_truncate(self._floor() + 1, batch) \
-            if self._snapshot_replaces_log else []
+        applies: list[Callable[[], None]] = []
         if not self._compacts(index):
             return applies
         state = self._compacted_state(index)

@@ -76,12 +76,7 @@ class RaftStorage(Protocol):
 
     def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> MaybeAwaitable[None]:
         """Make the snapshot durable, replacing the previous one. ``data`` is a readable
-        binary stream: read it to its end in chunks (it may be larger than memory).
-        A snapshot whose last entry the log holds with its term leaves the log as it is;
-        any other replaces the whole log, the entries after its last one too (§7: the
-        node truncates and compacts next, but a crash may come first): from then on
-        ``load_state`` and ``read_entries`` show no entry up to or after it until new
-        ones are appended after it."""
+        binary stream: read it to its end in chunks (it may be larger than memory)."""
 
     def load_snapshot(self) -> MaybeAwaitable[tuple[SnapshotMeta, BinaryIO] | None]:
         """The last saved snapshot, with a NEW readable, seekable binary file object for
@@ -104,17 +99,36 @@ class MemoryStorage:
         self._offset = 0  # index of the entry before _entries[0]
         self._snapshot: tuple[SnapshotMeta, bytes] | None = None
 
+    def _floor(self) -> int:
+        """The last index compacted, or replaced by the snapshot: a snapshot whose last
+        entry the log holds with its term leaves the log as it is (§7); any other
+        replaces the log up to it."""
+        if self._snapshot is None:
+            return self._offset
+        meta = self._snapshot[0]
+        index = meta.last_included_index
+        if index <= self._offset:
+            return self._offset
+        if index <= self._offset + len(self._entries) and \
+                self._entries[index - self._offset - 1].term == meta.last_included_term:
+            return self._offset
+        return index
+
     def load_state(self) -> StorageState:
+        floor = self._floor()
         return StorageState(hard_state=self.hard_state,
                             snapshot=self._snapshot[0] if self._snapshot else None,
-                            first_index=self._offset + 1,
-                            last_index=self._offset + len(self._entries),
+                            first_index=floor + 1,
+                            last_index=max(self._offset + len(self._entries), floor),
                             node_id=self.identity[0], cluster_id=self.identity[1])
 
     def save_identity(self, node_id: int, cluster_id: str) -> None:
         self.identity = (node_id, cluster_id)
 
     def append_entries(self, entries: list[Entry]) -> None:
+        floor = self._floor()
+        if self._offset + len(self._entries) < floor:
+            self.compact_prefix(floor)  # entries a newer snapshot covers are not the log
         expected = self._offset + len(self._entries) + 1
         if entries and entries[0].index != expected:
             raise StorageCorruption(
@@ -130,7 +144,7 @@ class MemoryStorage:
             self._offset = index
 
     def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        lo = max(lo, self._offset + 1)  # compacted entries are not the log any more
+        lo = max(lo, self._floor() + 1)  # compacted entries are not the log any more
         out = self._entries[lo - self._offset - 1:max(hi - self._offset - 1, 0)]
         if max_bytes is not None and len(out) > 1:
             out = out[:kernels.count_within_bytes(out, max_bytes)]
@@ -141,15 +155,6 @@ class MemoryStorage:
 
     def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         self._snapshot = (meta, b"".join(iter(lambda: data.read(COPY_BYTES), b"")))
-        index, offset = meta.last_included_index, self._offset
-        if index > offset and not (index <= offset + len(self._entries) and
-                                   self._entries[index - offset - 1].term
-                                   == meta.last_included_term):
-            # §7: a snapshot whose last entry the log does not hold with its term replaces
-            # all of it, what follows that entry too (the rest of a log the leader's
-            # does not continue); one it holds leaves the log as it is.
-            self._entries = []
-            self._offset = index
 
     def load_snapshot(self) -> tuple[SnapshotMeta, BinaryIO] | None:
         if self._snapshot is None:

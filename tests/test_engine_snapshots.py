@@ -148,6 +148,31 @@ def test_a_snapshot_that_replaces_the_log_resets_what_is_durable():
     assert (f.log.last_index, f.persisted_index) == (5, 5)
 
 
+def test_the_last_chunk_of_a_snapshot_over_a_disagreeing_log_cuts_what_follows_it_first():
+    """A deposed leader's entries 3..8 (term 2) and a snapshot at 5 of term 3: on the last
+    chunk the entries after 5 go, before the driver saves the snapshot (the commands'
+    order is the writes' order), so a crash after the save leaves none of them after it
+    (their older terms stopped the node from loading its log). Entries up to 5 stay
+    until the snapshot is durable; a log that agrees with the snapshot keeps them all."""
+    f = make(2, terms=[1, 1, 2, 2, 2, 2, 2, 2], term=3, commit=2, config=CFG)
+    f.take_commands()
+    meta = SnapshotMeta(5, 3, MEMBERS)
+    first = InstallSnapshot(3, 1, meta, 0, b"0123456789", False)
+    f.step(1, first)
+    assert [type(c) for c in f.take_commands() if type(c) in (
+        TruncateLog, StoreSnapshotChunk)] == [StoreSnapshotChunk]  # not before the last
+    last = InstallSnapshot(3, 1, meta, 10, b"01234", True)
+    f.step(1, last)
+    cmds = [c for c in f.take_commands() if type(c) in (TruncateLog, StoreSnapshotChunk)]
+    assert cmds == [TruncateLog(6), StoreSnapshotChunk(1, last)]
+    assert (f.log.last_index, f.persisted_index) == (5, 5)
+    agrees = make(2, terms=[1, 1, 2, 2, 3, 3, 3], term=3, commit=2, config=CFG)
+    agrees.take_commands()
+    agrees.step(1, last)
+    assert [c for c in agrees.take_commands() if type(c) is TruncateLog] == []
+    assert agrees.log.last_index == 7
+
+
 def test_installing_a_snapshot_keeps_a_matching_suffix():
     f = make(2, terms=[1, 1, 2, 2, 2, 2], term=2, config=CFG)
     f.take_commands()

@@ -209,10 +209,11 @@ TORN_SNAPSHOTS = Faults(slow_fsync_chance=0.05, slow_fsync=0.3, torn_crash=0.8, 
 def test_regression_a_crash_after_installing_a_snapshot_leaves_no_stale_log_after_it(
         seed, nodes, config, load, disk, tmp_path):
     """A follower saved a snapshot from its leader over a log that disagreed with it and
-    crashed before cutting that log: the storages kept the old entries after the
-    snapshot as the log, and at the restart the node could not load them ("term 2 is
-    older than the last term 4"). §7: such a snapshot replaces the whole log. (A sweep
-    of torn disks with churn, and with snapshots.)"""
+    crashed before the truncation after the save: the old entries past the snapshot
+    stayed the log after it, and at the restart the node could not load them ("term 2
+    is older than the last term 4"). §7: such a snapshot replaces the whole log; the
+    engine now cuts the entries past it before the save. (A sweep of torn disks with
+    churn, and with snapshots.)"""
     sim = Simulator(seed=seed, nodes=nodes, faults=TORN_SNAPSHOTS, config=config,
                     disk_directory=str(tmp_path) if disk == "file" else None, **load)
     try:

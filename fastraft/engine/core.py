@@ -228,8 +228,9 @@ class Engine:
                 f"the stored log goes on at entry {entries[0].index} with term "
                 f"{entries[0].term}, older than term {self.log.term_at(last)} of entry "
                 f"{last}{' (the snapshot)' if last == self.log.snapshot_index else ''}: "
-                "the storage kept entries that a snapshot replaced (see RaftStorage."
-                "save_snapshot), or it is damaged")
+                "entries of a log that a snapshot replaced (left by a crash right after "
+                "installing it, before fastraft cut them first), or damage; restore this "
+                "node from a replica")
         self.log.append(entries)
         self._scan_configs(entries)
         self.membership = self._configs[-1][1]
@@ -876,6 +877,16 @@ class Engine:
             # Everything it covers is already committed here (§7: a stale snapshot).
             self._send(frm, AppendEntriesResponse(self.term, True, self.commit_index))
             return
+        index = m.meta.last_included_index
+        if m.done and self.log.last_index > index and \
+                self.log.term_at(index) != m.meta.last_included_term:
+            # §7: the snapshot replaces this log, which disagrees with it at its last
+            # entry. The entries after that one are not in the leader's log (one that
+            # were would have all before it there too: Log Matching, §5.3), so none is
+            # committed: cut them now, durable before the driver saves the snapshot. A
+            # crash between that save and the truncation after it left them following
+            # the snapshot, with older terms: the node could not load its log again.
+            self._truncate(index + 1)
         self._out.append(StoreSnapshotChunk(frm, m))
 
     def _on_snapshot_response(self, frm: int, m: InstallSnapshotResponse) -> None:

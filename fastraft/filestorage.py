@@ -858,9 +858,11 @@ class FileStorage(_SegmentFiles, _LogStore):
     def _append_sync(self, entries: list[Entry], mark: int | None = None) -> None:
         first, last = entries[0].index, entries[-1].index
         floor = self._floor()
-        if self._rec_last and self._rec_last[-1] < floor:
-            # Every record is covered by a snapshot saved after them (a crash came between
-            # saving it and compacting): compact them away, or the log would have a gap.
+        if floor > self._state.compacted_index:
+            # A snapshot saved after the records replaced them, or the log ended before it
+            # (a crash came between saving it and compacting): compact up to it first, or
+            # the log would have a gap, or would start after a compaction point its
+            # recovery refuses ("entries after it were never compacted").
             self._compact_sync(floor)
         expected = self._rec_last[-1] + 1 if self._rec_last else floor + 1
         if first != expected:

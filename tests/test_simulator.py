@@ -223,6 +223,22 @@ def test_regression_a_crash_after_installing_a_snapshot_leaves_no_stale_log_afte
     assert sim.stats["installs"] > 0 and sim.stats["torn_crashes"] > 0
 
 
+def test_regression_seed_950693_a_log_that_goes_on_after_an_uncompacted_snapshot_reopens(
+        tmp_path):
+    """A follower with an empty log (compacted to its end) saved a snapshot past it and
+    crashed before the compaction after it; restarted, it appended after the snapshot,
+    and FileStorage began the log there without moving its compaction point: the next
+    start-up refused the directory ("the log starts at index 108 but entries after 81
+    were never compacted"). The append now compacts up to the snapshot first. (A sweep
+    of torn disks with snapshots on FileStorage disks.)"""
+    sim = Simulator(seed=950693, nodes=3, faults=TORN_SNAPSHOTS, config=SNAP_CFG_HARSH,
+                    disk_directory=str(tmp_path), snapshot_every=25)
+    try:
+        sim.run(3.0, settle=8.0)
+    finally:
+        sim.close()
+
+
 def test_a_seed_replays_exactly():
     a = Simulator(seed=1234, nodes=5).run(2.0)
     b = Simulator(seed=1234, nodes=5).run(2.0)

@@ -265,6 +265,22 @@ async def check_snapshot_past_the_end_of_the_log(factory: StorageFactory) -> Non
     store = factory.reopen(store)
     assert await _read_all(store) == _plain(_entries(21, 22, 2) + _entries(23, 24, 3))
 
+    # the same over a log compacted to its end (no entry held): after the crash the log
+    # goes on after the snapshot, and opens again (it was refused: "the log starts at
+    # index 21 but entries after 10 were never compacted")
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 10, 1)))
+    await _do(store.save_snapshot(SnapshotMeta(10, 1, meta.membership), io.BytesIO(b"at 10")))
+    await _do(store.compact_prefix(10))
+    await _do(store.save_snapshot(meta, io.BytesIO(b"state at 20")))
+    store = factory.reopen(store)  # the crash: nothing after the save happened
+    await _do(store.append_entries(_entries(21, 25, 2)))
+    for _ in range(2):
+        store = factory.reopen(store)
+        st = await _do(store.load_state())
+        assert st.snapshot == meta and (st.first_index, st.last_index) == (21, 25)
+        assert await _read_all(store) == _plain(_entries(21, 25, 2))
+
 
 async def check_reopen_preserves_everything(factory: StorageFactory) -> None:
     store = factory.new()

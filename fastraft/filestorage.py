@@ -437,6 +437,15 @@ class _LogStore:
                              self._state.compacted_index, self._state.compacted_term)
         return held
 
+    def _covered_index(self) -> int:
+        """The last index the log need not hold: compacted, or in the snapshot. A log may
+        start right after a snapshot its compaction point never reached: an append after a
+        crash between saving it and compacting left it so, before appends compacted up to
+        the snapshot first."""
+        snap = self._snapshot
+        compacted = self._state.compacted_index
+        return max(compacted, snap.last_included_index) if snap is not None else compacted
+
     def _refresh_floor(self) -> None:
         """Whether the snapshot replaces the records up to it. Not when the log holds the
         snapshot's last entry with its term (§7: the log matches it; those records stay
@@ -700,10 +709,11 @@ class FileStorage(_SegmentFiles, _LogStore):
                         "see docs/storage.md, \"Repairing a node\")")
                 cut = (first, damage.pos, damage.what, damage.torn)
                 break
-        if self._rec_first and self._rec_first[0] > compacted + 1:
+        covered = self._covered_index()
+        if self._rec_first and self._rec_first[0] > covered + 1:
             raise StorageCorruption(
                 f"{self._path(self._segments[0])}: the log starts at index "
-                f"{self._rec_first[0]} but entries after {compacted} were never compacted")
+                f"{self._rec_first[0]} but entries after {covered} were never compacted")
         self._refresh_floor()
         self._check_commit_mark(cut)
         if cut is not None:

@@ -335,10 +335,10 @@ class WalGroup(_LogStore):
         self._refresh_floor()
         self._mark_wanted = self._mark_durable
         where = f"{self.wal.directory}: group {self.group_id}"
-        compacted = self._state.compacted_index
-        if self._rec_first and self._rec_first[0] > compacted + 1:
+        covered = self._covered_index()
+        if self._rec_first and self._rec_first[0] > covered + 1:
             raise StorageCorruption(f"{where}: the log starts at index {self._rec_first[0]}"
-                                    f" but entries after {compacted} were never compacted")
+                                    f" but entries after {covered} were never compacted")
         last = max(self._last(), self._floor())
         if self._mark_durable > last:
             raise StorageCorruption(

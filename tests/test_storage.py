@@ -309,3 +309,53 @@ def test_a_crash_in_the_middle_of_a_snapshot_save_keeps_the_old_snapshot(tmp_pat
             f.write(b"partial")
     assert load_snapshot(tmp_path) == (SNAP_META, b"old" * 100)
     assert snapshot_data_file(tmp_path) == old_file  # leftovers deleted at start-up
+
+
+@pytest.mark.parametrize("kind", ["file", "shared-wal"])
+def test_a_log_that_starts_right_after_an_uncompacted_snapshot_opens(kind, tmp_path):
+    """What an append after a snapshot past the end of the log left before the append
+    compacted up to it first (a crash between saving the snapshot and compacting): the
+    log starts right after the snapshot, the compaction point stayed behind. The
+    snapshot covers the gap: the store opens, and goes on (it refused to open)."""
+    from msgspec.structs import replace
+
+    def entries(first, last, term):
+        return [Entry(term, i, EntryKind.NORMAL, b"e%d" % i) for i in range(first, last + 1)]
+
+    async def scenario():
+        meta = SnapshotMeta(20, 2, Membership(voters=frozenset({1})))
+        wal = SharedWAL(str(tmp_path / "wal")) if kind == "shared-wal" else None
+        store = wal.group(1) if wal else FileStorage(str(tmp_path / "s"))
+        await store.append_entries(entries(1, 10, 1))
+        await store.save_snapshot(SnapshotMeta(10, 1, meta.membership), io.BytesIO(b"10"))
+        await store.compact_prefix(10)
+        await store.save_snapshot(meta, io.BytesIO(b"at 20"))
+        await store.append_entries(entries(21, 25, 2))
+        # the compaction point as such a version left it: at 10
+        store._state = replace(store._state, compacted_index=10, compacted_term=1)
+        if wal:
+            await store.save_hard_state(HardState(2, None, 0))  # a state record says so
+            wal.close()
+            wal = SharedWAL(str(tmp_path / "wal"))
+            store = wal.group(1)
+        else:
+            store._write_state()
+            store.close()
+            store = FileStorage(str(tmp_path / "s"))
+        assert store._state.compacted_index == 10
+        st = store.load_state()
+        assert st.snapshot == meta and (st.first_index, st.last_index) == (21, 25)
+        assert await store.read_entries(1, 30) == entries(21, 25, 2)
+        await store.append_entries(entries(26, 26, 2))
+        assert store._state.compacted_index == 20
+        if wal:
+            wal.close()
+            wal = SharedWAL(str(tmp_path / "wal"))
+            store = wal.group(1)
+        else:
+            store.close()
+            store = FileStorage(str(tmp_path / "s"))
+        assert await store.read_entries(1, 30) == entries(21, 26, 2)
+        (wal or store).close()
+
+    asyncio.run(scenario())

@@ -437,6 +437,13 @@ class _LogStore:
                              self._state.compacted_index, self._state.compacted_term)
         return held
 
+    def _compaction_due(self) -> bool:
+        """Whether an append must compact up to the floor first: a snapshot saved after
+        the records replaced them, or the log ended before it (a crash came between
+        saving it and compacting). Else the log would have a gap, or would start after a
+        compaction point its recovery refuses ("entries after it were never compacted")."""
+        return self._floor() > self._state.compacted_index
+
     def _covered_index(self) -> int:
         """The last index the log need not hold: compacted, or in the snapshot. A log may
         start right after a snapshot its compaction point never reached: an append after a
@@ -868,11 +875,7 @@ class FileStorage(_SegmentFiles, _LogStore):
     def _append_sync(self, entries: list[Entry], mark: int | None = None) -> None:
         first, last = entries[0].index, entries[-1].index
         floor = self._floor()
-        if floor > self._state.compacted_index:
-            # A snapshot saved after the records replaced them, or the log ended before it
-            # (a crash came between saving it and compacting): compact up to it first, or
-            # the log would have a gap, or would start after a compaction point its
-            # recovery refuses ("entries after it were never compacted").
+        if self._compaction_due():
             self._compact_sync(floor)
         expected = self._rec_last[-1] + 1 if self._rec_last else floor + 1
         if first != expected:

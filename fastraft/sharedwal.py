@@ -214,18 +214,13 @@ class WalGroup(_LogStore):
         if kind == ENTRIES:
             entries, mark = arg
             floor = self._floor()
-            # a snapshot saved after the records replaced them, or the log ended before
-            # it (a crash came between saving it and compacting): compact up to it first,
-            # or the log would have a gap, or would start after a compaction point its
-            # recovery refuses
             stale = bool(self._rec_last) and self._rec_last[-1] < floor
             last = self._rec_last[-1] if self._rec_last and not stale else floor
             if entries[0].index != last + 1:
                 raise StorageCorruption(
                     f"{self.wal.directory}: group {self.group_id}: append of entry "
                     f"{entries[0].index} to a log that ends at {last}")
-            applies = self._plan(_COMPACT, floor, batch) \
-                if floor > self._state.compacted_index else []
+            applies = self._plan(_COMPACT, floor, batch) if self._compaction_due() else []
             return [*applies, self._entries_record(batch, entries, mark)]
         if kind == STATE:
             hs: HardState = arg

@@ -118,6 +118,13 @@ def _configuration(membership: Membership) -> bytes:
     return data
 
 
+def _term_regression(entry: Entry, prev_index: int, prev_term: int) -> StorageCorruption:
+    return StorageCorruption(
+        f"the stored log goes on at entry {entry.index} with term {entry.term}, older "
+        f"than term {prev_term} of entry {prev_index}: damage; restore this node from a "
+        "replica")
+
+
 class Engine:
     """One Raft node's logic (Figure 2 of the paper, plus thesis §6.4 reads and §9.6 pre-vote)."""
 
@@ -219,19 +226,28 @@ class Engine:
 
     # ------------------------------------------------------------------ driver API
 
-    def load_log(self, entries: list[Entry]) -> None:
+    def load_log(self, entries: list[Entry]) -> int | None:
         """Start-up: the next batch of the durable log after the snapshot. Only the newest
-        ``cache_budget`` bytes stay in memory; the rest is read back when needed."""
+        ``cache_budget`` bytes stay in memory; the rest is read back when needed.
+
+        Returns None, or the index from which the stored log was cut: a log that goes on
+        right after the snapshot with an older term than the snapshot's is one the
+        snapshot replaced (left by a crash between saving a leader's snapshot and cutting
+        the log past it). None of it was committed: a committed entry past the snapshot
+        follows the snapshot's last entry in every later leader's log (Log Matching,
+        §5.3), so its term is at least the snapshot's. ``start`` emits the cut
+        (``TruncateLog``) first; the caller loads nothing more."""
         last = self.log.last_index
         if entries and entries[0].term < self.log.term_at(last):
-            raise StorageCorruption(
-                f"the stored log goes on at entry {entries[0].index} with term "
-                f"{entries[0].term}, older than term {self.log.term_at(last)} of entry "
-                f"{last}{' (the snapshot)' if last == self.log.snapshot_index else ''}: "
-                "entries of a log that a snapshot replaced (left by a crash right after "
-                "installing it, before fastraft cut them first), or damage; restore this "
-                "node from a replica")
-        self.log.append(entries)
+            if last == self.log.snapshot_index and entries[0].index == last + 1:
+                self._out.append(TruncateLog(last + 1))
+                return last + 1
+            raise _term_regression(entries[0], last, self.log.term_at(last))
+        try:
+            self.log.append(entries)
+        except ValueError:  # the index refuses a term older than the one before it
+            prev, e = next((p, e) for p, e in zip(entries, entries[1:]) if e.term < p.term)
+            raise _term_regression(e, prev.index, prev.term) from None
         self._scan_configs(entries)
         self.membership = self._configs[-1][1]
         self._refresh_voters()
@@ -239,6 +255,7 @@ class Engine:
         self.commit_index = max(min(self._stored_commit, self.log.last_index),
                                 self.log.snapshot_index)
         self._trim_cache()
+        return None
 
     def start(self) -> list[Command]:
         """Commands to run once at start-up: re-apply committed entries, arm the timer."""

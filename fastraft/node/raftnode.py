@@ -178,7 +178,13 @@ class RaftNode:
         self.engine = engine
         first = max(state.first_index, snapshot_index + 1)
         async for batch in self._log_reader.batches(first, state.last_index + 1):
-            engine.load_log(batch)
+            cut = engine.load_log(batch)
+            if cut is not None:
+                log.warning("node %d: entries %d..%d of term %d follow the snapshot of "
+                            "term %d at %d: a log the snapshot replaced, never committed; "
+                            "cutting them", self.id, cut, state.last_index, batch[0].term,
+                            snapshot_term, snapshot_index)
+                break
         self._running = True
         self._applier.start(applied)
         self._peers_of = self.engine.membership

@@ -59,3 +59,53 @@ async def put_retrying(clients, key):
             return await clients[leader].put(key, key.encode())
         except (ClientError, ConnectionError):
             continue
+
+
+#: The errors of a request that an election got in the way of (a change of a deposed
+#: leader may still be in progress on it).
+LEADERSHIP_CHANGED = ("not_leader", "ProposalDropped", "MembershipChangeInProgress")
+
+
+async def change_membership_retrying(clients, change, voters, learners=()):
+    """Make the membership ``voters`` / ``learners`` with ``change(client)`` on whoever
+    leads. An election in between (``LEADERSHIP_CHANGED``, a closed connection) means
+    the change may or may not have happened: read the leader's membership, and change it
+    again if it is not there. A change that returns is there. Returns the leader that
+    showed it."""
+    from fastraft.kvservice import ClientError, find_leader
+
+    def there(m):
+        return m["voters"] == sorted(voters) and m["learners"] == sorted(learners)
+
+    while True:
+        leader = await find_leader(clients)
+        try:
+            if there((await clients[leader].status())["membership"]):
+                return leader
+            await change(clients[leader])
+            m = (await clients[leader].status())["membership"]
+            assert there(m), f"node {leader} returned from the change, and shows {m}"
+            return leader
+        except ClientError as exc:
+            if not exc.error.startswith(LEADERSHIP_CHANGED):
+                raise
+        except ConnectionError:
+            pass
+
+
+async def refusal_retrying(clients, call):
+    """The ``ClientError`` that ``call(client)`` on whoever leads is refused with, asked
+    again while an election gets in the way."""
+    from fastraft.kvservice import ClientError, find_leader
+
+    while True:
+        leader = await find_leader(clients)
+        try:
+            await call(clients[leader])
+        except ClientError as exc:
+            if not exc.error.startswith(LEADERSHIP_CHANGED):
+                return exc
+            continue
+        except ConnectionError:
+            continue
+        raise AssertionError(f"node {leader} did not refuse it")

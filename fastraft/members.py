@@ -24,10 +24,11 @@ from fastraft.kvservice import ClientError, KVClient, find_leader
 #: Groups changed at once: a few, so that a thousand groups do not take a thousand round
 #: trips one after the other, nor hand every leader a catch-up at the same moment.
 CONCURRENT_GROUPS = 8
-#: Refusals that a moment later may succeed: the group's leader moved, another
+#: Refusals that a moment later may succeed: the group's leader moved (before the
+#: change, or while it waited to commit: it may or may not have happened), another
 #: membership change of the group is not complete yet, or a leadership transfer or a
 #: change did not finish in the node's time (the next try looks at the group again).
-_TRANSIENT = ("not_leader", "MembershipChangeInProgress", "TimeoutError")
+_TRANSIENT = ("not_leader", "ProposalDropped", "MembershipChangeInProgress", "TimeoutError")
 
 
 async def connect(addresses: list[str], **options: Any) -> tuple[dict[int, KVClient],

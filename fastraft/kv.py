@@ -56,7 +56,6 @@ def decode(data: bytes | memoryview) -> Put | Delete:
 class KVStore:
     def __init__(self) -> None:
         self._table = _Table()
-        self.bad_commands = 0
 
     @property
     def data(self) -> Mapping[str, bytes]:
@@ -75,7 +74,6 @@ class KVStore:
             try:
                 cmd = decode(e.data)
             except (msgspec.MsgspecError, ValueError) as exc:  # ValueError: bad UTF-8
-                self.bad_commands += 1
                 out.append(Refused(f"entry {e.index} is not a KV command: {exc}"))
                 continue
             if type(cmd) is Put:

@@ -15,6 +15,7 @@ from fastraft import (
     MemoryStorage,
     NodeStopped,
     NotLeader,
+    ProposalDropped,
     RaftHost,
     RaftNode,
     UnknownGroup,
@@ -109,12 +110,34 @@ class Hosts:
     async def propose(self, g, data, host_ids=None):
         """As a client would: on NotLeader (an election, or leadership handed to the
         preferred host, which refuses new entries meanwhile) ask the leader again;
-        through one of ``host_ids`` only, if given."""
+        through one of ``host_ids`` only, if given. On ProposalDropped (the leader was
+        deposed before the entry committed: it may or may not be) look before asking
+        again: ``data`` must be unique in its group. Returns the state machine's result,
+        or None for a write found applied."""
         while True:
             try:
                 return await (await self.leader(g, host_ids)).propose(data)
             except NotLeader:
                 await asyncio.sleep(0.01)
+            except ProposalDropped:
+                if await self._applied_by_the_leader(g, data, host_ids):
+                    return None
+
+    async def _applied_by_the_leader(self, g, data, host_ids):
+        """Whether ``data`` is in the state machine (a ``Log``) of ``g``'s leader once it
+        has applied what it committed. A new leader commits an entry of its term before
+        it answers a read (§6.4), and with it every entry of its log (§5.4.2): a write
+        not applied then is in no leader's log, and never will be (§5.4.1)."""
+        while True:
+            leader = await self.leader(g, host_ids)
+            try:
+                await leader.read_index()
+            except NotLeader:
+                await asyncio.sleep(0.01)
+                continue
+            host = next(i for i, h in self.hosts.items()
+                        if g in h.groups and h.group(g) is leader)
+            return data in self.logs[host, g].items
 
     async def read(self, host_id, g):
         """A linearizable read on host ``host_id``'s replica of ``g`` (retried while no

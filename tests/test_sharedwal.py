@@ -250,9 +250,10 @@ def test_raft_groups_on_one_wal_per_host_survive_a_restart_of_every_host(tmp_pat
     and the groups take writes again."""
     groups = range(8)
     wals = {}
-    # Every write is proposed once and must be there once: an election in the middle (a
-    # starved process, with two test workers on two cores) would drop one, so elections
-    # here wait well beyond such a stall.
+    # Every write must be there once: an election in the middle (a starved process, with
+    # two test workers on two cores; or two campaigns at once after the restart, the
+    # loser's higher term deposing the winner) drops a write, which ``Hosts.propose``
+    # looks for before writing it again. Elections wait well beyond such a stall.
     hosts = Hosts(balance_interval=None, storage=lambda i: wals[i].group,
                   config=Config(election_timeout_min=0.5, election_timeout_max=1.0,
                                 heartbeat_interval=0.05))

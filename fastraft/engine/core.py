@@ -328,7 +328,7 @@ class Engine:
         Returns the index of the configuration entry."""
         if self.role != Role.LEADER:
             raise self.not_leader()
-        if self._configs[-1][0] > self.commit_index or self.membership.joint:
+        if self.membership_change_pending:
             raise MembershipChangeInProgress(
                 "a membership change is still in progress; wait for it to commit")
         if not voters:
@@ -1313,6 +1313,12 @@ class Engine:
             self._become_follower(self.term, None)
 
     # ------------------------------------------------------------------ reads (thesis §6.4)
+
+    @property
+    def membership_change_pending(self) -> bool:
+        """A configuration entry is not committed yet, or the joint configuration is in
+        force: the change under way has to finish before another starts (§6)."""
+        return self._configs[-1][0] > self.commit_index or self.membership.joint
 
     @property
     def committed_in_term(self) -> bool:

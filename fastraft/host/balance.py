@@ -74,7 +74,10 @@ class Balancer:
             if known is None or known[0] is not voters:  # a new configuration
                 known = preferred[group_id] = (voters, preferred_leader(group_id, voters))
             target = known[1]
-            if target == self.host_id or not e.committed_in_term or e.membership.joint:
+            # A membership change under way keeps its leader: moving it would drop the
+            # change (ProposalDropped) or refuse it (NotLeader) in the caller's hands.
+            if target == self.host_id or not e.committed_in_term \
+                    or e.membership_change_pending or groups[group_id].membership_calls:
                 continue
             pr = e.progress.get(target)
             if pr is None or pr.match_index < e.log.last_index:

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from fastraft.asyncutil import call_hook
 from fastraft.config import Config
@@ -59,6 +60,24 @@ def check_address(address: object) -> None:
                               f"{MAX_ADDRESS_LENGTH} characters, got {address!r:.80}")
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _membership_call(
+        method: Callable[Concatenate[RaftNode, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[RaftNode, _P], Coroutine[Any, Any, _T]]:
+    """Counts the call in ``RaftNode.membership_calls`` while it runs."""
+    @functools.wraps(method)
+    async def counted(node: RaftNode, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        node.membership_calls += 1
+        try:
+            return await method(node, *args, **kwargs)
+        finally:
+            node.membership_calls -= 1
+    return counted
+
+
 class RaftNode:
     """One member of a Raft cluster. See the package docstring and ``docs/node.md``."""
 
@@ -96,6 +115,10 @@ class RaftNode:
         #: Made by the first ``wait_stopped`` (a group of a host nobody waits on keeps
         #: none); not ``_progress``, which every apply sets: its waiters wake each time.
         self._stopped_event: asyncio.Event | None = None
+
+        #: add_learner / remove_learner / change_membership calls under way on this node:
+        #: a ``RaftHost`` does not move the leadership of such a group to balance load.
+        self.membership_calls = 0
 
         #: Set by a ``RaftHost``: how many of its groups may campaign at once.
         self.campaign_limit: CampaignLimit | None = None
@@ -388,6 +411,7 @@ class RaftNode:
         self._applier.enqueue(done)  # taken in the apply task, between two batches
         return await done
 
+    @_membership_call
     async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
         """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
         but neither votes nor counts for commit. Returns once the change is committed."""
@@ -401,6 +425,7 @@ class RaftNode:
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
 
+    @_membership_call
     async def remove_learner(self, node_id: int, timeout: float = 30.0) -> None:
         """Remove learner ``node_id`` (one added by mistake, or no longer wanted): a change
         of learners only, so no joint configuration (§6); the leader stops replicating to
@@ -417,6 +442,7 @@ class RaftNode:
         self._schedule_flush()
         await self._wait_config_committed(index, timeout)
 
+    @_membership_call
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
         """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
         C_new. New voters must be learners already (``add_learner``); they are promoted only

@@ -321,6 +321,12 @@ class Engine:
             self._append_own(entries, user_commands=True)
         return first
 
+    @property
+    def membership_change_pending(self) -> bool:
+        """A configuration entry is not committed yet, or the joint configuration is in
+        force: the change under way has to finish before another starts (§6)."""
+        return self._configs[-1][0] > self.commit_index or self.membership.joint
+
     def propose_membership(self, voters: frozenset[int], learners: frozenset[int] = frozenset(),
                            addresses: dict[int, str] | None = None) -> int:
         """Start a change to ``voters``/``learners`` (§6). A change of voters goes through
@@ -1313,12 +1319,6 @@ class Engine:
             self._become_follower(self.term, None)
 
     # ------------------------------------------------------------------ reads (thesis §6.4)
-
-    @property
-    def membership_change_pending(self) -> bool:
-        """A configuration entry is not committed yet, or the joint configuration is in
-        force: the change under way has to finish before another starts (§6)."""
-        return self._configs[-1][0] > self.commit_index or self.membership.joint
 
     @property
     def committed_in_term(self) -> bool:

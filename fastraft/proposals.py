@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastraft import kernels
@@ -19,7 +19,8 @@ from fastraft.asyncutil import fail_future
 
 
 class _Run:
-    __slots__ = ("first", "last", "futures", "batch", "results", "next", "records")
+    __slots__ = ("first", "last", "futures", "batch", "results", "next", "records",
+                 "orphan")
 
     def __init__(self, first: int, last: int, futures: list[Any] | None,
                  batch: asyncio.Future[Any] | None, records: bool = False) -> None:
@@ -30,6 +31,9 @@ class _Run:
         self.results: list[Any] = []     # batch: results gathered so far
         self.next = first           # first index not answered yet
         self.records = records      # ReplicatedLog records: answered with their indexes
+        #: Nonzero: the first index of the run whose fate a leadership this node has lost
+        #: left open (a later leader may commit it or cut it from this log).
+        self.orphan = 0
 
 
 class ProposalTracker:
@@ -154,24 +158,39 @@ class ProposalTracker:
         self.pending -= freed
         return freed
 
-    def fail_after(self, commit_index: int, exc: BaseException) -> int:
-        """Fail every proposal not known committed (index above ``commit_index``)."""
+    def fail_after(self, index: int, exc: BaseException) -> int:
+        """Fail every proposal of an entry after ``index``."""
+        return self._fail(lambda run: index + 1, exc)
+
+    def orphan(self, committed: int) -> None:
+        """This node lost the leadership its waiting runs were appended under. Entries up
+        to ``committed`` are applied and answered as ever; a later leader may still
+        commit the others, or cut them from this log (``fail_orphans`` gives up)."""
+        for run in self._runs:
+            run.orphan = max(run.next, committed + 1) if run.last > committed else 0
+
+    def fail_orphans(self, exc: BaseException) -> int:
+        """Fail the proposals of orphaned entries."""
+        return self._fail(lambda run: run.orphan or None, exc)
+
+    def _fail(self, first: Callable[[_Run], int | None], exc: BaseException) -> int:
+        """Fail the proposals of each run from index ``first(run)`` on (None: keep it)."""
         keep: deque[_Run] = deque()
         freed = 0
         for run in self._runs:
-            if run.last <= commit_index:
-                keep.append(run)
-                continue
-            start = max(run.next, commit_index + 1)
-            if run.futures is not None:
-                for f in run.futures[start - run.first:]:
-                    fail_future(f, exc)
-            elif run.batch is not None:
-                fail_future(run.batch, exc)
-            freed += run.last - start + 1
-            if start > run.next:
+            start = first(run)
+            if start is not None and max(start, run.next) <= run.last:
+                start = max(start, run.next)
+                if run.futures is not None:
+                    for f in run.futures[start - run.first:]:
+                        fail_future(f, exc)
+                elif run.batch is not None:
+                    fail_future(run.batch, exc)
+                freed += run.last - start + 1
+                if start == run.next:
+                    continue  # nothing of it is left
                 run.last = start - 1
-                keep.append(run)
+            keep.append(run)
         self._runs = keep
         self.pending -= freed
         return freed

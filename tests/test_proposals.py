@@ -91,3 +91,70 @@ def test_cancelled_proposer_is_skipped():
         assert f1.cancelled() and f2.result() == "b"
     finally:
         loop.close()
+
+
+def test_a_lost_leadership_leaves_open_only_what_is_not_committed():
+    loop = asyncio.new_event_loop()
+    try:
+        t = ProposalTracker()
+        singles = [loop.create_future() for _ in range(4)]
+        batch = loop.create_future()
+        for f in singles:
+            t.add(b"s", f)
+        t.add_batch([b"b1", b"b2"], batch)
+        t.take()
+        t.appended(1)  # singles 1..4, the batch 5..6
+        t.orphan(2)  # lost with 1..2 committed
+        t.resolve(1, entries(1, 1), [1])  # applied after the loss: answered as ever
+        assert singles[0].result() == 1
+        # a later leader commits 3; this node learns it and applies it
+        t.resolve(3, entries(2, 3), [2, 3])
+        assert [f.result() for f in singles[:3]] == [1, 2, 3] and t.pending == 3
+        # the wait ends with 4..6 open: entry 2 (committed at the loss) was answered
+        assert t.fail_orphans(ProposalDropped("unknown")) == 3
+        with pytest.raises(ProposalDropped):
+            singles[3].result()
+        with pytest.raises(ProposalDropped):
+            batch.result()
+        assert t.pending == 0 and not t.waiting
+    finally:
+        loop.close()
+
+
+def test_orphans_cut_by_a_truncation_are_not_failed_twice():
+    loop = asyncio.new_event_loop()
+    try:
+        t = ProposalTracker()
+        futs = [loop.create_future() for _ in range(6)]
+        for f in futs:
+            t.add(b"x", f)
+        t.take()
+        t.appended(1)  # 1..6
+        t.orphan(1)
+        assert t.fail_after(3, ProposalDropped("replaced")) == 3  # 4..6 cut
+        assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 2..3: the rest
+        assert not futs[0].done()
+        assert [str(f.exception()) for f in futs[1:]] == ["unknown"] * 2 + ["replaced"] * 3
+        assert t.pending == 1  # entry 1, committed before the loss, waits to be applied
+        t.resolve(1, entries(1, 1), ["r1"])
+        assert futs[0].result() == "r1" and t.pending == 0
+    finally:
+        loop.close()
+
+
+def test_a_second_loss_leaves_open_what_the_new_commit_index_does_not_cover():
+    loop = asyncio.new_event_loop()
+    try:
+        t = ProposalTracker()
+        futs = [loop.create_future() for _ in range(4)]
+        for f in futs:
+            t.add(b"x", f)
+        t.take()
+        t.appended(1)  # 1..4
+        t.orphan(0)  # lost with nothing committed; elected again, it commits up to 2
+        t.orphan(2)  # and loses the leadership again before applying them
+        assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 3..4 only
+        t.resolve(2, entries(1, 2), ["r1", "r2"])
+        assert [f.result() for f in futs[:2]] == ["r1", "r2"] and t.pending == 0
+    finally:
+        loop.close()

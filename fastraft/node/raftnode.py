@@ -44,6 +44,10 @@ log = logging.getLogger("fastraft.node")
 _refusals = Throttle(log)
 
 _NORMAL = EntryKind.NORMAL
+#: Election timeouts (the longest) that proposals a lost leadership left open wait to
+#: learn whether a later leader committed their entries: a new leader has been elected
+#: and has told this node within about one, unless this node is cut off.
+ORPHAN_WAIT = 2
 
 
 def check_node_id(node_id: object) -> None:
@@ -146,6 +150,8 @@ class RaftNode:
         self._progress: asyncio.Event | None = None
 
         self._proposals = ProposalTracker()
+        #: Ends the wait of proposals a lost leadership left open (``ORPHAN_WAIT``).
+        self._orphan_wait: asyncio.TimerHandle | None = None
         #: Running and leading: propose() checks this one flag on its fast path.
         self._accepting = False
         self._max_pending = self.config.max_pending_proposals
@@ -246,6 +252,7 @@ class RaftNode:
         stopped = self.failure or NodeStopped(f"node {self.id} stopped")
         await self._applier.stop(stopped)
         await self._log_reader.stop()
+        self._cancel_orphan_wait()
         self._proposals.fail_all(stopped)
         self._reads.fail_all(stopped)
         self._transfer.close()
@@ -778,7 +785,8 @@ class RaftNode:
         proposals, limit = self._proposals, self.config.max_pending_proposals
 
         def room() -> bool:
-            return proposals.pending < limit  # a stop or a lost leadership fails them
+            # a stop or a lost leadership ends the wait too: _check_accepting says which
+            return proposals.pending < limit or not self._accepting
         while not room():
             pending = proposals.pending
             if not self.config.overload_wait:
@@ -858,12 +866,33 @@ class RaftNode:
             if membership.addresses:
                 self.network.set_peers(dict(membership.addresses))
 
+    def _end_orphan_wait(self, term: int) -> None:
+        self._orphan_wait = None
+        self._recorder.proposals_dropped += self._proposals.fail_orphans(ProposalDropped(
+            f"node {self.id} lost leadership (term {term}) before the entry committed, and "
+            f"did not learn its fate in {ORPHAN_WAIT} election timeouts; it may or may not "
+            "be committed"))
+
+    def _cancel_orphan_wait(self) -> None:
+        if self._orphan_wait is not None:
+            self._orphan_wait.cancel()
+            self._orphan_wait = None
+
+    def _drop_orphans(self, why: str, after: int | None = None) -> None:
+        """Fail the proposals of entries a lost leadership left open: those after
+        ``after``, or all of them."""
+        exc = ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
+        proposals = self._proposals
+        self._recorder.proposals_dropped += (
+            proposals.fail_orphans(exc) if after is None else proposals.fail_after(after, exc))
+
     def _on_role_changed(self, c: RoleChanged) -> None:
         e = self.engine
         recorder = self._recorder
+        was_leader = self._role_seen == Role.LEADER
         if c.role == Role.CANDIDATE:
             recorder.elections_started += 1
-        elif c.role == Role.LEADER and self._role_seen != Role.LEADER:
+        elif c.role == Role.LEADER and not was_leader:
             recorder.elections_won += 1
         if c.leader_id is not None and c.leader_id != self._leader_seen:
             recorder.leader_changes += 1
@@ -881,14 +910,22 @@ class RaftNode:
         self._accepting = self._running and c.role == Role.LEADER
         if c.role != Role.LEADER:
             self._reads.lost_leadership()
-        if c.role != Role.LEADER and (self._proposals.waiting or self._proposals.buffered):
-            # Entries up to the commit index will still be applied and answered; the fate
-            # of the rest is unknown (a later leader may or may not commit them).
-            recorder.proposals_dropped += self._proposals.fail_after(
-                c.commit_index, ProposalDropped(
-                    f"node {self.id} lost leadership (term {c.term}) before the entry "
-                    "committed; it may or may not be committed"))
-            recorder.proposals_dropped += self._proposals.fail_buffered(NotLeader(
+        proposals = self._proposals
+        if c.role == Role.LEADER:
+            # Elected again: the entries of its earlier terms still in its log commit
+            # with its new term's first entry (§5.4.2), and their proposers wait on.
+            self._cancel_orphan_wait()
+        elif proposals.waiting or proposals.buffered:
+            if proposals.waiting and was_leader:
+                # Entries past the commit index are in this node's log, and a later
+                # leader may commit them (a transfer's target holds them all, thesis
+                # §3.10): their proposers wait to learn which, for a while.
+                proposals.orphan(c.commit_index)
+                self._cancel_orphan_wait()
+                self._orphan_wait = self._loop.call_later(
+                    ORPHAN_WAIT * self.config.election_timeout_max, self._end_orphan_wait,
+                    c.term)
+            recorder.proposals_dropped += proposals.fail_buffered(NotLeader(
                 c.leader_id, e.membership.addresses.get(c.leader_id)
                 if c.leader_id is not None else None))
         self._notify_progress()  # wait_for_leader, transfer_leadership, back-pressure

@@ -1,0 +1,134 @@
+"""Proposals a leader took and then lost the leadership over: answered with their result
+when a later leader commits their entries, failed when its log replaces them or a
+snapshot covers them, and not left waiting forever."""
+import asyncio
+
+from fastraft.config import Config
+from fastraft.errors import ProposalDropped
+from fastraft.node import raftnode
+from fastraft.testing import LocalCluster, wait_until
+
+from aio import run
+from test_node import Recorder
+
+# One leader until a test moves it: election timeouts beyond a stall of a busy worker.
+STEADY = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
+
+
+def answers_cut(c, to, frm):
+    """Messages from the nodes ``frm`` to node ``to`` are lost (one way)."""
+    c.hub._cut |= {(i, to) for i in frm}
+
+
+@run
+async def test_writes_in_flight_over_a_transfer_get_their_results():
+    """Five nodes; the leader's writes reach every follower but only the transfer's
+    target answers (2 of 5: not committed). The target wins, commits them with its
+    first entry, and the old leader, told so, answers its proposers with their results
+    (it said ProposalDropped at once before, for writes that did commit)."""
+    async with LocalCluster(5, state_machine=Recorder, config=STEADY) as c:
+        leader = await c.leader()
+        await leader.propose(b"warm")
+        target, *others = [i for i in c.nodes if i != leader.id]
+        answers_cut(c, leader.id, others)
+        before = leader.engine.log.last_index
+        writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(20)]
+        await wait_until(lambda: leader.engine.log.last_index == before + 20 and
+                         c.nodes[target].engine.log.last_index == before + 20, 10)
+        assert leader.engine.commit_index <= before  # only the target answered
+        await leader.transfer_leadership(target)
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results == list(range(before + 1, before + 21))
+        assert leader.metrics().proposals_dropped == 0
+
+
+@run
+async def test_writes_a_later_leader_replaced_fail_as_not_committed(monkeypatch):
+    """The leader's messages are lost: the others elect a new leader, which writes at the
+    same indexes. Its log replaces the old leader's entries: their proposers hear they
+    were not committed, never another write's result."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new log ends the wait
+    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        others = [i for i in c.nodes if i != old.id]
+        c.hub._cut |= {(old.id, i) for i in others}
+        writes = [asyncio.ensure_future(old.propose(b"lost%d" % k)) for k in range(5)]
+        new = await c.leader(exclude={old.id})
+        for k in range(10):  # the new leader's writes take the old leader's indexes
+            await new.propose(b"new%d" % k)
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, ProposalDropped) for r in results), results
+        assert all("replaced it: it was not committed" in str(r) for r in results), results
+        await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
+        assert not any(data.startswith(b"lost") for _, data in c.state_machines[old.id].applied)
+
+
+@run
+async def test_writes_a_snapshot_covers_fail_as_unknown(monkeypatch):
+    """Nothing reaches the old leader: its writes are in every other log, and it steps
+    down (check-quorum) not knowing whether they committed. The new leader commits them
+    and compacts its log past them; the old leader then gets a snapshot, which holds
+    their effects but not their results: its proposers hear the outcome is unknown (the
+    entries were committed, so not 'not committed')."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the snapshot ends the wait
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 snapshot_interval=10, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=Recorder, config=cfg) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        others = [i for i in c.nodes if i != old.id]
+        answers_cut(c, old.id, others)
+        before = old.engine.log.last_index
+        writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        await wait_until(lambda: all(c.nodes[i].engine.log.last_index == before + 5
+                                     for i in others), 10)
+        new = await c.leader(exclude={old.id})
+        for k in range(30):
+            await new.propose(b"new%d" % k)
+        await wait_until(lambda: new.engine.log.snapshot_index > before + 5, 10)
+        assert not any(w.done() for w in writes)
+        c.hub.heal()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, ProposalDropped) for r in results), results
+        assert all("a snapshot of the new leader covers it" in str(r) for r in results)
+        await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
+
+
+@run
+async def test_writes_of_a_leader_cut_off_are_failed_after_two_election_timeouts():
+    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        c.hub.isolate(old.id)
+        writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        await wait_until(lambda: not old.is_leader, 10)
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert all(isinstance(r, ProposalDropped) for r in results), results
+        assert all("did not learn its fate in 2 election timeouts" in str(r)
+                   for r in results), results
+        assert old._proposals.pending == 0
+
+
+@run
+async def test_a_leader_elected_again_answers_its_earlier_terms_writes(monkeypatch):
+    """Cut off, the leader steps down with its writes in its log only; the other live
+    node cannot be elected without them (the third is stopped). When the link heals, the
+    old leader is elected again and commits them with its new term's first entry: its
+    proposers get their results, and their wait is no longer bounded."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)
+    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        down = next(i for i in c.nodes if i != old.id)
+        await c.nodes[down].stop()
+        c.hub.isolate(old.id)
+        before = old.engine.log.last_index
+        writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        await wait_until(lambda: not old.is_leader, 10)
+        assert old._orphan_wait is not None and not any(w.done() for w in writes)
+        c.hub.heal()
+        await wait_until(lambda: old.is_leader, 10)
+        assert old._orphan_wait is None
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results == list(range(before + 1, before + 6))

@@ -26,7 +26,10 @@ async def test_writes_in_flight_over_a_transfer_get_their_results():
     target answers (2 of 5: not committed). The target wins, commits them with its
     first entry, and the old leader, told so, answers its proposers with their results
     (it said ProposalDropped at once before, for writes that did commit)."""
-    async with LocalCluster(5, state_machine=Recorder, config=STEADY) as c:
+    # Check-quorum deposes the leader an election timeout after the cut (it hears one
+    # of four): timeouts long enough that the transfer comes first on a busy machine.
+    cfg = Config(election_timeout_min=1.0, election_timeout_max=2.0, heartbeat_interval=0.05)
+    async with LocalCluster(5, state_machine=Recorder, config=cfg) as c:
         leader = await c.leader()
         await leader.propose(b"warm")
         target, *others = [i for i in c.nodes if i != leader.id]
@@ -125,10 +128,11 @@ async def test_a_leader_elected_again_answers_its_earlier_terms_writes(monkeypat
         c.hub.isolate(old.id)
         before = old.engine.log.last_index
         writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
-        await wait_until(lambda: not old.is_leader, 10)
-        assert old._orphan_wait is not None and not any(w.done() for w in writes)
+        # (the engine steps down first; the node acts on it with the turn's commands)
+        await wait_until(lambda: old._orphan_wait is not None, 10)
+        assert not old.is_leader and not any(w.done() for w in writes)
         c.hub.heal()
-        await wait_until(lambda: old.is_leader, 10)
+        await wait_until(lambda: old._accepting, 10)  # leads, and the node acted on it
         assert old._orphan_wait is None
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert results == list(range(before + 1, before + 6))

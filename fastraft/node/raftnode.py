@@ -866,12 +866,10 @@ class RaftNode:
             if membership.addresses:
                 self.network.set_peers(dict(membership.addresses))
 
-    def _end_orphan_wait(self, term: int) -> None:
+    def _end_orphan_wait(self) -> None:
         self._orphan_wait = None
-        self._recorder.proposals_dropped += self._proposals.fail_orphans(ProposalDropped(
-            f"node {self.id} lost leadership (term {term}) before the entry committed, and "
-            f"did not learn its fate in {ORPHAN_WAIT} election timeouts; it may or may not "
-            "be committed"))
+        self._drop_orphans(f"it did not learn its fate in {ORPHAN_WAIT} election timeouts: "
+                           "it may or may not be committed")
 
     def _cancel_orphan_wait(self) -> None:
         if self._orphan_wait is not None:
@@ -923,8 +921,7 @@ class RaftNode:
                 proposals.orphan(c.commit_index)
                 self._cancel_orphan_wait()
                 self._orphan_wait = self._loop.call_later(
-                    ORPHAN_WAIT * self.config.election_timeout_max, self._end_orphan_wait,
-                    c.term)
+                    ORPHAN_WAIT * self.config.election_timeout_max, self._end_orphan_wait)
             recorder.proposals_dropped += proposals.fail_buffered(NotLeader(
                 c.leader_id, e.membership.addresses.get(c.leader_id)
                 if c.leader_id is not None else None))

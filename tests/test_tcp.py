@@ -21,7 +21,10 @@ from fastraft.wire import BlobCache, decode_messages, encode_messages
 from aio import run
 from rawpeer import connect, frame, section
 
-FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+# Three nodes share one event loop with 500 proposals in flight: a loop turn long enough to
+# pass a 100-200 ms election timeout deposed the leader once in CI, and the test asks every
+# node for a read at the end. Timeouts as the other one-leader tests use.
+STEADY = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
 
 
 class Sink:
@@ -190,7 +193,7 @@ async def test_three_nodes_over_tcp_in_one_loop():
     for net in nets.values():
         await net.stop()
     stores = {i: kv.KVStore() for i in nets}
-    nodes = {i: RaftNode(i, storage=MemoryStorage(), state_machine=stores[i], config=FAST,
+    nodes = {i: RaftNode(i, storage=MemoryStorage(), state_machine=stores[i], config=STEADY,
                          network=TcpNetwork(i, members[i])) for i in nets}
     for n in nodes.values():
         await n.start()

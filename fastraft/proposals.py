@@ -19,20 +19,21 @@ from fastraft.asyncutil import fail_future
 
 
 class _Run:
-    __slots__ = ("first", "last", "futures", "batch", "results", "next", "records",
+    __slots__ = ("first", "last", "term", "futures", "batch", "results", "next", "records",
                  "orphan")
 
-    def __init__(self, first: int, last: int, futures: list[Any] | None,
+    def __init__(self, first: int, last: int, term: int, futures: list[Any] | None,
                  batch: asyncio.Future[Any] | None, records: bool = False) -> None:
         self.first = first
         self.last = last
+        self.term = term            # the leader's term its entries were appended in
         self.futures = futures      # singles: futures[k] answers index first + k
         self.batch = batch          # propose_batch: one future for first..last
         self.results: list[Any] = []     # batch: results gathered so far
         self.next = first           # first index not answered yet
         self.records = records      # ReplicatedLog records: answered with their indexes
         #: Nonzero: the first index of the run whose fate a leadership this node has lost
-        #: left open (a later leader may commit it or cut it from this log).
+        #: left open (a later leader may commit it, or commit other entries in its place).
         self.orphan = 0
 
 
@@ -46,6 +47,8 @@ class ProposalTracker:
         self._runs: deque[_Run] = deque()
         #: Some buffered segment holds records.
         self._records = False
+        #: What an orphaned proposal hears when other entries were committed in its place.
+        self._replaced: BaseException | None = None
 
     @property
     def buffered(self) -> bool:
@@ -90,13 +93,13 @@ class ProposalTracker:
                 pos += n
         return datas, spans
 
-    def appended(self, first_index: int) -> None:
-        """The commands taken last were appended from ``first_index`` on."""
+    def appended(self, first_index: int, term: int) -> None:
+        """The commands taken last were appended from ``first_index`` on, in ``term``."""
         index = first_index
         for futures, batch, n, records in self._segments:
             if futures is not None:
                 n = len(futures)
-            self._runs.append(_Run(index, index + n - 1, futures, batch, records))
+            self._runs.append(_Run(index, index + n - 1, term, futures, batch, records))
             index += n
         self._segments = []
         self._open = None
@@ -116,9 +119,13 @@ class ProposalTracker:
         self.pending -= freed
         return freed
 
-    def resolve(self, applied: int, user: Sequence[Any], results: Sequence[Any]) -> int:
-        """Answer the proposals of entries up to ``applied``; ``results[k]`` is the state
-        machine's result for ``user[k]``. Returns how many entries were answered."""
+    def resolve(self, entries: Sequence[Any], user: Sequence[Any],
+                results: Sequence[Any]) -> int:
+        """Answer the proposals of ``entries``, the batch applied just now (after the one
+        before it); ``user`` are its user entries, and ``results[k]`` is the state
+        machine's result for ``user[k]``. Returns how many proposals failed because
+        other entries were committed in their place (orphans only)."""
+        applied = entries[-1].index
         runs = self._runs
         if user and user[-1].index - user[0].index == len(user) - 1:
             position = None  # contiguous: the result of index i is results[i - base]
@@ -126,10 +133,24 @@ class ProposalTracker:
         else:
             position = {e.index: k for k, e in enumerate(user)}
             base, top = 0, -1
-        freed = 0
+        freed = dropped = 0
+        cut_term = 0
         while runs and runs[0].first <= applied:
             run = runs[0]
             lo, hi = run.next, min(run.last, applied)
+            if run.orphan:
+                if position is None:
+                    position = {e.index: k for k, e in enumerate(user)}
+                    base, top = 0, -1
+                ours = self._ours(run, lo, hi, entries)
+                if ours <= hi:  # the rest of the run can never commit: the run ends before it
+                    assert self._replaced is not None  # set with the orphan marks
+                    self._fail_from(run, ours, self._replaced)
+                    cut = run.last - ours + 1
+                    dropped += cut
+                    freed += cut
+                    hi = run.last = ours - 1
+                    cut_term = run.term
             if position is None:
                 a, b = max(lo, base), min(hi, top)
                 if a <= b:
@@ -156,16 +177,36 @@ class ProposalTracker:
                 run.batch.set_result(list(range(run.first, run.last + 1)) if run.records
                                      else run.results)
         self.pending -= freed
-        return freed
+        if cut_term:  # the later entries of that term follow the cut one in every log
+            assert self._replaced is not None
+            dropped += self._fail(lambda run: run.next if run.orphan and run.term == cut_term
+                                  else None, self._replaced)
+        return dropped
+
+    @staticmethod
+    def _ours(run: _Run, lo: int, hi: int, entries: Sequence[Any]) -> int:
+        """The first index of ``lo .. hi`` whose committed entry (in ``entries``) is not
+        the run's (past ``hi``: all are). The committed entry at an index is the one
+        proposed there if it has the run's term (Log Matching, §5.3); once one is not,
+        none after it is, as a log holding the later one would hold the earlier too."""
+        first = entries[0].index
+        assert lo >= first  # runs are answered batch by batch, in order
+        term = run.term
+        for i in range(lo, hi + 1):
+            if entries[i - first].term != term:
+                return i
+        return hi + 1
 
     def fail_after(self, index: int, exc: BaseException) -> int:
         """Fail every proposal of an entry after ``index``."""
         return self._fail(lambda run: index + 1, exc)
 
-    def orphan(self, committed: int) -> None:
+    def orphan(self, committed: int, replaced: BaseException) -> None:
         """This node lost the leadership its waiting runs were appended under. Entries up
         to ``committed`` are applied and answered as ever; a later leader may still
-        commit the others, or cut them from this log (``fail_orphans`` gives up)."""
+        commit the others, or commit other entries in their place: their proposers get
+        ``replaced`` then (``fail_orphans`` gives up before either is known)."""
+        self._replaced = replaced
         for run in self._runs:
             run.orphan = max(run.next, committed + 1) if run.last > committed else 0
 
@@ -181,11 +222,7 @@ class ProposalTracker:
             start = first(run)
             if start is not None and max(start, run.next) <= run.last:
                 start = max(start, run.next)
-                if run.futures is not None:
-                    for f in run.futures[start - run.first:]:
-                        fail_future(f, exc)
-                elif run.batch is not None:
-                    fail_future(run.batch, exc)
+                self._fail_from(run, start, exc)
                 freed += run.last - start + 1
                 if start == run.next:
                     continue  # nothing of it is left
@@ -194,6 +231,15 @@ class ProposalTracker:
         self._runs = keep
         self.pending -= freed
         return freed
+
+    @staticmethod
+    def _fail_from(run: _Run, start: int, exc: BaseException) -> None:
+        """Fail the proposals of ``run``'s entries from ``start`` on (all of a batch)."""
+        if run.futures is not None:
+            for f in run.futures[start - run.first:]:
+                fail_future(f, exc)
+        elif run.batch is not None:
+            fail_future(run.batch, exc)
 
     def fail_all(self, exc: BaseException) -> None:
         self.fail_after(-1, exc)

@@ -1,10 +1,11 @@
-"""Proposals a leader took and then lost the leadership over: answered with their result
-when a later leader commits their entries, failed when its log replaces them or a
-snapshot covers them, and not left waiting forever."""
+"""Proposals and membership changes a leader took and then lost the leadership over:
+answered with their result when a later leader commits their entries, failed when it
+commits others in their place or a snapshot covers them, and not left waiting forever."""
 import asyncio
 
 from fastraft.config import Config
 from fastraft.errors import ProposalDropped
+from fastraft.messages import AppendEntries
 from fastraft.node import raftnode
 from fastraft.testing import LocalCluster, wait_until
 
@@ -20,20 +21,30 @@ def cut_one_way(c, frm, to):
     c.hub._cut |= {(a, b) for a in frm for b in to}
 
 
+# Check-quorum deposes a leader that hears one follower of four an election timeout
+# after the cut: timeouts long enough that a transfer comes first on a busy machine.
+PATIENT = Config(election_timeout_min=1.0, election_timeout_max=2.0, heartbeat_interval=0.05)
+
+
+async def heard_by_the_target_only(c):
+    """The leader of five, once an entry of its term committed, and the follower it is
+    to hand over to: from now on only that follower's messages reach the leader, which
+    can commit nothing (2 of 5)."""
+    leader = await c.leader()
+    await leader.propose(b"warm")
+    target, *others = [i for i in c.nodes if i != leader.id]
+    cut_one_way(c, others, [leader.id])
+    return leader, target
+
+
 @run
 async def test_writes_in_flight_over_a_transfer_get_their_results():
     """Five nodes; the leader's writes reach every follower but only the transfer's
     target answers (2 of 5: not committed). The target wins, commits them with its
     first entry, and the old leader, told so, answers its proposers with their results
     (it said ProposalDropped at once before, for writes that did commit)."""
-    # Check-quorum deposes the leader an election timeout after the cut (it hears one
-    # of four): timeouts long enough that the transfer comes first on a busy machine.
-    cfg = Config(election_timeout_min=1.0, election_timeout_max=2.0, heartbeat_interval=0.05)
-    async with LocalCluster(5, state_machine=Recorder, config=cfg) as c:
-        leader = await c.leader()
-        await leader.propose(b"warm")
-        target, *others = [i for i in c.nodes if i != leader.id]
-        cut_one_way(c, others, [leader.id])
+    async with LocalCluster(5, state_machine=Recorder, config=PATIENT) as c:
+        leader, target = await heard_by_the_target_only(c)
         before = leader.engine.log.last_index
         writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(20)]
         await wait_until(lambda: leader.engine.log.last_index == before + 20 and
@@ -48,9 +59,9 @@ async def test_writes_in_flight_over_a_transfer_get_their_results():
 @run
 async def test_writes_a_later_leader_replaced_fail_as_not_committed(monkeypatch):
     """The leader's messages are lost: the others elect a new leader, which writes at the
-    same indexes. Its log replaces the old leader's entries: their proposers hear they
-    were not committed, never another write's result."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new log ends the wait
+    same indexes and commits. When the old leader applies those entries, its proposers
+    hear theirs were not committed, never another write's result."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new commits end the wait
     async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
         old = await c.leader()
         await old.propose(b"warm")
@@ -62,9 +73,56 @@ async def test_writes_a_later_leader_replaced_fail_as_not_committed(monkeypatch)
             await new.propose(b"new%d" % k)
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert all(isinstance(r, ProposalDropped) for r in results), results
-        assert all("replaced it: it was not committed" in str(r) for r in results), results
+        assert all("committed other entries in its place: it was not committed" in str(r)
+                   for r in results), results
+        assert old.metrics().proposals_dropped == 5
         await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
         assert not any(data.startswith(b"lost") for _, data in c.state_machines[old.id].applied)
+
+
+@run
+async def test_writes_cut_from_the_old_leaders_log_that_commit_later_get_their_results(
+        monkeypatch):
+    """Five nodes. The leader's writes reach one follower, A, only. The three others elect
+    a new leader, N, whose entries reach the old leader alone: they cut the writes from
+    its log, and commit nothing. N stops; A, whose log holds the writes and is the most
+    up to date of the three live voters, is elected and commits them, and the old leader
+    gets them back. Its proposers hear their results: failing them as not committed when
+    they were cut (this node did) was wrong, as they were committed after."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the commit ends the wait
+    async with LocalCluster(5, state_machine=Recorder, config=STEADY) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        a, *rest = [i for i in c.nodes if i != old.id]
+        cut_one_way(c, [old.id], rest)
+        before, term = old.engine.log.last_index, old.engine.term
+        writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        await wait_until(lambda: c.nodes[a].engine.log.last_index == before + 5, 10)
+        # A out; among the three others, what a leader sends reaches none of them
+        cut_one_way(c, [a], c.nodes)
+        cut_one_way(c, c.nodes, [a])
+        deliver = c.hub._deliver
+        dropping = True
+
+        def deliver_votes_only_among_the_rest(frm, to, messages):
+            if dropping and frm in rest and to in rest:
+                messages = [m for m in messages if not isinstance(m, AppendEntries)]
+            if messages:
+                deliver(frm, to, messages)
+        monkeypatch.setattr(c.hub, "_deliver", deliver_votes_only_among_the_rest)
+        await wait_until(lambda: any(c.nodes[i].is_leader for i in rest), 10)
+        new = next(c.nodes[i] for i in rest if c.nodes[i].is_leader)
+        await wait_until(lambda: old.engine.log.term_at(before + 1) not in (term, -1), 10)
+        assert new.engine.commit_index <= before and not any(w.done() for w in writes)
+        await new.stop()
+        dropping = False
+        c.hub._cut = {(old.id, i) for i in c.nodes if i != old.id}  # A back
+        leader = await c.leader(exclude={old.id})
+        assert leader.id == a
+        c.hub.heal()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results == list(range(before + 1, before + 6))
+        assert old.metrics().proposals_dropped == 0
 
 
 @run
@@ -99,14 +157,15 @@ async def test_writes_a_snapshot_covers_fail_as_unknown(monkeypatch):
 
 
 @run
-async def test_writes_of_a_leader_cut_off_are_failed_after_two_election_timeouts():
+async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_two_election_timeouts():
     async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
         old = await c.leader()
         await old.propose(b"warm")
         c.hub.isolate(old.id)
         writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        change = asyncio.ensure_future(old.add_learner(9, "nine"))
         await wait_until(lambda: not old.is_leader, 10)
-        results = await asyncio.gather(*writes, return_exceptions=True)
+        results = await asyncio.gather(*writes, change, return_exceptions=True)
         assert all(isinstance(r, ProposalDropped) for r in results), results
         assert all("did not learn its fate in 2 election timeouts" in str(r)
                    for r in results), results
@@ -136,3 +195,20 @@ async def test_a_leader_elected_again_answers_its_earlier_terms_writes(monkeypat
         assert old._orphan_wait is None
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert results == list(range(before + 1, before + 6))
+
+
+@run
+async def test_a_membership_change_a_later_leader_commits_completes():
+    """As for writes: the change reaches every follower, only the transfer's target
+    answers, and the target commits it. The call returns (it said ProposalDropped at once
+    for a change that took effect)."""
+    async with LocalCluster(5, state_machine=Recorder, config=PATIENT) as c:
+        leader, target = await heard_by_the_target_only(c)
+        before = leader.engine.log.last_index
+        change = asyncio.ensure_future(leader.add_learner(9, "nine"))
+        await wait_until(lambda: c.nodes[target].engine.log.last_index == before + 1, 10)
+        assert leader.engine.commit_index <= before and not change.done()
+        await leader.transfer_leadership(target)
+        await asyncio.wait_for(change, 10)
+        assert leader.engine.membership.learners == {9}
+        assert leader.engine.commit_index > before and leader.membership_calls == 0

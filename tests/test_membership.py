@@ -15,6 +15,7 @@ from fastraft.errors import (
     ProposalDropped,
 )
 from fastraft.messages import InstallSnapshot
+from fastraft.node import raftnode
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.testing.filesm import FileStateMachine
 
@@ -408,11 +409,12 @@ def test_grow_shrink_and_restart_on_file_storage_with_compaction(file_storage):
 
 
 @run
-async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done():
+async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done(monkeypatch):
     """The leader proposes a change and is cut off before it commits; the others elect a
-    new leader whose entries replace it. The change did not happen: the call says so
+    new leader whose entries take its place. The change did not happen: the call says so
     (ProposalDropped, as ``propose`` does), where it returned as if the change were
     done once the old leader's commit index passed that index with another entry."""
+    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new commits end the wait
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
         leader = await c.leader()
         await leader.propose(kv.put("x", b"before"))  # its term's first entry committed:
@@ -423,7 +425,26 @@ async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done
         new = await c.leader(exclude={leader.id}, timeout=10)
         await new.propose(kv.put("x", b"after"))
         c.hub.heal()
-        with pytest.raises(ProposalDropped, match="may or may not"):
+        with pytest.raises(ProposalDropped, match="another entry in its place: it did not"):
             await asyncio.wait_for(change, 10)
         await wait_until(lambda: leader.engine.commit_index >= new.engine.commit_index, 10)
         assert leader.engine.membership.voters == frozenset(c.nodes)
+
+
+@run
+async def test_a_change_compacted_away_before_its_caller_looks_is_reported_done():
+    """The caller of a change looks at the log when its task runs, and a snapshot may
+    have compacted the change's entry away by then: the leader that proposed it and still
+    leads knows the committed entry is its own (it never replaces its entries)."""
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg) as c:
+        leader = await c.leader()
+        await leader.propose(kv.put("x", b"before"))
+        m = leader.engine.membership
+        index = leader.engine.propose_membership(m.voters, m.learners | {9}, {9: "nine"})
+        await leader.propose(kv.put("x", b"after"))
+        await leader.snapshot()
+        assert leader.engine.log.term_at(index) == -1  # compacted away
+        await leader._wait_config_committed(index, 5)
+        assert leader.engine.membership.learners == {9}

@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from fastraft.errors import ProposalDropped
-from fastraft.messages import Entry
+from fastraft.messages import Entry, EntryKind
 from fastraft.proposals import ProposalTracker
 
 
@@ -15,8 +15,13 @@ def loop():
     loop.close()
 
 
-def entries(lo, hi):
-    return [Entry(1, i, 0, b"") for i in range(lo, hi + 1)]
+def entries(lo, hi, term=1):
+    return [Entry(term, i, 0, b"") for i in range(lo, hi + 1)]
+
+
+def apply(t, batch, results):
+    """Tell ``t`` that ``batch`` was applied, ``results`` for its user entries."""
+    return t.resolve(batch, [e for e in batch if e.kind == EntryKind.NORMAL], results)
 
 
 def singles_appended(loop, n):
@@ -26,7 +31,7 @@ def singles_appended(loop, n):
     for f in futs:
         t.add(b"x", f)
     t.take()
-    t.appended(1)
+    t.appended(1, 1)
     return t, futs
 
 
@@ -40,11 +45,12 @@ def test_runs_answered_across_apply_batches_and_kinds(loop):
     t.add_batch([b"b1", b"b2"], batch)
     t.add(b"t", tail)
     assert t.pending == 6 and t.take() == ([b"s"] * 3 + [b"b1", b"b2", b"t"], [])
-    t.appended(10)  # indexes 10..15
+    t.appended(10, 1)  # indexes 10..15
     # first apply batch ends in the middle of the propose_batch
-    assert t.resolve(13, entries(10, 13), [100, 101, 102, 103]) == 4
+    assert apply(t, entries(10, 13), [100, 101, 102, 103]) == 0  # none dropped
     assert [f.result() for f in singles] == [100, 101, 102] and not batch.done()
-    t.resolve(15, entries(14, 15), [104, 105])
+    assert t.pending == 2
+    apply(t, entries(14, 15), [104, 105])
     assert batch.result() == [103, 104] and tail.result() == 105 and t.pending == 0
 
 
@@ -54,16 +60,16 @@ def test_non_contiguous_user_entries(loop):
     t.add(b"a", a)
     t.add_batch([b"x", b"y"], b)
     t.take()
-    t.appended(5)  # 5, then 6..7
+    t.appended(5, 1)  # 5, then 6..7
     user = [Entry(1, 5, 0, b""), Entry(1, 6, 0, b""), Entry(1, 7, 0, b"")]
-    t.resolve(7, user, ["r5", "r6", "r7"])
+    apply(t, user, ["r5", "r6", "r7"])
     assert a.result() == "r5" and b.result() == ["r6", "r7"] and t.pending == 0
     # contiguous path again with a gap-free batch
     c = loop.create_future()
     t.add(b"c", c)
     t.take()
-    t.appended(8)
-    t.resolve(9, [Entry(1, 9, 0, b"")], ["r9"])  # 8 was a no-op: no user result
+    t.appended(8, 1)
+    apply(t, [Entry(1, 8, 2, b""), Entry(1, 9, 0, b"")], ["r9"])  # 8: a no-op, no result
     assert not c.done()
 
 
@@ -72,7 +78,7 @@ def test_losing_leadership_fails_only_what_is_not_committed(loop):
     t.fail_after(3, ProposalDropped("lost"))
     assert [f.done() for f in futs] == [False, False, False, True, True]
     assert t.pending == 3
-    t.resolve(3, entries(1, 3), [1, 2, 3])
+    apply(t, entries(1, 3), [1, 2, 3])
     assert [f.result() for f in futs[:3]] == [1, 2, 3] and t.pending == 0
     with pytest.raises(ProposalDropped):
         futs[4].result()
@@ -85,12 +91,13 @@ def test_cancelled_proposer_is_skipped(loop):
     t.add(b"2", f2)
     f1.cancel()
     t.take()
-    t.appended(1)
-    t.resolve(2, entries(1, 2), ["a", "b"])
+    t.appended(1, 1)
+    apply(t, entries(1, 2), ["a", "b"])
     assert f1.cancelled() and f2.result() == "b"
 
 
-def test_a_lost_leadership_leaves_open_only_what_is_not_committed(loop):
+def singles_and_a_batch_appended(loop, term):
+    """A tracker with four single proposals at 1..4 and a batch at 5..6, of ``term``."""
     t = ProposalTracker()
     singles = [loop.create_future() for _ in range(4)]
     batch = loop.create_future()
@@ -98,12 +105,17 @@ def test_a_lost_leadership_leaves_open_only_what_is_not_committed(loop):
         t.add(b"s", f)
     t.add_batch([b"b1", b"b2"], batch)
     t.take()
-    t.appended(1)  # singles 1..4, the batch 5..6
-    t.orphan(2)  # lost with 1..2 committed
-    t.resolve(1, entries(1, 1), [1])  # applied after the loss: answered as ever
+    t.appended(1, term)
+    return t, singles, batch
+
+
+def test_a_lost_leadership_leaves_open_only_what_is_not_committed(loop):
+    t, singles, batch = singles_and_a_batch_appended(loop, 1)
+    t.orphan(2, ProposalDropped("replaced"))  # lost with 1..2 committed
+    apply(t, entries(1, 1), [1])  # applied after the loss: answered as ever
     assert singles[0].result() == 1
     # a later leader commits 3; this node learns it and applies it
-    t.resolve(3, entries(2, 3), [2, 3])
+    apply(t, entries(2, 3), [2, 3])
     assert [f.result() for f in singles[:3]] == [1, 2, 3] and t.pending == 3
     # the wait ends with 4..6 open: entry 2 (committed at the loss) was answered
     assert t.fail_orphans(ProposalDropped("unknown")) == 3
@@ -114,22 +126,48 @@ def test_a_lost_leadership_leaves_open_only_what_is_not_committed(loop):
     assert t.pending == 0 and not t.waiting
 
 
-def test_orphans_cut_by_a_truncation_are_not_failed_twice(loop):
-    t, futs = singles_appended(loop, 6)  # 1..6
-    t.orphan(1)
-    assert t.fail_after(3, ProposalDropped("replaced")) == 3  # 4..6 cut
-    assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 2..3: the rest
-    assert not futs[0].done()
-    assert [str(f.exception()) for f in futs[1:]] == ["unknown"] * 2 + ["replaced"] * 3
-    assert t.pending == 1  # entry 1, committed before the loss, waits to be applied
-    t.resolve(1, entries(1, 1), ["r1"])
-    assert futs[0].result() == "r1" and t.pending == 0
+def test_orphans_whose_indexes_commit_other_entries_fail_and_only_they(loop):
+    t, singles, batch = singles_and_a_batch_appended(loop, 3)
+    t.orphan(0, ProposalDropped("replaced"))
+    # a later leader commits 1..2 as they are (term 3), then its own term-4 entries
+    assert apply(t, entries(1, 2, term=3), ["r1", "r2"]) == 0
+    assert [f.result() for f in singles[:2]] == ["r1", "r2"]
+    # at 3 a no-op of term 4 (not a user entry), at 4 a write of term 4: from 3 on none
+    # of the run can ever commit, the batch's 5..6 neither (a log holding them holds 3)
+    assert apply(t, [Entry(4, 3, 2, b""), Entry(4, 4, 0, b"")], ["theirs"]) == 4
+    assert [str(f.exception()) for f in singles[2:]] == ["replaced"] * 2
+    assert str(batch.exception()) == "replaced"
+    assert t.pending == 0 and not t.waiting
+
+
+def test_an_orphaned_batch_answered_across_apply_batches(loop):
+    t = ProposalTracker()
+    batch = loop.create_future()
+    t.add_batch([b"b1", b"b2", b"b3"], batch)
+    t.take()
+    t.appended(7, 2)
+    t.orphan(6, ProposalDropped("replaced"))
+    assert apply(t, entries(7, 8, term=2), ["r7", "r8"]) == 0 and not batch.done()
+    assert apply(t, entries(9, 9, term=2), ["r9"]) == 0
+    assert batch.result() == ["r7", "r8", "r9"] and t.pending == 0
+
+
+def test_orphaned_records_are_answered_with_their_indexes(loop):
+    t = ProposalTracker()
+    f = loop.create_future()
+    t.add_batch([b"r1", b"r2"], f, records=True)
+    t.take()
+    t.appended(3, 2)
+    t.orphan(2, ProposalDropped("replaced"))
+    records = [Entry(2, i, EntryKind.RECORD, b"") for i in (3, 4)]  # no user entry
+    assert apply(t, records, []) == 0
+    assert f.result() == [3, 4] and t.pending == 0
 
 
 def test_a_second_loss_leaves_open_what_the_new_commit_index_does_not_cover(loop):
     t, futs = singles_appended(loop, 4)  # 1..4
-    t.orphan(0)  # lost with nothing committed; elected again, it commits up to 2
-    t.orphan(2)  # and loses the leadership again before applying them
+    t.orphan(0, ProposalDropped("replaced"))  # lost with nothing committed
+    t.orphan(2, ProposalDropped("replaced"))  # elected again, commits 1..2, lost again
     assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 3..4 only
-    t.resolve(2, entries(1, 2), ["r1", "r2"])
+    apply(t, entries(1, 2), ["r1", "r2"])
     assert [f.result() for f in futs[:2]] == ["r1", "r2"] and t.pending == 0

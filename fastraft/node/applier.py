@@ -330,7 +330,7 @@ class Applier:
         node = self.node
         proposals = node._proposals
         if proposals.waiting:
-            proposals.resolve(self.applied_index, user, results)
+            node._recorder.proposals_dropped += proposals.resolve(entries, user, results)
         self._after_apply()  # notifies proposers waiting for room, too
 
     def _after_apply(self) -> None:

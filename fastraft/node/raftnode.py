@@ -44,9 +44,10 @@ log = logging.getLogger("fastraft.node")
 _refusals = Throttle(log)
 
 _NORMAL = EntryKind.NORMAL
-#: Election timeouts (the longest) that proposals a lost leadership left open wait to
-#: learn whether a later leader committed their entries: a new leader has been elected
-#: and has told this node within about one, unless this node is cut off.
+#: Election timeouts (the longest) that proposals and membership changes a lost
+#: leadership left open wait to learn whether a later leader committed their entries: a
+#: new leader has been elected and has told this node within about one, unless this
+#: node is cut off.
 ORPHAN_WAIT = 2
 
 
@@ -457,8 +458,9 @@ class RaftNode:
         entries of it, else ``CatchUpTimeout``. Voters left out are removed; a leader left
         out steps down once C_new commits. Raises ``MembershipChangeInProgress`` if a
         change is under way; ``ProposalDropped`` if this node loses leadership before the
-        change commits (a later leader may or may not commit it: read the membership
-        before trying again), as ``add_learner`` and ``remove_learner`` do."""
+        change commits and then learns that a later leader committed another entry in
+        its place, or learns nothing for ``ORPHAN_WAIT`` election timeouts (read the
+        membership before trying again), as ``add_learner`` and ``remove_learner`` do."""
         engine = await self._settled_leader(timeout)
         wanted = frozenset(voters)
         m = engine.membership
@@ -548,36 +550,70 @@ class RaftNode:
 
     async def _wait_config_committed(self, index: int, timeout: float) -> None:
         """Until the change this leader just proposed at ``index`` is complete: committed,
-        and no longer joint (the C_new that follows a C_old,new committed too).
-        ``ProposalDropped`` if leadership was lost before it was known to be committed:
-        a later leader may or may not commit it (as for ``propose``); one that replaced
-        it commits another entry at ``index``, which must not pass for it."""
+        and no longer joint (the C_new that follows a C_old,new committed too). If
+        leadership is lost first, a later leader may still commit it: as for a proposal,
+        this waits ``ORPHAN_WAIT`` election timeouts to learn whether the entry committed
+        at ``index`` is this one (it has its term: Log Matching, §5.3) or another, and
+        raises ``ProposalDropped`` if it is another or remains unknown."""
         applier = self._applier
+        loop = self._loop
         term = self.engine.term
         ours = False
+        # Leadership lost: the timer after which its fate is given up for unknown.
+        gives_up: asyncio.TimerHandle | None = None
+        given_up = False
+
+        def give_up() -> None:
+            nonlocal given_up
+            given_up = True
+            self._notify_progress()
 
         def complete() -> bool:
-            nonlocal ours
+            nonlocal ours, gives_up, given_up
             e = self.engine
             if not self._running:
                 return True
             if not ours:
-                leading = e.role == Role.LEADER and e.term == term
-                # a leader never replaces its own entries; otherwise the entry at index
-                # is ours if it has our term (Log Matching, §5.3)
-                if e.commit_index >= index and (leading or e.log.term_at(index) == term):
+                at_index = e.log.term_at(index)
+                if e.commit_index >= index:
+                    # a leader never replaces its own entries (and may have compacted
+                    # this one away already); else the entry at index is ours if it has
+                    # our term (Log Matching, §5.3)
+                    if at_index != term and not (e.role == Role.LEADER and e.term == term):
+                        raise self._membership_dropped(index, (
+                            "a later leader committed another entry in its place: it did "
+                            "not take effect") if at_index != -1 else (
+                            "a snapshot of the new leader covers it: it may or may not have "
+                            "taken effect"))
                     ours = True
-                elif not leading:
-                    raise ProposalDropped(
-                        f"node {self.id} lost leadership (term {e.term}) before the "
-                        f"membership change at {index} committed; it may or may not take "
-                        "effect: read the membership (status()) before trying again")
+                elif e.role == Role.LEADER and at_index == term:
+                    if gives_up is not None:  # a leader commits its log's entries (§5.4.2)
+                        gives_up.cancel()
+                        gives_up = None
+                    given_up = False
+                    return False
+                elif given_up:
+                    raise self._membership_dropped(index, (
+                        f"it did not learn its fate in {ORPHAN_WAIT} election timeouts: it "
+                        "may or may not take effect"))
                 else:
+                    if gives_up is None:
+                        gives_up = loop.call_later(
+                            ORPHAN_WAIT * self.config.election_timeout_max, give_up)
                     return False
             return (applier.committed_index >= index and not e.membership.joint
                     and e._configs[-1][0] <= applier.committed_index)
-        await asyncio.wait_for(self._wait_progress(complete), timeout)
+        try:
+            await asyncio.wait_for(self._wait_progress(complete), timeout)
+        finally:
+            if gives_up is not None:
+                gives_up.cancel()
         self._check_running()
+
+    def _membership_dropped(self, index: int, why: str) -> ProposalDropped:
+        return ProposalDropped(f"node {self.id} lost leadership before the membership change "
+                               f"at {index} committed; {why}: read the membership (status()) "
+                               "before trying again")
 
     def status(self) -> dict[str, Any]:
         """Role, term, leader, commit/applied index, membership, per-peer progress."""
@@ -833,7 +869,7 @@ class RaftNode:
                 self._recorder.proposals_dropped += proposals.fail_buffered(exc)
                 self._notify_progress()
             else:
-                proposals.appended(index)
+                proposals.appended(index, engine.term)
                 recorder = self._recorder
                 recorder.proposals_accepted += len(datas)
                 if recorder.timing:
@@ -876,13 +912,12 @@ class RaftNode:
             self._orphan_wait.cancel()
             self._orphan_wait = None
 
-    def _drop_orphans(self, why: str, after: int | None = None) -> None:
-        """Fail the proposals of entries a lost leadership left open: those after
-        ``after``, or all of them."""
-        exc = ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
-        proposals = self._proposals
-        self._recorder.proposals_dropped += (
-            proposals.fail_orphans(exc) if after is None else proposals.fail_after(after, exc))
+    def _drop_orphans(self, why: str) -> None:
+        """Fail the proposals of entries a lost leadership left open."""
+        self._recorder.proposals_dropped += self._proposals.fail_orphans(self._orphan_error(why))
+
+    def _orphan_error(self, why: str) -> ProposalDropped:
+        return ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
 
     def _on_role_changed(self, c: RoleChanged) -> None:
         e = self.engine
@@ -917,8 +952,10 @@ class RaftNode:
             if proposals.waiting and was_leader:
                 # Entries past the commit index are in this node's log, and a later
                 # leader may commit them (a transfer's target holds them all, thesis
-                # §3.10): their proposers wait to learn which, for a while.
-                proposals.orphan(c.commit_index)
+                # §3.10), even after one that lacked them cut them from this log: their
+                # proposers wait, for a while, to learn which entries commit there.
+                proposals.orphan(c.commit_index, self._orphan_error(
+                    "a later leader committed other entries in its place: it was not committed"))
                 self._cancel_orphan_wait()
                 self._orphan_wait = self._loop.call_later(
                     ORPHAN_WAIT * self.config.election_timeout_max, self._end_orphan_wait)

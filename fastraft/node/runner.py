@@ -313,10 +313,6 @@ class CommandRunner:
                     else:
                         box.append(c.message)
             elif t in _WRITES:
-                if t is TruncateLog and node._proposals.waiting:
-                    # Committed entries are never cut (§5.4): these were not.
-                    node._drop_orphans("a later leader's log replaced it: it was not "
-                                       "committed", after=c.index - 1)
                 ops.append(c)
             elif t is SendSnapshotChunk:
                 m = node._transfer.fill_chunk(c)

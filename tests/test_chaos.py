@@ -78,6 +78,8 @@ class Workload:
         self.history = History()
         self.rng = random.Random(seed)
         self.acked_unique: dict[str, bytes] = {}
+        #: Once-written keys whose put certainly failed: no node may hold them.
+        self.failed_unique: list[str] = []
         self.stats = {"ok": 0, "fail": 0, "unknown": 0}
         self.errors: dict[str, int] = {}
         self.stop = asyncio.Event()
@@ -124,6 +126,8 @@ class Workload:
                 elif outcome[0] == "fail" or kind == "get":
                     self.stats["fail"] += 1  # certainly not done (a read changes nothing)
                     self.history.fail(op)
+                    if kind == "put" and key.startswith("u"):
+                        self.failed_unique.append(key)
                     if outcome[1] is not None:
                         leaders[shard] = outcome[1]
                     else:  # no leader known there: ask another node, a moment later
@@ -156,6 +160,10 @@ class Workload:
                 return "fail", exc.leader, error
             if exc.error.startswith("Overloaded"):
                 return "fail", None, error
+            if error == "ProposalDropped" and exc.error.endswith("it was not committed"):
+                # a later leader committed other entries in its place: a claim that the
+                # checker and the final reads hold the node to
+                return "fail", None, "ProposalDropped (not committed)"
             return "unknown", None, error
         return "ok", resp.value
 
@@ -365,6 +373,9 @@ async def final_reads(workload: Workload, cluster: ProcessCluster, timeout: floa
                 got = await asyncio.gather(*[get(c, key) for key, _ in chunk])
                 for (key, value), read in zip(chunk, got):
                     assert read == value, f"acknowledged {key} lost on node {i}"
+            failed = workload.failed_unique
+            for key, read in zip(failed, await asyncio.gather(*[get(c, k) for k in failed])):
+                assert read is None, f"{key}, whose put failed, is {read!r} on node {i}"
         return {i: (await c.status())["applied_index"] for i, c in clients.items()}
     finally:
         for c in clients.values():
@@ -426,6 +437,7 @@ async def chaos(tmp_path, seconds: float, seed: int, groups: int = 1) -> dict:
                    "faults": nemesis.faults, "operations": len(workload.history.operations),
                    **workload.stats, "errors": workload.errors,
                    "acknowledged_unique": len(workload.acked_unique),
+                   "failed_unique": len(workload.failed_unique),
                    "applied": applied, "checker_seconds": round(checker_seconds, 2)}
         (tmp_path / "chaos-summary.json").write_text(json.dumps(summary, indent=1))
         print("chaos:", json.dumps(summary))

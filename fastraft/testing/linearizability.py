@@ -88,11 +88,13 @@ class History:
         self._complete(op_id, "ok", at, output)
 
     def fail(self, op_id: int, at: float | None = None) -> None:
-        """The operation certainly did not take effect."""
+        """The operation certainly did not take effect (``NotLeader``, ``Overloaded``, a
+        ``ProposalDropped`` saying it was not committed)."""
         self._complete(op_id, "fail", at)
 
     def info(self, op_id: int) -> None:
-        """The outcome is unknown (a timeout, a lost connection, ``ProposalDropped``)."""
+        """The outcome is unknown (a timeout, a lost connection, any other
+        ``ProposalDropped``)."""
         op = self.operations[op_id]
         op.outcome, op.completed = "info", FOREVER
 

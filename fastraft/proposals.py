@@ -197,6 +197,23 @@ class ProposalTracker:
                 return i
         return hi + 1
 
+    def fail_through(self, index: int, exc: BaseException) -> int:
+        """Fail the proposals of entries up to ``index`` (all of a batch reaching past
+        it): a snapshot restored in their place, their results are not to be had."""
+        runs = self._runs
+        freed = 0
+        while runs and runs[0].next <= index:
+            run = runs[0]
+            stop = run.last if run.futures is None else min(run.last, index)
+            self._fail_from(run, run.next, exc, stop)
+            freed += stop - run.next + 1
+            if stop < run.last:
+                run.next = stop + 1
+                break
+            runs.popleft()
+        self.pending -= freed
+        return freed
+
     def fail_after(self, index: int, exc: BaseException) -> int:
         """Fail every proposal of an entry after ``index``."""
         return self._fail(lambda run: index + 1, exc)
@@ -233,10 +250,12 @@ class ProposalTracker:
         return freed
 
     @staticmethod
-    def _fail_from(run: _Run, start: int, exc: BaseException) -> None:
-        """Fail the proposals of ``run``'s entries from ``start`` on (all of a batch)."""
+    def _fail_from(run: _Run, start: int, exc: BaseException, stop: int | None = None) -> None:
+        """Fail the proposals of ``run``'s entries from ``start`` (to ``stop``) on; all
+        of a batch."""
         if run.futures is not None:
-            for f in run.futures[start - run.first:]:
+            end = None if stop is None else stop - run.first + 1
+            for f in run.futures[start - run.first:end]:
                 fail_future(f, exc)
         elif run.batch is not None:
             fail_future(run.batch, exc)

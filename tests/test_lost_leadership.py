@@ -10,7 +10,7 @@ from fastraft.node import raftnode
 from fastraft.testing import LocalCluster, wait_until
 
 from aio import run
-from test_node import Recorder
+from test_node import GatedApply, Recorder
 
 # One leader until a test moves it: election timeouts beyond a stall of a busy worker.
 STEADY = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
@@ -154,6 +154,39 @@ async def test_writes_a_snapshot_covers_fail_as_unknown(monkeypatch):
         assert all(isinstance(r, ProposalDropped) for r in results), results
         assert all("a snapshot of the new leader covers it" in str(r) for r in results)
         await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
+
+
+@run
+async def test_committed_writes_a_snapshot_restores_before_they_are_applied_are_answered():
+    """The leader commits writes while its state machine is held up on the first, and is
+    cut off. The new leader compacts past them; the old one restores its snapshot
+    instead of applying them (the snapshot holds them). Their proposers hear that they
+    were committed and that their results are not known: they waited forever before."""
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 snapshot_interval=10, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=GatedApply, config=cfg) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        c.state_machines[old.id].gate.clear()
+        first = asyncio.ensure_future(old.propose(b"w0"))  # its apply waits at the gate
+        await wait_until(lambda: old.engine.commit_index == old.engine.log.last_index, 10)
+        rest = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(1, 5)]
+        await wait_until(lambda: old.engine.commit_index == old.engine.log.last_index
+                         and not old._proposals.buffered, 10)
+        last = old.engine.log.last_index
+        c.hub.isolate(old.id)
+        new = await c.leader(exclude={old.id})
+        for k in range(30):
+            await new.propose(b"new%d" % k)
+        await wait_until(lambda: new.engine.log.snapshot_index > last, 10)
+        c.hub.heal()
+        await wait_until(lambda: old.engine.log.snapshot_index > last, 10)
+        c.state_machines[old.id].gate.set()
+        assert await asyncio.wait_for(first, 10) == last - 4
+        results = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 10)
+        assert all(isinstance(r, ProposalDropped) and "it was committed, but its result "
+                   "is not known here" in str(r) for r in results), results
+        assert old._proposals.pending == 0 and old.metrics().proposals_dropped == 4
 
 
 @run

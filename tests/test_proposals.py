@@ -164,6 +164,17 @@ def test_orphaned_records_are_answered_with_their_indexes(loop):
     assert f.result() == [3, 4] and t.pending == 0
 
 
+def test_a_restored_snapshot_fails_what_it_skipped_and_only_that(loop):
+    t, singles, batch = singles_and_a_batch_appended(loop, 1)  # 1..4, batch 5..6
+    apply(t, entries(1, 1), ["r1"])
+    assert t.fail_through(2, ProposalDropped("skipped")) == 1  # 2: 3.. are applied later
+    assert str(singles[1].exception()) == "skipped" and not singles[2].done()
+    apply(t, entries(3, 4), ["r3", "r4"])
+    assert [f.result() for f in singles[2:]] == ["r3", "r4"]
+    assert t.fail_through(5, ProposalDropped("skipped")) == 2  # a batch: all of it
+    assert str(batch.exception()) == "skipped" and t.pending == 0 and not t.waiting
+
+
 def test_a_second_loss_leaves_open_what_the_new_commit_index_does_not_cover(loop):
     t, futs = singles_appended(loop, 4)  # 1..4
     t.orphan(0, ProposalDropped("replaced"))  # lost with nothing committed

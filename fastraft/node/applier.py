@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
 from fastraft.engine import ApplyStored
-from fastraft.errors import NodeStopped, StorageCorruption
+from fastraft.errors import NodeStopped, ProposalDropped, StorageCorruption
 from fastraft.messages import Entry, EntryKind, SnapshotMeta
 from fastraft.node.writer import SaveSnapshot
 from fastraft.snapshots import COPY_BYTES, as_stream, close_stream, spool
@@ -211,7 +211,18 @@ class Applier:
                              self.node.label, index, took,
                              extra={"event": "snapshot_installed", **self.node.log_fields,
                                     "index": index, "seconds": took})
-                    self.applied_index = item.meta.last_included_index
+                    self.applied_index = index
+                    proposals = self.node._proposals
+                    if proposals.waiting:
+                        # Committed under this node's lost leadership and not applied
+                        # before the leader's snapshot came: skipped for it (see
+                        # _behind_installed_snapshot), so no result is to be had.
+                        self.node._recorder.proposals_dropped += proposals.fail_through(
+                            index, ProposalDropped(
+                                f"node {self.node.id} lost leadership before it applied "
+                                "the entry, then restored a snapshot of the new leader "
+                                "that holds it: it was committed, but its result is not "
+                                "known here"))
                     self._after_apply()
             finally:
                 item.spool.close()

@@ -29,6 +29,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: ``Overloaded`` when ``overload_wait`` is 0).
     max_pending_proposals: int = 65536
     overload_wait: float = 5.0
+    #: A leader that loses leadership (a transfer, an election) keeps the proposals and
+    #: membership changes whose entries it had not committed waiting this many election
+    #: timeouts (``election_timeout_max``) to learn whether a later leader commits them:
+    #: those it does are answered with their results, the rest fail with
+    #: ``ProposalDropped``. 0: fail them at once (may or may not be committed).
+    lost_leadership_wait: float = 2.0
     #: Linearizable reads waiting for confirmation, on this node and (leader) forwarded
     #: by followers; beyond this a read fails at once (``Overloaded``; a follower's
     #: forwarded read is refused and retried there).
@@ -122,5 +128,6 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
         if self.quiesce_after and self.quiesce_after < self.heartbeat_interval:
             raise ConfigError(f"quiesce_after must be 0 (never) or at least heartbeat_interval "
                               f"({self.heartbeat_interval}), got {self.quiesce_after}")
-        if self.overload_wait < 0:
-            raise ConfigError(f"overload_wait must be >= 0, got {self.overload_wait}")
+        for name in ("overload_wait", "lost_leadership_wait"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -3,10 +3,12 @@ answered with their result when a later leader commits their entries, failed whe
 commits others in their place or a snapshot covers them, and not left waiting forever."""
 import asyncio
 
+import msgspec
+import pytest
+
 from fastraft.config import Config
 from fastraft.errors import ProposalDropped
 from fastraft.messages import AppendEntries
-from fastraft.node import raftnode
 from fastraft.testing import LocalCluster, wait_until
 
 from aio import run
@@ -14,6 +16,8 @@ from test_node import GatedApply, Recorder
 
 # One leader until a test moves it: election timeouts beyond a stall of a busy worker.
 STEADY = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
+#: As STEADY, but a deposed leader waits as long as it takes to learn its writes' fate.
+UNBOUNDED = msgspec.structs.replace(STEADY, lost_leadership_wait=1000)
 
 
 def cut_one_way(c, frm, to):
@@ -37,13 +41,17 @@ async def heard_by_the_target_only(c):
     return leader, target
 
 
+@pytest.mark.parametrize("wait", [2, 0])  # the default; told not to wait
 @run
-async def test_writes_in_flight_over_a_transfer_get_their_results():
+async def test_writes_in_flight_over_a_transfer_get_their_results(wait):
     """Five nodes; the leader's writes reach every follower but only the transfer's
     target answers (2 of 5: not committed). The target wins, commits them with its
     first entry, and the old leader, told so, answers its proposers with their results
-    (it said ProposalDropped at once before, for writes that did commit)."""
-    async with LocalCluster(5, state_machine=Recorder, config=PATIENT) as c:
+    (it said ProposalDropped at once before, for writes that did commit). Told not to
+    wait (``lost_leadership_wait=0``), it fails them as it steps down, long before the
+    new leader's commit can reach it."""
+    config = msgspec.structs.replace(PATIENT, lost_leadership_wait=wait)
+    async with LocalCluster(5, state_machine=Recorder, config=config) as c:
         leader, target = await heard_by_the_target_only(c)
         before = leader.engine.log.last_index
         writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(20)]
@@ -52,17 +60,21 @@ async def test_writes_in_flight_over_a_transfer_get_their_results():
         assert leader.engine.commit_index <= before  # only the target answered
         await leader.transfer_leadership(target)
         results = await asyncio.gather(*writes, return_exceptions=True)
-        assert results == list(range(before + 1, before + 21))
-        assert leader.metrics().proposals_dropped == 0
+        if wait:
+            assert results == list(range(before + 1, before + 21))
+            assert leader.metrics().proposals_dropped == 0
+        else:
+            assert all(isinstance(r, ProposalDropped) and "in 0 election timeouts" in str(r)
+                       for r in results), results
 
 
 @run
-async def test_writes_a_later_leader_replaced_fail_as_not_committed(monkeypatch):
+async def test_writes_a_later_leader_replaced_fail_as_not_committed():
     """The leader's messages are lost: the others elect a new leader, which writes at the
     same indexes and commits. When the old leader applies those entries, its proposers
     hear theirs were not committed, never another write's result."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new commits end the wait
-    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+    # only the new commits end the wait
+    async with LocalCluster(3, state_machine=Recorder, config=UNBOUNDED) as c:
         old = await c.leader()
         await old.propose(b"warm")
         others = [i for i in c.nodes if i != old.id]
@@ -89,8 +101,8 @@ async def test_writes_cut_from_the_old_leaders_log_that_commit_later_get_their_r
     up to date of the three live voters, is elected and commits them, and the old leader
     gets them back. Its proposers hear their results: failing them as not committed when
     they were cut (this node did) was wrong, as they were committed after."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the commit ends the wait
-    async with LocalCluster(5, state_machine=Recorder, config=STEADY) as c:
+    # only the commit ends the wait
+    async with LocalCluster(5, state_machine=Recorder, config=UNBOUNDED) as c:
         old = await c.leader()
         await old.propose(b"warm")
         a, *rest = [i for i in c.nodes if i != old.id]
@@ -126,14 +138,15 @@ async def test_writes_cut_from_the_old_leaders_log_that_commit_later_get_their_r
 
 
 @run
-async def test_writes_a_snapshot_covers_fail_as_unknown(monkeypatch):
+async def test_writes_a_snapshot_covers_fail_as_unknown():
     """Nothing reaches the old leader: its writes are in every other log, and it steps
     down (check-quorum) not knowing whether they committed. The new leader commits them
     and compacts its log past them; the old leader then gets a snapshot, which holds
     their effects but not their results: its proposers hear the outcome is unknown (the
     entries were committed, so not 'not committed')."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the snapshot ends the wait
+    # only the snapshot ends the wait
     cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05,
+                 lost_leadership_wait=1000,
                  snapshot_interval=10, snapshot_trailing_entries=0)
     async with LocalCluster(3, state_machine=Recorder, config=cfg) as c:
         old = await c.leader()
@@ -189,9 +202,11 @@ async def test_committed_writes_a_snapshot_restores_before_they_are_applied_are_
         assert old._proposals.pending == 0 and old.metrics().proposals_dropped == 4
 
 
+@pytest.mark.parametrize("wait", [2, 0])  # the default; told not to wait
 @run
-async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_two_election_timeouts():
-    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_lost_leadership_wait(wait):
+    config = msgspec.structs.replace(STEADY, lost_leadership_wait=wait)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
         old = await c.leader()
         await old.propose(b"warm")
         c.hub.isolate(old.id)
@@ -200,19 +215,18 @@ async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_two_election_t
         await wait_until(lambda: not old.is_leader, 10)
         results = await asyncio.gather(*writes, change, return_exceptions=True)
         assert all(isinstance(r, ProposalDropped) for r in results), results
-        assert all("did not learn its fate in 2 election timeouts" in str(r)
+        assert all(f"did not learn its fate in {wait} election timeouts" in str(r)
                    for r in results), results
         assert old._proposals.pending == 0
 
 
 @run
-async def test_a_leader_elected_again_answers_its_earlier_terms_writes(monkeypatch):
+async def test_a_leader_elected_again_answers_its_earlier_terms_writes():
     """Cut off, the leader steps down with its writes in its log only; the other live
     node cannot be elected without them (the third is stopped). When the link heals, the
     old leader is elected again and commits them with its new term's first entry: its
     proposers get their results, and their wait is no longer bounded."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)
-    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+    async with LocalCluster(3, state_machine=Recorder, config=UNBOUNDED) as c:
         old = await c.leader()
         await old.propose(b"warm")
         down = next(i for i in c.nodes if i != old.id)

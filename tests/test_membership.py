@@ -2,6 +2,7 @@
 import asyncio
 import tracemalloc
 
+import msgspec
 import pytest
 
 from fastraft import kv
@@ -15,7 +16,6 @@ from fastraft.errors import (
     ProposalDropped,
 )
 from fastraft.messages import InstallSnapshot
-from fastraft.node import raftnode
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.testing.filesm import FileStateMachine
 
@@ -409,13 +409,14 @@ def test_grow_shrink_and_restart_on_file_storage_with_compaction(file_storage):
 
 
 @run
-async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done(monkeypatch):
+async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done():
     """The leader proposes a change and is cut off before it commits; the others elect a
     new leader whose entries take its place. The change did not happen: the call says so
     (ProposalDropped, as ``propose`` does), where it returned as if the change were
     done once the old leader's commit index passed that index with another entry."""
-    monkeypatch.setattr(raftnode, "ORPHAN_WAIT", 1000)  # only the new commits end the wait
-    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+    # only the new commits end the wait
+    config = msgspec.structs.replace(FAST, lost_leadership_wait=1000)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=config) as c:
         leader = await c.leader()
         await leader.propose(kv.put("x", b"before"))  # its term's first entry committed:
         # the change is proposed at once (else it waits for that, cut off, and is refused)

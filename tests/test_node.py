@@ -1002,6 +1002,8 @@ def test_config_is_validated():
         Config(election_timeout_min=0.3, election_timeout_max=0.2)
     with pytest.raises(ConfigError):
         Config(max_inflight_messages=0)
+    with pytest.raises(ConfigError, match="lost_leadership_wait must be >= 0"):
+        Config(lost_leadership_wait=-1)
 
 
 @run

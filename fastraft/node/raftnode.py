@@ -44,11 +44,6 @@ log = logging.getLogger("fastraft.node")
 _refusals = Throttle(log)
 
 _NORMAL = EntryKind.NORMAL
-#: Election timeouts (the longest) that proposals and membership changes a lost
-#: leadership left open wait to learn whether a later leader committed their entries: a
-#: new leader has been elected and has told this node within about one, unless this
-#: node is cut off.
-ORPHAN_WAIT = 2
 
 
 def check_node_id(node_id: object) -> None:
@@ -151,7 +146,8 @@ class RaftNode:
         self._progress: asyncio.Event | None = None
 
         self._proposals = ProposalTracker()
-        #: Ends the wait of proposals a lost leadership left open (``ORPHAN_WAIT``).
+        #: Ends the wait of proposals a lost leadership left open
+        #: (``Config.lost_leadership_wait``).
         self._orphan_wait: asyncio.TimerHandle | None = None
         #: Running and leading: propose() checks this one flag on its fast path.
         self._accepting = False
@@ -459,7 +455,7 @@ class RaftNode:
         out steps down once C_new commits. Raises ``MembershipChangeInProgress`` if a
         change is under way; ``ProposalDropped`` if this node loses leadership before the
         change commits and then learns that a later leader committed another entry in
-        its place, or learns nothing for ``ORPHAN_WAIT`` election timeouts (read the
+        its place, or learns nothing for ``Config.lost_leadership_wait`` (read the
         membership before trying again), as ``add_learner`` and ``remove_learner`` do."""
         engine = await self._settled_leader(timeout)
         wanted = frozenset(voters)
@@ -552,7 +548,7 @@ class RaftNode:
         """Until the change this leader just proposed at ``index`` is complete: committed,
         and no longer joint (the C_new that follows a C_old,new committed too). If
         leadership is lost first, a later leader may still commit it: as for a proposal,
-        this waits ``ORPHAN_WAIT`` election timeouts to learn whether the entry committed
+        this waits ``Config.lost_leadership_wait`` to learn whether the entry committed
         at ``index`` is this one (it has its term: Log Matching, §5.3) or another, and
         raises ``ProposalDropped`` if it is another or remains unknown."""
         applier = self._applier
@@ -593,13 +589,11 @@ class RaftNode:
                     given_up = False
                     return False
                 elif given_up:
-                    raise self._membership_dropped(index, (
-                        f"it did not learn its fate in {ORPHAN_WAIT} election timeouts: it "
-                        "may or may not take effect"))
+                    raise self._membership_dropped(index, self._unknown_fate(
+                        "it may or may not take effect"))
                 else:
                     if gives_up is None:
-                        gives_up = loop.call_later(
-                            ORPHAN_WAIT * self.config.election_timeout_max, give_up)
+                        gives_up = loop.call_later(self._lost_leadership_wait(), give_up)
                     return False
             return (applier.committed_index >= index and not e.membership.joint
                     and e._configs[-1][0] <= applier.committed_index)
@@ -904,8 +898,15 @@ class RaftNode:
 
     def _end_orphan_wait(self) -> None:
         self._orphan_wait = None
-        self._drop_orphans(f"it did not learn its fate in {ORPHAN_WAIT} election timeouts: "
-                           "it may or may not be committed")
+        self._drop_orphans(self._unknown_fate("it may or may not be committed"))
+
+    def _lost_leadership_wait(self) -> float:
+        config = self.config
+        return config.lost_leadership_wait * config.election_timeout_max
+
+    def _unknown_fate(self, what: str) -> str:
+        return (f"it did not learn its fate in {self.config.lost_leadership_wait:g} election "
+                f"timeouts: {what}")
 
     def _cancel_orphan_wait(self) -> None:
         if self._orphan_wait is not None:
@@ -957,8 +958,8 @@ class RaftNode:
                 proposals.orphan(c.commit_index, self._orphan_error(
                     "a later leader committed other entries in its place: it was not committed"))
                 self._cancel_orphan_wait()
-                self._orphan_wait = self._loop.call_later(
-                    ORPHAN_WAIT * self.config.election_timeout_max, self._end_orphan_wait)
+                self._orphan_wait = self._loop.call_later(self._lost_leadership_wait(),
+                                                          self._end_orphan_wait)
             recorder.proposals_dropped += proposals.fail_buffered(NotLeader(
                 c.leader_id, e.membership.addresses.get(c.leader_id)
                 if c.leader_id is not None else None))

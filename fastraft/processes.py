@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 #: Lowest port ``free_ports`` hands out when it picks its own.
 LOWEST_PORT = 10_000
+#: Ports ``free_ports`` handed out lately in this process, oldest first: a server may
+#: not have bound its port yet when the next call comes (a test's cluster, then its
+#: metrics port), and a port handed out twice fails one of the two servers' start.
+_handed_out: dict[int, None] = {}
+_HANDED_OUT_KEPT = 4096
 
 
 def _ephemeral_low() -> int:
@@ -38,7 +43,8 @@ def _ephemeral_low() -> int:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports of 127.0.0.1, free now, for servers about to start. Picked at
+    """``n`` distinct ports of 127.0.0.1, free now, for servers about to start, none of
+    them handed out by an earlier call of this process (among the last 4,096). Picked at
     random below the kernel's ephemeral range where it has room (Linux): such a port is
     never given to the local end of a connection opened between now and the moment the
     server binds it (likelier with clusters starting side by side, as tests run by
@@ -59,8 +65,16 @@ def free_ports(n: int) -> list[int]:
                 if failures > 100:
                     raise
                 continue
+            if s.getsockname()[1] in _handed_out:
+                s.close()
+                continue
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        ports = [s.getsockname()[1] for s in socks]
+        for port in ports:
+            _handed_out[port] = None
+        while len(_handed_out) > _HANDED_OUT_KEPT:
+            del _handed_out[next(iter(_handed_out))]
+        return ports
     finally:
         for s in socks:
             s.close()

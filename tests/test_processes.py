@@ -46,6 +46,13 @@ def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():
             s.bind(("127.0.0.1", p))
 
 
+def test_free_ports_never_hands_out_a_port_twice():
+    """Calls made before the servers bind (a test's cluster, then its metrics port) once
+    got the same port in CI: node 1 took it for metrics, node 3 could not start."""
+    ports = [p for _ in range(2000) for p in free_ports(1)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_free_ports_gives_up_when_nothing_can_be_bound(monkeypatch):
     import socket
 

@@ -139,9 +139,6 @@ class ProposalTracker:
             run = runs[0]
             lo, hi = run.next, min(run.last, applied)
             if run.orphan:
-                if position is None:
-                    position = {e.index: k for k, e in enumerate(user)}
-                    base, top = 0, -1
                 ours = self._ours(run, lo, hi, entries)
                 if ours <= hi:  # the rest of the run can never commit: the run ends before it
                     assert self._replaced is not None  # set with the orphan marks

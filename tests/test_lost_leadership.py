@@ -202,18 +202,20 @@ async def test_committed_writes_a_snapshot_restores_before_they_are_applied_are_
         assert old._proposals.pending == 0 and old.metrics().proposals_dropped == 4
 
 
+@pytest.mark.parametrize("writes", [5, 0])  # and a change alone
 @pytest.mark.parametrize("wait", [2, 0])  # the default; told not to wait
 @run
-async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_lost_leadership_wait(wait):
+async def test_writes_and_a_change_of_a_leader_cut_off_fail_after_lost_leadership_wait(
+        wait, writes):
     config = msgspec.structs.replace(STEADY, lost_leadership_wait=wait)
     async with LocalCluster(3, state_machine=Recorder, config=config) as c:
         old = await c.leader()
         await old.propose(b"warm")
         c.hub.isolate(old.id)
-        writes = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(5)]
+        proposed = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(writes)]
         change = asyncio.ensure_future(old.add_learner(9, "nine"))
         await wait_until(lambda: not old.is_leader, 10)
-        results = await asyncio.gather(*writes, change, return_exceptions=True)
+        results = await asyncio.gather(*proposed, change, return_exceptions=True)
         assert all(isinstance(r, ProposalDropped) for r in results), results
         assert all(f"did not learn its fate in {wait} election timeouts" in str(r)
                    for r in results), results

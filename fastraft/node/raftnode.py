@@ -146,9 +146,13 @@ class RaftNode:
         self._progress: asyncio.Event | None = None
 
         self._proposals = ProposalTracker()
-        #: Ends the wait of proposals a lost leadership left open
-        #: (``Config.lost_leadership_wait``).
+        #: Ends the wait for the fate of what a lost leadership left open: proposals and
+        #: a membership change (``Config.lost_leadership_wait``).
         self._orphan_wait: asyncio.TimerHandle | None = None
+        #: Such waits begun, and the number of the last that ran out: a membership call
+        #: gives up once one begun after its proposal has.
+        self._fate_waits = 0
+        self._fate_wait_expired = 0
         #: Running and leading: propose() checks this one flag on its fast path.
         self._accepting = False
         self._max_pending = self.config.max_pending_proposals
@@ -552,20 +556,12 @@ class RaftNode:
         at ``index`` is this one (it has its term: Log Matching, §5.3) or another, and
         raises ``ProposalDropped`` if it is another or remains unknown."""
         applier = self._applier
-        loop = self._loop
         term = self.engine.term
         ours = False
-        # Leadership lost: the timer after which its fate is given up for unknown.
-        gives_up: asyncio.TimerHandle | None = None
-        given_up = False
-
-        def give_up() -> None:
-            nonlocal given_up
-            given_up = True
-            self._notify_progress()
+        waits = self._fate_waits  # leading: only a wait begun after this counts
 
         def complete() -> bool:
-            nonlocal ours, gives_up, given_up
+            nonlocal ours, waits
             e = self.engine
             if not self._running:
                 return True
@@ -583,25 +579,16 @@ class RaftNode:
                             "taken effect"))
                     ours = True
                 elif e.role == Role.LEADER and at_index == term:
-                    if gives_up is not None:  # a leader commits its log's entries (§5.4.2)
-                        gives_up.cancel()
-                        gives_up = None
-                    given_up = False
+                    waits = self._fate_waits  # a leader commits its log's entries (§5.4.2)
                     return False
-                elif given_up:
+                elif self._fate_wait_expired > waits:
                     raise self._membership_dropped(index, self._unknown_fate(
                         "it may or may not take effect"))
                 else:
-                    if gives_up is None:
-                        gives_up = loop.call_later(self._lost_leadership_wait(), give_up)
                     return False
             return (applier.committed_index >= index and not e.membership.joint
                     and e._configs[-1][0] <= applier.committed_index)
-        try:
-            await asyncio.wait_for(self._wait_progress(complete), timeout)
-        finally:
-            if gives_up is not None:
-                gives_up.cancel()
+        await asyncio.wait_for(self._wait_progress(complete), timeout)
         self._check_running()
 
     def _membership_dropped(self, index: int, why: str) -> ProposalDropped:
@@ -898,11 +885,9 @@ class RaftNode:
 
     def _end_orphan_wait(self) -> None:
         self._orphan_wait = None
+        self._fate_wait_expired = self._fate_waits
         self._drop_orphans(self._unknown_fate("it may or may not be committed"))
-
-    def _lost_leadership_wait(self) -> float:
-        config = self.config
-        return config.lost_leadership_wait * config.election_timeout_max
+        self._notify_progress()  # a membership call gives up
 
     def _unknown_fate(self, what: str) -> str:
         return (f"it did not learn its fate in {self.config.lost_leadership_wait:g} election "
@@ -949,8 +934,8 @@ class RaftNode:
             # Elected again: the entries of its earlier terms still in its log commit
             # with its new term's first entry (§5.4.2), and their proposers wait on.
             self._cancel_orphan_wait()
-        elif proposals.waiting or proposals.buffered:
-            if proposals.waiting and was_leader:
+        else:
+            if was_leader and (proposals.waiting or self.membership_calls):
                 # Entries past the commit index are in this node's log, and a later
                 # leader may commit them (a transfer's target holds them all, thesis
                 # §3.10), even after one that lacked them cut them from this log: their
@@ -958,9 +943,13 @@ class RaftNode:
                 proposals.orphan(c.commit_index, self._orphan_error(
                     "a later leader committed other entries in its place: it was not committed"))
                 self._cancel_orphan_wait()
-                self._orphan_wait = self._loop.call_later(self._lost_leadership_wait(),
-                                                          self._end_orphan_wait)
-            recorder.proposals_dropped += proposals.fail_buffered(NotLeader(
-                c.leader_id, e.membership.addresses.get(c.leader_id)
-                if c.leader_id is not None else None))
+                self._fate_waits += 1
+                config = self.config
+                self._orphan_wait = self._loop.call_later(
+                    config.lost_leadership_wait * config.election_timeout_max,
+                    self._end_orphan_wait)
+            if proposals.buffered:
+                recorder.proposals_dropped += proposals.fail_buffered(NotLeader(
+                    c.leader_id, e.membership.addresses.get(c.leader_id)
+                    if c.leader_id is not None else None))
         self._notify_progress()  # wait_for_leader, transfer_leadership, back-pressure

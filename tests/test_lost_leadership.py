@@ -182,7 +182,11 @@ async def test_committed_writes_a_snapshot_restores_before_they_are_applied_are_
         await old.propose(b"warm")
         c.state_machines[old.id].gate.clear()
         first = asyncio.ensure_future(old.propose(b"w0"))  # its apply waits at the gate
-        await wait_until(lambda: old.engine.commit_index == old.engine.log.last_index, 10)
+        # w0 alone in the state machine's hands: had the apply task not taken it yet, the
+        # rest would join its batch and be applied with it, legitimately
+        await wait_until(lambda: old.engine.commit_index == old.engine.log.last_index
+                         and old._applier.applied_index < old.engine.commit_index
+                         and not old._applier.queue, 10)
         rest = [asyncio.ensure_future(old.propose(b"w%d" % k)) for k in range(1, 5)]
         await wait_until(lambda: old.engine.commit_index == old.engine.log.last_index
                          and not old._proposals.buffered, 10)

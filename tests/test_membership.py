@@ -451,5 +451,5 @@ async def test_a_change_compacted_away_before_its_caller_looks_is_reported_done(
         await leader.propose(kv.put("x", b"after"))
         await leader.snapshot()
         assert leader.engine.log.term_at(index) == -1  # compacted away
-        await leader._wait_config_committed(index, 5)
+        await leader._membership.wait_complete(index, 5)
         assert leader.engine.membership.learners == {9}

@@ -47,8 +47,8 @@ from fastraft.host.cachebudget import LogCacheBudget
 from fastraft.host.sums import HostSums
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
+from fastraft.node.arguments import check_node_id
 from fastraft.node.metrics import GroupFigures, HostMetrics
-from fastraft.node.raftnode import check_node_id
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
 from fastraft.storage import MemoryStorage, RaftStorage

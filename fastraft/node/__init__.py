@@ -9,7 +9,10 @@ peer (batching).
 The parts, one module each: ``raftnode`` (the public class: lifecycle, client API,
 inbound messages), ``runner`` (runs the engine's commands; timers), ``writer`` (durable
 writes in order, group commit), ``applier`` (the state machine's task; snapshots taken),
-``transfer`` (snapshot chunks sent and received) and ``reads`` (ReadIndex and leases).
+``transfer`` (snapshot chunks sent and received), ``reads`` (ReadIndex and leases),
+``logreader`` (the log read back from storage), ``membership`` (membership changes and
+their fate), ``observe`` (status, metrics, health), ``metrics`` (the counters and their
+values) and ``arguments`` (checks of the ids and addresses users pass in).
 """
 from fastraft.node.raftnode import RaftNode
 

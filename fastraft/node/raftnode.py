@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from fastraft.asyncutil import call_hook
 from fastraft.config import Config
 from fastraft.engine import Engine, InitialState, Role, RoleChanged
 from fastraft.errors import (
     AlreadyInitialized,
-    CatchUpTimeout,
     ConfigError,
     InvalidArgument,
     NodeFailed,
@@ -26,11 +24,14 @@ from fastraft.errors import (
     StorageOwnedElsewhere,
 )
 from fastraft.logutil import Throttle
-from fastraft.messages import MAX_ADDRESS_LENGTH, MAX_NODE_ID, Entry, EntryKind, Membership
+from fastraft.messages import Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
+from fastraft.node import observe
 from fastraft.node.applier import Applier
+from fastraft.node.arguments import check_address, check_node_id
 from fastraft.node.logreader import LogReader
-from fastraft.node.metrics import FollowerMetrics, Metrics, Recorder, by_name
+from fastraft.node.membership import MembershipChanges
+from fastraft.node.metrics import Metrics, Recorder
 from fastraft.node.reads import Reads
 from fastraft.node.runner import CampaignLimit, CommandRunner, HeartbeatClock, Timers
 from fastraft.node.transfer import SnapshotTransfer
@@ -44,38 +45,6 @@ log = logging.getLogger("fastraft.node")
 _refusals = Throttle(log)
 
 _NORMAL = EntryKind.NORMAL
-
-
-def check_node_id(node_id: object) -> None:
-    """Raise ``InvalidArgument`` unless ``node_id`` is an int the wire takes (not a bool)."""
-    if not isinstance(node_id, int) or isinstance(node_id, bool) \
-            or not 1 <= node_id <= MAX_NODE_ID:
-        raise InvalidArgument(f"node ids are positive ints up to 2**63 - 1, got {node_id!r}")
-
-
-def check_address(address: object) -> None:
-    """Raise ``InvalidArgument`` unless ``address`` is a str the wire takes."""
-    if not isinstance(address, str) or not 1 <= len(address) <= MAX_ADDRESS_LENGTH:
-        raise InvalidArgument(f"addresses are non-empty strs of at most "
-                              f"{MAX_ADDRESS_LENGTH} characters, got {address!r:.80}")
-
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-
-
-def _membership_call(
-        method: Callable[Concatenate[RaftNode, _P], Coroutine[Any, Any, _T]],
-) -> Callable[Concatenate[RaftNode, _P], Coroutine[Any, Any, _T]]:
-    """Counts the call in ``RaftNode.membership_calls`` while it runs."""
-    @functools.wraps(method)
-    async def counted(node: RaftNode, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        node.membership_calls += 1
-        try:
-            return await method(node, *args, **kwargs)
-        finally:
-            node.membership_calls -= 1
-    return counted
 
 
 class RaftNode:
@@ -138,6 +107,7 @@ class RaftNode:
         self._transfer = SnapshotTransfer(self)
         self._reads = Reads(self)
         self._log_reader = LogReader(self)
+        self._membership = MembershipChanges(self)
 
         #: Set and dropped whenever something a waiter may wait for happens (an apply, a
         #: change of role or leader, proposals failed, the stop); waiters re-check their
@@ -419,38 +389,18 @@ class RaftNode:
         self._applier.enqueue(done)  # taken in the apply task, between two batches
         return await done
 
-    @_membership_call
     async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
         """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
         but neither votes nor counts for commit. Returns once the change is committed."""
-        check_node_id(node_id)
-        check_address(address)
-        engine = await self._settled_leader(timeout)
-        m = engine.membership
-        if node_id in m.members:
-            raise InvalidArgument(f"node {node_id} is already a member")
-        index = engine.propose_membership(m.voters, m.learners | {node_id}, {node_id: address})
-        self._schedule_flush()
-        await self._wait_config_committed(index, timeout)
+        await self._membership.add_learner(node_id, address, timeout)
 
-    @_membership_call
     async def remove_learner(self, node_id: int, timeout: float = 30.0) -> None:
         """Remove learner ``node_id`` (one added by mistake, or no longer wanted): a change
         of learners only, so no joint configuration (§6); the leader stops replicating to
         it. Returns once the change is committed. A voter leaves through
         ``change_membership``."""
-        check_node_id(node_id)
-        engine = await self._settled_leader(timeout)
-        m = engine.membership
-        if node_id not in m.learners:
-            raise InvalidArgument(f"node {node_id} is not a learner" + (
-                ": it votes, remove it with change_membership()" if node_id in m.voters
-                else ""))
-        index = engine.propose_membership(m.voters, m.learners - {node_id})
-        self._schedule_flush()
-        await self._wait_config_committed(index, timeout)
+        await self._membership.remove_learner(node_id, timeout)
 
-    @_membership_call
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
         """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
         C_new. New voters must be learners already (``add_learner``); they are promoted only
@@ -461,41 +411,7 @@ class RaftNode:
         change commits and then learns that a later leader committed another entry in
         its place, or learns nothing for ``Config.lost_leadership_wait`` (read the
         membership before trying again), as ``add_learner`` and ``remove_learner`` do."""
-        engine = await self._settled_leader(timeout)
-        wanted = frozenset(voters)
-        m = engine.membership
-        strangers = wanted - m.voters - m.learners
-        if strangers:
-            raise InvalidArgument(f"nodes {sorted(strangers)} are not members: add them "
-                                  "with add_learner() first so they catch up before they vote")
-        newcomers = wanted - m.voters
-        deadline = self._loop.time() + timeout
-
-        def caught_up() -> bool:
-            self._check_running()
-            e = self.engine
-            if e.role != Role.LEADER:
-                raise e.not_leader()
-            last = e.log.last_index
-            # A match of 0 is a learner that has not answered yet: with a log shorter than
-            # the lag it would pass, and promoting an unreachable node raises the quorum
-            # (etcd's isLearnerReady asks for a match as well).
-            return all(0 < e.progress[n].match_index
-                       and last - e.progress[n].match_index <= self.config.max_learner_lag
-                       for n in newcomers if n in e.progress)
-        while not caught_up():
-            if self._loop.time() > deadline:
-                lag = {n: self.engine.log.last_index - self.engine.progress[n].match_index
-                       for n in newcomers if n in self.engine.progress}
-                raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
-                                     f"behind: {lag}); not promoted")
-            try:
-                await asyncio.wait_for(self._progress_wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
-        index = self._leader_engine().propose_membership(wanted, m.learners - wanted)
-        self._schedule_flush()
-        await self._wait_config_committed(index, timeout)
+        await self._membership.change_membership(voters, timeout)
 
     async def transfer_leadership(self, target: int, timeout: float | None = None) -> None:
         """Make voter ``target`` the leader (thesis §3.10). Proposals are refused meanwhile
@@ -512,18 +428,6 @@ class RaftNode:
                 await asyncio.wait_for(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
-
-    async def _settled_leader(self, timeout: float) -> Engine:
-        """The engine once this leader has committed an entry of its term: until then the
-        configuration it inherited may still be uncommitted, which is not a change in
-        progress that the caller should be told about."""
-        self._leader_engine()
-
-        def settled() -> bool:
-            e = self.engine
-            return e.role != Role.LEADER or e.committed_in_term
-        await asyncio.wait_for(self._wait_progress(settled), timeout)
-        return self._leader_engine()
 
     def _notify_progress(self) -> None:
         event = self._progress
@@ -548,164 +452,25 @@ class RaftNode:
             raise self.engine.not_leader()
         return self.engine
 
-    async def _wait_config_committed(self, index: int, timeout: float) -> None:
-        """Until the change this leader just proposed at ``index`` is complete: committed,
-        and no longer joint (the C_new that follows a C_old,new committed too). If
-        leadership is lost first, a later leader may still commit it: as for a proposal,
-        this waits ``Config.lost_leadership_wait`` to learn whether the entry committed
-        at ``index`` is this one (it has its term: Log Matching, §5.3) or another, and
-        raises ``ProposalDropped`` if it is another or remains unknown."""
-        applier = self._applier
-        term = self.engine.term
-        ours = False
-        waits = self._fate_waits  # leading: only a wait begun after this counts
-
-        def complete() -> bool:
-            nonlocal ours, waits
-            e = self.engine
-            if not self._running:
-                return True
-            if not ours:
-                at_index = e.log.term_at(index)
-                if e.commit_index >= index:
-                    # a leader never replaces its own entries (and may have compacted
-                    # this one away already); else the entry at index is ours if it has
-                    # our term (Log Matching, §5.3)
-                    if at_index != term and not (e.role == Role.LEADER and e.term == term):
-                        raise self._membership_dropped(index, (
-                            "a later leader committed another entry in its place: it did "
-                            "not take effect") if at_index != -1 else (
-                            "a snapshot of the new leader covers it: it may or may not have "
-                            "taken effect"))
-                    ours = True
-                elif e.role == Role.LEADER and at_index == term:
-                    waits = self._fate_waits  # a leader commits its log's entries (§5.4.2)
-                    return False
-                elif self._fate_wait_expired > waits:
-                    raise self._membership_dropped(index, self._unknown_fate(
-                        "it may or may not take effect"))
-                else:
-                    return False
-            return (applier.committed_index >= index and not e.membership.joint
-                    and e._configs[-1][0] <= applier.committed_index)
-        await asyncio.wait_for(self._wait_progress(complete), timeout)
-        self._check_running()
-
-    def _membership_dropped(self, index: int, why: str) -> ProposalDropped:
-        return ProposalDropped(f"node {self.id} lost leadership before the membership change "
-                               f"at {index} committed; {why}: read the membership (status()) "
-                               "before trying again")
-
     def status(self) -> dict[str, Any]:
         """Role, term, leader, commit/applied index, membership, per-peer progress."""
-        if self.engine is None:
-            return {"id": self.id, "role": "stopped"}
-        s = self.engine.status()
-        s["applied_index"] = self.applied_index
-        s["running"] = self._running
-        s["refused"] = dict(self.engine.refused)
-        s["leader_address"] = self.engine.membership.addresses.get(s["leader_id"])
-        s["last_contact"] = self._leader_contact()
-        return s
+        return observe.status(self)
 
     def metrics(self) -> Metrics:
         """The node's state and counters now (``docs/operations.md`` lists them); cheap
         enough to call often. ``fastraft.metrics`` serves them to Prometheus."""
-        e = self.engine
-        r = self._recorder
-        now = self._loop.time() if self._loop is not None else 0.0
-        heard = self._last_heard
-        followers: dict[int, FollowerMetrics] = {}
-        last_contact: float | None = None
-        if e is None:
-            term, leader, commit, last, snap = 0, None, 0, 0, 0
-            voters: tuple[int, ...] = ()
-            learners: tuple[int, ...] = ()
-            refused: dict[str, int] = {}
-        else:
-            term, leader = e.term, e.leader_id
-            commit, last, snap = e.commit_index, e.log.last_index, e.log.snapshot_index
-            voters, learners = tuple(sorted(e.membership.voters)), \
-                tuple(sorted(e.membership.learners))
-            refused = dict(e.refused)
-            last_contact = self._leader_contact()
-            if e.role == Role.LEADER:
-                for peer, pr in e.progress.items():
-                    if peer == self.id:
-                        continue
-                    seen = heard.get(peer)
-                    followers[peer] = FollowerMetrics(
-                        pr.match_index, last - pr.match_index, pr.state.name.lower(),
-                        None if seen is None else now - seen)
-        stats = getattr(self.network, "stats", None) or {}
-        return Metrics(
-            node_id=self.id, running=self._running, role=self.role_name, term=term,
-            leader_id=leader,
-            commit_index=commit, applied_index=self.applied_index, last_log_index=last,
-            snapshot_index=snap, voters=voters, learners=learners,
-            last_contact=last_contact, followers=followers,
-            proposals_accepted=r.proposals_accepted, proposals_dropped=r.proposals_dropped,
-            proposals_overloaded=r.proposals_overloaded,
-            elections_started=r.elections_started, elections_won=r.elections_won,
-            leader_changes=r.leader_changes, reads_retried=r.reads_retried,
-            messages_in=by_name(r.messages_in),
-            messages_out=by_name(r.messages_out), bytes_in=stats.get("bytes_in", 0),
-            bytes_out=stats.get("bytes_out", 0), refused=refused,
-            commit_seconds=r.commit_seconds.value(),
-            apply_batch_entries=r.apply_batch_entries.value(),
-            apply_seconds=r.apply_seconds.value(),
-            log_write_seconds=r.log_write_seconds.value(),
-            log_write_entries=r.log_write_entries.value(),
-            snapshot_save_seconds=r.snapshot_save_seconds.value(),
-            snapshot_install_seconds=r.snapshot_install_seconds.value())
+        return observe.metrics(self)
 
-    async def watch_metrics(self, interval: float = 0.1) -> AsyncIterator[Metrics]:
+    def watch_metrics(self, interval: float = 0.1) -> AsyncIterator[Metrics]:
         """``metrics()`` now, then again whenever the role, term, leader, an index or the
         membership changed, checked on every apply and at least every ``interval``
         seconds. Ends after the value that shows the node stopped."""
-        if interval <= 0:
-            raise InvalidArgument(f"interval must be positive, got {interval!r}")
-        m = self.metrics()
-        yield m
-        seen = m.state
-        while self._running:
-            try:
-                await asyncio.wait_for(self._progress_wait(), interval)
-            except asyncio.TimeoutError:
-                pass
-            m = self.metrics()
-            if m.state != seen:
-                seen = m.state
-                yield m
-        if seen[0]:  # the last value yielded still said running
-            yield self.metrics()
-
-    def _leader_contact(self) -> float | None:
-        """Seconds since this node last heard from its leader: 0 on the leader, None
-        with no leader known or none heard from yet."""
-        e = self.engine
-        if e is None or e.leader_id is None:
-            return None
-        if e.role == Role.LEADER:
-            return 0.0
-        seen = self._last_heard.get(e.leader_id)
-        return None if seen is None else self._loop.time() - seen
+        return observe.watch_metrics(self, interval)
 
     def health(self, max_apply_lag: int = 1000) -> str | None:
         """Why this node is unhealthy, or None: healthy means running, a leader known (or
         being it), and the applied index within ``max_apply_lag`` of the commit index."""
-        e = self.engine
-        if self.failure is not None:
-            return str(self.failure)  # it stopped itself: say why
-        if not self._running or e is None:
-            return "node is not running"
-        if e.leader_id is None:
-            return f"no leader known in term {e.term}"
-        behind = e.commit_index - self.applied_index
-        if behind > max_apply_lag:
-            return (f"applied index {self.applied_index} is {behind} entries behind the "
-                    f"commit index {e.commit_index} (bound {max_apply_lag})")
-        return None
+        return observe.health(self, max_apply_lag)
 
     def peers_down(self, peers: frozenset[int]) -> str | None:
         """Which members' processes are down (``RaftHost``: hosts it suspects); returns

@@ -256,7 +256,3 @@ class ProposalTracker:
                 fail_future(f, exc)
         elif run.batch is not None:
             fail_future(run.batch, exc)
-
-    def fail_all(self, exc: BaseException) -> None:
-        self.fail_after(-1, exc)
-        self.fail_buffered(exc)

@@ -230,6 +230,21 @@ async def test_a_learner_that_never_answered_is_not_promoted_however_short_the_l
 
 
 @run
+async def test_a_change_proposed_when_the_leader_stops_may_or_may_not_take_effect():
+    """Its entry is in the log, and the followers may commit it without this node: the
+    caller is told to read the membership rather than that the change failed."""
+    cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, spares=1) as c:
+        leader = await c.leader()
+        c.hub.isolate(leader.id)  # nothing commits
+        change = asyncio.ensure_future(leader.add_learner(4, c.addresses[4]))
+        await wait_until(lambda: leader.engine.membership_change_pending, 5)
+        await leader.stop()
+        with pytest.raises(NodeStopped, match="it may or may not take effect"):
+            await asyncio.wait_for(change, 5)
+
+
+@run
 async def test_a_change_waiting_for_a_learner_fails_when_the_leader_stops():
     """It kept waiting for the learner until its timeout: a stopped leader's engine
     still says it leads."""

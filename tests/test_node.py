@@ -365,6 +365,26 @@ async def test_stop_fails_everything_pending_and_nothing_hangs():
             await leader.propose(b"y")
 
 
+@run
+async def test_a_stop_tells_each_proposer_whether_its_entry_may_still_commit():
+    """A leader stopped with proposals pending cannot know their fate: one whose entry is
+    in its log (its followers may hold it, and a later leader commit it) hears that it
+    may or may not be committed, so a retry is the caller's choice; one still buffered
+    for the next flush was never appended and hears that it was not."""
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        c.hub.isolate(leader.id)  # nothing commits
+        appended = leader.propose(b"in the log")  # alone: appended at once
+        buffered = leader.propose(b"buffered")  # for the flush scheduled for next turn
+        assert leader._proposals.buffered and leader._proposals.waiting
+        await leader.stop()
+        with pytest.raises(NodeStopped, match="it may or may not be committed"):
+            await appended
+        with pytest.raises(NodeStopped, match="it was not committed"):
+            await buffered
+        assert leader._proposals.pending == 0
+
+
 class FailsOn(Recorder):
     """Raises when it applies ``b"boom"``: a broken user state machine."""
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from fastraft.engine import Engine, Role
-from fastraft.errors import CatchUpTimeout, InvalidArgument, ProposalDropped
+from fastraft.errors import CatchUpTimeout, InvalidArgument, NodeStopped, ProposalDropped
 from fastraft.node.arguments import check_address, check_node_id
 
 if TYPE_CHECKING:
@@ -163,7 +163,11 @@ class MembershipChanges:
             return (applier.committed_index >= index and not e.membership.joint
                     and e._configs[-1][0] <= applier.committed_index)
         await asyncio.wait_for(node._wait_progress(complete), timeout)
-        node._check_running()
+        if not node._running:
+            raise node.failure or NodeStopped(
+                f"node {node.id} stopped before the membership change at {index} was known "
+                "complete: it may or may not take effect; read the membership (status()) "
+                "before trying again")
 
     def _dropped(self, index: int, why: str) -> ProposalDropped:
         return ProposalDropped(f"node {self.node.id} lost leadership before the membership "

@@ -224,13 +224,25 @@ class RaftNode:
         await self._applier.stop(stopped)
         await self._log_reader.stop()
         self._cancel_orphan_wait()
-        self._proposals.fail_all(stopped)
+        self._fail_proposals_at_stop()
         self._reads.fail_all(stopped)
         self._transfer.close()
         self._stopped = True
         self._notify_progress()  # waiters (wait_for_leader, back-pressure) see the stop
         if self._stopped_event is not None:
             self._stopped_event.set()
+
+    def _fail_proposals_at_stop(self) -> None:
+        """What a proposer hears when the node stops before answering: an entry in the
+        log may still be committed by the cluster (its followers may hold it), so a
+        retry could apply it twice; one not appended yet was not."""
+        proposals = self._proposals
+        failure = self.failure
+        proposals.fail_after(-1, failure or NodeStopped(
+            f"node {self.id} stopped before it knew whether the entry commits: it may or "
+            "may not be committed"))
+        proposals.fail_buffered(failure or NodeStopped(
+            f"node {self.id} stopped before it appended the entry: it was not committed"))
 
     async def wait_stopped(self) -> None:
         """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook

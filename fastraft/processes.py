@@ -184,19 +184,29 @@ class ProcessCluster:
     def resume(self, i: int) -> None:
         self.procs[i].send_signal(signal.SIGCONT)
 
+    def terminate(self, i: int, timeout: float = 5.0) -> None:
+        """SIGTERM node ``i`` (a graceful stop), and reap it; SIGKILL after ``timeout``."""
+        proc = self.procs.pop(i, None)
+        if proc is not None:
+            self._terminate([proc], timeout)
+
     def stop_all(self, timeout: float = 5.0) -> None:
-        for proc in self.procs.values():
+        self._terminate(list(self.procs.values()), timeout)
+        self.procs.clear()
+
+    @staticmethod
+    def _terminate(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)  # a paused node cannot handle SIGTERM
                 proc.terminate()
         deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.procs.clear()
 
     def log(self, i: int) -> str:
         with open(os.path.join(self.workdir, f"node-{i}.log"), errors="replace") as f:

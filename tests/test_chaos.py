@@ -1,8 +1,9 @@
 """Real-process chaos, Jepsen style: a 5-node KV cluster of ``fastraft node`` processes on
 FileStorage (fsync on), clients recording a history through the client port, and a
-nemesis that kills (-9) and restarts nodes, pauses them (SIGSTOP past the election
-timeout), cuts the network (each node in its own network namespace: majority/minority,
-an isolated leader, a bridge, one-way cuts) and changes membership meanwhile.
+nemesis that kills (-9, or SIGTERM to the leader) and restarts nodes, pauses them
+(SIGSTOP past the election timeout), cuts the network (each node in its own network
+namespace: majority/minority, an isolated leader, a bridge, one-way cuts) and changes
+membership meanwhile.
 
 Afterwards: the history is linearizable (``fastraft.testing.linearizability``), every
 acknowledged write is there, all nodes converge, and no node logged a traceback. Without
@@ -160,10 +161,12 @@ class Workload:
                 return "fail", exc.leader, error
             if exc.error.startswith("Overloaded"):
                 return "fail", None, error
-            if error == "ProposalDropped" and exc.error.endswith("it was not committed"):
-                # a later leader committed other entries in its place: a claim that the
-                # checker and the final reads hold the node to
-                return "fail", None, "ProposalDropped (not committed)"
+            if error in ("ProposalDropped", "NodeStopped") and \
+                    exc.error.endswith("it was not committed"):
+                # a later leader committed other entries in its place, or a stopping
+                # node had not appended it: a claim the checker and the final reads
+                # hold the node to
+                return "fail", None, f"{error} (not committed)"
             return "unknown", None, error
         return "ok", resp.value
 
@@ -218,13 +221,21 @@ class Nemesis:
         if self.network is not None:
             choices += ["majority-minority", "isolate-leader", "bridge", "one-way"]
         name = rng.choice(choices)
+        if name == "kill" and rng.random() < 0.3:
+            # SIGTERM to the leader, as a rolling restart does: it answers its writes in
+            # flight before it exits
+            name = "stop"
         leader = await self.leader()
-        victim = leader if leader is not None and rng.random() < 0.5 else rng.choice(ids)
+        victim = leader if leader is not None and (name == "stop" or rng.random() < 0.5) \
+            else rng.choice(ids)
         hold = rng.uniform(1.0, 3.0)
         of = "" if self.group is None else f" of group {self.group}"
         self._count(name, f"victim {victim} leader {leader}{of} for {hold:.1f}s")
-        if name == "kill":
-            self.cluster.kill(victim)
+        if name in ("kill", "stop"):
+            if name == "kill":
+                self.cluster.kill(victim)
+            else:
+                self.cluster.terminate(victim)
             self.down.add(victim)
             await asyncio.sleep(hold)
             self.cluster.start(victim)

@@ -224,6 +224,36 @@ class ProposalTracker:
         for run in self._runs:
             run.orphan = max(run.next, committed + 1) if run.last > committed else 0
 
+    def fail_orphans_through(self, index: int, exc: BaseException) -> int:
+        """Fail the proposals of orphaned entries at or below ``index``: a snapshot of a
+        later leader covers those indexes, and which entries it holds there is not known
+        here. Orphans past it keep waiting for the entries committed there: a run of
+        singles reaching past ``index`` is split at it (a batch has one future for all
+        its entries, and fails whole)."""
+        keep: deque[_Run] = deque()
+        freed = 0
+        for run in self._runs:
+            start = max(run.orphan, run.next)
+            if not run.orphan or run.orphan > index or start > run.last:
+                keep.append(run)
+                continue
+            tail = None
+            if run.futures is not None and run.last > index:
+                cut = index + 1 - run.first
+                tail = _Run(index + 1, run.last, run.term, run.futures[cut:], None)
+                tail.orphan = index + 1
+                run.futures, run.last = run.futures[:cut], index
+            self._fail_from(run, start, exc)
+            freed += run.last - start + 1
+            if start > run.next:  # its first entries were committed before the loss
+                run.last = start - 1
+                keep.append(run)
+            if tail is not None:
+                keep.append(tail)
+        self._runs = keep
+        self.pending -= freed
+        return freed
+
     def fail_orphans(self, exc: BaseException) -> int:
         """Fail the proposals of orphaned entries."""
         return self._fail(lambda run: run.orphan or None, exc)

@@ -182,3 +182,37 @@ def test_a_second_loss_leaves_open_what_the_new_commit_index_does_not_cover(loop
     assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 3..4 only
     apply(t, entries(1, 2), ["r1", "r2"])
     assert [f.result() for f in futs[:2]] == ["r1", "r2"] and t.pending == 0
+
+
+def test_a_received_snapshot_fails_the_orphans_it_covers_and_only_those(loop):
+    t, futs = singles_appended(loop, 4)  # 1..4, term 1
+    t.orphan(1, ProposalDropped("replaced"))  # lost with 1 committed, 2..4 open
+    covered = ProposalDropped("covered")
+    # the new leader's snapshot ends at 2: whose entry 2 is is not known here; 3..4 may
+    # still be answered
+    assert t.fail_orphans_through(2, covered) == 1
+    assert futs[1].exception() is covered and t.pending == 3
+    assert not any(f.done() for f in (futs[0], futs[2], futs[3]))
+    # 1 was committed before the loss: the restore fails it as skipped (not "covered")
+    assert t.fail_through(2, ProposalDropped("skipped")) == 1
+    assert str(futs[0].exception()) == "skipped"
+    # past the snapshot the new leader commits this node's entry 3, then one of its own
+    assert apply(t, [Entry(1, 3, 0, b""), Entry(3, 4, 0, b"")], ["r3", "theirs"]) == 1
+    assert futs[2].result() == "r3" and str(futs[3].exception()) == "replaced"
+    assert t.pending == 0 and not t.waiting
+
+
+def test_a_received_snapshot_fails_a_batch_it_reaches_into_whole(loop):
+    t, singles, batch = singles_and_a_batch_appended(loop, 2)  # 1..4, batch 5..6
+    t.orphan(1, ProposalDropped("replaced"))
+    covered = ProposalDropped("covered")
+    assert t.fail_orphans_through(5, covered) == 5  # 2..4, and 5..6: one future
+    assert all(f.exception() is covered for f in singles[1:]) and batch.exception() is covered
+    assert not singles[0].done() and t.pending == 1
+
+
+def test_a_received_snapshot_below_the_orphans_leaves_them_waiting(loop):
+    t, futs = singles_appended(loop, 4)  # 1..4
+    t.orphan(2, ProposalDropped("replaced"))  # 3..4 open
+    assert t.fail_orphans_through(2, ProposalDropped("covered")) == 0
+    assert not any(f.done() for f in futs) and t.pending == 4

@@ -80,9 +80,10 @@ class SnapshotTransfer:
             inc[1].close()
             engine.snapshot_installed(frm, m.meta, received)
             return None
-        if node._proposals.waiting:  # a lost leadership's entries: no result here
-            node._drop_orphans("a snapshot of the new leader covers it: it may or may not "
-                               "be committed")
+        if node._proposals.waiting:  # a lost leadership's entries it covers
+            node._recorder.proposals_dropped += node._proposals.fail_orphans_through(
+                index, node._orphan_error("a snapshot of the new leader covers it: it may "
+                                          "or may not be committed"))
         inc[1].seek(0)
         saved = node._loop.create_future()
         node._applier.committed_index = index

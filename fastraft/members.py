@@ -25,10 +25,12 @@ from fastraft.kvservice import ClientError, KVClient, find_leader
 #: trips one after the other, nor hand every leader a catch-up at the same moment.
 CONCURRENT_GROUPS = 8
 #: Refusals that a moment later may succeed: the group's leader moved (before the
-#: change, or while it waited to commit: it may or may not have happened), another
+#: change, or while it waited to commit: it may or may not have happened) or stopped (a
+#: rolling restart: the group's next leader is found among the others), another
 #: membership change of the group is not complete yet, or a leadership transfer or a
 #: change did not finish in the node's time (the next try looks at the group again).
-_TRANSIENT = ("not_leader", "ProposalDropped", "MembershipChangeInProgress", "TimeoutError")
+_TRANSIENT = ("not_leader", "ProposalDropped", "NodeStopped", "MembershipChangeInProgress",
+              "TimeoutError")
 
 
 async def connect(addresses: list[str], **options: Any) -> tuple[dict[int, KVClient],

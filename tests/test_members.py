@@ -37,11 +37,14 @@ class Leader:
 
 
 @run
-async def test_a_moved_leader_or_a_change_under_way_is_waited_out():
+async def test_a_moved_or_stopped_leader_or_a_change_under_way_is_waited_out():
     leader = Leader("not_leader", "MembershipChangeInProgress: joint configuration",
                     "TimeoutError: the change did not complete in 30.0s",
                     "ProposalDropped: node 1 lost leadership before entry 7 committed; "
-                    "it may or may not take effect")
+                    "it may or may not take effect",
+                    "NodeStopped: node 1 stopped before the membership change at 9 was "
+                    "known complete: it may or may not take effect; read the membership "
+                    "(status()) before trying again")
     said = []
     failed = await change_members({1: leader}, "add", 4, "127.0.0.1:9", [0], say=said.append)
     assert failed == 0 and said == ["group 0: node 4 added as a voter"]

@@ -374,7 +374,8 @@ async def test_a_stop_tells_each_proposer_whether_its_entry_may_still_commit():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
         leader = await c.leader()
         c.hub.isolate(leader.id)  # nothing commits
-        appended = leader.propose(b"in the log")  # alone: appended at once
+        appended = leader.propose(b"in the log")
+        leader._flush()  # appended now, even if a message had a flush scheduled already
         buffered = leader.propose(b"buffered")  # for the flush scheduled for next turn
         assert leader._proposals.buffered and leader._proposals.waiting
         await leader.stop()

@@ -234,8 +234,9 @@ class Nemesis:
         if name in ("kill", "stop"):
             if name == "kill":
                 self.cluster.kill(victim)
-            else:
-                self.cluster.terminate(victim)
+            else:  # the clients go on meanwhile: the node answers them as it stops
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.cluster.terminate, victim)
             self.down.add(victim)
             await asyncio.sleep(hold)
             self.cluster.start(victim)

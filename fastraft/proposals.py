@@ -230,29 +230,18 @@ class ProposalTracker:
         here. Orphans past it keep waiting for the entries committed there: a run of
         singles reaching past ``index`` is split at it (a batch has one future for all
         its entries, and fails whole)."""
-        keep: deque[_Run] = deque()
-        freed = 0
+        runs: deque[_Run] = deque()
         for run in self._runs:
-            start = max(run.orphan, run.next)
-            if not run.orphan or run.orphan > index or start > run.last:
-                keep.append(run)
-                continue
-            tail = None
-            if run.futures is not None and run.last > index:
+            runs.append(run)
+            if run.orphan and run.futures is not None \
+                    and max(run.orphan, run.next) <= index < run.last:
                 cut = index + 1 - run.first
                 tail = _Run(index + 1, run.last, run.term, run.futures[cut:], None)
                 tail.orphan = index + 1
                 run.futures, run.last = run.futures[:cut], index
-            self._fail_from(run, start, exc)
-            freed += run.last - start + 1
-            if start > run.next:  # its first entries were committed before the loss
-                run.last = start - 1
-                keep.append(run)
-            if tail is not None:
-                keep.append(tail)
-        self._runs = keep
-        self.pending -= freed
-        return freed
+                runs.append(tail)
+        self._runs = runs
+        return self._fail(lambda run: run.orphan if 0 < run.orphan <= index else None, exc)
 
     def fail_orphans(self, exc: BaseException) -> int:
         """Fail the proposals of orphaned entries."""

@@ -207,7 +207,7 @@ def run_demo(args: argparse.Namespace) -> int:
     cluster = ProcessCluster(args.nodes, workdir, args.data_dir)
     try:
         code = run_loop(_demo(args, cluster))
-    except (TimeoutError, OSError) as exc:
+    except (TimeoutError, asyncio.TimeoutError, OSError) as exc:  # two classes before 3.11
         print(f"\nfastraft demo failed: {exc}; node logs are in {workdir}", file=sys.stderr)
         return 1
     finally:

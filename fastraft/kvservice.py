@@ -457,12 +457,9 @@ class KVClient(Link):
                 lambda: cls(address, creds, ready, timeout), host, port), timeout)
         except asyncio.TimeoutError:
             raise ConnectionError(f"{address}: no connection within {timeout}s") from None
-        try:
-            await asyncio.wait_for(asyncio.shield(ready), timeout)
-        except asyncio.TimeoutError:
-            client.close()
-            raise ConnectionError(f"{address}: no fastraft handshake within {timeout}s (is "
-                                  "it a fastraft node's client port?)") from None
+        # The link's own handshake timer (``timeout``, armed on connecting) settles
+        # ``ready`` if the server stays silent, as a refusal or a lost connection does.
+        await ready
         return client
 
     @classmethod

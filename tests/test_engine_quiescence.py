@@ -340,3 +340,32 @@ def test_waking_a_node_that_is_not_quiet_does_nothing():
 def test_quiesce_after_is_checked():
     with pytest.raises(ConfigError, match="quiesce_after"):
         Config(quiesce_after=0.01)
+
+
+def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake():
+    # The leader stops replicating to a node once C_new without it is appended (§6), so
+    # a removed voter whose log ends at C_old,new still counts itself a voter and
+    # pre-campaigns while it runs (thesis §4.2.3: its votes are refused). Woken by each
+    # pre-vote, the group would never stay quiet.
+    engines = [make(i, voters=(1, 2, 3, 4), config=QCFG, terms=[1], commit=1)
+               for i in (1, 2, 3, 4)]
+    h = Harness(engines)
+    h.fire(1, Timer.ELECTION)
+    leader, f2, f3, removed = engines
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    assert leader.membership.voters == {1, 2, 3} and not leader.membership.joint
+    assert removed.membership.joint and removed.membership.is_voter(4)
+    tick(h, 3)
+    assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
+    term = leader.term
+    for _ in range(3):
+        h.fire(4, Timer.ELECTION)
+        assert removed.role == Role.PRE_CANDIDATE
+        assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
+        assert all(not any(type(c) is SetTimer for c in e.take_commands())
+                   for e in (leader, f2, f3))
+    assert leader.role == Role.LEADER and [e.term for e in (leader, f2, f3)] == [term] * 3
+    # a member's pre-vote still wakes them (it may have missed the quiesce heartbeat)
+    f3.step(2, RequestVote(term + 1, 2, f2.log.last_index, f2.log.last_term, True))
+    assert not f3.quiet

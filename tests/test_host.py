@@ -21,7 +21,7 @@ from fastraft import (
     UnknownGroup,
 )
 from fastraft.host import DEFAULT_MAX_CAMPAIGNS, EARLY_GROUPS, EARLY_SENDERS, preferred_leader
-from fastraft.messages import AppendEntries, Entry
+from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.processes import free_ports
 from fastraft.testing import wait_until
 from fastraft.transport import TcpNetwork
@@ -86,6 +86,14 @@ class Hosts:
         self.hosts[host_id] = await host.start()
         await self.create_groups(host_id, groups, found, group_config)
         return host
+
+    async def join_fourth_host(self, g):
+        """Start a fourth host with a replica of group ``g`` for its leader to add (host 4
+        shuts down with the others)."""
+        self.addresses[4] = f"127.0.0.1:{free_ports(1)[0]}"
+        host4 = await self.start(4, groups=[])
+        self.logs[4, g] = Log()
+        return await host4.create_group(g, None, state_machine=self.logs[4, g])
 
     async def create_groups(self, host_id, groups, found=True, config=None):
         """Start host ``host_id``'s replicas of ``groups``, each on a new state machine
@@ -355,6 +363,39 @@ async def test_a_fourth_host_joins_one_group_only():
         await hosts.propose(1, b"without 4")
         assert all(hosts.logs[i, 1].items[-1] == b"without 4" for i in (1, 2, 3)
                    if hosts.hosts[i].group(1).is_leader)
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_a_replica_removed_but_still_running_lets_its_group_go_quiet():
+    # `fastraft member remove 4 --group 1` leaves host 4 running its replica of group 1
+    # until the operator removes it there. That replica never hears of C_new (the leader
+    # stops replicating to it once C_new is appended) and pre-campaigns while it runs;
+    # the group's members neither wake for it nor vote for it.
+    hosts = Hosts(balance_interval=None, config=QUIET)
+    for i in (1, 2, 3):
+        await hosts.start(i, groups=[1])
+    try:
+        removed = await hosts.join_fourth_host(1)
+        leader = await hosts.leader(1)
+        await leader.add_learner(4, hosts.addresses[4])
+        await leader.change_membership({1, 2, 3, 4})
+        await hosts.propose(1, b"with 4")
+        await hosts.read(4, 1)
+        leader = await hosts.leader(1)
+        await leader.change_membership({1, 2, 3})
+        members = [hosts.hosts[i].group(1) for i in (1, 2, 3)]
+        await wait_until(lambda: removed.engine.role.name == "PRE_CANDIDATE", 10)
+        await wait_until(lambda: all(n.engine.quiet for n in members), 10)
+        term = leader.engine.term
+        def asked():
+            return [n._recorder.messages_in[RequestVote] for n in members]
+        for _ in range(3):  # its next pre-votes reach every member (handled on receipt)
+            before = asked()
+            await wait_until(lambda b=before: all(x > y for x, y in zip(asked(), b)), 5)
+            assert all(n.engine.quiet and n.engine.term == term for n in members)
+        assert leader.is_leader and not removed.is_leader
     finally:
         await hosts.stop()
 
@@ -664,11 +705,8 @@ async def test_a_learner_cut_off_catches_up_once_its_host_is_heard_again():
     hosts = Hosts(config=QUIET, balance_interval=None)
     for i in (1, 2, 3):
         await hosts.start(i, groups=[0])
-    hosts.addresses[4] = f"127.0.0.1:{free_ports(1)[0]}"
-    host4 = await hosts.start(4, groups=[])
     try:
-        hosts.logs[4, 0] = Log()
-        await host4.create_group(0, None, state_machine=hosts.logs[4, 0])
+        await hosts.join_fourth_host(0)
         await (await hosts.leader(0)).add_learner(4, hosts.addresses[4])
         await hosts.propose(0, b"before")
         await wait_until(lambda: hosts.logs[4, 0].items == [b"before"], 10)

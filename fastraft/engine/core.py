@@ -1099,7 +1099,13 @@ class Engine:
 
     def _keeps_quiet(self, frm: int, t: type, m: Any) -> bool:
         """Messages a quiet node takes without waking: the leader's quiesce heartbeat
-        (again) on a follower, and on the leader the answers saying the log is held."""
+        (again) on a follower, on the leader the answers saying the log is held, and a
+        pre-vote from a node that votes in no configuration in force here. That one is a
+        removed voter that never heard so (the leader stops replicating to it once C_new
+        is appended, §6): it pre-campaigns for as long as it runs, a pre-vote changes
+        nothing here, and waking for each would keep the group awake (thesis §4.2.3)."""
+        if t is RequestVote and m.pre_vote and not self.membership.is_voter(frm):
+            return True
         if self.role == Role.LEADER:
             return t is AppendEntriesResponse and m.success and m.term == self.term \
                 and m.index == self.log.last_index

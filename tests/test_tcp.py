@@ -158,10 +158,10 @@ async def test_unreachable_peer_costs_only_a_bounded_queue():
     passes = 0
     drop_oldest = peer._drop_oldest
 
-    def counted():
+    def counted(count, size):
         nonlocal passes
         passes += 1
-        drop_oldest()
+        drop_oldest(count, size)
     peer._drop_oldest = counted
 
     def kept():
@@ -182,6 +182,77 @@ async def test_unreachable_peer_costs_only_a_bounded_queue():
     # one pass per 13 messages over the bound, not one per message
     assert passes <= 130 // 13 + 1
     await a.stop()
+
+
+def _commits(got):
+    """The commit index of each message, the probes' tags."""
+    return [m.leader_commit for _, m in got]
+
+
+def _probe(k, entry):
+    """What a leader sends a follower that does not answer, once a heartbeat: the
+    same entries again (a probe, §5.3)."""
+    return AppendEntries(1, 1, 0, 0, [entry], k)
+
+
+@run
+async def test_what_waits_for_an_unreachable_peer_is_bounded_in_bytes_too():
+    # A follower down behind a backlog is sent a probe of up to max_bytes_per_message
+    # each heartbeat, and one mid-snapshot a chunk (a new copy) each: few messages, many
+    # bytes. They wait within max_queue_bytes, the newest kept; once the peer is up they
+    # arrive, and no frame exceeds its max_frame_bytes.
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    a = TcpNetwork(1, "127.0.0.1:0", max_queue_bytes=600_000, max_frame_bytes=1 << 20)
+    b = TcpNetwork(2, f"127.0.0.1:{port}", max_frame_bytes=1 << 20)
+    await a.start(Sink())
+    try:
+        a.set_peers({2: f"127.0.0.1:{port}"})
+        entry = Entry(1, 1, 0, b"x" * 100_000)
+        sent = [_probe(k, entry) for k in range(50)]  # 5 MB on the wire
+        for m in sent:
+            a.send(2, [m])
+        peer = a._peers[2]
+        queued = peer.pending[0]
+        assert 4 <= len(queued) <= 6 and queued == sent[-len(queued):]
+        assert a.stats["dropped"] == len(sent) - len(queued)
+        sb = Sink()
+        await b.start(sb)
+        await wait_until(lambda: len(sb.got) == len(queued), 10)
+        assert _commits(sb.got) == _commits((1, m) for m in queued)
+        assert b.stats["bad_frames"] == 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@run
+async def test_a_loop_turn_of_many_groups_leaves_in_frames_the_peer_accepts():
+    # A host catching up many groups at once (after a restart) queues more for a peer in
+    # one loop turn than one frame may carry: several frames, each within the limit.
+    a = TcpNetwork(1, "127.0.0.1:0", max_frame_bytes=1 << 20)
+    b = TcpNetwork(2, "127.0.0.1:0", max_frame_bytes=1 << 20)
+    await a.serve()
+    await b.serve()
+    sinks = {g: Sink() for g in range(30)}
+    for g, sink in sinks.items():
+        await b.group(g).start(sink)
+        a.group(g).set_peers({2: b.listen})
+    try:
+        a.send_group(0, 2, [RequestVote(1, 1, 0, 0)])
+        await wait_until(lambda: len(sinks[0].got) == 1, 10)
+        entry = Entry(1, 1, 0, b"y" * 100_000)
+        frames = a.stats["frames_out"]
+        for g in sinks:  # 6 MB in one turn
+            a.send_group(g, 2, [_probe(g, entry), _probe(g + 100, entry)])
+        await wait_until(lambda: sum(len(s.got) for s in sinks.values()) == 61, 10)
+        assert b.stats["bad_frames"] == 0 and a.stats["frames_out"] - frames >= 6
+        assert all(_commits(sink.got[-2:]) == [g, g + 100] for g, sink in sinks.items())
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 @run

@@ -14,9 +14,14 @@ One ``TcpNetwork`` serves one node (``start(node)``: group 0) or, through
 and one connection per peer process for all of them.
 
 A malformed, truncated or oversized frame closes that connection (one log line); the node
-keeps serving. A slow or unreachable peer costs only its own bounded queue: past the bound
-the oldest messages are dropped, which Raft tolerates. Reconnects back off exponentially
-with jitter; a peer that dials us is dialed back at once (it is up).
+keeps serving. What one loop turn queues for a peer leaves in as many frames as
+``max_frame_bytes`` needs (a host catching up many groups at once). A slow or unreachable
+peer costs only its own bounded queue: past the bound the oldest messages are dropped,
+which Raft tolerates. Unconnected, the queue is bounded in bytes as well
+(``max_queue_bytes``): a leader sends a follower that does not answer a probe with up to
+``Config.max_bytes_per_message`` of entries every heartbeat, and a snapshot chunk every
+interval mid-transfer. Reconnects back off exponentially with jitter; a peer that dials
+us is dialed back at once (it is up).
 
 A connection whose data stays unacknowledged for ``unacked_timeout`` is given up
 (``TCP_USER_TIMEOUT``) and dialed again, as is a dial not answered in ``connect_timeout``:
@@ -35,9 +40,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from fastraft import kernels
 from fastraft.addresses import parse_address
 from fastraft.errors import ConfigError, DecodeError
 from fastraft.logutil import Throttle
+from fastraft.messages import AppendEntries, InstallSnapshot
 from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
 from fastraft.wire import BlobCache, decode_messages, encode_messages
 
@@ -52,8 +59,24 @@ _ONE_SECTION = struct.Struct("<IQI")
 _EMPTY_FRAME = _LEN.pack(0)
 #: Addresses learned from peers that dialed us, kept for at most this many ids.
 MAX_LEARNED = 1024
-#: A peer's queue over ``max_queue_messages`` is cut to this share of it (oldest first).
+#: A peer's queue over ``max_queue_messages`` (or ``max_queue_bytes``) is cut to this
+#: share of it (oldest first).
 DROP_TO = 7 / 8
+#: What a message costs on the wire besides its entries' or chunk's payload, at most
+#: (its fields and tag), and an entry besides its payload (``_py/codec.py``'s header).
+_MESSAGE_BYTES = 64
+_ENTRY_BYTES = 24
+
+
+def wire_size(m: Any) -> int:
+    """About how many bytes ``m`` takes in a frame, erring high."""
+    t = type(m)
+    if t is AppendEntries:
+        entries = m.entries
+        return _MESSAGE_BYTES + kernels.payload_bytes(entries) + _ENTRY_BYTES * len(entries)
+    if t is InstallSnapshot:
+        return _MESSAGE_BYTES + len(m.data)
+    return _MESSAGE_BYTES
 
 
 class TcpNetwork:
@@ -67,6 +90,7 @@ class TcpNetwork:
                  secret: bytes | None = None, tls: TlsConfig | None = None,
                  limits: ConnectionLimits | None = None,
                  max_frame_bytes: int = 64 << 20, max_queue_messages: int = 65536,
+                 max_queue_bytes: int = 16 << 20,
                  max_buffer_bytes: int = 32 << 20, backoff_min: float = 0.02,
                  backoff_max: float = 1.0, unacked_timeout: float = 2.0,
                  connect_timeout: float = 2.0, rng: random.Random | None = None) -> None:
@@ -74,6 +98,12 @@ class TcpNetwork:
                             ("connect_timeout", connect_timeout)):
             if not value > 0:
                 raise ConfigError(f"{name} must be > 0 seconds, got {value!r}")
+        for name, size in (("max_frame_bytes", max_frame_bytes),
+                           ("max_queue_messages", max_queue_messages),
+                           ("max_queue_bytes", max_queue_bytes),
+                           ("max_buffer_bytes", max_buffer_bytes)):
+            if type(size) is not int or size <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {size!r}")
         self.id = node_id
         self.listen = listen
         self.host, self.port = parse_address(listen)
@@ -82,6 +112,7 @@ class TcpNetwork:
         self.limits = limits or ConnectionLimits()
         self.max_frame_bytes = max_frame_bytes
         self.max_queue_messages = max_queue_messages
+        self.max_queue_bytes = max_queue_bytes
         self.max_buffer_bytes = max_buffer_bytes
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -239,6 +270,9 @@ class _Peer:
         #: Messages waiting for the next flush, per group, in the order they were sent.
         self.pending: dict[int, list[Any]] = {}
         self.queued = 0
+        #: Their size (``wire_size``), counted while unconnected only: connected, the
+        #: queue is flushed every loop turn.
+        self.queued_bytes = 0
         #: Frames written since the last ``TcpNetwork.keepalive``.
         self.frames_sent = 0
         self.transport: asyncio.Transport | None = None
@@ -262,31 +296,50 @@ class _Peer:
             self.pending[group_id] = box = []
         box.extend(messages)
         self.queued += len(messages)
-        if self.queued > self.net.max_queue_messages:
-            self._drop_oldest()
+        net = self.net
+        if self.transport is None:
+            for m in messages:
+                self.queued_bytes += wire_size(m)
+            if self.queued_bytes > net.max_queue_bytes:
+                self._drop_oldest(0, self.queued_bytes - int(net.max_queue_bytes * DROP_TO))
+        if self.queued > net.max_queue_messages:
+            self._drop_oldest(self.queued - int(net.max_queue_messages * DROP_TO), 0)
         if self.transport is not None and not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
-    def _drop_oldest(self) -> None:
-        """Over the queue bound: drop the oldest messages, of the groups that queued
-        first (the oldest are the least useful to Raft, which resends), down to
-        ``DROP_TO`` of the bound. A pass costs up to the number of groups queued, so a
-        peer that stays away (thousands of groups queueing for it) costs one pass per
-        eighth of the bound, not one per message sent to it."""
-        drop = self.queued - int(self.net.max_queue_messages * DROP_TO)
-        self.net.stats["dropped"] += drop
-        self.queued -= drop
+    def _drop_oldest(self, count: int, size: int) -> None:
+        """Over a queue bound: drop the oldest messages, of the groups that queued first
+        (the oldest are the least useful to Raft, which resends), at least ``count`` of
+        them and ``size`` bytes (``wire_size``): down to ``DROP_TO`` of the bound. A pass
+        costs up to the number of groups queued, so a peer that stays away (thousands of
+        groups queueing for it) costs one pass per eighth of the bound, not one per
+        message sent to it."""
+        counting = self.transport is None
         pending = self.pending
         emptied = []
+        dropped = 0
         for group_id, box in pending.items():
-            if len(box) > drop:
-                del box[:drop]
+            n = min(count, len(box))
+            if counting:
+                gone = sum(wire_size(m) for m in box[:n])
+                self.queued_bytes -= gone
+                size -= gone
+                while n < len(box) and size > 0:
+                    s = wire_size(box[n])
+                    self.queued_bytes -= s
+                    size -= s
+                    n += 1
+            count -= n
+            dropped += n
+            if n < len(box):
+                del box[:n]
                 break
-            drop -= len(box)
             emptied.append(group_id)
         for group_id in emptied:
             del pending[group_id]
+        self.net.stats["dropped"] += dropped
+        self.queued -= dropped
 
     def flush(self) -> None:
         self.flush_scheduled = False
@@ -299,25 +352,49 @@ class _Peer:
             return
         self.pending = {}
         queued, self.queued = self.queued, 0
-        if transport.get_write_buffer_size() > self.net.max_buffer_bytes:
-            self.net.stats["dropped"] += queued  # the peer is not reading: drop, not grow
+        self.queued_bytes = 0
+        net = self.net
+        if transport.get_write_buffer_size() > net.max_buffer_bytes:
+            net.stats["dropped"] += queued  # the peer is not reading: drop, not grow
             return
-        blobs = self.net.blobs
+        blobs = net.blobs
+        limit = net.max_frame_bytes
         if len(pending) == 1:  # the common case, a single node's: no list of parts
             for group_id, messages in pending.items():
                 body = encode_messages(messages, blobs, group_id)
                 size = _SECTION.size + len(body)
-                transport.writelines((_ONE_SECTION.pack(size, group_id, len(body)), body))
-        else:
-            parts: list[bytes] = [b""]
-            size = 0
-            for group_id, messages in pending.items():
-                body = encode_messages(messages, blobs, group_id)
+                if size <= limit:
+                    transport.writelines((_ONE_SECTION.pack(size, group_id, len(body)),
+                                          body))
+                    self._sent(size)
+                    return
+        parts: list[bytes] = [b""]
+        size = 0
+        for group_id, messages in pending.items():
+            for body in self._bodies(group_id, messages, limit - _SECTION.size):
+                if size and size + _SECTION.size + len(body) > limit:
+                    parts[0] = _LEN.pack(size)
+                    transport.writelines(parts)
+                    self._sent(size)
+                    parts, size = [b""], 0
                 parts.append(_SECTION.pack(group_id, len(body)))
                 parts.append(body)
                 size += _SECTION.size + len(body)
-            parts[0] = _LEN.pack(size)
-            transport.writelines(parts)
+        parts[0] = _LEN.pack(size)
+        transport.writelines(parts)
+        self._sent(size)
+
+    def _bodies(self, group_id: int, messages: list[Any], limit: int) -> list[bytes]:
+        """A group's messages encoded in sections of at most ``limit`` bytes each (one
+        message larger than that alone in its section: the peer refuses it)."""
+        body = encode_messages(messages, self.net.blobs, group_id)
+        if len(body) <= limit or len(messages) == 1:
+            return [body]
+        half = len(messages) // 2
+        return (self._bodies(group_id, messages[:half], limit)
+                + self._bodies(group_id, messages[half:], limit))
+
+    def _sent(self, size: int) -> None:
         self.frames_sent += 1
         stats = self.net.stats
         stats["frames_out"] += 1

@@ -86,3 +86,27 @@ def test_the_leader_forgets_what_a_recovering_follower_had_acknowledged():
     h2.run()
     l2.step(3, AppendEntriesResponse(l2.term, False, 1, 0, 0))
     assert l2.progress[3].match_index == l2.log.last_index
+
+
+def test_a_heartbeat_for_entries_the_leader_compacted_proves_nothing():
+    # A leader that compacted a follower's acknowledged entries sends heartbeats with
+    # prev_log_term -1 (it no longer knows that term). A follower lacking those entries
+    # (repaired; or its directory wiped) says -1 of them too: that is no match. Taken as
+    # one, it set its commit index beyond its log, applied nothing it claimed applied,
+    # and a repaired one left recovery (voting again) without the entries.
+    e = repaired(entries=2)
+    e.step(1, AppendEntries(9, 1, 40, -1, [], 40))
+    (to, reply), = sends(e.take_commands(), AppendEntriesResponse)
+    assert not reply.success and reply.recovering and reply.index == 40
+    assert e.commit_index == 0 and e.applied_index == 0 and e.recovering
+    fresh = make(3, voters=(1, 2, 3), term=9, config=CFG)
+    fresh.take_commands()
+    fresh.step(1, AppendEntries(9, 1, 40, -1, [], 40))
+    (_, reply), = sends(fresh.take_commands(), AppendEntriesResponse)
+    assert not reply.success and fresh.commit_index == 0
+    # a follower that holds the entry is told nothing new by -1 either
+    held = make(3, voters=(1, 2, 3), term=9, terms=[1] * 40, config=CFG)
+    held.take_commands()
+    held.step(1, AppendEntries(9, 1, 40, -1, [], 40))
+    (_, reply), = sends(held.take_commands(), AppendEntriesResponse)
+    assert not reply.success and held.commit_index == 0

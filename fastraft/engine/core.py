@@ -1133,7 +1133,12 @@ class Engine:
             entries = [e for e in entries if e.index > self.commit_index] if entries else entries
             prev = self.commit_index
             prev_term = log.term_at(prev)
-        if log.term_at(prev) != prev_term:
+        # A term of -1 says the leader no longer holds the entry (compacted): it proves
+        # nothing, and -1 is also what this log says of an entry it lacks. A heartbeat
+        # carries it for a follower whose acknowledged entries the leader compacted;
+        # matched, a follower that lost them (repaired, or a wiped directory) would take
+        # a commit index beyond its own log.
+        if prev_term < 0 or log.term_at(prev) != prev_term:
             hint = log.terms.find_conflict_by_term(min(prev, log.last_index), prev_term)
             self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index, hint,
                                                   log.term_at(hint), m.seq, self.recovering))

@@ -444,8 +444,7 @@ class SharedWAL(_SegmentFiles):
 
     def _submit(self, view: WalGroup, kind: int, arg: Any) -> asyncio.Future[None]:
         if self._broken is not None:
-            raise StorageCorruption(f"{self.directory}: a write failed earlier "
-                                    f"({self._broken!r}); the WAL takes no more writes")
+            raise self._refusal()
         if self._closed:
             raise StorageCorruption(f"{self.directory}: the WAL is closed")
         loop = asyncio.get_running_loop()
@@ -483,8 +482,19 @@ class SharedWAL(_SegmentFiles):
         self._pending[:0] = later
         if self._pending and failed is None:
             self._start_batch(loop)  # what came during the sync: the next batch
-        else:
-            self._writing = False
+            return
+        self._writing = False
+        if failed is not None:
+            # What came during the failed write has no batch to go in: it fails as a
+            # write submitted from now on does (a node stopping awaits its writes).
+            waiting, self._pending = self._pending, []
+            for _, _, _, future in waiting:
+                if not future.done():
+                    future.set_exception(self._refusal())
+
+    def _refusal(self) -> StorageCorruption:
+        return StorageCorruption(f"{self.directory}: a write failed earlier "
+                                 f"({self._broken!r}); the WAL takes no more writes")
 
     def _write_batch(self, ops: list[Any]) -> list[Any]:
         """On the writer thread: place every op's records, write them, sync once, then

@@ -5,6 +5,7 @@ against its group views in test_storage.py.)"""
 import asyncio
 import io
 import os
+import threading
 
 import pytest
 
@@ -229,6 +230,38 @@ def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypat
     drive(main())
     assert wal.group(1).load_state().last_index == 2  # never reported written
     wal.close()
+
+
+def test_writes_waiting_behind_a_failed_batch_fail_with_it(tmp_path, monkeypatch):
+    # Writes submitted while a batch is being written wait for the next batch. When the
+    # batch fails there is none: they must fail too, else a node stopping after the
+    # failure waits for them for ever (fastraft node never exited on a full disk).
+    wal = SharedWAL(str(tmp_path / "wal"))
+    syncing, release = threading.Event(), threading.Event()
+
+    def failing(fd):
+        syncing.set()
+        release.wait(10)
+        raise OSError(28, "No space left on device")
+
+    async def main():
+        monkeypatch.setattr(os, "fdatasync", failing)
+        first = asyncio.ensure_future(wal.group(1).append_entries(entries(1, 1)))
+        await asyncio.to_thread(syncing.wait, 10)
+        waiting = [asyncio.ensure_future(wal.group(g).append_entries(entries(1, 1)))
+                   for g in (2, 3)]
+        await asyncio.sleep(0)
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *waiting,
+                                                        return_exceptions=True), 10)
+        assert isinstance(results[0], OSError), results
+        assert all(isinstance(r, StorageCorruption) and "No space left" in str(r)
+                   for r in results[1:]), results
+    try:
+        drive(main())
+    finally:
+        release.set()
+        wal.close()
 
 
 def test_group_ids_and_segment_settings_are_checked(tmp_path):

@@ -256,6 +256,31 @@ async def test_a_loop_turn_of_many_groups_leaves_in_frames_the_peer_accepts():
 
 
 @run
+async def test_a_dialer_cancelled_at_any_moment_stops():
+    # asyncio.run cancels what is left of a program that did not stop its network: the
+    # dialer must end, whatever it was doing (asyncio.wait_for, up to Python 3.11, lost
+    # a cancellation that came as a dial failed, and uvloop's refusals come at once).
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()
+    for turns in range(12):
+        a = TcpNetwork(1, "127.0.0.1:0")
+        await a.start(Sink())
+        try:
+            a.set_peers({2: f"127.0.0.1:{dead}"})
+            a.send(2, [RequestVote(1, 1, 0, 0)])
+            dialer = a._peers[2].connect_task
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            dialer.cancel()
+            done, _ = await asyncio.wait({dialer}, timeout=5)
+            assert done and dialer.cancelled(), f"dials on after {turns} loop turns"
+        finally:
+            await a.stop()
+
+
+@run
 async def test_three_nodes_over_tcp_in_one_loop():
     nets = {i: TcpNetwork(i, "127.0.0.1:0") for i in (1, 2, 3)}
     for net in nets.values():

@@ -408,9 +408,7 @@ class _Peer:
             lost: asyncio.Future[None] = loop.create_future()
             self.connected_at = None
             try:
-                await asyncio.wait_for(
-                    loop.create_connection(partial(_Outbound, self, lost), host, port),
-                    net.connect_timeout)
+                await self._dial(host, port, lost)
             except (OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     net.stats["connect_timeouts"] += 1
@@ -430,6 +428,26 @@ class _Peer:
                     self.woken = False
             await self._pause(self.retry_delay * (0.5 + net.rng.random()))
             self.retry_delay = min(self.retry_delay * 2, net.backoff_max)
+
+    async def _dial(self, host: str, port: int, lost: asyncio.Future[None]) -> None:
+        """Connect within ``connect_timeout`` (``asyncio.TimeoutError`` after it). Not
+        ``asyncio.wait_for``: up to Python 3.11 it can lose a cancellation that comes as
+        the dial fails, and this loop then dials on in a task already cancelled (a
+        program leaving ``asyncio.run`` without stopping its network never exited)."""
+        dial = self.loop.create_task(
+            self.loop.create_connection(partial(_Outbound, self, lost), host, port))
+        try:
+            done, _ = await asyncio.wait((dial,), timeout=self.net.connect_timeout)
+        except asyncio.CancelledError:
+            if not dial.done():
+                dial.cancel()
+            elif not dial.cancelled() and dial.exception() is None:
+                dial.result()[0].close()  # connected just now: not ours to keep
+            raise
+        if not done:
+            dial.cancel()
+            raise asyncio.TimeoutError
+        dial.result()
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` seconds before the next dial, or until ``peer_up``."""

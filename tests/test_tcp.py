@@ -35,6 +35,15 @@ class Sink:
         self.got.extend((frm, m) for m in messages)
 
 
+def unused_port():
+    """A loopback port nobody listens on (yet)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
 async def pair(cluster_b="fastraft"):
     a = TcpNetwork(1, "127.0.0.1:0")
     b = TcpNetwork(2, "127.0.0.1:0", cluster_id=cluster_b)
@@ -142,10 +151,7 @@ async def test_reconnects_after_peer_restart():
 async def test_unreachable_peer_costs_only_a_bounded_queue():
     a = TcpNetwork(1, "127.0.0.1:0", max_queue_messages=100)
     await a.start(Sink())
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    dead = s.getsockname()[1]
-    s.close()
+    dead = unused_port()
     a.set_peers({2: f"127.0.0.1:{dead}"})
     sent = []
 
@@ -201,10 +207,7 @@ async def test_what_waits_for_an_unreachable_peer_is_bounded_in_bytes_too():
     # each heartbeat, and one mid-snapshot a chunk (a new copy) each: few messages, many
     # bytes. They wait within max_queue_bytes, the newest kept; once the peer is up they
     # arrive, and no frame exceeds its max_frame_bytes.
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
+    port = unused_port()
     a = TcpNetwork(1, "127.0.0.1:0", max_queue_bytes=600_000, max_frame_bytes=1 << 20)
     b = TcpNetwork(2, f"127.0.0.1:{port}", max_frame_bytes=1 << 20)
     await a.start(Sink())
@@ -260,10 +263,7 @@ async def test_a_dialer_cancelled_at_any_moment_stops():
     # asyncio.run cancels what is left of a program that did not stop its network: the
     # dialer must end, whatever it was doing (asyncio.wait_for, up to Python 3.11, lost
     # a cancellation that came as a dial failed, and uvloop's refusals come at once).
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    dead = s.getsockname()[1]
-    s.close()
+    dead = unused_port()
     for turns in range(12):
         a = TcpNetwork(1, "127.0.0.1:0")
         await a.start(Sink())

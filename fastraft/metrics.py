@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -122,17 +122,24 @@ def _host_families(m: HostMetrics, gauge: _Gauge, counter: _Counter) -> Iterator
     yield counter("fastraft_host_campaigns_postponed", "Election timers that ran out while "
                   "max_campaigns groups campaigned: they waited for a place.",
                   m.campaigns_postponed)
-    frames = CounterMetricFamily("fastraft_host_frames", "Transport frames by direction.",
+    yield from _transport_families("fastraft_host_frames", "fastraft_host_transport_dropped",
+                                   node, m.network)
+
+
+def _transport_families(frames_name: str, dropped_name: str, node: str,
+                        network: Mapping[str, int]) -> Iterator[Metric]:
+    """The transport's frames and drops: a host's, or a node's own ``TcpNetwork``'s."""
+    frames = CounterMetricFamily(frames_name, "Transport frames by direction.",
                                  labels=["node", "direction"])
-    frames.add_metric([node, "in"], m.network.get("frames_in", 0))
-    frames.add_metric([node, "out"], m.network.get("frames_out", 0))
+    frames.add_metric([node, "in"], network.get("frames_in", 0))
+    frames.add_metric([node, "out"], network.get("frames_out", 0))
     yield frames
     dropped = CounterMetricFamily(
-        "fastraft_host_transport_dropped", "Messages or frames the transport dropped, "
+        dropped_name, "Messages or frames the transport dropped, "
         "by reason (queue full, bad frame, group not here, ...).", labels=["node", "reason"])
     for reason in ("dropped", "bad_frames", "unknown_group", "refused", "timeouts",
                    "evicted"):
-        dropped.add_metric([node, reason], m.network.get(reason, 0))
+        dropped.add_metric([node, reason], network.get(reason, 0))
     yield dropped
 
 
@@ -230,6 +237,9 @@ def _counter_families(m: Metrics | HostMetrics, node: str,
     net.add_metric([node, "in"], m.bytes_in)
     net.add_metric([node, "out"], m.bytes_out)
     yield net
+    if m.network:
+        yield from _transport_families("fastraft_frames", "fastraft_transport_dropped", node,
+                                       m.network)
     refused = CounterMetricFamily("fastraft_refused_messages",
                                   "Messages dropped unread, by reason.",
                                   labels=["node", "reason"])

@@ -12,7 +12,7 @@ from fastraft.config import Config
 from fastraft.errors import InvalidArgument, Overloaded, ProposalDropped
 from fastraft.logutil import JsonFormatter
 from fastraft.messages import RequestVote
-from fastraft.metrics import MetricsServer
+from fastraft.metrics import MetricsServer, families
 from fastraft.node import RaftNode
 from fastraft.node.metrics import ENTRIES, Histogram
 from fastraft.node.metrics import Recorder as MetricsRecorder
@@ -209,6 +209,28 @@ async def test_metrics_server_serves_prometheus_text_and_health():
             assert (status, body) == (503, "node is not running\n")
         finally:
             await server.stop()
+
+
+@run
+async def test_a_node_on_tcp_exports_its_transports_frames_and_drops():
+    # A follower back after an outage was once sent a frame over its limit: a node of
+    # one group showed that only in its log (hosts had these counters already).
+    async with LocalCluster(3, state_machine=Recorder, config=FAST, transport="tcp") as c:
+        leader = await c.leader()
+        await leader.propose(b"w")
+        stats = leader.network.stats
+        stats["bad_frames"] += 2  # as a refused frame counts it
+        assert leader.metrics().network == stats
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in families(leader.metrics()) for s in f.samples}
+        node = ("node", str(leader.id))
+        assert samples[("fastraft_frames_total", (("direction", "out"), node))] > 0
+        assert samples[("fastraft_transport_dropped_total",
+                        (node, ("reason", "bad_frames")))] == 2
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        m = (await c.leader()).metrics()  # a network that counts nothing: no families
+        assert m.network == {}
+        assert not any(f.name.startswith("fastraft_frames") for f in families(m))
 
 
 def test_batch_sizes_land_in_the_buckets_a_search_would_find():

@@ -119,6 +119,9 @@ class Metrics(Counts, frozen=True, kw_only=True):
     last_contact: float | None
     #: On the leader, per follower; empty elsewhere.
     followers: Mapping[int, FollowerMetrics]
+    #: The transport's counters (frames, bytes, drops), when it counts them (a node's
+    #: own ``TcpNetwork``; a host's groups: ``HostMetrics.network``); else empty.
+    network: Mapping[str, int]
 
     @property
     def state(self) -> tuple[object, ...]:

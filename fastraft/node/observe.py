@@ -61,7 +61,7 @@ def metrics(node: RaftNode) -> Metrics:
         leader_id=leader,
         commit_index=commit, applied_index=node.applied_index, last_log_index=last,
         snapshot_index=snap, voters=voters, learners=learners,
-        last_contact=last_contact, followers=followers,
+        last_contact=last_contact, followers=followers, network=dict(stats),
         proposals_accepted=r.proposals_accepted, proposals_dropped=r.proposals_dropped,
         proposals_overloaded=r.proposals_overloaded,
         elections_started=r.elections_started, elections_won=r.elections_won,

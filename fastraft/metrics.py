@@ -162,6 +162,9 @@ def _node_families(m: Metrics, gauge: _Gauge) -> Iterator[Metric]:
     yield gauge("fastraft_voters", "Voters in the configuration in force.", len(m.voters))
     yield gauge("fastraft_learners", "Learners in the configuration in force.",
                 len(m.learners))
+    if m.network:  # a host's are its own families (fastraft_host_frames, ...)
+        yield from _transport_families("fastraft_frames", "fastraft_transport_dropped", node,
+                                       m.network)
     if m.last_contact is not None:
         yield gauge("fastraft_leader_last_contact_seconds",
                     "Seconds since this node last heard from its leader (0 on the leader).",
@@ -237,9 +240,6 @@ def _counter_families(m: Metrics | HostMetrics, node: str,
     net.add_metric([node, "in"], m.bytes_in)
     net.add_metric([node, "out"], m.bytes_out)
     yield net
-    if m.network:
-        yield from _transport_families("fastraft_frames", "fastraft_transport_dropped", node,
-                                       m.network)
     refused = CounterMetricFamily("fastraft_refused_messages",
                                   "Messages dropped unread, by reason.",
                                   labels=["node", "reason"])

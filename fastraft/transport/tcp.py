@@ -320,16 +320,15 @@ class _Peer:
         emptied = []
         dropped = 0
         for group_id, box in pending.items():
-            n = min(count, len(box))
             if counting:
-                gone = sum(wire_size(m) for m in box[:n])
-                self.queued_bytes -= gone
-                size -= gone
-                while n < len(box) and size > 0:
+                n = 0
+                while n < len(box) and (n < count or size > 0):
                     s = wire_size(box[n])
                     self.queued_bytes -= s
                     size -= s
                     n += 1
+            else:
+                n = min(count, len(box))
             count -= n
             dropped += n
             if n < len(box):

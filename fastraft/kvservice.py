@@ -39,7 +39,7 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -48,7 +48,14 @@ from fastraft.addresses import parse_address
 from fastraft.errors import FastRaftError, InvalidArgument, NotLeader
 from fastraft.logutil import Throttle
 from fastraft.replicatedlog import ReplicatedLog
-from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
+from fastraft.transport.link import (
+    ConnectionLimits,
+    Credentials,
+    Gate,
+    Link,
+    TlsConfig,
+    dial,
+)
 
 if TYPE_CHECKING:
     from fastraft.host import RaftHost
@@ -453,13 +460,18 @@ class KVClient(Link):
         ready = loop.create_future()
         creds = Credentials(cluster_id, "kv", secret, tls)
         try:
-            _, client = await asyncio.wait_for(loop.create_connection(
-                lambda: cls(address, creds, ready, timeout), host, port), timeout)
+            _, link = await dial(loop, lambda: cls(address, creds, ready, timeout),
+                                 host, port, timeout)
         except asyncio.TimeoutError:
             raise ConnectionError(f"{address}: no connection within {timeout}s") from None
         # The link's own handshake timer (``timeout``, armed on connecting) settles
         # ``ready`` if the server stays silent, as a refusal or a lost connection does.
-        await ready
+        client = cast(KVClient, link)
+        try:
+            await ready
+        except asyncio.CancelledError:
+            client.close()  # the caller gave up: the connection is nobody's
+            raise
         return client
 
     @classmethod

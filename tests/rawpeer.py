@@ -2,6 +2,7 @@
 then whatever frames a test wants to send."""
 import asyncio
 import os
+import socket
 import struct
 
 import msgspec
@@ -78,3 +79,12 @@ async def send_messages(port: int, node_id: int, messages: list, **kw) -> None:
 def no_tracebacks(caplog) -> bool:
     """fastraft logged its refusals without a traceback (one line each)."""
     return not any(r.exc_info for r in caplog.records if r.name.startswith("fastraft"))
+
+
+def unused_port():
+    """A loopback port nobody listens on (yet)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

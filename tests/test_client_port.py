@@ -13,6 +13,7 @@ from fastraft.processes import free_ports
 from fastraft.testing import LocalCluster
 
 from aio import run
+from rawpeer import unused_port
 
 CONFIG = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
 
@@ -87,3 +88,43 @@ async def test_a_request_too_large_for_any_frame_is_refused_before_it_is_sent(mo
             await port.client.put("big", b"x" * MAX_FRAME)
         assert port.frames == []
         assert await port.client.put("small", b"v") > 0  # the connection still serves
+
+
+@run
+async def test_a_connect_cancelled_at_any_moment_is_cancelled():
+    # asyncio.wait_for (up to Python 3.11) lost a cancellation that came as the dial
+    # failed, and uvloop refuses a dead port at once: the caller got the refusal instead.
+    dead = f"127.0.0.1:{unused_port()}"
+    for turns in range(12):
+        connecting = asyncio.ensure_future(KVClient.connect(dead))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if connecting.done():  # refused before the cancellation came: nothing to test
+            assert isinstance(connecting.exception(), ConnectionRefusedError)
+            continue
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=5)
+        assert connecting.cancelled(), f"not cancelled after {turns} loop turns"
+
+
+@run
+async def test_a_connect_cancelled_during_the_handshake_closes_its_connection():
+    gone = asyncio.Event()
+    accepted = asyncio.Event()
+
+    async def silent(reader, writer):
+        accepted.set()
+        await reader.read()  # b"" once the client closes
+        gone.set()
+        writer.close()
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        connecting = asyncio.ensure_future(KVClient.connect(f"127.0.0.1:{port}", timeout=30))
+        await asyncio.wait_for(accepted.wait(), 5)
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=5)
+        assert connecting.cancelled()
+        await asyncio.wait_for(gone.wait(), 5)  # long before the handshake timeout
+    finally:
+        server.close()

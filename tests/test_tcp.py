@@ -19,7 +19,7 @@ from fastraft.transport.tcp import TcpNetwork
 from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 from aio import run
-from rawpeer import connect, frame, section
+from rawpeer import connect, frame, section, unused_port
 
 # Three nodes share one event loop with 500 proposals in flight: a loop turn long enough to
 # pass a 100-200 ms election timeout deposed the leader once in CI, and the test asks every
@@ -33,15 +33,6 @@ class Sink:
 
     def receive(self, frm, messages):
         self.got.extend((frm, m) for m in messages)
-
-
-def unused_port():
-    """A loopback port nobody listens on (yet)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 async def pair(cluster_b="fastraft"):

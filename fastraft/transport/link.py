@@ -32,6 +32,7 @@ import os
 import ssl
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 import msgspec
@@ -230,6 +231,28 @@ class Gate:
                 self.per_host[host] = left
             else:
                 del self.per_host[host]
+
+
+async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], Link], host: str,
+               port: int, timeout: float) -> tuple[asyncio.BaseTransport, Any]:
+    """``loop.create_connection`` within ``timeout`` seconds (``asyncio.TimeoutError``
+    after it). Not ``asyncio.wait_for``: up to Python 3.11 it can lose a cancellation
+    that comes as the dial fails (uvloop refuses a dead port at once), and the caller
+    then goes on in a task already cancelled. Cancelled, the dial is cancelled too, and a
+    connection made that instant is closed: it is nobody's."""
+    connecting = loop.create_task(loop.create_connection(factory, host, port))
+    try:
+        done, _ = await asyncio.wait((connecting,), timeout=timeout)
+    except asyncio.CancelledError:
+        if not connecting.done():
+            connecting.cancel()
+        elif not connecting.cancelled() and connecting.exception() is None:
+            connecting.result()[0].close()
+        raise
+    if not done:
+        connecting.cancel()
+        raise asyncio.TimeoutError
+    return connecting.result()
 
 
 class Link(asyncio.Protocol):

@@ -45,7 +45,14 @@ from fastraft.addresses import parse_address
 from fastraft.errors import ConfigError, DecodeError
 from fastraft.logutil import Throttle
 from fastraft.messages import AppendEntries, InstallSnapshot
-from fastraft.transport.link import ConnectionLimits, Credentials, Gate, Link, TlsConfig
+from fastraft.transport.link import (
+    ConnectionLimits,
+    Credentials,
+    Gate,
+    Link,
+    TlsConfig,
+    dial,
+)
 from fastraft.wire import BlobCache, decode_messages, encode_messages
 
 log = logging.getLogger("fastraft.transport.tcp")
@@ -429,24 +436,9 @@ class _Peer:
             self.retry_delay = min(self.retry_delay * 2, net.backoff_max)
 
     async def _dial(self, host: str, port: int, lost: asyncio.Future[None]) -> None:
-        """Connect within ``connect_timeout`` (``asyncio.TimeoutError`` after it). Not
-        ``asyncio.wait_for``: up to Python 3.11 it can lose a cancellation that comes as
-        the dial fails, and this loop then dials on in a task already cancelled (a
-        program leaving ``asyncio.run`` without stopping its network never exited)."""
-        dial = self.loop.create_task(
-            self.loop.create_connection(partial(_Outbound, self, lost), host, port))
-        try:
-            done, _ = await asyncio.wait((dial,), timeout=self.net.connect_timeout)
-        except asyncio.CancelledError:
-            if not dial.done():
-                dial.cancel()
-            elif not dial.cancelled() and dial.exception() is None:
-                dial.result()[0].close()  # connected just now: not ours to keep
-            raise
-        if not done:
-            dial.cancel()
-            raise asyncio.TimeoutError
-        dial.result()
+        """Connect within ``connect_timeout`` (``asyncio.TimeoutError`` after it)."""
+        await dial(self.loop, partial(_Outbound, self, lost), host, port,
+                   self.net.connect_timeout)
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` seconds before the next dial, or until ``peer_up``."""

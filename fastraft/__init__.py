@@ -15,6 +15,7 @@ from fastraft.errors import (
     Overloaded,
     ProposalDropped,
     StorageCorruption,
+    StorageFailed,
     StorageOwnedElsewhere,
     UnknownGroup,
 )
@@ -34,6 +35,6 @@ __all__ = [
     "FastRaftError", "AlreadyInitialized", "ConfigError", "DecodeError", "InvalidArgument",
     "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted",
     "Overloaded",
-    "ProposalDropped", "StorageCorruption", "StorageOwnedElsewhere", "GroupExists",
+    "ProposalDropped", "StorageCorruption", "StorageFailed", "StorageOwnedElsewhere", "GroupExists",
     "UnknownGroup",
 ]

@@ -51,6 +51,13 @@ class StorageCorruption(FastRaftError):
     """Data on disk failed a checksum or is inconsistent; names the file and offset."""
 
 
+class StorageFailed(FastRaftError, OSError):
+    """Storage refuses a write because an earlier one failed (disk full, I/O error) or it
+    was closed. What was reported written before is intact: fix the cause and restart
+    the node, which cuts a torn tail and catches up. An ``OSError``, as the first failed
+    write's own error is."""
+
+
 class StorageOwnedElsewhere(FastRaftError):
     """The storage belongs to another node id or cluster id than the node opening it."""
 

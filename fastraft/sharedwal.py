@@ -51,7 +51,7 @@ from typing import Any, BinaryIO, TypeVar
 import msgspec
 
 from fastraft import kernels
-from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
+from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption, StorageFailed
 from fastraft.filestorage import (
     _batch_bounds,
     _Damage,
@@ -446,7 +446,7 @@ class SharedWAL(_SegmentFiles):
         if self._broken is not None:
             raise self._refusal()
         if self._closed:
-            raise StorageCorruption(f"{self.directory}: the WAL is closed")
+            raise StorageFailed(f"{self.directory}: the WAL is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((view, kind, arg, future))
@@ -492,9 +492,9 @@ class SharedWAL(_SegmentFiles):
                 if not future.done():
                     future.set_exception(self._refusal())
 
-    def _refusal(self) -> StorageCorruption:
-        return StorageCorruption(f"{self.directory}: a write failed earlier "
-                                 f"({self._broken!r}); the WAL takes no more writes")
+    def _refusal(self) -> StorageFailed:
+        return StorageFailed(f"{self.directory}: a write failed earlier "
+                             f"({self._broken!r}); the WAL takes no more writes")
 
     def _write_batch(self, ops: list[Any]) -> list[Any]:
         """On the writer thread: place every op's records, write them, sync once, then

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from fastraft.config import Config
-from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption
+from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption, StorageFailed
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
 from fastraft.testing import wait_until
@@ -225,7 +225,7 @@ def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypat
                                        return_exceptions=True)
         assert all(isinstance(r, OSError) for r in results), results
         monkeypatch.setattr(os, "fdatasync", real)
-        with pytest.raises(StorageCorruption, match="a write failed earlier"):
+        with pytest.raises(StorageFailed, match="a write failed earlier"):
             await wal.group(3).append_entries(entries(1, 1))
     drive(main())
     assert wal.group(1).load_state().last_index == 2  # never reported written
@@ -255,7 +255,7 @@ def test_writes_waiting_behind_a_failed_batch_fail_with_it(tmp_path, monkeypatch
         results = await asyncio.wait_for(asyncio.gather(first, *waiting,
                                                         return_exceptions=True), 10)
         assert isinstance(results[0], OSError), results
-        assert all(isinstance(r, StorageCorruption) and "No space left" in str(r)
+        assert all(isinstance(r, StorageFailed) and "No space left" in str(r)
                    for r in results[1:]), results
     try:
         drive(main())

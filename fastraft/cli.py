@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -160,6 +161,11 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
         from fastraft.sharedwal import SharedWAL
         wal = SharedWAL(args.data_dir, repair=args.repair)
         known = set(wal.group_ids())  # the groups this node ran before: a restart
+        try:
+            _keep_group_count(wal.directory, args.groups, known)
+        except BaseException:
+            wal.close()
+            raise
     host = RaftHost(args.id, network=network, config=_host_config(args),
                     cluster_id=args.cluster_id,
                     storage=wal.group if wal is not None else lambda g: MemoryStorage())
@@ -181,6 +187,27 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
         if wal is not None:
             wal.close()
     return failed
+
+
+class _GroupCount(msgspec.Struct):
+    groups: int
+
+
+def _keep_group_count(directory: str, groups: int, known: set[int]) -> None:
+    """A key belongs to group crc32(key) % N: a data directory keeps the N it was first
+    served with (in its file ``groups``) and refuses another, with which every node
+    would look for most keys in the wrong group (acknowledged writes seemingly lost)."""
+    from fastraft.filestorage import _checked, _read_checked, _write_atomically
+
+    saved = _read_checked(os.path.join(directory, "groups"), _GroupCount)
+    before = saved.groups if saved is not None else max(known, default=-1) + 1
+    if before > groups or saved is not None and before != groups:
+        raise ConfigError(f"--groups {groups}: {directory} was served with --groups "
+                          f"{before} (a key belongs to group crc32(key) % N: with another "
+                          f"N most keys are looked for in the wrong group); start with "
+                          f"--groups {before}")
+    if saved is None:
+        _write_atomically(directory, "groups", _checked(_GroupCount(groups)))
 
 
 def _host_config(args: argparse.Namespace) -> Config:

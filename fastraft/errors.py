@@ -59,7 +59,9 @@ class StorageFailed(FastRaftError, OSError):
 
 
 class StorageOwnedElsewhere(FastRaftError):
-    """The storage belongs to another node id or cluster id than the node opening it."""
+    """The storage belongs to another node id or cluster id than the node opening it, or
+    the directory holds the other kind of storage (a ``SharedWAL``'s for a
+    ``FileStorage``, or the reverse)."""
 
 
 class NodeFailed(NodeStopped):

@@ -53,7 +53,7 @@ from typing import Any, BinaryIO, TypeVar
 import msgspec
 
 from fastraft import kernels
-from fastraft.errors import DecodeError, FastRaftError, StorageCorruption
+from fastraft.errors import DecodeError, FastRaftError, StorageCorruption, StorageOwnedElsewhere
 from fastraft.messages import Entry, HardState
 from fastraft.snapshots import copy_stream
 from fastraft.storage import SnapshotMeta, StorageState
@@ -176,8 +176,24 @@ def _zero_sector_within(data: bytes, lo: int, hi: int) -> bool:
     return False
 
 
-def _lock_directory(directory: str) -> int:
-    """Create ``directory`` if needed and flock its LOCK file: one process at a time."""
+#: How a node on each kind of storage is started.
+_STARTED = {"FileStorage": "the log of a node of one group: fastraft node without --groups",
+            "SharedWAL": "the logs of a node of several groups: fastraft node --groups N"}
+
+
+def _storage_kind(name: str) -> str | None:
+    """The kind of storage a file of a data directory belongs to, if only one has it."""
+    if name == "state" or name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
+        return "FileStorage"
+    if name.startswith("wal-") and name.endswith(_SEG_SUFFIX):
+        return "SharedWAL"
+    return None
+
+
+def _lock_directory(directory: str, kind: str) -> int:
+    """Create ``directory`` if needed and flock its LOCK file: one process at a time. A
+    directory of the other kind of storage is refused: opened, it would look empty, and
+    its node would start afresh (with --init, founding a new cluster)."""
     os.makedirs(directory, exist_ok=True)
     fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -186,6 +202,13 @@ def _lock_directory(directory: str) -> int:
         os.close(fd)
         raise StorageLocked(f"{directory} is in use by another process; one "
                             "data directory per node") from None
+    for name in sorted(os.listdir(directory)):
+        other = _storage_kind(name)
+        if other is not None and other != kind:
+            os.close(fd)
+            raise StorageOwnedElsewhere(
+                f"{directory} holds a {other} ({name}: {_STARTED[other]}), not a {kind}; "
+                "start the node as before")
     return fd
 
 
@@ -639,7 +662,7 @@ class FileStorage(_SegmentFiles, _LogStore):
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
                  cache_bytes: int = 8 << 20, repair: bool = False) -> None:
         directory = os.path.abspath(directory)
-        self._lock_fd = _lock_directory(directory)
+        self._lock_fd = _lock_directory(directory, "FileStorage")
         super().__init__(directory, sync, _RecordCache(cache_bytes), 0, threading.RLock())
         self.segment_bytes = segment_bytes
         self.repair = repair

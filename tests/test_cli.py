@@ -153,3 +153,41 @@ def test_status_against_a_port_that_is_not_fastraft_says_so():
     finally:
         for s in [banner, silent, *accepted]:
             s.close()
+
+
+def test_a_data_dir_is_served_as_it_was_first(tmp_path):
+    """A key belongs to group crc32(key) % N: a node restarted with another --groups
+    looked for most keys in the wrong group, and one restarted without --groups opened
+    its SharedWAL as an empty FileStorage (with --init: a new cluster). Both refused."""
+    import signal
+
+    from fastraft.filestorage import FileStorage
+    from fastraft.processes import free_ports
+
+    raft, client = free_ports(2)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "fastraft", "node", "--id", "1", "--cluster",
+         f"1=127.0.0.1:{raft}", "--client", f"127.0.0.1:{client}", "--data-dir",
+         str(tmp_path / "groups"), "--groups", "4", "--init"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        for line in node.stdout:  # ends if the node exits: never hangs
+            said.append(line)
+            if " ready: " in line:
+                break
+        assert " ready: " in said[-1], said
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(timeout=60) == 0
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+    for other in ("2", "8"):
+        _one_line(_node_on(tmp_path / "groups", "--groups", other),
+                  "was served with --groups 4 (a key belongs to group crc32(key) % N")
+    _one_line(_node_on(tmp_path / "groups"), "holds a SharedWAL (wal-")
+    assert not (tmp_path / "groups" / "state").exists()  # left as it was
+    FileStorage(str(tmp_path / "one")).close()
+    _one_line(_node_on(tmp_path / "one", "--groups", "4"), "holds a FileStorage (state")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["LOCK", "state"]

@@ -166,8 +166,11 @@ async def _serve_host(args: argparse.Namespace, cluster: dict[int, str],
         except BaseException:
             wal.close()
             raise
-    host = RaftHost(args.id, network=network, config=_host_config(args),
-                    cluster_id=args.cluster_id,
+    config = _host_config(args)
+    # --log-cache-mib bounds the node's memory for entries whatever --groups says: one
+    # budget for all its groups (quiet ones keep none), not one cache each.
+    host = RaftHost(args.id, network=network, config=config,
+                    log_cache_bytes=config.log_cache_bytes, cluster_id=args.cluster_id,
                     storage=wal.group if wal is not None else lambda g: MemoryStorage())
     stores = [factory() for _ in range(args.groups)]
     server: KVServer | None = None
@@ -508,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--snapshot-interval", type=int, metavar="N",
                       help="snapshot every N applied entries (default: Config's)")
     node.add_argument("--log-cache-mib", type=float, metavar="MIB",
-                      help="memory for log entries (default: Config.log_cache_bytes)")
+                      help="memory for log entries (default: Config.log_cache_bytes); "
+                           "with --groups, for all of them together")
     node.add_argument("--log-retention-entries", type=int, metavar="N",
                       help="keep N entries of log behind each snapshot (streams)")
     node.add_argument("--lease-reads", action="store_true",

@@ -1,5 +1,6 @@
 """What a user meets on the command line: wrong arguments get one clear line and exit 2,
 never a traceback."""
+import json
 import subprocess
 import sys
 
@@ -158,7 +159,8 @@ def test_status_against_a_port_that_is_not_fastraft_says_so():
 def test_a_data_dir_is_served_as_it_was_first(tmp_path):
     """A key belongs to group crc32(key) % N: a node restarted with another --groups
     looked for most keys in the wrong group, and one restarted without --groups opened
-    its SharedWAL as an empty FileStorage (with --init: a new cluster). Both refused."""
+    its SharedWAL as an empty FileStorage (with --init: a new cluster). Both refused.
+    On the way: --log-cache-mib is one budget for all the groups."""
     import signal
 
     from fastraft.filestorage import FileStorage
@@ -168,7 +170,7 @@ def test_a_data_dir_is_served_as_it_was_first(tmp_path):
     node = subprocess.Popen(
         [sys.executable, "-m", "fastraft", "node", "--id", "1", "--cluster",
          f"1=127.0.0.1:{raft}", "--client", f"127.0.0.1:{client}", "--data-dir",
-         str(tmp_path / "groups"), "--groups", "4", "--init"],
+         str(tmp_path / "groups"), "--groups", "4", "--init", "--log-cache-mib", "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         said = []
@@ -177,6 +179,12 @@ def test_a_data_dir_is_served_as_it_was_first(tmp_path):
             if " ready: " in line:
                 break
         assert " ready: " in said[-1], said
+        # its groups share one log cache budget: memory that does not grow with --groups
+        status = subprocess.run([sys.executable, "-m", "fastraft", "status", "--address",
+                                 f"127.0.0.1:{client}"], capture_output=True, text=True,
+                                timeout=60)
+        host = json.loads(status.stdout)["host"]
+        assert host["log_cache_budget"] == 8 << 20 and host["log_cache_bytes"] > 0, host
         node.send_signal(signal.SIGTERM)
         assert node.wait(timeout=60) == 0
     finally:

@@ -308,9 +308,10 @@ class RaftHost:
         the groups whose replica here stopped itself (a hook failed: ``NodeFailed``, the
         group's ``failure`` says which), the peer hosts it suspects gone, leadership
         transfers, reminders of quiet leaders (``_remind``), groups campaigning and
-        election timers postponed (``max_campaigns``), and transport counters. One pass
-        over the groups; each group's own ``status()`` has the details."""
-        leading = quiet = 0
+        election timers postponed (``max_campaigns``), the bytes of log entries its
+        groups keep in memory and their budget (None: none), and transport counters.
+        One pass over the groups; each group's own ``status()`` has the details."""
+        leading = quiet = cached = 0
         failed = []
         for group_id, node in self._groups.items():
             if node.failure is not None:
@@ -320,9 +321,11 @@ class RaftHost:
             if e is not None:
                 leading += e.role == Role.LEADER
                 quiet += e.quiet
+                cached += e.log.cache_bytes
         return {"id": self.id, "address": self.address, "running": self._running,
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
-                "failed": sorted(failed),
+                "failed": sorted(failed), "log_cache_bytes": cached,
+                "log_cache_budget": self.log_cache_bytes,
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
                 "reminders": self.reminders,
                 **self.campaign_figures(),

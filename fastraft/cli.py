@@ -423,8 +423,8 @@ async def kv_command(args: argparse.Namespace) -> int:
 
 
 async def member_command(args: argparse.Namespace) -> int:
-    """``fastraft member add|remove``: the change in every group the nodes of ``--cluster``
-    serve, or in ``--group``, each on its own leader; 1 if a group failed."""
+    """``fastraft member add|update|remove``: the change in every group the nodes of
+    ``--cluster`` serve, or in ``--group``, each on its own leader; 1 if a group failed."""
     from fastraft.members import change_members, connect
 
     addresses = parse_addresses(args.cluster)
@@ -572,18 +572,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the cluster's name (default: fastraft)")
     add_security_options(kvp)
 
-    member = sub.add_parser("member", help="add a node to, or remove it from, every group "
-                            "(or one) of a running cluster")
+    member = sub.add_parser("member", help="add a node to, move it in, or remove it from, "
+                            "every group (or one) of a running cluster")
     member_op = member.add_subparsers(dest="op", required=True)
     add = member_op.add_parser("add", help="add NODE as a learner, then a voter once caught up")
     add.add_argument("node", type=_positive(int), metavar="NODE", help="the new node's id")
     add.add_argument("address", metavar="RAFT_ADDRESS",
                      help="its Raft HOST:PORT (the one in its --cluster)")
     add.add_argument("--learner", action="store_true", help="stay a learner (no vote)")
+    update = member_op.add_parser(
+        "update", help="member NODE moved: it is now at RAFT_ADDRESS (restart it there on "
+                       "its data first)")
+    update.add_argument("node", type=_positive(int), metavar="NODE")
+    update.add_argument("address", metavar="RAFT_ADDRESS",
+                        help="its new Raft HOST:PORT (the one in its --cluster now)")
+    update.set_defaults(learner=False)
     remove = member_op.add_parser("remove", help="remove NODE (a voter or a learner)")
     remove.add_argument("node", type=_positive(int), metavar="NODE")
     remove.set_defaults(address=None, learner=False)
-    for p in (add, remove):
+    for p in (add, update, remove):
         p.add_argument("--cluster", required=True, metavar="HOST:PORT,...",
                        help="client addresses of the members (each group's leader is "
                             "found among them)")
@@ -620,7 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("kv put takes KEY VALUE; get and del take KEY")
             sys.exit(run_loop(kv_command(args)))
         elif args.command == "member":
-            if args.op == "add":
+            if args.op in ("add", "update"):
                 parse_address(args.address)
             sys.exit(run_loop(member_command(args)))
         elif args.cluster:

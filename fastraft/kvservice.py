@@ -4,7 +4,8 @@ Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``appen
 record (answered with its offset, on the leader) and ``records`` from an offset (on any
 node: what it knows committed), so a stream can share the log with the KV store. And it
 serves membership changes (on the leader): ``add_learner`` (``offset`` the node id, ``key``
-its Raft address), ``remove_learner`` (``offset`` the node id), ``change_membership``
+its Raft address), ``remove_learner`` (``offset`` the node id), ``update_address``
+(``offset`` the node id, ``key`` its new Raft address), ``change_membership``
 (``value`` the msgpack list of voter ids) and ``transfer_leadership`` (``offset`` the
 voter to lead).
 
@@ -78,8 +79,8 @@ RECORDS_BYTES = 4 << 20
 
 class Request(msgspec.Struct, array_like=True):
     id: int
-    #: put get del status append records add_learner remove_learner change_membership
-    #: transfer_leadership
+    #: put get del status append records add_learner remove_learner update_address
+    #: change_membership transfer_leadership
     op: str
     key: str = ""
     value: bytes = b""
@@ -120,6 +121,7 @@ _enc = msgspec.msgpack.Encoder()
 _CHANGES: dict[str, Callable[[RaftNode, Request], Coroutine[Any, Any, None]]] = {
     "add_learner": lambda node, req: node.add_learner(req.offset, req.key),
     "remove_learner": lambda node, req: node.remove_learner(req.offset),
+    "update_address": lambda node, req: node.update_address(req.offset, req.key),
     "change_membership": lambda node, req: node.change_membership(
         set(_voters_dec.decode(req.value))),
     "transfer_leadership": lambda node, req: node.transfer_leadership(req.offset),
@@ -592,6 +594,12 @@ class KVClient(Link):
         """Remove learner ``node_id`` (on the leader); see ``RaftNode.remove_learner``.
         ``group`` as for ``add_learner``. Servers before it answer ``unknown op``."""
         await self.request("remove_learner", offset=node_id, group=group)
+
+    async def update_address(self, node_id: int, address: str,
+                             group: int | None = None) -> None:
+        """Member ``node_id`` is now at Raft ``address`` (on the leader); see
+        ``RaftNode.update_address``. ``group`` as for ``add_learner``."""
+        await self.request("update_address", address, offset=node_id, group=group)
 
     async def transfer_leadership(self, target: int, group: int | None = None) -> None:
         """Make voter ``target`` the leader (on the leader); returns once it leads. See

@@ -1,7 +1,7 @@
 """Membership changes of a running cluster through its nodes' client ports
-(``fastraft member add|remove``): one node added to, or removed from, every group of
-nodes of several groups (``fastraft node --groups N``), or one group, or a node's only
-group.
+(``fastraft member add|update|remove``): one node added to, moved in, or removed from,
+every group of nodes of several groups (``fastraft node --groups N``), or one group, or
+a node's only group.
 
 Each group's change goes to that group's own leader, found among the nodes given: a new
 member joins as a learner and is promoted to voter once caught up (§6, thesis §4.2.1:
@@ -66,8 +66,9 @@ async def change_members(clients: dict[int, KVClient], op: str, node_id: int,
                          learner: bool = False, timeout: float = 60.0,
                          say: Callable[[str], None] = print) -> int:
     """``op`` "add" (a learner, then a voter unless ``learner``; ``address`` its Raft
-    address) or "remove" node ``node_id`` in each of ``groups``, a line to ``say`` for
-    each group as it is done; the number of groups that failed (each said why)."""
+    address), "update" (member ``node_id`` is now at ``address``) or "remove" node
+    ``node_id`` in each of ``groups``, a line to ``say`` for each group as it is done;
+    the number of groups that failed (each said why)."""
     limit = asyncio.Semaphore(CONCURRENT_GROUPS)
     failed = 0
 
@@ -102,10 +103,17 @@ async def _change_group(clients: dict[int, KVClient], op: str, node_id: int,
         leader = await find_leader(clients, timeout=timeout, group=group)
         c = clients[leader]
         try:
-            membership: dict[str, Any] = (await c.status(group))["membership"]
+            status: dict[str, Any] = await c.status(group)
+            membership = status["membership"]
             voters, learners = set(membership["voters"]), set(membership["learners"])
             if op == "add":
                 return await _add(c, node_id, address, group, voters, learners, learner)
+            if op == "update":
+                assert address is not None
+                if status["addresses"].get(node_id) == address:
+                    return f"is already at {address}"
+                await c.update_address(node_id, address, group=group)
+                return f"is now at {address}"
             if leader == node_id and len(voters) > 1:
                 # Hand leadership over first (thesis §3.10), to the voter the host's
                 # balancing would pick among those reachable here (the change goes to

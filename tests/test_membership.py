@@ -211,6 +211,27 @@ async def test_membership_changes_are_refused_while_one_is_in_progress_or_not_ca
 
 
 @run
+async def test_an_address_update_is_one_entry_every_member_applies_and_refuses_strangers():
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        with pytest.raises(InvalidArgument, match="node 7 is not a member"):
+            await leader.update_address(7, "elsewhere:1")
+        with pytest.raises(InvalidArgument):
+            await leader.update_address(2, "")
+        with pytest.raises(NotLeader):
+            await follower.update_address(2, "elsewhere:2")
+        last = leader.engine.log.last_index
+        await leader.update_address(2, "elsewhere:2")
+        assert leader.engine.log.last_index == last + 1  # no joint configuration
+        await wait_until(lambda: all(n.engine.membership.addresses[2] == "elsewhere:2"
+                                     and n.engine.membership.voters == {1, 2, 3}
+                                     for n in c.nodes.values()), 10, "the new address")
+        await leader.update_address(2, "elsewhere:2")  # already so: nothing to append
+        assert leader.engine.log.last_index == last + 1
+
+
+@run
 async def test_a_learner_that_never_answered_is_not_promoted_however_short_the_log():
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
         leader = await c.leader()

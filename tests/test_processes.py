@@ -254,6 +254,43 @@ def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
     assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
 
 
+@run
+async def test_the_member_command_tells_the_members_a_node_moved(tmp_path):
+    """A follower restarted on its data at another Raft address hears nothing (the
+    members dial the address in the configuration) until ``fastraft member update``
+    tells them; then it catches up. A second run has nothing to do."""
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"))
+    everyone = ",".join(cluster.client[i] for i in cluster.ids)
+    clients = {}
+    try:
+        cluster.start_all()
+        clients = await cluster.connect_all()
+        leader = await find_leader(clients)
+        mover = next(i for i in cluster.ids if i != leader)
+        cluster.terminate(mover)
+        clients.pop(mover).close()
+        cluster.raft[mover] = f"127.0.0.1:{free_ports(1)[0]}"
+        cluster.start(mover)  # on its data: --init changes nothing
+        clients[mover] = await cluster.connect(mover)
+        out = fastraft_cli(cluster, "member", "update", str(mover), cluster.raft[mover],
+                           "--cluster", everyone, timeout=90)
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert out.stdout.splitlines() == [
+            f"the group: node {mover} is now at {cluster.raft[mover]}"]
+        index = await clients[leader].put("after", b"the move")
+        await until_applied(clients.values(), index)
+        assert [(await c.status())["addresses"][mover] for c in clients.values()] == [
+            cluster.raft[mover]] * 3
+        out = fastraft_cli(cluster, "member", "update", str(mover), cluster.raft[mover],
+                           "--cluster", everyone)
+        assert out.stdout.splitlines() == [
+            f"the group: node {mover} is already at {cluster.raft[mover]}"]
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
+
+
 def test_cluster_status_table_and_kv_commands(cluster):
     """``fastraft status --cluster`` (a row per node, ``--json``, an unreachable node
     named) and ``fastraft kv put|get|del`` against a running 3-node cluster."""

@@ -662,6 +662,7 @@ class Engine:
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},
+            "addresses": dict(sorted(self.membership.addresses.items())),
             "progress": {p: pr.as_dict() for p, pr in self.progress.items()},
         }
 

@@ -39,7 +39,8 @@ def _counted(
 
 
 class MembershipChanges:
-    """The ``add_learner``, ``remove_learner`` and ``change_membership`` of one node."""
+    """The ``add_learner``, ``remove_learner``, ``update_address`` and
+    ``change_membership`` of one node."""
 
     def __init__(self, node: RaftNode) -> None:
         self.node = node
@@ -66,6 +67,20 @@ class MembershipChanges:
                 ": it votes, remove it with change_membership()" if node_id in m.voters
                 else ""))
         index = engine.propose_membership(m.voters, m.learners - {node_id})
+        self.node._schedule_flush()
+        await self.wait_complete(index, timeout)
+
+    @_counted
+    async def update_address(self, node_id: int, address: str, timeout: float) -> None:
+        check_node_id(node_id)
+        check_address(address)
+        engine = await self._settled_leader(timeout)
+        m = engine.membership
+        if node_id not in m.members:
+            raise InvalidArgument(f"node {node_id} is not a member: add it with add_learner()")
+        if m.addresses.get(node_id) == address:
+            return
+        index = engine.propose_membership(m.voters, m.learners, {node_id: address})
         self.node._schedule_flush()
         await self.wait_complete(index, timeout)
 

@@ -413,6 +413,14 @@ class RaftNode:
         ``change_membership``."""
         await self._membership.remove_learner(node_id, timeout)
 
+    async def update_address(self, node_id: int, address: str, timeout: float = 30.0) -> None:
+        """Member ``node_id`` is now at ``address`` (it moved; restart it there on its
+        data first). A configuration entry with the same members (§6: in force on every
+        node once appended, so the leader dials the new address at once); no joint
+        configuration, as no vote moves. Returns once it is committed; a no-op if the
+        address is already that. Raises as ``add_learner`` does."""
+        await self._membership.update_address(node_id, address, timeout)
+
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
         """Move to the voter set ``voters`` through joint consensus (§6): C_old,new, then
         C_new. New voters must be learners already (``add_learner``); they are promoted only

@@ -4,7 +4,14 @@ caught it up; the leader forgets what it knew of that node's log (thesis §11.7)
 import random
 
 from fastraft.config import Config
-from fastraft.engine import Engine, InitialState, PersistHardState, Role, Timer
+from fastraft.engine import (
+    Engine,
+    FollowerLostEntries,
+    InitialState,
+    PersistHardState,
+    Role,
+    Timer,
+)
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -31,6 +38,17 @@ def repaired(term=3, entries=2):
     e = Engine(3, CFG, random.Random(3), state)
     e.start()
     return e
+
+
+def replicated(entries=5):
+    """Three engines, node 1 leading, ``entries`` entries of it replicated on all."""
+    h = Harness([make(i, voters=(1, 2, 3), config=CFG) for i in (1, 2, 3)])
+    h.fire(1)
+    leader = h.engines[1]
+    for k in range(entries):
+        leader.propose([b"x%d" % k])
+    h.run()
+    return h, leader
 
 
 def test_it_votes_for_no_one_and_never_campaigns():
@@ -66,12 +84,7 @@ def test_it_tells_the_leader_and_leaves_recovery_once_caught_up():
 def test_the_leader_forgets_what_a_recovering_follower_had_acknowledged():
     """Without that, the leader ignores the rejection (below match_index, so 'stale') and
     probes above the follower's log for ever."""
-    h = Harness([make(i, voters=(1, 2, 3), config=CFG) for i in (1, 2, 3)])
-    h.fire(1)
-    leader = h.engines[1]
-    for k in range(5):
-        leader.propose([b"x%d" % k])
-    h.run()
+    h, leader = replicated()
     last = leader.log.last_index
     assert leader.progress[3].match_index == last
     leader.step(3, AppendEntriesResponse(leader.term, False, last, 2, 1, 0, True))
@@ -110,3 +123,55 @@ def test_a_heartbeat_for_entries_the_leader_compacted_proves_nothing():
     held.step(1, AppendEntries(9, 1, 40, -1, [], 40))
     (_, reply), = sends(held.take_commands(), AppendEntriesResponse)
     assert not reply.success and held.commit_index == 0
+
+
+def test_the_leader_catches_up_a_follower_whose_storage_lost_what_it_acknowledged():
+    """A follower restarted on an empty directory under its old id (wiped, or another
+    disk) answers a heartbeat for its match with a log that ends below it. The leader
+    took that for a stale answer and probed at the old match for ever (LAG fixed in
+    `fastraft status`); it now forgets the match, says so, and catches the node up."""
+    h, leader = replicated()
+    last = leader.log.last_index
+    assert leader.progress[3].match_index == last
+    wiped = h.engines[3] = make(3, voters=(1, 2, 3), config=CFG)
+    wiped.take_commands()
+    h.applied[3] = []
+    leader.on_timer(Timer.HEARTBEAT)  # it sent to every follower since the last: no beat
+    leader.take_commands()
+    leader.on_timer(Timer.HEARTBEAT)
+    (_, beat), = [(to, m) for to, m in sends(leader.take_commands(), AppendEntries) if to == 3]
+    wiped.step(1, beat)
+    (_, reply), = sends(wiped.take_commands(), AppendEntriesResponse)
+    assert not reply.success and reply.hint_index == 0
+    leader.step(3, reply)
+    cmds = leader.take_commands()
+    assert FollowerLostEntries(3, last, 0) in cmds
+    assert leader.progress[3].match_index == 0 and leader.commit_index == last
+    for to, m in sends(cmds):
+        h.engines[to].step(1, m)
+    h.run()
+    assert wiped.log.last_index == last and leader.progress[3].match_index == last
+    assert [e.data for e in h.applied[3]] == [e.data for e in h.applied[2]]
+
+
+def test_a_follower_that_holds_its_entries_is_never_taken_for_one_that_lost_them():
+    # A follower that missed appends rejects the next with its log's end: at or above
+    # what it acknowledged, so nothing is reported and nothing forgotten.
+    h = Harness([make(i, voters=(1, 2, 3), config=CFG) for i in (1, 2, 3)])
+    h.fire(1)
+    leader, follower = h.engines[1], h.engines[3]
+    leader.propose([b"a"])
+    h.run()
+    match = leader.progress[3].match_index
+    leader.propose([b"lost"])
+    assert [to for to, _ in sends(leader.take_commands(), AppendEntries)] == [2, 3]
+    leader.propose([b"next"])
+    (to, append), = [(to, m) for to, m in sends(leader.take_commands(), AppendEntries)
+                     if to == 3]
+    follower.step(1, append)
+    (_, reply), = sends(follower.take_commands(), AppendEntriesResponse)
+    assert not reply.success and reply.hint_index == match
+    leader.step(3, reply)
+    cmds = leader.take_commands()
+    assert not [c for c in cmds if type(c) is FollowerLostEntries]
+    assert leader.progress[3].match_index == match

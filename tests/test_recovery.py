@@ -407,6 +407,49 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
         cluster.stop_all()
 
 
+@run
+async def test_a_follower_started_again_on_an_empty_directory_is_reported_and_caught_up(
+        tmp_path):
+    """Not supported (docs/storage.md: replace such a node), but done by mistake: a
+    follower's directory is wiped and the node started again under its id. The leader
+    took its answers for stale ones and the node stayed behind for good; now the leader
+    logs what happened, in one line, and catches it up."""
+    import shutil
+
+    from fastraft.kvservice import find_leader
+    from fastraft.processes import ProcessCluster
+
+    data = tmp_path / "data"
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(data))
+    clients = {}
+    try:
+        cluster.start_all()
+        clients = await cluster.connect_all()
+        for k in range(50):  # an election may come soon after the start: write again
+            await put_retrying(clients, f"a{k}")
+        leader = await find_leader(clients)
+        victim = next(i for i in cluster.ids if i != leader)
+        clients.pop(victim).close()
+        cluster.terminate(victim)
+        shutil.rmtree(data / f"node-{victim}")
+        cluster.start(victim)  # --init on an empty directory, as the first time
+        clients[victim] = await cluster.connect(victim)
+        target = (await clients[leader].status())["commit_index"]
+
+        async def caught_up():
+            while (await clients[victim].status())["applied_index"] < target:
+                await asyncio.sleep(0.02)
+        await asyncio.wait_for(caught_up(), 30)
+        said = [line for line in cluster.log(leader).splitlines()
+                if "its storage lost them" in line]
+        assert len(said) == 1 and f"node {victim} had acknowledged" in said[0], said
+        assert "Traceback" not in cluster.log(victim) + cluster.log(leader)
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
+
+
 def _writer_on(storage, engine_commit_index=0):
     """A LogWriter on ``storage`` for a node whose engine says ``engine_commit_index``."""
     import asyncio

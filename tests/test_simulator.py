@@ -345,10 +345,18 @@ def test_the_client_history_check_alone_catches_stale_reads(monkeypatch):
         return answer(self, node, c)
     monkeypatch.setattr(Simulator, "_read_done", without_the_read_bound)
     faults, config = PROFILES["harsh"][:2]
-    with pytest.raises(InvariantViolation, match="client history: NOT linearizable"):
-        # 8 keys: a stale read and the write it missed share a key more often
-        Simulator(seed=0, nodes=5, faults=faults, config=config, kv_keys=8).run(
-            3.0, settle=8.0)
+    # A read goes stale only when a deposed leader answers it after the new one committed
+    # a write of its key: a few runs in a hundred (seed 0 until the engine's trajectories
+    # moved). Each run is ~15 ms: look for the first that shows one.
+    for seed in range(128):
+        try:
+            # 8 keys: a stale read and the write it missed share a key more often
+            Simulator(seed=seed, nodes=5, faults=faults, config=config, kv_keys=8).run(
+                3.0, settle=8.0)
+        except InvariantViolation as exc:
+            assert "client history: NOT linearizable" in str(exc), exc
+            return
+    pytest.fail("no run of 128 showed the stale reads of reads without a quorum round")
 
 
 def test_lease_reads_turn_stale_when_clocks_drift_beyond_the_stated_bound():

@@ -6,6 +6,7 @@ from fastraft.engine.commands import (
     CancelTimer,
     Command,
     CompactLog,
+    FollowerLostEntries,
     PersistHardState,
     QuietChanged,
     ReadFailed,
@@ -28,8 +29,8 @@ from fastraft.errors import MembershipChangeInProgress
 
 __all__ = [
     "Engine", "InitialState", "MembershipChangeInProgress", "Progress", "ProgressState",
-    "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "PersistHardState",
-    "QuietChanged", "ReadFailed", "ReadLog", "ReadReady", "Role", "RoleChanged", "Send",
-    "SetTimer", "Timer", "TruncateLog", "CompactLog", "SendSnapshotChunk",
+    "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "FollowerLostEntries",
+    "PersistHardState", "QuietChanged", "ReadFailed", "ReadLog", "ReadReady", "Role",
+    "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog", "CompactLog", "SendSnapshotChunk",
     "StoreSnapshotChunk", "requires_durability", "write_order",
 ]

@@ -146,6 +146,17 @@ class QuietChanged(msgspec.Struct, gc=False):
     quiet: bool
 
 
+class FollowerLostEntries(msgspec.Struct, gc=False):
+    """Follower ``peer`` says its log ends at ``holds``, below the ``acknowledged`` index
+    it had acknowledged to this leader: its storage lost entries (a data directory wiped
+    or replaced under the same id). The leader catches it up again; the driver tells
+    the operator, as such a node may also have forgotten a vote (thesis §11.7)."""
+
+    peer: int
+    acknowledged: int
+    holds: int
+
+
 class ReadReady(msgspec.Struct, gc=False):
     """Read ``request_id`` is linearizable once the state machine has applied ``read_index``."""
 
@@ -162,7 +173,7 @@ class ReadFailed(msgspec.Struct, gc=False):
 
 Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
            | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer
-           | RoleChanged | QuietChanged | ReadReady | ReadFailed)
+           | RoleChanged | QuietChanged | FollowerLostEntries | ReadReady | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)

@@ -28,6 +28,7 @@ from fastraft.engine.commands import (
     CancelTimer,
     Command,
     CompactLog,
+    FollowerLostEntries,
     PersistHardState,
     QuietChanged,
     ReadFailed,
@@ -1226,6 +1227,17 @@ class Engine:
         # Rejected. Ignore answers to messages we have since superseded.
         if pr.state == ProgressState.SNAPSHOT:
             return
+        if m.hint_index < pr.match_index <= m.index and not m.recovering \
+                and self.log.term_at(m.index) >= 0:
+            # Asked of an entry at or past its match that this leader holds (its real
+            # term, not -1), a follower that keeps what it acknowledged answers at or
+            # above its match: this one's storage lost entries (a directory wiped or
+            # replaced under the same id), and its heartbeats' rejections looked stale.
+            # Forget its match (commit never moves back) and catch it up from what it
+            # holds, instead of probing above its log for ever; the driver says so.
+            self._out.append(FollowerLostEntries(frm, pr.match_index, m.hint_index))
+            pr.match_index = 0
+            self._match.set(frm, 0)
         if pr.state == ProgressState.REPLICATE:
             if m.index <= pr.match_index:
                 return

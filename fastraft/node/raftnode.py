@@ -10,7 +10,7 @@ from typing import Any
 
 from fastraft.asyncutil import call_hook
 from fastraft.config import Config
-from fastraft.engine import Engine, InitialState, Role, RoleChanged
+from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, RoleChanged
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
@@ -689,6 +689,15 @@ class RaftNode:
 
     def _orphan_error(self, why: str) -> ProposalDropped:
         return ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
+
+    def _follower_lost_entries(self, c: FollowerLostEntries) -> None:
+        log.warning("%s: node %d had acknowledged entries up to %d but its log now ends at "
+                    "%d: its storage lost them (a data directory wiped or replaced under "
+                    "the same id?); catching it up again, but it may also have forgotten "
+                    "a vote: replace such a node (docs/storage.md, \"Repairing a node\")",
+                    self.label, c.peer, c.acknowledged, c.holds,
+                    extra={"event": "follower_lost_entries", **self.log_fields,
+                           "peer": c.peer, "acknowledged": c.acknowledged, "holds": c.holds})
 
     def _on_role_changed(self, c: RoleChanged) -> None:
         e = self.engine

@@ -19,6 +19,7 @@ from fastraft.engine import (
     ApplyStored,
     CancelTimer,
     CompactLog,
+    FollowerLostEntries,
     PersistHardState,
     QuietChanged,
     ReadFailed,
@@ -358,6 +359,8 @@ class CommandRunner:
             elif t is QuietChanged:
                 if node.quiet_changed is not None:
                     node.quiet_changed(node, c.quiet)
+            elif t is FollowerLostEntries:
+                node._follower_lost_entries(c)
         send = node.network.send
         for to, msgs in outbox.items():
             send(to, msgs)

@@ -138,7 +138,7 @@ def test_status_against_a_port_that_is_not_fastraft_says_so():
     try:
         for sock, says in ((banner, "does not answer as a fastraft client port"),
                            (silent, "does not answer as a fastraft client port: no "
-                                    "handshake within")):
+                                    "handshake within 2.0s (not one byte: a port with TLS")):
             address = f"127.0.0.1:{sock.getsockname()[1]}"
             done = subprocess.run([sys.executable, "-m", "fastraft", "status", "--cluster",
                                    address], capture_output=True, text=True, timeout=60)

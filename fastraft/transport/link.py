@@ -25,6 +25,7 @@ Anything refused is closed, counted and logged in one line (throttled per peer a
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -32,7 +33,7 @@ import os
 import ssl
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, cast
 
 import msgspec
@@ -233,6 +234,36 @@ class Gate:
                 del self.per_host[host]
 
 
+def _step_now(coro: Coroutine[Any, Any, Any],
+              done: Callable[[Any, BaseException | None], None]) -> None:
+    """Run ``coro`` as a task would, but its first step in this call, not a loop turn
+    later; ``done(result, None)`` or ``done(None, exception)`` when it ends."""
+    def step(value: Any = None, exc: BaseException | None = None) -> None:
+        try:
+            awaited = coro.throw(exc) if exc is not None else coro.send(value)
+        except StopIteration as stop:
+            done(stop.value, None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as failure:  # its caller's to judge, as a task's awaiter
+            done(None, failure)
+            return
+        if awaited is None:  # a bare yield (sleep(0)): go on next turn
+            asyncio.get_running_loop().call_soon(step)
+        else:
+            awaited.add_done_callback(resume)
+
+    def resume(awaited: asyncio.Future[Any]) -> None:
+        if awaited.cancelled():
+            step(exc=asyncio.CancelledError())
+        elif awaited.exception() is not None:
+            step(exc=awaited.exception())
+        else:
+            step(awaited.result())
+    step()
+
+
 async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], Link], host: str,
                port: int, timeout: float) -> tuple[asyncio.BaseTransport, Any]:
     """``loop.create_connection`` within ``timeout`` seconds (``asyncio.TimeoutError``
@@ -306,22 +337,23 @@ class Link(asyncio.Protocol):
         if ctx is None:
             self._begin()
         else:
-            stream.pause_reading()  # not one raw byte reaches the frame reader
-            loop.create_task(self._start_tls(stream, ctx))
+            # Its first step now: it puts the TLS protocol in place before the peer's
+            # first bytes can reach this plain one (uvloop reads a connection once
+            # connection_made returns, pause_reading or not).
+            _step_now(loop.start_tls(stream, self, ctx, server_side=self.acceptor,
+                                     server_hostname=None if self.acceptor else "fastraft",
+                                     ssl_handshake_timeout=self.handshake_timeout),
+                      functools.partial(self._tls_started, stream))
 
-    async def _start_tls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            self.transport = await loop.start_tls(
-                transport, self, ctx, server_side=self.acceptor,
-                server_hostname=None if self.acceptor else "fastraft",
-                ssl_handshake_timeout=self.handshake_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            self.refuse(f"TLS handshake failed: {exc}")
+    def _tls_started(self, raw: asyncio.Transport, transport: Any,
+                     exc: BaseException | None) -> None:
+        if exc is not None:
+            self.refuse(f"TLS handshake failed: {exc or type(exc).__name__}")
             return
         if self.transport is None:  # closed meanwhile
-            transport.close()
+            raw.close()
             return
+        self.transport = transport
         self._begin()
 
     def _begin(self) -> None:
@@ -440,7 +472,12 @@ class Link(asyncio.Protocol):
         self._timer = None
         if not self.is_authenticated and not self.closed:
             self.stats["timeouts"] = self.stats.get("timeouts", 0) + 1
-            self.refuse(f"no handshake within {self.handshake_timeout}s", count=False)
+            why = f"no handshake within {self.handshake_timeout}s"
+            if not self.acceptor and self.credentials.tls is None and not self._peer_nonce \
+                    and not self.reader.buffered:
+                why += " (not one byte: a port with TLS waits for its client to begin; " \
+                       "give the TLS options)"
+            self.refuse(why, count=False)
 
     # ------------------------------------------------------------------ helpers
 

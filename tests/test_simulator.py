@@ -375,14 +375,20 @@ def test_leaders_that_stop_cleanly_hand_off_and_keep_every_invariant():
     fullest voter, a heartbeat to the others, then down): every invariant holds."""
     seeds = max(SEEDS // 26, 3)
     stops = 0
-    for seed in range(seeds):
+    # Enough runs must have had a leader stop cleanly for them to mean something: about
+    # 0.7 a run, so ``seeds`` seeds give 1.4 * seeds give or take, and the check of more
+    # than ``seeds`` failed once the engine's trajectories moved (4 in 5 seeds; 7
+    # before). Past ``seeds``, run on until 10 stops were seen.
+    for seed in range(10 * seeds):
+        if seed >= seeds and stops >= 10:
+            break
         for nodes in (3, 5):
             sim = Simulator(seed=seed, nodes=nodes,
                             faults=Faults(crash_every=0.4, graceful_stop=0.5), config=Config())
             sim.run(3.0, settle=8.0)
             assert sim.stats["history_undecided"] == 0 and sim.stats["acked"] > 20
             stops += sim.stats["graceful_stops"]
-    assert stops > seeds
+    assert stops >= 10
 
 
 @pytest.mark.parametrize("kind", ["busy", "quiet", "quiet-torn-disks"])

@@ -257,6 +257,10 @@ async def test_a_change_proposed_when_the_leader_stops_may_or_may_not_take_effec
     cfg = Config(election_timeout_min=0.5, election_timeout_max=1.0, heartbeat_interval=0.05)
     async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, spares=1) as c:
         leader = await c.leader()
+        # Committed in its term first: until then its configuration counts as a change
+        # in progress (the wait below passed at once, and the stop came while the call
+        # still waited for the leader to settle: "node 2 is not running", once in CI).
+        await wait_until(lambda: leader.engine.committed_in_term, 5)
         c.hub.isolate(leader.id)  # nothing commits
         change = asyncio.ensure_future(leader.add_learner(4, c.addresses[4]))
         await wait_until(lambda: leader.engine.membership_change_pending, 5)

@@ -66,6 +66,8 @@ _HEAD_CHECKED = 20  # the header bytes its own crc covers
 _FILE_HEAD = struct.Struct("<II")  # body length, crc32(body): the state and identity files
 _SNAP_HEAD = struct.Struct("<IIQI")  # meta length, crc(meta), data length, crc(data)
 _SEG_PREFIX, _SEG_SUFFIX = "log-", ".seg"
+#: A ``SharedWAL``'s segments (sharedwal.py): told apart from these in ``_lock_directory``.
+_WAL_SEG_PREFIX = "wal-"
 _SNAP_DATA_PREFIX = "snapshot-"
 _SECTOR = 512
 _MAGIC_BYTES = struct.pack("<I", _MAGIC)
@@ -185,7 +187,7 @@ def _storage_kind(name: str) -> str | None:
     """The kind of storage a file of a data directory belongs to, if only one has it."""
     if name == "state" or name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
         return "FileStorage"
-    if name.startswith("wal-") and name.endswith(_SEG_SUFFIX):
+    if name.startswith(_WAL_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
         return "SharedWAL"
     return None
 

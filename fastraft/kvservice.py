@@ -40,7 +40,7 @@ import logging
 import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -462,13 +462,12 @@ class KVClient(Link):
         ready = loop.create_future()
         creds = Credentials(cluster_id, "kv", secret, tls)
         try:
-            _, link = await dial(loop, lambda: cls(address, creds, ready, timeout),
-                                 host, port, timeout)
+            _, client = await dial(loop, lambda: cls(address, creds, ready, timeout),
+                                   host, port, timeout)
         except asyncio.TimeoutError:
             raise ConnectionError(f"{address}: no connection within {timeout}s") from None
         # The link's own handshake timer (``timeout``, armed on connecting) settles
         # ``ready`` if the server stays silent, as a refusal or a lost connection does.
-        client = cast(KVClient, link)
         try:
             await ready
         except asyncio.CancelledError:

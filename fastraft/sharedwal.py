@@ -53,6 +53,8 @@ import msgspec
 from fastraft import kernels
 from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption, StorageFailed
 from fastraft.filestorage import (
+    _SEG_SUFFIX,
+    _WAL_SEG_PREFIX,
     _batch_bounds,
     _Damage,
     _fsync_dir,
@@ -71,7 +73,7 @@ from fastraft.messages import Entry, HardState, SnapshotMeta
 log = logging.getLogger("fastraft.sharedwal")
 
 _T = TypeVar("_T")
-_SEG_PREFIX, _SEG_SUFFIX = "wal-", ".seg"
+_SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4

@@ -19,7 +19,7 @@ from fastraft.node import RaftNode
 from fastraft.storage import MemoryStorage
 from fastraft.transport import MemoryHub
 
-from aio import put_retrying, run
+from aio import put_retrying, run, until_applied
 
 HEAD = 24  # magic, length, commit mark, body crc, header crc
 
@@ -434,12 +434,8 @@ async def test_a_follower_started_again_on_an_empty_directory_is_reported_and_ca
         shutil.rmtree(data / f"node-{victim}")
         cluster.start(victim)  # --init on an empty directory, as the first time
         clients[victim] = await cluster.connect(victim)
-        target = (await clients[leader].status())["commit_index"]
-
-        async def caught_up():
-            while (await clients[victim].status())["applied_index"] < target:
-                await asyncio.sleep(0.02)
-        await asyncio.wait_for(caught_up(), 30)
+        await until_applied([clients[victim]],
+                            (await clients[leader].status())["commit_index"])
         said = [line for line in cluster.log(leader).splitlines()
                 if "its storage lost them" in line]
         assert len(said) == 1 and f"node {victim} had acknowledged" in said[0], said

@@ -34,7 +34,7 @@ import ssl
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
 
@@ -234,6 +234,9 @@ class Gate:
                 del self.per_host[host]
 
 
+_L = TypeVar("_L", bound="Link")
+
+
 def _step_now(coro: Coroutine[Any, Any, Any],
               done: Callable[[Any, BaseException | None], None]) -> None:
     """Run ``coro`` as a task would, but its first step in this call, not a loop turn
@@ -264,8 +267,8 @@ def _step_now(coro: Coroutine[Any, Any, Any],
     step()
 
 
-async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], Link], host: str,
-               port: int, timeout: float) -> tuple[asyncio.BaseTransport, Any]:
+async def dial(loop: asyncio.AbstractEventLoop, factory: Callable[[], _L], host: str,
+               port: int, timeout: float) -> tuple[asyncio.BaseTransport, _L]:
     """``loop.create_connection`` within ``timeout`` seconds (``asyncio.TimeoutError``
     after it). Not ``asyncio.wait_for``: up to Python 3.11 it can lose a cancellation
     that comes as the dial fails (uvloop refuses a dead port at once), and the caller

@@ -414,7 +414,8 @@ class _Peer:
             lost: asyncio.Future[None] = loop.create_future()
             self.connected_at = None
             try:
-                await self._dial(host, port, lost)
+                await dial(loop, partial(_Outbound, self, lost), host, port,
+                           net.connect_timeout)
             except (OSError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     net.stats["connect_timeouts"] += 1
@@ -434,11 +435,6 @@ class _Peer:
                     self.woken = False
             await self._pause(self.retry_delay * (0.5 + net.rng.random()))
             self.retry_delay = min(self.retry_delay * 2, net.backoff_max)
-
-    async def _dial(self, host: str, port: int, lost: asyncio.Future[None]) -> None:
-        """Connect within ``connect_timeout`` (``asyncio.TimeoutError`` after it)."""
-        await dial(self.loop, partial(_Outbound, self, lost), host, port,
-                   self.net.connect_timeout)
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` seconds before the next dial, or until ``peer_up``."""

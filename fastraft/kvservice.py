@@ -440,8 +440,13 @@ class ClientError(Exception):
     def __init__(self, error: str, leader: int | None = None,
                  leader_address: str | None = None,
                  leader_client_address: str | None = None):
-        where = "" if leader is None else f" (leader {leader} at " \
-            f"{leader_client_address or leader_address})"
+        if leader is None:
+            where = ""
+        elif leader_client_address:
+            where = f" (leader {leader} at {leader_client_address})"
+        else:  # its Raft port speaks no client protocol: say which address it is
+            where = f" (leader {leader}, Raft address {leader_address}; its client address " \
+                "is not known to this node: list it in the node's --clients)"
         super().__init__(error + where)
         self.error = error
         self.leader = leader

@@ -10,7 +10,7 @@ from fastraft.config import Config
 from fastraft.errors import InvalidArgument
 from fastraft.kvservice import FRAME_ITEMS, MAX_FRAME, KVClient, KVServer
 from fastraft.processes import free_ports
-from fastraft.testing import LocalCluster
+from fastraft.testing import LocalCluster, wait_until
 
 from aio import run
 from rawpeer import unused_port
@@ -128,3 +128,40 @@ async def test_a_connect_cancelled_during_the_handshake_closes_its_connection():
         await asyncio.wait_for(gone.wait(), 5)  # long before the handshake timeout
     finally:
         server.close()
+
+
+@run
+async def test_a_redirect_names_the_leaders_client_port_or_says_it_is_not_known():
+    """A follower's not_leader reply names the leader's client address when the node was
+    given it, and otherwise says that the address it has is the leader's Raft port, which
+    a client cannot use (a node added later, not in this node's --clients)."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=CONFIG) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n.id != leader.id)
+        await wait_until(lambda: follower.engine.leader_id == leader.id, 10.0,
+                         "the follower knowing its leader")
+        told, untold = f"127.0.0.1:{free_ports(1)[0]}", f"127.0.0.1:{free_ports(1)[0]}"
+        servers = [KVServer(follower, c.state_machines[follower.id], told,
+                            client_addresses={leader.id: "10.0.0.1:7001"}),
+                   KVServer(follower, c.state_machines[follower.id], untold)]
+        for server in servers:
+            await server.start()
+        try:
+            answers = []
+            for address in (told, untold):
+                client = await KVClient.connect(address)
+                with pytest.raises(kvservice.ClientError) as info:
+                    await client.put("k", b"v")
+                client.close()
+                answers.append(info.value)
+        finally:
+            for server in servers:
+                server.close()
+        raft_address = c.members[leader.id]
+        assert answers[0].leader_client_address == "10.0.0.1:7001"
+        assert str(answers[0]) == f"not_leader (leader {leader.id} at 10.0.0.1:7001)"
+        assert answers[1].leader == leader.id and answers[1].leader_client_address is None
+        assert answers[1].leader_address == raft_address
+        assert f"at {raft_address}" not in str(answers[1])
+        assert f"Raft address {raft_address}" in str(answers[1])
+        assert "not known to this node" in str(answers[1])

@@ -19,9 +19,12 @@ reading the local state.
 Back-pressure, so that load never starves the node's heartbeats and votes: a connection
 has at most ``max_in_progress`` requests being served, the whole port at most
 ``max_in_progress_total``; past either the server stops reading (TCP pushes back on the
-client) until half are answered. A frame is split into requests lazily (each is decoded
-when started), and both sides write a loop turn's requests or answers in frames of at most
-``FRAME_ITEMS`` items and about ``FRAME_BYTES`` bytes, so a pipelined burst neither
+client) until half are answered. It stops reading too while a client leaves its answers
+unread (the connection's buffer above its high-water mark), and closes the connection
+that takes the port's unread answers past ``max_unread_bytes``. A frame is split into
+requests lazily (each is decoded when started), and both sides write a loop turn's
+requests or answers in frames of at most ``FRAME_ITEMS`` items and about ``FRAME_BYTES``
+bytes, so a pipelined burst neither
 outgrows ``MAX_FRAME`` nor costs the node a long loop turn decoding it. A proposal the
 node cannot take in time is answered ``Overloaded``, never dropped. A reply
 ``not_leader`` names the leader's id and Raft address when known, and its client address
@@ -184,7 +187,7 @@ class KVServer:
                  cluster_id: str = "fastraft",
                  secret: bytes | None = None, tls: TlsConfig | None = None,
                  limits: ConnectionLimits | None = None, max_in_progress: int = 1024,
-                 max_in_progress_total: int = 1024,
+                 max_in_progress_total: int = 1024, max_unread_bytes: int = 256 << 20,
                  client_addresses: dict[int, str] | None = None) -> None:
         self.node = node
         #: Node id -> client address, for redirecting clients to the leader.
@@ -198,6 +201,10 @@ class KVServer:
         self.limits = limits or ConnectionLimits()
         self.max_in_progress = max_in_progress
         self.max_in_progress_total = max_in_progress_total
+        #: Bytes of answers the port's clients may leave unread (see ``_write``), and the
+        #: connections whose answers wait (their transports above the high-water mark).
+        self.max_unread_bytes = max_unread_bytes
+        self.unread: set[_ClientConnection] = set()
         #: Requests being served on all connections (what answers each), and the
         #: connections waiting for the port's limit to allow more.
         self.requests: set[asyncio.Future[Any]] = set()
@@ -298,6 +305,9 @@ class _ClientConnection(Link):
         self.backlog: deque[msgspec.Raw] = deque()
         self.in_progress = 0
         self.paused = False
+        #: The client does not read its answers as fast as they come (the transport's
+        #: buffer is above its high-water mark): start none of its requests meanwhile.
+        self.unread = False
 
     def frame(self, frame: memoryview) -> bool:
         try:
@@ -319,14 +329,15 @@ class _ClientConnection(Link):
         server = self.server
         limit, total = server.max_in_progress, server.max_in_progress_total
         backlog = self.backlog
-        while backlog and self.in_progress < limit and len(server.requests) < total:
+        while backlog and not self.unread and self.in_progress < limit \
+                and len(server.requests) < total:
             try:
                 req = _req_dec.decode(backlog.popleft())
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 self._malformed(exc)
                 return
             self._start(req)
-        if backlog or self.in_progress >= limit:
+        if backlog or self.in_progress >= limit or self.unread:
             if backlog and len(server.requests) >= total:
                 server.waiting.add(self)
             if not self.paused and self.transport is not None:
@@ -336,6 +347,37 @@ class _ClientConnection(Link):
                 and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.unread = True
+        self.server.unread.add(self)
+        self._pump()
+
+    def resume_writing(self) -> None:
+        self.unread = False
+        self.server.unread.discard(self)
+        if not self.closed:
+            self._pump()
+
+    def _write(self, body: bytes) -> None:
+        # Reading stops once answers wait unread, but those of the requests in progress
+        # still come: the connection that takes the port's unread answers past its bound
+        # is closed, rather than let the node's memory grow with what clients ask and do
+        # not read. Aborted: a close would keep the buffer for as long as the client keeps
+        # its window shut.
+        if self.closed:  # refused: the rest of the turn's answers go with the connection
+            return
+        super()._write(body)
+        if self.unread:
+            server = self.server
+            unread = sum(c.transport.get_write_buffer_size() for c in server.unread
+                         if c.transport is not None)
+            if unread > server.max_unread_bytes:
+                self.refuse(f"answers left unread: {unread} bytes on the port, more than "
+                            f"{server.max_unread_bytes}")
+                server.unread.discard(self)
+                if self.transport is not None:
+                    self.transport.abort()
 
     def _start(self, req: Request) -> None:
         op = req.op
@@ -429,6 +471,7 @@ class _ClientConnection(Link):
     def lost(self) -> None:
         self.backlog.clear()
         self.server.waiting.discard(self)
+        self.server.unread.discard(self)
 
 
 class ClientError(Exception):

@@ -22,7 +22,8 @@ class _Port:
     """One node's client port, a client connected to it, and the sizes (in items) of the
     frames the server received."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, **server_options) -> None:
+        self.server_options = server_options
         self.frames: list[int] = []
         frame = kvservice._ClientConnection.frame
 
@@ -36,7 +37,8 @@ class _Port:
         c = await self.cluster.__aenter__()
         leader = await c.leader()
         address = f"127.0.0.1:{free_ports(1)[0]}"
-        self.server = KVServer(leader, c.state_machines[leader.id], address)
+        self.server = KVServer(leader, c.state_machines[leader.id], address,
+                               **self.server_options)
         await self.server.start()
         self.client = await KVClient.connect(address)
         return self
@@ -165,3 +167,81 @@ async def test_a_redirect_names_the_leaders_client_port_or_says_it_is_not_known(
         assert f"at {raft_address}" not in str(answers[1])
         assert f"Raft address {raft_address}" in str(answers[1])
         assert "not known to this node" in str(answers[1])
+
+
+class _Unread(_Port):
+    """A one-node cluster's client port with ``max_unread_bytes``, a 256 KiB value in it,
+    a client that has stopped reading, and the number of requests the server started."""
+
+    VALUE = b"v" * (256 << 10)
+
+    def __init__(self, monkeypatch, max_unread_bytes: int) -> None:
+        super().__init__(monkeypatch, max_unread_bytes=max_unread_bytes)
+        self.started = 0
+        start = kvservice._ClientConnection._start
+
+        def counted(conn, req):
+            self.started += 1
+            return start(conn, req)
+        monkeypatch.setattr(kvservice._ClientConnection, "_start", counted)
+
+    async def __aenter__(self):
+        await super().__aenter__()
+        await self.client.put("big", self.VALUE)
+        self.client.transport.pause_reading()
+        return self
+
+    def unread_bytes(self) -> int:
+        return sum(c.transport.get_write_buffer_size() for c in self.server.unread
+                   if c.transport is not None)
+
+
+@run
+async def test_a_client_that_leaves_its_answers_unread_is_served_no_more(monkeypatch):
+    """Once a client's answers pile up unread (its connection's buffer above the high-water
+    mark), the port starts none of its requests, however many it sends: the node's memory
+    does not grow with what a client asks and does not read."""
+    async with _Unread(monkeypatch, max_unread_bytes=256 << 20) as port:
+        gets = []
+
+        def batch_answered_or_unread() -> bool:
+            return bool(port.server.unread) or (not port.server.requests
+                                                and port.started == len(gets) + 1)
+        for _ in range(100):  # 800 answers of 256 KiB if all were served
+            gets += [asyncio.ensure_future(port.client.get("big")) for _ in range(8)]
+            await wait_until(batch_answered_or_unread, 10.0, "the batch answered")
+            if port.server.unread:
+                break
+        assert port.server.unread, "200 MiB of answers were all taken in by the kernel"
+        started = port.started
+        for _ in range(20):  # more requests, and a second client's round trips meanwhile
+            gets += [asyncio.ensure_future(port.client.get("big")) for _ in range(8)]
+            other = await KVClient.connect(port.server.listen)
+            assert await other.put("small", b"s") > 0
+            other.close()
+        # the other client's 20 puts, none of the silent one's
+        assert port.started == started + 20, "started more of the silent client's requests"
+        assert port.unread_bytes() <= started * len(port.VALUE)
+        for get in gets:
+            get.cancel()
+        await asyncio.gather(*gets, return_exceptions=True)
+
+
+@run
+async def test_the_connection_that_takes_the_unread_answers_past_the_bound_is_closed(
+        monkeypatch):
+    """Answers of requests already in progress still come once reading stopped: the
+    connection that takes the port's unread bytes past ``max_unread_bytes`` is closed
+    (aborted: its buffer freed), and the port serves others as before."""
+    async with _Unread(monkeypatch, max_unread_bytes=4 << 20) as port:
+        gets = [asyncio.ensure_future(port.client.get("big")) for _ in range(128)]  # 32 MiB
+        await wait_until(lambda: port.server.stats["refused"] == 1, 10.0,
+                         "the connection closed")
+        assert not port.server.unread
+        port.client.transport.resume_reading()  # now it sees what came, then the reset
+        answers = await asyncio.gather(*gets, return_exceptions=True)
+        assert all(a == port.VALUE or isinstance(a, ConnectionError) for a in answers)
+        assert isinstance(answers[-1], ConnectionError)
+        other = await KVClient.connect(port.server.listen)
+        assert await other.get("big") == port.VALUE
+        other.close()

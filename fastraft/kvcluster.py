@@ -1,0 +1,219 @@
+"""A client of a whole cluster of ``fastraft node`` processes: each request goes to the node
+that leads its key's group, so a program neither tracks leaders nor routes keys itself (as
+etcd's clientv3 does with its endpoints).
+
+``KVCluster.connect(addresses)`` dials the nodes' client ports and learns from their status
+each node's id, the number of groups (``fastraft node --groups N``: a key belongs to group
+``shard_of(key, N)``) and each group's leader. A request then goes to its group's leader over
+one connection per node, pipelined with the others in flight.
+
+What is asked again, and what is not:
+
+- a ``not_leader`` reply (refused before it entered any log) is asked again of the leader
+  it names, or, when it names none (an election), of the next node a moment later, until
+  ``timeout`` seconds have passed since the call; then it is raised;
+- a node that cannot be dialed (down, restarting) is skipped for the next;
+- a ``get`` whose connection is lost, or whose node is stopping, is asked again of another
+  node (a read changes nothing); a ``put`` or ``delete`` whose connection is lost raises
+  ``ConnectionError``, and one whose node is stopping the ``ClientError`` it answered: it
+  may or may not have taken effect, and only the caller knows whether asking again is
+  harmless;
+- any other answer of a node (``Overloaded``, a refusal of the state machine) is raised as
+  the ``ClientError`` it is.
+
+A call waits as long as the node it asked does: wrap it in ``asyncio.timeout`` to bound
+that (a paused node answers nothing and keeps its connection open).
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from .errors import InvalidArgument
+from .kvservice import ClientError, KVClient, shard_of
+
+_T = TypeVar("_T")
+
+#: Longest wait before asking again when no leader is known (an election takes about
+#: one election timeout; the first waits are shorter).
+MAX_BACKOFF = 0.1
+#: Redirects followed at once, one after another (more: the nodes disagree for a moment,
+#: as an election ends, and asking again waits).
+FOLLOW = 2
+#: Answers of a node that stopped (its process on its way out): for a read, as a lost
+#: connection; a write's may or may not have taken effect.
+_STOPPED = ("NodeStopped", "NodeFailed")
+
+
+class KVCluster:
+    """Requests of a cluster's KV store, each sent to the leader of its key's group."""
+
+    def __init__(self, addresses: Sequence[str], timeout: float, options: dict[str, Any]):
+        if not addresses:
+            raise InvalidArgument("give at least one client address")
+        if timeout <= 0:
+            raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
+        #: Every client address known: those given, then those learnt from redirects.
+        self.addresses = list(dict.fromkeys(addresses))
+        self.timeout = timeout
+        self._options = options
+        self._clients: dict[str, KVClient] = {}
+        self._dials: dict[str, asyncio.Task[KVClient]] = {}
+        #: Node id -> client address, from the nodes' status and their redirects.
+        self.ids: dict[int, str] = {}
+        self.groups = 1
+        #: Each group's leader as last seen (None: not known).
+        self.leaders: list[int | None] = [None]
+        self._next = 0
+
+    @classmethod
+    async def connect(cls, addresses: Sequence[str], *, timeout: float = 10.0,
+                      **options: Any) -> KVCluster:
+        """Dial every node of ``addresses`` (client ports) and learn the cluster's layout
+        from those that answer; ``options`` are ``KVClient.connect``'s (``cluster_id``,
+        ``secret``, ``tls``). ``timeout``: how long a call looks for its group's leader.
+        Raises ``ConnectionError`` when no node answers."""
+        self = cls(addresses, timeout, options)
+        statuses = await asyncio.gather(*(self._status(a) for a in self.addresses))
+        answered = [s for s in statuses if s is not None]
+        if not answered:
+            self.close()
+            raise ConnectionError(f"no node answered at {', '.join(self.addresses)}")
+        first = answered[0]
+        if "host" in first:
+            self.groups = first["host"]["groups"]
+            self.leaders = list(first["leaders"])
+        else:
+            self.leaders = [first.get("leader_id")]
+        return self
+
+    async def _status(self, address: str) -> dict[str, Any] | None:
+        try:
+            client = await self._client(address)
+            status = await client.status()
+        except (OSError, asyncio.TimeoutError, ClientError):
+            return None
+        self.ids[status["id"]] = address
+        return status
+
+    def close(self) -> None:
+        """Close every connection (calls in flight fail with ``ConnectionError``)."""
+        for task in self._dials.values():
+            task.cancel()
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    # ------------------------------------------------------------------ requests
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Set ``key``; its new version once committed and applied."""
+        return await self._on_leader(key, lambda c: c.put(key, value), read=False)
+
+    async def delete(self, key: str) -> int:
+        """Delete ``key``; its new version."""
+        return await self._on_leader(key, lambda c: c.delete(key), read=False)
+
+    async def get(self, key: str) -> bytes | None:
+        """``key``'s value (None if not set), linearizable."""
+        return await self._on_leader(key, lambda c: c.get(key), read=True)
+
+    def group_of(self, key: str) -> int:
+        """The group ``key`` belongs to."""
+        return shard_of(key, self.groups) if self.groups > 1 else 0
+
+    async def _on_leader(self, key: str, request: Callable[[KVClient], Awaitable[_T]],
+                         read: bool) -> _T:
+        group = self.group_of(key)
+        leader = self.leaders[group]
+        client = self._clients.get(self.ids.get(leader, "")) if leader is not None else None
+        if client is not None and not client.closed:
+            try:  # the common case: a connection to the group's leader
+                return await request(client)
+            except ClientError as exc:
+                if exc.error == "not_leader":
+                    self._redirected(group, exc)
+                elif not (read and exc.error.startswith(_STOPPED)):
+                    raise
+            except ConnectionError:
+                if not read:
+                    raise
+        return await self._searching(group, request, read)
+
+    async def _searching(self, group: int, request: Callable[[KVClient], Awaitable[_T]],
+                         read: bool) -> _T:
+        """Ask the group's leader as known, or the nodes in turn, until one answers; a
+        moment's wait after each miss but a redirect to a leader not yet asked."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        backoff = 0.005
+        follow = FOLLOW
+        last: Exception | None = None
+        while loop.time() < deadline:
+            leader = self.leaders[group]
+            address = self.ids.get(leader) if leader is not None else None
+            if address is None:
+                address = self.addresses[self._next % len(self.addresses)]
+                self._next += 1
+            sent = False
+            try:
+                client = await self._client(address, deadline - loop.time())
+                sent = True
+                result = await request(client)
+            except ClientError as exc:
+                last = exc
+                if exc.error == "not_leader":
+                    if self._redirected(group, exc) and follow:
+                        follow -= 1
+                        continue
+                elif read and exc.error.startswith(_STOPPED):
+                    self._forget(group, leader)
+                else:
+                    raise
+            except (OSError, asyncio.TimeoutError) as exc:
+                # A dial that failed, or a read's lost connection: try another node. A
+                # write's lost connection may or may not have taken effect.
+                if sent and not read:
+                    raise
+                last = exc
+                self._forget(group, leader)
+            else:
+                if not read:  # only a leader takes writes: this node leads the group
+                    self.leaders[group] = next(
+                        (i for i, a in self.ids.items() if a == address), None)
+                return result
+            await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+            backoff = min(backoff * 2, MAX_BACKOFF)
+            follow = FOLLOW
+        raise TimeoutError(f"no leader of group {group} answered within {self.timeout}s "
+                           f"(last: {last})")
+
+    def _redirected(self, group: int, exc: ClientError) -> bool:
+        """Note the leader a ``not_leader`` reply names; True if it is one to ask now."""
+        leader = exc.leader
+        if leader is not None and exc.leader_client_address:
+            if exc.leader_client_address not in self.addresses:
+                self.addresses.append(exc.leader_client_address)
+            self.ids[leader] = exc.leader_client_address
+        known = leader is not None and leader in self.ids and leader != self.leaders[group]
+        self.leaders[group] = leader if leader in self.ids else None
+        return known
+
+    def _forget(self, group: int, leader: int | None) -> None:
+        if leader is not None and self.leaders[group] == leader:
+            self.leaders[group] = None
+
+    async def _client(self, address: str, timeout: float = 2.0) -> KVClient:
+        """The connection to ``address``, dialed once however many calls wait for it."""
+        client = self._clients.get(address)
+        if client is not None and not client.closed:
+            return client
+        dial = self._dials.get(address)
+        if dial is None:
+            dial = self._dials[address] = asyncio.ensure_future(
+                KVClient.connect(address, timeout=min(timeout, 2.0), **self._options))
+            dial.add_done_callback(lambda _: self._dials.pop(address, None))
+        client = await asyncio.shield(dial)
+        self._clients[address] = client
+        return client

@@ -1,0 +1,223 @@
+"""``KVCluster``: each request goes to its key's group leader, found from the nodes' status
+and their redirects; what a failure is asked again for, and what is raised."""
+import asyncio
+
+import pytest
+
+from fastraft import kv
+from fastraft.config import Config
+from fastraft.errors import InvalidArgument
+from fastraft.kvcluster import KVCluster
+from fastraft.kvservice import ClientError, KVClient, KVServer, shard_of
+from fastraft.processes import ProcessCluster, free_ports
+from fastraft.testing import LocalCluster, wait_until
+
+from aio import run, until
+
+CONFIG = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+
+
+class _Served:
+    """Counts the requests each client port was sent, by its address."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.by_address: dict[str, int] = {}
+        request = KVClient.request
+
+        def counted(client, op, *args, **kwargs):
+            self.by_address[client.server_address] = \
+                self.by_address.get(client.server_address, 0) + 1
+            return request(client, op, *args, **kwargs)
+        monkeypatch.setattr(KVClient, "request", counted)
+
+
+@run
+async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redirect(
+        monkeypatch):
+    """One group, the client given a follower's port alone: the follower's not_leader
+    names the leader's client port, which the client dials and keeps using; once the
+    leader is stopped, a new one is found the same way and no read fails meanwhile."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=CONFIG) as c:
+        ports = free_ports(3)
+        addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in c.nodes}
+        servers = [KVServer(node, c.state_machines[i], addresses[i],
+                            client_addresses=addresses) for i, node in c.nodes.items()]
+        for server in servers:
+            await server.start()
+        try:
+            leader = await c.leader()
+            follower = next(i for i in c.nodes if i != leader.id)
+            await wait_until(lambda: c.nodes[follower].engine.leader_id == leader.id, 10,
+                             "the follower knowing the leader")
+            served = _Served(monkeypatch)
+            cluster = await KVCluster.connect([addresses[follower]])
+            assert cluster.groups == 1
+            versions = [await cluster.put(f"k{n}", b"v%d" % n) for n in range(50)]
+            assert versions == sorted(versions)
+            assert cluster.leaders == [leader.id] and cluster.ids[leader.id] == addresses[
+                leader.id]
+            # the status, one redirect, then every write on the leader
+            assert served.by_address == {addresses[follower]: 2, addresses[leader.id]: 50}
+
+            # the leader's process exits: its node stops, its port and connections close
+            await leader.stop()
+            servers[list(c.nodes).index(leader.id)].close()
+            for client in cluster._clients.values():
+                if client.server_address == addresses[leader.id]:
+                    client.close()
+            for n in range(50):
+                assert await cluster.get(f"k{n}") == b"v%d" % n
+            assert await cluster.put("after", b"a") > versions[-1]
+            assert cluster.leaders[0] not in (None, leader.id)
+            cluster.close()
+        finally:
+            for server in servers:
+                server.close()
+
+
+@run
+async def test_nothing_answering_is_a_connection_error_and_arguments_are_checked():
+    (port,) = free_ports(1)
+    with pytest.raises(ConnectionError, match=f"no node answered at 127.0.0.1:{port}"):
+        await KVCluster.connect([f"127.0.0.1:{port}"])
+    with pytest.raises(InvalidArgument, match="at least one client address"):
+        await KVCluster.connect([])
+    with pytest.raises(InvalidArgument, match="timeout must be > 0"):
+        await KVCluster.connect(["127.0.0.1:1"], timeout=0)
+
+
+@run
+async def test_a_node_without_a_leader_is_asked_again_until_the_timeout():
+    """A lone node of a three-node cluster knows no leader: its not_leader is asked
+    again, and after ``timeout`` the call raises TimeoutError naming the last answer."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=CONFIG) as c:
+        await c.leader()
+        (port,) = free_ports(1)
+        address = f"127.0.0.1:{port}"
+        alone = next(iter(c.nodes))
+        server = KVServer(c.nodes[alone], c.state_machines[alone], address)
+        await server.start()
+        try:
+            for other in c.nodes:
+                if other != alone:
+                    await c.nodes[other].stop()
+            await wait_until(lambda: c.nodes[alone].engine.leader_id is None, 10,
+                             "the node knowing no leader")
+            cluster = await KVCluster.connect([address], timeout=0.5)
+            with pytest.raises(TimeoutError, match="no leader of group 0 answered within "
+                                                    "0.5s .*not_leader"):
+                await cluster.put("k", b"v")
+            cluster.close()
+        finally:
+            server.close()
+
+
+async def put_again_if_ambiguous(cluster, key, value, ambiguous):
+    """A write whose connection was lost may or may not be in: the same value again."""
+    while True:
+        try:
+            return await cluster.put(key, value)
+        except ConnectionError:
+            ambiguous.append(key)
+
+
+@run
+async def test_nodes_of_several_groups_a_leader_killed_and_restarted(tmp_path, monkeypatch):
+    """Three ``fastraft node --groups 4``: the client learns the groups and their leaders
+    and sends every write straight to its group's leader. A node killed under load: the
+    writes in flight on it raise ConnectionError (they may or may not be in), the others
+    go on on the groups' new leaders, reads never fail; restarted, it leads its groups
+    again and the client follows; every acknowledged write is on every node."""
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--groups", "4"])
+    kc = None
+    try:
+        cluster.start_all()
+        clients = await cluster.connect_all()
+        served = _Served(monkeypatch)
+        kc = await KVCluster.connect(list(cluster.client.values()),
+                                     cluster_id=cluster.cluster_id)
+        assert kc.groups == 4 and set(kc.ids) == {1, 2, 3}
+        await until(balanced(clients), "leaders balanced", 20)
+        kc.leaders = (await clients[1].status())["leaders"]
+        served.by_address.clear()
+        keys = [f"key{k}" for k in range(200)]
+        acked = {key: await kc.put(key, key.encode()) for key in keys}
+        leading = {}
+        for key in keys:
+            address = cluster.client[kc.leaders[shard_of(key, 4)]]
+            leading[address] = leading.get(address, 0) + 1
+        assert served.by_address == leading  # no redirect, no status: straight there
+
+        victim = kc.leaders[0]
+        ambiguous = []
+        stop = asyncio.Event()
+
+        async def writer(w):
+            n = 0
+            while not stop.is_set():
+                key = f"w{w}-{n}"
+                acked[key] = await put_again_if_ambiguous(kc, key, key.encode(), ambiguous)
+                assert await kc.get(key) == key.encode()
+                n += 1
+        writers = [asyncio.ensure_future(writer(w)) for w in range(32)]
+        await wait_until(lambda: len(acked) > 2000, 20, "writes before the kill")
+        cluster.kill(victim)
+        clients.pop(victim).close()
+        done = len(acked)
+        await wait_until(lambda: len(acked) > done + 2000, 30, "writes after the kill")
+        assert ambiguous, "no write was in flight on the killed node"
+        cluster.start(victim)
+        clients[victim] = await cluster.connect(victim)
+        await until(balanced(clients), "leaders balanced again", 30)
+        done = len(acked)
+        await wait_until(lambda: len(acked) > done + 2000 and kc.leaders[0] == victim, 30,
+                         "writes on the restarted node's groups")
+        stop.set()
+        await asyncio.gather(*writers)
+        for c in clients.values():
+            for key in acked:
+                if key.startswith("key") or key.endswith("-0"):
+                    assert await c.get(key) == key.encode()
+        for key in acked:
+            assert await kc.get(key) == key.encode()
+    finally:
+        if kc is not None:
+            kc.close()
+        cluster.stop_all()
+
+
+def balanced(clients):
+    async def check():
+        return (await clients[min(clients)].status())["leaders"] == [1, 2, 3, 1]
+    return check
+
+
+class _Forbidding(kv.KVStore):
+    """Refuses to write the key "forbidden"."""
+
+    def apply(self, entries):
+        results = super().apply(entries)
+        return [kv.Refused("forbidden") if kv.decode(e.data).key == "forbidden" else r
+                for e, r in zip(entries, results)]
+
+
+@run
+async def test_an_answer_of_the_node_other_than_not_leader_is_raised(monkeypatch):
+    """A refusal by the state machine is the caller's to see: raised, not asked again."""
+    async with LocalCluster(1, state_machine=_Forbidding, config=CONFIG) as c:
+        leader = await c.leader()
+        (port,) = free_ports(1)
+        address = f"127.0.0.1:{port}"
+        server = KVServer(leader, c.state_machines[leader.id], address)
+        await server.start()
+        served = _Served(monkeypatch)
+        try:
+            cluster = await KVCluster.connect([address])
+            with pytest.raises(ClientError, match="refused: forbidden"):
+                await cluster.put("forbidden", b"v")
+            assert served.by_address == {address: 2}  # the status, the put
+            assert await cluster.put("allowed", b"v") > 0
+            cluster.close()
+        finally:
+            server.close()

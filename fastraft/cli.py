@@ -380,46 +380,37 @@ def _contact(seconds: float | None, role: str) -> str:
 
 
 async def kv_command(args: argparse.Namespace) -> int:
-    """``fastraft kv put|get|del``: to the leader among ``--address`` (tried in turn)."""
-    from fastraft.kvservice import ClientError, KVClient
+    """``fastraft kv put|get|del``: on the leader of the key's group among ``--address``
+    (``KVCluster``: redirects followed, an election waited out)."""
+    from fastraft.kvcluster import KVCluster
+    from fastraft.kvservice import ClientError
 
     addresses = [a.strip() for a in args.address.split(",") if a.strip()]
-    security = security_options(args)
-    last_error = ""
-    tried: set[str] = set()
-    while addresses:
-        address = addresses.pop(0)
-        if address in tried:
-            continue
-        tried.add(address)
-        try:
-            client = await KVClient.connect(address, timeout=2.0,
-                                            cluster_id=args.cluster_id, **security)
-        except (OSError, asyncio.TimeoutError) as exc:
-            last_error = f"{address}: {exc or type(exc).__name__}"
-            continue
-        try:
-            if args.op == "get":
-                value = await client.get(args.key)
-                if value is None:
-                    print(f"fastraft kv: {args.key!r} is not set", file=sys.stderr)
-                    return 1
-                sys.stdout.write(value.decode(errors="replace") + "\n")
-            elif args.op == "put":
-                print(f"version {await client.put(args.key, args.value.encode())}")
-            else:
-                print(f"version {await client.delete(args.key)}")
-            return 0
-        except ClientError as exc:
-            if exc.error != "not_leader":
-                raise ConfigError(f"{address}: {exc}") from None
-            last_error = f"{address}: {exc}"
-            if exc.leader_client_address:
-                addresses.insert(0, exc.leader_client_address)  # follow the redirect
-        finally:
-            client.close()
-    raise ConnectionError(f"no leader among {', '.join(sorted(tried))} (last: {last_error}); "
-                          "list every node's client address in --address")
+    try:
+        cluster = await KVCluster.connect(addresses, cluster_id=args.cluster_id,
+                                          **security_options(args))
+    except ConnectionError as exc:
+        raise ConnectionError(f"{exc}; list every node's client address in --address") \
+            from None
+    try:
+        if args.op == "get":
+            value = await cluster.get(args.key)
+            if value is None:
+                print(f"fastraft kv: {args.key!r} is not set", file=sys.stderr)
+                return 1
+            sys.stdout.write(value.decode(errors="replace") + "\n")
+        elif args.op == "put":
+            print(f"version {await cluster.put(args.key, args.value.encode())}")
+        else:
+            print(f"version {await cluster.delete(args.key)}")
+        return 0
+    except ClientError as exc:
+        raise ConfigError(str(exc)) from None
+    except TimeoutError as exc:
+        raise ConnectionError(f"{exc}; list every node's client address in --address") \
+            from None
+    finally:
+        cluster.close()
 
 
 async def member_command(args: argparse.Namespace) -> int:

@@ -272,6 +272,10 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
     stopped = [asyncio.ensure_future(node.wait_stopped()) for node in nodes]
     signalled = asyncio.ensure_future(stop.wait())
     await asyncio.wait({*stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if signalled.done():
+        # A planned stop: the writes in flight get their answers, and clients are sent
+        # to the new leaders, rather than hear "may or may not" (a rolling restart).
+        await measured.step_down()
     server.close()
     if metrics is not None:
         await metrics.stop()

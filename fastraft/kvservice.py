@@ -382,11 +382,17 @@ class _ClientConnection(Link):
     def _start(self, req: Request) -> None:
         op = req.op
         if op == "put" or op == "del":
-            data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
             node = self.server.route(req.key)[0]
+            if node.role_name == "stopped":
+                self._stopped(req, node)
+                return
+            data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
             self._track(req, asyncio.ensure_future(node.propose(data)), self._written)
         elif op == "get":
             node = self.server.route(req.key)[0]
+            if node.role_name == "stopped":
+                self._stopped(req, node)
+                return
             self._track(req, asyncio.ensure_future(node.read_index()), self._read)
         elif op in _GROUP_OPS:
             try:
@@ -397,6 +403,20 @@ class _ClientConnection(Link):
                 self.out.push(Response(req.id, False, error=f"voters: {exc}"))
         else:
             self.out.push(Response(req.id, False, error=f"unknown op {op!r}"))
+
+    def _stopped(self, req: Request, node: RaftNode) -> None:
+        """A request that reaches a node that has stopped (its process on its way out) is
+        answered not_leader, as on any node that takes no proposals: it never began, so a
+        client may ask again elsewhere. The leader the node knew, if another, is named."""
+        leader = node.engine.leader_id
+        if leader == node.id:
+            leader = None
+        self.out.push(Response(
+            req.id, False, error="not_leader", leader=leader,
+            leader_address=None if leader is None
+            else node.engine.membership.addresses.get(leader),
+            leader_client_address=None if leader is None
+            else self.server.client_addresses.get(leader)))
 
     def _start_group_op(self, req: Request) -> None:
         """A request of one group (``Request.group``): its stream, membership, status."""

@@ -59,8 +59,18 @@ async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redir
             # the status, one redirect, then every write on the leader
             assert served.by_address == {addresses[follower]: 2, addresses[leader.id]: 50}
 
-            # the leader's process exits: its node stops, its port and connections close
+            # the leader's process exits: its node stops, its port and connections close;
+            # meanwhile its port answers not_leader (a request that never began: a
+            # client asks elsewhere), not NodeStopped (which may or may not)
             await leader.stop()
+            late = await KVClient.connect(addresses[leader.id])
+            with pytest.raises(ClientError) as info:
+                await late.put("late", b"l")
+            assert info.value.error == "not_leader" and info.value.leader != leader.id
+            with pytest.raises(ClientError) as info:
+                await late.get("k0")
+            assert info.value.error == "not_leader"
+            late.close()
             servers[list(c.nodes).index(leader.id)].close()
             for client in cluster._clients.values():
                 if client.server_address == addresses[leader.id]:

@@ -41,6 +41,19 @@ async def heard_by_the_target_only(c):
     return leader, target
 
 
+async def writes_held_by_the_target_only(c):
+    """``heard_by_the_target_only``, then 20 writes every follower holds but only the
+    target acknowledged (not committed): the leader, the target, the last index before
+    the writes, and the writes' futures."""
+    leader, target = await heard_by_the_target_only(c)
+    before = leader.engine.log.last_index
+    writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(20)]
+    await wait_until(lambda: leader.engine.log.last_index == before + 20 and
+                     c.nodes[target].engine.log.last_index == before + 20, 10)
+    assert leader.engine.commit_index <= before  # only the target answered
+    return leader, target, before, writes
+
+
 @pytest.mark.parametrize("wait", [2, 0])  # the default; told not to wait
 @run
 async def test_writes_in_flight_over_a_transfer_get_their_results(wait):
@@ -52,12 +65,7 @@ async def test_writes_in_flight_over_a_transfer_get_their_results(wait):
     new leader's commit can reach it."""
     config = msgspec.structs.replace(PATIENT, lost_leadership_wait=wait)
     async with LocalCluster(5, state_machine=Recorder, config=config) as c:
-        leader, target = await heard_by_the_target_only(c)
-        before = leader.engine.log.last_index
-        writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(20)]
-        await wait_until(lambda: leader.engine.log.last_index == before + 20 and
-                         c.nodes[target].engine.log.last_index == before + 20, 10)
-        assert leader.engine.commit_index <= before  # only the target answered
+        leader, target, before, writes = await writes_held_by_the_target_only(c)
         await leader.transfer_leadership(target)
         results = await asyncio.gather(*writes, return_exceptions=True)
         if wait:
@@ -265,3 +273,55 @@ async def test_a_membership_change_a_later_leader_commits_completes():
         await asyncio.wait_for(change, 10)
         assert leader.engine.membership.learners == {9}
         assert leader.engine.commit_index > before and leader.membership_calls == 0
+
+
+@run
+async def test_a_leader_that_steps_down_before_it_stops_answers_every_write():
+    """A planned stop (a rolling restart): ``step_down`` hands leadership to a caught-up
+    voter and waits for the fate of the writes in flight, so the stop that follows
+    answers each with its result instead of "may or may not"; the new leader has them."""
+    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+        leader = await c.leader()
+        await leader.propose(b"warm")
+        writes = [asyncio.ensure_future(leader.propose(b"w%d" % k)) for k in range(200)]
+        await asyncio.sleep(0)  # taken: buffered, some appended, none answered
+        assert not any(w.done() for w in writes)
+        await leader.step_down()
+        assert not leader.is_leader
+        await leader.stop()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)]
+        successor = await c.leader()
+        assert successor.id != leader.id
+        await successor.read_index()
+        applied = [data for _, data in c.state_machines[successor.id].applied]
+        assert applied[-200:] == [b"w%d" % k for k in range(200)]
+        assert results == [index for index, _ in c.state_machines[successor.id].applied[-200:]]
+
+
+@run
+async def test_stepping_down_is_nothing_to_a_follower_or_a_lone_voter():
+    async with LocalCluster(1, state_machine=Recorder, config=STEADY) as c:
+        alone = await c.leader()
+        await alone.step_down()
+        assert alone.is_leader and await alone.propose(b"still") is not None
+    async with LocalCluster(3, state_machine=Recorder, config=STEADY) as c:
+        leader = await c.leader()
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        await follower.step_down()
+        assert leader.is_leader and not follower.is_leader
+
+
+@run
+async def test_a_leader_stepping_down_waits_for_the_fate_of_writes_not_yet_committed():
+    """Five nodes, only the follower holding the most of the log answers the leader: its
+    writes are not committed when it steps down. ``step_down`` hands over to that
+    follower and waits until its commits reach the old leader, which then answers each
+    write with its result before it stops."""
+    async with LocalCluster(5, state_machine=Recorder, config=PATIENT) as c:
+        leader, target, before, writes = await writes_held_by_the_target_only(c)
+        await leader.step_down()
+        await leader.stop()
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert results == list(range(before + 1, before + 21))
+        assert (await c.leader()).id == target

@@ -190,6 +190,12 @@ class RaftHost:
         self._clocks.clear()
         await self.network.stop()
 
+    async def step_down(self, timeout: float | None = None) -> None:
+        """Before a planned stop: every group led here hands leadership over and waits
+        for its proposals' fate (``RaftNode.step_down``), all at once."""
+        await asyncio.gather(*(node.step_down(timeout) for node in self._groups.values()
+                               if node.is_leader))
+
     async def __aenter__(self) -> RaftHost:
         return await self.start()
 

@@ -14,6 +14,7 @@ from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, Rol
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
+    FastRaftError,
     InvalidArgument,
     NodeFailed,
     NodeStopped,
@@ -448,6 +449,32 @@ class RaftNode:
                 await asyncio.wait_for(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
+
+    async def step_down(self, timeout: float | None = None) -> None:
+        """Before a planned stop (a rolling restart): hand leadership to the voter that
+        holds the most of the log (thesis §3.10), then wait until the proposals this node
+        took learn their fate from the new leader's commits, so that the stop answers
+        none of them "may or may not"; new proposals meanwhile hear ``NotLeader`` naming
+        the new leader. Nothing to do on a node that does not lead, or leads alone.
+        ``timeout`` (default: three election timeouts) bounds each of the two waits; a
+        transfer that does not happen in time is logged, and the stop then resigns as it
+        always does (``Engine.resign``)."""
+        engine = self.engine
+        if not self.is_leader:
+            return
+        voters = [p for p in engine.progress if engine.membership.is_voter(p)]
+        if not voters:
+            return
+        limit = timeout if timeout is not None else self.config.election_timeout_max * 3
+        target = max(voters, key=lambda p: (engine.progress[p].match_index, -p))
+        try:
+            await self.transfer_leadership(target, limit)
+            await asyncio.wait_for(self._wait_progress(
+                lambda: not self._proposals.waiting or not self._running), limit)
+        except (FastRaftError, TimeoutError, asyncio.TimeoutError) as exc:
+            # asyncio.TimeoutError: another class than the builtin before Python 3.11
+            log.warning("%s: stepping down: %s", self.label, exc,
+                        extra={"event": "step_down_failed", **self.log_fields})
 
     def _notify_progress(self) -> None:
         event = self._progress

@@ -274,9 +274,11 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
     await asyncio.wait({*stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
     if signalled.done():
         # A planned stop: the writes in flight get their answers, and clients are sent
-        # to the new leaders, rather than hear "may or may not" (a rolling restart).
-        await measured.step_down()
-    server.close()
+        # to the new leaders, rather than hear "may or may not" (a rolling restart). A
+        # live voter takes over within milliseconds; one election timeout at most, as
+        # the others may be stopping too (the whole cluster shut down).
+        await measured.step_down(_config(args).election_timeout_max)
+    await server.shutdown()
     if metrics is not None:
         await metrics.stop()
     signalled.cancel()

@@ -12,7 +12,9 @@ What is asked again, and what is not:
 - a ``not_leader`` reply (refused before it entered any log) is asked again of the leader
   it names, or, when it names none (an election), of the next node a moment later, until
   ``timeout`` seconds have passed since the call; then it is raised;
-- a node that cannot be dialed (down, restarting) is skipped for the next;
+- a node that cannot be dialed (down, restarting) is skipped for the next, and so is one
+  that shut down before it began the request (``fastraft node`` stopping: its closing
+  notice names the requests it never began);
 - a ``get`` whose connection is lost, or whose node is stopping, is asked again of another
   node (a read changes nothing); a ``put`` or ``delete`` whose connection is lost raises
   ``ConnectionError``, and one whose node is stopping the ``ClientError`` it answered: it
@@ -31,7 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .errors import InvalidArgument
-from .kvservice import ClientError, KVClient, shard_of
+from .kvservice import CLOSING, ClientError, KVClient, shard_of
 
 _T = TypeVar("_T")
 
@@ -134,6 +136,8 @@ class KVCluster:
             except ClientError as exc:
                 if exc.error == "not_leader":
                     self._redirected(group, exc)
+                elif exc.error == CLOSING:
+                    self._forget(group, leader)
                 elif not (read and exc.error.startswith(_STOPPED)):
                     raise
             except ConnectionError:
@@ -167,7 +171,7 @@ class KVCluster:
                     if self._redirected(group, exc) and follow:
                         follow -= 1
                         continue
-                elif read and exc.error.startswith(_STOPPED):
+                elif exc.error == CLOSING or read and exc.error.startswith(_STOPPED):
                     self._forget(group, leader)
                 else:
                     raise

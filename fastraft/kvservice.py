@@ -96,6 +96,11 @@ class Request(msgspec.Struct, array_like=True):
     group: int | None = None
 
 
+#: The error of a server's closing notice (a response of id 0), and of the requests it
+#: names as never begun.
+CLOSING = "closing"
+
+
 class Response(msgspec.Struct, array_like=True):
     id: int
     ok: bool
@@ -215,6 +220,7 @@ class KVServer:
         self.gate = Gate(self.limits, self.stats)
         self.throttle = Throttle(log)
         self._server: asyncio.AbstractServer | None = None
+        self.connections: set[_ClientConnection] = set()
 
     @classmethod
     def sharded(cls, host: RaftHost, stores: list[kv.KVStore], listen: str,
@@ -283,6 +289,20 @@ class KVServer:
         if self._server is not None:
             self._server.close()
 
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Close the port for a planned stop, losing no request's fate: stop listening and
+        reading, answer the requests already started (at most ``timeout`` seconds: the
+        node must still run), then tell each client which of its requests never began
+        (a closing notice: ``KVClient`` fails those with ``ClientError("closing")``, which
+        may be sent to another node) and close its connection."""
+        self.close()
+        connections = list(self.connections)
+        for conn in connections:
+            conn.close_when_answered()
+        await self.drain(timeout)
+        for conn in connections:
+            conn.say_closing()
+
     async def drain(self, timeout: float = 5.0) -> None:
         """Once the node stopped: until every request in progress is answered (each ends
         with the node), at most ``timeout`` seconds, so that none is left running when the
@@ -308,6 +328,12 @@ class _ClientConnection(Link):
         #: The client does not read its answers as fast as they come (the transport's
         #: buffer is above its high-water mark): start none of its requests meanwhile.
         self.unread = False
+        #: The port is shutting down: no request is started any more.
+        self.closing = False
+        #: The id of the last request started (answered, or being served): a client that
+        #: numbers its requests in order learns from the closing notice which never began.
+        self.last_started = 0
+        server.connections.add(self)
 
     def frame(self, frame: memoryview) -> bool:
         try:
@@ -329,15 +355,15 @@ class _ClientConnection(Link):
         server = self.server
         limit, total = server.max_in_progress, server.max_in_progress_total
         backlog = self.backlog
-        while backlog and not self.unread and self.in_progress < limit \
-                and len(server.requests) < total:
+        while backlog and not self.unread and not self.closing \
+                and self.in_progress < limit and len(server.requests) < total:
             try:
                 req = _req_dec.decode(backlog.popleft())
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 self._malformed(exc)
                 return
             self._start(req)
-        if backlog or self.in_progress >= limit or self.unread:
+        if backlog or self.in_progress >= limit or self.unread or self.closing:
             if backlog and len(server.requests) >= total:
                 server.waiting.add(self)
             if not self.paused and self.transport is not None:
@@ -381,16 +407,17 @@ class _ClientConnection(Link):
 
     def _start(self, req: Request) -> None:
         op = req.op
+        self.last_started = req.id
         if op == "put" or op == "del":
             node = self.server.route(req.key)[0]
-            if node.role_name == "stopped":
+            if not node.running:
                 self._stopped(req, node)
                 return
             data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
             self._track(req, asyncio.ensure_future(node.propose(data)), self._written)
         elif op == "get":
             node = self.server.route(req.key)[0]
-            if node.role_name == "stopped":
+            if not node.running:
                 self._stopped(req, node)
                 return
             self._track(req, asyncio.ensure_future(node.read_index()), self._read)
@@ -492,18 +519,37 @@ class _ClientConnection(Link):
         self.backlog.clear()
         self.server.waiting.discard(self)
         self.server.unread.discard(self)
+        self.server.connections.discard(self)
+
+    def close_when_answered(self) -> None:
+        """Shutting down: start no more requests and read no more."""
+        self.closing = True
+        self._pump()
+
+    def say_closing(self) -> None:
+        """Answer what is queued, then the closing notice, then close: the requests
+        numbered above ``last_started`` were never begun."""
+        if self.closed or not self.is_authenticated:
+            self.close()
+            return
+        self.out.push(Response(0, False, version=self.last_started, error=CLOSING))
+        self.out.flush()
+        self.close()
 
 
 class ClientError(Exception):
     """The node answered a request with an error: ``error`` is ``"not_leader"`` (then
     ``leader`` is the leader's id, or None, ``leader_address`` its Raft address and
     ``leader_client_address`` its client port when the node knows it), ``"refused: ..."``
-    (the state machine refused the command), or ``"<ErrorType>: message"``."""
+    (the state machine refused the command), ``"closing"`` (the node shut down before it
+    began the request: another node may be asked), or ``"<ErrorType>: message"``."""
 
     def __init__(self, error: str, leader: int | None = None,
                  leader_address: str | None = None,
-                 leader_client_address: str | None = None):
-        if leader is None:
+                 leader_client_address: str | None = None, detail: str = ""):
+        if detail:
+            where = f": {detail}"
+        elif leader is None:
             where = ""
         elif leader_client_address:
             where = f" (leader {leader} at {leader_client_address})"
@@ -603,7 +649,19 @@ class KVClient(Link):
             fut = self.waiting.pop(resp.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(resp)
+            elif resp.id == 0 and resp.error == CLOSING:
+                self._closing(resp.version)
         return True
+
+    def _closing(self, last_started: int) -> None:
+        """The server shuts down: the requests after ``last_started`` never began. The
+        connection takes no more (the server closes it next)."""
+        self.closed = True
+        why = f"{self.server_address} shut down before it began the request: ask another node"
+        for request_id in [i for i in self.waiting if i > last_started]:
+            fut = self.waiting.pop(request_id)
+            if not fut.done():
+                fut.set_exception(ClientError(CLOSING, detail=why))
 
     async def request(self, op: str, key: str = "", value: bytes = b"", *, offset: int = 0,
                       limit: int = 0, group: int | None = None) -> Response:

@@ -245,3 +245,28 @@ async def test_the_connection_that_takes_the_unread_answers_past_the_bound_is_cl
         other = await KVClient.connect(port.server.listen)
         assert await other.get("big") == port.VALUE
         other.close()
+
+
+@run
+async def test_a_port_shut_down_answers_what_it_began_and_names_what_it_never_began(
+        monkeypatch):
+    """``KVServer.shutdown``: the requests it started are answered, then its closing
+    notice fails the rest with ``ClientError("closing")``; none is left to a lost
+    connection, and none of those it named was applied."""
+    async with _Port(monkeypatch) as port:
+        puts = [asyncio.ensure_future(port.client.put(f"k{n}", b"v")) for n in range(5000)]
+        conn = next(iter(port.server.connections))
+        await wait_until(lambda: conn.backlog and conn.in_progress, 10,
+                         "requests started and more read")
+        await port.server.shutdown()
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        answered = [n for n, r in enumerate(results) if isinstance(r, int)]
+        never = [n for n, r in enumerate(results)
+                 if isinstance(r, kvservice.ClientError) and r.error == "closing"]
+        assert answered and never and len(answered) + len(never) == len(puts), results[-1]
+        assert max(answered) < min(never)  # in the order sent
+        store = port.cluster.state_machines[port.server.node.id]
+        assert all(store.get(f"k{n}") == b"v" for n in answered)
+        assert not any(store.get(f"k{n}") is not None for n in never)
+        assert "shut down before it began the request" in str(results[never[0]])
+        assert port.client.closed

@@ -1,6 +1,7 @@
 """``KVCluster``: each request goes to its key's group leader, found from the nodes' status
 and their redirects; what a failure is asked again for, and what is raised."""
 import asyncio
+import json
 
 import pytest
 
@@ -231,3 +232,98 @@ async def test_an_answer_of_the_node_other_than_not_leader_is_raised(monkeypatch
             cluster.close()
         finally:
             server.close()
+
+
+@run
+async def test_a_rolling_restart_under_load_costs_no_write_an_error(tmp_path, monkeypatch):
+    """Three ``fastraft node --groups 2``, each stopped (SIGTERM) and started again in
+    turn under 32 writers: every node hands its groups over before it stops, answers the
+    writes it began and tells the client which it never began, so the client sends those
+    to the new leaders. Not one write fails, and every one is on every node; a node that
+    led a group was a follower of it before it stopped (it handed it over), and its
+    clients heard its closing notice."""
+    noticed = []
+    closing = KVClient._closing
+
+    def heard(client, last_started):
+        noticed.append(client.server_address)
+        closing(client, last_started)
+    monkeypatch.setattr(KVClient, "_closing", heard)
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--groups", "2", "--log-level", "INFO",
+                                         "--log-format", "json"])
+    kc = None
+    try:
+        cluster.start_all()
+        for c in (await cluster.connect_all()).values():  # (once the nodes are up)
+            c.close()
+        kc = await KVCluster.connect(list(cluster.client.values()),
+                                     cluster_id=cluster.cluster_id)
+        acked: dict[str, int] = {}
+        failed: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def writer(w):
+            n = 0
+            while not stop.is_set():
+                key = f"w{w}-{n}"
+                try:
+                    acked[key] = await kc.put(key, key.encode())
+                except (ClientError, OSError) as exc:
+                    failed.append(exc)
+                n += 1
+        writers = [asyncio.ensure_future(writer(w)) for w in range(32)]
+        led: list[int] = []  # the groups each node led before it stopped
+        stopped_leading: list[int] = []  # and those it still led as it stopped
+        for victim in cluster.ids:
+            done = len(acked)
+            await wait_until(lambda done=done: len(acked) > done + 1000, 30,
+                             f"writes before node {victim} stops")
+            watcher = await cluster.connect(victim)
+            await asyncio.get_running_loop().run_in_executor(None, cluster.terminate, victim)
+            await wait_until(lambda w=watcher: w.closed, 10, "the connection closed")
+            assert cluster.client[victim] in noticed
+            roles = roles_by_group(cluster.log(victim))
+            led += [g for g, seen in roles.items() if "leader" in seen]
+            stopped_leading += [g for g, seen in roles.items() if seen[-1] == "leader"]
+            cluster.start(victim)
+        done = len(acked)
+        await wait_until(lambda: len(acked) > done + 1000, 30, "writes after the restarts")
+        stop.set()
+        await asyncio.gather(*writers)
+        assert not failed, failed[:3]
+        assert led and not stopped_leading, (led, stopped_leading)
+        clients = await cluster.connect_all()
+        for c in clients.values():
+            for key in list(acked)[::7]:
+                assert await get_once_led(c, key) == key.encode()
+            c.close()
+    finally:
+        if kc is not None:
+            kc.close()
+        cluster.stop_all()
+
+
+def roles_by_group(log: str) -> dict[int, list[str]]:
+    """The roles a node took in each group, in order, from its JSON log (``role``
+    events)."""
+    roles: dict[int, list[str]] = {}
+    for line in log.splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event.get("event") == "role":
+                roles.setdefault(event["group"], []).append(event["role"])
+    return roles
+
+
+async def get_once_led(client, key, timeout=10.0):
+    """``get`` on one node, asked again while it knows no leader of the key's group (a
+    node started last may not have heard from it yet)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            return await client.get(key)
+        except ClientError as exc:
+            if exc.error != "not_leader" or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.02)

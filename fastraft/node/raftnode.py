@@ -553,6 +553,11 @@ class RaftNode:
         return {"node": self.id, "group": self.group_id}
 
     @property
+    def running(self) -> bool:
+        """Between ``start()`` and ``stop()``."""
+        return self._running
+
+    @property
     def is_leader(self) -> bool:
         """Running and leading (a stopped leader's engine keeps its last role)."""
         return self._running and self.engine.role == Role.LEADER

@@ -654,9 +654,9 @@ class KVClient(Link):
         return True
 
     def _closing(self, last_started: int) -> None:
-        """The server shuts down: the requests after ``last_started`` never began. The
-        connection takes no more (the server closes it next)."""
-        self.closed = True
+        """The server shuts down: the requests after ``last_started`` never began, and
+        the answers of the others came before this notice: the connection is done."""
+        self.close()
         why = f"{self.server_address} shut down before it began the request: ask another node"
         for request_id in [i for i in self.waiting if i > last_started]:
             fut = self.waiting.pop(request_id)

@@ -385,6 +385,10 @@ def _contact(seconds: float | None, role: str) -> str:
     return f"{seconds * 1000:.0f}ms" if seconds < 10 else f"{seconds:.0f}s"
 
 
+#: How long ``fastraft kv`` waits for a node to answer, and for a leader (an election).
+KV_TIMEOUT = 5.0
+
+
 async def kv_command(args: argparse.Namespace) -> int:
     """``fastraft kv put|get|del``: on the leader of the key's group among ``--address``
     (``KVCluster``: redirects followed, an election waited out)."""
@@ -393,7 +397,8 @@ async def kv_command(args: argparse.Namespace) -> int:
 
     addresses = [a.strip() for a in args.address.split(",") if a.strip()]
     try:
-        cluster = await KVCluster.connect(addresses, cluster_id=args.cluster_id,
+        cluster = await KVCluster.connect(addresses, timeout=KV_TIMEOUT,
+                                          cluster_id=args.cluster_id,
                                           **security_options(args))
     except ConnectionError as exc:
         raise ConnectionError(f"{exc}; list every node's client address in --address") \

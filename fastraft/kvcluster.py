@@ -74,14 +74,24 @@ class KVCluster:
                       **options: Any) -> KVCluster:
         """Dial every node of ``addresses`` (client ports) and learn the cluster's layout
         from those that answer; ``options`` are ``KVClient.connect``'s (``cluster_id``,
-        ``secret``, ``tls``). ``timeout``: how long a call looks for its group's leader.
-        Raises ``ConnectionError`` when no node answers."""
+        ``secret``, ``tls``). ``timeout``: how long a call looks for its group's leader,
+        and how long this waits for a node to answer (nodes still starting). Raises
+        ``ConnectionError`` when none does."""
         self = cls(addresses, timeout, options)
-        statuses = await asyncio.gather(*(self._status(a) for a in self.addresses))
-        answered = [s for s in statuses if s is not None]
-        if not answered:
-            self.close()
-            raise ConnectionError(f"no node answered at {', '.join(self.addresses)}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        backoff = 0.05
+        while True:
+            statuses = await asyncio.gather(*(self._status(a) for a in self.addresses))
+            answered = [s for s in statuses if s is not None]
+            if answered:
+                break
+            if loop.time() + backoff > deadline:
+                self.close()
+                raise ConnectionError(f"no node answered at {', '.join(self.addresses)} "
+                                      f"within {timeout}s")
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 0.5)
         first = answered[0]
         if "host" in first:
             self.groups = first["host"]["groups"]

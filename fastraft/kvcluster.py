@@ -23,8 +23,12 @@ What is asked again, and what is not:
 - any other answer of a node (``Overloaded``, a refusal of the state machine) is raised as
   the ``ClientError`` it is.
 
-A call waits as long as the node it asked does: wrap it in ``asyncio.timeout`` to bound
-that (a paused node answers nothing and keeps its connection open).
+A node that answers nothing for ``silence`` seconds while requests wait on it (paused,
+cut off by the network: its connection stays open) has its connection closed: its reads
+go to another node, its writes raise ``ConnectionError`` (may or may not), and later
+requests look for their group's leader elsewhere. A node that answers late is not
+silent: ``silence`` should exceed the slowest answer expected (a commit waits for a
+quorum's fsync; a deposed leader's write for ``Config.lost_leadership_wait``).
 """
 from __future__ import annotations
 
@@ -51,11 +55,18 @@ _STOPPED = ("NodeStopped", "NodeFailed")
 class KVCluster:
     """Requests of a cluster's KV store, each sent to the leader of its key's group."""
 
-    def __init__(self, addresses: Sequence[str], timeout: float, options: dict[str, Any]):
+    def __init__(self, addresses: Sequence[str], timeout: float, silence: float,
+                 options: dict[str, Any]):
         if not addresses:
             raise InvalidArgument("give at least one client address")
         if timeout <= 0:
             raise InvalidArgument(f"timeout must be > 0 seconds, got {timeout}")
+        if silence <= 0:
+            raise InvalidArgument(f"silence must be > 0 seconds, got {silence}")
+        self.silence = silence
+        self._watcher: asyncio.Task[None] | None = None
+        #: The status of the node last dialed (``connect`` learns the layout from it).
+        self._status: dict[str, Any] | None = None
         #: Every client address known: those given, then those learnt from redirects.
         self.addresses = list(dict.fromkeys(addresses))
         self.timeout = timeout
@@ -71,20 +82,19 @@ class KVCluster:
 
     @classmethod
     async def connect(cls, addresses: Sequence[str], *, timeout: float = 10.0,
-                      **options: Any) -> KVCluster:
+                      silence: float = 3.0, **options: Any) -> KVCluster:
         """Dial every node of ``addresses`` (client ports) and learn the cluster's layout
         from those that answer; ``options`` are ``KVClient.connect``'s (``cluster_id``,
         ``secret``, ``tls``). ``timeout``: how long a call looks for its group's leader,
         and how long this waits for a node to answer (nodes still starting). Raises
-        ``ConnectionError`` when none does."""
-        self = cls(addresses, timeout, options)
+        ``ConnectionError`` when none does. ``silence``: see the module's docstring."""
+        self = cls(addresses, timeout, silence, options)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         backoff = 0.05
         while True:
-            statuses = await asyncio.gather(*(self._status(a) for a in self.addresses))
-            answered = [s for s in statuses if s is not None]
-            if answered:
+            await asyncio.gather(*(self._reach(a) for a in self.addresses))
+            if self._status is not None:
                 break
             if loop.time() + backoff > deadline:
                 self.close()
@@ -92,25 +102,48 @@ class KVCluster:
                                       f"within {timeout}s")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
-        first = answered[0]
+        first = self._status
         if "host" in first:
             self.groups = first["host"]["groups"]
             self.leaders = list(first["leaders"])
         else:
             self.leaders = [first.get("leader_id")]
+        self._watcher = asyncio.ensure_future(self._watch())
         return self
 
-    async def _status(self, address: str) -> dict[str, Any] | None:
+    async def _watch(self) -> None:
+        """Close the connections whose requests have waited ``silence`` seconds without a
+        frame from their node (checked every half of it: a connection busy at two checks
+        in a row with no frame between them)."""
+        heard: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(self.silence / 2)
+            for address, client in list(self._clients.items()):
+                if client.closed or not client.waiting:
+                    heard.pop(address, None)
+                    continue
+                if heard.get(address) == client.frames_received:
+                    client.refused = f"no answer for {self.silence}s"
+                    client.close()
+                    if client.transport is not None:  # what it could not send, dropped
+                        client.transport.abort()
+                    heard.pop(address, None)
+                    for group, leader in enumerate(self.leaders):
+                        if leader is not None and self.ids.get(leader) == address:
+                            self.leaders[group] = None
+                else:
+                    heard[address] = client.frames_received
+
+    async def _reach(self, address: str) -> None:
         try:
-            client = await self._client(address)
-            status = await client.status()
+            await self._client(address)
         except (OSError, asyncio.TimeoutError, ClientError):
-            return None
-        self.ids[status["id"]] = address
-        return status
+            pass
 
     def close(self) -> None:
         """Close every connection (calls in flight fail with ``ConnectionError``)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._dials.values():
             task.cancel()
         for client in self._clients.values():
@@ -226,8 +259,20 @@ class KVCluster:
         dial = self._dials.get(address)
         if dial is None:
             dial = self._dials[address] = asyncio.ensure_future(
-                KVClient.connect(address, timeout=min(timeout, 2.0), **self._options))
+                self._dial(address, min(timeout, 2.0)))
             dial.add_done_callback(lambda _: self._dials.pop(address, None))
         client = await asyncio.shield(dial)
         self._clients[address] = client
+        return client
+
+    async def _dial(self, address: str, timeout: float) -> KVClient:
+        """A new connection, and the id of the node behind it (from its status)."""
+        client = await KVClient.connect(address, timeout=timeout, **self._options)
+        try:
+            status = await asyncio.wait_for(client.status(), timeout)
+        except BaseException:
+            client.close()
+            raise
+        self.ids[status["id"]] = address
+        self._status = status
         return client

@@ -613,6 +613,9 @@ class KVClient(Link):
         self.out = _Batcher(self)
         #: Why this client closed the connection, if it did.
         self.refused = ""
+        #: Frames of answers received: a watcher that sees requests waiting and this
+        #: count standing still knows the server has been silent since (``KVCluster``).
+        self.frames_received = 0
 
     def authenticated(self, peer_id: int, address: str) -> bool:
         if not self.ready.done():
@@ -645,6 +648,7 @@ class KVClient(Link):
             responses = _resp_dec.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             return self.refuse(f"malformed response: {exc}")
+        self.frames_received += 1
         for resp in responses:
             fut = self.waiting.pop(resp.id, None)
             if fut is not None and not fut.done():

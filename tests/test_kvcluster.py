@@ -57,8 +57,9 @@ async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redir
             assert versions == sorted(versions)
             assert cluster.leaders == [leader.id] and cluster.ids[leader.id] == addresses[
                 leader.id]
-            # the status, one redirect, then every write on the leader
-            assert served.by_address == {addresses[follower]: 2, addresses[leader.id]: 50}
+            # each node's status as it is dialed, one redirect, then every write on the
+            # leader
+            assert served.by_address == {addresses[follower]: 2, addresses[leader.id]: 51}
 
             # the leader's process exits: its node stops, its port and connections close;
             # meanwhile its port answers not_leader (a request that never began: a
@@ -326,3 +327,35 @@ async def get_once_led(client, key, timeout=10.0):
             if exc.error != "not_leader" or asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.02)
+
+
+@run
+async def test_a_silent_leader_is_left_for_the_new_one(tmp_path):
+    """The leader paused (SIGSTOP: its connections stay open, it answers nothing): after
+    ``silence`` its connection is closed, so a read waiting on it is asked of another
+    node and answered, a write waiting on it raises ConnectionError (may or may not), and
+    the next write finds the new leader, instead of all of them waiting for the node."""
+    cluster = ProcessCluster(3, str(tmp_path))
+    kc = None
+    try:
+        cluster.start_all()
+        kc = await KVCluster.connect(list(cluster.client.values()), silence=1.0,
+                                     cluster_id=cluster.cluster_id)
+        first = await kc.put("k", b"v")
+        leader = kc.leaders[0]
+        assert leader is not None and first > 0
+        cluster.pause(leader)
+        try:
+            read = asyncio.ensure_future(kc.get("k"))
+            write = asyncio.ensure_future(kc.put("k", b"w"))
+            assert await asyncio.wait_for(read, 20) in (b"v", b"w")
+            with pytest.raises(ConnectionError, match="no answer for 1.0s"):
+                await asyncio.wait_for(write, 20)
+            assert await asyncio.wait_for(kc.put("k", b"x"), 20) > first
+            assert kc.leaders[0] not in (None, leader)
+        finally:
+            cluster.resume(leader)
+    finally:
+        if kc is not None:
+            kc.close()
+        cluster.stop_all()

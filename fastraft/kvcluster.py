@@ -115,24 +115,24 @@ class KVCluster:
         """Close the connections whose requests have waited ``silence`` seconds without a
         frame from their node (checked every half of it: a connection busy at two checks
         in a row with no frame between them)."""
-        heard: dict[str, int] = {}
+        heard: dict[KVClient, int] = {}  # busy connections at the last check
         while True:
             await asyncio.sleep(self.silence / 2)
+            busy = {}
             for address, client in list(self._clients.items()):
                 if client.closed or not client.waiting:
-                    heard.pop(address, None)
                     continue
-                if heard.get(address) == client.frames_received:
-                    client.refused = f"no answer for {self.silence}s"
-                    client.close()
-                    if client.transport is not None:  # what it could not send, dropped
-                        client.transport.abort()
-                    heard.pop(address, None)
-                    for group, leader in enumerate(self.leaders):
-                        if leader is not None and self.ids.get(leader) == address:
-                            self.leaders[group] = None
-                else:
-                    heard[address] = client.frames_received
+                if heard.get(client) != client.frames_received:
+                    busy[client] = client.frames_received
+                    continue
+                client.refused = f"no answer for {self.silence}s"
+                client.close()
+                if client.transport is not None:  # what it could not send, dropped
+                    client.transport.abort()
+                for group, leader in enumerate(self.leaders):
+                    if leader is not None and self.ids.get(leader) == address:
+                        self.leaders[group] = None
+            heard = busy
 
     async def _reach(self, address: str) -> None:
         try:

@@ -24,12 +24,13 @@ unread (the connection's buffer above its high-water mark), and closes the conne
 that takes the port's unread answers past ``max_unread_bytes``. A frame is split into
 requests lazily (each is decoded when started), and both sides write a loop turn's
 requests or answers in frames of at most ``FRAME_ITEMS`` items and about ``FRAME_BYTES``
-bytes, so a pipelined burst neither
-outgrows ``MAX_FRAME`` nor costs the node a long loop turn decoding it. A proposal the
-node cannot take in time is answered ``Overloaded``, never dropped. A reply
-``not_leader`` names the leader's id and Raft address when known, and its client address
-when the server was told the members' client addresses (``client_addresses``; ``fastraft
-node --clients``). docs/client-protocol.md describes the protocol in full.
+bytes, so a pipelined burst neither outgrows ``MAX_FRAME`` nor costs the node a long loop
+turn decoding it. A proposal the node cannot take in time is answered ``Overloaded``,
+never dropped. A reply ``not_leader`` names the leader's id and Raft address when known,
+and its client address when the server was told the members' client addresses
+(``client_addresses``; ``fastraft node --clients``). ``shutdown`` closes the port for a
+planned stop with a closing notice (the requests it never began). docs/client-protocol.md
+describes the protocol in full.
 
 A host of several groups (``KVServer.sharded``, ``fastraft node --groups N``) serves a KV
 store per group on one port: a key belongs to group ``shard_of(key, N)``, and its

@@ -176,16 +176,8 @@ class KVCluster:
         if client is not None and not client.closed:
             try:  # the common case: a connection to the group's leader
                 return await request(client)
-            except ClientError as exc:
-                if exc.error == "not_leader":
-                    self._redirected(group, exc)
-                elif exc.error == CLOSING:
-                    self._forget(group, leader)
-                elif not (read and exc.error.startswith(_STOPPED)):
-                    raise
-            except ConnectionError:
-                if not read:
-                    raise
+            except (ClientError, ConnectionError) as exc:
+                self._failed(group, leader, exc, read, sent=True)
         return await self._searching(group, request, read)
 
     async def _searching(self, group: int, request: Callable[[KVClient], Awaitable[_T]],
@@ -208,23 +200,11 @@ class KVCluster:
                 client = await self._client(address, deadline - loop.time())
                 sent = True
                 result = await request(client)
-            except ClientError as exc:
+            except (ClientError, OSError, asyncio.TimeoutError) as exc:
                 last = exc
-                if exc.error == "not_leader":
-                    if self._redirected(group, exc) and follow:
-                        follow -= 1
-                        continue
-                elif exc.error == CLOSING or read and exc.error.startswith(_STOPPED):
-                    self._forget(group, leader)
-                else:
-                    raise
-            except (OSError, asyncio.TimeoutError) as exc:
-                # A dial that failed, or a read's lost connection: try another node. A
-                # write's lost connection may or may not have taken effect.
-                if sent and not read:
-                    raise
-                last = exc
-                self._forget(group, leader)
+                if self._failed(group, leader, exc, read, sent) and follow:
+                    follow -= 1
+                    continue
             else:
                 if not read:  # only a leader takes writes: this node leads the group
                     self.leaders[group] = next(
@@ -235,6 +215,22 @@ class KVCluster:
             follow = FOLLOW
         raise TimeoutError(f"no leader of group {group} answered within {self.timeout}s "
                            f"(last: {last})")
+
+    def _failed(self, group: int, leader: int | None, exc: Exception, read: bool,
+                sent: bool) -> bool:
+        """What an attempt that failed with ``exc`` teaches; raises ``exc`` if it may not
+        be asked again. True: a redirect to a leader not asked yet."""
+        if isinstance(exc, ClientError):
+            if exc.error == "not_leader":
+                return self._redirected(group, exc)
+            if not (exc.error == CLOSING or read and exc.error.startswith(_STOPPED)):
+                raise exc
+        elif sent and not read:
+            # a write's lost connection: it may or may not have taken effect (a dial that
+            # failed, or a read's lost connection: another node is asked)
+            raise exc
+        self._forget(group, leader)
+        return False
 
     def _redirected(self, group: int, exc: ClientError) -> bool:
         """Note the leader a ``not_leader`` reply names; True if it is one to ask now."""

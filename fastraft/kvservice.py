@@ -409,19 +409,15 @@ class _ClientConnection(Link):
     def _start(self, req: Request) -> None:
         op = req.op
         self.last_started = req.id
-        if op == "put" or op == "del":
+        if op == "put" or op == "del" or op == "get":
             node = self.server.route(req.key)[0]
             if not node.running:
                 self._stopped(req, node)
-                return
-            data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
-            self._track(req, asyncio.ensure_future(node.propose(data)), self._written)
-        elif op == "get":
-            node = self.server.route(req.key)[0]
-            if not node.running:
-                self._stopped(req, node)
-                return
-            self._track(req, asyncio.ensure_future(node.read_index()), self._read)
+            elif op == "get":
+                self._track(req, asyncio.ensure_future(node.read_index()), self._read)
+            else:
+                data = kv.put(req.key, req.value) if op == "put" else kv.delete(req.key)
+                self._track(req, asyncio.ensure_future(node.propose(data)), self._written)
         elif op in _GROUP_OPS:
             try:
                 self._start_group_op(req)

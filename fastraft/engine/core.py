@@ -384,18 +384,26 @@ class Engine:
         election timer and would not miss a leader whose process stays up; woken, they
         elect one even if that voter is gone too. Returned rather than emitted: the node
         runs nothing else of the engine's once it stops."""
-        if self.role != Role.LEADER:
+        target = self.successor()
+        if target is None:
             return []
-        voters = [p for p in self.progress if self.membership.is_voter(p)]
-        if not voters:
-            return []
-        target = max(voters, key=lambda p: (self.progress[p].match_index, -p))
         out: list[tuple[int, Message]] = []
         for peer, pr in self.progress.items():
             if peer != target:
                 out.append((peer, self._heartbeat(pr)))
         out.append((target, TimeoutNow(self.term, self.id)))
         return out
+
+    def successor(self) -> int | None:
+        """On a leader, the other voter holding the most of the log (the lowest id of
+        those tied): the one to hand over to (thesis §3.10). None on other roles, or
+        with no other voter."""
+        if self.role != Role.LEADER:
+            return None
+        voters = [p for p in self.progress if self.membership.is_voter(p)]
+        if not voters:
+            return None
+        return max(voters, key=lambda p: (self.progress[p].match_index, -p))
 
     def _send_timeout_now(self, target: int) -> None:
         if not self._timeout_now_sent:

@@ -53,9 +53,8 @@ class MembershipChanges:
         m = engine.membership
         if node_id in m.members:
             raise InvalidArgument(f"node {node_id} is already a member")
-        index = engine.propose_membership(m.voters, m.learners | {node_id}, {node_id: address})
-        self.node._schedule_flush()
-        await self.wait_complete(index, timeout)
+        await self._change(engine, m.voters, m.learners | {node_id}, {node_id: address},
+                           timeout)
 
     @_counted
     async def remove_learner(self, node_id: int, timeout: float) -> None:
@@ -66,9 +65,7 @@ class MembershipChanges:
             raise InvalidArgument(f"node {node_id} is not a learner" + (
                 ": it votes, remove it with change_membership()" if node_id in m.voters
                 else ""))
-        index = engine.propose_membership(m.voters, m.learners - {node_id})
-        self.node._schedule_flush()
-        await self.wait_complete(index, timeout)
+        await self._change(engine, m.voters, m.learners - {node_id}, None, timeout)
 
     @_counted
     async def update_address(self, node_id: int, address: str, timeout: float) -> None:
@@ -80,9 +77,7 @@ class MembershipChanges:
             raise InvalidArgument(f"node {node_id} is not a member: add it with add_learner()")
         if m.addresses.get(node_id) == address:
             return
-        index = engine.propose_membership(m.voters, m.learners, {node_id: address})
-        self.node._schedule_flush()
-        await self.wait_complete(index, timeout)
+        await self._change(engine, m.voters, m.learners, {node_id: address}, timeout)
 
     @_counted
     async def change_membership(self, voters: set[int], timeout: float) -> None:
@@ -119,8 +114,13 @@ class MembershipChanges:
                 await asyncio.wait_for(node._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
-        index = node._leader_engine().propose_membership(wanted, m.learners - wanted)
-        node._schedule_flush()
+        await self._change(node._leader_engine(), wanted, m.learners - wanted, None, timeout)
+
+    async def _change(self, engine: Engine, voters: frozenset[int], learners: frozenset[int],
+                      addresses: dict[int, str] | None, timeout: float) -> None:
+        """Propose the configuration and wait until the change is complete."""
+        index = engine.propose_membership(voters, learners, addresses)
+        self.node._schedule_flush()
         await self.wait_complete(index, timeout)
 
     async def _settled_leader(self, timeout: float) -> Engine:

@@ -459,14 +459,10 @@ class RaftNode:
         ``timeout`` (default: three election timeouts) bounds each of the two waits; a
         transfer that does not happen in time is logged, and the stop then resigns as it
         always does (``Engine.resign``)."""
-        engine = self.engine
-        if not self.is_leader:
-            return
-        voters = [p for p in engine.progress if engine.membership.is_voter(p)]
-        if not voters:
+        target = self.engine.successor() if self._running else None
+        if target is None:
             return
         limit = timeout if timeout is not None else self.config.election_timeout_max * 3
-        target = max(voters, key=lambda p: (engine.progress[p].match_index, -p))
         try:
             await self.transfer_leadership(target, limit)
             await asyncio.wait_for(self._wait_progress(

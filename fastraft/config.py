@@ -5,6 +5,10 @@ import msgspec
 
 from fastraft.errors import ConfigError
 
+#: Room left in a network's frame for the AppendEntries around a single entry (its other
+#: fields and the frame's headers take under a hundred bytes).
+ENTRY_ENVELOPE_BYTES = 4096
+
 
 class Config(msgspec.Struct, kw_only=True, frozen=True):
     """Timing, batching and back-pressure settings. Times are in seconds.
@@ -20,6 +24,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: Most entries, and most payload bytes, in one AppendEntries.
     max_entries_per_message: int = 4096
     max_bytes_per_message: int = 1 << 20
+    #: The largest entry payload ``propose`` takes (a larger one raises
+    #: ``EntryTooLarge``). A network that states ``max_frame_bytes`` caps it as well, less
+    #: ``ENTRY_ENVELOPE_BYTES`` for the message around the entry: the followers refuse a
+    #: larger frame, and an entry nobody can receive would cost the leader its leadership.
+    max_entry_bytes: int = 64 << 20
     #: Pipelined AppendEntries a follower may have unacknowledged (§5.3 "replicate"
     #: state), and their payload bytes: a follower is never sent more than it can take in
     #: before its election timer would notice the leader again.
@@ -108,7 +117,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
                 f"heartbeat_interval ({self.heartbeat_interval}) must be positive and below "
                 f"election_timeout_min ({self.election_timeout_min}), or followers will time "
                 "out while the leader is healthy")
-        for name in ("max_entries_per_message", "max_bytes_per_message",
+        for name in ("max_entries_per_message", "max_bytes_per_message", "max_entry_bytes",
                      "max_inflight_messages", "max_inflight_bytes", "max_pending_proposals",
                      "max_pending_reads", "snapshot_chunk_bytes", "log_cache_bytes"):
             if getattr(self, name) < 1:

@@ -20,6 +20,12 @@ class InvalidArgument(FastRaftError, ValueError):
     Nothing changed: fix the argument and call again."""
 
 
+class EntryTooLarge(InvalidArgument):
+    """A proposed entry is larger than the node replicates (``Config.max_entry_bytes``, or
+    what the network's frames carry); nothing was proposed. Split it, or raise the limit
+    on every node."""
+
+
 class NotLeader(FastRaftError):
     """This node is not the leader; retry on ``leader_id`` (None when no leader is known)."""
 

@@ -1,5 +1,5 @@
 # Batch codec: one contiguous frame, payloads decoded as slices. Twin: fastraft/_py/codec.py
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.object cimport PyObject
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
@@ -208,6 +208,17 @@ def make_entries(term, first_index, kind, datas):
     for k in range(n):
         out[k] = Entry(term, first_index + k, kind, datas[k])
     return out
+
+
+def first_unfit_payload(datas, Py_ssize_t limit):
+    """Position of the first of ``datas`` that is not ``bytes`` or is longer than
+    ``limit``, or -1."""
+    cdef Py_ssize_t pos = 0
+    for d in datas:
+        if type(d) is not bytes or PyBytes_GET_SIZE(d) > limit:
+            return pos
+        pos += 1
+    return -1
 
 
 def payload_bytes(entries):

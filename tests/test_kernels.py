@@ -297,6 +297,27 @@ def test_kernels_read_other_objects_with_an_entrys_fields_alike(entries):
             impl.entries_follow(entries, prev, 0, MAX_TERM) == -1
 
 
+class Bytes(bytes):
+    pass
+
+
+payloads_st = st.lists(st.one_of(
+    st.binary(max_size=12), st.binary(max_size=12).map(bytearray),
+    st.binary(max_size=12).map(Bytes), st.integers(), st.text(max_size=3), st.none()),
+    max_size=8)
+
+
+@given(payloads_st, st.integers(min_value=0, max_value=14))
+def test_first_unfit_payload_matches_a_naive_check(datas, limit):
+    """Only ``bytes`` itself, within the limit, fits (a subclass or a buffer is copied
+    into bytes by the node first)."""
+    naive = next((k for k, d in enumerate(datas)
+                  if type(d) is not bytes or len(d) > limit), -1)
+    for impl in IMPLS:
+        assert impl.first_unfit_payload(datas, limit) == naive
+        assert impl.first_unfit_payload(tuple(datas), limit) == naive
+
+
 @pytest.mark.parametrize("entries", [
     [Entry(1, 5, 0, b""), Entry(1, 7, 0, b"")], [Entry(1, 5, 0, b""), Entry(1, 5, 0, b"")],
     [Entry(2, 5, 0, b""), Entry(1, 6, 0, b"")]], ids=["gap", "repeat", "term-decreases"])

@@ -13,6 +13,7 @@ from fastraft.engine import Apply, ApplyStored
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
+    EntryTooLarge,
     InvalidArgument,
     NodeFailed,
     NodeStopped,
@@ -614,6 +615,77 @@ async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
             await leader.watch_metrics(interval=-1).__anext__()
         assert leader.engine.membership == before and leader.is_leader
         assert await leader.propose(kv.put("k", b"v")) is not None
+
+
+@run
+async def test_a_payload_that_is_not_bytes_is_refused_and_the_node_goes_on():
+    """Before, ``propose(123)`` was queued, raised inside the node's flush and left its
+    log and storage apart: the node stopped itself with a storage error."""
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        term = leader.engine.term
+        for bad in (123, "text", None, [b"x"]):
+            with pytest.raises(InvalidArgument, match=f"bytes .*not {type(bad).__name__}"):
+                await leader.propose(bad)
+            with pytest.raises(InvalidArgument, match="entry 1 of the batch"):
+                await leader.propose_batch([b"first", bad, b"third"])
+        with pytest.raises(InvalidArgument, match="not int"):
+            await leader.propose_batch(b"bytes are not a batch")
+        index = await leader.propose(b"after")
+        assert leader.is_leader and leader.engine.term == term and leader.failure is None
+        await wait_until(lambda: all(sm.applied and sm.applied[-1] == (index, b"after")
+                                     for sm in c.state_machines.values()))
+        # nothing of a refused batch went in: the first entry of each was good
+        assert all(b"first" not in dict(sm.applied).values()
+                   for sm in c.state_machines.values())
+
+
+@run
+async def test_a_buffer_proposed_is_copied_so_changing_it_later_changes_no_entry():
+    async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
+        leader = await c.leader()
+        one, many = bytearray(b"one"), [bytearray(b"two"), memoryview(bytearray(b"three"))]
+        pending = leader.propose(one), leader.propose_batch(many)
+        one[:] = b"ONE"  # before the node's next loop turn takes the proposals
+        many[0][:] = b"TWO"
+        many[1][:] = b"THREE"
+        index = await pending[0]
+        indexes = await pending[1]
+        want = [(index, b"one"), (indexes[0], b"two"), (indexes[1], b"three")]
+        await wait_until(lambda: all(sm.applied[-3:] == want
+                                     for sm in c.state_machines.values()))
+
+
+@run
+async def test_an_entry_larger_than_the_config_allows_is_refused_whole():
+    config = replace(FAST, max_entry_bytes=100)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
+        leader = await c.leader()
+        with pytest.raises(EntryTooLarge, match=r"101 bytes .*\(Config.max_entry_bytes is 100\)"):
+            await leader.propose(b"x" * 101)
+        with pytest.raises(EntryTooLarge, match="entry 2 of the batch: an entry of 101"):
+            await leader.propose_batch([b"a", b"b", b"x" * 101])
+        assert await leader.propose_batch([b"y" * 100]) == [leader.applied_index]
+        assert await leader.propose(b"z" * 100) == leader.applied_index
+    with pytest.raises(ConfigError, match="max_entry_bytes must be >= 1"):
+        Config(max_entry_bytes=0)
+
+
+@run
+async def test_an_entry_no_follower_could_receive_is_refused_and_the_leader_stays():
+    """An entry larger than the followers' frames made every follower close the
+    connection: the leader lost its leadership and the entry was dropped."""
+    async with LocalCluster(3, state_machine=Recorder, config=FAST, transport="tcp",
+                            tcp_options={"max_frame_bytes": 64 << 10}) as c:
+        leader = await c.leader()
+        term = leader.engine.term
+        with pytest.raises(EntryTooLarge, match=r"max_frame_bytes is 65536, less 4096"):
+            await leader.propose(b"x" * (64 << 10))
+        # the largest entry it takes does reach every follower
+        index = await leader.propose(b"y" * ((64 << 10) - 4096))
+        await wait_until(lambda: all(sm.applied and sm.applied[-1][0] == index
+                                     for sm in c.state_machines.values()))
+        assert leader.is_leader and leader.engine.term == term
 
 
 class PowerCut(MemoryStorage):

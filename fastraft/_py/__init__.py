@@ -8,6 +8,7 @@ from fastraft._py.codec import (
     decode_entries,
     encode_entries,
     entries_follow,
+    first_unfit_payload,
     index_not_of_kind,
     index_of_kind,
     make_entries,
@@ -33,4 +34,5 @@ __all__ = [
     "QuorumTracker",
     "LogIndex", "encode_entries", "decode_entries", "index_of_kind", "index_not_of_kind",
     "count_within_bytes", "entries_follow", "set_results", "make_entries", "payload_bytes",
+    "first_unfit_payload",
 ]

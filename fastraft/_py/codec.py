@@ -140,6 +140,15 @@ def make_entries(term: int, first_index: int, kind: int,
     return [Entry(term, i, kind, d) for i, d in enumerate(datas, first_index)]
 
 
+def first_unfit_payload(datas: Sequence[Any], limit: int) -> int:
+    """Position of the first of ``datas`` that is not ``bytes`` or is longer than
+    ``limit``, or -1."""
+    for pos, d in enumerate(datas):
+        if type(d) is not bytes or len(d) > limit:
+            return pos
+    return -1
+
+
 def payload_bytes(entries: Sequence[Entry]) -> int:
     """Total payload bytes of ``entries``."""
     return sum(len(e.data) for e in entries)

@@ -8,12 +8,14 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from fastraft import kernels
 from fastraft.asyncutil import call_hook
-from fastraft.config import Config
+from fastraft.config import ENTRY_ENVELOPE_BYTES, Config
 from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, RoleChanged
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
+    EntryTooLarge,
     FastRaftError,
     InvalidArgument,
     NodeFailed,
@@ -127,6 +129,12 @@ class RaftNode:
         #: Running and leading: propose() checks this one flag on its fast path.
         self._accepting = False
         self._max_pending = self.config.max_pending_proposals
+        #: The largest entry payload proposals may carry: the config's bound, or less
+        #: when the network's frames are smaller.
+        self._max_entry_bytes = self.config.max_entry_bytes
+        frame = getattr(network, "max_frame_bytes", None)
+        if isinstance(frame, int) and frame - ENTRY_ENVELOPE_BYTES < self._max_entry_bytes:
+            self._max_entry_bytes = max(frame - ENTRY_ENVELOPE_BYTES, 0)
         self._recorder = Recorder(timing=self.config.measure_durations)
         self._role_seen = Role.FOLLOWER
         self._leader_seen: int | None = None
@@ -316,6 +324,8 @@ class RaftNode:
         leadership was lost before the entry was known committed; in that case the entry
         may or may not be committed by a later leader.
         """
+        if type(data) is not bytes or len(data) > self._max_entry_bytes:
+            data = self._payload(data)
         proposals = self._proposals
         if not self._accepting or proposals.pending >= self._max_pending:
             return self._propose_admitted(data)
@@ -329,6 +339,26 @@ class RaftNode:
                 self._loop.call_soon(self._flush)
         return fut
 
+    def _payload(self, data: Any, position: int | None = None) -> bytes:
+        """``data`` as an entry's payload: bytes of its own (a bytearray or memoryview is
+        copied, as its owner may change it before the entry is sent), within the size
+        this node replicates; ``position``: its place in a batch, for the message."""
+        where = "" if position is None else f"entry {position} of the batch: "
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument(f"{where}an entry's data is bytes (or a bytearray or "
+                                  f"memoryview), not {type(data).__name__}")
+        payload = bytes(data)
+        limit = self._max_entry_bytes
+        if len(payload) > limit:
+            bound = (f"Config.max_entry_bytes is {self.config.max_entry_bytes}"
+                     if limit == self.config.max_entry_bytes else
+                     f"the network's max_frame_bytes is {limit + ENTRY_ENVELOPE_BYTES}, less "
+                     f"{ENTRY_ENVELOPE_BYTES} for the message around the entry")
+            raise EntryTooLarge(f"{where}an entry of {len(payload)} bytes is larger than the "
+                                f"{limit} this node replicates ({bound}): split it, or "
+                                "raise that limit on every node")
+        return payload
+
     async def _propose_admitted(self, data: bytes) -> Any:
         await self._admit()
         return await self.propose(data)  # admitted: takes the fast path
@@ -341,6 +371,8 @@ class RaftNode:
     def _propose_many(self, datas: Sequence[bytes], records: bool) -> Awaitable[list[Any]]:
         """``propose_batch``, or with ``records`` ``ReplicatedLog.append`` (entries of kind
         RECORD, answered with their indexes)."""
+        if kernels.first_unfit_payload(datas, self._max_entry_bytes) >= 0:
+            datas = [self._payload(d, k) for k, d in enumerate(datas)]
         if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
             return self._propose_many_admitted(datas, records)
         fut = self._loop.create_future()

@@ -614,6 +614,10 @@ class GroupNetwork:
     def stats(self) -> dict[str, int]:
         return self.net.stats
 
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.net.max_frame_bytes
+
     async def start(self, node: Any) -> None:
         await self.net.serve()
         self.net.receivers[self.group_id] = node

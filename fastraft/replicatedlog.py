@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import TYPE_CHECKING
 
-from fastraft.errors import InvalidArgument
 from fastraft.messages import Entry, EntryKind
+from fastraft.node.arguments import check_count
 
 if TYPE_CHECKING:
     from fastraft.node import RaftNode
@@ -56,9 +56,7 @@ class ReplicatedLog:
         ``max_bytes`` of payload (at least one record). Each is an ``Entry``: ``.index``
         is its offset, ``.data`` the record. Empty when none is committed yet."""
         self.node._check_running()
-        if offset < 1 or max_records < 1 or max_bytes < 1:
-            raise InvalidArgument(f"offset, max_records and max_bytes must be >= 1, got "
-                                  f"{offset}, {max_records}, {max_bytes}")
+        _check_bounds(offset, max_records, max_bytes)
         batch, _ = await self.node._log_reader.committed(offset, _RECORD, max_records,
                                                          max_bytes)
         return batch
@@ -71,11 +69,16 @@ class ReplicatedLog:
         read when the consumer asks for it, so a slow consumer costs the node nothing
         (but one that falls behind the retention bound gets ``OffsetCompacted``)."""
         self.node._check_running()
-        if offset < 1:
-            raise InvalidArgument(f"offsets start at 1, got {offset}")
+        _check_bounds(offset, max_records, max_bytes)
         return self.node._log_reader.follow(offset, _RECORD, max_records, max_bytes)
 
     async def first_offset(self) -> int:
         """The first offset this node still holds (older ones raise ``OffsetCompacted``)."""
         self.node._check_running()
         return await self.node._log_reader.first_index()
+
+
+def _check_bounds(offset: int, max_records: int, max_bytes: int) -> None:
+    check_count(offset, "offset (offsets start at 1)")
+    check_count(max_records, "max_records")
+    check_count(max_bytes, "max_bytes")

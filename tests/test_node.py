@@ -613,6 +613,18 @@ async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
             stream.subscribe(0)
         with pytest.raises(InvalidArgument, match="interval must be positive"):
             await leader.watch_metrics(interval=-1).__anext__()
+        with pytest.raises(InvalidArgument, match="start_index is an int of at least 1"):
+            await leader.committed(0).__anext__()
+        with pytest.raises(InvalidArgument, match="max_records is an int of at least 1, got 'x'"):
+            await stream.read(1, "x")
+        # a timeout that is no number of seconds is refused before anything is done: a
+        # step-down used to hand the leadership over, then raise a TypeError
+        for bad in ("1", -1, 0, float("nan"), True):
+            for call in (leader.step_down, lambda t: leader.transfer_leadership(2, t),
+                         leader.read_index, leader.wait_for_leader,
+                         lambda t: leader.remove_learner(4, t)):
+                with pytest.raises(InvalidArgument, match="timeout is a positive number"):
+                    await call(bad)
         assert leader.engine.membership == before and leader.is_leader
         assert await leader.propose(kv.put("k", b"v")) is not None
 

@@ -47,7 +47,7 @@ from fastraft.host.cachebudget import LogCacheBudget
 from fastraft.host.sums import HostSums
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
-from fastraft.node.arguments import check_node_id
+from fastraft.node.arguments import check_node_id, check_timeout
 from fastraft.node.metrics import GroupFigures, HostMetrics
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
@@ -193,6 +193,8 @@ class RaftHost:
     async def step_down(self, timeout: float | None = None) -> None:
         """Before a planned stop: every group led here hands leadership over and waits
         for its proposals' fate (``RaftNode.step_down``), all at once."""
+        if timeout is not None:
+            check_timeout(timeout)
         await asyncio.gather(*(node.step_down(timeout) for node in self._groups.values()
                                if node.is_leader))
 

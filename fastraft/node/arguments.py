@@ -18,3 +18,18 @@ def check_address(address: object) -> None:
     if not isinstance(address, str) or not 1 <= len(address) <= MAX_ADDRESS_LENGTH:
         raise InvalidArgument(f"addresses are non-empty strs of at most "
                               f"{MAX_ADDRESS_LENGTH} characters, got {address!r:.80}")
+
+
+def check_timeout(timeout: object, name: str = "timeout") -> None:
+    """Raise ``InvalidArgument`` unless ``timeout`` is a positive number of seconds (None
+    is for the caller to take or refuse before)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not 0 < timeout < float("inf"):
+        raise InvalidArgument(f"{name} is a positive number of seconds, got {timeout!r:.80}")
+
+
+def check_count(value: object, name: str) -> None:
+    """Raise ``InvalidArgument`` unless ``value`` is an int of at least 1 (an index, an
+    offset, a bound)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{name} is an int of at least 1, got {value!r:.80}")

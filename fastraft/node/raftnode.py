@@ -31,7 +31,7 @@ from fastraft.messages import Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
 from fastraft.node import observe
 from fastraft.node.applier import Applier
-from fastraft.node.arguments import check_address, check_node_id
+from fastraft.node.arguments import check_address, check_count, check_node_id, check_timeout
 from fastraft.node.logreader import LogReader
 from fastraft.node.membership import MembershipChanges
 from fastraft.node.metrics import Metrics, Recorder
@@ -395,12 +395,16 @@ class RaftNode:
         call, when the leader refuses it (too many reads), or when none confirmed it
         within ``timeout`` (default: four ``election_timeout_max``)."""
         self._check_running()
+        if timeout is not None:
+            check_timeout(timeout)
         return await self._reads.read_index(timeout)
 
-    async def wait_for_leader(self, timeout: float = 10.0) -> int:
-        """Wait until a leader is known; returns its id. Raises ``TimeoutError``, or
-        ``NodeStopped`` if the node stops meanwhile."""
+    async def wait_for_leader(self, timeout: float | None = 10.0) -> int:
+        """Wait until a leader is known; returns its id. Raises ``TimeoutError`` (None:
+        waits as long as it takes), or ``NodeStopped`` if the node stops meanwhile."""
         self._check_running()
+        if timeout is not None:
+            check_timeout(timeout)
 
         async def seen() -> int | None:
             # The leader as seen here: wait_for runs this in a task of its own, and by
@@ -421,6 +425,7 @@ class RaftNode:
         from memory or storage, then following new commits live. Ends when the node
         stops (raises its ``NodeFailed`` if it stopped itself); raises ``OffsetCompacted``
         for entries no longer in the log."""
+        check_count(start_index, "start_index")
         async for batch in self._log_reader.follow(start_index, _NORMAL):
             for e in batch:
                 yield e
@@ -437,6 +442,7 @@ class RaftNode:
     async def add_learner(self, node_id: int, address: str, timeout: float = 30.0) -> None:
         """Add a non-voting member (§6, thesis §4.2.1): it receives the log, and snapshots,
         but neither votes nor counts for commit. Returns once the change is committed."""
+        check_timeout(timeout)
         await self._membership.add_learner(node_id, address, timeout)
 
     async def remove_learner(self, node_id: int, timeout: float = 30.0) -> None:
@@ -444,6 +450,7 @@ class RaftNode:
         of learners only, so no joint configuration (§6); the leader stops replicating to
         it. Returns once the change is committed. A voter leaves through
         ``change_membership``."""
+        check_timeout(timeout)
         await self._membership.remove_learner(node_id, timeout)
 
     async def update_address(self, node_id: int, address: str, timeout: float = 30.0) -> None:
@@ -452,6 +459,7 @@ class RaftNode:
         node once appended, so the leader dials the new address at once); no joint
         configuration, as no vote moves. Returns once it is committed; a no-op if the
         address is already that. Raises as ``add_learner`` does."""
+        check_timeout(timeout)
         await self._membership.update_address(node_id, address, timeout)
 
     async def change_membership(self, voters: set[int], timeout: float = 30.0) -> None:
@@ -464,11 +472,14 @@ class RaftNode:
         change commits and then learns that a later leader committed another entry in
         its place, or learns nothing for ``Config.lost_leadership_wait`` (read the
         membership before trying again), as ``add_learner`` and ``remove_learner`` do."""
+        check_timeout(timeout)
         await self._membership.change_membership(voters, timeout)
 
     async def transfer_leadership(self, target: int, timeout: float | None = None) -> None:
         """Make voter ``target`` the leader (thesis §3.10). Proposals are refused meanwhile
         (``NotLeader`` naming the target). Raises ``TimeoutError`` if it did not happen."""
+        if timeout is not None:
+            check_timeout(timeout)
         self._leader_engine().transfer_leadership(target)
         self._schedule_flush()
         limit = timeout if timeout is not None else self.config.election_timeout_max * 3
@@ -491,6 +502,8 @@ class RaftNode:
         ``timeout`` (default: three election timeouts) bounds each of the two waits; a
         transfer that does not happen in time is logged, and the stop then resigns as it
         always does (``Engine.resign``)."""
+        if timeout is not None:
+            check_timeout(timeout)
         target = self.engine.successor() if self._running else None
         if target is None:
             return

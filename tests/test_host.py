@@ -307,6 +307,18 @@ async def test_wrong_calls_raise_typed_errors():
                 await host.create_group(bad, members, state_machine=Log())
         with pytest.raises(UnknownGroup, match="group 9 does not run on host 1"):
             host.group(9)
+        # refused before anything of the group is made (a replica that started, then
+        # failed on its members, was an AttributeError or TypeError from deep inside)
+        for kwargs, match in (({"members": [1]}, "members must include this node .1. and map"),
+                              ({"members": {2: "h:1"}}, "members must include this node"),
+                              ({"state_machine": None}, "state_machine must be a StateMachine: "
+                                                        "NoneType has no apply, restore"),
+                              ({"config": "x"}, "config must be a fastraft.Config, got str")):
+            call = {"members": members, "state_machine": Log(), **kwargs}
+            with pytest.raises(InvalidArgument, match=match):
+                await host.create_group(2, call.pop("members"), **call)
+            with pytest.raises(UnknownGroup):
+                host.group(2)
         await host.group(1).wait_for_leader(10)
         assert await host.group(1).propose(b"x") == 1  # a one-host group commits alone
         await host.remove_group(1)

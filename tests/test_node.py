@@ -584,10 +584,29 @@ async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
     with pytest.raises(InvalidArgument, match="positive ints"):
         RaftNode(0, storage=MemoryStorage(), network=MemoryHub().network(1),
                  state_machine=Recorder(), config=FAST)
+    class ApplyOnly:
+        def apply(self, entries):
+            return [None] * len(entries)
+
+    for kwargs, match in (({"storage": None}, "storage must be a RaftStorage: NoneType has no "
+                                              "append_entries, compact_prefix"),
+                          ({"network": object()}, "network must be a RaftNetwork: object has no "
+                                                  "send, set_peers, start, stop"),
+                          ({"state_machine": ApplyOnly()}, "state_machine must be a "
+                                                           "StateMachine: ApplyOnly has no "
+                                                           "restore, snapshot$"),
+                          ({"config": {"heartbeat_interval": 0.01}}, "config must be a "
+                                                                     "fastraft.Config, got dict")):
+        hooks = {"storage": MemoryStorage(), "network": MemoryHub().network(1),
+                 "state_machine": Recorder(), "config": FAST, **kwargs}
+        with pytest.raises(InvalidArgument, match=match):
+            RaftNode(1, **hooks)
     async with LocalCluster(3, state_machine=Recorder, config=FAST, spares=1) as c:
         leader = await c.leader()
         with pytest.raises(InvalidArgument, match="must include this node"):
             await leader.initialize({7: "nowhere"})
+        with pytest.raises(InvalidArgument, match="map node ids to addresses, got .1, 2, 3."):
+            await leader.initialize([1, 2, 3])
         with pytest.raises(InvalidArgument, match="addresses are non-empty strs"):
             await leader.initialize({leader.id: "x" * 2000})
         await leader.add_learner(4, c.addresses[4])

@@ -47,7 +47,7 @@ from fastraft.host.cachebudget import LogCacheBudget
 from fastraft.host.sums import HostSums
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
-from fastraft.node.arguments import check_node_id, check_timeout
+from fastraft.node.arguments import check_members, check_node_id, check_timeout
 from fastraft.node.metrics import GroupFigures, HostMetrics
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
@@ -219,6 +219,8 @@ class RaftHost:
             raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
         if group_id in self._groups:
             raise GroupExists(f"group {group_id} already runs on host {self.id}")
+        if members is not None:
+            members = check_members(self.id, members)
         network = self.network.group(group_id)
         network.watched = True  # _liveness_loop wakes it when quiet and its leader is lost
         node = RaftNode(self.id, storage=storage or self.storage_factory(group_id),

@@ -2,8 +2,15 @@
 with ``InvalidArgument`` at the call, not by a peer later."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from fastraft.config import Config
 from fastraft.errors import InvalidArgument
 from fastraft.messages import MAX_ADDRESS_LENGTH, MAX_NODE_ID
+from fastraft.network import RaftNetwork
+from fastraft.statemachine import StateMachine
+from fastraft.storage import RaftStorage
 
 
 def check_node_id(node_id: object) -> None:
@@ -33,3 +40,40 @@ def check_count(value: object, name: str) -> None:
     offset, a bound)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidArgument(f"{name} is an int of at least 1, got {value!r:.80}")
+
+
+def check_members(node_id: int, members: object) -> dict[int, str]:
+    """``members`` (node id -> address, this node among them) as a dict, or
+    ``InvalidArgument``."""
+    if not isinstance(members, Mapping) or node_id not in members:
+        raise InvalidArgument(f"members must include this node ({node_id}) and map node "
+                              f"ids to addresses, got {members!r:.120}")
+    for member, address in members.items():
+        check_node_id(member)
+        check_address(address)
+    return dict(members)
+
+
+def _methods(protocol: type) -> list[str]:
+    return sorted(name for name, value in vars(protocol).items()
+                  if callable(value) and not name.startswith("_"))
+
+
+#: The hooks a node is built on: argument name, what it must be, the methods it must have.
+_HOOKS = [("storage", "a RaftStorage", _methods(RaftStorage)),
+          ("network", "a RaftNetwork", _methods(RaftNetwork)),
+          ("state_machine", "a StateMachine", _methods(StateMachine))]
+
+
+def check_hooks(config: object = None, **hooks: Any) -> None:
+    """Raise ``InvalidArgument`` naming the first of ``hooks`` (storage, network,
+    state_machine) that lacks a method of its protocol, or a ``config`` that is not a
+    ``Config``: at the call, not as an ``AttributeError`` from deep inside a start."""
+    for name, what, methods in _HOOKS:
+        if name in hooks:
+            missing = [m for m in methods if not callable(getattr(hooks[name], m, None))]
+            if missing:
+                raise InvalidArgument(f"{name} must be {what}: {type(hooks[name]).__name__} "
+                                      f"has no {', '.join(missing)}")
+    if config is not None and not isinstance(config, Config):
+        raise InvalidArgument(f"config must be a fastraft.Config, got {type(config).__name__}")

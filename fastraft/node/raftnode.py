@@ -31,7 +31,13 @@ from fastraft.messages import Entry, EntryKind, Membership
 from fastraft.network import RaftNetwork
 from fastraft.node import observe
 from fastraft.node.applier import Applier
-from fastraft.node.arguments import check_address, check_count, check_node_id, check_timeout
+from fastraft.node.arguments import (
+    check_count,
+    check_hooks,
+    check_members,
+    check_node_id,
+    check_timeout,
+)
 from fastraft.node.logreader import LogReader
 from fastraft.node.membership import MembershipChanges
 from fastraft.node.metrics import Metrics, Recorder
@@ -57,6 +63,7 @@ class RaftNode:
                  state_machine: StateMachine, config: Config | None = None,
                  rng: random.Random | None = None, cluster_id: str = "fastraft") -> None:
         check_node_id(node_id)
+        check_hooks(config, storage=storage, network=network, state_machine=state_machine)
         self.id = node_id
         #: Recorded in storage on first start; a storage of another cluster is refused.
         self.cluster_id = cluster_id
@@ -290,11 +297,7 @@ class RaftNode:
         storage failed to write (the node stops; initialize it again after a restart).
         """
         self._check_running()
-        if not members or self.id not in members:
-            raise InvalidArgument(f"members must include this node ({self.id}), got {members!r}")
-        for node_id, address in members.items():
-            check_node_id(node_id)
-            check_address(address)
+        members = check_members(self.id, members)
         membership = Membership(voters=frozenset(members), addresses=dict(members))
         engine = self.engine
         if not engine.fresh:

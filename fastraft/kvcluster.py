@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .errors import InvalidArgument
-from .kvservice import CLOSING, ClientError, KVClient, shard_of
+from .kvservice import CLOSING, ClientError, KVClient, check_item, shard_of
 
 _T = TypeVar("_T")
 
@@ -154,14 +154,17 @@ class KVCluster:
 
     async def put(self, key: str, value: bytes) -> int:
         """Set ``key``; its new version once committed and applied."""
+        check_item("put", key, value)
         return await self._on_leader(key, lambda c: c.put(key, value), read=False)
 
     async def delete(self, key: str) -> int:
         """Delete ``key``; its new version."""
+        check_item("delete", key)
         return await self._on_leader(key, lambda c: c.delete(key), read=False)
 
     async def get(self, key: str) -> bytes | None:
         """``key``'s value (None if not set), linearizable."""
+        check_item("get", key)
         return await self._on_leader(key, lambda c: c.get(key), read=True)
 
     def group_of(self, key: str) -> int:

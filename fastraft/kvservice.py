@@ -145,6 +145,16 @@ def shard_of(key: str, shards: int) -> int:
     return zlib.crc32(key.encode()) % shards
 
 
+def check_item(op: str, key: object, value: object = b"") -> None:
+    """Raise ``InvalidArgument`` unless ``key`` is a str and ``value`` bytes (or a
+    bytearray or memoryview): what else a request carried would make the node close the
+    connection, failing every other request on it."""
+    if not isinstance(key, str):
+        raise InvalidArgument(f"a {op}'s key is a str, not {type(key).__name__}")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"a {op}'s value is bytes, not {type(value).__name__}")
+
+
 def _payload_bytes(item: Request | Response) -> int:
     if isinstance(item, Request):
         return len(item.key) + len(item.value)
@@ -668,6 +678,7 @@ class KVClient(Link):
                       limit: int = 0, group: int | None = None) -> Response:
         if self.closed:
             raise ConnectionError(f"connection to {self.server_address} is closed")
+        check_item(op, key, value)
         size = len(key.encode()) + len(value) + REQUEST_OVERHEAD
         if size > MAX_FRAME:
             raise InvalidArgument(f"a {op} of {len(value)} bytes does not fit in a frame "

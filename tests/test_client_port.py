@@ -93,6 +93,25 @@ async def test_a_request_too_large_for_any_frame_is_refused_before_it_is_sent(mo
 
 
 @run
+async def test_a_key_or_value_of_another_type_is_refused_and_the_others_are_served(
+        monkeypatch):
+    """Sent, a str value made the node close the connection as malformed input: every
+    other request on it failed with ConnectionError."""
+    async with _Port(monkeypatch) as port:
+        others = [asyncio.ensure_future(port.client.put(f"k{i}", b"v")) for i in range(20)]
+        for call, match in ((lambda: port.client.put("k", "text"), "put's value is bytes, "
+                                                                   "not str"),
+                            (lambda: port.client.put(b"k", b"v"), "put's key is a str, not "
+                                                                  "bytes"),
+                            (lambda: port.client.get(7), "get's key is a str, not int"),
+                            (lambda: port.client.delete(None), "del's key is a str")):
+            with pytest.raises(InvalidArgument, match=match):
+                await call()
+        assert len(set(await asyncio.wait_for(asyncio.gather(*others), 30))) == 20
+        assert await port.client.put("ok", bytearray(b"v")) > 0
+
+
+@run
 async def test_a_connect_cancelled_at_any_moment_is_cancelled():
     # asyncio.wait_for (up to Python 3.11) lost a cancellation that came as the dial
     # failed, and uvloop refuses a dead port at once: the caller got the refusal instead.

@@ -55,6 +55,12 @@ async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redir
             assert cluster.groups == 1
             versions = [await cluster.put(f"k{n}", b"v%d" % n) for n in range(50)]
             assert versions == sorted(versions)
+            for call, match in ((lambda: cluster.put(1, b"v"), "put's key is a str, not int"),
+                                (lambda: cluster.put("k", "v"), "put's value is bytes"),
+                                (lambda: cluster.get(b"k"), "get's key is a str, not bytes"),
+                                (lambda: cluster.delete(None), "delete's key is a str")):
+                with pytest.raises(InvalidArgument, match=match):
+                    await call()
             assert cluster.leaders == [leader.id] and cluster.ids[leader.id] == addresses[
                 leader.id]
             # each node's status as it is dialed, one redirect, then every write on the

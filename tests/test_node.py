@@ -494,6 +494,28 @@ async def test_a_failing_state_machine_stops_the_node_and_proposals_fail_fast():
         assert b"after" not in [d for _, d in c.state_machines[leader.id].applied]
 
 
+class Miscounts(Recorder):
+    """Returns, for an entry of ``b"none"``, None (a forgotten return); of ``b"short"``,
+    one result too few."""
+
+    def apply(self, entries):
+        results = super().apply(entries)
+        data = bytes(entries[-1].data)
+        return None if data == b"none" else results[:-1] if data == b"short" else results
+
+
+@run
+@pytest.mark.parametrize("data, message", [
+    (b"none", r"apply returned NoneType, not one result per entry \(a list\)"),
+    (b"short", "apply returned 0 results for 1 entries")])
+async def test_a_state_machine_that_miscounts_its_results_stops_the_node_saying_so(
+        data, message):
+    async with LocalCluster(1, state_machine=Miscounts, config=FAST) as c:
+        node = await c.leader()
+        with pytest.raises(NodeFailed, match=f"failed applying entry 3: TypeError.*{message}"):
+            await node.propose(data)
+
+
 @run
 async def test_initialize_is_idempotent_and_refuses_other_state():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:

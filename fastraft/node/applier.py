@@ -334,8 +334,13 @@ class Applier:
         self._applied(entries, user, results)
 
     def _applied(self, entries: list[Entry], user: list[Entry], results: Sequence[Any]) -> None:
-        if len(results) != len(user):
-            raise TypeError(f"state machine returned {len(results)} results for "
+        try:
+            count = len(results)
+        except TypeError:  # a forgotten return, a generator
+            raise TypeError(f"the state machine's apply returned {type(results).__name__}, "
+                            "not one result per entry (a list)") from None
+        if count != len(user):
+            raise TypeError(f"the state machine's apply returned {count} results for "
                             f"{len(user)} entries")
         self.applied_index = entries[-1].index
         node = self.node

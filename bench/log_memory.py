@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from fastraft.kvservice import KVClient, find_leader
+from fastraft.kvclient import KVClient, find_leader
 from fastraft.processes import ProcessCluster, memory_mib
 
 

@@ -301,7 +301,7 @@ def _close(storage: object) -> None:
 
 
 async def show_status(args: argparse.Namespace) -> int:
-    from fastraft.kvservice import ClientError, KVClient
+    from fastraft.kvclient import ClientError, KVClient
     client = await KVClient.connect(args.address, cluster_id=args.cluster_id,
                                     **security_options(args))
     try:
@@ -319,7 +319,7 @@ async def cluster_status(args: argparse.Namespace) -> int:
     """One row per node, like ``etcdctl endpoint status --cluster -w table`` (nodes of
     several groups, without ``--group``: their hosts' figures); 1 if a node did not
     answer."""
-    from fastraft.kvservice import ClientError, KVClient
+    from fastraft.kvclient import ClientError, KVClient
 
     addresses = parse_addresses(args.cluster)
     security = security_options(args)
@@ -392,8 +392,8 @@ KV_TIMEOUT = 5.0
 async def kv_command(args: argparse.Namespace) -> int:
     """``fastraft kv put|get|del``: on the leader of the key's group among ``--address``
     (``KVCluster``: redirects followed, an election waited out)."""
+    from fastraft.kvclient import ClientError
     from fastraft.kvcluster import KVCluster
-    from fastraft.kvservice import ClientError
 
     addresses = [a.strip() for a in args.address.split(",") if a.strip()]
     try:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from fastraft.asyncutil import run_loop
-from fastraft.kvservice import ClientError, KVClient, find_leader
+from fastraft.kvclient import ClientError, KVClient, find_leader
 from fastraft.processes import ProcessCluster
 
 

@@ -37,7 +37,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from .errors import InvalidArgument
-from .kvservice import CLOSING, ClientError, KVClient, check_item, shard_of
+from .kvclient import ClientError, KVClient
+from .kvprotocol import CLOSING, check_item, shard_of
 
 _T = TypeVar("_T")
 

@@ -1,4 +1,5 @@
-"""A client port for a KV node: what ``fastraft node`` serves and ``fastraft demo`` drives.
+"""The client port of a KV node: what ``fastraft node`` serves, and ``fastraft demo`` and
+``fastraft kv`` drive through ``fastraft.kvclient.KVClient``.
 
 Besides the KV operations, the port serves the node's ``ReplicatedLog``: ``append`` a
 record (answered with its offset, on the leader) and ``records`` from an offset (on any
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import zlib
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,7 @@ import msgspec
 from fastraft import kv
 from fastraft.addresses import parse_address
 from fastraft.errors import FastRaftError, InvalidArgument, NotLeader
+from fastraft.kvprotocol import CLOSING, MAX_FRAME, Batcher, Request, Response, shard_of
 from fastraft.logutil import Throttle
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import (
@@ -59,7 +60,6 @@ from fastraft.transport.link import (
     Gate,
     Link,
     TlsConfig,
-    dial,
 )
 
 if TYPE_CHECKING:
@@ -67,63 +67,14 @@ if TYPE_CHECKING:
     from fastraft.node import RaftNode
 
 log = logging.getLogger("fastraft.kvservice")
-MAX_FRAME = 16 << 20
-#: The most requests (or answers) in one frame, and about the most bytes of keys, values
-#: and records (an item larger than that travels alone): the receiver decodes a frame
-#: whole, in one loop turn, which holds off the node's heartbeats while it lasts.
-FRAME_ITEMS = 1024
-FRAME_BYTES = 1 << 20
-#: An upper bound on what a request's encoding adds to its key and value: the client
-#: refuses, before sending it, a request that would not fit in a frame.
-REQUEST_OVERHEAD = 64
 #: Most records, and about most payload bytes, in one "records" answer.
 MAX_RECORDS = 10_000
 RECORDS_BYTES = 4 << 20
-
-
-class Request(msgspec.Struct, array_like=True):
-    id: int
-    #: put get del status append records add_learner remove_learner update_address
-    #: change_membership transfer_leadership
-    op: str
-    key: str = ""
-    value: bytes = b""
-    #: "records": the first offset wanted, and at most how many records.
-    offset: int = 0
-    limit: int = 0
-    #: "append", "records", the membership requests, "status" on a port of
-    #: several groups: the group's id (None: the port's only group; for "status", the
-    #: node's). Earlier servers ignore it.
-    group: int | None = None
-
-
-#: The error of a server's closing notice (a response of id 0), and of the requests it
-#: names as never begun.
-CLOSING = "closing"
-
-
-class Response(msgspec.Struct, array_like=True):
-    id: int
-    ok: bool
-    value: bytes | None = None
-    version: int = 0
-    error: str = ""
-    leader: int | None = None
-    status: dict[str, Any] | None = None
-    leader_address: str | None = None
-    #: "records": (offset, record) pairs, in order.
-    records: list[tuple[int, bytes]] | None = None
-    #: "not_leader": the leader's client port, when the server knows it.
-    leader_client_address: str | None = None
-
-
 #: Turns a request and what its future returned into the response.
 _Answer = Callable[[Request, Any], Response]
 _raw_list_dec = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _req_dec = msgspec.msgpack.Decoder(Request)
 _voters_dec = msgspec.msgpack.Decoder(list[int])
-_resp_dec = msgspec.msgpack.Decoder(list[Response])
-_enc = msgspec.msgpack.Encoder()
 #: Membership and leadership requests: the change each asks of its group's replica
 #: (answered once done). ``change_membership`` decodes its voters when called, so a bad
 #: list is refused before anything starts.
@@ -137,62 +88,6 @@ _CHANGES: dict[str, Callable[[RaftNode, Request], Coroutine[Any, Any, None]]] = 
 }
 #: Requests of one group: a port of several serves them for the group they name.
 _GROUP_OPS = frozenset({"append", "records", "status", *_CHANGES})
-
-
-def shard_of(key: str, shards: int) -> int:
-    """The group of ``key`` among ``shards`` groups: ``crc32`` of its UTF-8 bytes, modulo
-    ``shards`` (clients route with it; so does a sharded ``KVServer``)."""
-    return zlib.crc32(key.encode()) % shards
-
-
-def check_item(op: str, key: object, value: object = b"") -> None:
-    """Raise ``InvalidArgument`` unless ``key`` is a str and ``value`` bytes (or a
-    bytearray or memoryview): what else a request carried would make the node close the
-    connection, failing every other request on it."""
-    if not isinstance(key, str):
-        raise InvalidArgument(f"a {op}'s key is a str, not {type(key).__name__}")
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"a {op}'s value is bytes, not {type(value).__name__}")
-
-
-def _payload_bytes(item: Request | Response) -> int:
-    if isinstance(item, Request):
-        return len(item.key) + len(item.value)
-    size = 0 if item.value is None else len(item.value)
-    records = item.records
-    return size + sum(len(r[1]) for r in records) if records else size
-
-
-class _Batcher:
-    """Coalesces the responses (or requests) of one loop iteration into as few frames as
-    ``FRAME_ITEMS`` and ``FRAME_BYTES`` allow."""
-
-    def __init__(self, link: Link) -> None:
-        self.link = link
-        self.pending: list[Any] = []
-        self.scheduled = False
-
-    def push(self, item: Request | Response) -> None:
-        self.pending.append(item)
-        if not self.scheduled:
-            self.scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self.scheduled = False
-        pending, self.pending = self.pending, []
-        transport = self.link.transport
-        if not pending or transport is None or transport.is_closing():
-            return
-        write, encode = self.link._write, _enc.encode
-        start = size = 0
-        for k, item in enumerate(pending):
-            size += _payload_bytes(item)
-            if size >= FRAME_BYTES or k + 1 - start >= FRAME_ITEMS:
-                write(encode(pending[start:k + 1]))
-                start, size = k + 1, 0
-        if start < len(pending):
-            write(encode(pending[start:]))
 
 
 class KVServer:
@@ -330,7 +225,7 @@ class _ClientConnection(Link):
                          throttle=server.throttle)
         self.server = server
         self.node = server.node
-        self.out = _Batcher(self)
+        self.out = Batcher(self)
         #: Requests read but not started (the rest of a frame when the limit was hit),
         #: still encoded: each is decoded when started.
         self.backlog: deque[msgspec.Raw] = deque()
@@ -542,233 +437,3 @@ class _ClientConnection(Link):
         self.out.push(Response(0, False, version=self.last_started, error=CLOSING))
         self.out.flush()
         self.close()
-
-
-class ClientError(Exception):
-    """The node answered a request with an error: ``error`` is ``"not_leader"`` (then
-    ``leader`` is the leader's id, or None, ``leader_address`` its Raft address and
-    ``leader_client_address`` its client port when the node knows it), ``"refused: ..."``
-    (the state machine refused the command), ``"closing"`` (the node shut down before it
-    began the request: another node may be asked), or ``"<ErrorType>: message"``."""
-
-    def __init__(self, error: str, leader: int | None = None,
-                 leader_address: str | None = None,
-                 leader_client_address: str | None = None, detail: str = ""):
-        if detail:
-            where = f": {detail}"
-        elif leader is None:
-            where = ""
-        elif leader_client_address:
-            where = f" (leader {leader} at {leader_client_address})"
-        else:  # its Raft port speaks no client protocol: say which address it is
-            where = f" (leader {leader}, Raft address {leader_address}; its client address " \
-                "is not known to this node: list it in the node's --clients)"
-        super().__init__(error + where)
-        self.error = error
-        self.leader = leader
-        self.leader_address = leader_address
-        self.leader_client_address = leader_client_address
-
-
-class KVClient(Link):
-    """Pipelined client of one node's client port."""
-
-    @classmethod
-    async def connect(cls, address: str, timeout: float = 5.0, *,
-                      cluster_id: str = "fastraft", secret: bytes | None = None,
-                      tls: TlsConfig | None = None) -> KVClient:
-        """Connect and complete the handshake; ``ConnectionError`` if the node refuses."""
-        host, port = parse_address(address)
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        creds = Credentials(cluster_id, "kv", secret, tls)
-        try:
-            _, client = await dial(loop, lambda: cls(address, creds, ready, timeout),
-                                   host, port, timeout)
-        except asyncio.TimeoutError:
-            raise ConnectionError(f"{address}: no connection within {timeout}s") from None
-        # The link's own handshake timer (``timeout``, armed on connecting) settles
-        # ``ready`` if the server stays silent, as a refusal or a lost connection does.
-        try:
-            await ready
-        except asyncio.CancelledError:
-            client.close()  # the caller gave up: the connection is nobody's
-            raise
-        return client
-
-    @classmethod
-    async def connect_retrying(cls, address: str, timeout: float = 30.0,
-                               **kwargs: Any) -> KVClient:
-        """Connect, retrying while the node starts up, for at most ``timeout`` seconds."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            try:
-                return await cls.connect(address, timeout=1.0, **kwargs)
-            except (OSError, asyncio.TimeoutError):
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-
-    def __init__(self, address: str, credentials: Credentials, ready: asyncio.Future[Any],
-                 timeout: float) -> None:
-        super().__init__(credentials, 0, "", acceptor=False, max_frame=MAX_FRAME,
-                         stats={}, handshake_timeout=timeout)
-        self.server_address = address
-        self.ready = ready
-        self.next_id = 0
-        self.waiting: dict[int, asyncio.Future[Any]] = {}
-        self.out = _Batcher(self)
-        #: Why this client closed the connection, if it did.
-        self.refused = ""
-        #: Frames of answers received: a watcher that sees requests waiting and this
-        #: count standing still knows the server has been silent since (``KVCluster``).
-        self.frames_received = 0
-
-    def authenticated(self, peer_id: int, address: str) -> bool:
-        if not self.ready.done():
-            self.ready.set_result(None)
-        return True
-
-    def refuse(self, why: str, count: bool = True) -> bool:
-        """The server's bytes are not the protocol: the caller is told why (a client has
-        no log of its own to say it in)."""
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(
-                f"{self.server_address} does not answer as a fastraft client port: {why}"))
-        self.refused = why
-        self.close()
-        return False
-
-    def lost(self) -> None:
-        err = ConnectionError(f"connection to {self.server_address} lost"
-                              + (f": {self.refused}" if self.refused else ""))
-        if not self.ready.done():
-            self.ready.set_exception(ConnectionError(
-                f"{self.server_address} refused the connection (see its log)"))
-        for fut in self.waiting.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self.waiting.clear()
-
-    def frame(self, frame: memoryview) -> bool:
-        try:
-            responses = _resp_dec.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            return self.refuse(f"malformed response: {exc}")
-        self.frames_received += 1
-        for resp in responses:
-            fut = self.waiting.pop(resp.id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(resp)
-            elif resp.id == 0 and resp.error == CLOSING:
-                self._closing(resp.version)
-        return True
-
-    def _closing(self, last_started: int) -> None:
-        """The server shuts down: the requests after ``last_started`` never began, and
-        the answers of the others came before this notice: the connection is done."""
-        self.close()
-        why = f"{self.server_address} shut down before it began the request: ask another node"
-        for request_id in [i for i in self.waiting if i > last_started]:
-            fut = self.waiting.pop(request_id)
-            if not fut.done():
-                fut.set_exception(ClientError(CLOSING, detail=why))
-
-    async def request(self, op: str, key: str = "", value: bytes = b"", *, offset: int = 0,
-                      limit: int = 0, group: int | None = None) -> Response:
-        if self.closed:
-            raise ConnectionError(f"connection to {self.server_address} is closed")
-        check_item(op, key, value)
-        size = len(key.encode()) + len(value) + REQUEST_OVERHEAD
-        if size > MAX_FRAME:
-            raise InvalidArgument(f"a {op} of {len(value)} bytes does not fit in a frame "
-                                  f"of the client port ({MAX_FRAME} bytes at most)")
-        self.next_id += 1
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[self.next_id] = fut
-        self.out.push(Request(self.next_id, op, key, value, offset, limit, group))
-        resp: Response = await fut
-        if not resp.ok:
-            raise ClientError(resp.error, resp.leader, resp.leader_address,
-                              resp.leader_client_address)
-        return resp
-
-    async def put(self, key: str, value: bytes) -> int:
-        return (await self.request("put", key, value)).version
-
-    async def delete(self, key: str) -> int:
-        return (await self.request("del", key)).version
-
-    async def get(self, key: str) -> bytes | None:
-        return (await self.request("get", key)).value
-
-    async def status(self, group: int | None = None) -> dict[str, Any]:
-        """The node's status; with ``group``, that of its replica of the group (on a
-        node of several groups, ``fastraft node --groups``)."""
-        return (await self.request("status", group=group)).status or {}
-
-    async def append(self, record: bytes, group: int | None = None) -> int:
-        """Append a record to the node's ``ReplicatedLog`` (on the leader); its offset.
-        ``group``: which group's, on a node of several."""
-        return (await self.request("append", value=record, group=group)).version
-
-    async def records(self, offset: int, limit: int = 1000,
-                      group: int | None = None) -> list[tuple[int, bytes]]:
-        """Committed records from ``offset`` on, as (offset, record) pairs: at most
-        ``limit`` (and about 4 MiB); empty when none is committed yet. ``group``: which
-        group's, on a node of several."""
-        return (await self.request("records", offset=offset, limit=limit,
-                                   group=group)).records or []
-
-    async def add_learner(self, node_id: int, address: str, group: int | None = None) -> None:
-        """Add node ``node_id`` at Raft ``address`` as a learner (on the leader); returns
-        once the change is committed. See ``RaftNode.add_learner``. ``group``: which
-        group, on a node of several (``fastraft node --groups``); its leader may be
-        another node than a key's."""
-        await self.request("add_learner", address, offset=node_id, group=group)
-
-    async def remove_learner(self, node_id: int, group: int | None = None) -> None:
-        """Remove learner ``node_id`` (on the leader); see ``RaftNode.remove_learner``.
-        ``group`` as for ``add_learner``. Servers before it answer ``unknown op``."""
-        await self.request("remove_learner", offset=node_id, group=group)
-
-    async def update_address(self, node_id: int, address: str,
-                             group: int | None = None) -> None:
-        """Member ``node_id`` is now at Raft ``address`` (on the leader); see
-        ``RaftNode.update_address``. ``group`` as for ``add_learner``."""
-        await self.request("update_address", address, offset=node_id, group=group)
-
-    async def transfer_leadership(self, target: int, group: int | None = None) -> None:
-        """Make voter ``target`` the leader (on the leader); returns once it leads. See
-        ``RaftNode.transfer_leadership``. ``group`` as for ``add_learner``."""
-        await self.request("transfer_leadership", offset=target, group=group)
-
-    async def change_membership(self, voters: set[int], group: int | None = None) -> None:
-        """Move to the voter set ``voters`` (on the leader); see
-        ``RaftNode.change_membership``. ``group`` as for ``add_learner``."""
-        await self.request("change_membership", value=_enc.encode(sorted(voters)),
-                           group=group)
-
-
-async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
-                      exclude: frozenset[int] = frozenset(), group: int | None = None) -> int:
-    """The id of the current leader (of ``group``, on nodes of several groups): of the
-    nodes whose status says they lead, the one with the highest term (a deposed leader
-    may not know it yet)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        leaders = []
-        for i, c in list(clients.items()):
-            if i in exclude or c.closed:
-                continue
-            try:
-                status = await asyncio.wait_for(c.status(group), 1.0)
-            except (ClientError, ConnectionError, asyncio.TimeoutError):
-                continue
-            if status["role"] == "leader":
-                leaders.append((status["term"], i))
-        if leaders:
-            return max(leaders)[1]
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"no leader among nodes {sorted(clients)} after {timeout}s")

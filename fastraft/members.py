@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastraft.host import preferred_leader
-from fastraft.kvservice import ClientError, KVClient, find_leader
+from fastraft.kvclient import ClientError, KVClient, find_leader
 
 #: Groups changed at once: a few, so that a thousand groups do not take a thousand round
 #: trips one after the other, nor hand every leader a catch-up at the same moment.

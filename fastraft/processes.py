@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fastraft.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fastraft.kvservice import KVClient
+    from fastraft.kvclient import KVClient
 
 #: Lowest port ``free_ports`` hands out when it picks its own.
 LOWEST_PORT = 10_000
@@ -157,7 +157,7 @@ class ProcessCluster:
         as for ``KVClient.connect_retrying``)."""
         # here, not at the top: the benchmark's nodes import this module for free_ports,
         # and the client stack would add 50-100 ms to each one's start
-        from fastraft.kvservice import KVClient
+        from fastraft.kvclient import KVClient
         return await KVClient.connect_retrying(self.client[i], cluster_id=self.cluster_id,
                                                **options)
 

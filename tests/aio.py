@@ -51,7 +51,7 @@ async def until_knows_leader(client, node: int, leader: int, timeout: float = 10
 async def put_retrying(clients, key):
     """Put ``key`` through whoever leads; an election in between (ProposalDropped, not
     leader, a closed connection) means it may or may not be in: write it again."""
-    from fastraft.kvservice import ClientError, find_leader
+    from fastraft.kvclient import ClientError, find_leader
 
     while True:
         leader = await find_leader(clients)
@@ -72,7 +72,7 @@ async def change_membership_retrying(clients, change, voters, learners=()):
     the change may or may not have happened: read the leader's membership, and change it
     again if it is not there. A change that returns is there. Returns the leader that
     showed it."""
-    from fastraft.kvservice import ClientError, find_leader
+    from fastraft.kvclient import ClientError, find_leader
 
     def there(m):
         return m["voters"] == sorted(voters) and m["learners"] == sorted(learners)
@@ -96,7 +96,7 @@ async def change_membership_retrying(clients, change, voters, learners=()):
 async def refusal_retrying(clients, call):
     """The ``ClientError`` that ``call(client)`` on whoever leads is refused with, asked
     again while an election gets in the way."""
-    from fastraft.kvservice import ClientError, find_leader
+    from fastraft.kvclient import ClientError, find_leader
 
     while True:
         leader = await find_leader(clients)

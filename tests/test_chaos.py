@@ -28,7 +28,8 @@ import random
 import time
 import warnings
 
-from fastraft.kvservice import ClientError, KVClient, find_leader, shard_of
+from fastraft.kvclient import ClientError, KVClient, find_leader
+from fastraft.kvprotocol import shard_of
 from fastraft.processes import ProcessCluster
 from fastraft.testing.linearizability import History, check
 

@@ -8,7 +8,9 @@ import pytest
 from fastraft import kv, kvservice
 from fastraft.config import Config
 from fastraft.errors import InvalidArgument
-from fastraft.kvservice import FRAME_ITEMS, MAX_FRAME, KVClient, KVServer
+from fastraft.kvclient import ClientError, KVClient
+from fastraft.kvprotocol import FRAME_BYTES, FRAME_ITEMS, MAX_FRAME
+from fastraft.kvservice import KVServer
 from fastraft.processes import free_ports
 from fastraft.testing import LocalCluster, wait_until
 
@@ -67,7 +69,7 @@ async def test_a_burst_larger_than_a_frame_is_answered_on_the_same_connection(mo
         puts = [port.client.put(f"k{i}", value) for i in range(200)]
         assert 200 * len(value) > MAX_FRAME
         await asyncio.wait_for(asyncio.gather(*puts), 30)
-        assert len(port.frames) >= 200 * len(value) // kvservice.FRAME_BYTES
+        assert len(port.frames) >= 200 * len(value) // FRAME_BYTES
         assert await port.client.get("k199") == value
 
 
@@ -171,7 +173,7 @@ async def test_a_redirect_names_the_leaders_client_port_or_says_it_is_not_known(
             answers = []
             for address in (told, untold):
                 client = await KVClient.connect(address)
-                with pytest.raises(kvservice.ClientError) as info:
+                with pytest.raises(ClientError) as info:
                     await client.put("k", b"v")
                 client.close()
                 answers.append(info.value)
@@ -281,7 +283,7 @@ async def test_a_port_shut_down_answers_what_it_began_and_names_what_it_never_be
         results = await asyncio.gather(*puts, return_exceptions=True)
         answered = [n for n, r in enumerate(results) if isinstance(r, int)]
         never = [n for n, r in enumerate(results)
-                 if isinstance(r, kvservice.ClientError) and r.error == "closing"]
+                 if isinstance(r, ClientError) and r.error == "closing"]
         assert answered and never and len(answered) + len(never) == len(puts), results[-1]
         assert max(answered) < min(never)  # in the order sent
         store = port.cluster.state_machines[port.server.node.id]

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from fastraft.kvservice import ClientError, find_leader
+from fastraft.kvclient import ClientError, find_leader
 from fastraft.processes import ProcessCluster
 
 from aio import put_retrying, run, until_applied, until_knows_leader

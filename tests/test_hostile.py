@@ -224,7 +224,7 @@ FLOOD_RSS_MIB = 32
 async def test_a_flood_of_idle_and_garbage_connections_costs_bounded_memory(tmp_path):
     import random
 
-    from fastraft.kvservice import ClientError, find_leader
+    from fastraft.kvclient import ClientError, find_leader
     from fastraft.processes import ProcessCluster, memory_mib
 
     cluster = ProcessCluster(3, str(tmp_path))

@@ -8,8 +8,10 @@ import pytest
 from fastraft import kv
 from fastraft.config import Config
 from fastraft.errors import InvalidArgument
+from fastraft.kvclient import ClientError, KVClient
 from fastraft.kvcluster import KVCluster
-from fastraft.kvservice import ClientError, KVClient, KVServer, shard_of
+from fastraft.kvprotocol import shard_of
+from fastraft.kvservice import KVServer
 from fastraft.processes import ProcessCluster, free_ports
 from fastraft.testing import LocalCluster, wait_until
 

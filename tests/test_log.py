@@ -213,7 +213,8 @@ async def test_read_arguments_are_checked():
 
 @run
 async def test_the_client_port_appends_and_serves_records():
-    from fastraft.kvservice import ClientError, KVClient, KVServer
+    from fastraft.kvclient import ClientError, KVClient
+    from fastraft.kvservice import KVServer
     from fastraft.processes import free_ports
 
     async with LocalCluster(3, state_machine=kv.KVStore, config=Config(**STEADY)) as c:

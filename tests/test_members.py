@@ -3,7 +3,7 @@ which refusals it asks again after, and which it reports. The command itself run
 against real nodes in ``test_processes.py``."""
 import asyncio
 
-from fastraft.kvservice import ClientError
+from fastraft.kvclient import ClientError
 from fastraft.members import change_members
 
 from aio import run

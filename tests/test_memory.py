@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from fastraft.kvservice import KVClient, find_leader
+from fastraft.kvclient import KVClient, find_leader
 from fastraft.processes import ProcessCluster, memory_mib
 
 from aio import run, until_applied

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from fastraft.kvservice import KVClient, Request, find_leader
+from fastraft.kvclient import KVClient, find_leader
+from fastraft.kvprotocol import Request
 from fastraft.processes import ProcessCluster
 
 from aio import run

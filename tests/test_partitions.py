@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fastraft.kvservice import KVClient, find_leader
+from fastraft.kvclient import KVClient, find_leader
 from fastraft.processes import ProcessCluster
 
 import netns

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import http_get
 
-from fastraft.kvservice import ClientError, find_leader, shard_of
+from fastraft.kvclient import ClientError, find_leader
+from fastraft.kvprotocol import shard_of
 from fastraft.processes import ProcessCluster, free_ports
 
 from aio import (

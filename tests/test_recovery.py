@@ -282,7 +282,7 @@ async def test_a_poison_entry_stops_every_node_loudly(tmp_path):
     """A state machine that raises on a committed entry: every node that applies it
     exits with code 3 naming the entry (a supervisor sees it; no zombie), the client is
     told; a node that never learned the entry committed cannot apply it."""
-    from fastraft.kvservice import ClientError, find_leader
+    from fastraft.kvclient import ClientError, find_leader
     from fastraft.processes import ProcessCluster
 
     cluster = ProcessCluster(3, str(tmp_path), extra_args=[
@@ -353,7 +353,7 @@ async def test_a_damaged_follower_is_refused_then_repaired_and_catches_up(tmp_pa
     leader compacts past what the follower had acknowledged while it is away, so its
     heartbeats carry prev_log_term -1 (taken as a match, the follower once set its
     commit index beyond its log and crashed in the command runner)."""
-    from fastraft.kvservice import find_leader
+    from fastraft.kvclient import find_leader
     from fastraft.processes import ProcessCluster
 
     data = tmp_path / "data"
@@ -416,7 +416,7 @@ async def test_a_follower_started_again_on_an_empty_directory_is_reported_and_ca
     logs what happened, in one line, and catches it up."""
     import shutil
 
-    from fastraft.kvservice import find_leader
+    from fastraft.kvclient import find_leader
     from fastraft.processes import ProcessCluster
 
     data = tmp_path / "data"

@@ -242,7 +242,7 @@ async def test_cli_nodes_and_status_with_a_secret_file(tmp_path):
     import subprocess
     import sys
 
-    from fastraft.kvservice import find_leader
+    from fastraft.kvclient import find_leader
     from fastraft.processes import ProcessCluster
 
     secret_file = tmp_path / "secret"

@@ -5,7 +5,7 @@ import asyncio
 
 import msgspec
 
-from fastraft.kvservice import ClientError, KVClient
+from fastraft.kvclient import ClientError, KVClient
 
 
 class Record(msgspec.Struct, array_like=True):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fastraft.config import Config
-from fastraft.errors import InvalidArgument
+from fastraft.config import ENTRY_ENVELOPE_BYTES, Config
+from fastraft.errors import EntryTooLarge, InvalidArgument
 from fastraft.messages import MAX_ADDRESS_LENGTH, MAX_NODE_ID
 from fastraft.network import RaftNetwork
 from fastraft.statemachine import StateMachine
@@ -77,3 +77,24 @@ def check_hooks(config: object = None, **hooks: Any) -> None:
                                       f"has no {', '.join(missing)}")
     if config is not None and not isinstance(config, Config):
         raise InvalidArgument(f"config must be a fastraft.Config, got {type(config).__name__}")
+
+
+def payload(data: object, limit: int, config_limit: int, position: int | None = None) -> bytes:
+    """``data`` as an entry's payload: bytes of its own (a bytearray or memoryview is
+    copied, as its owner may change it before the entry is sent) of at most ``limit``
+    bytes (``Config.max_entry_bytes``, ``config_limit``, or less for the network's
+    frames), or ``InvalidArgument`` / ``EntryTooLarge``. ``position``: its place in a
+    batch, for the message."""
+    where = "" if position is None else f"entry {position} of the batch: "
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{where}an entry's data is bytes (or a bytearray or "
+                              f"memoryview), not {type(data).__name__}")
+    entry = bytes(data)
+    if len(entry) > limit:
+        bound = (f"Config.max_entry_bytes is {config_limit}" if limit == config_limit else
+                 f"the network's max_frame_bytes is {limit + ENTRY_ENVELOPE_BYTES}, less "
+                 f"{ENTRY_ENVELOPE_BYTES} for the message around the entry")
+        raise EntryTooLarge(f"{where}an entry of {len(entry)} bytes is larger than the "
+                            f"{limit} this node replicates ({bound}): split it, or raise "
+                            "that limit on every node")
+    return entry

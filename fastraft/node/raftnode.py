@@ -15,9 +15,7 @@ from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, Rol
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
-    EntryTooLarge,
     FastRaftError,
-    InvalidArgument,
     NodeFailed,
     NodeStopped,
     NotLeader,
@@ -37,6 +35,7 @@ from fastraft.node.arguments import (
     check_members,
     check_node_id,
     check_timeout,
+    payload,
 )
 from fastraft.node.logreader import LogReader
 from fastraft.node.membership import MembershipChanges
@@ -328,7 +327,7 @@ class RaftNode:
         may or may not be committed by a later leader.
         """
         if type(data) is not bytes or len(data) > self._max_entry_bytes:
-            data = self._payload(data)
+            data = payload(data, self._max_entry_bytes, self.config.max_entry_bytes)
         proposals = self._proposals
         if not self._accepting or proposals.pending >= self._max_pending:
             return self._propose_admitted(data)
@@ -341,26 +340,6 @@ class RaftNode:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
         return fut
-
-    def _payload(self, data: Any, position: int | None = None) -> bytes:
-        """``data`` as an entry's payload: bytes of its own (a bytearray or memoryview is
-        copied, as its owner may change it before the entry is sent), within the size
-        this node replicates; ``position``: its place in a batch, for the message."""
-        where = "" if position is None else f"entry {position} of the batch: "
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InvalidArgument(f"{where}an entry's data is bytes (or a bytearray or "
-                                  f"memoryview), not {type(data).__name__}")
-        payload = bytes(data)
-        limit = self._max_entry_bytes
-        if len(payload) > limit:
-            bound = (f"Config.max_entry_bytes is {self.config.max_entry_bytes}"
-                     if limit == self.config.max_entry_bytes else
-                     f"the network's max_frame_bytes is {limit + ENTRY_ENVELOPE_BYTES}, less "
-                     f"{ENTRY_ENVELOPE_BYTES} for the message around the entry")
-            raise EntryTooLarge(f"{where}an entry of {len(payload)} bytes is larger than the "
-                                f"{limit} this node replicates ({bound}): split it, or "
-                                "raise that limit on every node")
-        return payload
 
     async def _propose_admitted(self, data: bytes) -> Any:
         await self._admit()
@@ -375,7 +354,8 @@ class RaftNode:
         """``propose_batch``, or with ``records`` ``ReplicatedLog.append`` (entries of kind
         RECORD, answered with their indexes)."""
         if kernels.first_unfit_payload(datas, self._max_entry_bytes) >= 0:
-            datas = [self._payload(d, k) for k, d in enumerate(datas)]
+            limit, bound = self._max_entry_bytes, self.config.max_entry_bytes
+            datas = [payload(d, limit, bound, k) for k, d in enumerate(datas)]
         if not datas or not self._accepting or self._proposals.pending >= self._max_pending:
             return self._propose_many_admitted(datas, records)
         fut = self._loop.create_future()

@@ -104,6 +104,42 @@ class ProposalTracker:
         self._segments = []
         self._open = None
 
+    def first_unfit(self, limit: int) -> int:
+        """Position of the first buffered command that is not bytes of at most ``limit``
+        bytes, or -1 (one compiled pass: ``propose`` itself checks only the type)."""
+        return kernels.first_unfit_payload(self._datas, limit)
+
+    def drop_singles(self, refusal: Callable[[Any], BaseException | None]) -> int:
+        """Fail and take out the buffered single proposals whose command ``refusal``
+        refuses (it returns the error); a batch was checked whole when called. Returns
+        how many."""
+        datas = self._datas
+        kept: list[Any] = []
+        dropped = pos = 0
+        for futures, _, n, _ in self._segments:
+            if futures is None:
+                kept.extend(datas[pos:pos + n])
+                pos += n
+                continue
+            answered = []
+            for future in futures:
+                data = datas[pos]
+                pos += 1
+                exc = refusal(data)
+                if exc is None:
+                    kept.append(data)
+                    answered.append(future)
+                else:
+                    fail_future(future, exc)
+                    dropped += 1
+            futures[:] = answered  # in place: it may be the open run that takes the next
+        self._segments = [seg for seg in self._segments if seg[0] is None or seg[0]]
+        if not self._open:
+            self._open = None
+        self._datas = kept
+        self.pending -= dropped
+        return dropped
+
     def fail_buffered(self, exc: BaseException) -> int:
         """The commands taken last could not be appended: fail their proposers."""
         freed = 0

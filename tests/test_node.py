@@ -720,6 +720,16 @@ async def test_an_entry_larger_than_the_config_allows_is_refused_whole():
             await leader.propose_batch([b"a", b"b", b"x" * 101])
         assert await leader.propose_batch([b"y" * 100]) == [leader.applied_index]
         assert await leader.propose(b"z" * 100) == leader.applied_index
+        # propose checks a size when the node takes its loop turn's proposals: the ones
+        # around a refused one go on, in order
+        calls = [leader.propose(b"a"), leader.propose(b"b" * 101), leader.propose_batch([b"c"]),
+                 leader.propose(b"d"), leader.propose(b"e" * 101)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert [type(r) for r in results[1::3]] == [EntryTooLarge, EntryTooLarge]
+        first = results[0]
+        assert results[2] == [first + 1] and results[3] == first + 2
+        assert [d for _, d in c.state_machines[leader.id].applied[-3:]] == [b"a", b"c", b"d"]
+        assert leader._proposals.pending == 0
     with pytest.raises(ConfigError, match="max_entry_bytes must be >= 1"):
         Config(max_entry_bytes=0)
 

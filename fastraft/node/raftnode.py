@@ -16,6 +16,7 @@ from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
     FastRaftError,
+    InvalidArgument,
     NodeFailed,
     NodeStopped,
     NotLeader,
@@ -326,7 +327,7 @@ class RaftNode:
         leadership was lost before the entry was known committed; in that case the entry
         may or may not be committed by a later leader.
         """
-        if type(data) is not bytes or len(data) > self._max_entry_bytes:
+        if data.__class__ is not bytes:  # its size is checked at the flush, in one pass
             data = payload(data, self._max_entry_bytes, self.config.max_entry_bytes)
         proposals = self._proposals
         if not self._accepting or proposals.pending >= self._max_pending:
@@ -682,6 +683,8 @@ class RaftNode:
         if not self._running:
             return
         proposals = self._proposals
+        if proposals.buffered and proposals.first_unfit(self._max_entry_bytes) >= 0:
+            proposals.drop_singles(self._refusal)
         if proposals.buffered:
             datas, segments = proposals.take()
             engine = self.engine
@@ -697,6 +700,14 @@ class RaftNode:
                 if recorder.timing:
                     recorder.flushed(engine.log.last_index)
         self._runner.run(self.engine.take_commands())
+
+    def _refusal(self, data: bytes) -> InvalidArgument | None:
+        """Why ``data`` cannot be an entry (too large), or None."""
+        try:
+            payload(data, self._max_entry_bytes, self.config.max_entry_bytes)
+        except InvalidArgument as exc:
+            return exc
+        return None
 
     def _fail_node(self, what: str) -> None:
         """A hook raised: take no more proposals and stop the node (from a task, as this

@@ -22,16 +22,17 @@ def parse_addresses(spec: str) -> list[str]:
     return addresses
 
 
-def parse_cluster(spec: str) -> dict[int, str]:
-    """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}."""
+def parse_cluster(spec: str, flag: str = "--cluster") -> dict[int, str]:
+    """``1=127.0.0.1:7001,2=127.0.0.1:7002`` → {1: "127.0.0.1:7001", ...}; ``flag`` names
+    the option it came from, in the messages."""
     members = {}
     for part in spec.split(","):
         node_id, sep, address = part.strip().partition("=")
         if not sep or not node_id.isdigit() or int(node_id) < 1 or ":" not in address:
-            raise ConfigError(f"bad cluster member {part!r}: expected ID=HOST:PORT "
+            raise ConfigError(f"{flag}: bad member {part!r}: expected ID=HOST:PORT "
                               "with ID >= 1")
         parse_address(address)
         if int(node_id) in members:
-            raise ConfigError(f"node {int(node_id)} appears twice in the cluster spec")
+            raise ConfigError(f"{flag}: node {int(node_id)} appears twice")
         members[int(node_id)] = address
     return members

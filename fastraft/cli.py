@@ -114,7 +114,7 @@ async def serve_node(args: argparse.Namespace) -> int:
     security = security_options(args)
     factory = load_factory(args.state_machine) if args.state_machine else kv.KVStore
     network = node_network(args, cluster, security)
-    clients = parse_cluster(args.clients) if args.clients else {}
+    clients = parse_cluster(args.clients, "--clients") if args.clients else {}
     options = dict(cluster_id=args.cluster_id, client_addresses=clients, **security)
     if args.groups > 1:
         return await _serve_host(args, cluster, network, factory, options)

@@ -28,6 +28,8 @@ LogTerm = Annotated[int, msgspec.Meta(ge=-1, le=MAX_TERM)]
 #: holding a larger one could not be decoded by the followers).
 MAX_NODE_ID = (1 << 63) - 1
 MAX_ADDRESS_LENGTH = 1024
+#: Group ids (multi-Raft) travel as unsigned 64-bit ints.
+MAX_GROUP_ID = (1 << 64) - 1
 NodeId = Annotated[int, msgspec.Meta(ge=1, le=MAX_NODE_ID)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Kind = Annotated[int, msgspec.Meta(ge=0, le=3)]

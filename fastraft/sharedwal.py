@@ -51,7 +51,7 @@ from typing import Any, BinaryIO, TypeVar
 import msgspec
 
 from fastraft import kernels
-from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption, StorageFailed
+from fastraft.errors import ConfigError, StorageCorruption, StorageFailed
 from fastraft.filestorage import (
     _SEG_SUFFIX,
     _WAL_SEG_PREFIX,
@@ -69,6 +69,7 @@ from fastraft.filestorage import (
     _valid_record_after,
 )
 from fastraft.messages import Entry, HardState, SnapshotMeta
+from fastraft.node.arguments import check_group_id
 
 log = logging.getLogger("fastraft.sharedwal")
 
@@ -81,7 +82,6 @@ ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
 _COMPACT, _IDENTITY, _RELOCATE = 10, 11, 12
 #: Marks an op left for the next batch (its group already has one in this batch).
 _LATER = object()
-MAX_GROUP_ID = (1 << 64) - 1
 
 
 class _GroupState(msgspec.Struct, array_like=True):
@@ -387,8 +387,7 @@ class SharedWAL(_SegmentFiles):
         """Group ``group_id``'s storage (the same object on every call)."""
         view = self._groups.get(group_id)
         if view is None:
-            if not isinstance(group_id, int) or not 0 <= group_id <= MAX_GROUP_ID:
-                raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+            check_group_id(group_id)
             view = self._groups[group_id] = WalGroup(self, group_id)
         return view
 

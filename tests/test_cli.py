@@ -21,8 +21,11 @@ NODE = ["node", "--client", "127.0.0.1:1"]
      "invalid choice: 'BOGUS'"),
     (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:99999"], "port 99999 is out of range"),
     (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2,1=127.0.0.1:3"],
-     "node 1 appears twice"),
-    (NODE + ["--id", "1", "--cluster", "1=nowhere"], "expected ID=HOST:PORT"),
+     "--cluster: node 1 appears twice"),
+    (NODE + ["--id", "1", "--cluster", "1=nowhere"], "--cluster: bad member '1=nowhere': "
+                                                     "expected ID=HOST:PORT"),
+    (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--clients", "1=bad"],
+     "--clients: bad member '1=bad'"),
     (["demo", "--inflight", "0"], "--inflight: must be above 0"),
     (NODE + ["--id", "1", "--cluster", "1=127.0.0.1:2", "--heartbeat-interval", "0.3"],
      "heartbeat_interval (0.3) must be positive and below election_timeout_min (0.15)"),
@@ -32,6 +35,7 @@ NODE = ["node", "--client", "127.0.0.1:1"]
      "--unacked-timeout: must be above 0"),
     (["demo", "--nodes", "x"], "'x' is not a number"),
 ], ids=["id-0", "id-not-member", "log-level", "port", "duplicate-id", "bad-member",
+        "bad-client",
         "inflight-0", "heartbeat-over-election", "election-under-heartbeat",
         "unacked-0", "nodes-nan"])
 def test_wrong_arguments_get_one_clear_line(args, says):

@@ -302,7 +302,7 @@ async def test_wrong_calls_raise_typed_errors():
         await host.create_group(1, members, state_machine=Log())
         with pytest.raises(GroupExists, match="group 1 already runs on host 1"):
             await host.create_group(1, members, state_machine=Log())
-        for bad in (-1, 1 << 64, "7"):
+        for bad in (-1, 1 << 64, "7", True):
             with pytest.raises(InvalidArgument, match="group ids"):
                 await host.create_group(bad, members, state_machine=Log())
         with pytest.raises(UnknownGroup, match="group 9 does not run on host 1"):

@@ -682,8 +682,10 @@ async def test_a_payload_that_is_not_bytes_is_refused_and_the_node_goes_on():
                 await leader.propose(bad)
             with pytest.raises(InvalidArgument, match="entry 1 of the batch"):
                 await leader.propose_batch([b"first", bad, b"third"])
-        with pytest.raises(InvalidArgument, match="not int"):
+        with pytest.raises(InvalidArgument, match="a list of bytes.*not one bytes"):
             await leader.propose_batch(b"bytes are not a batch")
+        with pytest.raises(InvalidArgument, match="a list of bytes.*not one bytes"):
+            await ReplicatedLog(leader).append(b"one record")
         index = await leader.propose(b"after")
         assert leader.is_leader and leader.engine.term == term and leader.failure is None
         await wait_until(lambda: all(sm.applied and sm.applied[-1] == (index, b"after")

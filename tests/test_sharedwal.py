@@ -270,7 +270,7 @@ def test_group_ids_and_segment_settings_are_checked(tmp_path):
             SharedWAL(str(tmp_path / "wal"), **bad)
     wal = SharedWAL(str(tmp_path / "wal"))
     try:
-        for bad in (-1, 1 << 64, "3"):
+        for bad in (-1, 1 << 64, "3", False):
             with pytest.raises(InvalidArgument, match="group ids are ints"):
                 wal.group(bad)
     finally:

@@ -12,10 +12,10 @@ from fastraft.host.rafthost import (
     DEFAULT_QUIESCE_AFTER,
     EARLY_GROUPS,
     EARLY_SENDERS,
-    MAX_GROUP_ID,
     METRICS_CHUNK,
     RaftHost,
 )
+from fastraft.messages import MAX_GROUP_ID
 
 __all__ = ["BALANCE_SCAN", "CACHE_LOAD_INTERVAL", "DEFAULT_MAX_CAMPAIGNS",
            "DEFAULT_QUIESCE_AFTER", "EARLY_GROUPS", "EARLY_SENDERS", "MAX_GROUP_ID",

@@ -47,7 +47,7 @@ from fastraft.host.cachebudget import LogCacheBudget
 from fastraft.host.sums import HostSums
 from fastraft.messages import AppendEntries
 from fastraft.node import RaftNode
-from fastraft.node.arguments import check_members, check_node_id, check_timeout
+from fastraft.node.arguments import check_group_id, check_members, check_node_id, check_timeout
 from fastraft.node.metrics import GroupFigures, HostMetrics
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine
@@ -56,8 +56,6 @@ from fastraft.transport.tcp import TcpNetwork
 
 log = logging.getLogger("fastraft.host")
 
-#: Group ids travel as unsigned 64-bit ints.
-MAX_GROUP_ID = (1 << 64) - 1
 #: ``Config.quiesce_after`` of a host's groups unless its ``config`` says otherwise.
 DEFAULT_QUIESCE_AFTER = 1.0
 #: Groups ``gather_metrics`` sums between two turns of the event loop.
@@ -215,8 +213,7 @@ class RaftHost:
         group. Raises ``GroupExists`` if the group is already here."""
         if not self._running:
             raise NodeStopped(f"host {self.id} is not running: start() it first")
-        if not isinstance(group_id, int) or not 0 <= group_id <= MAX_GROUP_ID:
-            raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+        check_group_id(group_id)
         if group_id in self._groups:
             raise GroupExists(f"group {group_id} already runs on host {self.id}")
         if members is not None:

@@ -355,6 +355,9 @@ class RaftNode:
         """``propose_batch``, or with ``records`` ``ReplicatedLog.append`` (entries of kind
         RECORD, answered with their indexes)."""
         if kernels.first_unfit_payload(datas, self._max_entry_bytes) >= 0:
+            if isinstance(datas, (bytes, bytearray, memoryview, str)):
+                raise InvalidArgument(f"a batch is a sequence of payloads (a list of bytes), "
+                                      f"not one {type(datas).__name__}")
             limit, bound = self._max_entry_bytes, self.config.max_entry_bytes
             datas = [payload(d, limit, bound, k) for k, d in enumerate(datas)]
         if not datas or not self._accepting or self._proposals.pending >= self._max_pending:

@@ -325,7 +325,10 @@ class RaftNode:
         is a plain future: no coroutine per write). Raises ``NotLeader`` (with the
         leader's id and address, when known) on a follower; ``ProposalDropped`` if
         leadership was lost before the entry was known committed; in that case the entry
-        may or may not be committed by a later leader.
+        may or may not be committed by a later leader. ``data`` is bytes (a bytearray or
+        memoryview is copied at the call; anything else raises ``InvalidArgument``) of at
+        most ``Config.max_entry_bytes`` (less for a network of smaller frames): a larger
+        one fails with ``EntryTooLarge`` when awaited, and the others go on.
         """
         if data.__class__ is not bytes:  # its size is checked at the flush, in one pass
             data = payload(data, self._max_entry_bytes, self.config.max_entry_bytes)

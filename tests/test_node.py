@@ -686,6 +686,8 @@ async def test_a_payload_that_is_not_bytes_is_refused_and_the_node_goes_on():
             await leader.propose_batch(b"bytes are not a batch")
         with pytest.raises(InvalidArgument, match="a list of bytes.*not one bytes"):
             await ReplicatedLog(leader).append(b"one record")
+        # any iterable goes, a generator too
+        assert len(await leader.propose_batch(b"%d" % k for k in range(3))) == 3
         index = await leader.propose(b"after")
         assert leader.is_leader and leader.engine.term == term and leader.failure is None
         await wait_until(lambda: all(sm.applied and sm.applied[-1] == (index, b"after")

@@ -351,12 +351,15 @@ class RaftNode:
 
     def propose_batch(self, datas: Sequence[bytes]) -> Awaitable[list[Any]]:
         """Replicate several commands as consecutive entries; ``await`` it for one result
-        per command. Queued when called, like ``propose``."""
+        per command. Queued when called, like ``propose``. ``datas``: a list (or any
+        iterable) of bytes, checked whole at the call."""
         return self._propose_many(datas, False)
 
     def _propose_many(self, datas: Sequence[bytes], records: bool) -> Awaitable[list[Any]]:
         """``propose_batch``, or with ``records`` ``ReplicatedLog.append`` (entries of kind
         RECORD, answered with their indexes)."""
+        if datas.__class__ is not list and not isinstance(datas, Sequence):
+            datas = list(datas)  # a generator: taken whole, now
         if kernels.first_unfit_payload(datas, self._max_entry_bytes) >= 0:
             if isinstance(datas, (bytes, bytearray, memoryview, str)):
                 raise InvalidArgument(f"a batch is a sequence of payloads (a list of bytes), "

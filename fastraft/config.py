@@ -10,6 +10,9 @@ from fastraft.errors import ConfigError
 ENTRY_ENVELOPE_BYTES = 4096
 
 
+_KIND = {float: "a number", int: "an int", bool: "True or False"}
+
+
 class Config(msgspec.Struct, kw_only=True, frozen=True):
     """Timing, batching and back-pressure settings. Times are in seconds.
 
@@ -108,6 +111,16 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
         return self.election_timeout_min * (1 - self.max_clock_drift)
 
     def __post_init__(self) -> None:
+        # msgspec checks types when decoding, not when a Struct is built: a str here
+        # would surface as a TypeError deep in the node. The default says the type.
+        for field in msgspec.structs.fields(self):
+            value, default = getattr(self, field.name), field.default
+            if type(default) is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = type(value) is type(default)
+            if not ok:
+                raise ConfigError(f"{field.name} must be {_KIND[type(default)]}, got {value!r}")
         if not 0 < self.election_timeout_min < self.election_timeout_max:
             raise ConfigError(
                 "need 0 < election_timeout_min < election_timeout_max, got "

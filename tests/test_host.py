@@ -330,6 +330,12 @@ async def test_wrong_calls_raise_typed_errors():
         await host.stop()
     with pytest.raises(InvalidArgument, match="node 2's, not node 1's"):
         RaftHost(1, network=TcpNetwork(2, "127.0.0.1:0"))
+    with pytest.raises(InvalidArgument, match="a host's network is a TcpNetwork .* not NoneType"):
+        RaftHost(1, network=None)
+    with pytest.raises(InvalidArgument, match="node ids are positive ints"):
+        TcpNetwork("1", "127.0.0.1:0")
+    with pytest.raises(ConfigError, match="the cluster secret is bytes, not str"):
+        TcpNetwork(1, "127.0.0.1:0", secret="a str of more than sixteen characters")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ConfigError, match="max_campaigns must be a positive int"):
             RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), max_campaigns=bad)

@@ -1164,6 +1164,14 @@ def test_config_is_validated():
         Config(max_inflight_messages=0)
     with pytest.raises(ConfigError, match="lost_leadership_wait must be >= 0"):
         Config(lost_leadership_wait=-1)
+    # msgspec checks no types when a Struct is built: a str reached the node's timers
+    for kwargs, says in (({"election_timeout_min": "0.1"}, "a number, got '0.1'"),
+                         ({"max_entry_bytes": 1.5}, "an int, got 1.5"),
+                         ({"snapshot_interval": True}, "an int, got True"),
+                         ({"pre_vote": 1}, "True or False, got 1")):
+        with pytest.raises(ConfigError, match=f"{next(iter(kwargs))} must be {says}"):
+            Config(**kwargs)
+    assert Config(election_timeout_min=1, election_timeout_max=2).election_timeout_max == 2
 
 
 @run

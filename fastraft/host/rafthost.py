@@ -94,6 +94,9 @@ class RaftHost:
                  max_campaigns: int | None = DEFAULT_MAX_CAMPAIGNS,
                  log_cache_bytes: int | None = None) -> None:
         check_node_id(node_id)
+        if not isinstance(network, TcpNetwork):
+            raise InvalidArgument(f"a host's network is a TcpNetwork (its groups share it), "
+                                  f"not {type(network).__name__}")
         if network.id != node_id:
             raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
         if balance_interval is not None and balance_interval <= 0:

@@ -158,6 +158,8 @@ class Credentials:
 
     def __init__(self, cluster_id: str, purpose: str, secret: bytes | None = None,
                  tls: TlsConfig | None = None) -> None:
+        if secret is not None and not isinstance(secret, bytes):
+            raise ConfigError(f"the cluster secret is bytes, not {type(secret).__name__}")
         if secret is not None and len(secret) < MIN_SECRET_BYTES:
             raise ConfigError(f"the cluster secret has {len(secret)} bytes; use at least "
                               f"{MIN_SECRET_BYTES} random bytes")

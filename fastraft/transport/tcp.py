@@ -45,6 +45,7 @@ from fastraft.addresses import parse_address
 from fastraft.errors import ConfigError, DecodeError
 from fastraft.logutil import Throttle
 from fastraft.messages import AppendEntries, InstallSnapshot
+from fastraft.node.arguments import check_node_id
 from fastraft.transport.link import (
     ConnectionLimits,
     Credentials,
@@ -111,6 +112,7 @@ class TcpNetwork:
                            ("max_buffer_bytes", max_buffer_bytes)):
             if type(size) is not int or size <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {size!r}")
+        check_node_id(node_id)
         self.id = node_id
         self.listen = listen
         self.host, self.port = parse_address(listen)

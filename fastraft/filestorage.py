@@ -53,7 +53,13 @@ from typing import Any, BinaryIO, TypeVar
 import msgspec
 
 from fastraft import kernels
-from fastraft.errors import DecodeError, FastRaftError, StorageCorruption, StorageOwnedElsewhere
+from fastraft.errors import (
+    ConfigError,
+    DecodeError,
+    FastRaftError,
+    StorageCorruption,
+    StorageOwnedElsewhere,
+)
 from fastraft.messages import Entry, HardState
 from fastraft.snapshots import copy_stream
 from fastraft.storage import SnapshotMeta, StorageState
@@ -262,6 +268,17 @@ def _record(body: bytes, mark: int) -> bytes:
     head = bytearray(_HEAD.pack(_MAGIC, len(body), mark, zlib.crc32(body), 0))
     struct.pack_into("<I", head, _HEAD_CHECKED, zlib.crc32(head[:_HEAD_CHECKED]))
     return bytes(head) + body
+
+
+def check_options(directory: object, segment_bytes: object, cache_bytes: object) -> None:
+    """``ConfigError`` unless ``directory`` is a path, ``segment_bytes`` a positive int and
+    ``cache_bytes`` an int of at least 0 (``FileStorage``, ``SharedWAL``)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"the directory is a path, not {type(directory).__name__}")
+    for name, value, least in (("segment_bytes", segment_bytes, 1),
+                               ("cache_bytes", cache_bytes, 0)):
+        if type(value) is not int or value < least:
+            raise ConfigError(f"{name} must be an int of at least {least}, got {value!r}")
 
 
 class _RecordCache:
@@ -663,6 +680,7 @@ class FileStorage(_SegmentFiles, _LogStore):
 
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
                  cache_bytes: int = 8 << 20, repair: bool = False) -> None:
+        check_options(directory, segment_bytes, cache_bytes)
         directory = os.path.abspath(directory)
         self._lock_fd = _lock_directory(directory, "FileStorage")
         super().__init__(directory, sync, _RecordCache(cache_bytes), 0, threading.RLock())

@@ -67,6 +67,7 @@ from fastraft.filestorage import (
     _SegmentFiles,
     _State,
     _valid_record_after,
+    check_options,
 )
 from fastraft.messages import Entry, HardState, SnapshotMeta
 from fastraft.node.arguments import check_group_id
@@ -354,9 +355,9 @@ class SharedWAL(_SegmentFiles):
     def __init__(self, directory: str, *, segment_bytes: int = 64 << 20, sync: bool = True,
                  cache_bytes: int = 8 << 20, max_segments: int = 4,
                  repair: bool = False) -> None:
-        if segment_bytes <= 0 or max_segments < 2:
-            raise ConfigError("segment_bytes must be positive and max_segments at least 2, "
-                              f"got {segment_bytes!r} and {max_segments!r}")
+        check_options(directory, segment_bytes, cache_bytes)
+        if type(max_segments) is not int or max_segments < 2:
+            raise ConfigError(f"max_segments must be an int of at least 2, got {max_segments!r}")
         self.directory = os.path.abspath(directory)
         self.segment_bytes = segment_bytes
         self.sync = sync

@@ -265,9 +265,14 @@ def test_writes_waiting_behind_a_failed_batch_fail_with_it(tmp_path, monkeypatch
 
 
 def test_group_ids_and_segment_settings_are_checked(tmp_path):
-    for bad in ({"segment_bytes": 0}, {"max_segments": 1}):
-        with pytest.raises(ConfigError, match="segment_bytes must be positive"):
+    for bad, says in (({"segment_bytes": 0}, "segment_bytes must be an int of at least 1"),
+                      ({"segment_bytes": "x"}, "segment_bytes must be an int of at least 1"),
+                      ({"cache_bytes": -1}, "cache_bytes must be an int of at least 0"),
+                      ({"max_segments": 1}, "max_segments must be an int of at least 2")):
+        with pytest.raises(ConfigError, match=says):
             SharedWAL(str(tmp_path / "wal"), **bad)
+    with pytest.raises(ConfigError, match="the directory is a path, not int"):
+        SharedWAL(123)
     wal = SharedWAL(str(tmp_path / "wal"))
     try:
         for bad in (-1, 1 << 64, "3", False):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fastraft.errors import StorageCorruption
+from fastraft.errors import ConfigError, StorageCorruption
 from fastraft.filestorage import FileStorage, StorageLocked
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
@@ -223,6 +223,17 @@ def test_truncated_hard_state_file_stops_start_up(tmp_path):
         f.truncate(os.path.getsize(state) - 2)
     with pytest.raises(StorageCorruption, match=r"state: truncated"):
         reopen_all(tmp_path)
+
+
+def test_options_of_another_type_or_range_are_refused_before_anything_is_opened(tmp_path):
+    for args, kwargs, says in (((123,), {}, "the directory is a path, not int"),
+                               ((str(tmp_path / "a"),), {"segment_bytes": 0},
+                                "segment_bytes must be an int of at least 1, got 0"),
+                               ((str(tmp_path / "b"),), {"cache_bytes": "8M"},
+                                "cache_bytes must be an int of at least 0, got '8M'")):
+        with pytest.raises(ConfigError, match=says):
+            FileStorage(*args, **kwargs)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_second_process_cannot_open_the_directory(tmp_path):

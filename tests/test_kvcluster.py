@@ -172,17 +172,24 @@ async def test_nodes_of_several_groups_a_leader_killed_and_restarted(tmp_path, m
 
         victim = kc.leaders[0]
         ambiguous = []
+        putting = {}  # writer -> the key of the put it waits for
         stop = asyncio.Event()
 
         async def writer(w):
             n = 0
             while not stop.is_set():
-                key = f"w{w}-{n}"
+                key = putting[w] = f"w{w}-{n}"
                 acked[key] = await put_again_if_ambiguous(kc, key, key.encode(), ambiguous)
+                del putting[w]
                 assert await kc.get(key) == key.encode()
                 n += 1
         writers = [asyncio.ensure_future(writer(w)) for w in range(32)]
         await wait_until(lambda: len(acked) > 2000, 20, "writes before the kill")
+        # paused first, so that a write is surely in flight on it when it dies (killed at
+        # a random moment, once in a few hundred runs none was)
+        cluster.pause(victim)
+        await wait_until(lambda: any(kc.leaders[shard_of(k, 4)] == victim
+                                     for k in putting.values()), 2, "a write on the victim")
         cluster.kill(victim)
         clients.pop(victim).close()
         done = len(acked)

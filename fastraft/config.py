@@ -112,9 +112,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         # msgspec checks types when decoding, not when a Struct is built: a str here
-        # would surface as a TypeError deep in the node. The default says the type.
+        # would surface as a TypeError deep in the node. The default says the type (a
+        # field of another kind, say one defaulting to None, checks its own).
         for field in msgspec.structs.fields(self):
             value, default = getattr(self, field.name), field.default
+            if type(default) not in _KIND:
+                continue
             if type(default) is float:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             else:

@@ -343,20 +343,27 @@ def test_quiesce_after_is_checked():
 
 
 def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake():
-    # The leader stops replicating to a node once C_new without it is appended (§6), so
-    # a removed voter whose log ends at C_old,new still counts itself a voter and
-    # pre-campaigns while it runs (thesis §4.2.3: its votes are refused). Woken by each
-    # pre-vote, the group would never stay quiet.
+    # A removed voter cut off while the change goes through misses C_new: the leader
+    # tries to tell it for an election timeout's worth of heartbeats, then gives up, so
+    # it still counts itself a voter and pre-campaigns while it runs (thesis §4.2.3: its
+    # votes are refused). Woken by each pre-vote, the group would never stay quiet.
     engines = [make(i, voters=(1, 2, 3, 4), config=QCFG, terms=[1], commit=1)
                for i in (1, 2, 3, 4)]
     h = Harness(engines)
     h.fire(1, Timer.ELECTION)
     leader, f2, f3, removed = engines
+    del h.engines[4]  # cut off
     leader.propose_membership(frozenset({1, 2, 3}))
     h.run()
     assert leader.membership.voters == {1, 2, 3} and not leader.membership.joint
-    assert removed.membership.joint and removed.membership.is_voter(4)
-    tick(h, 3)
+    assert list(leader.departing) == [4]
+    tick(h, leader._farewell_rounds)
+    assert list(leader.departing) == [4] and not leader.quiet  # still trying
+    tick(h)
+    assert leader.departing == {}
+    tick(h, 2)  # two idle heartbeats: quiet now
+    h.engines[4] = removed  # back
+    assert not removed.membership.joint and removed.membership.is_voter(4)
     assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
     term = leader.term
     for _ in range(3):

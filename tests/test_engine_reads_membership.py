@@ -200,6 +200,93 @@ def test_removed_leader_steps_down_after_c_new_commits():
     assert h.engines[2].role == Role.LEADER
 
 
+def removal(voters=(1, 2, 3, 4), cut_off=False):
+    """Four voters, 1 leading, asked to remove 4 (cut off meanwhile, if asked): the
+    harness and the index of C_new."""
+    h = Harness([make(i, voters=voters, terms=[1]) for i in voters])
+    h.fire(1)
+    leader, removed = h.engines[1], h.engines[4]
+    if cut_off:
+        del h.engines[4]
+        leader.propose([b"missed %d" % i for i in range(5)])
+        h.run()
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    c_new = leader.log.last_index
+    assert leader.membership.voters == {1, 2, 3} and leader.commit_index == c_new
+    assert not decode_membership(leader.log.slice(c_new, c_new + 1)[0].data).joint
+    return h, leader, removed, c_new
+
+
+def test_a_removed_voter_is_told_it_is_out_and_never_campaigns():
+    # The leader replicates C_new, and that it committed, to the voter it removes
+    # (best effort, as hashicorp/raft does), then forgets it. Without that the removed
+    # voter's log ends at C_old,new: it would count itself a voter and campaign.
+    h, leader, removed, c_new = removal()
+    assert removed.membership == leader.membership
+    assert removed.log.last_index == c_new and removed.commit_index == c_new
+    assert leader.departing == {} and 4 not in leader.progress
+    assert leader.status()["departing"] == []
+    leader.propose([b"after"])
+    h.run()
+    assert removed.log.last_index == c_new  # nothing after the entry that removed it
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
+
+
+def test_a_removed_voter_behind_is_caught_up_to_c_new_when_it_answers():
+    h, leader, removed, c_new = removal(cut_off=True)
+    assert removed.log.last_index < c_new - 6  # it missed the writes and the change
+    assert list(leader.departing) == [4] and leader.status()["departing"] == [4]
+    leader.propose([b"later %d" % i for i in range(3)])
+    h.run()
+    h.engines[4] = removed  # back: the next heartbeat probes it again
+    leader.on_timer(Timer.HEARTBEAT)
+    h.run()
+    assert removed.log.last_index == c_new and removed.commit_index == c_new
+    assert [e.data for e in removed.log.slice(1, c_new + 1)] == \
+        [e.data for e in leader.log.slice(1, c_new + 1)]
+    assert not removed.membership.is_voter(4) and leader.departing == {}
+
+
+def test_a_removed_voter_whose_entries_left_the_leaders_memory_is_given_up():
+    # No storage reads or snapshots for a node that is out: best effort ends there.
+    h, leader, removed, c_new = removal(cut_off=True)
+    leader.limit_cache(0)
+    assert leader.log.cache_first > removed.log.last_index + 1
+    h.engines[4] = removed
+    leader.on_timer(Timer.HEARTBEAT)
+    h.run()
+    assert leader.departing == {} and removed.log.last_index < c_new
+    assert not any(type(c).__name__ == "ReadLog" for c in leader.take_commands())
+
+
+def test_a_node_added_back_while_departing_is_a_member_again():
+    h, leader, removed, c_new = removal(cut_off=True)
+    pr = leader.departing[4]
+    leader.propose_membership(frozenset({1, 2, 3, 4}))
+    assert leader.departing == {} and leader.progress[4] is pr and pr.farewell == 0
+    h.engines[4] = removed
+    leader.on_timer(Timer.HEARTBEAT)
+    h.run()
+    h.run()
+    assert removed.log.last_index == leader.log.last_index
+    assert removed.membership.is_voter(4) and leader.membership.is_voter(4)
+
+
+def test_a_removed_learner_is_told_it_is_out():
+    h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1]) for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, learner = h.engines[1], h.engines[4]
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    c_new = leader.log.last_index
+    assert learner.membership.members == {1, 2, 3} and learner.commit_index == c_new
+    leader.propose([b"after"])
+    h.run()
+    assert learner.log.last_index == c_new and leader.departing == {}
+
+
 def test_truncating_a_config_entry_reverts_the_membership():
     f = make(2, voters=(1, 2, 3), term=1, terms=[1])
     f.take_commands()

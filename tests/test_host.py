@@ -20,6 +20,7 @@ from fastraft import (
     RaftNode,
     UnknownGroup,
 )
+from fastraft.engine import Engine
 from fastraft.host import DEFAULT_MAX_CAMPAIGNS, EARLY_GROUPS, EARLY_SENDERS, preferred_leader
 from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.processes import free_ports
@@ -385,23 +386,54 @@ async def test_a_fourth_host_joins_one_group_only():
         await hosts.stop()
 
 
-@run
-async def test_a_replica_removed_but_still_running_lets_its_group_go_quiet():
-    # `fastraft member remove 4 --group 1` leaves host 4 running its replica of group 1
-    # until the operator removes it there. That replica never hears of C_new (the leader
-    # stops replicating to it once C_new is appended) and pre-campaigns while it runs;
-    # the group's members neither wake for it nor vote for it.
-    hosts = Hosts(balance_interval=None, config=QUIET)
+async def fourth_voter(hosts):
+    """Start hosts 1 to 3 with group 1, and host 4 added to it as a voter: its replica,
+    and the group's leader."""
     for i in (1, 2, 3):
         await hosts.start(i, groups=[1])
+    fourth = await hosts.join_fourth_host(1)
+    leader = await hosts.leader(1)
+    await leader.add_learner(4, hosts.addresses[4])
+    await leader.change_membership({1, 2, 3, 4})
+    await hosts.propose(1, b"with 4")
+    await hosts.read(4, 1)
+    return fourth, await hosts.leader(1)
+
+
+@run
+async def test_a_replica_removed_but_still_running_learns_it_is_out():
+    # `fastraft member remove 4 --group 1` leaves host 4 running its replica of group 1
+    # until the operator removes it there. The leader tells it C_new, committed: it knows
+    # it is out, stays a follower of the term it was removed in, and the group goes quiet.
+    hosts = Hosts(balance_interval=None, config=QUIET)
     try:
-        removed = await hosts.join_fourth_host(1)
-        leader = await hosts.leader(1)
-        await leader.add_learner(4, hosts.addresses[4])
-        await leader.change_membership({1, 2, 3, 4})
-        await hosts.propose(1, b"with 4")
-        await hosts.read(4, 1)
-        leader = await hosts.leader(1)
+        removed, leader = await fourth_voter(hosts)
+        asked = removed._recorder.messages_out[RequestVote]
+        await leader.change_membership({1, 2, 3})
+        c_new = leader.engine.commit_index
+        assert leader.engine.membership.voters == {1, 2, 3}
+        await wait_until(lambda: removed.engine.commit_index == c_new, 10)
+        assert removed.engine.membership == leader.engine.membership
+        members = [hosts.hosts[i].group(1) for i in (1, 2, 3)]
+        await wait_until(lambda: all(n.engine.quiet for n in members), 10)
+        assert leader.engine.status()["departing"] == []
+        await wait_until(lambda: not removed.engine.leader_alive, 10)  # timed out on it
+        assert removed.engine.role.name == "FOLLOWER"
+        assert removed.engine.term == leader.engine.term and leader.is_leader
+        assert removed._recorder.messages_out[RequestVote] == asked  # not even a pre-vote
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_a_replica_removed_that_never_heard_so_lets_its_group_go_quiet(monkeypatch):
+    # The same, with the leader's word lost (as for a host cut off while the change goes
+    # through): that replica's log ends before C_new and it pre-campaigns while it runs;
+    # the group's members neither wake for it nor vote for it.
+    monkeypatch.setattr(Engine, "_say_farewells", lambda self: None)
+    hosts = Hosts(balance_interval=None, config=QUIET)
+    try:
+        removed, leader = await fourth_voter(hosts)
         await leader.change_membership({1, 2, 3})
         members = [hosts.hosts[i].group(1) for i in (1, 2, 3)]
         await wait_until(lambda: removed.engine.role.name == "PRE_CANDIDATE", 10)

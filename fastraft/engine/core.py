@@ -12,6 +12,7 @@ the random source is injected, so a seed replays a run exactly.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -185,6 +186,9 @@ class Engine:
         self._votes: dict[int, bool] = {}
         # Leader state.
         self.progress: dict[int, Progress] = {}
+        #: Nodes a configuration entry of this leader's removed, until they hold that
+        #: entry and know it committed (``_say_farewells``).
+        self.departing: dict[int, Progress] = {}
         #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
         self._seq = 0
         self._reads: list[_PendingRead] = []
@@ -209,6 +213,10 @@ class Engine:
         self.down: frozenset[int] = frozenset()
         self._quiesce_rounds = max(1, round(self.config.quiesce_after
                                             / self.config.heartbeat_interval))
+        #: Heartbeat intervals a leader spends telling a removed node so: an election
+        #: timeout's worth, after which that node would have campaigned anyway.
+        self._farewell_rounds = max(2, math.ceil(self.config.election_timeout_max
+                                                 / self.config.heartbeat_interval))
         #: A busy follower (sent an AppendEntries since the last tick) gets no heartbeat
         #: from the tick: it then hears from this leader at least every two intervals,
         #: which must stay within two thirds of its election timeout (§5.6's margin).
@@ -276,6 +284,8 @@ class Engine:
                         self._commit_timer_armed = True
                         self._out.append(SetTimer(Timer.COMMIT,
                                                   self.config.commit_notify_delay))
+                if self.departing:
+                    self._say_farewells()
             if self._heartbeat_needed:
                 self._heartbeat_needed = False
                 for peer, pr in self.progress.items():
@@ -673,6 +683,7 @@ class Engine:
                            "outgoing": sorted(self.membership.outgoing)},
             "addresses": dict(sorted(self.membership.addresses.items())),
             "progress": {p: pr.as_dict() for p, pr in self.progress.items()},
+            "departing": sorted(self.departing),
         }
 
     # ------------------------------------------------------------------ elections (§5.2)
@@ -798,6 +809,7 @@ class Engine:
             self._persist_hard_state()
         if was_leader:
             self.progress = {}
+            self.departing = {}
             self._transfer_target = None
             self._commit_timer_armed = False
             self._broadcast = self._heartbeat_needed = False
@@ -999,7 +1011,45 @@ class Engine:
                         self._send_snapshot_chunk(peer, pr)  # unanswered for an interval
                     pr.snapshot_progressed = False
             pr.sent_since_tick = False
+        if self.departing:
+            self._retry_farewells()
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
+
+    def _say_farewells(self) -> None:
+        """Leader: send each removed node the configuration entry that removed it, then
+        that the entry is committed, and forget it. It then knows it is out (§6: a
+        configuration is in force once appended): it never campaigns, and its driver can
+        stop it. Without this, a removed voter whose log ends before C_new still counts
+        itself a voter and pre-campaigns for as long as it runs (its votes are refused,
+        thesis §4.2.3, but it never learns why). Best effort, as in hashicorp/raft: given
+        up once it needs entries that left this leader's memory (no storage reads or
+        snapshots for a node that is out), or after ``_farewell_rounds`` heartbeats."""
+        cfg = self.config
+        for peer, pr in list(self.departing.items()):
+            last = pr.farewell
+            if pr.match_index >= last:
+                if self.commit_index >= last:
+                    if pr.commit_sent < last:
+                        self._send_entries(peer, pr, last, [])
+                    del self.departing[peer]
+            elif pr.next_index < self.log.cache_first:
+                del self.departing[peer]
+            else:
+                while pr.next_index <= last and \
+                        not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
+                    self._send_append(peer, pr, last)
+
+    def _retry_farewells(self) -> None:
+        """Heartbeat tick: send again what a removed node left unanswered, or give up."""
+        for peer, pr in list(self.departing.items()):
+            pr.farewell_rounds += 1
+            if pr.farewell_rounds > self._farewell_rounds:
+                del self.departing[peer]
+                continue
+            if pr.match_index == pr.match_at_heartbeat:
+                pr.become_probe()  # nothing answered for a whole interval
+            pr.match_at_heartbeat = pr.match_index
+        self._say_farewells()
 
     # ------------------------------------------------------------------ quiescence
 
@@ -1013,7 +1063,7 @@ class Engine:
         last = self.log.last_index
         if self.commit_index != last or self.persisted_index != last \
                 or not self.committed_in_term or self._transfer_target is not None \
-                or self._reads or self._reads_before_commit:
+                or self._reads or self._reads_before_commit or self.departing:
             return False
         down = self.down
         for peer, pr in self.progress.items():
@@ -1206,6 +1256,8 @@ class Engine:
 
     def _on_append_response(self, frm: int, m: AppendEntriesResponse) -> None:
         pr = self.progress.get(frm)
+        if pr is None:
+            pr = self.departing.get(frm)
         if pr is None or self.role != Role.LEADER:
             return
         pr.recent_active = True
@@ -1261,7 +1313,10 @@ class Engine:
             probe = self.log.terms.find_conflict_by_term(m.hint_index, m.hint_term)
         pr.become_probe()
         pr.next_index = max(pr.match_index + 1, min(probe + 1, self.log.last_index + 1))
-        self._send_append(frm, pr, self.log.last_index)
+        if pr.farewell:
+            self._broadcast = True  # _say_farewells sends it what it lacks, or gives up
+        else:
+            self._send_append(frm, pr, self.log.last_index)
 
     def _maybe_commit(self) -> None:
         c = self._match.committed_index()
@@ -1331,9 +1386,15 @@ class Engine:
             nxt = self.log.last_index + 1
             for p in members:
                 if p != self.id and p not in self.progress:
-                    self.progress[p] = Progress(nxt)
+                    pr = self.departing.pop(p, None) or Progress(nxt)
+                    pr.farewell = 0
+                    self.progress[p] = pr
             for p in [p for p in self.progress if p not in members]:
-                del self.progress[p]
+                pr = self.progress.pop(p)
+                pr.farewell = self._configs[-1][0]
+                pr.farewell_rounds = 0
+                pr.match_at_heartbeat = pr.match_index  # no answer by the next tick: probe
+                self.departing[p] = pr
             self._fill_trackers()
             self._maybe_commit()
 

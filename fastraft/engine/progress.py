@@ -22,7 +22,7 @@ class Progress:
                  "snapshot_index",
                  "snapshot_offset", "snapshot_meta", "snapshot_size", "snapshot_progressed",
                  "inflight_bytes", "inflight_total", "reading_from", "read_rounds",
-                 "sent_since_tick")
+                 "sent_since_tick", "farewell", "farewell_rounds")
 
     def __init__(self, next_index: int) -> None:
         #: Highest index known to be in the follower's log and durable there; only grows
@@ -66,6 +66,11 @@ class Progress:
         #: An AppendEntries went to it since the last heartbeat tick: it has heard from
         #: this leader, so the tick need not send it a heartbeat (``Engine``).
         self.sent_since_tick = False
+        #: A node a configuration entry removed (0 while a member): the index of that
+        #: entry, which the leader replicates to it before forgetting it, and for how
+        #: many heartbeat intervals it has tried (``Engine.departing``).
+        self.farewell = 0
+        self.farewell_rounds = 0
 
     def become_probe(self) -> None:
         self.state = ProgressState.PROBE

@@ -364,7 +364,8 @@ async def cluster_status(args: argparse.Namespace) -> int:
             return (str(r["id"]), r["address"], str(h["groups"]), str(h["leading"]),
                     str(h["quiet"]), str(h["campaigning"]), str(len(h["failed"])),
                     ",".join(map(str, h["suspected"])) or "-")
-        return (str(r["id"]), r["address"], r["role"], str(r["term"]), str(r["leader_id"]),
+        role = "removed" if r.get("removed") else r["role"]
+        return (str(r["id"]), r["address"], role, str(r["term"]), str(r["leader_id"]),
                 str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),
                 _contact(r.get("last_contact"), r["role"]))
     table = [head] + [cells(r) for r in rows]

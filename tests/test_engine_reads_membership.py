@@ -227,6 +227,7 @@ def test_a_removed_voter_is_told_it_is_out_and_never_campaigns():
     assert removed.log.last_index == c_new and removed.commit_index == c_new
     assert leader.departing == {} and 4 not in leader.progress
     assert leader.status()["departing"] == []
+    assert removed.status()["removed"] and not leader.status()["removed"]
     leader.propose([b"after"])
     h.run()
     assert removed.log.last_index == c_new  # nothing after the entry that removed it
@@ -272,6 +273,14 @@ def test_a_node_added_back_while_departing_is_a_member_again():
     h.run()
     assert removed.log.last_index == leader.log.last_index
     assert removed.membership.is_voter(4) and leader.membership.is_voter(4)
+    assert not removed.status()["removed"]
+
+
+def test_a_node_catching_up_from_before_it_was_added_is_not_removed():
+    new = make(4, voters=(), terms=[])
+    cfg = Entry(1, 1, EntryKind.CONFIG, encode_membership(Membership(voters=frozenset({1, 2, 3}))))
+    new.step(1, AppendEntries(1, 1, 0, 0, [cfg], 1))
+    assert new.membership.voters == {1, 2, 3} and not new.status()["removed"]
 
 
 def test_a_removed_learner_is_told_it_is_out():

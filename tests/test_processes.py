@@ -243,6 +243,16 @@ def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
     assert out.stdout.splitlines() == [
         f"the group: node {leader} removed (leadership handed to node {others[0]} first)"]
     assert asyncio.run(leader_and_voters()) == (others[0], others)
+    # the new leader told it so: `fastraft status` shows it removed
+    deadline = time.monotonic() + 20
+    while True:
+        out = fastraft_cli(cluster, "status", "--cluster", everyone)
+        row = next(line.split() for line in out.stdout.splitlines()
+                   if line.split()[:1] == [str(leader)])
+        if row[2] == "removed" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert row[2] == "removed", out.stdout
     out = fastraft_cli(cluster, "member", "add", str(leader), cluster.raft[leader], "--cluster",
                        everyone, timeout=90)
     assert out.returncode == 0, out.stderr + out.stdout

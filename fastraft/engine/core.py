@@ -678,6 +678,9 @@ class Engine:
             "log_cache_bytes": self.log.cache_bytes,
             "recovering": self.recovering,
             "quiet": self.quiet,
+            # In a configuration of its log, not in the one in force (§6: once appended).
+            # A node catching up is in none until the entry that adds it.
+            "removed": self.id in self.known_ids and self.id not in self.membership.members,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},

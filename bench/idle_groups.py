@@ -28,11 +28,11 @@ def main():
               "election_timeout_max": 3.0}
     for groups in args.groups:
         began = time.monotonic()
-        r = host_cluster(3, "memory", {
-            "groups": groups, "in_flight": 0, "payload": 100, "seconds": 0.1,
-            "idle_seconds": args.idle_seconds, "warmup": 0.0, "config": config,
-            "create_batch": 1000},
-            tempfile.mkdtemp(prefix="fastraft-idle-"), timeout=600 + groups / 10)
+        with tempfile.TemporaryDirectory(prefix="fastraft-idle-") as workdir:
+            r = host_cluster(3, "memory", {
+                "groups": groups, "in_flight": 0, "payload": 100, "seconds": 0.1,
+                "idle_seconds": args.idle_seconds, "warmup": 0.0, "config": config,
+                "create_batch": 1000}, workdir, timeout=600 + groups / 10)
         print(json.dumps({"groups": groups, "quiet_groups_per_host": r["quiet_groups"],
                           "idle_messages_per_s": round(r["idle_messages_per_s"]),
                           "idle_frames_per_s": round(r["idle_frames_per_s"]),

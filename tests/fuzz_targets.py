@@ -14,6 +14,7 @@ inputs; it is deterministic for a given ``--seed``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
 import shutil
@@ -125,6 +126,8 @@ class _Template:
         self.contents = {n: open(os.path.join(template, n), "rb").read()
                          for n in self.files}
         self.work = tempfile.mkdtemp(prefix="fastraft-fuzz-work-")
+        for directory in (template, self.work):  # made once per process, kept until its end
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
     def open_damaged(self, data: bytes) -> None:
         """Open a copy of the template with one file (``data`` picks which and how)
@@ -357,6 +360,7 @@ def main() -> int:
         import atheris
         target = TARGETS[args.atheris]
         seeds = tempfile.mkdtemp(prefix="fastraft-fuzz-seeds-")
+        atexit.register(shutil.rmtree, seeds, ignore_errors=True)
         for k, data in enumerate(CORPUS[args.atheris]):
             with open(os.path.join(seeds, str(k)), "wb") as f:
                 f.write(data)

@@ -350,7 +350,7 @@ async def cluster_status(args: argparse.Namespace) -> int:
     hosts = any("host" in r for r in rows)
     if hosts:  # nodes of several groups, none named: each node's host at a glance
         head: tuple[str, ...] = ("ID", "ADDRESS", "GROUPS", "LEADING", "QUIET", "CAMPAIGNING",
-                                 "FAILED", "SUSPECTED")
+                                 "FAILED", "REMOVED", "SUSPECTED")
     else:
         head = ("ID", "ADDRESS", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAG",
                 "LAST CONTACT")
@@ -363,7 +363,7 @@ async def cluster_status(args: argparse.Namespace) -> int:
             h = r["host"]
             return (str(r["id"]), r["address"], str(h["groups"]), str(h["leading"]),
                     str(h["quiet"]), str(h["campaigning"]), str(len(h["failed"])),
-                    ",".join(map(str, h["suspected"])) or "-")
+                    str(len(h["removed"])), ",".join(map(str, h["suspected"])) or "-")
         role = "removed" if r.get("removed") else r["role"]
         return (str(r["id"]), r["address"], role, str(r["term"]), str(r["leader_id"]),
                 str(r["commit_index"]), str(r["applied_index"]), str(r["lag"]),

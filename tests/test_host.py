@@ -417,6 +417,7 @@ async def test_a_replica_removed_but_still_running_learns_it_is_out():
         members = [hosts.hosts[i].group(1) for i in (1, 2, 3)]
         await wait_until(lambda: all(n.engine.quiet for n in members), 10)
         assert leader.engine.status()["departing"] == []
+        assert [hosts.hosts[i].status()["removed"] for i in (1, 4)] == [[], [1]]
         await wait_until(lambda: not removed.engine.leader_alive, 10)  # timed out on it
         assert removed.engine.role.name == "FOLLOWER"
         assert removed.engine.term == leader.engine.term and leader.is_leader

@@ -597,6 +597,15 @@ async def test_the_member_command_adds_a_node_to_every_group_and_removes_it_from
         assert (await membership(2))["voters"] == [1, 2, 4]
         # node 1 leads, or node 4 already (node 1's host balances every second)
         assert await find_leader(clients, group=2) in (1, 4)
+        # the replicas taken out were told so: their hosts list them (stop them there)
+        async def told():
+            return [(await clients[i].status())["host"]["removed"] for i in (1, 2, 3, 4)] \
+                == [[], [], [2], [1]]
+        await until(told, "removed replicas listed", 20)
+        table = (await asyncio.to_thread(
+            fastraft_cli, cluster, "status", "--cluster", ",".join(cluster.client.values()))).stdout
+        head, *lines = [line.split() for line in table.splitlines()]
+        assert [r[head.index("REMOVED")] for r in lines] == ["0", "0", "1", "1"], table
     finally:
         for c in clients.values():
             c.close()
@@ -638,9 +647,10 @@ async def test_a_node_of_several_groups_serves_each_key_from_its_group(tmp_path)
             fastraft_cli, cluster, "status", "--cluster", ",".join(cluster.client.values()))).stdout
         head, *lines = [line.split() for line in table.splitlines()]
         assert head == ["ID", "ADDRESS", "GROUPS", "LEADING", "QUIET", "CAMPAIGNING",
-                        "FAILED", "SUSPECTED"]
-        assert [(r[0], r[2], r[3], r[6], r[7]) for r in lines] == [
-            ("1", "4", "2", "0", "-"), ("2", "4", "1", "0", "-"), ("3", "4", "1", "0", "-")]
+                        "FAILED", "REMOVED", "SUSPECTED"]
+        assert [(r[0], r[2], r[3], r[6], r[7], r[8]) for r in lines] == [
+            ("1", "4", "2", "0", "0", "-"), ("2", "4", "1", "0", "0", "-"),
+            ("3", "4", "1", "0", "0", "-")]
         # the command line's view of one group: group 2's leader is node 3
         rows = json.loads((await asyncio.to_thread(
             fastraft_cli, cluster, "status", "--cluster", ",".join(cluster.client.values()),

@@ -572,6 +572,13 @@ class Engine:
                 pr.probe_sent = True
 
     @property
+    def removed(self) -> bool:
+        """In a configuration of this log but not in the one in force (§6: in force once
+        appended): taken out of the group. A node catching up from before the entry that
+        adds it is in none of them yet."""
+        return self.id in self.known_ids and self.id not in self.membership.members
+
+    @property
     def fresh(self) -> bool:
         """No log and no snapshot: a node ``bootstrap`` may form a cluster on. A term and
         a vote do not count: a founder started before its ``initialize`` may have voted
@@ -678,9 +685,7 @@ class Engine:
             "log_cache_bytes": self.log.cache_bytes,
             "recovering": self.recovering,
             "quiet": self.quiet,
-            # In a configuration of its log, not in the one in force (§6: once appended).
-            # A node catching up is in none until the entry that adds it.
-            "removed": self.id in self.known_ids and self.id not in self.membership.members,
+            "removed": self.removed,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},

@@ -316,13 +316,15 @@ class RaftHost:
     def status(self) -> dict[str, Any]:
         """This host at a glance: its groups, how many it leads, how many are quiet,
         the groups whose replica here stopped itself (a hook failed: ``NodeFailed``, the
-        group's ``failure`` says which), the peer hosts it suspects gone, leadership
+        group's ``failure`` says which), those taken out of their group (stop them with
+        ``remove_group``), the peer hosts it suspects gone, leadership
         transfers, reminders of quiet leaders (``_remind``), groups campaigning and
         election timers postponed (``max_campaigns``), the bytes of log entries its
         groups keep in memory and their budget (None: none), and transport counters.
         One pass over the groups; each group's own ``status()`` has the details."""
         leading = quiet = cached = 0
         failed = []
+        removed = []
         for group_id, node in self._groups.items():
             if node.failure is not None:
                 failed.append(group_id)
@@ -332,9 +334,12 @@ class RaftHost:
                 leading += e.role == Role.LEADER
                 quiet += e.quiet
                 cached += e.log.cache_bytes
+                if e.removed:
+                    removed.append(group_id)
         return {"id": self.id, "address": self.address, "running": self._running,
                 "groups": len(self._groups), "leading": leading, "quiet": quiet,
-                "failed": sorted(failed), "log_cache_bytes": cached,
+                "failed": sorted(failed), "removed": sorted(removed),
+                "log_cache_bytes": cached,
                 "log_cache_budget": self.log_cache_bytes,
                 "suspected": sorted(self.suspected), "transfers": self.transfers,
                 "reminders": self.reminders,

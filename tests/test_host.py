@@ -418,10 +418,17 @@ async def test_a_replica_removed_but_still_running_learns_it_is_out():
         await wait_until(lambda: all(n.engine.quiet for n in members), 10)
         assert leader.engine.status()["departing"] == []
         assert [hosts.hosts[i].status()["removed"] for i in (1, 4)] == [[], [1]]
+        assert removed.health().startswith("removed from the cluster")
+        assert hosts.hosts[4].health() is None  # the host serves its other groups
         await wait_until(lambda: not removed.engine.leader_alive, 10)  # timed out on it
         assert removed.engine.role.name == "FOLLOWER"
         assert removed.engine.term == leader.engine.term and leader.is_leader
         assert removed._recorder.messages_out[RequestVote] == asked  # not even a pre-vote
+        # restarted on its storage, the replica knows it is out and hears from no leader
+        await hosts.hosts[4].remove_group(1)
+        again = await hosts.hosts[4].create_group(1, None, state_machine=Log())
+        assert again.engine.removed and again.engine.leader_id is None
+        assert hosts.hosts[4].health() is None
     finally:
         await hosts.stop()
 

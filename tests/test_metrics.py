@@ -147,6 +147,19 @@ async def test_health_says_why():
 
 
 @run
+async def test_health_says_a_removed_node_is_out():
+    # told by the leader that it is out, it serves no reads (no entry reaches it)
+    async with LocalCluster(3, state_machine=Recorder, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        await leader.remove_learner(4)
+        removed = c.nodes[4]
+        await wait_until(lambda: removed.engine.removed)
+        assert removed.health() == "removed from the cluster (voters [1, 2, 3]): stop this node"
+        assert leader.health() is None
+
+
+@run
 async def test_strangers_leave_no_last_contact_behind():
     """Last contact is kept per sender only for messages the engine took: ids claimed by
     strangers (refused) cost no memory, however many."""

@@ -389,7 +389,9 @@ class RaftHost:
     def health(self, max_apply_lag: int = 1000) -> str | None:
         """Why this host is unhealthy, or None: healthy means running, every group's
         replica here knows its leader (or is it), and each has applied to within
-        ``max_apply_lag`` entries of its commit index."""
+        ``max_apply_lag`` entries of its commit index. A replica taken out of its group
+        counts for nothing (``status()["removed"]`` lists it): after a restart it hears
+        from no leader, and the host serves its other groups all the same."""
         if not self._running:
             return "host is not running"
         failed = [g for g, node in self._groups.items() if node.failure is not None]
@@ -397,13 +399,15 @@ class RaftHost:
             first = min(failed)
             return (f"{len(failed)} of {len(self._groups)} groups stopped themselves "
                     f"(group {first}: {self._groups[first].failure})")
-        leaderless = [g for g, node in self._groups.items()
-                      if node.engine is None or node.engine.leader_id is None]
+        leaderless = [g for g, node in self._groups.items() if node.engine is None
+                      or (node.engine.leader_id is None and not node.engine.removed)]
         if leaderless:
             return (f"{len(leaderless)} of {len(self._groups)} groups know no leader "
                     f"(groups {', '.join(map(str, sorted(leaderless)[:5]))}"
                     f"{', ...' if len(leaderless) > 5 else ''})")
         for g, node in self._groups.items():
+            if node.engine.removed:
+                continue
             reason = node.health(max_apply_lag)
             if reason is not None:
                 return f"group {g}: {reason}"

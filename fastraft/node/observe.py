@@ -115,6 +115,9 @@ def health(node: RaftNode, max_apply_lag: int) -> str | None:
         return str(node.failure)  # it stopped itself: say why
     if not node._running or e is None:
         return "node is not running"
+    if e.removed:  # it serves no reads (no entries reach it) and never campaigns
+        return (f"removed from the cluster (voters {sorted(e.membership.voters)}): "
+                "stop this node")
     if e.leader_id is None:
         return f"no leader known in term {e.term}"
     behind = e.commit_index - node.applied_index

@@ -549,8 +549,9 @@ class RaftNode:
         return observe.watch_metrics(self, interval)
 
     def health(self, max_apply_lag: int = 1000) -> str | None:
-        """Why this node is unhealthy, or None: healthy means running, a leader known (or
-        being it), and the applied index within ``max_apply_lag`` of the commit index."""
+        """Why this node is unhealthy, or None: healthy means running, a member of the
+        configuration in force, a leader known (or being it), and the applied index
+        within ``max_apply_lag`` of the commit index."""
         return observe.health(self, max_apply_lag)
 
     def peers_down(self, peers: frozenset[int]) -> str | None:

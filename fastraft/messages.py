@@ -11,6 +11,8 @@ from typing import Annotated, Union
 
 import msgspec
 
+from fastraft.errors import InvalidArgument
+
 #: The largest term or log index a node accepts from anyone, or reaches itself. Far
 #: beyond any real cluster's reach, and far enough below the wire and kernel limits
 #: (u64, int64) that a node at this term can still campaign: a peer announcing a larger
@@ -33,6 +35,21 @@ MAX_GROUP_ID = (1 << 64) - 1
 NodeId = Annotated[int, msgspec.Meta(ge=1, le=MAX_NODE_ID)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Kind = Annotated[int, msgspec.Meta(ge=0, le=3)]
+
+
+def check_node_id(node_id: object) -> None:
+    """Raise ``InvalidArgument`` unless ``node_id`` is an int the wire takes (not a bool)."""
+    if not isinstance(node_id, int) or isinstance(node_id, bool) \
+            or not 1 <= node_id <= MAX_NODE_ID:
+        raise InvalidArgument(f"node ids are positive ints up to 2**63 - 1, got {node_id!r}")
+
+
+def check_group_id(group_id: object) -> None:
+    """Raise ``InvalidArgument`` unless ``group_id`` is an int the wire takes (not a bool)."""
+    if not isinstance(group_id, int) or isinstance(group_id, bool) \
+            or not 0 <= group_id <= MAX_GROUP_ID:
+        raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
+
 Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LENGTH)]
 
 

@@ -69,8 +69,7 @@ from fastraft.filestorage import (
     _valid_record_after,
     check_options,
 )
-from fastraft.messages import Entry, HardState, SnapshotMeta
-from fastraft.node.arguments import check_group_id
+from fastraft.messages import Entry, HardState, SnapshotMeta, check_group_id
 
 log = logging.getLogger("fastraft.sharedwal")
 

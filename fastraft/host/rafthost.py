@@ -45,9 +45,9 @@ from fastraft.errors import (
 from fastraft.host.balance import BALANCE_SCAN, Balancer, preferred_leader
 from fastraft.host.cachebudget import LogCacheBudget
 from fastraft.host.sums import HostSums
-from fastraft.messages import AppendEntries
+from fastraft.messages import AppendEntries, check_group_id, check_node_id
 from fastraft.node import RaftNode
-from fastraft.node.arguments import check_group_id, check_members, check_node_id, check_timeout
+from fastraft.node.arguments import check_members, check_timeout
 from fastraft.node.metrics import GroupFigures, HostMetrics
 from fastraft.node.runner import CampaignLimit, HeartbeatClock
 from fastraft.statemachine import StateMachine

@@ -7,24 +7,10 @@ from typing import Any
 
 from fastraft.config import ENTRY_ENVELOPE_BYTES, Config
 from fastraft.errors import EntryTooLarge, InvalidArgument
-from fastraft.messages import MAX_ADDRESS_LENGTH, MAX_GROUP_ID, MAX_NODE_ID
+from fastraft.messages import MAX_ADDRESS_LENGTH, check_node_id
 from fastraft.network import RaftNetwork
 from fastraft.statemachine import StateMachine
 from fastraft.storage import RaftStorage
-
-
-def check_node_id(node_id: object) -> None:
-    """Raise ``InvalidArgument`` unless ``node_id`` is an int the wire takes (not a bool)."""
-    if not isinstance(node_id, int) or isinstance(node_id, bool) \
-            or not 1 <= node_id <= MAX_NODE_ID:
-        raise InvalidArgument(f"node ids are positive ints up to 2**63 - 1, got {node_id!r}")
-
-
-def check_group_id(group_id: object) -> None:
-    """Raise ``InvalidArgument`` unless ``group_id`` is an int the wire takes (not a bool)."""
-    if not isinstance(group_id, int) or isinstance(group_id, bool) \
-            or not 0 <= group_id <= MAX_GROUP_ID:
-        raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
 
 
 def check_address(address: object) -> None:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from fastraft.engine import Engine, Role
 from fastraft.errors import CatchUpTimeout, InvalidArgument, NodeStopped, ProposalDropped
-from fastraft.node.arguments import check_address, check_node_id
+from fastraft.messages import check_node_id
+from fastraft.node.arguments import check_address
 
 if TYPE_CHECKING:
     from fastraft.node.raftnode import RaftNode

@@ -26,7 +26,7 @@ from fastraft.errors import (
     StorageOwnedElsewhere,
 )
 from fastraft.logutil import Throttle
-from fastraft.messages import Entry, EntryKind, Membership
+from fastraft.messages import Entry, EntryKind, Membership, check_node_id
 from fastraft.network import RaftNetwork
 from fastraft.node import observe
 from fastraft.node.applier import Applier
@@ -34,7 +34,6 @@ from fastraft.node.arguments import (
     check_count,
     check_hooks,
     check_members,
-    check_node_id,
     check_timeout,
     payload,
 )

@@ -44,8 +44,7 @@ from fastraft import kernels
 from fastraft.addresses import parse_address
 from fastraft.errors import ConfigError, DecodeError
 from fastraft.logutil import Throttle
-from fastraft.messages import AppendEntries, InstallSnapshot
-from fastraft.node.arguments import check_node_id
+from fastraft.messages import AppendEntries, InstallSnapshot, check_node_id
 from fastraft.transport.link import (
     ConnectionLimits,
     Credentials,

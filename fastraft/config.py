@@ -78,7 +78,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: the log reads records for as long as they are retained, whatever the snapshots.
     log_retention_entries: int = 0
     log_retention_bytes: int = 0
-    #: A learner is promoted only once within this many entries of the leader's log.
+    #: A learner is promoted, and a host hands a group's leadership to its preferred
+    #: leader (``RaftHost`` balancing), only once within this many entries of the leader's
+    #: log.
     max_learner_lag: int = 1000
 
     #: Opt-in lease reads (thesis §6.4.1): a leader that confirmed its leadership with a

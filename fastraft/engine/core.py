@@ -415,6 +415,15 @@ class Engine:
             return None
         return max(voters, key=lambda p: (self.progress[p].match_index, -p))
 
+    def caught_up(self, peer: int, max_lag: int) -> bool:
+        """On a leader: ``peer`` has answered (a match of 0 is a node not heard from yet:
+        with a log shorter than the lag it would pass) and is within ``max_lag`` entries of
+        this log's end. Entries still in flight count as lag, so under a steady load even a
+        healthy follower is rarely at the very end."""
+        pr = self.progress.get(peer)
+        return pr is not None and 0 < pr.match_index \
+            and self.log.last_index - pr.match_index <= max_lag
+
     def _send_timeout_now(self, target: int) -> None:
         if not self._timeout_now_sent:
             self._timeout_now_sent = True

@@ -79,8 +79,11 @@ class Balancer:
             if target == self.host_id or not e.committed_in_term \
                     or e.membership_change_pending or groups[group_id].membership_calls:
                 continue
-            pr = e.progress.get(target)
-            if pr is None or pr.match_index < e.log.last_index:
+            # Near the end is enough: the transfer itself stops new entries and brings the
+            # target up to date before it tells it to campaign (thesis §3.10). Asking for
+            # the very end left leaders where they were under a steady load, where a few
+            # entries are always in flight.
+            if not e.caught_up(target, e.config.max_learner_lag):
                 continue
             moves.append((groups[group_id], target))
             if len(moves) >= max_transfers:

@@ -97,13 +97,9 @@ class MembershipChanges:
 
         def caught_up() -> bool:
             e = node._leader_engine()
-            last = e.log.last_index
-            # A match of 0 is a learner that has not answered yet: with a log shorter than
-            # the lag it would pass, and promoting an unreachable node raises the quorum
-            # (etcd's isLearnerReady asks for a match as well).
-            return all(0 < e.progress[n].match_index
-                       and last - e.progress[n].match_index <= max_lag
-                       for n in newcomers if n in e.progress)
+            # promoting a learner not heard from raises the quorum with an unreachable node
+            # (etcd's isLearnerReady asks for a match as well)
+            return all(e.caught_up(n, max_lag) for n in newcomers if n in e.progress)
         while not caught_up():
             if loop.time() > deadline:
                 e = node.engine

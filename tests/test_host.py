@@ -293,6 +293,36 @@ async def test_a_group_that_stops_itself_shows_in_the_hosts_status_and_health():
 
 
 @run
+async def test_a_group_runs_on_the_storage_it_is_given_even_an_empty_one():
+    """``storage=`` is used whenever given, not only when true: a user's storage that
+    counts its entries with ``__len__`` is false while empty, and its group's writes went
+    to a storage of the host's factory instead."""
+    class Counting(MemoryStorage):
+        def __len__(self):
+            return 0
+
+    asked = []
+
+    def factory(group_id):
+        asked.append(group_id)
+        return MemoryStorage()
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST, storage=factory)
+    await host.start()
+    try:
+        given = Counting()
+        node = await host.create_group(1, {1: host.address}, state_machine=Log(),
+                                       storage=given)
+        await node.wait_for_leader(10)
+        await node.propose(b"kept")
+        assert asked == [] and node.storage is given
+        written = given.read_entries(1, node.engine.commit_index + 1)
+        assert b"kept" in [bytes(e.data) for e in written]
+    finally:
+        await host.stop()
+
+
+@run
 async def test_wrong_calls_raise_typed_errors():
     host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None)
     with pytest.raises(NodeStopped, match="start"):
@@ -314,7 +344,8 @@ async def test_wrong_calls_raise_typed_errors():
                               ({"members": {2: "h:1"}}, "members must include this node"),
                               ({"state_machine": None}, "state_machine must be a StateMachine: "
                                                         "NoneType has no apply, restore"),
-                              ({"config": "x"}, "config must be a fastraft.Config, got str")):
+                              ({"config": "x"}, "config must be a fastraft.Config, got str"),
+                              ({"storage": "x"}, "storage must be a RaftStorage: str has no")):
             call = {"members": members, "state_machine": Log(), **kwargs}
             with pytest.raises(InvalidArgument, match=match):
                 await host.create_group(2, call.pop("members"), **call)
@@ -345,6 +376,10 @@ async def test_wrong_calls_raise_typed_errors():
             RaftHost(bad, network=TcpNetwork(1, "127.0.0.1:0"))
     with pytest.raises(InvalidArgument, match="balance_interval must be positive"):
         RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=0)
+    with pytest.raises(InvalidArgument, match=r"a host's storage is a function from group id "
+                       r"to that group's RaftStorage \(say SharedWAL\(...\).group\), not "
+                       r"MemoryStorage"):
+        RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), storage=MemoryStorage())
 
 
 def test_preferred_leaders_take_turns():

@@ -99,6 +99,10 @@ class RaftHost:
                                   f"not {type(network).__name__}")
         if network.id != node_id:
             raise InvalidArgument(f"the network is node {network.id}'s, not node {node_id}'s")
+        if storage is not None and not callable(storage):
+            raise InvalidArgument(f"a host's storage is a function from group id to that "
+                                  f"group's RaftStorage (say SharedWAL(...).group), not "
+                                  f"{type(storage).__name__}")
         if balance_interval is not None and balance_interval <= 0:
             raise InvalidArgument(f"balance_interval must be positive or None, "
                                   f"got {balance_interval!r}")
@@ -108,7 +112,8 @@ class RaftHost:
                                   f"got {log_cache_bytes!r}")
         self.id = node_id
         self.network = network
-        self.storage_factory = storage or (lambda group_id: MemoryStorage())
+        self.storage_factory = storage if storage is not None \
+            else (lambda group_id: MemoryStorage())
         self.config = config or Config(quiesce_after=DEFAULT_QUIESCE_AFTER)
         self.cluster_id = cluster_id
         self.balance_interval = balance_interval
@@ -223,7 +228,9 @@ class RaftHost:
             members = check_members(self.id, members)
         network = self.network.group(group_id)
         network.watched = True  # _liveness_loop wakes it when quiet and its leader is lost
-        node = RaftNode(self.id, storage=storage or self.storage_factory(group_id),
+        if storage is None:  # not `or`: a user's storage may define __len__
+            storage = self.storage_factory(group_id)
+        node = RaftNode(self.id, storage=storage,
                         network=network, state_machine=state_machine,
                         config=config or self.config, rng=self._rng,
                         cluster_id=f"{self.cluster_id}/{group_id}")

@@ -58,7 +58,8 @@ async def test_a_group_with_a_membership_change_under_way_keeps_its_leader():
 async def test_the_preferred_leader_is_handed_the_group_within_the_lag_and_not_beyond():
     """Under a steady load a follower is always a few entries behind: the group moves
     once its preferred leader is within ``max_learner_lag`` entries (the transfer then
-    brings it to the end first), not further behind, nor before it has answered."""
+    brings it to the end first), not further behind, nor before it has answered, nor
+    while its host is suspected."""
     config = msgspec.structs.replace(CFG, max_learner_lag=3)
     h = Harness([make(i, terms=[1], config=config) for i in (1, 2, 3)])
     # Voter 2 elected by voter 3 alone: voter 1, group 0's preferred leader, has not
@@ -77,6 +78,9 @@ async def test_the_preferred_leader_is_handed_the_group_within_the_lag_and_not_b
     Harness([leader, h.engines[3]]).run()
     assert leader.log.last_index - leader.progress[1].match_index == 4
     assert await balancer.balance() == 0 and replica.transfers == []
-    # three
+    # three, but its host suspected (silent): a transfer would stall the group's writes
     leader.progress[1].match_index += 1
+    leader.peers_down(frozenset({1}))
+    assert await balancer.balance() == 0 and replica.transfers == []
+    leader.peers_down(frozenset())
     assert await balancer.balance() == 1 and replica.transfers == [1]

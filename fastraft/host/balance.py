@@ -82,8 +82,9 @@ class Balancer:
             # Near the end is enough: the transfer itself stops new entries and brings the
             # target up to date before it tells it to campaign (thesis §3.10). Asking for
             # the very end left leaders where they were under a steady load, where a few
-            # entries are always in flight.
-            if not e.caught_up(target, e.config.max_learner_lag):
+            # entries are always in flight. A host this one suspects would stall the
+            # group's writes for the transfer's timeout, round after round.
+            if target in e.down or not e.caught_up(target, e.config.max_learner_lag):
                 continue
             moves.append((groups[group_id], target))
             if len(moves) >= max_transfers:

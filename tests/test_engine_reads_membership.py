@@ -262,6 +262,41 @@ def test_a_removed_voter_whose_entries_left_the_leaders_memory_is_given_up():
     assert not any(type(c).__name__ == "ReadLog" for c in leader.take_commands())
 
 
+def test_a_new_leader_tells_the_nodes_its_predecessor_removed():
+    # Leader 1 removed voter 4 while 4 was cut off, and is lost before telling it: voter
+    # 2, elected, finds the change in its log and tells 4 (the lost leader too, in vain).
+    h, leader, removed, c_new = removal(cut_off=True)
+    assert list(leader.departing) == [4] and not removed.status()["removed"]
+    del h.engines[1]
+    h.engines[4] = removed
+    h.fire(2)
+    successor = h.engines[2]
+    assert successor.role == Role.LEADER
+    assert removed.log.last_index == c_new and removed.commit_index == c_new
+    assert removed.status()["removed"] and successor.departing == {}
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
+
+
+def test_the_successor_of_a_leader_that_removed_itself_tells_the_others_it_removed():
+    # Leader 1 removes itself and voter 4 (cut off); it steps down once C_new commits,
+    # with 4 untold. The next leader tells 4; node 1, which knows, answers at once.
+    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1]) for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, removed = h.engines[1], h.engines.pop(4)
+    leader.propose_membership(frozenset({2, 3}))
+    h.run()
+    c_new = leader.log.last_index
+    assert leader.role == Role.FOLLOWER and leader.commit_index == c_new
+    assert leader.status()["removed"] and not removed.status()["removed"]
+    h.engines[4] = removed
+    h.fire(2)
+    successor = h.engines[2]
+    assert successor.role == Role.LEADER
+    assert removed.log.last_index == c_new and removed.status()["removed"]
+    assert successor.departing == {} and leader.log.last_index == c_new
+
+
 def test_a_node_added_back_while_departing_is_a_member_again():
     h, leader, removed, c_new = removal(cut_off=True)
     pr = leader.departing[4]

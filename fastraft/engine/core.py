@@ -839,6 +839,12 @@ class Engine:
         self._set_role(Role.LEADER, self.id)
         nxt = self.log.last_index + 1
         self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
+        if len(self._configs) > 1:
+            # The nodes the latest change removed may not have been told: their leader
+            # lost leadership before it did, or was one of them and stepped down.
+            (_, before), (index, latest) = self._configs[-2], self._configs[-1]
+            for p in before.members - latest.members - {self.id}:
+                self._depart(p, Progress(index), index)
         self._fill_trackers()
         self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max)
                          if self.config.check_quorum else CancelTimer(Timer.ELECTION))
@@ -1055,6 +1061,14 @@ class Engine:
                 while pr.next_index <= last and \
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, last)
+
+    def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
+        """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say
+        farewell to it (``_say_farewells``) rather than replicate to it."""
+        pr.farewell = farewell
+        pr.farewell_rounds = 0
+        pr.match_at_heartbeat = pr.match_index  # no answer by the next tick: probe
+        self.departing[peer] = pr
 
     def _retry_farewells(self) -> None:
         """Heartbeat tick: send again what a removed node left unanswered, or give up."""
@@ -1407,11 +1421,7 @@ class Engine:
                     pr.farewell = 0
                     self.progress[p] = pr
             for p in [p for p in self.progress if p not in members]:
-                pr = self.progress.pop(p)
-                pr.farewell = self._configs[-1][0]
-                pr.farewell_rounds = 0
-                pr.match_at_heartbeat = pr.match_index  # no answer by the next tick: probe
-                self.departing[p] = pr
+                self._depart(p, self.progress.pop(p), self._configs[-1][0])
             self._fill_trackers()
             self._maybe_commit()
 

@@ -58,6 +58,7 @@ from fastraft.errors import (
     DecodeError,
     FastRaftError,
     StorageCorruption,
+    StorageFailed,
     StorageOwnedElsewhere,
 )
 from fastraft.messages import Entry, HardState
@@ -396,6 +397,14 @@ class _LogStore:
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         raise NotImplementedError
 
+    def _is_closed(self) -> bool:
+        raise NotImplementedError
+
+    async def _on(self, executor: ThreadPoolExecutor, fn: Callable[..., _T], *args: Any) -> _T:
+        if self._is_closed():  # the executor's RuntimeError would not say what happened
+            raise StorageFailed(f"{self.directory}: the storage is closed")
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
     def _read_snapshot(self) -> tuple[SnapshotMeta, str] | None:
         """The snapshot's metadata and data file, both checked; stray data files left by a
         crash in the middle of a save are deleted."""
@@ -515,8 +524,7 @@ class _LogStore:
             self._mark_wanted = index
 
     async def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._read_sync, lo, hi, max_bytes)
+        return await self._on(self._reader, self._read_sync, lo, hi, max_bytes)
 
     async def save_snapshot(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         await self._run(self._save_snapshot_sync, meta, data)
@@ -687,6 +695,7 @@ class FileStorage(_SegmentFiles, _LogStore):
         self.segment_bytes = segment_bytes
         self.repair = repair
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastraft-wal")
+        self._closed = False
         # Reads run on a thread of their own, so a follower's catch-up never waits behind
         # an fsync, nor an fsync behind a long read; the lock covers the record index,
         # the file descriptors and the cache, never a write or an fsync.
@@ -882,7 +891,8 @@ class FileStorage(_SegmentFiles, _LogStore):
 
     def close(self) -> None:
         """Record the commit mark, close files and release the directory lock. Not done
-        by ``RaftNode.stop()``."""
+        by ``RaftNode.stop()``; later calls raise ``StorageFailed``."""
+        self._closed = True
         self._executor.shutdown(wait=True)
         self._reader.shutdown(wait=True)
         # A clean stop: the commit mark goes to ``state`` too, so a log later cut at a
@@ -906,7 +916,10 @@ class FileStorage(_SegmentFiles, _LogStore):
     # ------------------------------------------------------------------ file work
 
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._on(self._executor, fn, *args)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _path(self, seg_first: int) -> str:
         return os.path.join(self.directory, _seg_name(seg_first))

@@ -169,8 +169,10 @@ class WalGroup(_LogStore):
     async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
         # snapshots are copied on a thread of their own: never behind, or in front of,
         # the log writes of every group
-        return await asyncio.get_running_loop().run_in_executor(self.wal._snapshots, fn,
-                                                                *args)
+        return await self._on(self.wal._snapshots, fn, *args)
+
+    def _is_closed(self) -> bool:
+        return self.wal._closed
 
     def _save_snapshot_sync(self, meta: SnapshotMeta, data: BinaryIO) -> None:
         if not os.path.isdir(self.directory):
@@ -401,8 +403,7 @@ class SharedWAL(_SegmentFiles):
         once a membership change took this host out of the group). A crash in the middle
         may leave the group without its snapshot: call it again."""
         view = self.group(group_id)
-        await asyncio.get_running_loop().run_in_executor(self._snapshots,
-                                                         self._remove_snapshot, view)
+        await view._on(self._snapshots, self._remove_snapshot, view)
         await self._submit(view, DROP, None)
 
     def _remove_snapshot(self, view: WalGroup) -> None:
@@ -420,12 +421,15 @@ class SharedWAL(_SegmentFiles):
 
     def close(self) -> None:
         """Finish the write in progress, record each group's commit mark (one batch),
-        close the files and release the directory."""
+        close the files and release the directory. Writes still waiting for a batch (the
+        groups' nodes should be stopped first) fail with ``StorageFailed``, rather than
+        wait for ever. Call it on the event loop's thread."""
         if self._closed:
             return
         self._closed = True
         for executor in (self._writer, self._reader, self._snapshots):
             executor.shutdown(wait=True)
+        self._fail_pending(self._closed_error())
         if self._recovered and self._broken is None:
             marks = [v for v in self._groups.values()
                      if min(v._mark_wanted, v._last()) > v._mark_durable]
@@ -447,7 +451,7 @@ class SharedWAL(_SegmentFiles):
         if self._broken is not None:
             raise self._refusal()
         if self._closed:
-            raise StorageFailed(f"{self.directory}: the WAL is closed")
+            raise self._closed_error()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((view, kind, arg, future))
@@ -458,6 +462,9 @@ class SharedWAL(_SegmentFiles):
         return future
 
     def _start_batch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._closed:  # after close() in the same loop turn: it failed the ops
+            self._writing = False
+            return
         ops, self._pending = self._pending, []
         job = loop.run_in_executor(self._writer, self._write_batch, ops)
         job.add_done_callback(partial(self._batch_done, loop, ops))
@@ -481,17 +488,25 @@ class SharedWAL(_SegmentFiles):
                 else:
                     future.set_exception(result)
         self._pending[:0] = later
-        if self._pending and failed is None:
+        if self._pending and failed is None and not self._closed:
             self._start_batch(loop)  # what came during the sync: the next batch
             return
         self._writing = False
         if failed is not None:
             # What came during the failed write has no batch to go in: it fails as a
             # write submitted from now on does (a node stopping awaits its writes).
-            waiting, self._pending = self._pending, []
-            for _, _, _, future in waiting:
-                if not future.done():
-                    future.set_exception(self._refusal())
+            self._fail_pending(self._refusal())
+        elif self._closed:
+            self._fail_pending(self._closed_error())
+
+    def _fail_pending(self, error: StorageFailed) -> None:
+        waiting, self._pending = self._pending, []
+        for _, _, _, future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+    def _closed_error(self) -> StorageFailed:
+        return StorageFailed(f"{self.directory}: the WAL is closed")
 
     def _refusal(self) -> StorageFailed:
         return StorageFailed(f"{self.directory}: a write failed earlier "

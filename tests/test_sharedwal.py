@@ -4,8 +4,10 @@ and RaftHost groups on one WAL across a restart. (The storage conformance suite 
 against its group views in test_storage.py.)"""
 import asyncio
 import io
+import logging
 import os
 import threading
+import time
 
 import pytest
 
@@ -232,28 +234,38 @@ def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypat
     wal.close()
 
 
+async def writes_behind_a_sync(wal, monkeypatch, sync, meanwhile):
+    """Group 1's write in a batch whose sync (``sync`` in place of ``os.fdatasync``) has
+    begun, groups 2 and 3's submitted behind it; then ``meanwhile()``. Returns the three
+    writes' results."""
+    syncing = threading.Event()
+
+    def started(fd):
+        syncing.set()
+        return sync(fd)
+    monkeypatch.setattr(os, "fdatasync", started)
+    first = asyncio.ensure_future(wal.group(1).append_entries(entries(1, 1)))
+    await asyncio.to_thread(syncing.wait, 10)
+    waiting = [asyncio.ensure_future(wal.group(g).append_entries(entries(1, 1)))
+               for g in (2, 3)]
+    await asyncio.sleep(0)
+    meanwhile()
+    return await asyncio.wait_for(asyncio.gather(first, *waiting, return_exceptions=True), 10)
+
+
 def test_writes_waiting_behind_a_failed_batch_fail_with_it(tmp_path, monkeypatch):
     # Writes submitted while a batch is being written wait for the next batch. When the
     # batch fails there is none: they must fail too, else a node stopping after the
     # failure waits for them for ever (fastraft node never exited on a full disk).
     wal = SharedWAL(str(tmp_path / "wal"))
-    syncing, release = threading.Event(), threading.Event()
+    release = threading.Event()
 
     def failing(fd):
-        syncing.set()
         release.wait(10)
         raise OSError(28, "No space left on device")
 
     async def main():
-        monkeypatch.setattr(os, "fdatasync", failing)
-        first = asyncio.ensure_future(wal.group(1).append_entries(entries(1, 1)))
-        await asyncio.to_thread(syncing.wait, 10)
-        waiting = [asyncio.ensure_future(wal.group(g).append_entries(entries(1, 1)))
-                   for g in (2, 3)]
-        await asyncio.sleep(0)
-        release.set()
-        results = await asyncio.wait_for(asyncio.gather(first, *waiting,
-                                                        return_exceptions=True), 10)
+        results = await writes_behind_a_sync(wal, monkeypatch, failing, release.set)
         assert isinstance(results[0], OSError), results
         assert all(isinstance(r, StorageFailed) and "No space left" in str(r)
                    for r in results[1:]), results
@@ -262,6 +274,64 @@ def test_writes_waiting_behind_a_failed_batch_fail_with_it(tmp_path, monkeypatch
     finally:
         release.set()
         wal.close()
+
+
+def test_writes_waiting_when_the_wal_is_closed_fail_rather_than_hang(tmp_path, monkeypatch,
+                                                                      caplog):
+    # close() finishes the batch being written; the writes waiting for the next batch
+    # (nodes still running: a shutdown in the wrong order) had no batch to go in, and
+    # waited for ever, so a node awaiting one never stopped.
+    wal = SharedWAL(str(tmp_path / "wal"))
+    release = threading.Event()
+    real = os.fdatasync
+
+    def blocking(fd):
+        release.wait(10)
+        real(fd)
+
+    def release_once_closing():
+        wait_closing = time.monotonic() + 10
+        while not wal._closed and time.monotonic() < wait_closing:
+            time.sleep(0.001)
+        release.set()
+
+    def close():
+        threading.Thread(target=release_once_closing).start()
+        wal.close()  # waits for the batch being written
+
+    async def main():
+        results = await writes_behind_a_sync(wal, monkeypatch, blocking, close)
+        assert results[0] is None, results  # the batch being written was finished
+        assert all(isinstance(r, StorageFailed) and "the WAL is closed" in str(r)
+                   for r in results[1:]), results
+        with pytest.raises(StorageFailed, match="the WAL is closed"):
+            await wal.group(4).append_entries(entries(1, 1))
+    try:
+        drive(main())
+    finally:
+        release.set()
+        wal.close()
+    monkeypatch.setattr(os, "fdatasync", real)
+    reopened = SharedWAL(str(tmp_path / "wal"))
+    try:
+        assert reopened.group_ids() == [1]
+        assert read_all(reopened.group(1)) == plain(entries(1, 1))
+    finally:
+        reopened.close()
+
+    # closed in the loop turn the writes were made, before their batch started
+    quick = SharedWAL(str(tmp_path / "quick"))
+
+    async def closed_at_once():
+        waiting = [asyncio.ensure_future(quick.group(g).append_entries(entries(1, 1)))
+                   for g in (1, 2)]
+        await asyncio.sleep(0)  # both submitted; their batch would start next turn
+        quick.close()
+        results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True),
+                                         10)
+        assert all(isinstance(r, StorageFailed) for r in results), results
+    drive(closed_at_once())
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 def test_group_ids_and_segment_settings_are_checked(tmp_path):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from fastraft.errors import ConfigError, StorageCorruption
+from fastraft.errors import ConfigError, StorageCorruption, StorageFailed
 from fastraft.filestorage import FileStorage, StorageLocked
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
 from fastraft.sharedwal import SharedWAL
@@ -320,6 +320,28 @@ def test_a_crash_in_the_middle_of_a_snapshot_save_keeps_the_old_snapshot(tmp_pat
             f.write(b"partial")
     assert load_snapshot(tmp_path) == (SNAP_META, b"old" * 100)
     assert snapshot_data_file(tmp_path) == old_file  # leftovers deleted at start-up
+
+
+@pytest.mark.parametrize("kind", ["file", "shared-wal"])
+def test_every_call_on_a_closed_store_is_storage_failed(kind, tmp_path):
+    """A node still running on a store closed under it gets ``StorageFailed`` naming
+    the store, not the RuntimeError of an executor shut down."""
+    async def scenario():
+        wal = SharedWAL(str(tmp_path / "wal")) if kind == "shared-wal" else None
+        store = wal.group(1) if wal else FileStorage(str(tmp_path / "s"))
+        await store.append_entries(entries(1, 2))
+        (wal or store).close()
+        calls = [store.append_entries(entries(3, 3)), store.truncate_suffix(2),
+                 store.compact_prefix(1), store.save_hard_state(HardState(1, 1, 1)),
+                 store.read_entries(1, 3), store.load_snapshot(),
+                 store.save_snapshot(SNAP_META, io.BytesIO(b"s"))]
+        for call in calls:
+            with pytest.raises(StorageFailed, match="is closed"):
+                await call
+        if wal:
+            with pytest.raises(StorageFailed, match="is closed"):
+                await wal.drop_group(1)
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("kind", ["file", "shared-wal"])

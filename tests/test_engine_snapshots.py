@@ -225,6 +225,31 @@ def test_leadership_transfer_gives_up_after_an_election_timeout():
     assert leader.propose([b"accepted again"]) > 0
 
 
+def test_a_voter_that_is_leaving_declines_leadership_and_the_leader_goes_on():
+    # A node stepping down for a stop (Engine.leaving) answers TimeoutNow with one of
+    # its own: the leader gives the transfer up at once and takes proposals again.
+    h, leader = leader_with_log(3)
+    h.run()
+    leaving = h.engines[2]
+    leaving.leaving = True
+    leader.transfer_leadership(2)
+    assert leader.transfer_target == 2
+    h.run()
+    assert leader.role == Role.LEADER and leader.transfer_target is None
+    assert leaving.role == Role.FOLLOWER and leaving.term == leader.term
+    assert leader.propose([b"accepted again"]) > 0
+    h.run()
+    # a decline from a node the leader is not handing over to changes nothing
+    h.engines.pop(3)
+    leader.transfer_leadership(3)
+    leader.step(2, TimeoutNow(leader.term, 2))
+    assert leader.transfer_target == 3
+    # still a voter: it campaigns when its election timer runs out, and can win
+    leaving.on_timer(Timer.ELECTION)
+    h.run()
+    assert leaving.role == Role.LEADER
+
+
 def test_votes_are_refused_while_the_leader_is_heard():
     cfg = Config(check_quorum=True)
     f = make(2, term=2, terms=[1], config=cfg)

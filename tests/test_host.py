@@ -241,6 +241,32 @@ async def test_a_host_restarts_and_its_groups_catch_up_and_lead_again():
 
 
 @run
+async def test_a_host_stepping_down_is_not_handed_its_groups_back_until_it_restarts():
+    """A planned stop (``step_down``): the host hands its groups over, and the other
+    hosts' balancing, which hands each group to its preferred leader, is declined until
+    it stops, so none goes back and forth (CI caught a group that did, and a stop as its
+    leader); writes go on meanwhile. Restarted, it leads them again."""
+    async with Hosts() as hosts:
+        await wait_until(lambda: balanced(hosts), 20)
+        mine = [g for g in GROUPS if preferred(g) == 3]
+        tried = sum(hosts.hosts[i].transfers for i in (1, 2))
+        await hosts.hosts[3].step_down()
+        assert hosts.hosts[3].leaders() == []
+        await wait_until(lambda: sum(hosts.hosts[i].transfers for i in (1, 2))
+                         >= tried + 2 * len(mine), 20, "the groups offered back, twice")
+        assert hosts.hosts[3].leaders() == []
+        leader = await hosts.leader(mine[0])
+        with pytest.raises(TimeoutError, match="to node 3: the transfer was given up .the "
+                                               "node declined it"):
+            await leader.transfer_leadership(3, timeout=30)  # answered at once, not in 30 s
+        await asyncio.gather(*[hosts.propose(g, b"meanwhile") for g in mine])
+        await hosts.hosts[3].stop()
+        del hosts.hosts[3]
+        await hosts.start(3, found=False)
+        await wait_until(lambda: sorted(hosts.hosts[3].leaders()) == mine, 20)
+
+
+@run
 async def test_a_group_created_late_on_one_host_catches_up():
     hosts = Hosts(balance_interval=None)
     await hosts.start(1)

@@ -201,6 +201,11 @@ class Engine:
         self._transfer_target: int | None = None
         self._transfer_rounds = 0
         self._timeout_now_sent = False
+        #: The driver is stopping this node (``RaftNode.step_down``): it declines the
+        #: leadership a leader hands it, so that a host balancing its groups does not
+        #: give back what this node just handed over. It still votes, and still
+        #: campaigns when its election timer runs out.
+        self.leaving = False
 
         #: Nothing to do and told so (``Config.quiesce_after``): no timers run; any input
         #: but the quiesce heartbeat and its answers wakes it (``wake``).
@@ -801,12 +806,26 @@ class Engine:
             self._become_follower(self.term, None)
 
     def _on_timeout_now(self, frm: int, m: TimeoutNow) -> None:
+        if self.role == Role.LEADER:
+            # From the target of our transfer: it declines (it is stopping); take
+            # proposals again at once rather than after an election timeout.
+            if frm == self._transfer_target and m.term == self.term:
+                self._transfer_target = None
+            return
         # Only the leader we follow, in its term, may hand us leadership (§3.10); the
         # transfer then skips pre-vote and leader stickiness.
         if frm == self.leader_id and m.term == self.term and self.role == Role.FOLLOWER \
                 and self.membership.is_voter(self.id) and self.term < MAX_TERM \
                 and not self.recovering:
-            self._campaign(transfer=True)
+            if self.leaving:
+                self._send(frm, TimeoutNow(self.term, self.id))  # declined
+            else:
+                self._campaign(transfer=True)
+
+    @property
+    def transfer_target(self) -> int | None:
+        """On a leader: the voter it is handing leadership to, if any (thesis §3.10)."""
+        return self._transfer_target
 
     # ------------------------------------------------------------------ role changes
 

@@ -198,11 +198,12 @@ class RaftHost:
 
     async def step_down(self, timeout: float | None = None) -> None:
         """Before a planned stop: every group led here hands leadership over and waits
-        for its proposals' fate (``RaftNode.step_down``), all at once."""
+        for its proposals' fate (``RaftNode.step_down``), all at once; every replica here
+        declines leadership from then on, so the other hosts' balancing does not hand
+        groups back to this one while it stops."""
         if timeout is not None:
             check_timeout(timeout)
-        await asyncio.gather(*(node.step_down(timeout) for node in self._groups.values()
-                               if node.is_leader))
+        await asyncio.gather(*(node.step_down(timeout) for node in self._groups.values()))
 
     async def __aenter__(self) -> RaftHost:
         return await self.start()

@@ -478,6 +478,12 @@ class RaftNode:
         deadline = self._loop.time() + limit
         while self.engine.leader_id != target:
             self._check_running()
+            e = self.engine
+            if e.role == Role.LEADER and e.transfer_target != target:
+                raise TimeoutError(f"leadership did not move to node {target}: the transfer "
+                                   "was given up (the node declined it, as one that is "
+                                   "stopping does, or did not campaign within an election "
+                                   "timeout)")
             if self._loop.time() > deadline:
                 raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
             try:
@@ -493,9 +499,14 @@ class RaftNode:
         the new leader. Nothing to do on a node that does not lead, or leads alone.
         ``timeout`` (default: three election timeouts) bounds each of the two waits; a
         transfer that does not happen in time is logged, and the stop then resigns as it
-        always does (``Engine.resign``)."""
+        always does (``Engine.resign``). From then on, leader or not, the node declines
+        leadership handed to it (``Engine.leaving``: a ``RaftHost`` balancing its groups
+        would give it back) until it stops; it still votes, and campaigns if its
+        election timer runs out."""
         if timeout is not None:
             check_timeout(timeout)
+        if self._running:
+            self.engine.leaving = True
         target = self.engine.successor() if self._running else None
         if target is None:
             return

@@ -482,8 +482,8 @@ class RaftNode:
             if e.role == Role.LEADER and e.transfer_target != target:
                 raise TimeoutError(f"leadership did not move to node {target}: the transfer "
                                    "was given up (the node declined it, as one that is "
-                                   "stopping does, or did not campaign within an election "
-                                   "timeout)")
+                                   "stopping does; or it did not campaign within an "
+                                   "election timeout; or another transfer replaced it)")
             if self._loop.time() > deadline:
                 raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
             try:

@@ -35,6 +35,7 @@ MAX_GROUP_ID = (1 << 64) - 1
 NodeId = Annotated[int, msgspec.Meta(ge=1, le=MAX_NODE_ID)]
 Counter = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]
 Kind = Annotated[int, msgspec.Meta(ge=0, le=3)]
+Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LENGTH)]
 
 
 def check_node_id(node_id: object) -> None:
@@ -49,8 +50,6 @@ def check_group_id(group_id: object) -> None:
     if not isinstance(group_id, int) or isinstance(group_id, bool) \
             or not 0 <= group_id <= MAX_GROUP_ID:
         raise InvalidArgument(f"group ids are ints from 0 to 2**64 - 1, got {group_id!r}")
-
-Address = Annotated[str, msgspec.Meta(max_length=MAX_ADDRESS_LENGTH)]
 
 
 class EntryKind(IntEnum):

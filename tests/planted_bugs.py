@@ -85,6 +85,19 @@ def read_index_without_a_quorum_round(mp):
     mp.setattr(Engine, "_leader_read", answer_at_once)
 
 
+def lease_kept_after_a_handover(mp):
+    """Thesis §3.10 and §6.4.1: a leader that sent TimeoutNow goes on serving lease
+    reads, though its successor's election skips the followers' promise the lease rests
+    on."""
+    original = Engine._send_timeout_now
+
+    def send_keeping_the_lease(self, target):
+        forfeited = self.lease_forfeited
+        original(self, target)
+        self.lease_forfeited = forfeited
+    mp.setattr(Engine, "_send_timeout_now", send_keeping_the_lease)
+
+
 PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
           second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
-          read_index_without_a_quorum_round]
+          read_index_without_a_quorum_round, lease_kept_after_a_handover]

@@ -233,7 +233,8 @@ def test_a_voter_that_is_leaving_declines_leadership_and_the_leader_goes_on():
     leaving = h.engines[2]
     leaving.leaving = True
     leader.transfer_leadership(2)
-    assert leader.transfer_target == 2
+    assert leader.transfer_target == 2 and leader.status()["transfer_target"] == 2
+    assert leaving.status()["leaving"] and not leader.status()["leaving"]
     h.run()
     assert leader.role == Role.LEADER and leader.transfer_target is None
     assert leaving.role == Role.FOLLOWER and leaving.term == leader.term
@@ -248,6 +249,32 @@ def test_a_voter_that_is_leaving_declines_leadership_and_the_leader_goes_on():
     leaving.on_timer(Timer.ELECTION)
     h.run()
     assert leaving.role == Role.LEADER
+
+
+def test_a_leader_forfeits_its_read_lease_for_the_term_once_it_sends_timeout_now():
+    # TimeoutNow's receiver campaigns at once and voters grant a transfer's votes despite
+    # a live leader (thesis §3.10): the followers' promise a lease rests on (§6.4.1) is
+    # gone for the rest of the term, whatever becomes of the transfer.
+    h, leader = leader_with_log(3)
+    h.run()
+    assert not leader.lease_forfeited
+    h.engines[2].leaving = True  # stepping down for a stop: it will decline
+    leader.transfer_leadership(2)
+    h.run()
+    assert leader.role == Role.LEADER and leader.transfer_target is None  # declined
+    assert leader.lease_forfeited and leader.status()["lease_forfeited"]
+    # the successor, leading in a later term, holds a lease again; so does node 1 when
+    # it leads once more, in a later term still
+    h.engines[2].leaving = False
+    leader.transfer_leadership(2)
+    h.run()
+    successor = h.engines[2]
+    assert successor.role == Role.LEADER and not successor.lease_forfeited
+    successor.transfer_leadership(1)
+    h.run()
+    assert leader.role == Role.LEADER and not leader.lease_forfeited
+    # a leader stopping cleanly (resign) sends TimeoutNow too
+    assert leader.resign() and leader.lease_forfeited
 
 
 def test_votes_are_refused_while_the_leader_is_heard():

@@ -311,6 +311,34 @@ async def test_lease_reads_skip_the_round_trip_and_expire_when_cut_off():
             await leader.read_index()
 
 
+@run
+async def test_a_leader_that_handed_leadership_over_serves_no_lease_reads_in_its_term():
+    """A TimeoutNow's receiver campaigns at once and the voters grant it despite a live
+    leader (thesis §3.10), so once one went out the lease (§6.4.1) is void for the term,
+    even if the transfer is declined. (The simulator's "transfers" profile found stale
+    lease reads here: a leader deaf to its successor served them.)"""
+    cfg = Config(election_timeout_min=0.2, election_timeout_max=0.4, heartbeat_interval=0.02,
+                 lease_reads=True)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, transport="tcp") as c:
+        leader = await c.leader()
+        version = await leader.propose(kv.put("x", b"1"))
+        assert await leader.read_index() >= version  # takes the lease
+
+        def frames():
+            return sum(n.network.stats["frames_out"] for n in c.nodes.values())
+        other = next(n for n in c.nodes.values() if n is not leader)
+        await other.step_down()  # a follower stepping down for a stop declines leadership
+        term = leader.engine.term
+        with pytest.raises(TimeoutError, match="declined"):
+            await leader.transfer_leadership(other.id, 5)
+        assert leader.is_leader and leader.engine.term == term
+        sent = frames()
+        for _ in range(20):
+            assert await leader.read_index() >= version
+        # each read took a ReadIndex round (a heartbeat out and its answer, at least)
+        assert frames() - sent >= 40
+
+
 def test_lease_reads_need_check_quorum():
     from fastraft.errors import ConfigError
     with pytest.raises(ConfigError, match="check_quorum"):

@@ -21,6 +21,7 @@ HARSH = Faults(drop=0.2, duplicate=0.1, partition_every=0.5, crash_every=0.4, do
 
 QUIET_LOAD = {"propose_every": 0.3, "read_every": 0.4}
 QUIET_FAULTS = Faults(drop=0.02, partition_every=1.5, crash_every=1.0)
+TRANSFER_FAULTS = Faults(transfer_every=0.2, leaving=0.3, deafen_on_handover=0.5)
 PROFILES = {
     "default": (Faults(), Config()),
     "harsh": (Faults(drop=0.2, duplicate=0.1, partition_every=0.5, crash_every=0.4,
@@ -57,6 +58,10 @@ PROFILES = {
     # a read, any message, or (the simulated hosts' liveness) its leader's node going
     # silent
     "quiet": (QUIET_FAULTS, Config(quiesce_after=0.1), QUIET_LOAD),
+    # leadership handed over (thesis §3.10) under load, to nodes that may be stepping
+    # down for a stop (they decline), with lease reads; a leader that hands over is often
+    # cut off from hearing its successor at once (its lease must be void by then)
+    "transfers": (TRANSFER_FAULTS, Config(lease_reads=True), {"read_every": 0.002}),
 }
 
 
@@ -71,7 +76,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "flaps": 0, "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
               "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
-              "reminders": 0}
+              "reminders": 0, "transfers": 0, "leaving": 0, "declines": 0, "deafened": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -109,6 +114,9 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["quiet_nodes"] > seeds * 20 and totals["leader_lost_wakes"] > seeds // 4
         assert totals["no_quorum_wakes"] > 0 and totals["member_back_wakes"] > 0
         assert totals["reminders"] > 0
+    if faults.transfer_every:
+        assert totals["transfers"] > seeds * 5 and totals["leaving"] > seeds
+        assert totals["declines"] > 0 and totals["deafened"] > seeds
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",
@@ -147,6 +155,14 @@ def test_regression_seed_17_file_storage_snapshot_past_the_end_of_the_log(tmp_pa
         sim.run(3.0, settle=8.0)
     finally:
         sim.close()
+
+
+def test_regression_seed_0_no_lease_reads_after_timeout_now():
+    """A leader that sent TimeoutNow, then heard nobody, served lease reads while its
+    successor (elected at once: a transfer's votes skip the followers' promise) committed
+    new writes: stale reads (thesis §3.10 against §6.4.1)."""
+    faults, config, load = PROFILES["transfers"]
+    Simulator(seed=0, nodes=5, faults=faults, config=config, **load).run(3.0, settle=8.0)
 
 
 def test_regression_seed_7_probe_stuck_at_the_compaction_point():
@@ -297,7 +313,7 @@ FIGURE_8_SEEDS = 80
 #: The CI profiles in the order the planted-bug test runs them: the nemeses first, the
 #: flapping profile after three that catch most bugs within a few runs (its up to
 #: FIGURE_8_SEEDS seeds cost a bug it does not catch 20 s).
-PLANT_ORDER = ["learners", "no-prevote", "harsh", "flapping", "small-windows",
+PLANT_ORDER = ["learners", "no-prevote", "harsh", "transfers", "flapping", "small-windows",
                "churn-snapshots-harsh", "churn-snapshots", "small-cache", "small-cache-churn",
                "one-way", "torn-disks", "leases-skew", "quiet", "default"]
 

@@ -201,6 +201,12 @@ class Engine:
         self._transfer_target: int | None = None
         self._transfer_rounds = 0
         self._timeout_now_sent = False
+        #: Leader: a ``TimeoutNow`` went out in this term. Its receiver campaigns at once,
+        #: and voters grant a transfer's votes despite a live leader (thesis §3.10), so the
+        #: followers' promise a read lease rests on (§6.4.1) no longer holds: no lease
+        #: reads until the next term, even if the transfer is declined or abandoned (a
+        #: delayed or duplicated ``TimeoutNow`` can still start that election).
+        self.lease_forfeited = False
         #: The driver is stopping this node (``RaftNode.step_down``): it declines the
         #: leadership a leader hands it, so that a host balancing its groups does not
         #: give back what this node just handed over. It still votes, and still
@@ -402,6 +408,7 @@ class Engine:
         target = self.successor()
         if target is None:
             return []
+        self.lease_forfeited = True
         out: list[tuple[int, Message]] = []
         for peer, pr in self.progress.items():
             if peer != target:
@@ -432,6 +439,7 @@ class Engine:
     def _send_timeout_now(self, target: int) -> None:
         if not self._timeout_now_sent:
             self._timeout_now_sent = True
+            self.lease_forfeited = True
             self._send(target, TimeoutNow(self.term, self.id))
 
     def snapshot_meta(self, index: int) -> SnapshotMeta:
@@ -700,6 +708,9 @@ class Engine:
             "recovering": self.recovering,
             "quiet": self.quiet,
             "removed": self.removed,
+            "leaving": self.leaving,
+            "transfer_target": self._transfer_target,
+            "lease_forfeited": self.lease_forfeited,
             "membership": {"voters": sorted(self.membership.voters),
                            "learners": sorted(self.membership.learners),
                            "outgoing": sorted(self.membership.outgoing)},
@@ -856,6 +867,7 @@ class Engine:
 
     def _become_leader(self) -> None:
         self._set_role(Role.LEADER, self.id)
+        self.lease_forfeited = False
         nxt = self.log.last_index + 1
         self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
         if len(self._configs) > 1:

@@ -46,7 +46,7 @@ class Reads:
         engine = node.engine
         config = node.config
         loop = node._loop
-        if config.lease_reads and engine.role == Role.LEADER:
+        if config.lease_reads and engine.role == Role.LEADER and not engine.lease_forfeited:
             now = loop.time()
             if now < self.lease_until and engine.committed_in_term:
                 if self.lease_until - now < config.lease_span / 2 and \

@@ -73,6 +73,7 @@ from fastraft.messages import (
     InstallSnapshot,
     Membership,
     SnapshotMeta,
+    TimeoutNow,
 )
 from fastraft.storage import MemoryStorage
 from fastraft.testing.linearizability import History, check
@@ -132,6 +133,21 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: 1 - clock_drift and every other node's speeds up to 1 + clock_drift, the worst
     #: case for a leader's lease (it outlives the followers' promise not to vote).
     skew_every: float = 0.0
+    #: Mean seconds between leadership transfers (0 disables): the leader is asked to
+    #: hand over to another voter picked at random (``Engine.transfer_leadership``,
+    #: thesis §3.10), while it keeps being proposed to.
+    transfer_every: float = 0.0
+    #: The chance that a transfer is a rolling restart's instead: a node picked at
+    #: random steps down (``Engine.leaving``, as ``RaftNode.step_down`` sets it: it
+    #: declines leadership handed to it) and stops cleanly within 0.2 s, for
+    #: ``down_for``. A leader hands over to its successor first; to a follower, half the
+    #: time, the leader hands leadership (as a host's balancer might), which it declines.
+    leaving: float = 0.0
+    #: The chance that a leader that hands over (sends ``TimeoutNow``) stops hearing the
+    #: others while they still hear it, for ``partition_for``: it learns of its
+    #: successor late, the worst case for a read lease (the successor's election skips
+    #: the followers' promise not to vote, thesis §3.10).
+    deafen_on_handover: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -379,7 +395,8 @@ class Simulator(EventQueue):
                       "acked": 0, "reads": 0, "snapshots": 0, "installs": 0,
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
-                      "graceful_stops": 0,
+                      "graceful_stops": 0, "transfers": 0, "leaving": 0,
+                      "declines": 0, "deafened": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0}
@@ -396,6 +413,8 @@ class Simulator(EventQueue):
             self._schedule(self._exp(faults.crash_every), "crash")
         if faults.skew_every:
             self._schedule(self._exp(faults.skew_every), "skew")
+        if faults.transfer_every:
+            self._schedule(self._exp(faults.transfer_every), "transfer")
         if self.config.quiesce_after:
             self._schedule(self.config.heartbeat_interval, "liveness")
 
@@ -460,8 +479,8 @@ class Simulator(EventQueue):
 
         def done() -> bool:
             ldr = leader()
-            if ldr is None:
-                return False
+            if ldr is None or ldr.engine.transfer_target is not None:
+                return False  # a leader handing over takes no proposals (§3.10)
             acked = marker in self._acked_payloads()
             if not acked and proposed[1] != (ldr.id, ldr.engine.term):
                 proposed[0] = ldr.engine.propose([marker])
@@ -581,9 +600,9 @@ class Simulator(EventQueue):
         self.stats["reconfigurations"] += 1
         self._execute(ldr, ldr.engine.take_commands())
 
-    def _crash(self, node: _Node) -> None:
-        if self.faults.graceful_stop and node.engine.role == Role.LEADER and \
-                self.rng.random() < self.faults.graceful_stop:
+    def _crash(self, node: _Node, clean: bool = False) -> None:
+        if node.engine.role == Role.LEADER and (clean or self.faults.graceful_stop and
+                                                self.rng.random() < self.faults.graceful_stop):
             farewell = node.engine.resign()
             for to, message in farewell:
                 self._transmit(node.id, to, message)
@@ -689,12 +708,24 @@ class Simulator(EventQueue):
 
     def _transmit(self, frm: int, to: int, msg: Any) -> None:
         self.stats["messages"] += 1
+        if msg.__class__ is TimeoutNow:
+            self._timeout_now_sent(frm)
         delays = (self.fate(self.rng, frm, to) if self.frames is None
                   else self.frames.fate(self, frm, to))
         if not delays:
             self.stats["dropped"] += 1
         for delay in delays:
             self._schedule(delay, "deliver", to, frm, msg)
+
+    def _timeout_now_sent(self, frm: int) -> None:
+        if self.nodes[frm].engine.role != Role.LEADER:
+            self.stats["declines"] += 1  # a leaving follower's answer to a transfer
+        elif self.faults.deafen_on_handover and self._faults_on and \
+                self.rng.random() < self.faults.deafen_on_handover:
+            cut = self._partition = {i: int(i == frm) for i in self.nodes}
+            self._one_way = True  # side 1 (the leader) is heard, hears nobody
+            self.stats["deafened"] += 1
+            self._schedule(self.faults.partition_for, "unflap", cut)
 
     def fate(self, rng: random.Random, frm: int, to: int) -> tuple[float, ...]:
         """The delays after which a message from ``frm`` reaches ``to``: none if it is
@@ -805,7 +836,7 @@ class Simulator(EventQueue):
         e = node.engine
         issued = node.clock_rate * self.now + node.clock_offset
         if self.config.lease_reads and e.role == Role.LEADER and issued < node.lease_until \
-                and e.committed_in_term:
+                and e.committed_in_term and not e.lease_forfeited:
             # A lease read, as the node serves it: no round trip (thesis §6.4.1); past
             # half the lease a ReadIndex round renews it in the background.
             self._reads[rid] = (self._max_acked, self.history.invoke(-rid, "get", key), key,
@@ -872,6 +903,44 @@ class Simulator(EventQueue):
             self._crash(node)
             self._schedule(self.faults.down_for, "restart", node.id)
         self._schedule(self._exp(self.faults.crash_every), "crash")
+
+    def _ev_transfer(self) -> None:
+        self._schedule(self._exp(self.faults.transfer_every), "transfer")
+        if not self._faults_on:
+            return
+        alive = [n for n in self.nodes.values() if n.alive]
+        leaders = [n for n in alive if n.engine.role == Role.LEADER]
+        leader = max(leaders, key=lambda n: n.engine.term) if leaders else None
+        target: int | None = None
+        if alive and self.rng.random() < self.faults.leaving:
+            node = self.rng.choice(alive)
+            if not node.engine.leaving:
+                node.engine.leaving = True
+                self.stats["leaving"] += 1
+                self._schedule(self.rng.uniform(0.0, 0.2), "stop", node.id, node.boots)
+            if node is leader:
+                target = node.engine.successor()
+            elif self.rng.random() < 0.5:
+                target = node.id  # a host's balancer handing it a group back: declined
+        elif leader is not None:
+            others = sorted(leader.engine.membership.voters - {leader.id})
+            target = self.rng.choice(others) if others else None
+        if leader is None or target is None:
+            return
+        try:
+            leader.engine.transfer_leadership(target)
+        except FastRaftError:
+            return  # not a voter of the configuration in force (a change under way)
+        self.stats["transfers"] += 1
+        self._execute(leader, leader.engine.take_commands())
+
+    def _ev_stop(self, node_id: int, boots: int) -> None:
+        """The planned stop of a node that stepped down (``leaving``), unless it crashed
+        and restarted since, or the run is healing."""
+        node = self.nodes[node_id]
+        if node.alive and node.boots == boots and self._faults_on:
+            self._crash(node, clean=True)
+            self._schedule(self.faults.down_for, "restart", node.id)
 
     def _ev_skew(self) -> None:
         self._schedule(self._exp(self.faults.skew_every), "skew")

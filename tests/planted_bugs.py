@@ -98,6 +98,19 @@ def lease_kept_after_a_handover(mp):
     mp.setattr(Engine, "_send_timeout_now", send_keeping_the_lease)
 
 
+def repaired_node_votes(mp):
+    """Thesis §11.7 (docs/storage.md, "Repairing a node"): a node whose damaged log was
+    repaired may have lost entries it acknowledged; this one votes and campaigns at
+    once, as if nothing was lost."""
+    original = Engine.__init__
+
+    def forget_the_damage(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.recovering = False
+    mp.setattr(Engine, "__init__", forget_the_damage)
+
+
 PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
           second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
-          read_index_without_a_quorum_round, lease_kept_after_a_handover]
+          read_index_without_a_quorum_round, lease_kept_after_a_handover,
+          repaired_node_votes]

@@ -70,6 +70,7 @@ from fastraft.messages import (
     AppendEntries,
     Entry,
     EntryKind,
+    HardState,
     InstallSnapshot,
     Membership,
     SnapshotMeta,
@@ -148,6 +149,12 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: successor late, the worst case for a read lease (the successor's election skips
     #: the followers' promise not to vote, thesis §3.10).
     deafen_on_handover: float = 0.0
+    #: The chance that a crash also damages the node's log, which it restarts repaired
+    #: (``FileStorage(repair=True)``, docs/storage.md "Repairing a node"): the log cut
+    #: at a random entry after its floor, the commit mark lowered to what it holds,
+    #: ``recovering`` set, term and vote kept. As that page asks, at most one node at a
+    #: time: none while another is recovering. Memory disks only.
+    damage: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -370,6 +377,8 @@ class Simulator(EventQueue):
         self._partition: dict[int, int] | None = None
         self._one_way = False  # side 0's messages to side 1 are lost, not the reverse
         self._faults_on = True
+        #: Nodes whose log was damaged, until they have left recovery.
+        self._repairing: set[int] = set()
         # Observations checked by the invariants.
         self.leaders_by_term: dict[int, int] = {}
         self._log_entries: dict[tuple[int, int], tuple[Any, ...]] = {}
@@ -396,7 +405,7 @@ class Simulator(EventQueue):
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
-                      "declines": 0, "deafened": 0,
+                      "declines": 0, "deafened": 0, "repairs": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0}
@@ -615,10 +624,35 @@ class Simulator(EventQueue):
                 node.disk.write(w)
             self.stats["torn_crashes"] += 1
         node.disk.crash()
+        if self.faults.damage and type(node.disk) is _Disk and \
+                self.rng.random() < self.faults.damage and self._may_damage(node):
+            self._damage(node)
         node.fsyncs = []  # unsynced writes and the replies waiting on them are lost
         for t in node.timer_tokens:
             node.timer_tokens[t] += 1
         self.stats["crashes"] += 1
+
+    def _may_damage(self, node: _Node) -> bool:
+        """Whether no node but ``node`` is damaged and not yet out of recovery."""
+        nodes = self.nodes
+        self._repairing = {i for i in self._repairing
+                           if not nodes[i].alive or nodes[i].engine.recovering}
+        return not self._repairing - {node.id}
+
+    def _damage(self, node: _Node) -> None:
+        """What a repair leaves of a damaged log (``FileStorage._mark_recovering``)."""
+        store = node.disk.store
+        st = store.load_state()
+        held = st.last_index
+        if st.last_index >= st.first_index:
+            cut = self.rng.randint(st.first_index, st.last_index)
+            store.truncate_suffix(cut)
+            held = cut - 1
+        hs = st.hard_state
+        store.save_hard_state(HardState(hs.current_term, hs.voted_for, min(hs.commit, held),
+                                        True))
+        self._repairing.add(node.id)
+        self.stats["repairs"] += 1
 
     def _execute(self, node: _Node, commands: list[Any]) -> None:
         """Run an engine's commands the way the real driver does."""

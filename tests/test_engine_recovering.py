@@ -12,6 +12,7 @@ from fastraft.engine import (
     Role,
     Timer,
 )
+from fastraft.engine.progress import ProgressState
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
@@ -175,3 +176,73 @@ def test_a_follower_that_holds_its_entries_is_never_taken_for_one_that_lost_them
     cmds = leader.take_commands()
     assert not [c for c in cmds if type(c) is FollowerLostEntries]
     assert leader.progress[3].match_index == match
+
+
+def test_it_stays_recovering_until_it_holds_a_committed_entry_of_a_later_term():
+    """Seed 350031 (flapping with damaged disks): recovery used to end at the commit index
+    of the first leader heard from. A leader of the repair term can still commit with an
+    acknowledgement given before the damage, and a new leader's commit index lags until
+    its own entry commits (§5.4.2): the node voted again without an entry it had
+    acknowledged, and a leader without it was elected."""
+    state = InitialState(
+        hard_state=HardState(3, 2, 0, recovering=True), snapshot_membership=MEMBERS,
+        entries=[Entry(1, i, EntryKind.NORMAL, b"") for i in (1, 2)])
+    e = Engine(3, CFG, random.Random(3), state)
+    # a term past the repair term, durable before it says anything
+    assert e.term == 3 and PersistHardState(HardState(4, None, 0, True)) in e.start()
+    # the leader of the repair term is answered with it (and so deposed)
+    e.step(1, AppendEntries(3, 1, 2, 1, [], 2))
+    (_, reply), = sends(e.take_commands(), AppendEntriesResponse)
+    assert reply.term == 4 and not reply.success
+    # caught up to the next leader's commit index, all of it entries of term 1: no
+    e.step(2, AppendEntries(5, 2, 2, 1, [Entry(1, 3, 0, b""), Entry(1, 4, 0, b"")], 4))
+    e.log_persisted(4, 1)
+    assert e.commit_index == 4 and e.recovering
+    # its own entry (term 5) committed, and durable here: yes
+    e.step(2, AppendEntries(5, 2, 4, 1, [Entry(5, 5, EntryKind.NOOP, b"")], 5))
+    assert e.commit_index == 5 and e.recovering  # not durable yet
+    e.log_persisted(5, 5)
+    assert not e.recovering
+    assert PersistHardState(HardState(5, None, 5, False)) in e.take_commands()
+
+
+def test_a_leader_forgets_a_recovering_followers_acknowledgements_on_evidence_only():
+    """Seeds 350022 and 350095 (membership churn with damaged disks): each rejection of a
+    heartbeat by a recovering follower made the leader forget its progress again, which
+    restarted the snapshot being streamed to it, for ever. The leader forgets only what
+    the follower's log is shown to lack: a rejection of a probe whose term the leader
+    still knows, with a hint below what it had acknowledged."""
+    state = InitialState(
+        hard_state=HardState(2, None, 15), snapshot_index=10, snapshot_term=1,
+        snapshot_membership=MEMBERS, snapshot_size=1, applied_index=15,
+        entries=[Entry(2, i, EntryKind.NORMAL, b"") for i in range(11, 16)])
+    leader = Engine(1, CFG, random.Random(1), state)
+    leader.start()
+    leader.on_timer(Timer.ELECTION)
+    leader.take_commands()
+    if leader.role != Role.LEADER:  # pre-vote first
+        leader.step(2, RequestVoteResponse(leader.term + 1, True, True))
+        leader.take_commands()
+    leader.step(2, RequestVoteResponse(leader.term, True, False))
+    leader.take_commands()
+    assert leader.role == Role.LEADER
+    pr = leader.progress[3]
+    assert pr.acknowledge(14)
+    term = leader.term
+    # a heartbeat below the compaction point (term -1) proves nothing
+    leader.step(3, AppendEntriesResponse(term, False, 5, 0, 0, 0, True))
+    assert pr.match_index == 14
+    # a probe the leader could match, rejected below 14: the follower lost entries
+    leader.step(3, AppendEntriesResponse(term, False, 14, 11, 2, 0, True))
+    assert pr.match_index == 0 and pr.next_index <= 12
+    # once forgotten, nothing more: a heartbeat's rejection leaves the snapshot being
+    # streamed to it alone
+    h, other = replicated()
+    other.step(3, AppendEntriesResponse(other.term, False, other.log.last_index, 0, 0, 0,
+                                        True))
+    pr = other.progress[3]
+    assert pr.match_index == 0
+    other.take_commands()
+    pr.become_snapshot(other.snapshot_meta(other.log.last_index), 1)
+    other.step(3, AppendEntriesResponse(other.term, False, 0, 0, 0, 0, True))
+    assert pr.state == ProgressState.SNAPSHOT and pr.match_index == 0

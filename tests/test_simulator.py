@@ -171,6 +171,33 @@ def test_regression_seed_0_no_lease_reads_after_timeout_now():
     Simulator(seed=0, nodes=5, faults=faults, config=config, **load).run(3.0, settle=8.0)
 
 
+def with_damage(profile):
+    """A CI profile as the sweep of 2026-12-03 ran it: damaged disks and leadership
+    transfers on top, and lease reads where check_quorum allows them."""
+    faults, config, *extra = PROFILES[profile]
+    faults = msgspec.structs.replace(faults, damage=0.5, transfer_every=0.5, leaving=0.2,
+                                     deafen_on_handover=0.2)
+    if config.check_quorum:
+        config = msgspec.structs.replace(config, lease_reads=True)
+    return faults, config, (extra[0] if extra else {})
+
+
+@pytest.mark.parametrize("profile, seed, nodes", [
+    # a repaired node left recovery at its first leader's commit index and voted for a
+    # leader that lacked an entry it had acknowledged before the damage (safety)
+    ("flapping", 350031, 3),
+    # each heartbeat rejected by a recovering follower made the leader forget its
+    # progress again, restarting the snapshot being streamed to it, for ever
+    ("churn-snapshots-harsh", 350006, 3),
+    # a repaired node that hears the leader of its repair term again waited for a later
+    # term that never came: it now starts in one
+    ("torn-disks", 350179, 3),
+])
+def test_regression_damaged_disks(profile, seed, nodes):
+    faults, config, kw = with_damage(profile)
+    Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw).run(3.0, settle=8.0)
+
+
 def test_regression_seed_7_probe_stuck_at_the_compaction_point():
     """A follower whose log diverged below the leader's compaction point was probed at the
     boundary forever instead of being sent a snapshot."""

@@ -142,9 +142,11 @@ class Engine:
         self.term: int = hs.current_term
         self.voted_for: int | None = hs.voted_for
         #: Repaired storage (HardState.recovering): no votes, no campaigns until caught up
-        #: to the commit index of the first leader heard from (thesis §11.7 on disk loss).
+        #: (thesis §11.7 on disk loss; ``_check_recovered``).
         self.recovering: bool = hs.recovering
-        self._recover_until: int | None = None
+        #: Recovering: the term this node started in. Every entry it acknowledged before
+        #: the damage is of that term or earlier.
+        self._recover_term = hs.current_term
         self.log = RaftLog(state.snapshot_index, state.snapshot_term)
 
         # Volatile state. Invariant: snapshot_index <= applied_index <= commit_index <=
@@ -279,6 +281,14 @@ class Engine:
 
     def start(self) -> list[Command]:
         """Commands to run once at start-up: re-apply committed entries, arm the timer."""
+        if self.recovering:
+            # A leader of the term this node was repaired in may still count what it
+            # acknowledged before the damage, and its commit index may lag behind that.
+            # A later term deposes such a leader (its appends are answered with it); the
+            # next leader's own entries then end recovery (_check_recovered).
+            self.term += 1
+            self.voted_for = None
+            self._persist_hard_state()
         self._emit_apply()
         self._arm_election_timer()
         return self.take_commands()
@@ -634,11 +644,16 @@ class Engine:
                 log.evict(self.persisted_index, budget)
 
     def _check_recovered(self) -> None:
-        """A repaired node holds, durably, every entry its leader had committed when it
-        first heard from it: among them every entry it had acknowledged before the damage
-        (they were committed, or they are in no leader's log): it may vote again."""
-        until = self._recover_until
-        if until is not None and self.commit_index >= until and self.persisted_index >= until:
+        """A repaired node may vote again once it durably holds a committed entry of a
+        term after ``_recover_term``. Each entry it acknowledged before the damage is of
+        that term or earlier; if one was ever committed, by a leader of that term or
+        earlier, it is in the log of every leader of a later term (§5.4.3), ahead of that
+        leader's own entries, so it is held too. (The first leader's commit index is not
+        enough: a leader of the repair term may commit later with an acknowledgement this
+        node gave before the damage, and a new leader's commit index lags until an entry
+        of its own term commits, §5.4.2.)"""
+        held = min(self.commit_index, self.persisted_index)
+        if self.log.term_at(held) > self._recover_term:
             self.recovering = False
             self._persist_hard_state()
 
@@ -1290,8 +1305,6 @@ class Engine:
             self.commit_index = commit
             self._emit_apply()
         if self.recovering:
-            if self._recover_until is None:
-                self._recover_until = m.leader_commit
             self._check_recovered()
         if m.quiesce and last_new == log.last_index and self.commit_index == last_new \
                 and self.config.quiesce_after:
@@ -1323,9 +1336,14 @@ class Engine:
         if pr is None or self.role != Role.LEADER:
             return
         pr.recent_active = True
-        if m.recovering and not m.success and m.index <= pr.match_index:
-            # Its storage was repaired: it lacks entries it had acknowledged. Forget what
-            # it acknowledged (commit never moves back) and probe from here.
+        if m.recovering and not m.success and m.hint_index < pr.match_index and \
+                self.log.term_at(m.index) >= 0:
+            # Its storage was repaired: its log does not hold what it had acknowledged.
+            # Forget that (commit never moves back) and probe from here. Only on evidence:
+            # a rejection of a probe this leader could still match (a term of -1 proves
+            # nothing, and what it acknowledged below the compaction point counts for no
+            # commit any more), and once forgotten, nothing more. Else each heartbeat's
+            # rejection restarted the snapshot being streamed to it, for ever.
             pr.match_index = 0
             self._match.set(frm, 0)
             pr.become_probe()

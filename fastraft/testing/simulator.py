@@ -567,7 +567,8 @@ class Simulator(EventQueue):
         """Membership churn: add a learner, promote one, remove a voter (maybe the
         leader), or replace a voter — whatever the current configuration allows."""
         self._schedule(self._exp(self.reconfigure_every), "reconfigure")
-        if not self._faults_on:
+        if not self._faults_on or self._repairing and self._still_repairing():
+            # no membership change while a repaired node recovers (docs/storage.md)
             return
         leaders = [n for n in self.nodes.values() if n.alive and n.engine.role == Role.LEADER]
         if not leaders:
@@ -632,12 +633,24 @@ class Simulator(EventQueue):
             node.timer_tokens[t] += 1
         self.stats["crashes"] += 1
 
-    def _may_damage(self, node: _Node) -> bool:
-        """Whether no node but ``node`` is damaged and not yet out of recovery."""
+    def _still_repairing(self) -> set[int]:
+        """The nodes damaged and not yet durably out of recovery (a crash before that
+        is durable brings one back recovering)."""
         nodes = self.nodes
         self._repairing = {i for i in self._repairing
-                           if not nodes[i].alive or nodes[i].engine.recovering}
-        return not self._repairing - {node.id}
+                           if nodes[i].disk.store.hard_state.recovering}
+        return self._repairing
+
+    def _may_damage(self, node: _Node) -> bool:
+        """As docs/storage.md asks of an operator: one node at a time, and only while
+        every node that has a configuration holds the same one, and no change is under
+        way. (During a change, or with a voter behind one, a recovering voter can leave
+        no one able to win an election: a removed node holding the newest entries does
+        not campaign, and a lagging voter refuses a member it does not know.)"""
+        if self._still_repairing() - {node.id}:
+            return False
+        held = [n.engine.membership for n in self.nodes.values() if n.engine.membership.members]
+        return not held[0].joint and all(m == held[0] for m in held)
 
     def _damage(self, node: _Node) -> None:
         """What a repair leaves of a damaged log (``FileStorage._mark_recovering``)."""

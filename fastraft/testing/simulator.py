@@ -152,8 +152,8 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: The chance that a crash also damages the node's log, which it restarts repaired
     #: (``FileStorage(repair=True)``, docs/storage.md "Repairing a node"): the log cut
     #: at a random entry after its floor, the commit mark lowered to what it holds,
-    #: ``recovering`` set, term and vote kept. As that page asks, at most one node at a
-    #: time: none while another is recovering. Memory disks only.
+    #: ``recovering`` set, term and vote kept. As that page asks, one node at a time,
+    #: with no membership change under way (``_may_damage``). Memory disks only.
     damage: float = 0.0
 
 
@@ -650,7 +650,7 @@ class Simulator(EventQueue):
         if self._still_repairing() - {node.id}:
             return False
         held = [n.engine.membership for n in self.nodes.values() if n.engine.membership.members]
-        return not held[0].joint and all(m == held[0] for m in held)
+        return all(m == held[0] and not m.joint for m in held)
 
     def _damage(self, node: _Node) -> None:
         """What a repair leaves of a damaged log (``FileStorage._mark_recovering``)."""

@@ -65,6 +65,10 @@ PROFILES = {
     # crashes that damage a node's log, which restarts repaired (cut short, recovering:
     # no votes, no campaigns until caught up), one node at a time
     "repairs": (Faults(damage=0.8, crash_every=0.3, down_for=0.2), Config()),
+    # most partitions bridged (Jepsen's nemesis): one node still talks with both sides,
+    # which do not talk to each other; lease reads
+    "bridges": (Faults(bridge=0.7, partition_every=0.5), Config(lease_reads=True),
+                {"read_every": 0.005}),
 }
 
 
@@ -80,7 +84,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
               "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
               "reminders": 0, "transfers": 0, "leaving": 0, "declines": 0, "deafened": 0,
-              "repairs": 0}
+              "repairs": 0, "bridges": 0}
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
@@ -123,6 +127,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["declines"] > 0 and totals["deafened"] > seeds
     if faults.damage:
         assert totals["repairs"] > seeds * 2
+    if faults.bridge:
+        assert totals["bridges"] > seeds
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",
@@ -349,7 +355,8 @@ FIGURE_8_SEEDS = 80
 #: catch 20 s).
 PLANT_ORDER = ["learners", "no-prevote", "harsh", "transfers", "repairs", "flapping",
                "small-windows", "churn-snapshots-harsh", "churn-snapshots", "small-cache",
-               "small-cache-churn", "one-way", "torn-disks", "leases-skew", "quiet", "default"]
+               "small-cache-churn", "one-way", "torn-disks", "leases-skew", "bridges", "quiet",
+               "default"]
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: p.__name__)
@@ -468,3 +475,16 @@ def test_groups_sharing_nodes_and_frames_keep_every_invariant_per_group(kind):
         torn += totals["torn_crashes"]
     assert crashes > seeds // 2 and partitions > seeds // 2
     assert (torn > seeds // 2) == (kind == "quiet-torn-disks")
+
+
+def test_a_bridge_partition_cuts_the_sides_apart_but_not_from_the_bridge():
+    for seed in range(20):
+        sim = Simulator(seed=seed, nodes=5, faults=Faults(bridge=1.0, one_way=0.0))
+        sim._ev_partition()
+        sides = sim._partition
+        (bridge,) = [i for i, side in sides.items() if side == 2]
+        assert {side for i, side in sides.items() if i != bridge} == {0, 1}
+        for a in sim.nodes:
+            for b in sim.nodes:
+                if a != b:
+                    assert sim._connected(a, b) == (sides[a] == sides[b] or bridge in (a, b))

@@ -155,6 +155,9 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: ``recovering`` set, term and vote kept. As that page asks, one node at a time,
     #: with no membership change under way (``_may_damage``). Memory disks only.
     damage: float = 0.0
+    #: The chance that a partition is a bridge (Jepsen's nemesis): one node, picked at
+    #: random, still talks with both sides, which do not talk to each other.
+    bridge: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -324,6 +327,10 @@ class EventQueue:
         return self.rng.expovariate(1.0 / mean)
 
 
+#: The side of a bridge partition's bridge node: it hears and is heard by both sides.
+_BRIDGE = 2
+
+
 def random_partition(rng: random.Random, node_ids: list[int]) -> dict[int, int]:
     """Nodes split into two non-empty sides at random: node id -> side (0 or 1)."""
     ids = list(node_ids)
@@ -406,6 +413,7 @@ class Simulator(EventQueue):
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
                       "declines": 0, "deafened": 0, "repairs": 0,
+                      "bridges": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0}
@@ -788,7 +796,8 @@ class Simulator(EventQueue):
 
     def _connected(self, a: int, b: int) -> bool:
         p = self._partition
-        return p is None or p[a] == p[b] or (self._one_way and p[a] == 1)
+        return p is None or p[a] == p[b] or (self._one_way and p[a] == 1) or \
+            p[a] == _BRIDGE or p[b] == _BRIDGE
 
     # ------------------------------------------------------------------ events
 
@@ -911,6 +920,12 @@ class Simulator(EventQueue):
         self._partition = random_partition(self.rng, list(self.nodes))
         self._one_way = self.rng.random() < self.faults.one_way
         self.stats["one_way_partitions"] += self._one_way
+        if self.faults.bridge and len(self.nodes) > 2 and self.rng.random() < self.faults.bridge:
+            sides = self._partition
+            bridge = self.rng.choice([i for i in sides
+                                      if sum(s == sides[i] for s in sides.values()) > 1])
+            sides[bridge] = _BRIDGE
+            self.stats["bridges"] += 1
         self._schedule(self.faults.partition_for, "unpartition")
 
     def _maybe_flap(self, node: _Node, term: int, within: float) -> None:

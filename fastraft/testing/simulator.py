@@ -641,6 +641,11 @@ class Simulator(EventQueue):
             node.timer_tokens[t] += 1
         self.stats["crashes"] += 1
 
+    def _take_down(self, node: _Node, clean: bool = False) -> None:
+        """Crash ``node`` (or stop it cleanly) and restart it ``down_for`` later."""
+        self._crash(node, clean)
+        self._schedule(self.faults.down_for, "restart", node.id)
+
     def _still_repairing(self) -> set[int]:
         """The nodes damaged and not yet durably out of recovery (a crash before that
         is durable brings one back recovering)."""
@@ -941,8 +946,7 @@ class Simulator(EventQueue):
         self._one_way = False
         self._schedule(self.faults.partition_for, "unflap", cut)
         if self.rng.random() < 0.5:
-            self._crash(node)
-            self._schedule(self.faults.down_for, "restart", node_id)
+            self._take_down(node)
 
     def _ev_unflap(self, cut: dict[int, int]) -> None:
         if self._partition is cut:  # not replaced by another partition meanwhile
@@ -961,9 +965,7 @@ class Simulator(EventQueue):
         if writing and self.rng.random() < self.faults.torn_crash:
             alive = writing
         if alive:
-            node = self.rng.choice(alive)
-            self._crash(node)
-            self._schedule(self.faults.down_for, "restart", node.id)
+            self._take_down(self.rng.choice(alive))
         self._schedule(self._exp(self.faults.crash_every), "crash")
 
     def _ev_transfer(self) -> None:
@@ -1001,8 +1003,7 @@ class Simulator(EventQueue):
         and restarted since, or the run is healing."""
         node = self.nodes[node_id]
         if node.alive and node.boots == boots and self._faults_on:
-            self._crash(node, clean=True)
-            self._schedule(self.faults.down_for, "restart", node.id)
+            self._take_down(node, clean=True)
 
     def _ev_skew(self) -> None:
         self._schedule(self._exp(self.faults.skew_every), "skew")

@@ -87,7 +87,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: quorum at time t serves reads without a round trip until
     #: t + election_timeout_min * (1 - max_clock_drift). Safe only if no node's clock runs
     #: more than ``max_clock_drift`` (as a fraction) slower or faster than another's over
-    #: that span, and needs ``check_quorum`` (followers then refuse votes for that long).
+    #: that span, and needs ``check_quorum`` (followers then refuse votes for that long
+    #: after hearing a leader, and after their own start: they may have heard it just
+    #: before a restart).
     lease_reads: bool = False
     max_clock_drift: float = 0.1
 

@@ -163,6 +163,7 @@ def test_pre_vote_does_not_raise_terms():
 def test_pre_vote_refused_to_a_stale_log():
     cfg = Config(pre_vote=True)
     f = make(2, term=3, terms=[1, 3], config=cfg)
+    f.on_timer(Timer.LEASE)  # the promise it kept from its start ran out
     f.step(1, RequestVote(4, 1, 1, 1, True))
     assert f.take_commands() == [Send(1, RequestVoteResponse(3, False, True))]
 

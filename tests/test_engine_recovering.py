@@ -54,6 +54,7 @@ def replicated(entries=5):
 
 def test_it_votes_for_no_one_and_never_campaigns():
     e = repaired()
+    e.on_timer(Timer.LEASE)  # the promise it kept from its start ran out
     for pre in (True, False):
         e.step(1, RequestVote(9, 1, 50, 8, pre_vote=pre))
         assert sends(e.take_commands(), RequestVoteResponse)[-1][1].vote_granted is False

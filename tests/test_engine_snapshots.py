@@ -1,13 +1,18 @@
 """§7 snapshots and compaction, thesis §3.10 leadership transfer and §4.2.3 vote
 stickiness: the exact commands the engine emits."""
+import random
+
 import pytest
 
 from fastraft.config import Config
 from fastraft.engine import (
     CompactLog,
+    Engine,
+    InitialState,
     ProgressState,
     Role,
     SendSnapshotChunk,
+    SetTimer,
     StoreSnapshotChunk,
     Timer,
     TruncateLog,
@@ -16,6 +21,9 @@ from fastraft.errors import NotLeader
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
+    Entry,
+    EntryKind,
+    HardState,
     InstallSnapshot,
     InstallSnapshotResponse,
     Membership,
@@ -287,6 +295,31 @@ def test_votes_are_refused_while_the_leader_is_heard():
     # the leader's own transfer request is answered
     f.step(3, RequestVote(3, 3, 5, 2, False, True))
     assert sends(f.take_commands()) == [(3, RequestVoteResponse(3, True, False))]
+
+
+def test_a_restarted_node_refuses_votes_until_its_promise_runs_out():
+    """Before it stopped it may have answered a leader, promising no vote for
+    election_timeout_min (§4.2.3), the promise the leader's read lease rests on (§6.4.1):
+    a new process keeps it from its start."""
+    cfg = Config(check_quorum=True)
+    state = InitialState(hard_state=HardState(2, None, 0), snapshot_membership=MEMBERS,
+                         entries=[Entry(1, 1, EntryKind.NORMAL, b"")])
+    f = Engine(2, cfg, random.Random(2), state)
+    assert SetTimer(Timer.LEASE, cfg.election_timeout_min) in f.start()
+    for pre_vote in (True, False):
+        f.step(3, RequestVote(3, 3, 5, 2, pre_vote))
+        assert sends(f.take_commands()) == [] and f.term == 2
+    f.step(3, RequestVote(3, 3, 5, 2, False, True))  # a leader's transfer is answered
+    assert sends(f.take_commands()) == [(3, RequestVoteResponse(3, True, False))]
+    f = Engine(2, cfg, random.Random(2), state)
+    f.start()
+    f.on_timer(Timer.LEASE)
+    f.step(3, RequestVote(3, 3, 5, 2))
+    assert sends(f.take_commands()) == [(3, RequestVoteResponse(3, True, False))]
+    # a node of term 0 never answered a leader; without check-quorum there is no promise
+    for fresh in (make(2, config=cfg), make(2, term=2, terms=[1], config=CFG)):
+        fresh.step(3, RequestVote(3, 3, 5, 2))
+        assert sends(fresh.take_commands()) == [(3, RequestVoteResponse(3, True, False))]
 
 
 def test_votes_are_answered_once_the_lease_expires():

@@ -259,8 +259,10 @@ TORN_SNAPSHOTS = Faults(slow_fsync_chance=0.05, slow_fsync=0.3, torn_crash=0.8, 
 @pytest.mark.parametrize("disk", ["memory", "file"])
 @pytest.mark.parametrize("seed, nodes, config, load", [
     (930544, 3, SNAP_CFG, CHURN),
-    (930565, 5, SNAP_CFG_HARSH, {"snapshot_every": 25}),
-], ids=["930544-churn", "930565-snapshots"])
+    # found as 930565; 930564 since restarted nodes keep their vote promise (2026-12-03):
+    # the schedule moved, and 930565 no longer installs a snapshot
+    (930564, 5, SNAP_CFG_HARSH, {"snapshot_every": 25}),
+], ids=["930544-churn", "930564-snapshots"])
 def test_regression_a_crash_after_installing_a_snapshot_leaves_no_stale_log_after_it(
         seed, nodes, config, load, disk, tmp_path):
     """A follower saved a snapshot from its leader over a log that disagreed with it and
@@ -423,7 +425,9 @@ def test_lease_reads_turn_stale_when_clocks_drift_beyond_the_stated_bound():
     profile's seeded runs stay clean.)"""
     config = Config(lease_reads=True, max_clock_drift=0.1)
     with pytest.raises(InvariantViolation, match="acknowledged before it started"):
-        Simulator(seed=8, nodes=5, faults=Faults(clock_drift=0.5, skew_every=0.3),
+        # seed 13 of 0-59 (and 32, 59); it was 8 until restarted nodes kept their vote
+        # promise (2026-12-03), which moved the schedule
+        Simulator(seed=13, nodes=5, faults=Faults(clock_drift=0.5, skew_every=0.3),
                   config=config, read_every=0.005).run(3.0)
 
 

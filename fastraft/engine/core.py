@@ -291,6 +291,13 @@ class Engine:
             self._persist_hard_state()
         self._emit_apply()
         self._arm_election_timer()
+        if self.term and self.config.check_quorum:
+            # Before it stopped, this node may have answered a leader, promising no vote
+            # for election_timeout_min (§4.2.3): the promise that leader's read lease
+            # rests on (§6.4.1). A new process does not know when that was, so it keeps
+            # the promise from its start, as if a leader had just been heard.
+            self.leader_alive = True
+            self._out.append(SetTimer(Timer.LEASE, self.config.election_timeout_min))
         return self.take_commands()
 
     def take_commands(self) -> list[Command]:

@@ -110,7 +110,19 @@ def repaired_node_votes(mp):
     mp.setattr(Engine, "__init__", forget_the_damage)
 
 
+def restarted_node_votes_at_once(mp):
+    """Thesis §4.2.3 and §6.4.1: a node restarted just after it answered a leader votes
+    at once, breaking the promise that leader's read lease counted on."""
+    original = Engine.start
+
+    def start_forgetting_the_promise(self):
+        commands = original(self)
+        self.leader_alive = False
+        return commands
+    mp.setattr(Engine, "start", start_forgetting_the_promise)
+
+
 PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
           second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
           read_index_without_a_quorum_round, lease_kept_after_a_handover,
-          repaired_node_votes]
+          repaired_node_votes, restarted_node_votes_at_once]

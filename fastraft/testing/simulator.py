@@ -158,6 +158,13 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: The chance that a partition is a bridge (Jepsen's nemesis): one node, picked at
     #: random, still talks with both sides, which do not talk to each other.
     bridge: float = 0.0
+    #: The chance that a bridge partition bounces its bridge, the shape that tests the
+    #: vote promise a read lease rests on (§4.2.3, §6.4.1): the leader alone on one side,
+    #: the bridge a follower whose answers keep its lease, crashed just before the far
+    #: side's first election timer runs out and restarted before it, on the far side
+    #: only (its links to the leader not back yet), where a node cut off from the
+    #: leader campaigns and asks it for a vote.
+    bounce: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
@@ -329,6 +336,9 @@ class EventQueue:
 
 #: The side of a bridge partition's bridge node: it hears and is heard by both sides.
 _BRIDGE = 2
+#: A bounced bridge crashes up to this many seconds before the far side's first election
+#: timer runs out, and restarts before it (``Faults.bounce``).
+BOUNCE_LEAD = 0.02
 
 
 def random_partition(rng: random.Random, node_ids: list[int]) -> dict[int, int]:
@@ -413,7 +423,7 @@ class Simulator(EventQueue):
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
                       "declines": 0, "deafened": 0, "repairs": 0,
-                      "bridges": 0,
+                      "bridges": 0, "bounces": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0}
@@ -926,12 +936,53 @@ class Simulator(EventQueue):
         self._one_way = self.rng.random() < self.faults.one_way
         self.stats["one_way_partitions"] += self._one_way
         if self.faults.bridge and len(self.nodes) > 2 and self.rng.random() < self.faults.bridge:
+            if self.faults.bounce and self.rng.random() < self.faults.bounce and \
+                    self._bounce_partition():
+                self._schedule(self.faults.partition_for, "unpartition")
+                return
             sides = self._partition
             bridge = self.rng.choice([i for i in sides
                                       if sum(s == sides[i] for s in sides.values()) > 1])
             sides[bridge] = _BRIDGE
             self.stats["bridges"] += 1
         self._schedule(self.faults.partition_for, "unpartition")
+
+    def _bounce_partition(self) -> bool:
+        """Cut the leader off from the far side but for the bridge, and bounce the bridge
+        just before the far side's first election timer runs out (``Faults.bounce``).
+        False if no node leads or no far node's timer runs."""
+        alive = [n for n in self.nodes.values() if n.alive]
+        leaders = [n for n in alive if n.engine.role == Role.LEADER]
+        if not leaders:
+            return False
+        leader = max(leaders, key=lambda n: n.engine.term)
+        voters = sorted(leader.engine.membership.voters - {leader.id})
+        self.rng.shuffle(voters)
+        # the far side and the bridge together are a majority, so are the leader's side
+        # and the bridge: the lease the bridge's answers kept, the election its vote wins
+        far, bridge, near = voters[:len(voters) // 2], voters[-1], voters[len(voters) // 2:-1]
+        timers = {(i, Timer.ELECTION, self.nodes[i].timer_tokens[Timer.ELECTION])
+                  for i in far if self.nodes[i].alive}
+        due = [at for at, _, kind, args in self._events if kind == "timer" and args in timers]
+        if not due:
+            return False
+        cut = self._partition = {i: 1 for i in self.nodes}
+        for i in near + [leader.id]:
+            cut[i] = 0
+        cut[bridge] = _BRIDGE
+        lead = self.rng.uniform(0.001, BOUNCE_LEAD)
+        self._schedule(max(min(due) - self.now - lead, 0.0), "bounce", bridge, cut, lead)
+        self.stats["bridges"] += 1
+        return True
+
+    def _ev_bounce(self, node_id: int, cut: dict[int, int], lead: float) -> None:
+        node = self.nodes[node_id]
+        if not self._faults_on or not node.alive or self._partition is not cut:
+            return
+        self._crash(node)
+        self.stats["bounces"] += 1
+        cut[node_id] = 1  # back on the far side only: its links to the leader are not
+        self._schedule(self.rng.uniform(0.0, lead), "restart", node.id)
 
     def _maybe_flap(self, node: _Node, term: int, within: float) -> None:
         if self.rng.random() < self.faults.flap_leader:

@@ -5,6 +5,7 @@ import msgspec
 import pytest
 
 from fastraft.config import Config
+from fastraft.engine import Role, Timer
 from fastraft.testing import NO_FAULTS, Faults, InvariantViolation, Simulator
 from fastraft.testing.multigroup import MultiGroupSimulator
 
@@ -507,3 +508,25 @@ def test_a_bridge_partition_cuts_the_sides_apart_but_not_from_the_bridge():
             for b in sim.nodes:
                 if a != b:
                     assert sim._connected(a, b) == (sides[a] == sides[b] or bridge in (a, b))
+
+
+@pytest.mark.parametrize("nodes", [3, 5])
+def test_a_bounce_restarts_the_bridge_on_the_far_side_before_the_far_side_campaigns(nodes):
+    faults, config, kw = PROFILES["bounces"]
+    sim = Simulator(seed=1, nodes=nodes, faults=faults, config=config, **kw)
+    assert sim.run_until(2.0, lambda: sim.stats["bounces"] > 0)
+    leader = max((n for n in sim.nodes.values() if n.engine.role == Role.LEADER),
+                 key=lambda n: n.engine.term)
+    sides = sim._partition
+    down = [i for i, n in sim.nodes.items() if not n.alive]
+    assert len(down) == 1 and sides[down[0]] == 1  # the bridge, now on the far side
+    near = {i for i, side in sides.items() if side == 0}
+    far = {i for i, side in sides.items() if side == 1} - set(down)
+    # with the bridge, either side was a majority: the leader's lease, the far election
+    assert leader.id in near and len(near) + 1 > nodes // 2 and len(far) + 1 > nodes // 2
+    restart = min(at for at, _, kind, args in sim._events
+                  if kind == "restart" and args == (down[0],))
+    far_timers = [at for at, _, kind, args in sim._events if kind == "timer"
+                  and args[0] in far and args[1] == Timer.ELECTION
+                  and args[2] == sim.nodes[args[0]].timer_tokens[Timer.ELECTION]]
+    assert far_timers and restart <= min(far_timers)

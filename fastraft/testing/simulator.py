@@ -159,7 +159,7 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: random, still talks with both sides, which do not talk to each other.
     bridge: float = 0.0
     #: The chance that a bridge partition bounces its bridge, the shape that tests the
-    #: vote promise a read lease rests on (§4.2.3, §6.4.1): the leader alone on one side,
+    #: vote promise a read lease rests on (§4.2.3, §6.4.1): the leader on the smaller side,
     #: the bridge a follower whose answers keep its lease, crashed just before the far
     #: side's first election timer runs out and restarted before it, on the far side
     #: only (its links to the leader not back yet), where a node cut off from the
@@ -951,12 +951,13 @@ class Simulator(EventQueue):
         """Cut the leader off from the far side but for the bridge, and bounce the bridge
         just before the far side's first election timer runs out (``Faults.bounce``).
         False if no node leads or no far node's timer runs."""
-        alive = [n for n in self.nodes.values() if n.alive]
-        leaders = [n for n in alive if n.engine.role == Role.LEADER]
+        leaders = [n for n in self.nodes.values() if n.alive and n.engine.role == Role.LEADER]
         if not leaders:
             return False
         leader = max(leaders, key=lambda n: n.engine.term)
         voters = sorted(leader.engine.membership.voters - {leader.id})
+        if len(voters) < 2:
+            return False  # no far side: nobody to campaign
         self.rng.shuffle(voters)
         # the far side and the bridge together are a majority, so are the leader's side
         # and the bridge: the lease the bridge's answers kept, the election its vote wins
@@ -981,7 +982,7 @@ class Simulator(EventQueue):
             return
         self._crash(node)
         self.stats["bounces"] += 1
-        cut[node_id] = 1  # back on the far side only: its links to the leader are not
+        cut[node_id] = 1  # it comes back on the far side only: no link to the leader yet
         self._schedule(self.rng.uniform(0.0, lead), "restart", node.id)
 
     def _maybe_flap(self, node: _Node, term: int, within: float) -> None:

@@ -5,7 +5,8 @@
 Each round runs every figure on A and on B (A first in odd rounds, B first in even
 ones), so drift of the machine (another process, thermal state) hits both alike. A
 checkout is used through ``PYTHONPATH`` (build its extension in place first: ``python
-setup.py build_ext --inplace``), so both run on the same interpreter and packages. Only
+setup.py build_ext --inplace``, with ``setuptools>=77`` and ``Cython>=3.0`` installed,
+CONTRIBUTING.md), so both run on the same interpreter and packages. Only
 the stable command line of the benchmark nodes (``python -m fastraft.benchmark bench-node
 ...``) is used, so an old checkout works too.
 

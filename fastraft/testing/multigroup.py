@@ -22,7 +22,8 @@ from typing import Any
 import msgspec
 
 from fastraft.config import Config
-from fastraft.testing.simulator import EventQueue, Faults, Simulator, random_partition
+from fastraft.testing.faults import Faults, random_partition
+from fastraft.testing.simulator import EventQueue, Simulator
 
 
 class _Frames:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import io
 import os
 import random
 from collections.abc import Callable
@@ -65,7 +64,6 @@ from fastraft.engine import (
     write_order,
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
-from fastraft.filestorage import FileStorage
 from fastraft.messages import (
     AppendEntries,
     Entry,
@@ -73,205 +71,15 @@ from fastraft.messages import (
     HardState,
     InstallSnapshot,
     Membership,
-    SnapshotMeta,
     TimeoutNow,
 )
-from fastraft.storage import MemoryStorage
+from fastraft.testing.faults import BOUNCE_LEAD, BRIDGE, Faults, random_partition
 from fastraft.testing.linearizability import History, check
+from fastraft.testing.simdisks import Disk, FileDisk, SaveSnapshot
 
 
 class InvariantViolation(AssertionError):
     """A Raft safety or liveness property failed; the message names the seed."""
-
-
-class Faults(msgspec.Struct, kw_only=True, frozen=True):
-    """What the network and the nodes suffer. Probabilities are per message or per event."""
-
-    drop: float = 0.05
-    duplicate: float = 0.03
-    min_delay: float = 0.0005
-    max_delay: float = 0.015
-    #: Mean seconds between partitions, and how long one lasts (0 disables).
-    partition_every: float = 1.0
-    partition_for: float = 0.6
-    #: Mean seconds between crashes, and how long a node stays down (0 disables).
-    crash_every: float = 1.2
-    down_for: float = 0.4
-    #: Delay of a simulated fsync.
-    min_fsync: float = 0.0002
-    max_fsync: float = 0.004
-    #: Delay of a read of entries that left a leader's memory (``ReadLog``), and the
-    #: chance that it fails.
-    min_read: float = 0.0001
-    max_read: float = 0.002
-    read_fail: float = 0.0
-    #: Leader flapping (the Figure 8 nemesis): the chance that a node that just won an
-    #: election, or a leader sending entries of an earlier term than its own, is cut off
-    #: from every other node, and (half the time) crashed, soon after (within
-    #: ``flap_within`` seconds of an election, a round trip of such a send): leaders that
-    #: replicate to a minority, then lose to a node of a later term, again and again.
-    flap_leader: float = 0.0
-    flap_within: float = 0.02
-    #: The chance that a partition is one-way: one side's messages to the other are
-    #: lost, the other side's arrive (a broken link in one direction).
-    one_way: float = 0.0
-    #: Slow disks: the chance that an fsync takes ``slow_fsync`` seconds instead.
-    slow_fsync_chance: float = 0.0
-    slow_fsync: float = 0.2
-    #: Crashes between write and sync: the chance that a crash leaves some of the
-    #: unsynced writes on disk (a random prefix of them, as a kernel flushing its cache
-    #: in order would), and that a crash picks a node with writes in flight.
-    torn_crash: float = 0.0
-    #: The chance that a crash of a leader is a clean stop instead: it resigns first
-    #: (``Engine.resign``: TimeoutNow to its fullest voter, a heartbeat to the others),
-    #: as ``RaftNode.stop`` does.
-    graceful_stop: float = 0.0
-    #: Clock drift: each node's clock runs at a rate drawn from [1 - clock_drift,
-    #: 1 + clock_drift] (at each start); its timers and its read lease measure time by
-    #: it (leases need ``Config(lease_reads=True)``).
-    clock_drift: float = 0.0
-    #: Mean seconds between clock skews (0 disables): the leader's clock slows to
-    #: 1 - clock_drift and every other node's speeds up to 1 + clock_drift, the worst
-    #: case for a leader's lease (it outlives the followers' promise not to vote).
-    skew_every: float = 0.0
-    #: Mean seconds between leadership transfers (0 disables): the leader is asked to
-    #: hand over to another voter picked at random (``Engine.transfer_leadership``,
-    #: thesis §3.10), while it keeps being proposed to.
-    transfer_every: float = 0.0
-    #: The chance that a transfer is a rolling restart's instead: a node picked at
-    #: random steps down (``Engine.leaving``, as ``RaftNode.step_down`` sets it: it
-    #: declines leadership handed to it) and stops cleanly within 0.2 s, for
-    #: ``down_for``. A leader hands over to its successor first; to a follower, half the
-    #: time, the leader hands leadership (as a host's balancer might), which it declines.
-    leaving: float = 0.0
-    #: The chance that a leader that hands over (sends ``TimeoutNow``) stops hearing the
-    #: others while they still hear it, for ``partition_for``: it learns of its
-    #: successor late, the worst case for a read lease (the successor's election skips
-    #: the followers' promise not to vote, thesis §3.10).
-    deafen_on_handover: float = 0.0
-    #: The chance that a crash also damages the node's log, which it restarts repaired
-    #: (``FileStorage(repair=True)``, docs/storage.md "Repairing a node"): the log cut
-    #: at a random entry after its floor, the commit mark lowered to what it holds,
-    #: ``recovering`` set, term and vote kept. As that page asks, one node at a time,
-    #: with no membership change under way (``_may_damage``). Memory disks only.
-    damage: float = 0.0
-    #: The chance that a partition is a bridge (Jepsen's nemesis): one node, picked at
-    #: random, still talks with both sides, which do not talk to each other.
-    bridge: float = 0.0
-    #: The chance that a bridge partition bounces its bridge, the shape that tests the
-    #: vote promise a read lease rests on (§4.2.3, §6.4.1): the leader on the smaller side,
-    #: the bridge a follower whose answers keep its lease, crashed just before the far
-    #: side's first election timer runs out and restarted before it, on the far side
-    #: only (its links to the leader not back yet), where a node cut off from the
-    #: leader campaigns and asks it for a vote.
-    bounce: float = 0.0
-
-
-NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)
-
-
-class _SaveSnapshot(msgspec.Struct):
-    meta: SnapshotMeta
-    data: bytes
-
-
-class _Disk:
-    """What survives a crash: only completed writes. They go to a ``MemoryStorage``, so
-    every write the engine asks for also passes the storage contract (one it refuses is
-    reported as a violation), and a restart reads the log back the way a node does."""
-
-    __slots__ = ("store",)
-
-    def __init__(self) -> None:
-        self.store: Any = MemoryStorage()
-
-    def write(self, cmd: Any) -> None:
-        t = type(cmd)
-        store = self.store
-        if t is AppendLog:
-            store.append_entries(cmd.entries)
-        elif t is TruncateLog:
-            store.truncate_suffix(cmd.index)
-        elif t is CompactLog:
-            store.compact_prefix(cmd.index)
-        elif t is _SaveSnapshot:
-            store.save_snapshot(cmd.meta, io.BytesIO(cmd.data))
-        else:
-            store.save_hard_state(cmd.hard_state)
-
-    def snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
-        loaded = self.store.load_snapshot()
-        if loaded is None:
-            return None
-        with loaded[1] as reader:
-            return loaded[0], reader.read()
-
-    def commit_advanced(self, index: int) -> None:
-        """Stamp ``index`` on the next append, where the storage records it."""
-        hook = getattr(self.store, "commit_advanced", None)
-        if hook is not None:
-            hook(index)
-
-    def last_entry(self) -> Entry | None:
-        st = self.store.load_state()
-        if st.last_index < st.first_index:
-            return None
-        last: Entry = self.store.read_entries(st.last_index, st.last_index + 1)[0]
-        return last
-
-    def crash(self) -> None:
-        """The process died: what was written stays."""
-
-    def reopen(self) -> None:
-        """The process starts again."""
-
-    def close(self) -> None:
-        """The run is over."""
-
-
-class _SyncFileStorage:
-    """A ``FileStorage`` under the ``RaftStorage`` method names, calling its synchronous
-    internals directly (the simulator has no event loop). Its own fsync is off: the
-    simulated fsync is the durability point, and nothing unsynced ever reaches it."""
-
-    def __init__(self, path: str) -> None:
-        self.storage = st = FileStorage(path, sync=False)
-        self.load_state = st.load_state
-        self.append_entries = st._append_sync
-        self.truncate_suffix = st._truncate_sync
-        self.compact_prefix = st._compact_sync
-        self.save_snapshot = st._save_snapshot_sync
-        self.save_hard_state = st._save_state_sync
-        self.load_snapshot = st._open_snapshot
-        self.commit_advanced = st.commit_advanced
-
-    def read_entries(self, lo: int, hi: int, max_bytes: int | None = None) -> list[Entry]:
-        return self.storage._read_sync(lo, hi, max_bytes)
-
-
-class _FileDisk(_Disk):
-    """The same on a ``FileStorage`` directory: a crash closes it, a restart opens it
-    again through its recovery."""
-
-    __slots__ = ("path", "closed")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.closed = False
-        self.store = _SyncFileStorage(path)
-
-    def crash(self) -> None:
-        self.store.storage.close()
-        self.closed = True
-
-    def reopen(self) -> None:
-        if self.closed:
-            self.store = _SyncFileStorage(self.path)
-            self.closed = False
-
-    def close(self) -> None:
-        if not self.closed:
-            self.crash()
 
 
 _snap_enc = msgspec.msgpack.Encoder()
@@ -284,7 +92,7 @@ class _Node:
                  "clock_rate", "clock_offset", "lease_until", "heard_at", "suspected",
                  "boots", "boots_seen")
 
-    def __init__(self, node_id: int, disk: _Disk) -> None:
+    def __init__(self, node_id: int, disk: Disk) -> None:
         self.id = node_id
         # Set when the node first starts (and anew on each restart); only nodes that are
         # alive are stepped, so no caller meets the None of a node never started.
@@ -334,21 +142,6 @@ class EventQueue:
         return self.rng.expovariate(1.0 / mean)
 
 
-#: The side of a bridge partition's bridge node: it hears and is heard by both sides.
-_BRIDGE = 2
-#: A bounced bridge crashes up to this many seconds before the far side's first election
-#: timer runs out, and restarts before it (``Faults.bounce``).
-BOUNCE_LEAD = 0.02
-
-
-def random_partition(rng: random.Random, node_ids: list[int]) -> dict[int, int]:
-    """Nodes split into two non-empty sides at random: node id -> side (0 or 1)."""
-    ids = list(node_ids)
-    rng.shuffle(ids)
-    cut = rng.randint(1, len(ids) - 1)
-    return {i: (0 if k < cut else 1) for k, i in enumerate(ids)}
-
-
 class Simulator(EventQueue):
     """See the module docstring. ``nodes`` founding voters with ids 1..nodes, then
     ``learners`` founding learners (they start empty and are caught up by the leader),
@@ -375,10 +168,10 @@ class Simulator(EventQueue):
         self._seq = 0
         self._fsync_token = 0
         self._fsync_at = 0.0
-        def disk(i: int) -> _Disk:
+        def disk(i: int) -> Disk:
             if disk_directory is None:
-                return _Disk()
-            return _FileDisk(os.path.join(disk_directory, f"node-{i}"))
+                return Disk()
+            return FileDisk(os.path.join(disk_directory, f"node-{i}"))
 
         self.nodes = {i: _Node(i, disk(i))
                       for i in range(1, nodes + learners + spare_nodes + 1)}
@@ -643,7 +436,7 @@ class Simulator(EventQueue):
                 node.disk.write(w)
             self.stats["torn_crashes"] += 1
         node.disk.crash()
-        if self.faults.damage and type(node.disk) is _Disk and \
+        if self.faults.damage and type(node.disk) is Disk and \
                 self.rng.random() < self.faults.damage and self._may_damage(node):
             self._damage(node)
         node.fsyncs = []  # unsynced writes and the replies waiting on them are lost
@@ -812,7 +605,7 @@ class Simulator(EventQueue):
     def _connected(self, a: int, b: int) -> bool:
         p = self._partition
         return p is None or p[a] == p[b] or (self._one_way and p[a] == 1) or \
-            p[a] == _BRIDGE or p[b] == _BRIDGE
+            p[a] == BRIDGE or p[b] == BRIDGE
 
     # ------------------------------------------------------------------ events
 
@@ -851,7 +644,7 @@ class Simulator(EventQueue):
                 raise self._violation(f"node {node.id}: storage refused {w!r}: {exc}") \
                     from None
         for w in writes:
-            if type(w) is _SaveSnapshot:
+            if type(w) is SaveSnapshot:
                 node.snapshots[w.meta.last_included_index] = w.data
                 node.engine.snapshot_saved(w.meta, len(w.data))
                 in_use = node.engine.snapshots_in_use()
@@ -943,7 +736,7 @@ class Simulator(EventQueue):
             sides = self._partition
             bridge = self.rng.choice([i for i in sides
                                       if sum(s == sides[i] for s in sides.values()) > 1])
-            sides[bridge] = _BRIDGE
+            sides[bridge] = BRIDGE
             self.stats["bridges"] += 1
         self._schedule(self.faults.partition_for, "unpartition")
 
@@ -970,7 +763,7 @@ class Simulator(EventQueue):
         cut = self._partition = {i: 1 for i in self.nodes}
         for i in near + [leader.id]:
             cut[i] = 0
-        cut[bridge] = _BRIDGE
+        cut[bridge] = BRIDGE
         lead = self.rng.uniform(0.001, BOUNCE_LEAD)
         self._schedule(max(min(due) - self.now - lead, 0.0), "bounce", bridge, cut, lead)
         self.stats["bridges"] += 1
@@ -1194,7 +987,7 @@ class Simulator(EventQueue):
         node.incoming = None
         if index > node.engine.commit_index:
             self._restore(node, index, data)
-            writes.append(_SaveSnapshot(m.meta, data))
+            writes.append(SaveSnapshot(m.meta, data))
             self.stats["installs"] += 1
         node.engine.snapshot_installed(frm, m.meta, len(data))
 
@@ -1217,7 +1010,7 @@ class Simulator(EventQueue):
         if self.snapshot_every and node.applied - node.snapshot_at >= self.snapshot_every:
             node.snapshot_at = node.applied
             meta = node.engine.snapshot_meta(node.applied)
-            writes.append(_SaveSnapshot(meta, _snap_enc.encode(node.applied_log)))
+            writes.append(SaveSnapshot(meta, _snap_enc.encode(node.applied_log)))
             self.stats["snapshots"] += 1
         if node.state_machine is not None and user:
             results = node.state_machine.apply(user)

@@ -729,16 +729,22 @@ class Simulator(EventQueue):
         self._one_way = self.rng.random() < self.faults.one_way
         self.stats["one_way_partitions"] += self._one_way
         if self.faults.bridge and len(self.nodes) > 2 and self.rng.random() < self.faults.bridge:
-            if self.faults.bounce and self.rng.random() < self.faults.bounce and \
-                    self._bounce_partition():
-                self._schedule(self.faults.partition_for, "unpartition")
-                return
-            sides = self._partition
-            bridge = self.rng.choice([i for i in sides
-                                      if sum(s == sides[i] for s in sides.values()) > 1])
-            sides[bridge] = BRIDGE
+            bounced = self.faults.bounce and self.rng.random() < self.faults.bounce and \
+                self._bounce_partition()
+            if not bounced:
+                sides = self._partition
+                bridge = self.rng.choice([i for i in sides
+                                          if sum(s == sides[i] for s in sides.values()) > 1])
+                sides[bridge] = BRIDGE
             self.stats["bridges"] += 1
         self._schedule(self.faults.partition_for, "unpartition")
+
+    def election_timers_due(self, node_ids: set[int]) -> list[float]:
+        """When the armed election timers of ``node_ids`` run out (read from the event
+        queue: a timer armed anew has a new token, the old event fires for nothing)."""
+        armed = {(i, Timer.ELECTION, self.nodes[i].timer_tokens[Timer.ELECTION])
+                 for i in node_ids}
+        return [at for at, _, kind, args in self._events if kind == "timer" and args in armed]
 
     def _bounce_partition(self) -> bool:
         """Cut the leader off from the far side but for the bridge, and bounce the bridge
@@ -755,18 +761,16 @@ class Simulator(EventQueue):
         # the far side and the bridge together are a majority, so are the leader's side
         # and the bridge: the lease the bridge's answers kept, the election its vote wins
         far, bridge, near = voters[:len(voters) // 2], voters[-1], voters[len(voters) // 2:-1]
-        timers = {(i, Timer.ELECTION, self.nodes[i].timer_tokens[Timer.ELECTION])
-                  for i in far if self.nodes[i].alive}
-        due = [at for at, _, kind, args in self._events if kind == "timer" and args in timers]
+        due = self.election_timers_due({i for i in far if self.nodes[i].alive})
         if not due:
             return False
+        self._one_way = False  # the shape is two-way: the far side must not reach the leader
         cut = self._partition = {i: 1 for i in self.nodes}
         for i in near + [leader.id]:
             cut[i] = 0
         cut[bridge] = BRIDGE
         lead = self.rng.uniform(0.001, BOUNCE_LEAD)
         self._schedule(max(min(due) - self.now - lead, 0.0), "bounce", bridge, cut, lead)
-        self.stats["bridges"] += 1
         return True
 
     def _ev_bounce(self, node_id: int, cut: dict[int, int], lead: float) -> None:

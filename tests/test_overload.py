@@ -107,20 +107,22 @@ def test_stalled_followers_read_the_leaders_heartbeat_before_they_campaign():
     node1 = make(1)
     on_leader_loop(node1.start())
 
+    pulse = {"last": 0.0, "longest": 0.0}  # the leader loop's longest wait between ticks
+
+    async def leader_pulse():
+        while True:
+            now = time.monotonic()
+            pulse["longest"] = max(pulse["longest"], now - pulse["last"])
+            pulse["last"] = now
+            await asyncio.sleep(0.01)
+    pulse_task = asyncio.run_coroutine_threadsafe(leader_pulse(), leader_loop)
+
     async def followers():
         nodes = [make(2), make(3)]
         for n in nodes:
             await n.start()
             await n.initialize(members)
         on_leader_loop(node1.initialize(members))
-        deadline = time.monotonic() + 20
-        while not node1.is_leader:  # node 1 campaigns first: the others wait longer
-            assert time.monotonic() < deadline, "node 1 never led"
-            for n in nodes:
-                if n.is_leader:
-                    await n.transfer_leadership(1)
-            await asyncio.sleep(0.05)
-        term = node1.engine.term
         stall = []
 
         def slow_receive(node):
@@ -135,9 +137,27 @@ def test_stalled_followers_read_the_leaders_heartbeat_before_they_campaign():
         for n in nodes:
             n.receive = slow_receive(n)
             n.network.receivers[0] = n  # the network delivers to the wrapped receive
-        for _ in range(8):
-            stall.append(True)  # the next message either follower reads stalls the loop
-            await asyncio.sleep(0.4)
+        for _attempt in range(3):
+            deadline = time.monotonic() + 20
+            while not node1.is_leader:  # node 1 campaigns first: the others wait longer
+                assert time.monotonic() < deadline, "node 1 never led"
+                for n in nodes:
+                    if n.is_leader:
+                        await n.transfer_leadership(1)
+                await asyncio.sleep(0.05)
+            term = node1.engine.term
+            pulse["longest"] = 0.0
+            for _ in range(8):
+                stall.append(True)  # the next message either follower reads stalls the loop
+                await asyncio.sleep(0.4)
+            kept = node1.is_leader and [n.engine.term for n in nodes + [node1]] == [term] * 3
+            if kept or pulse["longest"] < 0.1:
+                break
+            # The leader's loop stood still too (two heartbeat intervals): the whole
+            # process or machine was paused (a VM's steal), so no heartbeat waited in the
+            # followers' sockets, and any Raft elects then. Not the case under test: again.
+        else:
+            raise AssertionError("the test's process was paused in each of its attempts")
         assert node1.is_leader and node1.engine.term == term
         assert [n.engine.term for n in nodes] == [term, term]
         for n in nodes:
@@ -146,6 +166,7 @@ def test_stalled_followers_read_the_leaders_heartbeat_before_they_campaign():
     try:
         uvloop.run(asyncio.wait_for(followers(), 60))
     finally:
+        pulse_task.cancel()
         on_leader_loop(node1.stop())
         leader_loop.call_soon_threadsafe(leader_loop.stop)
         thread.join(5)

@@ -267,6 +267,32 @@ async def test_a_host_stepping_down_is_not_handed_its_groups_back_until_it_resta
 
 
 @run
+async def test_a_whole_cluster_stepping_down_logs_one_line_per_host(caplog):
+    """Every host stops at once (a cluster shut down): each group's successor is
+    stepping down too and declines, so no group hands over. Each host says so in one
+    line naming the groups, not one per group it led (a thousand groups on three hosts
+    would log hundreds); a single node's ``step_down`` still logs its own."""
+    caplog.set_level(logging.WARNING)
+    async with Hosts() as hosts:
+        await wait_until(lambda: balanced(hosts), 20)
+        led = {i: sorted(h.leaders()) for i, h in hosts.hosts.items()}
+        for h in hosts.hosts.values():  # every replica declines from now on
+            for g in GROUPS:
+                h.group(g).engine.leaving = True
+        await asyncio.gather(*(h.step_down(timeout=5) for h in hosts.hosts.values()))
+        lines = [r for r in caplog.records if getattr(r, "event", "") == "step_down_failed"]
+        assert sorted((r.node, r.groups) for r in lines) == sorted(led.items())
+        assert all(f"{len(led[r.node])} of {len(GROUPS)} groups did not hand over"
+                   in r.getMessage() and "the node declined it" in r.getMessage()
+                   for r in lines)
+        caplog.clear()
+        alone = hosts.hosts[1].group(led[1][0])
+        await alone.step_down(timeout=5)
+        assert [r.group for r in caplog.records
+                if getattr(r, "event", "") == "step_down_failed"] == [led[1][0]]
+
+
+@run
 async def test_a_group_created_late_on_one_host_catches_up():
     hosts = Hosts(balance_interval=None)
     await hosts.start(1)

@@ -200,10 +200,20 @@ class RaftHost:
         """Before a planned stop: every group led here hands leadership over and waits
         for its proposals' fate (``RaftNode.step_down``), all at once; every replica here
         declines leadership from then on, so the other hosts' balancing does not hand
-        groups back to this one while it stops."""
+        groups back to this one while it stops. Groups that did not hand over are
+        logged in one line (``step_down_failed``): when the whole cluster stops, every
+        group's successor declines."""
         if timeout is not None:
             check_timeout(timeout)
-        await asyncio.gather(*(node.step_down(timeout) for node in self._groups.values()))
+        groups = list(self._groups.items())
+        failures = await asyncio.gather(*(node.hand_over(timeout) for _, node in groups))
+        failed = {gid: why for (gid, _), why in zip(groups, failures) if why is not None}
+        if failed:
+            first = min(failed)
+            log.warning("host %d: stepping down: %d of %d groups did not hand over; group "
+                        "%d: %s", self.id, len(failed), len(groups), first, failed[first],
+                        extra={"event": "step_down_failed", "node": self.id,
+                               "groups": sorted(failed)})
 
     async def __aenter__(self) -> RaftHost:
         return await self.start()

@@ -503,13 +503,22 @@ class RaftNode:
         leadership handed to it (``Engine.leaving``: a ``RaftHost`` balancing its groups
         would give it back) until it stops; it still votes, and campaigns if its
         election timer runs out."""
+        failure = await self.hand_over(timeout)
+        if failure is not None:
+            log.warning("%s: stepping down: %s", self.label, failure,
+                        extra={"event": "step_down_failed", **self.log_fields})
+
+    async def hand_over(self, timeout: float | None = None) -> str | None:
+        """``step_down`` without its log line: why the handover or the wait failed, None
+        if neither did. For a caller that reports many groups' at once (a ``RaftHost``
+        stopping its thousand groups while the other hosts stop too)."""
         if timeout is not None:
             check_timeout(timeout)
         if self._running:
             self.engine.leaving = True
         target = self.engine.successor() if self._running else None
         if target is None:
-            return
+            return None
         limit = timeout if timeout is not None else self.config.election_timeout_max * 3
         try:
             await self.transfer_leadership(target, limit)
@@ -517,8 +526,8 @@ class RaftNode:
                 lambda: not self._proposals.waiting or not self._running), limit)
         except (FastRaftError, TimeoutError, asyncio.TimeoutError) as exc:
             # asyncio.TimeoutError: another class than the builtin before Python 3.11
-            log.warning("%s: stepping down: %s", self.label, exc,
-                        extra={"event": "step_down_failed", **self.log_fields})
+            return str(exc) or type(exc).__name__
+        return None
 
     def _notify_progress(self) -> None:
         event = self._progress

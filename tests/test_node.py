@@ -661,7 +661,8 @@ async def test_wrong_arguments_raise_invalid_argument_and_change_nothing():
         # a timeout that is no number of seconds is refused before anything is done: a
         # step-down used to hand the leadership over, then raise a TypeError
         for bad in ("1", -1, 0, float("nan"), True):
-            for call in (leader.step_down, lambda t: leader.transfer_leadership(2, t),
+            for call in (leader.step_down, leader.hand_over,
+                         lambda t: leader.transfer_leadership(2, t),
                          leader.read_index, leader.wait_for_leader,
                          lambda t: leader.remove_learner(4, t)):
                 with pytest.raises(InvalidArgument, match="timeout is a positive number"):

@@ -310,6 +310,13 @@ async def test_stepping_down_is_nothing_to_a_follower_or_a_lone_voter():
         follower = next(n for n in c.nodes.values() if n is not leader)
         await follower.step_down()
         assert leader.is_leader and not follower.is_leader
+        # hand_over: step_down's work, answering why it failed rather than logging it
+        assert await follower.hand_over() is None  # not a leader: nothing to hand over
+        third = next(n for n in c.nodes.values() if n not in (leader, follower))
+        third.engine.leaving = True  # stopping too: every successor declines
+        assert "the node declined it" in await leader.hand_over(5) and leader.is_leader
+        third.engine.leaving = follower.engine.leaving = False
+        assert await leader.hand_over(5) is None and not leader.is_leader
 
 
 @run

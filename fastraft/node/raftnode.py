@@ -525,8 +525,9 @@ class RaftNode:
             await asyncio.wait_for(self._wait_progress(
                 lambda: not self._proposals.waiting or not self._running), limit)
         except (FastRaftError, TimeoutError, asyncio.TimeoutError) as exc:
-            # asyncio.TimeoutError: another class than the builtin before Python 3.11
-            return str(exc) or type(exc).__name__
+            # asyncio.TimeoutError: another class than the builtin before Python 3.11; the
+            # wait's, the one without a message
+            return str(exc) or f"the writes in flight did not learn their fate in {limit}s"
         return None
 
     def _notify_progress(self) -> None:

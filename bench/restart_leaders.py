@@ -1,22 +1,29 @@
-"""How long a restarted host's replicas of quiet groups take to learn who leads them.
+"""How long restarted hosts' replicas of quiet groups take to know their leaders again.
 
-    python bench/restart_leaders.py 3000
+    python bench/restart_leaders.py 3000            host 3 crashes and restarts
+    python bench/restart_leaders.py 3000 --all      all three crash and restart at once
 
 Three in-process ``RaftHost`` s on loopback (heartbeats 0.25 s, election timeouts 1.5-3 s,
 as the benchmark's hosts of many groups), ``N`` groups on ``MemoryStorage``, all quiet;
-host 3 crashes (sends nothing on its way out) and restarts on its storages. Prints how
-long its replicas of groups led on hosts 1 and 2 took to know their leader alive, from
-the restart. Compare checkouts with ``PYTHONPATH=/path/to/checkout``.
+the hosts crash (send nothing on their way out) and restart on their storages. One host:
+prints how long its replicas of groups led on hosts 1 and 2 took to know their leader
+alive, from the restart. All three: how long until every group had a leader, how many
+terms each group's election took (more than one: replicas campaigned at once and split
+the votes), and how long until the hosts' balancing had handed every group to its
+preferred leader. Compare checkouts with ``PYTHONPATH=/path/to/checkout``.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 import time
+from collections import Counter
 
 import uvloop
 
 from fastraft import Config, MemoryStorage, RaftHost
+from fastraft.engine import Role
+from fastraft.host.balance import preferred_leader
 from fastraft.processes import free_ports
 from fastraft.transport import TcpNetwork
 
@@ -35,7 +42,7 @@ class Null:
         pass
 
 
-async def main(n: int, wait: float = 60.0) -> None:
+async def main(n: int, whole: bool, wait: float = 60.0) -> None:
     ports = free_ports(3)
     addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
     storages: dict[tuple[int, int], MemoryStorage] = {}
@@ -49,6 +56,10 @@ async def main(n: int, wait: float = 60.0) -> None:
             await host.create_group(g, addresses if found else None, state_machine=Null())
         return host
 
+    async def crash(i: int) -> None:
+        hosts[i].network.send_group = lambda *args: None  # no word to the others
+        await hosts[i].stop()
+
     for i in (1, 2, 3):
         await start(i, True)
     for _ in range(600):  # up to 120 s for every group to elect a leader and go quiet
@@ -56,9 +67,17 @@ async def main(n: int, wait: float = 60.0) -> None:
                 all(node.engine.quiet for h in hosts.values() for node in h.groups.values()):
             break
         await asyncio.sleep(0.2)
+    if whole:
+        await whole_cluster(n, hosts, start, crash, wait)
+    else:
+        await one_host(n, hosts, start, crash, wait)
+    for host in hosts.values():
+        await host.stop()
+
+
+async def one_host(n, hosts, start, crash, wait) -> None:
     led_here = set(hosts[3].leaders())
-    hosts[3].network.send_group = lambda *args: None  # a crash: no word to the others
-    await hosts[3].stop()
+    await crash(3)
     started = time.monotonic()
     restarted = await start(3, False)
     created = time.monotonic() - started
@@ -76,9 +95,48 @@ async def main(n: int, wait: float = 60.0) -> None:
           f"{len(times)} of its {len(others)} replicas of groups led elsewhere knew their "
           f"leader within {wait:.0f}s" + (f", p50 {times[len(times) // 2]:.2f}s, last "
                                           f"{times[-1]:.2f}s" if times else ""))
-    for host in hosts.values():
-        await host.stop()
+
+
+async def whole_cluster(n, hosts, start, crash, wait) -> None:
+    terms_before = {g: hosts[1].group(g).engine.term for g in range(n)}
+    for i in (1, 2, 3):
+        await crash(i)
+    started = time.monotonic()
+    for i in (1, 2, 3):
+        await start(i, False)
+    created = time.monotonic() - started
+    first: dict[int, tuple[int, int]] = {}  # group: its first leader since, and its term
+    led_at = balanced_at = None
+    while balanced_at is None and time.monotonic() - started < wait:
+        for i, h in hosts.items():
+            for g in h.leaders():
+                if g not in first:
+                    first[g] = (i, h.group(g).engine.term - terms_before[g])
+        if led_at is None and len(first) == n:
+            led_at = time.monotonic() - started
+            per_host = [len(hosts[i].leaders()) for i in (1, 2, 3)]
+        if led_at is not None and all(
+                hosts[preferred_leader(g, {1, 2, 3})].group(g).engine.role == Role.LEADER
+                for g in range(n)):
+            balanced_at = time.monotonic() - started
+        await asyncio.sleep(0.02)
+    if led_at is None:
+        print(f"{n} groups: not every group had a leader within {wait:.0f}s")
+        return
+    terms = Counter(term for _, term in first.values())
+    preferred = sum(1 for g, (i, _) in first.items() if i == preferred_leader(g, {1, 2, 3}))
+    print(f"{n} groups: all three hosts restarted, their groups created in {created:.2f}s; "
+          f"every group had a leader after {led_at:.2f}s (terms its first election took: "
+          f"{', '.join(f'{k}: {v} groups' for k, v in sorted(terms.items()))}; "
+          f"{preferred} first led by their preferred replica; leaders per host then "
+          f"{per_host}); every group led by its "
+          "preferred replica " + (f"after {balanced_at:.2f}s" if balanced_at is not None
+                                  else f"not within {wait:.0f}s"))
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", type=int, nargs="?", default=1000, help="groups")
+    parser.add_argument("--all", action="store_true", help="restart all three hosts")
+    args = parser.parse_args()
+    uvloop.run(main(args.n, args.all))

@@ -99,6 +99,7 @@ async def one_host(n, hosts, start, crash, wait) -> None:
 
 async def whole_cluster(n, hosts, start, crash, wait) -> None:
     terms_before = {g: hosts[1].group(g).engine.term for g in range(n)}
+    preferred = {g: preferred_leader(g, {1, 2, 3}) for g in range(n)}
     for i in (1, 2, 3):
         await crash(i)
     started = time.monotonic()
@@ -116,19 +117,18 @@ async def whole_cluster(n, hosts, start, crash, wait) -> None:
             led_at = time.monotonic() - started
             per_host = [len(hosts[i].leaders()) for i in (1, 2, 3)]
         if led_at is not None and all(
-                hosts[preferred_leader(g, {1, 2, 3})].group(g).engine.role == Role.LEADER
-                for g in range(n)):
+                hosts[i].group(g).engine.role == Role.LEADER for g, i in preferred.items()):
             balanced_at = time.monotonic() - started
         await asyncio.sleep(0.02)
     if led_at is None:
         print(f"{n} groups: not every group had a leader within {wait:.0f}s")
         return
     terms = Counter(term for _, term in first.values())
-    preferred = sum(1 for g, (i, _) in first.items() if i == preferred_leader(g, {1, 2, 3}))
+    first_preferred = sum(1 for g, (i, _) in first.items() if i == preferred[g])
     print(f"{n} groups: all three hosts restarted, their groups created in {created:.2f}s; "
           f"every group had a leader after {led_at:.2f}s (terms its first election took: "
           f"{', '.join(f'{k}: {v} groups' for k, v in sorted(terms.items()))}; "
-          f"{preferred} first led by their preferred replica; leaders per host then "
+          f"{first_preferred} first led by their preferred replica; leaders per host then "
           f"{per_host}); every group led by its "
           "preferred replica " + (f"after {balanced_at:.2f}s" if balanced_at is not None
                                   else f"not within {wait:.0f}s"))

@@ -9,6 +9,7 @@ Layout of the directory::
     snapshot                     the last snapshot's metadata, replaced atomically
     snapshot-<index>-<crc>.data  its data, streamed in; the name is set by ``snapshot``
     log-<first index>.seg        the log, append-only segments rolled at ``segment_bytes``
+    truncation                   only while a truncation rewrites the head of a record
 
 A segment is a sequence of records, each one batch of consecutive entries (batch-codec
 ``body``) behind a 24-byte header::
@@ -76,6 +77,7 @@ _SEG_PREFIX, _SEG_SUFFIX = "log-", ".seg"
 #: A ``SharedWAL``'s segments (sharedwal.py): told apart from these in ``_lock_directory``.
 _WAL_SEG_PREFIX = "wal-"
 _SNAP_DATA_PREFIX = "snapshot-"
+_TRUNCATION = "truncation"
 _SECTOR = 512
 _MAGIC_BYTES = struct.pack("<I", _MAGIC)
 
@@ -94,6 +96,14 @@ class _State(msgspec.Struct, array_like=True):
 class _Identity(msgspec.Struct, array_like=True):
     node_id: int
     cluster_id: str
+
+
+class _Truncation(msgspec.Struct, array_like=True):
+    """A cut inside a record under way (``FileStorage._rewrite_tail``): segment
+    ``segment`` is cut at ``offset`` and ``record`` written there."""
+    segment: int
+    offset: int
+    record: bytes
 
 
 _S = TypeVar("_S")
@@ -127,6 +137,12 @@ def _fsync_dir(path: str) -> None:
 
 def _discard(_: bytes) -> None:
     pass
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
 
 
 def _write_atomically(directory: str, name: str, data: bytes, sync: bool = True) -> None:
@@ -661,6 +677,8 @@ class _LogStore:
                 os.fsync(f.fileno())
         data_path = self._snapshot_data_path(meta.last_included_index, crc)
         os.replace(tmp, data_path)
+        if self.sync:  # the data's name, durable before the metadata naming it
+            _fsync_dir(self.directory)
         m = msgspec.msgpack.encode(meta)
         _write_atomically(self.directory, "snapshot",
                           _SNAP_HEAD.pack(len(m), zlib.crc32(m), size, crc) + m, self.sync)
@@ -709,6 +727,7 @@ class FileStorage(_SegmentFiles, _LogStore):
     # ------------------------------------------------------------------ recovery
 
     def _recover(self) -> None:
+        self._finish_truncation()
         names = sorted(n for n in os.listdir(self.directory)
                        if n.startswith(_SEG_PREFIX) and n.endswith(_SEG_SUFFIX))
         state_path = os.path.join(self.directory, "state")
@@ -780,6 +799,33 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._refresh_floor()
         if self._segments:
             self._open_tail(self._segments[-1])
+
+    def _finish_truncation(self) -> None:
+        """A cut inside a record that a crash interrupted (``_rewrite_tail``): done again
+        from the start, as nothing was written after it."""
+        path = os.path.join(self.directory, _TRUNCATION)
+        pending = _read_checked(path, _Truncation)
+        if pending is None:
+            return
+        seg = self._path(pending.segment)
+        log.warning("%s: finishing a truncation at offset %d that a crash interrupted", seg,
+                    pending.offset, extra={"event": "truncation_finished", "path": seg,
+                                           "offset": pending.offset})
+        try:
+            fd = os.open(seg, os.O_RDWR)
+        except FileNotFoundError:
+            raise StorageCorruption(f"{path}: a truncation of {seg} was under way, but that "
+                                    "segment is missing") from None
+        try:
+            os.ftruncate(fd, pending.offset)
+            _write_at(fd, pending.record, pending.offset)
+            if self.sync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(path)
+        if self.sync:
+            _fsync_dir(self.directory)
 
     def _check_commit_mark(self, cut: _CutAt | None) -> None:
         last = self._last()
@@ -951,12 +997,14 @@ class FileStorage(_SegmentFiles, _LogStore):
             if self.sync:
                 _fsync_dir(self.directory)
         off = self._tail_size
-        view = memoryview(record)
-        while view:
-            view = view[os.pwrite(self._tail_fd, view, off + len(record) - len(view)):]
+        _write_at(self._tail_fd, record, off)
         if self.sync:
             os.fdatasync(self._tail_fd)
-        self._tail_size += len(record)
+        self._written(first, last, off, record, mark)
+
+    def _written(self, first: int, last: int, off: int, record: bytes, mark: int) -> None:
+        """``record`` (entries ``first``..``last``) is durable at ``off`` of the tail."""
+        self._tail_size = off + len(record)
         with self._lock:
             self._push_record(first, last, self._segments[-1], off, len(record))
         if mark > self._mark_durable:
@@ -971,28 +1019,51 @@ class FileStorage(_SegmentFiles, _LogStore):
         if start is None:
             return
         index = start
-        first_live = self._floor() + 1
         k = bisect_right(self._rec_first, index) - 1
         keep: list[Entry] = []
         if k >= 0 and self._rec_first[k] < index:
-            first = self._rec_first[k]
-            keep = self._record_entries(k)[max(first_live - first, 0):index - first]
+            # All of the record's head stays, compacted entries too: the next record
+            # written starts where it ends, as recovery expects.
+            keep = self._record_entries(k)[:index - self._rec_first[k]]
         k = max(k, 0)
         seg, off = self._rec_seg[k], self._rec_off[k]
-        for later in [s for s in self._segments if s > seg]:
+        # Newest first, each gone for good before the next goes and before the cut: a
+        # crash never leaves a segment behind a gap.
+        for later in [s for s in reversed(self._segments) if s > seg]:
             self._delete_segment(later)
             self._segments.remove(later)
+            if self.sync:
+                _fsync_dir(self.directory)
         self._drop_records_from(k)
         self._open_tail(seg)
-        os.ftruncate(self._tail_fd, off)
-        self._tail_size = off
         if keep:
-            self._append_sync(keep)  # rewrites the surviving head of the cut record
-        elif self.sync:
-            os.fsync(self._tail_fd)
-        if self.sync:
-            _fsync_dir(self.directory)
+            self._rewrite_tail(seg, off, keep)
+        else:
+            os.ftruncate(self._tail_fd, off)
+            self._tail_size = off
+            if self.sync:
+                os.fsync(self._tail_fd)
         self._refresh_floor()
+
+    def _rewrite_tail(self, seg: int, off: int, keep: list[Entry]) -> None:
+        """Cut the tail at ``off``, the start of a record, and write there the entries of
+        it that stay: one step no crash splits. Those entries were acknowledged; a cut
+        that reached the disk before them would lose them (the size of a file can be
+        journaled before the data written after it). The new record goes to the
+        ``truncation`` file first, and recovery finishes a rewrite it finds there."""
+        first, last = keep[0].index, keep[-1].index
+        mark = min(self._mark_wanted, last)
+        record = _record(kernels.encode_entries(keep), mark)
+        _write_atomically(self.directory, _TRUNCATION, _checked(_Truncation(seg, off, record)),
+                          self.sync)
+        os.ftruncate(self._tail_fd, off)
+        _write_at(self._tail_fd, record, off)
+        if self.sync:
+            os.fdatasync(self._tail_fd)
+        self._written(first, last, off, record, mark)
+        os.unlink(os.path.join(self.directory, _TRUNCATION))
+        if self.sync:  # gone before the next write: found later, it would undo that one
+            _fsync_dir(self.directory)
 
     def _compact_sync(self, index: int) -> None:
         with self._lock:

@@ -568,11 +568,10 @@ class SharedWAL(_SegmentFiles):
             needed = [s for s in (v._oldest_segment() for v in self._groups.values()) if s]
             oldest = min(needed, default=self._segments[-1])
             doomed = [s for s in self._segments[:-1] if s < oldest]
-            if doomed:
-                with self._lock:
-                    for seq in doomed:
-                        self._segments.remove(seq)
-                        self._delete_segment(seq)
+            for seq in doomed:  # oldest first, each gone for good before the next goes:
+                with self._lock:  # a crash never leaves a gap between segments
+                    self._segments.remove(seq)
+                    self._delete_segment(seq)
                 if self.sync:
                     _fsync_dir(self.directory)
             if len(self._segments) <= self.max_segments:

@@ -107,6 +107,25 @@ async def check_truncate_and_reappend(factory: StorageFactory) -> None:
     assert await _read_all(store) == _plain(_entries(1, 2, 3))
 
 
+async def check_truncate_right_after_the_compaction_point(factory: StorageFactory) -> None:
+    """A follower compacts up to its snapshot in the middle of a batch it wrote, then a
+    new leader cuts the entries after it: the log goes on from there, and opens again
+    (it was refused: "a record of index 9 where 5 was expected")."""
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 4, 1)))
+    await _do(store.append_entries(_entries(5, 10, 1)))
+    membership = Membership(voters=frozenset({1, 2, 3}))
+    await _do(store.save_snapshot(SnapshotMeta(8, 1, membership), io.BytesIO(b"at 8")))
+    await _do(store.compact_prefix(8))
+    await _do(store.truncate_suffix(9))
+    await _do(store.append_entries(_entries(9, 12, 2)))
+    for _ in range(2):
+        store = factory.reopen(store)
+        st = await _do(store.load_state())
+        assert (st.first_index, st.last_index) == (9, 12), (st.first_index, st.last_index)
+        assert await _read_all(store) == _plain(_entries(9, 12, 2))
+
+
 async def check_hard_state_round_trip(factory: StorageFactory) -> None:
     store = factory.new()
     await _do(store.append_entries(_entries(1, 10, 1)))
@@ -407,8 +426,9 @@ async def check_reads(factory: StorageFactory) -> None:
 
 
 CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_reappend,
-          check_hard_state_round_trip, check_hard_state_never_older_than_the_log,
-          check_identity, check_snapshot_and_compaction, check_snapshot_streams,
+          check_truncate_right_after_the_compaction_point, check_hard_state_round_trip,
+          check_hard_state_never_older_than_the_log, check_identity,
+          check_snapshot_and_compaction, check_snapshot_streams,
           check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything,
           check_snapshot_within_the_log_keeps_it, check_reads]
 

@@ -1,0 +1,274 @@
+"""Power cuts at any point of a storage's work lose nothing it acknowledged.
+
+kill -9 keeps what the kernel holds; a power cut keeps only what was synced. Followers'
+lives are played on a ``FileStorage`` and on two groups of a ``SharedWAL`` (appends, hard
+states, commit marks, truncations by a new leader, snapshots and compactions, one past
+the end of the log), with small segments so that they roll and go; around the storages'
+file calls, ``DiskModel`` writes what a power cut there could leave
+(``tests/powerloss.py``). Each such image must open, without repair, as the storage was
+before the call under way or after it: a power cut never stops a node from starting, and
+nothing acknowledged is lost. Some images are opened under a model of their own, and
+what a second power cut during that recovery leaves must open the same way.
+"""
+import asyncio
+import io
+import os
+import random
+import shutil
+
+import pytest
+from powerloss import DiskModel
+
+from fastraft.filestorage import FileStorage
+from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.sharedwal import SharedWAL
+from fastraft.storage import SnapshotMeta
+
+MEMBERS = Membership(voters=frozenset({1, 2, 3}))
+SEGMENT = 1024
+CALLS = 150
+
+
+async def observe(store):
+    """What a storage holds, as its user sees it."""
+    st = store.load_state()
+    entries = await store.read_entries(st.first_index, st.last_index + 1)
+    found = await store.load_snapshot()
+    snapshot = None
+    if found is not None:
+        meta, data = found
+        with data:
+            snapshot = (meta.last_included_index, meta.last_included_term, data.read())
+    hs = st.hard_state
+    return {"vote": (hs.current_term, hs.voted_for), "snapshot": snapshot,
+            "first": st.first_index, "last": st.last_index,
+            "entries": {e.index: (e.term, bytes(e.data)) for e in entries}}
+
+
+def same(found, expected, cut_from=None):
+    """Whether ``found`` holds what ``expected`` does; with ``cut_from``, a truncation
+    from there under way, its log may also end anywhere from there to where it ended:
+    the entries cut were never committed."""
+    if any(found[k] != expected[k] for k in ("vote", "snapshot")):
+        return False
+    if found["last"] != expected["last"] and not (
+            cut_from is not None and cut_from - 1 <= found["last"] <= expected["last"]):
+        return False
+    first = max(found["first"], expected["first"])
+    return all(found["entries"].get(i) == expected["entries"].get(i)
+               for i in range(first, found["last"] + 1))
+
+
+def summary(state):
+    entries = state["entries"]
+    return (f"term/vote {state['vote']}, snapshot {state['snapshot'] and state['snapshot'][:2]}"
+            f", log {state['first']}..{state['last']} of terms "
+            f"{[entries[i][0] for i in sorted(entries)]}")
+
+
+class Follower:
+    """A follower's storage calls, chosen at random but valid, one at a time."""
+
+    def __init__(self, store, rng):
+        self.store, self.rng = store, rng
+        self.term, self.last, self.commit, self.floor = 1, 0, 0, 0
+        self.terms = {}
+
+    def entries(self, first, n):
+        for i in range(first, first + n):
+            self.terms[i] = self.term
+        return [Entry(self.term, i, EntryKind.NORMAL,
+                      b"%d." % i + self.rng.randbytes(self.rng.randint(0, 200)))
+                for i in range(first, first + n)]
+
+    async def step(self):
+        """One call; returns what it was (a truncation: "truncate <index>")."""
+        rng, store = self.rng, self.store
+        roll = rng.random()
+        if roll < 0.45 or self.last == self.floor:
+            n = rng.randint(1, 6)
+            await store.append_entries(self.entries(self.last + 1, n))
+            self.last += n
+            if rng.random() < 0.5:  # the leader's commit index, stamped on the next write
+                self.commit = rng.randint(self.commit, self.last)
+                store.commit_advanced(self.commit)
+            return "append"
+        if roll < 0.6:
+            if rng.random() < 0.5:
+                self.term += 1
+            await store.save_hard_state(HardState(self.term, rng.choice([0, 1, 2, 3]),
+                                                  self.commit))
+            return "hard state"
+        if roll < 0.75 and self.last > self.commit:  # a new leader cuts the uncommitted end
+            index = rng.randint(self.commit + 1, self.last)
+            await store.truncate_suffix(index)
+            self.term += 1
+            self.last = index - 1
+            return f"truncate {index}"
+        if roll < 0.9 and self.commit > self.floor:
+            index = rng.randint(self.floor + 1, self.commit)
+            if rng.random() < 0.5:
+                meta = SnapshotMeta(index, self.terms[index], MEMBERS)
+                await store.save_snapshot(meta, io.BytesIO(b"state at %d" % index))
+            await store.compact_prefix(index)
+            self.floor = index
+            return "compact"
+        if roll < 0.95:  # a snapshot from the leader past the end of this log
+            index = self.last + rng.randint(1, 5)
+            self.term += 1
+            self.terms[index] = self.term
+            await store.save_snapshot(SnapshotMeta(index, self.term, MEMBERS),
+                                      io.BytesIO(b"leader's state at %d" % index))
+            await store.compact_prefix(index)
+            self.last = self.floor = self.commit = index
+            store.commit_advanced(index)
+            return "install"
+        return "nothing"
+
+
+class FileKind:
+    name = "FileStorage"
+
+    def open(self, path):
+        return FileStorage(path, segment_bytes=SEGMENT)
+
+    def views(self, opened):
+        return [opened]
+
+
+class SharedKind:
+    """Two groups in one WAL: group 8 writes now and then, so it holds old segments
+    until they are relocated."""
+    name = "SharedWAL"
+
+    def open(self, path):
+        return SharedWAL(path, segment_bytes=SEGMENT, max_segments=3)
+
+    def views(self, opened):
+        return [opened.group(7), opened.group(8)]
+
+
+def opening(kind, where, what):
+    try:
+        return kind.open(where)
+    except Exception as exc:
+        raise AssertionError(f"{where}: a power cut {what} left a storage that does not "
+                             f"open: {exc}") from exc
+
+
+def opens_as(kind, where, what, before, after, cut_from):
+    """The storage in ``where`` opens and each store holds what it held before the call
+    under way (the store ``what`` names) or after it."""
+    opened = opening(kind, where, what)
+    try:
+        found = [asyncio.run(observe(v)) for v in kind.views(opened)]
+    finally:
+        opened.close()
+    for j, (f, b, a) in enumerate(zip(found, before, after)):
+        assert same(f, b, cut_from) or same(f, a), (
+            f"{where}: a power cut {what} left store {j} with {summary(f)}; before the call "
+            f"{summary(b)}, after {summary(a)}")
+
+
+def cut_during_recovery(kind, where, what, rng, monkeypatch):
+    """Open the storage in ``where`` under a model of its own; returns the images of
+    power cuts during that recovery, and what each cut."""
+    again = []
+
+    def take(name, when):
+        if rng.random() < 0.5:
+            again.append((f"{where}-{len(again)}", f"{when} {name}"))
+            recovery.image(again[-1][0], rng)
+
+    with monkeypatch.context() as m:
+        recovery = DiskModel(where, m, take)
+        opened = opening(kind, where, what)
+        recovery.on_call = None
+        opened.close()
+    return again
+
+
+@pytest.mark.parametrize("kind", [FileKind(), SharedKind()], ids=lambda k: k.name)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_power_cut_anywhere_loses_nothing_acknowledged(tmp_path, monkeypatch, kind, seed):
+    rng = random.Random(seed)
+    images = []  # (directory, the file call, the number of the storage call under way)
+    at = {"k": 0}
+
+    def take(name, when):
+        if rng.random() < 0.3:
+            where = str(tmp_path / f"image{len(images)}")
+            model.image(where, rng)
+            images.append((where, f"{when} {name}", at["k"]))
+
+    root = str(tmp_path / "disk")
+    model = DiskModel(root, monkeypatch, take)
+    calls = ["open"]
+
+    async def play():
+        opened = kind.open(root)
+        followers = [Follower(v, rng) for v in kind.views(opened)]
+        seen = [[await observe(f.store) for f in followers]]
+        for k in range(1, CALLS):
+            at["k"] = k
+            j = 0 if rng.random() < 0.8 else rng.randrange(len(followers))
+            calls.append((j, await followers[j].step()))
+            seen.append([await observe(f.store) for f in followers])
+        model.on_call = None
+        opened.close()
+        return seen
+
+    seen = asyncio.run(play())
+    assert len(images) > 100
+    for n, (where, what, k) in enumerate(images):
+        before, after = seen[max(k - 1, 0)], seen[k]
+        j, call = calls[k] if k else (0, "open")
+        cut_from = int(call.split()[1]) if call.startswith("truncate") else None
+        expected = (before, [a if i == j else b for i, (a, b) in enumerate(zip(after, before))])
+        what = f"{what} in call {k} (store {j}: {call})"
+        if n % 8:
+            opens_as(kind, where, what, *expected, cut_from)
+            continue
+        for into, cut in cut_during_recovery(kind, where, what, rng, monkeypatch):
+            opens_as(kind, into, f"{cut} during the recovery after a power cut {what}",
+                     *expected, cut_from)
+        opens_as(kind, where, what, *expected, cut_from)
+
+
+def test_a_truncation_cut_short_after_the_cut_is_finished_at_the_next_start(tmp_path, caplog,
+                                                                            monkeypatch):
+    """The process dies between a truncation's cut inside a record and the write of the
+    head that stays (acknowledged entries): the next start writes them again, and says
+    so in one line."""
+    import fastraft.filestorage as filestorage
+
+    def entries(first, last):
+        return [Entry(1, i, EntryKind.NORMAL, b"entry %d" % i) for i in range(first, last + 1)]
+
+    async def cut_short():
+        store = FileStorage(str(tmp_path / "a"))
+        await store.append_entries(entries(1, 4))
+        await store.append_entries(entries(5, 10))
+        with monkeypatch.context() as m:
+            m.setattr(filestorage, "_write_at", lambda *a: 1 / 0)
+            with pytest.raises(ZeroDivisionError):
+                await store.truncate_suffix(8)
+        # the machine stops here: what is on disk now is what the next start finds
+        shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("LOCK"))
+        store.close()
+
+    async def reopened():
+        store = FileStorage(str(tmp_path / "b"))
+        try:
+            st = store.load_state()
+            return st.last_index, await store.read_entries(1, st.last_index + 1)
+        finally:
+            store.close()
+
+    asyncio.run(cut_short())
+    assert os.path.getsize(tmp_path / "b" / "log-00000000000000000001.seg") < 200  # cut
+    last, found = asyncio.run(reopened())
+    assert last == 7 and found == entries(1, 7)
+    [line] = [r for r in caplog.records if r.getMessage().find("finishing a truncation") > 0]
+    assert line.event == "truncation_finished"
+    assert not os.path.exists(tmp_path / "b" / "truncation")

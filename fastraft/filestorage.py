@@ -215,11 +215,27 @@ def _storage_kind(name: str) -> str | None:
     return None
 
 
-def _lock_directory(directory: str, kind: str) -> int:
+def _make_directory(directory: str, sync: bool) -> None:
+    """Create ``directory`` and any missing parent, each new name synced in its parent:
+    a power cut must not take away a node's directory and all it acknowledged."""
+    if os.path.isdir(directory):
+        return
+    parent = os.path.dirname(directory)
+    if parent != directory:
+        _make_directory(parent, sync)
+    try:
+        os.mkdir(directory)
+    except FileExistsError:  # made meanwhile, or not a directory (os.open says so next)
+        return
+    if sync:
+        _fsync_dir(parent)
+
+
+def _lock_directory(directory: str, kind: str, sync: bool) -> int:
     """Create ``directory`` if needed and flock its LOCK file: one process at a time. A
     directory of the other kind of storage is refused: opened, it would look empty, and
     its node would start afresh (with --init, founding a new cluster)."""
-    os.makedirs(directory, exist_ok=True)
+    _make_directory(directory, sync)
     fd = os.open(os.path.join(directory, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -708,7 +724,7 @@ class FileStorage(_SegmentFiles, _LogStore):
                  cache_bytes: int = 8 << 20, repair: bool = False) -> None:
         check_options(directory, segment_bytes, cache_bytes)
         directory = os.path.abspath(directory)
-        self._lock_fd = _lock_directory(directory, "FileStorage")
+        self._lock_fd = _lock_directory(directory, "FileStorage", sync)
         super().__init__(directory, sync, _RecordCache(cache_bytes), 0, threading.RLock())
         self.segment_bytes = segment_bytes
         self.repair = repair

@@ -364,7 +364,7 @@ class SharedWAL(_SegmentFiles):
         self.sync = sync
         self.max_segments = max_segments
         self.repair = repair
-        self._lock_fd = _lock_directory(self.directory, "SharedWAL")
+        self._lock_fd = _lock_directory(self.directory, "SharedWAL", sync)
         self._lock = threading.RLock()
         #: Decoded records of every group, within ``cache_bytes`` together.
         self._cache = _RecordCache(cache_bytes)

@@ -282,6 +282,11 @@ class Applier:
         # state lazily): a chunk per loop turn, here on the loop, so that encoding the
         # state never competes with the loop for the GIL from another thread.
         copied = await self._drain(as_stream(data))
+        if not node._running:
+            # The node stops, and its writer may have finished already: a save begun now
+            # would touch storage after stop() returned (closed by then, or a new node's).
+            copied.close()
+            raise asyncio.CancelledError
         node._runner.run([SaveSnapshot(meta, copied, installed=False, durable=durable)])
         saved: int = await durable
         took = time.monotonic() - started

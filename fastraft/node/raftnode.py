@@ -93,6 +93,8 @@ class RaftNode:
         #: Made by the first ``wait_stopped`` (a group of a host nobody waits on keeps
         #: none); not ``_progress``, which every apply sets: its waiters wake each time.
         self._stopped_event: asyncio.Event | None = None
+        #: Done when the stop under way ends: what a second ``stop()`` waits for.
+        self._stopping: asyncio.Future[None] | None = None
 
         #: add_learner / remove_learner / change_membership calls under way on this node:
         #: a ``RaftHost`` does not move the leadership of such a group to balance load.
@@ -157,6 +159,7 @@ class RaftNode:
         st = self.storage
         self._writer.bind(st)
         self._stopped = False
+        self._stopping = None
         state = await call_hook(st.load_state)
         await self._check_owner(st, state)
         snapshot_index = snapshot_term = 0
@@ -220,9 +223,20 @@ class RaftNode:
         """Stop: pending operations fail with ``NodeStopped`` (``NodeFailed`` when the node
         stops itself after a hook failed). Storage is left open (a new node on the same
         storage object is a restart). A leader tells a voter to campaign at once and
-        wakes the other members on its way out (``Engine.resign``)."""
+        wakes the other members on its way out (``Engine.resign``). A call while the node
+        stops (the node's own stop after a hook failed, say) returns when that stop ends:
+        the storage is the caller's to close then."""
         if not self._running:
+            if self._stopping is not None:
+                await asyncio.shield(self._stopping)
             return
+        stopping = self._stopping = self._loop.create_future()
+        try:
+            await self._stop()
+        finally:
+            stopping.set_result(None)
+
+    async def _stop(self) -> None:
         self._running = False
         self._accepting = False
         self._timers.cancel_all()

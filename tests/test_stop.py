@@ -1,0 +1,123 @@
+"""``RaftNode.stop()``: when it returns, the node is done with its storage, which is the
+caller's to close (or to start a new node on)."""
+import asyncio
+
+from fastraft import Config, RaftNode
+from fastraft.snapshots import COPY_BYTES
+from fastraft.storage import MemoryStorage
+from fastraft.testing import wait_until
+from fastraft.transport import MemoryHub
+
+from aio import run
+
+FAST = Config(election_timeout_min=0.05, election_timeout_max=0.1, heartbeat_interval=0.01,
+              snapshot_interval=10, snapshot_trailing_entries=0)
+
+
+class Recorder:
+    def __init__(self):
+        self.applied = []
+
+    def apply(self, entries):
+        self.applied.extend(bytes(e.data) for e in entries)
+        return [e.index for e in entries]
+
+    def snapshot(self):
+        return b""
+
+    def restore(self, data):
+        self.applied = []
+
+
+async def one_node(state_machine=None, storage=None):
+    node = RaftNode(1, storage=storage or MemoryStorage(), network=MemoryHub().network(1),
+                    state_machine=state_machine or Recorder(), config=FAST)
+    await node.start()
+    await node.initialize({1: "local:1"})
+    await node.wait_for_leader()
+    return node
+
+
+def network_stop_waits_for(node, event):
+    real = node.network.stop
+
+    async def stop():
+        await event.wait()
+        await real()
+    node.network.stop = stop
+
+
+@run
+async def test_a_second_stop_returns_when_the_first_has_ended():
+    """The node stopping itself after a hook failed, and its user stopping it: the
+    user's call returned at once while the node's own stop still wrote, and a user who
+    then closed the storage made that write fail."""
+    node = await one_node()
+    release = asyncio.Event()
+    network_stop_waits_for(node, release)
+    first = asyncio.ensure_future(node.stop())
+    await wait_until(lambda: not node._running, 5, "the first stop")
+    second = asyncio.ensure_future(node.stop())
+    for _ in range(10):
+        await asyncio.sleep(0)
+        assert not second.done()  # the first one waits for the network
+    release.set()
+    await second
+    assert node._stopped  # the whole stop is done
+    await first
+
+
+class SlowSnapshot(Recorder):
+    """A snapshot read a chunk per loop turn (``Applier._drain``), long enough for the
+    node to begin stopping while it is read; ``read_out`` is set at its end."""
+
+    def __init__(self):
+        super().__init__()
+        self.node = None
+        self.stop = None
+        self.read_out = asyncio.Event()
+
+    def snapshot(self):
+        state = {"left": 50}
+        recorder = self
+
+        class Stream:
+            def read(self, n=-1):
+                if recorder.stop is None:  # the first chunk: the node stops
+                    recorder.stop = asyncio.get_running_loop().create_task(recorder.node.stop())
+                if state["left"] == 0:
+                    recorder.read_out.set()
+                    return b""
+                state["left"] -= 1
+                return b"s" * COPY_BYTES
+
+        return Stream()
+
+
+class SeenStopping(MemoryStorage):
+    """Memory storage that records snapshot saves begun while its node stops."""
+
+    def __init__(self):
+        super().__init__()
+        self.node = None
+        self.saved_while_stopping = []
+
+    def save_snapshot(self, meta, data):
+        if not self.node._running:
+            self.saved_while_stopping.append(meta.last_included_index)
+        super().save_snapshot(meta, data)
+
+
+@run
+async def test_a_snapshot_read_while_the_node_stops_is_not_saved():
+    """A snapshot whose stream the node still read when it began to stop went to the
+    writer anyway; when the writer had already finished, that save ran after stop()
+    returned, on storage its user had closed (``StorageFailed`` and a traceback)."""
+    sm, storage = SlowSnapshot(), SeenStopping()
+    node = sm.node = storage.node = await one_node(sm, storage)
+    network_stop_waits_for(node, sm.read_out)  # the stop goes on once the stream is read
+    await asyncio.gather(*(node.propose(b"w%d" % k) for k in range(12)), return_exceptions=True)
+    await wait_until(lambda: sm.stop is not None, 10, "a snapshot being taken")
+    await sm.stop
+    assert storage.saved_while_stopping == []
+    assert storage.load_snapshot() is None and node._stopped

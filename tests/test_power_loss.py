@@ -9,8 +9,9 @@ file calls, ``DiskModel`` writes what a power cut there could leave
 before the call under way or after it: a power cut never stops a node from starting, and
 nothing acknowledged is lost. Some images are opened under a model of their own, and
 what a second power cut during that recovery leaves must open the same way. Then whole
-nodes: a cluster of three on one machine loses power while it takes writes, and every
-write it acknowledged is there when it starts again.
+nodes: a cluster of three on one machine (``RaftNode``s on ``FileStorage``, then
+``RaftHost``s of four groups on one ``SharedWAL`` each) loses power while it takes
+writes, and every write it acknowledged is there when it starts again.
 """
 import asyncio
 import io
@@ -22,14 +23,15 @@ import msgspec
 import pytest
 from powerloss import DiskModel
 
-from fastraft import Config, RaftNode
-from fastraft.errors import FastRaftError
+from fastraft import Config, RaftHost, RaftNode
+from fastraft.errors import FastRaftError, NotLeader
 from fastraft.filestorage import FileStorage
 from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.processes import free_ports
 from fastraft.sharedwal import SharedWAL
 from fastraft.storage import SnapshotMeta
 from fastraft.testing import wait_until
-from fastraft.transport import MemoryHub
+from fastraft.transport import MemoryHub, TcpNetwork
 
 MEMBERS = Membership(voters=frozenset({1, 2, 3}))
 SEGMENT = 1024
@@ -299,6 +301,26 @@ class Applied:
         self.held = msgspec.msgpack.decode(data.read(), type=dict[int, bytes])
 
 
+class PowerCuts:
+    """The power of the machine going at random file calls of a load under ``root``:
+    ``images`` (directory, writes acknowledged by then), at most ``most`` of them, each
+    at least ``apart`` acknowledged writes after the one before."""
+
+    def __init__(self, tmp_path, monkeypatch, rng, most, apart):
+        self.tmp_path, self.rng, self.most, self.apart = tmp_path, rng, most, apart
+        self.acked = []
+        self.images = []
+        self.root = str(tmp_path / "disk")
+        self.model = DiskModel(self.root, monkeypatch, self._take)
+
+    def _take(self, name, when):
+        images = self.images
+        if len(images) < self.most and len(self.acked) > self.apart * len(images) \
+                and self.rng.random() < 0.05:
+            images.append((str(self.tmp_path / f"image{len(images)}"), len(self.acked)))
+            self.model.image(images[-1][0], self.rng)
+
+
 NODES = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03,
                snapshot_interval=40, snapshot_trailing_entries=10)
 
@@ -335,16 +357,8 @@ def test_a_power_cut_of_the_whole_cluster_keeps_every_acknowledged_write(tmp_pat
     elects a leader whose log holds every write acknowledged before the cut, at its
     index."""
     rng = random.Random(seed)
-    acked = []  # (index, payload), as propose() answered
-    images = []  # (directory, writes acknowledged when the power went)
-
-    def take(name, when):
-        if len(images) < 8 and len(acked) > 20 * len(images) and rng.random() < 0.05:
-            images.append((str(tmp_path / f"image{len(images)}"), len(acked)))
-            model.image(images[-1][0], rng)
-
-    root = str(tmp_path / "disk")
-    model = DiskModel(root, monkeypatch, take)
+    cuts = PowerCuts(tmp_path, monkeypatch, rng, most=8, apart=20)
+    acked, images, root = cuts.acked, cuts.images, cuts.root  # acked: (index, payload)
 
     async def load():
         nodes = await start_cluster(root, {i: f"local:{i}" for i in (1, 2, 3)})
@@ -377,7 +391,7 @@ def test_a_power_cut_of_the_whole_cluster_keeps_every_acknowledged_write(tmp_pat
         moves = asyncio.ensure_future(transfers())
         await asyncio.gather(*(writer(w) for w in range(8)))
         await moves
-        model.on_call = None
+        cuts.model.on_call = None
         await stop_cluster(nodes)
 
     asyncio.run(asyncio.wait_for(load(), 120))
@@ -403,6 +417,90 @@ def test_a_power_cut_of_the_whole_cluster_keeps_every_acknowledged_write(tmp_pat
             assert not lost, f"{where}: {len(lost)} of {count} acknowledged writes lost"
         finally:
             await stop_cluster(nodes)
+
+    for where, count in images:
+        asyncio.run(check(where, count))
+
+
+GROUPS = 4
+
+
+async def start_hosts(root, addresses, found):
+    """Three hosts with one ``SharedWAL`` each, every group on all three (the groups'
+    configurations hold ``addresses``: a restart uses them again)."""
+    hosts, wals = {}, {}
+    for i in (1, 2, 3):
+        wal = wals[i] = SharedWAL(os.path.join(root, f"h{i}"), segment_bytes=4096,
+                                  max_segments=3)
+        host = hosts[i] = RaftHost(i, network=TcpNetwork(i, addresses[i]), storage=wal.group,
+                                   config=NODES, balance_interval=0.2)
+        await host.start()
+        for g in range(GROUPS):
+            await host.create_group(g, addresses if found else None, state_machine=Applied())
+    return hosts, wals
+
+
+async def stop_hosts(hosts, wals):
+    for i, host in hosts.items():
+        await host.stop()
+        wals[i].close()
+
+
+def group_leader(hosts, g):
+    return next((h.group(g) for h in hosts.values() if h.group(g).is_leader), None)
+
+
+@pytest.mark.parametrize("seed", [7])
+def test_a_power_cut_of_every_host_keeps_every_acknowledged_write(tmp_path, monkeypatch, seed):
+    """The same with three ``RaftHost``s of four groups, each host's groups in one
+    ``SharedWAL`` (records of every group interleaved, 4 KiB segments freed and
+    relocated), leaders moved by the hosts' balancing."""
+    rng = random.Random(seed)
+    cuts = PowerCuts(tmp_path, monkeypatch, rng, most=6, apart=40)
+    acked, images, root = cuts.acked, cuts.images, cuts.root  # acked: (group, index, payload)
+    ports = free_ports(3)
+    addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in (1, 2, 3)}
+
+    async def load():
+        hosts, wals = await start_hosts(root, addresses, found=True)
+
+        async def writer(g, w):
+            for k in range(30):
+                while True:
+                    leader = group_leader(hosts, g)
+                    data = b"g%d.w%d.%d" % (g, w, k)
+                    try:
+                        if leader is None:
+                            raise NotLeader("none yet")
+                        acked.append((g, await leader.propose(data), data))
+                        break
+                    except FastRaftError:
+                        await asyncio.sleep(0.01)  # a new leader: this write again
+
+        await asyncio.gather(*(writer(g, w) for g in range(GROUPS) for w in range(4)))
+        cuts.model.on_call = None
+        await stop_hosts(hosts, wals)
+
+    asyncio.run(asyncio.wait_for(load(), 120))
+    assert len(images) >= 3
+
+    async def check(where, count):
+        try:
+            hosts, wals = await start_hosts(where, addresses, found=False)
+        except FastRaftError as exc:
+            raise AssertionError(f"{where}: a host does not start: {exc}") from exc
+        try:
+            for g in range(GROUPS):
+                await wait_until(lambda g=g: group_leader(hosts, g) is not None
+                                 and group_leader(hosts, g).engine.committed_in_term, 15,
+                                 f"a leader of group {g} in {where}")
+                leader = group_leader(hosts, g)
+                await wait_until(lambda n=leader: n.applied_index >= n.engine.commit_index, 10)
+                held = leader.state_machine.held
+                lost = [(i, d) for h, i, d in acked[:count] if h == g and held.get(i) != d]
+                assert not lost, f"{where}: group {g} lost {len(lost)} acknowledged writes"
+        finally:
+            await stop_hosts(hosts, wals)
 
     for where, count in images:
         asyncio.run(check(where, count))

@@ -167,14 +167,15 @@ def opening(kind, where, what):
 
 def opens_as(kind, where, what, before, after, cut_from):
     """The storage in ``where`` opens and each store holds what it held before the call
-    under way (the store ``what`` names) or after it."""
+    under way (the store ``what`` names) or after it; ``cut_from``: each store's
+    truncation under way (None: none)."""
     opened = opening(kind, where, what)
     try:
         found = [asyncio.run(observe(v)) for v in kind.views(opened)]
     finally:
         opened.close()
-    for j, (f, b, a) in enumerate(zip(found, before, after)):
-        assert same(f, b, cut_from) or same(f, a), (
+    for j, (f, b, a, cut) in enumerate(zip(found, before, after, cut_from)):
+        assert same(f, b, cut) or same(f, a), (
             f"{where}: a power cut {what} left store {j} with {summary(f)}; before the call "
             f"{summary(b)}, after {summary(a)}")
 
@@ -232,7 +233,9 @@ def test_a_power_cut_anywhere_loses_nothing_acknowledged(tmp_path, monkeypatch, 
     for n, (where, what, k) in enumerate(images):
         before, after = seen[max(k - 1, 0)], seen[k]
         j, call = calls[k] if k else (0, "open")
-        cut_from = int(call.split()[1]) if call.startswith("truncate") else None
+        cut_from = [int(call.split()[1]) if i == j and call.startswith("truncate") else None
+                    for i in range(len(before))]
+        # the other stores hold what they held before the call
         expected = (before, [a if i == j else b for i, (a, b) in enumerate(zip(after, before))])
         what = f"{what} in call {k} (store {j}: {call})"
         if n % 8:

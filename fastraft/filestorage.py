@@ -145,6 +145,14 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
         view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
 
 
+def _cut_and_write(fd: int, offset: int, record: bytes, sync: bool) -> None:
+    """Cut the file at ``offset`` and write ``record`` there (a truncation's rewrite)."""
+    os.ftruncate(fd, offset)
+    _write_at(fd, record, offset)
+    if sync:
+        os.fdatasync(fd)
+
+
 def _write_atomically(directory: str, name: str, data: bytes, sync: bool = True) -> None:
     """Replace ``name`` with ``data``: temp file, fsync, rename, fsync the directory."""
     tmp = os.path.join(directory, name + ".tmp")
@@ -833,10 +841,7 @@ class FileStorage(_SegmentFiles, _LogStore):
             raise StorageCorruption(f"{path}: a truncation of {seg} was under way, but that "
                                     "segment is missing") from None
         try:
-            os.ftruncate(fd, pending.offset)
-            _write_at(fd, pending.record, pending.offset)
-            if self.sync:
-                os.fdatasync(fd)
+            _cut_and_write(fd, pending.offset, pending.record, self.sync)
         finally:
             os.close(fd)
         os.unlink(path)
@@ -1072,10 +1077,7 @@ class FileStorage(_SegmentFiles, _LogStore):
         record = _record(kernels.encode_entries(keep), mark)
         _write_atomically(self.directory, _TRUNCATION, _checked(_Truncation(seg, off, record)),
                           self.sync)
-        os.ftruncate(self._tail_fd, off)
-        _write_at(self._tail_fd, record, off)
-        if self.sync:
-            os.fdatasync(self._tail_fd)
+        _cut_and_write(self._tail_fd, off, record, self.sync)
         self._written(first, last, off, record, mark)
         os.unlink(os.path.join(self.directory, _TRUNCATION))
         if self.sync:  # gone before the next write: found later, it would undo that one

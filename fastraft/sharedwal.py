@@ -67,6 +67,7 @@ from fastraft.filestorage import (
     _SegmentFiles,
     _State,
     _valid_record_after,
+    _write_at,
     check_options,
 )
 from fastraft.messages import Entry, HardState, SnapshotMeta, check_group_id
@@ -547,11 +548,7 @@ class SharedWAL(_SegmentFiles):
         for seq, off, records in batch.runs:
             data = b"".join(records)
             fd = self._fd(seq)
-            view = memoryview(data)
-            pos = off
-            while view:
-                n = os.pwrite(fd, view, pos)
-                view, pos = view[n:], pos + n
+            _write_at(fd, data, off)
             if self.sync:
                 os.fdatasync(fd)
         if batch.new_segments and self.sync:

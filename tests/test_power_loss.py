@@ -24,7 +24,7 @@ import pytest
 from powerloss import DiskModel
 
 from fastraft import Config, RaftHost, RaftNode
-from fastraft.errors import FastRaftError, NotLeader
+from fastraft.errors import FastRaftError
 from fastraft.filestorage import FileStorage
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.processes import free_ports
@@ -369,13 +369,10 @@ def test_a_power_cut_of_the_whole_cluster_keeps_every_acknowledged_write(tmp_pat
         async def writer(w):
             for k in range(60):
                 while True:
-                    leader = leading(nodes)
-                    if leader is None:
-                        await asyncio.sleep(0.01)
-                        continue
+                    await wait_until(lambda: leading(nodes) is not None, 10, "a leader")
                     data = b"w%d.%d" % (w, k)
                     try:
-                        acked.append((await leader.propose(data), data))
+                        acked.append((await leading(nodes).propose(data), data))
                         break
                     except FastRaftError:
                         await asyncio.sleep(0.01)  # a new leader: this write again
@@ -470,12 +467,11 @@ def test_a_power_cut_of_every_host_keeps_every_acknowledged_write(tmp_path, monk
         async def writer(g, w):
             for k in range(30):
                 while True:
-                    leader = group_leader(hosts, g)
+                    await wait_until(lambda: group_leader(hosts, g) is not None, 10,
+                                     f"a leader of group {g}")
                     data = b"g%d.w%d.%d" % (g, w, k)
                     try:
-                        if leader is None:
-                            raise NotLeader("none yet")
-                        acked.append((g, await leader.propose(data), data))
+                        acked.append((g, await group_leader(hosts, g).propose(data), data))
                         break
                     except FastRaftError:
                         await asyncio.sleep(0.01)  # a new leader: this write again

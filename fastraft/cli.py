@@ -200,7 +200,7 @@ def _keep_group_count(directory: str, groups: int, known: set[int]) -> None:
     """A key belongs to group crc32(key) % N: a data directory keeps the N it was first
     served with (in its file ``groups``) and refuses another, with which every node
     would look for most keys in the wrong group (acknowledged writes seemingly lost)."""
-    from fastraft.filestorage import _checked, _read_checked, _write_atomically
+    from fastraft.walformat import _checked, _read_checked, _write_atomically
 
     saved = _read_checked(os.path.join(directory, "groups"), _GroupCount)
     before = saved.groups if saved is not None else max(known, default=-1) + 1

@@ -52,7 +52,9 @@ import msgspec
 
 from fastraft import kernels
 from fastraft.errors import ConfigError, StorageCorruption, StorageFailed
-from fastraft.filestorage import (
+from fastraft.logstore import _LogStore, _RecordCache, _SegmentFiles
+from fastraft.messages import Entry, HardState, SnapshotMeta, check_group_id
+from fastraft.walformat import (
     _SEG_SUFFIX,
     _WAL_SEG_PREFIX,
     _batch_bounds,
@@ -60,17 +62,13 @@ from fastraft.filestorage import (
     _fsync_dir,
     _Identity,
     _lock_directory,
-    _LogStore,
     _record,
     _record_at,
-    _RecordCache,
-    _SegmentFiles,
     _State,
     _valid_record_after,
     _write_at,
     check_options,
 )
-from fastraft.messages import Entry, HardState, SnapshotMeta, check_group_id
 
 log = logging.getLogger("fastraft.sharedwal")
 

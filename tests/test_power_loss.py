@@ -252,7 +252,7 @@ def test_a_truncation_cut_short_after_the_cut_is_finished_at_the_next_start(tmp_
     """The process dies between a truncation's cut inside a record and the write of the
     head that stays (acknowledged entries): the next start writes them again, and says
     so in one line."""
-    import fastraft.filestorage as filestorage
+    import fastraft.walformat as walformat
 
     def entries(first, last):
         return [Entry(1, i, EntryKind.NORMAL, b"entry %d" % i) for i in range(first, last + 1)]
@@ -262,7 +262,7 @@ def test_a_truncation_cut_short_after_the_cut_is_finished_at_the_next_start(tmp_
         await store.append_entries(entries(1, 4))
         await store.append_entries(entries(5, 10))
         with monkeypatch.context() as m:
-            m.setattr(filestorage, "_write_at", lambda *a: 1 / 0)
+            m.setattr(walformat, "_write_at", lambda *a: 1 / 0)
             with pytest.raises(ZeroDivisionError):
                 await store.truncate_suffix(8)
         # the machine stops here: what is on disk now is what the next start finds

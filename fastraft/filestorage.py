@@ -67,6 +67,7 @@ from fastraft.walformat import (
     _record,
     _record_at,
     _State,
+    _unlink_newest_first,
     _valid_record_after,
     _write_at,
     _write_atomically,
@@ -256,22 +257,17 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._mark_recovering()
             self._mark_durable = self._mark_wanted = self._state.hard_state.commit
             self._write_state()
-        for later in [s for s in firsts if s > seg]:
-            if os.path.exists(self._path(later)):
-                os.unlink(self._path(later))
-            if later in self._segments:
-                self._segments.remove(later)
+        later = [s for s in firsts if s > seg]
+        _unlink_newest_first(self.directory, [self._path(s) for s in later], self.sync)
+        self._segments = [s for s in self._segments if s not in later]
         if pos == 0:  # nothing of this segment is kept
-            if os.path.exists(path):
-                os.unlink(path)
+            _unlink_newest_first(self.directory, [path], self.sync)
             if seg in self._segments:
                 self._segments.remove(seg)
         else:
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 os.fsync(f.fileno())
-        if self.sync:
-            _fsync_dir(self.directory)
 
     def _scan_segment(self, first: int) -> tuple[int, _Damage | None]:
         """Index the intact records of one segment; returns the index after its last

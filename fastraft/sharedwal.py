@@ -10,6 +10,7 @@ across groups). Layout of the directory::
     LOCK                 flock()ed while open: one process per directory
     wal-<seq>.seg        the shared segments, numbered in order, rolled at segment_bytes
     group-<id>/          a group's snapshot (``snapshot``, ``snapshot-<index>-<crc>.data``)
+    repairing            only while a repair cuts the WAL and marks the groups recovering
 
 A record is ``FileStorage``'s (24-byte header with checksums and the group's commit mark)
 whose body starts with the group id (u64) and a kind (u8):
@@ -65,8 +66,10 @@ from fastraft.walformat import (
     _record,
     _record_at,
     _State,
+    _unlink_newest_first,
     _valid_record_after,
     _write_at,
+    _write_atomically,
     check_options,
 )
 
@@ -75,6 +78,8 @@ log = logging.getLogger("fastraft.sharedwal")
 _T = TypeVar("_T")
 _SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
+_REPAIRING = "repairing"
+_GROUP_DIR = "group-"  # and the group id: its snapshot
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
 #: The op kinds of a write batch besides the record kinds.
@@ -126,7 +131,7 @@ class WalGroup(_LogStore):
     _BODY_TAG = _TAG.size
 
     def __init__(self, wal: SharedWAL, group_id: int) -> None:
-        super().__init__(os.path.join(wal.directory, f"group-{group_id}"), wal.sync,
+        super().__init__(os.path.join(wal.directory, f"{_GROUP_DIR}{group_id}"), wal.sync,
                          wal._cache, group_id, wal._lock)
         self.wal = wal
         self.group_id = group_id
@@ -607,8 +612,18 @@ class SharedWAL(_SegmentFiles):
             damaged = self._scan(seq, seqs[k + 1:])
             if damaged:
                 break
+        marker = os.path.join(self.directory, _REPAIRING)
+        if not damaged and os.path.exists(marker):
+            log.warning("%s: finishing a repair that a crash interrupted: every group is "
+                        "marked recovering", self.directory,
+                        extra={"event": "repair_finished", "path": self.directory})
+            damaged = True
         if damaged and self._segments:  # the cut segment, or the one before the gap
             self._tail_size = os.path.getsize(self._path(self._segments[-1]))
+        if damaged:  # a group the cut took every record of may have kept its snapshot
+            for name in os.listdir(self.directory):
+                if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
+                    self.group(int(name[len(_GROUP_DIR):]))
         for view in self._groups.values():
             if damaged:
                 view._mark_recovering()
@@ -616,6 +631,9 @@ class SharedWAL(_SegmentFiles):
         if damaged:  # every group's clamped state, durable before anything else
             self._write_batch([(v, STATE, v._state.hard_state, None)
                                for v in self._groups.values()])
+            os.unlink(marker)
+            if self.sync:
+                _fsync_dir(self.directory)
 
     def _damaged(self, seq: int, pos: int, what: str, later: list[int]) -> bool:
         """Damage that no crash explains, at ``pos`` of segment ``seq``: with ``repair``
@@ -629,15 +647,18 @@ class SharedWAL(_SegmentFiles):
                   "segment; every group here may have lost entries it acknowledged and "
                   "will not vote until its leader has caught it up", path, pos, what,
                   extra={"event": "repair", "path": path, "offset": pos, "damage": what})
-        for other in later:
-            if os.path.exists(self._path(other)):
-                os.unlink(self._path(other))
+        # Until every group's recovering mark is durable (written after the cut, at the
+        # new end of the WAL), the marker says that a repair is under way: a power cut
+        # in between must not leave groups that lost entries and would vote.
+        if not os.path.exists(os.path.join(self.directory, _REPAIRING)):
+            _write_atomically(self.directory, _REPAIRING, b"", self.sync)
+        # The later segments go before the cut: a cut segment followed by one of them
+        # would be replayed as one log, without what the cut dropped.
+        _unlink_newest_first(self.directory, [self._path(s) for s in later], self.sync)
         if os.path.exists(path):
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 os.fsync(f.fileno())
-        if self.sync:
-            _fsync_dir(self.directory)
         return True
 
     def _scan(self, seq: int, later: list[int]) -> bool:

@@ -71,6 +71,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _unlink_newest_first(directory: str, paths: list[str], sync: bool) -> None:
+    """Delete ``paths`` (segments, oldest first) from the last, each gone for good before
+    the next goes: a power cut never leaves a segment behind a gap."""
+    for path in reversed(paths):
+        if os.path.exists(path):
+            os.unlink(path)
+            if sync:
+                _fsync_dir(directory)
+
+
 def _write_at(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:

@@ -24,7 +24,7 @@ import pytest
 from powerloss import DiskModel
 
 from fastraft import Config, RaftHost, RaftNode
-from fastraft.errors import FastRaftError
+from fastraft.errors import FastRaftError, StorageCorruption
 from fastraft.filestorage import FileStorage
 from fastraft.messages import Entry, EntryKind, HardState, Membership
 from fastraft.processes import free_ports
@@ -138,8 +138,10 @@ class Follower:
 class FileKind:
     name = "FileStorage"
 
-    def open(self, path):
-        return FileStorage(path, segment_bytes=SEGMENT)
+    segments = "log-"
+
+    def open(self, path, repair=False):
+        return FileStorage(path, segment_bytes=SEGMENT, repair=repair)
 
     def views(self, opened):
         return [opened]
@@ -150,8 +152,10 @@ class SharedKind:
     until they are relocated."""
     name = "SharedWAL"
 
-    def open(self, path):
-        return SharedWAL(path, segment_bytes=SEGMENT, max_segments=3)
+    segments = "wal-"
+
+    def open(self, path, repair=False):
+        return SharedWAL(path, segment_bytes=SEGMENT, max_segments=3, repair=repair)
 
     def views(self, opened):
         return [opened.group(7), opened.group(8)]
@@ -284,6 +288,88 @@ def test_a_truncation_cut_short_after_the_cut_is_finished_at_the_next_start(tmp_
     [line] = [r for r in caplog.records if r.getMessage().find("finishing a truncation") > 0]
     assert line.event == "truncation_finished"
     assert not os.path.exists(tmp_path / "b" / "truncation")
+
+
+EMPTY = {"vote": (0, None), "snapshot": None, "first": 1, "last": 0, "entries": {}}
+
+
+def repaired(kind, where, repair):
+    """What each store of the storage in ``where`` holds once opened (``repair``: with
+    repair), and whether it is recovering; None if the storage refuses to open."""
+    try:
+        opened = kind.open(where, repair=repair)
+    except StorageCorruption:
+        return None
+    try:
+        return [(asyncio.run(observe(v)), v.load_state().hard_state.recovering)
+                for v in kind.views(opened)]
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize("kind", [FileKind(), SharedKind()], ids=lambda k: k.name)
+@pytest.mark.parametrize("seed", [1, 2, 92])  # 92: a group left with only its snapshot
+def test_a_power_cut_during_a_repair_never_leaves_a_store_that_forgot_it(tmp_path, monkeypatch,
+                                                                         kind, seed):
+    """A repair cuts a damaged log and marks the store recovering: it may have lost
+    entries it acknowledged, so it must not vote until a leader has caught it up. A
+    power cut during the repair must leave a storage that refuses to open without
+    repair, or opens as the repair left it, recovering; opened with repair, it is what
+    one uninterrupted repair makes of it."""
+    rng = random.Random(seed)
+    root = str(tmp_path / "disk")
+
+    def segments():
+        return sorted(n for n in os.listdir(root) if n.startswith(kind.segments))
+
+    async def play():
+        opened = kind.open(root)
+        followers = [Follower(v, rng) for v in kind.views(opened)]
+        for _ in range(CALLS * 4):
+            await followers[0 if rng.random() < 0.8 else 1 % len(followers)].step()
+            if len(segments()) > 3:
+                break
+        opened.close()
+
+    asyncio.run(play())
+    segments = segments()
+    assert len(segments) > 3
+    damaged = os.path.join(root, segments[len(segments) // 2])  # neither first nor last
+    with open(damaged, "r+b") as f:
+        f.seek(rng.randrange(os.path.getsize(damaged)))
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x5A]))
+    assert repaired(kind, root, repair=False) is None
+    shutil.copytree(root, tmp_path / "reference")
+    expected = repaired(kind, str(tmp_path / "reference"), repair=True)
+    # None: beyond repair (a SharedWAL group whose compaction point was in what the
+    # repair drops), and then every image must refuse to open too. A SharedWAL group
+    # whose every record lay beyond the damage is gone, as if never there (its term and
+    # vote with it: docs/multiraft.md, "Repairing a host"); every other is recovering.
+    assert expected is None or all(recovering for found, recovering in expected
+                                   if found != EMPTY)
+    images = []
+
+    def take(name, when):
+        where = str(tmp_path / f"image{len(images)}")
+        model.image(where, rng)
+        images.append((where, f"{when} {name}"))
+
+    with monkeypatch.context() as m:
+        model = DiskModel(root, m, take)
+        kind.open(root, repair=True).close()
+    assert len(images) > 4
+    for where, what in images:
+        shutil.copytree(where, where + "-repaired")
+        found = repaired(kind, where, repair=False)
+        assert found is None or found == expected, (
+            f"a power cut {what} during a repair left stores that open without repair "
+            f"as {[(summary(f), r) for f, r in found]}; the repair makes "
+            f"{expected and [(summary(f), r) for f, r in expected]}")
+        assert repaired(kind, where + "-repaired", repair=True) == expected, (
+            f"a power cut {what} during a repair: repaired again, the stores differ from "
+            "one repair's")
 
 
 class Applied:

@@ -62,6 +62,7 @@ from fastraft.walformat import (
     _Damage,
     _fsync_dir,
     _Identity,
+    _intact_records,
     _lock_directory,
     _record,
     _record_at,
@@ -643,10 +644,16 @@ class SharedWAL(_SegmentFiles):
             raise StorageCorruption(
                 f"{path}: {what} at offset {pos}; expected an intact record (restore this "
                 "host from a replica, or see docs/multiraft.md, \"Repairing a host\")")
+        written = self._groups_in([(seq, pos)] + [(s, 0) for s in later])
         log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                   "segment; every group here may have lost entries it acknowledged and "
-                  "will not vote until its leader has caught it up", path, pos, what,
-                  extra={"event": "repair", "path": path, "offset": pos, "damage": what})
+                  "will not vote until its leader has caught it up. Groups with records "
+                  "in what is dropped may also go back to an older term and vote: replace "
+                  "their replicas here (docs/multiraft.md, \"Repairing a host\"): %s, "
+                  "and any of what cannot be read", path, pos, what,
+                  ", ".join(map(str, written)) or "none",
+                  extra={"event": "repair", "path": path, "offset": pos, "damage": what,
+                         "groups": written})
         # Until every group's recovering mark is durable (written after the cut, at the
         # new end of the WAL), the marker says that a repair is under way: a power cut
         # in between must not leave groups that lost entries and would vote.
@@ -660,6 +667,16 @@ class SharedWAL(_SegmentFiles):
                 f.truncate(pos)
                 os.fsync(f.fileno())
         return True
+
+    def _groups_in(self, spans: list[tuple[int, int]]) -> list[int]:
+        """The groups with an intact record in the given (segment, from offset) spans."""
+        found: set[int] = set()
+        for seq, start in spans:
+            with open(self._path(seq), "rb") as f:
+                data = f.read()
+            found.update(_TAG.unpack_from(body)[0] for body in _intact_records(data, start)
+                         if len(body) >= _TAG.size)
+        return sorted(found)
 
     def _scan(self, seq: int, later: list[int]) -> bool:
         """Replay one segment; True if repair cut the WAL in it (see ``_damaged``)."""

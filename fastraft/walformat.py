@@ -16,6 +16,7 @@ import fcntl
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import TypeVar
 
 import msgspec
@@ -226,16 +227,23 @@ def _record_at(data: bytes, pos: int) -> tuple[int, memoryview, int]:
         raise _Damage(pos, "a record that fails its checksum", torn)
     return end, body, mark
 
-def _valid_record_after(data: bytes, start: int) -> bool:
-    """Whether an intact record starts anywhere at or after ``start``."""
+def _intact_records(data: bytes, start: int) -> Iterator[memoryview]:
+    """The body of every intact record found at or after ``start``, each one that starts
+    where a record's magic is (damage between them skipped)."""
     pos = data.find(_MAGIC_BYTES, start)
     while pos >= 0:
         try:
-            _record_at(data, pos)
-            return True
+            end, body, _ = _record_at(data, pos)
         except _Damage:
             pos = data.find(_MAGIC_BYTES, pos + 1)
-    return False
+            continue
+        yield body
+        pos = data.find(_MAGIC_BYTES, end)
+
+
+def _valid_record_after(data: bytes, start: int) -> bool:
+    """Whether an intact record starts anywhere at or after ``start``."""
+    return next(_intact_records(data, start), None) is not None
 
 
 def _batch_bounds(body: memoryview, pos: int) -> tuple[int, int]:

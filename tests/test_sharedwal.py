@@ -519,11 +519,14 @@ def test_a_crash_at_any_byte_keeps_every_whole_record_and_nothing_torn(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["bit flip", "missing segment"])
-def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path, damage):
+def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path, caplog,
+                                                                         damage):
     """A bit flip in an earlier segment, or a missing one: refused; with repair=True the
-    WAL keeps what precedes the damage, and every group keeps its term and vote, has its
-    commit mark cut back to what it holds and is marked recovering (it will not vote
-    until a leader catches it up), durably: a plain reopen then works."""
+    WAL keeps what precedes the damage, and every group keeps its term and vote as of
+    the records kept, has its commit mark cut back to what it holds and is marked
+    recovering (it will not vote until a leader catches it up), durably: a plain reopen
+    then works. The repair's line names the groups with records in what it dropped
+    (their term and vote may go back): group 3 wrote only there."""
     path = str(tmp_path / "wal")
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
 
@@ -535,6 +538,7 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
                 wal.group(g).commit_advanced(k * 2 + 2)
             await asyncio.gather(*(wal.group(g).append_entries(
                 entries(k * 2 + 1, k * 2 + 2, size=60, tag=b"g%d " % g)) for g in (1, 2)))
+        await wal.group(3).save_hard_state(HardState(5, 3, 0))
     drive(main())
     wal.close()
     segs = segments(path)
@@ -552,6 +556,9 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
     repaired = SharedWAL(path, segment_bytes=600, max_segments=100, repair=True)
     repaired.close()
     assert len(segments(path)) <= 3  # what followed the damage is gone
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "repair"]
+    assert line.groups == [1, 2, 3]
+    assert "1, 2, 3, and any of what cannot be read" in line.getMessage()
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
     try:
         for g in (1, 2):

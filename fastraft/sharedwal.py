@@ -10,6 +10,7 @@ across groups). Layout of the directory::
     LOCK                 flock()ed while open: one process per directory
     wal-<seq>.seg        the shared segments, numbered in order, rolled at segment_bytes
     group-<id>/          a group's snapshot (``snapshot``, ``snapshot-<index>-<crc>.data``)
+    terms                a term no group's exceeds (raised before a group's term passes it)
     repairing            only while a repair cuts the WAL and marks the groups recovering
 
 A record is ``FileStorage``'s (24-byte header with checksums and the group's commit mark)
@@ -59,11 +60,13 @@ from fastraft.walformat import (
     _SEG_SUFFIX,
     _WAL_SEG_PREFIX,
     _batch_bounds,
+    _checked,
     _Damage,
     _fsync_dir,
     _Identity,
     _intact_records,
     _lock_directory,
+    _read_checked,
     _record,
     _record_at,
     _State,
@@ -80,6 +83,7 @@ _T = TypeVar("_T")
 _SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
 _REPAIRING = "repairing"
+_TERMS = "terms"
 _GROUP_DIR = "group-"  # and the group id: its snapshot
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
@@ -87,6 +91,16 @@ ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
 _COMPACT, _IDENTITY, _RELOCATE = 10, 11, 12
 #: Marks an op left for the next batch (its group already has one in this batch).
 _LATER = object()
+
+
+#: The ``terms`` file is kept this far above the highest term any group has written.
+TERM_MARGIN = 1 << 16
+
+
+class _TermCeiling(msgspec.Struct, array_like=True):
+    """No group of this WAL has a term above ``ceiling``: a repair, which may drop a
+    group's latest STATE record, starts the groups it marks recovering past it."""
+    ceiling: int
 
 
 class _GroupState(msgspec.Struct, array_like=True):
@@ -335,6 +349,16 @@ class WalGroup(_LogStore):
         self._mark_durable = min(self._mark_durable, held)
         return held
 
+    def _start_past(self, term: int) -> None:
+        """Repair: this group's latest STATE record may be among those dropped, so its
+        term and vote are unknown beyond ``term``, the WAL's ceiling. Past it, no vote
+        was ever cast, and every entry it acknowledged is of an earlier term (recovery
+        ends on a committed entry of a later one)."""
+        hs = self._state.hard_state
+        self._state = _State(HardState(max(term, hs.current_term) + 1, None, hs.commit,
+                                       hs.recovering),
+                             self._state.compacted_index, self._state.compacted_term)
+
     def _check_recovered(self) -> None:
         self._refresh_floor()
         self._mark_wanted = self._mark_durable
@@ -383,6 +407,8 @@ class SharedWAL(_SegmentFiles):
         self._pending: list[tuple[WalGroup, int, Any, asyncio.Future[None]]] = []
         self._writing = False
         self._broken: BaseException | None = None
+        #: What the ``terms`` file says (None: not there, a WAL of before 2026-12-04).
+        self._term_ceiling: int | None = None
         #: Write batches made durable, and the ops they carried (their ratio is the
         #: group commit at work).
         self.batches = 0
@@ -524,11 +550,14 @@ class SharedWAL(_SegmentFiles):
         results: list[Any] = []
         applies: list[Callable[[], None]] = []
         seen: set[int] = set()
+        top = 0  # the highest term this batch makes durable
         for view, kind, arg, _ in ops:
             if view.group_id in seen:
                 results.append(_LATER)
                 continue
             seen.add(view.group_id)
+            if kind == STATE and arg.current_term > top:
+                top = arg.current_term
             try:
                 with self._lock:
                     applies.extend(view._plan(kind, arg, batch))
@@ -536,12 +565,21 @@ class SharedWAL(_SegmentFiles):
                 results.append(exc)
             else:
                 results.append(None)
+        if self._term_ceiling is None or top > self._term_ceiling:
+            self._raise_term_ceiling(top)
         self._write(batch, applies)
         if batch.compacted or batch.new_segments:
             self._collect()
         self.batches += 1
         self.ops += len(ops)
         return results
+
+    def _raise_term_ceiling(self, term: int) -> None:
+        """Durably, before any STATE record of ``term``: no group's term exceeds the
+        ceiling (rare: once per ``TERM_MARGIN`` terms of the busiest group)."""
+        ceiling = term + TERM_MARGIN
+        _write_atomically(self.directory, _TERMS, _checked(_TermCeiling(ceiling)), self.sync)
+        self._term_ceiling = ceiling
 
     def _write(self, batch: _Batch, applies: list[Callable[[], None]]) -> None:
         for seq in batch.new_segments:
@@ -595,6 +633,8 @@ class SharedWAL(_SegmentFiles):
         return os.path.join(self.directory, _seg_name(seq))
 
     def _recover(self) -> None:
+        terms = _read_checked(os.path.join(self.directory, _TERMS), _TermCeiling)
+        self._term_ceiling = terms.ceiling if terms is not None else None
         seqs = []
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
@@ -625,10 +665,21 @@ class SharedWAL(_SegmentFiles):
             for name in os.listdir(self.directory):
                 if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
                     self.group(int(name[len(_GROUP_DIR):]))
+        ceiling = self._term_ceiling
+        if damaged and ceiling is None:
+            log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "
+                      "groups keep the terms of their last STATE records kept, which may "
+                      "be older than they were", self.directory,
+                      extra={"event": "repair", "path": self.directory})
         for view in self._groups.values():
             if damaged:
                 view._mark_recovering()
+                if ceiling is not None:
+                    view._start_past(ceiling)
             view._check_recovered()
+        if self._term_ceiling is None:
+            self._raise_term_ceiling(max((v._state.hard_state.current_term
+                                          for v in self._groups.values()), default=0))
         if damaged:  # every group's clamped state, durable before anything else
             self._write_batch([(v, STATE, v._state.hard_state, None)
                                for v in self._groups.values()])
@@ -648,9 +699,9 @@ class SharedWAL(_SegmentFiles):
         log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                   "segment; every group here may have lost entries it acknowledged and "
                   "will not vote until its leader has caught it up. Groups with records "
-                  "in what is dropped may also go back to an older term and vote: replace "
-                  "their replicas here (docs/multiraft.md, \"Repairing a host\"): %s, "
-                  "and any of what cannot be read", path, pos, what,
+                  "in what is dropped (replace those that come back empty, "
+                  "docs/multiraft.md, \"Repairing a host\"): %s, and any of what cannot "
+                  "be read", path, pos, what,
                   ", ".join(map(str, written)) or "none",
                   extra={"event": "repair", "path": path, "offset": pos, "damage": what,
                          "groups": written})

@@ -103,6 +103,12 @@ class _TermCeiling(msgspec.Struct, array_like=True):
     ceiling: int
 
 
+class _Repairing(msgspec.Struct, array_like=True):
+    """A repair under way: the groups with records in what it drops (marked recovering
+    even if nothing of them is left)."""
+    groups: list[int]
+
+
 class _GroupState(msgspec.Struct, array_like=True):
     state: _State
     identity: _Identity | None = None
@@ -654,14 +660,17 @@ class SharedWAL(_SegmentFiles):
             if damaged:
                 break
         marker = os.path.join(self.directory, _REPAIRING)
-        if not damaged and os.path.exists(marker):
+        repairing = _read_checked(marker, _Repairing)
+        if not damaged and repairing is not None:
             log.warning("%s: finishing a repair that a crash interrupted: every group is "
                         "marked recovering", self.directory,
                         extra={"event": "repair_finished", "path": self.directory})
             damaged = True
         if damaged and self._segments:  # the cut segment, or the one before the gap
             self._tail_size = os.path.getsize(self._path(self._segments[-1]))
-        if damaged:  # a group the cut took every record of may have kept its snapshot
+        if repairing is not None:  # a group the cut took every record of is known by
+            for group_id in repairing.groups:  # what it dropped, or by its snapshot
+                self.group(group_id)
             for name in os.listdir(self.directory):
                 if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
                     self.group(int(name[len(_GROUP_DIR):]))
@@ -698,18 +707,19 @@ class SharedWAL(_SegmentFiles):
         written = self._groups_in([(seq, pos)] + [(s, 0) for s in later])
         log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                   "segment; every group here may have lost entries it acknowledged and "
-                  "will not vote until its leader has caught it up. Groups with records "
-                  "in what is dropped (replace those that come back empty, "
-                  "docs/multiraft.md, \"Repairing a host\"): %s, and any of what cannot "
-                  "be read", path, pos, what,
-                  ", ".join(map(str, written)) or "none",
+                  "will not vote until its leader has caught it up, also these, which "
+                  "had records in what is dropped: %s. A group none of whose records can "
+                  "be read starts empty (docs/multiraft.md, \"Repairing a host\")", path,
+                  pos, what, ", ".join(map(str, written)) or "none",
                   extra={"event": "repair", "path": path, "offset": pos, "damage": what,
                          "groups": written})
         # Until every group's recovering mark is durable (written after the cut, at the
-        # new end of the WAL), the marker says that a repair is under way: a power cut
-        # in between must not leave groups that lost entries and would vote.
-        if not os.path.exists(os.path.join(self.directory, _REPAIRING)):
-            _write_atomically(self.directory, _REPAIRING, b"", self.sync)
+        # new end of the WAL), the marker says that a repair is under way, and which
+        # groups it drops records of (a repair done again after a power cut finds fewer):
+        # a power cut in between must not leave groups that lost entries and would vote.
+        before = _read_checked(os.path.join(self.directory, _REPAIRING), _Repairing)
+        groups = sorted(set(written) | set(before.groups if before else ()))
+        _write_atomically(self.directory, _REPAIRING, _checked(_Repairing(groups)), self.sync)
         # The later segments go before the cut: a cut segment followed by one of them
         # would be replayed as one log, without what the cut dropped.
         _unlink_newest_first(self.directory, [self._path(s) for s in later], self.sync)

@@ -525,8 +525,8 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
     WAL keeps what precedes the damage, and every group starts past the WAL's term
     ceiling with no vote, has its commit mark cut back to what it holds and is marked
     recovering (it will not vote until a leader catches it up), durably: a plain reopen
-    then works. The repair's line names the groups with records in what it dropped
-    (their term and vote may go back): group 3 wrote only there."""
+    then works. The repair's line names the groups with records in what it dropped;
+    group 3 wrote only there, and is recovering all the same, with nothing left."""
     path = str(tmp_path / "wal")
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
 
@@ -558,7 +558,7 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
     assert len(segments(path)) <= 3  # what followed the damage is gone
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "repair"]
     assert line.groups == [1, 2, 3]
-    assert "1, 2, 3, and any of what cannot be read" in line.getMessage()
+    assert "had records in what is dropped: 1, 2, 3." in line.getMessage()
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
     try:
         for g in (1, 2):
@@ -572,5 +572,9 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
             assert (hs.current_term, hs.voted_for, hs.recovering) == (TERM_MARGIN + 1,
                                                                       None, True)
             assert hs.commit <= st.last_index
+        st = wal.group(3).load_state()
+        assert st.last_index == 0
+        hs = st.hard_state
+        assert (hs.current_term, hs.voted_for, hs.recovering) == (TERM_MARGIN + 1, None, True)
     finally:
         wal.close()

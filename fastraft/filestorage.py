@@ -154,6 +154,7 @@ class FileStorage(_SegmentFiles, _LogStore):
                 raise
             self._drop_damaged_snapshot()
             found = None
+            names = []  # the log went with it
         if found is not None:
             self._snapshot, self._snapshot_path = found
         firsts = []
@@ -297,20 +298,26 @@ class FileStorage(_SegmentFiles, _LogStore):
 
     def _drop_damaged_snapshot(self) -> None:
         """Repair: a damaged snapshot cannot be kept, and the log behind it was compacted
-        away, so nothing of the log is kept either; the leader sends a new snapshot."""
+        away, so nothing of the log is kept either; the leader sends a new snapshot. The
+        recovering state is durable first, then the segments go newest first and the
+        snapshot last: a power cut on the way leaves a store that refuses to open
+        without repair, never one that lost its snapshot and would vote."""
         log.error("%s: REPAIR: the snapshot is damaged; dropping it and the whole log",
                   self.directory, extra={"event": "repair", "path": self.directory,
                                          "damage": "snapshot"})
-        for name in os.listdir(self.directory):
-            if name == "snapshot" or name.startswith((_SNAP_DATA_PREFIX, _SEG_PREFIX)):
-                os.unlink(os.path.join(self.directory, name))
         hs = self._state.hard_state
         self._state = _State(HardState(hs.current_term, hs.voted_for, 0, True))
         self._mark_durable = self._mark_wanted = 0
         self._write_state()
-        return None
-
-    # ------------------------------------------------------------------ the hook
+        names = os.listdir(self.directory)
+        _unlink_newest_first(self.directory, [
+            os.path.join(self.directory, n) for n in sorted(names)
+            if n.startswith(_SEG_PREFIX) and n.endswith(_SEG_SUFFIX)], self.sync)
+        for name in sorted(names, key=lambda n: n == "snapshot"):  # its metadata last
+            if name == "snapshot" or name.startswith(_SNAP_DATA_PREFIX):
+                os.unlink(os.path.join(self.directory, name))
+        if self.sync:
+            _fsync_dir(self.directory)
 
     def save_identity(self, node_id: int, cluster_id: str) -> None:
         """Record whose directory this is (once; the node checks it at every start)."""

@@ -334,10 +334,13 @@ def as_repaired(found, expected):
         for (f, rf), (e, re) in zip(found, expected, strict=True))
 
 
-@pytest.mark.parametrize("kind", [FileKind(), SharedKind()], ids=lambda k: k.name)
+@pytest.mark.parametrize("kind, damaged_file", [(FileKind(), "segment"), (SharedKind(), "segment"),
+                                                (FileKind(), "snapshot")],
+                         ids=["FileStorage", "SharedWAL", "FileStorage-snapshot"])
 @pytest.mark.parametrize("seed", [1, 2, 3, 14, 92])  # 14: repaired twice; 92: a snapshot left
 def test_a_power_cut_during_a_repair_never_leaves_a_store_that_forgot_it(tmp_path, monkeypatch,
-                                                                         kind, seed):
+                                                                         kind, damaged_file,
+                                                                         seed):
     """A repair cuts a damaged log and marks the store recovering: it may have lost
     entries it acknowledged, so it must not vote until a leader has caught it up. A
     power cut during the repair must leave a storage that refuses to open without
@@ -349,12 +352,15 @@ def test_a_power_cut_during_a_repair_never_leaves_a_store_that_forgot_it(tmp_pat
     def segments():
         return sorted(n for n in os.listdir(root) if n.startswith(kind.segments))
 
+    def snapshots():
+        return [os.path.join(root, n) for n in os.listdir(root) if n.startswith("snapshot-")]
+
     async def play():
         opened = kind.open(root)
         followers = [Follower(v, rng) for v in kind.views(opened)]
         for _ in range(CALLS * 4):
             await followers[0 if rng.random() < 0.8 else 1 % len(followers)].step()
-            if len(segments()) > 3:
+            if len(segments()) > 3 and (damaged_file == "segment" or snapshots()):
                 break
         opened.close()
         return [f.saved_term for f in followers]
@@ -364,6 +370,8 @@ def test_a_power_cut_during_a_repair_never_leaves_a_store_that_forgot_it(tmp_pat
     segments = segments()
     assert len(segments) > 3
     damaged = os.path.join(root, segments[len(segments) // 2])  # neither first nor last
+    if damaged_file == "snapshot":  # the repair drops the snapshot and the log behind it
+        [damaged] = snapshots()
     with open(damaged, "r+b") as f:
         f.seek(rng.randrange(os.path.getsize(damaged)))
         byte = f.read(1)

@@ -215,7 +215,7 @@ class Simulator(EventQueue):
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
-                      "declines": 0, "deafened": 0, "repairs": 0,
+                      "declines": 0, "deafened": 0, "repairs": 0, "ceiling_repairs": 0,
                       "bridges": 0, "bounces": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
@@ -469,7 +469,10 @@ class Simulator(EventQueue):
         return all(m == held[0] and not m.joint for m in held)
 
     def _damage(self, node: _Node) -> None:
-        """What a repair leaves of a damaged log (``FileStorage._mark_recovering``)."""
+        """What a repair leaves of a damaged log: ``FileStorage``'s keeps the term and
+        vote (``_mark_recovering``); a ``SharedWAL``'s, half of the time here, may have
+        dropped them with the log, and starts the node past its term ceiling, which is
+        at least the term it had, with no vote (``WalGroup._start_past``)."""
         store = node.disk.store
         st = store.load_state()
         held = st.last_index
@@ -478,8 +481,11 @@ class Simulator(EventQueue):
             store.truncate_suffix(cut)
             held = cut - 1
         hs = st.hard_state
-        store.save_hard_state(HardState(hs.current_term, hs.voted_for, min(hs.commit, held),
-                                        True))
+        term, vote = hs.current_term, hs.voted_for
+        if self.rng.random() < 0.5:
+            term, vote = term + self.rng.choice((0, 1, 1000)) + 1, None
+            self.stats["ceiling_repairs"] += 1
+        store.save_hard_state(HardState(term, vote, min(hs.commit, held), True))
         self._repairing.add(node.id)
         self.stats["repairs"] += 1
 

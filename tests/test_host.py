@@ -2,6 +2,7 @@
 preferred leader, a whole host stopped and restarted on its storages."""
 import asyncio
 import gc
+import glob
 import logging
 import tracemalloc
 
@@ -21,9 +22,11 @@ from fastraft import (
     UnknownGroup,
 )
 from fastraft.engine import Engine
+from fastraft.errors import StorageCorruption
 from fastraft.host import DEFAULT_MAX_CAMPAIGNS, EARLY_GROUPS, EARLY_SENDERS, preferred_leader
 from fastraft.messages import AppendEntries, Entry, RequestVote
 from fastraft.processes import free_ports
+from fastraft.sharedwal import TERM_MARGIN, SharedWAL
 from fastraft.testing import wait_until
 from fastraft.transport import TcpNetwork
 
@@ -1087,3 +1090,55 @@ async def _committed(node, n):
         found.append(bytes(e.data))
         if len(found) == n:
             return found
+
+
+def test_a_host_repaired_after_damage_rejoins_every_group_past_its_term_ceiling(tmp_path):
+    """A host's SharedWAL damaged in the middle refuses to open. Repaired, each of its
+    replicas starts recovering past the WAL's term ceiling (a repair may drop a group's
+    latest term and vote): its first replies depose the groups' leaders, the other
+    hosts elect new ones past that term and catch it up, and it leaves recovery holding
+    every write acknowledged before the damage (docs/multiraft.md, "Repairing a host")."""
+    groups = range(4)
+    wals = {i: SharedWAL(str(tmp_path / f"h{i}"), segment_bytes=2048, max_segments=100)
+            for i in (1, 2, 3)}
+
+    async def main():
+        hosts = Hosts(storage=lambda i: wals[i].group)
+        try:
+            for i in (1, 2, 3):
+                await hosts.start(i, groups)
+            acked = {g: [b"g%d.%d" % (g, k) for k in range(40)] for g in groups}
+            for k in range(40):
+                for g in groups:
+                    await hosts.propose(g, acked[g][k])
+            await hosts.hosts.pop(3).stop()
+            wals[3].close()
+            segments = sorted(glob.glob(str(tmp_path / "h3" / "wal-*.seg")))
+            assert len(segments) >= 4
+            with open(segments[len(segments) // 2], "r+b") as f:
+                f.seek(100)
+                byte = f.read(1)
+                f.seek(100)
+                f.write(bytes([byte[0] ^ 0xFF]))
+            with pytest.raises(StorageCorruption, match="Repairing a host"):
+                SharedWAL(str(tmp_path / "h3"))
+            wals[3] = SharedWAL(str(tmp_path / "h3"), segment_bytes=2048, max_segments=100,
+                                repair=True)
+            await hosts.start(3, groups, found=False)
+            for g in groups:
+                replica = hosts.hosts[3].group(g)
+                assert replica.engine.recovering and replica.engine.term > TERM_MARGIN
+            for g in groups:
+                replica = hosts.hosts[3].group(g)
+                await wait_until(lambda r=replica: not r.engine.recovering, 20,
+                                 f"group {g}'s repaired replica out of recovery")
+                await wait_until(lambda g=g: set(acked[g]) <= set(hosts.logs[3, g].items), 20,
+                                 f"group {g}'s writes on the repaired replica")
+                leader = await hosts.leader(g)
+                assert leader.engine.term > TERM_MARGIN + 1  # elected past the repair
+        finally:
+            await hosts.stop()
+            for wal in wals.values():
+                wal.close()
+
+    run(main)()

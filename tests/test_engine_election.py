@@ -1,12 +1,16 @@
 """Elections: §5.1 terms, §5.2 leader election, §5.4.1 election restriction, thesis §9.6
 pre-vote and §6.2 check-quorum. Each test asserts the exact commands emitted."""
 
+import random
+
 import pytest
 
 from fastraft.config import Config
 from fastraft.engine import (
     AppendLog,
     CancelTimer,
+    Engine,
+    InitialState,
     PersistHardState,
     Role,
     RoleChanged,
@@ -53,6 +57,31 @@ def test_election_timeouts_are_randomized_in_range():
         delays.update(c.delay for c in e.take_commands() if type(c) is SetTimer)
     assert all(0.1 <= d < 0.2 for d in delays)
     assert len(delays) > 150  # really random, not one value
+
+
+@pytest.mark.parametrize("preferred, lo, hi", [(True, 0.3, 0.4), (False, 0.4, 0.6),
+                                                (None, 0.3, 0.6)])
+def test_a_hosts_preferred_replica_draws_its_first_timeout_before_the_others(preferred, lo,
+                                                                              hi):
+    """A RaftHost starts each replica telling it whether it is the one its group's
+    leadership is balanced to: that one's first election timeout comes from the first
+    third of the range and the others' from the rest, so after a restart of every host
+    the preferred replica mostly campaigns first; later timeouts use the whole range."""
+    cfg = Config(election_timeout_min=0.3, election_timeout_max=0.6, heartbeat_interval=0.1)
+    state = InitialState(snapshot_membership=Membership(voters=frozenset({1, 2, 3})))
+    first, later = set(), set()
+    for seed in range(200):
+        e = Engine(1, cfg, random.Random(seed), state)
+        [timer] = [c for c in e.start(preferred) if type(c) is SetTimer
+                   and c.timer == Timer.ELECTION]
+        first.add(timer.delay)
+        e.step(2, AppendEntries(0, 2, 0, 0, [], 0))
+        later.update(c.delay for c in e.take_commands() if type(c) is SetTimer
+                     and c.timer == Timer.ELECTION)
+    assert all(lo <= d < hi for d in first) and len(first) > 150
+    assert min(first) < lo + 0.02 and max(first) > hi - 0.02  # all of its part
+    assert all(0.3 <= d < 0.6 for d in later)
+    assert min(later) < 0.32 and max(later) > 0.58
 
 
 def test_candidate_with_majority_becomes_leader_and_appends_noop():

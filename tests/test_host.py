@@ -443,6 +443,38 @@ def test_preferred_leaders_take_turns():
 
 
 @run
+async def test_restarted_replicas_are_told_whether_they_are_preferred(monkeypatch):
+    """A host starts each replica telling its engine whether it is the one the group's
+    leadership is balanced to (its first election timeout then comes first, Engine.start):
+    after every host restarts, the preferred replicas mostly win the first elections and
+    balancing has little to hand over (bench/restart_leaders.py --all)."""
+    told = {}
+    start = Engine.start
+
+    def recording(engine, preferred=None):
+        told[engine] = preferred
+        return start(engine, preferred)
+
+    monkeypatch.setattr(Engine, "start", recording)
+    hosts = Hosts(balance_interval=None)
+    try:
+        for i in (1, 2, 3):
+            await hosts.start(i, groups=range(6))
+        for g in range(6):
+            await hosts.propose(g, b"founded")
+        await hosts.stop()
+        told.clear()
+        for i in (1, 2, 3):
+            await hosts.start(i, groups=range(6), found=False)
+        for i, host in hosts.hosts.items():
+            for g in range(6):
+                engine = host.group(g).engine
+                assert told[engine] == (preferred_leader(g, {1, 2, 3}) == i), (i, g)
+    finally:
+        await hosts.stop()
+
+
+@run
 async def test_a_fourth_host_joins_one_group_only():
     hosts = Hosts(balance_interval=None)
     for i in (1, 2, 3):

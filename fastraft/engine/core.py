@@ -82,6 +82,9 @@ READ_LOG_PATIENCE = 20
 #: Heartbeat ticks skip busy followers only when the election timeout is at least this
 #: many heartbeat intervals (as by default).
 BUSY_HEARTBEAT_SKIP_RATIO = 3
+#: The part of the election timeout range a group's preferred replica draws its first
+#: timeout from (``Engine.start``); the other replicas draw from the rest.
+PREFERRED_PART = 1 / 3
 
 
 class InitialState(msgspec.Struct, kw_only=True):
@@ -279,8 +282,15 @@ class Engine:
         self._trim_cache()
         return None
 
-    def start(self) -> list[Command]:
-        """Commands to run once at start-up: re-apply committed entries, arm the timer."""
+    def start(self, preferred: bool | None = None) -> list[Command]:
+        """Commands to run once at start-up: re-apply committed entries, arm the timer.
+
+        ``preferred`` (a ``RaftHost``'s replicas): whether this replica is the one its
+        group's leadership is balanced to. Its first election timeout is then drawn from
+        the first ``PREFERRED_PART`` of the range and the others' from the rest, so that
+        when every replica starts at once the preferred one mostly campaigns first,
+        and leadership need not be handed over to it afterwards. Only timing: any
+        replica still wins an election it can win (§5.2)."""
         if self.recovering:
             # A leader of the term this node was repaired in may still count what it
             # acknowledged before the damage, and its commit index may lag behind that.
@@ -290,7 +300,7 @@ class Engine:
             self.voted_for = None
             self._persist_hard_state()
         self._emit_apply()
-        self._arm_election_timer()
+        self._arm_election_timer(preferred)
         if self.term and self.config.check_quorum:
             # Before it stopped, this node may have answered a leader, promising no vote
             # for election_timeout_min (§4.2.3): the promise that leader's read lease
@@ -1579,8 +1589,11 @@ class Engine:
         self._out.append(PersistHardState(HardState(self.term, self.voted_for, self.commit_index,
                                                     self.recovering)))
 
-    def _arm_election_timer(self) -> None:
+    def _arm_election_timer(self, preferred: bool | None = None) -> None:
         lo, hi = self.config.election_timeout_min, self.config.election_timeout_max
+        if preferred is not None:  # the first timer of a host's replica (``start``)
+            cut = lo + (hi - lo) * PREFERRED_PART
+            lo, hi = (lo, cut) if preferred else (cut, hi)
         self._out.append(SetTimer(Timer.ELECTION, lo + (hi - lo) * self.rng.random()))
 
 

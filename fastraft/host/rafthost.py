@@ -247,6 +247,7 @@ class RaftHost:
                         cluster_id=f"{self.cluster_id}/{group_id}")
         node.group_id = group_id
         node.campaign_limit = self.campaigns
+        node.preferred = lambda voters: preferred_leader(group_id, voters) == self.id
         interval = node.config.heartbeat_interval
         clock = self._clocks.get(interval)
         if clock is None:

@@ -102,6 +102,9 @@ class RaftNode:
 
         #: Set by a ``RaftHost``: how many of its groups may campaign at once.
         self.campaign_limit: CampaignLimit | None = None
+        #: Set by a ``RaftHost``: whether this replica is the one its group's leadership
+        #: is balanced to, given the voters (``Engine.start``: it campaigns first).
+        self.preferred: Callable[[frozenset[int]], bool] | None = None
         #: Drives this node's heartbeats with its host's other groups' (``RaftHost``);
         #: None: a timer of its own.
         self.heartbeat_clock: HeartbeatClock | None = None
@@ -208,7 +211,9 @@ class RaftNode:
         self._peers_of = self.engine.membership
         self.network.set_peers(dict(self.engine.membership.addresses))
         await self.network.start(self)
-        self._runner.run(self.engine.start())
+        voters = self.engine.membership.voters
+        preferred = self.preferred(voters) if self.preferred and self.id in voters else None
+        self._runner.run(self.engine.start(preferred))
 
     async def _check_owner(self, storage: RaftStorage, state: StorageState) -> None:
         if state.node_id == 0:

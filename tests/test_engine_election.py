@@ -84,6 +84,23 @@ def test_a_hosts_preferred_replica_draws_its_first_timeout_before_the_others(pre
     assert min(later) < 0.32 and max(later) > 0.58
 
 
+@pytest.mark.parametrize("preferred, lo, hi", [(True, 0.3, 0.4), (False, 0.4, 0.6)])
+def test_a_hosts_founding_replica_draws_its_first_timeout_as_told(preferred, lo, hi):
+    """The same when a host founds a group: bootstrap arms the election timer again, in
+    the preferred replica's part of the range or the others'."""
+    cfg = Config(election_timeout_min=0.3, election_timeout_max=0.6, heartbeat_interval=0.1)
+    voters = Membership(voters=frozenset({1, 2, 3}))
+    delays = set()
+    for seed in range(200):
+        e = Engine(1, cfg, random.Random(seed), InitialState())
+        e.start()
+        e.bootstrap(voters, preferred)
+        [timer] = [c for c in e.take_commands() if type(c) is SetTimer
+                   and c.timer == Timer.ELECTION]
+        delays.add(timer.delay)
+    assert all(lo <= d < hi for d in delays) and len(delays) > 150
+
+
 def test_candidate_with_majority_becomes_leader_and_appends_noop():
     e = make(1, term=1, terms=[1])
     e.on_timer(Timer.ELECTION)

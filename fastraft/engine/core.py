@@ -333,11 +333,12 @@ class Engine:
         self._out = []
         return out
 
-    def bootstrap(self, membership: Membership) -> None:
+    def bootstrap(self, membership: Membership, preferred: bool | None = None) -> None:
         """Form a new cluster: write ``membership`` as entry 1 of term 1.
 
         Every founding node may be bootstrapped with the same membership (identical logs),
-        or just one, the others joining empty.
+        or just one, the others joining empty. ``preferred``: as for ``start``, the
+        election timer armed again (a host founding many groups at once).
         """
         if not self.fresh:
             raise AlreadyInitialized(
@@ -347,6 +348,8 @@ class Engine:
         self.term = max(self.term, 1)  # never back: a vote of a later term stands
         self._persist_hard_state()
         self._append_own([Entry(1, 1, EntryKind.CONFIG, data)])
+        if preferred is not None:
+            self._arm_election_timer(preferred)
 
     def propose(self, datas: Sequence[bytes],
                 records: Sequence[tuple[int, int]] = ()) -> int:

@@ -211,9 +211,13 @@ class RaftNode:
         self._peers_of = self.engine.membership
         self.network.set_peers(dict(self.engine.membership.addresses))
         await self.network.start(self)
-        voters = self.engine.membership.voters
-        preferred = self.preferred(voters) if self.preferred and self.id in voters else None
-        self._runner.run(self.engine.start(preferred))
+        self._runner.run(self.engine.start(self._is_preferred(self.engine.membership)))
+
+    def _is_preferred(self, membership: Membership) -> bool | None:
+        """Whether this replica is the one its host balances the group's leadership to
+        (None: no host, or not a voter): its first election timeout comes first."""
+        voters = membership.voters
+        return self.preferred(voters) if self.preferred and self.id in voters else None
 
     async def _check_owner(self, storage: RaftStorage, state: StorageState) -> None:
         if state.node_id == 0:
@@ -330,7 +334,7 @@ class RaftNode:
             raise AlreadyInitialized(
                 f"node {self.id} already has state (term {engine.term}, last index "
                 f"{engine.log.last_index}); initialize only fresh nodes")
-        engine.bootstrap(membership)
+        engine.bootstrap(membership, self._is_preferred(membership))
         self._schedule_flush()
         await self._writer.drain()
         if self.failure is not None:

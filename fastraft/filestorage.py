@@ -152,7 +152,7 @@ class FileStorage(_SegmentFiles, _LogStore):
         except StorageCorruption:
             if not self.repair:
                 raise
-            self._drop_damaged_snapshot()
+            self._drop_damaged_snapshot(names)
             found = None
             names = []  # the log went with it
         if found is not None:
@@ -258,14 +258,11 @@ class FileStorage(_SegmentFiles, _LogStore):
             self._mark_recovering()
             self._mark_durable = self._mark_wanted = self._state.hard_state.commit
             self._write_state()
-        later = [s for s in firsts if s > seg]
-        _unlink_newest_first(self.directory, [self._path(s) for s in later], self.sync)
-        self._segments = [s for s in self._segments if s not in later]
-        if pos == 0:  # nothing of this segment is kept
-            _unlink_newest_first(self.directory, [path], self.sync)
-            if seg in self._segments:
-                self._segments.remove(seg)
-        else:
+        # every later segment goes, and this one too when nothing of it is kept
+        doomed = [s for s in firsts if s > seg or s == seg and pos == 0]
+        _unlink_newest_first(self.directory, [self._path(s) for s in doomed], self.sync)
+        self._segments = [s for s in self._segments if s not in doomed]
+        if pos:
             with open(path, "r+b") as f:
                 f.truncate(pos)
                 os.fsync(f.fileno())
@@ -296,7 +293,7 @@ class FileStorage(_SegmentFiles, _LogStore):
             pos = end
         return expected, None
 
-    def _drop_damaged_snapshot(self) -> None:
+    def _drop_damaged_snapshot(self, segments: list[str]) -> None:
         """Repair: a damaged snapshot cannot be kept, and the log behind it was compacted
         away, so nothing of the log is kept either; the leader sends a new snapshot. The
         recovering state is durable first, then the segments go newest first and the
@@ -309,11 +306,10 @@ class FileStorage(_SegmentFiles, _LogStore):
         self._state = _State(HardState(hs.current_term, hs.voted_for, 0, True))
         self._mark_durable = self._mark_wanted = 0
         self._write_state()
-        names = os.listdir(self.directory)
-        _unlink_newest_first(self.directory, [
-            os.path.join(self.directory, n) for n in sorted(names)
-            if n.startswith(_SEG_PREFIX) and n.endswith(_SEG_SUFFIX)], self.sync)
-        for name in sorted(names, key=lambda n: n == "snapshot"):  # its metadata last
+        _unlink_newest_first(self.directory,
+                             [os.path.join(self.directory, n) for n in segments], self.sync)
+        for name in sorted(os.listdir(self.directory),
+                           key=lambda n: n == "snapshot"):  # its metadata last
             if name == "snapshot" or name.startswith(_SNAP_DATA_PREFIX):
                 os.unlink(os.path.join(self.directory, name))
         if self.sync:

@@ -413,8 +413,8 @@ class SharedWAL(_SegmentFiles):
         self._pending: list[tuple[WalGroup, int, Any, asyncio.Future[None]]] = []
         self._writing = False
         self._broken: BaseException | None = None
-        #: What the ``terms`` file says (None: not there, a WAL of before 2026-12-04).
-        self._term_ceiling: int | None = None
+        #: What the ``terms`` file says (read by recovery, which writes it if missing).
+        self._term_ceiling = 0
         #: Write batches made durable, and the ops they carried (their ratio is the
         #: group commit at work).
         self.batches = 0
@@ -571,7 +571,7 @@ class SharedWAL(_SegmentFiles):
                 results.append(exc)
             else:
                 results.append(None)
-        if self._term_ceiling is None or top > self._term_ceiling:
+        if top > self._term_ceiling:
             self._raise_term_ceiling(top)
         self._write(batch, applies)
         if batch.compacted or batch.new_segments:
@@ -639,8 +639,8 @@ class SharedWAL(_SegmentFiles):
         return os.path.join(self.directory, _seg_name(seq))
 
     def _recover(self) -> None:
+        # None: a WAL of before 2026-12-04, whose groups' terms no ceiling bounds
         terms = _read_checked(os.path.join(self.directory, _TERMS), _TermCeiling)
-        self._term_ceiling = terms.ceiling if terms is not None else None
         seqs = []
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
@@ -674,8 +674,7 @@ class SharedWAL(_SegmentFiles):
             for name in os.listdir(self.directory):
                 if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
                     self.group(int(name[len(_GROUP_DIR):]))
-        ceiling = self._term_ceiling
-        if damaged and ceiling is None:
+        if damaged and terms is None:
             log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "
                       "groups keep the terms of their last STATE records kept, which may "
                       "be older than they were", self.directory,
@@ -683,12 +682,14 @@ class SharedWAL(_SegmentFiles):
         for view in self._groups.values():
             if damaged:
                 view._mark_recovering()
-                if ceiling is not None:
-                    view._start_past(ceiling)
+                if terms is not None:
+                    view._start_past(terms.ceiling)
             view._check_recovered()
-        if self._term_ceiling is None:
+        if terms is None:
             self._raise_term_ceiling(max((v._state.hard_state.current_term
                                           for v in self._groups.values()), default=0))
+        else:
+            self._term_ceiling = terms.ceiling
         if damaged:  # every group's clamped state, durable before anything else
             self._write_batch([(v, STATE, v._state.hard_state, None)
                                for v in self._groups.values()])

@@ -11,6 +11,8 @@ across groups). Layout of the directory::
     wal-<seq>.seg        the shared segments, numbered in order, rolled at segment_bytes
     group-<id>/          a group's snapshot (``snapshot``, ``snapshot-<index>-<crc>.data``)
     terms                a term no group's exceeds (raised before a group's term passes it)
+    groups               every group that may have records here (appended before a new
+                         group's first record, rewritten at each start)
     repairing            only while a repair cuts the WAL and marks the groups recovering
 
 A record is ``FileStorage``'s (24-byte header with checksums and the group's commit mark)
@@ -27,7 +29,8 @@ group's state is its last STATE record, its log what its ENTRIES, TRUNCATE and S
 records leave. The damage rules are ``FileStorage``'s: only the end of the last segment
 may hold a torn write (dropped, logged); any other bad record, a missing segment, or a
 group whose log ends before its commit mark stops start-up with ``StorageCorruption``.
-``repair=True`` keeps what precedes the damage and marks every group recovering.
+``repair=True`` keeps what precedes the damage and marks every group recovering, also
+those the ``groups`` file names and nothing left names (their records lay in the damage).
 
 Compaction is per group (``compact_prefix`` writes a STATE record and forgets records).
 A segment is deleted once no group needs it, oldest first: no group holds a live record
@@ -84,6 +87,7 @@ _SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
 _REPAIRING = "repairing"
 _TERMS = "terms"
+_GROUPS = "groups"
 _GROUP_DIR = "group-"  # and the group id: its snapshot
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
@@ -157,6 +161,8 @@ class WalGroup(_LogStore):
         self.wal = wal
         self.group_id = group_id
         self._tag = _TAG.pack(group_id, ENTRIES)
+        #: Whether the ``groups`` file names this group (before its first record).
+        self._registered = group_id in wal._registered_ids
         self._reader = wal._reader
         #: The segment holding this group's latest STATE record (0: none yet).
         self._state_seg = 0
@@ -415,6 +421,10 @@ class SharedWAL(_SegmentFiles):
         self._broken: BaseException | None = None
         #: What the ``terms`` file says (read by recovery, which writes it if missing).
         self._term_ceiling = 0
+        #: The groups the ``groups`` file names, where new ones are appended, its size.
+        self._registered_ids: set[int] = set()
+        self._registry_fd = -1
+        self._registry_size = 0
         #: Write batches made durable, and the ops they carried (their ratio is the
         #: group commit at work).
         self.batches = 0
@@ -478,6 +488,9 @@ class SharedWAL(_SegmentFiles):
                 log.exception("%s: could not record the commit marks at close",
                               self.directory)
         self._close_segments()
+        if self._registry_fd >= 0:
+            os.close(self._registry_fd)
+            self._registry_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing it releases the flock
             self._lock_fd = -1
@@ -557,11 +570,14 @@ class SharedWAL(_SegmentFiles):
         applies: list[Callable[[], None]] = []
         seen: set[int] = set()
         top = 0  # the highest term this batch makes durable
+        new: list[WalGroup] = []  # groups of their first records
         for view, kind, arg, _ in ops:
             if view.group_id in seen:
                 results.append(_LATER)
                 continue
             seen.add(view.group_id)
+            if not view._registered and kind != DROP:
+                new.append(view)
             if kind == STATE and arg.current_term > top:
                 top = arg.current_term
             try:
@@ -573,6 +589,8 @@ class SharedWAL(_SegmentFiles):
                 results.append(None)
         if top > self._term_ceiling:
             self._raise_term_ceiling(top)
+        if new:
+            self._register(new)
         self._write(batch, applies)
         if batch.compacted or batch.new_segments:
             self._collect()
@@ -586,6 +604,20 @@ class SharedWAL(_SegmentFiles):
         ceiling = term + TERM_MARGIN
         _write_atomically(self.directory, _TERMS, _checked(_TermCeiling(ceiling)), self.sync)
         self._term_ceiling = ceiling
+
+    def _register(self, views: list[WalGroup]) -> None:
+        """Durably, before their first records: ``views``' groups are in the ``groups``
+        file, so a repair that cannot read a record of theirs still marks them
+        recovering."""
+        ids = [v.group_id for v in views]
+        record = _record(msgspec.msgpack.encode(ids), 0)
+        _write_at(self._registry_fd, record, self._registry_size)
+        if self.sync:
+            os.fdatasync(self._registry_fd)
+        self._registry_size += len(record)
+        self._registered_ids.update(ids)
+        for view in views:
+            view._registered = True
 
     def _write(self, batch: _Batch, applies: list[Callable[[], None]]) -> None:
         for seq in batch.new_segments:
@@ -641,6 +673,7 @@ class SharedWAL(_SegmentFiles):
     def _recover(self) -> None:
         # None: a WAL of before 2026-12-04, whose groups' terms no ceiling bounds
         terms = _read_checked(os.path.join(self.directory, _TERMS), _TermCeiling)
+        registered = self._read_registry()
         seqs = []
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
@@ -674,6 +707,9 @@ class SharedWAL(_SegmentFiles):
             for name in os.listdir(self.directory):
                 if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
                     self.group(int(name[len(_GROUP_DIR):]))
+        if damaged:  # a group the file names and no record read does: all of its records
+            for group_id in registered:  # lay in the damage (or it was dropped since the
+                self.group(group_id)  # last start: it comes back recovering, empty)
         if damaged and terms is None:
             log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "
                       "groups keep the terms of their last STATE records kept, which may "
@@ -690,12 +726,62 @@ class SharedWAL(_SegmentFiles):
                                           for v in self._groups.values()), default=0))
         else:
             self._term_ceiling = terms.ceiling
+        self._rewrite_registry()
         if damaged:  # every group's clamped state, durable before anything else
             self._write_batch([(v, STATE, v._state.hard_state, None)
                                for v in self._groups.values()])
             os.unlink(marker)
             if self.sync:
                 _fsync_dir(self.directory)
+
+    def _read_registry(self) -> set[int]:
+        """The groups the ``groups`` file names (none if it is missing: a WAL written by
+        an earlier version, which gets one at its first start on this one). A record
+        that is not intact is skipped, and logged unless it is a torn last append."""
+        path = os.path.join(self.directory, _GROUPS)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return set()
+        found: set[int] = set()
+        pos = 0
+        while pos < len(data):
+            try:
+                pos, body, _ = _record_at(data, pos)
+                found.update(msgspec.msgpack.decode(body, type=list[int]))
+            except _Damage as damage:
+                if damage.torn and not _valid_record_after(data, pos + 1):
+                    break
+                log.warning("%s: %s at offset %d; the groups it named are known only by "
+                            "their records (rewritten from them now)", path, damage.what,
+                            pos, extra={"event": "groups_file_damaged", "path": path})
+                found.update(g for body in _intact_records(data, pos + 1)
+                             for g in msgspec.msgpack.decode(body, type=list[int]))
+                break
+        return found
+
+    def _rewrite_registry(self) -> None:
+        """At the end of recovery: the ``groups`` file names every group held (one
+        record), and is open for appends."""
+        held = set(self._groups)
+        for name in os.listdir(self.directory):
+            if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
+                held.add(int(name[len(_GROUP_DIR):]))
+        record = _record(msgspec.msgpack.encode(sorted(held)), 0)
+        path = os.path.join(self.directory, _GROUPS)
+        try:
+            with open(path, "rb") as f:
+                same = f.read() == record
+        except FileNotFoundError:
+            same = False
+        if not same:
+            _write_atomically(self.directory, _GROUPS, record, self.sync)
+        self._registry_fd = os.open(path, os.O_WRONLY)
+        self._registry_size = len(record)
+        self._registered_ids = held
+        for view in self._groups.values():
+            view._registered = True
 
     def _damaged(self, seq: int, pos: int, what: str, later: list[int]) -> bool:
         """Damage that no crash explains, at ``pos`` of segment ``seq``: with ``repair``
@@ -709,8 +795,8 @@ class SharedWAL(_SegmentFiles):
         log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                   "segment; every group here may have lost entries it acknowledged and "
                   "will not vote until its leader has caught it up, also these, which "
-                  "had records in what is dropped: %s. A group none of whose records can "
-                  "be read starts empty (docs/multiraft.md, \"Repairing a host\")", path,
+                  "had records in what is dropped: %s (and every group the groups file "
+                  "names; docs/multiraft.md, \"Repairing a host\")", path,
                   pos, what, ", ".join(map(str, written)) or "none",
                   extra={"event": "repair", "path": path, "offset": pos, "damage": what,
                          "groups": written})

@@ -6,11 +6,14 @@ import asyncio
 import io
 import logging
 import os
+import struct
 import threading
 import time
 
+import msgspec
 import pytest
 
+from fastraft import walformat
 from fastraft.config import Config
 from fastraft.errors import ConfigError, InvalidArgument, StorageCorruption, StorageFailed
 from fastraft.messages import Entry, EntryKind, HardState, Membership, SnapshotMeta
@@ -558,7 +561,7 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
     assert len(segments(path)) <= 3  # what followed the damage is gone
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "repair"]
     assert line.groups == [1, 2, 3]
-    assert "had records in what is dropped: 1, 2, 3." in line.getMessage()
+    assert "had records in what is dropped: 1, 2, 3 (" in line.getMessage()
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
     try:
         for g in (1, 2):
@@ -578,3 +581,81 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
         assert (hs.current_term, hs.voted_for, hs.recovering) == (TERM_MARGIN + 1, None, True)
     finally:
         wal.close()
+
+
+def groups_file(path):
+    with open(os.path.join(path, "groups"), "rb") as f:
+        return f.read()
+
+
+@pytest.mark.parametrize("damage", ["its record", "its segment"])
+def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path, damage):
+    """Group 3 wrote one record, in the middle of the WAL; the damage is that record (a
+    bit flipped in it) or the segment holding it (missing): nothing the repair can read
+    names group 3, but the ``groups`` file does, so it comes back recovering, past the
+    term ceiling with no vote, rather than as a new replica that would vote again in a
+    term it voted in and count as holding entries it acknowledged."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path, segment_bytes=600, max_segments=100)
+
+    async def main():
+        for k in range(12):
+            await wal.group(1).append_entries(entries(k * 2 + 1, k * 2 + 2, size=60))
+            if k == 5:
+                await wal.group(3).save_hard_state(HardState(7, 3, 0))
+    drive(main())
+    seg = wal.group(3)._state_seg
+    wal.close()
+    segs = segments(path)
+    assert segs.index(wal._path(seg)) not in (0, len(segs) - 1)
+    if damage == "its record":
+        with open(wal._path(seg), "rb") as f:
+            data = f.read()
+        at = data.index(struct.pack("<QB", 3, 3)) + 12  # in group 3's STATE body
+        with open(wal._path(seg), "r+b") as f:
+            f.seek(at)
+            f.write(bytes([data[at] ^ 1]))
+    else:
+        os.unlink(wal._path(seg))
+    repaired = SharedWAL(path, segment_bytes=600, max_segments=100, repair=True)
+    try:
+        assert repaired.group_ids() == [1, 3]
+        hs = repaired.group(3).load_state().hard_state
+        assert (hs.current_term, hs.voted_for, hs.recovering) == (TERM_MARGIN + 1, None, True)
+    finally:
+        repaired.close()
+
+
+def test_the_groups_file_names_every_group_and_is_rewritten_at_each_start(tmp_path, caplog):
+    """A new group is appended before its first record; a start rewrites the file as
+    one record of the groups held (a dropped one goes), also when it is missing (a WAL
+    of an earlier version) or damaged (logged)."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path)
+
+    async def write(groups):
+        await asyncio.gather(*(wal.group(g).save_hard_state(HardState(1, None, 0))
+                               for g in groups))
+    drive(write([1, 2]))
+    drive(write([3]))
+    drive(write([1, 2, 3]))  # no group new: nothing appended
+    assert sorted(wal._read_registry()) == [1, 2, 3]
+    appended = groups_file(path)
+    drive(wal.drop_group(2))
+    wal.close()
+    wal = SharedWAL(path)
+    wal.close()
+    rewritten = groups_file(path)
+    assert len(rewritten) < len(appended) and sorted(wal._read_registry()) == [1, 3]
+    os.unlink(os.path.join(path, "groups"))
+    wal = SharedWAL(path)
+    wal.close()
+    assert groups_file(path) == rewritten
+    two = [walformat._record(msgspec.msgpack.encode(ids), 0) for ids in ([1], [3])]
+    with open(os.path.join(path, "groups"), "wb") as f:  # a bit flipped in the first
+        f.write(bytes([two[0][0] ^ 1]) + two[0][1:] + two[1])
+    wal = SharedWAL(path)
+    wal.close()
+    assert groups_file(path) == rewritten
+    assert [r.event for r in caplog.records
+            if getattr(r, "event", None) == "groups_file_damaged"] == ["groups_file_damaged"]

@@ -620,19 +620,22 @@ class SharedWAL(_SegmentFiles):
             view._registered = True
 
     def _write(self, batch: _Batch, applies: list[Callable[[], None]]) -> None:
-        for seq in batch.new_segments:
-            with self._lock:
-                self._segments.append(seq)
-                fd = self._fd(seq)
-            os.ftruncate(fd, 0)
+        new = batch.new_segments
         for seq, off, records in batch.runs:
-            data = b"".join(records)
+            if seq in new:
+                # A segment comes into being once the one before it is durable, and its
+                # name is durable before its records are written: a power cut never
+                # leaves a segment behind a torn one, or after a missing one.
+                with self._lock:
+                    self._segments.append(seq)
+                    fd = self._fd(seq)
+                os.ftruncate(fd, 0)
+                if self.sync:
+                    _fsync_dir(self.directory)
             fd = self._fd(seq)
-            _write_at(fd, data, off)
+            _write_at(fd, b"".join(records), off)
             if self.sync:
                 os.fdatasync(fd)
-        if batch.new_segments and self.sync:
-            _fsync_dir(self.directory)
         self._tail_size = batch.size
         with self._lock:
             for apply in applies:

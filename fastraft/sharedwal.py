@@ -11,7 +11,7 @@ across groups). Layout of the directory::
     wal-<seq>.seg        the shared segments, numbered in order, rolled at segment_bytes
     group-<id>/          a group's snapshot (``snapshot``, ``snapshot-<index>-<crc>.data``)
     terms                a term no group's exceeds (raised before a group's term passes it)
-    groups               every group that may have records here (appended before a new
+    registry             every group that may have records here (appended before a new
                          group's first record, rewritten at each start)
     repairing            only while a repair cuts the WAL and marks the groups recovering
 
@@ -30,7 +30,7 @@ records leave. The damage rules are ``FileStorage``'s: only the end of the last 
 may hold a torn write (dropped, logged); any other bad record, a missing segment, or a
 group whose log ends before its commit mark stops start-up with ``StorageCorruption``.
 ``repair=True`` keeps what precedes the damage and marks every group recovering, also
-those the ``groups`` file names and nothing left names (their records lay in the damage).
+those the ``registry`` names and nothing left names (their records lay in the damage).
 
 Compaction is per group (``compact_prefix`` writes a STATE record and forgets records).
 A segment is deleted once no group needs it, oldest first: no group holds a live record
@@ -87,7 +87,7 @@ _SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
 _REPAIRING = "repairing"
 _TERMS = "terms"
-_GROUPS = "groups"
+_REGISTRY = "registry"
 _GROUP_DIR = "group-"  # and the group id: its snapshot
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
@@ -161,7 +161,7 @@ class WalGroup(_LogStore):
         self.wal = wal
         self.group_id = group_id
         self._tag = _TAG.pack(group_id, ENTRIES)
-        #: Whether the ``groups`` file names this group (before its first record).
+        #: Whether the ``registry`` names this group (before its first record).
         self._registered = group_id in wal._registered_ids
         self._reader = wal._reader
         #: The segment holding this group's latest STATE record (0: none yet).
@@ -421,7 +421,7 @@ class SharedWAL(_SegmentFiles):
         self._broken: BaseException | None = None
         #: What the ``terms`` file says (read by recovery, which writes it if missing).
         self._term_ceiling = 0
-        #: The groups the ``groups`` file names, where new ones are appended, its size.
+        #: The groups the ``registry`` names, where new ones are appended, its size.
         self._registered_ids: set[int] = set()
         self._registry_fd = -1
         self._registry_size = 0
@@ -606,7 +606,7 @@ class SharedWAL(_SegmentFiles):
         self._term_ceiling = ceiling
 
     def _register(self, views: list[WalGroup]) -> None:
-        """Durably, before their first records: ``views``' groups are in the ``groups``
+        """Durably, before their first records: ``views``' groups are in the ``registry``
         file, so a repair that cannot read a record of theirs still marks them
         recovering."""
         ids = [v.group_id for v in views]
@@ -738,10 +738,10 @@ class SharedWAL(_SegmentFiles):
                 _fsync_dir(self.directory)
 
     def _read_registry(self) -> set[int]:
-        """The groups the ``groups`` file names (none if it is missing: a WAL written by
+        """The groups the ``registry`` names (none if it is missing: a WAL written by
         an earlier version, which gets one at its first start on this one). A record
         that is not intact is skipped, and logged unless it is a torn last append."""
-        path = os.path.join(self.directory, _GROUPS)
+        path = os.path.join(self.directory, _REGISTRY)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -758,28 +758,28 @@ class SharedWAL(_SegmentFiles):
                     break
                 log.warning("%s: %s at offset %d; the groups it named are known only by "
                             "their records (rewritten from them now)", path, damage.what,
-                            pos, extra={"event": "groups_file_damaged", "path": path})
+                            pos, extra={"event": "registry_damaged", "path": path})
                 found.update(g for body in _intact_records(data, pos + 1)
                              for g in msgspec.msgpack.decode(body, type=list[int]))
                 break
         return found
 
     def _rewrite_registry(self) -> None:
-        """At the end of recovery: the ``groups`` file names every group held (one
+        """At the end of recovery: the ``registry`` names every group held (one
         record), and is open for appends."""
         held = set(self._groups)
         for name in os.listdir(self.directory):
             if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
                 held.add(int(name[len(_GROUP_DIR):]))
         record = _record(msgspec.msgpack.encode(sorted(held)), 0)
-        path = os.path.join(self.directory, _GROUPS)
+        path = os.path.join(self.directory, _REGISTRY)
         try:
             with open(path, "rb") as f:
                 same = f.read() == record
         except FileNotFoundError:
             same = False
         if not same:
-            _write_atomically(self.directory, _GROUPS, record, self.sync)
+            _write_atomically(self.directory, _REGISTRY, record, self.sync)
         self._registry_fd = os.open(path, os.O_WRONLY)
         self._registry_size = len(record)
         self._registered_ids = held
@@ -798,7 +798,7 @@ class SharedWAL(_SegmentFiles):
         log.error("%s: REPAIR: dropping everything from offset %d (%s) and every later "
                   "segment; every group here may have lost entries it acknowledged and "
                   "will not vote until its leader has caught it up, also these, which "
-                  "had records in what is dropped: %s (and every group the groups file "
+                  "had records in what is dropped: %s (and every group the registry "
                   "names; docs/multiraft.md, \"Repairing a host\")", path,
                   pos, what, ", ".join(map(str, written)) or "none",
                   extra={"event": "repair", "path": path, "offset": pos, "damage": what,

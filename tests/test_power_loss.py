@@ -174,7 +174,7 @@ class SharedKind:
         return found and found.ceiling
 
     def unnamed(self, path):
-        """The groups with a record in the segments that the ``groups`` file does not
+        """The groups with a record in the segments that the ``registry`` does not
         name (a repair that cannot read their records would not know them)."""
         written = set()
         for name in os.listdir(path):
@@ -184,8 +184,8 @@ class SharedKind:
                 written.update(int.from_bytes(body[:8], "little")
                                for body in walformat._intact_records(data, 0))
         named = set()
-        if os.path.exists(os.path.join(path, "groups")):
-            with open(os.path.join(path, "groups"), "rb") as f:
+        if os.path.exists(os.path.join(path, "registry")):
+            with open(os.path.join(path, "registry"), "rb") as f:
                 data = f.read()
             for body in walformat._intact_records(data, 0):
                 named.update(msgspec.msgpack.decode(body, type=list[int]))
@@ -204,11 +204,11 @@ def opens_as(kind, where, what, before, after, cut_from):
     """The storage in ``where`` opens and each store holds what it held before the call
     under way (the store ``what`` names) or after it; ``cut_from``: each store's
     truncation under way (None: none). No store's term is above the WAL's term ceiling,
-    and the WAL's ``groups`` file names every group with a record in it."""
+    and the WAL's ``registry`` names every group with a record in it."""
     ceiling = kind.term_ceiling(where)
     unnamed = kind.unnamed(where)
     assert not unnamed, f"{where}: a power cut {what} left records of groups {unnamed} " \
-        "that the groups file does not name"
+        "that the registry does not name"
     opened = opening(kind, where, what)
     try:
         found = [asyncio.run(observe(v)) for v in kind.views(opened)]

@@ -583,8 +583,8 @@ def test_repair_keeps_what_precedes_the_damage_and_every_group_recovers(tmp_path
         wal.close()
 
 
-def groups_file(path):
-    with open(os.path.join(path, "groups"), "rb") as f:
+def registry(path):
+    with open(os.path.join(path, "registry"), "rb") as f:
         return f.read()
 
 
@@ -592,7 +592,7 @@ def groups_file(path):
 def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path, damage):
     """Group 3 wrote one record, in the middle of the WAL; the damage is that record (a
     bit flipped in it) or the segment holding it (missing): nothing the repair can read
-    names group 3, but the ``groups`` file does, so it comes back recovering, past the
+    names group 3, but the registry does, so it comes back recovering, past the
     term ceiling with no vote, rather than as a new replica that would vote again in a
     term it voted in and count as holding entries it acknowledged."""
     path = str(tmp_path / "wal")
@@ -626,7 +626,7 @@ def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path
         repaired.close()
 
 
-def test_the_groups_file_names_every_group_and_is_rewritten_at_each_start(tmp_path, caplog):
+def test_the_registry_names_every_group_and_is_rewritten_at_each_start(tmp_path, caplog):
     """A new group is appended before its first record; a start rewrites the file as
     one record of the groups held (a dropped one goes), also when it is missing (a WAL
     of an earlier version) or damaged (logged)."""
@@ -640,22 +640,22 @@ def test_the_groups_file_names_every_group_and_is_rewritten_at_each_start(tmp_pa
     drive(write([3]))
     drive(write([1, 2, 3]))  # no group new: nothing appended
     assert sorted(wal._read_registry()) == [1, 2, 3]
-    appended = groups_file(path)
+    appended = registry(path)
     drive(wal.drop_group(2))
     wal.close()
     wal = SharedWAL(path)
     wal.close()
-    rewritten = groups_file(path)
+    rewritten = registry(path)
     assert len(rewritten) < len(appended) and sorted(wal._read_registry()) == [1, 3]
-    os.unlink(os.path.join(path, "groups"))
+    os.unlink(os.path.join(path, "registry"))
     wal = SharedWAL(path)
     wal.close()
-    assert groups_file(path) == rewritten
+    assert registry(path) == rewritten
     two = [walformat._record(msgspec.msgpack.encode(ids), 0) for ids in ([1], [3])]
-    with open(os.path.join(path, "groups"), "wb") as f:  # a bit flipped in the first
+    with open(os.path.join(path, "registry"), "wb") as f:  # a bit flipped in the first
         f.write(bytes([two[0][0] ^ 1]) + two[0][1:] + two[1])
     wal = SharedWAL(path)
     wal.close()
-    assert groups_file(path) == rewritten
+    assert registry(path) == rewritten
     assert [r.event for r in caplog.records
-            if getattr(r, "event", None) == "groups_file_damaged"] == ["groups_file_damaged"]
+            if getattr(r, "event", None) == "registry_damaged"] == ["registry_damaged"]

@@ -4,6 +4,7 @@ import pytest
 
 from fastraft.config import Config
 from fastraft.engine import Role, Timer
+from fastraft.engine.commands import Send
 from fastraft.messages import (
     MAX_TERM,
     AppendEntries,
@@ -155,6 +156,48 @@ def test_a_node_behind_a_membership_change_follows_an_unknown_leader_once_its_ow
     assert (e.term, e.leader_id) == (5, 4)
     assert e.step(4, AppendEntries(5, 4, 2, 3, [Entry(5, 3, 0, b"x")], 2)) is None
     assert e.log.last_index == 3
+
+
+def test_a_node_behind_a_membership_change_votes_for_an_unknown_candidate_once_its_leader_is_gone():
+    """Thesis §4.1: a server votes for a candidate not in its configuration (when its
+    log is up to date and its term current). Node 4, added after node 1's log ends,
+    asks for votes: refused while leader 2 is alive (§4.2.3), granted once it is not,
+    pre-vote and vote alike; a candidate whose log is behind is refused as a member's
+    would be."""
+    e = follower_of_2()
+    ahead = RequestVote(5, 4, 3, 3)
+    refused(e, 4, ahead, "stranger")
+    refused(e, 4, RequestVote(5, 4, 3, 3, pre_vote=True), "stranger")
+    e.on_timer(Timer.LEASE)  # no word from leader 2 for election_timeout_min
+    assert e.step(4, RequestVote(5, 4, 3, 3, pre_vote=True)) is None
+    assert e.take_commands() == [Send(4, RequestVoteResponse(5, True, True))]
+    assert (e.term, e.voted_for) == (3, None)  # a pre-vote changes nothing
+    assert e.step(4, ahead) is None
+    assert (e.term, e.voted_for) == (5, 4)
+    assert Send(4, RequestVoteResponse(5, True, False)) in e.take_commands()
+    behind = make(1, term=3, terms=[1, 3, 3], config=CQ)
+    behind.on_timer(Timer.LEASE)
+    assert behind.step(4, RequestVote(5, 4, 2, 3)) is None
+    assert (behind.term, behind.voted_for) == (5, None)
+    assert Send(4, RequestVoteResponse(5, False, False)) in behind.take_commands()
+
+
+def test_a_candidate_added_after_a_voters_log_ends_can_win_with_its_vote():
+    """Voters {1, 2, 4} replaced {1, 2, 3}: the change reached leader 1 and node 4 (a
+    majority of {1, 2, 4}, so it committed) but not node 2, whose log still says {1, 2,
+    3}. Leader 1 is gone, and node 3, removed, was stopped. Node 4 needs node 2's vote;
+    node 2 cannot win without node 1 or 3. Without §4.1's vote for a candidate not in
+    the configuration no one is ever elected."""
+    h = Harness([make(2, voters=(1, 2, 3), term=1, terms=[1, 1], config=CQ),
+                 make(4, voters=(1, 2, 4), term=1, terms=[1, 1, 1], config=CQ)])
+    for e in h.engines.values():
+        e.on_timer(Timer.LEASE)  # no leader heard from since the start
+    for _ in range(3):
+        h.fire(2)
+    assert h.engines[2].role != Role.LEADER
+    h.fire(4)
+    assert h.engines[4].role == Role.LEADER
+    assert h.engines[2].leader_id == 4
 
 
 def test_a_node_with_no_configuration_accepts_the_leader_that_contacts_it():

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastraft.config import Config
+from fastraft.engine import Timer
 from fastraft.errors import InvalidArgument, Overloaded, ProposalDropped
 from fastraft.logutil import JsonFormatter
 from fastraft.messages import RequestVote
@@ -178,6 +179,17 @@ async def test_strangers_leave_no_last_contact_behind():
                                      for f in leader.metrics().followers.values()))
         assert len(leader._last_heard) == 2  # the two followers
         assert leader.is_leader and leader.metrics().refused["stranger"] >= 1000
+        # A follower that has heard no leader for a while takes a stranger's vote
+        # request (it may be a member added after its log ends, thesis §4.1): still
+        # nothing remembered of the ids claimed.
+        follower = next(n for n in c.nodes.values() if n is not leader)
+        f = follower.engine
+        f.on_timer(Timer.LEASE)
+        refused = f.refused["stranger"]
+        for k in range(1000):
+            follower.receive(1000 + k, [RequestVote(f.term, 1000 + k, 0, 0)])
+        assert f.refused["stranger"] == refused  # taken (and the votes refused)
+        assert not [i for i in follower._last_heard if i >= 1000]
 
 
 def http_get(url):

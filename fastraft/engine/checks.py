@@ -4,10 +4,12 @@
 returns why the message is refused, or None. Two kinds of refusal:
 
 - from a *stranger*: an id in no configuration this node knows (the one in force and the
-  earlier ones still in its log). Such a node may still lead this one, which is then
-  behind a membership change: its AppendEntries and snapshots are accepted once no live
-  leader is known (no leader heard from for election_timeout_min), never while one is;
-  once followed, that leader is heard like a member.
+  earlier ones still in its log). Such a node may still lead this one, or need its vote,
+  when this one is behind a membership change (thesis §4.1: a server votes for a
+  candidate not in its configuration, and follows such a leader): its AppendEntries,
+  snapshots and vote requests are accepted once no live leader is known (no leader heard
+  from for election_timeout_min), never while one is; once followed, that leader is
+  heard like a member.
   A node with no configuration yet (started empty, to be added as a learner) accepts the
   leader that contacts it.
 - *malformed*: out-of-range numbers (a term or index above ``MAX_TERM``), a sender that
@@ -47,11 +49,11 @@ def refusal(engine: Engine, frm: int, m: Any) -> tuple[str, str] | None:
     t = type(m)
     known = engine.known_ids
     if known and frm not in known and frm != engine.leader_id and not (
-            (t is AppendEntries or t is InstallSnapshot)
+            (t is AppendEntries or t is InstallSnapshot or t is RequestVote)
             and engine.role != Role.LEADER and not engine.leader_alive):
-        # A node added after the configurations in this node's log may lead it (it is
-        # behind): accepted only once no live leader is known, like a vote (§4.2.3),
-        # and then followed like any leader.
+        # A node added after the configurations in this node's log may lead it, or need
+        # its vote to win (this node is behind; §4.1): accepted only once no live leader
+        # is known, as any vote is (§4.2.3); a leader is then followed like any other.
         return STRANGER, f"node {frm} is in no configuration this node knows"
     term = m.term
     if type(term) is not int or not 0 <= term <= MAX_TERM:

@@ -675,7 +675,10 @@ class RaftNode:
                                              "peer": from_id, "type": t.__name__,
                                              "reason": refused})
         finally:
-            if refused is None:  # a stranger's (refused) messages are never remembered
+            # Remembered for members and the leader only: a stranger's messages, even
+            # those taken (checks.refusal), cost no memory however many ids they claim.
+            if refused is None and (from_id in self.engine.known_ids
+                                    or from_id == self.engine.leader_id):
                 self._last_heard[from_id] = self._loop.time()
             # The first message of an iteration is handled at once (latency); what follows
             # in the same iteration waits for the flush scheduled here (batching).

@@ -462,7 +462,7 @@ class Simulator(EventQueue):
         every node that has a configuration holds the same one, and no change is under
         way. (During a change, or with a voter behind one, a recovering voter can leave
         no one able to win an election: a removed node holding the newest entries does
-        not campaign, and a lagging voter refuses a member it does not know.)"""
+        not campaign.)"""
         if self._still_repairing() - {node.id}:
             return False
         held = [n.engine.membership for n in self.nodes.values() if n.engine.membership.members]

@@ -343,6 +343,7 @@ class WalGroup(_LogStore):
         elif kind == TRUNCATE and len(payload) == _INDEX.size:
             self._cut_from(_INDEX.unpack(payload)[0])
         elif kind == DROP:
+            self.wal._replayed_drops.add(self.group_id)
             self._forget_group()
         elif kind == STATE:
             try:
@@ -425,6 +426,8 @@ class SharedWAL(_SegmentFiles):
         self._registered_ids: set[int] = set()
         self._registry_fd = -1
         self._registry_size = 0
+        #: Recovery: the groups it replayed a DROP record of.
+        self._replayed_drops: set[int] = set()
         #: Write batches made durable, and the ops they carried (their ratio is the
         #: group commit at work).
         self.batches = 0
@@ -447,20 +450,30 @@ class SharedWAL(_SegmentFiles):
     async def drop_group(self, group_id: int) -> None:
         """Delete everything of ``group_id``: its snapshot now, its records as their
         segments are freed. Its replica must be stopped first (``RaftHost.remove_group``,
-        once a membership change took this host out of the group). A crash in the middle
-        may leave the group without its snapshot: call it again."""
+        once a membership change took this host out of the group). The group is gone
+        once its DROP record is durable; a snapshot a crash left behind after it is
+        deleted at the next start."""
         view = self.group(group_id)
-        await view._on(self._snapshots, self._remove_snapshot, view)
         await self._submit(view, DROP, None)
+        await view._on(self._snapshots, self._remove_snapshot, view)
 
     def _remove_snapshot(self, view: WalGroup) -> None:
         with self._lock:
             view._snapshot = view._snapshot_path = None
             view._refresh_floor()
-        if os.path.isdir(view.directory):
-            shutil.rmtree(view.directory)
+        self._delete_snapshot_dir(view.directory)
+
+    def _delete_snapshot_dir(self, directory: str) -> None:
+        if not os.path.isdir(directory):
+            return
+        meta = os.path.join(directory, "snapshot")
+        if os.path.exists(meta):  # first: no metadata left naming a deleted data file
+            os.unlink(meta)
             if self.sync:
-                _fsync_dir(self.directory)
+                _fsync_dir(directory)
+        shutil.rmtree(directory)
+        if self.sync:
+            _fsync_dir(self.directory)
 
     def segments(self) -> list[str]:
         """The segment files, oldest first."""
@@ -705,14 +718,13 @@ class SharedWAL(_SegmentFiles):
         if damaged and self._segments:  # the cut segment, or the one before the gap
             self._tail_size = os.path.getsize(self._path(self._segments[-1]))
         if repairing is not None:  # a group the cut took every record of is known by
-            for group_id in repairing.groups:  # what it dropped, or by its snapshot
-                self.group(group_id)
-            for name in os.listdir(self.directory):
-                if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
-                    self.group(int(name[len(_GROUP_DIR):]))
+            for group_id in repairing.groups + self._snapshot_dirs():  # what it dropped,
+                self.group(group_id)  # or by its snapshot
         if damaged:  # a group the file names and no record read does: all of its records
             for group_id in registered:  # lay in the damage (or it was dropped since the
                 self.group(group_id)  # last start: it comes back recovering, empty)
+        if not damaged:
+            self._remove_dropped_snapshots()
         if damaged and terms is None:
             log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "
                       "groups keep the terms of their last STATE records kept, which may "
@@ -736,6 +748,23 @@ class SharedWAL(_SegmentFiles):
             os.unlink(marker)
             if self.sync:
                 _fsync_dir(self.directory)
+
+    def _remove_dropped_snapshots(self) -> None:
+        """A start of an undamaged WAL: the snapshot directory of a group whose last
+        record is its DROP is one that a crash kept ``drop_group`` from deleting. It
+        goes, so that a new group of that id does not start from it."""
+        for group_id in self._snapshot_dirs():
+            if group_id in self._replayed_drops and group_id not in self._groups:
+                path = os.path.join(self.directory, f"{_GROUP_DIR}{group_id}")
+                log.warning("%s: deleting the snapshot of group %d, which the WAL no longer "
+                            "holds (a drop_group a crash interrupted)", path, group_id,
+                            extra={"event": "drop_finished", "path": path})
+                self._delete_snapshot_dir(path)
+
+    def _snapshot_dirs(self) -> list[int]:
+        """The groups with a snapshot directory here."""
+        return [int(name[len(_GROUP_DIR):]) for name in os.listdir(self.directory)
+                if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit()]
 
     def _read_registry(self) -> set[int]:
         """The groups the ``registry`` names (none if it is missing: a WAL written by
@@ -767,10 +796,7 @@ class SharedWAL(_SegmentFiles):
     def _rewrite_registry(self) -> None:
         """At the end of recovery: the ``registry`` names every group held (one
         record), and is open for appends."""
-        held = set(self._groups)
-        for name in os.listdir(self.directory):
-            if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit():
-                held.add(int(name[len(_GROUP_DIR):]))
+        held = set(self._groups).union(self._snapshot_dirs())
         record = _record(msgspec.msgpack.encode(sorted(held)), 0)
         path = os.path.join(self.directory, _REGISTRY)
         try:

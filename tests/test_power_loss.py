@@ -336,6 +336,59 @@ def test_a_truncation_cut_short_after_the_cut_is_finished_at_the_next_start(tmp_
     assert not os.path.exists(tmp_path / "b" / "truncation")
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_power_cut_during_a_drop_leaves_the_group_whole_or_gone(tmp_path, monkeypatch,
+                                                                   seed):
+    """``SharedWAL.drop_group`` under the power-cut model: every image opens, also after
+    a second power cut during that recovery, with the dropped group as it was (log and
+    snapshot) or gone (nothing of it, not even its snapshot: a new group of that id
+    starts empty), the other group as it was."""
+    rng = random.Random(seed)
+    kind = SharedKind()
+    root = str(tmp_path / "disk")
+    images = []
+
+    def take(name, when):
+        if rng.random() < 0.6:
+            images.append((str(tmp_path / f"image{len(images)}"), f"{when} {name}"))
+            model.image(images[-1][0], rng)
+
+    async def fill():
+        wal = kind.open(root)
+        for g in (7, 8):
+            store = wal.group(g)
+            await store.save_identity(1, "c/1")
+            await store.append_entries([Entry(1, i, EntryKind.NORMAL, b"%d.%d" % (g, i))
+                                        for i in range(1, 40)])
+            await store.save_snapshot(SnapshotMeta(30, 1, MEMBERS), io.BytesIO(b"state %d" % g))
+            await store.compact_prefix(30)
+        found = [await observe(v) for v in kind.views(wal)]
+        wal.close()
+        return found
+
+    async def drop():
+        wal = kind.open(root)
+        await wal.drop_group(7)
+        model.on_call = None
+        wal.close()
+
+    whole = asyncio.run(fill())
+    model = DiskModel(root, monkeypatch, take)
+    asyncio.run(drop())
+    assert len(images) > 3
+    again = [cut for where, what in images[::2]
+             for cut in cut_during_recovery(kind, where, what, rng, monkeypatch)]
+    for where, what in images + again:
+        opened = opening(kind, where, what)
+        try:
+            found = [asyncio.run(observe(v)) for v in kind.views(opened)]
+        finally:
+            opened.close()
+        gone = dict(EMPTY, vote=(0, None))
+        assert found[0] in (whole[0], gone), f"{where}: a power cut {what}: {summary(found[0])}"
+        assert found[1] == whole[1], f"{where}: a power cut {what}: {summary(found[1])}"
+
+
 EMPTY = {"vote": (0, None), "snapshot": None, "first": 1, "last": 0, "entries": {}}
 
 

@@ -659,3 +659,44 @@ def test_the_registry_names_every_group_and_is_rewritten_at_each_start(tmp_path,
     assert registry(path) == rewritten
     assert [r.event for r in caplog.records
             if getattr(r, "event", None) == "registry_damaged"] == ["registry_damaged"]
+
+
+def test_a_drop_cut_short_after_its_record_is_finished_at_the_next_start(tmp_path, caplog,
+                                                                          monkeypatch):
+    """A group is dropped once its DROP record is durable: a crash before its snapshot
+    is deleted leaves the snapshot, which the next start deletes (one line), so a new
+    group of that id starts empty rather than from it; the other groups keep theirs."""
+    path = str(tmp_path / "wal")
+    wal = SharedWAL(path)
+    membership = Membership(voters=frozenset({1}))
+
+    async def write():
+        for g in (1, 2):
+            await wal.group(g).save_identity(1, "c/1")
+            await wal.group(g).append_entries(entries(1, 10))
+            await wal.group(g).save_snapshot(SnapshotMeta(5, 1, membership),
+                                             io.BytesIO(b"state %d" % g))
+            await wal.group(g).compact_prefix(5)
+
+    async def crash_in_drop():
+        with monkeypatch.context() as m:
+            m.setattr("shutil.rmtree", lambda *a, **k: (_ for _ in ()).throw(OSError("cut")))
+            with pytest.raises(OSError, match="cut"):
+                await wal.drop_group(1)
+    drive(write())
+    drive(crash_in_drop())
+    wal.close()
+    assert sorted(dirs_of(path)) == [os.path.join(path, f"group-{g}") for g in (1, 2)]
+    wal = SharedWAL(path)
+    try:
+        assert dirs_of(path) == [os.path.join(path, "group-2")]
+        assert [r.event for r in caplog.records
+                if getattr(r, "event", None) == "drop_finished"] == ["drop_finished"]
+        st = wal.group(1).load_state()
+        assert (st.last_index, st.node_id, st.snapshot) == (0, 0, None)
+        assert wal.group_ids() == [2]
+        meta, data = drive(wal.group(2).load_snapshot())
+        with data:
+            assert (meta.last_included_index, data.read()) == (5, b"state 2")
+    finally:
+        wal.close()

@@ -113,6 +113,13 @@ class _Repairing(msgspec.Struct, array_like=True):
     groups: list[int]
 
 
+class _RegistryChange(msgspec.Struct, array_like=True):
+    """A record of the ``registry``: groups that may have records from now on, and
+    groups whose DROP record is durable."""
+    added: list[int]
+    dropped: list[int]
+
+
 class _GroupState(msgspec.Struct, array_like=True):
     state: _State
     identity: _Identity | None = None
@@ -584,12 +591,16 @@ class SharedWAL(_SegmentFiles):
         seen: set[int] = set()
         top = 0  # the highest term this batch makes durable
         new: list[WalGroup] = []  # groups of their first records
+        dropped: list[WalGroup] = []
         for view, kind, arg, _ in ops:
             if view.group_id in seen:
                 results.append(_LATER)
                 continue
             seen.add(view.group_id)
-            if not view._registered and kind != DROP:
+            if kind == DROP:
+                if view._registered:
+                    dropped.append(view)
+            elif not view._registered:
                 new.append(view)
             if kind == STATE and arg.current_term > top:
                 top = arg.current_term
@@ -603,8 +614,10 @@ class SharedWAL(_SegmentFiles):
         if top > self._term_ceiling:
             self._raise_term_ceiling(top)
         if new:
-            self._register(new)
+            self._register(new, [])
         self._write(batch, applies)
+        if dropped:
+            self._register([], dropped)
         if batch.compacted or batch.new_segments:
             self._collect()
         self.batches += 1
@@ -618,19 +631,24 @@ class SharedWAL(_SegmentFiles):
         _write_atomically(self.directory, _TERMS, _checked(_TermCeiling(ceiling)), self.sync)
         self._term_ceiling = ceiling
 
-    def _register(self, views: list[WalGroup]) -> None:
-        """Durably, before their first records: ``views``' groups are in the ``registry``
-        file, so a repair that cannot read a record of theirs still marks them
-        recovering."""
-        ids = [v.group_id for v in views]
-        record = _record(msgspec.msgpack.encode(ids), 0)
+    def _register(self, added: list[WalGroup], dropped: list[WalGroup]) -> None:
+        """Durably, before their first records: ``added``'s groups are in the
+        ``registry``, so a repair that cannot read a record of theirs still marks them
+        recovering. Once their DROP records are durable, ``dropped``'s are taken off it
+        (not synced: a power cut that loses that keeps them named, as if held)."""
+        ids = [v.group_id for v in added]
+        gone = [v.group_id for v in dropped]
+        record = _record(msgspec.msgpack.encode(_RegistryChange(ids, gone)), 0)
         _write_at(self._registry_fd, record, self._registry_size)
-        if self.sync:
+        if added and self.sync:
             os.fdatasync(self._registry_fd)
         self._registry_size += len(record)
         self._registered_ids.update(ids)
-        for view in views:
+        self._registered_ids.difference_update(gone)
+        for view in added:
             view._registered = True
+        for view in dropped:  # a new group of that id is registered again
+            view._registered = False
 
     def _write(self, batch: _Batch, applies: list[Callable[[], None]]) -> None:
         new = batch.new_segments
@@ -720,9 +738,9 @@ class SharedWAL(_SegmentFiles):
         if repairing is not None:  # a group the cut took every record of is known by
             for group_id in repairing.groups + self._snapshot_dirs():  # what it dropped,
                 self.group(group_id)  # or by its snapshot
-        if damaged:  # a group the file names and no record read does: all of its records
-            for group_id in registered:  # lay in the damage (or it was dropped since the
-                self.group(group_id)  # last start: it comes back recovering, empty)
+        if damaged:  # a group the registry names and no record read does: all of its
+            for group_id in registered:  # records lay in the damage
+                self.group(group_id)
         if not damaged:
             self._remove_dropped_snapshots()
         if damaged and terms is None:
@@ -777,19 +795,24 @@ class SharedWAL(_SegmentFiles):
         except FileNotFoundError:
             return set()
         found: set[int] = set()
+
+        def apply(body: memoryview) -> None:
+            change = msgspec.msgpack.decode(body, type=_RegistryChange)
+            found.update(change.added)
+            found.difference_update(change.dropped)
         pos = 0
         while pos < len(data):
             try:
                 pos, body, _ = _record_at(data, pos)
-                found.update(msgspec.msgpack.decode(body, type=list[int]))
+                apply(body)
             except _Damage as damage:
                 if damage.torn and not _valid_record_after(data, pos + 1):
                     break
                 log.warning("%s: %s at offset %d; the groups it named are known only by "
                             "their records (rewritten from them now)", path, damage.what,
                             pos, extra={"event": "registry_damaged", "path": path})
-                found.update(g for body in _intact_records(data, pos + 1)
-                             for g in msgspec.msgpack.decode(body, type=list[int]))
+                for body in _intact_records(data, pos + 1):
+                    apply(body)
                 break
         return found
 
@@ -797,7 +820,7 @@ class SharedWAL(_SegmentFiles):
         """At the end of recovery: the ``registry`` names every group held (one
         record), and is open for appends."""
         held = set(self._groups).union(self._snapshot_dirs())
-        record = _record(msgspec.msgpack.encode(sorted(held)), 0)
+        record = _record(msgspec.msgpack.encode(_RegistryChange(sorted(held), [])), 0)
         path = os.path.join(self.directory, _REGISTRY)
         try:
             with open(path, "rb") as f:

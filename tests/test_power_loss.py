@@ -176,19 +176,22 @@ class SharedKind:
     def unnamed(self, path):
         """The groups with a record in the segments that the ``registry`` does not
         name (a repair that cannot read their records would not know them)."""
-        written = set()
-        for name in os.listdir(path):
+        written = set()  # the groups whose last record is not their DROP
+        for name in sorted(os.listdir(path)):
             if name.startswith("wal-"):
                 with open(os.path.join(path, name), "rb") as f:
                     data = f.read()
-                written.update(int.from_bytes(body[:8], "little")
-                               for body in walformat._intact_records(data, 0))
+                for body in walformat._intact_records(data, 0):
+                    group_id, kind = sharedwal._TAG.unpack_from(body)
+                    (written.discard if kind == sharedwal.DROP else written.add)(group_id)
         named = set()
         if os.path.exists(os.path.join(path, "registry")):
             with open(os.path.join(path, "registry"), "rb") as f:
                 data = f.read()
             for body in walformat._intact_records(data, 0):
-                named.update(msgspec.msgpack.decode(body, type=list[int]))
+                change = msgspec.msgpack.decode(body, type=sharedwal._RegistryChange)
+                named.update(change.added)
+                named.difference_update(change.dropped)
         return written - named
 
 

@@ -594,7 +594,8 @@ def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path
     bit flipped in it) or the segment holding it (missing): nothing the repair can read
     names group 3, but the registry does, so it comes back recovering, past the
     term ceiling with no vote, rather than as a new replica that would vote again in a
-    term it voted in and count as holding entries it acknowledged."""
+    term it voted in and count as holding entries it acknowledged. Group 4, written and
+    dropped just before it, stays dropped."""
     path = str(tmp_path / "wal")
     wal = SharedWAL(path, segment_bytes=600, max_segments=100)
 
@@ -602,10 +603,15 @@ def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path
         for k in range(12):
             await wal.group(1).append_entries(entries(k * 2 + 1, k * 2 + 2, size=60))
             if k == 5:
+                await wal.group(4).save_hard_state(HardState(2, 4, 0))
+                await wal.drop_group(4)
                 await wal.group(3).save_hard_state(HardState(7, 3, 0))
     drive(main())
     seg = wal.group(3)._state_seg
     wal.close()
+    with open(wal._path(seg), "rb") as f:
+        held = f.read()
+    assert all(struct.pack("<QB", 4, kind) in held for kind in (3, 4))  # group 4's too
     segs = segments(path)
     assert segs.index(wal._path(seg)) not in (0, len(segs) - 1)
     if damage == "its record":
@@ -627,8 +633,9 @@ def test_a_group_whose_every_record_is_unreadable_comes_back_recovering(tmp_path
 
 
 def test_the_registry_names_every_group_and_is_rewritten_at_each_start(tmp_path, caplog):
-    """A new group is appended before its first record; a start rewrites the file as
-    one record of the groups held (a dropped one goes), also when it is missing (a WAL
+    """A new group is appended before its first record, a dropped one taken off once
+    its DROP record is durable (a new group of its id is appended again); a start
+    rewrites the file as one record of the groups held, also when it is missing (a WAL
     of an earlier version) or damaged (logged)."""
     path = str(tmp_path / "wal")
     wal = SharedWAL(path)
@@ -640,18 +647,23 @@ def test_the_registry_names_every_group_and_is_rewritten_at_each_start(tmp_path,
     drive(write([3]))
     drive(write([1, 2, 3]))  # no group new: nothing appended
     assert sorted(wal._read_registry()) == [1, 2, 3]
-    appended = registry(path)
     drive(wal.drop_group(2))
+    assert sorted(wal._read_registry()) == [1, 3]
+    drive(wal.drop_group(3))
+    drive(write([3]))  # a new group 3
+    assert sorted(wal._read_registry()) == [1, 3]
+    appended = registry(path)
+    drive(wal.drop_group(3))
     wal.close()
     wal = SharedWAL(path)
     wal.close()
     rewritten = registry(path)
-    assert len(rewritten) < len(appended) and sorted(wal._read_registry()) == [1, 3]
+    assert len(rewritten) < len(appended) and sorted(wal._read_registry()) == [1]
     os.unlink(os.path.join(path, "registry"))
     wal = SharedWAL(path)
     wal.close()
     assert registry(path) == rewritten
-    two = [walformat._record(msgspec.msgpack.encode(ids), 0) for ids in ([1], [3])]
+    two = [walformat._record(msgspec.msgpack.encode([ids, []]), 0) for ids in ([1], [3])]
     with open(os.path.join(path, "registry"), "wb") as f:  # a bit flipped in the first
         f.write(bytes([two[0][0] ^ 1]) + two[0][1:] + two[1])
     wal = SharedWAL(path)

@@ -79,6 +79,7 @@ from fastraft.walformat import (
     _write_atomically,
     check_options,
 )
+from fastraft.walregistry import GroupRegistry
 
 log = logging.getLogger("fastraft.sharedwal")
 
@@ -87,7 +88,6 @@ _SEG_PREFIX = _WAL_SEG_PREFIX
 _TAG = struct.Struct("<QB")  # group id, kind
 _REPAIRING = "repairing"
 _TERMS = "terms"
-_REGISTRY = "registry"
 _GROUP_DIR = "group-"  # and the group id: its snapshot
 _INDEX = struct.Struct("<Q")
 ENTRIES, TRUNCATE, STATE, DROP = 1, 2, 3, 4
@@ -111,13 +111,6 @@ class _Repairing(msgspec.Struct, array_like=True):
     """A repair under way: the groups with records in what it drops (marked recovering
     even if nothing of them is left)."""
     groups: list[int]
-
-
-class _RegistryChange(msgspec.Struct, array_like=True):
-    """A record of the ``registry``: groups that may have records from now on, and
-    groups whose DROP record is durable."""
-    added: list[int]
-    dropped: list[int]
 
 
 class _GroupState(msgspec.Struct, array_like=True):
@@ -169,7 +162,7 @@ class WalGroup(_LogStore):
         self.group_id = group_id
         self._tag = _TAG.pack(group_id, ENTRIES)
         #: Whether the ``registry`` names this group (before its first record).
-        self._registered = group_id in wal._registered_ids
+        self._registered = group_id in wal._registry.ids
         self._reader = wal._reader
         #: The segment holding this group's latest STATE record (0: none yet).
         self._state_seg = 0
@@ -429,10 +422,7 @@ class SharedWAL(_SegmentFiles):
         self._broken: BaseException | None = None
         #: What the ``terms`` file says (read by recovery, which writes it if missing).
         self._term_ceiling = 0
-        #: The groups the ``registry`` names, where new ones are appended, its size.
-        self._registered_ids: set[int] = set()
-        self._registry_fd = -1
-        self._registry_size = 0
+        self._registry = GroupRegistry(self.directory, sync)
         #: Recovery: the groups it replayed a DROP record of.
         self._replayed_drops: set[int] = set()
         #: Write batches made durable, and the ops they carried (their ratio is the
@@ -508,9 +498,7 @@ class SharedWAL(_SegmentFiles):
                 log.exception("%s: could not record the commit marks at close",
                               self.directory)
         self._close_segments()
-        if self._registry_fd >= 0:
-            os.close(self._registry_fd)
-            self._registry_fd = -1
+        self._registry.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing it releases the flock
             self._lock_fd = -1
@@ -632,19 +620,9 @@ class SharedWAL(_SegmentFiles):
         self._term_ceiling = ceiling
 
     def _register(self, added: list[WalGroup], dropped: list[WalGroup]) -> None:
-        """Durably, before their first records: ``added``'s groups are in the
-        ``registry``, so a repair that cannot read a record of theirs still marks them
-        recovering. Once their DROP records are durable, ``dropped``'s are taken off it
-        (not synced: a power cut that loses that keeps them named, as if held)."""
-        ids = [v.group_id for v in added]
-        gone = [v.group_id for v in dropped]
-        record = _record(msgspec.msgpack.encode(_RegistryChange(ids, gone)), 0)
-        _write_at(self._registry_fd, record, self._registry_size)
-        if added and self.sync:
-            os.fdatasync(self._registry_fd)
-        self._registry_size += len(record)
-        self._registered_ids.update(ids)
-        self._registered_ids.difference_update(gone)
+        """``added``'s groups into the registry before their first records, ``dropped``'s
+        out of it once their DROP records are durable (``GroupRegistry.change``)."""
+        self._registry.change([v.group_id for v in added], [v.group_id for v in dropped])
         for view in added:
             view._registered = True
         for view in dropped:  # a new group of that id is registered again
@@ -707,7 +685,7 @@ class SharedWAL(_SegmentFiles):
     def _recover(self) -> None:
         # None: a WAL of before 2026-12-04, whose groups' terms no ceiling bounds
         terms = _read_checked(os.path.join(self.directory, _TERMS), _TermCeiling)
-        registered = self._read_registry()
+        registered = self._registry.read()
         seqs = []
         for name in sorted(os.listdir(self.directory)):
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
@@ -759,7 +737,9 @@ class SharedWAL(_SegmentFiles):
                                           for v in self._groups.values()), default=0))
         else:
             self._term_ceiling = terms.ceiling
-        self._rewrite_registry()
+        self._registry.rewrite(set(self._groups).union(self._snapshot_dirs()))
+        for view in self._groups.values():
+            view._registered = True
         if damaged:  # every group's clamped state, durable before anything else
             self._write_batch([(v, STATE, v._state.hard_state, None)
                                for v in self._groups.values()])
@@ -783,57 +763,6 @@ class SharedWAL(_SegmentFiles):
         """The groups with a snapshot directory here."""
         return [int(name[len(_GROUP_DIR):]) for name in os.listdir(self.directory)
                 if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit()]
-
-    def _read_registry(self) -> set[int]:
-        """The groups the ``registry`` names (none if it is missing: a WAL written by
-        an earlier version, which gets one at its first start on this one). A record
-        that is not intact is skipped, and logged unless it is a torn last append."""
-        path = os.path.join(self.directory, _REGISTRY)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return set()
-        found: set[int] = set()
-
-        def apply(body: memoryview) -> None:
-            change = msgspec.msgpack.decode(body, type=_RegistryChange)
-            found.update(change.added)
-            found.difference_update(change.dropped)
-        pos = 0
-        while pos < len(data):
-            try:
-                pos, body, _ = _record_at(data, pos)
-                apply(body)
-            except _Damage as damage:
-                if damage.torn and not _valid_record_after(data, pos + 1):
-                    break
-                log.warning("%s: %s at offset %d; the groups it named are known only by "
-                            "their records (rewritten from them now)", path, damage.what,
-                            pos, extra={"event": "registry_damaged", "path": path})
-                for body in _intact_records(data, pos + 1):
-                    apply(body)
-                break
-        return found
-
-    def _rewrite_registry(self) -> None:
-        """At the end of recovery: the ``registry`` names every group held (one
-        record), and is open for appends."""
-        held = set(self._groups).union(self._snapshot_dirs())
-        record = _record(msgspec.msgpack.encode(_RegistryChange(sorted(held), [])), 0)
-        path = os.path.join(self.directory, _REGISTRY)
-        try:
-            with open(path, "rb") as f:
-                same = f.read() == record
-        except FileNotFoundError:
-            same = False
-        if not same:
-            _write_atomically(self.directory, _REGISTRY, record, self.sync)
-        self._registry_fd = os.open(path, os.O_WRONLY)
-        self._registry_size = len(record)
-        self._registered_ids = held
-        for view in self._groups.values():
-            view._registered = True
 
     def _damaged(self, seq: int, pos: int, what: str, later: list[int]) -> bool:
         """Damage that no crash explains, at ``pos`` of segment ``seq``: with ``repair``

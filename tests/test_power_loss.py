@@ -23,7 +23,7 @@ import msgspec
 import pytest
 from powerloss import DiskModel
 
-from fastraft import Config, RaftHost, RaftNode, sharedwal, walformat
+from fastraft import Config, RaftHost, RaftNode, sharedwal, walformat, walregistry
 from fastraft.errors import FastRaftError, StorageCorruption
 from fastraft.filestorage import FileStorage
 from fastraft.messages import Entry, EntryKind, HardState, Membership
@@ -189,7 +189,7 @@ class SharedKind:
             with open(os.path.join(path, "registry"), "rb") as f:
                 data = f.read()
             for body in walformat._intact_records(data, 0):
-                change = msgspec.msgpack.decode(body, type=sharedwal._RegistryChange)
+                change = msgspec.msgpack.decode(body, type=walregistry._RegistryChange)
                 named.update(change.added)
                 named.difference_update(change.dropped)
         return written - named

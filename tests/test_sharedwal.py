@@ -646,19 +646,19 @@ def test_the_registry_names_every_group_and_is_rewritten_at_each_start(tmp_path,
     drive(write([1, 2]))
     drive(write([3]))
     drive(write([1, 2, 3]))  # no group new: nothing appended
-    assert sorted(wal._read_registry()) == [1, 2, 3]
+    assert sorted(wal._registry.read()) == [1, 2, 3]
     drive(wal.drop_group(2))
-    assert sorted(wal._read_registry()) == [1, 3]
+    assert sorted(wal._registry.read()) == [1, 3]
     drive(wal.drop_group(3))
     drive(write([3]))  # a new group 3
-    assert sorted(wal._read_registry()) == [1, 3]
+    assert sorted(wal._registry.read()) == [1, 3]
     appended = registry(path)
     drive(wal.drop_group(3))
     wal.close()
     wal = SharedWAL(path)
     wal.close()
     rewritten = registry(path)
-    assert len(rewritten) < len(appended) and sorted(wal._read_registry()) == [1]
+    assert len(rewritten) < len(appended) and sorted(wal._registry.read()) == [1]
     os.unlink(os.path.join(path, "registry"))
     wal = SharedWAL(path)
     wal.close()

@@ -11,8 +11,8 @@ across groups). Layout of the directory::
     wal-<seq>.seg        the shared segments, numbered in order, rolled at segment_bytes
     group-<id>/          a group's snapshot (``snapshot``, ``snapshot-<index>-<crc>.data``)
     terms                a term no group's exceeds (raised before a group's term passes it)
-    registry             every group that may have records here (appended before a new
-                         group's first record, rewritten at each start)
+    registry             every group that may have records here (``walregistry``: a
+                         group goes in before its first record, out once dropped)
     repairing            only while a repair cuts the WAL and marks the groups recovering
 
 A record is ``FileStorage``'s (24-byte header with checksums and the group's commit mark)
@@ -578,8 +578,8 @@ class SharedWAL(_SegmentFiles):
         applies: list[Callable[[], None]] = []
         seen: set[int] = set()
         top = 0  # the highest term this batch makes durable
-        new: list[WalGroup] = []  # groups of their first records
-        dropped: list[WalGroup] = []
+        new: list[WalGroup] = []  # groups whose first records this batch holds
+        dropped: list[WalGroup] = []  # groups this batch drops
         for view, kind, arg, _ in ops:
             if view.group_id in seen:
                 results.append(_LATER)
@@ -719,7 +719,7 @@ class SharedWAL(_SegmentFiles):
         if damaged:  # a group the registry names and no record read does: all of its
             for group_id in registered:  # records lay in the damage
                 self.group(group_id)
-        if not damaged:
+        else:
             self._remove_dropped_snapshots()
         if damaged and terms is None:
             log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "

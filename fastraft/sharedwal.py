@@ -713,14 +713,15 @@ class SharedWAL(_SegmentFiles):
             damaged = True
         if damaged and self._segments:  # the cut segment, or the one before the gap
             self._tail_size = os.path.getsize(self._path(self._segments[-1]))
+        snapshots = self._snapshot_dirs()
         if repairing is not None:  # a group the cut took every record of is known by
-            for group_id in repairing.groups + self._snapshot_dirs():  # what it dropped,
-                self.group(group_id)  # or by its snapshot
+            for group_id in repairing.groups + snapshots:  # what it dropped, or by its
+                self.group(group_id)  # snapshot
         if damaged:  # a group the registry names and no record read does: all of its
             for group_id in registered:  # records lay in the damage
                 self.group(group_id)
         else:
-            self._remove_dropped_snapshots()
+            snapshots = self._remove_dropped_snapshots(snapshots)
         if damaged and terms is None:
             log.error("%s: REPAIR: no terms file (a WAL written before 2026-12-04): the "
                       "groups keep the terms of their last STATE records kept, which may "
@@ -737,7 +738,7 @@ class SharedWAL(_SegmentFiles):
                                           for v in self._groups.values()), default=0))
         else:
             self._term_ceiling = terms.ceiling
-        self._registry.rewrite(set(self._groups).union(self._snapshot_dirs()))
+        self._registry.rewrite(set(self._groups).union(snapshots))
         for view in self._groups.values():
             view._registered = True
         if damaged:  # every group's clamped state, durable before anything else
@@ -747,17 +748,22 @@ class SharedWAL(_SegmentFiles):
             if self.sync:
                 _fsync_dir(self.directory)
 
-    def _remove_dropped_snapshots(self) -> None:
+    def _remove_dropped_snapshots(self, snapshots: list[int]) -> list[int]:
         """A start of an undamaged WAL: the snapshot directory of a group whose last
         record is its DROP is one that a crash kept ``drop_group`` from deleting. It
-        goes, so that a new group of that id does not start from it."""
-        for group_id in self._snapshot_dirs():
-            if group_id in self._replayed_drops and group_id not in self._groups:
+        goes, so that a new group of that id does not start from it. Returns the groups
+        of the ``snapshots`` kept."""
+        kept = []
+        for group_id in snapshots:
+            if group_id not in self._replayed_drops or group_id in self._groups:
+                kept.append(group_id)
+            else:
                 path = os.path.join(self.directory, f"{_GROUP_DIR}{group_id}")
                 log.warning("%s: deleting the snapshot of group %d, which the WAL no longer "
                             "holds (a drop_group a crash interrupted)", path, group_id,
                             extra={"event": "drop_finished", "path": path})
                 self._delete_snapshot_dir(path)
+        return kept
 
     def _snapshot_dirs(self) -> list[int]:
         """The groups with a snapshot directory here."""

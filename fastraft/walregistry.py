@@ -47,6 +47,8 @@ class GroupRegistry:
         self.path = os.path.join(directory, REGISTRY)
         self.sync = sync
         self.ids: set[int] = set()
+        #: What ``read`` found in the file (``rewrite`` leaves the same bytes alone).
+        self._found = b""
         self._fd = -1
         self._size = 0
 
@@ -56,7 +58,7 @@ class GroupRegistry:
         intact is skipped, and logged unless it is a torn last append."""
         try:
             with open(self.path, "rb") as f:
-                data = f.read()
+                data = self._found = f.read()
         except FileNotFoundError:
             return set()
         found: set[int] = set()
@@ -83,15 +85,11 @@ class GroupRegistry:
         return found
 
     def rewrite(self, held: set[int]) -> None:
-        """At the end of a start: the file names ``held`` (one record, written only if
-        it says anything else), and is open for changes."""
+        """At the end of a start (after ``read``): the file names ``held`` (one record,
+        written only if what ``read`` found says anything else), and is open for
+        changes."""
         record = _record(msgspec.msgpack.encode(_RegistryChange(sorted(held), [])), 0)
-        try:
-            with open(self.path, "rb") as f:
-                same = f.read() == record
-        except FileNotFoundError:
-            same = False
-        if not same:
+        if self._found != record:
             _write_atomically(self.directory, REGISTRY, record, self.sync)
         self._fd = os.open(self.path, os.O_WRONLY)
         self._size = len(record)

@@ -3,7 +3,7 @@ import random
 
 from fastraft.config import Config
 from fastraft.engine import AppendLog, Engine, InitialState, Send, SetTimer, Timer, TruncateLog
-from fastraft.messages import Entry, EntryKind, HardState, Membership
+from fastraft.messages import Entry, EntryKind, HardState, Membership, encode_membership
 
 CFG = Config(pre_vote=False, check_quorum=False, commit_notify_delay=0)
 
@@ -70,3 +70,20 @@ class Harness:
     def fire(self, node_id, timer=Timer.ELECTION):
         self.engines[node_id].on_timer(timer)
         return self.run()
+
+
+def replacing_3_by_4(node_id, held):
+    """Node ``node_id`` of a change from voters {1, 2, 3} to {1, 2, 4} (thesis §4.1's
+    case): its log holds entry 1, C_old,new at 2 (committed) and, if ``held`` is 3,
+    C_new at 3; no leader heard from since its start. Pre-vote and check-quorum on."""
+    joint = Membership(voters=frozenset({1, 2, 4}), outgoing=frozenset({1, 2, 3}))
+    entries = [Entry(1, 1, EntryKind.NORMAL, b"e1"),
+               Entry(1, 2, EntryKind.CONFIG, encode_membership(joint)),
+               Entry(1, 3, EntryKind.CONFIG,
+                     encode_membership(Membership(voters=frozenset({1, 2, 4}))))]
+    e = Engine(node_id, Config(commit_notify_delay=0), random.Random(node_id), InitialState(
+        hard_state=HardState(1, None, 2), entries=entries[:held],
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3}))))
+    e.start()
+    e.on_timer(Timer.LEASE)
+    return e

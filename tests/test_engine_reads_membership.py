@@ -1,13 +1,17 @@
 """ReadIndex (thesis §6.4) and joint-consensus membership changes (§6)."""
+import random
+
 import pytest
 
-from fastraft.engine import ReadFailed, ReadReady, Role, Timer
+from fastraft.config import Config
+from fastraft.engine import Engine, InitialState, ReadFailed, ReadReady, Role, Timer
 from fastraft.errors import InvalidArgument, MembershipChangeInProgress, NotLeader
 from fastraft.messages import (
     AppendEntries,
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    HardState,
     Membership,
     ReadIndexRequest,
     ReadIndexResponse,
@@ -16,7 +20,9 @@ from fastraft.messages import (
     encode_membership,
 )
 
-from engine_helpers import Harness, make, sends
+from engine_helpers import Harness, make, replacing_3_by_4, sends
+
+CQ = Config(commit_notify_delay=0)  # pre-vote and check-quorum on, as deployed
 
 
 def elect(n=3, leader=1):
@@ -340,3 +346,50 @@ def test_truncating_a_config_entry_reverts_the_membership():
     assert f.membership.voters == {2}
     f.step(3, AppendEntries(3, 3, 1, 1, [Entry(3, 2, EntryKind.NOOP, b"")], 0))
     assert f.membership == old
+
+
+def test_a_removed_voter_holding_the_uncommitted_c_new_campaigns_without_its_own_vote():
+    """Thesis §4.1: "a server that is not part of its own latest configuration should
+    still start new elections, as it might still be needed until the C_new entry is
+    committed ... It does not count its own vote". Leader 1 appended C_new {1, 2, 4}
+    and sent it to node 3 only, then was lost. Nodes 2 and 4 are in C_old,new: each needs
+    node 3's vote for C_old's majority, and node 3 refuses them (its log is longer,
+    §5.4.1). Only node 3 can win: with the votes of 2 and 4, a majority of C_new without
+    its own. It commits C_new and steps down (§6); then 2 or 4 leads C_new."""
+    h = Harness([replacing_3_by_4(2, 2), replacing_3_by_4(3, 3), replacing_3_by_4(4, 2)])
+    removed = h.engines[3]
+    assert removed.removed and removed.removal_pending
+    for _ in range(3):
+        h.fire(2)
+        h.fire(4)
+    assert all(e.role != Role.LEADER for e in h.engines.values())
+    h.fire(3)
+    assert removed.term == 2 and removed.role == Role.FOLLOWER  # led, then stepped down
+    assert removed.status()["removed"] and removed.commit_index == 4
+    assert not removed.removal_pending
+    for e in h.engines.values():
+        assert e.log.last_index == 4 and e.log.term_at(4) == 2
+        assert e.membership == Membership(voters=frozenset({1, 2, 4}))
+    removed.on_timer(Timer.ELECTION)  # C_new committed: never needed again
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
+    h.engines[4].on_timer(Timer.LEASE)  # leader 3 silent for election_timeout_min
+    h.fire(2)
+    assert h.engines[2].role == Role.LEADER and h.engines[4].leader_id == 2
+    assert h.engines[2].commit_index == h.engines[4].commit_index == 5
+
+
+def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():
+    """Only a voter of the configuration before C_new may be needed to commit it."""
+    joint = Membership(voters=frozenset({1, 2}), outgoing=frozenset({1, 2, 3}),
+                       learners=frozenset({5}))
+    entries = [Entry(1, 1, EntryKind.CONFIG, encode_membership(joint)),
+               Entry(1, 2, EntryKind.CONFIG,
+                     encode_membership(Membership(voters=frozenset({1, 2}))))]
+    e = Engine(5, CQ, random.Random(5), InitialState(
+        hard_state=HardState(1, None, 1), entries=entries,
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3}), learners=frozenset({5}))))
+    e.start()
+    e.take_commands()
+    e.on_timer(Timer.LEASE)
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []

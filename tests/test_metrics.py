@@ -4,6 +4,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,16 +13,18 @@ from fastraft.config import Config
 from fastraft.engine import Timer
 from fastraft.errors import InvalidArgument, Overloaded, ProposalDropped
 from fastraft.logutil import JsonFormatter
-from fastraft.messages import RequestVote
+from fastraft.messages import AppendEntries, RequestVote
 from fastraft.metrics import MetricsServer, families
 from fastraft.node import RaftNode
 from fastraft.node.metrics import ENTRIES, Histogram
 from fastraft.node.metrics import Recorder as MetricsRecorder
+from fastraft.node.observe import health
 from fastraft.storage import MemoryStorage
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.transport import MemoryHub
 
 from aio import run
+from engine_helpers import replacing_3_by_4
 from test_node import Recorder
 
 #: test_node's timing, with the duration histograms on.
@@ -391,3 +394,15 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
             assert (await loop.run_in_executor(None, http_get, base + "/health"))[0] == 503
         finally:
             await server.stop()
+
+
+def test_health_asks_to_keep_a_removed_voter_running_until_its_removal_commits():
+    """Thesis §4.1: a voter removed by an entry not known committed may have to lead the
+    change to commit (tests/test_engine_reads_membership.py); stopping it then could
+    leave no one able to win an election."""
+    engine = replacing_3_by_4(3, 3)
+    node = SimpleNamespace(failure=None, _running=True, engine=engine)
+    assert health(node, 0) == ("removed from the cluster (voters [1, 2, 4]) by a change "
+                               "not known committed: keep this node running until it is")
+    assert engine.step(1, AppendEntries(1, 1, 3, 1, [], 3)) is None  # C_new committed
+    assert health(node, 0) == "removed from the cluster (voters [1, 2, 4]): stop this node"

@@ -767,7 +767,7 @@ class Engine:
             if self.config.check_quorum:
                 self._check_quorum()
             return
-        if not self.membership.is_voter(self.id) or self.recovering:
+        if self.recovering or not (self.membership.is_voter(self.id) or self.removal_pending):
             return  # learners, removed nodes and repaired ones never campaign
         if self.term >= MAX_TERM:
             return  # a higher term would be refused by every peer (checks.refusal)
@@ -775,6 +775,18 @@ class Engine:
             self._campaign_pre_vote()
         else:
             self._campaign()
+
+    @property
+    def removal_pending(self) -> bool:
+        """A voter of the configuration before the latest, which leaves it out and is not
+        known committed. Thesis §4.1: such a server "might still be needed until the C_new
+        entry is committed", so it campaigns, not counting its own vote (the quorum
+        kernels count only the configuration's voters), and once it has led C_new to
+        commit it steps down (``_on_config_committed``). The others in C_old,new may need
+        its vote, which it refuses them when its log holds C_new and theirs does not."""
+        configs = self._configs
+        return len(configs) > 1 and configs[-1][0] > self.commit_index \
+            and configs[-2][1].is_voter(self.id)
 
     def _check_quorum(self) -> None:
         """Step down unless a quorum answered during the last election timeout, so a

@@ -122,7 +122,14 @@ def restarted_node_votes_at_once(mp):
     mp.setattr(Engine, "start", start_forgetting_the_promise)
 
 
+def removed_voter_never_campaigns(mp):
+    """Thesis §4.1: a voter removed by a C_new it holds uncommitted may be the only node
+    able to win (the others, in C_old,new, need its vote and it refuses them); this one
+    never campaigns once C_new leaves it out."""
+    mp.setattr(Engine, "removal_pending", property(lambda self: False))
+
+
 PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
           second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
           read_index_without_a_quorum_round, lease_kept_after_a_handover,
-          repaired_node_votes, restarted_node_votes_at_once]
+          repaired_node_votes, restarted_node_votes_at_once, removed_voter_never_campaigns]

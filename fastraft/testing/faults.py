@@ -35,6 +35,14 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: replicate to a minority, then lose to a node of a later term, again and again.
     flap_leader: float = 0.0
     flap_within: float = 0.02
+    #: The chance that a leader that appends the entry that ends a change (C_new, §6)
+    #: and sends it at once to a node that change removes is lost for good: crashed as
+    #: it flushes those sends (each leaves or not, at random), never restarted, and
+    #: left out of the final convergence check. One node at most in a run: the one
+    #: failure a cluster must survive, at the worst moment of a change (C_new held by
+    #: some nodes only: a removed one among them may be the only node able to win,
+    #: thesis §4.1).
+    lose_at_change: float = 0.0
     #: The chance that a partition is one-way: one side's messages to the other are
     #: lost, the other side's arrive (a broken link in one direction).
     one_way: float = 0.0

@@ -72,6 +72,7 @@ from fastraft.messages import (
     InstallSnapshot,
     Membership,
     TimeoutNow,
+    decode_membership,
 )
 from fastraft.testing.faults import BOUNCE_LEAD, BRIDGE, Faults, random_partition
 from fastraft.testing.linearizability import History, check
@@ -124,6 +125,18 @@ class _Node:
         #: heard it (a new one: the peer restarted, as a new connection says to a host).
         self.boots = 0
         self.boots_seen: dict[int, int] = {}
+
+
+def _c_new_sent(c: Any) -> tuple[int, bool]:
+    """If ``c`` sends the entry that ends a change, C_new (§6): its index, and whether
+    it goes to a node it removes; else (0, False)."""
+    if type(c) is Send and type(c.message) is AppendEntries:
+        for e in c.message.entries:
+            if e.kind == EntryKind.CONFIG:
+                m = decode_membership(e.data)
+                if not m.joint:
+                    return e.index, c.to not in m.members
+    return 0, False
 
 
 class EventQueue:
@@ -189,6 +202,8 @@ class Simulator(EventQueue):
         self._faults_on = True
         #: Nodes whose log was damaged, until they have left recovery.
         self._repairing: set[int] = set()
+        #: The node lost for good (``Faults.lose_at_change``), if any.
+        self._lost: int | None = None
         # Observations checked by the invariants.
         self.leaders_by_term: dict[int, int] = {}
         self._log_entries: dict[tuple[int, int], tuple[Any, ...]] = {}
@@ -215,7 +230,7 @@ class Simulator(EventQueue):
                       "reconfigurations": 0, "log_reads": 0, "flaps": 0,
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
-                      "declines": 0, "deafened": 0, "repairs": 0, "ceiling_repairs": 0,
+                      "declines": 0, "deafened": 0, "repairs": 0, "ceiling_repairs": 0, "lost": 0,
                       "bridges": 0, "bounces": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
@@ -279,7 +294,7 @@ class Simulator(EventQueue):
         self._faults_on = False
         self._partition = None
         for node in self.nodes.values():
-            if not node.alive:
+            if not node.alive and node.id != self._lost:
                 self._boot(node)
 
     def check_converged(self, within: float) -> None:
@@ -369,10 +384,10 @@ class Simulator(EventQueue):
         self._execute(node, node.engine.start())
 
     def _members(self, leader: _Node | None) -> list[_Node]:
-        """Nodes of the leader's configuration; removed and spare nodes need not converge."""
-        if leader is None:
-            return list(self.nodes.values())
-        return [self.nodes[i] for i in leader.engine.membership.members]
+        """Nodes of the leader's configuration; removed, spare and lost nodes need not
+        converge."""
+        members = self.nodes if leader is None else leader.engine.membership.members
+        return [self.nodes[i] for i in members if i != self._lost]
 
     def _ev_reconfigure(self) -> None:
         """Membership churn: add a learner, promote one, remove a voter (maybe the
@@ -460,9 +475,8 @@ class Simulator(EventQueue):
     def _may_damage(self, node: _Node) -> bool:
         """As docs/storage.md asks of an operator: one node at a time, and only while
         every node that has a configuration holds the same one, and no change is under
-        way. (During a change, or with a voter behind one, a recovering voter can leave
-        no one able to win an election: a removed node holding the newest entries does
-        not campaign.)"""
+        way. (During a change, or with a voter behind one, a recovering voter, which
+        counts for no election, can leave no one able to win one.)"""
         if self._still_repairing() - {node.id}:
             return False
         held = [n.engine.membership for n in self.nodes.values() if n.engine.membership.members]
@@ -497,6 +511,10 @@ class Simulator(EventQueue):
         writes: list[Any] = []
         held: list[Any] = []
         flap = self.faults.flap_leader and self._faults_on
+        lose = self.faults.lose_at_change and self._faults_on and self._lost is None
+        if lose and self._losing_at(node, commands):
+            self._lose(node, commands)
+            return
         for c in commands:
             t = type(c)
             if t is Send:
@@ -803,6 +821,25 @@ class Simulator(EventQueue):
         if self.rng.random() < 0.5:
             self._take_down(node)
 
+    def _losing_at(self, node: _Node, commands: list[Any]) -> bool:
+        """Whether ``node`` is lost as it flushes ``commands``: a batch in which it appends
+        a C_new and sends it to a node it removes."""
+        appended = [e.index for c in commands if type(c) is AppendLog for e in c.entries
+                    if e.kind == EntryKind.CONFIG and not decode_membership(e.data).joint]
+        return bool(appended) and any(_c_new_sent(c) == (appended[-1], True)
+                                      for c in commands) \
+            and self.rng.random() < self.faults.lose_at_change
+
+    def _lose(self, node: _Node, commands: list[Any]) -> None:
+        """Crash ``node`` for good as it flushes ``commands`` (``Faults.lose_at_change``):
+        each of their sends of C_new leaves or not, at random; nothing else does."""
+        for c in commands:
+            if _c_new_sent(c)[0] and self.rng.random() < 0.5:
+                self._transmit(node.id, c.to, c.message)
+        self._lost = node.id
+        self.stats["lost"] += 1
+        self._crash(node)
+
     def _ev_unflap(self, cut: dict[int, int]) -> None:
         if self._partition is cut:  # not replaced by another partition meanwhile
             self._partition = None
@@ -909,7 +946,7 @@ class Simulator(EventQueue):
 
     def _ev_restart(self, node_id: int) -> None:
         node = self.nodes[node_id]
-        if not node.alive:
+        if not node.alive and node_id != self._lost:
             self._boot(node)
 
     # ------------------------------------------------------------------ invariants
@@ -917,7 +954,7 @@ class Simulator(EventQueue):
     def _violation(self, what: str) -> InvariantViolation:
         return InvariantViolation(
             f"seed={self.seed} t={self.now:.4f}: {what} "
-            f"(replay: Simulator(seed={self.seed}, nodes={len(self.nodes)}, faults=...).run())")
+            f"(replay: Simulator(seed={self.seed}, nodes={len(self.founders)}, faults=...).run())")
 
     def _on_role(self, node: _Node, c: RoleChanged) -> None:
         if c.role != Role.LEADER:

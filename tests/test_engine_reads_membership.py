@@ -192,7 +192,9 @@ def test_joint_commit_needs_both_majorities():
     assert leader.commit_index >= index
 
 
-def test_removed_leader_steps_down_after_c_new_commits():
+def test_removed_leader_steps_down_after_c_new_commits_and_hands_over():
+    # Thesis §3.10: the voter holding the most of the log (the lowest id of those tied)
+    # campaigns at once, without waiting for an election timeout.
     h = Harness([make(i, voters=(1, 2, 3), terms=[1]) for i in (1, 2, 3)])
     h.fire(1)
     leader = h.engines[1]
@@ -200,10 +202,9 @@ def test_removed_leader_steps_down_after_c_new_commits():
     h.run()
     assert leader.role == Role.FOLLOWER
     assert leader.membership.voters == {2, 3}
+    assert h.engines[2].role == Role.LEADER and h.engines[3].leader_id == 2
     leader.on_timer(Timer.ELECTION)  # no longer a voter: never campaigns
     assert leader.role == Role.FOLLOWER
-    h.fire(2)
-    assert h.engines[2].role == Role.LEADER
 
 
 def removal(voters=(1, 2, 3, 4), cut_off=False):
@@ -295,10 +296,10 @@ def test_the_successor_of_a_leader_that_removed_itself_tells_the_others_it_remov
     c_new = leader.log.last_index
     assert leader.role == Role.FOLLOWER and leader.commit_index == c_new
     assert leader.status()["removed"] and not removed.status()["removed"]
-    h.engines[4] = removed
-    h.fire(2)
     successor = h.engines[2]
-    assert successor.role == Role.LEADER
+    assert successor.role == Role.LEADER  # handed over to by node 1
+    h.engines[4] = removed
+    h.fire(2, Timer.HEARTBEAT)
     assert removed.log.last_index == c_new and removed.status()["removed"]
     assert successor.departing == {} and leader.log.last_index == c_new
 
@@ -355,7 +356,8 @@ def test_a_removed_voter_holding_the_uncommitted_c_new_campaigns_without_its_own
     and sent it to node 3 only, then was lost. Nodes 2 and 4 are in C_old,new: each needs
     node 3's vote for C_old's majority, and node 3 refuses them (its log is longer,
     §5.4.1). Only node 3 can win: with the votes of 2 and 4, a majority of C_new without
-    its own. It commits C_new and steps down (§6); then 2 or 4 leads C_new."""
+    its own. It commits C_new and steps down (§6), handing over to node 2 (thesis
+    §3.10)."""
     h = Harness([replacing_3_by_4(2, 2), replacing_3_by_4(3, 3), replacing_3_by_4(4, 2)])
     removed = h.engines[3]
     assert removed.removed and removed.removal_pending
@@ -364,18 +366,17 @@ def test_a_removed_voter_holding_the_uncommitted_c_new_campaigns_without_its_own
         h.fire(4)
     assert all(e.role != Role.LEADER for e in h.engines.values())
     h.fire(3)
-    assert removed.term == 2 and removed.role == Role.FOLLOWER  # led, then stepped down
+    # node 3 led term 2 (its no-op at 4 committed C_new), then handed over to node 2
+    assert [e.log.term_at(4) for e in h.engines.values()] == [2, 2, 2]
+    assert (h.engines[2].role, h.engines[2].term) == (Role.LEADER, 3)
+    assert removed.role == Role.FOLLOWER and removed.leader_id == 2
     assert removed.status()["removed"] and removed.commit_index == 4
     assert not removed.removal_pending
+    assert h.engines[2].commit_index == h.engines[4].commit_index == 5
     for e in h.engines.values():
-        assert e.log.last_index == 4 and e.log.term_at(4) == 2
         assert e.membership == Membership(voters=frozenset({1, 2, 4}))
     removed.on_timer(Timer.ELECTION)  # C_new committed: never needed again
     assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
-    h.engines[4].on_timer(Timer.LEASE)  # leader 3 silent for election_timeout_min
-    h.fire(2)
-    assert h.engines[2].role == Role.LEADER and h.engines[4].leader_id == 2
-    assert h.engines[2].commit_index == h.engines[4].commit_index == 5
 
 
 def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():

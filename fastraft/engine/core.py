@@ -1516,7 +1516,12 @@ class Engine:
             self._append_own([Entry(self.term, self.log.last_index + 1, EntryKind.CONFIG,
                                     encode_membership(new))])
         elif self.id not in m.voters:
-            # A leader outside C_new steps down once C_new commits (§6).
+            # A leader outside C_new steps down once C_new commits (§6), handing over to
+            # the voter holding the most of the log (thesis §3.10, as ``resign``) rather
+            # than leaving the group leaderless for an election timeout.
+            target = self.successor()
+            if target is not None:
+                self._send(target, TimeoutNow(self.term, self.id))
             self._become_follower(self.term, None)
 
     # ------------------------------------------------------------------ reads (thesis §6.4)

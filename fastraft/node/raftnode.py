@@ -482,7 +482,8 @@ class RaftNode:
         C_new. New voters must be learners already (``add_learner``); they are promoted only
         once they have answered the leader and are within ``Config.max_learner_lag``
         entries of it, else ``CatchUpTimeout``. Voters left out are removed; a leader left
-        out steps down once C_new commits. Raises ``MembershipChangeInProgress`` if a
+        out steps down once C_new commits, handing leadership to the voter holding the
+        most of the log (thesis §3.10). Raises ``MembershipChangeInProgress`` if a
         change is under way; ``ProposalDropped`` if this node loses leadership before the
         change commits and then learns that a later leader committed another entry in
         its place, or learns nothing for ``Config.lost_leadership_wait`` (read the

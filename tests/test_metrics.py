@@ -403,6 +403,7 @@ def test_health_asks_to_keep_a_removed_voter_running_until_its_removal_commits()
     engine = replacing_3_by_4(3, 3)
     node = SimpleNamespace(failure=None, _running=True, engine=engine)
     assert health(node, 0) == ("removed from the cluster (voters [1, 2, 4]) by a change "
-                               "not known committed: keep this node running until it is")
+                               "not known committed here: stop this node once the change "
+                               "returns")
     assert engine.step(1, AppendEntries(1, 1, 3, 1, [], 3)) is None  # C_new committed
     assert health(node, 0) == "removed from the cluster (voters [1, 2, 4]): stop this node"

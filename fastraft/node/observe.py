@@ -117,7 +117,7 @@ def health(node: RaftNode, max_apply_lag: int) -> str | None:
         return "node is not running"
     if e.removal_pending:  # thesis §4.1: it may have to lead the change to commit
         return (f"removed from the cluster (voters {sorted(e.membership.voters)}) by a "
-                "change not known committed: keep this node running until it is")
+                "change not known committed here: stop this node once the change returns")
     if e.removed:  # it serves no reads (no entries reach it) and never campaigns
         return (f"removed from the cluster (voters {sorted(e.membership.voters)}): "
                 "stop this node")

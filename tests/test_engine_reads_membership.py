@@ -394,3 +394,10 @@ def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():
     e.on_timer(Timer.LEASE)
     e.on_timer(Timer.ELECTION)
     assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []
+
+
+def test_a_voter_that_the_uncommitted_c_new_keeps_is_not_pending_removal():
+    # Only the voters C_new leaves out may be needed to commit it from outside.
+    kept = replacing_3_by_4(2, 3)
+    assert kept.membership.is_voter(2) and kept.commit_index < 3
+    assert not kept.removal_pending and not kept.removed

@@ -15,7 +15,7 @@ from fastraft.errors import (
     NotLeader,
     ProposalDropped,
 )
-from fastraft.messages import InstallSnapshot
+from fastraft.messages import AppendEntries, EntryKind, InstallSnapshot, decode_membership
 from fastraft.testing import LocalCluster, wait_until
 from fastraft.testing.filesm import FileStateMachine
 
@@ -521,3 +521,48 @@ async def test_a_change_compacted_away_before_its_caller_looks_is_reported_done(
         assert leader.engine.log.term_at(index) == -1  # compacted away
         await leader._membership.wait_complete(index, 5)
         assert leader.engine.membership.learners == {9}
+
+
+@run
+async def test_a_removed_voter_that_alone_holds_c_new_is_elected_when_the_leader_is_lost():
+    """Thesis §4.1 on running nodes: replacing voter ``gone`` by node 4, the leader sends
+    C_new to ``gone`` alone and is lost. The two others, in C_old,new, need the vote of
+    ``gone``, which refuses them (its log is longer): only ``gone`` can win, without its
+    own vote. It commits C_new, hands over, and the cluster serves writes without the
+    lost leader (before the fix no one was ever elected). In memory: the test filters
+    the hub's deliveries."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        old = leader.id
+        await write(leader, 20)
+        await leader.add_learner(4, c.addresses[4])
+        gone, kept = sorted(set(range(1, 4)) - {old})
+        deliver = c.hub._deliver
+
+        def is_c_new(e):
+            if e.kind != EntryKind.CONFIG:
+                return False
+            m = decode_membership(e.data)
+            return not m.joint and m.voters == {old, kept, 4}
+
+        def c_new_to_gone_only(frm, to, messages):
+            if frm == old and to != gone and any(
+                    type(m) is AppendEntries and any(map(is_c_new, m.entries))
+                    for m in messages):
+                c.hub._cut |= {(old, kept), (old, 4)}  # from then on, gone alone hears it
+                return
+            deliver(frm, to, messages)
+        c.hub._deliver = c_new_to_gone_only
+        change = asyncio.ensure_future(leader.change_membership({old, kept, 4}))
+        await wait_until(lambda: c.nodes[gone].engine.removal_pending, 10,
+                         "the removed voter holding C_new")
+        assert c.nodes[kept].engine.log.last_index < c.nodes[gone].engine.log.last_index
+        await leader.stop()  # lost for good
+        with pytest.raises((NodeStopped, ProposalDropped)):
+            await change
+        new = await c.leader(timeout=10, exclude={old, gone})
+        assert new.engine.membership == c.nodes[gone].engine.membership
+        assert new.engine.membership.voters == {old, kept, 4}
+        assert c.nodes[gone].health().endswith("): stop this node")  # it knows: committed
+        last = (await write(new, 20, "after"))[-1]
+        await converged(c, {kept, 4}, last)

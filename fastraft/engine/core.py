@@ -786,7 +786,7 @@ class Engine:
         its vote, which it refuses them when its log holds C_new and theirs does not."""
         configs = self._configs
         return len(configs) > 1 and configs[-1][0] > self.commit_index \
-            and configs[-2][1].is_voter(self.id)
+            and configs[-2][1].is_voter(self.id) and not configs[-1][1].is_voter(self.id)
 
     def _check_quorum(self) -> None:
         """Step down unless a quorum answered during the last election timeout, so a

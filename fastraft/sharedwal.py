@@ -150,6 +150,12 @@ class _Batch:
         return self.seq, off
 
 
+def _snapshot_dirs(names: list[str]) -> list[int]:
+    """The groups with a snapshot directory among ``names`` (a listing of the WAL's)."""
+    return [int(name[len(_GROUP_DIR):]) for name in names
+            if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit()]
+
+
 class WalGroup(_LogStore):
     """One group's view of a ``SharedWAL``: its ``RaftStorage`` (``wal.group(id)``)."""
 
@@ -686,8 +692,9 @@ class SharedWAL(_SegmentFiles):
         # None: a WAL of before 2026-12-04, whose groups' terms no ceiling bounds
         terms = _read_checked(os.path.join(self.directory, _TERMS), _TermCeiling)
         registered = self._registry.read()
+        names = os.listdir(self.directory)  # once: thousands of groups, thousands of dirs
         seqs = []
-        for name in sorted(os.listdir(self.directory)):
+        for name in sorted(names):
             if name.startswith(_SEG_PREFIX) and name.endswith(_SEG_SUFFIX):
                 try:
                     seqs.append(int(name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]))
@@ -713,7 +720,7 @@ class SharedWAL(_SegmentFiles):
             damaged = True
         if damaged and self._segments:  # the cut segment, or the one before the gap
             self._tail_size = os.path.getsize(self._path(self._segments[-1]))
-        snapshots = self._snapshot_dirs()
+        snapshots = _snapshot_dirs(names)  # recovery creates none, deletes none
         if repairing is not None:  # a group the cut took every record of is known by
             for group_id in repairing.groups + snapshots:  # what it dropped, or by its
                 self.group(group_id)  # snapshot
@@ -764,11 +771,6 @@ class SharedWAL(_SegmentFiles):
                             extra={"event": "drop_finished", "path": path})
                 self._delete_snapshot_dir(path)
         return kept
-
-    def _snapshot_dirs(self) -> list[int]:
-        """The groups with a snapshot directory here."""
-        return [int(name[len(_GROUP_DIR):]) for name in os.listdir(self.directory)
-                if name.startswith(_GROUP_DIR) and name[len(_GROUP_DIR):].isdigit()]
 
     def _damaged(self, seq: int, pos: int, what: str, later: list[int]) -> bool:
         """Damage that no crash explains, at ``pos`` of segment ``seq``: with ``repair``

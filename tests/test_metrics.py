@@ -396,10 +396,10 @@ async def test_a_host_serves_its_figures_and_its_groups_counters_summed():
             await server.stop()
 
 
-def test_health_asks_to_keep_a_removed_voter_running_until_its_removal_commits():
+def test_health_says_when_to_stop_a_voter_removed_by_an_uncommitted_change():
     """Thesis §4.1: a voter removed by an entry not known committed may have to lead the
-    change to commit (tests/test_engine_reads_membership.py); stopping it then could
-    leave no one able to win an election."""
+    change to commit (tests/test_engine_reads_membership.py); stopped before the change
+    returns, it could leave no one able to win an election."""
     engine = replacing_3_by_4(3, 3)
     node = SimpleNamespace(failure=None, _running=True, engine=engine)
     assert health(node, 0) == ("removed from the cluster (voters [1, 2, 4]) by a change "

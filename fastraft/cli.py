@@ -239,6 +239,8 @@ def _config(args: argparse.Namespace) -> Config:
         tuned["log_retention_entries"] = args.log_retention_entries
     if args.lease_reads:
         tuned["lease_reads"] = True
+    if args.stop_when_removed:
+        tuned["stop_when_removed"] = True
     if args.heartbeat_interval is not None:
         tuned["heartbeat_interval"] = args.heartbeat_interval
     if args.election_timeout is not None:
@@ -252,7 +254,8 @@ def _config(args: argparse.Namespace) -> Config:
 async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode | RaftHost,
                  nodes: list[RaftNode], where: str) -> int:
     """Serve clients (and ``--metrics`` of ``measured``, a node or a host) until a signal
-    (0) or until one of ``nodes`` stops itself (3, its failure on stderr)."""
+    (0), until one of ``nodes`` stops itself after a hook failed (3, its failure on
+    stderr), or until all of them stopped, removed (0, ``--stop-when-removed``)."""
     await server.start()
     metrics = None
     if args.metrics:
@@ -271,7 +274,11 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
           + (f", metrics http://{metrics.address}/metrics" if metrics else ""), flush=True)
     stopped = [asyncio.ensure_future(node.wait_stopped()) for node in nodes]
     signalled = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({*stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    running = set(stopped)
+    while running and not signalled.done() and all(n.failure is None for n in nodes):
+        done, _ = await asyncio.wait({*running, signalled},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        running -= done
     if signalled.done():
         # A planned stop: the writes in flight get their answers, and clients are sent
         # to the new leaders, rather than hear "may or may not" (a rolling restart). A
@@ -291,6 +298,10 @@ async def _serve(args: argparse.Namespace, server: KVServer, measured: RaftNode 
     if failures:
         print(f"fastraft node: {failures[0]}", file=sys.stderr, flush=True)
         return 3
+    if not running:
+        print(f"fastraft node: node {args.id} was removed from the cluster"
+              f"{' (every group)' if len(nodes) > 1 else ''}: stopped (--stop-when-removed)",
+              file=sys.stderr, flush=True)
     return 0
 
 
@@ -521,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--lease-reads", action="store_true",
                       help="serve reads on the leader under a lease, without a round trip "
                            "(Config.lease_reads: safe while clocks drift little)")
+    node.add_argument("--stop-when-removed", action="store_true",
+                      help="exit (0) once a membership change that took this node out has "
+                           "committed; with --groups, once every group has (default: keep "
+                           "running, out of the cluster, until stopped)")
     node.add_argument("--init", action="store_true",
                       help="form the cluster from --cluster if this node is fresh")
     node.add_argument("--groups", type=_positive(int), default=1, metavar="N",

@@ -108,6 +108,15 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     #: lone ``RaftNode`` refuses a non-zero value.
     quiesce_after: float = 0.0
 
+    #: Stop the node once it has applied the configuration entry that takes it out of
+    #: the group (a voter removed, a learner removed), as hashicorp/raft's
+    #: ``ShutdownOnRemove`` and etcd do: ``wait_stopped()`` returns, and a ``RaftHost``
+    #: forgets the replica (its storage stays). It waits for that entry to commit: a
+    #: voter removed by an uncommitted change may still have to lead it to commit
+    #: (thesis §4.1). Off, a removed node keeps running, out of the group, until stopped
+    #: (``health()`` says to), and may be added back as it is.
+    stop_when_removed: bool = False
+
     @property
     def lease_span(self) -> float:
         """Seconds a leader may serve reads without a round trip after a quorum confirmed

@@ -6,6 +6,7 @@ import glob
 import logging
 import tracemalloc
 
+import msgspec
 import pytest
 
 from fastraft import (
@@ -565,6 +566,31 @@ async def test_a_replica_removed_but_still_running_learns_it_is_out():
         again = await hosts.hosts[4].create_group(1, None, state_machine=Log())
         assert again.engine.removed and again.engine.leader_id is None
         assert hosts.hosts[4].health() is None
+    finally:
+        await hosts.stop()
+
+
+@run
+async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
+    # Config.stop_when_removed: host 4's replica of group 1 stops once it has applied
+    # C_new, and the host forgets it, as after remove_group; its storage stays.
+    hosts = Hosts(balance_interval=None,
+                  config=msgspec.structs.replace(QUIET, stop_when_removed=True))
+    try:
+        removed, leader = await fourth_voter(hosts)
+        await leader.change_membership({1, 2, 3})
+        removal = leader.engine.membership_index
+        await asyncio.wait_for(removed.wait_stopped(), 10)
+        assert removed.failure is None and removed.applied_index >= removal
+        host = hosts.hosts[4]
+        assert dict(host.groups) == {} and host.status()["removed"] == []
+        assert host.status()["running"] and host.health() is None
+        with pytest.raises(UnknownGroup):
+            host.group(1)
+        await hosts.propose(1, b"without 4")
+        # created again on its storage, the replica knows it is out (and hears nothing)
+        again = await host.create_group(1, None, state_machine=Log())
+        assert again.engine.removed and again.engine.log.last_index >= removal
     finally:
         await hosts.stop()
 

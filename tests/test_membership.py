@@ -22,6 +22,7 @@ from fastraft.testing.filesm import FileStateMachine
 from aio import run
 
 FAST = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.02)
+STOPPING = msgspec.structs.replace(FAST, stop_when_removed=True)
 
 
 async def write(leader, n, prefix="k"):
@@ -95,8 +96,59 @@ async def test_replace_a_node_and_remove_the_leader():
         assert new.id != old and old not in new.engine.membership.members
         last = (await write(new, 20, "after"))[-1]
         await converged(c, new.engine.membership.voters, last)
-        # removed nodes never win an election in the new cluster
-        assert all(not c.nodes[i].is_leader for i in (old, gone))
+        # removed nodes never win an election in the new cluster, and keep running
+        # (Config.stop_when_removed is off) until stopped
+        assert all(not c.nodes[i].is_leader and c.nodes[i].running for i in (old, gone))
+
+
+@run
+async def test_with_stop_when_removed_a_learner_and_a_leader_stop_once_their_removal_commits():
+    """``Config.stop_when_removed`` (hashicorp/raft's ``ShutdownOnRemove``): a removed
+    learner stops once it has applied the entry that removed it; a leader that removes
+    itself answers its caller, hands over and stops; ``wait_stopped()`` returns."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=STOPPING, transport="tcp",
+                            spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        learner = c.nodes[4]
+        await converged(c, range(1, 5), (await write(leader, 20))[-1])
+        await leader.remove_learner(4)
+        removal = leader.engine.membership_index
+        await asyncio.wait_for(learner.wait_stopped(), 10)
+        assert not learner.running and learner.failure is None
+        assert learner.applied_index >= removal and learner.engine.removed
+        assert all(c.nodes[i].running for i in (1, 2, 3))
+        old = leader.id
+        kept = {1, 2, 3} - {old}
+        await leader.change_membership(kept)  # answered, not "may or may not"
+        await asyncio.wait_for(leader.wait_stopped(), 10)
+        assert leader.failure is None and leader.applied_index >= leader.engine.membership_index
+        new = await c.leader(exclude={old})
+        assert new.engine.membership.voters == kept
+        last = (await write(new, 20, "after"))[-1]
+        await converged(c, kept, last)
+        assert all(c.nodes[i].running for i in kept)
+
+
+@run
+async def test_with_stop_when_removed_a_node_restarted_after_its_removal_keeps_running():
+    """Raft keeps no commit index on disk: a removed node restarted with
+    ``stop_when_removed`` holds its removal in its log but cannot know it committed (no
+    leader tells it any more), so it keeps running, ``health()`` asking to stop it."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        await converged(c, range(1, 5), (await write(leader, 5))[-1])
+        await leader.remove_learner(4)
+        removal = leader.engine.membership_index
+        await wait_until(lambda: c.nodes[4].applied_index >= removal, 10, "the removal applied")
+        assert c.nodes[4].running  # stop_when_removed is off
+        c.config = STOPPING
+        again = await c.restart(4)
+        assert again.engine.removed and again.engine.commit_index < removal
+        last = (await write(leader, 20, "after"))[-1]
+        await converged(c, {1, 2, 3}, last)
+        assert again.running and again.health().startswith("removed from the cluster")
 
 
 @run
@@ -523,15 +575,19 @@ async def test_a_change_compacted_away_before_its_caller_looks_is_reported_done(
         assert leader.engine.membership.learners == {9}
 
 
+@pytest.mark.parametrize("stop_when_removed", [False, True])
 @run
-async def test_a_removed_voter_that_alone_holds_c_new_is_elected_when_the_leader_is_lost():
+async def test_a_removed_voter_that_alone_holds_c_new_is_elected_when_the_leader_is_lost(
+        stop_when_removed):
     """Thesis §4.1 on running nodes: replacing voter ``gone`` by node 4, the leader sends
     C_new to ``gone`` alone and is lost. The two others, in C_old,new, need the vote of
     ``gone``, which refuses them (its log is longer): only ``gone`` can win, without its
     own vote. It commits C_new, hands over, and the cluster serves writes without the
-    lost leader (before the fix no one was ever elected). In memory: the test filters
-    the hub's deliveries."""
-    async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
+    lost leader (before the fix no one was ever elected). ``stop_when_removed`` waits
+    for that commit: ``gone`` stops only then. In memory: the test filters the hub's
+    deliveries."""
+    config = STOPPING if stop_when_removed else FAST
+    async with LocalCluster(3, state_machine=kv.KVStore, config=config, spares=1) as c:
         leader = await c.leader()
         old = leader.id
         await write(leader, 20)
@@ -563,6 +619,10 @@ async def test_a_removed_voter_that_alone_holds_c_new_is_elected_when_the_leader
         new = await c.leader(timeout=10, exclude={old, gone})
         assert new.engine.membership == c.nodes[gone].engine.membership
         assert new.engine.membership.voters == {old, kept, 4}
-        assert c.nodes[gone].health().endswith("): stop this node")  # it knows: committed
+        if stop_when_removed:
+            await asyncio.wait_for(c.nodes[gone].wait_stopped(), 10)
+            assert c.nodes[gone].applied_index >= new.engine.membership_index
+        else:
+            assert c.nodes[gone].health().endswith("): stop this node")  # knows: committed
         last = (await write(new, 20, "after"))[-1]
         await converged(c, {kept, 4}, last)

@@ -271,6 +271,70 @@ def test_the_member_command_removes_and_adds_back_a_node_of_one_group(cluster):
     assert asyncio.run(leader_and_voters())[1] == [1, 2, 3]
 
 
+def test_a_node_run_with_stop_when_removed_exits_once_its_removal_commits(tmp_path):
+    """``fastraft node --stop-when-removed``: ``fastraft member remove`` of a follower,
+    then of the leader (which hands over first), ends each one's process, with status 0
+    and a line saying why; the last voter serves writes."""
+    cluster = ProcessCluster(3, str(tmp_path), extra_args=["--stop-when-removed"])
+    try:
+        cluster.start_all()
+        leader = asyncio.run(leader_of(cluster))
+        live = set(cluster.ids)
+        for gone in (next(i for i in cluster.ids if i != leader), leader):
+            out = fastraft_cli(cluster, "member", "remove", str(gone), "--cluster",
+                               ",".join(cluster.client[i] for i in sorted(live)), timeout=90)
+            assert out.returncode == 0, out.stderr + out.stdout
+            assert cluster.procs[gone].wait(20) == 0
+            assert (f"node {gone} was removed from the cluster: stopped "
+                    "(--stop-when-removed)") in cluster.log(gone)
+            live.discard(gone)
+        last, = live
+
+        async def write():
+            clients = await cluster.connect_all([last])
+            try:
+                await put_retrying(clients, "after")
+                assert await clients[last].get("after") == b"after"
+            finally:
+                clients[last].close()
+        asyncio.run(write())
+    finally:
+        cluster.stop_all()
+
+
+@run
+async def test_a_node_of_several_groups_with_stop_when_removed_exits_once_out_of_all(tmp_path):
+    """``--stop-when-removed`` with ``--groups 2``: removed from one group, the host drops
+    that replica and serves the other; removed from both, its process ends (status 0)."""
+    cluster = ProcessCluster(3, str(tmp_path), extra_args=["--groups", "2",
+                                                          "--stop-when-removed"])
+    members = ",".join(cluster.client[i] for i in (1, 2))
+    clients = {}
+    try:
+        cluster.start_all()
+        clients = await cluster.connect_all()
+        for g in range(2):
+            await find_leader(clients, group=g)
+        out = await asyncio.to_thread(fastraft_cli, cluster, "member", "remove", "3",
+                                      "--group", "0", "--cluster", members, timeout=90)
+        assert out.returncode == 0, out.stderr + out.stdout
+
+        async def one_group_left():
+            return (await clients[3].status())["host"]["groups"] == 1
+        await until(one_group_left, "node 3 dropping its replica of group 0", 20)
+        assert cluster.procs[3].poll() is None
+        out = await asyncio.to_thread(fastraft_cli, cluster, "member", "remove", "3",
+                                      "--group", "1", "--cluster", members, timeout=90)
+        assert out.returncode == 0, out.stderr + out.stdout
+        assert await asyncio.to_thread(cluster.procs[3].wait, 20) == 0
+        assert ("node 3 was removed from the cluster (every group): stopped "
+                "(--stop-when-removed)") in cluster.log(3)
+    finally:
+        for c in clients.values():
+            c.close()
+        cluster.stop_all()
+
+
 @run
 async def test_the_member_command_tells_the_members_a_node_moved(tmp_path):
     """A follower restarted on its data at another Raft address hears nothing (the

@@ -374,6 +374,11 @@ class Engine:
         return first
 
     @property
+    def membership_index(self) -> int:
+        """Index of the configuration entry in force (0: none in the log yet)."""
+        return self._configs[-1][0]
+
+    @property
     def membership_change_pending(self) -> bool:
         """A configuration entry is not committed yet, or the joint configuration is in
         force: the change under way has to finish before another starts (§6)."""

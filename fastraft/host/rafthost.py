@@ -27,6 +27,7 @@ awake groups share it (``cachebudget``); ``metrics`` sums the groups' counters (
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import Counter, OrderedDict
@@ -254,6 +255,7 @@ class RaftHost:
             clock = self._clocks[interval] = HeartbeatClock(asyncio.get_running_loop(),
                                                             interval)
         node.heartbeat_clock = clock
+        node.on_removed = functools.partial(self._removed, group_id)
         self._groups[group_id] = node
         budget = self._cache_budget
         if budget is not None:
@@ -321,6 +323,12 @@ class RaftHost:
         self._forget(group_id, node)
         await node.stop()
 
+    def _removed(self, group_id: int, node: RaftNode) -> None:
+        """A replica stopping itself, taken out of its group (``Config.stop_when_removed``):
+        gone from the host as after ``remove_group``, with no leadership to hand over."""
+        if self._groups.get(group_id) is node:
+            self._forget(group_id, node)
+
     def _forget(self, group_id: int, node: RaftNode) -> None:
         """A group leaves this host: no balancing, no share of the cache budget."""
         self._groups.pop(group_id, None)
@@ -336,10 +344,11 @@ class RaftHost:
         """This host at a glance: its groups, how many it leads, how many are quiet,
         the groups whose replica here stopped itself (a hook failed: ``NodeFailed``, the
         group's ``failure`` says which), those taken out of their group (stop them with
-        ``remove_group``), the peer hosts it suspects gone, leadership
-        transfers, reminders of quiet leaders (``_remind``), groups campaigning and
-        election timers postponed (``max_campaigns``), the bytes of log entries its
-        groups keep in memory and their budget (None: none), and transport counters.
+        ``remove_group``; with ``Config.stop_when_removed`` they leave by themselves),
+        the peer hosts it suspects gone, leadership transfers, reminders of quiet
+        leaders (``_remind``), groups campaigning and election timers postponed
+        (``max_campaigns``), the bytes of log entries its groups keep in memory and
+        their budget (None: none), and transport counters.
         One pass over the groups; each group's own ``status()`` has the details."""
         leading = quiet = cached = 0
         failed = []

@@ -358,3 +358,5 @@ class Applier:
         node = self.node
         node._reads.applied(self.applied_index)
         node._notify_progress()
+        if node._removal_index:
+            node._stop_if_removed()

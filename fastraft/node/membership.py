@@ -143,11 +143,11 @@ class MembershipChanges:
         node = self.node
         applier = node._applier
         term = node.engine.term
-        ours = False
+        ours = done = False
         waits = node._fate_waits  # leading: only a wait begun after this counts
 
         def complete() -> bool:
-            nonlocal ours, waits
+            nonlocal ours, waits, done
             e = node.engine
             if not node._running:
                 return True
@@ -172,10 +172,11 @@ class MembershipChanges:
                         "it may or may not take effect"))
                 else:
                     return False
-            return (applier.committed_index >= index and not e.membership.joint
-                    and e._configs[-1][0] <= applier.committed_index)
+            done = (applier.committed_index >= index and not e.membership.joint
+                    and e.membership_index <= applier.committed_index)
+            return done
         await asyncio.wait_for(node._wait_progress(complete), timeout)
-        if not node._running:
+        if not done:  # stopped; a leader that removed itself may stop once it returns
             raise node.failure or NodeStopped(
                 f"node {node.id} stopped before the membership change at {index} was known "
                 "complete: it may or may not take effect; read the membership (status()) "

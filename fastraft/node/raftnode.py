@@ -114,6 +114,12 @@ class RaftNode:
         #: Set by a ``RaftHost`` with a log cache budget: called with this node and True
         #: when its group goes quiet, False when it wakes (``QuietChanged``).
         self.quiet_changed: Callable[[RaftNode, bool], None] | None = None
+        #: Set by a ``RaftHost``: called with this node when it stops itself because it
+        #: was removed from its group (``Config.stop_when_removed``).
+        self.on_removed: Callable[[RaftNode], None] | None = None
+        #: ``Config.stop_when_removed``: the index of the configuration entry that takes
+        #: this node out of the group, the node stopping once it is applied (0: none).
+        self._removal_index = 0
         self._timers = Timers(self)
         self._runner = CommandRunner(self)
         self._writer = LogWriter(self)
@@ -212,6 +218,10 @@ class RaftNode:
         self.network.set_peers(dict(self.engine.membership.addresses))
         await self.network.start(self)
         self._runner.run(self.engine.start(self._is_preferred(self.engine.membership)))
+        if self.config.stop_when_removed:
+            # Restarted out of the group: it stops if a leader still telling it so
+            # (``Engine._say_farewells``) says the removal committed.
+            self._note_removal()
 
     def _is_preferred(self, membership: Membership) -> bool | None:
         """Whether this replica is the one its host balances the group's leadership to
@@ -791,6 +801,35 @@ class RaftNode:
                                      "learners": sorted(membership.learners)})
             if membership.addresses:
                 self.network.set_peers(dict(membership.addresses))
+            if self.config.stop_when_removed:
+                self._note_removal()
+
+    def _note_removal(self) -> None:
+        """``Config.stop_when_removed``: note the configuration entry that takes this node
+        out of the group (none: 0; a new leader may have cut an uncommitted one), and
+        stop if it is applied already (committed: until then the node may have to lead
+        the change to commit, thesis §4.1)."""
+        e = self.engine
+        self._removal_index = e.membership_index if e.removed else 0
+        self._stop_if_removed()
+
+    def _stop_if_removed(self) -> None:
+        """Once the configuration entry that took this node out of the group is applied:
+        stop (from a task, as this runs inside the apply path), ``wait_stopped``
+        returning."""
+        if not self._running or not self._removal_index \
+                or self._applier.applied_index < self._removal_index:
+            return
+        log.warning("%s: removed from the cluster by the configuration entry at %d, "
+                    "committed (voters %s): stopping (Config.stop_when_removed)",
+                    self.label, self._removal_index, sorted(self.engine.membership.voters),
+                    extra={"event": "removed", **self.log_fields,
+                           "index": self._removal_index})
+        self._removal_index = 0
+        self._accepting = False
+        if self.on_removed is not None:
+            self.on_removed(self)
+        self._loop.create_task(self.stop())
 
     def _end_orphan_wait(self) -> None:
         self._orphan_wait = None

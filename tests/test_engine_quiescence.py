@@ -342,11 +342,15 @@ def test_quiesce_after_is_checked():
         Config(quiesce_after=0.01)
 
 
-def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake():
+@pytest.mark.parametrize("can_be_told", [True, False])
+def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake(can_be_told):
     # A removed voter cut off while the change goes through misses C_new: the leader
     # tries to tell it for an election timeout's worth of heartbeats, then gives up, so
-    # it still counts itself a voter and pre-campaigns while it runs (thesis §4.2.3: its
-    # votes are refused). Woken by each pre-vote, the group would never stay quiet.
+    # it still counts itself a voter and pre-campaigns (thesis §4.2.3: its votes are
+    # refused). Back, its first pre-vote has the leader tell it again (its answers wake
+    # the leader once, a term); if it cannot be told (the entries it lacks left the
+    # leader's memory), it pre-campaigns while it runs. Woken by each pre-vote, the group
+    # would never stay quiet.
     engines = [make(i, voters=(1, 2, 3, 4), config=QCFG, terms=[1], commit=1)
                for i in (1, 2, 3, 4)]
     h = Harness(engines)
@@ -366,9 +370,18 @@ def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake():
     assert not removed.membership.joint and removed.membership.is_voter(4)
     assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
     term = leader.term
+    if can_be_told:
+        h.fire(4, Timer.ELECTION)
+        assert removed.role == Role.FOLLOWER and removed.status()["removed"]
+        assert leader.departing == {}
+        assert not leader.quiet  # woken by the answers
+        tick(h, 2)  # two idle heartbeats: quiet again
+        assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
+    else:
+        leader.limit_cache(0)
     for _ in range(3):
         h.fire(4, Timer.ELECTION)
-        assert removed.role == Role.PRE_CANDIDATE
+        assert removed.role == (Role.FOLLOWER if can_be_told else Role.PRE_CANDIDATE)
         assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
         assert all(not any(type(c) is SetTimer for c in e.take_commands())
                    for e in (leader, f2, f3))

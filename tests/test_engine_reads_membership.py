@@ -15,6 +15,7 @@ from fastraft.messages import (
     Membership,
     ReadIndexRequest,
     ReadIndexResponse,
+    RequestVote,
     RequestVoteResponse,
     decode_membership,
     encode_membership,
@@ -267,6 +268,68 @@ def test_a_removed_voter_whose_entries_left_the_leaders_memory_is_given_up():
     h.run()
     assert leader.departing == {} and removed.log.last_index < c_new
     assert not any(type(c).__name__ == "ReadLog" for c in leader.take_commands())
+
+
+def removed_while_down():
+    """Four voters (pre-vote and check-quorum on), 1 leading, remove voter 4 while it is
+    down, and the leader's farewell to it gives up: the harness, the leader, node 4 (not
+    in the harness), and the index of C_new."""
+    cfg = Config(commit_notify_delay=0)
+    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=cfg) for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, removed = h.engines[1], h.engines.pop(4)
+    assert leader.role == Role.LEADER
+    leader.propose([b"missed %d" % i for i in range(3)])
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    c_new = leader.log.last_index
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {} and leader.commit_index == c_new
+    return h, leader, removed, c_new
+
+
+def test_a_removed_voter_that_missed_its_farewell_is_told_when_it_campaigns():
+    # An operator removes a node that is down; it comes back and pre-campaigns. The
+    # leader tells it then (etcd answers a removed member so too): it knows it is out,
+    # and campaigns no more. The leader keeps its term.
+    h, leader, removed, c_new = removed_while_down()
+    term = leader.term
+    h.engines[4] = removed
+    h.fire(4)  # its election timer: a pre-vote to every voter it knows
+    assert removed.status()["removed"] and removed.commit_index == c_new
+    assert removed.log.last_index == c_new and leader.departing == {}
+    assert leader.role == Role.LEADER and leader.term == term
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
+
+
+def test_a_removed_voter_that_cannot_be_told_costs_its_leader_one_farewell_a_term():
+    h, leader, removed, c_new = removed_while_down()
+    removed.on_timer(Timer.ELECTION)
+    [(_, ask)] = sends(removed.take_commands(), RequestVote)[:1]
+    leader.step(4, ask)  # heard, but its answers are lost: node 4 is still away
+    assert list(leader.departing) == [4]
+    assert sends(leader.take_commands(), AppendEntries)[0][0] == 4
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {}
+    leader.step(4, ask)
+    assert leader.departing == {} and sends(leader.take_commands(), AppendEntries) == []
+    # leading again in a later term, it tries once again (after the farewell a new
+    # leader says to the nodes the latest change removed)
+    term = leader.term
+    leader.transfer_leadership(2)
+    h.run()
+    h.engines[2].transfer_leadership(1)
+    h.run()
+    assert leader.role == Role.LEADER and leader.term == term + 2
+    assert list(leader.departing) == [4]
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {}
+    leader.step(4, ask)
+    assert list(leader.departing) == [4]
 
 
 def test_a_new_leader_tells_the_nodes_its_predecessor_removed():

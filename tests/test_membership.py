@@ -131,6 +131,27 @@ async def test_with_stop_when_removed_a_learner_and_a_leader_stop_once_their_rem
 
 
 @run
+async def test_a_node_removed_while_down_is_told_when_it_comes_back_and_stops():
+    """The operator's case: a node is down, so it is removed; the leader's farewell
+    gives up. Restarted with ``stop_when_removed``, the node pre-campaigns; the leader
+    tells it it is out, and it stops (without the flag it would run on, knowing it)."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=STOPPING) as c:
+        leader = await c.leader()
+        await write(leader, 20)
+        gone = next(i for i in (1, 2, 3) if i != leader.id)
+        await c.nodes[gone].stop()
+        await leader.change_membership({1, 2, 3} - {gone})
+        removal = leader.engine.membership_index
+        await write(leader, 20, "later")
+        await wait_until(lambda: leader.engine.departing == {}, 10, "the farewell given up")
+        back = await c.restart(gone)
+        assert not back.engine.removed  # its log ends before the change
+        await asyncio.wait_for(back.wait_stopped(), 10)
+        assert back.failure is None and back.engine.removed
+        assert back.applied_index >= removal and leader.is_leader
+
+
+@run
 async def test_with_stop_when_removed_a_node_restarted_after_its_removal_keeps_running():
     """Raft keeps no commit index on disk: a removed node restarted with
     ``stop_when_removed`` holds its removal in its log but cannot know it committed (no

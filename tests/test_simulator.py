@@ -71,6 +71,11 @@ PROFILES = {
     # reached only a node it removes (thesis §4.1)
     "lost-at-change": (Faults(lose_at_change=0.6), Config(),
                        {"spare_nodes": 2, "reconfigure_every": 0.15}),
+    # membership churn that removes voters which are down (an operator removing dead
+    # nodes): their leader's farewell is lost, and they come back a second later
+    "remove-down": (Faults(remove_down=1.0, down_for=1.0, crash_every=0.5,
+                           partition_every=3.0), Config(),
+                    {"spare_nodes": 2, "reconfigure_every": 0.3}),
     # most partitions bridged (Jepsen's nemesis): one node still talks with both sides,
     # which do not talk to each other; lease reads
     "bridges": (Faults(bridge=0.7, partition_every=0.5), Config(lease_reads=True),
@@ -96,12 +101,15 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
               "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
               "reminders": 0, "transfers": 0, "leaving": 0, "declines": 0, "deafened": 0,
-              "repairs": 0, "bridges": 0, "bounces": 0, "lost": 0}
+              "repairs": 0, "bridges": 0, "bounces": 0, "lost": 0, "removed_down": 0}
+    out_of_group = 0
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
         sim.run(3.0, settle=8.0)
         for k in totals:
             totals[k] += sim.stats[k]
+        if faults.remove_down:
+            out_of_group += removed_nodes_know_it(sim)
     # every client history got a verdict (linearizable: a violation raised above)
     assert totals["history_undecided"] == 0
     # the faults really happened and the cluster really worked through them (the quiet
@@ -152,6 +160,26 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["bounces"] > seeds
     if faults.lose_at_change:
         assert totals["lost"] > seeds // 2 and totals["reconfigurations"] > seeds
+    if faults.remove_down:
+        assert totals["removed_down"] >= seeds // 2 and out_of_group >= seeds // 3
+
+
+def removed_nodes_know_it(sim):
+    """A second after ``run``: every live node that a configuration in the leader's log
+    took out of the group, and that would ask the leader for its vote (a voter that
+    counts the leader a voter, in its own configuration), knows it is out: its leader
+    told it, or a later leader did when it campaigned. Returns the number of such nodes.
+    (A learner never asks; nor does one that knows the leader only as a learner, or not
+    at all: those may never learn.)"""
+    sim.run_until(sim.now + 1.0)
+    leader = next(n for n in sim.nodes.values() if n.alive and n.engine.role == Role.LEADER)
+    out = [n for n in sim.nodes.values() if n.alive and n.id in leader.engine.known_ids
+           and n.id not in leader.engine.membership.members
+           and (n.engine.removed or n.engine.membership.is_voter(n.id)
+                and n.engine.membership.is_voter(leader.id))]
+    untold = [n.id for n in out if not n.engine.removed]
+    assert not untold, f"seed {sim.seed}: nodes {untold} were never told they are out"
+    return len(out)
 
 
 @pytest.mark.parametrize("profile", ["churn-snapshots", "churn-snapshots-harsh", "harsh",
@@ -390,7 +418,7 @@ LOST_SEEDS = 40
 PLANT_ORDER = ["learners", "no-prevote", "harsh", "transfers", "repairs", "bounces",
                "lost-at-change", "flapping", "small-windows", "churn-snapshots-harsh",
                "churn-snapshots", "small-cache", "small-cache-churn", "one-way", "torn-disks",
-               "leases-skew", "bridges", "quiet", "default"]
+               "leases-skew", "bridges", "quiet", "remove-down", "default"]
 
 
 @pytest.mark.parametrize("plant", PLANTS, ids=lambda p: p.__name__)

@@ -194,6 +194,8 @@ class Engine:
         #: Nodes a configuration entry of this leader's removed, until they hold that
         #: entry and know it committed (``_say_farewells``).
         self.departing: dict[int, Progress] = {}
+        #: Removed nodes that asked this leader for votes, told again (once a term).
+        self._told_again: set[int] = set()
         #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
         self._seq = 0
         self._reads: list[_PendingRead] = []
@@ -705,6 +707,8 @@ class Engine:
         t = type(m)
         if self.quiet and m.term >= self.term and not self._keeps_quiet(frm, t, m):
             self.wake()
+        if t is RequestVote and self.role == Role.LEADER and frm not in self.progress:
+            self._tell_removed_again(frm)
         if m.term > self.term:
             if t is RequestVote and not m.leadership_transfer and self.config.check_quorum \
                     and (self.leader_alive or self.role == Role.LEADER):
@@ -922,6 +926,7 @@ class Engine:
         self.lease_forfeited = False
         nxt = self.log.last_index + 1
         self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
+        self._told_again = set()
         if len(self._configs) > 1:
             # The nodes the latest change removed may not have been told: their leader
             # lost leadership before it did, or was one of them and stepped down.
@@ -1144,6 +1149,24 @@ class Engine:
                 while pr.next_index <= last and \
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, last)
+
+    def _tell_removed_again(self, peer: int) -> None:
+        """Leader: ``peer``, which a configuration in this log took out of the group, asks
+        for votes, so it never learned it is out: it was down or cut off for its whole
+        farewell (an operator removing a dead node that comes back later). Say farewell
+        again: it then stops campaigning, and ``Config.stop_when_removed`` stops its
+        node, as etcd tells a removed member that contacts it. Once a term per node, so
+        one that cannot be told (it needs entries that left this leader's memory) costs
+        an attempt a term, not one per request."""
+        if peer in self.departing or peer in self._told_again:
+            return
+        configs = self._configs
+        for k in range(len(configs) - 1, 0, -1):
+            if peer in configs[k - 1][1].members:
+                self._told_again.add(peer)
+                self._depart(peer, Progress(configs[k][0]), configs[k][0])
+                self._say_farewells()
+                return
 
     def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
         """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say

@@ -43,6 +43,10 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: some nodes only: a removed one among them may be the only node able to win,
     #: thesis §4.1).
     lose_at_change: float = 0.0
+    #: The chance that a membership change removing a voter picks one that is down, when
+    #: one is (an operator removing a dead node): the leader's farewell to it is lost,
+    #: and it learns it is out, or not, when it comes back and campaigns.
+    remove_down: float = 0.0
     #: The chance that a partition is one-way: one side's messages to the other are
     #: lost, the other side's arrive (a broken link in one direction).
     one_way: float = 0.0

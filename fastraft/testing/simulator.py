@@ -234,7 +234,7 @@ class Simulator(EventQueue):
                       "bridges": 0, "bounces": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
-                      "member_back_wakes": 0, "reminders": 0}
+                      "member_back_wakes": 0, "reminders": 0, "removed_down": 0}
         for node in self.nodes.values():
             self._boot(node)
         if reconfigure_every:
@@ -422,11 +422,11 @@ class Simulator(EventQueue):
             learners.discard(x)
             voters.add(x)
         elif op == "remove":
-            voters.discard(self.rng.choice(sorted(voters)))
+            voters.discard(self._voter_to_remove(voters))
         else:
             x = self.rng.choice(sorted(learners))
             learners.discard(x)
-            voters.discard(self.rng.choice(sorted(voters)))
+            voters.discard(self._voter_to_remove(voters))
             voters.add(x)
         try:
             ldr.engine.propose_membership(frozenset(voters), frozenset(learners),
@@ -435,6 +435,15 @@ class Simulator(EventQueue):
             return  # a change is still in progress
         self.stats["reconfigurations"] += 1
         self._execute(ldr, ldr.engine.take_commands())
+
+    def _voter_to_remove(self, voters: set[int]) -> int:
+        """Any voter, or (``Faults.remove_down`` of the time) one that is down."""
+        if self.faults.remove_down:
+            down = sorted(v for v in voters if not self.nodes[v].alive)
+            if down and self.rng.random() < self.faults.remove_down:
+                self.stats["removed_down"] += 1
+                return self.rng.choice(down)
+        return self.rng.choice(sorted(voters))
 
     def _crash(self, node: _Node, clean: bool = False) -> None:
         if node.engine.role == Role.LEADER and (clean or self.faults.graceful_stop and

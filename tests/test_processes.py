@@ -302,6 +302,31 @@ def test_a_node_run_with_stop_when_removed_exits_once_its_removal_commits(tmp_pa
         cluster.stop_all()
 
 
+def test_a_dead_node_removed_exits_when_it_is_revived_with_stop_when_removed(tmp_path):
+    """The operator's story: a node dies (SIGKILL) and is removed while dead; revived on
+    its data (a supervisor restarting it), it learns it is out (from the farewell the
+    leader's transport kept queued for it, or, were that lost, from the leader it asks
+    for a vote: test_membership holds that path), and with ``--stop-when-removed`` its
+    process exits (status 0) instead of lingering outside the cluster."""
+    cluster = ProcessCluster(3, str(tmp_path), data_dir=str(tmp_path / "data"),
+                             extra_args=["--stop-when-removed"])
+    try:
+        cluster.start_all()
+        leader = asyncio.run(leader_of(cluster))
+        dead = next(i for i in cluster.ids if i != leader)
+        cluster.kill(dead)
+        live = ",".join(cluster.client[i] for i in cluster.ids if i != dead)
+        out = fastraft_cli(cluster, "member", "remove", str(dead), "--cluster", live,
+                           timeout=90)
+        assert out.returncode == 0, out.stderr + out.stdout
+        cluster.start(dead)  # on its data: its log ends before the change
+        assert cluster.procs[dead].wait(30) == 0
+        assert (f"node {dead} was removed from the cluster: stopped "
+                "(--stop-when-removed)") in cluster.log(dead)
+    finally:
+        cluster.stop_all()
+
+
 @run
 async def test_a_node_of_several_groups_with_stop_when_removed_exits_once_out_of_all(tmp_path):
     """``--stop-when-removed`` with ``--groups 2``: removed from one group, the host drops

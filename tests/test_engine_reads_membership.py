@@ -401,6 +401,28 @@ def test_a_removed_learner_is_told_it_is_out():
     assert learner.log.last_index == c_new and leader.departing == {}
 
 
+def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
+    # A learner never campaigns: removed while down, only the driver's word that its
+    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, once a
+    # term, whether the leader is quiet or not.
+    h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1]) for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, learner = h.engines[1], h.engines.pop(4)
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    c_new = leader.log.last_index
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {} and not learner.status()["removed"]
+    h.engines[4] = learner
+    learner.on_timer(Timer.ELECTION)
+    assert sends(learner.take_commands()) == []  # it never asks
+    assert not leader.quiet and leader.remind([4, 2])
+    h.run()
+    assert learner.status()["removed"] and learner.commit_index == c_new
+    assert leader.departing == {} and not leader.remind([4])  # once a term
+
+
 def test_truncating_a_config_entry_reverts_the_membership():
     f = make(2, voters=(1, 2, 3), term=1, terms=[1])
     f.take_commands()

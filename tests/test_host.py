@@ -596,6 +596,42 @@ async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
 
 
 @run
+async def test_a_learner_removed_while_its_host_was_down_is_told_when_the_host_is_back():
+    # Host 4 holds learners of groups 1 and 2, and is down when group 1's leader removes
+    # its learner: the farewell is lost, and a learner never campaigns. When host 4
+    # restarts, the hosts hear it back (it is still in group 2) and group 1's leader
+    # tells it (Engine.remind): with stop_when_removed, the replica leaves host 4.
+    hosts = Hosts(balance_interval=None,
+                  config=msgspec.structs.replace(QUIET, stop_when_removed=True))
+    try:
+        for i in (1, 2, 3):
+            await hosts.start(i, groups=[1, 2])
+        await hosts.join_fourth_host(1)
+        await hosts.create_groups(4, [2], found=False)
+        for g in (1, 2):
+            await (await hosts.leader(g)).add_learner(4, hosts.addresses[4])
+            await hosts.propose(g, b"before")
+            await hosts.read(4, g)
+        await hosts.hosts[4].stop()
+        leader = await hosts.leader(1)
+        await leader.remove_learner(4)
+        await wait_until(lambda: leader.engine.departing == {}, 10, "the farewell given up")
+        for i in (1, 2, 3):  # lost, as a long outage loses them (the queue's bound)
+            queue = hosts.hosts[i].network._peers.get(4)
+            if queue is not None:
+                queue._drop_oldest(queue.queued, 0)
+        host4 = await hosts.start(4, groups=[])
+        replica = await host4.create_group(1, None, state_machine=Log())
+        await hosts.create_groups(4, [2], found=False)
+        assert not replica.engine.removed  # its log ends before its removal
+        await asyncio.wait_for(replica.wait_stopped(), 10)
+        assert replica.failure is None and replica.engine.removed
+        assert list(host4.groups) == [2]
+    finally:
+        await hosts.stop()
+
+
+@run
 async def test_a_replica_removed_that_never_heard_so_lets_its_group_go_quiet(monkeypatch):
     # The same, with the leader's word lost (as for a host cut off while the change goes
     # through): that replica's log ends before C_new and it pre-campaigns while it runs;

@@ -1150,23 +1150,25 @@ class Engine:
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, last)
 
-    def _tell_removed_again(self, peer: int) -> None:
-        """Leader: ``peer``, which a configuration in this log took out of the group, asks
-        for votes, so it never learned it is out: it was down or cut off for its whole
-        farewell (an operator removing a dead node that comes back later). Say farewell
-        again: it then stops campaigning, and ``Config.stop_when_removed`` stops its
-        node, as etcd tells a removed member that contacts it. Once a term per node, so
-        one that cannot be told (it needs entries that left this leader's memory) costs
-        an attempt a term, not one per request."""
+    def _tell_removed_again(self, peer: int) -> bool:
+        """Leader: ``peer`` asks for votes, or came back (``remind``). If a configuration
+        in this log took it out of the group, it may never have learned it: it was down
+        or cut off for its whole farewell (an operator removing a dead node that comes
+        back later). Say farewell again: it then stops campaigning, and
+        ``Config.stop_when_removed`` stops its node, as etcd tells a removed member that
+        contacts it. Once a term per node, so one that cannot be told (it needs entries
+        that left this leader's memory) costs an attempt a term, not one per request.
+        Returns whether it said farewell."""
         if peer in self.departing or peer in self._told_again:
-            return
+            return False
         configs = self._configs
         for k in range(len(configs) - 1, 0, -1):
             if peer in configs[k - 1][1].members:
                 self._told_again.add(peer)
                 self._depart(peer, Progress(configs[k][0]), configs[k][0])
                 self._say_farewells()
-                return
+                return True
+        return False
 
     def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
         """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say
@@ -1277,22 +1279,28 @@ class Engine:
                              self.commit_index, self._seq, True)
 
     def remind(self, peers: Iterable[int]) -> bool:
-        """Quiet leader: send the members among ``peers`` its quiesce heartbeat again
-        (the driver heard their processes come back: restarted, or reachable again after
-        a partition). A replica that restarted, or woke when it lost its leader, knows no
+        """Leader: the driver heard the processes of ``peers`` come back (restarted, or
+        reachable again after a partition). A node among them that a configuration in
+        this log removed is told so again (``_tell_removed_again``): a removed learner,
+        or a removed voter that would not ask this leader for its vote, learns it only
+        so. A quiet leader also sends the members among them its quiesce heartbeat
+        again: a replica that restarted, or woke when it lost its leader, knows no
         leader until a leader's message reaches it, and a quiet leader sends none: reads
         and proposals on it fail meanwhile, until its election timer runs out. This one
         tells it, and it goes quiet too; a member whose log is behind refuses it, which
         wakes the leader to catch it up. Returns whether anything was sent."""
-        if not self.quiet or self.role != Role.LEADER:
+        if self.role != Role.LEADER:
             return False
+        told = False
         msg = None
         for peer in peers:
-            if peer in self.progress:
+            if peer not in self.progress:
+                told |= self._tell_removed_again(peer)
+            elif self.quiet:
                 if msg is None:
                     msg = self._quiesce_heartbeat()
                 self._send(peer, msg)
-        return msg is not None
+        return told or msg is not None
 
     def _keeps_quiet(self, frm: int, t: type, m: Any) -> bool:
         """Messages a quiet node takes without waking: the leader's quiesce heartbeat

@@ -621,7 +621,8 @@ class RaftNode:
     def peers_back(self, peers: frozenset[int]) -> bool:
         """Members whose processes were heard coming back (``RaftHost``: a host heard
         again, or one that connected anew: restarted); a quiet leader tells them it
-        leads (``Engine.remind``). Returns whether it did."""
+        leads, and a leader tells those its group removed that they are out
+        (``Engine.remind``). Returns whether it did."""
         if not self._running or not self.engine.remind(peers):
             return False
         self._schedule_flush()

@@ -403,8 +403,9 @@ def test_a_removed_learner_is_told_it_is_out():
 
 def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
     # A learner never campaigns: removed while down, only the driver's word that its
-    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, once a
-    # term, whether the leader is quiet or not.
+    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, at
+    # each return (a restart may have lost the commit it learned), whether the leader
+    # is quiet or not.
     h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1]) for i in (1, 2, 3, 4)])
     h.fire(1)
     leader, learner = h.engines[1], h.engines.pop(4)
@@ -420,7 +421,10 @@ def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_
     assert not leader.quiet and leader.remind([4, 2])
     h.run()
     assert learner.status()["removed"] and learner.commit_index == c_new
-    assert leader.departing == {} and not leader.remind([4])  # once a term
+    assert leader.departing == {}
+    assert leader.remind([4]) and list(leader.departing) == [4]  # back again
+    h.run()
+    assert leader.departing == {}
 
 
 def test_truncating_a_config_entry_reverts_the_membership():

@@ -1150,16 +1150,17 @@ class Engine:
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, last)
 
-    def _tell_removed_again(self, peer: int) -> bool:
+    def _tell_removed_again(self, peer: int, each_term: bool = True) -> bool:
         """Leader: ``peer`` asks for votes, or came back (``remind``). If a configuration
         in this log took it out of the group, it may never have learned it: it was down
         or cut off for its whole farewell (an operator removing a dead node that comes
         back later). Say farewell again: it then stops campaigning, and
         ``Config.stop_when_removed`` stops its node, as etcd tells a removed member that
-        contacts it. Once a term per node, so one that cannot be told (it needs entries
-        that left this leader's memory) costs an attempt a term, not one per request.
-        Returns whether it said farewell."""
-        if peer in self.departing or peer in self._told_again:
+        contacts it. ``each_term``: once a term per node, so one that cannot be told (it
+        needs entries that left this leader's memory) and asks for votes every election
+        timeout costs an attempt a term, not one per request (the driver's word that a
+        process is back comes once a return). Returns whether it said farewell."""
+        if peer in self.departing or each_term and peer in self._told_again:
             return False
         configs = self._configs
         for k in range(len(configs) - 1, 0, -1):
@@ -1281,21 +1282,22 @@ class Engine:
     def remind(self, peers: Iterable[int]) -> bool:
         """Leader: the driver heard the processes of ``peers`` come back (restarted, or
         reachable again after a partition). A node among them that a configuration in
-        this log removed is told so again (``_tell_removed_again``): a removed learner,
-        or a removed voter that would not ask this leader for its vote, learns it only
-        so. A quiet leader also sends the members among them its quiesce heartbeat
-        again: a replica that restarted, or woke when it lost its leader, knows no
-        leader until a leader's message reaches it, and a quiet leader sends none: reads
-        and proposals on it fail meanwhile, until its election timer runs out. This one
-        tells it, and it goes quiet too; a member whose log is behind refuses it, which
-        wakes the leader to catch it up. Returns whether anything was sent."""
+        this log removed is told so again (``_tell_removed_again``, at each return): a
+        removed learner, or a removed voter that would not ask this leader for its
+        vote, learns it only so. A quiet leader also sends the members among them its
+        quiesce heartbeat again: a replica that restarted, or woke when it lost its
+        leader, knows no leader until a leader's message reaches it, and a quiet leader
+        sends none: reads and proposals on it fail meanwhile, until its election timer
+        runs out. This one tells it, and it goes quiet too; a member whose log is behind
+        refuses it, which wakes the leader to catch it up. Returns whether anything was
+        sent."""
         if self.role != Role.LEADER:
             return False
         told = False
         msg = None
         for peer in peers:
             if peer not in self.progress:
-                told |= self._tell_removed_again(peer)
+                told |= self._tell_removed_again(peer, each_term=False)
             elif self.quiet:
                 if msg is None:
                     msg = self._quiesce_heartbeat()

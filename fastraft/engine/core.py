@@ -194,8 +194,10 @@ class Engine:
         #: Nodes a configuration entry of this leader's removed, until they hold that
         #: entry and know it committed (``_say_farewells``).
         self.departing: dict[int, Progress] = {}
-        #: Removed nodes that asked this leader for votes, told again (once a term).
+        #: Removed nodes that asked this leader for votes and were told again, until
+        #: ``_retell_wait`` more heartbeat ticks have passed (``_tell_removed_again``).
         self._told_again: set[int] = set()
+        self._retell_wait = 0
         #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
         self._seq = 0
         self._reads: list[_PendingRead] = []
@@ -235,6 +237,9 @@ class Engine:
         #: timeout's worth, after which that node would have campaigned anyway.
         self._farewell_rounds = max(2, math.ceil(self.config.election_timeout_max
                                                  / self.config.heartbeat_interval))
+        #: Heartbeat ticks before a removed node that asks for votes again is told again:
+        #: four farewells' worth, so one that cannot be told costs a farewell now and then.
+        self._retell_rounds = 4 * self._farewell_rounds
         #: A busy follower (sent an AppendEntries since the last tick) gets no heartbeat
         #: from the tick: it then hears from this leader at least every two intervals,
         #: which must stay within two thirds of its election timeout (§5.6's margin).
@@ -1124,6 +1129,10 @@ class Engine:
             pr.sent_since_tick = False
         if self.departing:
             self._retry_farewells()
+        if self._told_again:
+            self._retell_wait -= 1
+            if self._retell_wait <= 0:
+                self._told_again.clear()
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
 
     def _say_farewells(self) -> None:
@@ -1150,21 +1159,25 @@ class Engine:
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, last)
 
-    def _tell_removed_again(self, peer: int, each_term: bool = True) -> bool:
+    def _tell_removed_again(self, peer: int, limited: bool = True) -> bool:
         """Leader: ``peer`` asks for votes, or came back (``remind``). If a configuration
         in this log took it out of the group, it may never have learned it: it was down
         or cut off for its whole farewell (an operator removing a dead node that comes
         back later). Say farewell again: it then stops campaigning, and
         ``Config.stop_when_removed`` stops its node, as etcd tells a removed member that
-        contacts it. ``each_term``: once a term per node, so one that cannot be told (it
-        needs entries that left this leader's memory) and asks for votes every election
-        timeout costs an attempt a term, not one per request (the driver's word that a
-        process is back comes once a return). Returns whether it said farewell."""
-        if peer in self.departing or each_term and peer in self._told_again:
+        contacts it. ``limited`` (a vote request, which a removed voter sends every
+        election timeout): not again for ``_retell_rounds`` heartbeat ticks (none pass
+        while quiet), so one that cannot be told (it needs entries that left this
+        leader's memory) costs a farewell now and then, not one per request and no
+        wake-up of a quiet group per request; the driver's word that a process is back
+        comes once a return. Returns whether it said farewell."""
+        if peer in self.departing or limited and peer in self._told_again:
             return False
         configs = self._configs
         for k in range(len(configs) - 1, 0, -1):
             if peer in configs[k - 1][1].members:
+                if not self._told_again:
+                    self._retell_wait = self._retell_rounds
                 self._told_again.add(peer)
                 self._depart(peer, Progress(configs[k][0]), configs[k][0])
                 self._say_farewells()
@@ -1297,7 +1310,7 @@ class Engine:
         msg = None
         for peer in peers:
             if peer not in self.progress:
-                told |= self._tell_removed_again(peer, each_term=False)
+                told |= self._tell_removed_again(peer, limited=False)
             elif self.quiet:
                 if msg is None:
                     msg = self._quiesce_heartbeat()

@@ -37,6 +37,8 @@ FAST = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_int
 QUIET = Config(election_timeout_min=0.15, election_timeout_max=0.3, heartbeat_interval=0.03,
                quiesce_after=0.1)
 #: Replicas that never campaign within a test: only a leader's message tells them who leads.
+#: Replicas that stop themselves once out of their group.
+STOPPING = msgspec.structs.replace(QUIET, stop_when_removed=True)
 PATIENT = Config(election_timeout_min=60.0, election_timeout_max=90.0, heartbeat_interval=0.03,
                  quiesce_after=0.1)
 GROUPS = range(12)
@@ -574,8 +576,7 @@ async def test_a_replica_removed_but_still_running_learns_it_is_out():
 async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
     # Config.stop_when_removed: host 4's replica of group 1 stops once it has applied
     # C_new, and the host forgets it, as after remove_group; its storage stays.
-    hosts = Hosts(balance_interval=None,
-                  config=msgspec.structs.replace(QUIET, stop_when_removed=True))
+    hosts = Hosts(balance_interval=None, config=STOPPING)
     try:
         removed, leader = await fourth_voter(hosts)
         await leader.change_membership({1, 2, 3})
@@ -588,7 +589,7 @@ async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
         with pytest.raises(UnknownGroup):
             host.group(1)
         await hosts.propose(1, b"without 4")
-        # created again on its storage, the replica knows it is out (and hears nothing)
+        # created again on its storage, the replica knows it is out
         again = await host.create_group(1, None, state_machine=Log())
         assert again.engine.removed and again.engine.log.last_index >= removal
     finally:
@@ -601,8 +602,7 @@ async def test_a_learner_removed_while_its_host_was_down_is_told_when_the_host_i
     # its learner: the farewell is lost, and a learner never campaigns. When host 4
     # restarts, the hosts hear it back (it is still in group 2) and group 1's leader
     # tells it (Engine.remind): with stop_when_removed, the replica leaves host 4.
-    hosts = Hosts(balance_interval=None,
-                  config=msgspec.structs.replace(QUIET, stop_when_removed=True))
+    hosts = Hosts(balance_interval=None, config=STOPPING)
     try:
         for i in (1, 2, 3):
             await hosts.start(i, groups=[1, 2])

@@ -219,8 +219,8 @@ class RaftNode:
         await self.network.start(self)
         self._runner.run(self.engine.start(self._is_preferred(self.engine.membership)))
         if self.config.stop_when_removed:
-            # Restarted out of the group: it stops if a leader still telling it so
-            # (``Engine._say_farewells``) says the removal committed.
+            # Restarted out of the group: it stops once a leader tells it the removal
+            # committed (a farewell under way, or said again: ``Engine._tell_removed_again``).
             self._note_removal()
 
     def _is_preferred(self, membership: Membership) -> bool | None:

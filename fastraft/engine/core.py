@@ -932,12 +932,17 @@ class Engine:
         nxt = self.log.last_index + 1
         self.progress = {p: Progress(nxt) for p in self.membership.members if p != self.id}
         self._told_again = set()
-        if len(self._configs) > 1:
-            # The nodes the latest change removed may not have been told: their leader
-            # lost leadership before it did, or was one of them and stepped down.
-            (_, before), (index, latest) = self._configs[-2], self._configs[-1]
-            for p in before.members - latest.members - {self.id}:
-                self._depart(p, Progress(index), index)
+        # The nodes that changes in this log removed may not have been told: their
+        # leader lost leadership before it did, or was one of them and stepped down, or
+        # they were down or cut off. Each is told of the latest change that removed it
+        # (those whose entries left memory are given up at once: ``_say_farewells``).
+        configs = self._configs
+        members = self.membership.members
+        for k in range(len(configs) - 1, 0, -1):
+            index = configs[k][0]
+            for p in configs[k - 1][1].members - configs[k][1].members:
+                if p not in members and p not in self.departing and p != self.id:
+                    self._depart(p, Progress(index), index)
         self._fill_trackers()
         self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max)
                          if self.config.check_quorum else CancelTimer(Timer.ELECTION))
@@ -1136,14 +1141,15 @@ class Engine:
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
 
     def _say_farewells(self) -> None:
-        """Leader: send each removed node the configuration entry that removed it, then
-        that the entry is committed, and forget it. It then knows it is out (§6: a
-        configuration is in force once appended): it never campaigns, and its driver can
-        stop it. Without this, a removed voter whose log ends before C_new still counts
-        itself a voter and pre-campaigns for as long as it runs (its votes are refused,
-        thesis §4.2.3, but it never learns why). Best effort, as in hashicorp/raft: given
-        up once it needs entries that left this leader's memory (no storage reads or
-        snapshots for a node that is out), or after ``_farewell_rounds`` heartbeats."""
+        """Leader: send each removed node the configuration entry that removed it (and on,
+        up to a message's worth), then that the entry is committed, and forget it. It
+        then knows it is out (§6: a configuration is in force once appended): it never
+        campaigns, and its driver can stop it. Without this, a removed voter whose log
+        ends before C_new still counts itself a voter and pre-campaigns for as long as it
+        runs (its votes are refused, thesis §4.2.3, but it never learns why). Best
+        effort, as in hashicorp/raft: given up once it needs entries that left this
+        leader's memory (no storage reads or snapshots for a node that is out), or after
+        ``_farewell_rounds`` heartbeats."""
         cfg = self.config
         for peer, pr in list(self.departing.items()):
             last = pr.farewell
@@ -1155,9 +1161,12 @@ class Engine:
             elif pr.next_index < self.log.cache_first:
                 del self.departing[peer]
             else:
+                # On past C_new, up to a message's worth: a suffix of an old leader's
+                # entries that the node holds beyond C_new (one may name it again) is cut
+                # only by entries that conflict with it (§5.3).
                 while pr.next_index <= last and \
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
-                    self._send_append(peer, pr, last)
+                    self._send_append(peer, pr, self.log.last_index)
 
     def _tell_removed_again(self, peer: int, limited: bool = True) -> bool:
         """Leader: ``peer`` asks for votes, or came back (``remind``). If a configuration

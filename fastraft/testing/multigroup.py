@@ -23,7 +23,8 @@ import msgspec
 
 from fastraft.config import Config
 from fastraft.testing.faults import Faults, random_partition
-from fastraft.testing.simulator import EventQueue, Simulator
+from fastraft.testing.simnode import EventQueue
+from fastraft.testing.simulator import Simulator
 
 
 class _Frames:

@@ -8,11 +8,16 @@ except ImportError:  # pragma: no cover - Windows
     uvloop = None
 
 
-def run(coro_fn):
+def run(coro_fn=None, *, deadline: float = 60.0):
+    """``@run``, or ``@run(deadline=S)`` for a test whose own length is set from outside
+    (``FASTRAFT_DRIVER_SECONDS``): the hard deadline must outlast it."""
+    if coro_fn is None:
+        return functools.partial(run, deadline=deadline)
+
     @functools.wraps(coro_fn)
     def wrapper(*args, **kwargs):
         async def bounded():
-            return await asyncio.wait_for(coro_fn(*args, **kwargs), 60)
+            return await asyncio.wait_for(coro_fn(*args, **kwargs), deadline)
         if uvloop is not None:
             return uvloop.run(bounded())
         return asyncio.run(bounded())

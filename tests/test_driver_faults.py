@@ -204,7 +204,7 @@ async def nemesis(c: LocalCluster, rng: random.Random, stop: asyncio.Event) -> l
 
 
 @pytest.mark.parametrize("k", range(2))
-@run
+@run(deadline=56 + SECONDS)
 async def test_slow_hooks_small_caches_and_snapshots_under_faults_lose_nothing(k,
                                                                             file_storage):
     seed = BASE_SEED + k
@@ -293,7 +293,7 @@ async def host_nemesis(hosts: Hosts, rng: random.Random, stop: asyncio.Event,
     return done
 
 
-@run
+@run(deadline=56 + SECONDS)
 async def test_hosts_of_quiet_groups_under_faults_lose_nothing(tmp_path):
     """Three RaftHosts on loopback, groups that go quiet between sparse writes, slow
     state machines, small snapshot intervals and a shared cache budget; a host cut off

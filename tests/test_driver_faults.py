@@ -137,9 +137,14 @@ async def reader(pick: Pick, stop: asyncio.Event, every: float) -> int:
 async def for_a_while(stop: asyncio.Event, writers: list[asyncio.Future],
                       readers: list[asyncio.Future],
                       faults: asyncio.Future) -> tuple[int, list[str]]:
-    """Let them run for ``SECONDS``, then stop them: the reads done, the faults made."""
-    await asyncio.sleep(SECONDS)
-    stop.set()
+    """Let them run for ``SECONDS``, then stop them: the reads done, the faults made.
+    Stopped also when the test is cancelled (its deadline): on Python 3.11 a task's
+    ``wait_for`` may swallow the cancel that closing the loop sends it (CPython issue
+    86296), and a loop that ends only on ``stop`` then hangs the close."""
+    try:
+        await asyncio.sleep(SECONDS)
+    finally:
+        stop.set()
     await asyncio.gather(*writers)
     return sum(await asyncio.gather(*readers)), await faults
 

@@ -43,8 +43,10 @@ PROFILES = {
     # earlier term's entries reach followers before the new leader's own
     "flapping": (Faults(flap_leader=0.5, flap_within=0.01, partition_for=0.2, down_for=0.2),
                  Config(max_entries_per_message=1, max_inflight_messages=1)),
-    # two learners in the founding configuration, under partitions and crashes
-    "learners": (Faults(), Config(), {"learners": 2}),
+    # two learners in the founding configuration, under partitions and crashes; half
+    # the partitions put the leader and the learners on one side, a majority of the
+    # voters on the other
+    "learners": (Faults(learner_side=0.5), Config(), {"learners": 2}),
     # most partitions one-way: one side hears the other but is not heard
     "one-way": (Faults(one_way=0.7, partition_every=0.6), Config()),
     # slow fsyncs, and crashes that pick nodes with writes in flight and leave part of
@@ -109,7 +111,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "skews": 0, "lease_reads": 0, "history_undecided": 0, "quiet_nodes": 0,
               "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
               "reminders": 0, "transfers": 0, "leaving": 0, "declines": 0, "deafened": 0,
-              "repairs": 0, "bridges": 0, "bounces": 0, "lost": 0, "removed_down": 0}
+              "repairs": 0, "bridges": 0, "bounces": 0, "lost": 0, "removed_down": 0,
+              "learner_sides": 0}
     out_of_group = 0
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
@@ -166,6 +169,8 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["bridges"] > seeds
     if faults.bounce:
         assert totals["bounces"] > seeds
+    if faults.learner_side:
+        assert totals["learner_sides"] > seeds // 2
     if faults.lose_at_change:
         assert totals["lost"] > seeds // 2 and totals["reconfigurations"] > seeds
     if faults.remove_down:

@@ -100,6 +100,11 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: only (its links to the leader not back yet), where a node cut off from the
     #: leader campaigns and asks it for a vote.
     bounce: float = 0.0
+    #: The chance that a partition puts the leader and every learner on one side, with
+    #: as many voters as leaves the other side a majority of the voters: learners do
+    #: not count toward a quorum (thesis §4.2.1), so the leader's side commits nothing
+    #: and the other side elects a leader of its own.
+    learner_side: float = 0.0
 
 
 NO_FAULTS = Faults(drop=0, duplicate=0, partition_every=0, crash_every=0)

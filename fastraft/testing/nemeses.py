@@ -1,9 +1,9 @@
 """The simulator's nemeses: how the faults of ``Faults`` are inflicted on a run —
 membership churn (removing voters that are down, too), crashes (torn writes, damaged
-logs, planned stops), partitions (one-way, bridged, bounced), leader flapping, a leader
-lost for good mid-change, leadership transfers and clock skew — and the network's fate
-of each message. ``Simulator`` runs them; they act on its nodes through ``_boot``,
-``_execute`` and ``_transmit``."""
+logs, planned stops), partitions (one-way, bridged, bounced, the leader with its
+learners), leader flapping, a leader lost for good mid-change, leadership transfers and
+clock skew — and the network's fate of each message. ``Simulator`` runs them; they
+act on its nodes through ``_boot``, ``_execute`` and ``_transmit``."""
 from __future__ import annotations
 
 import random
@@ -205,6 +205,9 @@ class Nemeses(EventQueue):
         self._partition = random_partition(self.rng, list(self.nodes))
         self._one_way = self.rng.random() < self.faults.one_way
         self.stats["one_way_partitions"] += self._one_way
+        if self.faults.learner_side and self.rng.random() < self.faults.learner_side and \
+                self._learner_side_partition():
+            self.stats["learner_sides"] += 1
         if self.faults.bridge and len(self.nodes) > 2 and self.rng.random() < self.faults.bridge:
             bounced = self.faults.bounce and self.rng.random() < self.faults.bounce and \
                 self._bounce_partition()
@@ -215,6 +218,29 @@ class Nemeses(EventQueue):
                 sides[bridge] = BRIDGE
             self.stats["bridges"] += 1
         self._schedule(self.faults.partition_for, "unpartition")
+
+    def _latest_leader(self) -> SimNode | None:
+        """The live leader of the latest term, if a node leads."""
+        leaders = [n for n in self.nodes.values() if n.alive and n.engine.role == Role.LEADER]
+        return max(leaders, key=lambda n: n.engine.term) if leaders else None
+
+    def _learner_side_partition(self) -> bool:
+        """Put the leader and its learners on one side with as many voters as leaves the
+        other side a majority of the voters (``Faults.learner_side``). False if no node
+        leads or it has no learners."""
+        leader = self._latest_leader()
+        if leader is None or not leader.engine.membership.learners or \
+                len(leader.engine.membership.voters) < 3:
+            return False
+        m = leader.engine.membership
+        voters = sorted(m.voters - {leader.id})
+        self.rng.shuffle(voters)
+        near = voters[:(len(m.voters) + 1) // 2 - 2]  # the far side keeps a majority
+        self._one_way = False  # the far side must not hear the leader
+        cut = self._partition = {i: 1 for i in self.nodes}
+        for i in [leader.id, *near, *m.learners]:
+            cut[i] = 0
+        return True
 
     def election_timers_due(self, node_ids: set[int]) -> list[float]:
         """When the armed election timers of ``node_ids`` run out (read from the event
@@ -227,10 +253,9 @@ class Nemeses(EventQueue):
         """Cut the leader off from the far side but for the bridge, and bounce the bridge
         just before the far side's first election timer runs out (``Faults.bounce``).
         False if no node leads or no far node's timer runs."""
-        leaders = [n for n in self.nodes.values() if n.alive and n.engine.role == Role.LEADER]
-        if not leaders:
+        leader = self._latest_leader()
+        if leader is None:
             return False
-        leader = max(leaders, key=lambda n: n.engine.term)
         voters = sorted(leader.engine.membership.voters - {leader.id})
         if len(voters) < 2:
             return False  # no far side: nobody to campaign
@@ -318,8 +343,7 @@ class Nemeses(EventQueue):
         if not self._faults_on:
             return
         alive = [n for n in self.nodes.values() if n.alive]
-        leaders = [n for n in alive if n.engine.role == Role.LEADER]
-        leader = max(leaders, key=lambda n: n.engine.term) if leaders else None
+        leader = self._latest_leader()
         target: int | None = None
         if alive and self.rng.random() < self.faults.leaving:
             node = self.rng.choice(alive)

@@ -163,7 +163,7 @@ class Simulator(Nemeses):
                       "one_way_partitions": 0, "slow_fsyncs": 0, "torn_crashes": 0,
                       "graceful_stops": 0, "transfers": 0, "leaving": 0,
                       "declines": 0, "deafened": 0, "repairs": 0, "ceiling_repairs": 0, "lost": 0,
-                      "bridges": 0, "bounces": 0,
+                      "bridges": 0, "bounces": 0, "learner_sides": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0, "removed_down": 0}

@@ -2,11 +2,14 @@
 caller's to close (or to start a new node on)."""
 import asyncio
 
-from fastraft import Config, RaftNode
+import pytest
+
+from fastraft import Config, RaftHost, RaftNode
+from fastraft.errors import NodeStopped
 from fastraft.snapshots import COPY_BYTES
 from fastraft.storage import MemoryStorage
 from fastraft.testing import wait_until
-from fastraft.transport import MemoryHub
+from fastraft.transport import MemoryHub, TcpNetwork
 
 from aio import run
 
@@ -121,3 +124,78 @@ async def test_a_snapshot_read_while_the_node_stops_is_not_saved():
     await sm.stop
     assert storage.saved_while_stopping == []
     assert storage.load_snapshot() is None and node._stopped
+
+
+class GatedAppends(MemoryStorage):
+    """Memory storage whose appends, once ``gate`` is cleared, wait for it to be set
+    again (a slow disk); ``waiting`` is set while one waits."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def append_entries(self, entries):
+        if not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        super().append_entries(entries)
+
+
+@run
+async def test_a_stop_whose_caller_is_cancelled_goes_on_to_its_end():
+    """``asyncio.wait_for(node.stop(), t)`` timing out, or a program cancelled while it
+    stops: the caller stops waiting, the stop does not stop half way. It did: the write
+    under way was cancelled (its entry never stored), and the apply task, the pending
+    writes and ``wait_stopped`` were left as they were, for ever."""
+    storage = GatedAppends()
+    node = await one_node(storage=storage)
+    storage.gate.clear()
+    write = asyncio.ensure_future(node.propose(b"slow"))
+    await asyncio.wait_for(storage.waiting.wait(), 10)
+    stop = asyncio.ensure_future(node.stop())
+    await wait_until(lambda: not node._running, 5, "the stop to begin")
+    for _ in range(5):
+        await asyncio.sleep(0)  # into the writer's wait for the write under way
+    stop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stop
+    assert not node._stopped
+    storage.gate.set()
+    await asyncio.wait_for(node.wait_stopped(), 10)
+    assert [bytes(e.data) for e in storage.read_entries(3, 4)] == [b"slow"]
+    try:
+        assert await asyncio.wait_for(write, 10) == 3
+    except NodeStopped:
+        pass  # stopped before it knew: equally an answer
+    await node.stop()  # a later call returns at once
+
+
+@run
+async def test_a_host_stop_whose_caller_is_cancelled_goes_on_to_its_end():
+    """The same for ``RaftHost.stop()``: it stopped its groups one by one, and a cancel
+    left the rest running and the transport serving."""
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST)
+    await host.start()
+    storage = GatedAppends()
+    slow = await host.create_group(1, {1: host.address}, state_machine=Recorder(),
+                                   storage=storage)
+    other = await host.create_group(2, {1: host.address}, state_machine=Recorder())
+    for node in (slow, other):
+        await node.wait_for_leader(10)
+    storage.gate.clear()
+    write = asyncio.ensure_future(slow.propose(b"slow"))
+    await asyncio.wait_for(storage.waiting.wait(), 10)
+    stop = asyncio.ensure_future(host.stop())
+    await wait_until(lambda: not slow._running, 5, "the stop to begin")
+    stop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stop
+    storage.gate.set()
+    await asyncio.wait_for(other.wait_stopped(), 10)
+    assert slow._stopped and [bytes(e.data) for e in storage.read_entries(3, 4)] == [b"slow"]
+    await wait_until(lambda: not host.network._server.is_serving(), 5, "the transport to stop")
+    await asyncio.gather(write, return_exceptions=True)
+    await host.stop()  # a later call returns once it is done

@@ -129,6 +129,8 @@ class RaftHost:
         #: Peer hosts silent for longer than ``election_timeout_min``.
         self.suspected: set[int] = set()
         self._running = False
+        #: The stop under way, or done (None until ``stop()``).
+        self._stopping: asyncio.Task[None] | None = None
         #: Quiet groups led here that reminded a peer host of their leader, so far
         #: (``_remind``).
         self.reminders = 0
@@ -168,6 +170,7 @@ class RaftHost:
         await self.network.serve()
         self.network.early = self._arrived_early
         self._running = True
+        self._stopping = None
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._liveness_loop()))
         if self.balance_interval is not None:
@@ -178,8 +181,14 @@ class RaftHost:
 
     async def stop(self) -> None:
         """Stop every group and the transport; storages stay open (they are reused by a
-        new host: a restart)."""
-        self._running = False
+        new host: a restart). A caller cancelled while it waits stops waiting; the stop
+        goes on to its end (``RaftNode.stop``), and a second call waits for it."""
+        if self._stopping is None:
+            self._running = False
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

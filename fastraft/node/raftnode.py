@@ -93,8 +93,9 @@ class RaftNode:
         #: Made by the first ``wait_stopped`` (a group of a host nobody waits on keeps
         #: none); not ``_progress``, which every apply sets: its waiters wake each time.
         self._stopped_event: asyncio.Event | None = None
-        #: Done when the stop under way ends: what a second ``stop()`` waits for.
-        self._stopping: asyncio.Future[None] | None = None
+        #: The stop under way, or done (None until ``stop()``): every ``stop()`` call
+        #: waits for it, shielded from the caller's cancellation.
+        self._stopping: asyncio.Task[None] | None = None
 
         #: add_learner / remove_learner / change_membership calls under way on this node:
         #: a ``RaftHost`` does not move the leadership of such a group to balance load.
@@ -244,27 +245,26 @@ class RaftNode:
         storage object is a restart). A leader tells a voter to campaign at once and
         wakes the other members on its way out (``Engine.resign``). A call while the node
         stops (the node's own stop after a hook failed, say) returns when that stop ends:
-        the storage is the caller's to close then."""
-        if not self._running:
-            if self._stopping is not None:
-                await asyncio.shield(self._stopping)
-            return
-        stopping = self._stopping = self._loop.create_future()
-        try:
-            await self._stop()
-        finally:
-            stopping.set_result(None)
-
-    async def _stop(self) -> None:
-        self._running = False
-        self._accepting = False
-        self._timers.cancel_all()
-        if self.campaign_limit is not None:
-            self.campaign_limit.release(self)
-        farewell = self.engine.resign()
-        if farewell:
+        the storage is the caller's to close then. A caller cancelled while it waits
+        (``asyncio.wait_for(node.stop(), ...)`` timing out) stops waiting; the stop goes
+        on to its end: a write under way is never left half done, nor the apply task
+        running, nor a pending operation unanswered."""
+        if self._stopping is None:
+            if not self._running:
+                return
+            self._running = False
+            self._accepting = False
+            self._timers.cancel_all()
+            if self.campaign_limit is not None:
+                self.campaign_limit.release(self)
+            farewell = self.engine.resign()
             for to, message in farewell:
                 self.network.send(to, [message])
+            self._stopping = self._loop.create_task(self._stop(bool(farewell)))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, farewell_sent: bool) -> None:
+        if farewell_sent:
             await asyncio.sleep(0)  # a transport that sends at the end of the loop turn
         await self.network.stop()
         await self._writer.stop()

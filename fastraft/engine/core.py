@@ -936,13 +936,10 @@ class Engine:
         # leader lost leadership before it did, or was one of them and stepped down, or
         # they were down or cut off. Each is told of the latest change that removed it
         # (those whose entries left memory are given up at once: ``_say_farewells``).
-        configs = self._configs
-        members = self.membership.members
-        for k in range(len(configs) - 1, 0, -1):
-            index = configs[k][0]
-            for p in configs[k - 1][1].members - configs[k][1].members:
-                if p not in members and p not in self.departing and p != self.id:
-                    self._depart(p, Progress(index), index)
+        for p in sorted(self.known_ids - self.membership.members - {self.id}):
+            if p not in self.departing:
+                removed_at = self._removed_at(p)
+                self._depart(p, Progress(removed_at), removed_at)
         self._fill_trackers()
         self._out.append(SetTimer(Timer.ELECTION, self.config.election_timeout_max)
                          if self.config.check_quorum else CancelTimer(Timer.ELECTION))
@@ -1182,16 +1179,24 @@ class Engine:
         comes once a return. Returns whether it said farewell."""
         if peer in self.departing or limited and peer in self._told_again:
             return False
+        removed_at = self._removed_at(peer)
+        if not removed_at:
+            return False
+        if not self._told_again:
+            self._retell_wait = self._retell_rounds
+        self._told_again.add(peer)
+        self._depart(peer, Progress(removed_at), removed_at)
+        self._say_farewells()
+        return True
+
+    def _removed_at(self, peer: int) -> int:
+        """The index of the latest configuration entry in this log that took ``peer``
+        out of the group; 0 if none did (a member, or a node this log never held)."""
         configs = self._configs
         for k in range(len(configs) - 1, 0, -1):
             if peer in configs[k - 1][1].members:
-                if not self._told_again:
-                    self._retell_wait = self._retell_rounds
-                self._told_again.add(peer)
-                self._depart(peer, Progress(configs[k][0]), configs[k][0])
-                self._say_farewells()
-                return True
-        return False
+                return 0 if peer in configs[k][1].members else configs[k][0]
+        return 0
 
     def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
         """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say

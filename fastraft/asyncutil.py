@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -30,3 +30,24 @@ def fail_future(fut: asyncio.Future[Any], exc: BaseException) -> None:
     """Fail ``fut`` with ``exc`` unless it is already done (answered or cancelled)."""
     if not fut.done():
         fut.set_exception(exc)
+
+
+async def wait_within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``asyncio.wait_for(aw, timeout)``: the result of ``aw``, or, once ``timeout``
+    seconds have passed, ``asyncio.TimeoutError`` after ``aw`` is cancelled. Without
+    ``wait_for``'s flaw on Python 3.10 and 3.11 (CPython issue 86296): a caller cancelled
+    just as ``aw`` finishes got the result and the cancellation was lost, so a loop
+    around the call went on when told to stop. Here the caller is cancelled, and so is
+    ``aw`` (left to unwind on its own)."""
+    fut = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait((fut,), timeout=timeout)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    if not done:
+        fut.cancel()
+        await asyncio.wait((fut,))  # until it has unwound, as wait_for does
+        if fut.cancelled():
+            raise asyncio.TimeoutError()
+    return fut.result()

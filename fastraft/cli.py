@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from fastraft.addresses import parse_address, parse_addresses, parse_cluster
-from fastraft.asyncutil import run_loop
+from fastraft.asyncutil import run_loop, wait_within
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
 from fastraft.gcpolicy import settle_gc
 
@@ -343,7 +343,7 @@ async def cluster_status(args: argparse.Namespace) -> int:
             return {"address": address, "error": str(exc) or type(exc).__name__}
         try:
             return {"address": address,
-                    **await asyncio.wait_for(client.status(args.group), 2.0)}
+                    **await wait_within(client.status(args.group), 2.0)}
         except (OSError, asyncio.TimeoutError) as exc:
             return {"address": address, "error": str(exc) or type(exc).__name__}
         except ClientError as exc:  # a group the node does not serve

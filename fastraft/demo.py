@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Any
 
-from fastraft.asyncutil import run_loop
+from fastraft.asyncutil import run_loop, wait_within
 from fastraft.kvclient import ClientError, KVClient, find_leader
 from fastraft.processes import ProcessCluster
 
@@ -34,7 +34,7 @@ async def _statuses(clients: dict[int, KVClient]) -> dict[int, dict[str, Any]]:
     out = {}
     for i, c in list(clients.items()):
         try:
-            out[i] = await asyncio.wait_for(c.status(), 1.0)
+            out[i] = await wait_within(c.status(), 1.0)
         except (ConnectionError, ClientError, asyncio.TimeoutError):
             pass
     return out
@@ -81,7 +81,7 @@ async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
             t = time.perf_counter()
             issued = time.monotonic()
             try:
-                version = await asyncio.wait_for(client.put(key, b"v-" + key.encode()), 2.0)
+                version = await wait_within(client.put(key, b"v-" + key.encode()), 2.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
                 stats.errors += 1
                 await asyncio.sleep(0.01)
@@ -103,7 +103,7 @@ async def _demo(args: argparse.Namespace, cluster: ProcessCluster) -> int:
             version = stats.acked[key]
             i = random.choice([i for i, c in clients.items() if not c.closed])
             try:
-                resp = await asyncio.wait_for(clients[i].request("get", key), 2.0)
+                resp = await wait_within(clients[i].request("get", key), 2.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
                 continue
             stats.reads += 1

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 
 from fastraft.addresses import parse_address
+from fastraft.asyncutil import wait_within
 from fastraft.errors import InvalidArgument
 from fastraft.kvprotocol import (
     CLOSING,
@@ -244,7 +245,7 @@ async def find_leader(clients: dict[int, KVClient], timeout: float = 30.0,
             if i in exclude or c.closed:
                 continue
             try:
-                status = await asyncio.wait_for(c.status(group), 1.0)
+                status = await wait_within(c.status(group), 1.0)
             except (ClientError, ConnectionError, asyncio.TimeoutError):
                 continue
             if status["role"] == "leader":

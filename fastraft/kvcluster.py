@@ -36,6 +36,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from .asyncutil import wait_within
 from .errors import InvalidArgument
 from .kvclient import ClientError, KVClient
 from .kvprotocol import CLOSING, check_item, shard_of
@@ -269,7 +270,7 @@ class KVCluster:
         """A new connection, and the id of the node behind it (from its status)."""
         client = await KVClient.connect(address, timeout=timeout, **self._options)
         try:
-            status = await asyncio.wait_for(client.status(), timeout)
+            status = await wait_within(client.status(), timeout)
         except BaseException:
             client.close()
             raise

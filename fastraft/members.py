@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from fastraft.asyncutil import wait_within
 from fastraft.host import preferred_leader
 from fastraft.kvclient import ClientError, KVClient, find_leader
 
@@ -48,7 +49,7 @@ async def connect(addresses: list[str], **options: Any) -> tuple[dict[int, KVCli
             errors.append(f"{address}: {exc or type(exc).__name__}")
             continue
         try:
-            status = await asyncio.wait_for(c.status(), 2.0)
+            status = await wait_within(c.status(), 2.0)
         except (ClientError, ConnectionError, asyncio.TimeoutError) as exc:
             c.close()
             errors.append(f"{address}: {exc or type(exc).__name__}")
@@ -79,7 +80,7 @@ async def change_members(clients: dict[int, KVClient], op: str, node_id: int,
             try:
                 # bounds everything: a leader that stops answering midway too (what it
                 # did is found by a run again)
-                done = await asyncio.wait_for(_change_group(
+                done = await wait_within(_change_group(
                     clients, op, node_id, address, group, learner, timeout), timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 failed += 1

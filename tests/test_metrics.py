@@ -111,17 +111,24 @@ async def test_overloaded_and_dropped_proposals_are_counted():
         assert new.metrics().elections_won >= 1
 
 
+async def watching(node, interval):
+    """A task reading ``node.watch_metrics(interval)`` into a list, once it has read the
+    first: (the list, the task)."""
+    seen = []
+
+    async def watch():
+        async for m in node.watch_metrics(interval=interval):
+            seen.append(m)
+    task = asyncio.ensure_future(watch())
+    await wait_until(lambda: seen)
+    return seen, task
+
+
 @run
 async def test_watch_metrics_yields_changes_and_ends_when_the_node_stops():
     async with LocalCluster(3, state_machine=Recorder, config=FAST) as c:
         leader = await c.leader()
-        seen = []
-
-        async def watch():
-            async for m in leader.watch_metrics(interval=0.05):
-                seen.append(m)
-        task = asyncio.ensure_future(watch())
-        await wait_until(lambda: seen)
+        seen, task = await watching(leader, 0.05)
         first = seen[0].commit_index
         index = await leader.propose(b"w")
         await wait_until(lambda: seen[-1].applied_index >= index)
@@ -133,6 +140,22 @@ async def test_watch_metrics_yields_changes_and_ends_when_the_node_stops():
         assert not seen[-1].running and seen[-1].role == "stopped"
     with pytest.raises(InvalidArgument):
         await leader.watch_metrics(interval=0).__anext__()
+
+
+@run
+async def test_a_watcher_cancelled_as_progress_comes_is_cancelled():
+    """Progress and the cancellation of a ``watch_metrics`` reader in one loop turn: on
+    Python 3.11 the ``asyncio.wait_for`` inside took the progress and lost the
+    cancellation, and the reader went on watching until the node stopped."""
+    async with LocalCluster(1, state_machine=Recorder, config=FAST) as c:
+        node = await c.leader()
+        _, task = await watching(node, 10)
+        for _ in range(3):
+            await asyncio.sleep(0)  # inside its wait for progress
+        node._notify_progress()
+        task.cancel()
+        await asyncio.wait((task,), timeout=5)
+        assert task.cancelled()
 
 
 @run

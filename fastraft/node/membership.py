@@ -12,6 +12,7 @@ import functools
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from fastraft.asyncutil import wait_within
 from fastraft.engine import Engine, Role
 from fastraft.errors import CatchUpTimeout, InvalidArgument, NodeStopped, ProposalDropped
 from fastraft.messages import check_node_id
@@ -108,7 +109,7 @@ class MembershipChanges:
                 raise CatchUpTimeout(f"learners still behind after {timeout}s (entries "
                                      f"behind: {lag}); not promoted")
             try:
-                await asyncio.wait_for(node._progress_wait(), 0.05)
+                await wait_within(node._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
         await self._change(node._leader_engine(), wanted, m.learners - wanted, None, timeout)
@@ -130,7 +131,7 @@ class MembershipChanges:
         def settled() -> bool:
             e = node.engine
             return e.role != Role.LEADER or e.committed_in_term
-        await asyncio.wait_for(node._wait_progress(settled), timeout)
+        await wait_within(node._wait_progress(settled), timeout)
         return node._leader_engine()
 
     async def wait_complete(self, index: int, timeout: float) -> None:
@@ -175,7 +176,7 @@ class MembershipChanges:
             done = (applier.committed_index >= index and not e.membership.joint
                     and e.membership_index <= applier.committed_index)
             return done
-        await asyncio.wait_for(node._wait_progress(complete), timeout)
+        await wait_within(node._wait_progress(complete), timeout)
         if not done:  # stopped; a leader that removed itself may stop once it returns
             raise node.failure or NodeStopped(
                 f"node {node.id} stopped before the membership change at {index} was known "

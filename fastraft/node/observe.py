@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from fastraft.asyncutil import wait_within
 from fastraft.engine import Role
 from fastraft.errors import InvalidArgument
 from fastraft.node.metrics import FollowerMetrics, Metrics, by_name
@@ -86,7 +87,7 @@ async def watch_metrics(node: RaftNode, interval: float) -> AsyncIterator[Metric
     seen = m.state
     while node._running:
         try:
-            await asyncio.wait_for(node._progress_wait(), interval)
+            await wait_within(node._progress_wait(), interval)
         except asyncio.TimeoutError:
             pass
         m = metrics(node)

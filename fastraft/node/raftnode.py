@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastraft import kernels
-from fastraft.asyncutil import call_hook
+from fastraft.asyncutil import call_hook, wait_within
 from fastraft.config import ENTRY_ENVELOPE_BYTES, Config
 from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, RoleChanged
 from fastraft.errors import (
@@ -440,7 +440,7 @@ class RaftNode:
                     return leader
                 await self._progress_wait()
             return None
-        leader = await asyncio.wait_for(seen(), timeout)
+        leader = await wait_within(seen(), timeout)
         if leader is None:
             raise self.failure or NodeStopped(f"node {self.id} is not running")
         return leader
@@ -521,7 +521,7 @@ class RaftNode:
             if self._loop.time() > deadline:
                 raise TimeoutError(f"leadership did not move to node {target} in {limit}s")
             try:
-                await asyncio.wait_for(self._progress_wait(), 0.05)
+                await wait_within(self._progress_wait(), 0.05)
             except asyncio.TimeoutError:
                 pass
 
@@ -556,7 +556,7 @@ class RaftNode:
         limit = timeout if timeout is not None else self.config.election_timeout_max * 3
         try:
             await self.transfer_leadership(target, limit)
-            await asyncio.wait_for(self._wait_progress(
+            await wait_within(self._wait_progress(
                 lambda: not self._proposals.waiting or not self._running), limit)
         except (FastRaftError, TimeoutError, asyncio.TimeoutError) as exc:
             # asyncio.TimeoutError: another class than the builtin before Python 3.11; the
@@ -720,7 +720,7 @@ class RaftNode:
                 self._recorder.proposals_overloaded += 1
                 raise Overloaded(f"{pending} proposals pending; retry later")
             try:
-                await asyncio.wait_for(self._wait_progress(room), self.config.overload_wait)
+                await wait_within(self._wait_progress(room), self.config.overload_wait)
             except asyncio.TimeoutError:
                 self._recorder.proposals_overloaded += 1
                 raise Overloaded(

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fastraft.asyncutil import fail_future
+from fastraft.asyncutil import fail_future, wait_within
 from fastraft.engine import Role
 from fastraft.errors import NotLeader, Overloaded
 from fastraft.logutil import Throttle
@@ -104,7 +104,7 @@ class Reads:
             self._asking_again[rid] = loop.call_later(node.config.election_timeout_min,
                                                       self._ask_again, rid)
         try:
-            return int(await asyncio.wait_for(fut, max(0.0, deadline - loop.time())))
+            return int(await wait_within(fut, max(0.0, deadline - loop.time())))
         except asyncio.TimeoutError:
             # The client is told NotLeader (it asks again); the operator, why.
             _timeouts.warning(node.id, "%s: a read was not confirmed within %.2fs "
@@ -131,7 +131,7 @@ class Reads:
             return not node._running or (e.leader_id is not None
                                          and (e.term, e.leader_id) != asked)
         try:
-            await asyncio.wait_for(node._wait_progress(moved),
+            await wait_within(node._wait_progress(moved),
                                    deadline - node._loop.time())
         except asyncio.TimeoutError:
             return False

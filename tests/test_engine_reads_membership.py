@@ -463,17 +463,24 @@ def test_a_removed_learner_is_told_it_is_out():
     assert learner.log.last_index == c_new and leader.departing == {}
 
 
-def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
-    # A learner never campaigns: removed while down, only the driver's word that its
-    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, at
-    # each return (a restart may have lost the commit it learned), whether the leader
-    # is quiet or not.
+def learner_removed_while_down():
+    """Three voters and learner 4, 1 leading, which removes the learner while it is down
+    (not in the harness): the harness, the leader, the learner and the index of C_new."""
     h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1]) for i in (1, 2, 3, 4)])
     h.fire(1)
     leader, learner = h.engines[1], h.engines.pop(4)
     leader.propose_membership(frozenset({1, 2, 3}))
     h.run()
     c_new = leader.log.last_index
+    return h, leader, learner, c_new
+
+
+def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
+    # A learner never campaigns: removed while down, only the driver's word that its
+    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, at
+    # each return (a restart may have lost the commit it learned), whether the leader
+    # is quiet or not.
+    h, leader, learner, c_new = learner_removed_while_down()
     for _ in range(leader._farewell_rounds + 1):
         h.fire(1, Timer.HEARTBEAT)
     assert leader.departing == {} and not learner.status()["removed"]
@@ -486,6 +493,23 @@ def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_
     assert leader.departing == {}
     assert leader.remind([4]) and list(leader.departing) == [4]  # back again
     h.run()
+    assert leader.departing == {}
+
+
+def test_a_removed_node_back_as_its_farewell_runs_out_is_given_a_whole_farewell():
+    # Back within the last heartbeat of a farewell sent while it was down: the leader's
+    # word that its process is back (Engine.remind) found the farewell under way and
+    # left it alone; the next tick gave it up before a round trip could tell the node
+    # (the simulator's remove-down-quiet profile, seeds 20000245 and 20000312).
+    h, leader, learner, c_new = learner_removed_while_down()
+    for _ in range(leader._farewell_rounds):
+        h.fire(1, Timer.HEARTBEAT)
+    assert list(leader.departing) == [4]  # one tick left
+    h.engines[4] = learner
+    assert leader.remind([4])
+    h.fire(1, Timer.HEARTBEAT)  # the tick that would have given it up
+    h.run()
+    assert learner.status()["removed"] and learner.commit_index == c_new
     assert leader.departing == {}
 
 

@@ -1176,8 +1176,9 @@ class Engine:
         while quiet), so one that cannot be told (it needs entries that left this
         leader's memory) costs a farewell now and then, not one per request and no
         wake-up of a quiet group per request; the driver's word that a process is back
-        comes once a return. Returns whether it said farewell."""
-        if peer in self.departing or limited and peer in self._told_again:
+        comes once a return, and starts a farewell under way afresh: one sent while the
+        node was down may be about to be given up. Returns whether it said farewell."""
+        if limited and (peer in self.departing or peer in self._told_again):
             return False
         removed_at = self._removed_at(peer)
         if not removed_at:

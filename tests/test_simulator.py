@@ -243,6 +243,17 @@ def test_regression_seed_0_no_lease_reads_after_timeout_now():
     Simulator(seed=0, nodes=5, faults=faults, config=config, **load).run(3.0, settle=8.0)
 
 
+@pytest.mark.parametrize("seed, nodes", [(20000245, 3), (20000312, 5)])
+def test_regression_a_removed_node_back_as_its_farewell_runs_out(seed, nodes):
+    """A leader told that a removed node's process was back left the farewell it had
+    sent while the node was down alone; the next heartbeat gave it up before a round
+    trip told the node, which never learned it was out."""
+    faults, config, kw = PROFILES["remove-down-quiet"]
+    sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
+    sim.run(3.0, settle=8.0)
+    assert removed_nodes_know_it(sim, every=True) > 0
+
+
 def with_damage(profile):
     """A CI profile as the sweep of 2026-12-03 ran it: damaged disks and leadership
     transfers on top, and lease reads where check_quorum allows them."""

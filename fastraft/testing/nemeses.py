@@ -229,18 +229,25 @@ class Nemeses(EventQueue):
         other side a majority of the voters (``Faults.learner_side``). False if no node
         leads or it has no learners."""
         leader = self._latest_leader()
-        if leader is None or not leader.engine.membership.learners or \
-                len(leader.engine.membership.voters) < 3:
+        if leader is None:
             return False
         m = leader.engine.membership
+        if not m.learners or len(m.voters) < 3:
+            return False
         voters = sorted(m.voters - {leader.id})
         self.rng.shuffle(voters)
         near = voters[:(len(m.voters) + 1) // 2 - 2]  # the far side keeps a majority
-        self._one_way = False  # the far side must not hear the leader
-        cut = self._partition = {i: 1 for i in self.nodes}
-        for i in [leader.id, *near, *m.learners]:
-            cut[i] = 0
+        self._split([leader.id, *near, *m.learners])
         return True
+
+    def _split(self, near: list[int]) -> dict[int, int]:
+        """Put in force a two-way partition (the far side must not hear the near one):
+        ``near`` on side 0, every other node on side 1. Returns it."""
+        self._one_way = False
+        cut = self._partition = {i: 1 for i in self.nodes}
+        for i in near:
+            cut[i] = 0
+        return cut
 
     def election_timers_due(self, node_ids: set[int]) -> list[float]:
         """When the armed election timers of ``node_ids`` run out (read from the event
@@ -266,10 +273,7 @@ class Nemeses(EventQueue):
         due = self.election_timers_due({i for i in far if self.nodes[i].alive})
         if not due:
             return False
-        self._one_way = False  # the shape is two-way: the far side must not reach the leader
-        cut = self._partition = {i: 1 for i in self.nodes}
-        for i in near + [leader.id]:
-            cut[i] = 0
+        cut = self._split(near + [leader.id])
         cut[bridge] = BRIDGE
         lead = self.rng.uniform(0.001, BOUNCE_LEAD)
         self._schedule(max(min(due) - self.now - lead, 0.0), "bounce", bridge, cut, lead)

@@ -38,12 +38,16 @@ async def wait_within(aw: Awaitable[T], timeout: float | None) -> T:
     ``wait_for``'s flaw on Python 3.10 and 3.11 (CPython issue 86296): a caller cancelled
     just as ``aw`` finishes got the result and the cancellation was lost, so a loop
     around the call went on when told to stop. Here the caller is cancelled, and so is
-    ``aw`` (left to unwind on its own)."""
+    ``aw``; the caller's cancellation is raised once ``aw`` has unwound (as ``wait_for``
+    does), so what it held is released when the caller goes on."""
     fut = asyncio.ensure_future(aw)
     try:
         done, _ = await asyncio.wait((fut,), timeout=timeout)
     except asyncio.CancelledError:
         fut.cancel()
+        await asyncio.wait((fut,))
+        if not fut.cancelled():
+            fut.exception()  # finished as it was cancelled: its error is not news
         raise
     if not done:
         fut.cancel()

@@ -2,6 +2,8 @@
 import asyncio
 import functools
 
+from fastraft.asyncutil import wait_within
+
 try:
     import uvloop
 except ImportError:  # pragma: no cover - Windows
@@ -17,7 +19,7 @@ def run(coro_fn=None, *, deadline: float = 60.0):
     @functools.wraps(coro_fn)
     def wrapper(*args, **kwargs):
         async def bounded():
-            return await asyncio.wait_for(coro_fn(*args, **kwargs), deadline)
+            return await wait_within(coro_fn(*args, **kwargs), deadline)
         if uvloop is not None:
             return uvloop.run(bounded())
         return asyncio.run(bounded())
@@ -31,7 +33,7 @@ async def until(predicate, what: str, timeout: float = 30.0) -> None:
         while not await predicate():
             await asyncio.sleep(0.02)
     try:
-        await asyncio.wait_for(poll(), timeout)
+        await wait_within(poll(), timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(f"no {what} within {timeout:.0f}s") from None
 

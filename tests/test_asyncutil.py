@@ -52,3 +52,29 @@ async def test_a_result_a_timeout_and_a_cancellation():
         raise ValueError("raised inside")
     with pytest.raises(ValueError, match="raised inside"):
         await wait_within(fails(), 10)
+
+
+@run
+async def test_a_cancelled_caller_goes_on_once_the_awaited_has_unwound():
+    """What the awaited thing holds (a lock here) is released by the time the caller's
+    cancellation reaches it, as with ``asyncio.wait_for``."""
+    lock = asyncio.Lock()
+    unwound = asyncio.Event()
+
+    async def holds_the_lock():
+        async with lock:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await unwound.wait()  # a cleanup that takes a few loop turns
+    task = asyncio.ensure_future(wait_within(holds_the_lock(), 10))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    task.cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not task.done()  # the caller waits while the awaited thing cleans up
+    unwound.set()
+    await asyncio.wait((task,), timeout=5)
+    assert task.cancelled()
+    assert not lock.locked()

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import pytest
 
+from fastraft.asyncutil import wait_within
 from fastraft.config import Config
 from fastraft.errors import FastRaftError, NotLeader, ProposalDropped
 from fastraft.node import RaftNode
@@ -106,7 +107,7 @@ async def writer(pick: Pick, name: str, stop: asyncio.Event,
         value = b"%s-%d" % (name.encode(), n)
         n += 1
         try:
-            await asyncio.wait_for(leader.propose(value), 1.0)
+            await wait_within(leader.propose(value), 1.0)
             acked.append(value)
         except (FastRaftError, asyncio.TimeoutError):
             await asyncio.sleep(0.005)
@@ -126,7 +127,7 @@ async def reader(pick: Pick, stop: asyncio.Event, every: float) -> int:
         node, acked = picked
         before = acked[-1]
         try:
-            await asyncio.wait_for(node.read_index(), 1.0)
+            await wait_within(node.read_index(), 1.0)
         except (FastRaftError, asyncio.TimeoutError):
             continue
         assert before in node.state_machine.values, f"a stale read on node {node.id}"
@@ -138,9 +139,8 @@ async def for_a_while(stop: asyncio.Event, writers: list[asyncio.Future],
                       readers: list[asyncio.Future],
                       faults: asyncio.Future) -> tuple[int, list[str]]:
     """Let them run for ``SECONDS``, then stop them: the reads done, the faults made.
-    Stopped also when the test is cancelled (its deadline): on Python 3.11 a task's
-    ``wait_for`` may swallow the cancel that closing the loop sends it (CPython issue
-    86296), and a loop that ends only on ``stop`` then hangs the close."""
+    Stopped also when the test is cancelled (its deadline): the writers' and readers'
+    loops end only on ``stop``, and would hang the loop's close."""
     try:
         await asyncio.sleep(SECONDS)
     finally:

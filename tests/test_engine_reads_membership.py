@@ -513,6 +513,29 @@ def test_a_removed_node_back_as_its_farewell_runs_out_is_given_a_whole_farewell(
     assert leader.departing == {}
 
 
+def test_a_removed_voter_campaigning_without_pre_vote_does_not_depose_the_leader():
+    # Pre-vote off, check-quorum on. Voter 4, removed while down, comes back and
+    # campaigns in a later term: the members refuse (a leader is alive, §4.2.3) and
+    # so does the leader, whose farewell the node then rejects in that later term. The
+    # rejection deposed the leader, and the next one, at each campaign of the removed
+    # node (a random mix of the simulator's faults, seed 114636).
+    cfg = Config(pre_vote=False, commit_notify_delay=0)
+    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=cfg) for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, removed = h.engines[1], h.engines.pop(4)
+    term = leader.term
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    assert list(leader.departing) == [4]
+    h.engines[4] = removed
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.CANDIDATE and removed.term > term
+    h.fire(1, Timer.HEARTBEAT)  # the farewell, which it rejects in its term
+    assert leader.role == Role.LEADER and leader.term == term
+    assert [h.engines[i].leader_id for i in (2, 3)] == [1, 1]
+    assert not removed.status()["removed"]  # a lower term cannot tell it (§5.1)
+
+
 def test_truncating_a_config_entry_reverts_the_membership():
     f = make(2, voters=(1, 2, 3), term=1, terms=[1])
     f.take_commands()

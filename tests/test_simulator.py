@@ -254,6 +254,24 @@ def test_regression_a_removed_node_back_as_its_farewell_runs_out(seed, nodes):
     assert removed_nodes_know_it(sim, every=True) > 0
 
 
+def test_regression_seed_114636_a_removed_node_campaigning_without_pre_vote():
+    """Pre-vote off, check-quorum on, voters removed while down: one came back and
+    campaigned in ever later terms, and its answers to each leader's farewell deposed
+    that leader (a random mix of the simulator's faults, 2026-12-04). The leader that
+    the run ends with leads on."""
+    sim = Simulator(seed=114636, nodes=3,
+                    faults=Faults(duplicate=0.1, down_for=1.0, learner_side=0.5,
+                                  remove_down=1.0),
+                    config=Config(pre_vote=False, max_entries_per_message=2,
+                                  max_inflight_messages=1),
+                    spare_nodes=2, reconfigure_every=0.3)
+    sim.run(3.0, settle=8.0)
+    [leader] = [n for n in sim.nodes.values() if n.engine.role == Role.LEADER]
+    term = leader.engine.term
+    sim.run_until(sim.now + 2.0)
+    assert leader.engine.role == Role.LEADER and leader.engine.term == term
+
+
 def with_damage(profile):
     """A CI profile as the sweep of 2026-12-03 ran it: damaged disks and leadership
     transfers on top, and lease reads where check_quorum allows them."""

@@ -720,6 +720,12 @@ class Engine:
                 # A leader is alive (check-quorum would depose it otherwise): a node that
                 # merely lost contact must not disrupt the cluster (thesis §4.2.3).
                 return None
+            if (t is AppendEntriesResponse or t is InstallSnapshotResponse) \
+                    and self.role == Role.LEADER and frm not in self.progress:
+                # A node out of the configuration, answering its farewell in the term it
+                # campaigns in (no pre-vote): removed servers must not disrupt the
+                # cluster (§4.2.3); this leader's members' word still deposes it.
+                return None
             if t is RequestVote and m.pre_vote:
                 pass  # a pre-vote never changes our term (thesis §9.6)
             elif t is RequestVoteResponse and m.pre_vote and m.vote_granted:

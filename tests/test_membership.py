@@ -152,6 +152,28 @@ async def test_a_node_removed_while_down_is_told_when_it_comes_back_and_stops():
 
 
 @run
+async def test_a_removed_node_takes_no_snapshot_that_would_make_it_forget_it_is_out():
+    """A snapshot past the entry that removed a node compacted away every configuration
+    that held it: it no longer knew it was out (a random mix of the simulator's faults,
+    seed 245185). It takes none on its own once removed, and knows it after a restart."""
+    cfg = msgspec.structs.replace(FAST, snapshot_interval=1, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg, spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        await converged(c, range(1, 5), (await write(leader, 5))[-1])
+        taken = c.nodes[4]._writer.snapshot_index
+        assert taken > 0  # it snapshots while a member
+        await leader.remove_learner(4)
+        removal = leader.engine.membership_index
+        await wait_until(lambda: c.nodes[4].applied_index >= removal
+                         and c.nodes[4]._applier._task is None, 10,
+                         "the removal applied, and any snapshot after it taken")
+        out = await c.restart(4)
+        assert out.engine.removed and out.health().startswith("removed from the cluster")
+        assert out._writer.snapshot_index < removal
+
+
+@run
 async def test_with_stop_when_removed_a_node_restarted_after_its_removal():
     """Restarted with ``stop_when_removed``, a removed node holds its removal in its log
     but not that it committed (the commit index on disk lags). A removed voter then

@@ -272,6 +272,25 @@ def test_regression_seed_114636_a_removed_node_campaigning_without_pre_vote():
     assert leader.engine.role == Role.LEADER and leader.engine.term == term
 
 
+@pytest.mark.parametrize("seed, nodes, faults, config, kw", [
+    # a removed node in a later term than the leader's (it holds C_new uncommitted and
+    # campaigned, §4.1): ignoring its answers left it untold; the leader takes its term
+    (248205, 3, Faults(torn_crash=0.8, graceful_stop=0.5, remove_down=1.0),
+     Config(quiesce_after=0.1), {**QUIET_LOAD, "reconfigure_every": 0.15}),
+    # a removed node's own snapshot past its removal compacted away every configuration
+    # that held it, and it no longer knew it was out
+    (245185, 5, Faults(partition_for=1.0, torn_crash=0.8, remove_down=1.0),
+     Config(lease_reads=True, quiesce_after=0.1, snapshot_trailing_entries=5,
+            snapshot_chunk_bytes=256),
+     {**QUIET_LOAD, "snapshot_every": 25, "reconfigure_every": 0.15}),
+])
+def test_regression_removed_nodes_of_random_mixes_know_it(seed, nodes, faults, config, kw):
+    """Random mixes of the simulator's faults, configurations and loads (2026-12-04)."""
+    sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, spare_nodes=2, **kw)
+    sim.run(3.0, settle=8.0)
+    assert removed_nodes_know_it(sim, every=True) > 0
+
+
 def with_damage(profile):
     """A CI profile as the sweep of 2026-12-03 ran it: damaged disks and leadership
     transfers on top, and lease reads where check_quorum allows them."""

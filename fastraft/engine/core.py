@@ -721,10 +721,14 @@ class Engine:
                 # merely lost contact must not disrupt the cluster (thesis §4.2.3).
                 return None
             if (t is AppendEntriesResponse or t is InstallSnapshotResponse) \
-                    and self.role == Role.LEADER and frm not in self.progress:
-                # A node out of the configuration, answering its farewell in the term it
-                # campaigns in (no pre-vote): removed servers must not disrupt the
-                # cluster (§4.2.3); this leader's members' word still deposes it.
+                    and not self.config.pre_vote and self.role == Role.LEADER \
+                    and frm not in self.progress:
+                # A node out of the configuration answers its farewell in a later term.
+                # Without pre-vote, a removed node's term rises at each of its election
+                # timeouts: taking it would depose every leader in turn, and removed
+                # servers must not disrupt the cluster (§4.2.3). With pre-vote it rises
+                # only in an election a majority let it run, once: the leader takes that
+                # term, and the next leader, in a later one, can tell the node (§5.1).
                 return None
             if t is RequestVote and m.pre_vote:
                 pass  # a pre-vote never changes our term (thesis §9.6)

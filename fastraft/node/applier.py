@@ -183,10 +183,14 @@ class Applier:
         self.node._fail_node(what)
 
     def _snapshot_due(self) -> bool:
+        """Every ``snapshot_interval`` applied entries; never on a node removed from the
+        group: a snapshot past the entry that removed it would compact away every
+        configuration that held it, and it would no longer know it is out (``status``,
+        ``health``, ``stop_when_removed``, after a restart too)."""
         interval = self.node.config.snapshot_interval
         return bool(interval) and \
             self.applied_index - self.node._writer.snapshot_index >= interval and \
-            not self._behind_installed_snapshot()
+            not self._behind_installed_snapshot() and not self.node.engine.removed
 
     def _behind_installed_snapshot(self) -> bool:
         """The engine installed a leader's snapshot past what the state machine holds

@@ -676,7 +676,9 @@ class Simulator(Nemeses):
                 if self._proposals.get(value[2]) == node.id and node.engine.role == Role.LEADER:
                     self._ack(e.index, e.term, value[2])
         node.applied = entries[-1].index
-        if self.snapshot_every and node.applied - node.snapshot_at >= self.snapshot_every:
+        # never on a removed node, as RaftNode (its applier's _snapshot_due)
+        if self.snapshot_every and node.applied - node.snapshot_at >= self.snapshot_every \
+                and not node.engine.removed:
             node.snapshot_at = node.applied
             meta = node.engine.snapshot_meta(node.applied)
             writes.append(SaveSnapshot(meta, _snap_enc.encode(node.applied_log)))

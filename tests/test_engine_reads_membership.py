@@ -513,20 +513,28 @@ def test_a_removed_node_back_as_its_farewell_runs_out_is_given_a_whole_farewell(
     assert leader.departing == {}
 
 
+def voter_removed_while_down(config):
+    """Voters 1-4, 1 leading, which removes voter 4 while it is down (not in the
+    harness): the harness, the leader and the removed voter's engine."""
+    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=config)
+                 for i in (1, 2, 3, 4)])
+    h.fire(1)
+    leader, removed = h.engines[1], h.engines.pop(4)
+    leader.propose_membership(frozenset({1, 2, 3}))
+    h.run()
+    assert list(leader.departing) == [4]
+    return h, leader, removed
+
+
 def test_a_removed_voter_campaigning_without_pre_vote_does_not_depose_the_leader():
     # Pre-vote off, check-quorum on. Voter 4, removed while down, comes back and
     # campaigns in a later term: the members refuse (a leader is alive, §4.2.3) and
     # so does the leader, whose farewell the node then rejects in that later term. The
     # rejection deposed the leader, and the next one, at each campaign of the removed
     # node (a random mix of the simulator's faults, seed 114636).
-    cfg = Config(pre_vote=False, commit_notify_delay=0)
-    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=cfg) for i in (1, 2, 3, 4)])
-    h.fire(1)
-    leader, removed = h.engines[1], h.engines.pop(4)
+    h, leader, removed = voter_removed_while_down(Config(pre_vote=False,
+                                                         commit_notify_delay=0))
     term = leader.term
-    leader.propose_membership(frozenset({1, 2, 3}))
-    h.run()
-    assert list(leader.departing) == [4]
     h.engines[4] = removed
     removed.on_timer(Timer.ELECTION)
     assert removed.role == Role.CANDIDATE and removed.term > term
@@ -541,14 +549,7 @@ def test_a_removed_voter_in_a_later_term_is_told_by_the_next_leader_with_pre_vot
     # majority let it run (here: it restarts with that term). The leader takes that
     # term from its answer to the farewell, and the next leader tells it (a random mix
     # of the simulator's faults, seed 248205: left untold when the leader ignored it).
-    h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=CQ) for i in (1, 2, 3, 4)])
-    for i in (1, 2, 3, 4):
-        h.engines[i].on_timer(Timer.LEASE)  # no leader heard: pre-votes are granted
-    h.fire(1)
-    leader = h.engines[1]
-    h.engines.pop(4)
-    leader.propose_membership(frozenset({1, 2, 3}))
-    h.run()
+    h, leader, _ = voter_removed_while_down(CQ)
     later = leader.term + 2
     removed = h.engines[4] = make(4, voters=(1, 2, 3, 4), terms=[1], term=later, config=CQ)
     h.fire(1, Timer.HEARTBEAT)

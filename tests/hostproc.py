@@ -10,7 +10,8 @@ before the next write, so a kill -9 loses no line of a record that was acknowled
 pausing 0.1 s between rounds so the load stays light. While the file ``pause`` exists in
 DIR it writes nothing, and says ``quiet-<host>`` (a file) once every group here is quiet
 (``Config.quiesce_after``). When the file ``stop`` appears in
-DIR it stops writing, makes each group's replica current (a linearizable read), writes what
+DIR it stops writing, and once every host has (the file ``written-<host>``) makes each
+group's replica current (a linearizable read), writes what
 every group applied to ``applied-<host>.json`` and exits. The file ``ready-<host>`` says
 every group started.
 """
@@ -110,6 +111,11 @@ async def main(args):
             acked.flush()
             os.fsync(acked.fileno())
         await asyncio.sleep(0.1)
+    # No reads before every host has stopped writing: a write another host makes after
+    # this one's read of its group would be applied there and missing here.
+    open(os.path.join(args.data_dir, f"written-{args.id}"), "w").close()
+    while not all(exists(os.path.join(args.data_dir, f"written-{i}")) for i in cluster):
+        await asyncio.sleep(0.05)
     for g in range(args.groups):
         node = host.group(g)
         while True:

@@ -105,6 +105,7 @@ class Membership(msgspec.Struct, array_like=True, frozen=True):
     learners: frozenset[NodeId] = frozenset()
     outgoing: frozenset[NodeId] = frozenset()
     addresses: dict[NodeId, Address] = {}
+    removed: frozenset[NodeId] = frozenset()
 
     @property
     def joint(self) -> bool:
@@ -221,9 +222,24 @@ class ReadIndexResponse(msgspec.Struct, tag=9, array_like=True, gc=False):
     ok: bool
 
 
+class Removed(msgspec.Struct, tag=10, array_like=True, gc=False):
+    """The leader's word to a node that its configuration in force, the entry at
+    ``index``, leaves it out (``Membership.removed``), its log committed up to ``commit``
+    (at least ``index``): sent when that node asks for votes or comes back and the
+    entries that took it out have left the leader's memory, so no farewell can carry
+    them (thesis §4.2.3 keeps such a node from disrupting the group; this tells it why,
+    as etcd's transport tells a removed member that contacts it)."""
+
+    term: Term
+    leader_id: NodeId
+    index: Index
+    commit: Index
+
+
 Message = Union[  # noqa: UP007 (the form msgspec decodes in every supported version)
     RequestVote, RequestVoteResponse, AppendEntries, AppendEntriesResponse,
     InstallSnapshot, InstallSnapshotResponse, TimeoutNow, ReadIndexRequest, ReadIndexResponse,
+    Removed,
 ]
 
 membership_encoder = msgspec.msgpack.Encoder()

@@ -36,6 +36,7 @@ from fastraft.messages import (
     Membership,
     ReadIndexRequest,
     ReadIndexResponse,
+    Removed,
     RequestVote,
     RequestVoteResponse,
     SnapshotMeta,
@@ -67,7 +68,7 @@ MESSAGES = [
     AppendEntriesResponse(4, False, 12, 9, -1, 3), AppendEntriesResponse(4, True, 12),
     InstallSnapshot(4, 1, SnapshotMeta(9, 3, MEMBERS), 0, b"chunk" * 10, False),
     InstallSnapshotResponse(4, 9, 50, True), TimeoutNow(4, 1), ReadIndexRequest(4, 77),
-    ReadIndexResponse(4, 77, 12, True),
+    ReadIndexResponse(4, 77, 12, True), Removed(4, 1, 9, 12),
 ]
 
 

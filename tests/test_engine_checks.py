@@ -14,6 +14,7 @@ from fastraft.messages import (
     EntryKind,
     InstallSnapshot,
     Membership,
+    Removed,
     RequestVote,
     RequestVoteResponse,
     SnapshotMeta,
@@ -60,8 +61,9 @@ FORGED = [Entry(3, 3, EntryKind.NORMAL, b"pwned")]
     TimeoutNow(3, 99),
     RequestVote(4, 99, 2, 3, leadership_transfer=True),
     RequestVote(BIG, 99, 2, 3, pre_vote=True),
+    Removed(BIG, 99, 9, 9),
 ], ids=["huge-term-response", "huge-term-append", "forged-entry", "timeout-now",
-        "transfer-vote", "pre-vote"])
+        "transfer-vote", "pre-vote", "removed-word"])
 def test_a_stranger_changes_nothing(message):
     e = follower_of_2()
     assert "no configuration" in refused(e, 99, message, "stranger")
@@ -92,13 +94,16 @@ def test_a_stranger_changes_nothing_on_the_leader():
     (RequestVote(4, 2, 2, 3), "node 3 asked for votes for node 2"),
     (RequestVote(4, 3, 2, 5), "with a log of term 5"),
     (TimeoutNow(3, 3), "TimeoutNow as node 3"),
+    (Removed(4, 3, 9, 9), "sent a Removed as node 3"),
+    (Removed(4, 2, 9, 8), "commit 8 before the configuration at 9"),
     (InstallSnapshot(3, 2, SnapshotMeta(9, 4, Membership(voters=frozenset({1}))), 0, b"",
                      False), "inconsistent"),
     (InstallSnapshot(3, 2, SnapshotMeta(9, 3, Membership()), 0, b"", False),
      "inconsistent"),
 ], ids=["term-too-big", "impersonation", "gap", "decreasing-terms", "newer-entry-term",
         "unknown-kind", "prev-term-too-new", "vote-for-other", "candidate-log-too-new",
-        "timeout-impersonation", "snapshot-term", "snapshot-no-voters"])
+        "timeout-impersonation", "removed-impersonation", "removed-commit", "snapshot-term",
+        "snapshot-no-voters"])
 def test_malformed_messages_from_a_member_change_nothing(message, why):
     e = follower_of_2()
     frm = 3 if type(message) is RequestVote else 2

@@ -342,15 +342,15 @@ def test_quiesce_after_is_checked():
         Config(quiesce_after=0.01)
 
 
-@pytest.mark.parametrize("can_be_told", [True, False])
-def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake(can_be_told):
+@pytest.mark.parametrize("in_a_word", [False, True])
+def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake(in_a_word):
     # A removed voter cut off while the change goes through misses C_new: the leader
     # tries to tell it for an election timeout's worth of heartbeats, then gives up, so
     # it still counts itself a voter and pre-campaigns (thesis §4.2.3: its votes are
-    # refused). Back, its first pre-vote has the leader tell it again (its answers wake
-    # the leader once, a term); if it cannot be told (the entries it lacks left the
-    # leader's memory), it pre-campaigns while it runs. Woken by each pre-vote, the group
-    # would never stay quiet.
+    # refused). Back, its first pre-vote has the leader tell it again: with the entries
+    # it lacks (its answers wake the leader once, a term), or, once they left the
+    # leader's memory, in a word (``Removed``), which wakes no one. Told, it never
+    # campaigns again; woken by each of its pre-votes, the group would never stay quiet.
     engines = [make(i, voters=(1, 2, 3, 4), config=QCFG, terms=[1], commit=1)
                for i in (1, 2, 3, 4)]
     h = Harness(engines)
@@ -370,18 +370,20 @@ def test_a_removed_voter_that_never_heard_so_does_not_keep_the_group_awake(can_b
     assert not removed.membership.joint and removed.membership.is_voter(4)
     assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
     term = leader.term
-    if can_be_told:
-        h.fire(4, Timer.ELECTION)
-        assert removed.role == Role.FOLLOWER and removed.status()["removed"]
-        assert leader.departing == {}
+    if in_a_word:
+        leader.limit_cache(0)
+    h.fire(4, Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and removed.status()["removed"]
+    assert removed.told_out == in_a_word == removed.membership.is_voter(4)
+    # a word is said again at each heartbeat of the farewell: none while quiet
+    assert list(leader.departing) == ([4] if in_a_word else [])
+    if not in_a_word:
         assert not leader.quiet  # woken by the answers
         tick(h, 2)  # two idle heartbeats: quiet again
-        assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
-    else:
-        leader.limit_cache(0)
+    assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
     for _ in range(3):
         h.fire(4, Timer.ELECTION)
-        assert removed.role == (Role.FOLLOWER if can_be_told else Role.PRE_CANDIDATE)
+        assert removed.role == Role.FOLLOWER
         assert [e.quiet for e in (leader, f2, f3)] == [True, True, True]
         assert all(not any(type(c) is SetTimer for c in e.take_commands())
                    for e in (leader, f2, f3))

@@ -4,7 +4,15 @@ import random
 import pytest
 
 from fastraft.config import Config
-from fastraft.engine import Engine, InitialState, ReadFailed, ReadReady, Role, Timer
+from fastraft.engine import (
+    Engine,
+    InitialState,
+    ReadFailed,
+    ReadReady,
+    Role,
+    Timer,
+    ToldRemoved,
+)
 from fastraft.errors import InvalidArgument, MembershipChangeInProgress, NotLeader
 from fastraft.messages import (
     AppendEntries,
@@ -15,8 +23,10 @@ from fastraft.messages import (
     Membership,
     ReadIndexRequest,
     ReadIndexResponse,
+    Removed,
     RequestVote,
     RequestVoteResponse,
+    SnapshotMeta,
     decode_membership,
     encode_membership,
 )
@@ -266,23 +276,35 @@ def test_a_removed_voter_behind_is_caught_up_to_c_new_when_it_answers():
     assert not removed.membership.is_voter(4) and leader.departing == {}
 
 
-def test_a_removed_voter_whose_entries_left_the_leaders_memory_is_given_up():
-    # No storage reads or snapshots for a node that is out: best effort ends there.
+def test_a_removed_voter_whose_entries_left_the_leaders_memory_is_told_in_a_word():
+    # No storage reads or snapshots for a node that is out: once the entries that took
+    # it out left the leader's memory, the leader says it in a word (``Removed``), which
+    # the node takes as it would that leader's entries. It campaigns no more. The word
+    # has no answer: it is said once a heartbeat for the farewell's rounds.
     h, leader, removed, c_new = removal(cut_off=True)
     leader.limit_cache(0)
     assert leader.log.cache_first > removed.log.last_index + 1
+    leader.on_timer(Timer.HEARTBEAT)  # lost: node 4 is still cut off
+    words = [m for _, m in sends(leader.take_commands()) if type(m) is Removed]
+    assert words == [Removed(leader.term, 1, c_new, leader.commit_index)]
     h.engines[4] = removed
     leader.on_timer(Timer.HEARTBEAT)
     h.run()
-    assert leader.departing == {} and removed.log.last_index < c_new
+    assert list(leader.departing) == [4] and removed.log.last_index < c_new
+    for _ in range(leader._farewell_rounds):
+        leader.on_timer(Timer.HEARTBEAT)
+    assert leader.departing == {}
     assert not any(type(c).__name__ == "ReadLog" for c in leader.take_commands())
+    assert removed.status()["removed"] and removed.told_removed == c_new
+    assert removed.membership.is_voter(4) and removed.leader_id == 1
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
 
 
-def removed_while_down():
+def removed_while_down(cfg=CQ):
     """Four voters (pre-vote and check-quorum on), 1 leading, remove voter 4 while it is
     down, and the leader's farewell to it gives up: the harness, the leader, node 4 (not
     in the harness), and the index of C_new."""
-    cfg = Config(commit_notify_delay=0)
     h = Harness([make(i, voters=(1, 2, 3, 4), terms=[1], config=cfg) for i in (1, 2, 3, 4)])
     h.fire(1)
     leader, removed = h.engines[1], h.engines.pop(4)
@@ -350,6 +372,168 @@ def test_a_removed_voter_that_cannot_be_told_costs_its_leader_a_farewell_now_and
     for _ in range(leader._farewell_rounds + 1):
         h.fire(1, Timer.HEARTBEAT)
     assert leader.departing == {} and told_again()
+
+
+def test_a_word_names_the_configuration_in_force_past_an_old_leaders_uncommitted_one():
+    # Node 4's log holds, past the change that removed it, an old leader's
+    # configuration entry with it that never committed; the leader's word names its own
+    # configuration in force (committed, later), which the node's cannot be after.
+    h, leader, removed, c_new = removal(cut_off=True)
+    leader.propose_membership(frozenset({1, 2, 3}), frozenset({5}))
+    h.run()
+    in_force = leader.membership_index
+    assert in_force > c_new and leader.commit_index >= in_force
+    junk = Membership(voters=frozenset({1, 2, 3, 4}))
+    entries = [Entry(1, i, EntryKind.NORMAL, b"") for i in range(1, c_new + 1)]
+    entries.append(Entry(1, c_new + 1, EntryKind.CONFIG, encode_membership(junk)))
+    node = Engine(4, CQ, random.Random(4), InitialState(
+        hard_state=HardState(1, None, 1), entries=entries,
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3, 4}))))
+    node.start()
+    leader.limit_cache(0)
+    h.engines[4] = node
+    leader.on_timer(Timer.HEARTBEAT)
+    h.run()
+    assert node.told_removed == in_force and node.status()["removed"]
+
+
+def test_configurations_name_the_nodes_taken_out_until_they_are_put_back():
+    # Membership.removed, as etcd keeps removed member ids: every node an earlier
+    # configuration held and this one does not (a voter once C_new is in force, a
+    # learner at once), so a leader knows them after a snapshot compacts the changes.
+    h, leader, removed, c_new = removal()
+    joint = decode_membership(leader.log.slice(c_new - 1, c_new)[0].data)
+    assert joint.joint and joint.removed == frozenset()  # still in C_old
+    assert leader.membership.removed == {4} and removed.membership.removed == {4}
+    leader.propose_membership(frozenset({1, 2, 3}), frozenset({4, 5}))
+    h.run()
+    assert leader.membership.learners == {4, 5} and leader.membership.removed == frozenset()
+    leader.propose_membership(frozenset({1, 2, 3}), frozenset({4}))
+    h.run()
+    assert leader.membership.removed == {5}
+    leader.propose_membership(frozenset({1, 2, 5}), frozenset({4}))
+    h.run()
+    h.run()
+    assert leader.membership.voters == {1, 2, 5} and leader.membership.removed == {3}
+
+
+def compacted_removal():
+    """``removed_while_down`` with the leader's log then compacted past C_new by a
+    snapshot: no configuration in it holds node 4."""
+    h, leader, removed, c_new = removed_while_down(Config(commit_notify_delay=0,
+                                                          snapshot_trailing_entries=0))
+    leader.propose([b"after"])
+    h.run()
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 10)
+    assert leader.log.snapshot_index > c_new
+    assert 4 not in leader.known_ids and leader.membership.removed == {4}
+    return h, leader, removed
+
+
+def test_a_voter_removed_before_the_leaders_log_begins_is_told_in_a_word():
+    # The common case of a node removed while down for long: back, it pre-campaigns,
+    # and the leader's log no longer holds the change (a snapshot compacted it). Its
+    # configuration still names the node removed, so the node's vote request gets it
+    # the word; it takes it, campaigns no more, and its driver may stop it
+    # (``ToldRemoved``). The leader keeps its term and hears nothing else from it.
+    h, leader, removed = compacted_removal()
+    term = leader.term
+    removed.on_timer(Timer.ELECTION)
+    asks = sends(removed.take_commands(), RequestVote)
+    assert asks and all(m.pre_vote for _, m in asks)
+    for to, ask in asks:
+        h.engines[to].step(4, ask)
+        if to != 1:  # a leader is alive (thesis §4.2.3)
+            assert (h.engines[to].leader_id, h.engines[to].term) == (1, term)
+    [(to, word)] = sends(leader.take_commands())
+    assert to == 4 and type(word) is Removed and word.index >= leader.log.snapshot_index - 1
+    assert removed.step(1, word) is None
+    assert ToldRemoved(word.index) in removed.take_commands()
+    assert removed.status()["removed"] and removed.told_out and removed.leader_id == 1
+    removed.on_timer(Timer.ELECTION)
+    assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
+    assert leader.role == Role.LEADER and leader.term == term
+    # asked again at once, the leader says no more (``_retell_rounds``)
+    assert leader.step(4, asks[0][1]) is None and sends(leader.take_commands()) == []
+    # a non-pre-vote request in a later term changes nothing on the leader either
+    leader.step(4, RequestVote(term + 5, 4, removed.log.last_index, removed.log.last_term))
+    assert leader.role == Role.LEADER and leader.term == term
+    assert sends(leader.take_commands()) == []
+
+
+def test_a_removed_learner_that_comes_back_after_the_compaction_is_told_in_a_word():
+    # A learner never asks for votes: its host's liveness exchange tells the leader it
+    # is back (``remind``), which says the word.
+    h, leader, removed = compacted_removal()
+    assert leader.remind([4])
+    [(to, word)] = sends(leader.take_commands())
+    assert to == 4 and type(word) is Removed
+    removed.step(1, word)
+    assert removed.status()["removed"]
+
+
+def test_a_word_is_taken_from_a_leader_whose_log_committed_past_the_configuration_here():
+    # Node 4's log holds a configuration entry with it at index 3 (an old leader's that
+    # never committed, or one that added it back). A leader's configuration in force
+    # leaves it out: if that leader committed past index 3, the entry there is not the
+    # one at 3 here, whose configuration is then an old leader's (any committed one
+    # would be in the leader's log, its configuration in force the latest).
+    back = Membership(voters=frozenset({1, 2, 3, 4}))
+    e = Engine(4, CQ, random.Random(4), InitialState(
+        hard_state=HardState(2, None, 2), snapshot_membership=Membership(
+            voters=frozenset({1, 2, 3})),
+        entries=[Entry(1, 1, EntryKind.NORMAL, b"e1"), Entry(1, 2, EntryKind.NORMAL, b"e2"),
+                 Entry(2, 3, EntryKind.CONFIG, encode_membership(back))]))
+    e.start()
+    e.on_timer(Timer.LEASE)
+    e.take_commands()
+    assert e.step(1, Removed(1, 1, 2, 9)) is None  # an older term (§5.1)
+    assert not e.removed and e.told_removed == 0 and e.take_commands() == []
+    e.step(1, Removed(2, 1, 2, 2))  # committed only up to 2: the entry at 3 may be later
+    assert not e.removed and ToldRemoved(2) not in e.take_commands()
+    e.step(1, Removed(2, 1, 2, 3))
+    assert e.removed and ToldRemoved(2) in e.take_commands()
+    e.step(1, Removed(2, 1, 2, 9))  # said again: told once
+    assert e.removed and e.take_commands() == []
+
+
+def test_a_node_removed_before_the_log_begins_cannot_depose_a_leader():
+    # Without check-quorum a leader takes a member's later term from its vote request;
+    # from a node removed before its log begins it takes only the request to tell it.
+    h, leader, removed, c_new = removed_while_down(Config(
+        commit_notify_delay=0, snapshot_trailing_entries=0, check_quorum=False))
+    leader.propose([b"after"])
+    h.run()
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 10)
+    assert 4 not in leader.known_ids
+    term = leader.term
+    leader.step(4, RequestVote(term + 5, 4, removed.log.last_index, removed.log.last_term))
+    assert leader.role == Role.LEADER and leader.term == term
+    assert [type(m) for _, m in sends(leader.take_commands())] == [Removed]
+
+
+def test_a_node_told_it_is_out_is_a_member_again_once_a_later_configuration_has_it():
+    h, leader, removed = compacted_removal()
+    removed.step(1, Removed(leader.term, 1, leader.log.snapshot_index, leader.commit_index))
+    assert removed.removed
+    back = Membership(voters=frozenset({1, 2, 3}), learners=frozenset({4}))
+    index = leader.log.snapshot_index + 5
+    removed.snapshot_installed(1, SnapshotMeta(index, leader.term, back), 10)
+    assert not removed.removed and not removed.told_out
+
+
+def test_a_node_whose_snapshot_is_past_its_removal_knows_it_is_out():
+    # Its snapshot's configuration holds no configuration with it, but names it
+    # removed: it knows it is out after a restart, and never campaigns.
+    e = Engine(4, CQ, random.Random(4), InitialState(
+        hard_state=HardState(3, None, 20), snapshot_index=20, snapshot_term=3,
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3}),
+                                       removed=frozenset({4, 5}))))
+    e.start()
+    e.on_timer(Timer.LEASE)
+    assert e.removed and e.status()["removed"]
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []
 
 
 def test_a_new_leader_tells_the_nodes_its_predecessor_removed():

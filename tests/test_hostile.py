@@ -14,6 +14,7 @@ from fastraft.messages import (
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    Removed,
     RequestVote,
     TimeoutNow,
 )
@@ -51,6 +52,7 @@ def forged(cluster, leader, sender):
                                        [Entry(term, last + 1, EntryKind.NORMAL,
                                               kv.put("pwned", b"evil"))], last + 1)],
         "timeout-now": [TimeoutNow(term, sender)],
+        "removed-word": [Removed(term, sender, last, last)],
         "transfer-vote": [RequestVote(term + 1, sender, last, term, leadership_transfer=True)],
         "gap": [AppendEntries(term, sender, last, term,
                               [Entry(term, last + 5, EntryKind.NORMAL, b"x")], last)],

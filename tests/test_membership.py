@@ -7,6 +7,7 @@ import pytest
 
 from fastraft import kv
 from fastraft.config import Config
+from fastraft.engine import Role
 from fastraft.errors import (
     CatchUpTimeout,
     InvalidArgument,
@@ -130,25 +131,60 @@ async def test_with_stop_when_removed_a_learner_and_a_leader_stop_once_their_rem
         assert all(c.nodes[i].running for i in kept)
 
 
+async def remove_while_down(c):
+    """A follower of 3 nodes stopped and removed, writes before and after: the leader,
+    the node, and the index of the configuration entry that removed it."""
+    leader = await c.leader()
+    await write(leader, 20)
+    gone = next(i for i in (1, 2, 3) if i != leader.id)
+    await c.nodes[gone].stop()
+    await leader.change_membership({1, 2, 3} - {gone})
+    removal = leader.engine.membership_index
+    await write(leader, 20, "later")
+    return leader, gone, removal
+
+
 @run
 async def test_a_node_removed_while_down_is_told_when_it_comes_back_and_stops():
     """The operator's case: a node is down, so it is removed; the leader's farewell
     gives up. Restarted with ``stop_when_removed``, the node pre-campaigns; the leader
     tells it it is out, and it stops (without the flag it would run on, knowing it)."""
     async with LocalCluster(3, state_machine=kv.KVStore, config=STOPPING) as c:
-        leader = await c.leader()
-        await write(leader, 20)
-        gone = next(i for i in (1, 2, 3) if i != leader.id)
-        await c.nodes[gone].stop()
-        await leader.change_membership({1, 2, 3} - {gone})
-        removal = leader.engine.membership_index
-        await write(leader, 20, "later")
+        leader, gone, removal = await remove_while_down(c)
         await wait_until(lambda: leader.engine.departing == {}, 10, "the farewell given up")
         back = await c.restart(gone)
         assert not back.engine.removed  # its log ends before the change
         await asyncio.wait_for(back.wait_stopped(), 10)
         assert back.failure is None and back.engine.removed
         assert back.applied_index >= removal and leader.is_leader
+
+
+@pytest.mark.parametrize("stop_when_removed", [False, True])
+@run
+async def test_a_node_removed_while_down_long_ago_is_told_in_a_word(stop_when_removed):
+    """The same once the leader's snapshot compacted the change (a node down for long):
+    no farewell can carry the entries it lacks, so the leader tells it in a word
+    (``messages.Removed``). It knows it is out though its log ends before the change,
+    and stops (``health()`` asks to stop it without ``stop_when_removed``)."""
+    cfg = msgspec.structs.replace(STOPPING if stop_when_removed else FAST,
+                                  snapshot_interval=5, snapshot_trailing_entries=0)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=cfg) as c:
+        leader, gone, removal = await remove_while_down(c)
+        await wait_until(lambda: leader.engine.log.snapshot_index > removal, 10,
+                         "the change compacted")
+        assert gone not in leader.engine.known_ids
+        back = await c.restart(gone)
+        assert not back.engine.removed  # its log ends before the change
+        if stop_when_removed:
+            await asyncio.wait_for(back.wait_stopped(), 10)
+            assert back.failure is None
+        else:
+            await wait_until(lambda: back.engine.removed, 10, "the node told it is out")
+            assert back.health() == (
+                f"removed from the cluster (node {leader.id} says its configuration entry "
+                f"at {back.engine.told_removed} leaves this node out): stop this node")
+            assert back.running and back.engine.role == Role.FOLLOWER
+        assert back.engine.told_out and back.applied_index < removal and leader.is_leader
 
 
 @run

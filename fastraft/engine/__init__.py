@@ -19,6 +19,7 @@ from fastraft.engine.commands import (
     SetTimer,
     StoreSnapshotChunk,
     Timer,
+    ToldRemoved,
     TruncateLog,
     requires_durability,
     write_order,
@@ -32,5 +33,5 @@ __all__ = [
     "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "FollowerLostEntries",
     "PersistHardState", "QuietChanged", "ReadFailed", "ReadLog", "ReadReady", "Role",
     "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog", "CompactLog", "SendSnapshotChunk",
-    "StoreSnapshotChunk", "requires_durability", "write_order",
+    "StoreSnapshotChunk", "ToldRemoved", "requires_durability", "write_order",
 ]

@@ -11,7 +11,8 @@ returns why the message is refused, or None. Two kinds of refusal:
   from for election_timeout_min), never while one is; once followed, that leader is
   heard like a member.
   A node with no configuration yet (started empty, to be added as a learner) accepts the
-  leader that contacts it.
+  leader that contacts it. A leader hears the vote requests of a node its configuration
+  names as removed (``Membership.removed``), to tell it so (``Removed``), and nothing more.
 - *malformed*: out-of-range numbers (a term or index above ``MAX_TERM``), a sender that
   claims to be someone else (``leader_id`` / ``candidate_id`` not the sender), entries
   that do not follow ``prev_log_index`` one by one with non-decreasing terms no newer than
@@ -33,6 +34,7 @@ from fastraft.messages import (
     AppendEntriesResponse,
     EntryBatch,
     InstallSnapshot,
+    Removed,
     RequestVote,
     TimeoutNow,
 )
@@ -49,16 +51,19 @@ def refusal(engine: Engine, frm: int, m: Any) -> tuple[str, str] | None:
     t = type(m)
     known = engine.known_ids
     if known and frm not in known and frm != engine.leader_id and not (
-            (t is AppendEntries or t is InstallSnapshot or t is RequestVote)
-            and engine.role != Role.LEADER and not engine.leader_alive):
+            (t is AppendEntries or t is InstallSnapshot or t is RequestVote or t is Removed)
+            and engine.role != Role.LEADER and not engine.leader_alive) and not (
+            t is RequestVote and engine.role == Role.LEADER
+            and frm in engine.membership.removed):
         # A node added after the configurations in this node's log may lead it, or need
         # its vote to win (this node is behind; §4.1): accepted only once no live leader
         # is known, as any vote is (§4.2.3); a leader is then followed like any other.
+        # A leader hears a removed node's vote requests, to tell it it is out.
         return STRANGER, f"node {frm} is in no configuration this node knows"
     term = m.term
     if type(term) is not int or not 0 <= term <= MAX_TERM:
         return MALFORMED, f"term {term!r} is out of range"
-    if t is AppendEntries or t is InstallSnapshot:
+    if t is AppendEntries or t is InstallSnapshot or t is Removed:
         if m.leader_id != frm:
             return MALFORMED, f"node {frm} sent a {t.__name__} as node {m.leader_id}"
         if term == engine.term and engine.role == Role.LEADER:
@@ -68,9 +73,13 @@ def refusal(engine: Engine, frm: int, m: Any) -> tuple[str, str] | None:
                                f"{engine.leader_id} leads")
         if t is AppendEntries:
             return _append_entries(m)
-        meta = m.meta
-        if meta.last_included_term > term or not meta.membership.voters:
-            return MALFORMED, "snapshot metadata is inconsistent with the message"
+        if t is Removed:
+            if m.commit < m.index:
+                return MALFORMED, f"commit {m.commit} before the configuration at {m.index}"
+        elif t is InstallSnapshot:
+            meta = m.meta
+            if meta.last_included_term > term or not meta.membership.voters:
+                return MALFORMED, "snapshot metadata is inconsistent with the message"
     elif t is RequestVote:
         if m.candidate_id != frm:
             return MALFORMED, f"node {frm} asked for votes for node {m.candidate_id}"

@@ -157,6 +157,15 @@ class FollowerLostEntries(msgspec.Struct, gc=False):
     holds: int
 
 
+class ToldRemoved(msgspec.Struct, gc=False):
+    """A leader told this node that its configuration entry at ``index``, committed,
+    leaves it out (``messages.Removed``): out of the group although its own log ends
+    before the change (``Engine.removed``). The driver may stop it
+    (``Config.stop_when_removed``)."""
+
+    index: int
+
+
 class ReadReady(msgspec.Struct, gc=False):
     """Read ``request_id`` is linearizable once the state machine has applied ``read_index``."""
 
@@ -173,7 +182,8 @@ class ReadFailed(msgspec.Struct, gc=False):
 
 Command = (PersistHardState | TruncateLog | AppendLog | CompactLog | Send | SendSnapshotChunk
            | StoreSnapshotChunk | Apply | ApplyStored | ReadLog | SetTimer | CancelTimer
-           | RoleChanged | QuietChanged | FollowerLostEntries | ReadReady | ReadFailed)
+           | RoleChanged | QuietChanged | FollowerLostEntries | ToldRemoved | ReadReady
+           | ReadFailed)
 
 _DURABLE_REPLIES = (RequestVote, RequestVoteResponse, AppendEntriesResponse,
                     InstallSnapshotResponse)

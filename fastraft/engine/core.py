@@ -42,6 +42,7 @@ from fastraft.engine.commands import (
     SetTimer,
     StoreSnapshotChunk,
     Timer,
+    ToldRemoved,
     TruncateLog,
 )
 from fastraft.engine.progress import Progress, ProgressState
@@ -67,6 +68,7 @@ from fastraft.messages import (
     Message,
     ReadIndexRequest,
     ReadIndexResponse,
+    Removed,
     RequestVote,
     RequestVoteResponse,
     SnapshotMeta,
@@ -198,6 +200,13 @@ class Engine:
         #: ``_retell_wait`` more heartbeat ticks have passed (``_tell_removed_again``).
         self._told_again: set[int] = set()
         self._retell_wait = 0
+        #: A leader's word that it is out (``Removed``): the index of the leader's
+        #: configuration in force, which leaves this node out, and how far the leader's
+        #: log was committed. It is out while its own configuration in force is at or
+        #: before that commit index (not persisted: told again after a restart, once it
+        #: asks for votes or its host comes back).
+        self.told_removed = 0
+        self._told_commit = 0
         #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
         self._seq = 0
         self._reads: list[_PendingRead] = []
@@ -411,7 +420,7 @@ class Engine:
         addrs = {k: v for k, v in addrs.items() if k in members or k in old.voters}
         outgoing = frozenset() if voters == old.voters else old.voters
         new = Membership(voters=voters, learners=learners - voters, outgoing=outgoing,
-                         addresses=addrs)
+                         addresses=addrs, removed=(old.removed | old.members) - members - outgoing)
         data = _configuration(new)
         index = self.log.last_index + 1
         self._append_own([Entry(self.term, index, EntryKind.CONFIG, data)])
@@ -637,10 +646,22 @@ class Engine:
 
     @property
     def removed(self) -> bool:
-        """In a configuration of this log but not in the one in force (§6: in force once
-        appended): taken out of the group. A node catching up from before the entry that
-        adds it is in none of them yet."""
-        return self.id in self.known_ids and self.id not in self.membership.members
+        """Taken out of the group: in a configuration of this log but not in the one in
+        force (§6: in force once appended), or named in its ``removed`` (the entries that
+        took it out compacted), or told so by a leader (``told_removed``). A node
+        catching up from before the entry that adds it is in none of them yet."""
+        m = self.membership
+        return self.id not in m.members and (self.id in self.known_ids or self.id in m.removed) \
+            or self.told_out
+
+    @property
+    def told_out(self) -> bool:
+        """A leader said its configuration in force leaves this node out, its log
+        committed at or past this node's configuration in force (``Removed``): the
+        leader's configuration is the later one, as a committed configuration entry
+        after it would be in the leader's log, and one here that is not there is an old
+        leader's that never committed. This log ends before the change."""
+        return 0 < self._told_commit >= self._configs[-1][0]
 
     @property
     def fresh(self) -> bool:
@@ -714,6 +735,8 @@ class Engine:
             self.wake()
         if t is RequestVote and self.role == Role.LEADER and frm not in self.progress:
             self._tell_removed_again(frm)
+            if frm not in self.known_ids:
+                return None  # removed before this log begins: told, and heard no further
         if m.term > self.term:
             if t is RequestVote and not m.leadership_transfer and self.config.check_quorum \
                     and (self.leader_alive or self.role == Role.LEADER):
@@ -735,7 +758,8 @@ class Engine:
             elif t is RequestVoteResponse and m.pre_vote and m.vote_granted:
                 pass  # a granted pre-vote echoes the term we would campaign in
             else:
-                leader = m.leader_id if t in (AppendEntries, InstallSnapshot) else None
+                leader = m.leader_id if t in (AppendEntries, InstallSnapshot, Removed) \
+                    else None
                 self._become_follower(m.term, leader)
         elif m.term < self.term:
             if t is AppendEntries:
@@ -791,7 +815,8 @@ class Engine:
             if self.config.check_quorum:
                 self._check_quorum()
             return
-        if self.recovering or not (self.membership.is_voter(self.id) or self.removal_pending):
+        if self.recovering or self.told_out \
+                or not (self.membership.is_voter(self.id) or self.removal_pending):
             return  # learners, removed nodes and repaired ones never campaign
         if self.term >= MAX_TERM:
             return  # a higher term would be refused by every peer (checks.refusal)
@@ -809,7 +834,7 @@ class Engine:
         commit it steps down (``_on_config_committed``). The others in C_old,new may need
         its vote, which it refuses them when its log holds C_new and theirs does not."""
         configs = self._configs
-        return len(configs) > 1 and configs[-1][0] > self.commit_index \
+        return len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit) \
             and configs[-2][1].is_voter(self.id) and not configs[-1][1].is_voter(self.id)
 
     def _check_quorum(self) -> None:
@@ -904,6 +929,21 @@ class Engine:
             else:
                 self._campaign(transfer=True)
 
+    def _on_removed(self, frm: int, m: Removed) -> None:
+        """The leader of this term says its configuration in force, the entry at
+        ``m.index``, leaves this node out (``_say_farewells``: the entries that took it
+        out are gone from its memory). Trusted as that leader's entries would be: this
+        log ends before the change, which only those entries or a snapshot could bring."""
+        if self.role == Role.LEADER:
+            return  # another leader of this term: ``refusal`` drops it before this
+        if self.role != Role.FOLLOWER or self.leader_id != frm:
+            self._become_follower(self.term, frm)
+        if m.commit > self._told_commit:
+            was_out = self.told_out
+            self.told_removed, self._told_commit = m.index, m.commit
+            if self.told_out and not was_out:
+                self._out.append(ToldRemoved(m.index))
+
     @property
     def transfer_target(self) -> int | None:
         """On a leader: the voter it is handing leadership to, if any (thesis §3.10)."""
@@ -945,7 +985,7 @@ class Engine:
         # The nodes that changes in this log removed may not have been told: their
         # leader lost leadership before it did, or was one of them and stepped down, or
         # they were down or cut off. Each is told of the latest change that removed it
-        # (those whose entries left memory are given up at once: ``_say_farewells``).
+        # (in a word if its entries left memory: ``_say_farewells``).
         for p in sorted(self.known_ids - self.membership.members - {self.id}):
             if p not in self.departing:
                 removed_at = self._removed_at(p)
@@ -1153,10 +1193,11 @@ class Engine:
         then knows it is out (§6: a configuration is in force once appended): it never
         campaigns, and its driver can stop it. Without this, a removed voter whose log
         ends before C_new still counts itself a voter and pre-campaigns for as long as it
-        runs (its votes are refused, thesis §4.2.3, but it never learns why). Best
-        effort, as in hashicorp/raft: given up once it needs entries that left this
-        leader's memory (no storage reads or snapshots for a node that is out), or after
-        ``_farewell_rounds`` heartbeats."""
+        runs (its votes are refused, thesis §4.2.3, but it never learns why). One that
+        needs entries that left this leader's memory (no storage reads or snapshots for
+        a node that is out) is told in a word instead (``Removed``), once the
+        configuration in force is committed. Best effort, as in hashicorp/raft: given
+        up after ``_farewell_rounds`` heartbeats."""
         cfg = self.config
         for peer, pr in list(self.departing.items()):
             last = pr.farewell
@@ -1166,7 +1207,16 @@ class Engine:
                         self._send_entries(peer, pr, last, [])
                     del self.departing[peer]
             elif pr.next_index < self.log.cache_first:
-                del self.departing[peer]
+                # The entries that took it out left this leader's memory (no storage
+                # reads or snapshots for a node that is out): say it in a word, once a
+                # heartbeat, as it has no answer. It names the configuration in force,
+                # committed, and the commit index: a configuration in the node's log
+                # at or before that index and not in this log is an old leader's that
+                # never committed (``Engine.told_out``).
+                index = self._configs[-1][0]
+                if self.commit_index >= index and not pr.sent_since_tick:
+                    pr.sent_since_tick = True
+                    self._send(peer, Removed(self.term, self.id, index, self.commit_index))
             else:
                 # On past C_new, up to a message's worth: a suffix of an old leader's
                 # entries that the node holds beyond C_new (one may name it again) is cut
@@ -1202,12 +1252,14 @@ class Engine:
 
     def _removed_at(self, peer: int) -> int:
         """The index of the latest configuration entry in this log that took ``peer``
-        out of the group; 0 if none did (a member, or a node this log never held)."""
+        out of the group; 0 if none did (a member, or a node this log never held). If
+        the entry that did is compacted (``Membership.removed`` names it), the first
+        configuration this log holds, which leaves it out too."""
         configs = self._configs
         for k in range(len(configs) - 1, 0, -1):
             if peer in configs[k - 1][1].members:
                 return 0 if peer in configs[k][1].members else configs[k][0]
-        return 0
+        return configs[0][0] if peer in self.membership.removed else 0
 
     def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
         """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say
@@ -1227,6 +1279,7 @@ class Engine:
             if pr.match_index == pr.match_at_heartbeat:
                 pr.become_probe()  # nothing answered for a whole interval
             pr.match_at_heartbeat = pr.match_index
+            pr.sent_since_tick = False
         self._say_farewells()
 
     # ------------------------------------------------------------------ quiescence
@@ -1588,7 +1641,8 @@ class Engine:
             return
         if m.joint:
             # C_old,new is committed: move on to C_new (§6).
-            new = Membership(voters=m.voters, learners=m.learners, addresses=m.addresses)
+            new = Membership(voters=m.voters, learners=m.learners, addresses=m.addresses,
+                             removed=m.removed | m.outgoing - m.voters - m.learners)
             self._append_own([Entry(self.term, self.log.last_index + 1, EntryKind.CONFIG,
                                     encode_membership(new))])
         elif self.id not in m.voters:
@@ -1703,4 +1757,5 @@ _HANDLERS: dict[type, Callable[[Engine, int, Any], None]] = {
     TimeoutNow: Engine._on_timeout_now,
     ReadIndexRequest: Engine._on_read_request,
     ReadIndexResponse: Engine._on_read_response,
+    Removed: Engine._on_removed,
 }

@@ -11,7 +11,14 @@ from typing import Any
 from fastraft import kernels
 from fastraft.asyncutil import call_hook, wait_within
 from fastraft.config import ENTRY_ENVELOPE_BYTES, Config
-from fastraft.engine import Engine, FollowerLostEntries, InitialState, Role, RoleChanged
+from fastraft.engine import (
+    Engine,
+    FollowerLostEntries,
+    InitialState,
+    Role,
+    RoleChanged,
+    ToldRemoved,
+)
 from fastraft.errors import (
     AlreadyInitialized,
     ConfigError,
@@ -811,15 +818,18 @@ class RaftNode:
         stop if it is applied already (committed: until then the node may have to lead
         the change to commit, thesis §4.1)."""
         e = self.engine
-        self._removal_index = e.membership_index if e.removed else 0
+        self._removal_index = 0 if not e.removed else e.told_removed if e.told_out \
+            else e.membership_index
         self._stop_if_removed()
 
     def _stop_if_removed(self) -> None:
-        """Once the configuration entry that took this node out of the group is applied:
+        """Once the configuration entry that took this node out of the group is applied,
+        or a leader said it is committed (``Engine.told_out``: this log ends before it):
         stop (from a task, as this runs inside the apply path), ``wait_stopped``
         returning."""
-        if not self._running or not self._removal_index \
-                or self._applier.applied_index < self._removal_index:
+        if not self._running or not self._removal_index or (
+                self._applier.applied_index < self._removal_index
+                and not self.engine.told_out):
             return
         log.warning("%s: removed from the cluster by the configuration entry at %d, "
                     "committed (voters %s): stopping (Config.stop_when_removed)",
@@ -853,6 +863,14 @@ class RaftNode:
 
     def _orphan_error(self, why: str) -> ProposalDropped:
         return ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
+
+    def _told_removed(self, c: ToldRemoved) -> None:
+        log.warning("%s: node %s says its configuration entry at %d, committed, leaves this "
+                    "node out of the group; its log ends before that entry (removed while "
+                    "down or cut off, long ago)", self.label, self.engine.leader_id, c.index,
+                    extra={"event": "told_removed", **self.log_fields, "index": c.index})
+        if self.config.stop_when_removed:
+            self._note_removal()
 
     def _follower_lost_entries(self, c: FollowerLostEntries) -> None:
         log.warning("%s: node %d had acknowledged entries up to %d but its log now ends at "

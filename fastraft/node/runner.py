@@ -32,6 +32,7 @@ from fastraft.engine import (
     SetTimer,
     StoreSnapshotChunk,
     Timer,
+    ToldRemoved,
     TruncateLog,
     requires_durability,
 )
@@ -361,6 +362,8 @@ class CommandRunner:
                     node.quiet_changed(node, c.quiet)
             elif t is FollowerLostEntries:
                 node._follower_lost_entries(c)
+            elif t is ToldRemoved:
+                node._told_removed(c)
         send = node.network.send
         for to, msgs in outbox.items():
             send(to, msgs)

@@ -205,7 +205,10 @@ async def check_snapshot_and_compaction(factory: StorageFactory) -> None:
     store = factory.new()
     await _do(store.append_entries(_entries(1, 10, 1)))
     await _do(store.append_entries(_entries(11, 30, 2)))
-    membership = Membership(voters=frozenset({1, 2, 3}), addresses={1: "a:1"})
+    # every field of the configuration comes back: the nodes it names as removed too
+    # (a removed node knows it is out after a restart only from them)
+    membership = Membership(voters=frozenset({1, 2, 3}), learners=frozenset({5}),
+                            addresses={1: "a:1"}, removed=frozenset({4}))
     meta = SnapshotMeta(12, 2, membership)
     data = b"state-machine-bytes" * 100
     await _do(store.save_snapshot(meta, io.BytesIO(data)))

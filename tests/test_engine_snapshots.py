@@ -124,6 +124,33 @@ def test_a_transfer_finishes_the_snapshot_it_started_with():
     assert chunk.message.meta.last_included_index == 12 and chunk.message.offset == 10
 
 
+def test_a_node_removed_while_sent_a_snapshot_is_sent_no_more_of_it_when_added_back():
+    # No snapshots for a node that is out: the transfer ends, and the leader no longer
+    # keeps that snapshot for it. Added back, it starts afresh; before, its departing
+    # progress kept the transfer, and the leader asked for chunks of a snapshot it had
+    # dropped (a random mix on FileStorage disks, seed 7088165).
+    h, leader = leader_with_log(20)
+    start_transfer(leader, 12)
+    leader.take_commands()
+    del h.engines[2]  # it does not hear of its removal
+    leader.propose_membership(frozenset({1, 3}))
+    h.run()
+    assert leader.membership.voters == {1, 3} and list(leader.departing) == [2]
+    assert leader.departing[2].state != ProgressState.SNAPSHOT
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 30)  # newer one
+    assert 12 not in leader.snapshots_in_use()
+    leader.propose_membership(frozenset({1, 3}), frozenset({2}))
+    h.run()
+    pr = leader.progress[2]  # a transfer afresh, of the snapshot the leader keeps
+    assert pr.state != ProgressState.SNAPSHOT \
+        or pr.snapshot_index == leader._snapshot.last_included_index
+    for _ in range(3):
+        leader.on_timer(Timer.HEARTBEAT)
+        chunks = [c for c in leader.take_commands() if type(c) is SendSnapshotChunk]
+        assert all(c.message.meta.last_included_index in leader.snapshots_in_use()
+                   for c in chunks)
+
+
 def test_follower_asks_driver_to_store_chunks_and_answers_after_install():
     f = make(2, terms=[1, 1, 2], term=2, config=CFG)
     f.take_commands()

@@ -1263,7 +1263,11 @@ class Engine:
 
     def _depart(self, peer: int, pr: Progress, farewell: int) -> None:
         """Leader: ``peer`` was removed by the configuration entry at ``farewell``: say
-        farewell to it (``_say_farewells``) rather than replicate to it."""
+        farewell to it (``_say_farewells``) rather than replicate to it. A snapshot it was
+        being sent is dropped: a node that is out gets none (and this leader no longer
+        keeps that snapshot for it, ``snapshots_in_use``), also if it is added back."""
+        if pr.state == ProgressState.SNAPSHOT:
+            pr.become_probe()
         pr.farewell = farewell
         pr.farewell_rounds = 0
         pr.match_at_heartbeat = pr.match_index  # no answer by the next tick: probe

@@ -461,6 +461,19 @@ def test_a_voter_removed_before_the_leaders_log_begins_is_told_in_a_word():
     assert sends(leader.take_commands()) == []
 
 
+def test_a_new_leader_tells_the_nodes_removed_before_its_log_begins():
+    # Its log compacted the change too; its configuration names the node removed.
+    h, leader, removed = compacted_removal()
+    f2 = h.engines[2]
+    f2.snapshot_saved(f2.snapshot_meta(f2.applied_index), 10)
+    assert 4 not in f2.known_ids and f2.membership.removed == {4}
+    h.engines[4] = removed
+    leader.transfer_leadership(2)
+    h.run()
+    assert f2.role == Role.LEADER and removed.leader_id == 2
+    assert removed.status()["removed"] and removed.told_out
+
+
 def test_a_removed_learner_that_comes_back_after_the_compaction_is_told_in_a_word():
     # A learner never asks for votes: its host's liveness exchange tells the leader it
     # is back (``remind``), which says the word.

@@ -381,6 +381,13 @@ def test_regression_removed_nodes_of_random_mixes_know_it(seed, nodes, faults, c
                         learner_side=0.5),
      Config(log_cache_bytes=2000, quiesce_after=0.1),
      {**QUIET_LOAD, "reconfigure_every": 0.15}),
+    # a removed learner whose word was lost: a new leader, whose log the change was
+    # compacted out of, did not tell the nodes its configuration names as removed
+    (10028159, 5, Faults(read_fail=0.2, remove_down=1.0, torn_crash=0.8,
+                         deafen_on_handover=0.5),
+     Config(snapshot_trailing_entries=5, snapshot_chunk_bytes=100, log_cache_bytes=2000,
+            quiesce_after=0.1),
+     {**QUIET_LOAD, "snapshot_every": 25, "reconfigure_every": 0.15}),
 ])
 def test_regression_removed_nodes_told_in_a_word(seed, nodes, faults, config, kw):
     """Random mixes with a small log cache (2026-12-04, forty-second session): the

@@ -985,8 +985,10 @@ class Engine:
         # The nodes that changes in this log removed may not have been told: their
         # leader lost leadership before it did, or was one of them and stepped down, or
         # they were down or cut off. Each is told of the latest change that removed it
-        # (in a word if its entries left memory: ``_say_farewells``).
-        for p in sorted(self.known_ids - self.membership.members - {self.id}):
+        # (in a word if its entries left memory: ``_say_farewells``), those removed
+        # before this log begins too (``Membership.removed``).
+        for p in sorted((self.known_ids | self.membership.removed)
+                        - self.membership.members - {self.id}):
             if p not in self.departing:
                 removed_at = self._removed_at(p)
                 self._depart(p, Progress(removed_at), removed_at)

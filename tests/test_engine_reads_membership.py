@@ -417,11 +417,11 @@ def test_configurations_name_the_nodes_taken_out_until_they_are_put_back():
     assert leader.membership.voters == {1, 2, 5} and leader.membership.removed == {3}
 
 
-def compacted_removal():
+def compacted_removal(check_quorum=True):
     """``removed_while_down`` with the leader's log then compacted past C_new by a
     snapshot: no configuration in it holds node 4."""
-    h, leader, removed, c_new = removed_while_down(Config(commit_notify_delay=0,
-                                                          snapshot_trailing_entries=0))
+    h, leader, removed, c_new = removed_while_down(Config(
+        commit_notify_delay=0, snapshot_trailing_entries=0, check_quorum=check_quorum))
     leader.propose([b"after"])
     h.run()
     leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 10)
@@ -513,12 +513,7 @@ def test_a_word_is_taken_from_a_leader_whose_log_committed_past_the_configuratio
 def test_a_node_removed_before_the_log_begins_cannot_depose_a_leader():
     # Without check-quorum a leader takes a member's later term from its vote request;
     # from a node removed before its log begins it takes only the request to tell it.
-    h, leader, removed, c_new = removed_while_down(Config(
-        commit_notify_delay=0, snapshot_trailing_entries=0, check_quorum=False))
-    leader.propose([b"after"])
-    h.run()
-    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 10)
-    assert 4 not in leader.known_ids
+    h, leader, removed = compacted_removal(check_quorum=False)
     term = leader.term
     leader.step(4, RequestVote(term + 5, 4, removed.log.last_index, removed.log.last_term))
     assert leader.role == Role.LEADER and leader.term == term

@@ -125,6 +125,12 @@ def _configuration(membership: Membership) -> bytes:
     return data
 
 
+def _removed_after(old: Membership, members: frozenset[int]) -> frozenset[int]:
+    """``Membership.removed`` of the configuration that follows ``old`` and holds
+    ``members``: every node taken out so far, but those it puts back."""
+    return (old.removed | old.members) - members
+
+
 def _term_regression(entry: Entry, prev_index: int, prev_term: int) -> StorageCorruption:
     return StorageCorruption(
         f"the stored log goes on at entry {entry.index} with term {entry.term}, older "
@@ -420,7 +426,7 @@ class Engine:
         addrs = {k: v for k, v in addrs.items() if k in members or k in old.voters}
         outgoing = frozenset() if voters == old.voters else old.voters
         new = Membership(voters=voters, learners=learners - voters, outgoing=outgoing,
-                         addresses=addrs, removed=(old.removed | old.members) - members - outgoing)
+                         addresses=addrs, removed=_removed_after(old, members | outgoing))
         data = _configuration(new)
         index = self.log.last_index + 1
         self._append_own([Entry(self.term, index, EntryKind.CONFIG, data)])
@@ -1648,7 +1654,7 @@ class Engine:
         if m.joint:
             # C_old,new is committed: move on to C_new (§6).
             new = Membership(voters=m.voters, learners=m.learners, addresses=m.addresses,
-                             removed=m.removed | m.outgoing - m.voters - m.learners)
+                             removed=_removed_after(m, m.voters | m.learners))
             self._append_own([Entry(self.term, self.log.last_index + 1, EntryKind.CONFIG,
                                     encode_membership(new))])
         elif self.id not in m.voters:

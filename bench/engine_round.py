@@ -30,6 +30,7 @@ def deliver_all(engines, sends):
         to = engines[c.to]
         to.step(frm, c.message)
         persist(to)
+        to.hard_state_persisted(to.term)  # votes: durable at once as well
         sends += [(to.id, s) for s in to.take_commands() if type(s) is Send]
 
 
@@ -45,6 +46,7 @@ def cluster():
     leader.on_timer(Timer.ELECTION)
     deliver_all(engines, [(1, s) for s in leader.take_commands() if type(s) is Send])
     persist(leader)
+    leader.hard_state_persisted(leader.term)
     deliver_all(engines, [(1, s) for s in leader.take_commands() if type(s) is Send])
     assert leader.role == Role.LEADER
     return engines, leader

@@ -64,6 +64,7 @@ class Harness:
                     self.applied[e.id].extend(c.entries)
             last = e.log.last_index
             e.log_persisted(last, e.log.term_at(last))
+            e.hard_state_persisted(e.term)
             cmds = e.take_commands()
         return out
 

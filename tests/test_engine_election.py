@@ -48,6 +48,59 @@ def test_election_timeout_starts_campaign_vote_persisted_before_requests():
     assert len(timers) == 1 and timers[0].timer == Timer.ELECTION
 
 
+
+def election_timers(commands):
+    return [c for c in commands if type(c) is SetTimer and c.timer == Timer.ELECTION]
+
+
+@pytest.mark.parametrize("voted", ["for itself", "for a candidate"])
+def test_the_election_timeout_counts_from_the_votes_durability(voted):
+    """A vote's election (§5.2) begins once it is on disk: a candidate's RequestVote and
+    a voter's grant wait for it (``requires_durability``). A timeout before that does not
+    start another election, which would wait behind the same write and only raise the
+    term; the timer is armed afresh once the vote is durable (a disk whose fsync outlasts
+    the timeout had candidates and voters time out as the grants came, election after
+    election: simulator seed 12045980)."""
+    e = make(1, term=3, terms=[1, 3])
+    if voted == "for itself":
+        e.on_timer(Timer.ELECTION)
+        assert e.role == Role.CANDIDATE and e.term == 4
+    else:
+        e.step(2, RequestVote(4, 2, 2, 3))
+        assert e.voted_for == 2
+    e.take_commands()
+    e.on_timer(Timer.ELECTION)  # the vote's fsync is still under way
+    assert e.take_commands() == [] and e.term == 4
+    e.hard_state_persisted(3)  # an earlier term's hard state: not this vote
+    assert e.take_commands() == []
+    e.hard_state_persisted(4)
+    (timer,) = e.take_commands()
+    assert timer == SetTimer(Timer.ELECTION, timer.delay) and 0.15 <= timer.delay < 0.3
+    e.hard_state_persisted(4)  # said again: nothing more
+    assert e.take_commands() == []
+    e.on_timer(Timer.ELECTION)  # durable, no leader heard: a new election
+    assert e.role == Role.CANDIDATE and e.term == 5
+
+
+def test_a_vote_durable_before_its_timeout_changes_nothing():
+    """The usual case: the disk answers first, the timer runs as armed with the vote, and
+    a leader heard meanwhile arms it as always (no second arming once durable)."""
+    e = make(1, term=3, terms=[1, 3])
+    e.step(2, RequestVote(4, 2, 2, 3))
+    assert election_timers(e.take_commands())
+    e.hard_state_persisted(4)
+    assert e.take_commands() == []
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.CANDIDATE and e.term == 5
+    f = make(1, term=3, terms=[1, 3])
+    f.step(2, RequestVote(4, 2, 2, 3))
+    f.take_commands()
+    f.on_timer(Timer.ELECTION)  # deferred: not durable yet
+    f.step(2, AppendEntries(4, 2, 2, 3, [], 0))  # the candidate won: its heartbeat
+    assert len(election_timers(f.take_commands())) == 1
+    f.hard_state_persisted(4)
+    assert f.take_commands() == [] and f.role == Role.FOLLOWER and f.leader_id == 2
+
 def test_election_timeouts_are_randomized_in_range():
     cfg = Config(election_timeout_min=0.1, election_timeout_max=0.2, heartbeat_interval=0.05)
     e = make(1, config=cfg)

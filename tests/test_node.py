@@ -894,12 +894,16 @@ class GatedApply(Recorder):
         self._last = None
 
 
-class GatedAppends(MemoryStorage):
-    """Its append_entries waits while ``gate`` is clear (open at first)."""
+class Gated(MemoryStorage):
+    """A memory storage whose ``gate`` (open at first) its subclass's writes wait on."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = open_gate()
+
+
+class GatedAppends(Gated):
+    """Its append_entries waits while ``gate`` is clear."""
 
     async def append_entries(self, entries):
         await self.gate.wait()
@@ -1288,3 +1292,33 @@ async def test_an_overdue_election_timer_runs_the_commands_of_messages_already_h
         timers._fire(Timer.ELECTION)
         assert e.role == Role.FOLLOWER and e.term == term
         assert timers._deadlines[Timer.ELECTION] > follower._loop.time()
+
+
+class GatedHardState(Gated):
+    """Its save_hard_state waits while ``gate`` is clear: a disk whose fsync outlasts the
+    election timeout."""
+
+    async def save_hard_state(self, hard_state):
+        await self.gate.wait()
+        MemoryStorage.save_hard_state(self, hard_state)
+
+
+@run
+async def test_a_candidate_whose_vote_is_not_yet_durable_waits_for_it_to_time_out_again():
+    """Its RequestVotes wait for the disk: an election timeout meanwhile starts no new
+    election (``Engine.hard_state_persisted``); once the disk answers, the writer tells
+    the engine, which arms the timer again, and the node campaigns on (it hears from no
+    one: its peers never started)."""
+    storage = GatedHardState()
+    node = RaftNode(1, storage=storage, network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=replace(FAST, pre_vote=False))
+    await node.start()
+    await node.initialize({1: "local:1", 2: "local:2", 3: "local:3"})
+    storage.gate.clear()
+    e = node.engine
+    await wait_until(lambda: e._election_deferred, 5, "a timeout while the vote is unsynced")
+    term = e.term
+    assert e.role.name == "CANDIDATE" and storage.hard_state.current_term < term
+    storage.gate.set()
+    await wait_until(lambda: e.term > term, 5, "the next election, once the vote is durable")
+    await node.stop()

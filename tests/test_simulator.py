@@ -189,7 +189,9 @@ def removed_nodes_know_it(sim, every=False):
     ``every`` (the liveness exchange runs: its leader tells the removed nodes among the
     processes it hears back), every live node the leader's log removed knows it."""
     sim.run_until(sim.now + 1.0)
-    leader = next(n for n in sim.nodes.values() if n.alive and n.engine.role == Role.LEADER)
+    leader = next((n for n in sim.nodes.values()
+                   if n.alive and n.engine.role == Role.LEADER), None)
+    assert leader is not None, f"seed {sim.seed}: no leader a second after the run"
     e = leader.engine
     out = [n for n in sim.nodes.values() if n.alive
            and (n.id in e.known_ids or n.id in e.membership.removed)
@@ -396,6 +398,26 @@ def test_regression_removed_nodes_told_in_a_word(seed, nodes, faults, config, kw
                     **kw)
     sim.run(3.0, settle=8.0)
     assert removed_nodes_know_it(sim, every=bool(config.quiesce_after)) > 0
+
+
+@pytest.mark.parametrize("seed, disk", [(12045980, False), (4122004, True), (7133883, True)])
+def test_regression_an_election_timeout_waits_for_the_vote_to_be_durable(seed, disk,
+                                                                        tmp_path):
+    """Random mixes with slow fsyncs (200 ms, over the 150 ms election timeout; 2026-12-04,
+    forty-second and forty-third sessions): candidates and voters timed out while their
+    votes were still waiting for the disk, just as the grants came, election after
+    election, and a group had no leader a second after the run (a handover's target in
+    4122004, a removed leader's successors in 12045980). The timeout now counts from the
+    vote's durability (``Engine.hard_state_persisted``)."""
+    nodes, faults, config, kw = random_mix(seed)
+    assert faults.slow_fsync_chance and faults.remove_down
+    sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config,
+                    disk_directory=str(tmp_path) if disk else None, **kw)
+    try:
+        sim.run(3.0, settle=8.0)
+        assert removed_nodes_know_it(sim, every=bool(config.quiesce_after)) > 0
+    finally:
+        sim.close()
 
 
 def with_damage(profile):

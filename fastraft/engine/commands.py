@@ -44,6 +44,9 @@ class Role(enum.IntEnum):
 
 
 class PersistHardState(msgspec.Struct, gc=False):
+    """Make ``hard_state`` durable. The driver reports durability with
+    ``Engine.hard_state_persisted`` (a vote's election timeout counts from then)."""
+
     hard_state: HardState
 
 

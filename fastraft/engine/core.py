@@ -236,6 +236,12 @@ class Engine:
         #: give back what this node just handed over. It still votes, and still
         #: campaigns when its election timer runs out.
         self.leaving = False
+        #: The term of this node's latest vote (for itself as a candidate, or granted)
+        #: while it may not be durable yet, 0 once it is (``hard_state_persisted``).
+        self._vote_unsynced_term = 0
+        #: The election timer ran out while that vote was not durable: it is armed
+        #: afresh once the vote is (``_on_election_timeout``).
+        self._election_deferred = False
 
         #: Nothing to do and told so (``Config.quiesce_after``): no timers run; any input
         #: but the quiesce heartbeat and its answers wakes it (``wake``).
@@ -625,6 +631,17 @@ class Engine:
             elif self.recovering:
                 self._check_recovered()
 
+    def hard_state_persisted(self, term: int) -> None:
+        """The driver made a hard state of ``term`` durable (the latest it was given:
+        they are written in order). A vote of that term or an earlier one is now on disk,
+        and the messages that waited for it have left."""
+        if self._vote_unsynced_term and term >= self._vote_unsynced_term:
+            self._vote_unsynced_term = 0
+            if self._election_deferred:
+                self._election_deferred = False
+                if self.role != Role.LEADER:
+                    self._arm_election_timer()
+
     def log_read(self, peer: int, start: int, entries: list[Entry]) -> None:
         """The driver read what a ``ReadLog`` asked for: send it, if ``peer`` still needs
         it and it is still this log (a read that raced a change of log is dropped)."""
@@ -821,6 +838,16 @@ class Engine:
             if self.config.check_quorum:
                 self._check_quorum()
             return
+        if self._vote_unsynced_term:
+            # Its vote, and so the RequestVote or the grant that carries it, is still
+            # waiting for the disk: the election it belongs to has not really begun (a
+            # candidate's requests have not left; a voter has not granted, §5.2). A new
+            # one now would be lost as well (its requests wait behind the same write)
+            # and only raise the term: on a disk whose fsync outlasts the election
+            # timeout, candidates and voters would time out just as the grants arrive,
+            # election after election. The timeout counts from the vote's durability.
+            self._election_deferred = True
+            return
         if self.recovering or self.told_out \
                 or not (self.membership.is_voter(self.id) or self.removal_pending):
             return  # learners, removed nodes and repaired ones never campaign
@@ -869,8 +896,7 @@ class Engine:
         self.voted_for = self.id
         self._set_role(Role.CANDIDATE, None)
         self._votes = {self.id: True}
-        self._persist_hard_state()
-        self._arm_election_timer()
+        self._persist_vote()
         self._request_votes(self.term, pre_vote=False, transfer=transfer)
         if self._vote_result() == _WON:
             self._become_leader()
@@ -898,8 +924,7 @@ class Engine:
             return
         if grant:
             self.voted_for = m.candidate_id
-            self._persist_hard_state()
-            self._arm_election_timer()
+            self._persist_vote()
         self._send(frm, RequestVoteResponse(self.term, grant, False))
 
     def _on_vote_response(self, frm: int, m: RequestVoteResponse) -> None:
@@ -1751,11 +1776,20 @@ class Engine:
         self._out.append(PersistHardState(HardState(self.term, self.voted_for, self.commit_index,
                                                     self.recovering)))
 
+    def _persist_vote(self) -> None:
+        """This node votes in this term (for itself, or for a candidate): persist it,
+        and start the election timer (§5.2), whose timeout counts from the vote's
+        durability (``hard_state_persisted``)."""
+        self._persist_hard_state()
+        self._vote_unsynced_term = self.term
+        self._arm_election_timer()
+
     def _arm_election_timer(self, preferred: bool | None = None) -> None:
         lo, hi = self.config.election_timeout_min, self.config.election_timeout_max
         if preferred is not None:  # the first timer of a host's replica (``start``)
             cut = lo + (hi - lo) * PREFERRED_PART
             lo, hi = (lo, cut) if preferred else (cut, hi)
+        self._election_deferred = False
         self._out.append(SetTimer(Timer.ELECTION, lo + (hi - lo) * self.rng.random()))
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastraft.asyncutil import call_hook
-from fastraft.engine import AppendLog, CompactLog, TruncateLog, write_order
+from fastraft.engine import AppendLog, CompactLog, PersistHardState, TruncateLog, write_order
 from fastraft.errors import StorageCorruption
 from fastraft.messages import Entry, SnapshotMeta
 from fastraft.snapshots import close_stream, stream_size
@@ -206,9 +206,15 @@ class LogWriter:
         engine = node.engine
         if last is not None:
             engine.log_persisted(last.index, last.term)
+        hard_state = None
         for op in ops:
-            if type(op) is SaveSnapshot:
+            t = type(op)
+            if t is PersistHardState:
+                hard_state = op.hard_state
+            elif t is SaveSnapshot:
                 node._transfer.snapshot_saved(op)
+        if hard_state is not None:
+            engine.hard_state_persisted(hard_state.current_term)
         if held:
             by_peer: dict[int, list[Any]] = {}
             sent = node._recorder.messages_out

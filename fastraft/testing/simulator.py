@@ -468,6 +468,8 @@ class Simulator(Nemeses):
         last = node.disk.last_entry()
         if last is not None:
             node.engine.log_persisted(last.index, last.term)
+        if ordered and type(ordered[-1]) is PersistHardState:  # a batch's last write
+            node.engine.hard_state_persisted(ordered[-1].hard_state.current_term)
         for s in held:
             self._transmit(node.id, s.to, s.message)
         self._execute(node, node.engine.take_commands())

@@ -635,12 +635,13 @@ class Engine:
         """The driver made a hard state of ``term`` durable (the latest it was given:
         they are written in order). A vote of that term or an earlier one is now on disk,
         and the messages that waited for it have left."""
-        if self._vote_unsynced_term and term >= self._vote_unsynced_term:
-            self._vote_unsynced_term = 0
-            if self._election_deferred:
-                self._election_deferred = False
-                if self.role != Role.LEADER:
-                    self._arm_election_timer()
+        if not self._vote_unsynced_term or term < self._vote_unsynced_term:
+            return
+        self._vote_unsynced_term = 0
+        if self._election_deferred:
+            self._election_deferred = False
+            if self.role != Role.LEADER:
+                self._arm_election_timer()
 
     def log_read(self, peer: int, start: int, entries: list[Entry]) -> None:
         """The driver read what a ``ReadLog`` asked for: send it, if ``peer`` still needs

@@ -818,8 +818,12 @@ class RaftNode:
         stop if it is applied already (committed: until then the node may have to lead
         the change to commit, thesis §4.1)."""
         e = self.engine
-        self._removal_index = 0 if not e.removed else e.told_removed if e.told_out \
-            else e.membership_index
+        if not e.removed:
+            self._removal_index = 0
+        elif e.told_out:  # a leader's word: this log ends before the change
+            self._removal_index = e.told_removed
+        else:
+            self._removal_index = e.membership_index
         self._stop_if_removed()
 
     def _stop_if_removed(self) -> None:

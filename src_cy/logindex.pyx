@@ -181,13 +181,3 @@ cdef class LogIndex:
             index = self.run_starts[pos] - 1
             pos -= 1
         return self._snapshot_index
-
-    cpdef int64_t first_index_of_term(self, int64_t term):
-        """First index holding ``term``, or 0 if no live entry has it."""
-        cdef Py_ssize_t k
-        for k in range(self.nruns):
-            if self.run_terms[k] == term:
-                return self.run_starts[k]
-            if self.run_terms[k] > term:
-                break
-        return 0

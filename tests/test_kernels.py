@@ -145,12 +145,6 @@ class NaiveLog:
             index -= 1
         return max(index, self.snap_index)
 
-    def first_index_of_term(self, term):
-        for k, t in enumerate(self.terms):
-            if t == term:
-                return self.snap_index + 1 + k
-        return 0
-
     def find_conflict(self, first, terms):
         for k, t in enumerate(terms):
             i = first + k
@@ -212,7 +206,6 @@ def test_logindex_matches_naive_model(operations, probe_index, probe_term):
             assert log.term_at(i) == model.term_at(i), i
         assert log.find_conflict_by_term(probe_index, probe_term) == \
             model.find_conflict_by_term(probe_index, probe_term)
-        assert log.first_index_of_term(probe_term) == model.first_index_of_term(probe_term)
         incoming = [model.term_at(i) if i <= model.last_index else model.last_term + 1
                     for i in range(model.snap_index + 1, model.last_index + 3)]
         if probe_index < len(incoming):

@@ -153,12 +153,3 @@ class LogIndex:
             index = self._run_starts[pos] - 1
             pos -= 1
         return self._snapshot_index
-
-    def first_index_of_term(self, term: int) -> int:
-        """First index holding ``term``, or 0 if no live entry has it."""
-        for start, t in zip(self._run_starts, self._run_terms):
-            if t == term:
-                return start
-            if t > term:
-                break
-        return 0

@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
-    parser.add_argument("--json", default="fastraft-bench.json")
-    parser.add_argument("--png", default="fastraft-bench.png")
+    parser.add_argument("--json", default="fastraft-bench.json", metavar="FILE",
+                        help="where every figure is written (default: %(default)s)")
+    parser.add_argument("--png", default="fastraft-bench.png", metavar="FILE",
+                        help="where the plot is drawn, with matplotlib installed "
+                             "(default: %(default)s)")
     parser.add_argument("--no-peer", action="store_true", help="skip PySyncObj")
     parser.add_argument("--sustained", type=float, default=0, metavar="SECONDS",
                         help="also run 1,024 in flight for SECONDS and "

@@ -790,13 +790,29 @@ class PowerCut(MemoryStorage):
         super().save_snapshot(meta, data)
 
 
+class AsyncPowerCut(PowerCut):
+    """The same behind coroutine methods."""
+
+    async def append_entries(self, entries: list[Any]) -> None:
+        PowerCut.append_entries(self, entries)
+
+    async def save_hard_state(self, hard_state: Any) -> None:
+        PowerCut.save_hard_state(self, hard_state)
+
+    async def load_state(self) -> Any:
+        return PowerCut.load_state(self)
+
+
+@pytest.mark.parametrize("storage_class", [PowerCut, AsyncPowerCut])
 @run
-async def test_a_power_cut_inside_initialize_leaves_a_node_that_initializes_again():
+async def test_a_power_cut_inside_initialize_leaves_a_node_that_initializes_again(
+        storage_class):
     """A batch reaches storage log first, hard state last (``write_order``): cut between
     the two, initialize() leaves the founding entry without its term, which a restart
     accepts as initialized. The other way round it would leave term 1 without the
-    entry: no configuration, and initialize() refusing the node (AlreadyInitialized)."""
-    storage = PowerCut()
+    entry: no configuration, and initialize() refusing the node (AlreadyInitialized).
+    With a coroutine storage, initialize() used to wait for ever for the failed batch."""
+    storage = storage_class()
     members = {1: "local:1"}
     node = RaftNode(1, storage=storage, network=MemoryHub().network(1),
                     state_machine=Recorder(), config=FAST)
@@ -1301,6 +1317,29 @@ class GatedHardState(Gated):
     async def save_hard_state(self, hard_state):
         await self.gate.wait()
         MemoryStorage.save_hard_state(self, hard_state)
+
+
+@run
+async def test_initialize_stopped_before_its_founding_entry_is_durable_says_so():
+    """A vote given before initialize() is still being written when the founding entry
+    queues behind it, and the node stops: the writer finishes the vote, leaves the rest,
+    and initialize() raises NodeStopped (it used to wait for ever)."""
+    storage = GatedHardState()
+    node = RaftNode(2, storage=storage, network=MemoryHub().network(2),
+                    state_machine=Recorder(), config=FAST)
+    await node.start()
+    storage.gate.clear()
+    node.receive(1, [RequestVote(2, 1, 1, 1)])  # a founder's: the grant waits for the disk
+    await wait_until(lambda: node._writer.writes, 5, "the vote being written")
+    initialized = asyncio.ensure_future(node.initialize({i: f"local:{i}" for i in (1, 2, 3)}))
+    await wait_until(lambda: len(node._writer.writes) == 2, 5, "the founding entry queued")
+    stopped = asyncio.ensure_future(node.stop())
+    await wait_until(lambda: not node._running, 5, "the stop")
+    storage.gate.set()
+    with pytest.raises(NodeStopped, match="before its founding entry was durable"):
+        await asyncio.wait_for(initialized, 5)
+    await stopped
+    assert storage.load_state().last_index == 0 and node.failure is None
 
 
 @run

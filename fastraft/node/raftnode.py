@@ -332,8 +332,9 @@ class RaftNode:
         Idempotent: initializing again with the same members does nothing (once the log's
         start is compacted away, "the same" means the configuration now in force), also
         after a crash inside it. Returns once the founding entry is durable. Raises
-        ``AlreadyInitialized`` on a node that has other state, and ``NodeFailed`` if
-        storage failed to write (the node stops; initialize it again after a restart).
+        ``AlreadyInitialized`` on a node that has other state, ``NodeFailed`` if
+        storage failed to write (the node stops; initialize it again after a restart),
+        and ``NodeStopped`` if the node was stopped first.
         """
         self._check_running()
         members = check_members(self.id, members)
@@ -353,9 +354,12 @@ class RaftNode:
                 f"{engine.log.last_index}); initialize only fresh nodes")
         engine.bootstrap(membership, self._is_preferred(membership))
         self._schedule_flush()
-        await self._writer.drain()
+        durable = await self._writer.drain()
         if self.failure is not None:
             raise self.failure  # the founding entry may not be durable: say so
+        if not durable:
+            raise NodeStopped(f"node {self.id} stopped before its founding entry was "
+                              "durable: initialize it again after a restart")
 
     def propose(self, data: bytes) -> Awaitable[Any]:
         """Replicate ``data``; ``await`` the result to get the state machine's result for it.

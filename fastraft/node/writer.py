@@ -94,13 +94,18 @@ class LogWriter:
         """Send ``held`` once the newest batch in progress is durable."""
         self.writes[-1][1].extend(held)
 
-    async def drain(self) -> None:
-        """Until every batch submitted (or about to be, by a scheduled flush) is durable."""
+    async def drain(self) -> bool:
+        """Until every batch submitted (or about to be, by a scheduled flush) is durable:
+        True; False if the node stops first. A failed write stops it and leaves its batch
+        here with no task to write it: waiting on would never end."""
         node = self.node
         while self.writes or node._flush_scheduled:
+            if not node._running:
+                return False
             await asyncio.sleep(0)
             if self.task is not None:
                 await asyncio.shield(self.task)
+        return True
 
     async def stop(self) -> None:
         if self.task is not None:

@@ -201,6 +201,44 @@ async def lone_leader(state_machine: Any = None, storage: Any = None) -> RaftNod
     return node
 
 
+class SnapshotStreams(MemoryStorage):
+    """Memory storage that keeps every snapshot stream it opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[Any] = []
+
+    def load_snapshot(self) -> Any:
+        loaded = super().load_snapshot()
+        if loaded is not None:
+            self.opened.append(loaded[1])
+        return loaded
+
+
+@run
+async def test_a_start_that_fails_leaves_the_node_stopped_and_closes_what_it_opened():
+    """A network that fails to start fails start(): the node is not running (a second
+    start() is a start, not a no-op) and the snapshot stream it opened is closed."""
+    storage = SnapshotStreams()
+    node = await lone_leader(storage=storage)
+    for k in range(5):
+        await node.propose(b"%d" % k)
+    await node.snapshot()
+    await node.stop()
+    network = MemoryHub().network(1)
+
+    async def refuse(node: Any) -> None:
+        raise OSError("address in use")
+    network.start = refuse  # type: ignore[method-assign]
+    again = RaftNode(1, storage=storage, network=network, state_machine=Recorder(),
+                     config=FAST)
+    opened = len(storage.opened)
+    with pytest.raises(OSError, match="address in use"):
+        await again.start()
+    assert not again.running
+    assert len(storage.opened) > opened and all(s.closed for s in storage.opened[opened:])
+
+
 @run
 async def test_read_index_without_leader_raises_not_leader():
     """At once, as a proposal does: not after waiting out the read's timeout for a

@@ -118,6 +118,30 @@ async def test_peer_of_another_cluster_is_refused(caplog):
 
 
 @run
+async def test_a_node_whose_port_was_in_use_starts_once_it_is_free():
+    """start() raised on a port in use but left the node counted as running, so the next
+    start() returned at once: nothing listening, no timer armed, never a leader."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    address = f"127.0.0.1:{blocker.getsockname()[1]}"
+    node = RaftNode(1, storage=MemoryStorage(), network=TcpNetwork(1, address),
+                    state_machine=kv.KVStore(), config=STEADY)
+    try:
+        with pytest.raises(OSError):
+            await node.start()
+        assert not node.running
+        blocker.close()
+        await node.start()
+        await node.initialize({1: address})
+        await node.wait_for_leader(10)
+        assert node.is_leader and await node.propose(kv.put("k", b"v")) is not None
+    finally:
+        blocker.close()
+        await node.stop()
+
+
+@run
 async def test_reconnects_after_peer_restart():
     a, b, sa, sb = await pair()
     a.send(2, [RequestVote(1, 1, 0, 0)])

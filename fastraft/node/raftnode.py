@@ -169,9 +169,22 @@ class RaftNode:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Recover from storage, rebuild the state machine, join the cluster."""
+        """Recover from storage, rebuild the state machine, join the cluster. If it
+        raises (damaged storage, a port in use), the node is left stopped, and
+        ``start()`` may be called again."""
         if self._running:
             return
+        try:
+            await self._start()
+        except BaseException:
+            # A start that failed once the node counted as running (its network did
+            # not start) would make the next start() return at once, with nothing
+            # listening and no timer armed.
+            self._running = False
+            self._transfer.close()
+            raise
+
+    async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         st = self.storage
         self._writer.bind(st)

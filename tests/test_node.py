@@ -237,6 +237,25 @@ async def test_a_start_that_fails_leaves_the_node_stopped_and_closes_what_it_ope
         await again.start()
     assert not again.running
     assert len(storage.opened) > opened and all(s.closed for s in storage.opened[opened:])
+    with pytest.raises(NodeStopped, match="never started"):  # not a wait for ever
+        await asyncio.wait_for(again.wait_stopped(), 5)
+
+
+@run
+async def test_a_stopped_node_is_not_started_again():
+    """Its parts stop for good (the apply task among them): start() after stop() used to
+    give a node that took proposals and never answered them. A restart is a new
+    RaftNode on the same storage."""
+    node = await lone_leader()
+    await node.stop()
+    with pytest.raises(NodeStopped, match="restart it as a new RaftNode"):
+        await node.start()
+    again = RaftNode(1, storage=node.storage, network=MemoryHub().network(1),
+                     state_machine=Recorder(), config=FAST)
+    await again.start()
+    await again.wait_for_leader(5)
+    assert await again.propose(b"after") is not None
+    await again.stop()
 
 
 @run

@@ -170,10 +170,15 @@ class RaftNode:
 
     async def start(self) -> None:
         """Recover from storage, rebuild the state machine, join the cluster. If it
-        raises (damaged storage, a port in use), the node is left stopped, and
-        ``start()`` may be called again."""
+        raises (damaged storage, a port in use), the node is left as it was, and
+        ``start()`` may be called again; after ``stop()`` it raises ``NodeStopped``
+        (a restart is a new ``RaftNode`` on the same storage)."""
         if self._running:
             return
+        if self._stopping is not None:
+            raise self.failure or NodeStopped(
+                f"node {self.id} was stopped, and a RaftNode starts once: restart it as a "
+                "new RaftNode on the same storage")
         try:
             await self._start()
         except BaseException:
@@ -181,6 +186,7 @@ class RaftNode:
             # not start) would make the next start() return at once, with nothing
             # listening and no timer armed.
             self._running = False
+            self._stopped = None
             self._transfer.close()
             raise
 
@@ -189,7 +195,6 @@ class RaftNode:
         st = self.storage
         self._writer.bind(st)
         self._stopped = False
-        self._stopping = None
         state = await call_hook(st.load_state)
         await self._check_owner(st, state)
         snapshot_index = snapshot_term = 0

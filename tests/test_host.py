@@ -387,6 +387,33 @@ async def test_a_group_runs_on_the_storage_it_is_given_even_an_empty_one():
 
 
 @run
+async def test_a_host_stopped_while_a_group_starts_leaves_no_replica_running():
+    """stop() while create_group() waits on the group's storage: the replica, not yet
+    running, was stopped as a no-op, then finished starting, on a host that had stopped,
+    and create_group() returned it."""
+    gate = asyncio.Event()
+
+    class SlowToOpen(MemoryStorage):
+        async def load_state(self):
+            await gate.wait()
+            return MemoryStorage.load_state(self)
+
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST)
+    await host.start()
+    storage = SlowToOpen()
+    created = asyncio.ensure_future(host.create_group(
+        1, {1: host.address}, state_machine=Log(), storage=storage))
+    await wait_until(lambda: host._groups, 5, "the group being created")
+    node = host._groups[1]
+    await host.stop()
+    gate.set()
+    with pytest.raises(NodeStopped, match="host 1 stopped"):
+        await asyncio.wait_for(created, 5)
+    assert not node.running and not host.groups
+
+
+@run
 async def test_wrong_calls_raise_typed_errors():
     host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None)
     with pytest.raises(NodeStopped, match="start"):

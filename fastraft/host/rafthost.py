@@ -239,7 +239,8 @@ class RaftHost:
         ``members`` (host id -> host address) founds the group, as ``initialize`` does:
         every founding host may pass the same; ``None`` for a replica that is added later
         (``add_learner`` on the group's leader) or restarts on storage that knows its
-        group. Raises ``GroupExists`` if the group is already here."""
+        group. Raises ``GroupExists`` if the group is already here, ``NodeStopped`` if the
+        host stops before the replica has started."""
         if not self._running:
             raise NodeStopped(f"host {self.id} is not running: start() it first")
         check_group_id(group_id)
@@ -271,6 +272,8 @@ class RaftHost:
             budget.join(node)
         try:
             await node.start()
+            if not self._running:  # its stop() came while it started: a no-op then
+                raise NodeStopped(f"host {self.id} stopped while group {group_id} started")
             if budget is not None:
                 budget.started(node)
             node.peers_down(frozenset(self.suspected))

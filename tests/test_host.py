@@ -386,31 +386,66 @@ async def test_a_group_runs_on_the_storage_it_is_given_even_an_empty_one():
         await host.stop()
 
 
+class SlowToOpen(MemoryStorage):
+    """Its load_state waits for ``gate``: a storage slow to open."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def load_state(self):
+        await self.gate.wait()
+        return MemoryStorage.load_state(self)
+
+
 @run
 async def test_a_host_stopped_while_a_group_starts_leaves_no_replica_running():
     """stop() while create_group() waits on the group's storage: the replica, not yet
     running, was stopped as a no-op, then finished starting, on a host that had stopped,
-    and create_group() returned it."""
+    and create_group() returned it. The host's stop now waits for the start to end."""
     gate = asyncio.Event()
-
-    class SlowToOpen(MemoryStorage):
-        async def load_state(self):
-            await gate.wait()
-            return MemoryStorage.load_state(self)
-
     host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
                     config=FAST)
     await host.start()
-    storage = SlowToOpen()
+    storage = SlowToOpen(gate)
     created = asyncio.ensure_future(host.create_group(
         1, {1: host.address}, state_machine=Log(), storage=storage))
     await wait_until(lambda: host._groups, 5, "the group being created")
     node = host._groups[1]
-    await host.stop()
+    stopping = asyncio.ensure_future(host.stop())
+    await wait_until(lambda: node._stop_requested, 5, "the replica's stop to begin")
+    assert not stopping.done()
     gate.set()
+    await asyncio.wait_for(stopping, 5)
     with pytest.raises(NodeStopped, match="host 1 stopped"):
         await asyncio.wait_for(created, 5)
     assert not node.running and not host.groups
+
+
+@run
+async def test_a_replica_stopped_while_it_starts_fails_its_creation_and_the_host_runs_on():
+    """host.group(g).stop() during create_group(): the creation says the replica was
+    stopped (not the host), and the host creates the group again afterwards."""
+    gate = asyncio.Event()
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST)
+    await host.start()
+    try:
+        created = asyncio.ensure_future(host.create_group(
+            1, {1: host.address}, state_machine=Log(), storage=SlowToOpen(gate)))
+        await wait_until(lambda: host._groups, 5, "the group being created")
+        stopping = asyncio.ensure_future(host.group(1).stop())
+        await wait_until(lambda: host._groups[1]._stop_requested, 5, "the replica's stop")
+        gate.set()
+        await asyncio.wait_for(stopping, 5)
+        with pytest.raises(NodeStopped, match="node 1 was stopped while it started"):
+            await asyncio.wait_for(created, 5)
+        assert not host.groups
+        group = await host.create_group(1, {1: host.address}, state_machine=Log())
+        await group.wait_for_leader(5)
+        assert await group.propose(b"x") is not None
+    finally:
+        await host.stop()
 
 
 @run

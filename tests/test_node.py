@@ -215,22 +215,51 @@ class SnapshotStreams(MemoryStorage):
         return loaded
 
 
-@run
-async def test_a_start_that_fails_leaves_the_node_stopped_and_closes_what_it_opened():
-    """A network that fails to start fails start(): the node is not running (a second
-    start() is a start, not a no-op) and the snapshot stream it opened is closed."""
-    storage = SnapshotStreams()
+class SlowToOpen(SnapshotStreams):
+    """Its load_state waits while ``gate`` is clear (a disk slow to answer at start) and
+    counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = open_gate()
+        self.loads = 0
+
+    async def load_state(self) -> Any:
+        self.loads += 1
+        await self.gate.wait()
+        return MemoryStorage.load_state(self)
+
+
+async def snapshotted_storage() -> SlowToOpen:
+    """A lone node's storage with a snapshot (a start opens its stream)."""
+    storage = SlowToOpen()
     node = await lone_leader(storage=storage)
     for k in range(5):
         await node.propose(b"%d" % k)
     await node.snapshot()
     await node.stop()
+    storage.gate.clear()
+    storage.loads = 0
+    return storage
+
+
+def refusing_network() -> Any:
+    """A memory network whose start() fails, as a TCP one's does on a port in use."""
     network = MemoryHub().network(1)
 
     async def refuse(node: Any) -> None:
         raise OSError("address in use")
     network.start = refuse  # type: ignore[method-assign]
-    again = RaftNode(1, storage=storage, network=network, state_machine=Recorder(),
+    return network
+
+
+@run
+async def test_a_start_that_fails_leaves_the_node_stopped_and_closes_what_it_opened():
+    """A network that fails to start fails start(): the node is not running (a second
+    start() is a start, not a no-op) and the snapshot stream it opened is closed."""
+    storage = await snapshotted_storage()
+    storage.gate.set()
+    again = RaftNode(1, storage=storage, network=refusing_network(), state_machine=Recorder(),
                      config=FAST)
     opened = len(storage.opened)
     with pytest.raises(OSError, match="address in use"):
@@ -256,6 +285,70 @@ async def test_a_stopped_node_is_not_started_again():
     await again.wait_for_leader(5)
     assert await again.propose(b"after") is not None
     await again.stop()
+
+
+@run
+async def test_a_stop_while_the_node_starts_waits_for_the_start_and_stops_it():
+    """stop() during start() used to return at once (a no-op: not running yet); the
+    start then finished and left a node running, on storage its caller may have closed.
+    The stop now waits for the start, which stops the node and raises NodeStopped."""
+    storage = await snapshotted_storage()
+    hub = MemoryHub()
+    node = RaftNode(1, storage=storage, network=hub.network(1), state_machine=Recorder(),
+                    config=FAST)
+    starting = asyncio.ensure_future(node.start())
+    await wait_until(lambda: storage.loads, 5, "the start reading its storage")
+    opened = len(storage.opened)
+    stopping = asyncio.ensure_future(node.stop())
+    await wait_until(lambda: node._stop_requested, 5, "the stop to wait for the start")
+    assert not stopping.done()
+    storage.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    assert starting.done()
+    with pytest.raises(NodeStopped, match="node 1 was stopped while it started"):
+        await starting
+    assert not node.running and node.status()["running"] is False
+    assert 1 not in hub.nodes  # its network was stopped
+    assert len(storage.opened) > opened and all(s.closed for s in storage.opened[opened:])
+    await asyncio.wait_for(node.wait_stopped(), 5)
+    with pytest.raises(NodeStopped, match="restart it as a new RaftNode"):
+        await node.start()
+
+
+@run
+async def test_a_second_start_while_the_node_starts_waits_for_the_first():
+    """It used to start the node a second time over the first (two engines, two apply
+    tasks on one storage)."""
+    storage = await snapshotted_storage()
+    node = RaftNode(1, storage=storage, network=MemoryHub().network(1),
+                    state_machine=Recorder(), config=FAST)
+    first = asyncio.ensure_future(node.start())
+    await wait_until(lambda: storage.loads, 5, "the first start reading its storage")
+    second = asyncio.ensure_future(node.start())
+    await asyncio.sleep(0)  # one loop turn: the second start reaches its wait
+    assert not second.done()
+    storage.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 5)
+    assert storage.loads == 1 and node.running
+    await node.wait_for_leader(5)
+    assert await node.propose(b"once started") is not None
+    await node.stop()
+
+
+@run
+async def test_a_stop_while_a_start_fails_returns_and_the_start_raises_its_own_error():
+    storage = await snapshotted_storage()
+    node = RaftNode(1, storage=storage, network=refusing_network(), state_machine=Recorder(),
+                    config=FAST)
+    starting = asyncio.ensure_future(node.start())
+    await wait_until(lambda: storage.loads, 5, "the start reading its storage")
+    stopping = asyncio.ensure_future(node.stop())
+    await wait_until(lambda: node._stop_requested, 5, "the stop to wait for the start")
+    storage.gate.set()
+    await asyncio.wait_for(stopping, 5)
+    with pytest.raises(OSError, match="address in use"):
+        await starting
+    assert not node.running and all(s.closed for s in storage.opened)
 
 
 @run

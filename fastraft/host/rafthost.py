@@ -271,9 +271,13 @@ class RaftHost:
         if budget is not None:
             budget.join(node)
         try:
-            await node.start()
-            if not self._running:  # its stop() came while it started: a no-op then
-                raise NodeStopped(f"host {self.id} stopped while group {group_id} started")
+            try:
+                await node.start()
+            except NodeStopped as e:
+                if self._running:  # the replica's own stop() (host.group(...).stop())
+                    raise
+                raise NodeStopped(
+                    f"host {self.id} stopped while group {group_id} started") from e
             if budget is not None:
                 budget.started(node)
             node.peers_down(frozenset(self.suspected))

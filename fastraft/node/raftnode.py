@@ -103,6 +103,11 @@ class RaftNode:
         #: The stop under way, or done (None until ``stop()``): every ``stop()`` call
         #: waits for it, shielded from the caller's cancellation.
         self._stopping: asyncio.Task[None] | None = None
+        #: Resolved when the start under way ends, either way (None: none under way): a
+        #: second start() and a stop() wait for it.
+        self._starting: asyncio.Future[None] | None = None
+        #: stop() was called while the node started: start() stops it when done.
+        self._stop_requested = False
 
         #: add_learner / remove_learner / change_membership calls under way on this node:
         #: a ``RaftHost`` does not move the leadership of such a group to balance load.
@@ -172,13 +177,23 @@ class RaftNode:
         """Recover from storage, rebuild the state machine, join the cluster. If it
         raises (damaged storage, a port in use), the node is left as it was, and
         ``start()`` may be called again; after ``stop()`` it raises ``NodeStopped``
-        (a restart is a new ``RaftNode`` on the same storage)."""
+        (a restart is a new ``RaftNode`` on the same storage), as it does when
+        ``stop()`` is called while it starts. A second call while it starts waits
+        for the first."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            if not self._running:
+                raise NodeStopped(f"node {self.id} did not start: its first start() "
+                                  "failed or it was stopped meanwhile")
+            return
         if self._running:
             return
         if self._stopping is not None:
             raise self.failure or NodeStopped(
                 f"node {self.id} was stopped, and a RaftNode starts once: restart it as a "
                 "new RaftNode on the same storage")
+        starting = self._starting = asyncio.get_running_loop().create_future()
+        self._stop_requested = False
         try:
             await self._start()
         except BaseException:
@@ -189,6 +204,12 @@ class RaftNode:
             self._stopped = None
             self._transfer.close()
             raise
+        finally:
+            self._starting = None
+            starting.set_result(None)
+        if self._stop_requested:
+            await self.stop()
+            raise NodeStopped(f"node {self.id} was stopped while it started")
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -270,10 +291,16 @@ class RaftNode:
         storage object is a restart). A leader tells a voter to campaign at once and
         wakes the other members on its way out (``Engine.resign``). A call while the node
         stops (the node's own stop after a hook failed, say) returns when that stop ends:
-        the storage is the caller's to close then. A caller cancelled while it waits
+        the storage is the caller's to close then; so does a call while the node starts,
+        once the start has ended and stopped the node. A caller cancelled while it waits
         (``asyncio.wait_for(node.stop(), ...)`` timing out) stops waiting; the stop goes
         on to its end: a write under way is never left half done, nor the apply task
         running, nor a pending operation unanswered."""
+        if self._starting is not None:
+            # The start stops the node once it has ended; returning before would leave
+            # a node starting, and then running, on storage its caller may close.
+            self._stop_requested = True
+            await asyncio.shield(self._starting)
         if self._stopping is None:
             if not self._running:
                 return

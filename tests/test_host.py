@@ -398,20 +398,31 @@ class SlowToOpen(MemoryStorage):
         return MemoryStorage.load_state(self)
 
 
+async def creating_a_slow_group(
+        gate: asyncio.Event) -> tuple[RaftHost, asyncio.Future[RaftNode], RaftNode]:
+    """A started host creating group 1 (one member) on a storage that opens once
+    ``gate`` is set: the host, the ``create_group`` future, the replica starting."""
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
+                    config=FAST)
+    await host.start()
+    created = asyncio.ensure_future(host.create_group(
+        1, {1: host.address}, state_machine=Log(), storage=SlowToOpen(gate)))
+    await wait_until(lambda: host._groups, 5, "the group being created")
+    return host, created, host._groups[1]
+
+
+async def lead_and_commit(group: RaftNode) -> None:
+    await group.wait_for_leader(5)
+    assert await group.propose(b"x") is not None
+
+
 @run
 async def test_a_host_stopped_while_a_group_starts_leaves_no_replica_running():
     """stop() while create_group() waits on the group's storage: the replica, not yet
     running, was stopped as a no-op, then finished starting, on a host that had stopped,
     and create_group() returned it. The host's stop now waits for the start to end."""
     gate = asyncio.Event()
-    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
-                    config=FAST)
-    await host.start()
-    storage = SlowToOpen(gate)
-    created = asyncio.ensure_future(host.create_group(
-        1, {1: host.address}, state_machine=Log(), storage=storage))
-    await wait_until(lambda: host._groups, 5, "the group being created")
-    node = host._groups[1]
+    host, created, node = await creating_a_slow_group(gate)
     stopping = asyncio.ensure_future(host.stop())
     await wait_until(lambda: node._stop_requested, 5, "the replica's stop to begin")
     assert not stopping.done()
@@ -427,25 +438,66 @@ async def test_a_replica_stopped_while_it_starts_fails_its_creation_and_the_host
     """host.group(g).stop() during create_group(): the creation says the replica was
     stopped (not the host), and the host creates the group again afterwards."""
     gate = asyncio.Event()
-    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
-                    config=FAST)
-    await host.start()
+    host, created, node = await creating_a_slow_group(gate)
     try:
-        created = asyncio.ensure_future(host.create_group(
-            1, {1: host.address}, state_machine=Log(), storage=SlowToOpen(gate)))
-        await wait_until(lambda: host._groups, 5, "the group being created")
         stopping = asyncio.ensure_future(host.group(1).stop())
-        await wait_until(lambda: host._groups[1]._stop_requested, 5, "the replica's stop")
+        await wait_until(lambda: node._stop_requested, 5, "the replica's stop")
         gate.set()
         await asyncio.wait_for(stopping, 5)
         with pytest.raises(NodeStopped, match="node 1 was stopped while it started"):
             await asyncio.wait_for(created, 5)
         assert not host.groups
-        group = await host.create_group(1, {1: host.address}, state_machine=Log())
-        await group.wait_for_leader(5)
-        assert await group.propose(b"x") is not None
+        await lead_and_commit(await host.create_group(1, {1: host.address},
+                                                      state_machine=Log()))
     finally:
         await host.stop()
+
+
+@run
+async def test_a_group_created_again_while_its_replica_stops_waits_for_that_stop():
+    """remove_group() while the replica still starts, and create_group() of the same
+    group meanwhile: the new replica starts once the old one has stopped (they may share
+    a storage), and is the one the host and its transport keep."""
+    gate = asyncio.Event()
+    host, first, old = await creating_a_slow_group(gate)
+    try:
+        removing = asyncio.ensure_future(host.remove_group(1))
+        await wait_until(lambda: old._stop_requested, 5, "the removal to stop the replica")
+        again = asyncio.ensure_future(host.create_group(1, {1: host.address},
+                                                        state_machine=Log()))
+        await wait_until(lambda: host._leaving, 5, "the replica leaving")
+        await asyncio.sleep(0)  # one loop turn: the new creation reaches its wait
+        assert not again.done() and 1 not in host._groups
+        gate.set()
+        await asyncio.wait_for(removing, 5)
+        with pytest.raises(NodeStopped, match="node 1 was stopped while it started"):
+            await asyncio.wait_for(first, 5)
+        group = await asyncio.wait_for(again, 5)
+        assert host.group(1) is group and host.network.receivers[1] is group
+        assert not old.running and not host._leaving
+        await lead_and_commit(group)
+    finally:
+        await host.stop()
+
+
+@run
+async def test_a_host_stops_once_the_replica_remove_group_stops_has_stopped():
+    """host.stop() while remove_group() waits for a replica still starting: the host's
+    stop used to return at once (the group had left it) while the replica still
+    started on storage its caller may close once the host has stopped."""
+    gate = asyncio.Event()
+    host, created, old = await creating_a_slow_group(gate)
+    removing = asyncio.ensure_future(host.remove_group(1))
+    await wait_until(lambda: old._stop_requested, 5, "the removal to stop the replica")
+    stopping = asyncio.ensure_future(host.stop())
+    with pytest.raises(asyncio.TimeoutError):  # it waits for the gate: never done
+        await asyncio.wait_for(asyncio.shield(stopping), 0.5)
+    gate.set()
+    await asyncio.wait_for(stopping, 5)
+    assert old._stopped is True
+    await asyncio.wait_for(removing, 5)
+    with pytest.raises(NodeStopped):
+        await created
 
 
 @run

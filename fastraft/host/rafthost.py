@@ -123,6 +123,9 @@ class RaftHost:
         #: One per heartbeat interval the groups use (most hosts: one).
         self._clocks: dict[float, HeartbeatClock] = {}
         self._groups: dict[int, RaftNode] = {}
+        #: Replicas ``remove_group`` is stopping: a new replica of the group waits for
+        #: its stop (it may be on the same storage).
+        self._leaving: dict[int, RaftNode] = {}
         self._balancer = Balancer(node_id, self._groups)
         #: The host's tasks: liveness, and balancing and the cache budget if any.
         self._tasks: list[asyncio.Task[None]] = []
@@ -201,6 +204,8 @@ class RaftHost:
         for node in groups:
             node.quiet_changed = None
             await node.stop()
+        for node in list(self._leaving.values()):  # remove_group's, still stopping
+            await node.stop()
         for clock in self._clocks.values():
             clock.stop()
         self._clocks.clear()
@@ -240,10 +245,13 @@ class RaftHost:
         every founding host may pass the same; ``None`` for a replica that is added later
         (``add_learner`` on the group's leader) or restarts on storage that knows its
         group. Raises ``GroupExists`` if the group is already here, ``NodeStopped`` if the
-        host stops before the replica has started."""
+        host stops before the replica has started. A replica of the group that
+        ``remove_group`` is still stopping stops first."""
+        check_group_id(group_id)
+        while (leaving := self._leaving.get(group_id)) is not None and self._running:
+            await leaving.stop()
         if not self._running:
             raise NodeStopped(f"host {self.id} is not running: start() it first")
-        check_group_id(group_id)
         if group_id in self._groups:
             raise GroupExists(f"group {group_id} already runs on host {self.id}")
         if members is not None:
@@ -337,17 +345,25 @@ class RaftHost:
                 log.warning("host %d: group %d stops while leading: %s", self.id,
                             group_id, exc)
         self._forget(group_id, node)
-        await node.stop()
+        self._leaving[group_id] = node
+        try:
+            await node.stop()
+        finally:
+            if self._leaving.get(group_id) is node:
+                del self._leaving[group_id]
 
     def _removed(self, group_id: int, node: RaftNode) -> None:
         """A replica stopping itself, taken out of its group (``Config.stop_when_removed``):
         gone from the host as after ``remove_group``, with no leadership to hand over."""
-        if self._groups.get(group_id) is node:
-            self._forget(group_id, node)
+        self._forget(group_id, node)
 
     def _forget(self, group_id: int, node: RaftNode) -> None:
-        """A group leaves this host: no balancing, no share of the cache budget."""
-        self._groups.pop(group_id, None)
+        """A group leaves this host: no balancing, no share of the cache budget. Not if
+        ``node`` left already (``remove_group`` while it started), whatever replica of
+        the group came since."""
+        if self._groups.get(group_id) is not node:
+            return
+        del self._groups[group_id]
         self._balancer.forget(group_id)
         if self._cache_budget is not None:
             self._cache_budget.leave(node)

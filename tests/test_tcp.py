@@ -151,15 +151,36 @@ async def test_reconnects_after_peer_restart():
     b2 = TcpNetwork(2, f"127.0.0.1:{port}")
     sb2 = Sink()
     await b2.start(sb2)
+    await heard_again(a, sb2)
+    await a.stop()
+    await b2.stop()
 
+
+async def heard_again(a: TcpNetwork, sink: Sink) -> None:
+    """Node 2, restarted, hears node 1 (whose dials back off meanwhile)."""
     async def keep_sending():
-        while not sb2.got:
+        while not sink.got:
             a.send(2, [RequestVote(2, 1, 0, 0)])
             await asyncio.sleep(0.01)
     await asyncio.wait_for(keep_sending(), 20)
-    assert sb2.got[0] == (1, RequestVote(2, 1, 0, 0))
-    await a.stop()
-    await b2.stop()
+    assert sink.got[0] == (1, RequestVote(2, 1, 0, 0))
+
+
+@run
+async def test_a_network_started_again_after_its_stop_listens_again():
+    """A restart reusing the TcpNetwork object (a new RaftNode on the same storage and
+    network): its stop closed the listening socket but kept it, and serve() then
+    returned at once, so the restarted node heard no one (its own dials still went
+    out)."""
+    a, b, sa, sb = await pair()
+    await b.stop()
+    sb2 = Sink()
+    await b.start(sb2)
+    try:
+        await heard_again(a, sb2)
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 @run

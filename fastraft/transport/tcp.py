@@ -182,6 +182,7 @@ class TcpNetwork:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self._server = None  # a restart on this network listens again
         for peer in list(self._peers.values()):
             peer.close()
         self._peers.clear()

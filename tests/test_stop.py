@@ -196,6 +196,6 @@ async def test_a_host_stop_whose_caller_is_cancelled_goes_on_to_its_end():
     storage.gate.set()
     await asyncio.wait_for(other.wait_stopped(), 10)
     assert slow._stopped and [bytes(e.data) for e in storage.read_entries(3, 4)] == [b"slow"]
-    await wait_until(lambda: not host.network._server.is_serving(), 5, "the transport to stop")
+    await wait_until(lambda: host.network._server is None, 5, "the transport to stop")
     await asyncio.gather(write, return_exceptions=True)
     await host.stop()  # a later call returns once it is done

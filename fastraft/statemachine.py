@@ -26,8 +26,10 @@ class StateMachine(Protocol):
     million keys rehashes all of them in one step when it grows (about 0.1 s; see how
     ``fastraft.kv.KVStore`` shards its dicts).
     Any method may be a coroutine; synchronous ``snapshot`` and ``restore`` run in a
-    thread (the node applies nothing meanwhile). ``entry.data`` is bytes or a memoryview
-    of a received buffer; copy it (``bytes(entry.data)``) to keep it beyond the call.
+    thread (the node applies nothing meanwhile); ``RaftNode.stop()`` waits for such a
+    thread to return, and cancels a coroutine under way. ``entry.data`` is bytes or a
+    memoryview of a received buffer; copy it (``bytes(entry.data)``) to keep it beyond
+    the call.
 
     Optional: ``last_applied() -> int``, the highest index this state machine has
     made durable itself; a restarting node then skips re-applying up to it. Without it the

@@ -1,6 +1,8 @@
 """RaftNode end to end, in one process over the in-memory network."""
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from typing import Any
 
@@ -349,6 +351,110 @@ async def test_a_stop_while_a_start_fails_returns_and_the_start_raises_its_own_e
     with pytest.raises(OSError, match="address in use"):
         await starting
     assert not node.running and all(s.closed for s in storage.opened)
+
+
+class HeldInThread(Recorder):
+    """Its synchronous snapshot and restore (run in threads) wait until ``release`` is
+    set, while ``hold_snapshots`` / ``hold_restores`` say so; ``events`` says in what
+    order they went (from any thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_snapshots = self.hold_restores = False
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.events: list[str] = []
+
+    def _hold(self, if_: bool) -> None:
+        if if_:
+            self.held.set()
+            self.release.wait(10)
+
+    def snapshot(self):
+        self.events.append("snapshot begun")
+        self._hold(self.hold_snapshots)
+        self.events.append("snapshot taken")
+        return b""
+
+    def restore(self, data):
+        self._hold(self.hold_restores)
+        data.read()  # the spool is still open
+        Recorder.restore(self, data)
+        self.events.append("restored")
+
+
+class ThreadPerCall(concurrent.futures.Executor):
+    """Runs each call in a thread of its own, begun at once: a call submitted is a call
+    made (a pool may leave it queued, and a stop then cancels it before it runs)."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+
+        def call() -> None:
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+        threading.Thread(target=call, daemon=True).start()
+        return future
+
+
+async def stop_while_held(node: RaftNode, sm: HeldInThread) -> None:
+    """Stop ``node`` while the state machine is held: the stop waits for the thread."""
+    await wait_until(sm.held.is_set, 5, "the state machine's call under way")
+    stopping = asyncio.ensure_future(node.stop())
+    with pytest.raises(asyncio.TimeoutError):  # it waits for the thread: never done
+        await asyncio.wait_for(asyncio.shield(stopping), 0.5)
+    sm.release.set()
+    await asyncio.wait_for(stopping, 10)
+    sm.events.append("stopped")
+
+
+@run
+async def test_a_stop_waits_for_a_snapshot_the_state_machine_takes_in_a_thread():
+    """stop() cancelled the apply task waiting on the thread that runs a synchronous
+    snapshot(): the stop returned while the state machine was still being read."""
+    sm = HeldInThread()
+    sm.hold_snapshots = True
+    node = await lone_leader(state_machine=sm)
+    await node.propose(b"x")
+    snapshotted = asyncio.ensure_future(node.snapshot())
+    await stop_while_held(node, sm)
+    assert sm.events[-2:] == ["snapshot taken", "stopped"]
+    with pytest.raises(NodeStopped):
+        await snapshotted
+    assert node.storage.load_state().snapshot is None  # not saved: the node stopped
+
+
+@run
+async def test_a_stop_waits_for_a_restore_in_a_thread_and_begins_nothing_after_it():
+    """A follower restoring the leader's snapshot in a thread when it stops: the stop
+    used to return at once and close the snapshot's spool under the restore. It now
+    waits for the restore; the entries queued behind it may be applied, but the
+    snapshot they make due (one every entry here) is not begun."""
+    asyncio.get_running_loop().set_default_executor(ThreadPerCall())
+    async with LocalCluster(3, state_machine=HeldInThread, config=replace(
+            SNAPSHOTS_BY_HAND, snapshot_interval=1)) as c:
+        leader, follower = await written_to(c)
+        sm = c.state_machines[follower.id]
+        c.hub.isolate(follower.id)
+        for k in range(20):
+            await leader.propose(b"b%d" % k)
+        await wait_until(lambda: leader.engine.log.snapshot_index
+                         > follower.engine.log.last_index, 5, "compaction")
+        sm.hold_restores = True
+        c.hub.heal()
+        await wait_until(sm.held.is_set, 5, "the follower restoring the leader's snapshot")
+        last = max([await leader.propose(b"c%d" % k) for k in range(3)])
+        await wait_until(lambda: follower._applier.committed_index >= last, 5,
+                         "entries queued behind the restore")
+        await stop_while_held(follower, sm)
+        after = sm.events.index("restored")
+        with pytest.raises(TimeoutError):  # (a thread begun would say so at once)
+            await wait_until(lambda: "snapshot begun" in sm.events[after:], 0.5)
+        assert sm.events[after:] == ["restored", "stopped"]
+        assert follower.failure is None
 
 
 @run

@@ -15,7 +15,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from fastraft import kernels
@@ -62,6 +62,11 @@ class Applier:
         self._closed = False
         #: Working on an item (possibly awaiting): no inline apply now.
         self._busy = False
+        #: A synchronous call into the state machine runs in a thread, which ``stop``
+        #: waits for (``_call_state_machine``); set to a future by ``stop`` to hear
+        #: when it has returned.
+        self._calling = False
+        self._call_ended: asyncio.Future[None] | None = None
         #: What a ``snapshot()`` still waiting when the node stops fails with.
         self._stop_error: Exception = NodeStopped(f"node {node.id} stopped")
         #: Highest index the state machine has applied.
@@ -76,13 +81,19 @@ class Applier:
         self._sm_apply, self._sm_apply_async = sm_apply, inspect.iscoroutinefunction(sm_apply)
 
     async def stop(self, error: Exception) -> None:
-        """End the apply task; a ``snapshot()`` still waiting fails with ``error``."""
+        """End the apply task, once a call into the state machine running in a thread
+        has returned (a coroutine one is cancelled with the task, as asyncio stops
+        work); a ``snapshot()`` still waiting fails with ``error``."""
         self._stop_error = error
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        if task is not None:
+            if self._calling:
+                self._call_ended = self.node._loop.create_future()
+                await self._call_ended
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
         for item in self.queue:
@@ -274,13 +285,9 @@ class Applier:
             return node._writer.snapshot_index
         started = time.monotonic()
         meta = node.engine.snapshot_meta(index)
-        snapshot = node.state_machine.snapshot
-        if inspect.iscoroutinefunction(snapshot):
-            data = await snapshot()
-        else:
-            # The task waits here, so nothing changes the state meanwhile; a thread keeps
-            # replication and elections running while a large snapshot is taken.
-            data = await node._loop.run_in_executor(None, snapshot)
+        # The task waits here, so nothing changes the state meanwhile; a thread keeps
+        # replication and elections running while a large snapshot is taken.
+        data = await self._call_state_machine(node.state_machine.snapshot)
         durable = node._loop.create_future()
         # Nothing is applied until the stream is read to its end (it may read the live
         # state lazily): a chunk per loop turn, here on the loop, so that encoding the
@@ -318,12 +325,26 @@ class Applier:
         return out
 
     async def restore(self, data: BinaryIO) -> None:
-        node = self.node
-        restore = node.state_machine.restore
-        if inspect.iscoroutinefunction(restore):
-            await restore(data)
-        else:
-            await node._loop.run_in_executor(None, restore, data)
+        await self._call_state_machine(self.node.state_machine.restore, data)
+
+    async def _call_state_machine(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Call a method of the state machine, in a thread if it is synchronous (so the
+        loop goes on replicating meanwhile). A thread cannot be cancelled: ``stop``
+        waits for it, which would otherwise go on using the state machine (and a
+        restore its snapshot's spool) after ``stop()`` returned. None begins once the
+        node stops."""
+        if self._closed:
+            raise asyncio.CancelledError
+        if inspect.iscoroutinefunction(method):
+            return await method(*args)
+        self._calling = True
+        try:
+            return await self.node._loop.run_in_executor(None, method, *args)
+        finally:
+            self._calling = False
+            ended, self._call_ended = self._call_ended, None
+            if ended is not None:
+                ended.set_result(None)
 
     @staticmethod
     def _user_entries(entries: list[Entry]) -> list[Entry]:

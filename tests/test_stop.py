@@ -1,6 +1,8 @@
 """``RaftNode.stop()``: when it returns, the node is done with its storage, which is the
 caller's to close (or to start a new node on)."""
 import asyncio
+import socket
+from typing import Any
 
 import pytest
 
@@ -172,10 +174,11 @@ async def test_a_stop_whose_caller_is_cancelled_goes_on_to_its_end():
     await node.stop()  # a later call returns at once
 
 
-@run
-async def test_a_host_stop_whose_caller_is_cancelled_goes_on_to_its_end():
-    """The same for ``RaftHost.stop()``: it stopped its groups one by one, and a cancel
-    left the rest running and the transport serving."""
+async def a_host_stop_cancelled_while_a_write_waits() -> tuple[RaftHost, GatedAppends,
+                                                                 RaftNode, RaftNode, Any]:
+    """A host of two groups whose stop was cancelled while group 1's write waited for
+    its storage (``storage.gate``, to set): the host, that storage, the two groups and
+    the write."""
     host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), balance_interval=None,
                     config=FAST)
     await host.start()
@@ -193,9 +196,76 @@ async def test_a_host_stop_whose_caller_is_cancelled_goes_on_to_its_end():
     stop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await stop
+    return host, storage, slow, other, write
+
+
+@run
+async def test_a_host_stop_whose_caller_is_cancelled_goes_on_to_its_end():
+    """The same for ``RaftHost.stop()``: it stopped its groups one by one, and a cancel
+    left the rest running and the transport serving."""
+    host, storage, slow, other, write = await a_host_stop_cancelled_while_a_write_waits()
     storage.gate.set()
     await asyncio.wait_for(other.wait_stopped(), 10)
     assert slow._stopped and [bytes(e.data) for e in storage.read_entries(3, 4)] == [b"slow"]
     await wait_until(lambda: host.network._server is None, 5, "the transport to stop")
     await asyncio.gather(write, return_exceptions=True)
     await host.stop()  # a later call returns once it is done
+
+
+@run
+async def test_a_host_started_while_its_stop_goes_on_starts_once_that_stop_ends():
+    """start() right after a stop whose caller was cancelled: it used to start at once,
+    the transport still up, and the stop then went on and closed it under the started
+    host, which heard no one."""
+    host, storage, slow, other, write = await a_host_stop_cancelled_while_a_write_waits()
+    stopping = host._stopping
+    starting = asyncio.ensure_future(host.start())
+    with pytest.raises(asyncio.TimeoutError):  # the stop waits for the write: never done
+        await asyncio.wait_for(asyncio.shield(starting), 0.5)
+    storage.gate.set()
+    await asyncio.wait_for(starting, 10)
+    assert stopping.done() and host._running and host.network._server.is_serving()
+    await asyncio.gather(write, return_exceptions=True)
+    try:
+        group = await host.create_group(3, {1: host.address}, state_machine=Recorder())
+        await group.wait_for_leader(10)
+        assert await group.propose(b"again") is not None
+    finally:
+        await host.stop()
+
+
+@run
+async def test_a_host_started_twice_runs_its_tasks_once():
+    """A second start() (``async with`` on a host started already, or two at once)
+    started a second liveness loop, which doubled the host's idle traffic."""
+    host = RaftHost(1, network=TcpNetwork(1, "127.0.0.1:0"), config=FAST)
+    await asyncio.gather(host.start(), host.start())
+    try:
+        tasks = list(host._tasks)
+        loops = [t.get_coro().__qualname__ for t in tasks]
+        assert "RaftHost._liveness_loop" in loops and len(set(loops)) == len(loops)
+        async with host:
+            assert host._tasks == tasks
+    finally:
+        await host.stop()
+
+
+@run
+async def test_a_host_whose_port_was_in_use_starts_once_it_is_free():
+    """A start that failed (the port in use) must leave the host stopped, so that the
+    next start() starts it rather than return at once, with nothing listening and
+    none of its tasks running."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    address = f"127.0.0.1:{blocker.getsockname()[1]}"
+    host = RaftHost(1, network=TcpNetwork(1, address), balance_interval=None, config=FAST)
+    try:
+        with pytest.raises(OSError):
+            await host.start()
+        blocker.close()
+        await host.start()
+        assert host.network._server.is_serving() and host._tasks
+    finally:
+        blocker.close()
+        await host.stop()

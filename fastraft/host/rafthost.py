@@ -170,9 +170,20 @@ class RaftHost:
         return None if self._cache_budget is None else self._cache_budget.share
 
     async def start(self) -> RaftHost:
-        await self.network.serve()
-        self.network.early = self._arrived_early
+        """Listen, and run the host's own tasks (liveness, balancing, the cache budget).
+        A no-op on a host running or starting; a host stopping finishes its stop first
+        (a stop left to run when its caller was cancelled), then starts again."""
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+        if self._running:
+            return self
         self._running = True
+        try:
+            await self.network.serve()
+        except BaseException:
+            self._running = False
+            raise
+        self.network.early = self._arrived_early
         self._stopping = None
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._liveness_loop()))

@@ -453,23 +453,31 @@ async def test_a_replica_stopped_while_it_starts_fails_its_creation_and_the_host
         await host.stop()
 
 
+@pytest.mark.parametrize("removal_cancelled", [False, True])
 @run
-async def test_a_group_created_again_while_its_replica_stops_waits_for_that_stop():
+async def test_a_group_created_again_while_its_replica_stops_waits_for_that_stop(
+        removal_cancelled):
     """remove_group() while the replica still starts, and create_group() of the same
     group meanwhile: the new replica starts once the old one has stopped (they may share
-    a storage), and is the one the host and its transport keep."""
+    a storage), and is the one the host and its transport keep. Also when the
+    remove_group() caller was cancelled meanwhile (the stop goes on)."""
     gate = asyncio.Event()
     host, first, old = await creating_a_slow_group(gate)
     try:
         removing = asyncio.ensure_future(host.remove_group(1))
         await wait_until(lambda: old._stop_requested, 5, "the removal to stop the replica")
+        if removal_cancelled:
+            removing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await removing
         again = asyncio.ensure_future(host.create_group(1, {1: host.address},
                                                         state_machine=Log()))
         await wait_until(lambda: host._leaving, 5, "the replica leaving")
         await asyncio.sleep(0)  # one loop turn: the new creation reaches its wait
         assert not again.done() and 1 not in host._groups
         gate.set()
-        await asyncio.wait_for(removing, 5)
+        if not removal_cancelled:
+            await asyncio.wait_for(removing, 5)
         with pytest.raises(NodeStopped, match="node 1 was stopped while it started"):
             await asyncio.wait_for(first, 5)
         group = await asyncio.wait_for(again, 5)

@@ -123,9 +123,9 @@ class RaftHost:
         #: One per heartbeat interval the groups use (most hosts: one).
         self._clocks: dict[float, HeartbeatClock] = {}
         self._groups: dict[int, RaftNode] = {}
-        #: Replicas ``remove_group`` is stopping: a new replica of the group waits for
-        #: its stop (it may be on the same storage).
-        self._leaving: dict[int, RaftNode] = {}
+        #: The stops of replicas ``remove_group`` took off the host (``_leave``): a new
+        #: replica of the group waits for its stop (it may be on the same storage).
+        self._leaving: dict[int, asyncio.Task[None]] = {}
         self._balancer = Balancer(node_id, self._groups)
         #: The host's tasks: liveness, and balancing and the cache budget if any.
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,8 +215,8 @@ class RaftHost:
         for node in groups:
             node.quiet_changed = None
             await node.stop()
-        for node in list(self._leaving.values()):  # remove_group's, still stopping
-            await node.stop()
+        # remove_group's replicas still stopping
+        await asyncio.gather(*self._leaving.values(), return_exceptions=True)
         for clock in self._clocks.values():
             clock.stop()
         self._clocks.clear()
@@ -260,7 +260,7 @@ class RaftHost:
         ``remove_group`` is still stopping stops first."""
         check_group_id(group_id)
         while (leaving := self._leaving.get(group_id)) is not None and self._running:
-            await leaving.stop()
+            await asyncio.shield(leaving)  # done once it has left _leaving: no spin
         if not self._running:
             raise NodeStopped(f"host {self.id} is not running: start() it first")
         if group_id in self._groups:
@@ -356,11 +356,17 @@ class RaftHost:
                 log.warning("host %d: group %d stops while leading: %s", self.id,
                             group_id, exc)
         self._forget(group_id, node)
-        self._leaving[group_id] = node
+        leaving = self._leaving[group_id] = asyncio.get_running_loop().create_task(
+            self._leave(group_id, node))
+        await asyncio.shield(leaving)
+
+    async def _leave(self, group_id: int, node: RaftNode) -> None:
+        """Stop a replica ``remove_group`` took off the host, to its end even if that
+        call is cancelled: until then a new replica of the group waits."""
         try:
             await node.stop()
         finally:
-            if self._leaving.get(group_id) is node:
+            if self._leaving.get(group_id) is asyncio.current_task():
                 del self._leaving[group_id]
 
     def _removed(self, group_id: int, node: RaftNode) -> None:

@@ -209,7 +209,7 @@ class RaftNode:
             starting.set_result(None)
         if self._stop_requested:
             await self.stop()
-            raise NodeStopped(f"node {self.id} was stopped while it started")
+            raise self.failure or NodeStopped(f"node {self.id} was stopped while it started")
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()

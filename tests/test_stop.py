@@ -269,3 +269,54 @@ async def test_a_host_whose_port_was_in_use_starts_once_it_is_free():
     finally:
         blocker.close()
         await host.stop()
+
+
+class SlowToListen(TcpNetwork):
+    """Its serve() waits for ``gate``, and counts the calls that go on to listen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.serves = 0
+
+    async def serve(self) -> None:
+        await self.gate.wait()
+        self.serves += 1
+        await super().serve()
+
+
+@run
+async def test_a_host_starting_is_started_once_and_takes_no_group_yet():
+    """Two start() calls at once: the second waits for the first (it used to listen
+    and run the host's tasks a second time); a group is refused until the host runs."""
+    network = SlowToListen(1, "127.0.0.1:0")
+    host = RaftHost(1, network=network, balance_interval=None, config=FAST)
+    first = asyncio.ensure_future(host.start())
+    second = asyncio.ensure_future(host.start())
+    await asyncio.sleep(0)  # one loop turn: both reach their wait
+    with pytest.raises(NodeStopped, match="not running"):
+        await host.create_group(1, {1: "127.0.0.1:1"}, state_machine=Recorder())
+    network.gate.set()
+    try:
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        assert network.serves == 1 and len(host._tasks) == 1  # the liveness loop
+        group = await host.create_group(1, {1: host.address}, state_machine=Recorder())
+        await group.wait_for_leader(10)
+    finally:
+        await host.stop()
+
+
+@run
+async def test_a_host_stopped_while_it_starts_is_stopped_once_started():
+    """stop() while start() waits to listen used to find nothing to stop, and the start
+    then went on: a host running, listening, after its stop returned."""
+    network = SlowToListen(1, "127.0.0.1:0")
+    host = RaftHost(1, network=network, balance_interval=None, config=FAST)
+    starting = asyncio.ensure_future(host.start())
+    await asyncio.sleep(0)  # one loop turn: the start reaches its wait
+    stopping = asyncio.ensure_future(host.stop())
+    await asyncio.sleep(0)
+    assert not stopping.done()
+    network.gate.set()
+    await asyncio.wait_for(asyncio.gather(starting, stopping), 5)
+    assert not host._running and network._server is None and not host._tasks

@@ -134,6 +134,8 @@ class RaftHost:
         self._running = False
         #: The stop under way, or done (None until ``stop()``).
         self._stopping: asyncio.Task[None] | None = None
+        #: Resolved when the start under way has listened or failed (None: none).
+        self._starting: asyncio.Future[None] | None = None
         #: Quiet groups led here that reminded a peer host of their leader, so far
         #: (``_remind``).
         self.reminders = 0
@@ -171,19 +173,23 @@ class RaftHost:
 
     async def start(self) -> RaftHost:
         """Listen, and run the host's own tasks (liveness, balancing, the cache budget).
-        A no-op on a host running or starting; a host stopping finishes its stop first
-        (a stop left to run when its caller was cancelled), then starts again."""
+        A no-op on a host running; a call while another starts it waits for that one
+        (and tries again if it failed); a host stopping finishes its stop first (a stop
+        left to run when its caller was cancelled), then starts again."""
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
         if self._running:
             return self
-        self._running = True
+        starting = self._starting = asyncio.get_running_loop().create_future()
         try:
             await self.network.serve()
-        except BaseException:
-            self._running = False
-            raise
+        finally:
+            self._starting = None
+            starting.set_result(None)
         self.network.early = self._arrived_early
+        self._running = True
         self._stopping = None
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._liveness_loop()))
@@ -196,7 +202,10 @@ class RaftHost:
     async def stop(self) -> None:
         """Stop every group and the transport; storages stay open (they are reused by a
         new host: a restart). A caller cancelled while it waits stops waiting; the stop
-        goes on to its end (``RaftNode.stop``), and a second call waits for it."""
+        goes on to its end (``RaftNode.stop``), and a second call waits for it. A start
+        under way ends first."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
         if self._stopping is None:
             self._running = False
             self._stopping = asyncio.get_running_loop().create_task(self._stop())

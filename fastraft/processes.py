@@ -42,14 +42,40 @@ def _ephemeral_low() -> int:
         return 0
 
 
+def port_range() -> tuple[int, int]:
+    """Where ``free_ports`` picks, ``(low, high)`` with ``high`` excluded; ``(0, 0)``: the
+    kernel's choice. ``FASTRAFT_PORTS=LOW-HIGH`` sets it (processes that start servers
+    side by side, as test processes do, each take a range of their own: a port is free
+    for another process too until its server binds it); else below the kernel's
+    ephemeral range where it has room (Linux)."""
+    spec = os.environ.get("FASTRAFT_PORTS")
+    if spec:
+        try:
+            low, high = (int(part) for part in spec.split("-"))
+        except ValueError:
+            low = high = 0
+        if not 1024 <= low < high <= 65536:
+            raise ConfigError(f"FASTRAFT_PORTS must be LOW-HIGH with 1024 <= LOW < HIGH <= "
+                              f"65536, got {spec!r}")
+        return low, high
+    ephemeral = _ephemeral_low()
+    return (LOWEST_PORT, ephemeral) if ephemeral > LOWEST_PORT + 1000 else (0, 0)
+
+
+def handed_out_kept(low: int, high: int) -> int:
+    """How many of the ports handed out lately ``free_ports`` keeps from handing out
+    again: at most half a small range, which leaves it the other half to pick from."""
+    return min(_HANDED_OUT_KEPT, (high - low) // 2) if high else _HANDED_OUT_KEPT
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct ports of 127.0.0.1, free now, for servers about to start, none of
     them handed out by an earlier call of this process (among the last 4,096). Picked at
-    random below the kernel's ephemeral range where it has room (Linux): such a port is
-    never given to the local end of a connection opened between now and the moment the
-    server binds it (likelier with clusters starting side by side, as tests run by
-    several processes do), which would fail the server's start."""
-    low = _ephemeral_low()
+    random in ``port_range()``: below the kernel's ephemeral range, such a port is never
+    given to the local end of a connection opened between now and the moment the server
+    binds it (likelier with clusters starting side by side), which would fail the
+    server's start."""
+    low, high = port_range()
     pick = random.SystemRandom()  # unaffected by a seeded random module
     socks: list[socket.socket] = []
     failures = 0
@@ -57,8 +83,7 @@ def free_ports(n: int) -> list[int]:
         while len(socks) < n:
             s = socket.socket()
             try:
-                s.bind(("127.0.0.1", pick.randrange(LOWEST_PORT, low)
-                        if low > LOWEST_PORT + 1000 else 0))
+                s.bind(("127.0.0.1", pick.randrange(low, high) if high else 0))
             except OSError:  # in use: pick again, unless binding itself fails
                 s.close()
                 failures += 1
@@ -72,7 +97,7 @@ def free_ports(n: int) -> list[int]:
         ports = [s.getsockname()[1] for s in socks]
         for port in ports:
             _handed_out[port] = None
-        while len(_handed_out) > _HANDED_OUT_KEPT:
+        while len(_handed_out) > handed_out_kept(low, high):
             del _handed_out[next(iter(_handed_out))]
         return ports
     finally:

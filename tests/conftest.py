@@ -5,10 +5,31 @@ import pytest
 from hypothesis import settings
 
 from fastraft.filestorage import FileStorage
+from fastraft.processes import port_range
 
 settings.register_profile("ci", max_examples=300, deadline=None)
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def _own_ports() -> None:
+    """Each test process (pytest-xdist worker) picks server ports in a range of its own
+    (``free_ports``; the node processes it starts inherit it): a port two workers picked
+    at once was free for both until one's server bound it, and the other's then could
+    not start (a README run: one worker's node 2 on another's client port)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or "FASTRAFT_PORTS" in os.environ:
+        return
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    low, high = port_range()
+    if not high:
+        return
+    width = (high - low) // count
+    first = low + int(worker.removeprefix("gw")) * width
+    os.environ["FASTRAFT_PORTS"] = f"{first}-{first + width}"
+
+
+_own_ports()
 
 
 def pytest_addoption(parser):

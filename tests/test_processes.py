@@ -9,9 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import http_get
 
+from fastraft.errors import ConfigError
 from fastraft.kvclient import ClientError, find_leader
 from fastraft.kvprotocol import shard_of
-from fastraft.processes import ProcessCluster, free_ports
+from fastraft.processes import ProcessCluster, free_ports, handed_out_kept, port_range
 
 from aio import (
     LEADERSHIP_CHANGED,
@@ -33,24 +34,59 @@ def cluster(tmp_path):
     c.stop_all()
 
 
-def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range():
+def test_free_ports_are_distinct_bindable_and_clear_of_the_ephemeral_range(monkeypatch):
     import socket
 
     from fastraft.processes import LOWEST_PORT, _ephemeral_low
+    monkeypatch.delenv("FASTRAFT_PORTS", raising=False)
     low = _ephemeral_low()
     ports = free_ports(50)
     assert len(set(ports)) == 50
     if low > LOWEST_PORT + 1000:  # Linux: connections never take these as their own end
+        assert port_range() == (LOWEST_PORT, low)
         assert all(LOWEST_PORT <= p < low for p in ports), (low, ports)
     for p in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
 
 
+def test_free_ports_picks_in_the_range_fastraft_ports_names(monkeypatch):
+    """Test processes side by side each take a range of their own (tests/conftest.py):
+    a port two of them picked at once was free for both until one's server bound it."""
+    monkeypatch.setenv("FASTRAFT_PORTS", "20000-20100")
+    assert all(20000 <= p < 20100 for p in free_ports(20))
+    for bad in ("20000", "a-b", "100-200", "30000-20000", "20000-70000"):
+        monkeypatch.setenv("FASTRAFT_PORTS", bad)
+        with pytest.raises(ConfigError, match="FASTRAFT_PORTS must be LOW-HIGH"):
+            free_ports(1)
+
+
+def test_each_test_process_picks_ports_in_a_range_of_its_own(monkeypatch):
+    """tests/conftest.py gives pytest-xdist worker k of n the k-th of n slices of the
+    range (and leaves a range set by hand alone)."""
+    import conftest
+    monkeypatch.delenv("FASTRAFT_PORTS", raising=False)
+    low, high = port_range()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    slices = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.delenv("FASTRAFT_PORTS", raising=False)
+        conftest._own_ports()
+        slices.append(port_range())
+    if high:
+        half = low + (high - low) // 2
+        assert slices == [(low, half), (half, half + (high - low) // 2)]
+    monkeypatch.setenv("FASTRAFT_PORTS", "20000-20100")
+    conftest._own_ports()
+    assert port_range() == (20000, 20100)
+
+
 def test_free_ports_never_hands_out_a_port_twice():
     """Calls made before the servers bind (a test's cluster, then its metrics port) once
     got the same port in CI: node 1 took it for metrics, node 3 could not start."""
-    ports = [p for _ in range(2000) for p in free_ports(1)]
+    ports = [p for _ in range(min(2000, handed_out_kept(*port_range())))
+             for p in free_ports(1)]
     assert len(set(ports)) == len(ports)
 
 

@@ -293,7 +293,9 @@ class RaftHost:
             clock = self._clocks[interval] = HeartbeatClock(asyncio.get_running_loop(),
                                                             interval)
         node.heartbeat_clock = clock
-        node.on_removed = functools.partial(self._removed, group_id)
+        # A replica stopping itself, taken out of its group (Config.stop_when_removed):
+        # gone from the host as after remove_group, with no leadership to hand over.
+        node.on_removed = functools.partial(self._forget, group_id)
         self._groups[group_id] = node
         budget = self._cache_budget
         if budget is not None:
@@ -377,11 +379,6 @@ class RaftHost:
         finally:
             if self._leaving.get(group_id) is asyncio.current_task():
                 del self._leaving[group_id]
-
-    def _removed(self, group_id: int, node: RaftNode) -> None:
-        """A replica stopping itself, taken out of its group (``Config.stop_when_removed``):
-        gone from the host as after ``remove_group``, with no leadership to hand over."""
-        self._forget(group_id, node)
 
     def _forget(self, group_id: int, node: RaftNode) -> None:
         """A group leaves this host: no balancing, no share of the cache budget. Not if

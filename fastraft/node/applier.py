@@ -62,11 +62,9 @@ class Applier:
         self._closed = False
         #: Working on an item (possibly awaiting): no inline apply now.
         self._busy = False
-        #: A synchronous call into the state machine runs in a thread, which ``stop``
-        #: waits for (``_call_state_machine``); set to a future by ``stop`` to hear
-        #: when it has returned.
-        self._calling = False
-        self._call_ended: asyncio.Future[None] | None = None
+        #: A synchronous call into the state machine running in a thread, which
+        #: ``stop`` waits for (``_call_state_machine``); None: none.
+        self._in_thread: asyncio.Future[Any] | None = None
         #: What a ``snapshot()`` still waiting when the node stops fails with.
         self._stop_error: Exception = NodeStopped(f"node {node.id} stopped")
         #: Highest index the state machine has applied.
@@ -88,9 +86,8 @@ class Applier:
         self._closed = True
         task = self._task
         if task is not None:
-            if self._calling:
-                self._call_ended = self.node._loop.create_future()
-                await self._call_ended
+            if self._in_thread is not None:
+                await asyncio.wait([self._in_thread])
             task.cancel()
             try:
                 await task
@@ -337,14 +334,11 @@ class Applier:
             raise asyncio.CancelledError
         if inspect.iscoroutinefunction(method):
             return await method(*args)
-        self._calling = True
+        call = self._in_thread = self.node._loop.run_in_executor(None, method, *args)
         try:
-            return await self.node._loop.run_in_executor(None, method, *args)
+            return await call
         finally:
-            self._calling = False
-            ended, self._call_ended = self._call_ended, None
-            if ended is not None:
-                ended.set_result(None)
+            self._in_thread = None
 
     @staticmethod
     def _user_entries(entries: list[Entry]) -> list[Entry]:

@@ -38,15 +38,31 @@ class NotLeader(FastRaftError):
 
 
 class ProposalDropped(FastRaftError):
-    """Leadership was lost before the entry was known to be committed.
+    """Leadership was lost before this node learned the entry's result.
 
-    The entry MAY still be committed by a later leader, or may be lost: the outcome is
-    unknown. Retry only if the command is idempotent, or read back to find out.
+    ``committed`` says what is known of the entry. None (most often): a later leader may
+    commit it or not, the outcome is unknown; retry only if the command is idempotent,
+    or read back to find out. False: a later leader committed another entry at its
+    index, so it never will be; asking the leader again is safe. True: it was committed
+    (it takes effect), but its result is not known here.
     """
+
+    def __init__(self, message: str, committed: bool | None = None) -> None:
+        super().__init__(message)
+        self.committed = committed
 
 
 class NodeStopped(FastRaftError):
-    """The node was stopped (or never started); the operation did not complete."""
+    """The node was stopped (or never started); the operation did not complete.
+
+    For a proposal ``committed`` is False when the node stopped before it appended the
+    entry (it never will be committed: sending it again is safe), None otherwise (an
+    entry in the log may still be committed by the rest of the cluster).
+    """
+
+    def __init__(self, message: str, committed: bool | None = None) -> None:
+        super().__init__(message)
+        self.committed = committed
 
 
 class Overloaded(FastRaftError):

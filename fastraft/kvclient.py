@@ -29,7 +29,9 @@ _enc = msgspec.msgpack.Encoder()
 class ClientError(Exception):
     """The node answered a request with an error: ``error`` is ``"not_leader"`` (then
     ``leader`` is the leader's id, or None, ``leader_address`` its Raft address and
-    ``leader_client_address`` its client port when the node knows it), ``"refused: ..."``
+    ``leader_client_address`` its client port when the node knows it),
+    ``"not_committed"`` (a write a later leader committed another entry in place of: it
+    never took effect; the leader is named as for ``"not_leader"``), ``"refused: ..."``
     (the state machine refused the command), ``"closing"`` (the node shut down before it
     began the request: another node may be asked), or ``"<ErrorType>: message"``."""
 

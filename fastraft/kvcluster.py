@@ -9,9 +9,11 @@ one connection per node, pipelined with the others in flight.
 
 What is asked again, and what is not:
 
-- a ``not_leader`` reply (refused before it entered any log) is asked again of the leader
-  it names, or, when it names none (an election), of the next node a moment later, until
-  ``timeout`` seconds have passed since the call; then it is raised;
+- a ``not_leader`` reply (refused before it entered any log), or a ``not_committed`` one
+  (a later leader committed another entry in place of the write's: it never took effect),
+  is asked again of the leader it names, or, when it names none (an election), of the
+  next node a moment later, until ``timeout`` seconds have passed since the call; then it
+  is raised;
 - a node that cannot be dialed (down, restarting) is skipped for the next, and so is one
   that shut down before it began the request (``fastraft node`` stopping: its closing
   notice names the requests it never began);
@@ -39,7 +41,7 @@ from typing import Any, TypeVar
 from .asyncutil import wait_within
 from .errors import InvalidArgument
 from .kvclient import ClientError, KVClient
-from .kvprotocol import CLOSING, check_item, shard_of
+from .kvprotocol import CLOSING, NOT_COMMITTED, check_item, shard_of
 
 _T = TypeVar("_T")
 
@@ -226,7 +228,7 @@ class KVCluster:
         """What an attempt that failed with ``exc`` teaches; raises ``exc`` if it may not
         be asked again. True: a redirect to a leader not asked yet."""
         if isinstance(exc, ClientError):
-            if exc.error == "not_leader":
+            if exc.error == "not_leader" or exc.error == NOT_COMMITTED:
                 return self._redirected(group, exc)
             if not (exc.error == CLOSING or read and exc.error.startswith(_STOPPED)):
                 raise exc
@@ -238,7 +240,8 @@ class KVCluster:
         return False
 
     def _redirected(self, group: int, exc: ClientError) -> bool:
-        """Note the leader a ``not_leader`` reply names; True if it is one to ask now."""
+        """Note the leader a ``not_leader`` or ``not_committed`` reply names; True if it
+        is one to ask now."""
         leader = exc.leader
         if leader is not None and exc.leader_client_address:
             if exc.leader_client_address not in self.addresses:

@@ -41,6 +41,10 @@ class Request(msgspec.Struct, array_like=True):
 #: The error of a server's closing notice (a response of id 0), and of the requests it
 #: names as never begun.
 CLOSING = "closing"
+#: The error of a write whose entry a later leader replaced with another it committed: it
+#: never took effect and never will, so it may be sent again (to the leader the answer
+#: names, as for "not_leader").
+NOT_COMMITTED = "not_committed"
 
 
 class Response(msgspec.Struct, array_like=True):

@@ -29,7 +29,8 @@ bytes, so a pipelined burst neither outgrows ``MAX_FRAME`` nor costs the node a 
 turn decoding it. A proposal the node cannot take in time is answered ``Overloaded``,
 never dropped. A reply ``not_leader`` names the leader's id and Raft address when known,
 and its client address when the server was told the members' client addresses
-(``client_addresses``; ``fastraft node --clients``). ``shutdown`` closes the port for a
+(``client_addresses``; ``fastraft node --clients``); so does ``not_committed``, the reply
+to a write whose entry a later leader replaced. ``shutdown`` closes the port for a
 planned stop with a closing notice (the requests it never began). docs/client-protocol.md
 describes the protocol in full.
 
@@ -50,8 +51,22 @@ import msgspec
 
 from fastraft import kv
 from fastraft.addresses import parse_address
-from fastraft.errors import FastRaftError, InvalidArgument, NotLeader
-from fastraft.kvprotocol import CLOSING, MAX_FRAME, Batcher, Request, Response, shard_of
+from fastraft.errors import (
+    FastRaftError,
+    InvalidArgument,
+    NodeStopped,
+    NotLeader,
+    ProposalDropped,
+)
+from fastraft.kvprotocol import (
+    CLOSING,
+    MAX_FRAME,
+    NOT_COMMITTED,
+    Batcher,
+    Request,
+    Response,
+    shard_of,
+)
 from fastraft.logutil import Throttle
 from fastraft.replicatedlog import ReplicatedLog
 from fastraft.transport.link import (
@@ -88,6 +103,8 @@ _CHANGES: dict[str, Callable[[RaftNode, Request], Coroutine[Any, Any, None]]] = 
 }
 #: Requests of one group: a port of several serves them for the group they name.
 _GROUP_OPS = frozenset({"append", "records", "status", *_CHANGES})
+#: Requests of a key: the replica of the key's group serves them.
+_KEY_OPS = frozenset({"put", "del", "get"})
 
 
 class KVServer:
@@ -336,16 +353,20 @@ class _ClientConnection(Link):
     def _stopped(self, req: Request, node: RaftNode) -> None:
         """A request that reaches a node that has stopped (its process on its way out) is
         answered not_leader, as on any node that takes no proposals: it never began, so a
-        client may ask again elsewhere. The leader the node knew, if another, is named."""
+        client may ask again elsewhere."""
+        self.out.push(self._redirect(req, node, "not_leader"))
+
+    def _redirect(self, req: Request, node: RaftNode, error: str) -> Response:
+        """A refusal that sends the client to the leader ``node`` knows, if another."""
         leader = node.engine.leader_id
         if leader == node.id:
             leader = None
-        self.out.push(Response(
-            req.id, False, error="not_leader", leader=leader,
+        return Response(
+            req.id, False, error=error, leader=leader,
             leader_address=None if leader is None
             else node.engine.membership.addresses.get(leader),
             leader_client_address=None if leader is None
-            else self.server.client_addresses.get(leader)))
+            else self.server.client_addresses.get(leader))
 
     def _start_group_op(self, req: Request) -> None:
         """A request of one group (``Request.group``): its stream, membership, status."""
@@ -385,6 +406,12 @@ class _ClientConnection(Link):
                             leader_address=exc.leader_address,
                             leader_client_address=None if exc.leader_id is None
                             else self.server.client_addresses.get(exc.leader_id))
+        elif isinstance(exc, (ProposalDropped, NodeStopped)) and exc.committed is False:
+            # a later leader committed another entry in its place, or the node stopped
+            # before it appended it: as a not_leader, it never took effect, so the
+            # client may send it to the leader named
+            resp = self._redirect(req, self.server.route(req.key)[0] if req.op in _KEY_OPS
+                                  else self.server.group_node(req.group), NOT_COMMITTED)
         elif isinstance(exc, (FastRaftError, ValueError, TimeoutError)):
             # ValueError: a membership change that names a non-member, or a member twice
             resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")

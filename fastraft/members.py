@@ -30,8 +30,8 @@ CONCURRENT_GROUPS = 8
 #: rolling restart: the group's next leader is found among the others), another
 #: membership change of the group is not complete yet, or a leadership transfer or a
 #: change did not finish in the node's time (the next try looks at the group again).
-_TRANSIENT = ("not_leader", "ProposalDropped", "NodeStopped", "MembershipChangeInProgress",
-              "TimeoutError")
+_TRANSIENT = ("not_leader", "not_committed", "ProposalDropped", "NodeStopped",
+              "MembershipChangeInProgress", "TimeoutError")
 
 
 async def connect(addresses: list[str], **options: Any) -> tuple[dict[int, KVClient],

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
+from fastraft.errors import ProposalDropped
 
 
 class _Run:
@@ -35,6 +36,16 @@ class _Run:
         #: Nonzero: the first index of the run whose fate a leadership this node has lost
         #: left open (a later leader may commit it, or commit other entries in its place).
         self.orphan = 0
+
+
+def _partly_committed(batch: _Run, replaced_from: int) -> ProposalDropped:
+    """What a batch's proposer hears when a later leader committed the batch's entries
+    up to ``replaced_from`` and other entries from there: not "not committed", and not a
+    batch to send again whole."""
+    return ProposalDropped(
+        f"leadership was lost before the batch committed: a later leader committed entries "
+        f"{batch.first}..{replaced_from - 1} of the batch's entries {batch.first}.."
+        f"{batch.last}, and other entries in place of the rest")
 
 
 class ProposalTracker:
@@ -178,7 +189,8 @@ class ProposalTracker:
                 ours = self._ours(run, lo, hi, entries)
                 if ours <= hi:  # the rest of the run can never commit: the run ends before it
                     assert self._replaced is not None  # set with the orphan marks
-                    self._fail_from(run, ours, self._replaced)
+                    self._fail_from(run, ours, self._replaced if run.futures is not None
+                                    or ours == run.first else _partly_committed(run, ours))
                     cut = run.last - ours + 1
                     dropped += cut
                     freed += cut

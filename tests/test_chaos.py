@@ -157,17 +157,14 @@ class Workload:
             return "unknown", None, "connection lost"
         except ClientError as exc:
             error = exc.error.split(":")[0]
-            # not_leader and Overloaded are refusals before the entry entered any log
-            if exc.error == "not_leader":
+            # not_leader and Overloaded are refusals before the entry entered any log;
+            # not_committed (a later leader committed other entries in its place, or a
+            # stopping node had not appended it) is a claim the checker and the final
+            # reads hold the node to
+            if exc.error == "not_leader" or exc.error == "not_committed":
                 return "fail", exc.leader, error
             if exc.error.startswith("Overloaded"):
                 return "fail", None, error
-            if error in ("ProposalDropped", "NodeStopped") and \
-                    exc.error.endswith("it was not committed"):
-                # a later leader committed other entries in its place, or a stopping
-                # node had not appended it: a claim the checker and the final reads
-                # hold the node to
-                return "fail", None, f"{error} (not committed)"
             return "unknown", None, error
         return "ok", resp.value
 

@@ -7,7 +7,7 @@ import pytest
 
 from fastraft import kv, kvservice
 from fastraft.config import Config
-from fastraft.errors import InvalidArgument
+from fastraft.errors import InvalidArgument, NodeStopped, ProposalDropped
 from fastraft.kvclient import ClientError, KVClient
 from fastraft.kvprotocol import FRAME_BYTES, FRAME_ITEMS, MAX_FRAME
 from fastraft.kvservice import KVServer
@@ -215,6 +215,28 @@ class _Unread(_Port):
     def unread_bytes(self) -> int:
         return sum(c.transport.get_write_buffer_size() for c in self.server.unread
                    if c.transport is not None)
+
+
+@pytest.mark.parametrize("failure, answer", [
+    (ProposalDropped("replaced", committed=False), "not_committed"),
+    (NodeStopped("not appended", committed=False), "not_committed"),
+    (ProposalDropped("may or may not"), "ProposalDropped: may or may not"),
+    (ProposalDropped("committed", committed=True), "ProposalDropped: committed"),
+    (NodeStopped("may or may not"), "NodeStopped: may or may not"),
+])
+@run
+async def test_a_write_known_not_committed_is_answered_so_and_only_such_a_write(
+        monkeypatch, failure, answer):
+    """A write that certainly never takes effect is answered not_committed, which a
+    client may send again; one whose fate is unknown, or that was committed, is answered
+    with the node's error as it is."""
+    async with _Port(monkeypatch) as port:
+        async def failing(data):
+            raise failure
+        monkeypatch.setattr(port.server.shards[0][0], "propose", failing)
+        with pytest.raises(ClientError) as answered:
+            await port.client.put("k", b"v")
+        assert answered.value.error == answer
 
 
 @run

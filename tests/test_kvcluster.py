@@ -34,6 +34,18 @@ class _Served:
         monkeypatch.setattr(KVClient, "request", counted)
 
 
+async def client_ports(c):
+    """A client port on each node of ``c``, each told the others' addresses: the
+    addresses by node id, and the servers (started; the caller closes them)."""
+    ports = free_ports(len(c.nodes))
+    addresses = {i: f"127.0.0.1:{port}" for i, port in zip(c.nodes, ports)}
+    servers = [KVServer(node, c.state_machines[i], addresses[i],
+                        client_addresses=addresses) for i, node in c.nodes.items()]
+    for server in servers:
+        await server.start()
+    return addresses, servers
+
+
 @run
 async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redirect(
         monkeypatch):
@@ -41,12 +53,7 @@ async def test_a_client_given_only_a_follower_finds_the_leader_through_its_redir
     names the leader's client port, which the client dials and keeps using; once the
     leader is stopped, a new one is found the same way and no read fails meanwhile."""
     async with LocalCluster(3, state_machine=kv.KVStore, config=CONFIG) as c:
-        ports = free_ports(3)
-        addresses = {i: f"127.0.0.1:{ports[i - 1]}" for i in c.nodes}
-        servers = [KVServer(node, c.state_machines[i], addresses[i],
-                            client_addresses=addresses) for i, node in c.nodes.items()]
-        for server in servers:
-            await server.start()
+        addresses, servers = await client_ports(c)
         try:
             leader = await c.leader()
             follower = next(i for i in c.nodes if i != leader.id)
@@ -249,6 +256,48 @@ async def test_an_answer_of_the_node_other_than_not_leader_is_raised(monkeypatch
             cluster.close()
         finally:
             server.close()
+
+
+@run
+async def test_a_write_a_later_leader_replaced_is_sent_to_that_leader():
+    """The leader's messages are lost after it took two puts: the others elect a new
+    leader, whose first entry takes the puts' indexes. The old leader answers them
+    not_committed (they never took effect) naming the new leader, as a not_leader would:
+    ``KVCluster`` sends its put there and succeeds; a plain ``KVClient`` sees the answer.
+    (A rolling restart under load lost a write so, to an election at a handover.)"""
+    config = Config(election_timeout_min=0.5, election_timeout_max=1.0,
+                    heartbeat_interval=0.05, lost_leadership_wait=1000)
+    async with LocalCluster(3, state_machine=kv.KVStore, config=config) as c:
+        addresses, servers = await client_ports(c)
+        cluster = client = None
+        try:
+            old = await c.leader()
+            await old.propose(kv.put("warm", b"w"))
+            cluster = await KVCluster.connect(list(addresses.values()))
+            client = await KVClient.connect(addresses[old.id])
+            before = old.engine.log.last_index
+            c.hub._cut |= {(old.id, i) for i in c.nodes if i != old.id}  # one way
+            put = asyncio.ensure_future(cluster.put("k", b"v"))
+            direct = asyncio.ensure_future(client.put("k2", b"v2"))
+            await wait_until(lambda: old.engine.log.last_index == before + 2, 10)
+            new = await c.leader(exclude={old.id})
+            assert await put > before + 1  # at the new leader, after its first entry
+            with pytest.raises(ClientError) as answered:
+                await direct
+            assert (answered.value.error, answered.value.leader,
+                    answered.value.leader_client_address) == \
+                ("not_committed", new.id, addresses[new.id])
+            assert await cluster.get("k") == b"v"
+            assert old.metrics().proposals_dropped == 2
+            c.hub.heal()
+            await wait_until(lambda: old._applier.applied_index >= new.engine.commit_index, 10)
+            assert c.state_machines[old.id].get("k2") is None
+        finally:
+            for opened in (cluster, client):
+                if opened is not None:
+                    opened.close()
+            for server in servers:
+                server.close()
 
 
 @run

@@ -72,8 +72,8 @@ async def test_writes_in_flight_over_a_transfer_get_their_results(wait):
             assert results == list(range(before + 1, before + 21))
             assert leader.metrics().proposals_dropped == 0
         else:
-            assert all(isinstance(r, ProposalDropped) and "in 0 election timeouts" in str(r)
-                       for r in results), results
+            assert all(isinstance(r, ProposalDropped) and r.committed is None
+                       and "in 0 election timeouts" in str(r) for r in results), results
 
 
 @run
@@ -92,12 +92,50 @@ async def test_writes_a_later_leader_replaced_fail_as_not_committed():
         for k in range(10):  # the new leader's writes take the old leader's indexes
             await new.propose(b"new%d" % k)
         results = await asyncio.gather(*writes, return_exceptions=True)
-        assert all(isinstance(r, ProposalDropped) for r in results), results
+        assert all(isinstance(r, ProposalDropped) and r.committed is False
+                   for r in results), results
         assert all("committed other entries in its place: it was not committed" in str(r)
                    for r in results), results
         assert old.metrics().proposals_dropped == 5
         await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
         assert not any(data.startswith(b"lost") for _, data in c.state_machines[old.id].applied)
+
+
+@run
+async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(monkeypatch):
+    """A batch of ten reaches one follower, A, only up to its fourth entry, and the
+    leader commits those four with A. Cut off, the leader loses its leadership to A,
+    whose first entry takes the batch's fifth index. The batch's proposer hears that its
+    first four entries were committed and the rest not: not "it was not committed" (it
+    was told so before), and not a batch safe to send again."""
+    config = msgspec.structs.replace(UNBOUNDED, max_entries_per_message=4)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
+        old = await c.leader()
+        await old.propose(b"warm")
+        a, b = [i for i in c.nodes if i != old.id]
+        before = old.engine.log.last_index
+        cut_one_way(c, [old.id], [b])
+        deliver = c.hub._deliver
+
+        def the_batchs_first_four_only(frm, to, messages):
+            if frm == old.id:
+                messages = [msgspec.structs.replace(m, entries=[
+                    e for e in m.entries if e.index <= before + 4])
+                    if isinstance(m, AppendEntries) else m for m in messages]
+            deliver(frm, to, messages)
+        monkeypatch.setattr(c.hub, "_deliver", the_batchs_first_four_only)
+        batch = asyncio.ensure_future(old.propose_batch([b"b%d" % k for k in range(10)]))
+        await wait_until(lambda: old._applier.applied_index == before + 4, 10)
+        cut_one_way(c, [old.id], [a])
+        await c.leader(exclude={old.id})  # A: B's log ends before the batch
+        with pytest.raises(ProposalDropped) as failed:
+            await batch
+        assert failed.value.committed is None
+        assert f"committed entries {before + 1}..{before + 4} of the batch's entries " \
+               f"{before + 1}..{before + 10}, and other entries in place of the rest" \
+               in str(failed.value)
+        assert [d for _, d in c.state_machines[old.id].applied][-4:] == \
+            [b"b0", b"b1", b"b2", b"b3"]
 
 
 @run
@@ -172,7 +210,8 @@ async def test_writes_a_snapshot_covers_fail_as_unknown():
         assert not any(w.done() for w in writes)
         c.hub.heal()
         results = await asyncio.gather(*writes, return_exceptions=True)
-        assert all(isinstance(r, ProposalDropped) for r in results), results
+        assert all(isinstance(r, ProposalDropped) and r.committed is None
+                   for r in results), results
         assert all("a snapshot of the new leader covers it" in str(r) for r in results)
         await wait_until(lambda: old.engine.commit_index >= new.engine.commit_index, 10)
 
@@ -209,8 +248,9 @@ async def test_committed_writes_a_snapshot_restores_before_they_are_applied_are_
         c.state_machines[old.id].gate.set()
         assert await asyncio.wait_for(first, 10) == last - 4
         results = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), 10)
-        assert all(isinstance(r, ProposalDropped) and "it was committed, but its result "
-                   "is not known here" in str(r) for r in results), results
+        assert all(isinstance(r, ProposalDropped) and r.committed is True and "it was "
+                   "committed, but its result is not known here" in str(r)
+                   for r in results), results
         assert old._proposals.pending == 0 and old.metrics().proposals_dropped == 4
 
 

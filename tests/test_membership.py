@@ -639,8 +639,10 @@ async def test_a_membership_change_lost_with_the_leadership_is_not_reported_done
         new = await c.leader(exclude={leader.id}, timeout=10)
         await new.propose(kv.put("x", b"after"))
         c.hub.heal()
-        with pytest.raises(ProposalDropped, match="another entry in its place: it did not"):
+        with pytest.raises(ProposalDropped, match="another entry in its place: it did not") \
+                as dropped:
             await asyncio.wait_for(change, 10)
+        assert dropped.value.committed is False
         await wait_until(lambda: leader.engine.commit_index >= new.engine.commit_index, 10)
         assert leader.engine.membership.voters == frozenset(c.nodes)
 

@@ -636,10 +636,11 @@ async def test_a_stop_tells_each_proposer_whether_its_entry_may_still_commit():
         buffered = leader.propose(b"buffered")  # for the flush scheduled for next turn
         assert leader._proposals.buffered and leader._proposals.waiting
         await leader.stop()
-        with pytest.raises(NodeStopped, match="it may or may not be committed"):
+        with pytest.raises(NodeStopped, match="it may or may not be committed") as unknown:
             await appended
-        with pytest.raises(NodeStopped, match="it was not committed"):
+        with pytest.raises(NodeStopped, match="it was not committed") as not_committed:
             await buffered
+        assert unknown.value.committed is None and not_committed.value.committed is False
         assert leader._proposals.pending == 0
 
 

@@ -140,16 +140,36 @@ def test_orphans_whose_indexes_commit_other_entries_fail_and_only_they(loop):
     assert t.pending == 0 and not t.waiting
 
 
-def test_an_orphaned_batch_answered_across_apply_batches(loop):
+def orphaned_batch(loop):
+    """A tracker with a batch at 7..9 of term 2, whose leadership was lost with 6
+    committed."""
     t = ProposalTracker()
     batch = loop.create_future()
     t.add_batch([b"b1", b"b2", b"b3"], batch)
     t.take()
     t.appended(7, 2)
     t.orphan(6, ProposalDropped("replaced"))
+    return t, batch
+
+
+def test_an_orphaned_batch_answered_across_apply_batches(loop):
+    t, batch = orphaned_batch(loop)
     assert apply(t, entries(7, 8, term=2), ["r7", "r8"]) == 0 and not batch.done()
     assert apply(t, entries(9, 9, term=2), ["r9"]) == 0
     assert batch.result() == ["r7", "r8", "r9"] and t.pending == 0
+
+
+def test_an_orphaned_batch_committed_in_part_fails_saying_which_part(loop):
+    """Its first entries committed in one apply batch, the next replaced in a later one:
+    the batch's proposer hears which entries were committed, not "replaced" (not
+    committed), which would make sending the whole batch again look safe."""
+    t, batch = orphaned_batch(loop)
+    assert apply(t, entries(7, 8, term=2), ["r7", "r8"]) == 0 and not batch.done()
+    assert apply(t, entries(9, 9, term=3), ["theirs"]) == 1
+    assert batch.exception().committed is None
+    assert "committed entries 7..8 of the batch's entries 7..9, and other entries in " \
+           "place of the rest" in str(batch.exception())
+    assert t.pending == 0 and not t.waiting
 
 
 def test_orphaned_records_are_answered_with_their_indexes(loop):

@@ -121,7 +121,10 @@ class Service:
             outcome, version = await node.propose(encode(command))
         except NotLeader as exc:
             return self._no_leader(request, exc)
-        except ProposalDropped:
+        except ProposalDropped as exc:
+            if exc.committed is False:  # another entry was committed in its place
+                return web.Response(status=503, text="leadership changed before the write "
+                                    "committed: it was not applied; send it again\n")
             return web.Response(status=503, text="leadership changed before the write was "
                                 "known committed: it may or may not have been applied\n")
         if outcome == "conflict":

@@ -53,7 +53,8 @@ class Cluster:
             try:
                 return await asyncio.wait_for(fn(client), 5.0)
             except ClientError as exc:
-                if exc.error != "not_leader" and not exc.error.startswith("ProposalDropped"):
+                if exc.error not in ("not_leader", "not_committed") \
+                        and not exc.error.startswith("ProposalDropped"):
                     raise
                 self.drop()
                 if leader and exc.leader_client_address:

@@ -234,7 +234,7 @@ class Applier:
                                 f"node {self.node.id} lost leadership before it applied "
                                 "the entry, then restored a snapshot of the new leader "
                                 "that holds it: it was committed, but its result is not "
-                                "known here"))
+                                "known here", committed=True))
                     self._after_apply()
             finally:
                 item.spool.close()

@@ -159,11 +159,11 @@ class MembershipChanges:
                     # this one away already); else the entry at index is ours if it has
                     # our term (Log Matching, §5.3)
                     if at_index != term and not (e.role == Role.LEADER and e.term == term):
-                        raise self._dropped(index, (
-                            "a later leader committed another entry in its place: it did "
-                            "not take effect") if at_index != -1 else (
-                            "a snapshot of the new leader covers it: it may or may not have "
-                            "taken effect"))
+                        if at_index == -1:
+                            raise self._dropped(index, "a snapshot of the new leader covers "
+                                                "it: it may or may not have taken effect")
+                        raise self._dropped(index, "a later leader committed another entry "
+                                            "in its place: it did not take effect", False)
                     ours = True
                 elif e.role == Role.LEADER and at_index == term:
                     waits = node._fate_waits  # a leader commits its log's entries (§5.4.2)
@@ -183,7 +183,8 @@ class MembershipChanges:
                 "complete: it may or may not take effect; read the membership (status()) "
                 "before trying again")
 
-    def _dropped(self, index: int, why: str) -> ProposalDropped:
+    def _dropped(self, index: int, why: str,
+                 committed: bool | None = None) -> ProposalDropped:
         return ProposalDropped(f"node {self.node.id} lost leadership before the membership "
                                f"change at {index} committed; {why}: read the membership "
-                               "(status()) before trying again")
+                               "(status()) before trying again", committed)

@@ -342,7 +342,8 @@ class RaftNode:
             f"node {self.id} stopped before it knew whether the entry commits: it may or "
             "may not be committed"))
         proposals.fail_buffered(failure or NodeStopped(
-            f"node {self.id} stopped before it appended the entry: it was not committed"))
+            f"node {self.id} stopped before it appended the entry: it was not committed",
+            committed=False))
 
     async def wait_stopped(self) -> None:
         """Until the node stops; raises ``NodeFailed`` if it stopped itself because a hook
@@ -914,8 +915,9 @@ class RaftNode:
         """Fail the proposals of entries a lost leadership left open."""
         self._recorder.proposals_dropped += self._proposals.fail_orphans(self._orphan_error(why))
 
-    def _orphan_error(self, why: str) -> ProposalDropped:
-        return ProposalDropped(f"node {self.id} lost leadership before the entry committed; {why}")
+    def _orphan_error(self, why: str, committed: bool | None = None) -> ProposalDropped:
+        return ProposalDropped(f"node {self.id} lost leadership before the entry committed; "
+                               f"{why}", committed)
 
     def _told_removed(self, c: ToldRemoved) -> None:
         log.warning("%s: node %s says its configuration entry at %d, committed, leaves this "
@@ -970,7 +972,8 @@ class RaftNode:
                 # §3.10), even after one that lacked them cut them from this log: their
                 # proposers wait, for a while, to learn which entries commit there.
                 proposals.orphan(c.commit_index, self._orphan_error(
-                    "a later leader committed other entries in its place: it was not committed"))
+                    "a later leader committed other entries in its place: it was not "
+                    "committed", committed=False))
                 self._cancel_orphan_wait()
                 self._fate_waits += 1
                 config = self.config

@@ -89,7 +89,7 @@ class History:
 
     def fail(self, op_id: int, at: float | None = None) -> None:
         """The operation certainly did not take effect (``NotLeader``, ``Overloaded``, a
-        ``ProposalDropped`` saying it was not committed)."""
+        ``ProposalDropped`` or ``NodeStopped`` whose ``committed`` is False)."""
         self._complete(op_id, "fail", at)
 
     def info(self, op_id: int) -> None:

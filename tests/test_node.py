@@ -642,6 +642,10 @@ async def test_a_stop_tells_each_proposer_whether_its_entry_may_still_commit():
             await buffered
         assert unknown.value.committed is None and not_committed.value.committed is False
         assert leader._proposals.pending == 0
+        for refused in (leader.propose(b"after"), leader.propose_batch([b"a", b"b"])):
+            with pytest.raises(NodeStopped, match="is not running") as stopped:
+                await refused
+            assert stopped.value.committed is False
 
 
 class FailsOn(Recorder):

@@ -414,7 +414,8 @@ class RaftNode:
         is a plain future: no coroutine per write). Raises ``NotLeader`` (with the
         leader's id and address, when known) on a follower; ``ProposalDropped`` if
         leadership was lost before the entry was known committed; in that case the entry
-        may or may not be committed by a later leader. ``data`` is bytes (a bytearray or
+        may or may not be committed by a later leader, unless the error's ``committed``
+        says (False: safe to propose again). ``data`` is bytes (a bytearray or
         memoryview is copied at the call; anything else raises ``InvalidArgument``) of at
         most ``Config.max_entry_bytes`` (less for a network of smaller frames): a larger
         one fails with ``EntryTooLarge`` when awaited, and the others go on.
@@ -786,7 +787,10 @@ class RaftNode:
             self._check_accepting()
 
     def _check_accepting(self) -> None:
-        self._check_running()
+        """Raise unless a proposal can be taken: what is refused here is not appended."""
+        if not self._running:
+            raise self.failure or NodeStopped(f"node {self.id} is not running",
+                                              committed=False)
         if self.engine.role != Role.LEADER:
             raise self.engine.not_leader()
         if not self._accepting and self.failure is None:
@@ -796,7 +800,8 @@ class RaftNode:
             if self.engine.role != Role.LEADER:
                 raise self.engine.not_leader()
         if not self._accepting:
-            raise NodeStopped(f"node {self.id} is stopping after a failed hook")
+            raise NodeStopped(f"node {self.id} is stopping after a failed hook",
+                              committed=False)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled and self._running:

@@ -13,12 +13,13 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 def _own_ports() -> None:
-    """Each test process (pytest-xdist worker) picks server ports in a range of its own
-    (``free_ports``; the node processes it starts inherit it): a port two workers picked
-    at once was free for both until one's server bound it, and the other's then could
-    not start (a README run: one worker's node 2 on another's client port)."""
+    """Each test process (pytest-xdist worker) picks server ports in a range of its own,
+    its slice of ``FASTRAFT_PORTS`` or of the default range (``free_ports``; the node
+    processes it starts inherit it): a port two workers picked at once was free for both
+    until one's server bound it, and the other's then could not start (a README run: one
+    worker's node 2 on another's client port)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None or "FASTRAFT_PORTS" in os.environ:
+    if worker is None:
         return
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     low, high = port_range()

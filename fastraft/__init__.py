@@ -2,6 +2,7 @@
 from fastraft.config import Config
 from fastraft.errors import (
     AlreadyInitialized,
+    BatchPartlyCommitted,
     ConfigError,
     DecodeError,
     EntryTooLarge,
@@ -37,6 +38,7 @@ __all__ = [
     "EntryTooLarge",
     "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted",
     "Overloaded",
-    "ProposalDropped", "StorageCorruption", "StorageFailed", "StorageOwnedElsewhere", "GroupExists",
+    "ProposalDropped", "BatchPartlyCommitted", "StorageCorruption", "StorageFailed",
+    "StorageOwnedElsewhere", "GroupExists",
     "UnknownGroup",
 ]

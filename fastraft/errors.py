@@ -1,6 +1,8 @@
 """Typed exceptions. Every error a user can see is one of these, with a message they can act on."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class FastRaftError(Exception):
     """Base class of every fastraft error."""
@@ -50,6 +52,18 @@ class ProposalDropped(FastRaftError):
     def __init__(self, message: str, committed: bool | None = None) -> None:
         super().__init__(message)
         self.committed = committed
+
+
+class BatchPartlyCommitted(ProposalDropped):
+    """A later leader committed the first entries of a ``propose_batch`` (or of an
+    ``append`` of records) and other entries in place of the rest. ``results`` holds the
+    first entries' results (their offsets, for records), in order; the rest never will be
+    committed: sending ``datas[len(results):]`` again is safe, sending the whole batch is
+    not (``committed`` is None: the batch as a whole was neither committed nor not)."""
+
+    def __init__(self, message: str, results: list[Any]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 class NodeStopped(FastRaftError):

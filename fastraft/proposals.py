@@ -16,7 +16,7 @@ from typing import Any
 
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
-from fastraft.errors import ProposalDropped
+from fastraft.errors import BatchPartlyCommitted
 
 
 class _Run:
@@ -38,14 +38,16 @@ class _Run:
         self.orphan = 0
 
 
-def _partly_committed(batch: _Run, replaced_from: int) -> ProposalDropped:
+def _partly_committed(batch: _Run, last: int) -> BatchPartlyCommitted:
     """What a batch's proposer hears when a later leader committed the batch's entries
-    up to ``replaced_from`` and other entries from there: not "not committed", and not a
-    batch to send again whole."""
-    return ProposalDropped(
+    up to ``batch.last`` (cut there) of ``batch.first .. last``, and other entries in
+    place of the rest: their results, and not "not committed" (not a batch to send again
+    whole)."""
+    return BatchPartlyCommitted(
         f"leadership was lost before the batch committed: a later leader committed entries "
-        f"{batch.first}..{replaced_from - 1} of the batch's entries {batch.first}.."
-        f"{batch.last}, and other entries in place of the rest")
+        f"{batch.first}..{batch.last} of the batch's entries {batch.first}..{last}, and "
+        f"other entries in place of the rest",
+        list(range(batch.first, batch.last + 1)) if batch.records else batch.results)
 
 
 class ProposalTracker:
@@ -185,12 +187,15 @@ class ProposalTracker:
         while runs and runs[0].first <= applied:
             run = runs[0]
             lo, hi = run.next, min(run.last, applied)
+            partly = 0  # a batch committed up to its cut: failed once its results are in
             if run.orphan:
                 ours = self._ours(run, lo, hi, entries)
                 if ours <= hi:  # the rest of the run can never commit: the run ends before it
                     assert self._replaced is not None  # set with the orphan marks
-                    self._fail_from(run, ours, self._replaced if run.futures is not None
-                                    or ours == run.first else _partly_committed(run, ours))
+                    if run.futures is None and ours > run.first:
+                        partly = run.last
+                    else:
+                        self._fail_from(run, ours, self._replaced)
                     cut = run.last - ours + 1
                     dropped += cut
                     freed += cut
@@ -215,6 +220,9 @@ class ProposalTracker:
                         run.results.append(results[k])
             freed += hi - lo + 1
             run.next = hi + 1
+            if partly:
+                assert run.batch is not None
+                fail_future(run.batch, _partly_committed(run, partly))
             if run.last > applied:
                 break  # the rest of this run commits in a later batch
             runs.popleft()

@@ -46,7 +46,9 @@ class ReplicatedLog:
     def append(self, records: Sequence[bytes]) -> Awaitable[list[int]]:
         """Append ``records`` as consecutive entries; ``await`` it for their offsets, once
         they are committed. Raises ``NotLeader`` on a follower, ``ProposalDropped`` if
-        leadership was lost first (the records may or may not be in the log); waits, as
+        leadership was lost first (the records may or may not be in the log, unless its
+        ``committed`` says; ``BatchPartlyCommitted`` names the offsets of those that
+        were committed when the rest certainly were not); waits, as
         ``propose`` does, while ``Config.max_pending_proposals`` entries are pending."""
         return self.node._propose_many(records, True)
 

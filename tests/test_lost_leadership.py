@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from fastraft.config import Config
-from fastraft.errors import ProposalDropped
+from fastraft.errors import BatchPartlyCommitted, ProposalDropped
 from fastraft.messages import AppendEntries
 from fastraft.testing import LocalCluster, wait_until
 
@@ -106,8 +106,8 @@ async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(
     """A batch of ten reaches one follower, A, only up to its fourth entry, and the
     leader commits those four with A. Cut off, the leader loses its leadership to A,
     whose first entry takes the batch's fifth index. The batch's proposer hears that its
-    first four entries were committed and the rest not: not "it was not committed" (it
-    was told so before), and not a batch safe to send again."""
+    first four entries were committed, with their results, and the rest not: not "it was
+    not committed" (it was told so before), and not a batch safe to send again whole."""
     config = msgspec.structs.replace(UNBOUNDED, max_entries_per_message=4)
     async with LocalCluster(3, state_machine=Recorder, config=config) as c:
         old = await c.leader()
@@ -128,9 +128,10 @@ async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(
         await wait_until(lambda: old._applier.applied_index == before + 4, 10)
         cut_one_way(c, [old.id], [a])
         await c.leader(exclude={old.id})  # A: B's log ends before the batch
-        with pytest.raises(ProposalDropped) as failed:
+        with pytest.raises(BatchPartlyCommitted) as failed:
             await batch
         assert failed.value.committed is None
+        assert failed.value.results == list(range(before + 1, before + 5))
         assert f"committed entries {before + 1}..{before + 4} of the batch's entries " \
                f"{before + 1}..{before + 10}, and other entries in place of the rest" \
                in str(failed.value)

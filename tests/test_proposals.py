@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from fastraft.errors import ProposalDropped
+from fastraft.errors import BatchPartlyCommitted, ProposalDropped
 from fastraft.messages import Entry, EntryKind
 from fastraft.proposals import ProposalTracker
 
@@ -80,8 +80,9 @@ def test_losing_leadership_fails_only_what_is_not_committed(loop):
     assert t.pending == 3
     apply(t, entries(1, 3), [1, 2, 3])
     assert [f.result() for f in futs[:3]] == [1, 2, 3] and t.pending == 0
-    with pytest.raises(ProposalDropped):
-        futs[4].result()
+    for dropped in futs[3:]:
+        with pytest.raises(ProposalDropped):
+            dropped.result()
 
 
 def test_cancelled_proposer_is_skipped(loop):
@@ -161,14 +162,38 @@ def test_an_orphaned_batch_answered_across_apply_batches(loop):
 
 def test_an_orphaned_batch_committed_in_part_fails_saying_which_part(loop):
     """Its first entries committed in one apply batch, the next replaced in a later one:
-    the batch's proposer hears which entries were committed, not "replaced" (not
-    committed), which would make sending the whole batch again look safe."""
+    the batch's proposer hears which entries were committed, with their results, not
+    "replaced" (not committed), which would make sending the whole batch again look
+    safe."""
     t, batch = orphaned_batch(loop)
     assert apply(t, entries(7, 8, term=2), ["r7", "r8"]) == 0 and not batch.done()
     assert apply(t, entries(9, 9, term=3), ["theirs"]) == 1
-    assert batch.exception().committed is None
-    assert "committed entries 7..8 of the batch's entries 7..9, and other entries in " \
-           "place of the rest" in str(batch.exception())
+    failed = batch.exception()
+    assert isinstance(failed, BatchPartlyCommitted) and failed.committed is None
+    assert failed.results == ["r7", "r8"]
+    says = "committed entries 7..8 of the batch's entries 7..9, and other entries in place"
+    assert says in str(failed)
+    assert t.pending == 0 and not t.waiting
+
+
+@pytest.mark.parametrize("records", [False, True])
+def test_a_batch_cut_within_one_apply_batch_fails_with_the_results_before_the_cut(
+        loop, records):
+    """The committed prefix and the replacing entries in the same apply batch: the
+    results of the prefix, applied in that batch, are the error's (for records, their
+    offsets)."""
+    t = ProposalTracker()
+    batch = loop.create_future()
+    t.add_batch([b"b1", b"b2", b"b3"], batch, records=records)
+    t.take()
+    t.appended(7, 2)
+    t.orphan(6, ProposalDropped("replaced"))
+    kind = EntryKind.RECORD if records else EntryKind.NORMAL
+    applied = [Entry(2, 7, kind, b""), Entry(2, 8, kind, b""), Entry(3, 9, 0, b"")]
+    assert apply(t, applied, ["theirs"] if records else ["r7", "r8", "theirs"]) == 1
+    failed = batch.exception()
+    assert isinstance(failed, BatchPartlyCommitted)
+    assert failed.results == ([7, 8] if records else ["r7", "r8"])
     assert t.pending == 0 and not t.waiting
 
 

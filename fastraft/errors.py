@@ -38,6 +38,9 @@ class NotLeader(FastRaftError):
             f"the leader is node {leader_id} at {leader_address!r}")
         super().__init__(f"this node is not the leader; {where}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its arguments, not its message
+        return type(self), (self.leader_id, self.leader_address)
+
 
 class ProposalDropped(FastRaftError):
     """Leadership was lost before this node learned the entry's result.
@@ -64,6 +67,9 @@ class BatchPartlyCommitted(ProposalDropped):
     def __init__(self, message: str, results: list[Any]) -> None:
         super().__init__(message)
         self.results = results
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.results)
 
 
 class NodeStopped(FastRaftError):

@@ -103,8 +103,6 @@ _CHANGES: dict[str, Callable[[RaftNode, Request], Coroutine[Any, Any, None]]] = 
 }
 #: Requests of one group: a port of several serves them for the group they name.
 _GROUP_OPS = frozenset({"append", "records", "status", *_CHANGES})
-#: Requests of a key: the replica of the key's group serves them.
-_KEY_OPS = frozenset({"put", "del", "get"})
 
 
 class KVServer:
@@ -410,8 +408,9 @@ class _ClientConnection(Link):
             # a later leader committed another entry in its place, or the node stopped
             # before it appended it: as a not_leader, it never took effect, so the
             # client may send it to the leader named
-            resp = self._redirect(req, self.server.route(req.key)[0] if req.op in _KEY_OPS
-                                  else self.server.group_node(req.group), NOT_COMMITTED)
+            node = self.server.group_node(req.group) if req.op in _GROUP_OPS \
+                else self.server.route(req.key)[0]
+            resp = self._redirect(req, node, NOT_COMMITTED)
         elif isinstance(exc, (FastRaftError, ValueError, TimeoutError)):
             # ValueError: a membership change that names a non-member, or a member twice
             resp = Response(req.id, False, error=f"{type(exc).__name__}: {exc}")

@@ -761,8 +761,11 @@ class RaftNode:
     # ------------------------------------------------------------------ internals
 
     def _check_running(self) -> None:
+        """Raise unless the node runs; a call refused here did nothing (a proposal was
+        not appended: ``committed`` False)."""
         if not self._running:
-            raise self.failure or NodeStopped(f"node {self.id} is not running")
+            raise self.failure or NodeStopped(f"node {self.id} is not running",
+                                              committed=False)
 
     async def _admit(self) -> None:
         """Raise unless this node can take a proposal now; wait while too many are pending
@@ -790,9 +793,7 @@ class RaftNode:
 
     def _check_accepting(self) -> None:
         """Raise unless a proposal can be taken: what is refused here is not appended."""
-        if not self._running:
-            raise self.failure or NodeStopped(f"node {self.id} is not running",
-                                              committed=False)
+        self._check_running()
         if self.engine.role != Role.LEADER:
             raise self.engine.not_leader()
         if not self._accepting and self.failure is None:

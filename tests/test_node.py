@@ -1546,7 +1546,7 @@ async def test_a_commit_notification_due_with_an_answer_waits_for_the_proposers(
 async def test_an_overdue_election_timer_runs_the_commands_of_messages_already_handled():
     """A heartbeat handled this turn moves the election deadline only when its commands
     run, at the scheduled flush; an overdue election timer that fires first (after its
-    poll, ``Timers.POLL_DELAY``) runs that flush before deciding the leader is gone."""
+    poll, ``Timers._after_a_poll``) runs that flush before deciding the leader is gone."""
     from fastraft.engine import Role, Timer
     from fastraft.messages import AppendEntries
 
@@ -1569,6 +1569,66 @@ async def test_an_overdue_election_timer_runs_the_commands_of_messages_already_h
         timers._fire(Timer.ELECTION)
         assert e.role == Role.FOLLOWER and e.term == term
         assert timers._deadlines[Timer.ELECTION] > follower._loop.time()
+
+
+@run
+async def test_an_overdue_election_timer_reads_what_waits_in_the_sockets_before_it_acts():
+    """The loop stalls in one socket's callback while the leader's heartbeat reaches
+    another; the follower's election timer, overdue by then, must let the loop poll and
+    read that heartbeat before it campaigns. It waited a millisecond's ``call_at``, which
+    uvloop reads against its millisecond clock again: across a tick that came out as no
+    wait, run before the poll (one stall in about twenty in tests/test_overload.py). The
+    clock here ticks at every read, so that tick comes every time."""
+    import itertools
+    import socket
+
+    from fastraft.engine import Role, Timer
+    from fastraft.messages import AppendEntries
+
+    loop = asyncio.get_running_loop()
+    config = Config(election_timeout_min=5.0, election_timeout_max=10.0,
+                    heartbeat_interval=1.0, pre_vote=False, check_quorum=False)
+    node = RaftNode(2, storage=MemoryStorage(), network=MemoryHub().network(2),
+                    state_machine=Recorder(), config=config)
+    await node.start()
+    await node.initialize({i: f"local:{i}" for i in (1, 2, 3)})
+    e = node.engine
+    last = e.log.last_index
+    heartbeat = AppendEntries(e.term + 1, 1, last, e.log.term_at(last), [], 0, 0)
+    node.receive(1, [heartbeat])
+    await wait_until(lambda: e.leader_id == 1)
+    term = e.term
+    leader_end, follower_end = socket.socketpair()
+    stall_in, stall_out = socket.socketpair()
+    heard = []
+
+    def on_heartbeat():
+        follower_end.recv(64)
+        heard.append(e.term)
+        node.receive(1, [heartbeat])
+
+    def stall():  # a long turn: the heartbeat arrives meanwhile, the timer falls due
+        stall_in.recv(64)
+        leader_end.send(b"heartbeat")
+        time.sleep(0.05)
+        ticks = itertools.count(1)
+        loop.time = lambda clock=loop.time: clock() + next(ticks) * 0.001
+    try:
+        loop.add_reader(follower_end, on_heartbeat)
+        loop.add_reader(stall_in, stall)
+        node._timers.set(Timer.ELECTION, 0.01)
+        stall_out.send(b"stall")
+        await wait_until(lambda: heard, 5, "the heartbeat read")
+        await asyncio.sleep(0)  # the timer's last callback, had it not acted yet
+        await asyncio.sleep(0)
+        assert heard == [term]
+        assert e.role == Role.FOLLOWER and e.term == term and e.leader_id == 1
+    finally:
+        loop.__dict__.pop("time", None)
+        for s in (leader_end, follower_end, stall_in, stall_out):
+            loop.remove_reader(s)
+            s.close()
+        await node.stop()
 
 
 class GatedHardState(Gated):

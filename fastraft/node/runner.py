@@ -48,7 +48,7 @@ _WRITES = (AppendLog, TruncateLog, PersistHardState, CompactLog, SaveSnapshot)
 #: Timers that decide whether the leader is gone. One that fires this late (seconds) was
 #: held up by a stalled loop (a long turn, a GC pause, a starved CPU) while the leader's
 #: messages may be waiting unread: the event loop runs due timers before it polls
-#: sockets. Such a timer waits for one poll first (``Timers.POLL_DELAY``).
+#: sockets. Such a timer waits for one poll first (``Timers._after_a_poll``).
 _LEADER_TIMERS = frozenset({Timer.ELECTION, Timer.LEASE})
 OVERDUE = 0.005
 _CAMPAIGNING = frozenset({Role.PRE_CANDIDATE, Role.CANDIDATE})
@@ -178,12 +178,9 @@ class Timers:
     meanwhile (a heartbeat moves the deadline) before it acts, and runs the commands of
     messages already read first."""
 
-    #: How long an overdue timer waits: enough for the loop to poll its sockets once.
-    POLL_DELAY = 0.001
-
     def __init__(self, node: RaftNode) -> None:
         self.node = node
-        self._handles: dict[Timer, asyncio.TimerHandle | None] = {}
+        self._handles: dict[Timer, asyncio.Handle | None] = {}
         self._fires_at: dict[Timer, float] = {}
         self._deadlines: dict[Timer, float | None] = {}
         #: Overdue timers already given their poll.
@@ -237,9 +234,8 @@ class Timers:
         if timer in _LEADER_TIMERS and loop.time() - deadline > OVERDUE \
                 and timer not in self._polled:
             self._polled.add(timer)
-            self._handles[timer] = loop.call_at(loop.time() + self.POLL_DELAY, self._fire,
-                                                timer)
-            self._fires_at[timer] = loop.time() + self.POLL_DELAY
+            self._handles[timer] = loop.call_soon(self._after_a_poll, timer)
+            self._fires_at[timer] = loop.time()
             return
         self._polled.discard(timer)
         if timer in _LEADER_TIMERS and node._flush_scheduled:
@@ -262,6 +258,16 @@ class Timers:
             return
         node.engine.on_timer(timer)
         node._schedule_flush()
+
+    def _after_a_poll(self, timer: Timer) -> None:
+        """The second of the two callbacks an overdue timer waits for. A callback queued
+        by another runs on the loop's next turn, and the loop polls its sockets between
+        two turns; the first may still run before the next poll (uvloop runs callbacks
+        before libuv polls, and a timer's after), the second cannot. Not a short
+        ``call_at``: uvloop's clock ticks in milliseconds and ``call_at`` reads it again,
+        so a delay of one millisecond can come out as none, which uvloop runs as
+        ``call_soon``, before the poll."""
+        self._handles[timer] = self.node._loop.call_soon(self._fire, timer)
 
     def _notify_commit(self) -> None:
         node = self.node

@@ -225,6 +225,7 @@ def test_a_second_loss_leaves_open_what_the_new_commit_index_does_not_cover(loop
     t.orphan(0, ProposalDropped("replaced"))  # lost with nothing committed
     t.orphan(2, ProposalDropped("replaced"))  # elected again, commits 1..2, lost again
     assert t.fail_orphans(ProposalDropped("unknown")) == 2  # 3..4 only
+    assert [str(f.exception()) for f in futs[2:]] == ["unknown", "unknown"]
     apply(t, entries(1, 2), ["r1", "r2"])
     assert [f.result() for f in futs[:2]] == ["r1", "r2"] and t.pending == 0
 

@@ -17,6 +17,7 @@ from fastraft.addresses import parse_address, parse_addresses, parse_cluster
 from fastraft.asyncutil import run_loop, wait_within
 from fastraft.errors import AlreadyInitialized, ConfigError, FastRaftError
 from fastraft.gcpolicy import settle_gc
+from fastraft.mallocpolicy import settle_malloc
 
 if TYPE_CHECKING:  # the commands import what they run when they run
     from fastraft.config import Config
@@ -106,6 +107,7 @@ async def serve_node(args: argparse.Namespace) -> int:
     from fastraft.node import RaftNode
     from fastraft.storage import MemoryStorage, RaftStorage
 
+    settle_malloc()  # before the node's first big blocks
     cluster = parse_cluster(args.cluster)
     if args.id not in cluster:
         raise ConfigError(f"--id {args.id} is not in --cluster")

@@ -66,6 +66,7 @@ from fastraft.walformat import (
     _read_checked,
     _record,
     _record_at,
+    _record_parts,
     _State,
     _unlink_newest_first,
     _valid_record_after,
@@ -384,10 +385,10 @@ class FileStorage(_SegmentFiles, _LogStore):
                 f"{expected - 1}")
         # The mark never names an entry this record does not make durable.
         mark = min(self._mark_wanted if mark is None else mark, last)
-        body = kernels.encode_entries(entries)
-        record = _record(body, mark)
+        record = _record_parts((kernels.encode_entries(entries),), mark)
+        length = len(record[0]) + len(record[1])
         new_segment = not self._segments or (
-            self._tail_size > 0 and self._tail_size + len(record) > self.segment_bytes)
+            self._tail_size > 0 and self._tail_size + length > self.segment_bytes)
         if new_segment:
             with self._lock:
                 self._segments.append(first)
@@ -398,13 +399,14 @@ class FileStorage(_SegmentFiles, _LogStore):
         _write_at(self._tail_fd, record, off)
         if self.sync:
             os.fdatasync(self._tail_fd)
-        self._written(first, last, off, record, mark)
+        self._written(first, last, off, length, mark)
 
-    def _written(self, first: int, last: int, off: int, record: bytes, mark: int) -> None:
-        """``record`` (entries ``first``..``last``) is durable at ``off`` of the tail."""
-        self._tail_size = off + len(record)
+    def _written(self, first: int, last: int, off: int, length: int, mark: int) -> None:
+        """The record of entries ``first``..``last``, ``length`` bytes, is durable at
+        ``off`` of the tail."""
+        self._tail_size = off + length
         with self._lock:
-            self._push_record(first, last, self._segments[-1], off, len(record))
+            self._push_record(first, last, self._segments[-1], off, length)
         if mark > self._mark_durable:
             self._mark_durable = mark
 
@@ -455,7 +457,7 @@ class FileStorage(_SegmentFiles, _LogStore):
         _write_atomically(self.directory, _TRUNCATION, _checked(_Truncation(seg, off, record)),
                           self.sync)
         _cut_and_write(self._tail_fd, off, record, self.sync)
-        self._written(first, last, off, record, mark)
+        self._written(first, last, off, len(record), mark)
         os.unlink(os.path.join(self.directory, _TRUNCATION))
         if self.sync:  # gone before the next write: found later, it would undo that one
             _fsync_dir(self.directory)

@@ -48,7 +48,7 @@ import shutil
 import struct
 import threading
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, BinaryIO, TypeVar
@@ -72,6 +72,7 @@ from fastraft.walformat import (
     _read_checked,
     _record,
     _record_at,
+    _record_parts,
     _State,
     _unlink_newest_first,
     _valid_record_after,
@@ -124,7 +125,7 @@ def _seg_name(seq: int) -> str:
 
 class _Batch:
     """Records placed in the segments, before they are written: the segment, the
-    offset where its run of new records starts, and the bytes."""
+    offset where its run of new records starts, and their parts (``_record_parts``)."""
 
     def __init__(self, wal: SharedWAL) -> None:
         self.wal = wal
@@ -135,18 +136,19 @@ class _Batch:
         #: Whether a group compacted: segments may have become free.
         self.compacted = False
 
-    def place(self, record: bytes) -> tuple[int, int]:
-        """Where ``record`` goes: (segment, offset)."""
+    def place(self, record: Sequence[bytes]) -> tuple[int, int]:
+        """Where ``record``, in parts, goes: (segment, offset)."""
         wal = self.wal
-        if not self.seq or (self.size > 0 and self.size + len(record) > wal.segment_bytes):
+        length = sum(len(part) for part in record)
+        if not self.seq or (self.size > 0 and self.size + length > wal.segment_bytes):
             self.seq += 1
             self.size = 0
             self.new_segments.append(self.seq)
         if not self.runs or self.runs[-1][0] != self.seq:
             self.runs.append((self.seq, self.size, []))
-        self.runs[-1][2].append(record)
+        self.runs[-1][2].extend(record)
         off = self.size
-        self.size += len(record)
+        self.size += length
         return self.seq, off
 
 
@@ -227,7 +229,7 @@ class WalGroup(_LogStore):
                       identity: _Identity | None) -> Callable[[], None]:
         body = _TAG.pack(self.group_id, STATE) + msgspec.msgpack.encode(
             _GroupState(state, identity))
-        seg, _ = batch.place(_record(body, 0))
+        seg, _ = batch.place((_record(body, 0),))
 
         def apply() -> None:
             self._state, self._identity, self._state_seg = state, identity, seg
@@ -237,9 +239,9 @@ class WalGroup(_LogStore):
     def _entries_record(self, batch: _Batch, entries: list[Entry],
                         mark: int) -> Callable[[], None]:
         first, last = entries[0].index, entries[-1].index
-        record = _record(self._tag + kernels.encode_entries(entries), min(mark, last))
+        record = _record_parts((self._tag, kernels.encode_entries(entries)), min(mark, last))
         seg, off = batch.place(record)
-        length = len(record)
+        length = sum(len(part) for part in record)
 
         def apply() -> None:
             if self._rec_last and first <= self._rec_last[-1]:
@@ -276,7 +278,7 @@ class WalGroup(_LogStore):
         if kind == _COMPACT:
             return self._plan_compact(arg, batch)
         if kind == DROP:
-            batch.place(_record(_TAG.pack(self.group_id, DROP), 0))
+            batch.place((_record(_TAG.pack(self.group_id, DROP), 0),))
             batch.compacted = True  # its segments may be free now
             return [self._forget_group]
         return self._plan_relocate(batch)
@@ -294,7 +296,7 @@ class WalGroup(_LogStore):
         if start is None:
             return []
         index = start
-        batch.place(_record(_TAG.pack(self.group_id, TRUNCATE) + _INDEX.pack(index), 0))
+        batch.place((_record(_TAG.pack(self.group_id, TRUNCATE) + _INDEX.pack(index), 0),))
         return [partial(self._cut_from, index)]
 
     def _plan_compact(self, index: int, batch: _Batch) -> list[Callable[[], None]]:
@@ -648,7 +650,7 @@ class SharedWAL(_SegmentFiles):
                 if self.sync:
                     _fsync_dir(self.directory)
             fd = self._fd(seq)
-            _write_at(fd, b"".join(records), off)
+            _write_at(fd, records, off)
             if self.sync:
                 os.fdatasync(fd)
         self._tail_size = batch.size

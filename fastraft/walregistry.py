@@ -100,7 +100,7 @@ class GroupRegistry:
         their DROP records are durable, not synced (a power cut that loses that keeps
         them named, as if held: the safe way)."""
         record = _record(msgspec.msgpack.encode(_RegistryChange(added, dropped)), 0)
-        _write_at(self._fd, record, self._size)
+        _write_at(self._fd, (record,), self._size)
         if added and self.sync:
             os.fdatasync(self._fd)
         self._size += len(record)

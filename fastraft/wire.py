@@ -134,11 +134,15 @@ class BlobCache:
         return blob
 
 
-def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None,
-                    group: int = 0) -> bytes:
-    parts: list[bytes] = []
+def encode_message_parts(messages: Sequence[Any], parts: list[bytes],
+                         blobs: BlobCache | None = None, group: int = 0) -> int:
+    """Append the encoding of ``messages`` to ``parts``; returns its size. An
+    AppendEntries's entries are one part, as ``blobs`` holds them: written as they are,
+    not copied into a frame for each follower (entries of 10 KiB writes would be held
+    three times)."""
     append = parts.append
     pack = _U32.pack
+    size = 0
     for m in messages:
         if type(m) is AppendEntries and m.entries:
             entries = m.entries
@@ -153,11 +157,21 @@ def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None,
             append(head)
             append(pack(len(blob)))
             append(blob)
+            size += 8 + len(head) + len(blob)
         else:
             head = _encoder.encode(m)
             append(pack(len(head)))
             append(head)
             append(_EMPTY_LEN)
+            size += 8 + len(head)
+    return size
+
+
+def encode_messages(messages: Sequence[Any], blobs: BlobCache | None = None,
+                    group: int = 0) -> bytes:
+    """``messages`` encoded in one piece (``decode_messages`` reads it)."""
+    parts: list[bytes] = []
+    encode_message_parts(messages, parts, blobs, group)
     return b"".join(parts)
 
 

@@ -167,6 +167,39 @@ def only_segment(path):
     return os.path.join(path, segs[-1]), segs
 
 
+def test_records_written_in_parts_survive_short_writes(tmp_path, monkeypatch):
+    """A record's header and body (and a SharedWAL's many records) are written from their
+    parts in one gathered write, not copied into one buffer first: a system that writes
+    a few bytes at a time, and takes few buffers a call, still gets every byte in order."""
+    import fastraft.walformat as walformat
+
+    calls = []
+
+    def stingy(fd, buffers, offset):
+        calls.append(len(buffers))
+        return os.pwrite(fd, b"".join(buffers)[:5], offset)
+
+    monkeypatch.setattr(walformat, "_pwritev", stingy)
+    monkeypatch.setattr(walformat, "_IOV_MAX", 2)
+    batches = [entries(1, 3), entries(4, 4, size=0), entries(5, 9, size=7)]
+    fill(tmp_path / "file", batches)
+    assert reopen_all(tmp_path / "file")[1] == [e for b in batches for e in b]
+
+    async def shared():
+        wal = SharedWAL(str(tmp_path / "wal"))
+        one, two = wal.group(1), wal.group(2)
+        await asyncio.gather(one.append_entries(entries(1, 3)),
+                             two.append_entries(entries(1, 2, size=3)))
+        wal.close()
+        wal = SharedWAL(str(tmp_path / "wal"))
+        try:
+            return [await wal.group(g).read_entries(1, 4) for g in (1, 2)]
+        finally:
+            wal.close()
+    assert asyncio.run(shared()) == [entries(1, 3), entries(1, 2, size=3)]
+    assert calls and max(calls) <= 2
+
+
 def test_torn_tail_is_truncated_and_logged(tmp_path, caplog):
     fill(tmp_path, [entries(1, 10), entries(11, 20)])
     seg, _ = only_segment(tmp_path)

@@ -295,6 +295,30 @@ async def test_a_loop_turn_of_many_groups_leaves_in_frames_the_peer_accepts():
 
 
 @run
+async def test_one_groups_loop_turn_larger_than_a_frame_leaves_in_frames_the_peer_accepts():
+    # A single group queues more in one loop turn than one frame may carry (a leader
+    # catching up a follower with big entries): its messages are split over frames.
+    a = TcpNetwork(1, "127.0.0.1:0", max_frame_bytes=1 << 20)
+    b = TcpNetwork(2, "127.0.0.1:0", max_frame_bytes=1 << 20)
+    await a.serve()
+    sink = Sink()
+    await b.start(sink)
+    a.set_peers({2: b.listen})
+    try:
+        a.send(2, [RequestVote(1, 1, 0, 0)])
+        await wait_until(lambda: len(sink.got) == 1, 10)
+        entry = Entry(1, 1, 0, b"z" * 100_000)
+        frames = a.stats["frames_out"]
+        a.send(2, [_probe(k, entry) for k in range(15)])  # 1.5 MB in one turn
+        await wait_until(lambda: len(sink.got) == 16, 10)
+        assert b.stats["bad_frames"] == 0 and a.stats["frames_out"] - frames >= 2
+        assert _commits(sink.got[1:]) == list(range(15))
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@run
 async def test_a_dialer_cancelled_at_any_moment_stops():
     # asyncio.run cancels what is left of a program that did not stop its network: the
     # dialer must end, whatever it was doing (asyncio.wait_for, up to Python 3.11, lost

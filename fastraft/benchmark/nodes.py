@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from fastraft.addresses import parse_cluster
 from fastraft.benchmark.load import Latencies, rss_mib, run_load, write_back_to_back
 from fastraft.gcpolicy import settle_gc
+from fastraft.mallocpolicy import settle_malloc
 from fastraft.statemachine import NullStateMachine
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ async def bench_node(args: argparse.Namespace) -> None:
     from fastraft.storage import MemoryStorage, RaftStorage
     from fastraft.transport.tcp import TcpNetwork
 
+    settle_malloc()  # as ``fastraft node`` does
     cluster = parse_cluster(args.cluster)
     storage: RaftStorage
     if args.storage == "memory":
@@ -90,6 +92,7 @@ async def bench_host(args: argparse.Namespace) -> None:
     from fastraft.storage import MemoryStorage, RaftStorage
     from fastraft.transport.tcp import TcpNetwork
 
+    settle_malloc()
     cluster = parse_cluster(args.cluster)
     spec = json.loads(args.load)
     groups, seconds = spec["groups"], spec["seconds"]

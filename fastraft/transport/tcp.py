@@ -53,7 +53,7 @@ from fastraft.transport.link import (
     TlsConfig,
     dial,
 )
-from fastraft.wire import BlobCache, decode_messages, encode_messages
+from fastraft.wire import BlobCache, decode_messages, encode_message_parts
 
 log = logging.getLogger("fastraft.transport.tcp")
 
@@ -367,40 +367,43 @@ class _Peer:
             return
         blobs = net.blobs
         limit = net.max_frame_bytes
-        if len(pending) == 1:  # the common case, a single node's: no list of parts
+        if len(pending) == 1:  # the common case, a single node's: one section
             for group_id, messages in pending.items():
-                body = encode_messages(messages, blobs, group_id)
-                size = _SECTION.size + len(body)
+                parts = [b""]
+                n = encode_message_parts(messages, parts, blobs, group_id)
+                size = _SECTION.size + n
                 if size <= limit:
-                    transport.writelines((_ONE_SECTION.pack(size, group_id, len(body)),
-                                          body))
+                    parts[0] = _ONE_SECTION.pack(size, group_id, n)
+                    transport.writelines(parts)
                     self._sent(size)
                     return
-        parts: list[bytes] = [b""]
+        parts = [b""]
         size = 0
         for group_id, messages in pending.items():
-            for body in self._bodies(group_id, messages, limit - _SECTION.size):
-                if size and size + _SECTION.size + len(body) > limit:
+            for section, n in self._encoded_sections(group_id, messages, limit - _SECTION.size):
+                if size and size + _SECTION.size + n > limit:
                     parts[0] = _LEN.pack(size)
                     transport.writelines(parts)
                     self._sent(size)
                     parts, size = [b""], 0
-                parts.append(_SECTION.pack(group_id, len(body)))
-                parts.append(body)
-                size += _SECTION.size + len(body)
+                parts.append(_SECTION.pack(group_id, n))
+                parts += section
+                size += _SECTION.size + n
         parts[0] = _LEN.pack(size)
         transport.writelines(parts)
         self._sent(size)
 
-    def _bodies(self, group_id: int, messages: list[Any], limit: int) -> list[bytes]:
-        """A group's messages encoded in sections of at most ``limit`` bytes each (one
-        message larger than that alone in its section: the peer refuses it)."""
-        body = encode_messages(messages, self.net.blobs, group_id)
-        if len(body) <= limit or len(messages) == 1:
-            return [body]
+    def _encoded_sections(self, group_id: int, messages: list[Any],
+                           limit: int) -> list[tuple[list[bytes], int]]:
+        """A group's messages encoded in sections (parts, size) of at most ``limit`` bytes
+        each (one message larger than that alone in its section: the peer refuses it)."""
+        parts: list[bytes] = []
+        n = encode_message_parts(messages, parts, self.net.blobs, group_id)
+        if n <= limit or len(messages) == 1:
+            return [(parts, n)]
         half = len(messages) // 2
-        return (self._bodies(group_id, messages[:half], limit)
-                + self._bodies(group_id, messages[half:], limit))
+        return (self._encoded_sections(group_id, messages[:half], limit)
+                + self._encoded_sections(group_id, messages[half:], limit))
 
     def _sent(self, size: int) -> None:
         self.frames_sent += 1

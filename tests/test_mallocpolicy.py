@@ -31,7 +31,7 @@ print(settled, mapped, libc.mallinfo2().keepcost >= 1 << 20)
 """
 
 
-def _probe(mode: str) -> str:
+def _probe(mode: str) -> list[str]:
     return subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True,
                           text=True, check=True).stdout.split()
 

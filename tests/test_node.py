@@ -1343,6 +1343,48 @@ async def test_a_backlog_taken_before_a_snapshot_install_is_applied_before_its_r
         await node.stop()
 
 
+class GatedAsyncRecorder(Recorder):
+    """An async state machine that waits while ``gate`` is clear (open at first) and
+    keeps each call's entries' data."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.calls: list[list[bytes]] = []
+
+    async def apply(self, entries):
+        self.calls.append([bytes(e.data) for e in entries])
+        await self.gate.wait()
+        return Recorder.apply(self, entries)
+
+
+@run
+async def test_commits_queued_behind_a_slow_apply_are_applied_once_each_in_one_call():
+    """Entries committed one by one while an async apply waits queue up as separate
+    items; the apply task joins them into one call, and each is applied once, in order."""
+    sm = GatedAsyncRecorder()
+    node = await lone_leader(sm)
+    try:
+        await node.propose(b"first")
+        sm.gate.clear()
+        held = node.propose(b"a")
+        await wait_until(lambda: sm.calls[-1:] == [[b"a"]], 5, "the apply of a to begin")
+        later = []
+        for data in (b"b", b"c", b"d"):
+            later.append(node.propose(data))
+            committed = node._applier.committed_index
+            await wait_until(lambda c=committed: node._applier.committed_index > c, 5)
+        assert len(node._applier.queue) == 3  # one item per commit
+        sm.gate.set()
+        assert await asyncio.gather(held, *later) == [i for i, _ in sm.applied[-4:]]
+        assert sm.calls[-2:] == [[b"a"], [b"b", b"c", b"d"]]
+        assert await node.propose(b"e") == sm.applied[-1][0]
+        assert [d for _, d in sm.applied] == [b"first", b"a", b"b", b"c", b"d", b"e"]
+    finally:
+        await node.stop()
+
+
 class FailingRestore(Recorder):
     def restore(self, data):
         raise RuntimeError("disk full")

@@ -210,21 +210,26 @@ class RaftNode:
         starting = self._starting = asyncio.get_running_loop().create_future()
         self._stop_requested = False
         try:
-            await self._start()
-        except BaseException:
-            # A start that failed once the node counted as running (its network did
-            # not start) would make the next start() return at once, with nothing
-            # listening and no timer armed.
-            self._running = False
-            self._stopped = None
-            self._transfer.close()
-            raise
+            try:
+                await self._start()
+            except BaseException:
+                # A start that failed once the node counted as running (its network
+                # did not start) would make the next start() return at once, with
+                # nothing listening and no timer armed.
+                self._running = False
+                self._stopped = None
+                self._transfer.close()
+                raise
+            finally:
+                self._starting = None
+            if self._stop_requested:
+                await self.stop()
+                raise self.failure or NodeStopped(
+                    f"node {self.id} was stopped while it started")
         finally:
-            self._starting = None
+            # Those waiting for this start (a stop() called meanwhile) go on once it has
+            # ended, its own stop too.
             starting.set_result(None)
-        if self._stop_requested:
-            await self.stop()
-            raise self.failure or NodeStopped(f"node {self.id} was stopped while it started")
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()

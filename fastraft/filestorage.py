@@ -385,8 +385,7 @@ class FileStorage(_SegmentFiles, _LogStore):
                 f"{expected - 1}")
         # The mark never names an entry this record does not make durable.
         mark = min(self._mark_wanted if mark is None else mark, last)
-        record = _record_parts((kernels.encode_entries(entries),), mark)
-        length = len(record[0]) + len(record[1])
+        record, length = _record_parts((kernels.encode_entries(entries),), mark)
         new_segment = not self._segments or (
             self._tail_size > 0 and self._tail_size + length > self.segment_bytes)
         if new_segment:

@@ -70,7 +70,6 @@ from fastraft.walformat import (
     _intact_records,
     _lock_directory,
     _read_checked,
-    _record,
     _record_at,
     _record_parts,
     _State,
@@ -136,10 +135,10 @@ class _Batch:
         #: Whether a group compacted: segments may have become free.
         self.compacted = False
 
-    def place(self, record: Sequence[bytes]) -> tuple[int, int]:
-        """Where ``record``, in parts, goes: (segment, offset)."""
+    def place(self, record: Sequence[bytes], length: int) -> tuple[int, int]:
+        """Where ``record``, in parts of ``length`` bytes together, goes: (segment,
+        offset)."""
         wal = self.wal
-        length = sum(len(part) for part in record)
         if not self.seq or (self.size > 0 and self.size + length > wal.segment_bytes):
             self.seq += 1
             self.size = 0
@@ -229,7 +228,7 @@ class WalGroup(_LogStore):
                       identity: _Identity | None) -> Callable[[], None]:
         body = _TAG.pack(self.group_id, STATE) + msgspec.msgpack.encode(
             _GroupState(state, identity))
-        seg, _ = batch.place((_record(body, 0),))
+        seg, _ = batch.place(*_record_parts((body,), 0))
 
         def apply() -> None:
             self._state, self._identity, self._state_seg = state, identity, seg
@@ -239,9 +238,9 @@ class WalGroup(_LogStore):
     def _entries_record(self, batch: _Batch, entries: list[Entry],
                         mark: int) -> Callable[[], None]:
         first, last = entries[0].index, entries[-1].index
-        record = _record_parts((self._tag, kernels.encode_entries(entries)), min(mark, last))
-        seg, off = batch.place(record)
-        length = sum(len(part) for part in record)
+        record, length = _record_parts((self._tag, kernels.encode_entries(entries)),
+                                       min(mark, last))
+        seg, off = batch.place(record, length)
 
         def apply() -> None:
             if self._rec_last and first <= self._rec_last[-1]:
@@ -278,7 +277,7 @@ class WalGroup(_LogStore):
         if kind == _COMPACT:
             return self._plan_compact(arg, batch)
         if kind == DROP:
-            batch.place((_record(_TAG.pack(self.group_id, DROP), 0),))
+            batch.place(*_record_parts((_TAG.pack(self.group_id, DROP),), 0))
             batch.compacted = True  # its segments may be free now
             return [self._forget_group]
         return self._plan_relocate(batch)
@@ -296,7 +295,7 @@ class WalGroup(_LogStore):
         if start is None:
             return []
         index = start
-        batch.place((_record(_TAG.pack(self.group_id, TRUNCATE) + _INDEX.pack(index), 0),))
+        batch.place(*_record_parts((_TAG.pack(self.group_id, TRUNCATE), _INDEX.pack(index)), 0))
         return [partial(self._cut_from, index)]
 
     def _plan_compact(self, index: int, batch: _Batch) -> list[Callable[[], None]]:

@@ -271,21 +271,21 @@ def _batch_bounds(body: memoryview, pos: int) -> tuple[int, int]:
     return count, int.from_bytes(body[12:20], "little")
 
 
-def _record_parts(body: Sequence[bytes], mark: int) -> list[bytes]:
-    """A record as the parts ``_write_at`` writes: the header (with its checksums and the
-    commit mark), then the parts of its body, as they are."""
+def _record_parts(body: Sequence[bytes], mark: int) -> tuple[list[bytes], int]:
+    """A record as the parts ``_write_at`` writes, and its length: the header (with its
+    checksums and the commit mark), then the parts of its body, as they are."""
     crc = length = 0
     for part in body:
         crc = zlib.crc32(part, crc)
         length += len(part)
     head = bytearray(_HEAD.pack(_MAGIC, length, mark, crc, 0))
     struct.pack_into("<I", head, _HEAD_CHECKED, zlib.crc32(head[:_HEAD_CHECKED]))
-    return [bytes(head), *body]
+    return [bytes(head), *body], _HEAD.size + length
 
 
 def _record(body: bytes, mark: int) -> bytes:
     """A record in one piece: the header, then ``body``."""
-    return b"".join(_record_parts((body,), mark))
+    return b"".join(_record_parts((body,), mark)[0])
 
 
 def check_options(directory: object, segment_bytes: object, cache_bytes: object) -> None:

@@ -2,10 +2,10 @@
 to get Raft wrong. ``tests/test_simulator.py`` checks that the simulator alone reports
 every one of them."""
 from fastraft import kernels
-from fastraft.engine import Engine, Role
+from fastraft.engine import Engine, Role, Send
 from fastraft.engine.core import _HANDLERS, _PendingRead
 from fastraft.engine.raftlog import RaftLog
-from fastraft.messages import AppendEntries, RequestVote
+from fastraft.messages import AppendEntries, AppendEntriesResponse, RequestVote
 
 
 def figure_8_commit_rule(mp):
@@ -129,7 +129,22 @@ def removed_voter_never_campaigns(mp):
     mp.setattr(Engine, "removal_pending", property(lambda self: False))
 
 
+def acknowledgement_before_the_write(mp):
+    """Figure 2: a follower acknowledges entries only once they are on disk; this one
+    answers every AppendEntries at once, its entries' fsync still to come (marked as the
+    answer of a heartbeat whose claim is durable already)."""
+    original = Engine._on_append_entries
+
+    def acknowledge_at_once(self, frm, m):
+        original(self, frm, m)
+        for c in self._out:
+            if type(c) is Send and type(c.message) is AppendEntriesResponse:
+                c.durable = True
+    mp.setitem(_HANDLERS, AppendEntries, acknowledge_at_once)
+
+
 PLANTS = [figure_8_commit_rule, commit_beyond_last_new_entry, vote_without_up_to_date_check,
           second_vote_in_a_term, prev_log_term_not_compared, learners_counted_in_the_quorum,
           read_index_without_a_quorum_round, lease_kept_after_a_handover,
-          repaired_node_votes, restarted_node_votes_at_once, removed_voter_never_campaigns]
+          repaired_node_votes, restarted_node_votes_at_once, removed_voter_never_campaigns,
+          acknowledgement_before_the_write]

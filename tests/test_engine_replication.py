@@ -1,11 +1,13 @@
 """Replication: §5.3 log consistency and fast backtracking, §5.4.2 commitment (Figure 8),
 §5.5 duplicated/reordered messages, batching and the in-flight window, durability order."""
-
+import random
 
 from fastraft.config import Config
 from fastraft.engine import (
     AppendLog,
     Apply,
+    Engine,
+    InitialState,
     ProgressState,
     Role,
     RoleChanged,
@@ -19,6 +21,8 @@ from fastraft.messages import (
     AppendEntriesResponse,
     Entry,
     EntryKind,
+    HardState,
+    Membership,
     RequestVoteResponse,
 )
 
@@ -79,11 +83,14 @@ def test_duplicate_append_is_idempotent_and_never_truncates_matching_entries():
     msg = AppendEntries(1, 1, 1, 1, [E(1, 2), E(1, 3)], 0)
     f.step(1, msg)
     f.take_commands()
-    f.step(1, msg)
-    assert without_timers(f.take_commands()) == [Send(1, AppendEntriesResponse(1, True, 3))]
+    f.log_persisted(3, 1)
+    f.step(1, msg)  # nothing to write: answered at once (durable)
+    assert without_timers(f.take_commands()) == [Send(1, AppendEntriesResponse(1, True, 3),
+                                                      True)]
     # an older, shorter message must not cut the longer log back (§5.3 / reordering)
     f.step(1, AppendEntries(1, 1, 1, 1, [E(1, 2)], 0))
-    assert without_timers(f.take_commands()) == [Send(1, AppendEntriesResponse(1, True, 2))]
+    assert without_timers(f.take_commands()) == [Send(1, AppendEntriesResponse(1, True, 2),
+                                                      True)]
     assert f.log.last_index == 3
 
 
@@ -219,6 +226,72 @@ def heartbeat_targets(leader):
     leader.on_timer(Timer.HEARTBEAT)
     return sorted(to for to, m in sends(leader.take_commands(), AppendEntries)
                   if not m.entries)
+
+
+def answers(engine):
+    return [c for c in engine.take_commands()
+            if type(c) is Send and type(c.message) is AppendEntriesResponse]
+
+
+def test_an_answer_to_a_message_with_nothing_to_write_claims_the_disk_and_leaves_at_once():
+    """Figure 2: an acknowledgement waits for the disk (``requires_durability``). To a
+    message that brings nothing to write (a heartbeat, whose prev the leader knows
+    acknowledged; a probe or a duplicate of entries still being written) it claims what
+    is on disk already, marked ``durable``: it leaves at once, not behind the writes in
+    flight."""
+    f = follower([1, 1])  # entries 1-2 and term 1 on disk
+    f.step(1, AppendEntries(1, 1, 2, 1, [E(1, 3)], 0, 4))
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 3, 0, 0, 4), False)]
+    f.step(1, AppendEntries(1, 1, 2, 1, [], 0, 5))  # heartbeat: 3's write still in flight
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 2, 0, 0, 5), True)]
+    f.step(1, AppendEntries(1, 1, 3, 1, [], 0, 6))  # it holds 3, not yet on disk
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 2, 0, 0, 6), True)]
+    f.step(1, AppendEntries(1, 1, 2, 1, [E(1, 3)], 0, 7))  # a probe resending 3
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 2, 0, 0, 7), True)]
+    f.step(1, AppendEntries(1, 1, 2, 1, [E(1, 3), E(1, 4)], 0, 8))  # 4 to write: waits
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 4, 0, 0, 8), False)]
+    f.log_persisted(4, 1)
+    f.step(1, AppendEntries(1, 1, 3, 1, [], 0, 9))
+    assert answers(f) == [Send(1, AppendEntriesResponse(1, True, 3, 0, 0, 9), True)]
+
+
+def test_an_answer_in_a_term_not_yet_durable_waits_for_the_disk():
+    f = follower([1, 1])
+    f.step(1, AppendEntries(2, 1, 2, 1, [], 0, 1))  # a leader of term 2: the term's write
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 1), False)]
+    f.step(1, AppendEntries(2, 1, 2, 1, [], 0, 2))
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 2), False)]
+    f.hard_state_persisted(2)
+    f.step(1, AppendEntries(2, 1, 2, 1, [], 0, 3))
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 3), True)]
+
+
+def test_an_answer_at_once_never_claims_entries_a_truncation_replaces_on_disk():
+    f = follower([1, 1, 1], term=2)  # on disk: entries 1-3 (term 1), term 2
+    f.step(1, AppendEntries(2, 1, 1, 1, [E(2, 2)], 0, 1))  # 2-3 replaced, not yet on disk
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 1), False)]
+    f.step(1, AppendEntries(2, 1, 2, 2, [], 0, 2))  # the disk's entry 2 is of term 1
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 1, 0, 0, 2), True)]
+    f.log_persisted(3, 1)  # the write before the truncation: nothing it holds counts now
+    f.step(1, AppendEntries(2, 1, 2, 2, [], 0, 3))
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 1, 0, 0, 3), True)]
+    f.log_persisted(2, 2)
+    f.step(1, AppendEntries(2, 1, 2, 2, [], 0, 4))
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 4), True)]
+
+
+def test_a_repaired_node_answers_only_from_the_disk():
+    """A node in recovery (thesis §11.7) may clear that state with its next write: its
+    answers wait for it, whatever they claim."""
+    state = InitialState(hard_state=HardState(1, None, 0, recovering=True),
+                         snapshot_membership=Membership(voters=frozenset({1, 2, 3})),
+                         entries=[E(1, 1), E(1, 2)])
+    f = Engine(2, Config(commit_notify_delay=0), random.Random(2), state)
+    f.start()
+    assert f.term == 2  # a repaired node starts a term later
+    f.hard_state_persisted(2)
+    f.step(1, AppendEntries(2, 1, 2, 1, [], 0, 1))
+    assert answers(f) == [Send(1, AppendEntriesResponse(2, True, 2, 0, 0, 1, True), False)]
 
 
 def test_heartbeat_tick_skips_followers_sent_entries_since_the_last_tick():

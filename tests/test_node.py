@@ -1208,6 +1208,53 @@ async def restored_once_the_disk_is_free(leader: RaftNode, follower: RaftNode,
     assert follower.failure is None
 
 
+@run
+async def test_a_leader_keeps_its_quorum_and_serves_reads_while_its_followers_disks_stall():
+    """Both followers' writes stall for several election timeouts (a slow disk, as a
+    cloud volume's fsync can be): their answers to the leader's heartbeats and probes
+    claim only what is on disk, so they leave at once, not behind the stalled write. The
+    leader keeps its quorum (check-quorum, §6.2) and its term, confirms reads (§6.4),
+    and commits the stalled write once the disks are back."""
+    from fastraft.engine import Role
+
+    cfg = Config(check_quorum=True)
+    async with LocalCluster(3, state_machine=Recorder, storage=GatedAppends,
+                            config=cfg) as c:
+        leader, _ = await written_to(c)
+        term, last = leader.engine.term, leader.engine.log.last_index
+        followers = [n for n in c.nodes.values() if n is not leader]
+        gates = [c.storages[f.id].gate for f in followers]
+        try:
+            for gate in gates:
+                gate.clear()
+            stalled = asyncio.ensure_future(leader.propose(b"stalled"))
+            await wait_until(lambda: all(f.engine.log.last_index > f.engine.persisted_index
+                                         for f in followers), 5, "the followers' writes stall")
+            # Several election timeouts of heartbeat ticks (two followers, 12 ticks a
+            # timeout), and no reads to send heartbeats of their own: the followers hear
+            # only the leader's ticks (heartbeats or, once it sees no progress, probes).
+            sent = leader.metrics().messages_out["AppendEntries"]
+            ticks = 4 * 2 * cfg.election_timeout_max / cfg.heartbeat_interval
+            await wait_until(lambda: leader.engine.role != Role.LEADER
+                             or leader.metrics().messages_out["AppendEntries"] >= sent + ticks,
+                             10, "ticks")
+            assert leader.engine.role == Role.LEADER and leader.engine.term == term
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 4 * cfg.election_timeout_max
+            reads = 0
+            while loop.time() < until:
+                assert await asyncio.wait_for(leader.read_index(), 5) == last  # not stalled
+                reads += 1
+            assert leader.engine.role == Role.LEADER and leader.engine.term == term
+            assert all(f.engine.term == term for f in followers)
+            assert not stalled.done() and reads > 1
+        finally:
+            for gate in gates:
+                gate.set()
+        index = await asyncio.wait_for(stalled, 5)
+        assert leader.engine.term == term and index == last + 1
+
+
 @pytest.mark.parametrize("how", ["snapshot_interval", "snapshot()"])
 @run
 async def test_a_snapshot_due_before_an_installed_leaders_snapshot_waits_for_its_restore(how):

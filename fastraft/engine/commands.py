@@ -4,8 +4,9 @@ Ordering contract: the persistence commands (``PersistHardState``, ``TruncateLog
 ``AppendLog``, ``CompactLog``) are applied in order, batch after batch, except that within
 a batch the hard state is written after the log (``write_order``). A ``Send`` whose message
 ``requires_durability`` is released only after every persistence command emitted before
-it is durable (votes and acknowledgements promise what is on disk, Figure 2); other sends
-go out at once (a leader may replicate before its own append is durable, thesis
+it is durable (votes and acknowledgements promise what is on disk, Figure 2), unless the
+engine marks it ``durable`` (what it promises is on disk already); other sends go out at
+once (a leader may replicate before its own append is durable, thesis
 §10.2.1).
 """
 from __future__ import annotations
@@ -66,6 +67,9 @@ class AppendLog(msgspec.Struct):
 class Send(msgspec.Struct, gc=False):
     to: int
     message: object
+    #: What the message promises is durable already (an acknowledgement of entries and
+    #: a term on disk): it leaves at once, even if it ``requires_durability``.
+    durable: bool = False
 
 
 class CompactLog(msgspec.Struct, gc=False):

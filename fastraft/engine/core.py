@@ -152,8 +152,8 @@ class Engine:
                  "_told_again", "_retell_wait", "told_removed", "_told_commit", "_seq",
                  "_reads", "_reads_before_commit", "_forwarded_reads", "_transfer_target",
                  "_transfer_rounds", "_timeout_now_sent", "lease_forfeited", "leaving",
-                 "_vote_unsynced_term", "_election_deferred", "quiet", "_idle_heartbeats",
-                 "_idle_mark", "down", "_quiesce_rounds", "_farewell_rounds",
+                 "_vote_unsynced_term", "_term_durable", "_election_deferred", "quiet",
+                 "_idle_heartbeats", "_idle_mark", "down", "_quiesce_rounds", "_farewell_rounds",
                  "_retell_rounds", "_skip_busy_heartbeats", "cache_budget", "_out",
                  "_broadcast", "_commit_timer_armed", "_heartbeat_needed", "_match",
                  "_acked", "__dict__")
@@ -256,6 +256,9 @@ class Engine:
         #: The term of this node's latest vote (for itself as a candidate, or granted)
         #: while it may not be durable yet, 0 once it is (``hard_state_persisted``).
         self._vote_unsynced_term = 0
+        #: The latest term known durable (a hard state of it written): replies of that
+        #: term promise no term the disk may lose.
+        self._term_durable = hs.current_term
         #: The election timer ran out while that vote was not durable: it is armed
         #: afresh once the vote is (``_on_election_timeout``).
         self._election_deferred = False
@@ -652,6 +655,8 @@ class Engine:
         """The driver made a hard state of ``term`` durable (the latest it was given:
         they are written in order). A vote of that term or an earlier one is now on disk,
         and the messages that waited for it have left."""
+        if term > self._term_durable:
+            self._term_durable = term
         if not self._vote_unsynced_term or term < self._vote_unsynced_term:
             return
         self._vote_unsynced_term = 0
@@ -1497,6 +1502,7 @@ class Engine:
                                                   log.term_at(hint), m.seq, self.recovering))
             return
         last_new = prev
+        wrote = False
         if entries:
             last_new = prev + len(entries)  # consecutive: checks.refusal saw to it
             if log.term_at(last_new) != entries[-1].term:  # else we hold them all (§5.3)
@@ -1505,6 +1511,7 @@ class Engine:
                 else:
                     conflict = log.terms.find_conflict(prev + 1, [e.term for e in entries])
                 if conflict:
+                    wrote = True
                     # conflict > prev >= commit_index: committed entries are never cut.
                     if conflict <= log.last_index:
                         self._truncate(conflict)
@@ -1532,8 +1539,19 @@ class Engine:
                 self._out.append(QuietChanged(True))
             self._out.append(CancelTimer(Timer.ELECTION))
             self._out.append(CancelTimer(Timer.LEASE))
-        self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq,
-                                              self.recovering))
+        # The answer promises this term and the log up to its index (Figure 2). To a
+        # message that brought nothing to write (a heartbeat, a probe, a duplicate of
+        # entries still being written) it claims what is on disk already and leaves at
+        # once, not behind the writes in flight: on a slow disk their fsync would hold up
+        # the leader's quorum check, its reads and its probes (etcd answers heartbeats
+        # without the disk too). A node in recovery (thesis §11.7) keeps the old order:
+        # rare, and its answers are what the leader rebuilds its view of that log from.
+        if wrote or self.term > self._term_durable or self.recovering:
+            self._send(frm, AppendEntriesResponse(self.term, True, last_new, 0, 0, m.seq,
+                                                  self.recovering))
+        else:
+            self._out.append(Send(frm, AppendEntriesResponse(
+                self.term, True, min(last_new, self.persisted_index), 0, 0, m.seq), True))
 
     def _truncate(self, index: int) -> None:
         self.log.truncate_from(index)

@@ -4,7 +4,8 @@ One call of ``run`` takes every command the engine emitted for what happened sin
 last drain: messages are grouped into one batch per peer, persistence commands into one
 write batch (``LogWriter``), committed entries go to the ``Applier``. Messages that
 promise durable state (votes, acknowledgements) are held until every write issued before
-them is durable (Raft, Figure 2); the leader's replication messages leave at once, in
+them is durable (Raft, Figure 2), unless what they promise is durable already (a
+heartbeat's answer); the leader's replication messages leave at once, in
 parallel with its own write (thesis §10.2.1).
 """
 from __future__ import annotations
@@ -311,7 +312,7 @@ class CommandRunner:
         for c in commands:
             t = type(c)
             if t is Send:
-                if requires_durability(c.message) and (ops or writer.writes):
+                if requires_durability(c.message) and not c.durable and (ops or writer.writes):
                     held.append(c)
                 else:
                     sent[type(c.message)] += 1

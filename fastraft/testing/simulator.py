@@ -336,7 +336,7 @@ class Simulator(Nemeses):
         for c in commands:
             t = type(c)
             if t is Send:
-                if requires_durability(c.message) and (writes or node.fsyncs):
+                if requires_durability(c.message) and not c.durable and (writes or node.fsyncs):
                     held.append(c)
                 else:
                     self._transmit(node.id, c.to, c.message)

@@ -22,6 +22,7 @@ from fastraft.engine.commands import (
     ToldRemoved,
     TruncateLog,
     requires_durability,
+    waits_for_writes,
     write_order,
 )
 from fastraft.engine.core import Engine, InitialState
@@ -33,5 +34,6 @@ __all__ = [
     "AppendLog", "Apply", "ApplyStored", "CancelTimer", "Command", "FollowerLostEntries",
     "PersistHardState", "QuietChanged", "ReadFailed", "ReadLog", "ReadReady", "Role",
     "RoleChanged", "Send", "SetTimer", "Timer", "TruncateLog", "CompactLog", "SendSnapshotChunk",
-    "StoreSnapshotChunk", "ToldRemoved", "requires_durability", "write_order",
+    "StoreSnapshotChunk", "ToldRemoved", "requires_durability", "waits_for_writes",
+    "write_order",
 ]

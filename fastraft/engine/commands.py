@@ -230,3 +230,10 @@ def write_order(ops: list[Any]) -> tuple[list[Any], int]:
 def requires_durability(message: object) -> bool:
     """True if ``message`` promises state that must be on disk before it leaves the node."""
     return isinstance(message, _DURABLE_REPLIES)
+
+
+def waits_for_writes(send: Send) -> bool:
+    """True if ``send`` leaves only once every write emitted before it is durable: its
+    message ``requires_durability`` and the engine did not mark what it promises as on
+    disk already (``Send.durable``). The one rule every driver applies."""
+    return not send.durable and isinstance(send.message, _DURABLE_REPLIES)

@@ -35,7 +35,7 @@ from fastraft.engine import (
     Timer,
     ToldRemoved,
     TruncateLog,
-    requires_durability,
+    waits_for_writes,
 )
 from fastraft.errors import ConfigError
 from fastraft.node.writer import SaveSnapshot
@@ -312,7 +312,7 @@ class CommandRunner:
         for c in commands:
             t = type(c)
             if t is Send:
-                if requires_durability(c.message) and not c.durable and (ops or writer.writes):
+                if waits_for_writes(c) and (ops or writer.writes):
                     held.append(c)
                 else:
                     sent[type(c.message)] += 1

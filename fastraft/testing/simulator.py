@@ -60,7 +60,7 @@ from fastraft.engine import (
     StoreSnapshotChunk,
     Timer,
     TruncateLog,
-    requires_durability,
+    waits_for_writes,
     write_order,
 )
 from fastraft.errors import FastRaftError, NotLeader, StorageCorruption
@@ -336,7 +336,7 @@ class Simulator(Nemeses):
         for c in commands:
             t = type(c)
             if t is Send:
-                if requires_durability(c.message) and not c.durable and (writes or node.fsyncs):
+                if waits_for_writes(c) and (writes or node.fsyncs):
                     held.append(c)
                 else:
                     self._transmit(node.id, c.to, c.message)

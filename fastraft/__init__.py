@@ -3,6 +3,7 @@ from fastraft.config import Config
 from fastraft.errors import (
     AlreadyInitialized,
     BatchPartlyCommitted,
+    BatchRestUnknown,
     ConfigError,
     DecodeError,
     EntryTooLarge,
@@ -38,7 +39,8 @@ __all__ = [
     "EntryTooLarge",
     "MembershipChangeInProgress", "NodeFailed", "NodeStopped", "NotLeader", "OffsetCompacted",
     "Overloaded",
-    "ProposalDropped", "BatchPartlyCommitted", "StorageCorruption", "StorageFailed",
+    "ProposalDropped", "BatchPartlyCommitted", "BatchRestUnknown", "StorageCorruption",
+    "StorageFailed",
     "StorageOwnedElsewhere", "GroupExists",
     "UnknownGroup",
 ]

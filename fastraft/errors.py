@@ -72,6 +72,22 @@ class BatchPartlyCommitted(ProposalDropped):
         return type(self), (str(self), self.results)
 
 
+class BatchRestUnknown(ProposalDropped):
+    """Leadership was lost after the first entries of a ``propose_batch`` (or of an
+    ``append`` of records) were committed and applied here, and before this node learned
+    the fate of the rest. ``results`` holds the first entries' results (their offsets,
+    for records), in order: those took effect. The rest **may or may not** be committed
+    by a later leader (``committed`` is None): send ``datas[len(results):]`` again only
+    if applying them twice is harmless, or read back first; never the whole batch."""
+
+    def __init__(self, message: str, results: list[Any]) -> None:
+        super().__init__(message)
+        self.results = results
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.results)
+
+
 class NodeStopped(FastRaftError):
     """The node was stopped (or never started); the operation did not complete.
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from fastraft import kernels
 from fastraft.asyncutil import fail_future
-from fastraft.errors import BatchPartlyCommitted
+from fastraft.errors import BatchPartlyCommitted, BatchRestUnknown
 
 
 class _Run:
@@ -47,6 +47,21 @@ def _partly_committed(batch: _Run, last: int) -> BatchPartlyCommitted:
         f"{batch.first}..{batch.last} of the batch's entries {batch.first}..{last}, and "
         f"other entries in place of the rest",
         list(range(batch.first, batch.last + 1)) if batch.records else batch.results)
+
+
+def _rest_unknown(batch: _Run, exc: BaseException) -> BaseException:
+    """What a batch's proposer hears when its fate is given up on (``exc`` says why): if
+    its first entries were committed and applied here, their results and "the rest may
+    or may not be", not a "may or may not" for the whole batch, some of which took
+    effect."""
+    if batch.batch is None or batch.next == batch.first:
+        return exc
+    done = batch.next - 1
+    return BatchRestUnknown(
+        f"{exc} (entries {batch.first}..{done} of the batch's entries {batch.first}.."
+        f"{batch.last} were committed, and their results are the error's; the fate of "
+        f"the rest is unknown)",
+        list(range(batch.first, done + 1)) if batch.records else batch.results)
 
 
 class ProposalTracker:
@@ -301,21 +316,24 @@ class ProposalTracker:
                 run.futures, run.last = run.futures[:cut], index
                 runs.append(tail)
         self._runs = runs
-        return self._fail(lambda run: run.orphan if 0 < run.orphan <= index else None, exc)
+        return self._fail(lambda run: run.orphan if 0 < run.orphan <= index else None, exc,
+                          _rest_unknown)
 
     def fail_orphans(self, exc: BaseException) -> int:
-        """Fail the proposals of orphaned entries."""
-        return self._fail(lambda run: run.orphan or None, exc)
+        """Fail the proposals of orphaned entries: their fate is not known."""
+        return self._fail(lambda run: run.orphan or None, exc, _rest_unknown)
 
-    def _fail(self, first: Callable[[_Run], int | None], exc: BaseException) -> int:
-        """Fail the proposals of each run from index ``first(run)`` on (None: keep it)."""
+    def _fail(self, first: Callable[[_Run], int | None], exc: BaseException,
+              error: Callable[[_Run, BaseException], BaseException] | None = None) -> int:
+        """Fail the proposals of each run from index ``first(run)`` on (None: keep it),
+        with ``exc`` or what ``error(run, exc)`` makes of it."""
         keep: list[_Run] = []
         freed = 0
         for run in self._runs:
             start = first(run)
             if start is not None and max(start, run.next) <= run.last:
                 start = max(start, run.next)
-                self._fail_from(run, start, exc)
+                self._fail_from(run, start, exc if error is None else error(run, exc))
                 freed += run.last - start + 1
                 if start == run.next:
                     continue  # nothing of it is left

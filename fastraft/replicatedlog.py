@@ -48,7 +48,8 @@ class ReplicatedLog:
         they are committed. Raises ``NotLeader`` on a follower, ``ProposalDropped`` if
         leadership was lost first (the records may or may not be in the log, unless its
         ``committed`` says; ``BatchPartlyCommitted`` names the offsets of those that
-        were committed when the rest certainly were not); waits, as
+        were committed when the rest certainly were not, ``BatchRestUnknown`` when the
+        rest may or may not be); waits, as
         ``propose`` does, while ``Config.max_pending_proposals`` entries are pending."""
         return self.node._propose_many(records, True)
 

@@ -15,6 +15,7 @@ SPECIAL = [
     errors.ProposalDropped("lost leadership; it was not committed", committed=False),
     errors.ProposalDropped("lost leadership; it was committed", committed=True),
     errors.BatchPartlyCommitted("a later leader committed entries 7..8", ["r7", "r8"]),
+    errors.BatchRestUnknown("entries 7..8 were committed, the rest is unknown", ["r7", "r8"]),
     errors.NodeStopped("stopped before it appended the entry", committed=False),
     errors.NodeFailed("node 1 stopped: the state machine failed"),
 ]

@@ -7,7 +7,8 @@ import msgspec
 import pytest
 
 from fastraft.config import Config
-from fastraft.errors import BatchPartlyCommitted, ProposalDropped
+from fastraft.engine import Role
+from fastraft.errors import BatchPartlyCommitted, BatchRestUnknown, ProposalDropped
 from fastraft.messages import AppendEntries
 from fastraft.testing import LocalCluster, wait_until
 
@@ -101,6 +102,29 @@ async def test_writes_a_later_leader_replaced_fail_as_not_committed():
         assert not any(data.startswith(b"lost") for _, data in c.state_machines[old.id].applied)
 
 
+async def a_batch_of_which_four_entries_committed(c, monkeypatch):
+    """A batch of ten from the leader of three: one follower, A, gets only its first four
+    entries, the other, B, none; the leader commits and applies those four with A. The
+    leader, A, B, the last index before the batch, and the batch's future."""
+    old = await c.leader()
+    await old.propose(b"warm")
+    a, b = [i for i in c.nodes if i != old.id]
+    before = old.engine.log.last_index
+    cut_one_way(c, [old.id], [b])
+    deliver = c.hub._deliver
+
+    def the_batchs_first_four_only(frm, to, messages):
+        if frm == old.id:
+            messages = [msgspec.structs.replace(m, entries=[
+                e for e in m.entries if e.index <= before + 4])
+                if isinstance(m, AppendEntries) else m for m in messages]
+        deliver(frm, to, messages)
+    monkeypatch.setattr(c.hub, "_deliver", the_batchs_first_four_only)
+    batch = asyncio.ensure_future(old.propose_batch([b"b%d" % k for k in range(10)]))
+    await wait_until(lambda: old._applier.applied_index == before + 4, 10)
+    return old, a, b, before, batch
+
+
 @run
 async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(monkeypatch):
     """A batch of ten reaches one follower, A, only up to its fourth entry, and the
@@ -110,22 +134,8 @@ async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(
     not committed" (it was told so before), and not a batch safe to send again whole."""
     config = msgspec.structs.replace(UNBOUNDED, max_entries_per_message=4)
     async with LocalCluster(3, state_machine=Recorder, config=config) as c:
-        old = await c.leader()
-        await old.propose(b"warm")
-        a, b = [i for i in c.nodes if i != old.id]
-        before = old.engine.log.last_index
-        cut_one_way(c, [old.id], [b])
-        deliver = c.hub._deliver
-
-        def the_batchs_first_four_only(frm, to, messages):
-            if frm == old.id:
-                messages = [msgspec.structs.replace(m, entries=[
-                    e for e in m.entries if e.index <= before + 4])
-                    if isinstance(m, AppendEntries) else m for m in messages]
-            deliver(frm, to, messages)
-        monkeypatch.setattr(c.hub, "_deliver", the_batchs_first_four_only)
-        batch = asyncio.ensure_future(old.propose_batch([b"b%d" % k for k in range(10)]))
-        await wait_until(lambda: old._applier.applied_index == before + 4, 10)
+        old, a, _, before, batch = await a_batch_of_which_four_entries_committed(
+            c, monkeypatch)
         cut_one_way(c, [old.id], [a])
         await c.leader(exclude={old.id})  # A: B's log ends before the batch
         with pytest.raises(BatchPartlyCommitted) as failed:
@@ -137,6 +147,33 @@ async def test_a_batch_a_later_leader_committed_in_part_fails_saying_which_part(
                in str(failed.value)
         assert [d for _, d in c.state_machines[old.id].applied][-4:] == \
             [b"b0", b"b1", b"b2", b"b3"]
+
+
+@run
+async def test_a_batch_whose_fate_is_given_up_on_keeps_the_results_of_its_committed_part(
+        monkeypatch):
+    """A batch of ten reaches one follower, A, only up to its fourth entry, and the
+    leader commits and applies those four with A. Then the leader is cut off from both
+    followers and never learns what became of the rest. Once ``lost_leadership_wait``
+    runs out, the batch's proposer hears the results of the first four and that the
+    rest's fate is unknown: not a "may or may not" for the whole batch, four entries of
+    which took effect."""
+    config = msgspec.structs.replace(STEADY, max_entries_per_message=4)
+    async with LocalCluster(3, state_machine=Recorder, config=config) as c:
+        old, a, b, before, batch = await a_batch_of_which_four_entries_committed(
+            c, monkeypatch)
+        cut_one_way(c, [old.id], [a])
+        cut_one_way(c, [a, b], [old.id])
+        with pytest.raises(BatchRestUnknown) as failed:
+            await asyncio.wait_for(batch, 20)
+        assert failed.value.committed is None
+        assert not isinstance(failed.value, BatchPartlyCommitted)
+        assert failed.value.results == list(range(before + 1, before + 5))
+        assert f"did not learn its fate in 2 election timeouts: it may or may not be " \
+               f"committed (entries {before + 1}..{before + 4} of the batch's entries " \
+               f"{before + 1}..{before + 10} were committed, and their results are the " \
+               f"error's; the fate of the rest is unknown)" in str(failed.value)
+        assert old.engine.role != Role.LEADER
 
 
 @run

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from fastraft.errors import BatchPartlyCommitted, ProposalDropped
+from fastraft.errors import BatchPartlyCommitted, BatchRestUnknown, ProposalDropped
 from fastraft.messages import Entry, EntryKind
 from fastraft.proposals import ProposalTracker
 
@@ -141,12 +141,12 @@ def test_orphans_whose_indexes_commit_other_entries_fail_and_only_they(loop):
     assert t.pending == 0 and not t.waiting
 
 
-def orphaned_batch(loop):
-    """A tracker with a batch at 7..9 of term 2, whose leadership was lost with 6
-    committed."""
+def orphaned_batch(loop, records=False):
+    """A tracker with a batch at 7..9 of term 2 (of records: ``ReplicatedLog.append``),
+    whose leadership was lost with 6 committed."""
     t = ProposalTracker()
     batch = loop.create_future()
-    t.add_batch([b"b1", b"b2", b"b3"], batch)
+    t.add_batch([b"b1", b"b2", b"b3"], batch, records=records)
     t.take()
     t.appended(7, 2)
     t.orphan(6, ProposalDropped("replaced"))
@@ -177,17 +177,45 @@ def test_an_orphaned_batch_committed_in_part_fails_saying_which_part(loop):
 
 
 @pytest.mark.parametrize("records", [False, True])
+@pytest.mark.parametrize("give_up", ["fail_orphans", "fail_orphans_through"])
+def test_an_orphaned_batch_given_up_on_after_its_first_entries_applied_keeps_their_results(
+        loop, records, give_up):
+    """A lost leadership's batch, its first entries committed and applied, then its fate
+    given up on (``lost_leadership_wait`` ran out, or a later leader's snapshot covers
+    it): its proposer hears those entries' results and that the rest's fate is unknown,
+    not a "may or may not" for the whole batch, some of which took effect."""
+    t, batch = orphaned_batch(loop, records)
+    kind = EntryKind.RECORD if records else EntryKind.NORMAL
+    assert apply(t, [Entry(2, 7, kind, b""), Entry(2, 8, kind, b"")],
+                 [] if records else ["r7", "r8"]) == 0
+    unknown = ProposalDropped("lost leadership; it may or may not be committed")
+    assert (t.fail_orphans(unknown) if give_up == "fail_orphans"
+            else t.fail_orphans_through(9, unknown)) == 1
+    failed = batch.exception()
+    assert isinstance(failed, BatchRestUnknown) and failed.committed is None
+    assert not isinstance(failed, BatchPartlyCommitted)  # the rest is not safe to resend
+    assert failed.results == ([7, 8] if records else ["r7", "r8"])
+    assert str(failed) == ("lost leadership; it may or may not be committed (entries 7..8 "
+                           "of the batch's entries 7..9 were committed, and their results "
+                           "are the error's; the fate of the rest is unknown)")
+    assert t.pending == 0 and not t.waiting
+
+
+def test_an_orphaned_batch_given_up_on_before_any_entry_applied_may_or_may_not_commit(loop):
+    t, batch = orphaned_batch(loop)
+    unknown = ProposalDropped("lost leadership; it may or may not be committed")
+    assert t.fail_orphans(unknown) == 3
+    assert batch.exception() is unknown
+    assert t.pending == 0 and not t.waiting
+
+
+@pytest.mark.parametrize("records", [False, True])
 def test_a_batch_cut_within_one_apply_batch_fails_with_the_results_before_the_cut(
         loop, records):
     """The committed prefix and the replacing entries in the same apply batch: the
     results of the prefix, applied in that batch, are the error's (for records, their
     offsets)."""
-    t = ProposalTracker()
-    batch = loop.create_future()
-    t.add_batch([b"b1", b"b2", b"b3"], batch, records=records)
-    t.take()
-    t.appended(7, 2)
-    t.orphan(6, ProposalDropped("replaced"))
+    t, batch = orphaned_batch(loop, records)
     kind = EntryKind.RECORD if records else EntryKind.NORMAL
     applied = [Entry(2, 7, kind, b""), Entry(2, 8, kind, b""), Entry(3, 9, 0, b"")]
     assert apply(t, applied, ["theirs"] if records else ["r7", "r8", "theirs"]) == 1

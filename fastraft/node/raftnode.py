@@ -463,8 +463,9 @@ class RaftNode:
         """Replicate several commands as consecutive entries; ``await`` it for one result
         per command. Queued when called, like ``propose``, and fails as it does; a batch
         a later leader committed only in part fails with ``BatchPartlyCommitted`` (the
-        results of its committed entries). ``datas``: a list (or any iterable) of bytes,
-        checked whole at the call."""
+        results of its committed entries), one whose first entries were committed and
+        the rest's fate is unknown with ``BatchRestUnknown`` (the same results).
+        ``datas``: a list (or any iterable) of bytes, checked whole at the call."""
         return self._propose_many(datas, False)
 
     def _propose_many(self, datas: Sequence[bytes], records: bool) -> Awaitable[list[Any]]:

@@ -485,29 +485,65 @@ def test_a_removed_learner_that_comes_back_after_the_compaction_is_told_in_a_wor
     assert removed.status()["removed"]
 
 
+def added_at_3(hard_state):
+    """Node 4, whose log holds 1..2 of term 1 and at 3 a configuration entry of term 2
+    that adds it to the voters 1..3."""
+    back = Membership(voters=frozenset({1, 2, 3, 4}))
+    return Engine(4, CQ, random.Random(4), InitialState(
+        hard_state=hard_state, snapshot_membership=Membership(voters=frozenset({1, 2, 3})),
+        entries=[Entry(1, 1, EntryKind.NORMAL, b"e1"), Entry(1, 2, EntryKind.NORMAL, b"e2"),
+                 Entry(2, 3, EntryKind.CONFIG, encode_membership(back))]))
+
+
 def test_a_word_is_taken_from_a_leader_whose_log_committed_past_the_configuration_here():
     # Node 4's log holds a configuration entry with it at index 3 (an old leader's that
     # never committed, or one that added it back). A leader's configuration in force
     # leaves it out: if that leader committed past index 3, the entry there is not the
     # one at 3 here, whose configuration is then an old leader's (any committed one
     # would be in the leader's log, its configuration in force the latest).
-    back = Membership(voters=frozenset({1, 2, 3, 4}))
-    e = Engine(4, CQ, random.Random(4), InitialState(
-        hard_state=HardState(2, None, 2), snapshot_membership=Membership(
-            voters=frozenset({1, 2, 3})),
-        entries=[Entry(1, 1, EntryKind.NORMAL, b"e1"), Entry(1, 2, EntryKind.NORMAL, b"e2"),
-                 Entry(2, 3, EntryKind.CONFIG, encode_membership(back))]))
+    e = added_at_3(HardState(2, None, 2))
     e.start()
     e.on_timer(Timer.LEASE)
     e.take_commands()
-    assert e.step(1, Removed(1, 1, 2, 9)) is None  # an older term (§5.1)
-    assert not e.removed and e.told_removed == 0 and e.take_commands() == []
     e.step(1, Removed(2, 1, 2, 2))  # committed only up to 2: the entry at 3 may be later
     assert not e.removed and ToldRemoved(2) not in e.take_commands()
     e.step(1, Removed(2, 1, 2, 3))
     assert e.removed and ToldRemoved(2) in e.take_commands()
     e.step(1, Removed(2, 1, 2, 9))  # said again: told once
     assert e.removed and e.take_commands() == []
+
+
+def test_a_word_of_a_leader_of_an_earlier_term_is_taken_and_the_term_kept():
+    # Node 4, added at 3, campaigned in term 3 (a TimeoutNow whose votes were lost), then
+    # was removed while down by the leader of term 2, which never learns of term 3: its
+    # messages are refused here (§5.1) and pre-votes never raise its term. What its word
+    # says is committed whatever its term: the node is out, stops campaigning, keeps its
+    # term and takes no leader for it.
+    e = added_at_3(HardState(3, 4, 2))
+    e.start()
+    e.hard_state_persisted(3)
+    e.take_commands()
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.PRE_CANDIDATE and sends(e.take_commands())
+    # the leader of term 2 that added it at 3 removed it at 5, and committed that
+    assert e.step(1, Removed(2, 1, 5, 6)) is None
+    assert e.removed and e.told_out and e.term == 3 and e.voted_for == 4
+    assert e.role == Role.FOLLOWER and e.leader_id is None and e.told_by == 1
+    commands = e.take_commands()
+    assert ToldRemoved(5) in commands and not sends(commands)
+    e.on_timer(Timer.ELECTION)
+    assert e.role == Role.FOLLOWER and not sends(e.take_commands())  # no more campaigns
+
+
+def test_a_word_of_an_earlier_term_committed_only_before_the_configuration_here_is_not():
+    e = added_at_3(HardState(3, None, 2))
+    e.start()
+    e.on_timer(Timer.ELECTION)
+    e.take_commands()
+    role = e.role
+    assert e.step(1, Removed(2, 1, 2, 2)) is None  # the entry at 3 may be the later one
+    assert not e.removed and e.role == role and e.term == 3
+    assert ToldRemoved(2) not in e.take_commands()
 
 
 def test_a_node_removed_before_the_log_begins_cannot_depose_a_leader():

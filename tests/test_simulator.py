@@ -392,6 +392,13 @@ def test_regression_removed_nodes_of_random_mixes_know_it(seed, nodes, faults, c
      Config(snapshot_trailing_entries=5, snapshot_chunk_bytes=100, log_cache_bytes=2000,
             quiesce_after=0.1),
      {**QUIET_LOAD, "snapshot_every": 25, "reconfigure_every": 0.15}),
+    # a removed node whose term passed the leader's (it campaigned on a TimeoutNow whose
+    # votes were lost, then was removed while down): it refused the leader's words of an
+    # earlier term, and the leader never learned its term (2026-12-05, a sweep of mixes)
+    (43053691, 3, Faults(drop=0.0, remove_down=1.0, clock_drift=0.09, skew_every=0.3,
+                         transfer_every=0.5, deafen_on_handover=0.5, bridge=0.5),
+     Config(snapshot_trailing_entries=0, snapshot_chunk_bytes=256, lease_reads=True),
+     {"read_every": 0.005, "snapshot_every": 25, "reconfigure_every": 0.15}),
 ])
 def test_regression_removed_nodes_told_in_a_word(seed, nodes, faults, config, kw):
     """Random mixes with a small log cache (2026-12-04, forty-second session): the

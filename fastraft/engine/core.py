@@ -149,7 +149,7 @@ class Engine:
                  "persisted_index", "role", "leader_id", "_configs", "membership",
                  "_voters_in", "_voters_out", "known_ids", "refused", "_snapshot",
                  "_snapshot_size", "leader_alive", "_votes", "progress", "departing",
-                 "_told_again", "_retell_wait", "told_removed", "_told_commit", "_seq",
+                 "_told_again", "_retell_wait", "told_removed", "_told_commit", "told_by", "_seq",
                  "_reads", "_reads_before_commit", "_forwarded_reads", "_transfer_target",
                  "_transfer_rounds", "_timeout_now_sent", "lease_forfeited", "leaving",
                  "_vote_unsynced_term", "_term_durable", "_election_deferred", "quiet",
@@ -230,6 +230,8 @@ class Engine:
         #: asks for votes or its host comes back).
         self.told_removed = 0
         self._told_commit = 0
+        #: The leader that said so (of this term or an earlier one: ``_on_stale_removed``).
+        self.told_by: int | None = None
         #: Heartbeat sequence number: bumped for every read that needs a fresh quorum.
         self._seq = 0
         self._reads: list[_PendingRead] = []
@@ -813,6 +815,8 @@ class Engine:
                 self._send(frm, AppendEntriesResponse(self.term, False, m.prev_log_index))
             elif t is RequestVote:
                 self._send(frm, RequestVoteResponse(self.term, False, m.pre_vote))
+            elif t is Removed and self.role != Role.LEADER:
+                self._on_stale_removed(frm, m)
             return None
         handler = _HANDLERS.get(t)
         if handler is not None:
@@ -992,11 +996,28 @@ class Engine:
             return  # another leader of this term: ``refusal`` drops it before this
         if self.role != Role.FOLLOWER or self.leader_id != frm:
             self._become_follower(self.term, frm)
+        self._take_removal(frm, m)
+
+    def _on_stale_removed(self, frm: int, m: Removed) -> None:
+        """The word of a leader of an earlier term. What it says holds whatever that
+        term: its configuration in force and its commit index are committed facts (any
+        leader's log up to its commit index is the committed log, §5.4), as etcd's
+        transport tells a removed member outside of Raft's terms. A removed node whose
+        term passed the leader's (it campaigned on a ``TimeoutNow`` whose votes were
+        lost, then was removed while down) is told only so: it refuses that leader's
+        messages (§5.1), and its pre-votes never raise the leader's term. It keeps its
+        term and takes the sender, a leader of an earlier term, for no leader."""
+        if self._take_removal(frm, m) and self.role != Role.FOLLOWER:
+            self._become_follower(self.term, None)
+
+    def _take_removal(self, frm: int, m: Removed) -> bool:
+        """Record the word (``told_out``); whether it now says this node is out."""
         if m.commit > self._told_commit:
             was_out = self.told_out
-            self.told_removed, self._told_commit = m.index, m.commit
+            self.told_removed, self._told_commit, self.told_by = m.index, m.commit, frm
             if self.told_out and not was_out:
                 self._out.append(ToldRemoved(m.index))
+        return self.told_out
 
     @property
     def transfer_target(self) -> int | None:

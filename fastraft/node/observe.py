@@ -120,7 +120,7 @@ def health(node: RaftNode, max_apply_lag: int) -> str | None:
         return (f"removed from the cluster (voters {sorted(e.membership.voters)}) by a "
                 "change not known committed here: stop this node once the change returns")
     if e.told_out:  # its log ends before the change (``messages.Removed``)
-        return (f"removed from the cluster (node {e.leader_id} says its configuration "
+        return (f"removed from the cluster (node {e.told_by} says its configuration "
                 f"entry at {e.told_removed} leaves this node out): stop this node")
     if e.removed:  # it serves no reads (no entries reach it) and never campaigns
         return (f"removed from the cluster (voters {sorted(e.membership.voters)}): "

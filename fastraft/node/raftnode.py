@@ -951,7 +951,7 @@ class RaftNode:
     def _told_removed(self, c: ToldRemoved) -> None:
         log.warning("%s: node %s says its configuration entry at %d, committed, leaves this "
                     "node out of the group; its log ends before that entry (removed while "
-                    "down or cut off, long ago)", self.label, self.engine.leader_id, c.index,
+                    "down or cut off, long ago)", self.label, self.engine.told_by, c.index,
                     extra={"event": "told_removed", **self.log_fields, "index": c.index})
         if self.config.stop_when_removed:
             self._note_removal()

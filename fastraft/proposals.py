@@ -45,8 +45,13 @@ def _partly_committed(batch: _Run, last: int) -> BatchPartlyCommitted:
     return BatchPartlyCommitted(
         f"leadership was lost before the batch committed: a later leader committed entries "
         f"{batch.first}..{batch.last} of the batch's entries {batch.first}..{last}, and "
-        f"other entries in place of the rest",
-        list(range(batch.first, batch.last + 1)) if batch.records else batch.results)
+        f"other entries in place of the rest", _committed_results(batch, batch.last))
+
+
+def _committed_results(batch: _Run, last: int) -> list[Any]:
+    """The results of the batch's entries up to ``last``, answered already (for
+    records, their offsets)."""
+    return list(range(batch.first, last + 1)) if batch.records else batch.results
 
 
 def _rest_unknown(batch: _Run, exc: BaseException) -> BaseException:
@@ -60,8 +65,7 @@ def _rest_unknown(batch: _Run, exc: BaseException) -> BaseException:
     return BatchRestUnknown(
         f"{exc} (entries {batch.first}..{done} of the batch's entries {batch.first}.."
         f"{batch.last} were committed, and their results are the error's; the fate of "
-        f"the rest is unknown)",
-        list(range(batch.first, done + 1)) if batch.records else batch.results)
+        f"the rest is unknown)", _committed_results(batch, done))
 
 
 class ProposalTracker:
@@ -244,8 +248,7 @@ class ProposalTracker:
                 break  # the rest of this run commits in a later batch
             done += 1
             if run.batch is not None and not run.batch.done():
-                run.batch.set_result(list(range(run.first, run.last + 1)) if run.records
-                                     else run.results)
+                run.batch.set_result(_committed_results(run, run.last))
         del runs[:done]
         self.pending -= freed
         if cut_term:  # the later entries of that term follow the cut one in every log

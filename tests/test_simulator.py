@@ -179,19 +179,24 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
 
 
 def removed_nodes_know_it(sim, every=False):
-    """A second after ``run``: every live node that a configuration in the leader's log
-    took out of the group (or its ``removed`` names: taken out before the log begins),
-    and that would ask the leader for its vote (a voter that
-    counts the leader a voter, in its own configuration), knows it is out: its leader
-    told it, or a later leader did when elected or asked for a vote. Returns the number
-    of such nodes. (A learner never asks; nor does one that knows the leader only as a
+    """Once a leader would have said it again after ``run``: every live node that a
+    configuration in the leader's log took out of the group (or its ``removed`` names:
+    taken out before the log begins), and that would ask the leader for its vote (a
+    voter that counts the leader a voter, in its own configuration), knows it is out:
+    its leader told it, or a later leader did when elected or asked for a vote. Returns
+    the number of such nodes. (A learner never asks; nor does one that knows the leader only as a
     learner, or not at all: without the liveness exchange those may never learn.) With
     ``every`` (the liveness exchange runs: its leader tells the removed nodes among the
-    processes it hears back), every live node the leader's log removed knows it."""
-    sim.run_until(sim.now + 1.0)
+    processes it hears back), every live node the leader's log removed knows it.
+    A word lost at the end of the run is said again once the removed node asks for votes
+    (every election timeout) and the leader's wait before it retells
+    (``Engine._retell_rounds`` heartbeat ticks) is over: the check waits that long."""
+    cfg = sim.config
+    retell = next(iter(sim.nodes.values())).engine._retell_rounds * cfg.heartbeat_interval
+    sim.run_until(sim.now + retell + cfg.election_timeout_max + 2 * cfg.heartbeat_interval)
     leader = next((n for n in sim.nodes.values()
                    if n.alive and n.engine.role == Role.LEADER), None)
-    assert leader is not None, f"seed {sim.seed}: no leader a second after the run"
+    assert leader is not None, f"seed {sim.seed}: no leader after the run"
     e = leader.engine
     out = [n for n in sim.nodes.values() if n.alive
            and (n.id in e.known_ids or n.id in e.membership.removed)

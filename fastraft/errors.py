@@ -74,11 +74,12 @@ class BatchPartlyCommitted(ProposalDropped):
 
 class BatchRestUnknown(ProposalDropped):
     """Leadership was lost after the first entries of a ``propose_batch`` (or of an
-    ``append`` of records) were committed and applied here, and before this node learned
-    the fate of the rest. ``results`` holds the first entries' results (their offsets,
-    for records), in order: those took effect. The rest **may or may not** be committed
-    by a later leader (``committed`` is None): send ``datas[len(results):]`` again only
-    if applying them twice is harmless, or read back first; never the whole batch."""
+    ``append`` of records) were committed, and before this node learned the fate of the
+    rest; raised once those entries are applied here. ``results`` holds the first
+    entries' results (their offsets, for records), in order: those took effect. The rest
+    **may or may not** be committed by a later leader (``committed`` is None): send
+    ``datas[len(results):]`` again only if applying them twice is harmless, or read back
+    first; never the whole batch."""
 
     def __init__(self, message: str, results: list[Any]) -> None:
         super().__init__(message)

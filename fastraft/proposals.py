@@ -20,7 +20,7 @@ from fastraft.errors import BatchPartlyCommitted, BatchRestUnknown
 
 class _Run:
     __slots__ = ("first", "last", "term", "futures", "batch", "results", "next", "records",
-                 "orphan")
+                 "orphan", "given_up")
 
     def __init__(self, first: int, last: int, term: int, futures: list[Any] | None,
                  batch: asyncio.Future[Any] | None, records: bool = False) -> None:
@@ -35,6 +35,10 @@ class _Run:
         #: Nonzero: the first index of the run whose fate a leadership this node has lost
         #: left open (a later leader may commit it, or commit other entries in its place).
         self.orphan = 0
+        #: A batch whose fate was given up on while its first entries, committed, were
+        #: still to be applied here: why, and the batch's last index. It fails once
+        #: those are applied, with their results (``_rest_unknown``).
+        self.given_up: tuple[BaseException, int] | None = None
 
 
 def _partly_committed(batch: _Run, last: int) -> BatchPartlyCommitted:
@@ -54,17 +58,17 @@ def _committed_results(batch: _Run, last: int) -> list[Any]:
     return list(range(batch.first, last + 1)) if batch.records else batch.results
 
 
-def _rest_unknown(batch: _Run, exc: BaseException) -> BaseException:
-    """What a batch's proposer hears when its fate is given up on (``exc`` says why): if
-    its first entries were committed and applied here, their results and "the rest may
-    or may not be", not a "may or may not" for the whole batch, some of which took
-    effect."""
+def _rest_unknown(batch: _Run, exc: BaseException, last: int) -> BaseException:
+    """What the proposer of a batch of entries up to ``last`` hears when its fate is
+    given up on (``exc`` says why): if its first entries were committed and applied
+    here, their results and "the rest may or may not be", not a "may or may not" for
+    the whole batch, some of which took effect."""
     if batch.batch is None or batch.next == batch.first:
         return exc
     done = batch.next - 1
     return BatchRestUnknown(
         f"{exc} (entries {batch.first}..{done} of the batch's entries {batch.first}.."
-        f"{batch.last} were committed, and their results are the error's; the fate of "
+        f"{last} were committed, and their results are the error's; the fate of "
         f"the rest is unknown)", _committed_results(batch, done))
 
 
@@ -247,7 +251,10 @@ class ProposalTracker:
             if run.last > applied:
                 break  # the rest of this run commits in a later batch
             done += 1
-            if run.batch is not None and not run.batch.done():
+            if run.given_up is not None:
+                assert run.batch is not None  # only batches wait to be given up on
+                fail_future(run.batch, _rest_unknown(run, *run.given_up))
+            elif run.batch is not None and not run.batch.done():
                 run.batch.set_result(_committed_results(run, run.last))
         del runs[:done]
         self.pending -= freed
@@ -279,7 +286,9 @@ class ProposalTracker:
         while done < len(runs) and runs[done].next <= index:
             run = runs[done]
             stop = run.last if run.futures is None else min(run.last, index)
-            self._fail_from(run, run.next, exc, stop)
+            # a batch given up on: what its applied entries gave, and the rest unknown
+            self._fail_from(run, run.next, exc if run.given_up is None
+                            else _rest_unknown(run, *run.given_up), stop)
             freed += stop - run.next + 1
             if stop < run.last:
                 run.next = stop + 1
@@ -320,23 +329,30 @@ class ProposalTracker:
                 runs.append(tail)
         self._runs = runs
         return self._fail(lambda run: run.orphan if 0 < run.orphan <= index else None, exc,
-                          _rest_unknown)
+                          given_up=True)
 
     def fail_orphans(self, exc: BaseException) -> int:
         """Fail the proposals of orphaned entries: their fate is not known."""
-        return self._fail(lambda run: run.orphan or None, exc, _rest_unknown)
+        return self._fail(lambda run: run.orphan or None, exc, given_up=True)
 
     def _fail(self, first: Callable[[_Run], int | None], exc: BaseException,
-              error: Callable[[_Run, BaseException], BaseException] | None = None) -> int:
+              given_up: bool = False) -> int:
         """Fail the proposals of each run from index ``first(run)`` on (None: keep it),
-        with ``exc`` or what ``error(run, exc)`` makes of it."""
+        with ``exc``. ``given_up`` (the fate of orphans, which ``first`` names after the
+        committed entries): a batch whose first entries were committed keeps waiting
+        for them to be applied, and then fails with their results."""
         keep: list[_Run] = []
         freed = 0
         for run in self._runs:
             start = first(run)
             if start is not None and max(start, run.next) <= run.last:
                 start = max(start, run.next)
-                self._fail_from(run, start, exc if error is None else error(run, exc))
+                if not given_up:
+                    self._fail_from(run, start, exc)
+                elif start > run.next and run.batch is not None:
+                    run.given_up = (exc, run.last)
+                else:
+                    self._fail_from(run, start, _rest_unknown(run, exc, run.last))
                 freed += run.last - start + 1
                 if start == run.next:
                     continue  # nothing of it is left

@@ -102,10 +102,11 @@ async def test_writes_a_later_leader_replaced_fail_as_not_committed():
         assert not any(data.startswith(b"lost") for _, data in c.state_machines[old.id].applied)
 
 
-async def a_batch_of_which_four_entries_committed(c, monkeypatch):
+async def a_batch_of_which_four_entries_committed(c, monkeypatch, applied=True):
     """A batch of ten from the leader of three: one follower, A, gets only its first four
-    entries, the other, B, none; the leader commits and applies those four with A. The
-    leader, A, B, the last index before the batch, and the batch's future."""
+    entries, the other, B, none; the leader commits and applies those four with A (not
+    ``applied``: commits them, its ``GatedApply`` closed). The leader, A, B, the last
+    index before the batch, and the batch's future."""
     old = await c.leader()
     await old.propose(b"warm")
     a, b = [i for i in c.nodes if i != old.id]
@@ -120,8 +121,11 @@ async def a_batch_of_which_four_entries_committed(c, monkeypatch):
                 if isinstance(m, AppendEntries) else m for m in messages]
         deliver(frm, to, messages)
     monkeypatch.setattr(c.hub, "_deliver", the_batchs_first_four_only)
+    if not applied:
+        c.state_machines[old.id].gate.clear()
     batch = asyncio.ensure_future(old.propose_batch([b"b%d" % k for k in range(10)]))
-    await wait_until(lambda: old._applier.applied_index == before + 4, 10)
+    await wait_until(lambda: (old._applier.applied_index if applied
+                              else old.engine.commit_index) == before + 4, 10)
     return old, a, b, before, batch
 
 
@@ -174,6 +178,28 @@ async def test_a_batch_whose_fate_is_given_up_on_keeps_the_results_of_its_commit
                f"{before + 1}..{before + 10} were committed, and their results are the " \
                f"error's; the fate of the rest is unknown)" in str(failed.value)
         assert old.engine.role != Role.LEADER
+
+
+@run
+async def test_a_batch_given_up_on_before_its_committed_part_is_applied_waits_for_it(
+        monkeypatch):
+    """As above, but the leader's state machine is held up before the four committed
+    entries: the batch is given up on while they are not applied yet. It fails once
+    they are, with their results, not at once with a "may or may not" for all ten."""
+    config = msgspec.structs.replace(STEADY, max_entries_per_message=4)
+    async with LocalCluster(3, state_machine=GatedApply, config=config) as c:
+        old, a, b, before, batch = await a_batch_of_which_four_entries_committed(
+            c, monkeypatch, applied=False)
+        cut_one_way(c, [old.id], [a])
+        cut_one_way(c, [a, b], [old.id])
+        await wait_until(lambda: old.metrics().proposals_dropped == 6, 20)  # given up on
+        assert not batch.done() and old._applier.applied_index == before
+        c.state_machines[old.id].gate.set()
+        with pytest.raises(BatchRestUnknown) as failed:
+            await asyncio.wait_for(batch, 10)
+        assert failed.value.results == list(range(before + 1, before + 5))
+        assert f"(entries {before + 1}..{before + 4} of the batch's entries {before + 1}.." \
+               f"{before + 10} were committed" in str(failed.value)
 
 
 @run

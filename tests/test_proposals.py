@@ -141,15 +141,15 @@ def test_orphans_whose_indexes_commit_other_entries_fail_and_only_they(loop):
     assert t.pending == 0 and not t.waiting
 
 
-def orphaned_batch(loop, records=False):
+def orphaned_batch(loop, records=False, committed=6):
     """A tracker with a batch at 7..9 of term 2 (of records: ``ReplicatedLog.append``),
-    whose leadership was lost with 6 committed."""
+    whose leadership was lost with ``committed`` committed."""
     t = ProposalTracker()
     batch = loop.create_future()
     t.add_batch([b"b1", b"b2", b"b3"], batch, records=records)
     t.take()
     t.appended(7, 2)
-    t.orphan(6, ProposalDropped("replaced"))
+    t.orphan(committed, ProposalDropped("replaced"))
     return t, batch
 
 
@@ -198,6 +198,45 @@ def test_an_orphaned_batch_given_up_on_after_its_first_entries_applied_keeps_the
     assert str(failed) == ("lost leadership; it may or may not be committed (entries 7..8 "
                            "of the batch's entries 7..9 were committed, and their results "
                            "are the error's; the fate of the rest is unknown)")
+    assert t.pending == 0 and not t.waiting
+
+
+@pytest.mark.parametrize("records", [False, True])
+@pytest.mark.parametrize("give_up", ["fail_orphans", "fail_orphans_through"])
+def test_an_orphaned_batch_given_up_on_before_its_committed_entries_applied_waits_for_them(
+        loop, records, give_up):
+    """Its first entries committed when leadership was lost, not yet applied here (a
+    slow state machine) when its fate is given up on: the batch fails once they are
+    applied, with their results, and not before with a "may or may not" for all."""
+    t, batch = orphaned_batch(loop, records, committed=8)
+    unknown = ProposalDropped("lost leadership; it may or may not be committed")
+    assert (t.fail_orphans(unknown) if give_up == "fail_orphans"
+            else t.fail_orphans_through(9, unknown)) == 1
+    assert not batch.done() and t.pending == 2 and t.waiting
+    kind = EntryKind.RECORD if records else EntryKind.NORMAL
+    assert apply(t, [Entry(2, 7, kind, b"")], [] if records else ["r7"]) == 0
+    assert not batch.done()
+    assert apply(t, [Entry(2, 8, kind, b"")], [] if records else ["r8"]) == 0
+    failed = batch.exception()
+    assert isinstance(failed, BatchRestUnknown) and failed.committed is None
+    assert failed.results == ([7, 8] if records else ["r7", "r8"])
+    assert "entries 7..8 of the batch's entries 7..9 were committed" in str(failed)
+    assert t.pending == 0 and not t.waiting
+
+
+def test_a_batch_given_up_on_whose_committed_entries_a_snapshot_covers_is_not_all_committed(
+        loop):
+    """Given up on with 7..8 committed and 7 applied, then a later leader's snapshot
+    covers 8: the proposer hears 7's result and that the rest's fate is unknown, not
+    that the batch (9 too) was committed."""
+    t, batch = orphaned_batch(loop, committed=8)
+    unknown = ProposalDropped("lost leadership; it may or may not be committed")
+    assert t.fail_orphans(unknown) == 1
+    assert apply(t, entries(7, 7, term=2), ["r7"]) == 0
+    assert t.fail_through(8, ProposalDropped("restored", committed=True)) == 1
+    failed = batch.exception()
+    assert isinstance(failed, BatchRestUnknown) and failed.committed is None
+    assert failed.results == ["r7"]
     assert t.pending == 0 and not t.waiting
 
 

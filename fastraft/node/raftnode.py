@@ -464,7 +464,8 @@ class RaftNode:
         per command. Queued when called, like ``propose``, and fails as it does; a batch
         a later leader committed only in part fails with ``BatchPartlyCommitted`` (the
         results of its committed entries), one whose first entries were committed and
-        the rest's fate is unknown with ``BatchRestUnknown`` (the same results).
+        the rest's fate is unknown with ``BatchRestUnknown`` (the same results, once
+        those entries are applied here).
         ``datas``: a list (or any iterable) of bytes, checked whole at the call."""
         return self._propose_many(datas, False)
 

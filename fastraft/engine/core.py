@@ -797,9 +797,13 @@ class Engine:
                 # A node out of the configuration answers its farewell in a later term.
                 # Without pre-vote, a removed node's term rises at each of its election
                 # timeouts: taking it would depose every leader in turn, and removed
-                # servers must not disrupt the cluster (§4.2.3). With pre-vote it rises
-                # only in an election a majority let it run, once: the leader takes that
-                # term, and the next leader, in a later one, can tell the node (§5.1).
+                # servers must not disrupt the cluster (§4.2.3). It refuses the
+                # farewell's entries in that term (§5.1), so it is told in a word, which
+                # it takes whatever this term. With pre-vote its term rises only in an
+                # election a majority let it run, once: the leader takes that term, and
+                # the next leader, in a later one, can tell the node.
+                if frm in self.departing:
+                    self._say_removed(frm)
                 return None
             if t is RequestVote and m.pre_vote:
                 pass  # a pre-vote never changes our term (thesis §9.6)
@@ -1290,10 +1294,8 @@ class Engine:
                 # committed, and the commit index: a configuration in the node's log
                 # at or before that index and not in this log is an old leader's that
                 # never committed (``Engine.told_out``).
-                index = self._configs[-1][0]
-                if self.commit_index >= index and not pr.sent_since_tick:
-                    pr.sent_since_tick = True
-                    self._send(peer, Removed(self.term, self.id, index, self.commit_index))
+                if not pr.sent_since_tick:
+                    pr.sent_since_tick = self._say_removed(peer)
             else:
                 # On past C_new, up to a message's worth: a suffix of an old leader's
                 # entries that the node holds beyond C_new (one may name it again) is cut
@@ -1301,6 +1303,15 @@ class Engine:
                 while pr.next_index <= last and \
                         not pr.is_paused(cfg.max_inflight_messages, cfg.max_inflight_bytes):
                     self._send_append(peer, pr, self.log.last_index)
+
+    def _say_removed(self, peer: int) -> bool:
+        """Leader: tell removed ``peer`` in a word (``Removed``) that the configuration in
+        force leaves it out, once it is committed. Returns whether it did."""
+        index = self._configs[-1][0]
+        if self.commit_index < index:
+            return False
+        self._send(peer, Removed(self.term, self.id, index, self.commit_index))
+        return True
 
     def _tell_removed_again(self, peer: int, limited: bool = True) -> bool:
         """Leader: ``peer`` asks for votes, or came back (``remind``). If a configuration

@@ -792,16 +792,15 @@ class Engine:
                 # merely lost contact must not disrupt the cluster (thesis §4.2.3).
                 return None
             if (t is AppendEntriesResponse or t is InstallSnapshotResponse) \
-                    and not self.config.pre_vote and self.role == Role.LEADER \
-                    and frm not in self.progress:
-                # A node out of the configuration answers its farewell in a later term.
-                # Without pre-vote, a removed node's term rises at each of its election
-                # timeouts: taking it would depose every leader in turn, and removed
-                # servers must not disrupt the cluster (§4.2.3). It refuses the
-                # farewell's entries in that term (§5.1), so it is told in a word, which
-                # it takes whatever this term. With pre-vote its term rises only in an
-                # election a majority let it run, once: the leader takes that term, and
-                # the next leader, in a later one, can tell the node.
+                    and self.role == Role.LEADER and frm not in self.progress:
+                # A node out of the configuration answers its farewell in a later term:
+                # without pre-vote its term rises at each of its election timeouts, with
+                # it in an election a majority let it run (or on a TimeoutNow whose
+                # votes were lost). Taking it would depose this leader for a node that
+                # is out, and removed servers must not disrupt the cluster (§4.2.3);
+                # ignoring a message is always safe. It refuses the farewell's entries
+                # in that term (§5.1), so it is told in a word, which it takes whatever
+                # this term.
                 if frm in self.departing:
                     self._say_removed(frm)
                 return None

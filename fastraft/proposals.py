@@ -347,12 +347,11 @@ class ProposalTracker:
             start = first(run)
             if start is not None and max(start, run.next) <= run.last:
                 start = max(start, run.next)
-                if not given_up:
-                    self._fail_from(run, start, exc)
-                elif start > run.next and run.batch is not None:
+                if given_up and start > run.next and run.batch is not None:
                     run.given_up = (exc, run.last)
                 else:
-                    self._fail_from(run, start, _rest_unknown(run, exc, run.last))
+                    self._fail_from(run, start, _rest_unknown(run, exc, run.last)
+                                    if given_up else exc)
                 freed += run.last - start + 1
                 if start == run.next:
                     continue  # nothing of it is left

@@ -796,11 +796,11 @@ class Engine:
                 # A node out of the configuration answers its farewell in a later term:
                 # without pre-vote its term rises at each of its election timeouts, with
                 # pre-vote in an election a majority let it run (or on a TimeoutNow
-                # whose votes were lost). Taking it would depose this leader for a node that
-                # is out, and removed servers must not disrupt the cluster (§4.2.3);
-                # ignoring a message is always safe. It refuses the farewell's entries
-                # in that term (§5.1), so it is told in a word, which it takes whatever
-                # this term.
+                # whose votes were lost). Taking it would depose this leader for a node
+                # that is out, and removed servers must not disrupt the cluster
+                # (§4.2.3); ignoring a message is always safe. It refuses the farewell's
+                # entries in that term (§5.1), so it is told in a word, which it takes
+                # whatever this term.
                 if frm in self.departing:
                     self._say_removed(frm)
                 return None

@@ -374,6 +374,31 @@ def test_a_removed_voter_that_cannot_be_told_costs_its_leader_a_farewell_now_and
     assert leader.departing == {} and told_again()
 
 
+def test_a_farewell_given_up_for_an_uncommitted_configuration_is_said_again_once_it_commits():
+    # The word waits for the configuration in force to commit; a farewell given up
+    # before it did told the node nothing, so its next vote request once the
+    # configuration is committed gets the word at once, not _retell_rounds ticks later.
+    h, leader, removed = compacted_removal(check_quorum=False)
+    cut_off = {p: h.engines.pop(p) for p in (2, 3)}
+    leader.propose_membership(frozenset({1, 2, 3}), frozenset({5}))
+    h.run()
+    assert leader.commit_index < leader.membership_index
+    removed.on_timer(Timer.ELECTION)
+    [ask] = [m for to, m in sends(removed.take_commands(), RequestVote) if to == 1]
+    leader.step(4, ask)
+    assert list(leader.departing) == [4] and sends(leader.take_commands(), Removed) == []
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {}
+    h.engines.update(cut_off)
+    h.fire(1, Timer.HEARTBEAT)
+    assert leader.commit_index >= leader.membership_index
+    leader.step(4, ask)
+    [(to, word)] = sends(leader.take_commands(), Removed)
+    assert to == 4 and word.index == leader.membership_index
+    assert removed.step(1, word) is None and removed.status()["removed"]
+
+
 def test_a_word_names_the_configuration_in_force_past_an_old_leaders_uncommitted_one():
     # Node 4's log holds, past the change that removed it, an old leader's
     # configuration entry with it that never committed; the leader's word names its own

@@ -220,7 +220,8 @@ class Engine:
         #: entry and know it committed (``_say_farewells``).
         self.departing: dict[int, Progress] = {}
         #: Removed nodes that asked this leader for votes and were told again, until
-        #: ``_retell_wait`` more heartbeat ticks have passed (``_tell_removed_again``).
+        #: ``_retell_wait`` more heartbeat ticks have passed (``_tell_removed_again``) or
+        #: the farewell is given up with the configuration in force uncommitted.
         self._told_again: set[int] = set()
         self._retell_wait = 0
         #: A leader's word that it is out (``Removed``): the index of the leader's
@@ -1366,6 +1367,10 @@ class Engine:
             pr.farewell_rounds += 1
             if pr.farewell_rounds > self._farewell_rounds:
                 del self.departing[peer]
+                if self.commit_index < self._configs[-1][0]:
+                    # The word waits for the configuration in force to commit, so this
+                    # farewell may have told it nothing: its next request is answered.
+                    self._told_again.discard(peer)
                 continue
             if pr.match_index == pr.match_at_heartbeat:
                 pr.become_probe()  # nothing answered for a whole interval

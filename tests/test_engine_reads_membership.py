@@ -334,6 +334,31 @@ def test_a_removed_voter_that_missed_its_farewell_is_told_when_it_campaigns():
     assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
 
 
+@pytest.mark.parametrize("past_term", [0, 1000], ids=["term kept", "past its term ceiling"])
+def test_a_voter_removed_while_down_and_repaired_asks_and_is_told(past_term):
+    # Back with its log repaired (recovering: it never campaigns, as it may lack
+    # entries it acknowledged) it would wait for a leader forever: the leader that
+    # removed it gave up its farewell and sends it nothing. It asks with a pre-vote,
+    # and is told; a SharedWAL's repair may start it past the leader's term, and then
+    # it is told in a word. The leader keeps its term.
+    h, leader, removed, c_new = removed_while_down()
+    term = leader.term
+    node = Engine(4, CQ, random.Random(4), InitialState(
+        hard_state=HardState(term + past_term, None, 0, recovering=True),
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3, 4})),
+        entries=[Entry(1, 1, EntryKind.NORMAL, b"e1")]))
+    node.start()
+    h.engines[4] = node
+    h.fire(4)
+    assert node.status()["removed"] and node.recovering
+    assert leader.role == Role.LEADER and leader.term == term
+    node.on_timer(Timer.ELECTION)
+    assert sends(node.take_commands()) == []
+    for _ in range(leader._farewell_rounds + 1):
+        h.fire(1, Timer.HEARTBEAT)
+    assert leader.departing == {} and leader.term == term
+
+
 def test_a_removed_voter_that_cannot_be_told_costs_its_leader_a_farewell_now_and_then():
     # Its vote requests come every election timeout; a farewell that fails (its answers
     # lost) is said again only after _retell_rounds heartbeat ticks, or by the next

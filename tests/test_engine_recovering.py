@@ -58,8 +58,17 @@ def test_it_votes_for_no_one_and_never_campaigns():
     for pre in (True, False):
         e.step(1, RequestVote(9, 1, 50, 8, pre_vote=pre))
         assert sends(e.take_commands(), RequestVoteResponse)[-1][1].vote_granted is False
+    term = e.term
     e.on_timer(Timer.ELECTION)
-    assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []
+    # It only asks, with a pre-vote (a leader that removed it while it was down learns
+    # of it so, and tells it), and campaigns no more when every voter grants it.
+    asks = sends(e.take_commands())
+    assert sorted(to for to, _ in asks) == [1, 2]
+    assert all(type(m) is RequestVote and m.pre_vote and m.term == term + 1 for _, m in asks)
+    for frm in (1, 2):
+        e.step(frm, RequestVoteResponse(term + 1, True, True))
+    assert e.role == Role.FOLLOWER and e.term == term and e.voted_for is None
+    assert sends(e.take_commands()) == []
 
 
 def test_it_tells_the_leader_and_leaves_recovery_once_caught_up():

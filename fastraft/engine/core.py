@@ -879,11 +879,18 @@ class Engine:
             # election after election. The timeout counts from the vote's durability.
             self._election_deferred = True
             return
-        if self.recovering or self.told_out \
-                or not (self.membership.is_voter(self.id) or self.removal_pending):
-            return  # learners, removed nodes and repaired ones never campaign
+        if self.told_out or not (self.membership.is_voter(self.id) or self.removal_pending):
+            return  # learners and removed nodes never campaign
         if self.term >= MAX_TERM:
             return  # a higher term would be refused by every peer (checks.refusal)
+        if self.recovering:
+            # A repaired node never campaigns (it may lack entries it acknowledged), but
+            # it asks: a leader that removed it while it was down sends it nothing, and
+            # learns of it only from a vote request (``_tell_removed_again``). A pre-vote
+            # raises no one's term, and this one is never followed by a campaign.
+            self._arm_election_timer()
+            self._request_votes(self.term + 1, pre_vote=True)
+            return
         if self.config.pre_vote:
             self._campaign_pre_vote()
         else:

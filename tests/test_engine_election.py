@@ -280,9 +280,25 @@ def test_check_quorum_leader_steps_down_without_answers():
 
 
 def test_learners_and_removed_nodes_never_campaign():
+    # A learner asks with a pre-vote (a leader that removed it may have given up telling
+    # it), and grants start no campaign; a node that knows it is out sends nothing.
     learner = make(4, voters=(1, 2, 3), learners=(4,))
     learner.on_timer(Timer.ELECTION)
-    assert learner.take_commands() == [] and learner.role == Role.FOLLOWER
+    asks = sends(learner.take_commands())
+    assert sorted(to for to, _ in asks) == [1, 2, 3]
+    assert all(type(m) is RequestVote and m.pre_vote and m.term == 1 for _, m in asks)
+    for v in (1, 2, 3):
+        learner.step(v, RequestVoteResponse(1, True, True))
+    assert learner.role == Role.FOLLOWER and learner.term == 0 and learner.voted_for is None
+    assert sends(learner.take_commands()) == []
+    removed = Engine(4, CFG, random.Random(4), InitialState(
+        hard_state=HardState(0, None, 0),
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3}), removed=frozenset({4}))))
+    removed.start()
+    removed.take_commands()
+    assert removed.status()["removed"]
+    removed.on_timer(Timer.ELECTION)
+    assert removed.take_commands() == [] and removed.role == Role.FOLLOWER
 
 
 def test_bootstrap_once():

@@ -753,18 +753,21 @@ def learner_removed_while_down():
     return h, leader, learner, c_new
 
 
-def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
-    # A learner never campaigns: removed while down, only the driver's word that its
-    # process is back (RaftHost's liveness exchange: Engine.remind) gets it told, at
-    # each return (a restart may have lost the commit it learned), whether the leader
-    # is quiet or not.
+def learner_whose_farewell_was_given_up():
+    """``learner_removed_while_down`` once the leader has given up its farewell."""
     h, leader, learner, c_new = learner_removed_while_down()
     for _ in range(leader._farewell_rounds + 1):
         h.fire(1, Timer.HEARTBEAT)
     assert leader.departing == {} and not learner.status()["removed"]
+    return h, leader, learner, c_new
+
+
+def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_back():
+    # Removed while down: the driver's word that its process is back (RaftHost's
+    # liveness exchange: Engine.remind) gets it told before it asks, at each return (a
+    # restart may have lost the commit it learned), whether the leader is quiet or not.
+    h, leader, learner, c_new = learner_whose_farewell_was_given_up()
     h.engines[4] = learner
-    learner.on_timer(Timer.ELECTION)
-    assert sends(learner.take_commands()) == []  # it never asks
     assert not leader.quiet and leader.remind([4, 2])
     h.run()
     assert learner.status()["removed"] and learner.commit_index == c_new
@@ -772,6 +775,41 @@ def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_
     assert leader.remind([4]) and list(leader.departing) == [4]  # back again
     h.run()
     assert leader.departing == {}
+
+
+def test_a_removed_learner_that_missed_its_farewell_asks_and_is_told():
+    # A learner never campaigns, but with no leader heard for an election timeout it
+    # asks with a pre-vote: the leader, which gave up its farewell, says it again. The
+    # learner stays a follower; no one's term moves.
+    h, leader, learner, c_new = learner_whose_farewell_was_given_up()
+    h.engines[4] = learner
+    terms = {i: e.term for i, e in h.engines.items()}
+    learner.on_timer(Timer.ELECTION)
+    h.run()
+    assert learner.status()["removed"] and learner.commit_index == c_new
+    assert learner.role == Role.FOLLOWER and leader.role == Role.LEADER
+    assert {i: e.term for i, e in h.engines.items()} == terms
+    learner.on_timer(Timer.ELECTION)  # out, and knows it: it asks no more
+    assert sends(learner.take_commands()) == []
+
+
+def test_a_learner_that_holds_the_change_removing_it_but_not_its_commit_asks():
+    # The change reached it, the commit notice did not (the farewell given up): it
+    # knows it is out but cannot apply the entry, so a node stopping when removed
+    # would not stop. It asks, and the leader's farewell brings the commit.
+    h, leader, learner, c_new = learner_whose_farewell_was_given_up()
+    learner.step(1, AppendEntries(leader.term, 1, 0, 0, leader.log.slice(1, c_new + 1), 0))
+    assert learner.log.last_index == c_new and learner.commit_index < c_new
+    assert learner.status()["removed"] and not learner.told_out
+    learner.take_commands()
+    h.engines[4] = learner
+    learner.on_timer(Timer.ELECTION)
+    assert {to for to, m in sends(learner.take_commands(), RequestVote)} == {1, 2, 3}
+    learner.on_timer(Timer.ELECTION)
+    h.run()
+    assert learner.commit_index == c_new
+    learner.on_timer(Timer.ELECTION)  # its removal known committed: it asks no more
+    assert sends(learner.take_commands()) == []
 
 
 def test_a_removed_node_back_as_its_farewell_runs_out_is_given_a_whole_farewell():
@@ -899,7 +937,11 @@ def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():
     e.take_commands()
     e.on_timer(Timer.LEASE)
     e.on_timer(Timer.ELECTION)
-    assert e.role == Role.FOLLOWER and sends(e.take_commands()) == []
+    asks = sends(e.take_commands())  # it asks (the change may never commit), no more
+    assert {to for to, _ in asks} == {1, 2} and all(m.pre_vote for _, m in asks)
+    for v in (1, 2):
+        e.step(v, RequestVoteResponse(2, True, True))
+    assert e.role == Role.FOLLOWER and e.term == 1 and sends(e.take_commands()) == []
 
 
 def test_a_voter_that_the_uncommitted_c_new_keeps_is_not_pending_removal():

@@ -74,10 +74,11 @@ PROFILES = {
     # reached only a node it removes (thesis §4.1)
     "lost-at-change": (Faults(lose_at_change=0.6), Config(),
                        {"spare_nodes": 2, "reconfigure_every": 0.15}),
-    # membership churn that removes voters which are down (an operator removing dead
-    # nodes): their leader's farewell is lost, and they come back a second later
-    "remove-down": (Faults(remove_down=1.0, down_for=1.0, crash_every=0.5,
-                           partition_every=3.0), Config(),
+    # membership churn that removes voters and learners which are down (an operator
+    # removing dead nodes): their leader's farewell is lost, and they come back a
+    # second later
+    "remove-down": (Faults(remove_down=1.0, remove_learners=0.3, down_for=1.0,
+                           crash_every=0.5, partition_every=3.0), Config(),
                     {"spare_nodes": 2, "reconfigure_every": 0.3}),
     # the same with sparse writes, so that groups go quiet: RaftHost's liveness exchange
     # tells a leader which processes are back, and it tells every removed node among
@@ -113,7 +114,7 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
               "leader_lost_wakes": 0, "no_quorum_wakes": 0, "member_back_wakes": 0,
               "reminders": 0, "transfers": 0, "leaving": 0, "declines": 0, "deafened": 0,
               "repairs": 0, "bridges": 0, "bounces": 0, "lost": 0, "removed_down": 0,
-              "learner_sides": 0}
+              "learner_sides": 0, "learners_removed": 0}
     out_of_group = 0
     for seed in range(seeds):
         sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
@@ -176,18 +177,21 @@ def test_seeded_runs_keep_every_invariant(profile, nodes):
         assert totals["lost"] > seeds // 2 and totals["reconfigurations"] > seeds
     if faults.remove_down:
         assert totals["removed_down"] >= seeds // 2 and out_of_group >= seeds // 3
+    if faults.remove_learners:
+        assert totals["learners_removed"] >= seeds // 2
 
 
 def removed_nodes_know_it(sim, every=False):
     """Once a leader would have said it again after ``run``: every live node that a
     configuration in the leader's log took out of the group (or its ``removed`` names:
     taken out before the log begins), and that would ask the leader for its vote (a
-    voter that counts the leader a voter, in its own configuration), knows it is out:
-    its leader told it, or a later leader did when elected or asked for a vote. Returns
-    the number of such nodes. (A learner never asks; nor does one that knows the leader only as a
-    learner, or not at all: without the liveness exchange those may never learn.) With
-    ``every`` (the liveness exchange runs: its leader tells the removed nodes among the
-    processes it hears back), every live node the leader's log removed knows it.
+    member, voter or learner, in its own configuration, which counts the leader a voter:
+    a learner asks with a pre-vote), knows it is out: its leader told it, or a later
+    leader did when elected or asked for a vote. Returns the number of such nodes. (One
+    that knows the leader only as a learner, or not at all, does not ask it: without the
+    liveness exchange it may never learn.) With ``every`` (the liveness exchange runs:
+    its leader tells the removed nodes among the processes it hears back), every live
+    node the leader's log removed knows it.
     A word lost at the end of the run is said again once the removed node asks for votes
     (every election timeout) and the leader's wait before it retells
     (``Engine._retell_rounds`` heartbeat ticks) is over: the check waits that long."""
@@ -201,7 +205,7 @@ def removed_nodes_know_it(sim, every=False):
     out = [n for n in sim.nodes.values() if n.alive
            and (n.id in e.known_ids or n.id in e.membership.removed)
            and n.id not in e.membership.members
-           and (every or n.engine.removed or n.engine.membership.is_voter(n.id)
+           and (every or n.engine.removed or n.id in n.engine.membership.members
                 and n.engine.membership.is_voter(leader.id))]
     untold = [n.id for n in out if not n.engine.removed]
     assert not untold, f"seed {sim.seed}: nodes {untold} were never told they are out"
@@ -332,11 +336,13 @@ def test_regression_seed_0_no_lease_reads_after_timeout_now():
     Simulator(seed=0, nodes=5, faults=faults, config=config, **load).run(3.0, settle=8.0)
 
 
-@pytest.mark.parametrize("seed, nodes", [(20000245, 3), (20000312, 5)])
+@pytest.mark.parametrize("seed, nodes", [(20000469, 3), (20006436, 5)])
 def test_regression_a_removed_node_back_as_its_farewell_runs_out(seed, nodes):
     """A leader told that a removed node's process was back left the farewell it had
     sent while the node was down alone; the next heartbeat gave it up before a round
-    trip told the node, which never learned it was out."""
+    trip told the node, which never learned it was out (seeds 20000245 and 20000312
+    found it; since learners ask too, 2026-12-06, those runs no longer meet the case,
+    and these two, which fail with the fix undone, replace them)."""
     faults, config, kw = PROFILES["remove-down-quiet"]
     sim = Simulator(seed=seed, nodes=nodes, faults=faults, config=config, **kw)
     sim.run(3.0, settle=8.0)
@@ -408,7 +414,9 @@ def test_regression_removed_nodes_of_random_mixes_know_it(seed, nodes, faults, c
      {**QUIET_LOAD, "snapshot_every": 25, "reconfigure_every": 0.15}),
     # a removed node whose term passed the leader's (it campaigned on a TimeoutNow whose
     # votes were lost, then was removed while down): it refused the leader's words of an
-    # earlier term, and the leader never learned its term (2026-12-05, a sweep of mixes)
+    # earlier term, and the leader never learned its term (2026-12-05, a sweep of mixes;
+    # since learners ask, 2026-12-06, this run no longer meets the case: 47322046 below
+    # and test_a_word_of_a_leader_of_an_earlier_term_is_taken_and_the_term_kept do)
     (43053691, 3, Faults(drop=0.0, remove_down=1.0, clock_drift=0.09, skew_every=0.3,
                          transfer_every=0.5, deafen_on_handover=0.5, bridge=0.5),
      Config(snapshot_trailing_entries=0, snapshot_chunk_bytes=256, lease_reads=True),

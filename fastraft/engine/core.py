@@ -879,15 +879,17 @@ class Engine:
             # election after election. The timeout counts from the vote's durability.
             self._election_deferred = True
             return
-        if self.told_out or not (self.membership.is_voter(self.id) or self.removal_pending):
-            return  # learners and removed nodes never campaign
-        if self.term >= MAX_TERM:
-            return  # a higher term would be refused by every peer (checks.refusal)
-        if self.recovering:
-            # A repaired node never campaigns (it may lack entries it acknowledged), but
-            # it asks: a leader that removed it while it was down sends it nothing, and
-            # learns of it only from a vote request (``_tell_removed_again``). A pre-vote
-            # raises no one's term, and this one is never followed by a campaign.
+        if self.told_out or self.term >= MAX_TERM:
+            return  # told it is out; a higher term would be refused by every peer
+        campaigns = self.membership.is_voter(self.id) or self.removal_pending
+        if not campaigns and not self._learner_in_doubt:
+            return  # removed nodes never campaign, nor ask
+        if self.recovering or not campaigns:
+            # A learner never campaigns, nor does a repaired node (it may lack entries
+            # it acknowledged), but each asks: a leader that removed it while it was
+            # down, or cut off, gave up its farewell and sends it nothing, and learns of
+            # it only from a vote request (``_tell_removed_again``). A pre-vote raises
+            # no one's term, and this one is never followed by a campaign.
             self._arm_election_timer()
             self._request_votes(self.term + 1, pre_vote=True)
             return
@@ -907,6 +909,16 @@ class Engine:
         configs = self._configs
         return len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit) \
             and configs[-2][1].is_voter(self.id) and not configs[-1][1].is_voter(self.id)
+
+    @property
+    def _learner_in_doubt(self) -> bool:
+        """A learner of the configuration in force, or of the one before an uncommitted
+        C_new that leaves it out: it may be in the group or not, and the leader may
+        have given up telling it (``_say_farewells``)."""
+        configs = self._configs
+        return self.id in configs[-1][1].learners or (
+            len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit)
+            and self.id in configs[-2][1].learners and self.id not in configs[-1][1].members)
 
     def _check_quorum(self) -> None:
         """Step down unless a quorum answered during the last election timeout, so a

@@ -51,7 +51,8 @@ class Nemeses(EventQueue):
 
     def _ev_reconfigure(self) -> None:
         """Membership churn: add a learner, promote one, remove a voter (maybe the
-        leader), or replace a voter — whatever the current configuration allows."""
+        leader), or replace a voter — whatever the current configuration allows — or
+        (``Faults.remove_learners``) remove a learner."""
         self._schedule(self._exp(self.reconfigure_every), "reconfigure")
         if not self._faults_on or self._repairing and self._still_repairing():
             # no membership change while a repaired node recovers (docs/storage.md)
@@ -75,18 +76,24 @@ class Nemeses(EventQueue):
         if not choices:
             return
         op = self.rng.choice(choices)
-        if op == "add-learner":
+        if learners and self.faults.remove_learners \
+                and self.rng.random() < self.faults.remove_learners:
+            op = "remove-learner"
+        if op == "remove-learner":
+            learners.discard(self._to_remove(learners))
+            self.stats["learners_removed"] += 1
+        elif op == "add-learner":
             learners.add(self.rng.choice(spares))
         elif op == "promote":
             x = self.rng.choice(sorted(learners))
             learners.discard(x)
             voters.add(x)
         elif op == "remove":
-            voters.discard(self._voter_to_remove(voters))
+            voters.discard(self._to_remove(voters))
         else:
             x = self.rng.choice(sorted(learners))
             learners.discard(x)
-            voters.discard(self._voter_to_remove(voters))
+            voters.discard(self._to_remove(voters))
             voters.add(x)
         try:
             ldr.engine.propose_membership(frozenset(voters), frozenset(learners),
@@ -96,14 +103,14 @@ class Nemeses(EventQueue):
         self.stats["reconfigurations"] += 1
         self._execute(ldr, ldr.engine.take_commands())
 
-    def _voter_to_remove(self, voters: set[int]) -> int:
-        """Any voter, or (``Faults.remove_down`` of the time) one that is down."""
+    def _to_remove(self, nodes: set[int]) -> int:
+        """Any of ``nodes``, or (``Faults.remove_down`` of the time) one that is down."""
         if self.faults.remove_down:
-            down = sorted(v for v in voters if not self.nodes[v].alive)
+            down = sorted(v for v in nodes if not self.nodes[v].alive)
             if down and self.rng.random() < self.faults.remove_down:
                 self.stats["removed_down"] += 1
                 return self.rng.choice(down)
-        return self.rng.choice(sorted(voters))
+        return self.rng.choice(sorted(nodes))
 
     def _crash(self, node: SimNode, clean: bool = False) -> None:
         if node.engine.role == Role.LEADER and (clean or self.faults.graceful_stop and

@@ -166,7 +166,8 @@ class Simulator(Nemeses):
                       "bridges": 0, "bounces": 0, "learner_sides": 0,
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
-                      "member_back_wakes": 0, "reminders": 0, "removed_down": 0}
+                      "member_back_wakes": 0, "reminders": 0, "removed_down": 0,
+                      "learners_removed": 0}
         for node in self.nodes.values():
             self._boot(node)
         if reconfigure_every:

@@ -159,6 +159,26 @@ async def test_a_node_removed_while_down_is_told_when_it_comes_back_and_stops():
         assert back.applied_index >= removal and leader.is_leader
 
 
+@run
+async def test_a_learner_removed_while_down_asks_when_it_comes_back_and_stops():
+    """The same for a learner (a read replica taken out while down): it never campaigns,
+    but hearing no leader it asks with a pre-vote; the leader tells it, and it stops."""
+    async with LocalCluster(3, state_machine=kv.KVStore, config=STOPPING, spares=1) as c:
+        leader = await c.leader()
+        await leader.add_learner(4, c.addresses[4])
+        await converged(c, range(1, 5), (await write(leader, 20))[-1])
+        await c.nodes[4].stop()
+        await leader.remove_learner(4)
+        removal = leader.engine.membership_index
+        await write(leader, 20, "later")
+        await wait_until(lambda: leader.engine.departing == {}, 10, "the farewell given up")
+        back = await c.restart(4)
+        assert not back.engine.removed  # its log ends before the change
+        await asyncio.wait_for(back.wait_stopped(), 10)
+        assert back.failure is None and back.engine.removed
+        assert back.applied_index >= removal and leader.is_leader
+
+
 @pytest.mark.parametrize("stop_when_removed", [False, True])
 @run
 async def test_a_node_removed_while_down_long_ago_is_told_in_a_word(stop_when_removed):

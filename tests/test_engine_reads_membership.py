@@ -31,7 +31,7 @@ from fastraft.messages import (
     encode_membership,
 )
 
-from engine_helpers import Harness, make, replacing_3_by_4, sends
+from engine_helpers import CFG, Harness, make, replacing_3_by_4, sends
 
 CQ = Config(commit_notify_delay=0)  # pre-vote and check-quorum on, as deployed
 
@@ -525,8 +525,8 @@ def test_a_new_leader_tells_the_nodes_removed_before_its_log_begins():
 
 
 def test_a_removed_learner_that_comes_back_after_the_compaction_is_told_in_a_word():
-    # A learner never asks for votes: its host's liveness exchange tells the leader it
-    # is back (``remind``), which says the word.
+    # Its host's liveness exchange tells the leader it is back (``remind``) before it
+    # asks: the leader says the word.
     h, leader, removed = compacted_removal()
     assert leader.remind([4])
     [(to, word)] = sends(leader.take_commands())
@@ -741,10 +741,11 @@ def test_a_removed_learner_is_told_it_is_out():
     assert learner.log.last_index == c_new and leader.departing == {}
 
 
-def learner_removed_while_down():
+def learner_removed_while_down(config=CFG):
     """Three voters and learner 4, 1 leading, which removes the learner while it is down
     (not in the harness): the harness, the leader, the learner and the index of C_new."""
-    h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1]) for i in (1, 2, 3, 4)])
+    h = Harness([make(i, voters=(1, 2, 3), learners=(4,), terms=[1], config=config)
+                 for i in (1, 2, 3, 4)])
     h.fire(1)
     leader, learner = h.engines[1], h.engines.pop(4)
     leader.propose_membership(frozenset({1, 2, 3}))
@@ -753,9 +754,9 @@ def learner_removed_while_down():
     return h, leader, learner, c_new
 
 
-def learner_whose_farewell_was_given_up():
+def learner_whose_farewell_was_given_up(config=CFG):
     """``learner_removed_while_down`` once the leader has given up its farewell."""
-    h, leader, learner, c_new = learner_removed_while_down()
+    h, leader, learner, c_new = learner_removed_while_down(config)
     for _ in range(leader._farewell_rounds + 1):
         h.fire(1, Timer.HEARTBEAT)
     assert leader.departing == {} and not learner.status()["removed"]
@@ -791,6 +792,25 @@ def test_a_removed_learner_that_missed_its_farewell_asks_and_is_told():
     assert {i: e.term for i, e in h.engines.items()} == terms
     learner.on_timer(Timer.ELECTION)  # out, and knows it: it asks no more
     assert sends(learner.take_commands()) == []
+
+
+def test_a_removed_learner_whose_change_the_leader_compacted_asks_and_is_told_in_a_word():
+    # Down for long: the leader's snapshot compacted the change that removed it, and
+    # its configuration names the learner removed. Its pre-vote gets it the word;
+    # pre-vote and check-quorum on, as deployed.
+    h, leader, learner, c_new = learner_whose_farewell_was_given_up(
+        Config(commit_notify_delay=0, snapshot_trailing_entries=0))
+    leader.propose([b"after"])
+    h.run()
+    leader.snapshot_saved(leader.snapshot_meta(leader.applied_index), 10)
+    assert leader.log.snapshot_index > c_new
+    assert 4 not in leader.known_ids and 4 in leader.membership.removed
+    h.engines[4] = learner
+    learner.on_timer(Timer.LEASE)
+    learner.on_timer(Timer.ELECTION)
+    h.run()
+    assert learner.status()["removed"] and learner.told_out and learner.told_by == 1
+    assert learner.role == Role.FOLLOWER and leader.role == Role.LEADER
 
 
 def test_a_learner_that_holds_the_change_removing_it_but_not_its_commit_asks():

@@ -906,19 +906,27 @@ class Engine:
         kernels count only the configuration's voters), and once it has led C_new to
         commit it steps down (``_on_config_committed``). The others in C_old,new may need
         its vote, which it refuses them when its log holds C_new and theirs does not."""
-        configs = self._configs
-        return len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit) \
-            and configs[-2][1].is_voter(self.id) and not configs[-1][1].is_voter(self.id)
+        before = self._before_uncommitted_change()
+        return before is not None and before.is_voter(self.id) \
+            and not self.membership.is_voter(self.id)
 
     @property
     def _learner_in_doubt(self) -> bool:
         """A learner of the configuration in force, or of the one before an uncommitted
         C_new that leaves it out: it may be in the group or not, and the leader may
         have given up telling it (``_say_farewells``)."""
+        if self.id in self.membership.learners:
+            return True
+        before = self._before_uncommitted_change()
+        return before is not None and self.id in before.learners \
+            and self.id not in self.membership.members
+
+    def _before_uncommitted_change(self) -> Membership | None:
+        """The configuration before the one in force, if that one is not known committed."""
         configs = self._configs
-        return self.id in configs[-1][1].learners or (
-            len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit)
-            and self.id in configs[-2][1].learners and self.id not in configs[-1][1].members)
+        if len(configs) > 1 and configs[-1][0] > max(self.commit_index, self._told_commit):
+            return configs[-2][1]
+        return None
 
     def _check_quorum(self) -> None:
         """Step down unless a quorum answered during the last election timeout, so a

@@ -191,7 +191,9 @@ def removed_nodes_know_it(sim, every=False):
     that knows the leader only as a learner, or not at all, does not ask it: without the
     liveness exchange it may never learn.) With ``every`` (the liveness exchange runs:
     its leader tells the removed nodes among the processes it hears back), every live
-    node the leader's log removed knows it.
+    node the leader's log removed knows it. Not a node that holds nothing of the group
+    (``Engine.fresh``: a learner added and removed before anything reached it), which
+    was never in it as far as it knows.
     A word lost at the end of the run is said again once the removed node asks for votes
     (every election timeout) and the leader's wait before it retells
     (``Engine._retell_rounds`` heartbeat ticks) is over: the check waits that long."""
@@ -204,7 +206,7 @@ def removed_nodes_know_it(sim, every=False):
     e = leader.engine
     out = [n for n in sim.nodes.values() if n.alive
            and (n.id in e.known_ids or n.id in e.membership.removed)
-           and n.id not in e.membership.members
+           and n.id not in e.membership.members and not n.engine.fresh
            and (every or n.engine.removed or n.id in n.engine.membership.members
                 and n.engine.membership.is_voter(leader.id))]
     untold = [n.id for n in out if not n.engine.removed]

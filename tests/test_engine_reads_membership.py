@@ -806,7 +806,6 @@ def test_a_removed_learner_whose_change_the_leader_compacted_asks_and_is_told_in
     assert leader.log.snapshot_index > c_new
     assert 4 not in leader.known_ids and 4 in leader.membership.removed
     h.engines[4] = learner
-    learner.on_timer(Timer.LEASE)
     learner.on_timer(Timer.ELECTION)
     h.run()
     assert learner.status()["removed"] and learner.told_out and learner.told_by == 1

@@ -136,6 +136,21 @@ def test_conformance(factory, check):
     asyncio.run(check(factory))
 
 
+class NoTruncation(MemoryStorage):
+    def truncate_suffix(self, index):
+        pass  # keeps the entries it was told to cut
+
+
+def test_run_all_runs_the_checks_and_fails_on_a_store_that_breaks_one():
+    """The module's "run all of them" entry point passes a conforming store and fails
+    one that keeps the entries it was told to cut."""
+    asyncio.run(storage_suite.run_all(MemoryFactory()))
+    broken = MemoryFactory()
+    broken.cls = NoTruncation
+    with pytest.raises(AssertionError):
+        asyncio.run(storage_suite.run_all(broken))
+
+
 def entries(first, last, term=1, size=20):
     return [Entry(term, i, EntryKind.NORMAL, b"%06d" % i + b"p" * size)
             for i in range(first, last + 1)]

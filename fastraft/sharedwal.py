@@ -243,9 +243,14 @@ class WalGroup(_LogStore):
         seg, off = batch.place(record, length)
 
         def apply() -> None:
-            if self._rec_last and first <= self._rec_last[-1]:
+            rewritten = bool(self._rec_last) and first <= self._rec_last[-1]
+            if rewritten:
                 self._cut_from(first)  # a relocation writes the log again
             self._push_record(first, last, seg, off, length)
+            if rewritten:
+                # The cut left no record of the snapshot's last entry, so it took the
+                # snapshot for one that replaces the log: the log holds that entry again.
+                self._refresh_floor()
             self._mark_durable = max(self._mark_durable, min(mark, last))
         return apply
 

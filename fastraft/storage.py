@@ -127,8 +127,11 @@ class MemoryStorage:
 
     def append_entries(self, entries: list[Entry]) -> None:
         floor = self._floor()
-        if self._offset + len(self._entries) < floor:
-            self.compact_prefix(floor)  # entries a newer snapshot covers are not the log
+        if floor > self._offset:
+            # Entries the snapshot replaced are not the log (a crash came between its save
+            # and the cut after it): gone for good before the log goes on, or a later
+            # snapshot that the new entries match would bring them back.
+            self.compact_prefix(floor)
         expected = self._offset + len(self._entries) + 1
         if entries and entries[0].index != expected:
             raise StorageCorruption(

@@ -215,6 +215,44 @@ def test_segments_stay_bounded_while_an_idle_group_holds_the_oldest(tmp_path):
         wal.close()
 
 
+def test_a_group_written_again_at_the_tail_keeps_the_entries_behind_its_snapshot(tmp_path):
+    """An idle group's snapshot covers entries it keeps (``snapshot_trailing_entries``,
+    a follower behind catches up from them, §7). Written again at the tail to free the
+    oldest segment, its log was cut and written anew, and the cut, holding no record of
+    the snapshot's last entry for that moment, took the snapshot for one that replaces
+    the log: until the next start, those entries were gone (a read of them returned
+    only what follows the snapshot, which the node's log reader refuses). Found by
+    tests/test_storage_model.py."""
+    path = str(tmp_path / "wal")
+    membership = Membership(voters=frozenset({1, 2, 3}))
+
+    def opened():
+        return SharedWAL(path, segment_bytes=2000, sync=False, max_segments=2)
+
+    async def main():
+        wal = opened()
+        idle, busy = wal.group(2), wal.group(1)
+        await idle.append_entries(entries(1, 3))
+        await busy.append_entries(entries(1, 6, size=400))
+        await idle.save_snapshot(SnapshotMeta(2, 1, membership), io.BytesIO(b"at 2"))
+        first_segment = wal.segments()[0]
+        await busy.save_snapshot(SnapshotMeta(6, 1, membership), io.BytesIO(b"at 6"))
+        await busy.compact_prefix(6)  # the oldest segment goes: the idle group moves
+        assert first_segment not in wal.segments()
+        held_now = idle.load_state(), read_all(idle)
+        wal.close()
+        wal = opened()
+        try:
+            held_after_a_restart = wal.group(2).load_state(), read_all(wal.group(2))
+        finally:
+            wal.close()
+        return held_now, held_after_a_restart
+
+    for st, held in drive(main()):
+        assert (st.first_index, st.last_index) == (1, 3)
+        assert held == plain(entries(1, 3))
+
+
 def test_a_failed_sync_fails_the_batch_and_every_later_write(tmp_path, monkeypatch):
     wal = SharedWAL(str(tmp_path / "wal"))
     real = os.fdatasync

@@ -340,6 +340,26 @@ async def check_snapshot_within_the_log_keeps_it(factory: StorageFactory) -> Non
     assert await _read_all(store) == _plain(_entries(11, 30, 1) + _entries(31, 31, 2))
 
 
+async def check_entries_a_snapshot_replaced_stay_gone(factory: StorageFactory) -> None:
+    """A leader's snapshot at an entry this log holds in another term replaces the log
+    up to it; a crash right after the save leaves that entry in storage. The log goes on
+    after the snapshot, and a later snapshot that the new entries match, which keeps the
+    log it covers, does not bring the replaced entry back."""
+    membership = Membership(voters=frozenset({1, 2, 3}))
+    store = factory.new()
+    await _do(store.append_entries(_entries(1, 3, 1)))
+    await _do(store.save_snapshot(SnapshotMeta(3, 2, membership), io.BytesIO(b"leader's")))
+    store = factory.reopen(store)  # the crash: nothing after the save happened
+    await _do(store.append_entries(_entries(4, 6, 2)))
+    await _do(store.save_snapshot(SnapshotMeta(5, 2, membership), io.BytesIO(b"own")))
+    for _ in range(2):
+        st = await _do(store.load_state())
+        assert (st.first_index, st.last_index) == (4, 6), (st.first_index, st.last_index)
+        assert await _read_all(store) == _plain(_entries(4, 6, 2))
+        assert _plain(await _do(store.read_entries(1, 7))) == _plain(_entries(4, 6, 2))
+        store = factory.reopen(store)
+
+
 def _varied(first: int, last: int, term: int) -> list[Entry]:
     """Entries with payloads of 1 to about 3,000 bytes (sizes a byte budget must see)."""
     return [Entry(term, i, EntryKind.NORMAL, b"%d:" % i + b"v" * (i * 37 % 3001))
@@ -433,7 +453,8 @@ CHECKS = [check_empty_store, check_append_and_read_ranges, check_truncate_and_re
           check_hard_state_never_older_than_the_log, check_identity,
           check_snapshot_and_compaction, check_snapshot_streams,
           check_snapshot_past_the_end_of_the_log, check_reopen_preserves_everything,
-          check_snapshot_within_the_log_keeps_it, check_reads]
+          check_snapshot_within_the_log_keeps_it, check_entries_a_snapshot_replaced_stay_gone,
+          check_reads]
 
 
 async def run_all(factory: StorageFactory) -> None:

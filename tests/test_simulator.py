@@ -460,6 +460,25 @@ def test_regression_a_node_removed_while_down_and_repaired_is_told(seed):
     assert removed_nodes_know_it(sim, every=bool(config.quiesce_after)) > 0
 
 
+@pytest.mark.xfail(strict=True, raises=InvariantViolation,
+                   reason="a learner holding the only up-to-date log never campaigns")
+def test_a_voter_lost_for_good_leaves_learners_holding_the_newest_entries():
+    """A known liveness gap (fifty-sixth session, a sweep of the mixes): leader 5 of
+    voters {2, 3, 5}, elected in term 8, replicated its term-8 entries (146 and 147) to
+    learners 1 and 4 only and was lost for good. Node 2 holds term-7 entries
+    up to 185 with its own uncommitted joint configuration, which makes learner 1 a voter
+    ({1, 2, 5} and {2, 3, 5}); node 3 is behind it. Node 1 refuses node 2 (its log has
+    term 8), node 2 refuses node 3, and the learners, whose logs every voter would
+    accept, never campaign: no leader, for ever. The thesis (§4.2.1) has servers outside
+    their latest configuration still start elections, as they may be needed; ScyllaDB's
+    Raft lets such a node become a candidate when it is the only one that can win. When
+    fastraft does, this test passes and the mark goes."""
+    nodes, faults, config, kw = random_mix(91016303)
+    assert faults.lose_at_change and faults.remove_learners
+    Simulator(seed=91016303, nodes=nodes, faults=faults, config=config, **kw).run(
+        3.0, settle=8.0)
+
+
 @pytest.mark.parametrize("disk", [False, True])
 @pytest.mark.parametrize("seed", [83000006, 83000013])
 def test_regression_an_election_timeout_waits_for_the_vote_to_be_durable(seed, disk,

@@ -52,6 +52,10 @@ class StoreAgainstModel(RuleBasedStateMachine):
         self.loop.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def group_of(self, drawn):
+        """The group a rule's drawn index (``groups``) names."""
+        return self.GROUPS[drawn % len(self.GROUPS)]
+
     def run(self, group, method, *args):
         """Call ``method`` of the store under test, inside the event loop."""
         async def call():
@@ -84,7 +88,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule(group=groups, count=st.integers(1, 6), new_term=st.booleans(),
           size=st.one_of(st.integers(0, 16), st.integers(100, 600)))
     def append(self, group, count, new_term, size):
-        self.append_to(self.GROUPS[group % len(self.GROUPS)], count, new_term, size)
+        self.append_to(self.group_of(group), count, new_term, size)
 
     def append_to(self, group, count, new_term, size):
         term = max(1, self.last_term(group) + new_term, self.model[group].hard_state.current_term
@@ -98,7 +102,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule(group=groups, data=st.data())
     def truncate(self, group, data):
         """A new leader's entries conflict from ``index`` on (never a compacted one)."""
-        group = self.GROUPS[group % len(self.GROUPS)]
+        group = self.group_of(group)
         st_ = self.model[group].load_state()
         if st_.last_index < st_.first_index:
             return
@@ -110,7 +114,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         """The state machine's snapshot at an entry of the log, newer than the last one,
         and a compaction behind it (``Config.snapshot_trailing_entries`` kept or not);
         ``crash``: the process stops between the two."""
-        group = self.GROUPS[group % len(self.GROUPS)]
+        group = self.group_of(group)
         m = self.model[group]
         st_ = m.load_state()
         lowest = max(st_.first_index, st_.snapshot.last_included_index + 1 if st_.snapshot
@@ -134,7 +138,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         the log after it (compacted behind it); any other replaces the log, the entries
         after a disagreeing one cut before the save, the rest after it. ``crash``: the
         process stops right after the save."""
-        group = self.GROUPS[group % len(self.GROUPS)]
+        group = self.group_of(group)
         m = self.model[group]
         st_ = m.load_state()
         index = st_.last_index + past
@@ -161,7 +165,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
 
     @rule(group=groups, new_term=st.booleans(), vote=st.sampled_from([None, 1, 2, 3]))
     def hard_state(self, group, new_term, vote):
-        group = self.GROUPS[group % len(self.GROUPS)]
+        group = self.group_of(group)
         hs = self.model[group].hard_state
         term = hs.current_term + new_term
         if not new_term and hs.voted_for is not None:
@@ -219,7 +223,7 @@ class SharedWALAgainstModel(StoreAgainstModel):
     def busy_round(self, group):
         """A busy group fills a segment, snapshots and compacts its whole log: the
         segments behind it go, and the idle groups holding the oldest move."""
-        group = self.GROUPS[group % len(self.GROUPS)]
+        group = self.group_of(group)
         self.append_to(group, 4, False, 600)
         last = self.model[group].load_state().last_index
         term = self.model[group].read_entries(last, last + 1)[0].term

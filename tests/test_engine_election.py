@@ -18,6 +18,7 @@ from fastraft.engine import (
     SetTimer,
     Timer,
 )
+from fastraft.engine.core import LEARNER_CAMPAIGN_TIMEOUTS
 from fastraft.errors import AlreadyInitialized, NotLeader
 from fastraft.messages import (
     AppendEntries,
@@ -28,6 +29,8 @@ from fastraft.messages import (
     Membership,
     RequestVote,
     RequestVoteResponse,
+    TimeoutNow,
+    encode_membership,
 )
 
 from engine_helpers import CFG, Harness, make, sends, without_timers
@@ -279,18 +282,102 @@ def test_check_quorum_leader_steps_down_without_answers():
     assert leader.role == Role.FOLLOWER
 
 
-def test_learners_and_removed_nodes_never_campaign():
-    # A learner asks with a pre-vote (a leader that removed it may have given up telling
-    # it), and grants start no campaign; a node that knows it is out sends nothing.
+def test_a_learner_asks_first_and_campaigns_after_leaderless_timeouts():
+    # Thesis §4.1: a server outside its configuration may be needed, so it campaigns,
+    # not counting its own vote. A learner gives the voters election timeouts first:
+    # at those it only asks (a leader that removed it may have given up telling it),
+    # and grants start no campaign.
     learner = make(4, voters=(1, 2, 3), learners=(4,))
+    assert LEARNER_CAMPAIGN_TIMEOUTS == 3
+
+    def ask():
+        learner.on_timer(Timer.ELECTION)
+        asks = sends(learner.take_commands())
+        assert sorted(to for to, _ in asks) == [1, 2, 3]
+        assert all(type(m) is RequestVote and m.pre_vote and m.term == 1 for _, m in asks)
+        for v in (1, 2, 3):
+            learner.step(v, RequestVoteResponse(1, True, True))
+        assert learner.role == Role.FOLLOWER and learner.term == 0
+        assert learner.voted_for is None and sends(learner.take_commands()) == []
+
+    ask()
+    ask()
+    # A leader heard in between: the next timeout is again the first without one.
+    learner.step(1, AppendEntries(0, 1, 0, 0, [], 0))
+    learner.take_commands()
+    ask()
+    ask()
+    # The third in a row: it pre-votes (always, though this config has pre-vote off:
+    # a learner raises no term unless a quorum of voters would accept its log). Its own
+    # vote counts in no quorum: one grant of three voters is not enough, two are.
     learner.on_timer(Timer.ELECTION)
     asks = sends(learner.take_commands())
     assert sorted(to for to, _ in asks) == [1, 2, 3]
     assert all(type(m) is RequestVote and m.pre_vote and m.term == 1 for _, m in asks)
-    for v in (1, 2, 3):
-        learner.step(v, RequestVoteResponse(1, True, True))
-    assert learner.role == Role.FOLLOWER and learner.term == 0 and learner.voted_for is None
-    assert sends(learner.take_commands()) == []
+    assert learner.role == Role.PRE_CANDIDATE
+    learner.step(1, RequestVoteResponse(1, True, True))
+    assert learner.role == Role.PRE_CANDIDATE and learner.term == 0
+    learner.step(2, RequestVoteResponse(1, True, True))
+    assert learner.role == Role.CANDIDATE and learner.term == 1 and learner.voted_for == 4
+    votes = sends(learner.take_commands())
+    assert sorted(to for to, _ in votes) == [1, 2, 3]
+    assert all(type(m) is RequestVote and not m.pre_vote and m.term == 1 for _, m in votes)
+    learner.step(3, RequestVoteResponse(1, True, False))
+    assert learner.role == Role.CANDIDATE
+    learner.step(2, RequestVoteResponse(1, True, False))
+    # It leads only to bring the voters its log: no proposals, and a transfer (thesis
+    # §3.10) to a voter that granted its vote, once that one holds the whole log.
+    assert learner.role == Role.LEADER and learner.transfer_target == 2
+    with pytest.raises(NotLeader) as info:
+        learner.propose([b"x"])
+    assert info.value.leader_id == 2
+    learner.take_commands()
+    learner.log_persisted(1, 1)
+    learner.step(2, AppendEntriesResponse(1, True, 1))
+    assert sends(learner.take_commands(), TimeoutNow) == [(2, TimeoutNow(1, 4))]
+    assert learner.commit_index == 0  # its own copy counts in no quorum
+    # Its no-op commits: it steps down, and no second voter is told to campaign (the
+    # votes would split).
+    learner.step(1, AppendEntriesResponse(1, True, 1))
+    assert learner.commit_index == 1 and learner.role == Role.FOLLOWER
+    assert sends(learner.take_commands(), TimeoutNow) == []
+
+
+def test_a_learner_whose_handover_target_is_silent_steps_down_once_its_term_commits():
+    learner = make(4, voters=(1, 2, 3), learners=(4,))
+    for _ in range(LEARNER_CAMPAIGN_TIMEOUTS):
+        learner.on_timer(Timer.ELECTION)
+    for kind in (True, False):  # the pre-vote, then the vote
+        for v in (2, 3):
+            learner.step(v, RequestVoteResponse(1, True, kind))
+    assert learner.role == Role.LEADER and learner.transfer_target == 2
+    learner.take_commands()
+    learner.log_persisted(1, 1)
+    for v in (1, 3):  # voter 2 says nothing
+        learner.step(v, AppendEntriesResponse(1, True, 1))
+    assert learner.commit_index == 1 and learner.role == Role.FOLLOWER
+    assert sends(learner.take_commands(), TimeoutNow) == [(1, TimeoutNow(1, 4))]
+
+
+def test_a_repaired_learner_and_removed_nodes_never_campaign():
+    # A repaired learner (recovering: it may lack entries it acknowledged) only asks,
+    # however long it hears no leader; a node that knows it is out sends nothing.
+    learner = Engine(4, CFG, random.Random(4), InitialState(
+        hard_state=HardState(1, None, 0, recovering=True),
+        snapshot_membership=Membership(voters=frozenset({1, 2, 3}),
+                                       learners=frozenset({4}))))
+    learner.start()
+    learner.take_commands()
+    assert learner.recovering
+    term = learner.term
+    for _ in range(3):
+        learner.on_timer(Timer.ELECTION)
+        asks = sends(learner.take_commands())
+        assert sorted(to for to, _ in asks) == [1, 2, 3]
+        assert all(m.pre_vote and m.term == term + 1 for _, m in asks)
+        for v in (1, 2, 3):
+            learner.step(v, RequestVoteResponse(term + 1, True, True))
+        assert learner.role == Role.FOLLOWER and learner.term == term
     removed = Engine(4, CFG, random.Random(4), InitialState(
         hard_state=HardState(0, None, 0),
         snapshot_membership=Membership(voters=frozenset({1, 2, 3}), removed=frozenset({4}))))
@@ -298,7 +385,61 @@ def test_learners_and_removed_nodes_never_campaign():
     removed.take_commands()
     assert removed.status()["removed"]
     removed.on_timer(Timer.ELECTION)
+    removed.on_timer(Timer.ELECTION)
     assert removed.take_commands() == [] and removed.role == Role.FOLLOWER
+
+
+@pytest.mark.parametrize("removed", [False, True])
+def test_a_learner_holding_the_newest_entries_leads_and_hands_over(removed):
+    """Seed 91016303's end, reduced. Voters {2, 3, 5}, learners {1, 4}. Node 2 led term
+    2 and appended a joint configuration making learner 1 a voter ({1, 2, 5} with {2, 3,
+    5}), which reached no one; node 5 led term 3 with the votes of 3 and 5, replicated
+    its entries to learner 1 only (``removed``: among them a configuration that takes
+    learner 1 out), and was lost for good. Node 2 needs node 1's vote, which node 1
+    refuses (its log has term 3); node 3 needs node 2's, which node 2 refuses (node 3 is
+    behind). Learner 1, whose log both accept, leads, and hands over to a voter."""
+    first = Entry(1, 1, EntryKind.NORMAL, b"e1")
+    joint = Membership(voters=frozenset({1, 2, 5}), outgoing=frozenset({2, 3, 5}),
+                       learners=frozenset({4}))
+    before = Membership(voters=frozenset({2, 3, 5}), learners=frozenset({1, 4}))
+    after = Membership(voters=frozenset({2, 3, 5}), learners=frozenset({4}),
+                       removed=frozenset({1}))
+    last = Entry(3, 3, EntryKind.CONFIG, encode_membership(after)) if removed \
+        else Entry(3, 3, EntryKind.NORMAL, b"x")
+    logs = {1: [first, Entry(3, 2, EntryKind.NOOP, b""), last],
+            2: [first, Entry(2, 2, EntryKind.CONFIG, encode_membership(joint)),
+                Entry(2, 3, EntryKind.NORMAL, b"y")],
+            3: [first]}
+    hard = {1: HardState(3, None, 1), 2: HardState(2, 2, 1), 3: HardState(3, 5, 1)}
+    config = Config(commit_notify_delay=0)  # pre-vote and check-quorum on, as deployed
+    engines = []
+    for i in (1, 2, 3):
+        e = Engine(i, config, random.Random(i), InitialState(
+            hard_state=hard[i], entries=logs[i], applied_index=1,
+            snapshot_membership=before))
+        e.start()
+        e.on_timer(Timer.LEASE)  # no leader heard since the start
+        engines.append(e)
+    h = Harness(engines)
+    one, two, three = (h.engines[i] for i in (1, 2, 3))
+    assert two.membership == joint and one.membership == (after if removed else before)
+    for voter in (2, 3, 2, 3):
+        h.fire(voter)
+        assert all(e.role != Role.LEADER for e in h.engines.values())
+    assert [e.term for e in (one, two, three)] == [3, 3, 3]  # pre-votes raised none
+    for _ in range(LEARNER_CAMPAIGN_TIMEOUTS - 1):
+        h.fire(1)  # it asks
+        assert one.role == Role.FOLLOWER and one.term == 3
+    h.fire(1)
+    # Learner 1 led term 4 and handed over to voter 2 (which granted its vote) once
+    # that one held its log; voter 2 won term 5.
+    assert one.role == Role.FOLLOWER and two.role == Role.LEADER and two.term == 5
+    assert [e.log.term_at(2) for e in (one, two, three)] == [3, 3, 3]
+    assert two.membership == (after if removed else before)
+    assert all(e.log.term_at(4) == 4 for e in (one, two, three))
+    assert two.commit_index == three.commit_index == 5
+    # Taken out, it knows once it holds that its removal committed, and hears no more.
+    assert one.removed == removed and one.commit_index >= (3 if removed else 5)
 
 
 def test_bootstrap_once():

@@ -13,6 +13,7 @@ from fastraft.engine import (
     Timer,
     ToldRemoved,
 )
+from fastraft.engine.core import LEARNER_CAMPAIGN_TIMEOUTS
 from fastraft.errors import InvalidArgument, MembershipChangeInProgress, NotLeader
 from fastraft.messages import (
     AppendEntries,
@@ -779,8 +780,8 @@ def test_a_removed_learner_that_missed_its_farewell_is_told_when_its_process_is_
 
 
 def test_a_removed_learner_that_missed_its_farewell_asks_and_is_told():
-    # A learner never campaigns, but with no leader heard for an election timeout it
-    # asks with a pre-vote: the leader, which gave up its farewell, says it again. The
+    # With no leader heard for an election timeout, a learner first only asks, with a
+    # pre-vote: the leader, which gave up its farewell, says it again. The
     # learner stays a follower; no one's term moves.
     h, leader, learner, c_new = learner_whose_farewell_was_given_up()
     h.engines[4] = learner
@@ -942,8 +943,24 @@ def test_a_removed_voter_holding_the_uncommitted_c_new_campaigns_without_its_own
     assert removed.role == Role.FOLLOWER and sends(removed.take_commands()) == []
 
 
-def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():
-    """Only a voter of the configuration before C_new may be needed to commit it."""
+def test_a_removed_voter_elected_leads_until_c_new_commits():
+    # Unlike a learner (which hands over at once), it may be the one to commit C_new:
+    # it takes proposals meanwhile, as a leader removing itself does (§4.1).
+    removed = replacing_3_by_4(3, 3)
+    removed.on_timer(Timer.ELECTION)
+    for kind in (True, False):  # the pre-vote, then the vote
+        for v in (2, 4):
+            removed.step(v, RequestVoteResponse(2, True, kind))
+    assert removed.role == Role.LEADER and removed.transfer_target is None
+    assert removed.propose([b"x"]) == 5
+
+
+def test_a_learner_an_uncommitted_change_removes_asks_then_campaigns_as_a_learner_does():
+    """A learner that C_new removes, not knowing it committed: its vote counts in
+    neither configuration, but its log may be the one the voters need (thesis §4.1: a
+    server outside its latest configuration still starts elections). It asks at its
+    first election timeouts without a leader, then campaigns among C_new's voters, and
+    elected, hands over to one of them."""
     joint = Membership(voters=frozenset({1, 2}), outgoing=frozenset({1, 2, 3}),
                        learners=frozenset({5}))
     entries = [Entry(1, 1, EntryKind.CONFIG, encode_membership(joint)),
@@ -955,12 +972,21 @@ def test_a_learner_never_campaigns_even_behind_an_uncommitted_change():
     e.start()
     e.take_commands()
     e.on_timer(Timer.LEASE)
+    assert not e.removal_pending and 5 not in e.membership.members
+    for _ in range(LEARNER_CAMPAIGN_TIMEOUTS - 1):
+        e.on_timer(Timer.ELECTION)
+        asks = sends(e.take_commands())  # it asks (the change may never commit), no more
+        assert {to for to, _ in asks} == {1, 2} and all(m.pre_vote for _, m in asks)
+        for v in (1, 2):
+            e.step(v, RequestVoteResponse(2, True, True))
+        assert e.role == Role.FOLLOWER and e.term == 1 and sends(e.take_commands()) == []
     e.on_timer(Timer.ELECTION)
-    asks = sends(e.take_commands())  # it asks (the change may never commit), no more
-    assert {to for to, _ in asks} == {1, 2} and all(m.pre_vote for _, m in asks)
-    for v in (1, 2):
-        e.step(v, RequestVoteResponse(2, True, True))
-    assert e.role == Role.FOLLOWER and e.term == 1 and sends(e.take_commands()) == []
+    assert e.role == Role.PRE_CANDIDATE
+    for kind in (True, False):  # the pre-vote, then the vote: both voters of C_new
+        e.step(2, RequestVoteResponse(2, True, kind))
+        assert e.role != Role.LEADER
+        e.step(1, RequestVoteResponse(2, True, kind))
+    assert e.role == Role.LEADER and e.term == 2 and e.transfer_target == 1
 
 
 def test_a_voter_that_the_uncommitted_c_new_keeps_is_not_pending_removal():

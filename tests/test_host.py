@@ -721,7 +721,7 @@ async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
 @run
 async def test_a_learner_removed_while_its_host_was_down_is_told_when_the_host_is_back():
     # Host 4 holds learners of groups 1 and 2, and is down when group 1's leader removes
-    # its learner: the farewell is lost, and a learner never campaigns. When host 4
+    # its learner: the farewell is lost, and a learner with a leader never campaigns. When host 4
     # restarts, the hosts hear it back (it is still in group 2) and group 1's leader
     # tells it (Engine.remind): with stop_when_removed, the replica leaves host 4.
     hosts = Hosts(balance_interval=None, config=STOPPING)
@@ -1108,10 +1108,11 @@ async def test_a_host_heard_again_learns_its_quiet_groups_leaders_are_alive():
 
 @run
 async def test_a_learner_cut_off_catches_up_once_its_host_is_heard_again():
-    # A learner never campaigns, so after a partition nothing from its side wakes the
-    # group: its host being heard again does (the leader missed its acknowledgements,
-    # Engine.peers_down; and the learner refuses the leader's reminder, Engine.remind:
-    # either alone catches it up, planting out both fails this test).
+    # A learner campaigns only when no leader comes (the leader is alive here), so after
+    # a partition nothing from its side wakes the group: its host being heard again
+    # does (the leader missed its acknowledgements, Engine.peers_down; and the learner
+    # refuses the leader's reminder, Engine.remind: either alone catches it up,
+    # planting out both fails this test).
     # No balancing: a leadership transfer to the preferred leader between finding the
     # leader and adding the learner would refuse the change (NotLeader).
     hosts = Hosts(config=QUIET, balance_interval=None)

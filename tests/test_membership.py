@@ -161,8 +161,9 @@ async def test_a_node_removed_while_down_is_told_when_it_comes_back_and_stops():
 
 @run
 async def test_a_learner_removed_while_down_asks_when_it_comes_back_and_stops():
-    """The same for a learner (a read replica taken out while down): it never campaigns,
-    but hearing no leader it asks with a pre-vote; the leader tells it, and it stops."""
+    """The same for a learner (a read replica taken out while down): hearing no leader it
+    first asks with a pre-vote, before it would campaign; the leader tells it, and it
+    stops."""
     async with LocalCluster(3, state_machine=kv.KVStore, config=STOPPING, spares=1) as c:
         leader = await c.leader()
         await leader.add_learner(4, c.addresses[4])
@@ -233,8 +234,8 @@ async def test_a_removed_node_takes_no_snapshot_that_would_make_it_forget_it_is_
 async def test_with_stop_when_removed_a_node_restarted_after_its_removal():
     """Restarted with ``stop_when_removed``, a removed node holds its removal in its log
     but not that it committed (the commit index on disk lags). A removed voter then
-    campaigns (thesis §4.1: it may be needed), a removed learner asks with a pre-vote
-    (it never campaigns), the leader tells each, and both stop."""
+    campaigns (thesis §4.1: it may be needed), a removed learner first asks with a
+    pre-vote, the leader tells each, and both stop."""
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, spares=1) as c:
         leader = await c.leader()
         await leader.add_learner(4, c.addresses[4])

@@ -460,23 +460,24 @@ def test_regression_a_node_removed_while_down_and_repaired_is_told(seed):
     assert removed_nodes_know_it(sim, every=bool(config.quiesce_after)) > 0
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantViolation,
-                   reason="a learner holding the only up-to-date log never campaigns")
-def test_a_voter_lost_for_good_leaves_learners_holding_the_newest_entries():
-    """A known liveness gap (fifty-sixth session, a sweep of the mixes): leader 5 of
+def test_regression_a_learner_holding_the_newest_entries_campaigns_when_it_must():
+    """Random mixes with learner removals (2026-12-06, fifty-sixth session): leader 5 of
     voters {2, 3, 5}, elected in term 8, replicated its term-8 entries (146 and 147) to
-    learners 1 and 4 only and was lost for good. Node 2 holds term-7 entries
-    up to 185 with its own uncommitted joint configuration, which makes learner 1 a voter
-    ({1, 2, 5} and {2, 3, 5}); node 3 is behind it. Node 1 refuses node 2 (its log has
-    term 8), node 2 refuses node 3, and the learners, whose logs every voter would
-    accept, never campaign: no leader, for ever. The thesis (§4.2.1) has servers outside
-    their latest configuration still start elections, as they may be needed; ScyllaDB's
-    Raft lets such a node become a candidate when it is the only one that can win. When
-    fastraft does, this test passes and the mark goes."""
+    learners 1 and 4 only and was lost for good. Node 2 holds term-7 entries up to 185
+    with its own uncommitted joint configuration, which makes learner 1 a voter ({1, 2,
+    5} and {2, 3, 5}); node 3 is behind it. Node 1 refuses node 2 (its log has term 8),
+    node 2 refuses node 3, and the learners, whose logs every voter would accept, never
+    campaigned: no leader, for ever. A learner now campaigns from its third election
+    timeout in a row without a leader (thesis §4.1: a server outside its configuration
+    may be needed): learner 1 leads term 9 and hands over to voter 2 once that one holds
+    its log (learners never campaigning, the run fails as it did)."""
     nodes, faults, config, kw = random_mix(91016303)
     assert faults.lose_at_change and faults.remove_learners
-    Simulator(seed=91016303, nodes=nodes, faults=faults, config=config, **kw).run(
-        3.0, settle=8.0)
+    sim = Simulator(seed=91016303, nodes=nodes, faults=faults, config=config, **kw)
+    sim.run(3.0, settle=8.0)
+    assert sim.stats["lost"] == 1 and sim.stats["learner_leaders"] == 1
+    leaders = [n for n in sim.nodes.values() if n.alive and n.engine.role == Role.LEADER]
+    assert len(leaders) == 1 and leaders[0].engine.membership.is_voter(leaders[0].id)
 
 
 @pytest.mark.parametrize("disk", [False, True])

@@ -87,6 +87,9 @@ BUSY_HEARTBEAT_SKIP_RATIO = 3
 #: The part of the election timeout range a group's preferred replica draws its first
 #: timeout from (``Engine.start``); the other replicas draw from the rest.
 PREFERRED_PART = 1 / 3
+#: Election timeouts in a row without a leader after which a learner campaigns (from
+#: this one on; ``Engine._on_election_timeout``): the voters get the ones before.
+LEARNER_CAMPAIGN_TIMEOUTS = 3
 
 
 class InitialState(msgspec.Struct, kw_only=True):
@@ -148,8 +151,9 @@ class Engine:
                  "log", "_stored_commit", "commit_index", "applied_index",
                  "persisted_index", "role", "leader_id", "_configs", "membership",
                  "_voters_in", "_voters_out", "known_ids", "refused", "_snapshot",
-                 "_snapshot_size", "leader_alive", "_votes", "progress", "departing",
-                 "_told_again", "_retell_wait", "told_removed", "_told_commit", "told_by", "_seq",
+                 "_snapshot_size", "leader_alive", "_leaderless_timeouts", "_votes",
+                 "progress", "departing", "_told_again", "_retell_wait", "told_removed",
+                 "_told_commit", "told_by", "_seq",
                  "_reads", "_reads_before_commit", "_forwarded_reads", "_transfer_target",
                  "_transfer_rounds", "_timeout_now_sent", "lease_forfeited", "leaving",
                  "_vote_unsynced_term", "_term_durable", "_election_deferred", "quiet",
@@ -211,6 +215,9 @@ class Engine:
             self._snapshot_size = state.snapshot_size
         #: Follower: a leader was heard from less than election_timeout_min ago.
         self.leader_alive = False
+        #: Election timeouts in a row with no leader's message between them (counted on
+        #: learners, which campaign from ``LEARNER_CAMPAIGN_TIMEOUTS`` on).
+        self._leaderless_timeouts = 0
 
         # Candidate state.
         self._votes: dict[int, bool] = {}
@@ -472,6 +479,10 @@ class Engine:
         if not self.membership.is_voter(target):
             raise InvalidArgument(f"node {target} is not a voter; only voters can lead")
         self.wake()
+        self._hand_over(target)
+
+    def _hand_over(self, target: int) -> None:
+        """Start handing leadership to ``target``, a voter (``transfer_leadership``)."""
         self._transfer_target = target
         self._transfer_rounds = 0
         if not self.config.check_quorum:
@@ -884,16 +895,29 @@ class Engine:
         campaigns = self.membership.is_voter(self.id) or self.removal_pending
         if not campaigns and not self._learner_in_doubt:
             return  # removed nodes never campaign, nor ask
+        learner = not campaigns  # a learner, or one a change not known committed removes
+        if learner:
+            # A learner may be needed too (thesis §4.1: a server outside its latest
+            # configuration still starts elections, not counting its own vote): a
+            # leader lost for good may have left its last entries only on learners,
+            # which every voter would then accept, while the voters refuse one another
+            # (one's uncommitted joint configuration needing a learner's vote, seed
+            # 91016303). It gives the voters election timeouts first, then always
+            # pre-votes (a learner raises no term unless a quorum of voters hears no
+            # leader and would accept its log). Elected, it hands leadership to a voter
+            # (``_become_leader``).
+            self._leaderless_timeouts += 1
+            campaigns = self._leaderless_timeouts >= LEARNER_CAMPAIGN_TIMEOUTS
         if self.recovering or not campaigns:
-            # A learner never campaigns, nor does a repaired node (it may lack entries
-            # it acknowledged), but each asks: a leader that removed it while it was
-            # down, or cut off, gave up its farewell and sends it nothing, and learns of
-            # it only from a vote request (``_tell_removed_again``). A pre-vote raises
-            # no one's term, and this one is never followed by a campaign.
+            # A repaired node never campaigns (it may lack entries it acknowledged), but
+            # asks, as a learner does first: a leader that removed it while it was down,
+            # or cut off, gave up its farewell and sends it nothing, and learns of it
+            # only from a vote request (``_tell_removed_again``). A pre-vote raises no
+            # one's term, and this one is never followed by a campaign.
             self._arm_election_timer()
             self._request_votes(self.term + 1, pre_vote=True)
             return
-        if self.config.pre_vote:
+        if self.config.pre_vote or learner:
             self._campaign_pre_vote()
         else:
             self._campaign()
@@ -1104,6 +1128,14 @@ class Engine:
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
         # §5.4.2 / §8: entries of earlier terms commit only beneath one of this term.
         self._append_own([Entry(self.term, nxt, EntryKind.NOOP, b"")])
+        if not self.membership.is_voter(self.id) and not self.removal_pending:
+            # A learner leads only to bring the voters its log (``_on_election_timeout``):
+            # it takes no proposal and hands over (thesis §3.10) to a voter that granted
+            # its vote, once that one holds the whole log. Should the transfer fail, it
+            # steps down once an entry of its term commits (``_on_config_committed``).
+            # (A voter that C_new demotes or removes leads until C_new commits, §4.1.)
+            self._hand_over(min(p for p, granted in self._votes.items()
+                                if granted and self.membership.is_voter(p)))
 
     # ------------------------------------------------------------------ replication (§5.3)
 
@@ -1451,8 +1483,8 @@ class Engine:
           it (§6.2). Cut off and quiet, it would go on calling itself leader.
         - ``"member_back"``: a leader that a member coming back has not acknowledged
           the whole log: it catches the member up. The member may have been cut off
-          rather than down, or be a learner, which never campaigns: nothing else would
-          wake the group before its next write.
+          rather than down, or be a learner, which campaigns only when no leader comes:
+          nothing else would wake the group before its next write.
         """
         gone, back = peers - self.down, self.down - peers
         self.down = peers
@@ -1543,6 +1575,7 @@ class Engine:
         # A live leader is known until election_timeout_min passes without hearing from
         # it: votes (with check-quorum) and unknown leaders are refused meanwhile.
         self.leader_alive = True
+        self._leaderless_timeouts = 0
         self._out.append(SetTimer(Timer.LEASE, self.config.election_timeout_min))
 
     def _on_append_entries(self, frm: int, m: AppendEntries) -> None:
@@ -1784,9 +1817,12 @@ class Engine:
         elif self.id not in m.voters:
             # A leader outside C_new steps down once C_new commits (§6), handing over to
             # the voter holding the most of the log (thesis §3.10, as ``resign``) rather
-            # than leaving the group leaderless for an election timeout.
+            # than leaving the group leaderless for an election timeout; a learner that
+            # led once an entry of its term commits, unless its transfer's TimeoutNow
+            # left already (a second voter campaigning would split the votes).
             target = self.successor()
-            if target is not None:
+            if target is not None and not (self._transfer_target is not None
+                                           and self._timeout_now_sent):
                 self._send(target, TimeoutNow(self.term, self.id))
             self._become_follower(self.term, None)
 

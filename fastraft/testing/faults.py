@@ -48,8 +48,8 @@ class Faults(msgspec.Struct, kw_only=True, frozen=True):
     #: and it learns it is out, or not, when it comes back and campaigns.
     remove_down: float = 0.0
     #: The chance that a membership change, when there are learners, removes one
-    #: (with ``remove_down``, one that is down if any): a learner never campaigns, and
-    #: one that missed its farewell learns it is out only by asking (a pre-vote).
+    #: (with ``remove_down``, one that is down if any): one that missed its farewell
+    #: learns it is out only by asking (a pre-vote).
     remove_learners: float = 0.0
     #: The chance that a partition is one-way: one side's messages to the other are
     #: lost, the other side's arrive (a broken link in one direction).

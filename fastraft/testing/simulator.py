@@ -167,7 +167,7 @@ class Simulator(Nemeses):
                       "lease_reads": 0, "skews": 0, "history_undecided": 0,
                       "quiet_nodes": 0, "leader_lost_wakes": 0, "no_quorum_wakes": 0,
                       "member_back_wakes": 0, "reminders": 0, "removed_down": 0,
-                      "learners_removed": 0}
+                      "learners_removed": 0, "learner_leaders": 0}
         for node in self.nodes.values():
             self._boot(node)
         if reconfigure_every:
@@ -586,6 +586,9 @@ class Simulator(Nemeses):
             node.lease_until = 0.0
             return
         self.stats["elections"] += 1
+        e = node.engine  # a learner elected (kept, or being taken out): it hands over
+        self.stats["learner_leaders"] += not e.membership.is_voter(node.id) \
+            and not e.removal_pending
         if self._faults_on and self.faults.flap_leader:
             self._maybe_flap(node, c.term, self.faults.flap_within)
         # Election safety: at most one leader per term (§5.2).

@@ -892,10 +892,10 @@ class Engine:
             return
         if self.told_out or self.term >= MAX_TERM:
             return  # told it is out; a higher term would be refused by every peer
-        campaigns = self.membership.is_voter(self.id) or self.removal_pending
-        if not campaigns and not self._learner_in_doubt:
+        learner = self.non_voter
+        if learner and not self._learner_in_doubt:
             return  # removed nodes never campaign, nor ask
-        learner = not campaigns  # a learner, or one a change not known committed removes
+        campaigns = not learner
         if learner:
             # A learner may be needed too (thesis §4.1: a server outside its latest
             # configuration still starts elections, not counting its own vote): a
@@ -921,6 +921,13 @@ class Engine:
             self._campaign_pre_vote()
         else:
             self._campaign()
+
+    @property
+    def non_voter(self) -> bool:
+        """A voter neither of the configuration in force nor of the one before it while
+        the change is not known committed (``removal_pending``): a learner, kept or being
+        taken out, or a removed node. Elected, it hands over at once (``_become_leader``)."""
+        return not (self.membership.is_voter(self.id) or self.removal_pending)
 
     @property
     def removal_pending(self) -> bool:
@@ -1128,7 +1135,7 @@ class Engine:
         self._out.append(SetTimer(Timer.HEARTBEAT, self.config.heartbeat_interval))
         # §5.4.2 / §8: entries of earlier terms commit only beneath one of this term.
         self._append_own([Entry(self.term, nxt, EntryKind.NOOP, b"")])
-        if not self.membership.is_voter(self.id) and not self.removal_pending:
+        if self.non_voter:
             # A learner leads only to bring the voters its log (``_on_election_timeout``):
             # it takes no proposal and hands over (thesis §3.10) to a voter that granted
             # its vote, once that one holds the whole log. Should the transfer fail, it

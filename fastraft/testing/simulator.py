@@ -586,9 +586,7 @@ class Simulator(Nemeses):
             node.lease_until = 0.0
             return
         self.stats["elections"] += 1
-        e = node.engine  # a learner elected (kept, or being taken out): it hands over
-        self.stats["learner_leaders"] += not e.membership.is_voter(node.id) \
-            and not e.removal_pending
+        self.stats["learner_leaders"] += node.engine.non_voter  # it hands over at once
         if self._faults_on and self.faults.flap_leader:
             self._maybe_flap(node, c.term, self.faults.flap_within)
         # Election safety: at most one leader per term (§5.2).

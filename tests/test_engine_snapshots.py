@@ -260,6 +260,42 @@ def test_leadership_transfer_gives_up_after_an_election_timeout():
     assert leader.propose([b"accepted again"]) > 0
 
 
+def test_a_leader_handing_over_refuses_membership_changes_as_it_does_proposals():
+    # Thesis §3.10: no new entries while handing over, a configuration entry no more than
+    # a command (each would hold the target back from the end of the log); the caller
+    # is sent to the target, as etcd drops both.
+    h, leader = leader_with_log(3)
+    h.engines.pop(2)
+    leader.propose([b"x"])
+    leader.take_commands()
+    last = leader.log.last_index
+    leader.transfer_leadership(2)
+    with pytest.raises(NotLeader) as info:
+        leader.propose_membership(frozenset({1, 2, 3}), frozenset({4}), {4: "d"})
+    assert info.value.leader_id == 2
+    assert leader.log.last_index == last and not leader.membership_change_pending
+    leader.on_timer(Timer.ELECTION)
+    leader.on_timer(Timer.ELECTION)  # given up: changes are taken again
+    assert leader.transfer_target is None
+    assert leader.propose_membership(frozenset({1, 2, 3}), frozenset({4}), {4: "d"}) == last + 1
+
+
+def test_a_leader_handing_over_still_completes_the_change_it_started():
+    # C_new follows a committed C_old,new (§6) whatever the leader is doing: it ends a
+    # change taken before the transfer, and the target leads in C_new.
+    h, leader = leader_with_log(3)
+    h.engines.pop(3)
+    joint = leader.propose_membership(frozenset({1, 2}))
+    leader.transfer_leadership(2)
+    term = leader.term
+    h.run()
+    successor = h.engines[2]
+    assert successor.role == Role.LEADER and leader.role == Role.FOLLOWER
+    assert successor.membership.voters == {1, 2} and not successor.membership.joint
+    # appended by the leader handing over, in its term
+    assert successor.membership_index == joint + 1 and successor.log.term_at(joint + 1) == term
+
+
 def test_a_voter_that_is_leaving_declines_leadership_and_the_leader_goes_on():
     # A node stepping down for a stop (Engine.leaving) answers TimeoutNow with one of
     # its own: the leader gives the transfer up at once and takes proposals again.

@@ -304,6 +304,31 @@ async def test_partitioned_node_rejoins_without_disrupting_the_leader():
 
 
 @run
+async def test_a_membership_change_asked_of_a_leader_handing_over_goes_to_the_target():
+    """A leader handing over takes no new entries (thesis §3.10), a configuration entry no
+    more than a command: the call raises NotLeader naming the target and changes
+    nothing; the target, leading, takes it. Election timeouts of a second or two: the
+    leader gives the transfer up after one, which must not pass before the call."""
+    slow = Config(election_timeout_min=1.0, election_timeout_max=2.0, heartbeat_interval=0.05)
+    async with LocalCluster(3, spares=1, state_machine=kv.KVStore, config=slow) as c:
+        leader = await c.leader()
+        target = next(n for n in c.nodes.values() if n is not leader and n.id != 4)
+        c.hub.isolate(target.id)
+        await write(leader, 5)  # the target is behind: the transfer waits for it
+        transfer = asyncio.ensure_future(leader.transfer_leadership(target.id, 30))
+        await wait_until(lambda: leader.engine.transfer_target == target.id)
+        index = leader.engine.log.last_index
+        with pytest.raises(NotLeader) as refused:
+            await leader.add_learner(4, c.addresses[4])
+        assert refused.value.leader_id == target.id
+        assert leader.engine.log.last_index == index and leader.membership_calls == 0
+        c.hub.heal()
+        await transfer
+        await target.add_learner(4, c.addresses[4])
+        assert target.engine.membership.learners == {4}
+
+
+@run
 async def test_leadership_transfer_under_load():
     async with LocalCluster(3, state_machine=kv.KVStore, config=FAST, transport="tcp") as c:
         leader = await c.leader()

@@ -419,9 +419,7 @@ class Engine:
         if self.quiet:  # tested here: a call per proposal batch is not free
             self.wake()
         if self._transfer_target is not None:
-            # thesis §3.10: no new entries while handing over; the target will lead.
-            target = self._transfer_target
-            raise NotLeader(target, self.membership.addresses.get(target))
+            raise self._handing_over(self._transfer_target)
         first = self.log.last_index + 1
         if datas:
             entries = kernels.make_entries(self.term, first, EntryKind.NORMAL, datas)
@@ -430,6 +428,12 @@ class Engine:
                     self.term, first + pos, EntryKind.RECORD, datas[pos:pos + count])
             self._append_own(entries, user_commands=True)
         return first
+
+    def _handing_over(self, target: int) -> NotLeader:
+        """What a leader handing over answers a proposal or a membership change: no new
+        entries meanwhile (thesis §3.10), each would hold the target back from the end of
+        the log; ask the target, which is about to lead (etcd drops them as well)."""
+        return NotLeader(target, self.membership.addresses.get(target))
 
     @property
     def membership_index(self) -> int:
@@ -449,6 +453,8 @@ class Engine:
         Returns the index of the configuration entry."""
         if self.role != Role.LEADER:
             raise self.not_leader()
+        if self._transfer_target is not None:
+            raise self._handing_over(self._transfer_target)
         if self.membership_change_pending:
             raise MembershipChangeInProgress(
                 "a membership change is still in progress; wait for it to commit")
@@ -901,11 +907,11 @@ class Engine:
             # configuration still starts elections, not counting its own vote): a
             # leader lost for good may have left its last entries only on learners,
             # which every voter would then accept, while the voters refuse one another
-            # (one's uncommitted joint configuration needing a learner's vote, seed
-            # 91016303). It gives the voters election timeouts first, then always
-            # pre-votes (a learner raises no term unless a quorum of voters hears no
-            # leader and would accept its log). Elected, it hands leadership to a voter
-            # (``_become_leader``).
+            # (one's uncommitted joint configuration needing a learner's vote, seeds
+            # 91016303, 99491198 and 100526838). It gives the voters election timeouts
+            # first, then always pre-votes (a learner raises no term unless a quorum of
+            # voters hears no leader and would accept its log). Elected, it hands
+            # leadership to a voter (``_become_leader``).
             self._leaderless_timeouts += 1
             campaigns = self._leaderless_timeouts >= LEARNER_CAMPAIGN_TIMEOUTS
         if self.recovering or not campaigns:

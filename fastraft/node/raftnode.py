@@ -584,8 +584,9 @@ class RaftNode:
         await self._membership.change_membership(voters, timeout)
 
     async def transfer_leadership(self, target: int, timeout: float | None = None) -> None:
-        """Make voter ``target`` the leader (thesis §3.10). Proposals are refused meanwhile
-        (``NotLeader`` naming the target). Raises ``TimeoutError`` if it did not happen."""
+        """Make voter ``target`` the leader (thesis §3.10). Proposals and membership changes
+        are refused meanwhile (``NotLeader`` naming the target). Raises ``TimeoutError``
+        if it did not happen."""
         if timeout is not None:
             check_timeout(timeout)
         self._leader_engine().transfer_leadership(target)

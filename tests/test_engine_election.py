@@ -282,6 +282,26 @@ def test_check_quorum_leader_steps_down_without_answers():
     assert leader.role == Role.FOLLOWER
 
 
+@pytest.mark.parametrize("pre_vote", [True, False])
+def test_a_voter_grants_a_learner_only_a_log_newer_than_its_own(pre_vote):
+    # A learner campaigns only for entries no voter may have (thesis §4.1). With the
+    # same log as this voter's it holds none, and this voter can win whatever it could:
+    # refused, so it takes no voter's place. A newer log is granted; a voter with the
+    # same log is granted as ever (§5.4.1).
+    def granted(candidate, last_index, last_term):
+        voter = make(1, terms=[1, 2], term=2, voters=(1, 2, 3), learners=(4,))
+        voter.take_commands()
+        voter.step(candidate, RequestVote(3, candidate, last_index, last_term, pre_vote))
+        [(to, answer)] = sends(voter.take_commands(), RequestVoteResponse)
+        return to == candidate and answer.vote_granted
+    assert not granted(4, 2, 2)  # a learner, the same log
+    assert granted(4, 3, 2)  # longer
+    assert granted(4, 1, 3)  # a newer last term, shorter
+    assert not granted(4, 1, 2)  # behind, as for anyone
+    assert granted(2, 2, 2)  # a voter, the same log
+    assert granted(5, 3, 2) and not granted(5, 2, 2)  # a node outside the configuration
+
+
 def test_a_learner_asks_first_and_campaigns_after_leaderless_timeouts():
     # Thesis §4.1: a server outside its configuration may be needed, so it campaigns,
     # not counting its own vote. A learner gives the voters election timeouts first:

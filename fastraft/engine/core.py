@@ -1014,6 +1014,16 @@ class Engine:
         # A repaired node may have forgotten votes and entries: it votes for no one.
         grant = can_vote and not self.recovering and \
             self.log.is_up_to_date(m.last_log_index, m.last_log_term)
+        if grant and not self.membership.is_voter(m.candidate_id) \
+                and m.last_log_index == self.log.last_index \
+                and m.last_log_term == self.log.last_term:
+            # A learner (or a node the configuration takes out) campaigns only because it
+            # may hold entries no voter has (thesis §4.1, ``_on_election_timeout``). With
+            # the same log as this node's it holds none, and its configuration is this
+            # one's: where this node's vote counts, this node can win whatever the
+            # candidate could, and no voter's place is taken (else a learner won about
+            # one fault mix in a hundred by racing the voters).
+            grant = False
         if m.pre_vote:
             self._send(frm, RequestVoteResponse(m.term if grant else self.term, grant, True))
             return

@@ -721,9 +721,9 @@ async def test_with_stop_when_removed_a_replica_removed_leaves_its_host():
 @run
 async def test_a_learner_removed_while_its_host_was_down_is_told_when_the_host_is_back():
     # Host 4 holds learners of groups 1 and 2, and is down when group 1's leader removes
-    # its learner: the farewell is lost, and a learner with a leader never campaigns. When host 4
-    # restarts, the hosts hear it back (it is still in group 2) and group 1's leader
-    # tells it (Engine.remind): with stop_when_removed, the replica leaves host 4.
+    # its learner: the farewell is lost, and a learner with a leader never campaigns.
+    # When host 4 restarts, the hosts hear it back (it is still in group 2) and group 1's
+    # leader tells it (Engine.remind): with stop_when_removed, the replica leaves host 4.
     hosts = Hosts(balance_interval=None, config=STOPPING)
     try:
         for i in (1, 2, 3):
